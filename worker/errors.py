@@ -1,0 +1,36 @@
+"""The worker's error type: a stable code (REQUIREMENTS §6, M0-W-1500) and a message a person can act on."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.StrEnum):
+    INVALID_REQUEST = "INVALID_REQUEST"
+    MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
+    INSUFFICIENT_VRAM = "INSUFFICIENT_VRAM"
+    VRAM_OOM = "VRAM_OOM"
+    CUDA_ERROR = "CUDA_ERROR"
+    INFERENCE_TIMEOUT = "INFERENCE_TIMEOUT"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+
+
+# Errors a client may retry as is (the same request can succeed later).
+RETRIABLE = frozenset({ErrorCode.VRAM_OOM, ErrorCode.INFERENCE_TIMEOUT, ErrorCode.CUDA_ERROR})
+
+
+class WorkerError(Exception):
+    """An error with a stable code. `str(err)` is the one-line form: `CODE: message`."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = ErrorCode(code)
+        self.message = message
+
+    @property
+    def retriable(self) -> bool:
+        return self.code in RETRIABLE
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
