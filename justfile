@@ -1,0 +1,24 @@
+# Recipes for the worker. `just --list` shows them.
+python := if path_exists(".venv/bin/python") == "true" { ".venv/bin/python" } else { "python3" }
+port := env_var_or_default("WORKER_PORT", "8600")
+
+# Start the worker on the embedded Gemma 3 270M (GPU if there is one, else CPU) on http://127.0.0.1:{{port}}
+serve *ARGS:
+    {{python}} -m server.cli --device auto --port {{port}} --gpu-device 0 --worker-id "$({{python}} -c 'import uuid; print(uuid.uuid4())')" {{ARGS}}
+
+# Run the CPU test suite (what CI runs)
+test *ARGS:
+    {{python}} -m pytest -q {{ARGS}}
+
+# Run the GPU-marked tests (on the GPU machine; installs carried wheels from .whl/ first if present)
+test-gpu *ARGS:
+    bash tools/gpu-env.sh {{python}} -m pytest -q -m gpu -o addopts="" {{ARGS}}
+
+# Benchmarks: worker vs llama.cpp on the same file and device (see bench/README.md)
+bench *ARGS:
+    {{python}} -m bench {{ARGS}}
+
+# Lint and format check
+lint:
+    {{python}} -m ruff check .
+    {{python}} -m ruff format --check .

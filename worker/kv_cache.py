@@ -1,0 +1,43 @@
+"""The KV cache: static shape [L, B, S, K, D] per k and v, slot j holding position j of sequence b.
+
+Fixed capacity so the compiled steps never change shape; donated to each step so XLA updates it in place.
+Writes go through a scatter with mode="drop": a padded prompt position is given slot index S (out of range)
+and its write is dropped instead of clamped onto a real slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class KVCache:
+    k: jax.Array  # [L, B, S, K, D]
+    v: jax.Array  # [L, B, S, K, D]
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def init_cache(n_layers: int, batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32,
+               device=None) -> KVCache:  # fmt: skip
+    shape = (n_layers, batch, slots, n_kv_heads, head_dim)
+    zeros = jax.jit(lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), device=device)
+    return KVCache(*zeros())
+
+
+def write_layer(cache: KVCache, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
+    """Store k, v [B, T, K, D] of `layer` at slots `positions` [B, T]."""
+    b = jnp.arange(k.shape[0])[:, None]
+    new_k = cache.k.at[layer, b, positions].set(k.astype(cache.k.dtype), mode="drop")
+    new_v = cache.v.at[layer, b, positions].set(v.astype(cache.v.dtype), mode="drop")
+    return KVCache(new_k, new_v)
