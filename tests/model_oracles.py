@@ -1,0 +1,68 @@
+"""Helpers for comparing our logits with the oracle models' references (../shared/oracles/models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from worker.gguf import open_gguf
+
+
+def manifest(model_dir: Path) -> dict:
+    return json.loads((model_dir / "manifest.json").read_text())
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(ours.astype(np.float64) - ref) / np.linalg.norm(ref))
+
+
+def check_logits(ours: np.ndarray, ref: np.ndarray, tol: float, margin: float) -> tuple[float, int]:
+    """Relative Frobenius error <= tol, and equal argmax wherever the reference's top-2 margin exceeds `margin`.
+    Returns (error, positions compared)."""
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert np.isfinite(ours).all()
+    err = rel_err(ours, ref)
+    assert err <= tol, f"relative error {err:.3g} > {tol}"
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > margin
+    mismatch = np.nonzero(clear & (ours.argmax(-1) != ref.argmax(-1)))[0]
+    assert mismatch.size == 0, f"argmax differs at clear positions {mismatch.tolist()}"
+    return err, int(clear.sum())
+
+
+def write_f32_copy(src: Path, dst: Path) -> Path:
+    """An all-F32 copy of a GGUF (every tensor through gguf.quants.dequantize, same metadata and order): the
+    README's recipe for an F32 bring-up; its reference is the source variant's -dequant logits."""
+    gf = open_gguf(src)
+    writer = gguf.GGUFWriter(str(dst), gf.architecture)
+    for key, value in gf.metadata.items():
+        if key in ("general.architecture", "general.alignment") or key.startswith("GGUF."):
+            continue
+        vtype = _value_type(value)
+        if key == "general.file_type":
+            value = 0  # ALL_F32
+        writer.add_key_value(key, value, vtype, sub_type=_value_type(value[0]) if isinstance(value, list) else None)
+    for name, t in gf.tensors.items():
+        data = gguf.quants.dequantize(np.asarray(t.data), t.qtype).astype(np.float32).reshape(t.shape)
+        writer.add_tensor(name, data, raw_dtype=QT.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def _value_type(v) -> gguf.GGUFValueType:
+    if isinstance(v, bool):
+        return gguf.GGUFValueType.BOOL
+    if isinstance(v, int):
+        return gguf.GGUFValueType.INT32 if -(2**31) <= v < 2**31 else gguf.GGUFValueType.INT64
+    if isinstance(v, float):
+        return gguf.GGUFValueType.FLOAT32
+    if isinstance(v, str):
+        return gguf.GGUFValueType.STRING
+    return gguf.GGUFValueType.ARRAY
