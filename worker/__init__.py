@@ -1,8 +1,8 @@
 """worker: one GGUF model on one device, as a Python API (the HTTP server in server/ wraps it).
 
-    import worker
-    m = worker.load(path, device="cpu")
-    m.generate("Write a haiku about GPU computing", max_tokens=32)
+import worker
+m = worker.load(path, device="cpu")
+m.generate("Write a haiku about GPU computing", max_tokens=32)
 """
 
 from __future__ import annotations

@@ -56,13 +56,31 @@ REQUIRED_KEYS = ("general.architecture",)
 
 # value type -> (little-endian struct/numpy format, size)
 _SCALARS = {
-    GGUFValueType.UINT8: ("<u1", 1), GGUFValueType.INT8: ("<i1", 1), GGUFValueType.BOOL: ("<?", 1),
-    GGUFValueType.UINT16: ("<u2", 2), GGUFValueType.INT16: ("<i2", 2),
-    GGUFValueType.UINT32: ("<u4", 4), GGUFValueType.INT32: ("<i4", 4), GGUFValueType.FLOAT32: ("<f4", 4),
-    GGUFValueType.UINT64: ("<u8", 8), GGUFValueType.INT64: ("<i8", 8), GGUFValueType.FLOAT64: ("<f8", 8),
-}  # fmt: skip
-_STRUCT = {"u1": "B", "i1": "b", "?": "?", "u2": "H", "i2": "h", "u4": "I", "i4": "i", "f4": "f",
-           "u8": "Q", "i8": "q", "f8": "d"}  # fmt: skip
+    GGUFValueType.UINT8: ("<u1", 1),
+    GGUFValueType.INT8: ("<i1", 1),
+    GGUFValueType.BOOL: ("<?", 1),
+    GGUFValueType.UINT16: ("<u2", 2),
+    GGUFValueType.INT16: ("<i2", 2),
+    GGUFValueType.UINT32: ("<u4", 4),
+    GGUFValueType.INT32: ("<i4", 4),
+    GGUFValueType.FLOAT32: ("<f4", 4),
+    GGUFValueType.UINT64: ("<u8", 8),
+    GGUFValueType.INT64: ("<i8", 8),
+    GGUFValueType.FLOAT64: ("<f8", 8),
+}
+_STRUCT = {
+    "u1": "B",
+    "i1": "b",
+    "?": "?",
+    "u2": "H",
+    "i2": "h",
+    "u4": "I",
+    "i4": "i",
+    "f4": "f",
+    "u8": "Q",
+    "i8": "q",
+    "f8": "d",
+}
 _PLAIN_DTYPES = {QT.F32: np.float32, QT.F16: np.float16}
 
 
@@ -87,8 +105,16 @@ class TensorInfo:
 class GGUFFile:
     """A validated GGUF file: `metadata` (key -> value) and `tensors` (name -> TensorInfo, file order)."""
 
-    def __init__(self, path: Path, version: int, metadata: dict[str, Any], tensors: dict[str, TensorInfo],
-                 alignment: int, data_offset: int, mm: mmap.mmap | None):  # fmt: skip
+    def __init__(
+        self,
+        path: Path,
+        version: int,
+        metadata: dict[str, Any],
+        tensors: dict[str, TensorInfo],
+        alignment: int,
+        data_offset: int,
+        mm: mmap.mmap | None,
+    ):
         self.path = path
         self.version = version
         self.metadata = metadata
@@ -153,18 +179,14 @@ class _Parser:
 
     def take(self, n: int, what: str) -> memoryview:
         if n < 0 or self.pos + n > self.size:
-            raise _fail(
-                self.path, f"truncated file: {what} at byte {self.pos} needs {n} bytes, file has {self.size}"
-            )
+            raise _fail(self.path, f"truncated file: {what} at byte {self.pos} needs {n} bytes, file has {self.size}")
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
 
     def unpack(self, fmt: str, n: int, what: str):
         if self.pos + n > self.size:
-            raise _fail(
-                self.path, f"truncated file: {what} at byte {self.pos} needs {n} bytes, file has {self.size}"
-            )
+            raise _fail(self.path, f"truncated file: {what} at byte {self.pos} needs {n} bytes, file has {self.size}")
         (v,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += n
         return v
@@ -239,9 +261,7 @@ class _Parser:
             raise _fail(self.path, f"tensor {name!r} has unknown tensor type {raw_type}") from None
         if qtype not in SUPPORTED_TENSOR_TYPES:
             supported = ", ".join(sorted(t.name for t in SUPPORTED_TENSOR_TYPES))
-            raise _fail(
-                self.path, f"tensor {name!r} has unsupported type {qtype.name} (supported: {supported})"
-            )
+            raise _fail(self.path, f"tensor {name!r} has unsupported type {qtype.name} (supported: {supported})")
         if any(d == 0 for d in dims) or np.prod([float(d) for d in dims]) > 2**48:
             raise _fail(self.path, f"tensor {name!r} has invalid shape {dims}")
         block, _ = GGML_QUANT_SIZES[qtype]
@@ -253,8 +273,9 @@ class _Parser:
         rel = self.unpack("<Q", 8, f"tensor {name!r} offset")
         return name, tuple(reversed(dims)), qtype, rel
 
-    def tensor(self, name: str, shape: tuple[int, ...], qtype: QT, rel: int, data_offset: int, alignment: int
-               ) -> TensorInfo:  # fmt: skip
+    def tensor(
+        self, name: str, shape: tuple[int, ...], qtype: QT, rel: int, data_offset: int, alignment: int
+    ) -> TensorInfo:
         block, type_size = GGML_QUANT_SIZES[qtype]
         n_elements = int(np.prod(shape, dtype=np.int64))
         nbytes = n_elements // block * type_size
@@ -262,8 +283,10 @@ class _Parser:
             raise _fail(self.path, f"tensor {name!r}: data offset {rel} is not aligned to {alignment} bytes")
         start = data_offset + rel
         if start + nbytes > self.size:
-            raise _fail(self.path, f"truncated file: tensor {name!r} needs bytes {start}..{start + nbytes}, "
-                                   f"file has {self.size}")  # fmt: skip
+            raise _fail(
+                self.path,
+                f"truncated file: tensor {name!r} needs bytes {start}..{start + nbytes}, file has {self.size}",
+            )
         if qtype in _PLAIN_DTYPES:
             data = np.frombuffer(self.mm, _PLAIN_DTYPES[qtype], n_elements, start).reshape(shape)
         else:

@@ -28,8 +28,9 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
-def init_cache(n_layers: int, batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32,
-               device=None) -> KVCache:  # fmt: skip
+def init_cache(
+    n_layers: int, batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32, device=None
+) -> KVCache:
     shape = (n_layers, batch, slots, n_kv_heads, head_dim)
     zeros = jax.jit(lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), device=device)
     return KVCache(*zeros())

@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from worker.errors import ErrorCode, WorkerError
@@ -16,10 +15,14 @@ from worker.models import adapter_for
 from worker.models.base import load_weights
 from worker.quant import quant_kind
 from worker.runner import Runner
+from worker.sampling import SamplingParams, seed_key
 from worker.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 DEFAULT_CPU_SLOTS = 4096
-DECODE_STEPS = 8  # decode steps per dispatch on the Python API path
+# Decode steps per dispatch: enough to hide dispatch cost on a GPU, few enough that a cancel (checked between
+# dispatches) lands within 100 ms. On the CPU a step of the 270M model takes ~0.1 s, so one step per dispatch.
+DECODE_STEPS = {"cpu": 1, "gpu": 8}
+GREEDY = SamplingParams()
 
 
 def pick_device(device: str) -> jax.Device:
@@ -29,7 +32,9 @@ def pick_device(device: str) -> jax.Device:
         try:
             return jax.devices("gpu")[0]
         except RuntimeError:
-            raise WorkerError(ErrorCode.CUDA_ERROR, "no GPU is visible to JAX (use --device cpu to run on the CPU)")
+            raise WorkerError(
+                ErrorCode.CUDA_ERROR, "no GPU is visible to JAX (use --device cpu to run on the CPU)"
+            ) from None
     raise WorkerError(ErrorCode.INVALID_REQUEST, f"unknown device {device!r} (cpu or gpu)")
 
 
@@ -41,6 +46,8 @@ class Model:
         self.runner = runner
         self.cfg = runner.cfg
         self.device_kind = device_kind
+        self.decode_steps = DECODE_STEPS.get(device_kind, 8)
+        self._cache = None
         self.quant_kind = quant_kind(gf.get("general.file_type"), (t.qtype for t in gf.tensors.values()))
 
     @property
@@ -59,10 +66,10 @@ class Model:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), vocab]: row i = logits after ids[: i + 1]."""
         ids = self._ids(ids)
-        self._check_fits(len(ids), 0)
+        self._check_fits(len(ids))
         return self.runner.all_logits(ids)
 
-    def _check_fits(self, n_prompt: int, max_tokens: int) -> None:
+    def _check_fits(self, n_prompt: int) -> None:
         if n_prompt == 0:
             raise WorkerError(ErrorCode.INVALID_REQUEST, "the prompt is empty")
         if n_prompt > self.runner.slots:
@@ -71,40 +78,68 @@ class Model:
                 f"prompt has {n_prompt} tokens; the context holds {self.runner.slots}",
             )
 
-    def generate_ids(self, prompt_or_ids: str | Sequence[int], max_tokens: int = 64, stop_at_eos: bool = True
-                     ) -> Iterator[int]:  # fmt: skip
-        """Greedy ids one by one; stops at max_tokens, EOS/end-of-turn (if asked) or the end of the context."""
+    def generate_ids(
+        self,
+        prompt_or_ids: str | Sequence[int],
+        max_tokens: int = 64,
+        params: SamplingParams = GREEDY,
+        seed: int = 0,
+        stop_at_eos: bool = True,
+    ) -> Iterator[int]:
+        """Generated ids one by one; stops at max_tokens, EOS/end-of-turn (if asked) or the end of the context.
+
+        The next decode dispatch is queued before the previous one's ids are read back, so the device never
+        waits for the host; only int32 ids cross to the host."""
         ids = self._ids(prompt_or_ids)
-        self._check_fits(len(ids), max_tokens)
-        runner = self.runner
-        budget = min(max_tokens, runner.slots - len(ids))
-        logits, cache = runner.prefill(ids, runner.new_cache())
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        position = len(ids)
-        produced = 0
-        pending = [int(token[0])]
-        while True:
-            for t in pending:
-                yield t
-                produced += 1
-                if produced >= budget or (stop_at_eos and t in self.tokenizer.eog_ids):
+        self._check_fits(len(ids))
+        r = self.runner
+        budget = min(max_tokens, r.slots - len(ids))
+        sp, key = params.arrays(), seed_key(seed)
+        logits, cache = r.prefill(ids, self._take_cache())
+        token, seen = r.sample(logits, sp, key, 0, r.seen_mask(ids))
+        position, produced, index = len(ids), 0, 1
+        pending = token[:, None]
+        try:
+            while True:
+                nxt = None
+                steps = min(self.decode_steps, r.slots - position)
+                if produced + pending.shape[1] < budget and steps > 0:
+                    nxt, cache, seen = r.decode(pending[:, -1], position, cache, seen, sp, key, index, steps)
+                    position, index = position + steps, index + steps
+                for t in np.asarray(pending[0]).tolist():
+                    yield t
+                    produced += 1
+                    if produced >= budget or (stop_at_eos and t in self.tokenizer.eog_ids):
+                        return
+                if nxt is None:
                     return
-            steps = min(DECODE_STEPS, runner.slots - position)
-            out, cache = runner.decode(token, jnp.asarray([position], jnp.int32), cache, steps)
-            position += steps
-            token = out[:, -1]
-            pending = [int(t) for t in np.asarray(out[0])]
+                pending = nxt
+        finally:
+            self._cache = cache if _alive(cache) else None
 
-    def generate(self, prompt_or_ids: str | Sequence[int], max_tokens: int = 64, temperature: float = 0.0,
-                 seed: int | None = None, stop_at_eos: bool = True) -> list[int]:  # fmt: skip
-        if temperature != 0.0:
-            raise WorkerError(ErrorCode.INVALID_REQUEST, "sampling (temperature > 0) goes through worker.engine")
-        return list(self.generate_ids(prompt_or_ids, max_tokens, stop_at_eos))
+    def _take_cache(self):
+        """The model's one KV cache (reused across calls: the causal mask hides stale slots)."""
+        cache, self._cache = self._cache, None
+        return cache if cache is not None else self.runner.new_cache()
 
-    def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, seed: int | None = None
-               ) -> Iterator[str]:  # fmt: skip
+    def generate(
+        self,
+        prompt_or_ids: str | Sequence[int],
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+        **sampling,
+    ) -> list[int]:
+        """Token ids of a completion. `sampling`: top_k, top_p, min_p, repetition_penalty."""
+        params = SamplingParams(temperature=temperature, **sampling)
+        return list(self.generate_ids(prompt_or_ids, max_tokens, params, seed or 0, stop_at_eos))
+
+    def stream(
+        self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, seed: int | None = None
+    ) -> Iterator[str]:
         decoder = StreamDecoder(self.tokenizer)
-        for t in self.generate(prompt, max_tokens, temperature, seed):
+        for t in self.generate_ids(prompt, max_tokens, SamplingParams(temperature=temperature), seed or 0):
             if t in self.tokenizer.eog_ids:
                 break
             piece = decoder.push(t)
@@ -115,8 +150,13 @@ class Model:
             yield tail
 
 
-def load_model(path: str | Path, device: str = "cpu", slots: int | None = None, tokenizer_json: str | None = None,
-               on_progress: Callable[[int, int], None] | None = None) -> Model:  # fmt: skip
+def load_model(
+    path: str | Path,
+    device: str = "cpu",
+    slots: int | None = None,
+    tokenizer_json: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Model:
     """Open, validate and place a model. `slots`: KV cache capacity in tokens (default: the file's context,
     capped at 4096 on the CPU). `on_progress(done_bytes, total_bytes)` is called after each tensor."""
     gf = open_gguf(path)
@@ -138,3 +178,8 @@ def load_model(path: str | Path, device: str = "cpu", slots: int | None = None, 
         slots = cfg.context_length if device != "cpu" else min(cfg.context_length, DEFAULT_CPU_SLOTS)
     runner = Runner(adapter, cfg, weights, dev, slots)
     return Model(gf, tokenizer, runner, dev.platform)
+
+
+def _alive(cache) -> bool:
+    """False once a donated buffer was consumed by a step that then failed (the cache must be rebuilt)."""
+    return not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(cache))

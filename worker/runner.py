@@ -1,5 +1,5 @@
 """The compiled steps: prefill (a prompt chunk into the cache, logits of its last position) and decode (several
-greedy/sampled steps per dispatch), both with the KV cache donated so XLA updates it in place.
+sampled steps per dispatch, sampling on the device), both with the KV cache donated so XLA updates it in place.
 
 Prompt lengths are bucketed to powers of two (at least MIN_BUCKET, at most the chunk size) so a compile happens
 once per bucket; prompts longer than the chunk size are prefilled chunk by chunk.
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from worker.kv_cache import KVCache, init_cache
+from worker.sampling import SamplingArrays, sample
 
 MIN_BUCKET = 16
 
@@ -27,12 +28,21 @@ def bucket(n: int, chunk: int) -> int:
 class Runner:
     """Owns the compiled entry points of one model on one device."""
 
-    def __init__(self, adapter: ModuleType, cfg: Any, weights: Any, device: jax.Device, slots: int,
-                 chunk: int = 512, cache_dtype=jnp.float32):  # fmt: skip
+    def __init__(
+        self,
+        adapter: ModuleType,
+        cfg: Any,
+        weights: Any,
+        device: jax.Device,
+        slots: int,
+        chunk: int = 512,
+        cache_dtype=jnp.float32,
+    ):
         self.adapter, self.cfg, self.weights, self.device = adapter, cfg, weights, device
         self.slots, self.chunk, self.cache_dtype = slots, min(chunk, slots), cache_dtype
         self._prefill = jax.jit(partial(_prefill, adapter, cfg), donate_argnums=(4,))
-        self._decode = jax.jit(partial(_decode, adapter, cfg), static_argnums=(4,), donate_argnums=(3,))
+        self._decode = jax.jit(partial(_decode, adapter, cfg), static_argnums=(8,), donate_argnums=(3, 4))
+        self._sample = jax.jit(_sample_rows)
         self._all_logits = jax.jit(partial(_all_logits, adapter, cfg), donate_argnums=(3,))
 
     def new_cache(self, batch: int = 1) -> KVCache:
@@ -68,10 +78,33 @@ class Runner:
             rows.append(np.asarray(out[0, :n]))
         return np.concatenate(rows)
 
-    def decode(self, token: jax.Array, position: jax.Array, cache: KVCache, steps: int
-               ) -> tuple[jax.Array, KVCache]:  # fmt: skip
-        """`steps` greedy steps from `token` [1] at `position` [1]: returns ids [1, steps] (stays on device)."""
-        return self._decode(self.weights, token, position, cache, steps)
+    def seen_mask(self, ids: list[int]) -> jax.Array:
+        """[1, vocab] bool: the ids the repetition penalty applies to."""
+        mask = np.zeros((1, self.cfg.vocab_size), bool)
+        mask[0, [i for i in ids if 0 <= i < self.cfg.vocab_size]] = True
+        return self._put(mask)
+
+    def sample(
+        self, logits: jax.Array, sp: SamplingArrays, key: jax.Array, index: int, seen: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """The token after a prefill: ids [1] and the updated seen mask."""
+        return self._sample(logits, sp, key, self._put(np.int32(index)), seen)
+
+    def decode(
+        self,
+        token: jax.Array,
+        position: int,
+        cache: KVCache,
+        seen: jax.Array,
+        sp: SamplingArrays,
+        key: jax.Array,
+        index: int,
+        steps: int,
+    ) -> tuple[jax.Array, KVCache, jax.Array]:
+        """`steps` steps from `token` [1] (not yet in the cache) at `position`; generated token i uses draw
+        index i. Returns ids [1, steps] (left on the device), the cache and the seen mask."""
+        pos, idx = self._put(np.asarray([position], np.int32)), self._put(np.int32(index))
+        return self._decode(self.weights, token, pos, cache, seen, sp, key, idx, steps)
 
 
 def _prefill(adapter, cfg, weights, tokens, positions, last, cache):
@@ -85,12 +118,17 @@ def _all_logits(adapter, cfg, weights, tokens, positions, cache):
     return adapter.logits(weights, cfg, hidden), cache
 
 
-def _decode(adapter, cfg, weights, token, position, cache, steps):
-    def step(carry, _):
-        tok, pos, cache = carry
-        hidden, cache = adapter.forward(weights, cfg, tok[:, None], pos[:, None], cache)
-        nxt = jnp.argmax(adapter.logits(weights, cfg, hidden)[:, 0], axis=-1).astype(jnp.int32)
-        return (nxt, pos + 1, cache), nxt
+def _sample_rows(logits, sp, key, index, seen):
+    ids = jax.vmap(sample, in_axes=(0, None, None, None, 0))(logits, sp, key, index, seen)
+    return ids, seen.at[jnp.arange(ids.shape[0]), ids].set(True)
 
-    (_, _, cache), ids = jax.lax.scan(step, (token, position, cache), None, length=steps)
-    return ids.T, cache
+
+def _decode(adapter, cfg, weights, token, position, cache, seen, sp, key, index, steps):
+    def step(carry, i):
+        tok, pos, cache, seen = carry
+        hidden, cache = adapter.forward(weights, cfg, tok[:, None], pos[:, None], cache)
+        nxt, seen = _sample_rows(adapter.logits(weights, cfg, hidden)[:, 0], sp, key, index + i, seen)
+        return (nxt, pos + 1, cache, seen), nxt
+
+    (_, _, cache, seen), ids = jax.lax.scan(step, (token, position, cache, seen), jnp.arange(steps))
+    return ids.T, cache, seen

@@ -30,8 +30,9 @@ class Adapter(Protocol):
         """GGUF tensor name -> (path in the weights pytree, required)."""
         ...
 
-    def forward(self, weights: Any, cfg: Any, tokens: jax.Array, positions: jax.Array, cache: KVCache
-                ) -> tuple[jax.Array, KVCache]:  # fmt: skip
+    def forward(
+        self, weights: Any, cfg: Any, tokens: jax.Array, positions: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
         """tokens, positions [B, T] -> final hidden states [B, T, D] (before the output norm) and the cache."""
         ...
 
@@ -68,8 +69,9 @@ def to_weight(t: TensorInfo, put: Put, matrix: bool) -> QuantArray | jax.Array:
     return put(np.asarray(gguf.quants.dequantize(t.data, t.qtype), np.float32).reshape(t.shape))
 
 
-def load_weights(gf: GGUFFile, table: dict[str, tuple[tuple, bool]], put: Put,
-                 on_tensor: Callable[[int], None] | None = None) -> dict:  # fmt: skip
+def load_weights(
+    gf: GGUFFile, table: dict[str, tuple[tuple, bool]], put: Put, on_tensor: Callable[[int], None] | None = None
+) -> dict:
     """Build the nested weights dict from `table`; path elements are dict keys or list indices."""
     unknown = [n for n in gf.tensors if n not in table]
     if unknown:

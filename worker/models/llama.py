@@ -137,8 +137,9 @@ def weight_table(gf: GGUFFile, cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]
     return table
 
 
-def attention_block(lw: dict, cfg: LlamaConfig, layer: int, x: jax.Array, positions: jax.Array, cache: KVCache
-                    ) -> tuple[jax.Array, KVCache]:  # fmt: skip
+def attention_block(
+    lw: dict, cfg: LlamaConfig, layer: int, x: jax.Array, positions: jax.Array, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
     b, t, _ = x.shape
     hd, nh, nk = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     h = ops.rms_norm(x, lw["attn_norm"], cfg.norm_eps)
@@ -180,8 +181,9 @@ def ffn_block(lw: dict, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     return x + out
 
 
-def forward(weights: dict, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache
-            ) -> tuple[jax.Array, KVCache]:  # fmt: skip
+def forward(
+    weights: dict, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
     x = ops.embed(weights["token_embd"], tokens)  # [B, T, D]
     if cfg.embed_scale is not None:
         x = x * jnp.float32(cfg.embed_scale)

@@ -1,0 +1,93 @@
+"""Token sampling on the device, inside the compiled step (M0-W-1421 order): temperature, repetition penalty,
+top-k, top-p, min-p, then argmax (temperature 0) or a categorical draw.
+
+Per-request parameters are arrays (`SamplingArrays`), never static arguments, so changing them does not
+recompile. Seeds: a request's uint64 seed gives `jax.random.key(seed)` (threefry2x32 over the seed's high and
+low 32-bit words); the draw for generated token i uses `fold_in(key, i)`, so the ids depend only on the seed and
+the token index, not on how many decode steps run per dispatch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    min_p: float = 0.0  # 0.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+
+    def arrays(self) -> SamplingArrays:
+        return SamplingArrays(
+            temperature=jnp.float32(self.temperature),
+            top_k=jnp.int32(self.top_k),
+            top_p=jnp.float32(self.top_p),
+            min_p=jnp.float32(self.min_p),
+            repetition_penalty=jnp.float32(self.repetition_penalty),
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class SamplingArrays:
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+
+
+def new_seed() -> int:
+    return secrets.randbits(64)
+
+
+def seed_key(seed: int) -> jax.Array:
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed {seed} is not a uint64")
+    hi, lo = seed >> 32, seed & 0xFFFFFFFF
+    # Two words so every uint64 seed maps to its own key without needing jax_enable_x64.
+    return jax.random.fold_in(jax.random.key(hi), lo)
+
+
+def penalize(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
+    """CTRL / llama.cpp repetition penalty on the ids in `seen`: divide positive logits, multiply negative."""
+    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def filter_logits(logits: jax.Array, sp: SamplingArrays) -> jax.Array:
+    """Top-k, then top-p over the renormalised survivors, then min-p; removed ids get -inf. logits [V]."""
+    order = jnp.argsort(-logits, stable=True)  # ties: lower id first
+    ranked = logits[order]
+    rank = jnp.arange(logits.shape[-1])
+    keep = (sp.top_k <= 0) | (rank < sp.top_k)
+    ranked = jnp.where(keep, ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked)
+    mass_before = jnp.cumsum(probs) - probs
+    keep &= (sp.top_p >= 1.0) | (mass_before < sp.top_p)  # the smallest prefix whose mass reaches top_p
+    keep &= probs >= sp.min_p * probs[0]
+    keep = keep.at[0].set(True)  # always at least the most likely token
+    return jnp.full_like(logits, -jnp.inf).at[order].set(jnp.where(keep, ranked, -jnp.inf))
+
+
+def sample(logits: jax.Array, sp: SamplingArrays, key: jax.Array, index: jax.Array, seen: jax.Array) -> jax.Array:
+    """One token id from logits [V] (float32); `seen` [V] bool marks prompt and generated ids."""
+    logits = logits.astype(jnp.float32)
+    greedy = sp.temperature <= 0.0
+    logits = jnp.where(greedy, logits, logits / jnp.where(greedy, 1.0, sp.temperature))
+    logits = jax.lax.cond(
+        sp.repetition_penalty != 1.0, penalize, lambda lg, *_: lg, logits, seen, sp.repetition_penalty
+    )
+    needs_filter = (sp.top_k > 0) | (sp.top_p < 1.0) | (sp.min_p > 0.0)
+    filtered = jax.lax.cond(needs_filter & ~greedy, filter_logits, lambda lg, _: lg, logits, sp)
+    drawn = jax.random.categorical(jax.random.fold_in(key, index), filtered)
+    return jnp.where(greedy, jnp.argmax(logits), drawn).astype(jnp.int32)
