@@ -1,0 +1,311 @@
+"""Quantized weights in device memory: GGUF block formats re-packed into "planes" (`QuantArray`), their exact
+dequantization in jax.numpy, and the file's quant kind name (`/health.quant_kind`).
+
+A tensor of logical shape (..., N, K) (numpy order; K is the blocked axis, GGUF's ne0; leading dims such as
+experts are kept) is stored as a few arrays, each with the tensor's leading dims (..., N) and one last axis.
+`pack` builds them on the host from the file's raw bytes without a float copy; kernels read them with wide,
+aligned loads. Memory: each format's planes take at most 2.8% more bytes than its GGUF blocks (Q4_K).
+
+Codes keep the file's order, only without the per-block headers in between. A "nibble plane" `qs`
+(uint8 [..., N, K/2]) is cut into groups of G values, and byte i of a group holds value i in its low nibble
+and value i + G/2 in its high nibble (G = 32 for Q4_0/Q4_1/Q5_0/Q5_1/MXFP4, 64 for Q4_K/Q5_K, 128 for Q6_K).
+
+| format | plane   | dtype    | shape          | meaning                                                     |
+|--------|---------|----------|----------------|-------------------------------------------------------------|
+| F32    | w       | float32  | [..., N, K]    | the values                                                  |
+| F16    | w       | float16  | [..., N, K]    | the values                                                  |
+| BF16   | w       | bfloat16 | [..., N, K]    | the values                                                  |
+| Q4_0   | qs      | uint8    | [..., N, K/2]  | nibble plane (G 32) of q in 0..15; w = d * (q - 8)          |
+|        | d       | float16  | [..., N, K/32] | block scale                                                 |
+| Q4_1   | qs      | uint8    | [..., N, K/2]  | nibble plane (G 32) of q in 0..15; w = d * q + m            |
+|        | d, m    | float16  | [..., N, K/32] | block scale, block minimum                                  |
+| Q5_0   | qs      | uint8    | [..., N, K/2]  | nibble plane (G 32): low 4 bits of q; w = d * (q - 16)      |
+|        | qh      | uint32   | [..., N, K/32] | bit j = bit 4 of the block's value j                        |
+|        | d       | float16  | [..., N, K/32] | block scale                                                 |
+| Q5_1   | qs, qh  |          |                | as Q5_0; w = d * q + m                                      |
+|        | d, m    | float16  | [..., N, K/32] | block scale, block minimum                                  |
+| Q8_0   | qs      | int8     | [..., N, K]    | q; w = d * q                                                |
+|        | d       | float16  | [..., N, K/32] | block scale                                                 |
+| MXFP4  | qs      | uint8    | [..., N, K/2]  | nibble plane (G 32) of E2M1 codes;                          |
+|        |         |          |                | w = 2^(e - 128) * MXFP4_KVALUES[code]                       |
+|        | e       | uint8    | [..., N, K/32] | E8M0 block exponent                                         |
+| Q4_K   | qs      | uint8    | [..., N, K/2]  | nibble plane (G 64) of q in 0..15; w = d*sc * q - dmin*mn   |
+|        | scales  | uint8    | [..., N, K/32] | sc, the 6-bit sub-block scales, unpacked                    |
+|        | mins    | uint8    | [..., N, K/32] | mn, the 6-bit sub-block minimums, unpacked                  |
+|        | d, dmin | float16  | [..., N, K/256]| super-block scales of the scales and of the minimums        |
+| Q5_K   | qs      | uint8    | [..., N, K/2]  | nibble plane (G 64): low 4 bits of q; w as Q4_K             |
+|        | qh      | uint8    | [..., N, K/8]  | 32 bytes per 256 values: bit b of byte l = bit 4 of value   |
+|        |         |          |                | 32b + l                                                     |
+|        | scales, mins, d, dmin | |           | as Q4_K                                                     |
+| Q6_K   | qs      | uint8    | [..., N, K/2]  | nibble plane (G 128): low 4 bits of q; w = d*sc * (q - 32)  |
+|        | qh      | uint8    | [..., N, K/4]  | 32 bytes per 128 values: bits 2k, 2k+1 of byte l = bits 4, 5|
+|        |         |          |                | of value 32k + l                                            |
+|        | scales  | int8     | [..., N, K/16] | sc, one per 16 values                                       |
+|        | d       | float16  | [..., N, K/256]| super-block scale                                           |
+
+Exactness: `dequantize` equals gguf-py's `gguf.quants.dequantize` (bit-identical to ggml's to_float) bit for
+bit, in every format. The products of a float16 scale with the 6-bit scales and the codes fit in float32's
+24-bit significand, so they are exact and at most one rounding (the "+ m" or "- dmin*mn") remains: whether
+XLA fuses a*b+c into an FMA cannot change a bit. One exception, on CPU only: XLA's CPU backend flushes
+subnormal floats, so MXFP4 blocks with exponent byte 0 or 1 (|w| < 2^-125, never in real files) read as 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gguf import GGML_QUANT_SIZES, LlamaFileType
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import Q4_K as GGUF_Q4_K
+from jax.typing import DTypeLike
+
+PLAIN_TYPES = {QT.F32: np.float32, QT.F16: np.float16, QT.BF16: jnp.bfloat16}
+
+# Byte fields of one GGUF block that are copied out as they are: (plane, first byte, end byte, dtype).
+# Little-endian hosts only, as the file is little-endian.
+_FIELDS: dict[QT, tuple[tuple[str, int, int, type], ...]] = {
+    QT.Q4_0: (("d", 0, 2, np.float16), ("qs", 2, 18, np.uint8)),
+    QT.Q4_1: (("d", 0, 2, np.float16), ("m", 2, 4, np.float16), ("qs", 4, 20, np.uint8)),
+    QT.Q5_0: (("d", 0, 2, np.float16), ("qh", 2, 6, np.uint32), ("qs", 6, 22, np.uint8)),
+    QT.Q5_1: (
+        ("d", 0, 2, np.float16),
+        ("m", 2, 4, np.float16),
+        ("qh", 4, 8, np.uint32),
+        ("qs", 8, 24, np.uint8),
+    ),
+    QT.Q8_0: (("d", 0, 2, np.float16), ("qs", 2, 34, np.int8)),
+    QT.MXFP4: (("e", 0, 1, np.uint8), ("qs", 1, 17, np.uint8)),
+    QT.Q4_K: (("d", 0, 2, np.float16), ("dmin", 2, 4, np.float16), ("qs", 16, 144, np.uint8)),
+    QT.Q5_K: (
+        ("d", 0, 2, np.float16),
+        ("dmin", 2, 4, np.float16),
+        ("qh", 16, 48, np.uint8),
+        ("qs", 48, 176, np.uint8),
+    ),
+    QT.Q6_K: (
+        ("qs", 0, 128, np.uint8),
+        ("qh", 128, 192, np.uint8),
+        ("scales", 192, 208, np.int8),
+        ("d", 208, 210, np.float16),
+    ),
+}
+_K_SCALES = (4, 16)  # Q4_K/Q5_K: the 12 bytes that pack 8 6-bit scales and 8 6-bit minimums
+
+SUPPORTED_TYPES: frozenset[QT] = frozenset(PLAIN_TYPES) | frozenset(_FIELDS)
+
+# E2M1 code -> value, doubled (ggml's kvalues_mxfp4); the E8M0 scale is halved to compensate.
+MXFP4_KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantArray:
+    """A weight in device memory: its planes (the pytree's leaves) and, as static metadata, its GGUF type and
+    logical shape. Under `lax.scan`/`vmap` over leading dims the planes lose those dims while `shape` keeps
+    them; `dequantize` follows the planes."""
+
+    planes: dict[str, jax.Array]
+    qtype: QT
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(p.shape) * p.dtype.itemsize for p in self.planes.values())
+
+
+jax.tree_util.register_dataclass(QuantArray, data_fields=["planes"], meta_fields=["qtype", "shape"])
+
+
+def pack(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Re-pack one tensor's GGUF data (the raw uint8 view, or a typed F32/F16 view) into host planes.
+
+    The planes are new arrays, never views of `raw`: `jnp.asarray` on CPU aliases host memory, and a view
+    would tie the device array to the file's mmap. Host memory used: about the tensor's bytes, no float copy.
+    Raises ValueError for an unsupported type or a size that does not match the shape.
+    """
+    qtype = QT(qtype)
+    shape = tuple(int(d) for d in shape)
+    if qtype not in SUPPORTED_TYPES:
+        raise ValueError(f"unsupported tensor type {qtype.name}")
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if not shape or shape[-1] % block:
+        raise ValueError(f"{qtype.name}: shape {shape} has no last axis that is a multiple of {block}")
+    data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    expected = math.prod(shape) // block * type_size
+    if data.size != expected:
+        raise ValueError(f"{qtype.name} tensor of shape {shape} needs {expected} bytes, got {data.size}")
+    lead = shape[:-1]
+    if qtype in PLAIN_TYPES:
+        return {"w": data.view(PLAIN_TYPES[qtype]).reshape(shape).copy()}
+    blocks = data.reshape(*lead, shape[-1] // block, type_size)
+
+    def field(start: int, stop: int, dtype: type) -> np.ndarray:
+        return blocks[..., start:stop].copy().view(dtype).reshape(*lead, -1)
+
+    planes = {name: field(start, stop, dtype) for name, start, stop, dtype in _FIELDS[qtype]}
+    if qtype in (QT.Q4_K, QT.Q5_K):
+        # gguf-py's unpacking of the 6-bit scales, the one its dequantizer (and ggml's get_scale_min_k4) uses.
+        packed = field(*_K_SCALES, np.uint8).reshape(-1, _K_SCALES[1] - _K_SCALES[0])
+        scales, mins = GGUF_Q4_K.get_scale_min(packed)
+        planes["scales"], planes["mins"] = scales.reshape(*lead, -1), mins.reshape(*lead, -1)
+    return planes
+
+
+def quant_array(
+    raw: np.ndarray, qtype: QT, shape: tuple[int, ...], put: Callable[[np.ndarray], jax.Array] = jnp.asarray
+) -> QuantArray:
+    """Pack one tensor and place each plane with `put`, e.g. `functools.partial(jax.device_put, device=d)`."""
+    planes = {name: put(p) for name, p in pack(raw, qtype, shape).items()}
+    return QuantArray(planes, QT(qtype), tuple(int(d) for d in shape))
+
+
+def _nibbles(qs: jax.Array, group: int) -> jax.Array:
+    """uint8 [..., K/2] nibble plane with groups of `group` values -> uint8 [..., K/group, group] values."""
+    qs = qs.reshape(*qs.shape[:-1], -1, group // 2)
+    return jnp.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32)
+
+
+def _bits_of_bytes(qh: jax.Array, bits_per_value: int) -> jax.Array:
+    """uint8 [..., n*32] where byte l of each 32 holds, `bits_per_value` at a time, values l, 32+l, 64+l, ...
+    -> uint8 [..., n * 8/bits_per_value, 32] with those values in order."""
+    shifts = jnp.arange(0, 8, bits_per_value, dtype=jnp.uint8)[:, None]
+    qh = qh.reshape(*qh.shape[:-1], -1, 1, 32) >> shifts
+    return (qh & ((1 << bits_per_value) - 1)).reshape(*qh.shape[:-3], -1, 32)
+
+
+def _q4_0(p: dict[str, jax.Array]) -> jax.Array:
+    q = _nibbles(p["qs"], 32).astype(jnp.int8) - 8
+    return _f32(p["d"])[..., None] * _f32(q)
+
+
+def _q4_1(p: dict[str, jax.Array]) -> jax.Array:
+    return _f32(p["d"])[..., None] * _f32(_nibbles(p["qs"], 32)) + _f32(p["m"])[..., None]
+
+
+def _q5_codes(p: dict[str, jax.Array]) -> jax.Array:
+    high = (p["qh"][..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    return _nibbles(p["qs"], 32) | (high.astype(jnp.uint8) << 4)
+
+
+def _q5_0(p: dict[str, jax.Array]) -> jax.Array:
+    return _f32(p["d"])[..., None] * _f32(_q5_codes(p).astype(jnp.int8) - 16)
+
+
+def _q5_1(p: dict[str, jax.Array]) -> jax.Array:
+    return _f32(p["d"])[..., None] * _f32(_q5_codes(p)) + _f32(p["m"])[..., None]
+
+
+def _q8_0(p: dict[str, jax.Array]) -> jax.Array:
+    q = p["qs"].reshape(*p["qs"].shape[:-1], -1, 32)
+    return _f32(q) * _f32(p["d"])[..., None]
+
+
+def _mxfp4(p: dict[str, jax.Array]) -> jax.Array:
+    # ggml_e8m0_to_fp32_half, by bits: 2^(e-128), a subnormal for e < 2.
+    e = p["e"].astype(jnp.uint32)
+    bits = jnp.where(e < 2, jnp.uint32(0x00200000) << e, (e - 1) << 23)
+    d = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    values = jnp.asarray(MXFP4_KVALUES, jnp.float32)[_nibbles(p["qs"], 32)]
+    return d[..., None] * values
+
+
+def _k_scales(p: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Q4_K/Q5_K: d*sc and dmin*mn as float32 [..., K/32, 1]."""
+    sc, mn = p["scales"], p["mins"]
+    sub = sc.reshape(*sc.shape[:-1], -1, 8)
+    dsc = (_f32(p["d"])[..., None] * _f32(sub)).reshape(*sc.shape, 1)
+    dmn = (_f32(p["dmin"])[..., None] * _f32(mn.reshape(sub.shape))).reshape(*mn.shape, 1)
+    return dsc, dmn
+
+
+def _q4_k(p: dict[str, jax.Array]) -> jax.Array:
+    dsc, dmn = _k_scales(p)
+    q = _nibbles(p["qs"], 64).reshape(*dsc.shape[:-1], 32)
+    return dsc * _f32(q) - dmn
+
+
+def _q5_k(p: dict[str, jax.Array]) -> jax.Array:
+    dsc, dmn = _k_scales(p)
+    low = _nibbles(p["qs"], 64).reshape(*dsc.shape[:-1], 32)
+    q = low | (_bits_of_bytes(p["qh"], 1) << 4)
+    return dsc * _f32(q) - dmn
+
+
+def _q6_k(p: dict[str, jax.Array]) -> jax.Array:
+    sc = p["scales"]
+    dsc = (_f32(p["d"])[..., None] * _f32(sc.reshape(*sc.shape[:-1], -1, 16))).reshape(*sc.shape, 1)
+    low = _nibbles(p["qs"], 128).reshape(*sc.shape[:-1], -1, 32)
+    q = (low | (_bits_of_bytes(p["qh"], 2) << 4)).astype(jnp.int8) - 32
+    return dsc * _f32(q.reshape(*sc.shape, 16))
+
+
+def _bf16(p: dict[str, jax.Array]) -> jax.Array:
+    # By bits, as gguf-py does: a convert could flush bfloat16 subnormals on CPU.
+    bits = jax.lax.bitcast_convert_type(p["w"], jnp.uint16).astype(jnp.uint32) << 16
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+_DEQUANT: dict[QT, Callable[[dict[str, jax.Array]], jax.Array]] = {
+    QT.F32: lambda p: p["w"],
+    QT.F16: lambda p: _f32(p["w"]),
+    QT.BF16: _bf16,
+    QT.Q4_0: _q4_0,
+    QT.Q4_1: _q4_1,
+    QT.Q5_0: _q5_0,
+    QT.Q5_1: _q5_1,
+    QT.Q8_0: _q8_0,
+    QT.MXFP4: _mxfp4,
+    QT.Q4_K: _q4_k,
+    QT.Q5_K: _q5_k,
+    QT.Q6_K: _q6_k,
+}
+
+
+def dequantize(q: QuantArray, dtype: DTypeLike = jnp.float32) -> jax.Array:
+    """The full-precision values, shape (*planes' leading dims, K): exact in float32, then cast to `dtype`.
+    A reference (CPU path, tests); hot paths dequantize tiles inside kernels instead."""
+    if q.qtype in PLAIN_TYPES and q.planes["w"].dtype == jnp.dtype(dtype):
+        return q.planes["w"]
+    out = _DEQUANT[q.qtype](q.planes)
+    lead = next(iter(q.planes.values())).shape[:-1]
+    return out.reshape(*lead, q.shape[-1]).astype(dtype)
+
+
+# general.file_type values whose llama.cpp name differs from the type the /health report should carry.
+_KIND_RENAMES = {"MXFP4_MOE": "MXFP4"}
+_FLOAT_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
+
+
+def quant_kind(file_type: int | None, tensor_types: Iterable[QT] | Mapping[QT, int]) -> str:
+    """The file's format as llama.cpp names it ("Q4_K_M", "Q8_0", "MXFP4", ...), from general.file_type.
+
+    Without a known file_type: the quantized tensor type that holds the most weight, else such a float type.
+    `tensor_types` is one entry per tensor, or a mapping of type -> bytes (then bytes decide).
+    """
+    try:
+        ftype = LlamaFileType(file_type) if file_type is not None else None
+    except ValueError:
+        ftype = None
+    if ftype is not None and ftype != LlamaFileType.GUESSED:
+        name = ftype.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        return _KIND_RENAMES.get(name, name)
+    weights: dict[QT, int] = {}
+    if isinstance(tensor_types, Mapping):
+        for t, n in tensor_types.items():
+            weights[QT(t)] = weights.get(QT(t), 0) + int(n)
+    else:
+        for t in tensor_types:
+            weights[QT(t)] = weights.get(QT(t), 0) + 1
+    if not weights:
+        raise ValueError("no general.file_type and no tensors: the quant kind is unknown")
+    quantized = {t: n for t, n in weights.items() if t not in _FLOAT_TYPES}
+    pool = quantized or weights
+    return max(pool, key=lambda t: (pool[t], -int(t))).name
