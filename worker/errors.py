@@ -14,10 +14,13 @@ class ErrorCode(enum.StrEnum):
     INFERENCE_TIMEOUT = "INFERENCE_TIMEOUT"
     CANCELLED = "CANCELLED"
     INTERNAL = "INTERNAL"
+    # Admission codes of the HTTP layer (not in the original list): the request was not started.
+    QUEUE_FULL = "QUEUE_FULL"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
 
 
 # Errors a client may retry as is (the same request can succeed later).
-RETRIABLE = frozenset({ErrorCode.VRAM_OOM, ErrorCode.INFERENCE_TIMEOUT, ErrorCode.CUDA_ERROR})
+RETRIABLE = frozenset({ErrorCode.VRAM_OOM, ErrorCode.INFERENCE_TIMEOUT, ErrorCode.CUDA_ERROR, ErrorCode.QUEUE_FULL})
 
 
 class WorkerError(Exception):

@@ -1,0 +1,330 @@
+"""The engine: one thread owns the device and runs jobs one at a time (M0-W-1301) from a bounded queue.
+
+A job is submitted with a sink that receives its events in order: Started, TokenEvent*, then exactly one of End or
+ErrorEvent. Cancellation (POST /cancel, client disconnect, shutdown) sets the job's flag, which the thread checks
+between decode dispatches; with a few steps per dispatch that lands well within 100 ms on a GPU.
+
+Stop rules: end-of-generation ids, max_tokens, the end of the context, and stop strings matched on the generated
+text (a stop string may span tokens; text that could still become a stop string is held back, and the stop string
+itself is never emitted).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from worker.errors import ErrorCode, WorkerError
+from worker.model import Model
+from worker.sampling import MAX_SEED, SamplingParams, new_seed
+from worker.tokenizer import StreamDecoder
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(WorkerError):
+    """The bounded queue is full: HTTP 503, retry later."""
+
+    def __init__(self, limit: int):
+        super().__init__(ErrorCode.QUEUE_FULL, f"the worker is busy: {limit} job(s) already waiting; retry later")
+
+
+class ShuttingDown(WorkerError):
+    def __init__(self):
+        super().__init__(ErrorCode.SHUTTING_DOWN, "the worker is shutting down and accepts no new jobs")
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    job_id: str
+    prompt: str
+    max_tokens: int = 2048
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    job_id: str
+    model: str
+    started_at: str
+    seed: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    job_id: str
+    text: str
+    index: int
+
+
+@dataclass(frozen=True)
+class End:
+    job_id: str
+    tokens_out: int
+    decode_time_ms: float
+    stop_reason: str  # max_tokens | eos | stop_sequence | context
+    prompt_tokens: int
+    ttft_ms: float
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    job_id: str
+    code: ErrorCode
+    message: str
+    retriable: bool
+
+
+Event = Started | TokenEvent | End | ErrorEvent
+Sink = Callable[[Event], None]
+
+
+@dataclass
+class _Job:
+    req: JobRequest
+    sink: Sink
+    prompt_ids: list[int]
+    seed: int
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class StopMatcher:
+    """Finds stop strings in the growing generated text and tells how much text is safe to emit."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.text = ""
+        self.emitted = 0
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Append `piece`; returns (text now safe to emit, whether a stop string was found)."""
+        self.text += piece
+        hits = [i for i in (self.text.find(s, self.emitted) for s in self.stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            out, self.emitted = self.text[self.emitted : cut], max(self.emitted, cut)
+            return out, True
+        hold = max((self._partial(s) for s in self.stops), default=0)
+        safe = len(self.text) - hold
+        out = self.text[self.emitted : safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return out, False
+
+    def _partial(self, stop: str) -> int:
+        """Length of the longest suffix of the text that is a proper prefix of `stop`."""
+        for n in range(min(len(stop) - 1, len(self.text)), 0, -1):
+            if self.text.endswith(stop[:n]):
+                return n
+        return 0
+
+    def flush(self) -> str:
+        out, self.emitted = self.text[self.emitted :], len(self.text)
+        return out
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Model,
+        *,
+        max_queue: int = 4,
+        max_tokens_in: int | None = None,
+        max_tokens_out: int = 2048,
+        inference_timeout_s: float = 300.0,
+        on_event: Callable[[str, dict], None] | None = None,
+    ):
+        self.model = model
+        self.max_queue = max_queue
+        self.max_tokens_in = min(max_tokens_in or model.context_length, model.context_length)
+        self.max_tokens_out = max_tokens_out
+        self.inference_timeout_s = inference_timeout_s
+        self._on_event = on_event or (lambda name, fields: None)
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._live: dict[str, _Job] = {}
+        self._lock = threading.Lock()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.current: str | None = None
+
+    # -- public API (any thread) --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
+    def submit(self, req: JobRequest, sink: Sink) -> None:
+        """Validate against the model and enqueue; errors are raised here, before any work starts."""
+        if not self._accepting:
+            raise ShuttingDown()
+        if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+            raise WorkerError(ErrorCode.INVALID_REQUEST, f"seed {req.seed} is not a uint64")
+        if req.max_tokens > self.max_tokens_out:
+            raise WorkerError(
+                ErrorCode.INVALID_REQUEST,
+                f"max_tokens {req.max_tokens} exceeds this worker's limit of {self.max_tokens_out}",
+            )
+        ids = self.model.tokenizer.encode(req.prompt)
+        if len(ids) > self.max_tokens_in:
+            raise WorkerError(
+                ErrorCode.INVALID_REQUEST,
+                f"prompt is {len(ids)} tokens; this worker accepts at most {self.max_tokens_in} "
+                f"(context {self.model.context_length})",
+            )
+        job = _Job(req, sink, ids, req.seed if req.seed is not None else new_seed())
+        with self._lock:
+            if req.job_id in self._live:
+                raise WorkerError(ErrorCode.INVALID_REQUEST, f"job_id {req.job_id!r} is already running or queued")
+            waiting = len(self._live) - (1 if self.current is not None else 0)
+            if waiting >= self.max_queue:
+                raise QueueFull(self.max_queue)
+            self._live[req.job_id] = job
+        self._queue.put(job)
+
+    def cancel(self, job_id: str) -> bool:
+        """Idempotent. True if the job was queued or running; it then ends with error CANCELLED."""
+        with self._lock:
+            job = self._live.get(job_id)
+        if job is None:
+            return False
+        job.cancelled.set()
+        return True
+
+    def shutdown(self, deadline_s: float = 5.0) -> None:
+        """Stop accepting, let the running job finish within the deadline (then cancel it), end the thread."""
+        self._accepting = False
+        with self._lock:
+            jobs = list(self._live.values())
+        for job in jobs:
+            if job.req.job_id != self.current:
+                job.cancelled.set()
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(deadline_s / 2)
+            for job in jobs:
+                job.cancelled.set()
+            self._thread.join(deadline_s / 2)
+
+    # -- the engine thread ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            self.current = job.req.job_id
+            try:
+                self._run_job(job)
+            finally:
+                self.current = None
+                with self._lock:
+                    self._live.pop(job.req.job_id, None)
+
+    def _emit(self, job: _Job, event: Event) -> None:
+        try:
+            job.sink(event)
+        except Exception:  # a broken sink (client gone) must not take the engine down
+            log.exception("event sink failed for job %s", job.req.job_id)
+            job.cancelled.set()
+
+    def _run_job(self, job: _Job) -> None:
+        req, model = job.req, self.model
+        self._emit(
+            job,
+            Started(
+                req.job_id,
+                model.path.name,
+                datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                job.seed,
+                len(job.prompt_ids),
+            ),
+        )
+        self._on_event("execute_start", {"job_id": req.job_id, "prompt_tokens": len(job.prompt_ids)})
+        started = time.monotonic()
+        params = SamplingParams(req.temperature, req.top_k, req.top_p, req.min_p, req.repetition_penalty)
+        decoder, stops = StreamDecoder(model.tokenizer), StopMatcher(req.stop)
+        produced, ttft, reason = 0, None, "max_tokens"
+        if job.cancelled.is_set():  # cancelled while it waited in the queue
+            self._fail(job, WorkerError(ErrorCode.CANCELLED, f"job {req.job_id} was cancelled before it started"))
+            return
+        ids = model.generate_ids(job.prompt_ids, req.max_tokens, params, job.seed, stop_at_eos=False)
+        try:
+            for tok in ids:
+                if ttft is None:
+                    ttft = time.monotonic() - started
+                if job.cancelled.is_set():
+                    raise WorkerError(ErrorCode.CANCELLED, f"job {req.job_id} was cancelled")
+                if time.monotonic() - started > self.inference_timeout_s:
+                    raise WorkerError(ErrorCode.INFERENCE_TIMEOUT, f"job exceeded {self.inference_timeout_s:g} s")
+                if tok in model.tokenizer.eog_ids:
+                    reason = "eos"
+                    break
+                index = produced
+                produced += 1
+                text, hit = stops.feed(decoder.push(tok))
+                if text:
+                    self._emit(job, TokenEvent(req.job_id, text, index))
+                if hit:
+                    reason = "stop_sequence"
+                    break
+            else:
+                if produced < req.max_tokens:
+                    reason = "context"
+            if reason != "stop_sequence":
+                tail, hit = stops.feed(decoder.flush())
+                tail += "" if hit else stops.flush()
+                if tail:
+                    self._emit(job, TokenEvent(req.job_id, tail, max(produced - 1, 0)))
+        except WorkerError as e:
+            self._fail(job, e)
+            return
+        except Exception as e:
+            self._fail(job, map_runtime_error(e))
+            return
+        finally:
+            ids.close()
+        decode_ms = (time.monotonic() - started - (ttft or 0.0)) * 1000.0
+        self._emit(
+            job,
+            End(req.job_id, produced, round(decode_ms, 3), reason, len(job.prompt_ids), round((ttft or 0) * 1e3, 3)),
+        )
+        self._on_event("execute_end", {"job_id": req.job_id, "tokens_out": produced, "stop_reason": reason})
+
+    def _fail(self, job: _Job, err: WorkerError) -> None:
+        self._emit(job, ErrorEvent(job.req.job_id, err.code, err.message, err.retriable))
+        self._on_event(
+            "execute_end" if err.code == ErrorCode.CANCELLED else "error",
+            {"job_id": job.req.job_id, "code": str(err.code), "message": err.message},
+        )
+
+
+def map_runtime_error(e: Exception) -> WorkerError:
+    """XLA's RESOURCE_EXHAUSTED is device memory (the job fails, the worker lives on); other runtime errors are
+    device/runtime failures; anything else is a defect of ours."""
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text:
+        return WorkerError(ErrorCode.VRAM_OOM, f"device out of memory: {text.splitlines()[0][:300]}")
+    if type(e).__name__ in ("XlaRuntimeError", "JaxRuntimeError"):
+        return WorkerError(ErrorCode.CUDA_ERROR, f"device runtime error: {text.splitlines()[0][:300]}")
+    log.exception("internal error")
+    return WorkerError(ErrorCode.INTERNAL, f"internal error: {type(e).__name__}: {text[:300]}")
