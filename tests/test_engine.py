@@ -1,0 +1,158 @@
+"""The engine's job API on the real Gemma 3 270M (CPU): events, seeds, stop rules, UTF-8 streaming, cancel,
+context limits. Stop-string matching is also tested on its own."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+
+import worker
+from worker.engine import End, Engine, ErrorEvent, JobRequest, QueueFull, Started, StopMatcher, TokenEvent
+from worker.errors import ErrorCode, WorkerError
+
+pytestmark = pytest.mark.slow
+
+
+def run_matcher(pieces: list[str], stops: tuple[str, ...]) -> tuple[str, bool]:
+    m, out = StopMatcher(stops), ""
+    for p in pieces:
+        text, hit = m.feed(p)
+        out += text
+        if hit:
+            return out, True
+    return out + m.flush(), False
+
+
+@pytest.mark.parametrize(
+    "pieces, stops, expected",
+    [
+        (["Hello", " wor", "ld", "!"], ("world",), ("Hello ", True)),
+        (["a", "b", "<", "/", "s", ">", "c"], ("</s>",), ("ab", True)),
+        (["ab", "c<", "/x"], ("</s>",), ("abc</x", False)),  # a held prefix that never completes is released
+        (["xENDy"], ("END", "y"), ("x", True)),
+        (["no stop here"], (), ("no stop here", False)),
+        (["aa", "ab"], ("aab",), ("a", True)),
+    ],
+)
+def test_stop_matcher(pieces, stops, expected):
+    assert run_matcher(pieces, stops) == expected
+
+
+@pytest.fixture(scope="module")
+def model():
+    return worker.load(worker.default_model_path(), device="cpu", slots=256)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    eng = Engine(model, max_queue=2, max_tokens_out=2048)
+    eng.start()
+    yield eng
+    eng.shutdown(5.0)
+
+
+def run(engine: Engine, on_token=None, **kw) -> list:
+    events: queue.Queue = queue.Queue()
+    req = JobRequest(**{"job_id": f"job-{threading.get_ident()}-{id(kw)}", **kw})
+    engine.submit(req, events.put)
+    out = []
+    while True:
+        ev = events.get(timeout=300)
+        out.append(ev)
+        if isinstance(ev, TokenEvent) and on_token:
+            on_token(req.job_id, ev)
+        if isinstance(ev, End | ErrorEvent):
+            return out
+
+
+def text_of(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, TokenEvent))
+
+
+def test_event_order_and_fields(engine):
+    ev = run(engine, prompt="The capital of France is", max_tokens=6, temperature=0.0, seed=5)
+    assert isinstance(ev[0], Started) and ev[0].seed == 5 and ev[0].prompt_tokens > 0
+    assert ev[0].started_at.endswith("Z")
+    assert all(isinstance(e, TokenEvent) for e in ev[1:-1])
+    end = ev[-1]
+    assert isinstance(end, End) and end.stop_reason == "max_tokens" and end.tokens_out == 6
+    assert "Paris" in text_of(ev)
+
+
+def test_same_seed_same_ids_different_seed_differs(engine, model):
+    kw = dict(prompt="Write a haiku about GPU computing", max_tokens=12, temperature=1.0)
+    a = text_of(run(engine, seed=1234, **kw))
+    b = text_of(run(engine, seed=1234, **kw))
+    c = text_of(run(engine, seed=98765, **kw))
+    assert a == b
+    assert a != c
+    from worker.sampling import SamplingParams
+
+    ids1 = list(model.generate_ids("Write a haiku", 10, SamplingParams(temperature=1.0), seed=42))
+    reloaded = worker.load(worker.default_model_path(), device="cpu", slots=256)
+    ids2 = list(reloaded.generate_ids("Write a haiku", 10, SamplingParams(temperature=1.0), seed=42))
+    assert ids1 == ids2
+
+
+def test_unseeded_job_reports_generated_seed(engine):
+    ev = run(engine, prompt="Hi", max_tokens=1)
+    assert isinstance(ev[0].seed, int) and 0 <= ev[0].seed < 2**64
+
+
+def test_stop_string_spanning_tokens_is_not_emitted(engine):
+    full = text_of(run(engine, prompt="The capital of France is", max_tokens=8, temperature=0.0))
+    assert "Paris" in full
+    # "aris" starts inside the token " Paris"; the text before it is emitted, the stop string is not.
+    ev = run(engine, prompt="The capital of France is", max_tokens=8, temperature=0.0, stop=("aris",))
+    assert ev[-1].stop_reason == "stop_sequence"
+    assert text_of(ev) == full[: full.index("aris")]
+
+
+@pytest.mark.parametrize("prompt", ["用中文写一首关于月亮的短诗：", "Reply with three emoji: 🎉🚀", "Grüße, 日本語 and emoji 🙂:"])
+def test_multibyte_streaming(engine, model, prompt):
+    ev = run(engine, prompt=prompt, max_tokens=24, temperature=0.0)
+    text = text_of(ev)
+    assert "\ufffd" not in text
+    ids = model.generate(prompt, max_tokens=24)
+    eog = model.tokenizer.eog_ids
+    expected = model.tokenizer.decode([t for t in ids[: next((i for i, t in enumerate(ids) if t in eog), len(ids))]])
+    assert text == expected
+
+
+def test_cancel_mid_stream_then_next_job_runs(engine):
+    def cancel_after_two(job_id, ev):
+        if ev.index >= 2:
+            engine.cancel(job_id)
+
+    ev = run(engine, on_token=cancel_after_two, prompt="Count from one to one hundred:", max_tokens=200,
+             temperature=0.0)  # fmt: skip
+    assert isinstance(ev[-1], ErrorEvent) and ev[-1].code == ErrorCode.CANCELLED
+    assert sum(isinstance(e, TokenEvent) for e in ev) < 20
+    assert engine.cancel("no-such-job") is False
+    ok = run(engine, prompt="Hello", max_tokens=3, temperature=0.0)
+    assert isinstance(ok[-1], End)
+
+
+def test_prompt_longer_than_context_is_rejected(engine):
+    with pytest.raises(WorkerError) as err:
+        engine.submit(JobRequest("long", "word " * 400), lambda e: None)
+    assert err.value.code == ErrorCode.INVALID_REQUEST and "256" in err.value.message
+
+
+def test_generation_stops_at_context_end(engine, model):
+    prompt = "word " * 240
+    n = len(model.tokenizer.encode(prompt))
+    ev = run(engine, prompt=prompt, max_tokens=100, temperature=0.0)
+    assert ev[-1].stop_reason in ("context", "eos")
+    if ev[-1].stop_reason == "context":
+        assert ev[-1].tokens_out == 256 - n
+
+
+def test_queue_limit(model):
+    eng = Engine(model, max_queue=1)  # not started: jobs wait in the queue
+    eng.submit(JobRequest("a", "Hi"), lambda e: None)
+    with pytest.raises(QueueFull) as err:
+        eng.submit(JobRequest("b", "Hi"), lambda e: None)
+    assert err.value.code == ErrorCode.QUEUE_FULL
