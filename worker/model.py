@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from worker import device as devices
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, open_gguf
 from worker.models import adapter_for
@@ -25,19 +26,6 @@ DECODE_STEPS = {"cpu": 1, "gpu": 8}
 GREEDY = SamplingParams()
 
 
-def pick_device(device: str) -> jax.Device:
-    if device == "cpu":
-        return jax.devices("cpu")[0]
-    if device == "gpu":
-        try:
-            return jax.devices("gpu")[0]
-        except RuntimeError:
-            raise WorkerError(
-                ErrorCode.CUDA_ERROR, "no GPU is visible to JAX (use --device cpu to run on the CPU)"
-            ) from None
-    raise WorkerError(ErrorCode.INVALID_REQUEST, f"unknown device {device!r} (cpu or gpu)")
-
-
 class Model:
     def __init__(self, gf: GGUFFile, tokenizer: Tokenizer, runner: Runner, device_kind: str):
         self.gguf = gf
@@ -49,6 +37,24 @@ class Model:
         self.decode_steps = DECODE_STEPS.get(device_kind, 8)
         self._cache = None
         self.quant_kind = quant_kind(gf.get("general.file_type"), (t.qtype for t in gf.tensors.values()))
+
+    @property
+    def device(self) -> jax.Device:
+        return self.runner.device
+
+    def resident(self) -> bool:
+        """Every weight array is alive on the model's device (M0-W-1012)."""
+        return devices.resident(self.runner.weights, self.device)
+
+    def weight_bytes(self) -> int:
+        return devices.tree_bytes(self.runner.weights)
+
+    def device_bytes_used(self) -> int:
+        """Bytes in use on the device (allocator's count on a GPU; weights + KV cache on the CPU)."""
+        stats = devices.memory_stats(self.device)
+        if "bytes_in_use" in stats:
+            return stats["bytes_in_use"]
+        return self.weight_bytes() + self.runner.cache_bytes()
 
     @property
     def architecture(self) -> str:
@@ -156,14 +162,21 @@ def load_model(
     slots: int | None = None,
     tokenizer_json: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    gpu_index: int = 0,
 ) -> Model:
-    """Open, validate and place a model. `slots`: KV cache capacity in tokens (default: the file's context,
-    capped at 4096 on the CPU). `on_progress(done_bytes, total_bytes)` is called after each tensor."""
+    """Open, validate and place a model. `device`: "cpu", "gpu" or "auto". `slots`: KV cache capacity in tokens
+    (default: the file's context, capped at 4096 on the CPU). `on_progress(done_bytes, total_bytes)` is called
+    after each tensor is on the device. On a GPU, a model that does not fit fails with INSUFFICIENT_VRAM before
+    any weight is copied."""
     gf = open_gguf(path)
     adapter = adapter_for(gf.architecture)
     cfg = adapter.config(gf)
-    dev = pick_device(device)
+    dev = devices.pick_device(device, gpu_index)
+    kind = dev.platform
     tokenizer = load_tokenizer(gf.path, tokenizer_json)
+    if slots is None:
+        slots = cfg.context_length if kind != "cpu" else min(cfg.context_length, DEFAULT_CPU_SLOTS)
+    devices.check_fits(devices.estimate(gf, cfg, slots, kind), dev, str(gf.path))
     table = adapter.weight_table(gf, cfg)
     total, done = gf.tensor_bytes, 0
 
@@ -173,13 +186,9 @@ def load_model(
         if on_progress is not None:
             on_progress(done, total)
 
+    if on_progress is not None:
+        on_progress(0, total)
     weights = load_weights(gf, table, lambda a: jax.device_put(a, dev), progress)
-    if slots is None:
-        slots = cfg.context_length if device != "cpu" else min(cfg.context_length, DEFAULT_CPU_SLOTS)
-    runner = Runner(adapter, cfg, weights, dev, slots)
-    return Model(gf, tokenizer, runner, dev.platform)
-
-
-def _alive(cache) -> bool:
-    """False once a donated buffer was consumed by a step that then failed (the cache must be rebuilt)."""
-    return not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(cache))
+    cache_dtype = jnp.float32 if kind == "cpu" else jnp.float16
+    runner = Runner(adapter, cfg, weights, dev, slots, cache_dtype=cache_dtype)
+    return Model(gf, tokenizer, runner, kind)

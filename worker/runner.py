@@ -45,6 +45,10 @@ class Runner:
         self._sample = jax.jit(_sample_rows)
         self._all_logits = jax.jit(partial(_all_logits, adapter, cfg), donate_argnums=(3,))
 
+    def cache_bytes(self, batch: int = 1) -> int:
+        c = self.cfg
+        return 2 * c.n_layers * batch * self.slots * c.n_kv_heads * c.head_dim * jnp.dtype(self.cache_dtype).itemsize
+
     def new_cache(self, batch: int = 1) -> KVCache:
         c = self.cfg
         return init_cache(c.n_layers, batch, self.slots, c.n_kv_heads, c.head_dim, self.cache_dtype, self.device)

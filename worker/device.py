@@ -1,0 +1,121 @@
+"""Device policy (M0-SYS-2.2.1, M0-W-1011, 1012, 1020): which device, how many bytes are in use, whether the model
+fits before anything is copied, and whether every weight is still resident.
+
+VRAM-only: on a GPU every array is placed on that device with memory kind "device"; there is no host offload and
+no fallback to the CPU. XLA_PYTHON_CLIENT_PREALLOCATE=false is set in worker/__init__.py before JAX starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+from worker.errors import ErrorCode, WorkerError
+from worker.gguf import GGUFFile
+
+# Device bytes a format's planes take per GGUF byte (quant.py keeps K-quant sub-block scales unpacked: <= 2.8%).
+PLANE_OVERHEAD = 1.03
+KV_BYTES = {"cpu": 4, "gpu": 2}  # float32 on the CPU (exact math), float16 on the GPU (the spec's KV cache)
+
+
+def pick_device(kind: str, index: int = 0) -> jax.Device:
+    """The device for `kind` ("cpu" | "gpu" | "auto"); a GPU request never falls back to the CPU."""
+    if kind == "auto":
+        kind = "gpu" if gpu_count() else "cpu"
+    if kind == "cpu":
+        return jax.devices("cpu")[0]
+    if kind != "gpu":
+        raise WorkerError(ErrorCode.INVALID_REQUEST, f"unknown device {kind!r} (cpu, gpu or auto)")
+    n = gpu_count()
+    if n == 0:
+        raise WorkerError(ErrorCode.CUDA_ERROR, "no GPU is visible to JAX (use --device cpu to run on the CPU)")
+    if not 0 <= index < n:
+        raise WorkerError(ErrorCode.INVALID_REQUEST, f"--gpu-device {index} is out of range (this machine has {n})")
+    return jax.devices("gpu")[index]
+
+
+def gpu_count() -> int:
+    try:
+        return len(jax.devices("gpu"))
+    except RuntimeError:
+        return 0
+
+
+def memory_stats(device: jax.Device) -> dict[str, int]:
+    """bytes_in_use, peak_bytes_in_use, bytes_limit (GPU); empty on the CPU, which reports none."""
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:
+        return {}
+    return {k: int(v) for k, v in stats.items() if isinstance(v, int | float)}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+    working: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.working
+
+
+def estimate(gf: GGUFFile, cfg: Any, slots: int, device_kind: str, chunk: int = 512) -> MemoryEstimate:
+    """What loading needs: the planes, the KV cache and the largest transient of a prefill chunk (the biggest
+    weight dequantized to float32 for the XLA dot, the logits of a chunk, and activations)."""
+    weights = math.ceil(gf.tensor_bytes * PLANE_OVERHEAD)
+    kv = 2 * cfg.n_layers * slots * cfg.n_kv_heads * cfg.head_dim * KV_BYTES[device_kind]
+    largest = max((t.n_elements for t in gf.tensors.values() if len(t.shape) >= 2), default=0)
+    working = largest * 4 + chunk * cfg.vocab_size * 4 + 64 * chunk * 16 * 1024 + (256 << 20)
+    return MemoryEstimate(weights, kv, working)
+
+
+def check_fits(need: MemoryEstimate, device: jax.Device, model_path: str) -> None:
+    """M0-W-1020: refuse before copying weights when the device has too little free memory."""
+    stats = memory_stats(device)
+    if "bytes_limit" not in stats:
+        return  # the CPU: host memory is not policed here
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    if need.total > free:
+        raise WorkerError(
+            ErrorCode.INSUFFICIENT_VRAM,
+            f"model {model_path} needs {need.total:,} bytes on device {device.id} (weights {need.weights:,}, "
+            f"KV cache {need.kv_cache:,}, working {need.working:,}); {free:,} bytes are free",
+        )
+
+
+def resident(tree: Any, device: jax.Device) -> bool:
+    """M0-W-1012: every array of `tree` is alive and placed on `device` in device memory."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if not isinstance(leaf, jax.Array) or leaf.is_deleted():
+            return False
+        if leaf.devices() != {device}:
+            return False
+        kind = getattr(leaf.sharding, "memory_kind", None)
+        if kind not in (None, "device"):
+            return False
+    return True
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree) if isinstance(leaf, jax.Array))
+
+
+def device_info(device: jax.Device) -> dict[str, Any]:
+    """sm (compute capability) and the CUDA runtime version, for /health; None on the CPU."""
+    info: dict[str, Any] = {"device": device.platform, "device_name": getattr(device, "device_kind", device.platform)}
+    cc = getattr(device, "compute_capability", None)
+    info["sm"] = f"sm_{str(cc).replace('.', '')}" if cc else None
+    info["cuda_runtime_version"] = None
+    if device.platform == "gpu":
+        try:
+            from jax._src.lib import cuda_versions  # the runtime JAX was built against and runs with
+
+            info["cuda_runtime_version"] = cuda_versions.cuda_runtime_get_version() if cuda_versions else None
+        except Exception:
+            info["cuda_runtime_version"] = None
+    return info
