@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from worker import device as devices
@@ -192,3 +193,8 @@ def load_model(
     cache_dtype = jnp.float32 if kind == "cpu" else jnp.float16
     runner = Runner(adapter, cfg, weights, dev, slots, cache_dtype=cache_dtype)
     return Model(gf, tokenizer, runner, kind)
+
+
+def _alive(cache) -> bool:
+    """False once a donated buffer was consumed by a step that then failed (the cache must be rebuilt)."""
+    return cache is not None and not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(cache))
