@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from worker.quant import QuantArray, dequantize
 
@@ -56,6 +57,32 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 
 def rope_inv_freq(dim: int, base: float) -> jax.Array:
     return 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+
+
+def yarn_inv_freq(dim: int, base: float, factor: float, original_context: int, beta_fast: float,
+                  beta_slow: float, truncate: bool) -> tuple[jax.Array, float]:  # fmt: skip
+    """YaRN RoPE frequencies and attention factor (the `mscale` of `rope`), as HF transformers computes them.
+
+    Dimensions that turn fewer than `beta_slow` times over the original context are interpolated (divided by
+    `factor`), those that turn more than `beta_fast` times keep their frequency, with a linear ramp between.
+    `truncate` floors/ceils the ramp's ends: llama.cpp always does; gpt-oss's HF config says not to, and the
+    difference is ~2e-3 relative on the logits. Computed in float64 on the host: the config is static.
+    """
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0.0), min(high, dim - 1.0)
+    if low == high:  # HF's guard against a zero-width ramp
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2) - low) / (high - low), 0.0, 1.0)  # 0: keep, 1: interpolate
+    inv_freq = 1.0 / base ** (np.arange(0, dim, 2) / dim)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1.0 - ramp)
+    mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return jnp.asarray(inv_freq, jnp.float32), mscale
 
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, neox: bool, mscale: float = 1.0) -> jax.Array:
@@ -111,6 +138,35 @@ def attention(
         probs = probs[..., :s]
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return out.reshape(b, t, h, d)
+
+
+def moe_matmul(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> jax.Array:
+    """Each token's selected experts: x [M, In] (one input shared by the k selections) or [M, k, In] (one per
+    selection) times experts [E, Out, In] at expert_ids [M, k] -> [M, k, Out].
+
+    Few selections (decode: M * k <= E) gather only the selected experts' planes and dequantize those. Many
+    (prefill) walk the experts one at a time, each dequantized once and applied to every token, keeping the
+    rows that selected it: E / k times the needed arithmetic, but never more than one expert in float32.
+    """
+    x = x.astype(jnp.float32)
+    shared = x.ndim == expert_ids.ndim
+    hi = jax.lax.Precision.HIGHEST
+    n_experts, n_out = experts.shape[:2]
+    if expert_ids.size <= n_experts:
+        planes = {k: jnp.take(p, expert_ids, axis=0) for k, p in experts.planes.items()}
+        wf = dequantize(QuantArray(planes, experts.qtype, experts.shape), jnp.float32)  # [M, k, Out, In]
+        return jnp.einsum("mi,mkoi->mko" if shared else "mki,mkoi->mko", x, wf, precision=hi)
+
+    def one_expert(out, e_planes):
+        e, planes = e_planes
+        we = dequantize(QuantArray(planes, experts.qtype, experts.shape[1:]), jnp.float32)  # [Out, In]
+        y = jnp.einsum("mi,oi->mo" if shared else "mki,oi->mko", x, we, precision=hi)
+        y = y[:, None, :] if shared else y
+        return jnp.where((expert_ids == e)[..., None], y, out), None
+
+    out = jnp.zeros((*expert_ids.shape, n_out), jnp.float32)
+    out, _ = jax.lax.scan(one_expert, out, (jnp.arange(n_experts), experts.planes))
+    return out
 
 
 def default_attn_scale(head_dim: int) -> float:
