@@ -26,7 +26,7 @@ class Adapter(Protocol):
 
     def config(self, gf: GGUFFile) -> Any: ...
 
-    def weight_table(self, cfg: Any) -> dict[str, tuple[tuple, bool]]:
+    def weight_table(self, gf: GGUFFile, cfg: Any) -> dict[str, tuple[tuple, bool]]:
         """GGUF tensor name -> (path in the weights pytree, required)."""
         ...
 
