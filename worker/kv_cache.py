@@ -3,11 +3,14 @@
 Fixed capacity so the compiled steps never change shape; donated to each step so XLA updates it in place.
 Writes go through a scatter with mode="drop": a padded prompt position is given slot index S (out of range)
 and its write is dropped instead of clamped onto a real slot.
+
+Attention reads only the first `active` slots (a static bucket >= the highest position of the step, chosen by the
+runner): a decode step at position 200 of a 32k-slot cache then reads 256 slots, not 32k.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,12 @@ import jax.numpy as jnp
 class KVCache:
     k: jax.Array  # [L, B, S, K, D]
     v: jax.Array  # [L, B, S, K, D]
+    active: int | None = field(default=None, metadata={"static": True})  # slots attention reads; None = all
+
+    def layer(self, layer: int) -> tuple[jax.Array, jax.Array]:
+        """k, v [B, active, K, D] of one layer."""
+        n = self.active or self.k.shape[2]
+        return self.k[layer, :, :n], self.v[layer, :, :n]
 
     @property
     def slots(self) -> int:
@@ -32,7 +41,8 @@ def init_cache(
     n_layers: int, batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32, device=None
 ) -> KVCache:
     shape = (n_layers, batch, slots, n_kv_heads, head_dim)
-    zeros = jax.jit(lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), device=device)
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    zeros = jax.jit(lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), out_shardings=(sharding, sharding))
     return KVCache(*zeros())
 
 
@@ -41,4 +51,4 @@ def write_layer(cache: KVCache, layer: int, k: jax.Array, v: jax.Array, position
     b = jnp.arange(k.shape[0])[:, None]
     new_k = cache.k.at[layer, b, positions].set(k.astype(cache.k.dtype), mode="drop")
     new_v = cache.v.at[layer, b, positions].set(v.astype(cache.v.dtype), mode="drop")
-    return KVCache(new_k, new_v)
+    return KVCache(new_k, new_v, cache.active)

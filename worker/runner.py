@@ -7,6 +7,7 @@ once per bucket; prompts longer than the chunk size are prefilled chunk by chunk
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from types import ModuleType
 from typing import Any
@@ -19,10 +20,18 @@ from worker.kv_cache import KVCache, init_cache
 from worker.sampling import SamplingArrays, sample
 
 MIN_BUCKET = 16
+MIN_ACTIVE_SLOTS = 256
 
 
 def bucket(n: int, chunk: int) -> int:
     return min(chunk, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
+
+
+def with_active(cache: KVCache, n_positions: int) -> KVCache:
+    """The cache with attention limited to a power-of-two bucket covering positions < n_positions (one compile
+    per bucket; a short sequence never reads the whole cache)."""
+    n = min(cache.slots, max(MIN_ACTIVE_SLOTS, 1 << (max(n_positions, 1) - 1).bit_length()))
+    return dataclasses.replace(cache, active=n)
 
 
 class Runner:
@@ -62,7 +71,7 @@ class Runner:
             tokens[0, : len(part)] = part
             positions = np.full((1, tb), self.slots, np.int32)
             positions[0, : len(part)] = np.arange(start + off, start + off + len(part))
-            yield self._put(tokens), self._put(positions), len(part)
+            yield self._put(tokens), self._put(positions), len(part), start + off + len(part)
 
     def _put(self, a: np.ndarray) -> jax.Array:
         return jax.device_put(a, self.device)
@@ -70,15 +79,16 @@ class Runner:
     def prefill(self, ids: list[int], cache: KVCache, start: int = 0) -> tuple[jax.Array, KVCache]:
         """Feed `ids` at positions start.. ; returns the logits [1, vocab] after the last id."""
         logits = None
-        for tokens, positions, n in self._chunks(ids, start):
+        for tokens, positions, n, end in self._chunks(ids, start):
+            cache = with_active(cache, end)
             logits, cache = self._prefill(self.weights, tokens, positions, self._put(np.int32(n - 1)), cache)
         return logits, cache
 
     def all_logits(self, ids: list[int]) -> np.ndarray:
         """float32 [len(ids), vocab]: logits after each prefix (a fresh cache; for tests and scoring)."""
         cache, rows = self.new_cache(), []
-        for tokens, positions, n in self._chunks(ids):
-            out, cache = self._all_logits(self.weights, tokens, positions, cache)
+        for tokens, positions, n, end in self._chunks(ids):
+            out, cache = self._all_logits(self.weights, tokens, positions, with_active(cache, end))
             rows.append(np.asarray(out[0, :n]))
         return np.concatenate(rows)
 
@@ -108,6 +118,7 @@ class Runner:
         """`steps` steps from `token` [1] (not yet in the cache) at `position`; generated token i uses draw
         index i. Returns ids [1, steps] (left on the device), the cache and the seen mask."""
         pos, idx = self._put(np.asarray([position], np.int32)), self._put(np.int32(index))
+        cache = with_active(cache, position + steps)
         return self._decode(self.weights, token, pos, cache, seen, sp, key, idx, steps)
 
 
