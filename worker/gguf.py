@@ -54,6 +54,31 @@ SUPPORTED_TENSOR_TYPES = frozenset(
 # Metadata every model file must carry; the architecture's own keys are checked by its adapter.
 REQUIRED_KEYS = ("general.architecture",)
 
+# The value types the GGUF spec gives the general and tokenizer keys the worker reads: a file that stores one
+# with another type is refused here, so that inspect, the tokenizer and the adapters never meet it.
+# (type, item type of an array or None); GGUF arrays hold one item type, so the first item speaks for all.
+_STR, _INT, _BOOL = (str, None), (int, None), (bool, None)
+_KEY_TYPES: dict[str, tuple[type, type | None]] = {
+    "general.architecture": _STR,
+    "general.name": _STR,
+    "general.alignment": _INT,
+    "general.file_type": _INT,
+    "general.quantization_version": _INT,
+    "tokenizer.ggml.model": _STR,
+    "tokenizer.ggml.pre": _STR,
+    "tokenizer.chat_template": _STR,
+    "tokenizer.ggml.tokens": (list, str),
+    "tokenizer.ggml.merges": (list, str),
+    "tokenizer.ggml.scores": (list, float),
+    "tokenizer.ggml.token_type": (list, int),
+    "tokenizer.ggml.bos_token_id": _INT,
+    "tokenizer.ggml.eos_token_id": _INT,
+    "tokenizer.ggml.unknown_token_id": _INT,
+    "tokenizer.ggml.padding_token_id": _INT,
+    "tokenizer.ggml.add_bos_token": _BOOL,
+    "tokenizer.ggml.add_eos_token": _BOOL,
+}
+
 # value type -> (little-endian struct/numpy format, size)
 _SCALARS = {
     GGUFValueType.UINT8: ("<u1", 1),
@@ -166,9 +191,16 @@ def open_gguf(path: str | os.PathLike[str], *, require_tensors: bool = True) -> 
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise _fail(path, f"cannot read file: {e.strerror or e}") from None
-    gf = _Parser(path, mm).parse()
-    _validate(gf, size, require_tensors)
-    return gf
+    try:
+        gf = _Parser(path, mm).parse()
+        _validate(gf, size, require_tensors)
+        return gf
+    except WorkerError as e:
+        failure = WorkerError(e.code, e.message)
+    # A caller that keeps the error (to report it later) must not keep the file mapped and its descriptor open:
+    # the error is raised afresh outside the handler, so its traceback holds no parser frame, and without `mm`.
+    del mm
+    raise failure
 
 
 class _Parser:
@@ -243,7 +275,9 @@ class _Parser:
         item = _SCALARS[itype][1] if itype in _SCALARS else 8  # a string needs at least its 8-byte length
         if count * item > self.size - self.pos:
             raise _fail(self.path, f"metadata {key!r}: array of {count} items overruns the file")
-        if itype in _SCALARS and itype != GGUFValueType.BOOL:
+        if itype == GGUFValueType.BOOL:  # any nonzero byte is true, as for a scalar
+            return (np.frombuffer(self.take(count, f"array {key!r}"), np.uint8) != 0).tolist()
+        if itype in _SCALARS:
             raw = self.take(count * item, f"array {key!r}")
             return np.frombuffer(raw, dtype=_SCALARS[itype][0]).tolist()
         return [self.value(itype, key, nested=True) for _ in range(count)]
@@ -295,8 +329,21 @@ class _Parser:
         return TensorInfo(name, qtype, shape, start, nbytes, data)
 
 
+def _type_name(v: Any) -> str:
+    return f"array of {type(v[0]).__name__}" if isinstance(v, list) and v else type(v).__name__
+
+
+def _has_type(v: Any, kind: type) -> bool:
+    return isinstance(v, kind) and (kind is bool or not isinstance(v, bool))  # bool is an int to Python
+
+
 def _validate(gf: GGUFFile, size: int, require_tensors: bool) -> None:
     path = gf.path
+    for key, (kind, item) in _KEY_TYPES.items():
+        v = gf.metadata.get(key)
+        if v is not None and not (_has_type(v, kind) and (item is None or not v or _has_type(v[0], item))):
+            want = f"array of {item.__name__}" if item else kind.__name__
+            raise _fail(path, f"metadata {key!r} has the wrong type ({_type_name(v)}; expected {want})")
     if require_tensors:
         for key in REQUIRED_KEYS:
             gf.require(key)
