@@ -1,6 +1,6 @@
 """The ops layer: one dispatch point per operation the models use (quantized matmul, embedding lookup, norms,
 RoPE, attention). These are the plain jax.numpy implementations the CPU path runs and the GPU kernels
-(worker/pallas_kernels) are tested against; a backend switch here is where the kernels plug in.
+(worker/pallas_kernels) are tested against; `set_backend` is where the kernels plug in.
 
 Shapes: B batch, T query positions, S cache slots, H query heads, K kv heads, G = H / K, D head dim.
 Everything computes in float32: the oracles are float64 references and the CPU path is meant to match them to
@@ -15,9 +15,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from worker.pallas_kernels import qmatvec
 from worker.quant import QuantArray, dequantize
 
 Weight = QuantArray | jax.Array
+
+BACKENDS = ("cpu", "gpu", "interpret")
+_backend = "cpu"
+
+
+def set_backend(name: str) -> None:
+    """Which implementation the quantized matmuls trace to: "cpu" (the jax.numpy path below, exact float32),
+    "gpu" (Pallas kernels for decode-sized calls: at most qmatvec.MAX_ROWS rows of x, a kernel format) or
+    "interpret" (those kernels in Pallas interpret mode, for CPU tests). Read while tracing: set it before the
+    model's steps are compiled (at load), not between calls of an already compiled step."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown ops backend {name!r} (one of {', '.join(BACKENDS)})")
+    _backend = name
+
+
+def backend() -> str:
+    return _backend
+
+
+def _kernel_fits(w: Weight, rows: int, plane_ndim: int) -> bool:
+    return (
+        _backend != "cpu"
+        and isinstance(w, QuantArray)
+        and w.qtype in qmatvec.KERNEL_TYPES
+        and 1 <= rows <= qmatvec.MAX_ROWS
+        and all(p.ndim == plane_ndim for p in w.planes.values())
+    )
 
 
 def as_f32(w: Weight) -> jax.Array:
@@ -25,8 +54,12 @@ def as_f32(w: Weight) -> jax.Array:
 
 
 def qmatmul(x: jax.Array, w: Weight, bias: jax.Array | None = None) -> jax.Array:
-    """x [..., In] @ w[Out, In].T (+ bias) -> [..., Out]; w stays quantized in memory, dequantized per call."""
-    y = jnp.einsum("...i,oi->...o", x.astype(jnp.float32), as_f32(w), precision=jax.lax.Precision.HIGHEST)
+    """x [..., In] @ w[Out, In].T (+ bias) -> [..., Out]; w stays quantized in memory, dequantized per call.
+    Decode-sized calls on the GPU backend go to the Pallas matvec; prefill stays on dequantize + XLA dot."""
+    if _kernel_fits(w, x.size // max(1, x.shape[-1]), 2):
+        y = qmatvec.qmatvec(x, w, interpret=_backend == "interpret")
+    else:
+        y = jnp.einsum("...i,oi->...o", x.astype(jnp.float32), as_f32(w), precision=jax.lax.Precision.HIGHEST)
     return y if bias is None else y + bias
 
 
@@ -148,10 +181,12 @@ def moe_matmul(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> jax.
     (prefill) walk the experts one at a time, each dequantized once and applied to every token, keeping the
     rows that selected it: E / k times the needed arithmetic, but never more than one expert in float32.
     """
+    n_experts, n_out = experts.shape[:2]
+    if expert_ids.size <= n_experts and _kernel_fits(experts, expert_ids.shape[0], 3):
+        return qmatvec.moe_matvec(x, experts, expert_ids, interpret=_backend == "interpret")
     x = x.astype(jnp.float32)
     shared = x.ndim == expert_ids.ndim
     hi = jax.lax.Precision.HIGHEST
-    n_experts, n_out = experts.shape[:2]
     if expert_ids.size <= n_experts:
         planes = {k: jnp.take(p, expert_ids, axis=0) for k, p in experts.planes.items()}
         wf = dequantize(QuantArray(planes, experts.qtype, experts.shape), jnp.float32)  # [M, k, Out, In]

@@ -1,0 +1,160 @@
+"""Decode matvec kernels (worker/pallas_kernels/qmatvec.py) against their jax.numpy twins on real-model shapes:
+time per call, weight bytes read per second, and that rate as a share of the card's copy bandwidth.
+
+    python -m bench.kernels [--rows 1,8] [--only Q4_K,MXFP4] [--sweep] [--smoke]
+
+Each timed call cycles through enough copies of the weight to exceed the L2 cache (>= 512 MB in all), so the
+rate is DRAM's, not L2's. The copy bandwidth is (read + write bytes) / time of `a + 1` on 1 GiB of float32.
+`--sweep` also times a few other tilings per case (block_n, chunk, splits, num_warps, num_stages) and prints
+the best, to tune `qmatvec.plan`. `--smoke` runs two tiny cases in interpret mode (checks the script, on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+
+from worker.pallas_kernels import qmatvec as qmv
+from worker.quant import quant_array
+
+# (label, format, N, K) and, for MoE, (label, format, E, N, K, k): real-model decode shapes.
+DENSE = [
+    ("qwen2.5-0.5b q/o", QT.Q8_0, 896, 896),
+    ("qwen2.5-0.5b gate", QT.Q5_0, 4864, 896),
+    ("qwen2.5-0.5b down", QT.Q4_K, 896, 4864),
+    ("qwen2.5-0.5b down", QT.Q6_K, 896, 4864),
+    ("qwen2.5-0.5b output", QT.Q8_0, 151936, 896),
+    ("qwen2.5-0.5b output", QT.Q4_0, 151936, 896),
+    ("phi3 qkv", QT.Q4_K, 9216, 3072),
+    ("phi3 gate_up", QT.Q4_K, 16384, 3072),
+    ("phi3 gate_up", QT.Q5_K, 16384, 3072),
+    ("phi3 down", QT.Q6_K, 3072, 8192),
+    ("phi3 output", QT.Q6_K, 32064, 3072),
+    ("gemma3-270m output", QT.Q8_0, 262144, 640),
+    ("gemma3-270m down", QT.Q4_K, 640, 2048),
+    ("gpt-oss q", QT.Q8_0, 4096, 2880),
+    ("gpt-oss q", QT.Q4_1, 4096, 2880),
+    ("gpt-oss q", QT.Q5_1, 4096, 2880),
+]
+MOE = [("gpt-oss gate_up", QT.MXFP4, 32, 5760, 2880, 4), ("gpt-oss down", QT.MXFP4, 32, 2880, 2880, 4)]
+SWEEP = [
+    dict(block_n=b, chunk=c, splits=s, num_warps=w)
+    for b in (16, 32, 64)
+    for c in (None, 1, 4)
+    for s in (None, 1)
+    for w in (4, 8)
+] + [dict(num_stages=2), dict(num_stages=4)]
+L2_BYTES = 512 << 20
+
+
+def random_planes(qtype: QT, shape: tuple[int, ...], seed: int):
+    rng = np.random.default_rng(seed)
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (math.prod(shape) // block, size), dtype=np.uint8)
+    if qtype == QT.MXFP4:
+        raw[:, 0] = rng.integers(120, 128, raw.shape[0])
+    elif qtype in (QT.Q6_K,):
+        raw[:, 208:210] = np.float16(0.01).view(np.uint8)
+    else:  # the leading f16 scale (and minimum) of every other format
+        raw[:, 0:4] = np.frombuffer(np.float16([0.01, 0.001]).tobytes(), np.uint8)
+    return quant_array(raw.reshape(*shape[:-1], -1), qtype, shape, put=jax.device_put)
+
+
+def timed(fn, *args, repeat: int) -> float:
+    """Median seconds of fn(*args), after a compile-and-warm call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(repeat: int) -> float:
+    a = jnp.ones((1 << 28,), jnp.float32)
+    t = timed(jax.jit(lambda a: a + 1), a, repeat=repeat)
+    return 2 * a.nbytes / t
+
+
+def per_call(op, weights, x, ids, repeat: int, **tiles) -> float:
+    """Seconds per matvec: one jitted call applies `op` to each weight copy in turn."""
+
+    def run(ws, x, ids):
+        args = (ids,) if ids is not None else ()
+        return sum(op(x, w, *args, **tiles) for w in ws)
+
+    return timed(jax.jit(run), weights, x, ids, repeat=repeat) / len(weights)
+
+
+def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
+    w = random_planes(qtype, shape, seed=0)
+    copies = max(2, min(32, -(-L2_BYTES // w.nbytes))) if not args.smoke else 1
+    weights = [w] + [random_planes(qtype, shape, seed=i) for i in range(1, copies)]
+    kdim = shape[-1]
+    x = jax.random.normal(jax.random.key(0), (rows, kdim), jnp.float32)
+    if k_sel:
+        ids = jax.random.permutation(jax.random.key(1), shape[0])[: rows * k_sel].reshape(rows, k_sel)
+        ops = (qmv.moe_matvec, qmv.moe_matvec_twin)
+        read = w.nbytes * rows * k_sel / shape[0]  # the selected experts' planes
+    else:
+        ids, ops = None, (qmv.qmatvec, qmv.qmatvec_twin)
+        read = w.nbytes
+    interp = dict(interpret=True) if args.smoke else {}
+    t_kernel = per_call(ops[0], weights, x, ids, args.repeat, **interp)
+    t_twin = per_call(ops[1], weights, x, ids, args.repeat)
+    p = qmv.plan(qtype, shape[-2], kdim, 1 if k_sel else rows, rows * k_sel if k_sel else 1)
+    line = (
+        f"{label:22s} {qtype.name:6s} {'x'.join(map(str, shape)):>16s} M={rows:<2d} "
+        f"kernel {t_kernel * 1e6:9.1f} us {read / t_kernel / 1e9:7.1f} GB/s ({read / t_kernel / bw:5.1%})  "
+        f"twin {t_twin * 1e6:9.1f} us  x{t_twin / t_kernel:5.1f}  bn={p.block_n} c={p.chunk} s={p.splits}"
+    )
+    print(line, flush=True)
+    if args.sweep:
+        best = (t_kernel, "default")
+        for tiles in SWEEP:
+            try:
+                t = per_call(ops[0], weights, x, ids, args.repeat, **interp, **tiles)
+            except Exception as e:  # a tiling Triton rejects (e.g. out of shared memory) is skipped
+                print(f"    {tiles}: {type(e).__name__}")
+                continue
+            best = min(best, (t, str(tiles)))
+        print(f"    best {best[0] * 1e6:.1f} us {read / best[0] / 1e9:.1f} GB/s with {best[1]}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,8", help="rows of x (decode batch), comma-separated")
+    ap.add_argument("--only", default="", help="formats to keep, e.g. Q4_K,MXFP4")
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="also try other tilings and print the best")
+    ap.add_argument("--smoke", action="store_true", help="two tiny cases in interpret mode (CPU)")
+    args = ap.parse_args()
+    rows_list = [int(r) for r in args.rows.split(",")]
+    keep = {QT[f] for f in args.only.split(",") if f}
+    dense, moe = DENSE, MOE
+    if args.smoke:
+        dense, moe, args.repeat = [("smoke", QT.Q4_K, 64, 512)], [("smoke moe", QT.MXFP4, 4, 64, 256, 2)], 2
+        rows_list = rows_list[:1]
+    dev = jax.devices()[0]
+    bw = copy_bandwidth(args.repeat)
+    print(f"{dev.device_kind} ({jax.default_backend()}), JAX {jax.__version__}: copy bandwidth {bw / 1e9:.0f} GB/s")
+    for rows in rows_list:
+        for label, qtype, n, k in dense:
+            if not keep or qtype in keep:
+                bench_case(label, qtype, (n, k), rows, 0, args, bw)
+        for label, qtype, e, n, k, k_sel in moe:
+            if (not keep or qtype in keep) and rows * k_sel <= e:
+                bench_case(label, qtype, (e, n, k), rows, k_sel, args, bw)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""worker/pallas_kernels/qmatvec.py: the quantized matvec kernels against float64 products of gguf-py's
+dequantized weights (an independent reference) and against their jax.numpy twins. On the CPU in Pallas interpret
+mode, on small shapes that hit every tile edge (rows past N, super-blocks past K, several K splits, a loop over
+K); `gpu`-marked variants compile them with Triton on real-model shapes (`just test-gpu`)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, quants
+from gguf import GGMLQuantizationType as QT
+from model_oracles import manifest
+
+import worker
+from worker import ops
+from worker.pallas_kernels import qmatvec as qmv
+from worker.quant import QuantArray, dequantize, quant_array
+
+TYPES = sorted(qmv.KERNEL_TYPES, key=lambda t: t.name)
+# Byte offsets of the float16 scale fields in one block (ggml-common.h).
+F16_FIELDS = {
+    QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.Q8_0: (0,),
+    QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,),
+}  # fmt: skip
+# Float32 accumulation in another order than the reference: the error stays a few ulps of sum(|x| * |w|).
+TOL = 1e-5
+
+
+def random_raw(qtype: QT, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """GGUF bytes of a random weight: every code; scales of both signs, |d| <= 0.05; MXFP4 exponents near 2^0."""
+    rng = np.random.default_rng(seed)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    n_blocks = math.prod(shape) // block
+    blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
+    for off in F16_FIELDS.get(qtype, ()):
+        d = rng.uniform(-0.05, 0.05, n_blocks).astype(np.float16)
+        blocks[:, off : off + 2] = d.view(np.uint8).reshape(-1, 2)
+    if qtype == QT.MXFP4:
+        blocks[:, 0] = rng.integers(120, 128, n_blocks)
+    return blocks.reshape(*shape[:-1], -1)
+
+
+def random_weight(qtype: QT, shape: tuple[int, ...], seed: int) -> tuple[QuantArray, np.ndarray]:
+    """A random weight as planes, and its values from gguf-py's dequantizer in float64."""
+    raw = random_raw(qtype, shape, seed)
+    return quant_array(raw, qtype, shape), quants.dequantize(raw, qtype).reshape(shape).astype(np.float64)
+
+
+def assert_close(y: jax.Array, ref: np.ndarray, bound: np.ndarray, what: str) -> float:
+    """|y - ref| <= TOL * bound elementwise, where bound = sum |x| * |w| (the scale of the rounding error)."""
+    y = np.asarray(y, np.float64)
+    assert y.shape == ref.shape, (y.shape, ref.shape)
+    assert np.isfinite(y).all(), what
+    err = float(np.max(np.abs(y - ref) / bound))
+    assert err <= TOL, f"{what}: max error {err:.3g} of sum|x||w| (tolerance {TOL})"
+    return err
+
+
+# Per super-block size: K in super-blocks and the forced tiles. N = 40 with block_n 16 leaves 8 masked rows;
+# the splits times steps times chunk overshoot K, so the last split's last step is partly masked.
+EDGE_TILES = {32: (11, dict(block_n=16, chunk=2, splits=3)), 256: (3, dict(block_n=16, chunk=1, splits=2))}
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_qmatvec_at_tile_edges(qtype):
+    rows = 3
+    sb = qmv.FORMATS[qtype].sb
+    blocks, tiles = EDGE_TILES[sb]
+    n, k = 40, blocks * sb
+    p = qmv.plan(qtype, n, k, rows, **tiles)
+    assert p.splits > 1 and p.steps > 1  # a K loop in each of several splits
+    assert p.splits * p.steps * p.chunk > blocks and n % p.block_n  # both masks are live
+    w, w64 = random_weight(qtype, (n, k), seed=rows)
+    x = np.random.default_rng(7).standard_normal((rows, k)).astype(np.float32)
+    y = jax.jit(lambda x, w: qmv.qmatvec(x, w, interpret=True, **tiles))(x, w)
+    x64 = x.astype(np.float64)
+    bound = np.abs(x64) @ np.abs(w64).T
+    assert_close(y, x64 @ w64.T, bound, "kernel vs float64")
+    assert_close(y, np.asarray(qmv.qmatvec_twin(x, w), np.float64), bound, "kernel vs twin")
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.Q6_K, QT.MXFP4], ids=lambda t: t.name)
+def test_qmatvec_default_plan_without_masks(qtype):
+    """The default tiles on a shape they divide: the unmasked code path, leading dims of x kept."""
+    sb = qmv.FORMATS[qtype].sb
+    n, k = 64, 8 * sb
+    p = qmv.plan(qtype, n, k, 2)
+    assert n % p.block_n == 0 and p.splits * p.steps * p.chunk == k // sb
+    w, w64 = random_weight(qtype, (n, k), seed=3)
+    x = np.random.default_rng(8).standard_normal((2, 1, k)).astype(np.float32)
+    y = jax.jit(lambda x, w: qmv.qmatvec(x, w, interpret=True))(x, w)
+    x64 = x.astype(np.float64)
+    assert_close(y, x64 @ w64.T, np.abs(x64) @ np.abs(w64).T, "kernel vs float64")
+
+
+@pytest.mark.parametrize(("qtype", "shared"), [(QT.MXFP4, True), (QT.Q4_K, False)], ids=["MXFP4-shared-x", "Q4_K"])
+def test_moe_matvec_gathers_the_selected_experts(qtype, shared):
+    e, n, k = 5, 40, 2 * qmv.FORMATS[qtype].sb
+    experts, w64 = random_weight(qtype, (e, n, k), seed=11)
+    ids = np.array([[4, 0, 2], [1, 4, 4]], np.int32)  # repeats and the last expert
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, k) if shared else (2, 3, k)).astype(np.float32)
+    y = jax.jit(lambda x, w, i: qmv.moe_matvec(x, w, i, interpret=True, block_n=16, splits=2))(x, experts, ids)
+    xs = np.broadcast_to(x[:, None], (2, 3, k)) if shared else x
+    picked = w64[ids]  # [M, k, N, K]
+    ref = np.einsum("mki,mkoi->mko", xs.astype(np.float64), picked)
+    bound = np.einsum("mki,mkoi->mko", np.abs(xs.astype(np.float64)), np.abs(picked))
+    assert_close(y, ref, bound, "kernel vs float64")
+    assert_close(y, np.asarray(qmv.moe_matvec_twin(x, experts, ids), np.float64), bound, "kernel vs twin")
+
+
+REAL_SHAPES = [(896, 896), (151936, 896), (896, 4864), (16384, 3072), (3072, 8192), (262144, 640), (2880, 2880)]
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_plan_covers_k_exactly_once(qtype, rows):
+    """On real shapes: power-of-two tiles, every super-block in some split, no split left empty, and enough
+    programs for the SMs where N alone is too narrow."""
+    sb = qmv.FORMATS[qtype].sb
+    for n, k in REAL_SHAPES:
+        if k % sb:
+            continue
+        p = qmv.plan(qtype, n, k, rows)
+        blocks = k // sb
+        assert p.block_n & (p.block_n - 1) == 0 and p.chunk & (p.chunk - 1) == 0
+        assert p.splits * p.steps * p.chunk >= blocks > (p.splits - 1) * p.steps * p.chunk
+        n_blocks = -(-n // p.block_n)
+        # Splits are rounded so that none is empty: at worst half the programs asked for.
+        assert 2 * n_blocks * p.splits >= min(qmv.TARGET_PROGRAMS, n_blocks * -(-blocks // p.chunk))
+
+
+def test_tiles_must_be_powers_of_two_and_rows_bounded():
+    w, _ = random_weight(QT.Q8_0, (32, 64), seed=0)
+    with pytest.raises(ValueError, match="power of two"):
+        qmv.plan(QT.Q8_0, 32, 64, 1, block_n=24)
+    with pytest.raises(ValueError, match="rows"):
+        qmv.qmatvec(jnp.zeros((qmv.MAX_ROWS + 1, 64)), w, interpret=True)
+    with pytest.raises(NotImplementedError):
+        qmv.qmatvec(jnp.zeros((1, 64)), quant_array(np.zeros((32, 64), np.float32), QT.F32, (32, 64)))
+
+
+@pytest.fixture
+def backend():
+    before = ops.backend()
+    yield ops.set_backend
+    ops.set_backend(before)
+
+
+def test_ops_dispatch_sends_only_decode_sized_calls_to_the_kernel(backend):
+    w, _ = random_weight(QT.Q4_K, (48, 256), seed=5)
+    bias = jnp.arange(48, dtype=jnp.float32)
+
+    def kernels(x) -> int:  # a new function each time: a traced jaxpr would be reused across backends
+        return str(jax.make_jaxpr(lambda x: ops.qmatmul(x, w, bias))(x)).count("pallas_call")
+
+    decode, prefill = jnp.ones((1, 1, 256)), jnp.ones((1, qmv.MAX_ROWS + 1, 256))
+    assert kernels(decode) == 0  # the CPU backend is the default
+    backend("interpret")
+    assert kernels(decode) == 1 and kernels(prefill) == 0
+    y = ops.qmatmul(decode, w, bias)
+    backend("cpu")
+    np.testing.assert_allclose(y, ops.qmatmul(decode, w, bias), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown ops backend"):
+        backend("tpu")
+
+
+@pytest.mark.slow
+def test_gpt_oss_decode_through_the_kernels_follows_the_full_forward(oracles, backend, monkeypatch):
+    """Decode (M = 1: Q8_0 projections and the MXFP4 experts through the kernels, in interpret mode) picks the
+    argmax of the full forward over the same tokens (prefill, the path checked against HF float64)."""
+    calls = {"qmatvec": 0, "moe_matvec": 0}
+
+    def counted(name):
+        real = getattr(qmv, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(qmv, name, counted(name))
+    backend("interpret")
+    d = oracles / "models" / "gpt-oss"
+    ids = manifest(d)["input"]["ids"]
+    m = worker.load(d / "model-mxfp4_moe.gguf", device="cpu")
+    out = m.generate(ids, max_tokens=5, stop_at_eos=False)
+    assert calls["qmatvec"] > 0 and calls["moe_matvec"] > 0, calls
+    full = m.logits(ids + out[:-1])[len(ids) - 1 :]
+    top2 = np.sort(full, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-3
+    assert clear.sum() >= 3
+    assert (full.argmax(-1) == out)[clear].all(), (full.argmax(-1).tolist(), out)
+
+
+def _gpu() -> None:
+    if jax.default_backend() != "gpu":
+        pytest.skip("no GPU visible to JAX")
+
+
+# Real-model shapes (N, K): qwen2.5-0.5b (d 896, ffn 4864, vocab 151936), phi3-mini (3072, 8192, 32064),
+# gemma3-270m (640, 2048, 262144), gpt-oss-20b attention and router (2880; q 4096, kv 512, 32 experts).
+# K-quants need K % 256 == 0, so the 896-, 640- and 2880-wide inputs use 32-value formats, as llama.cpp does.
+GPU_SHAPES_32 = [(896, 896), (128, 896), (4864, 896), (896, 4864), (1024, 640), (4096, 2880), (32, 2880)]
+GPU_SHAPES_256 = [(9216, 3072), (16384, 3072), (3072, 8192), (32064, 3072), (896, 4864), (640, 2048)]
+GPU_OUTPUTS = [(QT.Q8_0, (151936, 896)), (QT.Q8_0, (262144, 640)), (QT.Q4_0, (151936, 896))]
+GPU_CASES = (
+    [(t, shape, 1) for t in TYPES for shape in (GPU_SHAPES_32 if qmv.FORMATS[t].sb == 32 else GPU_SHAPES_256)]
+    + [(t, (896, 4864) if qmv.FORMATS[t].sb == 32 else (3072, 8192), 8) for t in TYPES]
+    + [(t, shape, 1) for t, shape in GPU_OUTPUTS]
+)
+
+
+def _on_device(qtype: QT, shape: tuple[int, ...], seed: int) -> QuantArray:
+    return quant_array(random_raw(qtype, shape, seed), qtype, shape, put=jax.device_put)
+
+
+def _bound(x: jax.Array, w: QuantArray) -> np.ndarray:
+    wf = jnp.abs(dequantize(w, jnp.float32))
+    return np.asarray(jnp.einsum("mi,oi->mo", jnp.abs(x), wf, precision=jax.lax.Precision.HIGHEST))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("qtype", "shape", "rows"), GPU_CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_qmatvec_compiled_on_real_shapes(qtype, shape, rows):
+    _gpu()
+    w = _on_device(qtype, shape, seed=rows)
+    x = jax.random.normal(jax.random.key(rows), (rows, shape[1]), jnp.float32)
+    y = jax.jit(qmv.qmatvec)(x, w)
+    twin = jax.jit(qmv.qmatvec_twin)(x, w)
+    bound = _bound(x, w) + 1e-30
+    assert_close(y, np.asarray(twin, np.float64), bound, f"{qtype.name} {shape} M={rows}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("n", [5760, 2880], ids=["gate_up", "down"])
+def test_moe_matvec_compiled_on_gpt_oss_experts(n, rows):
+    """gpt-oss-20b: 32 MXFP4 experts of [Out, 2880], top-4 per token."""
+    _gpu()
+    experts = _on_device(QT.MXFP4, (32, n, 2880), seed=n)
+    ids = jax.random.permutation(jax.random.key(rows), 32)[: rows * 4].reshape(rows, 4)
+    x = jax.random.normal(jax.random.key(0), (rows, 2880), jnp.float32)
+    y = jax.jit(qmv.moe_matvec)(x, experts, ids)
+    twin = jax.jit(qmv.moe_matvec_twin)(x, experts, ids)
+    bound = np.asarray(jax.jit(qmv.moe_matvec_twin)(jnp.abs(x), _abs_mxfp4(experts), ids)) + 1e-30
+    assert_close(y, np.asarray(twin, np.float64), bound, f"experts [32, {n}, 2880] M={rows}")
+
+
+def _abs_mxfp4(w):
+    """The same experts with every value's sign cleared (E2M1 sign bit 3 of each nibble)."""
+    return QuantArray({**w.planes, "qs": w.planes["qs"] & 0x77}, w.qtype, w.shape)
