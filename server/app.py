@@ -1,0 +1,395 @@
+"""The HTTP API (REQUIREMENTS §6): Litestar routes, the msgspec request schemas and their validation, the SSE
+framing of engine events, bearer-token auth and the JSON error body {"code", "message", "field"?}.
+
+An /execute request is validated completely (schema, then the limits that depend on the model) before the engine
+sees it; the engine's events reach the SSE stream through a per-job asyncio queue fed from the engine thread. If
+the client goes away, the stream's close path cancels the job (M0-W-1611).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import threading
+import time
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.background_tasks import BackgroundTask
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.handlers import BaseRouteHandler
+from litestar.response import Stream
+from msgspec import Meta
+
+from server.metrics import CONTENT_TYPE, outcome_of
+from server.service import WorkerService
+from worker.engine import End, ErrorEvent, JobRequest, Started, TokenEvent
+from worker.errors import ErrorCode, WorkerError
+
+MAX_PROMPT_CHARS = 32768
+MAX_STOP_STRINGS = 4
+MAX_STOP_TOKENS = 32
+MAX_SEED = 2**64 - 1
+UNAUTHORIZED = "UNAUTHORIZED"  # HTTP-layer code (no job was involved), like QUEUE_FULL and SHUTTING_DOWN
+
+
+class ExecuteRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /execute body: the §6 table. Limits that depend on the model (top_k <= vocab_size, stop strings of
+    at most 32 tokens, prompt tokens, max_tokens <= --max-tokens-out) are checked in validate_execute."""
+
+    job_id: Annotated[str, Meta(min_length=1)]
+    prompt: Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    max_tokens: Annotated[int, Meta(ge=1, le=2048)] = 2048
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=0)] = 0
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    repetition_penalty: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
+    stop: Annotated[list[str], Meta(max_length=MAX_STOP_STRINGS)] = []
+    seed: Annotated[int, Meta(ge=0)] | None = None  # msgspec bounds stop at int64; the uint64 top is checked below
+
+
+class CancelRequest(msgspec.Struct, forbid_unknown_fields=True):
+    job_id: Annotated[str, Meta(min_length=1)]
+
+
+class ApiError(Exception):
+    """An HTTP error answered as {"code", "message", "field"?}; no job was started."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
+
+
+def invalid(field: str | None, message: str) -> ApiError:
+    return ApiError(400, ErrorCode.INVALID_REQUEST, message, field)
+
+
+# -- validation ----------------------------------------------------------------------------------------------
+
+_FIELD_IN_PATH = re.compile(r"at `\$\.(\w+)")
+_FIELD_NAMED = re.compile(r"field `([^`]+)`")
+
+
+T = TypeVar("T")
+
+
+def decode_body(body: bytes, schema: type[T]) -> T:
+    """JSON bytes -> schema instance; malformed JSON and every schema violation become 400 INVALID_REQUEST naming
+    the field. Decoding to plain objects first separates "not JSON" from "JSON of the wrong shape"."""
+    try:
+        obj = msgspec.json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise invalid("body", f"the request body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise invalid("body", f"the request body must be a JSON object, not {type(obj).__name__}")
+    try:
+        return msgspec.convert(obj, schema, strict=True)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        m = _FIELD_IN_PATH.search(text) or _FIELD_NAMED.search(text)
+        field = m.group(1) if m else None
+        reason = text.split(" - at ")[0]
+        shown = f" (got {_short(obj[field])})" if field in obj else ""
+        raise invalid(field, f"{field}: {reason}{shown}" if field else reason) from None
+
+
+def _short(value: Any) -> str:
+    text = msgspec.json.encode(value).decode()
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def validate_execute(req: ExecuteRequest, service: WorkerService) -> None:
+    """The limits that depend on this worker's model and flags. Runs in a thread: it tokenizes stop strings."""
+    if req.seed is not None and req.seed > MAX_SEED:
+        raise invalid("seed", f"seed: must be a uint64 (0..{MAX_SEED}) (got {req.seed})")
+    if req.max_tokens > service.engine.max_tokens_out:
+        raise invalid(
+            "max_tokens",
+            f"max_tokens: {req.max_tokens} exceeds this worker's --max-tokens-out {service.engine.max_tokens_out}",
+        )
+    vocab = service.model.tokenizer.vocab_size
+    if req.top_k > vocab:
+        raise invalid("top_k", f"top_k: {req.top_k} exceeds the model's vocabulary size {vocab} (0 = off)")
+    for n, s in enumerate(req.stop):  # (msgspec already refused lone surrogates: every string is valid text)
+        count = len(service.model.tokenizer.encode(s, add_bos=False))
+        if count > MAX_STOP_TOKENS:
+            raise invalid("stop", f"stop[{n}]: is {count} tokens; at most {MAX_STOP_TOKENS} are allowed")
+
+
+def submit_error(e: WorkerError) -> ApiError:
+    """An engine refusal at submit time -> HTTP. The engine names the field as the first word of its
+    INVALID_REQUEST messages (prompt, job_id, seed, max_tokens)."""
+    if e.code == ErrorCode.QUEUE_FULL:
+        return ApiError(503, e.code, e.message, headers={"Retry-After": "1"})
+    if e.code == ErrorCode.SHUTTING_DOWN:
+        return ApiError(503, e.code, e.message)
+    if e.code == ErrorCode.INVALID_REQUEST:
+        first = e.message.split(" ", 1)[0]
+        return invalid(first if first in ExecuteRequest.__struct_fields__ else None, e.message)
+    return ApiError(500, e.code, e.message)
+
+
+def refusal_outcome(e: ApiError | HTTPException) -> str:
+    """The metrics outcome of an /execute request refused before any work started."""
+    status = e.status if isinstance(e, ApiError) else e.status_code
+    if isinstance(e, ApiError) and e.code in (ErrorCode.QUEUE_FULL, ErrorCode.SHUTTING_DOWN):
+        return outcome_of(ErrorCode(e.code))
+    return "invalid" if status < 500 else "error"
+
+
+# -- SSE -----------------------------------------------------------------------------------------------------
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    # msgspec escapes control characters, so the JSON is one line and one `data:` field carries it.
+    return b"event: " + event.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
+
+
+def frames_of(ev: object) -> bytes:
+    """One engine event as SSE frames with exactly the §6 payloads (End also gets an optional `metrics` frame)."""
+    if isinstance(ev, TokenEvent):
+        return sse("token", {"t": ev.text, "i": ev.index})
+    if isinstance(ev, Started):
+        return sse("started", {"job_id": ev.job_id, "model": ev.model, "started_at": ev.started_at, "seed": ev.seed})
+    if isinstance(ev, End):
+        decode_s = ev.decode_time_ms / 1000.0
+        # the first token comes from prefill; decode_time_ms covers the ones after it
+        rate = (ev.tokens_out - 1) / decode_s if ev.tokens_out > 1 and decode_s > 0 else None
+        metrics = {
+            "prompt_tokens": ev.prompt_tokens,
+            "tokens_out": ev.tokens_out,
+            "ttft_ms": ev.ttft_ms,
+            "decode_time_ms": ev.decode_time_ms,
+            "decode_tokens_per_s": round(rate, 2) if rate is not None else None,
+        }
+        end = {"tokens_out": ev.tokens_out, "decode_time_ms": ev.decode_time_ms, "stop_reason": ev.stop_reason}
+        return sse("metrics", metrics) + sse("end", end)
+    if isinstance(ev, ErrorEvent):
+        return sse("error", {"code": str(ev.code), "message": ev.message, "retriable": ev.retriable})
+    raise TypeError(f"unknown engine event {ev!r}")
+
+
+class JobStream:
+    """One job's events: pushed from the engine thread into an asyncio queue, framed by `frames()`.
+
+    `close()` runs when the stream ends for any reason (generator exit, or the response's background task after
+    a disconnect, even if the generator never started); a job whose terminal event was not seen is cancelled."""
+
+    def __init__(self, service: WorkerService, job_id: str, loop: asyncio.AbstractEventLoop):
+        self.service, self.job_id, self.loop = service, job_id, loop
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
+        self.finished = False
+        self.closed = False
+        self.t0: float | None = None
+        self.tokens = 0
+        self._lock = threading.Lock()  # the engine thread and the shutdown thread may both end the stream
+
+    def register(self) -> None:
+        """Make the stream known to shutdown (after a successful submit: a refused duplicate job_id must not
+        replace the live job's entry)."""
+        with self._lock:
+            if not self.finished:
+                self.service.open_streams[self.job_id] = self.abort
+
+    def _unregister(self) -> None:
+        if self.service.open_streams.get(self.job_id) == self.abort:
+            del self.service.open_streams[self.job_id]
+
+    def sink(self, ev: object) -> bool:
+        """Called on the engine thread. Metrics are counted here, so a job whose client left still counts.
+        False if the stream had already ended (by abort); the engine's late events have no reader."""
+        with self._lock:
+            if self.finished:
+                return False
+            try:
+                self._observe(ev)
+            finally:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+            return True
+
+    def abort(self, message: str) -> None:
+        """End the stream with error CANCELLED although the engine has not (yet) ended the job."""
+        if self.sink(ErrorEvent(self.job_id, ErrorCode.CANCELLED, message, False)):
+            self.service.narrator.emit(
+                "execute_end", job_id=self.job_id, code=str(ErrorCode.CANCELLED), message=message, engine_stopped=False
+            )
+
+    def _observe(self, ev: object) -> None:
+        if isinstance(ev, Started):
+            self.t0 = time.monotonic()
+        elif isinstance(ev, TokenEvent):
+            self.tokens = max(self.tokens, ev.index + 1)
+        elif isinstance(ev, End | ErrorEvent):
+            self.finished = True
+            self._unregister()
+            duration = (time.monotonic() - self.t0) * 1000.0 if self.t0 is not None else 0.0
+            if isinstance(ev, End):
+                self.service.metrics.job_finished("ok", ev.tokens_out, duration, ev.ttft_ms)
+            else:
+                self.service.metrics.job_finished(outcome_of(ev.code), self.tokens, duration, None)
+            self.service.refresh_bytes()
+
+    async def frames(self):
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(self.queue.get(), self.service.keepalive_s)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"  # an SSE comment: keeps proxies from timing out a queued job
+                    continue
+                yield frames_of(ev)
+                if isinstance(ev, End | ErrorEvent):
+                    return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed or self.finished:
+            return
+        self.closed = True
+        if self.service.engine.cancel(self.job_id):
+            self.service.metrics.client_disconnected()
+        # the engine's CANCELLED event still arrives (and is counted); nobody reads the stream any more
+        self._unregister()
+
+
+# -- routes --------------------------------------------------------------------------------------------------
+
+
+def _service(request: Request) -> WorkerService:
+    return request.app.state.service
+
+
+@post("/execute", status_code=200)
+async def execute(request: Request) -> Stream:
+    service = _service(request)
+    try:
+        if not service.accepting:
+            raise ApiError(503, ErrorCode.SHUTTING_DOWN, "the worker is shutting down and accepts no new jobs")
+        req = decode_body(await request.body(), ExecuteRequest)
+        await asyncio.to_thread(validate_execute, req, service)
+        job = JobStream(service, req.job_id, asyncio.get_running_loop())
+        job_request = JobRequest(
+            job_id=req.job_id,
+            prompt=req.prompt,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            stop=tuple(req.stop),
+            seed=req.seed,
+        )
+        try:
+            await asyncio.to_thread(service.engine.submit, job_request, job.sink)
+        except WorkerError as e:
+            raise submit_error(e) from None
+        job.register()
+    except (ApiError, HTTPException) as e:
+        service.metrics.request(refusal_outcome(e))
+        raise
+    return Stream(
+        job.frames(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(job.close),
+    )
+
+
+@post("/cancel", status_code=202)
+async def cancel(request: Request) -> dict[str, Any]:
+    req = decode_body(await request.body(), CancelRequest)
+    live = _service(request).engine.cancel(req.job_id)
+    return {"job_id": req.job_id, "cancelled": live}
+
+
+@post("/shutdown", status_code=202)
+async def shutdown(request: Request) -> Response:
+    service = _service(request)
+    return Response(
+        {"status": "shutting_down", "deadline_s": service.shutdown_deadline_s},
+        status_code=202,
+        background=BackgroundTask(service.begin_shutdown, "POST /shutdown"),
+    )
+
+
+@get("/health", opt={"public": True})
+async def health(request: Request) -> dict[str, Any]:
+    return _service(request).health()
+
+
+@get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_service(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+# -- auth and errors -----------------------------------------------------------------------------------------
+
+
+def require_api_key(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    key = connection.app.state.service.api_key
+    if key is None or handler.opt.get("public"):
+        return
+    given = connection.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        raise ApiError(
+            401,
+            UNAUTHORIZED,
+            "missing or wrong bearer token (Authorization: Bearer <api key>)",
+            None,
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _error_body(code: str, message: str, field: str | None) -> dict[str, Any]:
+    body = {"code": str(code), "message": message}
+    if field is not None:
+        body["field"] = field
+    return body
+
+
+def api_error_response(_: Request, e: ApiError) -> Response:
+    return Response(_error_body(e.code, e.message, e.field), status_code=e.status, headers=e.headers)
+
+
+_HTTP_CODES = {401: UNAUTHORIZED, 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
+
+
+def http_error_response(request: Request, e: HTTPException) -> Response:
+    status = e.status_code
+    if status == 413:
+        limit = request.app.state.service.max_body_bytes
+        return Response(
+            _error_body(ErrorCode.INVALID_REQUEST, f"the request body exceeds {limit} bytes", "body"), status_code=413
+        )
+    code = _HTTP_CODES.get(status, ErrorCode.INVALID_REQUEST if status < 500 else ErrorCode.INTERNAL)
+    return Response(_error_body(code, str(e.detail), None), status_code=status, headers=e.headers)
+
+
+def internal_error_response(request: Request, e: Exception) -> Response:
+    request.app.state.service.narrator.emit(
+        "error", level="error", code=str(ErrorCode.INTERNAL), message=f"{type(e).__name__}: {e}", path=request.url.path
+    )
+    return Response(_error_body(ErrorCode.INTERNAL, f"internal error: {type(e).__name__}", None), status_code=500)
+
+
+def create_app(service: WorkerService) -> Litestar:
+    return Litestar(
+        route_handlers=[execute, cancel, shutdown, health, metrics],
+        state=State({"service": service}),
+        guards=[require_api_key],
+        exception_handlers={
+            ApiError: api_error_response,
+            HTTPException: http_error_response,
+            Exception: internal_error_response,
+        },
+        request_max_body_size=service.max_body_bytes,
+        openapi_config=None,
+        logging_config=None,
+    )

@@ -1,0 +1,366 @@
+"""`worker-orcd` (also `python -m server.cli`): arguments (REQUIREMENTS §4), the start-up order of M0-W-1110 —
+device init -> model load -> HTTP server -> ready — and graceful shutdown on SIGTERM, SIGINT or POST /shutdown.
+
+Exit codes: 0 after a graceful shutdown; 1 for an invalid argument or a failed start-up (one line naming the
+argument, or the error code and reason); 2 for a usage error (unknown option, missing required argument, a value
+that is not a number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import uvicorn
+
+from worker.errors import WorkerError
+from worker.narration import Narrator
+
+if TYPE_CHECKING:
+    from worker.engine import Engine
+
+PROG = "worker-orcd"
+
+
+class ArgumentError(Exception):
+    """An argument that parsed but is not acceptable: exit 1 with one line naming it."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's usage errors, kept to one line
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Serve one GGUF model over HTTP/SSE (see docs/http.md).")
+    req = p.add_argument_group("required")
+    req.add_argument("--worker-id", required=True, help="this worker's UUID (in every log line)")
+    req.add_argument("--gpu-device", required=True, type=int, help="GPU index, 0..count-1 (ignored with --device cpu)")
+    req.add_argument("--port", required=True, type=int, help="HTTP port, 1024..65535")
+    req.add_argument(
+        "--model",
+        help="path to the .gguf file; required in production, defaults to the embedded Gemma 3 270M (`just serve`)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--device", choices=("cpu", "gpu", "auto"), default="gpu", help="auto = gpu if JAX sees one")
+    p.add_argument("--callback-url", help="POST a ready message (worker id, model, vram bytes, port) here once ready")
+    p.add_argument("--max-tokens-in", type=int, help="longest prompt in tokens (default: the model's context)")
+    p.add_argument("--max-tokens-out", type=int, default=2048, help="largest max_tokens a request may ask (1..2048)")
+    p.add_argument("--inference-timeout-sec", type=float, default=300.0, help="a job running longer fails")
+    p.add_argument("--kv-cache-size-mb", type=int, help="KV cache size; sets the context in tokens (default: computed)")
+    p.add_argument("--tokenizer-json", help="use this tokenizer.json (hf-json) instead of the GGUF's tokenizer")
+    p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait behind the running one (default 4)")
+    p.add_argument("--shutdown-deadline", type=float, default=5.0, help="seconds to finish or cancel the running job")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--residency-check-sec", type=float, default=60.0, help="period of the weight residency check")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("WORKER_API_KEY"),
+        help="require `Authorization: Bearer KEY` on every endpoint but /health (default: env WORKER_API_KEY)",
+    )
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Checks that need no JAX, so a bad command line fails in well under a second."""
+    try:
+        args.worker_id = str(uuid.UUID(args.worker_id))
+    except ValueError:
+        raise ArgumentError(f"--worker-id {args.worker_id!r}: not a UUID") from None
+    if not 1024 <= args.port <= 65535:
+        raise ArgumentError(f"--port {args.port}: must be in 1024..65535")
+    if args.gpu_device < 0:
+        raise ArgumentError(f"--gpu-device {args.gpu_device}: must be 0 or more")
+    for flag, path in (("--model", args.model), ("--tokenizer-json", args.tokenizer_json)):
+        if path is not None:
+            _check_readable(flag, Path(path))
+    if args.callback_url is not None:
+        url = urlparse(args.callback_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ArgumentError(f"--callback-url {args.callback_url!r}: not an http(s) URL")
+    positive = [
+        ("--max-tokens-in", args.max_tokens_in, 1),
+        ("--kv-cache-size-mb", args.kv_cache_size_mb, 1),
+        ("--max-body-bytes", args.max_body_bytes, 1024),
+        ("--max-queue", args.max_queue, 0),
+    ]
+    for flag, value, low in positive:
+        if value is not None and value < low:
+            raise ArgumentError(f"{flag} {value}: must be at least {low}")
+    if not 1 <= args.max_tokens_out <= 2048:
+        raise ArgumentError(f"--max-tokens-out {args.max_tokens_out}: must be in 1..2048")
+    for flag, value in (
+        ("--inference-timeout-sec", args.inference_timeout_sec),
+        ("--shutdown-deadline", args.shutdown_deadline),
+        ("--residency-check-sec", args.residency_check_sec),
+    ):
+        if not value > 0:
+            raise ArgumentError(f"{flag} {value}: must be more than 0")
+    if args.api_key == "":
+        raise ArgumentError("--api-key '': must not be empty")
+
+
+def _check_readable(flag: str, path: Path) -> None:
+    if not path.exists():
+        raise ArgumentError(f"{flag} {path}: no such file")
+    if not path.is_file():
+        raise ArgumentError(f"{flag} {path}: not a file")
+    if not os.access(path, os.R_OK):
+        raise ArgumentError(f"{flag} {path}: not readable")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind now (listening starts only when the HTTP server starts, after the model is loaded), so a port in use
+    is reported as an argument error before minutes of loading."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        flag = "--host" if isinstance(e, socket.gaierror) else "--port"
+        raise ArgumentError(f"{flag} {host if flag == '--host' else port}: cannot bind {host}:{port}: {e}") from None
+    return sock
+
+
+def kv_slots(model_path: str, kv_mb: int, device_kind: str) -> int:
+    """--kv-cache-size-mb -> the number of token slots the KV cache holds (capped at the model's context)."""
+    from worker.device import KV_BYTES
+    from worker.gguf import open_gguf
+    from worker.models import adapter_for
+
+    gf = open_gguf(model_path)
+    cfg = adapter_for(gf.architecture).config(gf)
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * KV_BYTES[device_kind]
+    slots = min(cfg.context_length, kv_mb * (1 << 20) // per_token)
+    if slots < 1:
+        raise ArgumentError(f"--kv-cache-size-mb {kv_mb}: holds no token of this model ({per_token} bytes a token)")
+    return slots
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT arrived while starting: stop loading and exit 0."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        validate(args)
+        sock = bind(args.host, args.port)
+    except ArgumentError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    started = time.monotonic()
+    narrator = Narrator(args.worker_id, args.model, args.gpu_device)
+    _route_python_logging(narrator)
+    narrator.emit("startup", pid=os.getpid(), device=args.device, host=args.host, port=args.port)
+
+    def stop_starting(sig: int, _frame: Any) -> None:
+        raise _Stop(signal.Signals(sig).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_starting)
+    try:
+        engine = start_engine(args, narrator)
+    except _Stop as e:
+        narrator.emit("shutdown", reason=f"{e} during start-up", uptime_seconds=round(time.monotonic() - started, 3))
+        return 0
+    except ArgumentError as e:
+        narrator.emit("error", level="error", code="INVALID_REQUEST", message=str(e), model_path=narrator.model_ref)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except WorkerError as e:  # M0-W-1111: the code, the reason, the device and the model
+        narrator.emit(
+            "error",
+            level="error",
+            code=str(e.code),
+            message=e.message,
+            device=args.device,
+            model_path=narrator.model_ref,
+        )
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a defect of ours: still one line and exit 1, with the traceback in the log
+        logging.getLogger(__name__).exception("start-up failed")
+        print(f"{PROG}: error: INTERNAL: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+    return serve(args, sock, engine, narrator, started)
+
+
+def start_engine(args: argparse.Namespace, narrator: Narrator) -> Engine:
+    """Device init -> model load (progress at 0/25/50/75/100 %) -> the engine thread."""
+    import worker
+    from worker.device import pick_device
+    from worker.engine import Engine
+
+    model_path = args.model or worker.default_model_path()
+    narrator.model_ref = model_path
+    dev = pick_device(args.device, args.gpu_device)
+    slots = kv_slots(model_path, args.kv_cache_size_mb, dev.platform) if args.kv_cache_size_mb else None
+    narrator.emit("model_load_start", model_path=model_path, device=dev.platform, device_id=dev.id)
+    t0 = time.monotonic()
+    model = worker.load(
+        model_path,
+        device=dev.platform,
+        gpu_index=args.gpu_device,
+        slots=slots,
+        tokenizer_json=args.tokenizer_json,
+        on_progress=narrator.load_progress(),
+    )
+    narrator.emit(
+        "model_load_complete",
+        architecture=model.architecture,
+        quant_kind=model.quant_kind,
+        tokenizer_kind=model.tokenizer.kind,
+        context_length=model.context_length,
+        vram_bytes_used=model.device_bytes_used(),
+        resident=model.resident(),
+        load_ms=round((time.monotonic() - t0) * 1000.0, 1),
+    )
+
+    # Compile the decode step and the smallest prefill bucket now, so the first request does not pay for it.
+    model.generate("warm-up", max_tokens=2, stop_at_eos=False)
+
+    def on_event(name: str, fields: dict[str, Any]) -> None:
+        narrator.emit(name, level="error" if name == "error" else "info", **fields)
+
+    engine = Engine(
+        model,
+        max_queue=args.max_queue,
+        max_tokens_in=args.max_tokens_in,
+        max_tokens_out=args.max_tokens_out,
+        inference_timeout_s=args.inference_timeout_sec,
+        on_event=on_event,
+    )
+    engine.start()
+    return engine
+
+
+def serve(args: argparse.Namespace, sock: socket.socket, engine: Engine, narrator: Narrator, started: float) -> int:
+    from server.app import create_app
+    from server.service import WorkerService
+
+    service = WorkerService(
+        engine,
+        narrator,
+        worker_id=args.worker_id,
+        started=started,
+        api_key=args.api_key,
+        shutdown_deadline_s=args.shutdown_deadline,
+        residency_check_s=args.residency_check_sec,
+        max_body_bytes=args.max_body_bytes,
+    )
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(
+        create_app(service),
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        server_header=False,
+        # the jobs were drained by begin_shutdown already; this only bounds idle keep-alive connections
+        timeout_graceful_shutdown=1,
+    )
+    server = _Server(config, service, lambda: _ready(args, service, f"http://{_url_host(host)}:{port}", started))
+    service.on_stopped = server.stop
+    service.start_monitor()
+    server.run(sockets=[sock])
+    if service.shutdown_reason is None:  # uvicorn stopped on its own
+        service.shutdown_reason = "server stopped"
+        service.accepting = False
+        engine.shutdown(args.shutdown_deadline)
+    uptime = round(time.monotonic() - started, 3)
+    if engine.busy:
+        # The engine thread is stuck where it cannot see its cancel flag (an XLA compile): tearing down the
+        # interpreter under it can abort the process, and the deadline has passed, so leave now.
+        narrator.emit("shutdown", reason=service.shutdown_reason, uptime_seconds=uptime, engine_stopped=False)
+        os._exit(0)
+    _free(engine)
+    narrator.emit("shutdown", reason=service.shutdown_reason, uptime_seconds=uptime)
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with the worker's signal policy: the first SIGTERM/SIGINT starts a graceful shutdown (stop
+    accepting, drain the engine, then stop serving); a second one forces the exit."""
+
+    def __init__(self, config: uvicorn.Config, service, on_ready: Callable[[], None]):
+        super().__init__(config)
+        self.service, self.on_ready = service, on_ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and not self.should_exit:
+            self.on_ready()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # Not recorded in _captured_signals: uvicorn would re-raise it at exit, and the process would die of
+        # SIGTERM instead of exiting 0.
+        if not self.service.begin_shutdown(signal.Signals(sig).name):
+            self.should_exit = self.force_exit = True
+
+    def stop(self) -> None:
+        self.should_exit = True
+
+
+def _ready(args: argparse.Namespace, service, url: str, started: float) -> None:
+    health = service.health()
+    message = {
+        "worker_id": args.worker_id,
+        "model": health["model"],
+        "vram_bytes": health["vram_bytes_used"],
+        "port": args.port,
+        "url": url,
+        "device": health["device"],
+        "quant_kind": health["quant_kind"],
+    }
+    service.narrator.emit("ready", **message, startup_ms=round((time.monotonic() - started) * 1000.0, 1))
+    if args.callback_url:
+        threading.Thread(target=_callback, args=(args.callback_url, message, service.narrator), daemon=True).start()
+
+
+def _callback(url: str, message: dict[str, Any], narrator: Narrator) -> None:
+    import httpx
+
+    try:
+        httpx.post(url, json=message, timeout=10.0).raise_for_status()
+    except httpx.HTTPError as e:  # the worker still serves; the orchestrator can find it through /health
+        narrator.emit("error", level="error", message=f"ready callback to {url} failed: {e}", callback_url=url)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _free(engine: Engine) -> None:
+    """Release the weights and the KV cache now, rather than at interpreter teardown (REQUIREMENTS §1)."""
+    import jax
+
+    runner = engine.model.runner
+    for leaf in jax.tree_util.tree_leaves(runner.weights):
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            leaf.delete()
+
+
+def _route_python_logging(narrator: Narrator) -> None:
+    """Warnings and errors of Python loggers (uvicorn, Litestar, JAX, the engine) become narration lines."""
+    root = logging.getLogger()
+    root.handlers[:] = [narrator.log_handler()]
+    root.setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

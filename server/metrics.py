@@ -1,0 +1,98 @@
+"""Prometheus metrics of one worker (REQUIREMENTS §6, M0-W-1350), in a registry of its own.
+
+Every series carries quant_kind; request outcomes are counted once per request, whether it was refused before it
+started (invalid, queue_full, shutting_down) or ended with its terminal SSE event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from worker.errors import ErrorCode
+
+OUTCOMES = ("ok", "cancelled", "timeout", "oom", "error", "invalid", "queue_full", "shutting_down")
+# A job on the CPU can take minutes; on a GPU a short one takes tens of milliseconds.
+DURATION_BUCKETS_MS = (10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def outcome_of(code: ErrorCode | None) -> str:
+    """The outcome label of a terminal event: None for `end`, else the `error` event's code."""
+    if code is None:
+        return "ok"
+    return {
+        ErrorCode.CANCELLED: "cancelled",
+        ErrorCode.INFERENCE_TIMEOUT: "timeout",
+        ErrorCode.VRAM_OOM: "oom",
+        ErrorCode.INVALID_REQUEST: "invalid",
+        ErrorCode.QUEUE_FULL: "queue_full",
+        ErrorCode.SHUTTING_DOWN: "shutting_down",
+    }.get(code, "error")
+
+
+class WorkerMetrics:
+    def __init__(
+        self,
+        quant_kind: str,
+        device: str,
+        vram_bytes: Callable[[], float],
+        uptime_seconds: Callable[[], float],
+        queue_depth: Callable[[], float],
+    ):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, q = self.registry, {"quant_kind": quant_kind}
+        self._requests = Counter(
+            "worker_requests", "Requests to /execute by outcome", ["outcome", "quant_kind"], registry=r
+        )
+        for outcome in OUTCOMES:  # every outcome is visible (as 0) from the first scrape
+            self._requests.labels(outcome=outcome, **q)
+        self._tokens = Counter("worker_tokens_generated", "Tokens generated", ["quant_kind"], registry=r).labels(**q)
+        self._duration = Histogram(
+            "worker_inference_duration_ms",
+            "Time from a job's start to its terminal event, in milliseconds",
+            ["quant_kind"],
+            buckets=DURATION_BUCKETS_MS,
+            registry=r,
+        ).labels(**q)
+        self._ttft = Histogram(
+            "worker_time_to_first_token_ms",
+            "Time from a job's start to its first generated token, in milliseconds",
+            ["quant_kind"],
+            buckets=DURATION_BUCKETS_MS,
+            registry=r,
+        ).labels(**q)
+        self._disconnects = Counter(
+            "worker_client_disconnects",
+            "Streams whose client went away before the job ended",
+            ["quant_kind"],
+            registry=r,
+        ).labels(**q)
+        Gauge("worker_vram_bytes", "Device bytes in use", ["quant_kind", "device"], registry=r).labels(
+            device=device, **q
+        ).set_function(vram_bytes)
+        Gauge("worker_uptime_seconds", "Seconds since the worker started", ["quant_kind"], registry=r).labels(
+            **q
+        ).set_function(uptime_seconds)
+        Gauge("worker_queue_depth", "Jobs running or waiting", ["quant_kind"], registry=r).labels(**q).set_function(
+            queue_depth
+        )
+        self._q = q
+
+    def request(self, outcome: str) -> None:
+        self._requests.labels(outcome=outcome, **self._q).inc()
+
+    def job_finished(self, outcome: str, tokens: int, duration_ms: float, ttft_ms: float | None) -> None:
+        self.request(outcome)
+        self._tokens.inc(tokens)
+        self._duration.observe(duration_ms)
+        if ttft_ms is not None:
+            self._ttft.observe(ttft_ms)
+
+    def client_disconnected(self) -> None:
+        self._disconnects.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,146 @@
+"""The serving state behind the HTTP routes: the engine, cached health (M0-W-1320), the residency check
+(M0-W-1012), metrics, narration, admission (accepting or not) and graceful shutdown (M0-W-1340, M0-W-1630).
+
+Nothing here knows HTTP; the Litestar app (server/app.py) reads and drives it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from server.metrics import WorkerMetrics
+from worker import device as devices
+from worker.engine import Engine
+from worker.errors import ErrorCode
+from worker.narration import Narrator
+
+
+class WorkerService:
+    def __init__(
+        self,
+        engine: Engine,
+        narrator: Narrator,
+        *,
+        worker_id: str,
+        started: float | None = None,
+        api_key: str | None = None,
+        shutdown_deadline_s: float = 5.0,
+        residency_check_s: float = 60.0,
+        max_body_bytes: int = 1 << 20,
+        keepalive_s: float = 15.0,
+    ):
+        self.engine = engine
+        self.model = engine.model
+        self.narrator = narrator
+        self.api_key = api_key or None
+        self.shutdown_deadline_s = shutdown_deadline_s
+        self.residency_check_s = residency_check_s
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_s = keepalive_s
+        self.started = started if started is not None else time.monotonic()
+        self.accepting = True
+        self.on_stopped: Callable[[], None] = lambda: None  # the CLI points this at the HTTP server's exit
+        self.shutdown_reason: str | None = None
+        self._stop = threading.Event()
+        self._shutdown_lock = threading.Lock()
+        # job_id -> a function that ends that job's stream with a terminal event of the server's own (see drain)
+        self.open_streams: dict[str, Callable[[str], None]] = {}
+        model = self.model
+        info = devices.device_info(model.device)
+        self._static: dict[str, Any] = {
+            "worker_id": worker_id,
+            "model": model.path.name,
+            "architecture": model.architecture,
+            "quant_kind": model.quant_kind,
+            "tokenizer_kind": model.tokenizer.kind,
+            "vocab_size": model.tokenizer.vocab_size,
+            "context_length": model.context_length,
+            "max_tokens_in": engine.max_tokens_in,
+            "max_tokens_out": engine.max_tokens_out,
+            "max_queue": engine.max_queue,
+            "device": info["device"],
+            "sm": info["sm"],
+            "cuda_runtime_version": info["cuda_runtime_version"],
+        }
+        self._dynamic: dict[str, Any] = {}
+        self.refresh()
+        self.metrics = WorkerMetrics(
+            model.quant_kind,
+            info["device"],
+            vram_bytes=lambda: self._dynamic["vram_bytes_used"],
+            uptime_seconds=self.uptime,
+            queue_depth=lambda: engine.queue_depth,
+        )
+
+    # -- health --------------------------------------------------------------------------------------------
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started
+
+    def health(self) -> dict[str, Any]:
+        """/health body from cached state: no device call, so it answers in well under 10 ms even mid-job."""
+        return {
+            **self._dynamic,
+            **self._static,
+            "uptime_seconds": round(self.uptime(), 3),
+            "accepting": self.accepting,
+            "busy": self.engine.busy,
+            "queue_depth": self.engine.queue_depth,
+        }
+
+    def refresh(self) -> None:
+        """Re-check residency and device bytes. A weight that left the device makes the worker unhealthy, and
+        that is logged as a critical error (M0-W-1012)."""
+        resident = self.model.resident()
+        was_resident = self._dynamic.get("resident", True)
+        self._dynamic = {
+            "status": "healthy" if resident else "unhealthy",
+            "resident": resident,
+            "vram_bytes_used": self.model.device_bytes_used(),
+        }
+        if was_resident and not resident:
+            self.narrator.emit(
+                "error",
+                level="critical",
+                code=str(ErrorCode.CUDA_ERROR),
+                message="model weights are no longer resident on the device; the worker reports unhealthy",
+            )
+
+    def refresh_bytes(self) -> None:
+        """Device bytes only (cheap: the allocator's counter, or array sizes on the CPU); run after each job."""
+        self._dynamic = {**self._dynamic, "vram_bytes_used": self.model.device_bytes_used()}
+
+    def start_monitor(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(self.residency_check_s):
+                self.refresh()
+
+        threading.Thread(target=loop, name="residency-check", daemon=True).start()
+
+    # -- shutdown ------------------------------------------------------------------------------------------
+
+    def begin_shutdown(self, reason: str) -> bool:
+        """Stop accepting (new /execute gets 503), let the running job finish or cancel it within the deadline,
+        then call on_stopped. Returns immediately; False if a shutdown was already under way."""
+        with self._shutdown_lock:
+            if self.shutdown_reason is not None:
+                return False
+            self.shutdown_reason = reason
+            self.accepting = False
+        self._stop.set()
+
+        threading.Thread(target=self._drain, name="shutdown", daemon=True).start()
+        return True
+
+    def _drain(self) -> None:
+        try:
+            self.engine.shutdown(self.shutdown_deadline_s)
+            # A job the engine could not stop in time (e.g. inside an XLA compile, which cannot be interrupted) still
+            # gets its one terminal event, so every client sees a complete stream.
+            for abort in list(self.open_streams.values()):
+                abort("the worker shut down before the job could be stopped")
+        finally:
+            self.on_stopped()

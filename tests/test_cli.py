@@ -1,0 +1,146 @@
+"""`worker-orcd` / `python -m server.cli` arguments and start-up failures: exit 2 for usage errors, exit 1 with one
+line naming the argument for invalid values, exit 1 with the error code for a failed start-up, exit 0 when stopped
+while starting. Value checks run in-process (they end before any model work); exit codes through real processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from server.cli import main
+from tests.conftest import oracles_dir
+from tests.worker_process import REPO, cli, free_port
+
+WORKER_ID = str(uuid.uuid4())
+
+
+def base(**override) -> list[str]:
+    opts = {"--worker-id": WORKER_ID, "--gpu-device": "0", "--port": str(free_port()), "--device": "cpu"}
+    opts.update(override)
+    return [x for k, v in opts.items() if v is not None for x in (k, v)]
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (base(**{"--worker-id": None}), "--worker-id"),
+        (base(**{"--port": None}), "--port"),
+        (base(**{"--gpu-device": None}), "--gpu-device"),
+        (base(**{"--port": "eighty"}), "--port"),
+        (base(**{"--device": "tpu"}), "--device"),
+        ([*base(), "--colour", "blue"], "--colour"),
+    ],
+    ids=["no-worker-id", "no-port", "no-gpu-device", "port-not-int", "device-choice", "unknown-option"],
+)
+def test_usage_errors_exit_2_with_one_line(capsys, argv, named):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("worker-orcd: error:") and named in line
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ({"--worker-id": "worker-7"}, "--worker-id"),
+        ({"--port": "80"}, "--port"),
+        ({"--port": "70000"}, "--port"),
+        ({"--gpu-device": "-1"}, "--gpu-device"),
+        ({"--model": "/nonexistent/model.gguf"}, "--model"),
+        ({"--model": "/"}, "--model"),
+        ({"--tokenizer-json": "/nonexistent/tokenizer.json"}, "--tokenizer-json"),
+        ({"--max-tokens-out": "0"}, "--max-tokens-out"),
+        ({"--max-tokens-out": "4096"}, "--max-tokens-out"),
+        ({"--max-tokens-in": "0"}, "--max-tokens-in"),
+        ({"--kv-cache-size-mb": "0"}, "--kv-cache-size-mb"),
+        ({"--inference-timeout-sec": "0"}, "--inference-timeout-sec"),
+        ({"--shutdown-deadline": "-1"}, "--shutdown-deadline"),
+        ({"--max-queue": "-1"}, "--max-queue"),
+        ({"--max-body-bytes": "10"}, "--max-body-bytes"),
+        ({"--callback-url": "ftp://orchestrator/ready"}, "--callback-url"),
+        ({"--api-key": ""}, "--api-key"),
+        ({"--host": "no-such-host.invalid"}, "--host"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()),
+)
+def test_invalid_values_exit_1_naming_the_argument(capsys, override, named):
+    assert main(base(**override)) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"worker-orcd: error: {named} ")
+
+
+def test_port_in_use_exits_1(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(base(**{"--port": str(port)})) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"worker-orcd: error: --port {port}:") and "in use" in line
+
+
+def test_exit_codes_of_the_real_process():
+    usage = cli(*base(**{"--worker-id": None}))
+    assert usage.returncode == 2 and "--worker-id" in one_line(usage.stderr)
+    invalid = cli(*base(**{"--worker-id": "x"}))
+    assert invalid.returncode == 1 and "--worker-id" in one_line(invalid.stderr)
+    help_ = cli("--help")
+    assert help_.returncode == 0 and "--callback-url" in help_.stdout
+    console = subprocess.run([sys.executable, "-c", "import server.cli; print(server.cli.main)"], cwd=REPO)
+    assert console.returncode == 0  # the console script's entry point (pyproject: server.cli:main) imports
+
+
+def test_corrupt_model_fails_start_up_with_its_code(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    out = cli(*base(**{"--model": str(bad)}))
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("worker-orcd: error: MODEL_LOAD_FAILED:")
+    events = [json.loads(line) for line in lines[:-1]]
+    error = next(e for e in events if e["event"] == "error")
+    assert error["code"] == "MODEL_LOAD_FAILED" and error["model_path"] == str(bad) and error["gpu_device"] == 0
+    assert [e["event"] for e in events if e["event"] != "log"][0] == "startup"
+
+
+def test_gpu_index_out_of_range_or_no_gpu_fails_start_up(tmp_path):
+    model = oracles_dir() / "models" / "qwen2" / "model-q4_k_m.gguf"
+    out = cli(*base(**{"--device": "gpu", "--gpu-device": "99", "--model": str(model)}))
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("worker-orcd: error:") and ("GPU" in last or "--gpu-device 99" in last)
+
+
+def test_sigterm_while_starting_exits_0():
+    model = oracles_dir() / "models" / "qwen2" / "model-q4_k_m.gguf"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", *base(**{"--model": str(model)})],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in proc.stderr:
+            if json.loads(line)["event"] == "model_load_start":
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest = proc.stderr.read()
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = json.loads(rest.strip().splitlines()[-1])
+    assert last["event"] == "shutdown" and last["reason"] == "SIGTERM during start-up"
