@@ -4,7 +4,7 @@ context limits. Stop-string matching is also tested on its own."""
 from __future__ import annotations
 
 import queue
-import threading
+import uuid
 
 import pytest
 
@@ -55,7 +55,7 @@ def engine(model):
 
 def run(engine: Engine, on_token=None, **kw) -> list:
     events: queue.Queue = queue.Queue()
-    req = JobRequest(**{"job_id": f"job-{threading.get_ident()}-{id(kw)}", **kw})
+    req = JobRequest(**{"job_id": f"job-{uuid.uuid4()}", **kw})
     engine.submit(req, events.put)
     out = []
     while True:
@@ -78,7 +78,15 @@ def test_event_order_and_fields(engine):
     assert all(isinstance(e, TokenEvent) for e in ev[1:-1])
     end = ev[-1]
     assert isinstance(end, End) and end.stop_reason == "max_tokens" and end.tokens_out == 6
-    assert "Paris" in text_of(ev)
+    assert end.decode_time_ms >= 0 and end.ttft_ms > 0
+
+
+def test_stream_text_is_the_decoded_greedy_ids(engine, model):
+    prompt = "The capital of France is Paris, and the capital of Germany is"
+    ids = model.generate(prompt, max_tokens=6, stop_at_eos=False)
+    assert text_of(run(engine, prompt=prompt, max_tokens=6, temperature=0.0)) == model.tokenizer.decode(
+        ids, continuation=True
+    )
 
 
 def test_same_seed_same_ids_different_seed_differs(engine, model):
@@ -101,23 +109,33 @@ def test_unseeded_job_reports_generated_seed(engine):
     assert isinstance(ev[0].seed, int) and 0 <= ev[0].seed < 2**64
 
 
-def test_stop_string_spanning_tokens_is_not_emitted(engine):
-    full = text_of(run(engine, prompt="The capital of France is", max_tokens=8, temperature=0.0))
-    assert "Paris" in full
-    # "aris" starts inside the token " Paris"; the text before it is emitted, the stop string is not.
-    ev = run(engine, prompt="The capital of France is", max_tokens=8, temperature=0.0, stop=("aris",))
+def test_stop_string_spanning_tokens_is_not_emitted(engine, model):
+    prompt = "The capital of France is Paris, and the capital of Germany is"
+    ids = model.generate(prompt, max_tokens=8, stop_at_eos=False)
+    pieces = [model.tokenizer.decode(ids[: i + 1], continuation=True) for i in range(len(ids))]
+    full = pieces[-1]
+    # A stop string made of the end of token 2's text and the start of token 3's: it spans a token boundary.
+    boundary = len(pieces[2])
+    stop = full[boundary - 2 : boundary + 2]
+    assert len(stop) == 4 and stop.strip()
+    ev = run(engine, prompt=prompt, max_tokens=8, temperature=0.0, stop=(stop,))
     assert ev[-1].stop_reason == "stop_sequence"
-    assert text_of(ev) == full[: full.index("aris")]
+    assert text_of(ev) == full[: full.index(stop)]
+    assert stop not in text_of(ev)
 
 
-@pytest.mark.parametrize("prompt", ["用中文写一首关于月亮的短诗：", "Reply with three emoji: 🎉🚀", "Grüße, 日本語 and emoji 🙂:"])
+@pytest.mark.parametrize(
+    "prompt", ["用中文写一首关于月亮的短诗：", "Reply with three emoji: 🎉🚀", "Grüße, 日本語 and emoji 🙂:"]
+)
 def test_multibyte_streaming(engine, model, prompt):
     ev = run(engine, prompt=prompt, max_tokens=24, temperature=0.0)
     text = text_of(ev)
     assert "\ufffd" not in text
     ids = model.generate(prompt, max_tokens=24)
     eog = model.tokenizer.eog_ids
-    expected = model.tokenizer.decode([t for t in ids[: next((i for i, t in enumerate(ids) if t in eog), len(ids))]])
+    expected = model.tokenizer.decode(
+        ids[: next((i for i, t in enumerate(ids) if t in eog), len(ids))], continuation=True
+    )
     assert text == expected
 
 

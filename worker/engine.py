@@ -262,7 +262,7 @@ class Engine:
         self._on_event("execute_start", {"job_id": req.job_id, "prompt_tokens": len(job.prompt_ids)})
         started = time.monotonic()
         params = SamplingParams(req.temperature, req.top_k, req.top_p, req.min_p, req.repetition_penalty)
-        decoder, stops = StreamDecoder(model.tokenizer), StopMatcher(req.stop)
+        decoder, stops = StreamDecoder(model.tokenizer, continuation=True), StopMatcher(req.stop)
         produced, ttft, reason = 0, None, "max_tokens"
         if job.cancelled.is_set():  # cancelled while it waited in the queue
             self._fail(job, WorkerError(ErrorCode.CANCELLED, f"job {req.job_id} was cancelled before it started"))

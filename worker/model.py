@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from worker import device as devices
+from worker import ops
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, open_gguf
 from worker.models import adapter_for
@@ -145,7 +146,7 @@ class Model:
     def stream(
         self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, seed: int | None = None
     ) -> Iterator[str]:
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer, continuation=True)
         for t in self.generate_ids(prompt, max_tokens, SamplingParams(temperature=temperature), seed or 0):
             if t in self.tokenizer.eog_ids:
                 break
@@ -174,7 +175,8 @@ def load_model(
     cfg = adapter.config(gf)
     dev = devices.pick_device(device, gpu_index)
     kind = dev.platform
-    tokenizer = load_tokenizer(gf.path, tokenizer_json)
+    ops.set_backend("cpu" if kind == "cpu" else "gpu")  # read while tracing: before the runner compiles
+    tokenizer = load_tokenizer(gf if tokenizer_json is None else gf.path, tokenizer_json)
     if slots is None:
         slots = cfg.context_length if kind != "cpu" else min(cfg.context_length, DEFAULT_CPU_SLOTS)
     devices.check_fits(devices.estimate(gf, cfg, slots, kind), dev, str(gf.path))
