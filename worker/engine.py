@@ -66,7 +66,7 @@ class Started:
 class TokenEvent:
     job_id: str
     text: str
-    index: int
+    index: int  # 0, 1, 2, ... per event: text held back (split UTF-8, stop-string prefixes) shares a later index
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ class Engine:
         started = time.monotonic()
         params = SamplingParams(req.temperature, req.top_k, req.top_p, req.min_p, req.repetition_penalty)
         decoder, stops = StreamDecoder(model.tokenizer, continuation=True), StopMatcher(req.stop)
-        produced, ttft, reason = 0, None, "max_tokens"
+        produced, chunks, ttft, reason = 0, 0, None, "max_tokens"
         if job.cancelled.is_set():  # cancelled while it waited in the queue
             self._fail(job, WorkerError(ErrorCode.CANCELLED, f"job {req.job_id} was cancelled before it started"))
             return
@@ -279,11 +279,11 @@ class Engine:
                 if tok in model.tokenizer.eog_ids:
                     reason = "eos"
                     break
-                index = produced
                 produced += 1
                 text, hit = stops.feed(decoder.push(tok))
                 if text:
-                    self._emit(job, TokenEvent(req.job_id, text, index))
+                    self._emit(job, TokenEvent(req.job_id, text, chunks))
+                    chunks += 1
                 if hit:
                     reason = "stop_sequence"
                     break
@@ -294,7 +294,7 @@ class Engine:
                 tail, hit = stops.feed(decoder.flush())
                 tail += "" if hit else stops.flush()
                 if tail:
-                    self._emit(job, TokenEvent(req.job_id, tail, max(produced - 1, 0)))
+                    self._emit(job, TokenEvent(req.job_id, tail, chunks))
         except WorkerError as e:
             self._fail(job, e)
             return
