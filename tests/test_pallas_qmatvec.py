@@ -186,10 +186,10 @@ def test_gpt_oss_decode_through_the_kernels_follows_the_full_forward(oracles, ba
 
     for name in calls:
         monkeypatch.setattr(qmv, name, counted(name))
-    backend("interpret")
     d = oracles / "models" / "gpt-oss"
     ids = manifest(d)["input"]["ids"]
-    m = worker.load(d / "model-mxfp4_moe.gguf", device="cpu")
+    m = worker.load(d / "model-mxfp4_moe.gguf", device="cpu")  # sets the cpu backend; nothing is compiled yet
+    backend("interpret")
     out = m.generate(ids, max_tokens=5, stop_at_eos=False)
     assert calls["qmatvec"] > 0 and calls["moe_matvec"] > 0, calls
     full = m.logits(ids + out[:-1])[len(ids) - 1 :]
