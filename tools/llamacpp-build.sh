@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Build llama.cpp's llama-bench from the subset that tools/llamacpp-src.sh packed (.llamacpp/llama.cpp-src.tar.xz).
+#   usage: tools/llamacpp-build.sh cpu|cuda [WORK_DIR] [--configure-only]   (default WORK_DIR: .llamacpp/<kind>)
+# Prints the path of the llama-bench binary last. cuda builds for sm_90 (H100/H200) only, to keep the build short.
+# Env: JOBS (default: all cores).
+set -euo pipefail
+
+kind=${1:?usage: tools/llamacpp-build.sh cpu|cuda [WORK_DIR] [--configure-only]}
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(realpath -m "${2:-$root/.llamacpp/$kind}")
+configure_only=${3:-}
+tarball="$root/.llamacpp/llama.cpp-src.tar.xz"
+[ -f "$tarball" ] || { echo "error: $tarball missing: run tools/llamacpp-src.sh first" >&2; exit 1; }
+commit=$(sed -n 's/^llama_cpp_commit=//p' "$root/.llamacpp/SOURCE")
+
+mkdir -p "$work"
+if [ ! -f "$work/llama.cpp/SOURCE" ] || [ "$tarball" -nt "$work/llama.cpp/SOURCE" ]; then
+    rm -rf "$work/llama.cpp"
+    tar -xJf "$tarball" -C "$work"
+fi
+
+common=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_COMMIT="$commit" -DLLAMA_BUILD_NUMBER=0
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
+        -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF)
+case "$kind" in
+    # Not GGML_NATIVE: -march=native turns on AMX, whose tile instructions trap (SIGILL) in this project's CPU VM.
+    # Every other extension of such a Xeon is asked for by name (named in full: a cmake cache keeps old values).
+    cpu) flags=(-DGGML_CUDA=OFF -DGGML_NATIVE=OFF)
+         for isa in SSE42 AVX AVX2 BMI2 FMA F16C AVX_VNNI AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16; do
+             flags+=("-DGGML_$isa=ON")
+         done ;;
+    # FA kernels only for the f16 K/V cache that llama-bench uses by default (each extra K/V pair is 7 more files);
+    # no NCCL (one GPU).
+    cuda) flags=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DGGML_CUDA_FA_QUANTS=f16-f16
+                 -DGGML_CUDA_NCCL=OFF -DGGML_CUDA_GRAPHS=ON) ;;
+    *) echo "error: kind must be cpu or cuda, not $kind" >&2; exit 2 ;;
+esac
+gen=()
+command -v ninja >/dev/null && gen=(-G Ninja)
+cmake -S "$work/llama.cpp" -B "$work/build" "${gen[@]}" "${common[@]}" "${flags[@]}"
+[ "$configure_only" = "--configure-only" ] && exit 0
+cmake --build "$work/build" --target llama-bench -j "${JOBS:-$(nproc)}"
+echo "$work/build/bin/llama-bench"
