@@ -12,7 +12,7 @@ test *ARGS:
 
 # Run the GPU-marked tests (on the GPU machine; installs carried wheels from .whl/ first if present)
 test-gpu *ARGS:
-    bash tools/gpu-env.sh {{python}} -m pytest -q -m gpu -o addopts="" {{ARGS}}
+    bash tools/gpu-env.sh {{python}} -m pytest -q -rP -m gpu -o addopts="" {{ARGS}}
 
 # Benchmarks: worker vs llama.cpp on the same file and device (see bench/README.md)
 bench *ARGS:

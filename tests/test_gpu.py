@@ -94,16 +94,13 @@ def test_vram_oom_during_a_job_then_recovery(gemma_gpu):
     eng = Engine(gemma_gpu, max_queue=2)
     eng.start()
     events: list = []
-    dev = gemma_gpu.device
-    stats = dev.memory_stats()
-    free = stats["bytes_limit"] - stats["bytes_in_use"]
-    ballast = jax.device_put(jnp.zeros((max(free - (32 << 20), 1) // 4,), jnp.float32), dev)
-    ballast.block_until_ready()
+    ballast = fill_device(gemma_gpu.device)
     try:
         eng.submit(JobRequest("oom", "word " * 900, max_tokens=4, temperature=0.0), events.append)
         _wait(events)
     finally:
-        ballast.delete()
+        for b in ballast:
+            b.delete()
     assert isinstance(events[-1], ErrorEvent) and events[-1].code == ErrorCode.VRAM_OOM, events[-1]
     events.clear()
     eng.submit(JobRequest("after", "The capital of France is", max_tokens=4, temperature=0.0), events.append)
@@ -111,6 +108,18 @@ def test_vram_oom_during_a_job_then_recovery(gemma_gpu):
     assert isinstance(events[-1], End)
     assert gemma_gpu.resident()
     eng.shutdown()
+
+
+def fill_device(dev) -> list:
+    """Allocate until the allocator refuses, in 1 GiB then 16 MiB pieces: the device is then full."""
+    pieces = []
+    for size in (1 << 30, 16 << 20):
+        while True:
+            try:
+                pieces.append(jax.device_put(jnp.zeros((size // 4,), jnp.float32), dev).block_until_ready())
+            except jax.errors.JaxRuntimeError:
+                break
+    return pieces
 
 
 def _wait(events: list, timeout: float = 120.0) -> None:
