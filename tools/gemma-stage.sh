@@ -20,7 +20,7 @@ pack() {
     python3 -m pip download -q --no-deps --only-binary=:all: -d "$dir/src" "${packages[@]/%/==$version}"
     rm -f "$dir"/chunk.*
     tar -C "$dir/src" -cf - . | split -b "${CHUNK_MB:-58}M" -d -a 1 - "$dir/chunk."
-    (cd "$dir" && sha256sum chunk.* > MANIFEST && tar -C src -cf - . | sha256sum | sed 's/-$/whole/' >> MANIFEST)
+    (cd "$dir" && sha256sum chunk.* > MANIFEST && cat chunk.* | sha256sum | sed 's/-$/whole/' >> MANIFEST)
     ls -l "$dir"/chunk.* && echo "carry one chunk per call, with .gemma/MANIFEST: see bench/README.md"
 }
 
