@@ -250,3 +250,21 @@ def test_cli_and_missing_oracles(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert synth.main(["--like", "gpt-oss-20b", "--oracles", str(missing), "--out", str(tmp_path / "g.gguf")]) == 1
     err = capsys.readouterr().err
     assert "oracle data not found" in err and "WORKER_ORACLES" in err and str(missing) in err
+
+
+def test_inspect_reports_the_gpt_oss_file(zero_files: ZeroFiles) -> None:
+    """`python -m worker inspect` on the synthetic gpt-oss-20b (the GPT-family issue's acceptance line)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "worker", "inspect", "--json", str(zero_files["gpt-oss-20b"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["architecture"] == "gpt-oss" and report["quant_kind"] == "MXFP4"
+    assert report["block_count"] == 24 and report["expert_count"] == 32
+    assert report["parameters"] == pytest.approx(20.9e9, rel=0.01)
