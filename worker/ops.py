@@ -10,23 +10,27 @@ relative. The GPU backend's prefill matmuls use bf16 operands with f32 accumulat
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worker.pallas_kernels import qmatvec
+from worker.pallas_kernels import decode_attention, qmatvec
 from worker.quant import QuantArray, dequantize
 
 Weight = QuantArray | jax.Array
 
 BACKENDS = ("cpu", "gpu", "interpret")
 _backend = "cpu"
+# The decode-attention kernel on the non-CPU backends; WORKER_ATTENTION_KERNEL=0 keeps attention on jax.numpy.
+_attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
 
 
 def set_backend(name: str) -> None:
-    """Which implementation the quantized matmuls trace to: "cpu" (the jax.numpy path below, exact float32),
-    "gpu" (Pallas kernels for decode-sized calls: at most qmatvec.MAX_ROWS rows of x, a kernel format) or
+    """Which implementation the quantized matmuls and decode attention trace to: "cpu" (the jax.numpy path
+    below, exact float32), "gpu" (Pallas kernels for decode-sized calls: at most qmatvec.MAX_ROWS rows of x, a
+    kernel format; attention at T = 1, unless WORKER_ATTENTION_KERNEL=0) or
     "interpret" (those kernels in Pallas interpret mode, for CPU tests). Read while tracing: set it before the
     model's steps are compiled (at load), not between calls of an already compiled step."""
     global _backend
@@ -155,7 +159,12 @@ def attention(
     Key j is visible from a query at position p iff j <= p (and p - j < window on sliding layers). Slots past
     the sequence hold stale data from earlier jobs; the causal mask is what keeps them out. `sinks` [H]: a
     learned logit per head that joins the softmax denominator only (gpt-oss).
+    Decode (T = 1) on the GPU backend goes to the flash-decoding kernel of worker/pallas_kernels.
     """
+    if _backend != "cpu" and _attention_kernel and decode_attention.fits(q.shape, k_cache.shape):
+        return decode_attention.decode_attention(
+            q, k_cache, v_cache, q_positions, scale, window, sinks, interpret=_backend == "interpret"
+        )
     b, t, h, d = q.shape
     s, kh = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(b, t, kh, h // kh, d).astype(jnp.float32)
