@@ -6,9 +6,9 @@ q [B, 1, H, D] with H = K * G (GQA), k/v [B, S, K, D] (float16 on the GPU, any f
 int32. Key j is visible iff j <= p (and p - j < window); `sinks` [H] join the softmax denominator only.
 
 How it works. The grid is (B, K, splits): a program owns one kv head of one sequence (its G query heads) and a
-contiguous range of the S slots (its split). It walks that range BLOCK_S slots at a time (64 at D = 64, 16 at D =
+contiguous range of the S slots (its split). It walks that range BLOCK_S slots at a time (32 at D = 64, 16 at D =
 256), but only the tiles that hold a visible key: the loop bounds come from the position (and window), so a decode
-at position 300 of a 32k-slot cache reads ~5 tiles, not 512. Per tile it loads k and v [BLOCK_S, D] once, and for
+at position 300 of a 32k-slot cache reads 10 tiles, not 1024. Per tile it loads k and v [BLOCK_S, D] once, and for
 each of the G query heads (unrolled; G <= 16) computes the scores by an elementwise product and a sum over D
 (float32, no tensor cores: G is 1..8 rows, below tl.dot's 16, and the step is memory-bound anyway), then the online
 softmax update (running max m, denominator l, accumulator acc). Each program writes its partial (m, l, acc); a
@@ -35,9 +35,10 @@ from worker.pallas_kernels.qmatvec import SM_COUNT, _TritonParams
 
 TARGET_PROGRAMS = 4 * SM_COUNT
 MAX_BLOCK_S = 64  # slots per tile
-# Values per k (and v) tile: 4096 float32 are 32 registers a thread at 4 warps, so k, v and the products fit
-# without spills (as qmatvec's ~8192 weight values per step): 64 slots at D = 64, 16 at D = 256.
-TILE_VALUES = 4096
+# Values per k (and v) tile: 32 slots at D = 64, 16 at D >= 128. Checked without a GPU (JAX 0.10.2's Triton
+# module compiled by Triton 3.9 for sm_90a, 4 warps): qwen2.5, gemma3, gpt-oss and phi3 shapes use 56-255
+# registers a thread with no spills; 4096 (64 slots at D = 64) spilled on gpt-oss's G = 8.
+TILE_VALUES = 2048
 MIN_TILES_PER_SPLIT = 2
 MAX_GROUP = 16  # query heads per kv head, unrolled in the kernel
 STAT_WIDTH = 16  # m and l are stored broadcast over a short row: a vector store, not a scalar one
@@ -55,7 +56,7 @@ def padded_dim(d: int) -> int:
 def block_s(slots: int, d: int) -> int | None:
     """Slots per tile: the largest power of two <= MAX_BLOCK_S, <= TILE_VALUES / padded D, >= 16 and dividing
     `slots`; None if there is none."""
-    bs = min(MAX_BLOCK_S, TILE_VALUES // padded_dim(d))
+    bs = min(MAX_BLOCK_S, max(16, TILE_VALUES // padded_dim(d)))
     while bs >= 16 and slots % bs:
         bs //= 2
     return bs if bs >= 16 else None
