@@ -44,10 +44,20 @@ class Narrator:
         self.gpu_device = gpu_device
         self._stream = stream
         self._lock = threading.Lock()
+        self._ended: dict[str, None] = {}  # recent ended job ids, insertion-ordered, bounded
 
     def emit(self, event: str, job_id: str | None = None, level: str = "info", **fields: Any) -> None:
         if event not in EVENTS:
             raise ValueError(f"unknown log event {event!r}; §9 allows {sorted(EVENTS)}")
+        if event == "execute_end" and job_id is not None:
+            # A job ended by shutdown while the engine was stuck (in a compile, say) is narrated then; the engine's
+            # own late execute_end for it must not make a second one.
+            with self._lock:
+                if job_id in self._ended:
+                    return
+                self._ended[job_id] = None
+                if len(self._ended) > 1024:
+                    del self._ended[next(iter(self._ended))]
         self._write(event, job_id, level, fields)
 
     def _write(self, event: str, job_id: str | None, level: str, fields: dict[str, Any]) -> None:
