@@ -11,7 +11,7 @@ from pathlib import Path
 
 HEADER = (
     "| model | engine | decode tok/s | prefill tok/s | decode vs llama.cpp | prefill vs llama.cpp | % of decode floor "
-    "| TTFT over HTTP | load to ready | peak memory |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| TTFT over HTTP | load to ready | host memory at load | peak memory |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -32,6 +32,14 @@ def ratios(result: dict) -> dict:
     return out
 
 
+def host_memory(w: dict) -> str:
+    """Peak anonymous host RSS while loading (what a host-side copy of the file would fill), then the peak RSS
+    with the mapped file's pages."""
+    if w.get("load_host_peak_anon_bytes") is None:
+        return "—"
+    return f"{_bytes(w['load_host_peak_anon_bytes'])} anon ({_bytes(w.get('load_host_peak_rss_bytes'))} with mmap)"
+
+
 def rows(result: dict) -> list[str]:
     w, p, h = result.get("worker") or {}, result.get("llamacpp") or {}, result.get("http") or {}
     r = ratios(result)
@@ -46,12 +54,12 @@ def rows(result: dict) -> list[str]:
         f"| {label} | worker | {_num(w.get('decode_tok_s'))} | {_num(w.get('prefill_tok_s'))} "
         f"| {_num(r['decode'], '{:.2f}×')} | {_num(r['prefill'], '{:.2f}×')} "
         f"| {_num(w.get('decode_floor_fraction') and 100 * w['decode_floor_fraction'], '{:.0f}%')} "
-        f"| {ttft} | {ready} | {_bytes(w.get('peak_memory_bytes'))} |"
+        f"| {ttft} | {ready} | {host_memory(w)} | {_bytes(w.get('peak_memory_bytes'))} |"
     )
     peer_floor = p.get("decode_tok_s") / floor if p.get("decode_tok_s") and floor else None
     peer_row = (
         f"| {label} | llama.cpp | {_num(p.get('decode_tok_s'))} | {_num(p.get('prefill_tok_s'))} | 1.00× | 1.00× "
-        f"| {_num(peer_floor and 100 * peer_floor, '{:.0f}%')} | — | — | — |"
+        f"| {_num(peer_floor and 100 * peer_floor, '{:.0f}%')} | — | — | — | — |"
     )
     out = [worker_row]
     if p:

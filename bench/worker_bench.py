@@ -119,11 +119,41 @@ def peak_memory(m) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
+def host_rss() -> dict[str, int]:
+    """This process's resident host memory now, in bytes: `anon` (heap, staging copies: what loading must not fill
+    with the file) and `file` (mapped file pages, such as the GGUF's mmap, which the kernel can drop at will)."""
+    fields = {"RssAnon:": "anon", "RssFile:": "file"}
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, *rest = line.split()
+        if key in fields:
+            out[fields[key]] = int(rest[0]) * 1024  # kB
+    return out
+
+
+class LoadMemory:
+    """The load's progress callback: keeps the highest anonymous and file-backed RSS seen after each tensor."""
+
+    def __init__(self):
+        self.peak_anon = self.peak_file = 0
+        self.events = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        rss = host_rss()
+        self.peak_anon = max(self.peak_anon, rss.get("anon", 0))
+        self.peak_file = max(self.peak_file, rss.get("file", 0))
+        self.events += 1
+
+
 def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats: int) -> dict:
     start = time.perf_counter()
-    m = worker.load(model, device=device)
+    memory = LoadMemory()
+    m = worker.load(model, device=device, on_progress=memory)
     jax.block_until_ready(m.runner.weights)
     load_s = time.perf_counter() - start
+    memory(0, 0)  # after the last copy has finished
+    load_peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    loaded_bytes = devices.memory_stats(m.device).get("bytes_in_use")  # what /health reports as vram_bytes_used
     short = m.tokenizer.encode(SHORT_PROMPT)
     long = prompt_of(m.tokenizer, prompt_tokens)
 
@@ -151,6 +181,11 @@ def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats
         "file_bytes": Path(model).stat().st_size,
         "device": device_info(m.device),
         "load_s": load_s,
+        "load_host_peak_rss_bytes": load_peak_rss,
+        "load_host_peak_anon_bytes": memory.peak_anon,
+        "load_host_peak_file_bytes": memory.peak_file,
+        "load_progress_events": memory.events - 1,
+        "loaded_device_bytes": loaded_bytes,
         "warmup_compile_s": warmup_s,
         "prompt_tokens": prompt_tokens,
         "short_prompt_tokens": len(short),

@@ -130,7 +130,8 @@ def result(decode: float, prefill: float, peer: tuple[float, float] | None) -> d
         "file_bytes": 2**30,
         "worker": {"decode_tok_s": decode, "prefill_tok_s": prefill, "floor_decode_tok_s": 400.0,
                    "decode_floor_fraction": decode / 400.0, "load_s": 1.0, "quant_kind": "Q4_K_M",
-                   "peak_memory_bytes": 3 * 2**30},
+                   "peak_memory_bytes": 3 * 2**30, "load_host_peak_anon_bytes": 300 * 2**20,
+                   "load_host_peak_rss_bytes": 2**31},
         "http": {"ttft_s": 0.0123, "server_ready_s": 9.0},
         "errors": {},
     }  # fmt: skip
@@ -149,7 +150,9 @@ def test_report_gives_ratios_and_floor_fractions():
     assert report.ratios(res) == {"decode": 2.0, "prefill": 0.5}
     text = report.markdown([res])
     worker_row, peer_row = (line for line in text.splitlines() if line.startswith("| m "))
-    assert "| 2.00× | 0.50× | 50% | 12 ms | 1.0 s (server: 9.0 s) | 3.00 GiB |" in worker_row
+    assert "| 2.00× | 0.50× | 50% | 12 ms | 1.0 s (server: 9.0 s) | 300 MiB anon (2.00 GiB with mmap) | 3.00 GiB |" in (
+        worker_row
+    )
     assert "| llama.cpp | 100.0 | 6,000.0 | 1.00× | 1.00× | 25% |" in peer_row
     assert "llama.cpp commit 0c1e57098: `llama-bench -p 512 -n 128 -fa 1 -o json -ngl 99`." in text
 
@@ -171,6 +174,8 @@ def test_worker_bench_on_a_tiny_model():
     assert got["decode_tok_s"] == pytest.approx(8 / statistics.median(got["decode_s"]))
     assert got["prefill_tok_s"] > 0 and len(got["prefill_s"]) == 2
     assert got["peak_memory_bytes"] >= got["weight_bytes"] > 0
+    assert got["load_progress_events"] == len(open_gguf(model("qwen2", "q4_k_m")).tensors) + 1  # 0 and one a tensor
+    assert 0 < got["load_host_peak_anon_bytes"] <= got["load_host_peak_rss_bytes"]
     assert got["copy_bandwidth_bytes_s"] > 1e8  # any machine copies faster than 100 MB/s
     assert got["floor_decode_tok_s"] == pytest.approx(got["copy_bandwidth_bytes_s"] / got["bytes_per_token"]["total"])
 
