@@ -11,7 +11,7 @@ from pathlib import Path
 
 HEADER = (
     "| model | engine | decode tok/s | prefill tok/s | decode vs llama.cpp | prefill vs llama.cpp | % of decode floor "
-    "| TTFT over HTTP | load to ready | host memory at load | peak memory |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| TTFT over HTTP | load to ready | host memory at load | peak memory |\n" + "|---" * 11 + "|"
 )
 
 
