@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from worker.sampling import SamplingParams, filter_logits, penalize, sample, seed_key
+from worker.sampling import ALL_STAGES, SamplingParams, SamplingPlan, filter_logits, penalize, sample, seed_key
 
 V = 8
 LOGITS = jnp.asarray([2.0, 1.0, 0.5, 3.0, -1.0, 0.0, 2.5, -2.0], jnp.float32)
@@ -102,3 +102,27 @@ def test_changing_parameters_does_not_recompile():
     n = f._cache_size()
     f(LOGITS, SamplingParams(1.3, 2, 0.5, 0.0, 1.0).arrays(), seed_key(2), jnp.int32(1), NO_SEEN)
     assert f._cache_size() == n
+
+
+def test_plan_includes_exactly_the_stages_the_parameters_switch_on():
+    assert SamplingParams(temperature=0.0, top_k=5, top_p=0.5).plan() == SamplingPlan(penalty=False, filtering=False)
+    assert SamplingParams(temperature=0.7).plan() == SamplingPlan(penalty=False, filtering=False)
+    assert SamplingParams(temperature=0.7, top_k=5).plan() == SamplingPlan(penalty=False, filtering=True)
+    assert SamplingParams(temperature=0.7, top_p=0.9).plan() == SamplingPlan(penalty=False, filtering=True)
+    assert SamplingParams(temperature=0.7, min_p=0.1).plan() == SamplingPlan(penalty=False, filtering=True)
+    assert SamplingParams(repetition_penalty=1.2).plan() == SamplingPlan(penalty=True, filtering=False)
+
+
+def test_stages_left_out_of_the_plan_are_no_ops():
+    """The compiled variant without a stage draws exactly the ids that the all-stages variant draws."""
+    seen = jnp.zeros(V, bool).at[jnp.asarray([1, 3])].set(True)
+    cases = [SamplingParams(0.0), SamplingParams(0.9), SamplingParams(1.1, top_k=3), SamplingParams(0, 0, 1, 0, 1.5),
+             SamplingParams(1.3, 0, 0.8, 0.0, 1.0), SamplingParams(0.8, 0, 1.0, 0.1, 1.2)]  # fmt: skip
+
+    def draws(params, plan):
+        sp, key = params.arrays(), seed_key(9)
+        return np.asarray(jax.vmap(lambda i: sample(LOGITS, sp, key, i, seen, plan))(jnp.arange(300)))
+
+    for params in cases:
+        full, planned = draws(params, ALL_STAGES), draws(params, params.plan())
+        np.testing.assert_array_equal(np.asarray(planned), np.asarray(full), err_msg=str(params))

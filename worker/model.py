@@ -120,9 +120,9 @@ class Model:
         self._check_fits(len(ids))
         r = self.runner
         budget = min(max_tokens, r.slots - len(ids))
-        sp, key = params.arrays(), seed_key(seed)
+        sp, key, plan = params.arrays(), seed_key(seed), params.plan()
         logits, cache = r.prefill(ids, self._take_cache())
-        token, seen = r.sample(logits, sp, key, 0, r.seen_mask(ids))
+        token, seen = r.sample(logits, sp, key, 0, r.seen_mask(ids), plan)
         position, produced, index = len(ids), 0, 1
         pending = token[:, None]
         try:
@@ -130,7 +130,7 @@ class Model:
                 nxt = None
                 steps = min(self.decode_steps, r.slots - position)
                 if produced + pending.shape[1] < budget and steps > 0:
-                    nxt, cache, seen = r.decode(pending[:, -1], position, cache, seen, sp, key, index, steps)
+                    nxt, cache, seen = r.decode(pending[:, -1], position, cache, seen, sp, key, index, steps, plan)
                     position, index = position + steps, index + steps
                 for t in np.asarray(pending[0]).tolist():
                     yield t

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from worker.kv_cache import KVCache, init_cache
-from worker.sampling import SamplingArrays, sample
+from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample
 
 MIN_BUCKET = 16
 MIN_ACTIVE_SLOTS = 256
@@ -50,8 +50,8 @@ class Runner:
         self.adapter, self.cfg, self.weights, self.device = adapter, cfg, weights, device
         self.slots, self.chunk, self.cache_dtype = slots, min(chunk, slots), cache_dtype
         self._prefill = jax.jit(partial(_prefill, adapter, cfg), donate_argnums=(4,))
-        self._decode = jax.jit(partial(_decode, adapter, cfg), static_argnums=(8,), donate_argnums=(3, 4))
-        self._sample = jax.jit(_sample_rows)
+        self._decode = jax.jit(partial(_decode, adapter, cfg), static_argnums=(8, 9), donate_argnums=(3, 4))
+        self._sample = jax.jit(_sample_rows, static_argnums=(5,))
         self._all_logits = jax.jit(partial(_all_logits, adapter, cfg), donate_argnums=(3,))
 
     def cache_bytes(self, batch: int = 1) -> int:
@@ -99,10 +99,16 @@ class Runner:
         return self._put(mask)
 
     def sample(
-        self, logits: jax.Array, sp: SamplingArrays, key: jax.Array, index: int, seen: jax.Array
+        self,
+        logits: jax.Array,
+        sp: SamplingArrays,
+        key: jax.Array,
+        index: int,
+        seen: jax.Array,
+        plan: SamplingPlan = ALL_STAGES,
     ) -> tuple[jax.Array, jax.Array]:
         """The token after a prefill: ids [1] and the updated seen mask."""
-        return self._sample(logits, sp, key, self._put(np.int32(index)), seen)
+        return self._sample(logits, sp, key, self._put(np.int32(index)), seen, plan)
 
     def decode(
         self,
@@ -114,12 +120,14 @@ class Runner:
         key: jax.Array,
         index: int,
         steps: int,
+        plan: SamplingPlan = ALL_STAGES,
     ) -> tuple[jax.Array, KVCache, jax.Array]:
         """`steps` steps from `token` [1] (not yet in the cache) at `position`; generated token i uses draw
-        index i. Returns ids [1, steps] (left on the device), the cache and the seen mask."""
+        index i. Returns ids [1, steps] (left on the device), the cache and the seen mask. `plan`: the sampling
+        stages compiled in (SamplingParams.plan(); one compiled variant per plan and steps)."""
         pos, idx = self._put(np.asarray([position], np.int32)), self._put(np.int32(index))
         cache = with_active(cache, position + steps)
-        return self._decode(self.weights, token, pos, cache, seen, sp, key, idx, steps)
+        return self._decode(self.weights, token, pos, cache, seen, sp, key, idx, steps, plan)
 
 
 def _prefill(adapter, cfg, weights, tokens, positions, last, cache):
@@ -133,16 +141,16 @@ def _all_logits(adapter, cfg, weights, tokens, positions, cache):
     return adapter.logits(weights, cfg, hidden), cache
 
 
-def _sample_rows(logits, sp, key, index, seen):
-    ids = jax.vmap(sample, in_axes=(0, None, None, None, 0))(logits, sp, key, index, seen)
+def _sample_rows(logits, sp, key, index, seen, plan=ALL_STAGES):
+    ids = jax.vmap(partial(sample, plan=plan), in_axes=(0, None, None, None, 0))(logits, sp, key, index, seen)
     return ids, seen.at[jnp.arange(ids.shape[0]), ids].set(True)
 
 
-def _decode(adapter, cfg, weights, token, position, cache, seen, sp, key, index, steps):
+def _decode(adapter, cfg, weights, token, position, cache, seen, sp, key, index, steps, plan):
     def step(carry, i):
         tok, pos, cache, seen = carry
         hidden, cache = adapter.forward(weights, cfg, tok[:, None], pos[:, None], cache)
-        nxt, seen = _sample_rows(adapter.logits(weights, cfg, hidden)[:, 0], sp, key, index + i, seen)
+        nxt, seen = _sample_rows(adapter.logits(weights, cfg, hidden)[:, 0], sp, key, index + i, seen, plan)
         return (nxt, pos + 1, cache, seen), nxt
 
     (_, _, cache, seen), ids = jax.lax.scan(step, (token, position, cache, seen), jnp.arange(steps))

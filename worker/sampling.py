@@ -2,9 +2,15 @@
 top-k, top-p, min-p, then argmax (temperature 0) or a categorical draw.
 
 Per-request parameters are arrays (`SamplingArrays`), never static arguments, so changing them does not
-recompile. Seeds: a request's uint64 seed gives `jax.random.key(seed)` (threefry2x32 over the seed's high and
-low 32-bit words); the draw for generated token i uses `fold_in(key, i)`, so the ids depend only on the seed and
-the token index, not on how many decode steps run per dispatch.
+recompile. Which stages run at all is static (`SamplingPlan`: the repetition penalty, the top-k/top-p/min-p
+filter), so a step compiles in at most four variants, each once: a stage whose parameters switch it off is skipped,
+not branched around with a `lax.cond`. On the GPU a `cond` inside the decode loop makes the host wait for the
+device to read its predicate, every step, which stalls the host's launching of the next step's kernels (measured:
+~1.2 ms a step in the profile of a qwen2.5-0.5b decode).
+
+Seeds: a request's uint64 seed gives `jax.random.key(seed)` (threefry2x32 over the seed's high and low 32-bit
+words); the draw for generated token i uses `fold_in(key, i)`, so the ids depend only on the seed and the token
+index, not on how many decode steps run per dispatch.
 """
 
 from __future__ import annotations
@@ -26,6 +32,12 @@ class SamplingParams:
     min_p: float = 0.0  # 0.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off
 
+    def plan(self) -> SamplingPlan:
+        return SamplingPlan(
+            penalty=self.repetition_penalty != 1.0,
+            filtering=self.temperature > 0 and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0),
+        )
+
     def arrays(self) -> SamplingArrays:
         return SamplingArrays(
             temperature=jnp.float32(self.temperature),
@@ -34,6 +46,18 @@ class SamplingParams:
             min_p=jnp.float32(self.min_p),
             repetition_penalty=jnp.float32(self.repetition_penalty),
         )
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """The stages a compiled step includes (static). A stage left out must be a no-op for the request's
+    parameters; the default includes every stage, which is exact for any parameters."""
+
+    penalty: bool = True
+    filtering: bool = True
+
+
+ALL_STAGES = SamplingPlan()
 
 
 @jax.tree_util.register_dataclass
@@ -79,15 +103,20 @@ def filter_logits(logits: jax.Array, sp: SamplingArrays) -> jax.Array:
     return jnp.full_like(logits, -jnp.inf).at[order].set(jnp.where(keep, ranked, -jnp.inf))
 
 
-def sample(logits: jax.Array, sp: SamplingArrays, key: jax.Array, index: jax.Array, seen: jax.Array) -> jax.Array:
+def sample(
+    logits: jax.Array,
+    sp: SamplingArrays,
+    key: jax.Array,
+    index: jax.Array,
+    seen: jax.Array,
+    plan: SamplingPlan = ALL_STAGES,
+) -> jax.Array:
     """One token id from logits [V] (float32); `seen` [V] bool marks prompt and generated ids."""
     logits = logits.astype(jnp.float32)
     greedy = sp.temperature <= 0.0
     logits = jnp.where(greedy, logits, logits / jnp.where(greedy, 1.0, sp.temperature))
-    logits = jax.lax.cond(
-        sp.repetition_penalty != 1.0, penalize, lambda lg, *_: lg, logits, seen, sp.repetition_penalty
-    )
-    needs_filter = (sp.top_k > 0) | (sp.top_p < 1.0) | (sp.min_p > 0.0)
-    filtered = jax.lax.cond(needs_filter & ~greedy, filter_logits, lambda lg, _: lg, logits, sp)
+    if plan.penalty:
+        logits = penalize(logits, seen, sp.repetition_penalty)
+    filtered = filter_logits(logits, sp) if plan.filtering else logits
     drawn = jax.random.categorical(jax.random.fold_in(key, index), filtered)
     return jnp.where(greedy, jnp.argmax(logits), drawn).astype(jnp.int32)
