@@ -88,6 +88,17 @@ def test_only_visible_keys_count(backend):
     np.testing.assert_allclose(y, ops.attention(q, k, v, pos, 0.2, 20), rtol=1e-5, atol=1e-6)
 
 
+def test_a_layer_of_the_whole_cache_read_in_place(backend):
+    """layer=l over the whole [L, B, S, K, D] cache, attending its first `slots` slots, equals the kernel on that
+    layer's slice; the other layers and the slots past `slots` are NaN, so a read of them would show."""
+    q, k, v, pos, sink = inputs(2, 4, 2, 32, 128, [40, 127], True)
+    nan = jnp.full((3, 2, 256, 2, 32), jnp.nan, jnp.float32)
+    kc, vc = nan.at[1, :, :128].set(k), nan.at[1, :, :128].set(v)
+    y = da.decode_attention(q, kc, vc, pos, 0.2, 64, sink, layer=jnp.int32(1), slots=128, interpret=True, splits=2)
+    backend("cpu")
+    np.testing.assert_allclose(y, ops.attention(q, k, v, pos, 0.2, 64, sink), rtol=1e-5, atol=1e-6)
+
+
 def test_shapes_the_kernel_takes():
     assert da.fits((1, 1, 14, 64), (1, 256, 2, 64))
     assert not da.fits((1, 2, 14, 64), (1, 256, 2, 64))  # prefill

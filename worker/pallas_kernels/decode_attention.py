@@ -78,9 +78,10 @@ def plan_splits(batch: int, kv_heads: int, tiles: int) -> int:
     return splits
 
 
-def _kernel(pos_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs, tiles_per_split, scale, window):
+def _kernel(pos_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs, tiles_per_split,
+            scale, window):  # fmt: skip
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    p = pos_ref[b]
+    p, layer = pos_ref[b], layer_ref[0]
     d_ok = jnp.arange(dp) < d if dp != d else None
     # Tiles that hold a visible key: [lo, hi), cut to this split's range.
     first = split * tiles_per_split
@@ -97,8 +98,8 @@ def _kernel(pos_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, 
 
     def step(tile, carry):
         s0 = tile * bs
-        k = load(k_ref, (b, pl.ds(s0, bs), kh, pl.ds(0, dp)), True).astype(jnp.float32)
-        v = load(v_ref, (b, pl.ds(s0, bs), kh, pl.ds(0, dp)), True).astype(jnp.float32)
+        k = load(k_ref, (layer, b, pl.ds(s0, bs), kh, pl.ds(0, dp)), True).astype(jnp.float32)
+        v = load(v_ref, (layer, b, pl.ds(s0, bs), kh, pl.ds(0, dp)), True).astype(jnp.float32)
         j = s0 + jnp.arange(bs)
         visible = j <= p
         if window is not None:
@@ -132,16 +133,25 @@ def decode_attention(
     window: int | None = None,
     sinks: jax.Array | None = None,
     *,
+    layer: int | jax.Array | None = None,
+    slots: int | None = None,
     interpret: bool = False,
     splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> jax.Array:
-    """ops.attention for q [B, 1, H, D] -> float32 [B, 1, H, D]; `splits` overrides plan_splits (tests)."""
-    if not fits(q.shape, k_cache.shape):
-        raise ValueError(f"decode_attention: unsupported shapes q {q.shape}, cache {k_cache.shape}")
+    """ops.attention for q [B, 1, H, D] -> float32 [B, 1, H, D]; `splits` overrides plan_splits (tests).
+
+    With `layer`, k_cache and v_cache are the whole cache [L, B, S, K, D] and the kernel reads that layer in place
+    (slicing it first would make XLA copy it, every layer and step). `slots`: only the first `slots` slots are
+    attended (the cache's active bucket; default all)."""
+    if layer is None:
+        k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
+    s = slots or k_cache.shape[2]
+    if not fits(q.shape, (k_cache.shape[1], s, *k_cache.shape[3:])) or s > k_cache.shape[2]:
+        raise ValueError(f"decode_attention: unsupported shapes q {q.shape}, cache {k_cache.shape}, slots {s}")
     b, _, h, d = q.shape
-    s, kh = k_cache.shape[1], k_cache.shape[2]
+    kh = k_cache.shape[3]
     g_n, dp, bs = h // kh, padded_dim(d), block_s(s, d)
     tiles = s // bs
     splits = splits or plan_splits(b, kh, tiles)
@@ -163,7 +173,7 @@ def decode_attention(
         compiler_params=_TritonParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(pos, qg, k_cache, v_cache)
+    )(pos, jnp.asarray(layer, jnp.int32).reshape(1), qg, k_cache, v_cache)
     return combine(acc[..., :d], m[..., 0], l_[..., 0], sinks).reshape(b, 1, h, d)
 
 
