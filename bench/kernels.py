@@ -1,7 +1,9 @@
 """Decode matvec kernels (worker/pallas_kernels/qmatvec.py) against their jax.numpy twins on real-model shapes:
-time per call, weight bytes read per second, and that rate as a share of the card's copy bandwidth.
+time per call, weight bytes read per second, and that rate as a share of the card's copy bandwidth. Then the
+prefill grouped MoE matmul (worker/pallas_kernels/moe_matmul.py) on gpt-oss-20b's experts at --prefill tokens:
+time per call and useful TFLOP/s (2 * tokens * k * Out * In), against its twin (each expert over every token).
 
-    python -m bench.kernels [--rows 1,8] [--only Q4_K,MXFP4] [--sweep] [--smoke]
+    python -m bench.kernels [--rows 1,8] [--only Q4_K,MXFP4] [--prefill 512] [--sweep] [--smoke]
 
 Each timed call cycles through enough copies of the weight to exceed the L2 cache (>= 512 MB in all), so the
 rate is DRAM's, not L2's. The copy bandwidth is (read + write bytes) / time of `a + 1` on 1 GiB of float32.
@@ -22,6 +24,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
+from worker.pallas_kernels import moe_matmul as mm
 from worker.pallas_kernels import qmatvec as qmv
 from worker.quant import quant_array
 
@@ -45,6 +48,13 @@ DENSE = [
     ("gpt-oss q", QT.Q5_1, 4096, 2880),
 ]
 MOE = [("gpt-oss gate_up", QT.MXFP4, 32, 5760, 2880, 4), ("gpt-oss down", QT.MXFP4, 32, 2880, 2880, 4)]
+SWEEP_GROUPED = [
+    dict(block_m=m, block_n=b, chunk=c, num_warps=w)
+    for m in (64, 128)
+    for b in (32, 64)
+    for c in (2, 4, 8)
+    for w in (4, 8)
+] + [dict(num_stages=2), dict(num_stages=4), dict(block_n=128)]
 SWEEP = [
     dict(block_n=b, chunk=c, splits=s, num_warps=w)
     for b in (16, 32, 64)
@@ -130,11 +140,45 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         print(f"    best {best[0] * 1e6:.1f} us {read / best[0] / 1e9:.1f} GB/s with {best[1]}", flush=True)
 
 
+def bench_grouped(label, qtype, shape, k_sel, tokens, args) -> None:
+    """The prefill grouped matmul: `tokens` tokens, each routed to k_sel distinct experts at random."""
+    e, n, kdim = shape
+    w = random_planes(qtype, shape, seed=0)
+    x = jax.random.normal(jax.random.key(0), (tokens, kdim), jnp.float32)
+    ids = jax.lax.top_k(jax.random.normal(jax.random.key(1), (tokens, e)), k_sel)[1]
+    interp = dict(interpret=True) if args.smoke else {}
+    flops = 2 * tokens * k_sel * n * kdim
+
+    def per_call_grouped(op, **tiles) -> float:
+        return timed(jax.jit(lambda x, w, i: op(x, w, i, **tiles)), x, w, ids, repeat=args.repeat)
+
+    t_kernel = per_call_grouped(mm.moe_matmul, **interp)
+    t_twin = per_call_grouped(mm.moe_matmul_twin)
+    p = mm.plan(qtype, n, kdim)
+    line = (
+        f"{label:22s} {qtype.name:6s} {'x'.join(map(str, shape)):>16s} M={tokens} k={k_sel} "
+        f"kernel {t_kernel * 1e6:9.1f} us {flops / t_kernel / 1e12:6.1f} TFLOP/s  "
+        f"twin {t_twin * 1e6:9.1f} us  x{t_twin / t_kernel:5.1f}  bm={p.block_m} bn={p.block_n} c={p.chunk}"
+    )
+    print(line, flush=True)
+    if args.sweep:
+        best = (t_kernel, "default")
+        for tiles in SWEEP_GROUPED:
+            try:
+                t = per_call_grouped(mm.moe_matmul, **interp, **tiles)
+            except Exception as e:  # a tiling the shape or Triton rejects is skipped
+                print(f"    {tiles}: {type(e).__name__}")
+                continue
+            best = min(best, (t, str(tiles)))
+        print(f"    best {best[0] * 1e6:.1f} us {flops / best[0] / 1e12:.1f} TFLOP/s with {best[1]}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,8", help="rows of x (decode batch), comma-separated")
     ap.add_argument("--only", default="", help="formats to keep, e.g. Q4_K,MXFP4")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--prefill", type=int, default=512, help="tokens for the grouped MoE matmul cases (0: skip)")
     ap.add_argument("--sweep", action="store_true", help="also try other tilings and print the best")
     ap.add_argument("--smoke", action="store_true", help="two tiny cases in interpret mode (CPU)")
     args = ap.parse_args()
@@ -143,7 +187,7 @@ def main() -> None:
     dense, moe = DENSE, MOE
     if args.smoke:
         dense, moe, args.repeat = [("smoke", QT.Q4_K, 64, 512)], [("smoke moe", QT.MXFP4, 4, 64, 256, 2)], 2
-        rows_list = rows_list[:1]
+        rows_list, args.prefill = rows_list[:1], min(args.prefill, 9)
     dev = jax.devices()[0]
     bw = copy_bandwidth(args.repeat)
     print(f"{dev.device_kind} ({jax.default_backend()}), JAX {jax.__version__}: copy bandwidth {bw / 1e9:.0f} GB/s")
@@ -154,6 +198,10 @@ def main() -> None:
         for label, qtype, e, n, k, k_sel in moe:
             if (not keep or qtype in keep) and rows * k_sel <= e:
                 bench_case(label, qtype, (e, n, k), rows, k_sel, args, bw)
+    if args.prefill:
+        for label, qtype, e, n, k, k_sel in moe:
+            if not keep or qtype in keep:
+                bench_grouped(label, qtype, (e, n, k), k_sel, args.prefill, args)
 
 
 if __name__ == "__main__":

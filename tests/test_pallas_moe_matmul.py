@@ -1,0 +1,180 @@
+"""worker/pallas_kernels/moe_matmul.py: the grouped MoE matmul against float64 products of gguf-py's dequantized
+experts (an independent reference) and against its jax.numpy twin. On the CPU in Pallas interpret mode, on small
+shapes with empty, skewed and uneven groups, several row tiles per group and a masked K tail; through ops on the
+tiny gpt-oss model; `gpu`-marked variants compile it with Triton on gpt-oss-20b's expert shapes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from model_oracles import manifest, rel_err
+from test_pallas_qmatvec import random_raw, random_weight
+
+import worker
+from worker import ops
+from worker.pallas_kernels import moe_matmul as mm
+from worker.pallas_kernels import qmatvec as qmv
+from worker.quant import QuantArray, quant_array
+
+# bf16 x (and, but for MXFP4, bf16 weights): each product is off by at most ~2^-8 relative, so the sum by at
+# most 2^-8 of sum |x| * |w|. Kernel and twin round the same operands: only the float32 order differs (on the GPU
+# also the tensor cores' accumulation against cuBLAS's, over K = 2880: a looser gate, still far below any
+# misplaced row or tile).
+TOL_F64, TOL_TWIN, TOL_TWIN_GPU = 2.0**-8, 1e-5, 1e-4
+
+
+def assert_close(y, ref, bound, tol: float, what: str) -> None:
+    y = np.asarray(y, np.float64)
+    assert y.shape == ref.shape, (y.shape, ref.shape)
+    assert np.isfinite(y).all(), what
+    err = float(np.max(np.abs(y - ref) / (bound + 1e-30)))
+    assert err <= tol, f"{what}: max error {err:.3g} of sum|x||w| (tolerance {tol:.3g})"
+
+
+def routed(m: int, k_sel: int, e: int, seed: int, skew: str) -> np.ndarray:
+    """expert_ids [m, k_sel], distinct per token: "uniform", "subset" (only experts 1 and e-1: the rest empty),
+    "one" (every token's first pick is expert 0: one group of m pairs, the others uneven)."""
+    rng = np.random.default_rng(seed)
+    if skew == "subset":
+        rows = [rng.permutation([1, e - 1])[:k_sel] for _ in range(m)]
+    elif skew == "one":
+        rows = [[0, *rng.permutation(np.arange(1, e))[: k_sel - 1]] for _ in range(m)]
+    else:
+        rows = [rng.permutation(e)[:k_sel] for _ in range(m)]
+    return np.array(rows, np.int32)
+
+
+# (format, E, k, M, In, Out, shared x, routing, tile overrides): In = 3 MXFP4 blocks under a 4-block chunk and
+# 5 blocks under 2-block chunks mask a K tail; block_m 16 gives groups of several tiles; Out 96 -> 3 column tiles.
+CASES = [
+    (QT.MXFP4, 8, 4, 13, 96, 64, True, "uniform", dict(block_m=16)),
+    (QT.MXFP4, 4, 4, 7, 160, 96, False, "one", dict(block_m=16, chunk=2)),
+    (QT.MXFP4, 6, 2, 40, 64, 32, True, "subset", {}),
+    (QT.Q8_0, 5, 2, 9, 128, 64, False, "uniform", dict(block_m=16)),
+    (QT.Q4_K, 4, 2, 5, 256, 32, True, "one", {}),
+]
+
+
+@pytest.mark.parametrize(("qtype", "e", "k_sel", "m", "k", "n", "shared", "skew", "tiles"), CASES,
+                         ids=lambda v: getattr(v, "name", None))  # fmt: skip
+def test_kernel_matches_float64_and_twin(qtype, e, k_sel, m, k, n, shared, skew, tiles):
+    experts, w64 = random_weight(qtype, (e, n, k), seed=m)
+    ids = routed(m, k_sel, e, seed=n, skew=skew)
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((m, k) if shared else (m, k_sel, k)).astype(np.float32)
+    p = mm.plan(qtype, n, k, **tiles)
+    assert n % p.block_n == 0 and p.steps * p.chunk * qmv.FORMATS[qtype].sb >= k
+    y = jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, interpret=True, **tiles))(x, experts, ids)
+    xs = np.broadcast_to(x[:, None], (m, k_sel, k)) if shared else x
+    picked = w64[ids]  # [M, k, Out, In]
+    ref = np.einsum("mki,mkoi->mko", xs.astype(np.float64), picked)
+    bound = np.einsum("mki,mkoi->mko", np.abs(xs.astype(np.float64)), np.abs(picked))
+    assert_close(y, ref, bound, TOL_F64, "kernel vs float64")
+    twin = np.asarray(mm.moe_matmul_twin(x, experts, ids), np.float64)
+    assert_close(y, twin, bound, TOL_TWIN, "kernel vs twin")
+
+
+def test_groups_pad_each_expert_to_whole_tiles():
+    e, bm = 5, 4
+    ids = np.array([[3, 0], [3, 1], [3, 0], [1, 3], [3, 4]], np.int32)  # expert 2 empty, 3 spans two tiles
+    g = mm.group(jnp.asarray(ids), e, bm, shared=True)
+    rows, src, tile_e = (np.asarray(a) for a in (g.rows, g.src, g.tile_expert))
+    assert len(tile_e) == -(-(ids.size + e * (bm - 1)) // bm) and len(src) == len(tile_e) * bm
+    assert len(set(rows.tolist())) == ids.size  # each pair its own row
+    np.testing.assert_array_equal(tile_e[rows // bm], ids.reshape(-1))  # in a tile of its expert
+    np.testing.assert_array_equal(src[rows], np.arange(ids.size) // 2)  # reading its token's x
+    used = tile_e[tile_e >= 0]
+    assert used.tolist() == [0, 1, 3, 3, 4] and (tile_e[len(used) :] == -1).all()  # sorted, then unused
+    assert (np.diff(rows.reshape(-1)[np.argsort(ids.reshape(-1), stable=True)]) > 0).all()  # stable in-group
+
+
+def test_plan_and_fits_on_real_shapes():
+    for n in (2880, 5760):
+        p = mm.plan(QT.MXFP4, n, 2880)
+        assert (p.block_m, p.block_n, p.chunk, p.steps) == (64, 64, 4, 23)  # 90 blocks: a masked tail step
+    assert mm.plan(QT.Q4_K, 3072, 3072).chunk == 1
+    experts, _ = random_weight(QT.MXFP4, (2, 40, 64), seed=0)
+    assert not mm.fits(experts)  # Out 40: no power-of-two tile >= 16 divides it
+    assert mm.fits(random_weight(QT.MXFP4, (2, 48, 64), seed=0)[0])
+    assert not mm.fits(quant_array(np.zeros((2, 32, 64), np.float32), QT.F32, (2, 32, 64)))
+    with pytest.raises(ValueError, match="divide"):
+        mm.plan(QT.MXFP4, 48, 64, block_n=32)
+    with pytest.raises(ValueError, match="power of two"):
+        mm.plan(QT.MXFP4, 48, 64, block_m=24)
+
+
+@pytest.fixture
+def backend():
+    before = ops.backend()
+    yield ops.set_backend
+    ops.set_backend(before)
+
+
+def test_ops_sends_prefill_selections_to_the_grouped_kernel(backend):
+    experts, _ = random_weight(QT.MXFP4, (4, 32, 64), seed=1)
+
+    def kernels(m: int) -> list[str]:  # a new function each time: a traced jaxpr would be reused across backends
+        x, ids = jnp.ones((m, 64)), routed(m, 2, 4, 0, "uniform")
+        jaxpr = str(jax.make_jaxpr(lambda x, i: ops.moe_matmul(x, experts, i))(x, ids))
+        return [name for name in ("qmatvec_mxfp4", "moe_matmul_mxfp4") if name in jaxpr]
+
+    assert kernels(9) == []  # the CPU backend is the default
+    backend("interpret")
+    assert kernels(2) == ["qmatvec_mxfp4"] and kernels(9) == ["moe_matmul_mxfp4"]
+
+
+def test_gpt_oss_prefill_through_the_kernel_matches_hf(oracles, backend, monkeypatch):
+    """The tiny gpt-oss (MXFP4 experts, E 4, k 2, 48 tokens) with its prefill MoE on the kernel (interpret
+    mode): the HF float64 logits at the GPU gate (bf16 x: ~4e-3 relative, vs ~1e-6 on the CPU path)."""
+    calls = []
+    real = mm.moe_matmul
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mm, "moe_matmul", counted)
+    d = oracles / "models" / "gpt-oss"
+    ids = manifest(d)["input"]["ids"]
+    m = worker.load(d / "model-mxfp4_moe.gguf", device="cpu")  # sets the cpu backend; nothing is compiled yet
+    backend("interpret")
+    ours = m.logits(ids)
+    assert len(calls) == 3 * m.cfg.n_layers  # gate, up and down of each layer
+    ref = np.load(d / "logits-hf-f64-mxfp4_moe-dequant.npy")
+    assert rel_err(ours, ref) < 1e-2
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05
+    assert clear.sum() > len(ids) // 2
+    assert (ours.argmax(-1) == ref.argmax(-1))[clear].all()
+
+
+def _gpu() -> None:
+    if jax.default_backend() != "gpu":
+        pytest.skip("no GPU visible to JAX")
+
+
+def _abs_mxfp4(w: QuantArray) -> QuantArray:
+    """The same experts with every value's sign cleared (E2M1 sign bit 3 of each nibble)."""
+    return QuantArray({**w.planes, "qs": w.planes["qs"] & 0x77}, w.qtype, w.shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("n", "shared", "m", "skew"),
+    [(5760, True, 512, "uniform"), (2880, True, 512, "uniform"), (2880, False, 512, "uniform"),
+     (2880, True, 300, "one"), (2880, False, 37, "subset")],
+)  # fmt: skip
+def test_moe_matmul_compiled_on_gpt_oss_experts(n, shared, m, skew):
+    """gpt-oss-20b: 32 MXFP4 experts of [Out, 2880] (gate/up, llama.cpp's fused gate_up, down), top-4."""
+    _gpu()
+    e, k_sel, k = 32, 4, 2880
+    experts = quant_array(random_raw(QT.MXFP4, (e, n, k), seed=n), QT.MXFP4, (e, n, k), put=jax.device_put)
+    ids = jnp.asarray(routed(m, k_sel, e, seed=m, skew=skew))
+    x = jax.random.normal(jax.random.key(m), (m, k) if shared else (m, k_sel, k), jnp.float32)
+    y = jax.jit(mm.moe_matmul)(x, experts, ids)
+    twin = jax.jit(mm.moe_matmul_twin)(x, experts, ids)
+    bound = np.asarray(jax.jit(mm.moe_matmul_twin)(jnp.abs(x), _abs_mxfp4(experts), ids), np.float64)
+    assert_close(y, np.asarray(twin, np.float64), bound, TOL_TWIN_GPU, f"experts [{e}, {n}, {k}] M={m} {skew}")

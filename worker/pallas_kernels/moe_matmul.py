@@ -1,0 +1,264 @@
+"""Grouped matmul for MoE prefill: y[M, k, Out] = x @ dequant(experts[expert_ids]).T for many (token, selection)
+pairs, reading the quantized expert planes of worker/quant.py and dequantizing tiles in registers (Pallas, Triton
+backend), megablocks style. Its jax.numpy twin (`moe_matmul_twin`, same signature) is the test reference;
+`interpret=True` runs the kernel on the CPU for tests.
+
+Grouping (jax.numpy, around the kernel). The M * k pairs are sorted by expert (stable argsort) and each expert's
+group is padded to a multiple of BLOCK_M rows, so that every row tile belongs to one expert; the padded row count
+has the static bound M*k + min(E, M*k) * (BLOCK_M - 1), rounded up to BLOCK_M. An int32 array gives each row tile
+its expert (-1 for the tiles past the last group: those programs return at once and their rows are never read).
+x is gathered into the sorted order as bf16, padding rows repeat row 0 (rows are independent, their outputs are
+dropped), and the [R, Out] result is gathered back to [M, k, Out].
+
+Kernel. Program (j, t) owns output columns [j*BN, (j+1)*BN) of row tile t (j varies fastest, so the programs in
+flight share one expert's weights through L2 and each x tile is reused across the column tiles). It loops over K,
+CHUNK super-blocks a step: loads the expert's plane tiles with qmatvec's per-format views, dequantizes them with
+qmatvec's FORMATS into float32 "parts" [BN, CHUNK, *t], casts each to bf16 and reshapes it to [BN, CHUNK * T],
+and accumulates x_part [BM, CHUNK * T] @ part.T with `jax.lax.dot_general` (tensor cores). No tile is re-ordered
+in registers: x is pre-arranged outside the kernel into one [R, K / P] array per part, in the part's value order
+(MXFP4: part 0 = values 0..15 of each 32-block, the low nibbles, part 1 = values 16..31, the high nibbles; two
+dots a step). Super-blocks past K are masked (a K that CHUNK does not divide, e.g. 2880 = 90 blocks of 32); the
+output columns must be a multiple of BLOCK_N (asserted: interpret mode would hide a stray access).
+
+Precision: bf16 operands, float32 accumulation. MXFP4 values (a 2-bit mantissa times a power of two) are exact in
+bf16, so only x is rounded (<= 2^-9 relative per element); the 32-value formats and K-quants also round the
+dequantized weight to bf16 (as ops.qmatmul's GPU prefill does). The twin rounds the same operands the same way,
+so kernel and twin differ only in the order of the float32 additions.
+
+Tiles (`plan`): BLOCK_M 64 (gpt-oss prefill, 512 tokens x 4 of 32 experts: 64 rows per expert on average),
+BLOCK_N the largest of 64, 32, 16 dividing Out, CHUNK super-blocks of 128 values a step (MXFP4, Q8_0: 4 blocks;
+K-quants: 1 super-block of 256), num_warps 4, num_stages 3. bench/kernels.py --sweep times others. Checked
+without a GPU: the Triton modules JAX 0.10.2 and 0.11.2 lower (identical) compile with Triton 3.9 for sm_90a
+(ptxas 13.4 -v) to wgmma with no spills: MXFP4 experts [32, 2880 | 5760, 2880] at M 512, k 4: 130 registers per
+thread, 64 KiB shared memory; Q8_0 105 / 81 KiB; Q4_K 187 / 128 KiB and Q6_K 202 / 124 KiB at [32, 3072, 3072].
+Other tilings: MXFP4 CHUNK 8 157 registers / 128 KiB; BLOCK_M 128 at 8 warps MXFP4 131, Q4_K 165 (224 KiB) with
+no spills, but at 4 warps Q4_K spills, as it does at CHUNK 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from worker.pallas_kernels.qmatvec import _ALL, FORMATS, _index, _TritonParams, _views
+from worker.quant import QuantArray, dequantize
+
+BLOCK_M = 64
+MIN_BLOCK_N = 16  # tl.dot's smallest tile dimension
+CHUNK_VALUES = 128  # K values per loop step
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    block_m: int
+    block_n: int
+    chunk: int  # super-blocks per loop step
+    steps: int  # loop steps over K
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _fits(qtype, n: int, k: int) -> bool:
+    return qtype in FORMATS and k % FORMATS[qtype].sb == 0 and n % MIN_BLOCK_N == 0
+
+
+def fits(experts: object) -> bool:
+    """Whether the kernel takes these experts: quantized in a kernel format, [E, Out, In] with planes of rank 3,
+    Out a multiple of MIN_BLOCK_N."""
+    return (
+        isinstance(experts, QuantArray)
+        and len(experts.shape) == 3
+        and all(a.ndim == 3 for a in experts.planes.values())
+        and _fits(experts.qtype, *experts.shape[1:])
+    )
+
+
+def plan(
+    qtype,
+    n: int,
+    k: int,
+    block_m: int = BLOCK_M,
+    block_n: int | None = None,
+    chunk: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> Plan:
+    """The tiling for [n, k] experts; arguments left None get the module docstring's defaults."""
+    if not _fits(qtype, n, k):
+        raise ValueError(f"moe_matmul: no kernel tiling for {getattr(qtype, 'name', qtype)} experts [{n}, {k}]")
+    blocks = k // FORMATS[qtype].sb
+    if block_n is None:
+        block_n = next(b for b in (64, 32, 16) if n % b == 0)
+    if chunk is None:
+        chunk = min(max(1, CHUNK_VALUES // FORMATS[qtype].sb), pl.next_power_of_2(blocks))
+    for name, v in (("block_m", block_m), ("block_n", block_n), ("chunk", chunk)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two (a Triton tile dimension), got {v}")
+    if n % block_n or block_m < 16 or block_n < MIN_BLOCK_N:
+        raise ValueError(f"moe_matmul: block_n {block_n} must divide Out {n}; block_m and block_n >= 16")
+    return Plan(block_m, block_n, chunk, pl.cdiv(blocks, chunk), num_warps, num_stages)
+
+
+@functools.cache
+def _parts_layout(qtype) -> tuple[tuple[tuple, ...], tuple[int, ...]]:
+    """Per part of the format's dequantization: its index into x's super-block view (qmatvec's x_inner), and
+    the shape t of one super-block's slice of that part (the same for every part of a format)."""
+    fmt = FORMATS[qtype]
+    indices: list[tuple] = []
+
+    def dequantized():
+        def load(name, *index):
+            inner = fmt.planes[name]
+            index = index + (_ALL,) * (len(inner) - len(index))
+            return jnp.zeros((1, 1, *(d for d, i in zip(inner, index, strict=True) if i == _ALL)), jnp.uint8)
+
+        parts = fmt.parts(load)
+        indices.extend(x_index for _, x_index in parts)
+        return [w for w, _ in parts]
+
+    shapes = jax.eval_shape(dequantized)
+    part_shapes = {s.shape[2:] for s in shapes}
+    assert len(part_shapes) == 1, part_shapes
+    return tuple(indices), part_shapes.pop()
+
+
+def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
+    """Program (j, t): output columns [j*BN, (j+1)*BN) of row tile t, whose rows all select expert ids[t]."""
+    *plane_refs, o_ref = refs
+    fmt = FORMATS[qtype]
+    t_size = math.prod(_parts_layout(qtype)[1])
+    planes = dict(zip(names, plane_refs, strict=True))
+    bm, bn, c = p.block_m, p.block_n, p.chunk
+    n0 = pl.program_id(0) * bn
+    r0 = pl.program_id(1) * bm
+    expert = ids_ref[pl.program_id(1)]
+    mask_k = p.steps * c > blocks
+
+    @pl.when(expert >= 0)
+    def _():
+        def step(s, acc):
+            b0 = s * c
+            blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
+
+            def load(name: str, *index) -> jax.Array:
+                inner = fmt.planes[name]
+                index = index + (_ALL,) * (len(inner) - len(index))
+                shape = (bn, c, *(d for d, i in zip(inner, index, strict=True) if i == _ALL))
+                ref = planes[name].at[expert, pl.ds(n0, bn), pl.ds(b0, c), *map(_index, index)]
+                if blocks_ok is None:
+                    return plgpu.load(ref)
+                return plgpu.load(ref, mask=jax.lax.broadcast_in_dim(blocks_ok, shape, (1,)), other=0)
+
+            for part, (w, _) in enumerate(fmt.parts(load)):
+                w = w.astype(jnp.bfloat16).reshape(bn, c * t_size)
+                ref = x_ref.at[_index(part), pl.ds(r0, bm), pl.ds(b0 * t_size, c * t_size)]
+                if blocks_ok is None:
+                    xv = plgpu.load(ref)
+                else:
+                    cols_ok = (b0 * t_size + jnp.arange(c * t_size)) < blocks * t_size
+                    xv = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(cols_ok, (bm, c * t_size), (1,)), other=0)
+                acc += jax.lax.dot_general(xv, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            return acc
+
+        acc = jax.lax.fori_loop(0, p.steps, step, jnp.zeros((bm, bn), jnp.float32))
+        o_ref[pl.ds(r0, bm), pl.ds(n0, bn)] = acc
+
+
+def _x_parts(x: jax.Array, qtype) -> jax.Array:
+    """x [rows, K] -> bf16 [P, rows, K / P]: part p's values of each super-block, in the part's order."""
+    fmt = FORMATS[qtype]
+    x_indices, _ = _parts_layout(qtype)
+    rows, k = x.shape
+    xv = x.astype(jnp.bfloat16).reshape(rows, k // fmt.sb, *fmt.x_inner)
+    return jnp.stack([xv[(_ALL, _ALL, *idx)].reshape(rows, -1) for idx in x_indices])
+
+
+@dataclasses.dataclass(frozen=True)
+class Groups:
+    """The sorted, padded row order of the pairs: `rows` [M*k] each pair's padded row, `src` [R] the x row each
+    padded row reads, `tile_expert` [R / BLOCK_M] each row tile's expert (-1: unused tile)."""
+
+    rows: jax.Array
+    src: jax.Array
+    tile_expert: jax.Array
+
+
+def group(expert_ids: jax.Array, n_experts: int, block_m: int, shared: bool) -> Groups:
+    """Sort the (token, selection) pairs by expert and pad each expert's group to a multiple of block_m rows."""
+    n_pairs = expert_ids.size
+    k_sel = expert_ids.shape[-1]
+    flat = jnp.clip(expert_ids.reshape(-1).astype(jnp.int32), 0, n_experts - 1)  # out of range must not read OOB
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted position -> pair
+    sorted_e = flat[order]
+    counts = jnp.zeros((n_experts,), jnp.int32).at[flat].add(1)
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = jnp.cumsum(tiles)
+    first = jnp.cumsum(counts) - counts  # sorted position of each group's first pair
+    padded_rows = (tile_end - tiles)[sorted_e] * block_m + jnp.arange(n_pairs, dtype=jnp.int32) - first[sorted_e]
+    n_tiles = pl.cdiv(n_pairs + min(n_experts, n_pairs) * (block_m - 1), block_m)
+    rows = jnp.zeros((n_pairs,), jnp.int32).at[order].set(padded_rows)
+    src = jnp.zeros((n_tiles * block_m,), jnp.int32).at[padded_rows].set(order // k_sel if shared else order)
+    tile_e = jnp.searchsorted(tile_end, jnp.arange(n_tiles, dtype=jnp.int32), side="right").astype(jnp.int32)
+    return Groups(rows, src, jnp.where(tile_e < n_experts, tile_e, -1))
+
+
+def _check(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> tuple[int, int, int, bool]:
+    if experts.qtype not in FORMATS:
+        raise NotImplementedError(f"no grouped matmul kernel for {experts.qtype.name}")
+    if any(a.ndim != 3 for a in experts.planes.values()):
+        raise ValueError(f"{experts.qtype.name} experts: expected planes of rank 3")
+    e, n = next(iter(experts.planes.values())).shape[:2]
+    k = experts.shape[-1]
+    shared = x.ndim == expert_ids.ndim
+    want = (expert_ids.shape[0], k) if shared else (*expert_ids.shape, k)
+    if expert_ids.ndim != 2 or x.shape != want:
+        raise ValueError(f"moe_matmul: x {x.shape}, expert_ids {expert_ids.shape} against experts [{e}, {n}, {k}]")
+    return e, n, k, shared
+
+
+def moe_matmul(
+    x: jax.Array, experts: QuantArray, expert_ids: jax.Array, *, interpret: bool = False, **tiles: int | None
+) -> jax.Array:
+    """As worker.ops.moe_matmul: x [M, In] (shared by the k selections) or [M, k, In], experts [E, Out, In],
+    expert_ids [M, k] -> float32 [M, k, Out]. `tiles`: overrides of `plan`'s arguments."""
+    e, n, k, shared = _check(x, experts, expert_ids)
+    p = plan(experts.qtype, n, k, **tiles)
+    g = group(expert_ids, e, p.block_m, shared)
+    xp = jnp.take(_x_parts(x.reshape(-1, k), experts.qtype), g.src, axis=1)  # [P, R, K / P]
+    names, planes = _views(experts, e, n, k)
+    kernel = functools.partial(_kernel, qtype=experts.qtype, names=names, blocks=k // FORMATS[experts.qtype].sb, p=p)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((g.src.shape[0], n), jnp.float32),
+        grid=(n // p.block_n, g.tile_expert.shape[0]),
+        compiler_params=_TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
+        interpret=interpret,
+        name=f"moe_matmul_{experts.qtype.name.lower()}",
+    )(g.tile_expert, xp, *planes)
+    return out[g.rows].reshape(*expert_ids.shape, n)
+
+
+def moe_matmul_twin(
+    x: jax.Array, experts: QuantArray, expert_ids: jax.Array, *, interpret: bool = False, **_tiles
+) -> jax.Array:
+    """The jax.numpy twin of `moe_matmul`, with the kernel's operand rounding (bf16 x and weights, float32
+    sums): each expert in turn, dequantized to bf16 and applied to every token, keeping the rows that chose it."""
+    del interpret
+    e, n, _, shared = _check(x, experts, expert_ids)
+    xb = x.astype(jnp.bfloat16)
+
+    def one_expert(out, e_planes):
+        i, planes = e_planes
+        w = dequantize(QuantArray(planes, experts.qtype, experts.shape[1:]), jnp.bfloat16)  # [Out, In]
+        y = jnp.einsum("mi,oi->mo" if shared else "mki,oi->mko", xb, w, preferred_element_type=jnp.float32)
+        return jnp.where((expert_ids == i)[..., None], y[:, None, :] if shared else y, out), None
+
+    out = jnp.zeros((*expert_ids.shape, n), jnp.float32)
+    out, _ = jax.lax.scan(one_expert, out, (jnp.arange(e), experts.planes))
+    return out
