@@ -99,6 +99,24 @@ def test_a_layer_of_the_whole_cache_read_in_place(backend):
     np.testing.assert_allclose(y, ops.attention(q, k, v, pos, 0.2, 64, sink), rtol=1e-5, atol=1e-6)
 
 
+def test_cache_attention_reads_the_layer_in_place(backend):
+    """ops.cache_attention at T = 1 hands the kernel the whole cache (no slice of it in the traced program) and
+    equals ops.attention on that layer's active slots."""
+    from worker.kv_cache import KVCache
+
+    q, k, v, pos, sink = inputs(1, 4, 2, 32, 128, [70], True)
+    kc = jnp.zeros((2, 1, 256, 2, 32), jnp.float32).at[1, :, :128].set(k)
+    vc = jnp.zeros((2, 1, 256, 2, 32), jnp.float32).at[1, :, :128].set(v)
+    cache = KVCache(kc, vc, active=128)
+    backend("interpret")
+    jaxpr = str(jax.make_jaxpr(lambda q, c: ops.cache_attention(q, c, 1, pos, 0.3, None, sink))(q, cache))
+    assert "pallas_call" in jaxpr and "f32[1,128,2,32]" not in jaxpr  # no [B, active, K, D] slice of a layer
+    y = ops.cache_attention(q, cache, 1, pos, 0.3, None, sink)
+    backend("cpu")
+    np.testing.assert_allclose(y, ops.attention(q, k, v, pos, 0.3, None, sink), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ops.cache_attention(q, cache, 1, pos, 0.3, None, sink), y, rtol=1e-5, atol=1e-6)
+
+
 def test_shapes_the_kernel_takes():
     assert da.fits((1, 1, 14, 64), (1, 256, 2, 64))
     assert not da.fits((1, 2, 14, 64), (1, 256, 2, 64))  # prefill
@@ -113,12 +131,14 @@ def test_shapes_the_kernel_takes():
 
 
 def test_ops_dispatch_sends_only_decode_to_the_kernel(backend):
+    """T = 1 goes to this kernel; T = 2 to the prefill kernel (tests/test_pallas_prefill_attention.py)."""
     q, k, v, pos, sink = inputs(1, 4, 2, 32, 64, [20], True)
     q2 = jnp.concatenate([q, q], axis=1)
     pos2 = jnp.concatenate([pos - 1, pos], axis=1)
 
     def kernels(q, pos) -> int:  # a new function each time: a traced jaxpr would be reused across backends
-        return str(jax.make_jaxpr(lambda q: ops.attention(q, k, v, pos, 0.3, 8, sink))(q)).count("pallas_call")
+        jaxpr = str(jax.make_jaxpr(lambda q: ops.attention(q, k, v, pos, 0.3, 8, sink))(q))
+        return jaxpr.count("name=decode_attention")
 
     backend("cpu")
     assert kernels(q, pos) == 0

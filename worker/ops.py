@@ -4,7 +4,8 @@ RoPE, attention). These are the plain jax.numpy implementations the CPU path run
 
 Shapes: B batch, T query positions, S cache slots, H query heads, K kv heads, G = H / K, D head dim.
 The CPU path computes everything in float32: the oracles are float64 references and it matches them to ~1e-6
-relative. The GPU backend's prefill matmuls use bf16 operands with f32 accumulation (see qmatmul).
+relative. The GPU backend's prefill matmuls use bf16 operands with f32 accumulation (see qmatmul), its prefill
+attention float16 (the cache's dtype) with f32 accumulation.
 """
 
 from __future__ import annotations
@@ -16,21 +17,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worker.pallas_kernels import decode_attention, qmatvec
+from worker.kv_cache import KVCache
+from worker.pallas_kernels import decode_attention, prefill_attention, qmatvec
+from worker.pallas_kernels import moe_matmul as grouped_matmul
 from worker.quant import QuantArray, dequantize
 
 Weight = QuantArray | jax.Array
 
 BACKENDS = ("cpu", "gpu", "interpret")
 _backend = "cpu"
-# The decode-attention kernel on the non-CPU backends; WORKER_ATTENTION_KERNEL=0 keeps attention on jax.numpy.
+# The attention kernels on the non-CPU backends; WORKER_ATTENTION_KERNEL=0 keeps attention on jax.numpy.
 _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
 
 
 def set_backend(name: str) -> None:
     """Which implementation the quantized matmuls and decode attention trace to: "cpu" (the jax.numpy path
     below, exact float32), "gpu" (Pallas kernels for decode-sized calls: at most qmatvec.MAX_ROWS rows of x, a
-    kernel format; attention at T = 1, unless WORKER_ATTENTION_KERNEL=0) or
+    kernel format; attention (decode and prefill), unless WORKER_ATTENTION_KERNEL=0) or
     "interpret" (those kernels in Pallas interpret mode, for CPU tests). Read while tracing: set it before the
     model's steps are compiled (at load), not between calls of an already compiled step."""
     global _backend
@@ -159,10 +162,15 @@ def attention(
     Key j is visible from a query at position p iff j <= p (and p - j < window on sliding layers). Slots past
     the sequence hold stale data from earlier jobs; the causal mask is what keeps them out. `sinks` [H]: a
     learned logit per head that joins the softmax denominator only (gpt-oss).
-    Decode (T = 1) on the GPU backend goes to the flash-decoding kernel of worker/pallas_kernels.
+    On the gpu/interpret backends decode (T = 1) goes to the flash-decoding kernel of worker/pallas_kernels and
+    prefill (T > 1) to its flash-attention kernel (float16 operands with float32 accumulation on the GPU).
     """
     if _backend != "cpu" and _attention_kernel and decode_attention.fits(q.shape, k_cache.shape):
         return decode_attention.decode_attention(
+            q, k_cache, v_cache, q_positions, scale, window, sinks, interpret=_backend == "interpret"
+        )
+    if _backend != "cpu" and _attention_kernel and prefill_attention.fits(q.shape, k_cache.shape):
+        return prefill_attention.prefill_attention(
             q, k_cache, v_cache, q_positions, scale, window, sinks, interpret=_backend == "interpret"
         )
     b, t, h, d = q.shape
@@ -187,17 +195,44 @@ def attention(
     return out.reshape(b, t, h, d)
 
 
+def cache_attention(
+    q: jax.Array,
+    cache: KVCache,
+    layer: int,
+    q_positions: jax.Array,
+    scale: float,
+    window: int | None = None,
+    sinks: jax.Array | None = None,
+) -> jax.Array:
+    """`attention` over layer `layer` of the cache (its active slots). The decode kernel reads that layer of the
+    whole cache in place: a slice handed to a kernel is a copy XLA makes every layer and step (48 copy kernels a
+    step for qwen2.5-0.5b, in a profile)."""
+    slots = cache.active or cache.slots
+    slice_shape = (cache.k.shape[1], slots, *cache.k.shape[3:])
+    if _backend != "cpu" and _attention_kernel and decode_attention.fits(q.shape, slice_shape):
+        interpret = _backend == "interpret"
+        return decode_attention.decode_attention(
+            q, cache.k, cache.v, q_positions, scale, window, sinks, layer=layer, slots=slots, interpret=interpret
+        )
+    return attention(q, *cache.layer(layer), q_positions, scale, window, sinks)
+
+
 def moe_matmul(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> jax.Array:
     """Each token's selected experts: x [M, In] (one input shared by the k selections) or [M, k, In] (one per
     selection) times experts [E, Out, In] at expert_ids [M, k] -> [M, k, Out].
 
-    Few selections (decode: M * k <= E) gather only the selected experts' planes and dequantize those. Many
-    (prefill) walk the experts one at a time, each dequantized once and applied to every token, keeping the
-    rows that selected it: E / k times the needed arithmetic, but never more than one expert in float32.
+    Few selections (decode: M * k <= E) gather only the selected experts' planes and dequantize those (on the
+    gpu/interpret backends: the Pallas routed matvec). Many (prefill): on the gpu/interpret backends, the Pallas
+    grouped matmul (pairs sorted by expert, tiles dequantized in registers, bf16 operands with f32 accumulation);
+    on the CPU, or for a format it lacks, walk the experts one at a time, each dequantized once and applied to
+    every token, keeping the rows that selected it: E / k times the needed arithmetic, but never more than one
+    expert in float32.
     """
     n_experts, n_out = experts.shape[:2]
     if expert_ids.size <= n_experts and _kernel_fits(experts, expert_ids.shape[0], 3):
         return qmatvec.moe_matvec(x, experts, expert_ids, interpret=_backend == "interpret")
+    if _backend != "cpu" and expert_ids.size > n_experts and grouped_matmul.fits(experts):
+        return grouped_matmul.moe_matmul(x, experts, expert_ids, interpret=_backend == "interpret")
     x = x.astype(jnp.float32)
     shared = x.ndim == expert_ids.ndim
     hi = jax.lax.Precision.HIGHEST

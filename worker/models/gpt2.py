@@ -100,7 +100,7 @@ def attention_block(lw: dict, cfg: GPT2Config, layer: int, x: jax.Array, positio
     q, k, v = jnp.split(ops.qmatmul(h, lw["attn_qkv"], lw["attn_qkv_b"]), 3, axis=-1)
     q, k, v = (a.reshape(b, t, nh, hd) for a in (q, k, v))
     cache = write_layer(cache, layer, k, v, positions)
-    att = ops.attention(q, *cache.layer(layer), positions, cfg.attn_scale)  # [B, T, H, D]
+    att = ops.cache_attention(q, cache, layer, positions, cfg.attn_scale)  # [B, T, H, D]
     return x + ops.qmatmul(att.reshape(b, t, nh * hd), lw["attn_output"], lw["attn_output_b"]), cache
 
 

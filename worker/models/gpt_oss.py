@@ -160,7 +160,7 @@ def attention_block(lw: dict, cfg: GptOssConfig, layer: int, x: jax.Array, posit
     cache = write_layer(cache, layer, k, v, positions)
     window = cfg.sliding_window if cfg.is_sliding(layer) else None
     sinks = lw["attn_sinks"]
-    att = ops.attention(q, *cache.layer(layer), positions, cfg.attn_scale, window, sinks)
+    att = ops.cache_attention(q, cache, layer, positions, cfg.attn_scale, window, sinks)
     return x + ops.qmatmul(att.reshape(b, t, nh * hd), lw["attn_output"], lw["attn_output_b"]), cache
 
 

@@ -161,7 +161,7 @@ def attention_block(
     k = ops.rope(k, positions, inv_freq, cfg.rope_neox)
     cache = write_layer(cache, layer, k, v, positions)
     window = cfg.sliding_window if sliding else None
-    att = ops.attention(q, *cache.layer(layer), positions, cfg.attn_scale, window)  # [B, T, H, D]
+    att = ops.cache_attention(q, cache, layer, positions, cfg.attn_scale, window)  # [B, T, H, D]
     out = ops.qmatmul(att.reshape(b, t, nh * hd), lw["wo"])
     if cfg.gemma_norms:
         out = ops.rms_norm(out, lw["post_attn_norm"], cfg.norm_eps)
