@@ -137,7 +137,7 @@ for s in "$@"; do
             side=$!
             stage build 540 do_build
             wait "$side" ;;
-        tests) stage tests 240 do_tests ;;
+        tests) stage tests 480 do_tests ;;
         bench:*) stage "bench-${s#bench:}" 600 do_bench "${s#bench:}" ;;
         bench-all) for m in gemma3-270m qwen2.5-0.5b phi3-mini gpt-oss-20b; do stage "bench-$m" 600 do_bench "$m"; done ;;
         *) note "unknown stage $s" ;;
