@@ -73,8 +73,10 @@ def test_gemma3_greedy_goldens_on_gpu(gemma_gpu, oracles):
         ids = goldens[p["name"]]["ids"]
         ref = p["greedy_exact"]
         ours = gemma_gpu.generate(ids, max_tokens=32, stop_at_eos=False)
+        # Equal up to the first step whose exact margin is below MARGIN: there (e.g. "code" step 25, margin 0.001)
+        # the GPU's ~1e-2 error may pick the other token, and every later step follows from that pick.
         upto = next((i for i, m in enumerate(ref["margins"]) if m < MARGIN), 32)
-        assert ours[: upto + 1] == ref["ids"][: upto + 1], p["name"]
+        assert ours[:upto] == ref["ids"][:upto], p["name"]
         first = gemma_gpu.logits(ids)[-1]
         exact = np.load(oracles / "gemma3-270m" / f"exact_first_logits_{p['name']}.npy")
         print(f"gemma3 {p['name']}: first-step relative error on GPU {rel_err(first, exact):.2e}")

@@ -35,11 +35,11 @@ def assert_close(y, ref, bound, tol: float, what: str) -> None:
 
 
 def routed(m: int, k_sel: int, e: int, seed: int, skew: str) -> np.ndarray:
-    """expert_ids [m, k_sel], distinct per token: "uniform", "subset" (only experts 1 and e-1: the rest empty),
+    """expert_ids [m, k_sel], distinct per token: "uniform", "subset" (only experts 1, 2, e-2 and e-1: the rest empty),
     "one" (every token's first pick is expert 0: one group of m pairs, the others uneven)."""
     rng = np.random.default_rng(seed)
     if skew == "subset":
-        rows = [rng.permutation([1, e - 1])[:k_sel] for _ in range(m)]
+        rows = [rng.permutation([1, 2, e - 2, e - 1])[:k_sel] for _ in range(m)]
     elif skew == "one":
         rows = [[0, *rng.permutation(np.arange(1, e))[: k_sel - 1]] for _ in range(m)]
     else:
