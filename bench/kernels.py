@@ -17,6 +17,7 @@ import argparse
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -129,15 +130,21 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
     )
     print(line, flush=True)
     if args.sweep:
-        best = (t_kernel, "default")
-        for tiles in SWEEP:
-            try:
-                t = per_call(ops[0], weights, x, ids, args.repeat, **interp, **tiles)
-            except Exception as e:  # a tiling Triton rejects (e.g. out of shared memory) is skipped
-                print(f"    {tiles}: {type(e).__name__}")
-                continue
-            best = min(best, (t, str(tiles)))
+        best = best_tiling(lambda **tiles: per_call(ops[0], weights, x, ids, args.repeat, **interp, **tiles),
+                           t_kernel, SWEEP)  # fmt: skip
         print(f"    best {best[0] * 1e6:.1f} us {read / best[0] / 1e9:.1f} GB/s with {best[1]}", flush=True)
+
+
+def best_tiling(time_with: Callable[..., float], default_s: float, tilings: list[dict]) -> tuple[float, str]:
+    """(seconds, tiling) of the fastest of the default and `tilings`; a tiling the shape or Triton rejects (e.g.
+    out of shared memory) is reported and skipped."""
+    best = (default_s, "default")
+    for tiles in tilings:
+        try:
+            best = min(best, (time_with(**tiles), str(tiles)))
+        except Exception as e:
+            print(f"    {tiles}: {type(e).__name__}")
+    return best
 
 
 def bench_grouped(label, qtype, shape, k_sel, tokens, args) -> None:
@@ -162,14 +169,7 @@ def bench_grouped(label, qtype, shape, k_sel, tokens, args) -> None:
     )
     print(line, flush=True)
     if args.sweep:
-        best = (t_kernel, "default")
-        for tiles in SWEEP_GROUPED:
-            try:
-                t = per_call_grouped(mm.moe_matmul, **interp, **tiles)
-            except Exception as e:  # a tiling the shape or Triton rejects is skipped
-                print(f"    {tiles}: {type(e).__name__}")
-                continue
-            best = min(best, (t, str(tiles)))
+        best = best_tiling(lambda **tiles: per_call_grouped(mm.moe_matmul, **interp, **tiles), t_kernel, SWEEP_GROUPED)
         print(f"    best {best[0] * 1e6:.1f} us {flops / best[0] / 1e12:.1f} TFLOP/s with {best[1]}", flush=True)
 
 
