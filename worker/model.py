@@ -22,13 +22,13 @@ from worker.sampling import SamplingParams, seed_key
 from worker.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 DEFAULT_CPU_SLOTS = 4096
-# Decode steps per dispatch. A dispatch has a fixed cost (flattening and passing hundreds of weight arrays, the
-# loop set-up): measured on an H100 with qwen2.5-0.5b, 8 steps per dispatch gave 655 tok/s, 32 gave 816 and 64
-# gave 1,238; on an H200, phi3-mini gave 261 / 293 / 361 / 545 tok/s at 8 / 16 / 32 / 64 (1.8 ms a step at 64,
-# i.e. ~2 TB/s on its 2.3 GB plus ~0.5 ms). A cancel is checked between dispatches, so one dispatch must stay well under 100 ms: the GPU count
-# is the power of two in [8, 64] that keeps an estimated dispatch near DISPATCH_TARGET_S, the estimate being the
-# bytes a token reads at EFFECTIVE_BANDWIDTH plus a fixed per-step cost. On the CPU a step of the 270M model takes
-# ~0.1 s, so one step per dispatch.
+# Decode steps per dispatch. A dispatch has a fixed cost, growing with the model and not yet explained
+# (docs/PERFORMANCE.md): measured on an H100 with qwen2.5-0.5b, 8 steps per dispatch gave 655 tok/s, 32 gave 816 and
+# 64 gave 1,238; on an H200, phi3-mini gave 261 / 293 / 361 / 545 tok/s at 8 / 16 / 32 / 64 (1.8 ms a step at 64, i.e.
+# ~2 TB/s on its 2.3 GB plus ~0.5 ms). A cancel is checked between dispatches, so one dispatch must stay well under
+# 100 ms: the GPU count is the power of two in [8, 64] that keeps an estimated dispatch near DISPATCH_TARGET_S, the
+# estimate being the bytes a token reads at EFFECTIVE_BANDWIDTH plus a fixed per-step cost. On the CPU a step of the
+# 270M model takes ~0.1 s, so one step per dispatch.
 DISPATCH_TARGET_S = 0.06
 EFFECTIVE_BANDWIDTH = 2.0e12
 STEP_OVERHEAD_S = 0.5e-3
