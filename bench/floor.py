@@ -36,16 +36,7 @@ def weight_bytes_per_token(gf: GGUFFile) -> tuple[int, str]:
     """Weight bytes one decode step reads, and the active-expert fraction as text ("" for a dense model)."""
     n_experts = int(gf.arch_key("expert_count", 0) or 0)
     n_used = int(gf.arch_key("expert_used_count", 0) or 0)
-    tied = "output.weight" not in gf.tensors
-    total = 0
-    for name, t in gf.tensors.items():
-        if name == "token_embd.weight" and not tied:
-            total += t.nbytes // t.shape[0]  # one row gathered
-        elif "_exps." in name and n_experts:
-            total += t.nbytes * n_used // n_experts  # [n_experts, ...]: the chosen experts' slices
-        else:
-            total += t.nbytes
-    return total, (f"{n_used}/{n_experts}" if n_experts else "")
+    return gf.decode_weight_bytes, (f"{n_used}/{n_experts}" if n_experts else "")
 
 
 def sliding_layers(gf: GGUFFile) -> Callable[[int], bool]:

@@ -172,6 +172,23 @@ class GGUFFile:
     def tensor_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @property
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes one batch-1 decode step reads: every tensor once, except the token embedding (one row is
+        gathered, unless it doubles as the output matrix) and a mixture of experts' `_exps` tensors (only the
+        `expert_used_count` of `expert_count` experts the router picks)."""
+        n_experts = int(self.arch_key("expert_count", 0) or 0)
+        n_used = int(self.arch_key("expert_used_count", 0) or 0)
+        total = 0
+        for name, t in self.tensors.items():
+            if name == "token_embd.weight" and "output.weight" in self.tensors:
+                total += t.nbytes // t.shape[0]
+            elif "_exps." in name and n_experts:
+                total += t.nbytes * n_used // n_experts  # [n_experts, ...]: the chosen experts' slices
+            else:
+                total += t.nbytes
+        return total
+
 
 def open_gguf(path: str | os.PathLike[str], *, require_tensors: bool = True) -> GGUFFile:
     """Open and validate a GGUF file. `require_tensors=False` accepts vocab-only files (tokenizers)."""

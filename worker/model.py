@@ -55,7 +55,7 @@ class Model:
         self.runner = runner
         self.cfg = runner.cfg
         self.device_kind = device_kind
-        self.decode_steps = decode_steps_for(device_kind, active_weight_bytes(gf, runner.cfg))
+        self.decode_steps = decode_steps_for(device_kind, gf.decode_weight_bytes)
         self._cache = None
         self.quant_kind = quant_kind(gf.get("general.file_type"), (t.qtype for t in gf.tensors.values()))
 
@@ -219,18 +219,3 @@ def load_model(
 def _alive(cache) -> bool:
     """False once a donated buffer was consumed by a step that then failed (the cache must be rebuilt)."""
     return cache is not None and not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(cache))
-
-
-def active_weight_bytes(gf: GGUFFile, cfg) -> int:
-    """Weight bytes one decoded token reads: all tensors, but only the routed share of MoE expert tensors and
-    one row of the token embedding."""
-    used, total = getattr(cfg, "n_experts_used", None), getattr(cfg, "n_experts", None)
-    n = 0
-    for name, t in gf.tensors.items():
-        if name == "token_embd.weight" and "output.weight" in gf.tensors:
-            n += t.nbytes // t.shape[0]
-        elif "_exps." in name and used and total:
-            n += t.nbytes * used // total
-        else:
-            n += t.nbytes
-    return n

@@ -30,6 +30,10 @@ _backend = "cpu"
 _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
 
 
+def _attention_kernels_on() -> bool:
+    return _backend != "cpu" and _attention_kernel
+
+
 def set_backend(name: str) -> None:
     """Which implementation the quantized matmuls and decode attention trace to: "cpu" (the jax.numpy path
     below, exact float32), "gpu" (Pallas kernels for decode-sized calls: at most qmatvec.MAX_ROWS rows of x, a
@@ -165,11 +169,11 @@ def attention(
     On the gpu/interpret backends decode (T = 1) goes to the flash-decoding kernel of worker/pallas_kernels and
     prefill (T > 1) to its flash-attention kernel (float16 operands with float32 accumulation on the GPU).
     """
-    if _backend != "cpu" and _attention_kernel and decode_attention.fits(q.shape, k_cache.shape):
+    if _attention_kernels_on() and decode_attention.fits(q.shape, k_cache.shape):
         return decode_attention.decode_attention(
             q, k_cache, v_cache, q_positions, scale, window, sinks, interpret=_backend == "interpret"
         )
-    if _backend != "cpu" and _attention_kernel and prefill_attention.fits(q.shape, k_cache.shape):
+    if _attention_kernels_on() and prefill_attention.fits(q.shape, k_cache.shape):
         return prefill_attention.prefill_attention(
             q, k_cache, v_cache, q_positions, scale, window, sinks, interpret=_backend == "interpret"
         )
@@ -209,7 +213,7 @@ def cache_attention(
     step for qwen2.5-0.5b, in a profile)."""
     slots = cache.active or cache.slots
     slice_shape = (cache.k.shape[1], slots, *cache.k.shape[3:])
-    if _backend != "cpu" and _attention_kernel and decode_attention.fits(q.shape, slice_shape):
+    if _attention_kernels_on() and decode_attention.fits(q.shape, slice_shape):
         interpret = _backend == "interpret"
         return decode_attention.decode_attention(
             q, cache.k, cache.v, q_positions, scale, window, sinks, layer=layer, slots=slots, interpret=interpret
