@@ -53,13 +53,18 @@ def padded_dim(d: int) -> int:
     return max(16, _pow2_at_least(d))
 
 
-def block_s(slots: int, d: int) -> int | None:
-    """Slots per tile: the largest power of two <= MAX_BLOCK_S, <= TILE_VALUES / padded D, >= 16 and dividing
-    `slots`; None if there is none."""
-    bs = min(MAX_BLOCK_S, max(16, TILE_VALUES // padded_dim(d)))
+def key_tile(slots: int, d: int, tile_values: int) -> int | None:
+    """Slots per k/v tile: the largest power of two <= MAX_BLOCK_S, <= tile_values / padded D (but >= 16) and
+    dividing `slots`, at least 16; None if there is none. Shared with worker/pallas_kernels/prefill_attention.py."""
+    bs = min(MAX_BLOCK_S, max(16, tile_values // padded_dim(d)))
     while bs >= 16 and slots % bs:
         bs //= 2
     return bs if bs >= 16 else None
+
+
+def block_s(slots: int, d: int) -> int | None:
+    """This kernel's slots per tile: key_tile at TILE_VALUES."""
+    return key_tile(slots, d, TILE_VALUES)
 
 
 def fits(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> bool:

@@ -49,17 +49,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from worker.pallas_kernels.decode_attention import _NEG, key_tile, padded_dim
 from worker.pallas_kernels.qmatvec import _TritonParams
 
 BLOCK_M = 64  # query rows (positions x heads of a group) per program
 MIN_BLOCK = 16  # tl.dot's smallest tile dimension
 MAX_D = 256
 TILE_VALUES = 8192  # values per k (and v) tile: BLOCK_K 64 at D <= 128, 32 at D = 256
-_NEG = -1e30  # the running max before any key: finite, so exp(m - m_new) never sees inf - inf
-
-
-def padded_dim(d: int) -> int:
-    return max(MIN_BLOCK, pl.next_power_of_2(d))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +67,8 @@ class Plan:
 
 
 def pick_block_k(slots: int, d: int) -> int | None:
-    """Slots per k/v tile: the largest power of two <= 64, <= TILE_VALUES / padded D, >= 16 and dividing `slots`;
-    None if there is none."""
-    bk = min(64, TILE_VALUES // padded_dim(d))
-    while bk >= MIN_BLOCK and slots % bk:
-        bk //= 2
-    return bk if bk >= MIN_BLOCK else None
+    """Slots per k/v tile (decode_attention.key_tile at this kernel's TILE_VALUES); None if none divides."""
+    return key_tile(slots, d, TILE_VALUES)
 
 
 def fits(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> bool:
