@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import gguf
+import jax
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from worker.gguf import open_gguf
+from worker.sampling import SamplingParams, seed_key
 
 
 def manifest(model_dir: Path) -> dict:
@@ -32,6 +34,18 @@ def check_logits(ours: np.ndarray, ref: np.ndarray, tol: float, margin: float) -
     mismatch = np.nonzero(clear & (ours.argmax(-1) != ref.argmax(-1)))[0]
     assert mismatch.size == 0, f"argmax differs at clear positions {mismatch.tolist()}"
     return err, int(clear.sum())
+
+
+def teacher_forced_decode(m, ids: list[int]) -> np.ndarray:
+    """The greedy next id after each prefix ids[: p + 1], each from a one-step decode dispatch at position p."""
+    r, params = m.runner, SamplingParams()
+    sp, key, plan = params.arrays(), seed_key(0), params.plan()
+    cache, seen, out = r.new_cache(), r.seen_mask([]), []
+    for p, tok in enumerate(ids):
+        token = jax.device_put(np.asarray([tok], np.int32), m.device)
+        nxt, cache, seen = r.decode(token, p, cache, seen, sp, key, 0, 1, plan)
+        out.append(int(np.asarray(nxt)[0, 0]))
+    return np.asarray(out)
 
 
 def write_f32_copy(src: Path, dst: Path) -> Path:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_oracles import manifest, rel_err
+from model_oracles import manifest, rel_err, teacher_forced_decode
 
 import worker
 from worker.engine import End, Engine, ErrorEvent, JobRequest
@@ -59,6 +59,19 @@ def test_oracle_models_on_gpu(oracles, arch, variant):
     ref = np.load(d / f"logits-hf-f64-{variant}-dequant.npy")
     print(f"{arch} {variant}: relative error on GPU {rel_err(ours, ref):.2e}")
     assert clear_argmax_agrees(ours, ref, MARGIN) == []
+
+
+@pytest.mark.parametrize("arch, variant", VARIANTS)
+def test_oracle_models_decode_on_gpu(oracles, arch, variant):
+    """The decode path (one token per dispatch: the matvec kernels, the routed-expert matvec, decode attention),
+    teacher-forced over the oracle input: each position's greedy id equals the float64 argmax where it is clear."""
+    d = oracles / "models" / arch
+    m = worker.load(d / f"model-{variant}.gguf", device="gpu")
+    ids = manifest(d)["input"]["ids"]
+    ref = np.load(d / f"logits-hf-f64-{variant}-dequant.npy")
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > MARGIN
+    assert np.nonzero(clear & (teacher_forced_decode(m, ids) != ref.argmax(-1)))[0].tolist() == []
 
 
 @pytest.fixture(scope="module")

@@ -132,8 +132,11 @@ class Model:
                 steps = min(self.decode_steps, r.slots - position)
                 if produced + pending.shape[1] < budget and steps > 0:
                     nxt, cache, seen = r.decode(pending[:, -1], position, cache, seen, sp, key, index, steps, plan)
+                    nxt.copy_to_host_async()
                     position, index = position + steps, index + steps
-                for t in np.asarray(pending[0]).tolist():
+                # The whole array to the host, then index: a device-side `pending[0]` would be one more computation
+                # queued behind the dispatch just launched, so every id would reach the host one dispatch late.
+                for t in np.asarray(pending)[0].tolist():
                     yield t
                     produced += 1
                     if produced >= budget or (stop_at_eos and t in self.tokenizer.eog_ids):
