@@ -105,6 +105,28 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def split_control(self, text: str) -> list[int | str]:
+        """`text` cut at the control tokens encode(special=True) would match: their ids, and the text between them
+        (whitespace a control token strips, e.g. Phi-3's, goes with the token). encode(special=True) equals the
+        concatenation of the ids and of encode(special=False) of each text part, as the split is the tokenizer's."""
+        with self._lock:
+            self._hf.encode_special_tokens = False
+            try:
+                enc = self._hf.encode(text, add_special_tokens=False)
+            except TypeError:
+                raise _not_text(text) from None
+        parts: list[int | str] = []
+        done = 0
+        for id, (start, end) in zip(enc.ids, enc.offsets, strict=True):
+            if self._pieces[id] == b"" and self._pieces_special[id] != b"" and start >= done:
+                if start > done:
+                    parts.append(text[done:start])
+                parts.append(id)
+                done = end
+        if done < len(text):
+            parts.append(text[done:])
+        return parts
+
     def token_bytes(self, id: int, special: bool = False) -> bytes:
         """The raw bytes of one token's piece; control tokens give b"" unless special=True."""
         if not 0 <= id < self.vocab_size:
