@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 from worker.errors import ErrorCode, WorkerError
 from worker.model import Model
-from worker.sampling import MAX_SEED, SamplingParams, new_seed
+from worker.sampling import MAX_SEED, SamplingParams, TokenLogprobs, new_seed
 from worker.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ class ShuttingDown(WorkerError):
 
 @dataclass(frozen=True)
 class JobRequest:
+    """`prompt` is text, tokenized with the file's BOS rule and no control tokens; `prompt_ids` (e.g. a chat
+    template's rendering, worker/chat.py) replaces it when given. `logprobs`: report each generated token's
+    log-probability and the top alternatives (TokenEvent.logprobs)."""
+
     job_id: str
     prompt: str
     max_tokens: int = 2048
@@ -51,6 +55,8 @@ class JobRequest:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,8 @@ class TokenEvent:
     job_id: str
     text: str
     index: int  # 0, 1, 2, ... per event: text held back (split UTF-8, stop-string prefixes) shares a later index
+    # (id, TokenLogprobs) of each generated token since the previous event, when the request asked for them
+    logprobs: tuple[tuple[int, TokenLogprobs], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,7 +192,13 @@ class Engine:
                 ErrorCode.INVALID_REQUEST,
                 f"max_tokens {req.max_tokens} exceeds this worker's limit of {self.max_tokens_out}",
             )
-        ids = self.model.tokenizer.encode(req.prompt)
+        ids = list(req.prompt_ids) if req.prompt_ids is not None else self.model.tokenizer.encode(req.prompt)
+        if req.prompt_ids is not None and not all(0 <= i < self.model.tokenizer.vocab_size for i in ids):
+            raise WorkerError(
+                ErrorCode.INVALID_REQUEST, f"prompt ids must lie in [0, {self.model.tokenizer.vocab_size})"
+            )
+        if not ids:
+            raise WorkerError(ErrorCode.INVALID_REQUEST, "prompt is empty (no tokens)")
         if len(ids) > self.max_tokens_in:
             raise WorkerError(
                 ErrorCode.INVALID_REQUEST,
@@ -267,7 +281,9 @@ class Engine:
         if job.cancelled.is_set():  # cancelled while it waited in the queue
             self._fail(job, WorkerError(ErrorCode.CANCELLED, f"job {req.job_id} was cancelled before it started"))
             return
-        ids = model.generate_ids(job.prompt_ids, req.max_tokens, params, job.seed, stop_at_eos=False)
+        scores: list[TokenLogprobs] | None = [] if req.logprobs else None
+        unsent: list[tuple[int, TokenLogprobs]] = []
+        ids = model.generate_ids(job.prompt_ids, req.max_tokens, params, job.seed, stop_at_eos=False, logprobs=scores)
         try:
             for tok in ids:
                 if ttft is None:
@@ -280,9 +296,12 @@ class Engine:
                     reason = "eos"
                     break
                 produced += 1
+                if scores is not None:
+                    unsent.append((tok, scores[-1]))
                 text, hit = stops.feed(decoder.push(tok))
                 if text:
-                    self._emit(job, TokenEvent(req.job_id, text, chunks))
+                    self._emit(job, TokenEvent(req.job_id, text, chunks, tuple(unsent)))
+                    unsent.clear()
                     chunks += 1
                 if hit:
                     reason = "stop_sequence"
@@ -294,7 +313,7 @@ class Engine:
                 tail, hit = stops.feed(decoder.flush())
                 tail += "" if hit else stops.flush()
                 if tail:
-                    self._emit(job, TokenEvent(req.job_id, tail, chunks))
+                    self._emit(job, TokenEvent(req.job_id, tail, chunks, tuple(unsent)))
         except WorkerError as e:
             self._fail(job, e)
             return

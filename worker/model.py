@@ -3,6 +3,7 @@ The Python API (`worker.load`) and the engine build on this."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from worker.models import adapter_for
 from worker.models.base import load_weights
 from worker.quant import quant_kind
 from worker.runner import Runner
-from worker.sampling import SamplingParams, seed_key
+from worker.sampling import SamplingParams, TokenLogprobs, seed_key
 from worker.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 DEFAULT_CPU_SLOTS = 4096
@@ -112,38 +113,50 @@ class Model:
         params: SamplingParams = GREEDY,
         seed: int = 0,
         stop_at_eos: bool = True,
+        logprobs: list[TokenLogprobs] | None = None,
     ) -> Iterator[int]:
         """Generated ids one by one; stops at max_tokens, EOS/end-of-turn (if asked) or the end of the context.
+        With a `logprobs` list, each token's TokenLogprobs is appended to it before the token is yielded (computed
+        in the same compiled step; params.logprobs need not be set).
 
         The next decode dispatch is queued before the previous one's ids are read back, so the device never
-        waits for the host; only int32 ids cross to the host."""
+        waits for the host; only int32 ids (and the asked-for log-probabilities) cross to the host."""
         ids = self._ids(prompt_or_ids)
         self._check_fits(len(ids))
         r = self.runner
         budget = min(max_tokens, r.slots - len(ids))
+        if logprobs is not None:
+            params = dataclasses.replace(params, logprobs=True)
         sp, key, plan = params.arrays(), seed_key(seed), params.plan()
         logits, cache = r.prefill(ids, self._take_cache())
-        token, seen = r.sample(logits, sp, key, 0, r.seen_mask(ids), plan)
+        token, seen, scores = r.sample(logits, sp, key, 0, r.seen_mask(ids), plan)
         position, produced, index = len(ids), 0, 1
         pending = token[:, None]
+        pending_scores = jax.tree_util.tree_map(lambda a: a[:, None], scores)
         try:
             while True:
                 nxt = None
                 steps = min(self.decode_steps, r.slots - position)
                 if produced + pending.shape[1] < budget and steps > 0:
-                    nxt, cache, seen = r.decode(pending[:, -1], position, cache, seen, sp, key, index, steps, plan)
-                    nxt.copy_to_host_async()
+                    nxt, cache, seen, nxt_scores = r.decode(
+                        pending[:, -1], position, cache, seen, sp, key, index, steps, plan
+                    )
+                    for a in (nxt, *(nxt_scores or ())):
+                        a.copy_to_host_async()
                     position, index = position + steps, index + steps
                 # The whole array to the host, then index: a device-side `pending[0]` would be one more computation
                 # queued behind the dispatch just launched, so every id would reach the host one dispatch late.
-                for t in np.asarray(pending)[0].tolist():
+                got = _host_logprobs(pending_scores) if logprobs is not None else None
+                for n, t in enumerate(np.asarray(pending)[0].tolist()):
+                    if got is not None:
+                        logprobs.append(got[n])
                     yield t
                     produced += 1
                     if produced >= budget or (stop_at_eos and t in self.tokenizer.eog_ids):
                         return
                 if nxt is None:
                     return
-                pending = nxt
+                pending, pending_scores = nxt, nxt_scores
         finally:
             self._cache = cache if _alive(cache) else None
 
@@ -217,6 +230,16 @@ def load_model(
     cache_dtype = jnp.float32 if kind == "cpu" else jnp.float16
     runner = Runner(adapter, cfg, weights, dev, slots, cache_dtype=cache_dtype)
     return Model(gf, tokenizer, runner, kind)
+
+
+def _host_logprobs(scores) -> list[TokenLogprobs]:
+    """Row 0 of the runner's device scores ([1, n] each) as one TokenLogprobs per token (read whole, then indexed:
+    see generate_ids)."""
+    chosen, top_ids, top_lp = (np.asarray(a)[0] for a in scores)
+    return [
+        TokenLogprobs(float(c), tuple(zip(i.tolist(), p.tolist(), strict=True)))
+        for c, i, p in zip(chosen, top_ids, top_lp, strict=True)
+    ]
 
 
 def _alive(cache) -> bool:

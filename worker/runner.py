@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from worker.kv_cache import KVCache, init_cache
-from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample
+from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample, token_logprobs
+
+# (token log-probability, top ids, top log-probabilities) of sampled rows, on the device; None when not asked for
+Scores = tuple[jax.Array, jax.Array, jax.Array] | None
 
 MIN_BUCKET = 16
 MIN_ACTIVE_SLOTS = 256
@@ -106,8 +109,9 @@ class Runner:
         index: int,
         seen: jax.Array,
         plan: SamplingPlan = ALL_STAGES,
-    ) -> tuple[jax.Array, jax.Array]:
-        """The token after a prefill: ids [1] and the updated seen mask."""
+    ) -> tuple[jax.Array, jax.Array, Scores]:
+        """The token after a prefill: ids [1], the updated seen mask and its log-probabilities (None unless
+        plan.logprobs)."""
         return self._sample(logits, sp, key, self._put(np.int32(index)), seen, plan)
 
     def decode(
@@ -121,10 +125,11 @@ class Runner:
         index: int,
         steps: int,
         plan: SamplingPlan = ALL_STAGES,
-    ) -> tuple[jax.Array, KVCache, jax.Array]:
+    ) -> tuple[jax.Array, KVCache, jax.Array, Scores]:
         """`steps` steps from `token` [1] (not yet in the cache) at `position`; generated token i uses draw
-        index i. Returns ids [1, steps] (left on the device), the cache and the seen mask. `plan`: the sampling
-        stages compiled in (SamplingParams.plan(); one compiled variant per plan and steps)."""
+        index i. Returns ids [1, steps] (left on the device), the cache, the seen mask and the log-probabilities
+        (each [1, steps, ...]; None unless plan.logprobs). `plan`: the sampling stages compiled in
+        (SamplingParams.plan(); one compiled variant per plan and steps)."""
         pos, idx = self._put(np.asarray([position], np.int32)), self._put(np.int32(index))
         cache = with_active(cache, position + steps)
         return self._decode(self.weights, token, pos, cache, seen, sp, key, idx, steps, plan)
@@ -143,15 +148,16 @@ def _all_logits(adapter, cfg, weights, tokens, positions, cache):
 
 def _sample_rows(logits, sp, key, index, seen, plan=ALL_STAGES):
     ids = jax.vmap(partial(sample, plan=plan), in_axes=(0, None, None, None, 0))(logits, sp, key, index, seen)
-    return ids, seen.at[jnp.arange(ids.shape[0]), ids].set(True)
+    scores = token_logprobs(logits, ids) if plan.logprobs else None  # static: off costs nothing
+    return ids, seen.at[jnp.arange(ids.shape[0]), ids].set(True), scores
 
 
 def _decode(adapter, cfg, weights, token, position, cache, seen, sp, key, index, steps, plan):
     def step(carry, i):
         tok, pos, cache, seen = carry
         hidden, cache = adapter.forward(weights, cfg, tok[:, None], pos[:, None], cache)
-        nxt, seen = _sample_rows(adapter.logits(weights, cfg, hidden)[:, 0], sp, key, index + i, seen, plan)
-        return (nxt, pos + 1, cache, seen), nxt
+        nxt, seen, scores = _sample_rows(adapter.logits(weights, cfg, hidden)[:, 0], sp, key, index + i, seen, plan)
+        return (nxt, pos + 1, cache, seen), (nxt, scores)
 
-    (_, _, cache, seen), ids = jax.lax.scan(step, (token, position, cache, seen), jnp.arange(steps))
-    return ids.T, cache, seen
+    (_, _, cache, seen), (ids, scores) = jax.lax.scan(step, (token, position, cache, seen), jnp.arange(steps))
+    return ids.T, cache, seen, jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), scores)

@@ -11,6 +11,11 @@ device to read its predicate, every step, which stalls the host's launching of t
 Seeds: a request's uint64 seed gives `jax.random.key(seed)` (threefry2x32 over the seed's high and low 32-bit
 words); the draw for generated token i uses `fold_in(key, i)`, so the ids depend only on the seed and the token
 index, not on how many decode steps run per dispatch.
+
+Log-probabilities (the OpenAI API's logprobs/top_logprobs) are computed in the same compiled step, from the
+model's raw logits (log-softmax before temperature, penalty and filters, as vLLM reports them by default): the
+chosen token's and the TOP_LOGPROBS most likely. Whether they are computed at all is static (`SamplingPlan.logprobs`),
+so a request that does not ask for them runs the step without them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 MAX_SEED = 2**64 - 1
+TOP_LOGPROBS = 20  # the most alternatives a request may ask for (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True)
@@ -31,11 +37,13 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
     min_p: float = 0.0  # 0.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off
+    logprobs: bool = False  # also compute each generated token's log-probability and the top alternatives
 
     def plan(self) -> SamplingPlan:
         return SamplingPlan(
             penalty=self.repetition_penalty != 1.0,
             filtering=self.temperature > 0 and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0),
+            logprobs=self.logprobs,
         )
 
     def arrays(self) -> SamplingArrays:
@@ -51,10 +59,12 @@ class SamplingParams:
 @dataclass(frozen=True)
 class SamplingPlan:
     """The stages a compiled step includes (static). A stage left out must be a no-op for the request's
-    parameters; the default includes every stage, which is exact for any parameters."""
+    parameters; the default includes every stage, which is exact for any parameters. `logprobs` adds an output,
+    not a stage."""
 
     penalty: bool = True
     filtering: bool = True
+    logprobs: bool = False
 
 
 ALL_STAGES = SamplingPlan()
@@ -68,6 +78,21 @@ class SamplingArrays:
     top_p: jax.Array
     min_p: jax.Array
     repetition_penalty: jax.Array
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token's log-probability and the TOP_LOGPROBS most likely (id, log-probability), best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: jax.Array, token: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [B, V] (raw), token [B] -> the token's log-probability [B], the top ids [B, K] and theirs [B, K]."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_lp, top_ids = jax.lax.top_k(lp, min(TOP_LOGPROBS, lp.shape[-1]))
+    return jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
 
 
 def new_seed() -> int:
