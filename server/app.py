@@ -380,8 +380,10 @@ def internal_error_response(request: Request, e: Exception) -> Response:
 
 
 def create_app(service: WorkerService) -> Litestar:
+    from server.openai_api import openai_router  # it builds on this module's schemas and JobStream
+
     return Litestar(
-        route_handlers=[execute, cancel, shutdown, health, metrics],
+        route_handlers=[execute, cancel, shutdown, health, metrics, openai_router],
         state=State({"service": service}),
         guards=[require_api_key],
         exception_handlers={

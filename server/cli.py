@@ -28,6 +28,7 @@ from worker.errors import WorkerError
 from worker.narration import Narrator
 
 if TYPE_CHECKING:
+    from worker.chat import ChatTemplate
     from worker.engine import Engine
 
 PROG = "worker-orcd"
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-timeout-sec", type=float, default=300.0, help="a job running longer fails")
     p.add_argument("--kv-cache-size-mb", type=int, help="KV cache size; sets the context in tokens (default: computed)")
     p.add_argument("--tokenizer-json", help="use this tokenizer.json (hf-json) instead of the GGUF's tokenizer")
+    p.add_argument(
+        "--chat-template", help="a Jinja chat template file for /v1/chat/completions instead of the GGUF's own"
+    )
     p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait behind the running one (default 4)")
     p.add_argument("--shutdown-deadline", type=float, default=5.0, help="seconds to finish or cancel the running job")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
@@ -82,7 +86,11 @@ def validate(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--port {args.port}: must be in 1024..65535")
     if args.gpu_device < 0:
         raise ArgumentError(f"--gpu-device {args.gpu_device}: must be 0 or more")
-    for flag, path in (("--model", args.model), ("--tokenizer-json", args.tokenizer_json)):
+    for flag, path in (
+        ("--model", args.model),
+        ("--tokenizer-json", args.tokenizer_json),
+        ("--chat-template", args.chat_template),
+    ):
         if path is not None:
             _check_readable(flag, Path(path))
     if args.callback_url is not None:
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop_starting)
     try:
-        engine = start_engine(args, narrator)
+        engine, chat_template = start_engine(args, narrator)
     except _Stop as e:
         narrator.emit("shutdown", reason=f"{e} during start-up", uptime_seconds=round(time.monotonic() - started, 3))
         return 0
@@ -198,12 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
-    return serve(args, sock, engine, narrator, started)
+    return serve(args, sock, engine, chat_template, narrator, started)
 
 
-def start_engine(args: argparse.Namespace, narrator: Narrator) -> Engine:
-    """Device init -> model load (progress at 0/25/50/75/100 %) -> the engine thread."""
+def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, ChatTemplate | None]:
+    """Device init -> model load (progress at 0/25/50/75/100 %) and its chat template -> the engine thread."""
     import worker
+    from worker.chat import load_chat_template
     from worker.device import pick_device
     from worker.engine import Engine
 
@@ -232,6 +241,10 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> Engine:
         load_ms=round((time.monotonic() - t0) * 1000.0, 1),
     )
 
+    template = model.gguf.get("tokenizer.chat_template")
+    template = template if isinstance(template, str) else None
+    chat_template = load_chat_template(model.tokenizer, template, args.chat_template)
+
     # Compile the decode step and the smallest prefill bucket now, so the first request does not pay for it.
     model.generate("warm-up", max_tokens=2, stop_at_eos=False)
 
@@ -247,10 +260,17 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> Engine:
         on_event=on_event,
     )
     engine.start()
-    return engine
+    return engine, chat_template
 
 
-def serve(args: argparse.Namespace, sock: socket.socket, engine: Engine, narrator: Narrator, started: float) -> int:
+def serve(
+    args: argparse.Namespace,
+    sock: socket.socket,
+    engine: Engine,
+    chat_template: ChatTemplate | None,
+    narrator: Narrator,
+    started: float,
+) -> int:
     from server.app import create_app
     from server.service import WorkerService
 
@@ -263,6 +283,7 @@ def serve(args: argparse.Namespace, sock: socket.socket, engine: Engine, narrato
         shutdown_deadline_s=args.shutdown_deadline,
         residency_check_s=args.residency_check_sec,
         max_body_bytes=args.max_body_bytes,
+        chat_template=chat_template,
     )
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(

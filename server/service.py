@@ -13,6 +13,7 @@ from typing import Any
 
 from server.metrics import WorkerMetrics
 from worker import device as devices
+from worker.chat import ChatTemplate
 from worker.engine import Engine
 from worker.errors import ErrorCode
 from worker.narration import Narrator
@@ -31,6 +32,7 @@ class WorkerService:
         residency_check_s: float = 60.0,
         max_body_bytes: int = 1 << 20,
         keepalive_s: float = 15.0,
+        chat_template: ChatTemplate | None = None,
     ):
         self.engine = engine
         self.model = engine.model
@@ -40,6 +42,7 @@ class WorkerService:
         self.residency_check_s = residency_check_s
         self.max_body_bytes = max_body_bytes
         self.keepalive_s = keepalive_s
+        self.chat_template = chat_template  # None: the model has none; chat requests get a 400 saying so
         self.started = started if started is not None else time.monotonic()
         self.accepting = True
         self.on_stopped: Callable[[], None] = lambda: None  # the CLI points this at the HTTP server's exit

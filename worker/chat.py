@@ -198,12 +198,15 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ChatError(f"messages: the chat template refused the conversation: {e}") from None
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-            raise ChatError(f"messages: the chat template failed on this conversation: {type(e).__name__}: {e}") from None
+            reason = f"{type(e).__name__}: {e}"
+            raise ChatError(f"messages: the chat template failed on this conversation: {reason}") from None
         finally:
             sys.settrace(previous)
         return "".join(out)
 
-    def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+    def encode(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
         """Prompt ids: control tokens where the template wrote them, request text never matching one."""
         marked = [_map_strings(m, self._mark) for m in messages]
         rendered = self.render(marked, add_generation_prompt, **kwargs)
