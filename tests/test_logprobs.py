@@ -13,7 +13,9 @@ from worker.sampling import TOP_LOGPROBS, SamplingParams
 
 @pytest.fixture(scope="module")
 def model():
-    return worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", slots=256)
+    m = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", slots=256)
+    m.decode_steps = 3  # several steps per dispatch, as on a GPU: the scores are stacked per step
+    return m
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -26,19 +28,28 @@ PARAMS = SamplingParams(temperature=0.8, top_k=40)  # one plan for both tests: e
 
 
 def test_logprobs_equal_the_full_forwards(model):
-    params = PARAMS
+    check_against_full_forward(model, PARAMS)
+
+
+@pytest.mark.gpu
+def test_logprobs_on_the_gpu():
+    gpu_model = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="gpu", slots=256)
+    check_against_full_forward(gpu_model, PARAMS, atol=2e-2)  # f16 KV cache on the GPU
+
+
+def check_against_full_forward(model, params, atol=2e-3):
     prompt = model.tokenizer.encode("The quick brown fox")
     got = []
     ids = list(model.generate_ids(prompt, 6, params, seed=7, stop_at_eos=False, logprobs=got))
     assert len(got) == len(ids) == 6
     expected = _log_softmax(model.logits(prompt + ids[:-1]))[len(prompt) - 1 :]
     for n, (tok, lp) in enumerate(zip(ids, got, strict=True)):
-        assert lp.logprob == pytest.approx(expected[n, tok], abs=2e-3)
+        assert lp.logprob == pytest.approx(expected[n, tok], abs=atol)
         top_ids = [i for i, _ in lp.top]
         assert len(top_ids) == TOP_LOGPROBS
-        np.testing.assert_allclose([p for _, p in lp.top], expected[n, top_ids], atol=2e-3)
+        np.testing.assert_allclose([p for _, p in lp.top], expected[n, top_ids], atol=atol)
         assert [p for _, p in lp.top] == sorted((p for _, p in lp.top), reverse=True)
-        assert expected[n, top_ids[-1]] >= np.sort(expected[n])[-TOP_LOGPROBS] - 2e-3
+        assert expected[n, top_ids[-1]] >= np.sort(expected[n])[-TOP_LOGPROBS] - atol
 
 
 def test_logprobs_do_not_change_the_ids(model):
