@@ -28,7 +28,7 @@ from worker.harmony import HarmonyStream
 from worker.narration import Narrator
 
 KEY = "sk-test-openai"
-MAX_OUT = 48
+MAX_OUT = 256
 TEMPLATE = (REPO / "tests" / "data" / "chat_templates" / "qwen-chatml.jinja").read_text()
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -245,6 +245,25 @@ def test_client_disconnect_cancels_the_job(srv):
     assert any(e["event"] == "execute_end" and e.get("code") == "CANCELLED" for e in ends)
 
 
+def test_client_leaving_a_whole_answer_cancels_the_job(srv):
+    before = _disconnects(srv.service.metrics.render())
+    body = {"model": "m", "prompt": "Tell me a story", "max_tokens": MAX_OUT, "temperature": 1.0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while srv.engine.busy and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _disconnects(srv.service.metrics.render()) == before + 1
+
+
+def test_body_limit_and_auth_errors_have_the_openai_shape(srv):
+    big = {"model": "m", "prompt": "x" * (srv.service.max_body_bytes + 1)}
+    r = httpx.post(f"{srv.url}/v1/completions", json=big, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+    r = httpx.post(f"{srv.url}/tokenize", json={"content": "x"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
 def _disconnects(metrics: bytes) -> float:
     line = next(x for x in metrics.decode().splitlines() if x.startswith("worker_client_disconnects_total"))
     return float(line.split()[-1])
@@ -308,3 +327,30 @@ def test_harmony_without_headers_is_content():
     assert h.feed("plain text") + h.flush() == [("content", "plain text")]
     h = HarmonyStream()
     assert h.feed("<|channel|>commentary<|message|>note") + h.flush() == [("content", "note")]
+
+
+def test_cli_refuses_a_missing_chat_template_file():
+    from tests.worker_process import cli
+
+    r = cli("--worker-id", str(uuid.uuid4()), "--gpu-device", "0", "--port", "8999", "--chat-template", "/nonexistent")
+    assert r.returncode == 1 and "--chat-template /nonexistent: no such file" in r.stderr
+
+
+@pytest.mark.slow
+def test_real_worker_process_chats_with_its_chat_template_flag():
+    """The one end-to-end run: `python -m server.cli --chat-template FILE`, spoken to with the openai client."""
+    from tests.worker_process import WorkerProcess
+
+    model = oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf"
+    template = REPO / "tests" / "data" / "chat_templates" / "qwen-chatml.jinja"
+    w = WorkerProcess(model, "--chat-template", str(template), "--max-tokens-out", "8", api_key=KEY)
+    try:
+        w.wait_ready()
+        client = openai.OpenAI(base_url=f"{w.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        r = client.chat.completions.create(model="m", messages=MESSAGES, temperature=0, max_tokens=8)
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 8
+        started = w.wait_for_log(event="execute_start", job_id=r.id)
+        assert started["prompt_tokens"] == r.usage.prompt_tokens
+        assert w.stop() == 0
+    finally:
+        w.stop()
