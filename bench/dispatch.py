@@ -39,11 +39,11 @@ def run(path: str, device: str, repeats: int, trace: str | None) -> dict:
     params = SamplingParams()
     sp, key, plan = params.arrays(), seed_key(0), params.plan()
     logits, cache = r.prefill(ids, r.new_cache())
-    token, seen = r.sample(logits, sp, key, 0, r.seen_mask(ids), plan)
+    token, seen, _ = r.sample(logits, sp, key, 0, r.seen_mask(ids), plan)
     state = {"cache": cache, "seen": seen}
 
     def dispatch(steps: int):
-        out, state["cache"], state["seen"] = r.decode(
+        out, state["cache"], state["seen"], _ = r.decode(
             token, len(ids), state["cache"], state["seen"], sp, key, 1, steps, plan
         )
         out.block_until_ready()

@@ -43,7 +43,7 @@ def teacher_forced_decode(m, ids: list[int]) -> np.ndarray:
     cache, seen, out = r.new_cache(), r.seen_mask([]), []
     for p, tok in enumerate(ids):
         token = jax.device_put(np.asarray([tok], np.int32), m.device)
-        nxt, cache, seen = r.decode(token, p, cache, seen, sp, key, 0, 1, plan)
+        nxt, cache, seen, _ = r.decode(token, p, cache, seen, sp, key, 0, 1, plan)
         out.append(int(np.asarray(nxt)[0, 0]))
     return np.asarray(out)
 
