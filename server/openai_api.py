@@ -77,7 +77,7 @@ def _job_request(
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     execute = ExecuteRequest(
         job_id=job_id,
-        prompt=prompt or "-",
+        prompt=prompt or "-",  # not read by validate_execute: the engine checks the prompt's tokens
         max_tokens=max_tokens if max_tokens is not None else service.engine.max_tokens_out,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -170,7 +170,10 @@ async def _admit(request: Request, schema: type, build: Callable[[Any, WorkerSer
         try:
             await asyncio.to_thread(service.engine.submit, job_request, job.sink)
         except WorkerError as e:
-            raise submit_error(e) from None
+            refusal = submit_error(e)
+            if refusal.field == "prompt" and schema is ChatRequest:  # the prompt a chat request's messages render to
+                refusal.field = "messages"
+            raise refusal from None
         job.register()
     except (ApiError, HTTPException) as e:
         service.metrics.request(refusal_outcome(e))

@@ -354,3 +354,9 @@ def test_real_worker_process_chats_with_its_chat_template_flag():
         assert w.stop() == 0
     finally:
         w.stop()
+
+
+def test_a_chat_too_long_for_the_worker_names_messages(srv):
+    with pytest.raises(openai.BadRequestError) as e:
+        srv.client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 600}])
+    assert e.value.body["param"] == "messages" and "accepts at most" in e.value.body["message"]
