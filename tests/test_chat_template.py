@@ -127,3 +127,22 @@ def test_load_prefers_the_override_and_none_without_any(tmp_path):
 
 def test_the_output_bound_is_what_the_module_says():
     assert MAX_RENDER_CHARS >= 1 << 20
+
+
+def test_phi3_control_tokens_take_the_whitespace_after_them(tmp_path):
+    """The real Phi-3 vocabulary (its control tokens strip the newline after them, as its tokenizer.json says):
+    the template's text still tokenizes exactly as encode(rendered, special=True), and the stripped newline is
+    not also spelled as a token."""
+    import lzma
+
+    path = tmp_path / "phi-3.gguf"
+    path.write_bytes(lzma.decompress((oracles_dir() / "tokenizers/phi-3/ggml-vocab-phi-3.gguf.xz").read_bytes()))
+    tok = load_tokenizer(path)
+    t = ChatTemplate((DATA / "phi-3.jinja").read_text(), tok)
+    plain = CONVERSATIONS["system-multi-turn"]["messages"]
+    rendered = t.render(plain)
+    assert t.encode(plain) == tok.encode(rendered, add_bos=False, special=True)
+    user = tok.encode("<|user|>", add_bos=False, special=True)
+    ids = t.encode(plain)
+    after = ids[ids.index(user[0]) + 1]
+    assert tok.decode([after]).strip() and not tok.decode([after]).startswith("\n")

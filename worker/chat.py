@@ -129,7 +129,6 @@ class ChatTemplate:
         now: Callable[[], datetime] = datetime.now,
         special_tokens: dict[str, str | None] | None = None,
     ):
-        self.source = source
         self.tokenizer = tokenizer
         env = _Environment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
@@ -154,10 +153,10 @@ class ChatTemplate:
             {
                 tokenizer.token_bytes(i, special=True).decode("utf-8", "replace")
                 for i in range(tokenizer.vocab_size)
-                if tokenizer.token_bytes(i) == b"" and tokenizer.token_bytes(i, special=True) != b""
+                if tokenizer.is_control(i)
             },
             key=len,
-            reverse=True,
+            reverse=True,  # longest first: the regex then matches as the tokenizer does (leftmost-longest)
         )
         self._control = re.compile("|".join(map(re.escape, control))) if control else None
         self.harmony = "<|channel|>" in source and "<|message|>" in source

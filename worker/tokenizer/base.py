@@ -105,6 +105,10 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def is_control(self, id: int) -> bool:
+        """A control token: matched in text and rendered only when asked (special=True), like <|im_end|>."""
+        return self._pieces[id] == b"" and self._pieces_special[id] != b""
+
     def split_control(self, text: str) -> list[int | str]:
         """`text` cut at the control tokens encode(special=True) would match: their ids, and the text between them
         (whitespace a control token strips, e.g. Phi-3's, goes with the token). encode(special=True) equals the
@@ -118,7 +122,7 @@ class Tokenizer:
         parts: list[int | str] = []
         done = 0
         for id, (start, end) in zip(enc.ids, enc.offsets, strict=True):
-            if self._pieces[id] == b"" and self._pieces_special[id] != b"" and start >= done:
+            if self.is_control(id) and start >= done:
                 if start > done:
                     parts.append(text[done:start])
                 parts.append(id)
