@@ -360,3 +360,20 @@ def test_a_chat_too_long_for_the_worker_names_messages(srv):
     with pytest.raises(openai.BadRequestError) as e:
         srv.client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 600}])
     assert e.value.body["param"] == "messages" and "accepts at most" in e.value.body["message"]
+
+
+def test_harmony_markers_survive_the_engines_streaming_decode():
+    """A gpt-oss answer as the engine streams it: ids decoded one by one (special=False), up to <|return|>, which
+    ends generation; the markers are rendered (user-defined tokens), so the parser sees them."""
+    from worker.tokenizer import StreamDecoder, load_tokenizer
+
+    tok = load_tokenizer(oracles_dir() / "models" / "gpt-oss" / "model-q8_0.gguf")
+    ids = tok.encode(HARMONY + "<|return|>", add_bos=False, special=True)
+    assert ids[-1] in tok.eog_ids and all(i not in tok.eog_ids for i in ids[:-1])
+    decoder, h, pieces = StreamDecoder(tok, continuation=True), HarmonyStream(), []
+    for i in ids[:-1]:
+        pieces += h.feed(decoder.push(i))
+    pieces += h.feed(decoder.flush()) + h.flush()
+    assert [f for f, _ in pieces][0] == "reasoning_content"
+    assert "".join(t for f, t in pieces if f == "content") == "Blue, like the sky."
+    assert "".join(t for f, t in pieces if f == "reasoning_content") == "The user wants a colour. Blue."
