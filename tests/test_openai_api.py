@@ -13,6 +13,7 @@ import time
 import uuid
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -26,6 +27,7 @@ from worker.chat import ChatTemplate
 from worker.engine import Engine
 from worker.harmony import HarmonyStream
 from worker.narration import Narrator
+from worker.sampling import TOP_LOGPROBS, SamplingParams
 
 KEY = "sk-test-openai"
 MAX_OUT = 256
@@ -41,6 +43,7 @@ MESSAGES = [
 class _Server:
     def __init__(self):
         self.model = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", slots=512)
+        self.model.decode_steps = 3  # several steps per dispatch, as on a GPU (ids and logprobs stacked per step)
         self.log = io.StringIO()
         narrator = Narrator(str(uuid.uuid4()), str(self.model.path), 0, stream=self.log)
         self.engine = Engine(
@@ -184,6 +187,41 @@ def test_logprobs_match_the_tokens(srv):
     assert all(len(top) == 2 for top in lp.top_logprobs)
 
 
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def check_logprobs_against_full_forward(model, atol: float) -> None:
+    """Log-probabilities from the compiled sampling step against an independent path: the full-sequence forward
+    (Model.logits) of the prompt and the generated ids, log-softmaxed on the host."""
+    params = SamplingParams(temperature=0.8)  # sampled, unfiltered: the same compiled step as the API's tests
+    prompt = model.tokenizer.encode("The quick brown fox")
+    got = []
+    ids = list(model.generate_ids(prompt, 7, params, seed=7, stop_at_eos=False, logprobs=got))
+    assert len(got) == len(ids) == 7
+    assert ids == list(model.generate_ids(prompt, 7, params, seed=7, stop_at_eos=False))  # asking changes no id
+    expected = _log_softmax(model.logits(prompt + ids[:-1]))[len(prompt) - 1 :]
+    for n, (tok, lp) in enumerate(zip(ids, got, strict=True)):
+        assert lp.logprob == pytest.approx(expected[n, tok], abs=atol)
+        top_ids = [i for i, _ in lp.top]
+        assert len(top_ids) == TOP_LOGPROBS
+        np.testing.assert_allclose([p for _, p in lp.top], expected[n, top_ids], atol=atol)
+        assert [p for _, p in lp.top] == sorted((p for _, p in lp.top), reverse=True)
+        assert expected[n, top_ids[-1]] >= np.sort(expected[n])[-TOP_LOGPROBS] - atol
+
+
+def test_logprobs_equal_the_full_forward(srv):
+    check_logprobs_against_full_forward(srv.model, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_logprobs_equal_the_full_forward_on_the_gpu():
+    model = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="gpu", slots=256)
+    check_logprobs_against_full_forward(model, atol=2e-2)  # f16 KV cache on the GPU
+
+
 @pytest.mark.parametrize(
     "kwargs, status, param",
     [
@@ -223,16 +261,22 @@ def test_sse_framing(srv):
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         raw = r.read().decode()
-    events = raw.split("\n\n")
+    events = [e for e in raw.split("\n\n") if not e.startswith(":")]  # keep-alive comments while a step compiles
     assert events[-1] == "" and events[-2] == "data: [DONE]"
+    assert len(events) >= 5  # the role chunk, content chunk(s), the finish chunk, [DONE], and the end
     for event in events[:-2]:
         assert event.startswith("data: ") and "\n" not in event
         assert json.loads(event[6:])["object"] == "chat.completion.chunk"
 
 
+# Greedy, this prompt runs the whole MAX_OUT tokens on the tiny qwen2 (no end-of-generation id): seconds on a CPU,
+# so a client that leaves early always finds its job still running. (A sampled job may draw an end id early.)
+LONG_PROMPT = "Once upon a time"
+
+
 def test_client_disconnect_cancels_the_job(srv):
     before = srv.service.metrics.render()
-    body = {"model": "m", "prompt": "Tell me a story", "max_tokens": MAX_OUT, "stream": True, "temperature": 1.0}
+    body = {"model": "m", "prompt": LONG_PROMPT, "max_tokens": MAX_OUT, "stream": True, "temperature": 0}
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, headers=headers, timeout=60) as r:
         next(r.iter_lines())
@@ -247,7 +291,7 @@ def test_client_disconnect_cancels_the_job(srv):
 
 def test_client_leaving_a_whole_answer_cancels_the_job(srv):
     before = _disconnects(srv.service.metrics.render())
-    body = {"model": "m", "prompt": "Tell me a story", "max_tokens": MAX_OUT, "temperature": 1.0}
+    body = {"model": "m", "prompt": LONG_PROMPT, "max_tokens": MAX_OUT, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
     deadline = time.monotonic() + 10
