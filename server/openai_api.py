@@ -136,7 +136,7 @@ def _chat_job(req: ChatRequest, service: WorkerService, job_id: str) -> JobReque
         job_id,
         prompt_ids=ids,
         max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
-        logprobs=req.logprobs,
+        logprobs=bool(req.logprobs),
     )
 
 

@@ -33,14 +33,15 @@ class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """What both routes share. None = OpenAI's default (temperature 1, top_p 1, max_tokens the worker's limit)."""
+    """What both routes share. None (or null, which some clients send) = OpenAI's default (temperature 1, top_p 1,
+    max_tokens the worker's limit, not streamed)."""
 
     model: Annotated[str, Meta(min_length=1)]
     max_tokens: Annotated[int, Meta(ge=1, le=2048)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
     n: Annotated[int, Meta(ge=1, le=1)] | None = None
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Meta(max_length=MAX_STOP_STRINGS)] | None = None
     seed: Annotated[int, Meta(ge=0)] | None = None
@@ -56,7 +57,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ChatRequest(_Sampling, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
     max_completion_tokens: Annotated[int, Meta(ge=1, le=2048)] | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=TOP_LOGPROBS)] | None = None
 
 
@@ -64,7 +65,7 @@ class CompletionRequest(_Sampling, kw_only=True):
     # text, a list of one text, or token ids (as OpenAI allows; ids are used as they are)
     prompt: str | Annotated[list[str | int], Meta(min_length=1)]
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
-    echo: Literal[False] = False
+    echo: Literal[False] | None = None
     best_of: Annotated[int, Meta(ge=1, le=1)] | None = None
 
 

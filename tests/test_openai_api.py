@@ -421,3 +421,10 @@ def test_harmony_markers_survive_the_engines_streaming_decode():
     assert [f for f, _ in pieces][0] == "reasoning_content"
     assert "".join(t for f, t in pieces if f == "content") == "Blue, like the sky."
     assert "".join(t for f, t in pieces if f == "reasoning_content") == "The user wants a colour. Blue."
+
+
+def test_nulls_mean_the_defaults(srv):
+    nulls = dict.fromkeys(["stream", "logprobs", "top_logprobs", "seed", "stop", "n", "temperature", "user"])
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 2, **nulls}
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None
