@@ -144,13 +144,13 @@ def bind(host: str, port: int) -> socket.socket:
 
 def kv_slots(model_path: str, kv_mb: int, device_kind: str) -> int:
     """--kv-cache-size-mb -> the number of token slots the KV cache holds (capped at the model's context)."""
-    from worker.device import KV_BYTES
     from worker.gguf import open_gguf
+    from worker.kv_cache import bytes_per_slot, dtype_for
     from worker.models import adapter_for
 
     gf = open_gguf(model_path)
     cfg = adapter_for(gf.architecture).config(gf)
-    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * KV_BYTES[device_kind]
+    per_token = bytes_per_slot(cfg, dtype_for(device_kind))
     slots = min(cfg.context_length, kv_mb * (1 << 20) // per_token)
     if slots < 1:
         raise ArgumentError(f"--kv-cache-size-mb {kv_mb}: holds no token of this model ({per_token} bytes a token)")

@@ -91,7 +91,7 @@ def test_config_exposes_what_the_cache_needs(oracles):
     c = m.cfg
     assert (c.n_layers, c.n_kv_heads, c.head_dim, c.vocab_size, c.context_length) == (2, 2, 64, 1024, 512)
     assert (c.n_experts, c.n_experts_used, c.sliding_window) == (4, 2, 16)
-    assert [c.is_sliding(i) for i in range(2)] == [True, False]
+    assert [c.window(i) for i in range(2)] == [16, None]  # sliding, then full (llama.cpp's fixed alternation)
 
 
 def _fuse_gate_up(src: Path, dst: Path) -> Path:

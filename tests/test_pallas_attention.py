@@ -6,6 +6,8 @@ shapes with a float16 cache up to 32k slots (`just test-gpu tests/test_pallas_at
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,13 +46,6 @@ def inputs(b, h, kh, d, s, positions, sinks, dtype=jnp.float32, seed=0):
     return q, k, v, jnp.asarray(positions, jnp.int32).reshape(b, 1), sink
 
 
-@pytest.fixture
-def backend():
-    before = ops.backend()
-    yield ops.set_backend
-    ops.set_backend(before)
-
-
 # (batch, heads, kv heads, head dim, slots, positions, window, sinks, splits)
 CPU_CASES = [
     (1, 2, 2, 32, 64, [0], None, False, None),  # G = 1, the first position: one visible key
@@ -63,19 +58,18 @@ CPU_CASES = [
 
 
 @pytest.mark.parametrize(("b", "h", "kh", "d", "s", "positions", "window", "sinks", "splits"), CPU_CASES)
-def test_kernel_matches_reference_and_twin(b, h, kh, d, s, positions, window, sinks, splits, backend):
+def test_kernel_matches_reference_and_twin(b, h, kh, d, s, positions, window, sinks, splits):
     q, k, v, pos, sink = inputs(b, h, kh, d, s, positions, sinks)
     scale = d**-0.5
     y = da.decode_attention(q, k, v, pos, scale, window, sink, interpret=True, splits=splits)
     assert y.shape == (b, 1, h, d) and y.dtype == jnp.float32
     ref = reference(q, k, v, np.asarray(pos), scale, window, None if sink is None else np.asarray(sink))
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-5, atol=1e-5)
-    backend("cpu")  # the twin is the jax.numpy path whatever an earlier test left set
     twin = ops.attention(q, k, v, pos, scale, window, sink)
     np.testing.assert_allclose(y, twin, rtol=1e-5, atol=1e-6)
 
 
-def test_only_visible_keys_count(backend):
+def test_only_visible_keys_count():
     """Slots past p or before the window hold data of earlier jobs. Tiles wholly outside [p - window, p] are never
     loaded (NaN there would leak), and huge values in the partly visible tile are masked out."""
     q, k, v, pos, _ = inputs(1, 4, 1, 32, 256, [150], False)
@@ -83,23 +77,21 @@ def test_only_visible_keys_count(backend):
     hidden = (slot > 150) | (slot < 150 - 20 + 1)
     garbage = jnp.where((slot >= 128) & (slot < 192), 1e30, jnp.nan)  # 64-slot tiles: only tile 2 is visited
     kp, vp = jnp.where(hidden, garbage, k), jnp.where(hidden, garbage, v)
-    backend("cpu")
     y = da.decode_attention(q, kp, vp, pos, 0.2, 20, None, interpret=True, splits=2)
     np.testing.assert_allclose(y, ops.attention(q, k, v, pos, 0.2, 20), rtol=1e-5, atol=1e-6)
 
 
-def test_a_layer_of_the_whole_cache_read_in_place(backend):
+def test_a_layer_of_the_whole_cache_read_in_place():
     """layer=l over the whole [L, B, S, K, D] cache, attending its first `slots` slots, equals the kernel on that
     layer's slice; the other layers and the slots past `slots` are NaN, so a read of them would show."""
     q, k, v, pos, sink = inputs(2, 4, 2, 32, 128, [40, 127], True)
     nan = jnp.full((3, 2, 256, 2, 32), jnp.nan, jnp.float32)
     kc, vc = nan.at[1, :, :128].set(k), nan.at[1, :, :128].set(v)
     y = da.decode_attention(q, kc, vc, pos, 0.2, 64, sink, layer=jnp.int32(1), slots=128, interpret=True, splits=2)
-    backend("cpu")
     np.testing.assert_allclose(y, ops.attention(q, k, v, pos, 0.2, 64, sink), rtol=1e-5, atol=1e-6)
 
 
-def test_cache_attention_reads_the_layer_in_place(backend):
+def test_cache_attention_reads_the_layer_in_place():
     """ops.cache_attention at T = 1 hands the kernel the whole cache (no slice of it in the traced program) and
     equals ops.attention on that layer's active slots."""
     from worker.kv_cache import KVCache
@@ -108,11 +100,10 @@ def test_cache_attention_reads_the_layer_in_place(backend):
     kc = jnp.zeros((2, 1, 256, 2, 32), jnp.float32).at[1, :, :128].set(k)
     vc = jnp.zeros((2, 1, 256, 2, 32), jnp.float32).at[1, :, :128].set(v)
     cache = KVCache(kc, vc, active=128)
-    backend("interpret")
-    jaxpr = str(jax.make_jaxpr(lambda q, c: ops.cache_attention(q, c, 1, pos, 0.3, None, sink))(q, cache))
+    on_kernel = partial(ops.cache_attention, backend="interpret")
+    jaxpr = str(jax.make_jaxpr(lambda q, c: on_kernel(q, c, 1, pos, 0.3, None, sink))(q, cache))
     assert "pallas_call" in jaxpr and "f32[1,128,2,32]" not in jaxpr  # no [B, active, K, D] slice of a layer
-    y = ops.cache_attention(q, cache, 1, pos, 0.3, None, sink)
-    backend("cpu")
+    y = on_kernel(q, cache, 1, pos, 0.3, None, sink)
     np.testing.assert_allclose(y, ops.attention(q, k, v, pos, 0.3, None, sink), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ops.cache_attention(q, cache, 1, pos, 0.3, None, sink), y, rtol=1e-5, atol=1e-6)
 
@@ -130,22 +121,19 @@ def test_shapes_the_kernel_takes():
         da.decode_attention(q, k, v, pos, 1.0, interpret=True, splits=3)
 
 
-def test_ops_dispatch_sends_only_decode_to_the_kernel(backend):
+def test_ops_dispatch_sends_only_decode_to_the_kernel():
     """T = 1 goes to this kernel; T = 2 to the prefill kernel (tests/test_pallas_prefill_attention.py)."""
     q, k, v, pos, sink = inputs(1, 4, 2, 32, 64, [20], True)
     q2 = jnp.concatenate([q, q], axis=1)
     pos2 = jnp.concatenate([pos - 1, pos], axis=1)
 
-    def kernels(q, pos) -> int:  # a new function each time: a traced jaxpr would be reused across backends
-        jaxpr = str(jax.make_jaxpr(lambda q: ops.attention(q, k, v, pos, 0.3, 8, sink))(q))
+    def kernels(q, pos, backend: str) -> int:
+        jaxpr = str(jax.make_jaxpr(lambda q: ops.attention(q, k, v, pos, 0.3, 8, sink, backend=backend))(q))
         return jaxpr.count("name=decode_attention")
 
-    backend("cpu")
-    assert kernels(q, pos) == 0
-    backend("interpret")
-    assert kernels(q, pos) == 1 and kernels(q2, pos2) == 0
-    y = ops.attention(q, k, v, pos, 0.3, 8, sink)
-    backend("cpu")
+    assert kernels(q, pos, "cpu") == 0
+    assert kernels(q, pos, "interpret") == 1 and kernels(q2, pos2, "interpret") == 0
+    y = ops.attention(q, k, v, pos, 0.3, 8, sink, backend="interpret")
     np.testing.assert_allclose(y, ops.attention(q, k, v, pos, 0.3, 8, sink), rtol=1e-5, atol=1e-6)
 
 
@@ -162,10 +150,9 @@ GPU_MODELS = [
 @pytest.mark.parametrize("s", [256, 4096, 32768])
 @pytest.mark.parametrize("b", [1, 2])
 @pytest.mark.parametrize(("name", "h", "kh", "d", "window", "sinks"), GPU_MODELS, ids=[m[0] for m in GPU_MODELS])
-def test_kernel_compiled_on_real_shapes(name, h, kh, d, window, sinks, b, s, backend):
+def test_kernel_compiled_on_real_shapes(name, h, kh, d, window, sinks, b, s):
     if jax.default_backend() != "gpu":
         pytest.skip("no GPU visible to JAX")
-    backend("cpu")  # the twin: ops.attention's jax.numpy path, not the kernel again
     positions = [s - 1, s // 3][:b]
     q, k, v, pos, sink = inputs(b, h, kh, d, s, positions, sinks, dtype=jnp.float16, seed=s)
     scale = d**-0.5

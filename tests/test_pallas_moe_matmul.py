@@ -106,27 +106,19 @@ def test_plan_and_fits_on_real_shapes():
         mm.plan(QT.MXFP4, 48, 64, block_m=24)
 
 
-@pytest.fixture
-def backend():
-    before = ops.backend()
-    yield ops.set_backend
-    ops.set_backend(before)
-
-
-def test_ops_sends_prefill_selections_to_the_grouped_kernel(backend):
+def test_ops_sends_prefill_selections_to_the_grouped_kernel():
     experts, _ = random_weight(QT.MXFP4, (4, 32, 64), seed=1)
 
-    def kernels(m: int) -> list[str]:  # a new function each time: a traced jaxpr would be reused across backends
+    def kernels(m: int, backend: str) -> list[str]:
         x, ids = jnp.ones((m, 64)), routed(m, 2, 4, 0, "uniform")
-        jaxpr = str(jax.make_jaxpr(lambda x, i: ops.moe_matmul(x, experts, i))(x, ids))
+        jaxpr = str(jax.make_jaxpr(lambda x, i: ops.moe_matmul(x, experts, i, backend=backend))(x, ids))
         return [name for name in ("qmatvec_mxfp4", "moe_matmul_mxfp4") if name in jaxpr]
 
-    assert kernels(9) == []  # the CPU backend is the default
-    backend("interpret")
-    assert kernels(2) == ["qmatvec_mxfp4"] and kernels(9) == ["moe_matmul_mxfp4"]
+    assert kernels(9, "cpu") == []
+    assert kernels(2, "interpret") == ["qmatvec_mxfp4"] and kernels(9, "interpret") == ["moe_matmul_mxfp4"]
 
 
-def test_gpt_oss_prefill_through_the_kernel_matches_hf(oracles, backend, monkeypatch):
+def test_gpt_oss_prefill_through_the_kernel_matches_hf(oracles, monkeypatch):
     """The tiny gpt-oss (MXFP4 experts, E 4, k 2, 48 tokens) with its prefill MoE on the kernel (interpret
     mode): the HF float64 logits at the GPU gate (bf16 x: ~4e-3 relative, vs ~1e-6 on the CPU path)."""
     calls = []
@@ -139,8 +131,7 @@ def test_gpt_oss_prefill_through_the_kernel_matches_hf(oracles, backend, monkeyp
     monkeypatch.setattr(mm, "moe_matmul", counted)
     d = oracles / "models" / "gpt-oss"
     ids = manifest(d)["input"]["ids"]
-    m = worker.load(d / "model-mxfp4_moe.gguf", device="cpu")  # sets the cpu backend; nothing is compiled yet
-    backend("interpret")
+    m = worker.load(d / "model-mxfp4_moe.gguf", device="cpu", backend="interpret")
     ours = m.logits(ids)
     assert len(calls) == 3 * m.cfg.n_layers  # gate, up and down of each layer
     ref = np.load(d / "logits-hf-f64-mxfp4_moe-dequant.npy")

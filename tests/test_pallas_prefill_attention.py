@@ -8,6 +8,8 @@ the tiny gemma3 and gpt-oss oracle models prefilled through it, and the four rea
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,13 +52,6 @@ def inputs(b, t, h, kh, d, s, starts, sinks, dtype=jnp.float32, seed=0):
     return q, k, v, pos, sink
 
 
-@pytest.fixture
-def backend():
-    before = ops.backend()
-    yield ops.set_backend
-    ops.set_backend(before)
-
-
 def kernel(q, k, v, pos, scale, window, sink, interpret=True, **tiles) -> jax.Array:
     """The kernel under jit (interpret mode then runs as one XLA program: seconds faster than eagerly)."""
     f = jax.jit(pa.prefill_attention, static_argnames=("scale", "window", "interpret", *tiles))
@@ -65,7 +60,6 @@ def kernel(q, k, v, pos, scale, window, sink, interpret=True, **tiles) -> jax.Ar
 
 def twin(q, k, v, pos, scale, window, sink) -> jax.Array:
     """ops.attention on the CPU backend (jitted: one compile, not one per operation)."""
-    ops.set_backend("cpu")  # the jax.numpy path whatever an earlier test left set
     return jax.jit(ops.attention, static_argnames=("scale", "window"))(q, k, v, pos, scale=scale, window=window,
                                                                       sinks=sink)  # fmt: skip
 
@@ -93,12 +87,12 @@ CPU_CASES = [
 
 
 @pytest.mark.parametrize(("b", "t", "h", "kh", "d", "s", "starts", "window", "sinks", "tiles"), CPU_CASES)
-def test_kernel_matches_reference_and_twin(b, t, h, kh, d, s, starts, window, sinks, tiles, backend):
+def test_kernel_matches_reference_and_twin(b, t, h, kh, d, s, starts, window, sinks, tiles):
     q, k, v, pos, sink = inputs(b, t, h, kh, d, s, starts, sinks)
     check(q, k, v, pos, d**-0.5, window, sink, **tiles)
 
 
-def test_padded_rows_are_finite(backend):
+def test_padded_rows_are_finite():
     """A chunk's padding rows have position `slots` of the whole cache, past the active slots the kernel sees:
     without a window they see every key (as the twin), on a sliding layer none at all (0, where the twin's
     softmax is 0/0). The real rows are unaffected."""
@@ -111,7 +105,7 @@ def test_padded_rows_are_finite(backend):
     np.testing.assert_allclose(np.asarray(y[:, :20], np.float64), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_only_visible_keys_count(backend):
+def test_only_visible_keys_count():
     """Slots past the chunk or before the window hold data of earlier jobs. Key tiles wholly outside every row's
     [p - window + 1, p] are never loaded (NaN there would leak), and huge values in the partly visible tiles are
     masked out."""
@@ -141,19 +135,17 @@ def test_shapes_the_kernel_takes():
         pa.prefill_attention(q[:, :1], k, v, pos[:, :1], 1.0, interpret=True)
 
 
-def test_ops_dispatch_sends_prefill_to_the_kernel(backend):
+def test_ops_dispatch_sends_prefill_to_the_kernel():
     q, k, v, pos, sink = inputs(1, 16, 4, 2, 32, 64, [8], True)
 
-    def kernels(t) -> list[str]:  # a new function each time: a traced jaxpr would be reused across backends
-        jaxpr = str(jax.make_jaxpr(lambda q: ops.attention(q, k, v, pos[:, :t], 0.3, 8, sink))(q[:, :t]))
+    def kernels(t, backend: str) -> list[str]:
+        on = partial(ops.attention, backend=backend)
+        jaxpr = str(jax.make_jaxpr(lambda q: on(q, k, v, pos[:, :t], 0.3, 8, sink))(q[:, :t]))
         return [name for name in ("decode_attention", "prefill_attention") if f"name={name}" in jaxpr]
 
-    backend("cpu")
-    assert kernels(16) == []
-    backend("interpret")
-    assert kernels(16) == ["prefill_attention"] and kernels(1) == ["decode_attention"]
-    y = ops.attention(q, k, v, pos, 0.3, 8, sink)
-    backend("cpu")
+    assert kernels(16, "cpu") == []
+    assert kernels(16, "interpret") == ["prefill_attention"] and kernels(1, "interpret") == ["decode_attention"]
+    y = ops.attention(q, k, v, pos, 0.3, 8, sink, backend="interpret")
     np.testing.assert_allclose(y, ops.attention(q, k, v, pos, 0.3, 8, sink), rtol=1e-5, atol=1e-6)
 
 
@@ -165,7 +157,7 @@ def test_oracle_model_prefill_through_the_kernel(oracles, arch, monkeypatch):
     calls = []
     twin = ops.attention
 
-    def attention(q, k, v, positions, scale, window=None, sinks=None):
+    def attention(q, k, v, positions, scale, window=None, sinks=None, *, backend="cpu"):
         if q.shape[1] == 1:
             return twin(q, k, v, positions, scale, window, sinks)
         calls.append(window)
@@ -193,7 +185,7 @@ GPU_MODELS = [
     ("s", "interpret"), [(1024, True), *(pytest.param(s, False, marks=pytest.mark.gpu) for s in (1024, 4096, 32768))]
 )
 @pytest.mark.parametrize(("name", "h", "kh", "d", "window", "sinks"), GPU_MODELS, ids=[m[0] for m in GPU_MODELS])
-def test_kernel_on_real_shapes(name, h, kh, d, window, sinks, s, interpret, backend):
+def test_kernel_on_real_shapes(name, h, kh, d, window, sinks, s, interpret):
     """A 512-position chunk at the end of the cache and one a third in, the second with 100 padding rows, float16
     cache: float16 operands against the float32 twin (~3e-4 relative). Compiled by Triton on the GPU (`gpu`
     marked); in interpret mode on the CPU at 1024 slots (the real tiles and row layout, the same roundings)."""

@@ -144,33 +144,24 @@ def test_tiles_must_be_powers_of_two_and_rows_bounded():
         qmv.qmatvec(jnp.zeros((1, 64)), quant_array(np.zeros((32, 64), np.float32), QT.F32, (32, 64)))
 
 
-@pytest.fixture
-def backend():
-    before = ops.backend()
-    yield ops.set_backend
-    ops.set_backend(before)
-
-
-def test_ops_dispatch_sends_only_decode_sized_calls_to_the_kernel(backend):
+def test_ops_dispatch_sends_only_decode_sized_calls_to_the_kernel():
     w, _ = random_weight(QT.Q4_K, (48, 256), seed=5)
     bias = jnp.arange(48, dtype=jnp.float32)
 
-    def kernels(x) -> int:  # a new function each time: a traced jaxpr would be reused across backends
-        return str(jax.make_jaxpr(lambda x: ops.qmatmul(x, w, bias))(x)).count("pallas_call")
+    def kernels(x, backend: str) -> int:
+        return str(jax.make_jaxpr(lambda x: ops.qmatmul(x, w, bias, backend=backend))(x)).count("pallas_call")
 
     decode, prefill = jnp.ones((1, 1, 256)), jnp.ones((1, qmv.MAX_ROWS + 1, 256))
-    assert kernels(decode) == 0  # the CPU backend is the default
-    backend("interpret")
-    assert kernels(decode) == 1 and kernels(prefill) == 0
-    y = ops.qmatmul(decode, w, bias)
-    backend("cpu")
+    assert kernels(decode, "cpu") == 0
+    assert kernels(decode, "interpret") == 1 and kernels(prefill, "interpret") == 0
+    y = ops.qmatmul(decode, w, bias, backend="interpret")
     np.testing.assert_allclose(y, ops.qmatmul(decode, w, bias), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown ops backend"):
-        backend("tpu")
+        ops.check_backend("tpu")
 
 
 @pytest.mark.slow
-def test_gpt_oss_decode_through_the_kernels_follows_the_full_forward(oracles, backend, monkeypatch):
+def test_gpt_oss_decode_through_the_kernels_follows_the_full_forward(oracles, monkeypatch):
     """Decode (M = 1: Q8_0 projections and the MXFP4 experts through the kernels, in interpret mode) picks the
     argmax of the full forward over the same tokens (prefill, the path checked against HF float64)."""
     calls = {"qmatvec": 0, "moe_matvec": 0}
@@ -188,8 +179,7 @@ def test_gpt_oss_decode_through_the_kernels_follows_the_full_forward(oracles, ba
         monkeypatch.setattr(qmv, name, counted(name))
     d = oracles / "models" / "gpt-oss"
     ids = manifest(d)["input"]["ids"]
-    m = worker.load(d / "model-mxfp4_moe.gguf", device="cpu")  # sets the cpu backend; nothing is compiled yet
-    backend("interpret")
+    m = worker.load(d / "model-mxfp4_moe.gguf", device="cpu", backend="interpret")
     out = m.generate(ids, max_tokens=5, stop_at_eos=False)
     assert calls["qmatvec"] > 0 and calls["moe_matvec"] > 0, calls
     full = m.logits(ids + out[:-1])[len(ids) - 1 :]

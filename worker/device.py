@@ -15,10 +15,10 @@ import jax
 
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile
+from worker.kv_cache import bytes_per_slot, dtype_for
 
 # Device bytes a format's planes take per GGUF byte (quant.py keeps K-quant sub-block scales unpacked: <= 2.8%).
 PLANE_OVERHEAD = 1.03
-KV_BYTES = {"cpu": 4, "gpu": 2}  # float32 on the CPU (exact math), float16 on the GPU (the spec's KV cache)
 
 
 def pick_device(kind: str, index: int = 0) -> jax.Device:
@@ -68,7 +68,7 @@ def estimate(gf: GGUFFile, cfg: Any, slots: int, device_kind: str, chunk: int = 
     """What loading needs: the planes, the KV cache and the largest transient of a prefill chunk (the biggest
     weight dequantized to float32 for the XLA dot, the logits of a chunk, and activations)."""
     weights = math.ceil(gf.tensor_bytes * PLANE_OVERHEAD)
-    kv = 2 * cfg.n_layers * slots * cfg.n_kv_heads * cfg.head_dim * KV_BYTES[device_kind]
+    kv = slots * bytes_per_slot(cfg, dtype_for(device_kind))
     largest = max((t.n_elements for t in gf.tensors.values() if len(t.shape) >= 2), default=0)
     working = largest * 4 + chunk * cfg.vocab_size * 4 + 64 * chunk * 16 * 1024 + (256 << 20)
     return MemoryEstimate(weights, kv, working)

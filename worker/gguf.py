@@ -24,8 +24,8 @@ from gguf import GGML_QUANT_SIZES, GGUFValueType
 from gguf import GGMLQuantizationType as QT
 
 from worker.errors import ErrorCode, WorkerError
+from worker.models import ARCHITECTURES
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "phi3", "gemma3", "gpt2", "gpt-oss")
 SUPPORTED_VERSIONS = (2, 3)
 MAX_TENSORS = 10_000  # M0-W-1210: tensor count < 10,000
 MAX_KV = 100_000
@@ -365,8 +365,8 @@ def _validate(gf: GGUFFile, size: int, require_tensors: bool) -> None:
         for key in REQUIRED_KEYS:
             gf.require(key)
         arch = gf.metadata["general.architecture"]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        if arch not in ARCHITECTURES:
+            supported = ", ".join(ARCHITECTURES)
             raise _fail(path, f"unknown architecture {arch!r} (supported: {supported})")
         if not gf.tensors:
             raise _fail(path, "the file holds no tensors (a vocab-only file cannot be served)")

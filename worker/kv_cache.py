@@ -11,9 +11,22 @@ runner): a decode step at position 200 of a 32k-slot cache then reads 256 slots,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+# float32 on the CPU (exact math against the float64 oracles), float16 on the GPU (the spec's KV cache).
+DTYPES = {"cpu": jnp.float32, "gpu": jnp.float16}
+
+
+def dtype_for(device_kind: str) -> Any:
+    return DTYPES["cpu" if device_kind == "cpu" else "gpu"]
+
+
+def bytes_per_slot(cfg: Any, dtype: Any) -> int:
+    """Bytes one token slot takes: a key and a value per layer and kv head."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
 @jax.tree_util.register_dataclass

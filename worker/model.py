@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from worker import device as devices
@@ -200,17 +199,21 @@ def load_model(
     tokenizer_json: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     gpu_index: int = 0,
+    backend: str | None = None,
 ) -> Model:
     """Open, validate and place a model. `device`: "cpu", "gpu" or "auto". `slots`: KV cache capacity in tokens
     (default: the file's context, capped at 4096 on the CPU). `on_progress(done_bytes, total_bytes)` is called
     after each tensor is on the device. On a GPU, a model that does not fit fails with INSUFFICIENT_VRAM before
-    any weight is copied."""
+    any weight is copied. `backend`: the ops implementation (ops.BACKENDS; default: the device's), carried in the
+    model's config; "interpret" runs the GPU kernels in Pallas interpret mode on the CPU (tests)."""
     gf = open_gguf(path)
     adapter = adapter_for(gf.architecture)
     cfg = adapter.config(gf)
     dev = devices.pick_device(device, gpu_index)
     kind = dev.platform
-    ops.set_backend("cpu" if kind == "cpu" else "gpu")  # read while tracing: before the runner compiles
+    if backend is None:
+        backend = "cpu" if kind == "cpu" else "gpu"
+    cfg = dataclasses.replace(cfg, backend=ops.check_backend(backend))
     tokenizer = load_tokenizer(gf if tokenizer_json is None else gf.path, tokenizer_json)
     if slots is None:
         slots = cfg.context_length if kind != "cpu" else min(cfg.context_length, DEFAULT_CPU_SLOTS)
@@ -227,8 +230,7 @@ def load_model(
     if on_progress is not None:
         on_progress(0, total)
     weights = load_weights(gf, table, lambda a: jax.device_put(a, dev), progress)
-    cache_dtype = jnp.float32 if kind == "cpu" else jnp.float16
-    runner = Runner(adapter, cfg, weights, dev, slots, cache_dtype=cache_dtype)
+    runner = Runner(adapter, cfg, weights, dev, slots)
     return Model(gf, tokenizer, runner, kind)
 
 

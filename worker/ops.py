@@ -1,6 +1,7 @@
 """The ops layer: one dispatch point per operation the models use (quantized matmul, embedding lookup, norms,
 RoPE, attention). These are the plain jax.numpy implementations the CPU path runs and the GPU kernels
-(worker/pallas_kernels) are tested against; `set_backend` is where the kernels plug in.
+(worker/pallas_kernels) are tested against. Which of the two a call traces to is its `backend` argument, carried by
+the model's config (no module state: two models on two backends live in one process).
 
 Shapes: B batch, T query positions, S cache slots, H query heads, K kv heads, G = H / K, D head dim.
 The CPU path computes everything in float32: the oracles are float64 references and it matches them to ~1e-6
@@ -24,35 +25,28 @@ from worker.quant import QuantArray, dequantize
 
 Weight = QuantArray | jax.Array
 
+# Which implementation the quantized matmuls, attention and MoE trace to: "cpu" (the jax.numpy path below, exact
+# float32), "gpu" (Pallas kernels for decode-sized matmuls: at most qmatvec.MAX_ROWS rows of x in a kernel format;
+# attention (decode and prefill) unless WORKER_ATTENTION_KERNEL=0; the grouped MoE matmul) or "interpret" (those
+# kernels in Pallas interpret mode, for CPU tests).
 BACKENDS = ("cpu", "gpu", "interpret")
-_backend = "cpu"
 # The attention kernels on the non-CPU backends; WORKER_ATTENTION_KERNEL=0 keeps attention on jax.numpy.
 _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
 
 
-def _attention_kernels_on() -> bool:
-    return _backend != "cpu" and _attention_kernel
-
-
-def set_backend(name: str) -> None:
-    """Which implementation the quantized matmuls and decode attention trace to: "cpu" (the jax.numpy path
-    below, exact float32), "gpu" (Pallas kernels for decode-sized calls: at most qmatvec.MAX_ROWS rows of x, a
-    kernel format; attention (decode and prefill), unless WORKER_ATTENTION_KERNEL=0) or
-    "interpret" (those kernels in Pallas interpret mode, for CPU tests). Read while tracing: set it before the
-    model's steps are compiled (at load), not between calls of an already compiled step."""
-    global _backend
+def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown ops backend {name!r} (one of {', '.join(BACKENDS)})")
-    _backend = name
+    return name
 
 
-def backend() -> str:
-    return _backend
+def _attention_kernels_on(backend: str) -> bool:
+    return backend != "cpu" and _attention_kernel
 
 
-def _kernel_fits(w: Weight, rows: int, plane_ndim: int) -> bool:
+def _kernel_fits(w: Weight, rows: int, plane_ndim: int, backend: str) -> bool:
     return (
-        _backend != "cpu"
+        backend != "cpu"
         and isinstance(w, QuantArray)
         and w.qtype in qmatvec.KERNEL_TYPES
         and 1 <= rows <= qmatvec.MAX_ROWS
@@ -64,12 +58,12 @@ def as_f32(w: Weight) -> jax.Array:
     return dequantize(w, jnp.float32) if isinstance(w, QuantArray) else w.astype(jnp.float32)
 
 
-def qmatmul(x: jax.Array, w: Weight, bias: jax.Array | None = None) -> jax.Array:
+def qmatmul(x: jax.Array, w: Weight, bias: jax.Array | None = None, *, backend: str = "cpu") -> jax.Array:
     """x [..., In] @ w[Out, In].T (+ bias) -> [..., Out]; w stays quantized in memory, dequantized per call.
     Decode-sized calls on the GPU backend go to the Pallas matvec; prefill stays on dequantize + XLA dot."""
-    if _kernel_fits(w, x.size // max(1, x.shape[-1]), 2):
-        y = qmatvec.qmatvec(x, w, interpret=_backend == "interpret")
-    elif _backend == "gpu":
+    if _kernel_fits(w, x.size // max(1, x.shape[-1]), 2, backend):
+        y = qmatvec.qmatvec(x, w, interpret=backend == "interpret")
+    elif backend == "gpu":
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
         # accumulation). bf16 operands cost ~1e-2 relative on the logits (docs/gpu.md), not the CPU's 1e-6.
         wb = dequantize(w, jnp.bfloat16) if isinstance(w, QuantArray) else w.astype(jnp.bfloat16)
@@ -160,6 +154,8 @@ def attention(
     scale: float,
     window: int | None = None,
     sinks: jax.Array | None = None,
+    *,
+    backend: str = "cpu",
 ) -> jax.Array:
     """Causal GQA attention of q [B, T, H, D] over the cache [B, S, K, D], where slot j holds position j.
 
@@ -169,13 +165,13 @@ def attention(
     On the gpu/interpret backends decode (T = 1) goes to the flash-decoding kernel of worker/pallas_kernels and
     prefill (T > 1) to its flash-attention kernel (float16 operands with float32 accumulation on the GPU).
     """
-    if _attention_kernels_on() and decode_attention.fits(q.shape, k_cache.shape):
+    if _attention_kernels_on(backend) and decode_attention.fits(q.shape, k_cache.shape):
         return decode_attention.decode_attention(
-            q, k_cache, v_cache, q_positions, scale, window, sinks, interpret=_backend == "interpret"
+            q, k_cache, v_cache, q_positions, scale, window, sinks, interpret=backend == "interpret"
         )
-    if _attention_kernels_on() and prefill_attention.fits(q.shape, k_cache.shape):
+    if _attention_kernels_on(backend) and prefill_attention.fits(q.shape, k_cache.shape):
         return prefill_attention.prefill_attention(
-            q, k_cache, v_cache, q_positions, scale, window, sinks, interpret=_backend == "interpret"
+            q, k_cache, v_cache, q_positions, scale, window, sinks, interpret=backend == "interpret"
         )
     b, t, h, d = q.shape
     s, kh = k_cache.shape[1], k_cache.shape[2]
@@ -207,21 +203,23 @@ def cache_attention(
     scale: float,
     window: int | None = None,
     sinks: jax.Array | None = None,
+    *,
+    backend: str = "cpu",
 ) -> jax.Array:
     """`attention` over layer `layer` of the cache (its active slots). The decode kernel reads that layer of the
     whole cache in place: a slice handed to a kernel is a copy XLA makes every layer and step (48 copy kernels a
     step for qwen2.5-0.5b, in a profile)."""
     slots = cache.active or cache.slots
     slice_shape = (cache.k.shape[1], slots, *cache.k.shape[3:])
-    if _attention_kernels_on() and decode_attention.fits(q.shape, slice_shape):
-        interpret = _backend == "interpret"
+    if _attention_kernels_on(backend) and decode_attention.fits(q.shape, slice_shape):
+        interpret = backend == "interpret"
         return decode_attention.decode_attention(
             q, cache.k, cache.v, q_positions, scale, window, sinks, layer=layer, slots=slots, interpret=interpret
         )
-    return attention(q, *cache.layer(layer), q_positions, scale, window, sinks)
+    return attention(q, *cache.layer(layer), q_positions, scale, window, sinks, backend=backend)
 
 
-def moe_matmul(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> jax.Array:
+def moe_matmul(x: jax.Array, experts: QuantArray, expert_ids: jax.Array, *, backend: str = "cpu") -> jax.Array:
     """Each token's selected experts: x [M, In] (one input shared by the k selections) or [M, k, In] (one per
     selection) times experts [E, Out, In] at expert_ids [M, k] -> [M, k, Out].
 
@@ -233,10 +231,10 @@ def moe_matmul(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> jax.
     expert in float32.
     """
     n_experts, n_out = experts.shape[:2]
-    if expert_ids.size <= n_experts and _kernel_fits(experts, expert_ids.shape[0], 3):
-        return qmatvec.moe_matvec(x, experts, expert_ids, interpret=_backend == "interpret")
-    if _backend != "cpu" and expert_ids.size > n_experts and grouped_matmul.fits(experts):
-        return grouped_matmul.moe_matmul(x, experts, expert_ids, interpret=_backend == "interpret")
+    if expert_ids.size <= n_experts and _kernel_fits(experts, expert_ids.shape[0], 3, backend):
+        return qmatvec.moe_matvec(x, experts, expert_ids, interpret=backend == "interpret")
+    if backend != "cpu" and expert_ids.size > n_experts and grouped_matmul.fits(experts):
+        return grouped_matmul.moe_matmul(x, experts, expert_ids, interpret=backend == "interpret")
     x = x.astype(jnp.float32)
     shared = x.ndim == expert_ids.ndim
     hi = jax.lax.Precision.HIGHEST
@@ -255,7 +253,3 @@ def moe_matmul(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> jax.
     out = jnp.zeros((*expert_ids.shape, n_out), jnp.float32)
     out, _ = jax.lax.scan(one_expert, out, (jnp.arange(n_experts), experts.planes))
     return out
-
-
-def default_attn_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worker.kv_cache import KVCache, init_cache
+from worker.kv_cache import KVCache, bytes_per_slot, dtype_for, init_cache
 from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample, token_logprobs
 
 # (token log-probability, top ids, top log-probabilities) of sampled rows, on the device; None when not asked for
@@ -48,18 +48,16 @@ class Runner:
         device: jax.Device,
         slots: int,
         chunk: int = 512,
-        cache_dtype=jnp.float32,
     ):
         self.adapter, self.cfg, self.weights, self.device = adapter, cfg, weights, device
-        self.slots, self.chunk, self.cache_dtype = slots, min(chunk, slots), cache_dtype
+        self.slots, self.chunk, self.cache_dtype = slots, min(chunk, slots), dtype_for(device.platform)
         self._prefill = jax.jit(partial(_prefill, adapter, cfg), donate_argnums=(4,))
         self._decode = jax.jit(partial(_decode, adapter, cfg), static_argnums=(8, 9), donate_argnums=(3, 4))
         self._sample = jax.jit(_sample_rows, static_argnums=(5,))
         self._all_logits = jax.jit(partial(_all_logits, adapter, cfg), donate_argnums=(3,))
 
     def cache_bytes(self, batch: int = 1) -> int:
-        c = self.cfg
-        return 2 * c.n_layers * batch * self.slots * c.n_kv_heads * c.head_dim * jnp.dtype(self.cache_dtype).itemsize
+        return batch * self.slots * bytes_per_slot(self.cfg, self.cache_dtype)
 
     def new_cache(self, batch: int = 1) -> KVCache:
         c = self.cfg

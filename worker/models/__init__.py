@@ -1,27 +1,30 @@
-"""Model adapters by GGUF `general.architecture`. Each adapter module provides:
-`config(gf) -> Config` (frozen, hashable: static under jit), `weight_table(gf, cfg)` (GGUF name -> pytree path),
-`forward(weights, cfg, tokens, positions, cache) -> (hidden, cache)` and `logits(weights, cfg, hidden)`.
-Configs expose n_layers, n_kv_heads, head_dim, vocab_size and context_length for the cache and the engine."""
+"""The architecture registry: GGUF `general.architecture` -> the adapter module that maps it (one place; gguf.py's
+validation and every error message read it). An adapter provides `config(gf)` (a frozen base.ModelConfig: static
+under jit), `weight_table(gf, cfg)`, `forward(weights, cfg, tokens, positions, cache) -> (hidden, cache)` and
+`logits(weights, cfg, hidden)`. Adapters import lazily: this module is imported by gguf.py and imports nothing."""
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
 from worker.errors import ErrorCode, WorkerError
-from worker.gguf import SUPPORTED_ARCHITECTURES
-from worker.models import llama
 
-_ADAPTERS: dict[str, ModuleType] = {arch: llama for arch in llama.ARCHITECTURES}
+ADAPTERS: dict[str, str] = {
+    "llama": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "phi3": "llama",
+    "gemma3": "llama",
+    "gpt2": "gpt2",
+    "gpt-oss": "gpt_oss",
+}
+ARCHITECTURES = tuple(ADAPTERS)
 
 
 def adapter_for(arch: str) -> ModuleType:
-    if arch in ("gpt2", "gpt-oss") and arch not in _ADAPTERS:
-        from worker.models import gpt2, gpt_oss
-
-        _ADAPTERS.update({"gpt2": gpt2, "gpt-oss": gpt_oss})
-    if arch not in _ADAPTERS:
+    if arch not in ADAPTERS:
         raise WorkerError(
-            ErrorCode.MODEL_LOAD_FAILED,
-            f"unknown architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
+            ErrorCode.MODEL_LOAD_FAILED, f"unknown architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})"
         )
-    return _ADAPTERS[arch]
+    return importlib.import_module(f"worker.models.{ADAPTERS[arch]}")

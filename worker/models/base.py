@@ -1,51 +1,111 @@
-"""What every model adapter shares: the adapter interface, metadata readers, and weight loading through an
-explicit GGUF-name table (unknown, missing or duplicate names fail loudly)."""
+"""What every model adapter shares: the config fields the runner, cache and engine read, metadata readers, the typed
+description of a layer's weights, the one walk from GGUF tensor names to the weights pytree, and the per-layer loop
+(attention block + the family's FFN) that every family runs.
+
+A layer's weights are a dict keyed by the GGUF tensor name inside the block: `blk.3.attn_q.weight` is
+`layers[3]["attn_q"]`, `blk.3.attn_q.bias` is `layers[3]["attn_q_b"]`. The same tensor has the same name in every
+family; which optional tensors a layer holds (biases, fused q|k|v, q/k norms, sinks) is what the shared attention
+block switches on.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, TypedDict
 
 import gguf.quants
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from worker import ops
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, TensorInfo
-from worker.kv_cache import KVCache
+from worker.kv_cache import KVCache, write_layer
 from worker.quant import QuantArray, quant_array
 
 Put = Callable[[np.ndarray], jax.Array]
+Weight = QuantArray | jax.Array
+Shape = tuple[int, ...]
 
 
-class Adapter(Protocol):
-    """One per architecture family. `cfg` is a frozen, hashable dataclass: passed to jit as static."""
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The fields every family has. Frozen and hashable: a config is static under jit, so `backend` (which ops
+    implementation the model's steps trace to, ops.BACKENDS) is part of the compiled program, not process state."""
 
-    architectures: tuple[str, ...]
+    arch: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    norm_eps: float
+    attn_scale: float
+    post_norms: bool = False  # gemma3: RMS norms on the attention and FFN outputs before the residual add
+    backend: str = "cpu"
 
-    def config(self, gf: GGUFFile) -> Any: ...
+    def rope(self, layer: int) -> Rope | None:
+        """The rotary embedding of `layer`; None: the family has no RoPE (gpt2)."""
+        return None
 
-    def weight_table(self, gf: GGUFFile, cfg: Any) -> dict[str, tuple[tuple, bool]]:
-        """GGUF tensor name -> (path in the weights pytree, required)."""
-        ...
-
-    def forward(
-        self, weights: Any, cfg: Any, tokens: jax.Array, positions: jax.Array, cache: KVCache
-    ) -> tuple[jax.Array, KVCache]:
-        """tokens, positions [B, T] -> final hidden states [B, T, D] (before the output norm) and the cache."""
-        ...
-
-    def logits(self, weights: Any, cfg: Any, hidden: jax.Array) -> jax.Array:
-        """Output norm + projection: [B, T, D] -> [B, T, vocab] float32."""
-        ...
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer` (keys within `window` positions of the query); None: full attention."""
+        return None
 
 
 @dataclass(frozen=True)
-class CacheSpec:
-    n_layers: int
-    n_kv_heads: int
-    head_dim: int
+class Rope:
+    inv_freq: Any  # [rotated dims / 2] float32 (jax.Array; built while tracing)
+    neox: bool  # rotate halves (i, i + d/2), else adjacent pairs (2i, 2i + 1)
+    mscale: float = 1.0  # YaRN's attention factor on cos/sin
+
+
+class LayerWeights(TypedDict, total=False):
+    """One layer's tensors, named as in the GGUF block (`.bias` -> `_b`); each family holds a subset."""
+
+    attn_norm: jax.Array
+    attn_norm_b: jax.Array
+    attn_q: Weight
+    attn_q_b: jax.Array
+    attn_k: Weight
+    attn_k_b: jax.Array
+    attn_v: Weight
+    attn_v_b: jax.Array
+    attn_qkv: Weight  # fused rows [q | k | v] (phi3, gpt2)
+    attn_qkv_b: jax.Array
+    attn_q_norm: jax.Array  # per-head RMS norms of q and k before RoPE (gemma3, qwen3)
+    attn_k_norm: jax.Array
+    attn_output: Weight
+    attn_output_b: jax.Array
+    attn_sinks: jax.Array  # one logit per head in the softmax denominator (gpt-oss)
+    post_attention_norm: jax.Array  # gemma3: on the attention output; gpt-oss: the FFN's pre-norm
+    ffn_norm: jax.Array
+    ffn_norm_b: jax.Array
+    ffn_gate: Weight
+    ffn_up: Weight  # phi3: fused rows [gate | up]
+    ffn_up_b: jax.Array
+    ffn_down: Weight
+    ffn_down_b: jax.Array
+    post_ffw_norm: jax.Array
+    ffn_gate_inp: Weight  # the MoE router
+    ffn_gate_inp_b: jax.Array
+    ffn_gate_exps: QuantArray
+    ffn_gate_exps_b: jax.Array
+    ffn_up_exps: QuantArray
+    ffn_up_exps_b: jax.Array
+    ffn_gate_up_exps: QuantArray
+    ffn_gate_up_exps_b: jax.Array
+    ffn_down_exps: QuantArray
+    ffn_down_exps_b: jax.Array
+
+
+# An adapter's tensor list: GGUF name -> (expected shape or None, required). Names without a `blk.` prefix are
+# the model's own (token_embd, output_norm, output); per-layer names are given once, without the prefix.
+TensorSpec = dict[str, tuple[Shape | None, bool]]
 
 
 def load_error(gf: GGUFFile, reason: str) -> WorkerError:
@@ -60,6 +120,35 @@ def meta(gf: GGUFFile, suffix: str, default: Any = ..., cast: Callable = lambda 
     if default is ...:
         raise load_error(gf, f"missing required metadata key {key!r}")
     return default
+
+
+def require_tensor(gf: GGUFFile, name: str) -> TensorInfo:
+    if name not in gf.tensors:
+        raise load_error(gf, f"missing tensor {name!r}")
+    return gf.tensors[name]
+
+
+def weight_table(gf: GGUFFile, n_layers: int, model: TensorSpec, layer: TensorSpec) -> dict[str, tuple[tuple, bool]]:
+    """GGUF name -> (path in the weights pytree, required), checking every present tensor's shape."""
+    table: dict[str, tuple[tuple, bool]] = {}
+
+    def add(name: str, path: tuple, shape: Shape | None, required: bool) -> None:
+        table[name] = (path, required)
+        t = gf.tensors.get(name)
+        if shape is not None and t is not None and t.shape != shape:
+            raise load_error(gf, f"tensor {name!r} has shape {t.shape}, expected {shape} from the metadata")
+
+    for name, (shape, required) in model.items():
+        add(name, (field_name(name),), shape, required)
+    for i in range(n_layers):
+        for name, (shape, required) in layer.items():
+            add(f"blk.{i}.{name}", ("layers", i, field_name(name)), shape, required)
+    return table
+
+
+def field_name(tensor: str) -> str:
+    """`attn_q.weight` -> `attn_q`, `attn_q.bias` -> `attn_q_b`."""
+    return tensor.removesuffix(".weight").replace(".bias", "_b")
 
 
 def to_weight(t: TensorInfo, put: Put, matrix: bool) -> QuantArray | jax.Array:
@@ -100,7 +189,57 @@ def _lists(node):
     return node
 
 
-def check_shape(gf: GGUFFile, name: str, expected: tuple[int, ...]) -> None:
-    t = gf.tensors.get(name)
-    if t is not None and t.shape != expected:
-        raise load_error(gf, f"tensor {name!r} has shape {t.shape}, expected {expected} from the metadata")
+def norm(x: jax.Array, w: jax.Array, b: jax.Array | None, eps: float) -> jax.Array:
+    """LayerNorm where the file has a bias for the norm (gpt2), RMSNorm otherwise."""
+    return ops.rms_norm(x, w, eps) if b is None else ops.layer_norm(x, w, b, eps)
+
+
+def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array, positions: jax.Array,
+                    cache: KVCache) -> tuple[jax.Array, KVCache]:  # fmt: skip
+    """Pre-norm attention with its residual: x [B, T, D] -> x + attention(norm(x)), writing the layer's k/v."""
+    b, t, _ = x.shape
+    hd, nh, nk, be = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.backend
+    h = norm(x, lw["attn_norm"], lw.get("attn_norm_b"), cfg.norm_eps)
+    if "attn_qkv" in lw:
+        qkv = ops.qmatmul(h, lw["attn_qkv"], lw.get("attn_qkv_b"), backend=be)
+        q, k, v = jnp.split(qkv, [nh * hd, (nh + nk) * hd], axis=-1)
+    else:
+        q = ops.qmatmul(h, lw["attn_q"], lw.get("attn_q_b"), backend=be)
+        k = ops.qmatmul(h, lw["attn_k"], lw.get("attn_k_b"), backend=be)
+        v = ops.qmatmul(h, lw["attn_v"], lw.get("attn_v_b"), backend=be)
+    q, k, v = q.reshape(b, t, nh, hd), k.reshape(b, t, nk, hd), v.reshape(b, t, nk, hd)
+    if "attn_q_norm" in lw:
+        q = ops.rms_norm(q, lw["attn_q_norm"], cfg.norm_eps)
+        k = ops.rms_norm(k, lw["attn_k_norm"], cfg.norm_eps)
+    rope = cfg.rope(layer)
+    if rope is not None:
+        q = ops.rope(q, positions, rope.inv_freq, rope.neox, rope.mscale)
+        k = ops.rope(k, positions, rope.inv_freq, rope.neox, rope.mscale)
+    cache = write_layer(cache, layer, k, v, positions)
+    att = ops.cache_attention(q, cache, layer, positions, cfg.attn_scale, cfg.window(layer), lw.get("attn_sinks"),
+                              backend=be)  # fmt: skip
+    out = ops.qmatmul(att.reshape(b, t, nh * hd), lw["attn_output"], lw.get("attn_output_b"), backend=be)
+    if cfg.post_norms:
+        out = ops.rms_norm(out, lw["post_attention_norm"], cfg.norm_eps)
+    return x + out, cache
+
+
+FFN = Callable[[LayerWeights, Any, jax.Array], jax.Array]
+
+
+def run_layers(weights: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, cache: KVCache, ffn: FFN
+               ) -> tuple[jax.Array, KVCache]:  # fmt: skip
+    """The per-layer loop every family shares: attention block, then the family's FFN block (with its residual)."""
+    for i, lw in enumerate(weights["layers"]):
+        x, cache = attention_block(lw, cfg, i, x, positions, cache)
+        x = ffn(lw, cfg, x)
+    return x, cache
+
+
+def logits(weights: dict, cfg: ModelConfig, hidden: jax.Array, softcap: float | None = None) -> jax.Array:
+    """Output norm + projection (the token embeddings when the file has no `output`): [B, T, D] -> [B, T, V]."""
+    h = norm(hidden, weights["output_norm"], weights.get("output_norm_b"), cfg.norm_eps)
+    out = ops.qmatmul(h, weights.get("output", weights["token_embd"]), backend=cfg.backend)
+    if softcap:
+        out = jnp.tanh(out / softcap) * softcap
+    return out

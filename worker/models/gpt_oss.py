@@ -24,26 +24,17 @@ import jax.numpy as jnp
 
 from worker import ops
 from worker.gguf import GGUFFile
-from worker.kv_cache import KVCache, write_layer
-from worker.models.base import check_shape, load_error, meta
-
-ARCHITECTURES = ("gpt-oss",)
+from worker.kv_cache import KVCache
+from worker.models import base
+from worker.models.base import LayerWeights, ModelConfig, Rope, TensorSpec, load_error, meta
 
 # The clamped SwiGLU's constants: fixed by the model (HF swiglu_limit / swiglu_alpha), not in GGUF metadata.
 SWIGLU_LIMIT = 7.0
 SWIGLU_ALPHA = 1.702
 
 
-@dataclass(frozen=True)
-class GptOssConfig:
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    context_length: int
-    norm_eps: float
+@dataclass(frozen=True, kw_only=True)
+class GptOssConfig(ModelConfig):
     rope_base: float
     yarn_factor: float  # 1.0: plain RoPE
     yarn_original_context: int
@@ -55,17 +46,14 @@ class GptOssConfig:
     expert_ffn_dim: int
     fused_gate_up: bool
 
-    @property
-    def attn_scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim)
+    def window(self, layer: int) -> int | None:
+        return self.sliding_window if layer % 2 == 0 else None
 
-    def is_sliding(self, layer: int) -> bool:
-        return self.sliding_window is not None and layer % 2 == 0
-
-    def rope(self) -> tuple[jax.Array, float]:
-        """(inv_freq [head_dim / 2], cos/sin factor)."""
-        return ops.yarn_inv_freq(self.head_dim, self.rope_base, self.yarn_factor, self.yarn_original_context,
-                                 self.yarn_beta_fast, self.yarn_beta_slow, truncate=False)  # fmt: skip
+    def rope(self, layer: int) -> Rope:
+        inv_freq, mscale = ops.yarn_inv_freq(self.head_dim, self.rope_base, self.yarn_factor,
+                                             self.yarn_original_context, self.yarn_beta_fast, self.yarn_beta_slow,
+                                             truncate=False)  # fmt: skip
+        return Rope(inv_freq, neox=True, mscale=mscale)
 
 
 def config(gf: GGUFFile) -> GptOssConfig:
@@ -73,8 +61,8 @@ def config(gf: GGUFFile) -> GptOssConfig:
     n_kv = meta(gf, "attention.head_count_kv", n_heads, cast=int)
     if n_heads % n_kv:
         raise load_error(gf, f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
-    if "token_embd.weight" not in gf.tensors:
-        raise load_error(gf, "missing tensor 'token_embd.weight'")
+    vocab = base.require_tensor(gf, "token_embd.weight").shape[0]
+    head_dim = meta(gf, "attention.key_length", cast=int)
     context = meta(gf, "context_length", cast=int)
     yarn = meta(gf, "rope.scaling.type", "none", cast=str) == "yarn"
     n_experts = meta(gf, "expert_count", cast=int)
@@ -82,14 +70,16 @@ def config(gf: GGUFFile) -> GptOssConfig:
     if not 0 < n_used <= n_experts:
         raise load_error(gf, f"expert_used_count {n_used} is not in 1..expert_count ({n_experts})")
     return GptOssConfig(
+        arch=gf.architecture,
         n_layers=meta(gf, "block_count", cast=int),
         d_model=meta(gf, "embedding_length", cast=int),
         n_heads=n_heads,
         n_kv_heads=n_kv,
-        head_dim=meta(gf, "attention.key_length", cast=int),
-        vocab_size=gf.tensors["token_embd.weight"].shape[0],
+        head_dim=head_dim,
+        vocab_size=vocab,
         context_length=context,
         norm_eps=meta(gf, "attention.layer_norm_rms_epsilon", 1e-5, cast=float),
+        attn_scale=1.0 / math.sqrt(head_dim),
         rope_base=meta(gf, "rope.freq_base", 10000.0, cast=float),
         yarn_factor=meta(gf, "rope.scaling.factor", cast=float) if yarn else 1.0,
         yarn_original_context=meta(gf, "rope.scaling.original_context_length", context, cast=int),
@@ -106,11 +96,10 @@ def config(gf: GGUFFile) -> GptOssConfig:
 def weight_table(gf: GGUFFile, cfg: GptOssConfig) -> dict[str, tuple[tuple, bool]]:
     d, e, f = cfg.d_model, cfg.n_experts, cfg.expert_ffn_dim
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    check_shape(gf, "token_embd.weight", (cfg.vocab_size, d))
-    table: dict[str, tuple[tuple, bool]] = {
-        "token_embd.weight": (("token_embd",), True),
-        "output_norm.weight": (("output_norm",), True),
-        "output.weight": (("output",), True),
+    model: TensorSpec = {
+        "token_embd.weight": ((cfg.vocab_size, d), True),
+        "output_norm.weight": ((d,), True),
+        "output.weight": ((cfg.vocab_size, d), True),
     }
     shapes = {
         "attn_norm.weight": (d,),
@@ -138,30 +127,7 @@ def weight_table(gf: GGUFFile, cfg: GptOssConfig) -> dict[str, tuple[tuple, bool
             "ffn_up_exps.weight": (e, f, d),
             "ffn_up_exps.bias": (e, f),
         }
-    for i in range(cfg.n_layers):
-        for name, shape in shapes.items():
-            field = name.replace(".weight", "").replace(".bias", "_b")
-            table[f"blk.{i}.{name}"] = (("layers", i, field), True)
-            check_shape(gf, f"blk.{i}.{name}", shape)
-    return table
-
-
-def attention_block(lw: dict, cfg: GptOssConfig, layer: int, x: jax.Array, positions: jax.Array,
-                    cache: KVCache) -> tuple[jax.Array, KVCache]:  # fmt: skip
-    b, t, _ = x.shape
-    nh, nk, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    h = ops.rms_norm(x, lw["attn_norm"], cfg.norm_eps)
-    q = ops.qmatmul(h, lw["attn_q"], lw["attn_q_b"]).reshape(b, t, nh, hd)
-    k = ops.qmatmul(h, lw["attn_k"], lw["attn_k_b"]).reshape(b, t, nk, hd)
-    v = ops.qmatmul(h, lw["attn_v"], lw["attn_v_b"]).reshape(b, t, nk, hd)
-    inv_freq, mscale = cfg.rope()
-    q = ops.rope(q, positions, inv_freq, neox=True, mscale=mscale)
-    k = ops.rope(k, positions, inv_freq, neox=True, mscale=mscale)
-    cache = write_layer(cache, layer, k, v, positions)
-    window = cfg.sliding_window if cfg.is_sliding(layer) else None
-    sinks = lw["attn_sinks"]
-    att = ops.cache_attention(q, cache, layer, positions, cfg.attn_scale, window, sinks)
-    return x + ops.qmatmul(att.reshape(b, t, nh * hd), lw["attn_output"], lw["attn_output_b"]), cache
+    return base.weight_table(gf, cfg.n_layers, model, {n: (s, True) for n, s in shapes.items()})
 
 
 def clamped_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -170,23 +136,23 @@ def clamped_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return (up + 1.0) * gate * jax.nn.sigmoid(SWIGLU_ALPHA * gate)
 
 
-def _experts(lw: dict, name: str, x: jax.Array, expert_ids: jax.Array) -> jax.Array:
+def _experts(lw: LayerWeights, cfg: GptOssConfig, name: str, x: jax.Array, expert_ids: jax.Array) -> jax.Array:
     """The selected experts' projection with its bias: [M, k, Out]."""
     bias = jnp.take(ops.as_f32(lw[f"{name}_b"]), expert_ids, axis=0)
-    return ops.moe_matmul(x, lw[name], expert_ids) + bias
+    return ops.moe_matmul(x, lw[name], expert_ids, backend=cfg.backend) + bias
 
 
-def moe_block(lw: dict, cfg: GptOssConfig, x: jax.Array) -> jax.Array:
+def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
     h = ops.rms_norm(x, lw["post_attention_norm"], cfg.norm_eps).reshape(b * t, d)  # [M, D]
-    router = ops.qmatmul(h, lw["ffn_gate_inp"], lw["ffn_gate_inp_b"])  # [M, E]
+    router = ops.qmatmul(h, lw["ffn_gate_inp"], lw["ffn_gate_inp_b"], backend=cfg.backend)  # [M, E]
     top, expert_ids = jax.lax.top_k(router, cfg.n_experts_used)  # [M, k]
     expert_weights = jax.nn.softmax(top, axis=-1)
     if cfg.fused_gate_up:
-        gate, up = jnp.split(_experts(lw, "ffn_gate_up_exps", h, expert_ids), 2, axis=-1)
+        gate, up = jnp.split(_experts(lw, cfg, "ffn_gate_up_exps", h, expert_ids), 2, axis=-1)
     else:
-        gate, up = _experts(lw, "ffn_gate_exps", h, expert_ids), _experts(lw, "ffn_up_exps", h, expert_ids)
-    out = _experts(lw, "ffn_down_exps", clamped_swiglu(gate, up), expert_ids)  # [M, k, D]
+        gate, up = _experts(lw, cfg, "ffn_gate_exps", h, expert_ids), _experts(lw, cfg, "ffn_up_exps", h, expert_ids)
+    out = _experts(lw, cfg, "ffn_down_exps", clamped_swiglu(gate, up), expert_ids)  # [M, k, D]
     out = jnp.einsum("mk,mkd->md", expert_weights, out, precision=jax.lax.Precision.HIGHEST)
     return x + out.reshape(b, t, d)
 
@@ -194,11 +160,8 @@ def moe_block(lw: dict, cfg: GptOssConfig, x: jax.Array) -> jax.Array:
 def forward(weights: dict, cfg: GptOssConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache
             ) -> tuple[jax.Array, KVCache]:  # fmt: skip
     x = ops.embed(weights["token_embd"], tokens)  # [B, T, D]
-    for i, lw in enumerate(weights["layers"]):
-        x, cache = attention_block(lw, cfg, i, x, positions, cache)
-        x = moe_block(lw, cfg, x)
-    return x, cache
+    return base.run_layers(weights, cfg, x, positions, cache, moe_block)
 
 
 def logits(weights: dict, cfg: GptOssConfig, hidden: jax.Array) -> jax.Array:
-    return ops.qmatmul(ops.rms_norm(hidden, weights["output_norm"], cfg.norm_eps), weights["output"])
+    return base.logits(weights, cfg, hidden)
