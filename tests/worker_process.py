@@ -157,3 +157,24 @@ def assert_log_sequence(w: WorkerProcess, job_id: str, reason: str) -> None:
     assert job_events == ["execute_start", "execute_end"]
     assert seq[-1] == "shutdown" and events[-1]["reason"] == reason
     assert seq.count("ready") == 1 and seq.count("shutdown") == 1
+
+
+def metric_values(client: httpx.Client) -> dict[tuple, float]:
+    """GET /metrics parsed: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def requests_by_outcome(values: dict) -> dict[str, float]:
+    return {dict(k[1])["outcome"]: v for k, v in values.items() if k[0] == "worker_requests_total"}
+
+
+def counter(values: dict, name: str) -> float:
+    return sum(v for k, v in values.items() if k[0] == name)
