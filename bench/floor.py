@@ -10,10 +10,10 @@ engine could reach on that device.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from worker.gguf import GGUFFile
+from worker.models import adapter_for
 
 KV_BYTES_PER_VALUE = 2  # the floor counts an f16 KV cache (llama.cpp's default and the worker's GPU cache)
 
@@ -39,36 +39,16 @@ def weight_bytes_per_token(gf: GGUFFile) -> tuple[int, str]:
     return gf.decode_weight_bytes, (f"{n_used}/{n_experts}" if n_experts else "")
 
 
-def sliding_layers(gf: GGUFFile) -> Callable[[int], bool]:
-    """Which layers attend within a window: llama.cpp's rule for each architecture that has windows."""
-    arch = gf.architecture
-    if not int(gf.arch_key("attention.sliding_window", 0) or 0):
-        return lambda layer: False
-    if arch == "gemma3":
-        pattern = gf.arch_key("attention.sliding_window_pattern")
-        if pattern is None:
-            return lambda layer: layer % 6 < 5
-        return lambda layer: bool(pattern[layer % len(pattern)])
-    if arch == "gpt-oss":
-        return lambda layer: layer % 2 == 0
-    return lambda layer: True  # phi3 and llama-style files: a non-zero window applies to every layer
-
-
 def kv_bytes_per_token(gf: GGUFFile, first_context: int, n_tokens: int) -> float:
     """KV bytes read per decode step, averaged over steps whose contexts are first_context .. +n_tokens-1."""
-    n_layers = int(gf.arch_key("block_count"))
-    n_heads = int(gf.arch_key("attention.head_count"))
-    n_kv = int(gf.arch_key("attention.head_count_kv", n_heads))
-    d_model = int(gf.arch_key("embedding_length"))
-    k_dim = int(gf.arch_key("attention.key_length", d_model // n_heads))
-    v_dim = int(gf.arch_key("attention.value_length", k_dim))
-    window = int(gf.arch_key("attention.sliding_window", 0) or 0)
-    sliding = sliding_layers(gf)
-    per_position = n_kv * (k_dim + v_dim) * KV_BYTES_PER_VALUE
+    cfg = adapter_for(gf.architecture).config(gf)  # the adapter owns the head sizes and which layers slide
+    v_dim = int(gf.arch_key("attention.value_length", cfg.head_dim))
+    windows = [cfg.window(i) for i in range(cfg.n_layers)]
+    per_position = cfg.n_kv_heads * (cfg.head_dim + v_dim) * KV_BYTES_PER_VALUE
     positions = 0
     for step in range(n_tokens):
         context = first_context + step
-        positions += sum(min(context, window) if sliding(i) else context for i in range(n_layers))
+        positions += sum(context if w is None else min(context, w) for w in windows)
     return positions * per_position / n_tokens
 
 

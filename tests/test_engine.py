@@ -182,3 +182,22 @@ def test_queue_limit(model):
     with pytest.raises(QueueFull) as err:
         eng.submit(JobRequest("b", "Hi"), lambda e: None)
     assert err.value.code == ErrorCode.QUEUE_FULL
+
+
+def test_an_end_of_generation_id_ends_the_job_unsent():
+    """The model decides where a sequence ends (Model.generate_ids): here the greedy path's third id is made an
+    end-of-generation id, so the job sends two tokens and ends with stop_reason eos."""
+    m = worker.load(model_path(), device="cpu", slots=SLOTS)
+    prompt = "The capital of France is"
+    greedy = m.generate(prompt, max_tokens=3, stop_at_eos=False)
+    assert greedy[2] not in greedy[:2]
+    m.tokenizer.eog_ids = frozenset({greedy[2]})
+    assert m.generate(prompt, max_tokens=8) == greedy[:2]
+    eng = Engine(m, max_queue=1)
+    eng.start()
+    try:
+        ev = run(eng, prompt=prompt, max_tokens=8, temperature=0.0)
+    finally:
+        eng.shutdown(5.0)
+    assert ev[-1].stop_reason == "eos" and ev[-1].tokens_out == 2
+    assert text_of(ev) == m.tokenizer.decode(greedy[:2], continuation=True)

@@ -283,7 +283,7 @@ class Engine:
             return
         scores: list[TokenLogprobs] | None = [] if req.logprobs else None
         unsent: list[tuple[int, TokenLogprobs]] = []
-        ids = model.generate_ids(job.prompt_ids, req.max_tokens, params, job.seed, stop_at_eos=False, logprobs=scores)
+        ids = model.generate_ids(job.prompt_ids, req.max_tokens, params, job.seed, logprobs=scores)
         try:
             for tok in ids:
                 if ttft is None:
@@ -292,9 +292,6 @@ class Engine:
                     raise WorkerError(ErrorCode.CANCELLED, f"job {req.job_id} was cancelled")
                 if time.monotonic() - started > self.inference_timeout_s:
                     raise WorkerError(ErrorCode.INFERENCE_TIMEOUT, f"job exceeded {self.inference_timeout_s:g} s")
-                if tok in model.tokenizer.eog_ids:
-                    reason = "eos"
-                    break
                 produced += 1
                 if scores is not None:
                     unsent.append((tok, scores[-1]))
@@ -307,8 +304,7 @@ class Engine:
                     reason = "stop_sequence"
                     break
             else:
-                if produced < req.max_tokens:
-                    reason = "context"
+                reason = ids.stop_reason
             if reason != "stop_sequence":
                 tail, hit = stops.feed(decoder.flush())
                 tail += "" if hit else stops.flush()

@@ -4,7 +4,7 @@ The Python API (`worker.load`) and the engine build on this."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -45,6 +45,30 @@ def decode_steps_for(device_kind: str, bytes_per_token: int) -> int:
 
 
 GREEDY = SamplingParams()
+
+
+class Generation:
+    """The ids of one generation, as an iterator; once exhausted, `stop_reason` is "eos", "max_tokens" or "context"
+    (the budget was the room left in the context)."""
+
+    def __init__(self, ids: Generator[int, None, str | None], max_tokens: int):
+        self._ids, self._max_tokens, self.produced = ids, max_tokens, 0
+        self.stop_reason: str | None = None
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> int:
+        try:
+            t = next(self._ids)
+        except StopIteration as end:
+            self.stop_reason = end.value or ("max_tokens" if self.produced >= self._max_tokens else "context")
+            raise
+        self.produced += 1
+        return t
+
+    def close(self) -> None:
+        self._ids.close()
 
 
 class Model:
@@ -113,13 +137,26 @@ class Model:
         seed: int = 0,
         stop_at_eos: bool = True,
         logprobs: list[TokenLogprobs] | None = None,
-    ) -> Iterator[int]:
-        """Generated ids one by one; stops at max_tokens, EOS/end-of-turn (if asked) or the end of the context.
-        With a `logprobs` list, each token's TokenLogprobs is appended to it before the token is yielded (computed
-        in the same compiled step; params.logprobs need not be set).
+    ) -> Generation:
+        """Generated ids one by one; stops at max_tokens, an end-of-generation id (if asked; it is not yielded) or
+        the end of the context. The returned iterator's `stop_reason` says which, once it is exhausted: the one
+        place the end of a sequence is decided (the engine and `stream` read it). With a `logprobs` list, each
+        yielded token's TokenLogprobs is appended to it before the token is yielded (computed in the same compiled
+        step; params.logprobs need not be set).
 
         The next decode dispatch is queued before the previous one's ids are read back, so the device never
         waits for the host; only int32 ids (and the asked-for log-probabilities) cross to the host."""
+        return Generation(self._generate(prompt_or_ids, max_tokens, params, seed, stop_at_eos, logprobs), max_tokens)
+
+    def _generate(
+        self,
+        prompt_or_ids: str | Sequence[int],
+        max_tokens: int,
+        params: SamplingParams,
+        seed: int,
+        stop_at_eos: bool,
+        logprobs: list[TokenLogprobs] | None,
+    ) -> Generator[int, None, str | None]:
         ids = self._ids(prompt_or_ids)
         self._check_fits(len(ids))
         r = self.runner
@@ -147,14 +184,16 @@ class Model:
                 # queued behind the dispatch just launched, so every id would reach the host one dispatch late.
                 got = _host_logprobs(pending_scores) if logprobs is not None else None
                 for n, t in enumerate(np.asarray(pending)[0].tolist()):
+                    if stop_at_eos and t in self.tokenizer.eog_ids:
+                        return "eos"
                     if got is not None:
                         logprobs.append(got[n])
                     yield t
                     produced += 1
-                    if produced >= budget or (stop_at_eos and t in self.tokenizer.eog_ids):
-                        return
+                    if produced >= budget:
+                        return None
                 if nxt is None:
-                    return
+                    return None
                 pending, pending_scores = nxt, nxt_scores
         finally:
             self._cache = cache if _alive(cache) else None
@@ -173,7 +212,8 @@ class Model:
         stop_at_eos: bool = True,
         **sampling,
     ) -> list[int]:
-        """Token ids of a completion. `sampling`: top_k, top_p, min_p, repetition_penalty."""
+        """Token ids of a completion (without the end-of-generation id). `sampling`: top_k, top_p, min_p,
+        repetition_penalty."""
         params = SamplingParams(temperature=temperature, **sampling)
         return list(self.generate_ids(prompt_or_ids, max_tokens, params, seed or 0, stop_at_eos))
 
@@ -182,8 +222,6 @@ class Model:
     ) -> Iterator[str]:
         decoder = StreamDecoder(self.tokenizer, continuation=True)
         for t in self.generate_ids(prompt, max_tokens, SamplingParams(temperature=temperature), seed or 0):
-            if t in self.tokenizer.eog_ids:
-                break
             piece = decoder.push(t)
             if piece:
                 yield piece
