@@ -18,6 +18,7 @@ from model_oracles import manifest
 import worker
 from worker import ops
 from worker.pallas_kernels import qmatvec as qmv
+from worker.pallas_kernels.tiling import TARGET_PROGRAMS
 from worker.quant import QuantArray, dequantize, quant_array
 
 TYPES = sorted(qmv.KERNEL_TYPES, key=lambda t: t.name)
@@ -131,7 +132,7 @@ def test_plan_covers_k_exactly_once(qtype, rows):
         assert p.splits * p.steps * p.chunk >= blocks > (p.splits - 1) * p.steps * p.chunk
         n_blocks = -(-n // p.block_n)
         # Splits are rounded so that none is empty: at worst half the programs asked for.
-        assert 2 * n_blocks * p.splits >= min(qmv.TARGET_PROGRAMS, n_blocks * -(-blocks // p.chunk))
+        assert 2 * n_blocks * p.splits >= min(TARGET_PROGRAMS, n_blocks * -(-blocks // p.chunk))
 
 
 def test_tiles_must_be_powers_of_two_and_rows_bounded():

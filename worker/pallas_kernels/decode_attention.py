@@ -1,25 +1,5 @@
-"""Decode attention (one query position per sequence) over the KV cache as a Pallas kernel (Triton backend):
-flash-decoding. Same semantics as worker/ops.py `attention` at T = 1, which is its jax.numpy twin and the
-reference the tests hold it to; `interpret=True` runs it on the CPU.
-
-q [B, 1, H, D] with H = K * G (GQA), k/v [B, S, K, D] (float16 on the GPU, any float dtype), positions [B, 1]
-int32. Key j is visible iff j <= p (and p - j < window); `sinks` [H] join the softmax denominator only.
-
-How it works. The grid is (B, K, splits): a program owns one kv head of one sequence (its G query heads) and a
-contiguous range of the S slots (its split). It walks that range BLOCK_S slots at a time (32 at D = 64, 16 at D =
-256), but only the tiles that hold a visible key: the loop bounds come from the position (and window), so a decode
-at position 300 of a 32k-slot cache reads 10 tiles, not 1024. Per tile it loads k and v [BLOCK_S, D] once, and for
-each of the G query heads (unrolled; G <= 16) computes the scores by an elementwise product and a sum over D
-(float32, no tensor cores: G is 1..8 rows, below tl.dot's 16, and the step is memory-bound anyway), then the online
-softmax update (running max m, denominator l, accumulator acc). Each program writes its partial (m, l, acc); a
-jax.numpy step merges the splits and the sinks. D that is not a power of two (phi3's 96) is padded to one with
-masked loads.
-
-Precision: k/v are read in their stored dtype and cast to float32; every product, exponential and sum is float32;
-the difference from the twin is the order of additions (~1e-6 relative).
-
-Backend: JAX 0.11 lowers pallas_call on GPU to Mosaic GPU unless the compiler params are Triton's, so every call
-passes them (as worker/pallas_kernels/qmatvec.py).
+"""Decode attention (T = 1) over the KV cache, flash-decoding: reads only the tiles that hold a visible key, split
+over S to fill the GPU; its twin and reference is ops.attention. Design, tiles and measurements: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -31,35 +11,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.qmatvec import SM_COUNT, _TritonParams
+from worker.pallas_kernels.tiling import NEG, TARGET_PROGRAMS, TritonParams, key_tile, padded_dim, pow2_at_least
 
-TARGET_PROGRAMS = 4 * SM_COUNT
-MAX_BLOCK_S = 64  # slots per tile
-# Values per k (and v) tile: 32 slots at D = 64, 16 at D >= 128. Checked without a GPU (JAX 0.10.2's Triton
-# module compiled by Triton 3.9 for sm_90a, 4 warps): qwen2.5, gemma3, gpt-oss and phi3 shapes use 56-255
-# registers a thread with no spills; 4096 (64 slots at D = 64) spilled on gpt-oss's G = 8.
+# Values per k (and v) tile: 32 slots at D = 64, 16 at D >= 128; the largest without register spills
+# (docs/kernels.md).
 TILE_VALUES = 2048
 MIN_TILES_PER_SPLIT = 2
 MAX_GROUP = 16  # query heads per kv head, unrolled in the kernel
 STAT_WIDTH = 16  # m and l are stored broadcast over a short row: a vector store, not a scalar one
-_NEG = -1e30  # the running max before any key: finite, so exp(m - m_new) never sees inf - inf
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def padded_dim(d: int) -> int:
-    return max(16, _pow2_at_least(d))
-
-
-def key_tile(slots: int, d: int, tile_values: int) -> int | None:
-    """Slots per k/v tile: the largest power of two <= MAX_BLOCK_S, <= tile_values / padded D (but >= 16) and
-    dividing `slots`, at least 16; None if there is none. Shared with worker/pallas_kernels/prefill_attention.py."""
-    bs = min(MAX_BLOCK_S, max(16, tile_values // padded_dim(d)))
-    while bs >= 16 and slots % bs:
-        bs //= 2
-    return bs if bs >= 16 else None
 
 
 def block_s(slots: int, d: int) -> int | None:
@@ -77,7 +36,7 @@ def fits(q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> bool:
 def plan_splits(batch: int, kv_heads: int, tiles: int) -> int:
     """Splits of S (dividing `tiles`, at least MIN_TILES_PER_SPLIT tiles each where there are that many) so that
     the grid has about TARGET_PROGRAMS programs."""
-    splits = max(1, min(_pow2_at_least(-(-TARGET_PROGRAMS // (batch * kv_heads))), tiles // MIN_TILES_PER_SPLIT))
+    splits = max(1, min(pow2_at_least(-(-TARGET_PROGRAMS // (batch * kv_heads))), tiles // MIN_TILES_PER_SPLIT))
     while tiles % splits:  # only for S not a power of two
         splits -= 1
     return splits
@@ -120,7 +79,7 @@ def _kernel(pos_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g
             out.append((m_new, l_ * alpha + jnp.sum(w), acc))
         return tuple(out)
 
-    init = tuple((jnp.float32(_NEG), jnp.float32(0), jnp.zeros((dp,), jnp.float32)) for _ in range(g_n))
+    init = tuple((jnp.float32(NEG), jnp.float32(0), jnp.zeros((dp,), jnp.float32)) for _ in range(g_n))
     final = jax.lax.fori_loop(lo, jnp.maximum(lo, hi), step, init)
     for g, (m, l_, acc) in enumerate(final):
         gi = jnp.int32(g)
@@ -175,7 +134,7 @@ def decode_attention(
             jax.ShapeDtypeStruct((b, kh, splits, g_n, STAT_WIDTH), jnp.float32),
         ),
         grid=(b, kh, splits),
-        compiler_params=_TritonParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=TritonParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
     )(pos, jnp.asarray(layer, jnp.int32).reshape(1), qg, k_cache, v_cache)

@@ -1,38 +1,5 @@
-"""Grouped matmul for MoE prefill: y[M, k, Out] = x @ dequant(experts[expert_ids]).T for many (token, selection)
-pairs, reading the quantized expert planes of worker/quant.py and dequantizing tiles in registers (Pallas, Triton
-backend), megablocks style. Its jax.numpy twin (`moe_matmul_twin`, same signature) is the test reference;
-`interpret=True` runs the kernel on the CPU for tests.
-
-Grouping (jax.numpy, around the kernel). The M * k pairs are sorted by expert (stable argsort) and each expert's
-group is padded to a multiple of BLOCK_M rows, so that every row tile belongs to one expert; the padded row count
-has the static bound M*k + min(E, M*k) * (BLOCK_M - 1), rounded up to BLOCK_M. An int32 array gives each row tile
-its expert (-1 for the tiles past the last group: those programs return at once and their rows are never read).
-x is gathered into the sorted order as bf16, padding rows repeat row 0 (rows are independent, their outputs are
-dropped), and the [R, Out] result is gathered back to [M, k, Out].
-
-Kernel. Program (j, t) owns output columns [j*BN, (j+1)*BN) of row tile t (j varies fastest, so the programs in
-flight share one expert's weights through L2 and each x tile is reused across the column tiles). It loops over K,
-CHUNK super-blocks a step: loads the expert's plane tiles with qmatvec's per-format views, dequantizes them with
-qmatvec's FORMATS into float32 "parts" [BN, CHUNK, *t], casts each to bf16 and reshapes it to [BN, CHUNK * T],
-and accumulates x_part [BM, CHUNK * T] @ part.T with `jax.lax.dot_general` (tensor cores). No tile is re-ordered
-in registers: x is pre-arranged outside the kernel into one [R, K / P] array per part, in the part's value order
-(MXFP4: part 0 = values 0..15 of each 32-block, the low nibbles, part 1 = values 16..31, the high nibbles; two
-dots a step). Super-blocks past K are masked (a K that CHUNK does not divide, e.g. 2880 = 90 blocks of 32); the
-output columns must be a multiple of BLOCK_N (asserted: interpret mode would hide a stray access).
-
-Precision: bf16 operands, float32 accumulation. MXFP4 values (a 2-bit mantissa times a power of two) are exact in
-bf16, so only x is rounded (<= 2^-9 relative per element); the 32-value formats and K-quants also round the
-dequantized weight to bf16 (as ops.qmatmul's GPU prefill does). The twin rounds the same operands the same way,
-so kernel and twin differ only in the order of the float32 additions.
-
-Tiles (`plan`): BLOCK_M 64 (gpt-oss prefill, 512 tokens x 4 of 32 experts: 64 rows per expert on average),
-BLOCK_N the largest of 64, 32, 16 dividing Out, CHUNK super-blocks of 128 values a step (MXFP4, Q8_0: 4 blocks;
-K-quants: 1 super-block of 256), num_warps 4, num_stages 3. bench/kernels.py --sweep times others. Checked
-without a GPU: the Triton modules JAX 0.10.2 and 0.11.2 lower (identical) compile with Triton 3.9 for sm_90a
-(ptxas 13.4 -v) to wgmma with no spills: MXFP4 experts [32, 2880 | 5760, 2880] at M 512, k 4: 130 registers per
-thread, 64 KiB shared memory; Q8_0 105 / 81 KiB; Q4_K 187 / 128 KiB and Q6_K 202 / 124 KiB at [32, 3072, 3072].
-Other tilings: MXFP4 CHUNK 8 157 registers / 128 KiB; BLOCK_M 128 at 8 warps MXFP4 131, Q4_K 165 (224 KiB) with
-no spills, but at 4 warps Q4_K spills, as it does at CHUNK 2.
+"""Grouped matmul for MoE prefill (megablocks style): pairs sorted by expert, expert tiles dequantized in registers
+and fed to bf16 tensor-core dots; its twin is moe_matmul_twin. Design, tiles and measurements: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -46,7 +13,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.qmatvec import _ALL, FORMATS, _index, _TritonParams, _views
+from worker.pallas_kernels.qmatvec import FORMATS, plane_views
+from worker.pallas_kernels.tiling import ALL, TritonParams, static_index
 from worker.quant import QuantArray, dequantize
 
 BLOCK_M = 64
@@ -115,8 +83,8 @@ def _parts_layout(qtype) -> tuple[tuple[tuple, ...], tuple[int, ...]]:
     def dequantized():
         def load(name, *index):
             inner = fmt.planes[name]
-            index = index + (_ALL,) * (len(inner) - len(index))
-            return jnp.zeros((1, 1, *(d for d, i in zip(inner, index, strict=True) if i == _ALL)), jnp.uint8)
+            index = index + (ALL,) * (len(inner) - len(index))
+            return jnp.zeros((1, 1, *(d for d, i in zip(inner, index, strict=True) if i == ALL)), jnp.uint8)
 
         parts = fmt.parts(load)
         indices.extend(x_index for _, x_index in parts)
@@ -148,16 +116,16 @@ def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
 
             def load(name: str, *index) -> jax.Array:
                 inner = fmt.planes[name]
-                index = index + (_ALL,) * (len(inner) - len(index))
-                shape = (bn, c, *(d for d, i in zip(inner, index, strict=True) if i == _ALL))
-                ref = planes[name].at[expert, pl.ds(n0, bn), pl.ds(b0, c), *map(_index, index)]
+                index = index + (ALL,) * (len(inner) - len(index))
+                shape = (bn, c, *(d for d, i in zip(inner, index, strict=True) if i == ALL))
+                ref = planes[name].at[expert, pl.ds(n0, bn), pl.ds(b0, c), *map(static_index, index)]
                 if blocks_ok is None:
                     return plgpu.load(ref)
                 return plgpu.load(ref, mask=jax.lax.broadcast_in_dim(blocks_ok, shape, (1,)), other=0)
 
             for part, (w, _) in enumerate(fmt.parts(load)):
                 w = w.astype(jnp.bfloat16).reshape(bn, c * t_size)
-                ref = x_ref.at[_index(part), pl.ds(r0, bm), pl.ds(b0 * t_size, c * t_size)]
+                ref = x_ref.at[static_index(part), pl.ds(r0, bm), pl.ds(b0 * t_size, c * t_size)]
                 if blocks_ok is None:
                     xv = plgpu.load(ref)
                 else:
@@ -176,7 +144,7 @@ def _x_parts(x: jax.Array, qtype) -> jax.Array:
     x_indices, _ = _parts_layout(qtype)
     rows, k = x.shape
     xv = x.astype(jnp.bfloat16).reshape(rows, k // fmt.sb, *fmt.x_inner)
-    return jnp.stack([xv[(_ALL, _ALL, *idx)].reshape(rows, -1) for idx in x_indices])
+    return jnp.stack([xv[(ALL, ALL, *idx)].reshape(rows, -1) for idx in x_indices])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,13 +199,13 @@ def moe_matmul(
     p = plan(experts.qtype, n, k, **tiles)
     g = group(expert_ids, e, p.block_m, shared)
     xp = jnp.take(_x_parts(x.reshape(-1, k), experts.qtype), g.src, axis=1)  # [P, R, K / P]
-    names, planes = _views(experts, e, n, k)
+    names, planes = plane_views(experts, e, n, k)
     kernel = functools.partial(_kernel, qtype=experts.qtype, names=names, blocks=k // FORMATS[experts.qtype].sb, p=p)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((g.src.shape[0], n), jnp.float32),
         grid=(n // p.block_n, g.tile_expert.shape[0]),
-        compiler_params=_TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
+        compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=interpret,
         name=f"moe_matmul_{experts.qtype.name.lower()}",
     )(g.tile_expert, xp, *planes)

@@ -1,42 +1,5 @@
-"""Prefill attention (T > 1 query positions per sequence) over the KV cache as a Pallas kernel (Triton backend):
-flash attention with GQA heads packed into the query tile. Same semantics as worker/ops.py `attention`, which is
-its jax.numpy twin and the reference the tests hold it to; `interpret=True` runs it on the CPU.
-
-q [B, T, H, D] with H = K * G (GQA), k/v [B, S, K, D] (float16 on the GPU, any float dtype), positions [B, T]
-int32, any order (a prompt chunk: consecutive from any start; padded rows at a position >= S). Key j is visible iff
-j <= p (and p - j < window); `sinks` [H] join the softmax denominator only.
-
-How it works. The wrapper lays the queries of one kv head out as rows r = t * G + g (position t, query head g of
-the group), so a tile of BLOCK_M rows holds BLOCK_M / G positions of all G heads and every k/v tile loaded serves
-them all; rows are padded to a multiple of BLOCK_M (copies of the last row, dropped after). The grid is
-(B, K, row tiles). A program loads its q tile [BLOCK_M, D] and the rows' positions, and walks the cache BLOCK_K
-slots at a time over only the tiles that hold a key visible to some row: from the tile of min(p) - window + 1 (0
-without a window) to the tile of max(p), clamped to S - 1. So a row tile of a chunk at positions 512..1023 reads
-keys 0..its last position, never the stale slots past it, and on gpt-oss's window-128 layers 3 or 4 tiles. Per tile:
-scores = q k^T and acc += w v as tensor-core dots, the mask applied per element (causal, window), the online
-softmax update (running max m, denominator l, accumulator acc) per row. The sinks enter as the initial state (m =
-sink, l = 1: a logit whose value vector is zero), which is the twin's softmax over [scores, sink]. A row that sees
-no key at all (a padded row at position `slots` of a cache sliced to fewer active slots, on a sliding layer) gives
-0, where the twin gives 0/0. D that is not a power of two (phi3's 96) is padded: q in the wrapper, k/v by masked
-loads.
-
-Precision: q is scaled and cast to the cache dtype (float16 on the GPU: ~2^-11 relative per element); the scores
-and acc accumulate in float32; the softmax (max, exp, sums) is float32; the weights w are cast to the cache
-dtype for the w v dot (2^-11 relative). Against the float32 twin that is ~3e-4 relative (Frobenius) on the
-output of random inputs; with a float32 cache (the CPU tests) the dots are float32 and the difference is the
-order of additions (~1e-6).
-
-Tiles (`plan`): BLOCK_M 64 rows (one wgmma M; 8 positions at G = 8, so the causal skipping stays fine-grained;
-qwen2.5's 512-position chunk makes 56 row tiles per kv head: 112 programs at B = 1), BLOCK_K 64 slots at D <=
-128 and 32 at D = 256; 4 warps at D <= 64, 8 above; num_stages 2. Checked without a GPU: the Triton modules that
-JAX 0.10.2 and 0.11.2 lower (identical) compile with Triton 3.9 for sm_90a (ptxas 13.4 -v) to wgmma with no
-spills: qwen2.5 (G 7, D 64) and gpt-oss (G 8, D 64, window, sinks) 127 registers a thread, 40 KiB shared
-memory; phi3 (D 96 padded to 128) 168 / 80 KiB; gemma3 (D 256, window) 230 / 96 KiB. Other tilings: gemma3 at 4
-warps spills (BLOCK_K 32 or 16), as BLOCK_M 128 at 8 warps does; phi3 at 4 warps 243 registers; num_stages 3
-adds 20..40 registers and a third of shared memory.
-
-Backend: JAX 0.11 lowers pallas_call on GPU to Mosaic GPU unless the compiler params are Triton's, so every call
-passes them (as worker/pallas_kernels/qmatvec.py).
+"""Prefill attention (T > 1) over the KV cache, flash attention with GQA heads packed into the query tile, so every
+k/v tile serves a whole group; its twin is ops.attention. Design, tiles and measurements: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -49,8 +12,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.decode_attention import _NEG, key_tile, padded_dim
-from worker.pallas_kernels.qmatvec import _TritonParams
+from worker.pallas_kernels.tiling import NEG, TritonParams, key_tile, padded_dim
 
 BLOCK_M = 64  # query rows (positions x heads of a group) per program
 MIN_BLOCK = 16  # tl.dot's smallest tile dimension
@@ -67,7 +29,7 @@ class Plan:
 
 
 def pick_block_k(slots: int, d: int) -> int | None:
-    """Slots per k/v tile (decode_attention.key_tile at this kernel's TILE_VALUES); None if none divides."""
+    """Slots per k/v tile (tiling.key_tile at this kernel's TILE_VALUES); None if none divides."""
     return key_tile(slots, d, TILE_VALUES)
 
 
@@ -126,7 +88,7 @@ def _kernel(pos_ref, q_ref, k_ref, v_ref, *refs, d, dp, bm, bk, slots, window, s
     if sinks:
         init_m, init_l = sink_ref[kh, pl.ds(r0, bm)], jnp.ones((bm,), jnp.float32)
     else:
-        init_m, init_l = jnp.full((bm,), _NEG, jnp.float32), jnp.zeros((bm,), jnp.float32)
+        init_m, init_l = jnp.full((bm,), NEG, jnp.float32), jnp.zeros((bm,), jnp.float32)
     _, l_, acc = jax.lax.fori_loop(lo, jnp.maximum(lo, hi), step, (init_m, init_l, jnp.zeros((bm, dp), jnp.float32)))
     o_ref[b, kh, pl.ds(r0, bm), :] = acc / jnp.where(l_ > 0, l_, 1)[:, None]
 
@@ -170,7 +132,7 @@ def prefill_attention(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, kh, rows + pad, dp), jnp.float32),
         grid=(b, kh, (rows + pad) // p.block_m),
-        compiler_params=_TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
+        compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=interpret,
         name="prefill_attention",
     )(pos, qr, k_cache, v_cache, *extra)

@@ -1,41 +1,5 @@
-"""Quantized matrix-vector products for decode: y[M, N] = x[M, K] @ dequant(W[N, K]).T with M <= 8, reading the
-GGUF planes of worker/quant.py and dequantizing in registers (Pallas, Triton backend), plus the expert-gathered
-variant for MoE decode. Each kernel has a jax.numpy twin with the same signature (dequantize, then an XLA dot);
-`interpret=True` runs the kernel on the CPU for tests.
-
-Formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K. Precision: codes and scales are exact in float32
-(see worker/quant.py), x is cast to float32, products and sums are float32 (no bf16 anywhere); the only
-difference from the twin is the order of the float32 additions (~1e-6 relative).
-
-How it works. K is cut into super-blocks of SB values (32 for the 32-value formats, 256 for K-quants); each
-plane is viewed (a free reshape) as [E, N, K/SB, *inner] with `inner` splitting one super-block's bytes along
-the plane's own layout, and x as [M, K/SB, *x_inner] in the matching value order. A program owns BLOCK_N rows
-and a contiguous range of super-blocks (its split of K); it loops over that range CHUNK super-blocks at a time,
-loads each plane tile [BLOCK_N, CHUNK, ...] with one masked load, turns it into one or more float32 "parts"
-whose values line up with a slice of x (a nibble plane's low and high nibbles are two parts, so no tile is
-ever re-ordered in registers), multiplies by x, and reduces to BLOCK_N partial sums per row of x. Rows past N
-and super-blocks past K are masked, never read: there is no divisibility requirement beyond the format's
-own (K a multiple of its block). Split-K partials go to [splits, M, N_pad] and are summed by XLA.
-
-Bytes read per call (dense): the weight's planes once, i.e. per weight value Q4_0 0.5625, Q4_1 0.625, Q5_0
-0.6875, Q5_1 0.75, Q8_0 1.0625, MXFP4 0.53125, Q4_K 0.578 and Q5_K 0.703 (GGUF's 0.5625/0.6875 plus the
-unpacked sub-block scales), Q6_K 0.8203; plus x (M*K*4, read by every row block but from L2/L1 after the
-first); plus 2 * splits * M * N_pad * 4 for the split-K partials: at M = 1 at most 6% of the weight bytes on
-bench/kernels.py's shapes, at M = 8 up to half of them on the smallest (< 1 MB, so mostly L2 traffic).
-Gathered: the selected experts' planes, one read per (token, selection) pair, plus the same small terms.
-
-Tiles (the defaults of `plan`; bench/kernels.py times them and `--sweep` tries others). BLOCK_N = 32 rows and
-CHUNK super-blocks per step such that a program handles ~8192 weight values per step (4-bit: 4 KiB, two
-16-byte loads per thread at 4 warps; Q4_K: one super-block of 32 rows); for M >= 4 half of that (K-quants:
-BLOCK_N 16), as every row of x adds a product tile and its x loads. Splits of K so that the grid has about 4
-programs per SM (132 SMs on H100 SXM and H200) where N / BLOCK_N alone gives fewer, e.g. 28 row blocks x 19
-splits for an [896, 4864] weight; never more splits than chunks, none empty. num_warps 4, num_stages 3.
-Checked without a GPU: each format's Triton module, as JAX 0.10.2 and 0.11.2 lower it, compiles with Triton
-3.9 for sm_90a at these tiles to 48-118 registers per thread at M = 1 (<= 136 at M = 8) with no spills.
-
-Backend: JAX 0.11 lowers pallas_call on GPU to Mosaic GPU unless the compiler params are Triton's, so every
-call passes them (the class is looked up by name, below). The Triton backend is deprecated upstream (a
-DeprecationWarning at lowering); a successor would plug in behind the same functions.
+"""Quantized matvec for decode (M <= 8 rows of x; dense and expert-gathered): dequantizes the GGUF planes in
+registers, so a decode step reads each weight byte once. Design, tiles and measurements: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -51,17 +15,12 @@ from gguf import GGMLQuantizationType as QT
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from worker.pallas_kernels.tiling import ALL, TARGET_PROGRAMS, TritonParams, pow2_floor, static_index
 from worker.quant import QuantArray, dequantize
 
-# The Triton backend's compiler-params class: `CompilerParams` in JAX 0.10-0.11, `TritonCompilerParams` before.
-_TritonParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
-
 MAX_ROWS = 8  # rows of x per call: one accumulator and one x load per row, unrolled
-SM_COUNT = 132  # H100 SXM and H200
-TARGET_PROGRAMS = 4 * SM_COUNT
 TARGET_VALUES = 8192  # weight values per program per loop step
 
-_ALL = slice(None)
 Load = Callable[..., jax.Array]
 Parts = list[tuple[jax.Array, tuple]]
 
@@ -95,18 +54,18 @@ def _nibble_parts(qs: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _q8_0(load: Load) -> Parts:
-    qs, d = load("qs", _ALL), load("d")  # [BN, C, 32], [BN, C]
-    return [(_lift(_f32(d), 3) * _f32(qs), (_ALL,))]
+    qs, d = load("qs", ALL), load("d")  # [BN, C, 32], [BN, C]
+    return [(_lift(_f32(d), 3) * _f32(qs), (ALL,))]
 
 
 def _q4_0(load: Load) -> Parts:
     d = _lift(_f32(load("d")), 3)
-    return [(d * _f32(q - 8), (p, _ALL)) for p, q in enumerate(_nibble_parts(load("qs", _ALL)))]
+    return [(d * _f32(q - 8), (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
 
 
 def _q4_1(load: Load) -> Parts:
     d, m = _lift(_f32(load("d")), 3), _lift(_f32(load("m")), 3)
-    return [(d * _f32(q) + m, (p, _ALL)) for p, q in enumerate(_nibble_parts(load("qs", _ALL)))]
+    return [(d * _f32(q) + m, (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
 
 
 def _q5_codes(load: Load) -> list[jax.Array]:
@@ -114,7 +73,7 @@ def _q5_codes(load: Load) -> list[jax.Array]:
     qh = _lift(load("qh").astype(jnp.uint32), 3)  # bit j = bit 4 of value j
     shift = jnp.arange(16, dtype=jnp.uint32)
     out = []
-    for p, low in enumerate(_nibble_parts(load("qs", _ALL))):
+    for p, low in enumerate(_nibble_parts(load("qs", ALL))):
         high = ((qh >> (shift + 16 * p)) & 1).astype(jnp.int32)
         out.append(low | (high << 4))
     return out
@@ -122,12 +81,12 @@ def _q5_codes(load: Load) -> list[jax.Array]:
 
 def _q5_0(load: Load) -> Parts:
     d = _lift(_f32(load("d")), 3)
-    return [(d * _f32(q - 16), (p, _ALL)) for p, q in enumerate(_q5_codes(load))]
+    return [(d * _f32(q - 16), (p, ALL)) for p, q in enumerate(_q5_codes(load))]
 
 
 def _q5_1(load: Load) -> Parts:
     d, m = _lift(_f32(load("d")), 3), _lift(_f32(load("m")), 3)
-    return [(d * _f32(q) + m, (p, _ALL)) for p, q in enumerate(_q5_codes(load))]
+    return [(d * _f32(q) + m, (p, ALL)) for p, q in enumerate(_q5_codes(load))]
 
 
 def _e2m1_doubled(code: jax.Array) -> jax.Array:
@@ -144,33 +103,33 @@ def _mxfp4(load: Load) -> Parts:
     e = load("e").astype(jnp.uint32)
     bits = jnp.where(e < 2, jnp.uint32(0x00200000) << e, (e - 1) << 23)
     d = _lift(jax.lax.bitcast_convert_type(bits, jnp.float32), 3)
-    return [(d * _e2m1_doubled(q), (p, _ALL)) for p, q in enumerate(_nibble_parts(load("qs", _ALL)))]
+    return [(d * _e2m1_doubled(q), (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
 
 
 def _k_scale_min(load: Load, p: int) -> tuple[jax.Array, jax.Array]:
     """Q4_K/Q5_K: d*sc and dmin*mn of sub-block 2j + p for the 4 groups j of a super-block, [BN, C, 4, 1]."""
     d, dmin = _lift(_f32(load("d")), 3), _lift(_f32(load("dmin")), 3)
-    dsc = d * _f32(load("scales", _ALL, p))
-    dmn = dmin * _f32(load("mins", _ALL, p))
+    dsc = d * _f32(load("scales", ALL, p))
+    dmn = dmin * _f32(load("mins", ALL, p))
     return _lift(dsc, 4), _lift(dmn, 4)
 
 
 def _q4_k(load: Load) -> Parts:
     out = []
-    for p, q in enumerate(_nibble_parts(load("qs", _ALL, _ALL))):  # [BN, C, 4, 32]
+    for p, q in enumerate(_nibble_parts(load("qs", ALL, ALL))):  # [BN, C, 4, 32]
         dsc, dmn = _k_scale_min(load, p)
-        out.append((dsc * _f32(q) - dmn, (_ALL, p, _ALL)))
+        out.append((dsc * _f32(q) - dmn, (ALL, p, ALL)))
     return out
 
 
 def _q5_k(load: Load) -> Parts:
-    qh = jax.lax.expand_dims(load("qh", _ALL).astype(jnp.int32), (2,))  # [BN, C, 1, 32]
+    qh = jax.lax.expand_dims(load("qh", ALL).astype(jnp.int32), (2,))  # [BN, C, 1, 32]
     group = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 4, 1), 2)
     out = []
-    for p, low in enumerate(_nibble_parts(load("qs", _ALL, _ALL))):
+    for p, low in enumerate(_nibble_parts(load("qs", ALL, ALL))):
         high = (qh >> (2 * group + p)) & 1  # bit 2j + p of byte l: bit 4 of value 64j + 32p + l
         dsc, dmn = _k_scale_min(load, p)
-        out.append((dsc * _f32(low | (high << 4)) - dmn, (_ALL, p, _ALL)))
+        out.append((dsc * _f32(low | (high << 4)) - dmn, (ALL, p, ALL)))
     return out
 
 
@@ -180,12 +139,12 @@ def _q6_k(load: Load) -> Parts:
     d = _lift(_f32(load("d")), 3)
     out = []
     for l in range(2):
-        qh = load("qh", _ALL, l, _ALL).astype(jnp.int32)
+        qh = load("qh", ALL, l, ALL).astype(jnp.int32)
         for k in range(2):
-            for p, low in enumerate(_nibble_parts(load("qs", _ALL, k, l, _ALL))):
+            for p, low in enumerate(_nibble_parts(load("qs", ALL, k, l, ALL))):
                 q = low | (((qh >> (2 * (2 * p + k))) & 3) << 4)
-                sc = _lift(d * _f32(load("scales", _ALL, p, k, l)), 4)
-                out.append((sc * _f32(q - 32), (_ALL, p, k, l, _ALL)))
+                sc = _lift(d * _f32(load("scales", ALL, p, k, l)), 4)
+                out.append((sc * _f32(q - 32), (ALL, p, k, l, ALL)))
     return out
 
 
@@ -220,10 +179,6 @@ class Plan:
     num_stages: int = 3
 
 
-def _pow2_floor(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
-
-
 def plan(
     qtype: QT,
     n: int,
@@ -242,9 +197,9 @@ def plan(
     blocks = k // fmt.sb
     values = TARGET_VALUES if rows < 4 else TARGET_VALUES // 2  # registers: x and a product tile per row
     if block_n is None:
-        block_n = min(32, _pow2_floor(values // fmt.sb), pl.next_power_of_2(n))
+        block_n = min(32, pow2_floor(values // fmt.sb), pl.next_power_of_2(n))
     if chunk is None:
-        chunk = min(_pow2_floor(values // (block_n * fmt.sb)), pl.next_power_of_2(blocks))
+        chunk = min(pow2_floor(values // (block_n * fmt.sb)), pl.next_power_of_2(blocks))
     for name, v in (("block_n", block_n), ("chunk", chunk)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two (a Triton tile dimension), got {v}")
@@ -253,11 +208,6 @@ def plan(
         splits = max(1, pl.cdiv(TARGET_PROGRAMS, pl.cdiv(n, block_n) * groups))
     steps = pl.cdiv(n_chunks, min(max(1, splits), n_chunks))
     return Plan(block_n, chunk, pl.cdiv(n_chunks, steps), steps, num_warps, num_stages)
-
-
-def _index(i):
-    """A static int index as an int32 scalar: the interpreter's masked load (JAX 0.10) rejects Python ints."""
-    return jnp.int32(i) if isinstance(i, int) else i
 
 
 def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool):
@@ -274,7 +224,7 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
         t = pl.program_id(2)
         expert, x_rows = ids_ref[t], [t]
     else:
-        expert, x_rows = _index(0), list(range(rows))
+        expert, x_rows = static_index(0), list(range(rows))
     rows_ok = (row0 + jnp.arange(bn)) < n if n % bn else None
     mask_k = p.splits * p.steps * c > blocks
 
@@ -293,9 +243,9 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
 
         def load(name: str, *index) -> jax.Array:
             inner = fmt.planes[name]
-            index = index + (_ALL,) * (len(inner) - len(index))
-            shape = (bn, c, *(d for d, i in zip(inner, index, strict=True) if i == _ALL))
-            ref = planes[name].at[expert, pl.ds(row0, bn), pl.ds(b0, c), *map(_index, index)]
+            index = index + (ALL,) * (len(inner) - len(index))
+            shape = (bn, c, *(d for d, i in zip(inner, index, strict=True) if i == ALL))
+            ref = planes[name].at[expert, pl.ds(row0, bn), pl.ds(b0, c), *map(static_index, index)]
             mask = tile_mask(shape)
             return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
 
@@ -304,7 +254,7 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
         for a, m in zip(acc, x_rows, strict=True):
             prod = None
             for w, x_index in parts:
-                ref = x_ref.at[_index(m), pl.ds(b0, c), *map(_index, x_index)]
+                ref = x_ref.at[static_index(m), pl.ds(b0, c), *map(static_index, x_index)]
                 if blocks_ok is None:
                     xv = plgpu.load(ref)
                 else:
@@ -318,10 +268,11 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
 
     acc = jax.lax.fori_loop(0, p.steps, step, tuple(jnp.zeros((bn,), jnp.float32) for _ in x_rows))
     for a, m in zip(acc, x_rows, strict=True):
-        o_ref[split, _index(m), pl.ds(row0, bn)] = a
+        o_ref[split, static_index(m), pl.ds(row0, bn)] = a
 
 
-def _views(w: QuantArray, experts: int, n: int, k: int) -> tuple[list[str], list[jax.Array]]:
+def plane_views(w: QuantArray, experts: int, n: int, k: int) -> tuple[list[str], list[jax.Array]]:
+    """Each plane of `w` viewed (a free reshape) as [experts, n, k / SB, *inner] in its format's layout."""
     fmt = FORMATS[w.qtype]
     names = sorted(fmt.planes)
     return names, [w.planes[name].reshape(experts, n, k // fmt.sb, *fmt.planes[name]) for name in names]
@@ -339,7 +290,7 @@ def _call(
     """x [T, K]; returns the split-K partial sums summed: [T, N] float32."""
     fmt = FORMATS[w.qtype]
     t, k = x.shape
-    names, planes = _views(w, experts, n, k)
+    names, planes = plane_views(w, experts, n, k)
     xv = x.astype(jnp.float32).reshape(t, k // fmt.sb, *fmt.x_inner)
     gathered = ids is not None
     n_blocks = pl.cdiv(n, p.block_n)
@@ -348,7 +299,7 @@ def _call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((p.splits, t, n_blocks * p.block_n), jnp.float32),
         grid=(n_blocks, p.splits, t) if gathered else (n_blocks, p.splits),
-        compiler_params=_TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
+        compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=interpret,
         name=f"qmatvec_{w.qtype.name.lower()}",
     )(*([ids] if gathered else []), xv, *planes)

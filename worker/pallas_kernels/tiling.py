@@ -1,0 +1,44 @@
+"""The tiling rules the Pallas kernels share (Triton compiler params, grid sizing, power-of-two tiles, the k/v tile
+of the attention kernels), so that no kernel reaches into another's private helpers."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax.experimental.pallas import triton as plgpu
+
+# JAX 0.11 lowers pallas_call on GPU to Mosaic GPU unless the compiler params are Triton's, so every call passes
+# them. The class is `CompilerParams` in JAX 0.10-0.11, `TritonCompilerParams` before.
+TritonParams = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
+
+SM_COUNT = 132  # H100 SXM and H200
+TARGET_PROGRAMS = 4 * SM_COUNT  # programs a grid aims for: a few per SM hide the memory latency
+ALL = slice(None)
+NEG = -1e30  # the attention kernels' running max before any key: finite, so exp(m - m_new) never sees inf - inf
+MAX_BLOCK_S = 64  # slots per k/v tile of the attention kernels
+
+
+def static_index(i):
+    """A static int index as an int32 scalar: the interpreter's masked load (JAX 0.10) rejects Python ints."""
+    return jnp.int32(i) if isinstance(i, int) else i
+
+
+def pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def padded_dim(d: int) -> int:
+    """A head dim as a Triton tile dimension: a power of two, at least 16 (phi3's 96 -> 128, masked)."""
+    return max(16, pow2_at_least(d))
+
+
+def key_tile(slots: int, d: int, tile_values: int) -> int | None:
+    """Slots per k/v tile: the largest power of two <= MAX_BLOCK_S, <= tile_values / padded D (but >= 16) and
+    dividing `slots`, at least 16; None if there is none."""
+    bs = min(MAX_BLOCK_S, max(16, tile_values // padded_dim(d)))
+    while bs >= 16 and slots % bs:
+        bs //= 2
+    return bs if bs >= 16 else None
