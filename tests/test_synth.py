@@ -1,9 +1,9 @@
-"""worker.synth: synthetic GGUFs with the real models' layout.
+"""bench.synth: synthetic GGUFs with the real models' layout.
 
 References, none of them produced by this project: llama.cpp's own quantized tiny models (oracle manifests) for
 the per-tensor type rules; the real Gemma 3 270M file, whose header the synthetic one must reproduce byte for byte;
 llama.cpp's load logs of the real phi3 and gpt-oss files (type counts, tensor bytes, parameter counts) and the
-published file sizes (quoted in worker/synth.py); tiktoken / HF token ids from the tokenizer oracles, decoded
+published file sizes (quoted in bench/synth.py); tiktoken / HF token ids from the tokenizer oracles, decoded
 through the written vocabulary; gguf-py's GGUFReader and dequantizers to read back what was written.
 """
 
@@ -21,8 +21,8 @@ from gguf import GGML_QUANT_SIZES, GGUFReader, quants
 from gguf import GGMLQuantizationType as QT
 from tokenizers import decoders
 
-from worker import synth
-from worker.synth import SPECS, TensorSpec, llama_quant_type, random_tensor, write_synthetic
+from bench import synth
+from bench.synth import SPECS, TensorSpec, llama_quant_type, random_tensor, write_synthetic
 
 
 def _pad(n: int) -> int:

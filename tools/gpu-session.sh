@@ -53,14 +53,14 @@ do_build() {
 }
 
 do_synth() {
-    # worker.synth reads tokenizers from the oracles: keep a copy, so a later call without shared/ still has them.
+    # bench.synth reads tokenizers from the oracles: keep a copy, so a later call without shared/ still has them.
     if [ -d shared/oracles/tokenizers ]; then
         mkdir -p "$state/oracles" && cp -r shared/oracles/tokenizers "$state/oracles/"
     fi
     local like rc=0
     for like in qwen2.5-0.5b phi3-mini gpt-oss-20b; do
         [ -s "$models/$like.gguf" ] && { echo "have $like"; continue; }
-        py -m worker.synth --like "$like" --out "$models/$like.gguf.part" --oracles "$state/oracles" &&
+        py -m bench.synth --like "$like" --out "$models/$like.gguf.part" --oracles "$state/oracles" &&
             mv "$models/$like.gguf.part" "$models/$like.gguf" || rc=1
     done
     ls -l "$models"

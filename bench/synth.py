@@ -4,7 +4,7 @@ names, shapes and per-tensor quantized types, with random (or sparse zero) weigh
 They stand in for weights no machine here can download: load, memory and speed work on a GPU, and the input of
 llama.cpp's `llama-bench` for the peer numbers in REQUIREMENTS.md. `SPECS` describes each model once (metadata
 and tensor table, derived from a few hyperparameters and llama.cpp's quantization rules); `write_synthetic` and
-the CLI (`python -m worker.synth --like qwen2.5-0.5b --out FILE`) write it, streaming tensor by tensor.
+the CLI (`python -m bench.synth --like qwen2.5-0.5b --out FILE`) write it, streaming tensor by tensor.
 
 Random weights are written as random quantized blocks (random codes, block scales chosen so the weights have a
 standard deviation near 0.02), never by quantizing floats: the 12 GB gpt-oss file is mostly random bytes.
@@ -499,7 +499,7 @@ def write_synthetic(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m worker.synth", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.synth", description=__doc__.split("\n\n")[0])
     ap.add_argument("--like", required=True, choices=sorted(SPECS))
     ap.add_argument("--fill", choices=("random", "zero"), default="random")
     ap.add_argument("--seed", type=int, default=0)
