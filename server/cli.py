@@ -157,8 +157,9 @@ def kv_slots(model_path: str, kv_mb: int, device_kind: str) -> int:
     return slots
 
 
-class _Stop(Exception):
-    """SIGTERM or SIGINT arrived while starting: stop loading and exit 0."""
+class _Stop(BaseException):
+    """SIGTERM or SIGINT arrived while starting: stop loading and exit 0. A BaseException, so that no `except
+    Exception` on the way (a logging handler, a device probe) swallows it when the signal lands inside one."""
 
 
 def main(argv: list[str] | None = None) -> int:
