@@ -34,7 +34,9 @@ class Traits:
     qk_norm: bool = False  # per-head RMS norms of q and k
     post_norms: bool = False  # norms on the attention and FFN outputs (gemma3)
     fused: bool = False  # attn_qkv and ffn_up = [gate | up] (phi3)
-    gemma: bool = False  # GEGLU, sqrt(d_model) input scale, every 6th layer global, rope base 1e4 on sliding layers
+    geglu: bool = False  # GELU (tanh) gate instead of SiLU
+    scaled_embeddings: bool = False  # input embeddings times sqrt(d_model)
+    gemma_windows: bool = False  # llama.cpp's Gemma 3 defaults: every 6th layer global, rope base 1e4 when sliding
 
 
 ARCHITECTURES: dict[str, Traits] = {
@@ -42,7 +44,7 @@ ARCHITECTURES: dict[str, Traits] = {
     "qwen2": Traits(qkv_bias=True),
     "qwen3": Traits(qk_norm=True),
     "phi3": Traits(fused=True),
-    "gemma3": Traits(qk_norm=True, post_norms=True, gemma=True),
+    "gemma3": Traits(qk_norm=True, post_norms=True, geglu=True, scaled_embeddings=True, gemma_windows=True),
 }
 
 
@@ -77,7 +79,7 @@ def config(gf: GGUFFile) -> LlamaConfig:
     if n_heads % n_kv:
         raise load_error(gf, f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
     vocab = len(gf.metadata.get("tokenizer.ggml.tokens", ())) or base.require_tensor(gf, "token_embd.weight").shape[0]
-    if traits.gemma:
+    if traits.gemma_windows:
         pattern = meta(gf, "attention.sliding_window_pattern", None)
         if pattern is None:  # llama.cpp's default for Gemma 3: every 6th layer is global
             sliding = tuple(i % 6 < 5 for i in range(n_layers))
@@ -102,10 +104,10 @@ def config(gf: GGUFFile) -> LlamaConfig:
         post_norms=traits.post_norms,
         rope_dim=meta(gf, "rope.dimension_count", head_dim, cast=int),
         rope_base=rope_base,
-        rope_base_swa=meta(gf, "rope.freq_base_swa", 10000.0 if traits.gemma else rope_base, cast=float),
+        rope_base_swa=meta(gf, "rope.freq_base_swa", 10000.0 if traits.gemma_windows else rope_base, cast=float),
         sliding_window=meta(gf, "attention.sliding_window", 0, cast=int) or None,
         sliding_layers=sliding,
-        embed_scale=math.sqrt(d_model) if traits.gemma else None,
+        embed_scale=math.sqrt(d_model) if traits.scaled_embeddings else None,
         logit_softcap=meta(gf, "final_logit_softcapping", None, cast=float),
     )
 
@@ -150,7 +152,7 @@ def ffn_block(lw: LayerWeights, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
         gate, up = ops.qmatmul(h, lw["ffn_gate"], backend=be), ops.qmatmul(h, lw["ffn_up"], backend=be)
     else:
         gate, up = jnp.split(ops.qmatmul(h, lw["ffn_up"], backend=be), 2, axis=-1)
-    act = ops.gelu_tanh(gate) if cfg.traits.gemma else jax.nn.silu(gate)
+    act = ops.gelu_tanh(gate) if cfg.traits.geglu else jax.nn.silu(gate)
     out = ops.qmatmul(act * up, lw["ffn_down"], backend=be)
     if cfg.post_norms:
         out = ops.rms_norm(out, lw["post_ffw_norm"], cfg.norm_eps)
