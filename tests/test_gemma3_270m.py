@@ -52,10 +52,10 @@ def test_first_step_logits(forced, exact, oracles):
 def test_greedy_matches_exact_math(gemma, exact):
     for p, golden in exact:
         ref = p["greedy_exact"]
-        ours = gemma.generate(golden["ids"], max_tokens=32, stop_at_eos=False)
         # Compare up to (and including) the first step whose exact-math margin is below MARGIN.
-        upto = next((i for i, m in enumerate(ref["margins"]) if m < MARGIN), 32)
-        assert ours[: upto + 1] == ref["ids"][: upto + 1], p["name"]
+        n = min(len(ref["ids"]), next((i for i, m in enumerate(ref["margins"]) if m < MARGIN), 32) + 1)
+        ours = gemma.generate(golden["ids"], max_tokens=n, stop_at_eos=False)
+        assert ours == ref["ids"][:n], p["name"]
 
 
 def test_teacher_forced_argmax(forced, exact):
@@ -63,8 +63,3 @@ def test_teacher_forced_argmax(forced, exact):
         for i, step in enumerate(p["teacher_forced"]):
             if step["values"][0] - step["values"][1] > MARGIN:
                 assert int(logits[i].argmax()) == step["ids"][0], (p["name"], i)
-
-
-def test_generation_is_deterministic(gemma, exact):
-    ids = exact[0][1]["ids"]
-    assert gemma.generate(ids, max_tokens=8) == gemma.generate(ids, max_tokens=8)
