@@ -50,7 +50,8 @@ def run_path(path: str, qtype: QT, k: int, seed: int, interpret: bool) -> tuple[
         if path == "dense":
             y = jax.jit(lambda x, w: qmv.qmatvec(x, w, interpret=interpret))(x, w)
         else:
-            y = jax.jit(lambda x, w: ops.qmatmul(x, w))(x, w)
+            backend = "cpu" if interpret else "gpu"  # the GPU backend's prefill dot: bf16 operands
+            y = jax.jit(lambda x, w: ops.qmatmul(x, w, backend=backend))(x, w)
         x64 = x.astype(np.float64)
         return np.asarray(y, np.float64), x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
     experts, w64 = random_weight(qtype, (E, n, k), seed)
@@ -85,10 +86,6 @@ def test_kernels_in_interpret_mode(path, qtype, k):
 def gpu_backend():
     if jax.default_backend() != "gpu":
         pytest.fail("gpu-marked tests need a GPU visible to JAX (run them with `just test-gpu`)")
-    before = ops.backend()
-    ops.set_backend("gpu")
-    yield
-    ops.set_backend(before)
 
 
 GPU_CASES = [(p, t, k) for p in PATHS for t in TYPES for k in row_lengths(t)]
