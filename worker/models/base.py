@@ -128,6 +128,16 @@ def require_tensor(gf: GGUFFile, name: str) -> TensorInfo:
     return gf.tensors[name]
 
 
+def with_biases(shapes: dict[str, Shape], biased: set[str] | None = None) -> TensorSpec:
+    """Required `<name>.weight` of each shape and, for the `biased` names (default: all), `<name>.bias` of the
+    weight's output shape (a matrix's leading dims; a norm's own)."""
+    spec: TensorSpec = {f"{name}.weight": (shape, True) for name, shape in shapes.items()}
+    for name, shape in shapes.items():
+        if biased is None or name in biased:
+            spec[f"{name}.bias"] = (shape[:-1] if len(shape) > 1 else shape, True)
+    return spec
+
+
 def weight_table(gf: GGUFFile, n_layers: int, model: TensorSpec, layer: TensorSpec) -> dict[str, tuple[tuple, bool]]:
     """GGUF name -> (path in the weights pytree, required), checking every present tensor's shape."""
     table: dict[str, tuple[tuple, bool]] = {}

@@ -56,21 +56,10 @@ def weight_table(gf: GGUFFile, cfg: GPT2Config) -> dict[str, tuple[tuple, bool]]
         "output_norm.bias": ((d,), True),
         "output.weight": ((cfg.vocab_size, d), False),
     }
-    shapes = {
-        "attn_qkv.weight": (3 * d, d),
-        "attn_qkv.bias": (3 * d,),
-        "attn_output.weight": (d, d),
-        "attn_output.bias": (d,),
-        "ffn_up.weight": (f, d),
-        "ffn_up.bias": (f,),
-        "ffn_down.weight": (d, f),
-        "ffn_down.bias": (d,),
-        "attn_norm.weight": (d,),
-        "attn_norm.bias": (d,),
-        "ffn_norm.weight": (d,),
-        "ffn_norm.bias": (d,),
-    }
-    return base.weight_table(gf, cfg.n_layers, model, {n: (s, True) for n, s in shapes.items()})
+    # Every GPT-2 weight, norms included, has a bias.
+    shapes = {"attn_norm": (d,), "attn_qkv": (3 * d, d), "attn_output": (d, d), "ffn_norm": (d,), "ffn_up": (f, d),
+              "ffn_down": (d, f)}  # fmt: skip
+    return base.weight_table(gf, cfg.n_layers, model, base.with_biases(shapes))
 
 
 def ffn_block(lw: LayerWeights, cfg: GPT2Config, x: jax.Array) -> jax.Array:

@@ -102,32 +102,22 @@ def weight_table(gf: GGUFFile, cfg: GptOssConfig) -> dict[str, tuple[tuple, bool
         "output.weight": ((cfg.vocab_size, d), True),
     }
     shapes = {
-        "attn_norm.weight": (d,),
-        "post_attention_norm.weight": (d,),
-        "attn_q.weight": (q, d),
-        "attn_q.bias": (q,),
-        "attn_k.weight": (kv, d),
-        "attn_k.bias": (kv,),
-        "attn_v.weight": (kv, d),
-        "attn_v.bias": (kv,),
-        "attn_output.weight": (d, q),
-        "attn_output.bias": (d,),
-        "attn_sinks.weight": (cfg.n_heads,),
-        "ffn_gate_inp.weight": (e, d),
-        "ffn_gate_inp.bias": (e,),
-        "ffn_down_exps.weight": (e, d, f),
-        "ffn_down_exps.bias": (e, d),
+        "attn_norm": (d,),
+        "post_attention_norm": (d,),
+        "attn_sinks": (cfg.n_heads,),
+        "attn_q": (q, d),
+        "attn_k": (kv, d),
+        "attn_v": (kv, d),
+        "attn_output": (d, q),
+        "ffn_gate_inp": (e, d),
+        "ffn_down_exps": (e, d, f),
     }
     if cfg.fused_gate_up:
-        shapes |= {"ffn_gate_up_exps.weight": (e, 2 * f, d), "ffn_gate_up_exps.bias": (e, 2 * f)}
+        shapes["ffn_gate_up_exps"] = (e, 2 * f, d)
     else:
-        shapes |= {
-            "ffn_gate_exps.weight": (e, f, d),
-            "ffn_gate_exps.bias": (e, f),
-            "ffn_up_exps.weight": (e, f, d),
-            "ffn_up_exps.bias": (e, f),
-        }
-    return base.weight_table(gf, cfg.n_layers, model, {n: (s, True) for n, s in shapes.items()})
+        shapes |= {"ffn_gate_exps": (e, f, d), "ffn_up_exps": (e, f, d)}
+    biased = set(shapes) - {"attn_norm", "post_attention_norm", "attn_sinks"}
+    return base.weight_table(gf, cfg.n_layers, model, base.with_biases(shapes, biased))
 
 
 def clamped_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
