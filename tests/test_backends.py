@@ -39,3 +39,22 @@ def test_two_models_on_two_backends_in_one_process(oracles, monkeypatch):
 def test_an_unknown_backend_is_refused(oracles):
     with pytest.raises(ValueError, match="unknown ops backend 'tpu'"):
         worker.load(oracles / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", backend="tpu")
+
+
+@pytest.mark.gpu
+def test_a_gpu_model_and_a_cpu_model_in_one_process(oracles):
+    """On the GPU machine: the same file on the GPU (backend gpu: the kernels, float16 cache) and on the CPU (exact
+    float32), loaded GPU first; each at its own gate (the CPU's 1e-3, the GPU's clear-argmax of test_gpu.py), and
+    the CPU one bit-for-bit what a CPU-only process gives (no GPU numerics leak into it)."""
+    d = oracles / "models" / "qwen2"
+    ids = manifest(d)["input"]["ids"]
+    ref = np.load(d / "logits-hf-f64-q8_0-dequant.npy")
+    on_gpu = worker.load(d / "model-q8_0.gguf", device="gpu")
+    on_cpu = worker.load(d / "model-q8_0.gguf", device="cpu")
+    assert (on_gpu.cfg.backend, on_cpu.cfg.backend) == ("gpu", "cpu")
+    cpu_logits, gpu_logits = on_cpu.logits(ids), on_gpu.logits(ids)
+    check_logits(cpu_logits, ref, TOL, MARGIN)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 0.05
+    assert (gpu_logits.argmax(-1) == ref.argmax(-1))[clear].all()
+    assert not np.array_equal(cpu_logits, gpu_logits)  # the GPU path really ran (bf16 prefill operands)
