@@ -44,8 +44,7 @@ def test_an_unknown_backend_is_refused(oracles):
 @pytest.mark.gpu
 def test_a_gpu_model_and_a_cpu_model_in_one_process(oracles):
     """On the GPU machine: the same file on the GPU (backend gpu: the kernels, float16 cache) and on the CPU (exact
-    float32), loaded GPU first; each at its own gate (the CPU's 1e-3, the GPU's clear-argmax of test_gpu.py), and
-    the CPU one bit-for-bit what a CPU-only process gives (no GPU numerics leak into it)."""
+    float32), loaded GPU first; each at its own gate (the CPU's 1e-3, the GPU's clear-argmax of test_gpu.py)."""
     d = oracles / "models" / "qwen2"
     ids = manifest(d)["input"]["ids"]
     ref = np.load(d / "logits-hf-f64-q8_0-dequant.npy")

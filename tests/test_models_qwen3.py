@@ -30,3 +30,14 @@ def test_incremental_decode_equals_full_forward():
     m = worker.load(DATA / "model-q8_0.gguf", device="cpu")
     out = m.generate(IDS, max_tokens=8, stop_at_eos=False)
     assert m.logits(IDS + out[:-1])[len(IDS) - 1 :].argmax(-1).tolist() == out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["q8_0", "q4_0"])
+def test_logits_on_gpu(variant):
+    """The GPU gate of test_gpu.py: equal argmax wherever the reference's top-2 margin exceeds 0.05."""
+    m = worker.load(DATA / f"model-{variant}.gguf", device="gpu")
+    ref = np.load(DATA / f"logits-hf-f64-{variant}-dequant.npy")
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 0.05
+    assert (m.logits(IDS).argmax(-1) == ref.argmax(-1))[clear].all()
