@@ -23,10 +23,10 @@ from worker import ops
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, TensorInfo
 from worker.kv_cache import KVCache, write_layer
+from worker.ops import Weight
 from worker.quant import QuantArray, quant_array
 
 Put = Callable[[np.ndarray], jax.Array]
-Weight = QuantArray | jax.Array
 Shape = tuple[int, ...]
 
 
