@@ -58,12 +58,16 @@ def as_f32(w: Weight) -> jax.Array:
     return dequantize(w, jnp.float32) if isinstance(w, QuantArray) else w.astype(jnp.float32)
 
 
-def qmatmul(x: jax.Array, w: Weight, bias: jax.Array | None = None, *, backend: str = "cpu") -> jax.Array:
+def qmatmul(
+    x: jax.Array, w: Weight, bias: jax.Array | None = None, *, backend: str = "cpu", exact: bool = False
+) -> jax.Array:
     """x [..., In] @ w[Out, In].T (+ bias) -> [..., Out]; w stays quantized in memory, dequantized per call.
-    Decode-sized calls on the GPU backend go to the Pallas matvec; prefill stays on dequantize + XLA dot."""
+    Decode-sized calls on the GPU backend go to the Pallas matvec (float32); prefill stays on dequantize + XLA dot.
+    `exact`: float32 operands on every backend, for a product whose result picks something discrete (the MoE
+    router: bf16 operands flipped near-tied experts, 1.1 relative error at one position of a gpt-oss oracle)."""
     if _kernel_fits(w, x.size // max(1, x.shape[-1]), 2, backend):
         y = qmatvec.qmatvec(x, w, interpret=backend == "interpret")
-    elif backend == "gpu":
+    elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
         # accumulation). bf16 operands cost ~1e-2 relative on the logits (docs/gpu.md), not the CPU's 1e-6.
         wb = dequantize(w, jnp.bfloat16) if isinstance(w, QuantArray) else w.astype(jnp.bfloat16)

@@ -135,7 +135,7 @@ def _experts(lw: LayerWeights, cfg: GptOssConfig, name: str, x: jax.Array, exper
 def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
     h = ops.rms_norm(x, lw["post_attention_norm"], cfg.norm_eps).reshape(b * t, d)  # [M, D]
-    router = ops.qmatmul(h, lw["ffn_gate_inp"], lw["ffn_gate_inp_b"], backend=cfg.backend)  # [M, E]
+    router = ops.qmatmul(h, lw["ffn_gate_inp"], lw["ffn_gate_inp_b"], backend=cfg.backend, exact=True)  # [M, E]
     top, expert_ids = jax.lax.top_k(router, cfg.n_experts_used)  # [M, k]
     expert_weights = jax.nn.softmax(top, axis=-1)
     if cfg.fused_gate_up:

@@ -9,7 +9,7 @@ Metadata, tokenizer and input ids are the oracle gpt-oss's (../shared/oracles/mo
 changed by the variant: "ff128" (expert width 128), "d128" (d_model and expert width 128, head_dim 32). Weights
 are random GGUF blocks (random codes; scales set so each tensor has the oracle's init std), so the reference
 needs no quantizer: gguf-py's dequantization of the written blocks is the model. Outputs in the variant's
-folder: model-q4_k_m-mixed.gguf, logits-hf-f64.npy, manifest.json.
+folder: model-q4_k_m-mixed.gguf, logits-hf-f64.npy, router-gaps-hf-f64.npy [layers, positions], manifest.json.
 """
 
 from __future__ import annotations
@@ -193,14 +193,20 @@ def main() -> None:
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     ids = src_manifest["input"]["ids"]
     with torch.no_grad():
-        logits = model(torch.tensor([ids]), use_cache=False).logits[0].numpy()
-    np.save(out / "logits-hf-f64.npy", logits)
+        result = model(torch.tensor([ids]), use_cache=False, output_router_logits=True)
+    np.save(out / "logits-hf-f64.npy", result.logits[0].numpy())
+    # Per layer and position: the router's k-th minus (k+1)-th logit. Where it is tiny, any rounding upstream may
+    # pick the other expert, so reduced-precision paths are compared only where every layer's routing is clear.
+    k = config.num_experts_per_tok
+    top = [np.sort(r.numpy().reshape(len(ids), -1), axis=-1)[:, ::-1] for r in result.router_logits]
+    np.save(out / "router-gaps-hf-f64.npy", np.stack([t[:, k - 1] - t[:, k] for t in top]))
     manifest = {
         "what": __doc__.splitlines()[0],
         "source": "../shared/oracles/models/gpt-oss (metadata, tokenizer, input ids, hf_config) with "
         f"the HF config changed by {VARIANTS[args.variant]}; random blocks with numpy seed {SEED}",
         "reference": "logits-hf-f64.npy: HF transformers GptOssForCausalLM, float64, eager attention, one forward "
-        "pass over input.ids, on gguf.quants.dequantize of every tensor of model-q4_k_m-mixed.gguf",
+        "pass over input.ids, on gguf.quants.dequantize of every tensor of model-q4_k_m-mixed.gguf; "
+        "router-gaps-hf-f64.npy: the same pass's router logits, k-th minus (k+1)-th largest, [layer, position]",
         "input": {"ids": ids},
         "tensor_types": types,
         "versions": {
