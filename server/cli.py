@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chat-template", help="a Jinja chat template file for /v1/chat/completions instead of the GGUF's own"
     )
+    p.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="JAX's persistent compilation cache folder (default: <user cache dir>/worker-orcd/jax)",
+    )
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything at start, cache nothing")
     p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait behind the running one (default 4)")
     p.add_argument("--shutdown-deadline", type=float, default=5.0, help="seconds to finish or cancel the running job")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
@@ -213,23 +219,33 @@ def main(argv: list[str] | None = None) -> int:
 def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, ChatTemplate | None]:
     """Device init -> model load (progress at 0/25/50/75/100 %) and its chat template -> the engine thread."""
     import worker
+    from worker import compile_cache
     from worker.chat import load_chat_template
     from worker.device import pick_device
     from worker.engine import Engine
+    from worker.sampling import SamplingParams
 
     model_path = args.model or worker.default_model_path()
     narrator.model_ref = model_path
+    cache_dir = None if args.no_compile_cache else compile_cache.enable(args.compile_cache)
     dev = pick_device(args.device, args.gpu_device)
     slots = kv_slots(model_path, args.kv_cache_size_mb, dev.platform) if args.kv_cache_size_mb else None
-    narrator.emit("model_load_start", model_path=model_path, device=dev.platform, device_id=dev.id)
+    narrator.emit(
+        "model_load_start",
+        model_path=model_path,
+        device=dev.platform,
+        device_id=dev.id,
+        compile_cache=None if cache_dir is None else str(cache_dir),
+    )
     t0 = time.monotonic()
     model = worker.load(
         model_path,
         device=dev.platform,
+        compile_cache=cache_dir or False,
         gpu_index=args.gpu_device,
         slots=slots,
         tokenizer_json=args.tokenizer_json,
-        on_progress=narrator.load_progress(),
+        on_progress=_with_bar(narrator.load_progress()) if sys.stderr.isatty() else narrator.load_progress(),
     )
     narrator.emit(
         "model_load_complete",
@@ -246,8 +262,12 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
     template = template if isinstance(template, str) else None
     chat_template = load_chat_template(model.tokenizer, template, args.chat_template)
 
-    # Compile the decode step and the smallest prefill bucket now, so the first request does not pay for it.
-    model.generate("warm-up", max_tokens=2, stop_at_eos=False)
+    # Compile the decode step and the smallest prefill bucket now, so the first request does not pay for it: with
+    # /execute's default sampling (temperature 1, no filter or penalty), the plan most requests compile to.
+    if sys.stderr.isatty():
+        cached = f"; kept in {cache_dir} for the next start" if cache_dir else ""
+        print(f"compiling the model's steps{cached}...", file=sys.stderr, flush=True)
+    model.warm_up(SamplingParams(temperature=1.0))
 
     def on_event(name: str, fields: dict[str, Any]) -> None:
         narrator.emit(name, level="error" if name == "error" else "info", **fields)
@@ -361,6 +381,22 @@ def _callback(url: str, message: dict[str, Any], narrator: Narrator) -> None:
         httpx.post(url, json=message, timeout=10.0).raise_for_status()
     except httpx.HTTPError as e:  # the worker still serves; the orchestrator can find it through /health
         narrator.emit("error", level="error", message=f"ready callback to {url} failed: {e}", callback_url=url)
+
+
+def _with_bar(narrate: Callable[[int, int], None], width: int = 30) -> Callable[[int, int], None]:
+    """`narrate` (the load's narration events) plus a progress bar on the bottom line of the terminal: the bar is
+    cleared before each call, so the event lines scroll above it."""
+
+    def on_progress(done: int, total: int) -> None:
+        sys.stderr.write("\r\033[K")
+        narrate(done, total)
+        part = 1.0 if total <= 0 else done / total
+        bar = "#" * round(width * part) + "." * (width - round(width * part))
+        sys.stderr.write(f"loading [{bar}] {100 * part:3.0f}% {done / 2**20:.0f}/{total / 2**20:.0f} MiB")
+        sys.stderr.write("\n" if done >= total else "")
+        sys.stderr.flush()
+
+    return on_progress
 
 
 def _url_host(host: str) -> str:

@@ -105,12 +105,13 @@ def test_changing_parameters_does_not_recompile():
 
 
 def test_plan_includes_exactly_the_stages_the_parameters_switch_on():
-    assert SamplingParams(temperature=0.0, top_k=5, top_p=0.5).plan() == SamplingPlan(penalty=False, filtering=False)
+    greedy = SamplingPlan(penalty=False, filtering=False, draw=False)
+    assert SamplingParams(temperature=0.0, top_k=5, top_p=0.5).plan() == greedy
     assert SamplingParams(temperature=0.7).plan() == SamplingPlan(penalty=False, filtering=False)
     assert SamplingParams(temperature=0.7, top_k=5).plan() == SamplingPlan(penalty=False, filtering=True)
     assert SamplingParams(temperature=0.7, top_p=0.9).plan() == SamplingPlan(penalty=False, filtering=True)
     assert SamplingParams(temperature=0.7, min_p=0.1).plan() == SamplingPlan(penalty=False, filtering=True)
-    assert SamplingParams(repetition_penalty=1.2).plan() == SamplingPlan(penalty=True, filtering=False)
+    assert SamplingParams(repetition_penalty=1.2).plan() == SamplingPlan(penalty=True, filtering=False, draw=False)
 
 
 def test_stages_left_out_of_the_plan_are_no_ops():

@@ -24,10 +24,15 @@ common=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_COMMIT=
         -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF)
 case "$kind" in
     # Not GGML_NATIVE: -march=native turns on AMX, whose tile instructions trap (SIGILL) in this project's CPU VM.
-    # Every other extension of such a Xeon is asked for by name (named in full: a cmake cache keeps old values).
+    # Each other extension is on exactly when /proc/cpuinfo lists it (the VMs differ: an Intel Xeon with AVX-VNNI,
+    # an AMD EPYC with only the AVX-512 form, where a {vex} vpdpbusd traps); all are named, ON or OFF, as a cmake
+    # cache keeps old values.
     cpu) flags=(-DGGML_CUDA=OFF -DGGML_NATIVE=OFF)
-         for isa in SSE42 AVX AVX2 BMI2 FMA F16C AVX_VNNI AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16; do
-             flags+=("-DGGML_$isa=ON")
+         have=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+         for pair in SSE42:sse4_2 AVX:avx AVX2:avx2 BMI2:bmi2 FMA:fma F16C:f16c AVX_VNNI:avx_vnni AVX512:avx512f \
+                     AVX512_VBMI:avx512vbmi AVX512_VNNI:avx512_vnni AVX512_BF16:avx512_bf16; do
+             [[ "$have" == *" ${pair#*:} "* ]] && on=ON || on=OFF
+             flags+=("-DGGML_${pair%%:*}=$on")
          done ;;
     # FA kernels only for the f16 K/V cache that llama-bench uses by default (each extra K/V pair is 7 more files);
     # no NCCL (one GPU).

@@ -34,8 +34,14 @@ def load_tokenizer(path, tokenizer_json=None):
     return _load(path, tokenizer_json)
 
 
-def load(path, device: str = "cpu", **options):
-    """Load a GGUF model onto `device` ("cpu" or "gpu"): see worker.model.Model."""
+def load(path, device: str = "cpu", compile_cache: bool | str | os.PathLike = True, **options):
+    """Load a GGUF model onto `device` ("cpu" or "gpu"): see worker.model.Model. `compile_cache`: JAX's
+    persistent compilation cache (worker/compile_cache.py) in its default folder (True), in this folder, or off
+    (False); it takes effect when this is the process's first JAX compile."""
+    from worker import compile_cache as cache
     from worker.model import load_model
+
+    if compile_cache is not False:
+        cache.enable(None if compile_cache is True else compile_cache)
 
     return load_model(path, device=device, **options)

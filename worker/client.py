@@ -1,11 +1,14 @@
-"""A tiny client of the worker's HTTP API: `python -m worker.client "prompt"` streams the completion to stdout.
+"""A tiny client of the worker's HTTP API: `python -m worker.client "prompt"` streams the completion to stdout as
+the tokens come.
 
-    python -m worker.client "Write a haiku about GPU computing" --seed 42 --max-tokens 64
+    python -m worker.client "The three primary colors are" --seed 42 --max-tokens 64
     python -m worker.client --health
 
-The summary (seed, tokens, stop reason, speed) goes to stderr; --events prints every SSE event as a JSON line
-instead of the text. Ctrl-C cancels the job on the worker (POST /cancel). Exit 0 on `end`, 1 on an `error`
-event or an HTTP/connection error (one line on stderr), 130 on Ctrl-C.
+At most DEFAULT_MAX_TOKENS tokens unless --max-tokens says otherwise (the server's own default is its limit,
+2048: minutes on a CPU). A one-line summary (tokens, decode speed, time to the first token, stop reason, seed)
+goes to stderr at the end; --events prints every SSE event as a JSON line instead of the text. Ctrl-C cancels
+the job on the worker (POST /cancel). Exit 0 on `end`, 1 on an `error` event or an HTTP/connection error (one
+line on stderr), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -22,6 +26,7 @@ from typing import Any
 import httpx
 
 DEFAULT_URL = f"http://127.0.0.1:{os.environ.get('WORKER_PORT', '8600')}"
+DEFAULT_MAX_TOKENS = 256
 
 
 def iter_sse(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=DEFAULT_URL, help=f"the worker (default {DEFAULT_URL}, or $WORKER_PORT)")
     p.add_argument("--api-key", default=os.environ.get("WORKER_API_KEY"), help="bearer token (env WORKER_API_KEY)")
     p.add_argument("--job-id")
-    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help=f"default {DEFAULT_MAX_TOKENS}")
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
@@ -114,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_stream(events: Iterator[tuple[str, dict[str, Any]]], as_events: bool) -> int:
-    seed = None
+    seed, sent, first = None, time.monotonic(), None
     for name, data in events:
+        if name == "token" and first is None:
+            first = time.monotonic() - sent
         if as_events:
             print(json.dumps({"event": name, "data": data}, ensure_ascii=False), flush=True)
         elif name == "token":
@@ -126,17 +133,22 @@ def _print_stream(events: Iterator[tuple[str, dict[str, Any]]], as_events: bool)
         elif name == "end":
             if not as_events:
                 sys.stdout.write("\n")
-            print(
-                f"[seed {seed}, {data['tokens_out']} tokens, stop {data['stop_reason']}, "
-                f"decode {data['decode_time_ms']:.0f} ms]",
-                file=sys.stderr,
-            )
+            print(summary(data, seed, first), file=sys.stderr)
             return 0
         elif name == "error":
             print(f"\nerror: {data['code']}: {data['message']}", file=sys.stderr)
             return 1
     print("\nerror: the stream ended without an end or error event", file=sys.stderr)
     return 1
+
+
+def summary(end: dict[str, Any], seed: int | None, first_token_s: float | None = None) -> str:
+    """One line from the `end` event: tokens, decode tok/s (the worker's: the tokens after the first over its
+    time after the first), the time to the first token as the client saw it, the stop reason and the seed."""
+    n, decode_s = end["tokens_out"], end["decode_time_ms"] / 1000.0
+    speed = f"{(n - 1) / decode_s:.1f} tok/s" if n > 1 and decode_s > 0 else "- tok/s"
+    first = "" if first_token_s is None else f", first token after {first_token_s:.2f} s"
+    return f"[{n} tokens, {speed}{first}, stop {end['stop_reason']}, seed {seed}]"
 
 
 def _health(args: argparse.Namespace) -> int:

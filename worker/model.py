@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -16,7 +17,7 @@ from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, open_gguf
 from worker.models import adapter_for
 from worker.models.base import load_weights
-from worker.quant import quant_kind
+from worker.quant import cpu_layout, quant_kind
 from worker.runner import Runner
 from worker.sampling import SamplingParams, TokenLogprobs, seed_key
 from worker.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
@@ -28,7 +29,9 @@ DEFAULT_CPU_SLOTS = 4096
 # ~2 TB/s on its 2.3 GB plus ~0.5 ms). A cancel is checked between dispatches, so one dispatch must stay well under
 # 100 ms: the GPU count is the power of two in [8, 64] that keeps an estimated dispatch near DISPATCH_TARGET_S, the
 # estimate being the bytes a token reads at EFFECTIVE_BANDWIDTH plus a fixed per-step cost. On the CPU a step of the
-# 270M model takes ~0.1 s, so one step per dispatch.
+# 270M model takes 40-90 ms on 2 cores (docs/PERFORMANCE.md) and a dispatch costs next to nothing more (one step per
+# dispatch measured within the noise of forward + logits + sample), so two steps would pass the 100 ms bound for no
+# gain: one step per dispatch.
 DISPATCH_TARGET_S = 0.06
 EFFECTIVE_BANDWIDTH = 2.0e12
 STEP_OVERHEAD_S = 0.5e-3
@@ -198,6 +201,13 @@ class Model:
         finally:
             self._cache = cache if _alive(cache) else None
 
+    def warm_up(self, params: SamplingParams = GREEDY) -> None:
+        """Compile what a first request with a short prompt and `params`' sampling stages runs (the model-sized
+        compiles side by side), then run one such request of two tokens."""
+        self.runner.compile_first_steps(params.arrays(), seed_key(0), params.plan(), self.decode_steps)
+        for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
+            pass
+
     def _take_cache(self):
         """The model's one KV cache (reused across calls: the causal mask hides stale slots)."""
         cache, self._cache = self._cache, None
@@ -252,7 +262,6 @@ def load_model(
     if backend is None:
         backend = "cpu" if kind == "cpu" else "gpu"
     cfg = dataclasses.replace(cfg, backend=ops.check_backend(backend))
-    tokenizer = load_tokenizer(gf if tokenizer_json is None else gf.path, tokenizer_json)
     if slots is None:
         slots = cfg.context_length if kind != "cpu" else min(cfg.context_length, DEFAULT_CPU_SLOTS)
     devices.check_fits(devices.estimate(gf, cfg, slots, kind), dev, str(gf.path))
@@ -267,7 +276,14 @@ def load_model(
 
     if on_progress is not None:
         on_progress(0, total)
-    weights = load_weights(gf, table, lambda a: jax.device_put(a, dev), progress)
+    # The tokenizer is built while the weights load: for Gemma 3's 262,144 tokens that takes ~3 s of Python on a
+    # 2-core CPU, and the loading mostly waits on copies that release the GIL.
+    with ThreadPoolExecutor(1) as pool:
+        building = pool.submit(load_tokenizer, gf if tokenizer_json is None else gf.path, tokenizer_json)
+        weights = load_weights(gf, table, lambda a: jax.device_put(a, dev), progress)
+        if backend == "cpu":  # the layout XLA's CPU backend computes with well (quant.Int8Blocks); the gpu and
+            weights = cpu_layout(weights)  # interpret backends' kernels read the block planes
+        tokenizer = building.result()
     runner = Runner(adapter, cfg, weights, dev, slots)
     return Model(gf, tokenizer, runner, kind)
 

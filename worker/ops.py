@@ -21,9 +21,11 @@ import numpy as np
 from worker.kv_cache import KVCache
 from worker.pallas_kernels import decode_attention, prefill_attention, qmatvec
 from worker.pallas_kernels import moe_matmul as grouped_matmul
-from worker.quant import QuantArray, dequantize
+from worker.quant import Int8Blocks, QuantArray, dequantize
 
-Weight = QuantArray | jax.Array
+Weight = QuantArray | Int8Blocks | jax.Array
+# The CPU matmul's row tile: at most this many bytes of float32 weights at a time (docs/PERFORMANCE.md, "CPU").
+CPU_TILE_BYTES = 8 << 20
 
 # Which implementation the quantized matmuls, attention and MoE trace to: "cpu" (the jax.numpy path below, exact
 # float32), "gpu" (Pallas kernels for decode-sized matmuls: at most qmatvec.MAX_ROWS rows of x in a kernel format;
@@ -55,7 +57,41 @@ def _kernel_fits(w: Weight, rows: int, plane_ndim: int, backend: str) -> bool:
 
 
 def as_f32(w: Weight) -> jax.Array:
-    return dequantize(w, jnp.float32) if isinstance(w, QuantArray) else w.astype(jnp.float32)
+    return dequantize(w, jnp.float32) if isinstance(w, QuantArray | Int8Blocks) else w.astype(jnp.float32)
+
+
+def _tile_rows(n: int, k: int) -> int:
+    """Rows per tile of an [n, k] weight: the largest divisor of n within CPU_TILE_BYTES of float32 and below n
+    (XLA removes a one-trip loop and would then widen the whole matrix at the program's start); where n splits
+    badly (a tile under a quarter of the limit), the limit itself, the remainder then being a tile of its own."""
+    limit = max(1, min(n // 2, CPU_TILE_BYTES // (4 * k)))
+    tile = next(t for t in range(limit, 0, -1) if n % t == 0)
+    return tile if tile >= limit // 4 else limit
+
+
+# A nested jit: the many matmuls of one shape (every layer's) are traced and lowered once, not once each (a start
+# of the CPU worker spent ~10 s tracing 250 tile loops).
+@jax.jit
+def int8_matmul(x: jax.Array, w: Int8Blocks) -> jax.Array:
+    """x [..., K] @ w.T -> [..., N] float32, walking row tiles of w: each tile is widened to float32 (exactly,
+    as `dequantize`) next to its dot, inside a loop body. Why: XLA's CPU backend neither fuses a widening into a
+    dot nor reuses the buffers of widenings outside loops, so a whole-matrix widening costs a fresh float32 copy
+    of every weight per call (page faults, mostly); a tile's buffer is reused and stays in cache."""
+    n, k = w.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    tile = _tile_rows(n, k)
+    full = n // tile
+
+    def dot(part: Int8Blocks) -> jax.Array:  # [tile, M]: stacked tiles are then [N, M] without a copy
+        return jnp.einsum("nk,mk->nm", dequantize(part), x2, precision=hi)
+
+    _, ys = jax.lax.scan(lambda c, i: (c, dot(w.rows(i * tile, tile))), None, jnp.arange(full))
+    y = ys.reshape(full * tile, -1)
+    if full * tile < n:
+        y = jnp.concatenate([y, dot(w.rows(full * tile, n - full * tile))])
+    return y.T.reshape(*lead, n)
 
 
 def qmatmul(
@@ -64,8 +100,11 @@ def qmatmul(
     """x [..., In] @ w[Out, In].T (+ bias) -> [..., Out]; w stays quantized in memory, dequantized per call.
     Decode-sized calls on the GPU backend go to the Pallas matvec (float32); prefill stays on dequantize + XLA dot.
     `exact`: float32 operands on every backend, for a product whose result picks something discrete (the MoE
-    router: bf16 operands flipped near-tied experts, 1.1 relative error at one position of a gpt-oss oracle)."""
-    if _kernel_fits(w, x.size // max(1, x.shape[-1]), 2, backend):
+    router: bf16 operands flipped near-tied experts, 1.1 relative error at one position of a gpt-oss oracle).
+    A weight in the CPU layout (Int8Blocks) goes to `int8_matmul` (float32, exact like the CPU path)."""
+    if isinstance(w, Int8Blocks):
+        y = int8_matmul(x, w)
+    elif _kernel_fits(w, x.size // max(1, x.shape[-1]), 2, backend):
         y = qmatvec.qmatvec(x, w, interpret=backend == "interpret")
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
@@ -79,6 +118,8 @@ def qmatmul(
 
 def embed(table: Weight, ids: jax.Array) -> jax.Array:
     """Rows `ids` of an [Vocab, D] table: gathers the quantized rows first, so only those are dequantized."""
+    if isinstance(table, Int8Blocks):
+        return dequantize(table.take(ids.reshape(-1))).reshape(*ids.shape, table.shape[-1])
     if isinstance(table, QuantArray):
         rows = {k: jnp.take(p, ids.reshape(-1), axis=0) for k, p in table.planes.items()}
         q = QuantArray(planes=rows, qtype=table.qtype, shape=(ids.size, *table.shape[1:]))

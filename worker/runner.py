@@ -8,6 +8,7 @@ once per bucket; prompts longer than the chunk size are prefilled chunk by chunk
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import ModuleType
 from typing import Any
@@ -131,6 +132,31 @@ class Runner:
         pos, idx = self._put(np.asarray([position], np.int32)), self._put(np.int32(index))
         cache = with_active(cache, position + steps)
         return self._decode(self.weights, token, pos, cache, seen, sp, key, idx, steps, plan)
+
+    def compile_first_steps(self, sp: SamplingArrays, key: jax.Array, plan: SamplingPlan, steps: int) -> None:
+        """Compile, side by side, what a request with a prompt of at most MIN_BUCKET tokens runs first: the
+        prefill, the first sample and a decode dispatch of `steps` steps with `plan`. Each is a whole-model XLA
+        compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so threads overlap them. Lowered
+        from shapes only: no KV cache or input is allocated."""
+        c, on = self.cfg, jax.sharding.SingleDeviceSharding(self.device)
+
+        def spec(shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=on)
+
+        kv = spec((c.n_layers, 1, self.slots, c.n_kv_heads, c.head_dim), self.cache_dtype)
+        cache, n = KVCache(kv, kv), min(MIN_BUCKET, self.chunk)
+        ids, index, seen = spec((1, n), jnp.int32), spec((), jnp.int32), spec((1, c.vocab_size), jnp.bool_)
+        token, logits = spec((1,), jnp.int32), spec((1, c.vocab_size), jnp.float32)
+        jobs = [
+            lambda: self._prefill.lower(self.weights, ids, ids, index, with_active(cache, n)),
+            lambda: self._sample.lower(logits, sp, key, index, seen, plan),
+            lambda: self._decode.lower(
+                self.weights, token, token, with_active(cache, n + steps), seen, sp, key, index, steps, plan
+            ),
+        ]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            for done in [pool.submit(lambda job=job: job().compile()) for job in jobs]:
+                done.result()
 
 
 def _prefill(adapter, cfg, weights, tokens, positions, last, cache):

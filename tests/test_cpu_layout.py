@@ -1,0 +1,68 @@
+"""The CPU weight layout (quant.Int8Blocks) and its matmul (ops.int8_matmul): the layout's values equal gguf-py's
+reference dequantizer bit for bit in every block format, and the tiled matmul equals a float64 product of the
+reference values, for decode and prefill row counts and for row counts that split into tiles badly."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from test_quant import QUANTIZED, assert_bit_equal, random_raw, reference
+
+from worker import ops
+from worker.quant import Int8Blocks, QuantArray, cpu_layout, dequantize, quant_array, to_int8_blocks
+
+
+@pytest.mark.parametrize("qtype", QUANTIZED, ids=lambda t: t.name)
+def test_layout_values_bit_exact(qtype: QT):
+    shape = (7, 512)
+    raw = random_raw(qtype, shape, seed=int(qtype) * 7)
+    w = to_int8_blocks(quant_array(raw, qtype, shape))
+    assert isinstance(w, Int8Blocks) and w.codes.dtype == jnp.int8 and w.scale.dtype == jnp.float32
+    assert w.block == (16 if qtype == QT.Q6_K else 32) and w.shape == shape
+    assert (w.offset is not None) == (qtype in (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K))
+    assert_bit_equal(jax.jit(dequantize)(w), reference(raw, qtype).reshape(shape))
+    ids = jnp.asarray([[6, 0, 3]])
+    assert_bit_equal(ops.embed(w, ids)[0], reference(raw, qtype).reshape(shape)[[6, 0, 3]])
+
+
+def products(rows: int, n: int, k: int, qtype: QT, seed: int) -> tuple[jax.Array, np.ndarray]:
+    """(the tiled matmul's result, the float64 product of the reference values) for x [rows, k], w [n, k]."""
+    raw = random_raw(qtype, (n, k), seed)
+    x = np.random.default_rng(seed).standard_normal((rows, k)).astype(np.float32)
+    ours = ops.qmatmul(jnp.asarray(x), to_int8_blocks(quant_array(raw, qtype, (n, k))))
+    return ours, x.astype(np.float64) @ reference(raw, qtype).reshape(n, k).astype(np.float64).T
+
+
+@pytest.mark.parametrize(
+    ("rows", "n", "k", "qtype"),
+    [
+        (1, 4096, 256, QT.Q8_0),  # decode: many tiles
+        (1, 2 * 2099, 256, QT.Q4_K),  # 2099 is prime: the largest tile that divides is tiny, so a remainder tile
+        (33, 300, 512, QT.Q6_K),  # a prefill-sized row count
+        (1, 3, 64, QT.Q5_0),  # fewer rows than two tiles' worth
+    ],
+)
+def test_tiled_matmul_matches_float64(rows: int, n: int, k: int, qtype: QT, monkeypatch):
+    monkeypatch.setattr(ops, "CPU_TILE_BYTES", 64 * 4 * k)  # at most 64 rows a tile: every path runs at small size
+    ops.int8_matmul.clear_cache()  # CPU_TILE_BYTES is read while tracing
+    try:
+        ours, ref = products(rows, n, k, qtype, seed=n + k)
+    finally:
+        ops.int8_matmul.clear_cache()
+    assert ours.shape == (rows, n)
+    err = np.linalg.norm(np.asarray(ours, np.float64) - ref) / np.linalg.norm(ref)
+    assert err < 1e-5, err  # float32 accumulation
+
+
+def test_cpu_layout_converts_matrices_only():
+    raw = random_raw(QT.Q4_0, (4, 64), seed=1)
+    experts = quant_array(random_raw(QT.Q4_0, (2, 4, 64), seed=2), QT.Q4_0, (2, 4, 64))
+    matrix = quant_array(raw, QT.Q4_0, (4, 64))
+    vector = jnp.ones(64, jnp.float32)
+    out = cpu_layout({"m": matrix, "tied": [matrix], "experts": experts, "norm": vector})
+    assert isinstance(out["m"], Int8Blocks) and out["tied"][0] is out["m"]  # one conversion for a shared matrix
+    assert isinstance(out["experts"], QuantArray) and out["norm"] is vector  # ops.moe_matmul gathers expert planes
+    assert all(p.is_deleted() for p in matrix.planes.values())  # the block planes are freed
