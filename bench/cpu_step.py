@@ -63,11 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     greedy = SamplingParams()
     sp, key = greedy.arrays(), seed_key(0)
     logits, cache = r.prefill(ids, r.new_cache())
-    token, seen = r.sample(logits, sp, key, 0, r.seen_mask(ids), greedy.plan())
-    state = {"cache": cache}
+    token, seen, _ = r.sample(logits, sp, key, 0, r.seen_mask(ids), greedy.plan())
+    state = {"cache": cache, "seen": seen}  # both donated to each dispatch
 
     def dispatch():
-        out, state["cache"], _ = r.decode(token, len(ids), state["cache"], seen, sp, key, 1, 1, greedy.plan())
+        out, state["cache"], state["seen"], _ = r.decode(
+            token, len(ids), state["cache"], state["seen"], sp, key, 1, 1, greedy.plan()
+        )
         return out
 
     measure("decode dispatch (1 greedy step)", dispatch, args.reps)
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
             measure(label, lambda x=x, weight=weight: jax.jit(ops.qmatmul)(x, weight), args.reps)
     row = jnp.zeros((1, cfg.vocab_size), jnp.float32)
     for label, params in (("sample (greedy)", greedy), ("sample (temperature 1)", SamplingParams(temperature=1.0))):
-        measure(label, lambda params=params: r.sample(row, params.arrays(), key, 0, seen, params.plan()), args.reps)
+        sp_, plan = params.arrays(), params.plan()
+        measure(label, lambda sp_=sp_, plan=plan: r.sample(row, sp_, key, 0, state["seen"], plan), args.reps)
     if args.prefill:
         prompt = list(range(1000, 1000 + args.prefill))
 
