@@ -23,16 +23,16 @@ from worker.sampling import SamplingParams, TokenLogprobs, seed_key
 from worker.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 DEFAULT_CPU_SLOTS = 4096
-# Decode steps per dispatch. A dispatch has a fixed cost, growing with the model and not yet explained
-# (docs/PERFORMANCE.md): measured on an H100 with qwen2.5-0.5b, 8 steps per dispatch gave 655 tok/s, 32 gave 816 and
-# 64 gave 1,238; on an H200, phi3-mini gave 261 / 293 / 361 / 545 tok/s at 8 / 16 / 32 / 64 (1.8 ms a step at 64, i.e.
-# ~2 TB/s on its 2.3 GB plus ~0.5 ms). A cancel is checked between dispatches, so one dispatch must stay well under
-# 100 ms: the GPU count is the power of two in [8, 64] that keeps an estimated dispatch near DISPATCH_TARGET_S, the
-# estimate being the bytes a token reads at EFFECTIVE_BANDWIDTH plus a fixed per-step cost. On the CPU a step of the
+# Decode steps per dispatch. A cancel is checked between dispatches, so one dispatch must stay well under 100 ms.
+# The next dispatch is queued before the previous one's ids are read, which hides a dispatch's fixed host cost
+# (~2 ms: docs/PERFORMANCE.md, 2026-12-02): on an H200, qwen2.5-0.5b generates 129 ids in 152 ms at 8 steps per
+# dispatch and 155 ms at 64, so the count only bounds the cancel latency. The GPU count is the power of two in
+# [8, 64] that keeps an estimated dispatch near DISPATCH_TARGET_S, the estimate being the bytes a token reads at
+# EFFECTIVE_BANDWIDTH plus a fixed per-step cost. On the CPU a step of the
 # 270M model takes 40-90 ms on 2 cores (docs/PERFORMANCE.md) and a dispatch costs next to nothing more (one step per
 # dispatch measured within the noise of forward + logits + sample), so two steps would pass the 100 ms bound for no
 # gain: one step per dispatch.
-DISPATCH_TARGET_S = 0.06
+DISPATCH_TARGET_S = 0.03
 EFFECTIVE_BANDWIDTH = 2.0e12
 STEP_OVERHEAD_S = 0.5e-3
 
