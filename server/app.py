@@ -32,14 +32,19 @@ from worker.errors import ErrorCode, WorkerError
 
 MAX_PROMPT_CHARS = 32768
 MAX_STOP_STRINGS = 4
-MAX_STOP_TOKENS = 32
-MAX_SEED = 2**64 - 1
+# Request head limits, checked here for every route (limit_headers). uvicorn's h11 parser is also told
+# MAX_HEADER_BYTES (server/cli.py), but it only bounds a head that arrives in pieces: one that arrives whole is
+# parsed whatever its size.
+MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADERS = 100
 UNAUTHORIZED = "UNAUTHORIZED"  # HTTP-layer code (no job was involved), like QUEUE_FULL and SHUTTING_DOWN
 
 
 class ExecuteRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """POST /execute body: the §6 table. Limits that depend on the model (top_k <= vocab_size, stop strings of
-    at most 32 tokens, prompt tokens, max_tokens <= --max-tokens-out) are checked in validate_execute."""
+    """POST /execute body: the §6 table. This schema owns the static rules (types, ranges, lengths); the rules that
+    depend on the model and the worker's limits (top_k <= vocab_size, stop strings of at most 32 tokens, prompt
+    tokens, max_tokens <= --max-tokens-out, seed <= 2^64-1, a job_id not in use) are the engine's
+    (Engine.validate), whose refusals name the field."""
 
     job_id: Annotated[str, Meta(min_length=1)]
     prompt: Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS)]
@@ -49,8 +54,8 @@ class ExecuteRequest(msgspec.Struct, forbid_unknown_fields=True):
     top_k: Annotated[int, Meta(ge=0)] = 0
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
     repetition_penalty: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
-    stop: Annotated[list[str], Meta(max_length=MAX_STOP_STRINGS)] = []
-    seed: Annotated[int, Meta(ge=0)] | None = None  # msgspec bounds stop at int64; the uint64 top is checked below
+    stop: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=MAX_STOP_STRINGS)] = []
+    seed: Annotated[int, Meta(ge=0)] | None = None  # msgspec bounds stop at int64: the engine checks the uint64 top
 
 
 class CancelRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -85,6 +90,10 @@ def decode_body(body: bytes, schema: type[T]) -> T:
         obj = msgspec.json.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise invalid("body", f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # msgspec's decoder stops at the interpreter's recursion limit (about 1,000 levels)
+        raise invalid(
+            "body", "the request body is nested too deeply (no field of the API nests more than 2 levels)"
+        ) from None
     if not isinstance(obj, dict):
         raise invalid("body", f"the request body must be a JSON object, not {type(obj).__name__}")
     try:
@@ -99,38 +108,21 @@ def decode_body(body: bytes, schema: type[T]) -> T:
 
 
 def _short(value: Any) -> str:
-    text = msgspec.json.encode(value).decode()
+    try:
+        text = msgspec.json.encode(value).decode()
+    except RecursionError:  # a value nested nearly as deep as the decoder allows, encoded from a deeper stack
+        return f"a deeply nested {type(value).__name__}"
     return text if len(text) <= 60 else f"{text[:57]}..."
 
 
-def validate_execute(req: ExecuteRequest, service: WorkerService) -> None:
-    """The limits that depend on this worker's model and flags. Runs in a thread: it tokenizes stop strings."""
-    if req.seed is not None and req.seed > MAX_SEED:
-        raise invalid("seed", f"seed: must be a uint64 (0..{MAX_SEED}) (got {req.seed})")
-    if req.max_tokens > service.engine.max_tokens_out:
-        raise invalid(
-            "max_tokens",
-            f"max_tokens: {req.max_tokens} exceeds this worker's --max-tokens-out {service.engine.max_tokens_out}",
-        )
-    vocab = service.model.tokenizer.vocab_size
-    if req.top_k > vocab:
-        raise invalid("top_k", f"top_k: {req.top_k} exceeds the model's vocabulary size {vocab} (0 = off)")
-    for n, s in enumerate(req.stop):  # (msgspec already refused lone surrogates: every string is valid text)
-        count = len(service.model.tokenizer.encode(s, add_bos=False))
-        if count > MAX_STOP_TOKENS:
-            raise invalid("stop", f"stop[{n}]: is {count} tokens; at most {MAX_STOP_TOKENS} are allowed")
-
-
 def submit_error(e: WorkerError) -> ApiError:
-    """An engine refusal at submit time -> HTTP. The engine names the field as the first word of its
-    INVALID_REQUEST messages (prompt, job_id, seed, max_tokens)."""
+    """An engine refusal at submit time -> HTTP; an INVALID_REQUEST carries the field it is about."""
     if e.code == ErrorCode.QUEUE_FULL:
         return ApiError(503, e.code, e.message, headers={"Retry-After": "1"})
     if e.code == ErrorCode.SHUTTING_DOWN:
         return ApiError(503, e.code, e.message)
     if e.code == ErrorCode.INVALID_REQUEST:
-        first = e.message.split(" ", 1)[0]
-        return invalid(first if first in ExecuteRequest.__struct_fields__ else None, e.message)
+        return invalid(e.field, e.message)
     return ApiError(500, e.code, e.message)
 
 
@@ -272,7 +264,6 @@ async def execute(request: Request) -> Stream:
         if not service.accepting:
             raise ApiError(503, ErrorCode.SHUTTING_DOWN, "the worker is shutting down and accepts no new jobs")
         req = decode_body(await request.body(), ExecuteRequest)
-        await asyncio.to_thread(validate_execute, req, service)
         job = JobStream(service, req.job_id, asyncio.get_running_loop())
         job_request = JobRequest(
             job_id=req.job_id,
@@ -286,7 +277,7 @@ async def execute(request: Request) -> Stream:
             stop=tuple(req.stop),
             seed=req.seed,
         )
-        try:
+        try:  # in a thread: the engine's checks tokenize the prompt and the stop strings
             await asyncio.to_thread(service.engine.submit, job_request, job.sink)
         except WorkerError as e:
             raise submit_error(e) from None
@@ -332,12 +323,24 @@ async def metrics(request: Request) -> Response:
 # -- auth and errors -----------------------------------------------------------------------------------------
 
 
+def limit_headers(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    headers = connection.scope["headers"]
+    size = sum(len(name) + len(value) for name, value in headers)
+    if len(headers) > MAX_HEADERS or size > MAX_HEADER_BYTES:
+        message = (
+            f"the request has {len(headers)} headers of {size} bytes; at most {MAX_HEADERS} headers of "
+            f"{MAX_HEADER_BYTES} bytes in all are allowed"
+        )
+        raise ApiError(431, ErrorCode.INVALID_REQUEST, message, "headers")
+
+
 def require_api_key(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
     key = connection.app.state.service.api_key
     if key is None or handler.opt.get("public"):
         return
-    given = connection.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+    # The scheme is case-insensitive (RFC 7235 §2.1), the token is not.
+    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.lstrip(" ").encode(), key.encode()):
         raise ApiError(
             401,
             UNAUTHORIZED,
@@ -385,7 +388,7 @@ def create_app(service: WorkerService) -> Litestar:
     return Litestar(
         route_handlers=[execute, cancel, shutdown, health, metrics, openai_router],
         state=State({"service": service}),
-        guards=[require_api_key],
+        guards=[limit_headers, require_api_key],
         exception_handlers={
             ApiError: api_error_response,
             HTTPException: http_error_response,

@@ -307,15 +307,7 @@ def serve(
         chat_template=chat_template,
     )
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(
-        create_app(service),
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        server_header=False,
-        # the jobs were drained by begin_shutdown already; this only bounds idle keep-alive connections
-        timeout_graceful_shutdown=1,
-    )
+    config = http_config(create_app(service))
     server = _Server(config, service, lambda: _ready(args, service, f"http://{_url_host(host)}:{port}", started))
     service.on_stopped = server.stop
     service.start_monitor()
@@ -333,6 +325,25 @@ def serve(
     _free(engine)
     narrator.emit("shutdown", reason=service.shutdown_reason, uptime_seconds=uptime)
     return 0
+
+
+def http_config(app: Any) -> uvicorn.Config:
+    """uvicorn's settings for the worker's app."""
+    from server.app import MAX_HEADER_BYTES
+
+    return uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        server_header=False,
+        # h11 bounds the request head (the request line and every header together); httptools, which uvicorn
+        # would pick if it were installed, has no such limit.
+        http="h11",
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        # the jobs were drained by begin_shutdown already; this only bounds idle keep-alive connections
+        timeout_graceful_shutdown=1,
+    )
 
 
 class _Server(uvicorn.Server):

@@ -116,12 +116,13 @@ def layout(path: Path) -> Layout:
 
 def write_model(path: Path, *, arch: str = "llama", alignment: int | None = None, with_tensors: bool = True,
                 n_small_tensors: int = 0, kv: dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]] | None = None,
-                ) -> Path:  # fmt: skip
+                loadable: bool = False) -> Path:  # fmt: skip
     """A valid model-like file: Q8_0, F16 and F32 tensors, scalar, string and array metadata.
 
     `general.name`/`general.type` and `blk.0.attn_q`/`blk.0.attn_k` have equal lengths so that a test can turn
     one into the other in place. `n_small_tensors` adds that many 8-element F32 tensors (tensor-count limit).
-    `kv` adds or replaces metadata: key -> (value, value type, array item type or None).
+    `kv` adds or replaces metadata: key -> (value, value type, array item type or None). `loadable` adds what the
+    llama adapter needs beyond that (the other tensors of the block, feed_forward_length), after the others.
     """
     rng = np.random.default_rng(0)
     w = GGUFWriter(path, arch)
@@ -137,6 +138,8 @@ def write_model(path: Path, *, arch: str = "llama", alignment: int | None = None
     w.add_token_list([f"tok{i}" for i in range(VOCAB)])
     w.add_token_scores([float(-i) for i in range(VOCAB)])
     w.add_add_bos_token(True)
+    if loadable:
+        w.add_feed_forward_length(EMBD)
     if alignment is not None:
         w.add_custom_alignment(alignment)
     for key, (value, vtype, item_type) in (kv or {}).items():
@@ -148,6 +151,15 @@ def write_model(path: Path, *, arch: str = "llama", alignment: int | None = None
         w.add_tensor("blk.0.ffn_up.weight", rng.standard_normal((EMBD, EMBD)).astype(np.float16))
         w.add_tensor("blk.0.attn_norm.weight", np.ones(EMBD, np.float32))
         w.add_tensor("output_norm.weight", rng.standard_normal(EMBD).astype(np.float32))
+        if loadable:
+            for name in (
+                "blk.0.attn_v.weight",
+                "blk.0.attn_output.weight",
+                "blk.0.ffn_gate.weight",
+                "blk.0.ffn_down.weight",
+            ):
+                w.add_tensor(name, rng.standard_normal((EMBD, EMBD)).astype(np.float16))
+            w.add_tensor("blk.0.ffn_norm.weight", np.ones(EMBD, np.float32))
         for i in range(n_small_tensors):
             w.add_tensor(f"extra.{i}", np.full(8, i, np.float32))
     w.write_header_to_file()

@@ -95,18 +95,18 @@ def _expected_small_report(path: Path) -> dict:
 
 @pytest.mark.parametrize("version", [2, 3])
 def test_small_file_json(version: int, tmp_path: Path) -> None:
-    path = write_model(tmp_path / "tiny.gguf")
+    path = write_model(tmp_path / "tiny.gguf", loadable=True)
     patch(path, layout(path).version, version)
     report = json.loads(inspect_cli(path, "--json"))
     assert report["valid"] is True and report["gguf_version"] == version
     assert report["path"] == str(path)
     want = _expected_small_report(path)
     assert {k: report[k] for k in want} == want
-    assert want["tensor_types"] == {"Q8_0": 3, "F16": 1, "F32": 2}
+    assert want["tensor_types"] == {"Q8_0": 3, "F16": 5, "F32": 3}
 
 
 def test_small_file_text_matches_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_model(tmp_path / "tiny.gguf")
+    path = write_model(tmp_path / "tiny.gguf", loadable=True)
     rows = parse_text(inspect_cli(path))
     assert cli_main(["inspect", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -26,12 +26,18 @@ from worker.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
 
+MAX_STOP_TOKENS = 32  # REQUIREMENTS §6: each stop string at most 32 tokens
+
 
 class QueueFull(WorkerError):
     """The bounded queue is full: HTTP 503, retry later."""
 
     def __init__(self, limit: int):
         super().__init__(ErrorCode.QUEUE_FULL, f"the worker is busy: {limit} job(s) already waiting; retry later")
+
+
+def invalid(field: str, message: str) -> WorkerError:
+    return WorkerError(ErrorCode.INVALID_REQUEST, message, field)
 
 
 class ShuttingDown(WorkerError):
@@ -161,11 +167,14 @@ class Engine:
         self.inference_timeout_s = inference_timeout_s
         self._on_event = on_event or (lambda name, fields: None)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._live: dict[str, _Job] = {}
+        # Jobs waiting, in arrival order, and the one running: a job is in exactly one of them until it ends. A
+        # waiting job that is cancelled leaves `_waiting` at once (its place is free); the engine thread skips
+        # the stale queue entry.
+        self._waiting: dict[str, _Job] = {}
+        self._running: _Job | None = None
         self._lock = threading.Lock()
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self.current: str | None = None
 
     # -- public API (any thread) --------------------------------------------------------------------------
 
@@ -174,69 +183,94 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
+        """Jobs waiting behind the running one: what --max-queue bounds and QUEUE_FULL reports."""
         with self._lock:
-            return len(self._live)
+            return len(self._waiting)
+
+    @property
+    def current(self) -> str | None:
+        """The running job's id."""
+        job = self._running
+        return job.req.job_id if job is not None else None
 
     @property
     def busy(self) -> bool:
-        return self.current is not None
+        return self._running is not None
 
     def submit(self, req: JobRequest, sink: Sink) -> None:
-        """Validate against the model and enqueue; errors are raised here, before any work starts."""
+        """Check the request against this worker's model and limits, then enqueue; a refusal is raised here, before
+        any work starts (INVALID_REQUEST naming the field, QUEUE_FULL, SHUTTING_DOWN). The engine owns these
+        rules; the request's static shape (types, ranges, lengths) is the caller's (the HTTP schema)."""
         if not self._accepting:
             raise ShuttingDown()
-        if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
-            raise WorkerError(ErrorCode.INVALID_REQUEST, f"seed {req.seed} is not a uint64")
-        if req.max_tokens > self.max_tokens_out:
-            raise WorkerError(
-                ErrorCode.INVALID_REQUEST,
-                f"max_tokens {req.max_tokens} exceeds this worker's limit of {self.max_tokens_out}",
-            )
-        ids = list(req.prompt_ids) if req.prompt_ids is not None else self.model.tokenizer.encode(req.prompt)
-        if req.prompt_ids is not None and not all(0 <= i < self.model.tokenizer.vocab_size for i in ids):
-            raise WorkerError(
-                ErrorCode.INVALID_REQUEST, f"prompt ids must lie in [0, {self.model.tokenizer.vocab_size})"
-            )
-        if not ids:
-            raise WorkerError(ErrorCode.INVALID_REQUEST, "prompt is empty (no tokens)")
-        if len(ids) > self.max_tokens_in:
-            raise WorkerError(
-                ErrorCode.INVALID_REQUEST,
-                f"prompt is {len(ids)} tokens; this worker accepts at most {self.max_tokens_in} "
-                f"(context {self.model.context_length})",
-            )
+        ids = self.validate(req)
         job = _Job(req, sink, ids, req.seed if req.seed is not None else new_seed())
         with self._lock:
-            if req.job_id in self._live:
-                raise WorkerError(ErrorCode.INVALID_REQUEST, f"job_id {req.job_id!r} is already running or queued")
-            waiting = len(self._live) - (1 if self.current is not None else 0)
-            if waiting >= self.max_queue:
+            if req.job_id in self._waiting or self.current == req.job_id:
+                raise invalid("job_id", f"job_id: {req.job_id!r} is already running or waiting")
+            if len(self._waiting) >= self.max_queue:
                 raise QueueFull(self.max_queue)
-            self._live[req.job_id] = job
+            self._waiting[req.job_id] = job
         self._queue.put(job)
 
+    def validate(self, req: JobRequest) -> list[int]:
+        """The rules that depend on the model and this worker's limits; returns the prompt's token ids."""
+        if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+            raise invalid("seed", f"seed: must be a uint64 (0..{MAX_SEED}) (got {req.seed})")
+        if req.max_tokens > self.max_tokens_out:
+            raise invalid(
+                "max_tokens",
+                f"max_tokens: {req.max_tokens} exceeds this worker's limit of {self.max_tokens_out} (--max-tokens-out)",
+            )
+        tokenizer = self.model.tokenizer
+        if req.top_k > tokenizer.vocab_size:
+            raise invalid("top_k", f"top_k: {req.top_k} exceeds the model's vocabulary size {tokenizer.vocab_size}")
+        for n, s in enumerate(req.stop):
+            count = len(tokenizer.encode(s, add_bos=False))
+            if count > MAX_STOP_TOKENS:
+                raise invalid("stop", f"stop[{n}]: is {count} tokens; at most {MAX_STOP_TOKENS} are allowed")
+        ids = list(req.prompt_ids) if req.prompt_ids is not None else tokenizer.encode(req.prompt)
+        if req.prompt_ids is not None and not all(0 <= i < tokenizer.vocab_size for i in ids):
+            raise invalid("prompt", f"prompt: token ids must lie in [0, {tokenizer.vocab_size})")
+        if not ids:
+            raise invalid("prompt", "prompt: is empty (no tokens)")
+        if len(ids) > self.max_tokens_in:
+            raise invalid(
+                "prompt",
+                f"prompt: is {len(ids)} tokens; this worker accepts at most {self.max_tokens_in} "
+                f"(context {self.model.context_length})",
+            )
+        return ids
+
     def cancel(self, job_id: str) -> bool:
-        """Idempotent. True if the job was queued or running; it then ends with error CANCELLED."""
+        """Idempotent. True if the job was waiting or running; it then ends with error CANCELLED: a waiting job at
+        once (its place in the queue is free when this returns), a running one at its next cancel check."""
         with self._lock:
-            job = self._live.get(job_id)
-        if job is None:
-            return False
-        job.cancelled.set()
-        return True
+            job = self._waiting.pop(job_id, None)
+            running = self._running if self.current == job_id else None
+        if job is not None:
+            job.cancelled.set()
+            self._fail(job, WorkerError(ErrorCode.CANCELLED, f"job {job_id} was cancelled before it started"))
+            return True
+        if running is not None:
+            running.cancelled.set()
+            return True
+        return False
 
     def shutdown(self, deadline_s: float = 5.0) -> None:
-        """Stop accepting, let the running job finish within the deadline (then cancel it), end the thread."""
+        """Stop accepting, cancel the waiting jobs at once, let the running job finish within the first half of
+        the deadline (then cancel it), end the thread."""
         self._accepting = False
         with self._lock:
-            jobs = list(self._live.values())
-        for job in jobs:
-            if job.req.job_id != self.current:
-                job.cancelled.set()
+            waiting = list(self._waiting)
+        for job_id in waiting:
+            self.cancel(job_id)
         self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(deadline_s / 2)
-            for job in jobs:
-                job.cancelled.set()
+            running = self._running
+            if running is not None:
+                running.cancelled.set()
             self._thread.join(deadline_s / 2)
 
     # -- the engine thread ----------------------------------------------------------------------------------
@@ -246,13 +280,16 @@ class Engine:
             job = self._queue.get()
             if job is None:
                 return
-            self.current = job.req.job_id
+            with self._lock:
+                if self._waiting.get(job.req.job_id) is not job:
+                    continue  # cancelled while it waited: it has had its terminal event
+                del self._waiting[job.req.job_id]
+                self._running = job
             try:
                 self._run_job(job)
             finally:
-                self.current = None
                 with self._lock:
-                    self._live.pop(job.req.job_id, None)
+                    self._running = None
 
     def _emit(self, job: _Job, event: Event) -> None:
         try:
@@ -278,8 +315,8 @@ class Engine:
         params = SamplingParams(req.temperature, req.top_k, req.top_p, req.min_p, req.repetition_penalty)
         decoder, stops = StreamDecoder(model.tokenizer, continuation=True), StopMatcher(req.stop)
         produced, chunks, ttft, reason = 0, 0, None, "max_tokens"
-        if job.cancelled.is_set():  # cancelled while it waited in the queue
-            self._fail(job, WorkerError(ErrorCode.CANCELLED, f"job {req.job_id} was cancelled before it started"))
+        if job.cancelled.is_set():  # cancelled (e.g. by a shutdown) between leaving the queue and starting
+            self._fail(job, WorkerError(ErrorCode.CANCELLED, f"job {req.job_id} was cancelled"))
             return
         scores: list[TokenLogprobs] | None = [] if req.logprobs else None
         unsent: list[tuple[int, TokenLogprobs]] = []

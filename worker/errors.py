@@ -24,12 +24,14 @@ RETRIABLE = frozenset({ErrorCode.VRAM_OOM, ErrorCode.INFERENCE_TIMEOUT, ErrorCod
 
 
 class WorkerError(Exception):
-    """An error with a stable code. `str(err)` is the one-line form: `CODE: message`."""
+    """An error with a stable code. `str(err)` is the one-line form: `CODE: message`. `field` names the request
+    field an INVALID_REQUEST is about (the HTTP layer reports it as is), where there is one."""
 
-    def __init__(self, code: ErrorCode, message: str):
+    def __init__(self, code: ErrorCode, message: str, field: str | None = None):
         super().__init__(message)
         self.code = ErrorCode(code)
         self.message = message
+        self.field = field
 
     @property
     def retriable(self) -> bool:

@@ -6,12 +6,17 @@ from collections import Counter
 from typing import Any
 
 from worker.gguf import open_gguf
+from worker.models import adapter_for
+from worker.models.base import check_names
 from worker.quant import quant_kind
 
 
 def inspect_model(path: str) -> dict[str, Any]:
-    """Validate the file (raises WorkerError MODEL_LOAD_FAILED) and summarise it."""
+    """Validate the file as loading does, short of placing the weights (raises WorkerError MODEL_LOAD_FAILED),
+    and summarise it: the architecture parameters (hparams), the weight table and its tensor shapes."""
     gf = open_gguf(path)
+    adapter = adapter_for(gf.architecture)
+    check_names(gf, adapter.weight_table(gf, adapter.config(gf)))
     types = Counter(t.qtype.name for t in gf.tensors.values())
     type_bytes: Counter[str] = Counter()
     for t in gf.tensors.values():

@@ -264,8 +264,8 @@ def load_model(
     cfg = dataclasses.replace(cfg, backend=ops.check_backend(backend))
     if slots is None:
         slots = cfg.context_length if kind != "cpu" else min(cfg.context_length, DEFAULT_CPU_SLOTS)
+    table = adapter.weight_table(gf, cfg)  # checks the tensors' shapes against cfg before memory is sized from it
     devices.check_fits(devices.estimate(gf, cfg, slots, kind), dev, str(gf.path))
-    table = adapter.weight_table(gf, cfg)
     total, done = gf.tensor_bytes, 0
 
     def progress(nbytes: int) -> None:

@@ -172,12 +172,7 @@ def load_weights(
     gf: GGUFFile, table: dict[str, tuple[tuple, bool]], put: Put, on_tensor: Callable[[int], None] | None = None
 ) -> dict:
     """Build the nested weights dict from `table`; path elements are dict keys or list indices."""
-    unknown = [n for n in gf.tensors if n not in table]
-    if unknown:
-        raise load_error(gf, f"unexpected tensor(s) for {gf.architecture}: {', '.join(unknown[:5])}")
-    missing = [n for n, (_, required) in table.items() if required and n not in gf.tensors]
-    if missing:
-        raise load_error(gf, f"missing tensor(s) for {gf.architecture}: {', '.join(missing[:5])}")
+    check_names(gf, table)
     root: dict = {}
     for name, t in gf.tensors.items():
         path, _ = table[name]
@@ -188,6 +183,16 @@ def load_weights(
         if on_tensor is not None:
             on_tensor(t.nbytes)
     return _lists(root)
+
+
+def check_names(gf: GGUFFile, table: dict[str, tuple[tuple, bool]]) -> None:
+    """Every tensor of the file is in the table, and every required one is in the file."""
+    unknown = [n for n in gf.tensors if n not in table]
+    if unknown:
+        raise load_error(gf, f"unexpected tensor(s) for {gf.architecture}: {', '.join(unknown[:5])}")
+    missing = [n for n, (_, required) in table.items() if required and n not in gf.tensors]
+    if missing:
+        raise load_error(gf, f"missing tensor(s) for {gf.architecture}: {', '.join(missing[:5])}")
 
 
 def _lists(node):

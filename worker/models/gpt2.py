@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from worker import ops
+from worker import hparams, ops
 from worker.gguf import GGUFFile
 from worker.kv_cache import KVCache
 from worker.models import base
@@ -27,6 +27,7 @@ class GPT2Config(ModelConfig):
 
 
 def config(gf: GGUFFile) -> GPT2Config:
+    hparams.check(gf)  # before anything is sized from the metadata
     d_model = meta(gf, "embedding_length", cast=int)
     n_heads = meta(gf, "attention.head_count", cast=int)
     vocab = base.require_tensor(gf, "token_embd.weight").shape[0]

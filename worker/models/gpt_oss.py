@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from worker import ops
+from worker import hparams, ops
 from worker.gguf import GGUFFile
 from worker.kv_cache import KVCache
 from worker.models import base
@@ -57,6 +57,7 @@ class GptOssConfig(ModelConfig):
 
 
 def config(gf: GGUFFile) -> GptOssConfig:
+    hparams.check(gf)  # before anything is sized from the metadata
     n_heads = meta(gf, "attention.head_count", cast=int)
     n_kv = meta(gf, "attention.head_count_kv", n_heads, cast=int)
     if n_heads % n_kv:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from worker import ops
+from worker import hparams, ops
 from worker.gguf import GGUFFile
 from worker.kv_cache import KVCache
 from worker.models import base
@@ -69,6 +69,7 @@ class LlamaConfig(ModelConfig):
 
 
 def config(gf: GGUFFile) -> LlamaConfig:
+    hparams.check(gf)  # before anything is sized from the metadata
     arch = gf.architecture
     traits = ARCHITECTURES[arch]
     n_layers = meta(gf, "block_count", cast=int)

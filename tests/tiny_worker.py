@@ -1,0 +1,62 @@
+"""The HTTP app in-process on a tiny random model (the oracle's qwen2 Q4_K_M, CPU): for tests that need the real
+engine and routes but not a process. The model is loaded once per test session and shared (its compiled steps
+too); each caller gets its own engine and service."""
+
+from __future__ import annotations
+
+import functools
+import io
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from litestar.testing import TestClient
+
+import worker
+from server.app import create_app
+from server.service import WorkerService
+from tests.conftest import oracles_dir
+from worker.engine import Engine
+from worker.model import Model
+from worker.narration import Narrator
+
+WORKER_ID = "00000000-0000-4000-8000-000000000014"
+SLOTS = 512  # the file's context: long jobs run ~500 steps
+
+
+def model_path() -> str:
+    return str(oracles_dir() / "models" / "qwen2" / "model-q4_k_m.gguf")
+
+
+@functools.cache
+def tiny_model() -> Model:
+    model = worker.load(model_path(), device="cpu", slots=SLOTS)
+    model.generate("warm-up", max_tokens=2, stop_at_eos=False)  # compile the decode step and the first bucket
+    return model
+
+
+@contextmanager
+def tiny_service(*, api_key: str | None = None, max_queue: int = 1, max_tokens_out: int = 2048,
+                 max_body_bytes: int = 1 << 20) -> Iterator[WorkerService]:  # fmt: skip
+    engine = Engine(tiny_model(), max_queue=max_queue, max_tokens_out=max_tokens_out)
+    engine.start()
+    narrator = Narrator(WORKER_ID, model_path(), None, stream=io.StringIO())
+    service = WorkerService(engine, narrator, worker_id=WORKER_ID, api_key=api_key, max_body_bytes=max_body_bytes)
+    try:
+        yield service
+    finally:
+        engine.shutdown(2.0)
+
+
+@contextmanager
+def tiny_client(**service_options) -> Iterator[TestClient]:
+    with tiny_service(**service_options) as service, TestClient(create_app(service)) as client:
+        yield client
+
+
+def wait_until(predicate, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
