@@ -76,7 +76,7 @@ class WorkerMetrics:
         Gauge("worker_uptime_seconds", "Seconds since the worker started", ["quant_kind"], registry=r).labels(
             **q
         ).set_function(uptime_seconds)
-        Gauge("worker_queue_depth", "Jobs waiting behind the running one", ["quant_kind"], registry=r).labels(**q).set_function(
+        Gauge("worker_queue_depth", "Jobs waiting to run", ["quant_kind"], registry=r).labels(**q).set_function(
             queue_depth
         )
         self._q = q
