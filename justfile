@@ -10,6 +10,10 @@ serve *ARGS:
 test *ARGS:
     {{python}} -m pytest -q {{ARGS}}
 
+# The long fuzz runs: FUZZ_FILES mutated model files and FUZZ_REQUESTS requests (10,000 each by default); nice'd
+fuzz *ARGS:
+    nice -n 10 {{python}} -m pytest -q -s -m fuzz -o addopts="" -p no:cacheprovider tests/test_fuzz.py {{ARGS}}
+
 # Run the GPU-marked tests (on the GPU machine; installs carried wheels from .whl/ first if present)
 test-gpu *ARGS:
     bash tools/gpu-env.sh {{python}} -m pytest -q -rP -m gpu -o addopts="" {{ARGS}}

@@ -13,6 +13,7 @@ import hmac
 import re
 import threading
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -22,6 +23,9 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.handlers import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import Operation
 from litestar.response import Stream
 from msgspec import Meta
 
@@ -37,6 +41,7 @@ MAX_STOP_STRINGS = 4
 # parsed whatever its size.
 MAX_HEADER_BYTES = 16 * 1024
 MAX_HEADERS = 100
+OPENAPI_VERSION = "1"
 UNAUTHORIZED = "UNAUTHORIZED"  # HTTP-layer code (no job was involved), like QUEUE_FULL and SHUTTING_DOWN
 
 
@@ -60,6 +65,14 @@ class ExecuteRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class CancelRequest(msgspec.Struct, forbid_unknown_fields=True):
     job_id: Annotated[str, Meta(min_length=1)]
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    """The body of every refusal (documented in the OpenAPI schema; the handlers build it as a dict)."""
+
+    code: str
+    message: str
+    field: str | None = None
 
 
 class ApiError(Exception):
@@ -253,11 +266,48 @@ class JobStream:
 # -- routes --------------------------------------------------------------------------------------------------
 
 
+def _json_body(schema: type[msgspec.Struct]) -> type[Operation]:
+    """An OpenAPI operation that documents `schema` as its JSON request body. The handlers read and validate the
+    body themselves (decode_body: strict types, errors naming the field), so Litestar sees no `data` parameter to
+    document; msgspec's JSON Schema of the struct is what OpenAPI 3.1 takes."""
+    body_schema = msgspec.json.schema(schema)
+    body_schema = {**body_schema.pop("$defs")[schema.__name__]}  # the structs nest no other struct
+    body_schema.pop("description", None)  # the docstring speaks of the code, not the API
+
+    @dataclass
+    class JsonBodyOperation(Operation):
+        def to_schema(self) -> dict[str, Any]:
+            out = super().to_schema()
+            out["requestBody"] = {"required": True, "content": {"application/json": {"schema": body_schema}}}
+            return out
+
+    return JsonBodyOperation
+
+
+def _refusals(*statuses: int) -> dict[int, ResponseSpec]:
+    return {s: ResponseSpec(ErrorBody, description=_REFUSALS[s], generate_examples=False) for s in statuses}
+
+
+_REFUSALS = {
+    400: "INVALID_REQUEST: a field breaks its rule (`field` names it), or the body is not a JSON object",
+    401: "UNAUTHORIZED: --api-key is set and the bearer token is missing or wrong",
+    413: "INVALID_REQUEST: the body is larger than --max-body-bytes",
+    431: "INVALID_REQUEST: too many headers, or headers too large",
+    503: "QUEUE_FULL (with Retry-After) or SHUTTING_DOWN",
+}
+
+
 def _service(request: Request) -> WorkerService:
     return request.app.state.service
 
 
-@post("/execute", status_code=200)
+@post(
+    "/execute",
+    status_code=200,
+    media_type="text/event-stream",
+    operation_class=_json_body(ExecuteRequest),
+    responses=_refusals(400, 401, 413, 431, 503),
+)
 async def execute(request: Request) -> Stream:
     service = _service(request)
     try:
@@ -293,14 +343,14 @@ async def execute(request: Request) -> Stream:
     )
 
 
-@post("/cancel", status_code=202)
+@post("/cancel", status_code=202, operation_class=_json_body(CancelRequest), responses=_refusals(400, 401, 413, 431))
 async def cancel(request: Request) -> dict[str, Any]:
     req = decode_body(await request.body(), CancelRequest)
     live = _service(request).engine.cancel(req.job_id)
     return {"job_id": req.job_id, "cancelled": live}
 
 
-@post("/shutdown", status_code=202)
+@post("/shutdown", status_code=202, responses=_refusals(401, 431))
 async def shutdown(request: Request) -> Response:
     service = _service(request)
     return Response(
@@ -310,12 +360,12 @@ async def shutdown(request: Request) -> Response:
     )
 
 
-@get("/health", opt={"public": True})
+@get("/health", opt={"public": True}, responses=_refusals(431))
 async def health(request: Request) -> dict[str, Any]:
     return _service(request).health()
 
 
-@get("/metrics")
+@get("/metrics", media_type=CONTENT_TYPE, responses=_refusals(401, 431))
 async def metrics(request: Request) -> Response:
     return Response(_service(request).metrics.render(), media_type=CONTENT_TYPE)
 
@@ -395,6 +445,9 @@ def create_app(service: WorkerService) -> Litestar:
             Exception: internal_error_response,
         },
         request_max_body_size=service.max_body_bytes,
-        openapi_config=None,
+        # the schema (JSON only: the UI pages would load scripts from the internet) at /schema/openapi.json
+        openapi_config=OpenAPIConfig(
+            title="worker-orcd", version=OPENAPI_VERSION, path="/schema", render_plugins=[JsonRenderPlugin()]
+        ),
         logging_config=None,
     )
