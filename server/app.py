@@ -1,8 +1,9 @@
 """The HTTP API (REQUIREMENTS §6): Litestar routes, the msgspec request schemas and their validation, the SSE
 framing of engine events, bearer-token auth and the JSON error body {"code", "message", "field"?}.
 
-An /execute request is validated completely (schema, then the limits that depend on the model) before the engine
-sees it; the engine's events reach the SSE stream through a per-job asyncio queue fed from the engine thread. If
+An /execute request is validated completely before any work starts: its shape, types and ranges here (the msgspec
+schema), the rules that depend on the model and the worker's limits by the engine at submit, whose refusals name
+the field. The engine's events reach the SSE stream through a per-job asyncio queue fed from the engine thread. If
 the client goes away, the stream's close path cancels the job (M0-W-1611).
 """
 

@@ -27,6 +27,7 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import schemathesis
 from gguf import GGUFValueType as V
@@ -85,8 +86,9 @@ def ints(vtype: V, around: int | None = None) -> st.SearchStrategy[int]:
 def floats(vtype: V, around: float | None = None) -> st.SearchStrategy[float]:
     width = 32 if vtype == V.FLOAT32 else 64
     options = [st.floats(width=width), st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e-30, 1e30, math.inf, -math.inf])]
-    if around is not None and math.isfinite(around):
-        options.append(st.floats(around / 4, around * 4, width=width))
+    if around is not None and math.isfinite(around):  # in range: the real value scaled by 1/4..4
+        cast = (lambda x: float(np.float32(x))) if width == 32 else float
+        options.append(st.floats(0.25, 4.0).map(lambda f: cast(around * f)))
     return st.one_of(options)
 
 

@@ -1,8 +1,10 @@
 """The engine: one thread owns the device and runs jobs one at a time (M0-W-1301) from a bounded queue.
 
 A job is submitted with a sink that receives its events in order: Started, TokenEvent*, then exactly one of End or
-ErrorEvent. Cancellation (POST /cancel, client disconnect, shutdown) sets the job's flag, which the thread checks
-between decode dispatches; with a few steps per dispatch that lands well within 100 ms on a GPU.
+ErrorEvent (a job cancelled while it waits gets only its ErrorEvent, at once, from the cancelling thread, and its
+place in the queue is free). Cancelling the running job (POST /cancel, client disconnect, shutdown) sets its flag,
+which the thread checks between decode dispatches; with a few steps per dispatch that lands well within 100 ms on
+a GPU.
 
 Stop rules: end-of-generation ids, max_tokens, the end of the context, and stop strings matched on the generated
 text (a stop string may span tokens; text that could still become a stop string is held back, and the stop string
