@@ -100,7 +100,7 @@ def test_cancelled_waiting_job_ends_at_once_and_frees_its_place():
         assert engine.cancel("waiting") is True
         t, ev = waiting.terminal(timeout=5)
         assert isinstance(ev, ErrorEvent) and ev.code == ErrorCode.CANCELLED
-        assert t - t0 < 0.05  # milliseconds, not the rest of the running job
+        assert t - t0 < 0.1  # milliseconds (margin for a loaded CI machine), not the rest of the running job
         assert engine.queue_depth == 0 and engine.current == "running"
         engine.submit(JobRequest("next", "hi", max_tokens=4), (after := Events()))  # the place is free
         assert engine.cancel("waiting") is False  # idempotent: already ended
@@ -120,7 +120,7 @@ def test_shutdown_cancels_waiting_jobs_at_once():
     stopper.start()
     t, ev = waiting.terminal(timeout=5)
     assert isinstance(ev, ErrorEvent) and ev.code == ErrorCode.CANCELLED
-    assert t - t0 < 0.05
+    assert t - t0 < 0.1  # the running job is given 0.5 s of the deadline: the waiting one does not wait for it
     assert running.q.empty() or not isinstance(running.q.queue[-1][1], End | ErrorEvent)  # still running then
     stopper.join(5)
     assert isinstance(running.terminal()[1], End | ErrorEvent)
