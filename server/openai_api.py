@@ -3,7 +3,7 @@
 llama.cpp's POST /tokenize and /detokenize. docs/http.md describes them.
 
 Everything /execute has applies: the bearer key (the app's guard), validation before any work (the same limits,
-validate_execute), the engine's queue, metrics and narration (JobStream's sink and the engine's events), and a
+the engine's at submit), the engine's queue, metrics and narration (JobStream's sink and the engine's events), and a
 cancel when the client goes away: a stream's close path, or for a whole answer a watcher of the connection's
 http.disconnect. Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with /execute's codes.
 
@@ -28,13 +28,11 @@ from litestar.response import Stream
 from server.app import (
     MAX_PROMPT_CHARS,
     ApiError,
-    ExecuteRequest,
     JobStream,
     decode_body,
     invalid,
     refusal_outcome,
     submit_error,
-    validate_execute,
 )
 from server.openai_schemas import (
     ChatRequest,
@@ -73,31 +71,18 @@ def _job_request(
     max_tokens: int | None,
     logprobs: bool,
 ) -> JobRequest:
-    """The engine job for a request, after /execute's model-dependent checks (seed, max_tokens, top_k, stop)."""
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    execute = ExecuteRequest(
+    """The engine job for a request (the engine checks the rules that depend on the model when it is submitted:
+    seed, max_tokens, top_k, stop, the prompt's tokens)."""
+    return JobRequest(
         job_id=job_id,
-        prompt=prompt or "-",  # not read by validate_execute: the engine checks the prompt's tokens
+        prompt=prompt,
         max_tokens=max_tokens if max_tokens is not None else service.engine.max_tokens_out,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=req.top_k or 0,
         min_p=req.min_p or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        stop=list(stop),
-        seed=req.seed,
-    )
-    validate_execute(execute, service)
-    return JobRequest(
-        job_id=job_id,
-        prompt=prompt,
-        max_tokens=execute.max_tokens,
-        temperature=execute.temperature,
-        top_p=execute.top_p,
-        top_k=execute.top_k,
-        min_p=execute.min_p,
-        repetition_penalty=execute.repetition_penalty,
-        stop=stop,
+        stop=(req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ()),
         seed=req.seed,
         prompt_ids=tuple(prompt_ids) if prompt_ids is not None else None,
         logprobs=logprobs,
