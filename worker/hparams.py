@@ -108,6 +108,7 @@ _GPT_OSS = {
 RULES: dict[str, dict[str, tuple[_Rule, bool]]] = {
     "llama": _LLAMA,
     "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
     "phi3": _LLAMA,
     "gemma3": _LLAMA,
     "gpt2": _GPT2,
