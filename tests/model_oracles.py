@@ -56,10 +56,10 @@ def write_f32_copy(src: Path, dst: Path) -> Path:
     for key, value in gf.metadata.items():
         if key in ("general.architecture", "general.alignment") or key.startswith("GGUF."):
             continue
-        vtype = _value_type(value)
+        vtype = value_type(value)
         if key == "general.file_type":
             value = 0  # ALL_F32
-        writer.add_key_value(key, value, vtype, sub_type=_value_type(value[0]) if isinstance(value, list) else None)
+        writer.add_key_value(key, value, vtype, sub_type=value_type(value[0]) if isinstance(value, list) else None)
     for name, t in gf.tensors.items():
         data = gguf.quants.dequantize(np.asarray(t.data), t.qtype).astype(np.float32).reshape(t.shape)
         writer.add_tensor(name, data, raw_dtype=QT.F32)
@@ -70,7 +70,7 @@ def write_f32_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _value_type(v) -> gguf.GGUFValueType:
+def value_type(v) -> gguf.GGUFValueType:
     if isinstance(v, bool):
         return gguf.GGUFValueType.BOOL
     if isinstance(v, int):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import gguf
@@ -123,21 +124,12 @@ def hf_state(tensors: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndar
     return sd
 
 
-def value_type(v) -> gguf.GGUFValueType:
-    if isinstance(v, bool):
-        return gguf.GGUFValueType.BOOL
-    if isinstance(v, int):
-        return gguf.GGUFValueType.INT32 if -(2**31) <= v < 2**31 else gguf.GGUFValueType.INT64
-    if isinstance(v, float):
-        return gguf.GGUFValueType.FLOAT32
-    if isinstance(v, str):
-        return gguf.GGUFValueType.STRING
-    return gguf.GGUFValueType.ARRAY
-
-
 def main() -> None:
     import torch
     import transformers
+
+    sys.path.insert(0, str(HERE.parents[1]))  # tests/: the oracle helpers
+    from model_oracles import value_type
 
     from worker.gguf import open_gguf
 
