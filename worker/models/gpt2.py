@@ -18,7 +18,7 @@ from worker import hparams, ops
 from worker.gguf import GGUFFile
 from worker.kv_cache import KVCache
 from worker.models import base
-from worker.models.base import LayerWeights, ModelConfig, TensorSpec, load_error, meta
+from worker.models.base import LayerWeights, ModelConfig, TensorSpec, meta
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,8 +31,6 @@ def config(gf: GGUFFile) -> GPT2Config:
     d_model = meta(gf, "embedding_length", cast=int)
     n_heads = meta(gf, "attention.head_count", cast=int)
     vocab = base.require_tensor(gf, "token_embd.weight").shape[0]
-    if d_model % n_heads:
-        raise load_error(gf, f"embedding_length {d_model} is not a multiple of head_count {n_heads}")
     return GPT2Config(
         arch=gf.architecture,
         n_layers=meta(gf, "block_count", cast=int),

@@ -22,7 +22,7 @@ from worker import hparams, ops
 from worker.gguf import GGUFFile
 from worker.kv_cache import KVCache
 from worker.models import base
-from worker.models.base import LayerWeights, ModelConfig, Rope, TensorSpec, load_error, meta
+from worker.models.base import LayerWeights, ModelConfig, Rope, TensorSpec, meta
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,6 @@ def config(gf: GGUFFile) -> LlamaConfig:
     n_heads = meta(gf, "attention.head_count", cast=int)
     n_kv = meta(gf, "attention.head_count_kv", n_heads, cast=int)
     head_dim = meta(gf, "attention.key_length", d_model // n_heads, cast=int)
-    if n_heads % n_kv:
-        raise load_error(gf, f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
     vocab = len(gf.metadata.get("tokenizer.ggml.tokens", ())) or base.require_tensor(gf, "token_embd.weight").shape[0]
     if traits.gemma_windows:
         pattern = meta(gf, "attention.sliding_window_pattern", None)
