@@ -289,15 +289,30 @@ def test_client_disconnect_cancels_the_job(srv):
     assert any(e["event"] == "execute_end" and e.get("code") == "CANCELLED" for e in ends)
 
 
-def test_client_leaving_a_whole_answer_cancels_the_job(srv):
+def test_client_leaving_a_whole_answer_cancels_the_job(srv, monkeypatch):
+    """The job is held before its first token until the client has left, so the test does not race the decode
+    (256 tokens of the tiny model can finish inside any client timeout on a fast CPU)."""
     before = _disconnects(srv.service.metrics.render())
+    release, real = threading.Event(), srv.model.generate_ids
+
+    def held(*args, **kwargs):
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(srv.model, "generate_ids", held)
     body = {"model": "m", "prompt": LONG_PROMPT, "max_tokens": MAX_OUT, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
-    deadline = time.monotonic() + 10
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
+        deadline = time.monotonic() + 10
+        while _disconnects(srv.service.metrics.render()) == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        release.set()
     while srv.engine.busy and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _disconnects(srv.service.metrics.render()) == before + 1
+    assert not srv.engine.busy
 
 
 def test_body_limit_and_auth_errors_have_the_openai_shape(srv):
