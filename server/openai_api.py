@@ -213,6 +213,10 @@ class _Answer:
     def rest(self) -> list[tuple[str, str]]:
         return self.harmony.flush() if self.harmony is not None else []
 
+    def head(self, obj: str) -> dict[str, Any]:
+        """The fields every answer and chunk of this job starts with; `obj`: OpenAI's object name."""
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
     def usage(self, end: End) -> dict[str, int]:
         return {
             "prompt_tokens": end.prompt_tokens,
@@ -280,8 +284,8 @@ async def _chat_chunks(req: ChatRequest, job: JobStream, a: _Answer) -> AsyncIte
             "logprobs": {"content": logprobs} if logprobs is not None else None,
             "finish_reason": finish,
         }
-        body = {"id": a.id, "object": "chat.completion.chunk", "created": a.created, "model": a.model}
-        return _sse({**body, "choices": [choice], **({"usage": None} if include_usage else {})})
+        usage = {"usage": None} if include_usage else {}
+        return _sse({**a.head("chat.completion.chunk"), "choices": [choice], **usage})
 
     unsent: list = []
     async for ev in _events(job):
@@ -301,8 +305,7 @@ async def _chat_chunks(req: ChatRequest, job: JobStream, a: _Answer) -> AsyncIte
                 unsent = []
             yield chunk({}, FINISH_REASON[ev.stop_reason])
             if include_usage:
-                body = {"id": a.id, "object": "chat.completion.chunk", "created": a.created, "model": a.model}
-                yield _sse({**body, "choices": [], "usage": a.usage(ev)})
+                yield _sse({**a.head("chat.completion.chunk"), "choices": [], "usage": a.usage(ev)})
             yield DONE
         elif isinstance(ev, ErrorEvent):
             yield _sse(_error_body(ev.code, ev.message, 500))
@@ -314,8 +317,7 @@ async def _completion_chunks(req: CompletionRequest, job: JobStream, a: _Answer)
 
     def chunk(text: str, finish: str | None = None, logprobs: dict | None = None) -> bytes:
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        body = {"id": a.id, "object": "text_completion", "created": a.created, "model": a.model}
-        return _sse({**body, "choices": [choice], **({"usage": None} if include_usage else {})})
+        return _sse({**a.head("text_completion"), "choices": [choice], **({"usage": None} if include_usage else {})})
 
     async for ev in _events(job):
         if ev is None:
@@ -326,8 +328,7 @@ async def _completion_chunks(req: CompletionRequest, job: JobStream, a: _Answer)
         elif isinstance(ev, End):
             yield chunk("", FINISH_REASON[ev.stop_reason])
             if include_usage:
-                body = {"id": a.id, "object": "text_completion", "created": a.created, "model": a.model}
-                yield _sse({**body, "choices": [], "usage": a.usage(ev)})
+                yield _sse({**a.head("text_completion"), "choices": [], "usage": a.usage(ev)})
             yield DONE
         elif isinstance(ev, ErrorEvent):
             yield _sse(_error_body(ev.code, ev.message, 500))
@@ -376,16 +377,7 @@ async def chat_completions(request: Request) -> Response | Stream:
     if req.logprobs:
         logprobs = {"content": [x for t in tokens for x in a.chat_logprobs(t.logprobs, req.top_logprobs or 0)]}
     choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": FINISH_REASON[end.stop_reason]}
-    return Response(
-        {
-            "id": a.id,
-            "object": "chat.completion",
-            "created": a.created,
-            "model": a.model,
-            "choices": [choice],
-            "usage": a.usage(end),
-        }
-    )
+    return Response({**a.head("chat.completion"), "choices": [choice], "usage": a.usage(end)})
 
 
 @post("/v1/completions", status_code=200)
@@ -404,16 +396,7 @@ async def completions(request: Request) -> Response | Stream:
                 logprobs[key] += values
     text = "".join(t.text for t in tokens)
     choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": FINISH_REASON[end.stop_reason]}
-    return Response(
-        {
-            "id": a.id,
-            "object": "text_completion",
-            "created": a.created,
-            "model": a.model,
-            "choices": [choice],
-            "usage": a.usage(end),
-        }
-    )
+    return Response({**a.head("text_completion"), "choices": [choice], "usage": a.usage(end)})
 
 
 @get("/v1/models")
