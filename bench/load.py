@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.ttft import free_port, stop, wait_ready
+from bench.ttft import start_server, stop
 
 # A neutral English paragraph, repeated to reach the prompt length (the server reports the token count).
 PARAGRAPH = (
@@ -101,14 +100,8 @@ def run(model: str | None, device: str, streams: list[int], prompt_words: int, m
     prompt = prompt_of(prompt_words)
     proc = None
     if url is None:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "server.cli", "--device", device, "--port", str(port), "--gpu-device", "0"]
-        cmd += ["--worker-id", str(uuid.uuid4()), "--max-queue", str(max(streams) - 1 or 1)]
-        cmd += ["--model", model] if model else []
-        with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        wait_ready(proc, url, time.monotonic() + 600, log)
+        queue = ["--max-queue", str(max(streams) - 1 or 1)]
+        proc, url, _ = start_server(model, device, log, queue)
     try:
         asyncio.run(round_of(url, 1, prompt, max_tokens))  # warm-up: the first request may compile
         return [asyncio.run(round_of(url, n, prompt, max_tokens)) for n in streams]

@@ -74,19 +74,31 @@ def stop(proc: subprocess.Popen, url: str) -> None:
             proc.wait()
 
 
-def measure(model: str, device: str, log: Path, requests: int = 5, ready_timeout: float = 600) -> dict:
-    """Start the server, time ready and `requests` first tokens; the first request is reported on its own (it
-    may include a compile the server did not do at start-up)."""
+def start_server(
+    model: str | None, device: str, log: Path, extra: tuple[str, ...] | list[str] = (), ready_timeout: float = 600
+) -> tuple[subprocess.Popen, str, float]:
+    """`python -m server.cli` on a free port (`model` None: the embedded default), its output in `log`; returns
+    (process, base URL, seconds to ready). A server that fails to get ready is stopped before the error."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "server.cli", "--model", model, "--device", device, "--port", str(port)]
-    cmd += ["--worker-id", str(uuid.uuid4()), "--gpu-device", "0"]
+    cmd = [sys.executable, "-m", "server.cli", "--device", device, "--port", str(port), "--gpu-device", "0"]
+    cmd += ["--worker-id", str(uuid.uuid4()), *(["--model", model] if model else []), *extra]
     start = time.monotonic()
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_ready(proc, url, start + ready_timeout, log)
-        ready_s = time.monotonic() - start
+    except BaseException:
+        stop(proc, url)
+        raise
+    return proc, url, time.monotonic() - start
+
+
+def measure(model: str, device: str, log: Path, requests: int = 5, ready_timeout: float = 600) -> dict:
+    """Start the server, time ready and `requests` first tokens; the first request is reported on its own (it
+    may include a compile the server did not do at start-up)."""
+    proc, url, ready_s = start_server(model, device, log, ready_timeout=ready_timeout)
+    try:
         with httpx.Client(timeout=httpx.Timeout(300, connect=10)) as client:
             runs = [first_token(client, url, f"bench-{i}", 16) for i in range(requests)]
     finally:
