@@ -54,8 +54,8 @@ class Generation:
     """The ids of one generation, as an iterator; once exhausted, `stop_reason` is "eos", "max_tokens" or "context"
     (the budget was the room left in the context)."""
 
-    def __init__(self, ids: Generator[int, None, str | None], max_tokens: int):
-        self._ids, self._max_tokens, self.produced = ids, max_tokens, 0
+    def __init__(self, ids: Generator[int, None, str]):
+        self._ids = ids
         self.stop_reason: str | None = None
 
     def __iter__(self) -> Generation:
@@ -63,12 +63,10 @@ class Generation:
 
     def __next__(self) -> int:
         try:
-            t = next(self._ids)
+            return next(self._ids)
         except StopIteration as end:
-            self.stop_reason = end.value or ("max_tokens" if self.produced >= self._max_tokens else "context")
+            self.stop_reason = end.value
             raise
-        self.produced += 1
-        return t
 
     def close(self) -> None:
         self._ids.close()
@@ -149,7 +147,7 @@ class Model:
 
         The next decode dispatch is queued before the previous one's ids are read back, so the device never
         waits for the host; only int32 ids (and the asked-for log-probabilities) cross to the host."""
-        return Generation(self._generate(prompt_or_ids, max_tokens, params, seed, stop_at_eos, logprobs), max_tokens)
+        return Generation(self._generate(prompt_or_ids, max_tokens, params, seed, stop_at_eos, logprobs))
 
     def _generate(
         self,
@@ -159,7 +157,7 @@ class Model:
         seed: int,
         stop_at_eos: bool,
         logprobs: list[TokenLogprobs] | None,
-    ) -> Generator[int, None, str | None]:
+    ) -> Generator[int, None, str]:
         ids = self._ids(prompt_or_ids)
         self._check_fits(len(ids))
         r = self.runner
@@ -194,9 +192,9 @@ class Model:
                     yield t
                     produced += 1
                     if produced >= budget:
-                        return None
-                if nxt is None:
-                    return None
+                        break
+                if produced >= budget or nxt is None:  # out of budget, or no room left for another step
+                    return "max_tokens" if produced >= max_tokens else "context"
                 pending, pending_scores = nxt, nxt_scores
         finally:
             self._cache = cache if _alive(cache) else None
