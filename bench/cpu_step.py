@@ -15,15 +15,18 @@ import argparse
 import resource
 import time
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 import worker
+from bench.dispatch import single_row
 from worker import ops
+from worker.kv_cache import pages_for
 from worker.quant import Int8Blocks, QuantArray
-from worker.runner import with_active
-from worker.sampling import SamplingParams, seed_key
+from worker.runner import RowInputs
+from worker.sampling import SamplingParams
 
 
 def measure(name: str, fn: Callable[[], object], reps: int, temp_bytes: int | None = None) -> None:
@@ -61,28 +64,19 @@ def main(argv: list[str] | None = None) -> None:
 
     ids = m.tokenizer.encode("The capital of France is")
     greedy = SamplingParams()
-    sp, key = greedy.arrays(), seed_key(0)
-    logits, cache = r.prefill(ids, r.new_cache())
-    token, seen, _ = r.sample(logits, sp, key, 0, r.seen_mask(ids), greedy.plan())
-    state = {"cache": cache, "seen": seen}  # both donated to each dispatch
-
-    def dispatch():
-        out, state["cache"], state["seen"], _ = r.decode(
-            token, len(ids), state["cache"], state["seen"], sp, key, 1, 1, greedy.plan()
-        )
-        return out
-
-    measure("decode dispatch (1 greedy step)", dispatch, args.reps)
+    measure("decode dispatch (1 greedy step)", partial(single_row(m, ids, greedy), 1), args.reps)
     hidden = jnp.zeros((1, 1, cfg.d_model), jnp.float32)
     project = jax.jit(lambda w, h: adapter.logits(w, cfg, h))
     measure("output projection (1 token)", lambda: project(w, hidden), args.reps, temp_of(project, w, hidden))
-    forward = jax.jit(lambda w, t, p, c: adapter.forward(w, cfg, t, p, c), donate_argnums=(3,))
+    forward = jax.jit(lambda w, t, p, c, tb: adapter.forward(w, cfg, t, p, c, tb), donate_argnums=(3,))
     tok, pos = jnp.zeros((1, 1), jnp.int32), jnp.full((1, 1), len(ids), jnp.int32)
-    state["cache"] = with_active(state["cache"], 256)
-    temp = temp_of(forward, w, tok, pos, state["cache"])
+    n_pages = pages_for(max(args.prefill, 256), r.page_size)
+    pages = jnp.arange(1, n_pages + 1, dtype=jnp.int32)[None]
+    state = {"cache": r.new_cache(n_pages + 1)}
+    temp = temp_of(forward, w, tok, pos, state["cache"], pages)
 
     def layers():
-        h, state["cache"] = forward(w, tok, pos, state["cache"])
+        h, state["cache"] = forward(w, tok, pos, state["cache"], pages)
         return h
 
     measure(f"{cfg.n_layers} layers (1 token)", layers, args.reps, temp)
@@ -95,13 +89,15 @@ def main(argv: list[str] | None = None) -> None:
             measure(label, lambda x=x, weight=weight: jax.jit(ops.qmatmul)(x, weight), args.reps)
     row = jnp.zeros((1, cfg.vocab_size), jnp.float32)
     for label, params in (("sample (greedy)", greedy), ("sample (temperature 1)", SamplingParams(temperature=1.0))):
-        sp_, plan = params.arrays(), params.plan()
-        measure(label, lambda sp_=sp_, plan=plan: r.sample(row, sp_, key, 0, state["seen"], plan), args.reps)
+        inputs = RowInputs.neutral(1, 1)
+        inputs.temperature[0] = params.temperature
+        sample = partial(r.first_token, row, inputs, ids, params.plan())
+        measure(label, sample, args.reps)
     if args.prefill:
         prompt = list(range(1000, 1000 + args.prefill))
 
         def prefill():
-            out, state["cache"] = r.prefill(prompt, state["cache"])
+            out, state["cache"] = r.prefill(prompt, list(range(1, n_pages + 1)), state["cache"])
             return out
 
         measure(f"prefill ({args.prefill} tokens)", prefill, max(1, args.reps // 2))

@@ -17,7 +17,10 @@ import jax
 import numpy as np
 
 import worker
-from worker.sampling import SamplingParams, seed_key
+from worker.kv_cache import pages_for
+from worker.model import GREEDY
+from worker.runner import MIN_ROWS, RowInputs
+from worker.sampling import SamplingParams
 
 STEPS = (1, 8, 16, 32, 64)
 PROMPT = "Write a haiku about GPU computing"
@@ -33,20 +36,33 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def single_row(m: worker.Model, ids: list[int], params: SamplingParams = GREEDY):
+    """`ids` prefilled on pages of a cache of its own, its first token in row 0: returns dispatch(steps), one
+    decode dispatch of that row (at the smallest row bucket) from the same position each time, left on the
+    device."""
+    r, plan, most = m.runner, params.plan(), max(STEPS)
+    pages = list(range(1, pages_for(len(ids) + most, r.page_size) + 1))
+    logits, cache = r.prefill(ids, pages, r.new_cache(len(pages) + 1))
+    token, seen, _ = r.first_token(logits, RowInputs.neutral(1, 1), ids, plan)
+    inputs = RowInputs.neutral(MIN_ROWS, r.table_width(len(ids) + most))
+    inputs.positions[0], inputs.index[0] = len(ids), 1
+    inputs.tables[0, : len(pages)] = pages
+    state = {"rows": r.join(r.new_rows(), 0, token, seen), "cache": cache}
+
+    def dispatch(steps: int) -> jax.Array:
+        out, state["rows"], state["cache"], _ = r.decode(state["rows"], state["cache"], inputs, steps, plan)
+        return out
+
+    return dispatch
+
+
 def run(path: str, device: str, repeats: int, trace: str | None) -> dict:
     m = worker.load(path, device=device)
     r, ids = m.runner, m.tokenizer.encode(PROMPT)
-    params = SamplingParams()
-    sp, key, plan = params.arrays(), seed_key(0), params.plan()
-    logits, cache = r.prefill(ids, r.new_cache())
-    token, seen, _ = r.sample(logits, sp, key, 0, r.seen_mask(ids), plan)
-    state = {"cache": cache, "seen": seen}
+    decode = single_row(m, ids)
 
     def dispatch(steps: int):
-        out, state["cache"], state["seen"], _ = r.decode(
-            token, len(ids), state["cache"], state["seen"], sp, key, 1, steps, plan
-        )
-        out.block_until_ready()
+        decode(steps).block_until_ready()
 
     result: dict = {"model": path, "device": str(m.device), "leaves": len(jax.tree_util.tree_leaves(r.weights))}
     result["dispatch_s"] = {s: _median_time(lambda s=s: dispatch(s), repeats) for s in STEPS}
@@ -61,7 +77,7 @@ def run(path: str, device: str, repeats: int, trace: str | None) -> dict:
     result["empty_call_s"] = _median_time(lambda: touch({}, x0).block_until_ready(), repeats)
 
     def generate(steps: int) -> float:
-        m.decode_steps = steps
+        m.batch.steps = steps
         start = time.perf_counter()
         n = sum(1 for _ in m.generate_ids(ids, max_tokens=129, stop_at_eos=False))
         assert n == 129, n

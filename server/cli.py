@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-in", type=int, help="longest prompt in tokens (default: the model's context)")
     p.add_argument("--max-tokens-out", type=int, default=2048, help="largest max_tokens a request may ask (1..2048)")
     p.add_argument("--inference-timeout-sec", type=float, default=300.0, help="a job running longer fails")
-    p.add_argument("--kv-cache-size-mb", type=int, help="KV cache size; sets the context in tokens (default: computed)")
+    p.add_argument(
+        "--kv-cache-size-mb", type=int, help="KV pool size; also caps the context in tokens (default: --kv-memory)"
+    )
     p.add_argument("--tokenizer-json", help="use this tokenizer.json (hf-json) instead of the GGUF's tokenizer")
     p.add_argument(
         "--chat-template", help="a Jinja chat template file for /v1/chat/completions instead of the GGUF's own"
@@ -70,7 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="JAX's persistent compilation cache folder (default: <user cache dir>/worker-orcd/jax)",
     )
     p.add_argument("--no-compile-cache", action="store_true", help="compile everything at start, cache nothing")
-    p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait behind the running one (default 4)")
+    p.add_argument(
+        "--max-batch", type=int, help="jobs decoded together (default: 64 on a GPU, 4 on the CPU; 1 = one at a time)"
+    )
+    p.add_argument(
+        "--kv-memory",
+        type=float,
+        default=0.9,
+        help="fraction of the device memory left after the weights for the KV pool (default 0.9)",
+    )
+    p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait for a free place (default 4)")
     p.add_argument("--shutdown-deadline", type=float, default=5.0, help="seconds to finish or cancel the running job")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--residency-check-sec", type=float, default=60.0, help="period of the weight residency check")
@@ -108,6 +119,7 @@ def validate(args: argparse.Namespace) -> None:
         ("--kv-cache-size-mb", args.kv_cache_size_mb, 1),
         ("--max-body-bytes", args.max_body_bytes, 1024),
         ("--max-queue", args.max_queue, 0),
+        ("--max-batch", args.max_batch, 1),
     ]
     for flag, value, low in positive:
         if value is not None and value < low:
@@ -121,6 +133,8 @@ def validate(args: argparse.Namespace) -> None:
     ):
         if not value > 0:
             raise ArgumentError(f"{flag} {value}: must be more than 0")
+    if not 0.0 < args.kv_memory <= 1.0:
+        raise ArgumentError(f"--kv-memory {args.kv_memory}: must be in (0, 1]")
     if args.api_key == "":
         raise ArgumentError("--api-key '': must not be empty")
 
@@ -244,6 +258,9 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
         compile_cache=cache_dir or False,
         gpu_index=args.gpu_device,
         slots=slots,
+        kv_tokens=slots,
+        max_batch=args.max_batch,
+        kv_memory=args.kv_memory,
         tokenizer_json=args.tokenizer_json,
         on_progress=_with_bar(narrator.load_progress()) if sys.stderr.isatty() else narrator.load_progress(),
     )
@@ -253,6 +270,8 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
         quant_kind=model.quant_kind,
         tokenizer_kind=model.tokenizer.kind,
         context_length=model.context_length,
+        max_batch=model.runner.max_batch,
+        kv_pool_positions=model.runner.pages * model.runner.page_size,
         vram_bytes_used=model.device_bytes_used(),
         resident=model.resident(),
         load_ms=round((time.monotonic() - t0) * 1000.0, 1),
@@ -418,8 +437,8 @@ def _free(engine: Engine) -> None:
     """Release the weights and the KV cache now, rather than at interpreter teardown (REQUIREMENTS §1)."""
     import jax
 
-    runner = engine.model.runner
-    for leaf in jax.tree_util.tree_leaves(runner.weights):
+    model = engine.model
+    for leaf in jax.tree_util.tree_leaves((model.runner.weights, model.batch.device_state())):
         if isinstance(leaf, jax.Array) and not leaf.is_deleted():
             leaf.delete()
 

@@ -33,6 +33,9 @@ def outcome_of(code: ErrorCode | None) -> str:
     }.get(code, "error")
 
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
 class WorkerMetrics:
     def __init__(
         self,
@@ -41,6 +44,9 @@ class WorkerMetrics:
         vram_bytes: Callable[[], float],
         uptime_seconds: Callable[[], float],
         queue_depth: Callable[[], float],
+        running_jobs: Callable[[], float],
+        kv_pages_used: Callable[[], float],
+        kv_pages_total: int,
     ):
         self.registry = CollectorRegistry(auto_describe=True)
         r, q = self.registry, {"quant_kind": quant_kind}
@@ -79,6 +85,19 @@ class WorkerMetrics:
         Gauge("worker_queue_depth", "Jobs waiting to run", ["quant_kind"], registry=r).labels(**q).set_function(
             queue_depth
         )
+        Gauge("worker_running_jobs", "Jobs in the running batch", ["quant_kind"], registry=r).labels(**q).set_function(
+            running_jobs
+        )
+        pages = Gauge("worker_kv_pages", "KV cache pages by state", ["quant_kind", "state"], registry=r)
+        pages.labels(state="used", **q).set_function(kv_pages_used)
+        pages.labels(state="free", **q).set_function(lambda: kv_pages_total - kv_pages_used())
+        self._batch = Histogram(
+            "worker_batch_size",
+            "Jobs decoded together in a decode dispatch",
+            ["quant_kind"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        ).labels(**q)
         self._q = q
 
     def request(self, outcome: str) -> None:
@@ -90,6 +109,9 @@ class WorkerMetrics:
         self._duration.observe(duration_ms)
         if ttft_ms is not None:
             self._ttft.observe(ttft_ms)
+
+    def batch_size(self, jobs: int) -> None:
+        self._batch.observe(jobs)
 
     def client_disconnected(self) -> None:
         self._disconnects.inc()

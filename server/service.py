@@ -64,6 +64,9 @@ class WorkerService:
             "max_tokens_in": engine.max_tokens_in,
             "max_tokens_out": engine.max_tokens_out,
             "max_queue": engine.max_queue,
+            "max_batch": engine.max_batch,
+            "kv_page_size": model.runner.page_size,
+            "kv_pages_total": model.batch.scheduler.pool.total,
             "device": info["device"],
             "sm": info["sm"],
             "cuda_runtime_version": info["cuda_runtime_version"],
@@ -76,7 +79,11 @@ class WorkerService:
             vram_bytes=lambda: self._dynamic["vram_bytes_used"],
             uptime_seconds=self.uptime,
             queue_depth=lambda: engine.queue_depth,
+            running_jobs=lambda: len(engine.running),
+            kv_pages_used=lambda: model.batch.scheduler.pool.used,
+            kv_pages_total=model.batch.scheduler.pool.total,
         )
+        model.batch.on_decode = self.metrics.batch_size
 
     # -- health --------------------------------------------------------------------------------------------
 
@@ -92,6 +99,9 @@ class WorkerService:
             "accepting": self.accepting,
             "busy": self.engine.busy,
             "queue_depth": self.engine.queue_depth,
+            "running_jobs": len(self.engine.running),
+            "kv_pages_used": (used := self.model.batch.scheduler.pool.used),
+            "kv_pages_free": self._static["kv_pages_total"] - used,
         }
 
     def refresh(self) -> None:

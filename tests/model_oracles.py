@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from worker.gguf import open_gguf
-from worker.sampling import SamplingParams, seed_key
+from worker.kv_cache import pages_for
+from worker.runner import MIN_ROWS, RowInputs
+from worker.sampling import SamplingParams
 
 
 def manifest(model_dir: Path) -> dict:
@@ -37,13 +40,19 @@ def check_logits(ours: np.ndarray, ref: np.ndarray, tol: float, margin: float) -
 
 
 def teacher_forced_decode(m, ids: list[int]) -> np.ndarray:
-    """The greedy next id after each prefix ids[: p + 1], each from a one-step decode dispatch at position p."""
-    r, params = m.runner, SamplingParams()
-    sp, key, plan = params.arrays(), seed_key(0), params.plan()
-    cache, seen, out = r.new_cache(), r.seen_mask([]), []
+    """The greedy next id after each prefix ids[: p + 1], each from a one-step decode dispatch at position p (row 0
+    of the smallest row bucket, on pages 1..n of a cache of its own)."""
+    r, plan = m.runner, SamplingParams().plan()
+    pages = list(range(1, pages_for(len(ids), r.page_size) + 1))
+    cache, rows, out = r.new_cache(len(pages) + 1), r.new_rows(), []
     for p, tok in enumerate(ids):
-        token = jax.device_put(np.asarray([tok], np.int32), m.device)
-        nxt, cache, seen, _ = r.decode(token, p, cache, seen, sp, key, 0, 1, plan)
+        rows = r.join(rows, 0, jax.device_put(np.asarray([tok], np.int32), m.device), rows.seen[:1])
+        n = MIN_ROWS
+        tables = np.zeros((n, r.table_width(p + 1)), np.int32)
+        tables[0, : len(pages)] = pages[: tables.shape[1]]
+        inputs = dataclasses.replace(RowInputs.neutral(n, tables.shape[1]), tables=tables)
+        inputs.positions[0] = p
+        nxt, rows, cache, _ = r.decode(rows, cache, inputs, 1, plan)
         out.append(int(np.asarray(nxt)[0, 0]))
     return np.asarray(out)
 

@@ -177,8 +177,10 @@ def test_generation_stops_at_context_end(engine, model):
 
 
 def test_queue_limit(model):
-    eng = Engine(model, max_queue=1)  # not started: jobs wait in the queue
-    eng.submit(JobRequest("a", "Hi"), lambda e: None)
+    """As many jobs as the batch has free rows, plus max_queue more, are taken; the next is refused."""
+    eng = Engine(model, max_queue=1)  # not started: every job waits
+    for n in range(eng.max_batch + 1):
+        eng.submit(JobRequest(f"a{n}", "Hi"), lambda e: None)
     with pytest.raises(QueueFull) as err:
         eng.submit(JobRequest("b", "Hi"), lambda e: None)
     assert err.value.code == ErrorCode.QUEUE_FULL

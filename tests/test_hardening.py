@@ -83,7 +83,7 @@ class Events:
 def _running_and_waiting(engine: Engine) -> tuple[Events, Events]:
     running, waiting = Events(), Events()
     engine.submit(JobRequest("running", **LONG), running)
-    wait_until(lambda: engine.current == "running")
+    wait_until(lambda: engine.running == ["running"])
     engine.submit(JobRequest("waiting", "hi", max_tokens=4), waiting)
     return running, waiting
 
@@ -101,7 +101,7 @@ def test_cancelled_waiting_job_ends_at_once_and_frees_its_place():
         t, ev = waiting.terminal(timeout=5)
         assert isinstance(ev, ErrorEvent) and ev.code == ErrorCode.CANCELLED
         assert t - t0 < 0.1  # milliseconds (margin for a loaded CI machine), not the rest of the running job
-        assert engine.queue_depth == 0 and engine.current == "running"
+        assert engine.queue_depth == 0 and engine.running == ["running"]
         engine.submit(JobRequest("next", "hi", max_tokens=4), (after := Events()))  # the place is free
         assert engine.cancel("waiting") is False  # idempotent: already ended
         engine.cancel("running")
@@ -138,7 +138,7 @@ def test_health_queue_depth_and_queue_full_count_the_same_jobs():
 
             threads = [threading.Thread(target=post, args=("running", {"job_id": "running", **LONG}))]
             threads[0].start()
-            wait_until(lambda: engine.current == "running")
+            wait_until(lambda: engine.running == ["running"])
             h = client.get("/health").json()
             assert (h["busy"], h["queue_depth"]) == (True, 0)
             threads.append(threading.Thread(target=post, args=("waiting", {"job_id": "waiting", **LONG})))
@@ -151,7 +151,7 @@ def test_health_queue_depth_and_queue_full_count_the_same_jobs():
             t0 = time.monotonic()
             assert client.post("/cancel", json={"job_id": "waiting"}).json()["cancelled"] is True
             threads[1].join(5)
-            assert time.monotonic() - t0 < 1.0 and engine.current == "running"
+            assert time.monotonic() - t0 < 1.0 and engine.running == ["running"]
             assert "event: error" in results["waiting"].text and "CANCELLED" in results["waiting"].text
             assert client.get("/health").json()["queue_depth"] == 0
             client.post("/cancel", json={"job_id": "running"})

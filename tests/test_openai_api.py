@@ -43,7 +43,7 @@ MESSAGES = [
 class _Server:
     def __init__(self):
         self.model = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", slots=512)
-        self.model.decode_steps = 3  # several steps per dispatch, as on a GPU (ids and logprobs stacked per step)
+        self.model.batch.steps = 3  # several steps per dispatch, as on a GPU (ids and logprobs stacked per step)
         self.log = io.StringIO()
         narrator = Narrator(str(uuid.uuid4()), str(self.model.path), 0, stream=self.log)
         self.engine = Engine(

@@ -6,8 +6,6 @@ shapes with a float16 cache up to 32k slots (`just test-gpu tests/test_pallas_at
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,23 +87,6 @@ def test_a_layer_of_the_whole_cache_read_in_place():
     kc, vc = nan.at[1, :, :128].set(k), nan.at[1, :, :128].set(v)
     y = da.decode_attention(q, kc, vc, pos, 0.2, 64, sink, layer=jnp.int32(1), slots=128, interpret=True, splits=2)
     np.testing.assert_allclose(y, ops.attention(q, k, v, pos, 0.2, 64, sink), rtol=1e-5, atol=1e-6)
-
-
-def test_cache_attention_reads_the_layer_in_place():
-    """ops.cache_attention at T = 1 hands the kernel the whole cache (no slice of it in the traced program) and
-    equals ops.attention on that layer's active slots."""
-    from worker.kv_cache import KVCache
-
-    q, k, v, pos, sink = inputs(1, 4, 2, 32, 128, [70], True)
-    kc = jnp.zeros((2, 1, 256, 2, 32), jnp.float32).at[1, :, :128].set(k)
-    vc = jnp.zeros((2, 1, 256, 2, 32), jnp.float32).at[1, :, :128].set(v)
-    cache = KVCache(kc, vc, active=128)
-    on_kernel = partial(ops.cache_attention, backend="interpret")
-    jaxpr = str(jax.make_jaxpr(lambda q, c: on_kernel(q, c, 1, pos, 0.3, None, sink))(q, cache))
-    assert "pallas_call" in jaxpr and "f32[1,128,2,32]" not in jaxpr  # no [B, active, K, D] slice of a layer
-    y = on_kernel(q, cache, 1, pos, 0.3, None, sink)
-    np.testing.assert_allclose(y, ops.attention(q, k, v, pos, 0.3, None, sink), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ops.cache_attention(q, cache, 1, pos, 0.3, None, sink), y, rtol=1e-5, atol=1e-6)
 
 
 def test_shapes_the_kernel_takes():

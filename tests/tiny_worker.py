@@ -29,8 +29,9 @@ def model_path() -> str:
 
 
 @functools.cache
-def tiny_model() -> Model:
-    model = worker.load(model_path(), device="cpu", slots=SLOTS)
+def tiny_model(max_batch: int = 1) -> Model:
+    """The tiny qwen2; one job at a time by default (M0's engine, which the contract tests describe)."""
+    model = worker.load(model_path(), device="cpu", slots=SLOTS, max_batch=max_batch)
     model.generate("warm-up", max_tokens=2, stop_at_eos=False)  # compile the decode step and the first bucket
     return model
 

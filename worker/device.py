@@ -64,14 +64,24 @@ class MemoryEstimate:
         return self.weights + self.kv_cache + self.working
 
 
-def estimate(gf: GGUFFile, cfg: Any, slots: int, device_kind: str, chunk: int = 512) -> MemoryEstimate:
-    """What loading needs: the planes, the KV cache and the largest transient of a prefill chunk (the biggest
-    weight dequantized to float32 for the XLA dot, the logits of a chunk, and activations)."""
+def estimate(gf: GGUFFile, cfg: Any, kv_tokens: int, device_kind: str, chunk: int = 512) -> MemoryEstimate:
+    """What loading needs: the planes, a KV pool of `kv_tokens` positions and the largest transient of a prefill
+    chunk (the biggest weight dequantized to float32 for the XLA dot, the logits of a chunk, and activations)."""
     weights = math.ceil(gf.tensor_bytes * PLANE_OVERHEAD)
-    kv = slots * bytes_per_slot(cfg, dtype_for(device_kind))
+    kv = kv_tokens * bytes_per_slot(cfg, dtype_for(device_kind))
     largest = max((t.n_elements for t in gf.tensors.values() if len(t.shape) >= 2), default=0)
     working = largest * 4 + chunk * cfg.vocab_size * 4 + 64 * chunk * 16 * 1024 + (256 << 20)
     return MemoryEstimate(weights, kv, working)
+
+
+def kv_pool_tokens(need: MemoryEstimate, per_token: int, want: int, device: jax.Device, fraction: float) -> int:
+    """Positions of the KV pool: `fraction` of the device memory left after the weights and the working
+    transient (`need`'s KV part is ignored), at most `want`. The CPU reports no limit: `want`."""
+    stats = memory_stats(device)
+    if "bytes_limit" not in stats:
+        return want
+    left = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - need.weights - need.working
+    return max(0, min(want, int(fraction * left) // per_token))
 
 
 def check_fits(need: MemoryEstimate, device: jax.Device, model_path: str) -> None:

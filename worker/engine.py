@@ -1,10 +1,12 @@
-"""The engine: one thread owns the device and runs jobs one at a time (M0-W-1301) from a bounded queue.
+"""The engine: one thread owns the device and runs up to max_batch jobs at once (continuous batching,
+worker/batch.py; `max_batch` 1 is M0's one job at a time, M0-W-1301), with a bounded queue of waiting jobs.
 
-A job is submitted with a sink that receives its events in order: Started, TokenEvent*, then exactly one of End or
-ErrorEvent (a job cancelled while it waits gets only its ErrorEvent, at once, from the cancelling thread, and its
-place in the queue is free). Cancelling the running job (POST /cancel, client disconnect, shutdown) sets its flag,
-which the thread checks between decode dispatches; with a few steps per dispatch that lands well within 100 ms on
-a GPU.
+A job is submitted with a sink that receives its events in order: Started (when it joins the running batch),
+TokenEvent*, then exactly one of End or ErrorEvent (a job cancelled while it waits gets only its ErrorEvent, at
+once, from the cancelling thread, and its place in the queue is free). Cancelling a running job (POST /cancel,
+client disconnect, shutdown) sets its flag, which the thread checks between decode dispatches; with a few steps
+per dispatch that lands well within 100 ms on a GPU. A job's cancel, timeout or failure ends that job only; the
+others keep streaming.
 
 Stop rules: end-of-generation ids, max_tokens, the end of the context, and stop strings matched on the generated
 text (a stop string may span tokens; text that could still become a stop string is held back, and the stop string
@@ -21,9 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from worker.batch import Batch, Delivery
 from worker.errors import ErrorCode, WorkerError
 from worker.model import Model
 from worker.sampling import MAX_SEED, SamplingParams, TokenLogprobs, new_seed
+from worker.scheduler import Sequence
 from worker.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -107,7 +111,7 @@ Event = Started | TokenEvent | End | ErrorEvent
 Sink = Callable[[Event], None]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     req: JobRequest
     sink: Sink
@@ -115,6 +119,53 @@ class _Job:
     seed: int
     submitted: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    seq: Sequence | None = None  # its place in the batch, once the engine thread has taken it
+    output: _Output | None = None  # set when it starts running
+
+
+class _Output:
+    """A running job's text side: detokenizing, stop strings, token events, counts and timing."""
+
+    def __init__(self, engine: Engine, job: _Job):
+        self.engine, self.job = engine, job
+        self.decoder = StreamDecoder(engine.model.tokenizer, continuation=True)
+        self.stops = StopMatcher(job.req.stop)
+        self.started = time.monotonic()
+        self.produced, self.chunks, self.ttft = 0, 0, None
+        self.unsent: list[tuple[int, TokenLogprobs]] = []
+
+    def feed(self, tokens: list[int], logprobs: list[TokenLogprobs] | None) -> bool:
+        """Emit what `tokens` make safe to show; True when a stop string ended the job."""
+        for n, tok in enumerate(tokens):
+            if self.ttft is None:
+                self.ttft = time.monotonic() - self.started
+            self.produced += 1
+            if logprobs is not None:
+                self.unsent.append((tok, logprobs[n]))
+            text, hit = self.stops.feed(self.decoder.push(tok))
+            if text:
+                self._send(text)
+            if hit:
+                return True
+        return False
+
+    def _send(self, text: str) -> None:
+        self.engine._emit(self.job, TokenEvent(self.job.req.job_id, text, self.chunks, tuple(self.unsent)))
+        self.unsent.clear()
+        self.chunks += 1
+
+    def end(self, reason: str) -> None:
+        if reason != "stop_sequence":
+            tail, hit = self.stops.feed(self.decoder.flush())
+            tail += "" if hit else self.stops.flush()
+            if tail:
+                self._send(tail)
+        req, ttft = self.job.req, self.ttft or 0.0
+        decode_ms = (time.monotonic() - self.started - ttft) * 1000.0
+        n_prompt = len(self.job.prompt_ids)
+        self.engine._emit(self.job, End(req.job_id, self.produced, round(decode_ms, 3), reason, n_prompt,
+                                        round(ttft * 1e3, 3)))  # fmt: skip
+        self.engine._on_event("execute_end", {"job_id": req.job_id, "tokens_out": self.produced, "stop_reason": reason})
 
 
 class StopMatcher:
@@ -164,16 +215,16 @@ class Engine:
     ):
         self.model = model
         self.max_queue = max_queue
+        self.max_batch = model.runner.max_batch
         self.max_tokens_in = min(max_tokens_in or model.context_length, model.context_length)
         self.max_tokens_out = max_tokens_out
         self.inference_timeout_s = inference_timeout_s
         self._on_event = on_event or (lambda name, fields: None)
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        # Jobs waiting, in arrival order, and the one running: a job is in exactly one of them until it ends. A
-        # waiting job that is cancelled leaves `_waiting` at once (its place is free); the engine thread skips
-        # the stale queue entry.
+        self._inbox: queue.Queue[_Job | None] = queue.Queue()
+        # Jobs waiting, in arrival order, and those running: a job is in exactly one of them until it ends. A
+        # waiting job that is cancelled leaves `_waiting` at once (its place is free); the engine thread drops it.
         self._waiting: dict[str, _Job] = {}
-        self._running: _Job | None = None
+        self._running: dict[str, _Job] = {}
         self._lock = threading.Lock()
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -185,35 +236,38 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        """Jobs waiting behind the running one: what --max-queue bounds and QUEUE_FULL reports."""
+        """Jobs waiting to join the running batch: what --max-queue bounds and QUEUE_FULL reports."""
         with self._lock:
             return len(self._waiting)
 
     @property
-    def current(self) -> str | None:
-        """The running job's id."""
-        job = self._running
-        return job.req.job_id if job is not None else None
+    def running(self) -> list[str]:
+        """The running jobs' ids, in the order they started."""
+        with self._lock:
+            return list(self._running)
 
     @property
     def busy(self) -> bool:
-        return self._running is not None
+        with self._lock:
+            return bool(self._running or self._waiting)
 
     def submit(self, req: JobRequest, sink: Sink) -> None:
         """Check the request against this worker's model and limits, then enqueue; a refusal is raised here, before
         any work starts (INVALID_REQUEST naming the field, QUEUE_FULL, SHUTTING_DOWN). The engine owns these
-        rules; the request's static shape (types, ranges, lengths) is the caller's (the HTTP schema)."""
+        rules; the request's static shape (types, ranges, lengths) is the caller's (the HTTP schema). A job waits
+        only when max_batch jobs already run; then at most max_queue may wait."""
         if not self._accepting:
             raise ShuttingDown()
         ids = self.validate(req)
         job = _Job(req, sink, ids, req.seed if req.seed is not None else new_seed())
         with self._lock:
-            if req.job_id in self._waiting or self.current == req.job_id:
+            if req.job_id in self._waiting or req.job_id in self._running:
                 raise invalid("job_id", f"job_id: {req.job_id!r} is already running or waiting")
-            if len(self._waiting) >= self.max_queue:
+            free_rows = self.max_batch - len(self._running)
+            if len(self._waiting) >= self.max_queue + max(0, free_rows):
                 raise QueueFull(self.max_queue)
             self._waiting[req.job_id] = job
-        self._queue.put(job)
+        self._inbox.put(job)
 
     def validate(self, req: JobRequest) -> list[int]:
         """The rules that depend on the model and this worker's limits; returns the prompt's token ids."""
@@ -249,7 +303,7 @@ class Engine:
         once (its place in the queue is free when this returns), a running one at its next cancel check."""
         with self._lock:
             job = self._waiting.pop(job_id, None)
-            running = self._running if self.current == job_id else None
+            running = self._running.get(job_id)
         if job is not None:
             job.cancelled.set()
             self._fail(job, WorkerError(ErrorCode.CANCELLED, f"job {job_id} was cancelled before it started"))
@@ -260,38 +314,136 @@ class Engine:
         return False
 
     def shutdown(self, deadline_s: float = 5.0) -> None:
-        """Stop accepting, cancel the waiting jobs at once, let the running job finish within the first half of
-        the deadline (then cancel it), end the thread."""
+        """Stop accepting, cancel the waiting jobs at once, let the running jobs finish within the first half of
+        the deadline (then cancel them), end the thread."""
         self._accepting = False
         with self._lock:
             waiting = list(self._waiting)
         for job_id in waiting:
             self.cancel(job_id)
-        self._queue.put(None)
+        self._inbox.put(None)
         if self._thread.is_alive():
             self._thread.join(deadline_s / 2)
-            running = self._running
-            if running is not None:
-                running.cancelled.set()
+            with self._lock:
+                running = list(self._running.values())
+            for job in running:
+                job.cancelled.set()
             self._thread.join(deadline_s / 2)
 
     # -- the engine thread ----------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            with self._lock:
-                if self._waiting.get(job.req.job_id) is not job:
-                    continue  # cancelled while it waited: it has had its terminal event
-                del self._waiting[job.req.job_id]
-                self._running = job
+        batch, stopping = self.model.batch, False
+        while not stopping or batch.busy:
             try:
-                self._run_job(job)
-            finally:
-                with self._lock:
-                    self._running = None
+                while True:  # take what arrived; wait for it only when there is nothing to run
+                    job = self._inbox.get(block=not batch.busy and not stopping, timeout=None)
+                    if job is None:
+                        stopping = True
+                        break
+                    self._take(job, batch)
+            except queue.Empty:
+                pass
+            if not batch.busy:
+                continue
+            self._check_running(batch)
+            try:
+                deliveries = batch.step()
+            except Exception as e:  # a defect of ours or the device's: every job in the batch fails, we go on
+                self._fail_all(batch, map_runtime_error(e))
+                continue
+            for d in deliveries:
+                self._handle(d, batch)
+            self._start_admitted(batch)
+
+    def _take(self, job: _Job, batch: Batch) -> None:
+        """A submitted job joins the batch's line, unless it was cancelled while in the inbox."""
+        with self._lock:
+            if self._waiting.get(job.req.job_id) is not job:
+                return  # cancelled while it waited: it has had its terminal event
+        req = job.req
+        params = SamplingParams(req.temperature, req.top_k, req.top_p, req.min_p, req.repetition_penalty,
+                                logprobs=req.logprobs)  # fmt: skip
+        try:
+            job.seq = self.model.sequence(job.prompt_ids, req.max_tokens, params, job.seed, owner=job)
+            batch.add(job.seq)
+        except Exception as e:
+            with self._lock:
+                self._waiting.pop(req.job_id, None)
+            self._fail(job, e if isinstance(e, WorkerError) else map_runtime_error(e))
+
+    def _start(self, job: _Job, batch: Batch) -> bool:
+        """The job has joined the running batch (idempotent): Started, then its output. False for a job cancelled
+        while it waited (it has had its terminal event): its sequence leaves the batch."""
+        if job.output is not None:
+            return True
+        with self._lock:
+            waiting = self._waiting.pop(job.req.job_id, None) is job
+            if waiting:
+                self._running[job.req.job_id] = job
+        if not waiting:
+            batch.release(job.seq)
+            return False
+        req = job.req
+        started_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        self._emit(job, Started(req.job_id, self.model.path.name, started_at, job.seed, len(job.prompt_ids)))
+        self._on_event("execute_start", {"job_id": req.job_id, "prompt_tokens": len(job.prompt_ids)})
+        job.output = _Output(self, job)
+        return True
+
+    def _start_admitted(self, batch: Batch) -> None:
+        for seq in batch.scheduler.running:
+            self._start(seq.owner, batch)
+
+    def _check_running(self, batch: Batch) -> None:
+        """Between dispatches: a cancelled or timed-out running job ends now, alone; a job cancelled while it
+        waited leaves the batch's line."""
+        for seq in list(batch.scheduler.waiting):
+            if seq.owner.cancelled.is_set():
+                batch.release(seq)
+        with self._lock:
+            running = list(self._running.values())
+        for job in running:
+            if job.cancelled.is_set():
+                self._end_failed(job, batch, WorkerError(ErrorCode.CANCELLED, f"job {job.req.job_id} was cancelled"))
+            elif time.monotonic() - job.output.started > self.inference_timeout_s:
+                err = WorkerError(ErrorCode.INFERENCE_TIMEOUT, f"job exceeded {self.inference_timeout_s:g} s")
+                self._end_failed(job, batch, err)
+
+    def _handle(self, d: Delivery, batch: Batch) -> None:
+        job: _Job = d.seq.owner
+        if not self._start(job, batch):
+            return
+        if d.error is not None:
+            err = d.error if isinstance(d.error, WorkerError) else map_runtime_error(d.error)
+            self._end_failed(job, batch, err)
+            return
+        try:
+            hit = job.output.feed(d.tokens, d.logprobs)
+        except Exception as e:
+            self._end_failed(job, batch, map_runtime_error(e))
+            return
+        if hit or d.finished is not None:
+            batch.release(d.seq)
+            self._finish(job)
+            job.output.end("stop_sequence" if hit else d.finished)
+
+    def _finish(self, job: _Job) -> None:
+        with self._lock:
+            self._running.pop(job.req.job_id, None)
+            self._waiting.pop(job.req.job_id, None)
+
+    def _end_failed(self, job: _Job, batch: Batch, err: WorkerError) -> None:
+        if job.seq is not None:
+            batch.release(job.seq)
+        self._finish(job)
+        self._fail(job, err)
+
+    def _fail_all(self, batch: Batch, err: WorkerError) -> None:
+        with self._lock:
+            jobs = [j for j in (*self._running.values(), *self._waiting.values()) if j.seq is not None]
+        for job in jobs:
+            self._end_failed(job, batch, err)
 
     def _emit(self, job: _Job, event: Event) -> None:
         try:
@@ -299,70 +451,6 @@ class Engine:
         except Exception:  # a broken sink (client gone) must not take the engine down
             log.exception("event sink failed for job %s", job.req.job_id)
             job.cancelled.set()
-
-    def _run_job(self, job: _Job) -> None:
-        req, model = job.req, self.model
-        self._emit(
-            job,
-            Started(
-                req.job_id,
-                model.path.name,
-                datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                job.seed,
-                len(job.prompt_ids),
-            ),
-        )
-        self._on_event("execute_start", {"job_id": req.job_id, "prompt_tokens": len(job.prompt_ids)})
-        started = time.monotonic()
-        params = SamplingParams(req.temperature, req.top_k, req.top_p, req.min_p, req.repetition_penalty)
-        decoder, stops = StreamDecoder(model.tokenizer, continuation=True), StopMatcher(req.stop)
-        produced, chunks, ttft, reason = 0, 0, None, "max_tokens"
-        if job.cancelled.is_set():  # cancelled (e.g. by a shutdown) between leaving the queue and starting
-            self._fail(job, WorkerError(ErrorCode.CANCELLED, f"job {req.job_id} was cancelled"))
-            return
-        scores: list[TokenLogprobs] | None = [] if req.logprobs else None
-        unsent: list[tuple[int, TokenLogprobs]] = []
-        ids = model.generate_ids(job.prompt_ids, req.max_tokens, params, job.seed, logprobs=scores)
-        try:
-            for tok in ids:
-                if ttft is None:
-                    ttft = time.monotonic() - started
-                if job.cancelled.is_set():
-                    raise WorkerError(ErrorCode.CANCELLED, f"job {req.job_id} was cancelled")
-                if time.monotonic() - started > self.inference_timeout_s:
-                    raise WorkerError(ErrorCode.INFERENCE_TIMEOUT, f"job exceeded {self.inference_timeout_s:g} s")
-                produced += 1
-                if scores is not None:
-                    unsent.append((tok, scores[-1]))
-                text, hit = stops.feed(decoder.push(tok))
-                if text:
-                    self._emit(job, TokenEvent(req.job_id, text, chunks, tuple(unsent)))
-                    unsent.clear()
-                    chunks += 1
-                if hit:
-                    reason = "stop_sequence"
-                    break
-            else:
-                reason = ids.stop_reason
-            if reason != "stop_sequence":
-                tail, hit = stops.feed(decoder.flush())
-                tail += "" if hit else stops.flush()
-                if tail:
-                    self._emit(job, TokenEvent(req.job_id, tail, chunks, tuple(unsent)))
-        except WorkerError as e:
-            self._fail(job, e)
-            return
-        except Exception as e:
-            self._fail(job, map_runtime_error(e))
-            return
-        finally:
-            ids.close()
-        decode_ms = (time.monotonic() - started - (ttft or 0.0)) * 1000.0
-        self._emit(
-            job,
-            End(req.job_id, produced, round(decode_ms, 3), reason, len(job.prompt_ids), round((ttft or 0) * 1e3, 3)),
-        )
-        self._on_event("execute_end", {"job_id": req.job_id, "tokens_out": produced, "stop_reason": reason})
 
     def _fail(self, job: _Job, err: WorkerError) -> None:
         self._emit(job, ErrorEvent(job.req.job_id, err.code, err.message, err.retriable))

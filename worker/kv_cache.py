@@ -1,16 +1,19 @@
-"""The KV cache: static shape [L, B, S, K, D] per k and v, slot j holding position j of sequence b.
+"""The KV cache: a pool of fixed-size pages shared by every sequence, and a page table per sequence.
 
-Fixed capacity so the compiled steps never change shape; donated to each step so XLA updates it in place.
-Writes go through a scatter with mode="drop": a padded prompt position is given slot index S (out of range)
-and its write is dropped instead of clamped onto a real slot.
+Each of k and v is [L, P, page_size, K, D]: page p holds page_size consecutive positions of one sequence. Row b of
+a page table [B, n] names the physical page of each of the sequence's logical pages, so position j of row b lives
+at (table[b, j // page_size], j % page_size). Physical page 0 is the null page: never given to a sequence, it is
+what unused table entries point at, so the writes of padding positions and of rows without a job land there
+(harmless garbage that no visible key ever reads) and no index is ever out of bounds. The pool has a static shape
+(the compiled steps never change shape) and is donated to each step, so XLA updates it in place.
 
-Attention reads only the first `active` slots (a static bucket >= the highest position of the step, chosen by the
-runner): a decode step at position 200 of a 32k-slot cache then reads 256 slots, not 32k.
+Which pages a sequence holds is decided on the host (worker/scheduler.py); this module owns the layout, the
+dtype and the bytes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -18,6 +21,8 @@ import jax.numpy as jnp
 
 # float32 on the CPU (exact math against the float64 oracles), float16 on the GPU (the spec's KV cache).
 DTYPES = {"cpu": jnp.float32, "gpu": jnp.float16}
+PAGE_SIZE = 16  # positions per page: vLLM's default; small enough that a short sequence wastes little
+NULL_PAGE = 0
 
 
 def dtype_for(device_kind: str) -> Any:
@@ -25,24 +30,26 @@ def dtype_for(device_kind: str) -> Any:
 
 
 def bytes_per_slot(cfg: Any, dtype: Any) -> int:
-    """Bytes one token slot takes: a key and a value per layer and kv head."""
+    """Bytes one token position takes: a key and a value per layer and kv head."""
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def pages_for(positions: int, page_size: int = PAGE_SIZE) -> int:
+    return -(-positions // page_size)
 
 
 @jax.tree_util.register_dataclass
 @dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, K, D]
-    v: jax.Array  # [L, B, S, K, D]
-    active: int | None = field(default=None, metadata={"static": True})  # slots attention reads; None = all
-
-    def layer(self, layer: int) -> tuple[jax.Array, jax.Array]:
-        """k, v [B, active, K, D] of one layer."""
-        n = self.active or self.k.shape[2]
-        return self.k[layer, :, :n], self.v[layer, :, :n]
+    k: jax.Array  # [L, P, page_size, K, D]
+    v: jax.Array  # [L, P, page_size, K, D]
 
     @property
-    def slots(self) -> int:
+    def pages(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def page_size(self) -> int:
         return self.k.shape[2]
 
     @property
@@ -51,17 +58,36 @@ class KVCache:
 
 
 def init_cache(
-    n_layers: int, batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32, device=None
-) -> KVCache:
-    shape = (n_layers, batch, slots, n_kv_heads, head_dim)
+    n_layers: int, pages: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32, device=None,
+    page_size: int = PAGE_SIZE,
+) -> KVCache:  # fmt: skip
+    """A zeroed pool (zeros, not uninitialised memory: a masked key's weight is 0 and 0 * NaN would be NaN)."""
+    shape = (n_layers, pages, page_size, n_kv_heads, head_dim)
     sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     zeros = jax.jit(lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), out_shardings=(sharding, sharding))
     return KVCache(*zeros())
 
 
-def write_layer(cache: KVCache, layer: int, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
-    """Store k, v [B, T, K, D] of `layer` at slots `positions` [B, T]."""
-    b = jnp.arange(k.shape[0])[:, None]
-    new_k = cache.k.at[layer, b, positions].set(k.astype(cache.k.dtype), mode="drop")
-    new_v = cache.v.at[layer, b, positions].set(v.astype(cache.v.dtype), mode="drop")
-    return KVCache(new_k, new_v, cache.active)
+def slots_of(cache: KVCache, table: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(physical page, offset) of positions [B, T] of the rows of `table` [B, n]; a position past the table (a
+    padding position) maps to the null page."""
+    ps = cache.page_size
+    page = jnp.take_along_axis(table, positions // ps, axis=1, mode="fill", fill_value=NULL_PAGE)
+    return page, positions % ps
+
+
+def write_layer(cache: KVCache, layer: int, k: jax.Array, v: jax.Array, table: jax.Array, positions: jax.Array
+                ) -> KVCache:  # fmt: skip
+    """Store k, v [B, T, K, D] of `layer` at positions [B, T] of the rows of `table`."""
+    page, offset = slots_of(cache, table, positions)
+    new_k = cache.k.at[layer, page, offset].set(k.astype(cache.k.dtype))
+    new_v = cache.v.at[layer, page, offset].set(v.astype(cache.v.dtype))
+    return KVCache(new_k, new_v)
+
+
+def gather_layer(cache: KVCache, layer: int, table: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """k, v [B, n * page_size, K, D] of `layer`: the rows' pages in logical order (slot j = position j)."""
+    b, n = table.shape
+    k, v = cache.k[layer][table], cache.v[layer][table]  # [B, n, page_size, K, D]
+    shape = (b, n * cache.page_size, *cache.k.shape[3:])
+    return k.reshape(shape), v.reshape(shape)

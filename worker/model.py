@@ -12,17 +12,21 @@ import jax
 import numpy as np
 
 from worker import device as devices
-from worker import ops
+from worker import ops, scheduler
+from worker.batch import Batch, key_data
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, open_gguf
+from worker.kv_cache import PAGE_SIZE, bytes_per_slot, dtype_for, pages_for
 from worker.models import adapter_for
 from worker.models.base import load_weights
 from worker.quant import cpu_layout, quant_kind
 from worker.runner import Runner
-from worker.sampling import SamplingParams, TokenLogprobs, seed_key
+from worker.sampling import SamplingParams, TokenLogprobs
 from worker.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 DEFAULT_CPU_SLOTS = 4096
+DEFAULT_MAX_BATCH = {"cpu": 4, "gpu": 64}  # sequences decoded together (--max-batch)
+DEFAULT_KV_MEMORY = 0.9  # of the device memory left after the weights, for the KV pool (--kv-memory)
 # Decode steps per dispatch. A cancel is checked between dispatches, so one dispatch must stay well under 100 ms.
 # The next dispatch is queued before the previous one's ids are read, which hides a dispatch's fixed host cost
 # (~2 ms: docs/PERFORMANCE.md, 2026-12-02): on an H200, qwen2.5-0.5b generates 129 ids in 152 ms at 8 steps per
@@ -80,8 +84,9 @@ class Model:
         self.runner = runner
         self.cfg = runner.cfg
         self.device_kind = device_kind
-        self.decode_steps = decode_steps_for(device_kind, gf.decode_weight_bytes)
-        self._cache = None
+        # The model's continuous batch over its KV pool (the pool is allocated at its first step); the engine and
+        # generate_ids share it.
+        self.batch = Batch(runner, tokenizer, decode_steps_for(device_kind, gf.decode_weight_bytes))
         self.quant_kind = quant_kind(gf.get("general.file_type"), (t.qtype for t in gf.tensors.values()))
 
     @property
@@ -108,7 +113,7 @@ class Model:
 
     @property
     def context_length(self) -> int:
-        return self.runner.slots
+        return self.runner.context
 
     def _ids(self, prompt_or_ids: str | Sequence[int]) -> list[int]:
         if isinstance(prompt_or_ids, str):
@@ -124,10 +129,10 @@ class Model:
     def _check_fits(self, n_prompt: int) -> None:
         if n_prompt == 0:
             raise WorkerError(ErrorCode.INVALID_REQUEST, "the prompt is empty")
-        if n_prompt > self.runner.slots:
+        if n_prompt > self.context_length:
             raise WorkerError(
                 ErrorCode.INVALID_REQUEST,
-                f"prompt has {n_prompt} tokens; the context holds {self.runner.slots}",
+                f"prompt has {n_prompt} tokens; the context holds {self.context_length}",
             )
 
     def generate_ids(
@@ -140,14 +145,23 @@ class Model:
         logprobs: list[TokenLogprobs] | None = None,
     ) -> Generation:
         """Generated ids one by one; stops at max_tokens, an end-of-generation id (if asked; it is not yielded) or
-        the end of the context. The returned iterator's `stop_reason` says which, once it is exhausted: the one
-        place the end of a sequence is decided (the engine and `stream` read it). With a `logprobs` list, each
-        yielded token's TokenLogprobs is appended to it before the token is yielded (computed in the same compiled
-        step; params.logprobs need not be set).
+        the end of the context. The returned iterator's `stop_reason` says which, once it is exhausted (decided in
+        worker/batch.py, the one place a sequence's end is decided). With a `logprobs` list, each yielded token's
+        TokenLogprobs is appended to it before the token is yielded (computed in the same compiled step;
+        params.logprobs need not be set).
 
-        The next decode dispatch is queued before the previous one's ids are read back, so the device never
-        waits for the host; only int32 ids (and the asked-for log-probabilities) cross to the host."""
+        The sequence runs through the same batched steps as the server's jobs (one row of a batch), so its ids
+        are the ones the server gives for the same request, whoever else it serves. Not thread-safe: while an
+        Engine serves this model, use the engine."""
         return Generation(self._generate(prompt_or_ids, max_tokens, params, seed, stop_at_eos, logprobs))
+
+    def sequence(self, ids: list[int], max_tokens: int, params: SamplingParams, seed: int, stop_at_eos: bool = True,
+                 owner: object = None) -> scheduler.Sequence:  # fmt: skip
+        """A sequence for `self.batch`: the prompt `ids` and a budget of max_tokens or the room left in the
+        context."""
+        self._check_fits(len(ids))
+        budget = min(max_tokens, self.context_length - len(ids))
+        return scheduler.Sequence(ids, budget, max_tokens, params, key_data(seed), stop_at_eos, owner)
 
     def _generate(
         self,
@@ -158,58 +172,39 @@ class Model:
         stop_at_eos: bool,
         logprobs: list[TokenLogprobs] | None,
     ) -> Generator[int, None, str]:
-        ids = self._ids(prompt_or_ids)
-        self._check_fits(len(ids))
-        r = self.runner
-        budget = min(max_tokens, r.slots - len(ids))
         if logprobs is not None:
             params = dataclasses.replace(params, logprobs=True)
-        sp, key, plan = params.arrays(), seed_key(seed), params.plan()
-        logits, cache = r.prefill(ids, self._take_cache())
-        token, seen, scores = r.sample(logits, sp, key, 0, r.seen_mask(ids), plan)
-        position, produced, index = len(ids), 0, 1
-        pending = token[:, None]
-        pending_scores = jax.tree_util.tree_map(lambda a: a[:, None], scores)
+        seq = self.sequence(self._ids(prompt_or_ids), max_tokens, params, seed, stop_at_eos)
+        batch = self.batch
+        batch.add(seq)
         try:
             while True:
-                nxt = None
-                steps = min(self.decode_steps, r.slots - position)
-                if produced + pending.shape[1] < budget and steps > 0:
-                    nxt, cache, seen, nxt_scores = r.decode(
-                        pending[:, -1], position, cache, seen, sp, key, index, steps, plan
-                    )
-                    for a in (nxt, *(nxt_scores or ())):
-                        a.copy_to_host_async()
-                    position, index = position + steps, index + steps
-                # The whole array to the host, then index: a device-side `pending[0]` would be one more computation
-                # queued behind the dispatch just launched, so every id would reach the host one dispatch late.
-                got = _host_logprobs(pending_scores) if logprobs is not None else None
-                for n, t in enumerate(np.asarray(pending)[0].tolist()):
-                    if stop_at_eos and t in self.tokenizer.eog_ids:
-                        return "eos"
-                    if got is not None:
-                        logprobs.append(got[n])
-                    yield t
-                    produced += 1
-                    if produced >= budget:
-                        break
-                if produced >= budget or nxt is None:  # out of budget, or no room left for another step
-                    return "max_tokens" if produced >= max_tokens else "context"
-                pending, pending_scores = nxt, nxt_scores
+                for d in batch.step():
+                    if d.seq is not seq:
+                        continue
+                    if d.error is not None:
+                        raise d.error
+                    for n, t in enumerate(d.tokens):
+                        if logprobs is not None:
+                            logprobs.append(d.logprobs[n])
+                        yield t
+                    if d.finished is not None:
+                        return d.finished
         finally:
-            self._cache = cache if _alive(cache) else None
+            batch.release(seq)
+
+    @property
+    def decode_steps(self) -> int:
+        """Decode steps per dispatch."""
+        return self.batch.steps
 
     def warm_up(self, params: SamplingParams = GREEDY) -> None:
         """Compile what a first request with a short prompt and `params`' sampling stages runs (the model-sized
         compiles side by side), then run one such request of two tokens."""
-        self.runner.compile_first_steps(params.arrays(), seed_key(0), params.plan(), self.decode_steps)
+        seq = self.sequence([0], 1, params, 0)
+        self.runner.compile_first_steps(self.batch._inputs([(0, seq)], 1, 1), params.plan(), self.decode_steps)
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass
-
-    def _take_cache(self):
-        """The model's one KV cache (reused across calls: the causal mask hides stale slots)."""
-        cache, self._cache = self._cache, None
-        return cache if cache is not None else self.runner.new_cache()
 
     def generate(
         self,
@@ -246,12 +241,19 @@ def load_model(
     on_progress: Callable[[int, int], None] | None = None,
     gpu_index: int = 0,
     backend: str | None = None,
+    max_batch: int | None = None,
+    kv_memory: float = DEFAULT_KV_MEMORY,
+    kv_tokens: int | None = None,
 ) -> Model:
-    """Open, validate and place a model. `device`: "cpu", "gpu" or "auto". `slots`: KV cache capacity in tokens
-    (default: the file's context, capped at 4096 on the CPU). `on_progress(done_bytes, total_bytes)` is called
-    after each tensor is on the device. On a GPU, a model that does not fit fails with INSUFFICIENT_VRAM before
-    any weight is copied. `backend`: the ops implementation (ops.BACKENDS; default: the device's), carried in the
-    model's config; "interpret" runs the GPU kernels in Pallas interpret mode on the CPU (tests)."""
+    """Open, validate and place a model. `device`: "cpu", "gpu" or "auto". `slots`: the most positions of one
+    sequence (default: the file's context, capped at 4096 on the CPU). `max_batch`: sequences decoded together
+    (default DEFAULT_MAX_BATCH). The KV pool holds max_batch * slots positions, or `kv_memory` of the device
+    memory left after the weights where that is less, or exactly `kv_tokens` positions where given; a sequence's
+    context is then at most the pool.
+    `on_progress(done_bytes, total_bytes)` is called after each tensor is on the device. On a GPU, a model that
+    does not fit fails with INSUFFICIENT_VRAM before any weight is copied. `backend`: the ops implementation
+    (ops.BACKENDS; default: the device's), carried in the model's config; "interpret" runs the GPU kernels in
+    Pallas interpret mode on the CPU (tests)."""
     gf = open_gguf(path)
     adapter = adapter_for(gf.architecture)
     cfg = adapter.config(gf)
@@ -262,8 +264,21 @@ def load_model(
     cfg = dataclasses.replace(cfg, backend=ops.check_backend(backend))
     if slots is None:
         slots = cfg.context_length if kind != "cpu" else min(cfg.context_length, DEFAULT_CPU_SLOTS)
+    if not 0.0 < kv_memory <= 1.0:
+        raise WorkerError(ErrorCode.INVALID_REQUEST, f"kv_memory must lie in (0, 1], got {kv_memory}")
+    max_batch = max_batch or DEFAULT_MAX_BATCH["cpu" if kind == "cpu" else "gpu"]
+    if max_batch < 1:
+        raise WorkerError(ErrorCode.INVALID_REQUEST, f"max_batch must be at least 1, got {max_batch}")
     table = adapter.weight_table(gf, cfg)  # checks the tensors' shapes against cfg before memory is sized from it
-    devices.check_fits(devices.estimate(gf, cfg, slots, kind), dev, str(gf.path))
+    per_token = bytes_per_slot(cfg, dtype_for(kind))
+    if kv_tokens is None:
+        need = devices.estimate(gf, cfg, 0, kind)
+        kv_tokens = devices.kv_pool_tokens(need, per_token, max_batch * slots, dev, kv_memory)
+    slots = min(slots, kv_tokens // PAGE_SIZE * PAGE_SIZE)
+    devices.check_fits(devices.estimate(gf, cfg, max(kv_tokens, PAGE_SIZE), kind), dev, str(gf.path))
+    if slots < 1:
+        raise WorkerError(ErrorCode.INSUFFICIENT_VRAM, f"model {gf.path}: no device memory is left for a KV cache "
+                          f"after the weights ({kv_tokens} positions at kv_memory={kv_memory})")  # fmt: skip
     total, done = gf.tensor_bytes, 0
 
     def progress(nbytes: int) -> None:
@@ -282,20 +297,5 @@ def load_model(
         if backend == "cpu":  # the layout XLA's CPU backend computes with well (quant.Int8Blocks); the gpu and
             weights = cpu_layout(weights)  # interpret backends' kernels read the block planes
         tokenizer = building.result()
-    runner = Runner(adapter, cfg, weights, dev, slots)
+    runner = Runner(adapter, cfg, weights, dev, slots, pages_for(kv_tokens) + 1, max_batch)
     return Model(gf, tokenizer, runner, kind)
-
-
-def _host_logprobs(scores) -> list[TokenLogprobs]:
-    """Row 0 of the runner's device scores ([1, n] each) as one TokenLogprobs per token (read whole, then indexed:
-    see generate_ids)."""
-    chosen, top_ids, top_lp = (np.asarray(a)[0] for a in scores)
-    return [
-        TokenLogprobs(float(c), tuple(zip(i.tolist(), p.tolist(), strict=True)))
-        for c, i, p in zip(chosen, top_ids, top_lp, strict=True)
-    ]
-
-
-def _alive(cache) -> bool:
-    """False once a donated buffer was consumed by a step that then failed (the cache must be rebuilt)."""
-    return cache is not None and not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(cache))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worker.kv_cache import KVCache
+from worker.kv_cache import KVCache, gather_layer
 from worker.pallas_kernels import decode_attention, prefill_attention, qmatvec
 from worker.pallas_kernels import moe_matmul as grouped_matmul
 from worker.quant import Int8Blocks, QuantArray, dequantize
@@ -240,10 +240,16 @@ def attention(
     return out.reshape(b, t, h, d)
 
 
-def cache_attention(
+# Positions per block of the jax.numpy decode attention: the loop's step, and the unit it skips past a row's end.
+ATTENTION_BLOCK = 256
+NEG = -1e30  # a finite "minus infinity" for running maxima (exp(NEG - NEG) is 1, not NaN)
+
+
+def paged_attention(
     q: jax.Array,
     cache: KVCache,
     layer: int,
+    table: jax.Array,
     q_positions: jax.Array,
     scale: float,
     window: int | None = None,
@@ -251,39 +257,83 @@ def cache_attention(
     *,
     backend: str = "cpu",
 ) -> jax.Array:
-    """`attention` over layer `layer` of the cache (its active slots). The decode kernel reads that layer of the
-    whole cache in place: a slice handed to a kernel is a copy XLA makes every layer and step (48 copy kernels a
-    step for qwen2.5-0.5b, in a profile)."""
-    slots = cache.active or cache.slots
-    slice_shape = (cache.k.shape[1], slots, *cache.k.shape[3:])
-    if _attention_kernels_on(backend) and decode_attention.fits(q.shape, slice_shape):
-        interpret = backend == "interpret"
-        return decode_attention.decode_attention(
-            q, cache.k, cache.v, q_positions, scale, window, sinks, layer=layer, slots=slots, interpret=interpret
-        )
-    return attention(q, *cache.layer(layer), q_positions, scale, window, sinks, backend=backend)
+    """`attention` of q [B, T, H, D] over layer `layer` of the paged cache, row b reading the pages of table[b].
+
+    Decode (T = 1) walks each row's own pages in blocks with an online softmax, so that a row's arithmetic depends
+    only on its own position and pages: not on the table's width (a bucket of the longest row in the batch) or on
+    the other rows (batch invariance, docs/batching.md). Prefill (T > 1, one sequence's chunk) gathers the row's
+    pages into logical order and runs `attention`."""
+    if q.shape[1] == 1:
+        return _paged_decode(q, cache, layer, table, q_positions[:, 0], scale, window, sinks)
+    k, v = gather_layer(cache, layer, table)
+    return attention(q, k, v, q_positions, scale, window, sinks, backend=backend)
 
 
-def moe_matmul(x: jax.Array, experts: QuantArray, expert_ids: jax.Array, *, backend: str = "cpu") -> jax.Array:
+def _paged_decode(q, cache, layer, table, pos, scale, window, sinks):
+    b, _, h, d = q.shape
+    ps, kh = cache.page_size, cache.k.shape[3]
+    g, per = h // kh, max(1, ATTENTION_BLOCK // ps)
+    n_blocks = -(-table.shape[1] // per)
+    table = jnp.pad(table, ((0, 0), (0, n_blocks * per - table.shape[1])))  # the null page
+    qg = q.reshape(b, kh, g, d).astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+
+    def block(i, carry):
+        m, l_, acc = carry  # [B, K, G], [B, K, G], [B, K, G, D]
+        pages = jax.lax.dynamic_slice_in_dim(table, i * per, per, axis=1)  # [B, per]
+        k = cache.k[layer, pages].reshape(b, per * ps, kh, d).astype(jnp.float32)
+        v = cache.v[layer, pages].reshape(b, per * ps, kh, d).astype(jnp.float32)
+        j = i * per * ps + jnp.arange(per * ps)
+        visible = j[None] <= pos[:, None]
+        if window is not None:
+            visible &= pos[:, None] - j[None] < window
+        s = jnp.einsum("bkgd,bskd->bkgs", qg, k, precision=hi) * jnp.float32(scale)
+        s = jnp.where(visible[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        alpha = jnp.exp(m - m_new)
+        w = jnp.exp(s - m_new[..., None])
+        new = (m_new, l_ * alpha + jnp.sum(w, axis=-1),
+               acc * alpha[..., None] + jnp.einsum("bkgs,bskd->bkgd", w, v, precision=hi))  # fmt: skip
+        live = (i * per * ps <= pos)[:, None, None]  # the block holds a key at or before the row's position
+        return tuple(jnp.where(live if n.ndim == 3 else live[..., None], n, o) for n, o in zip(new, carry, strict=True))
+
+    init = (jnp.full((b, kh, g), NEG, jnp.float32), jnp.zeros((b, kh, g), jnp.float32),
+            jnp.zeros((b, kh, g, d), jnp.float32))  # fmt: skip
+    m, l_, acc = jax.lax.fori_loop(0, n_blocks, block, init)
+    if sinks is not None:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(kh, g), m.shape)
+        top = jnp.maximum(m, sink)
+        keep = jnp.exp(m - top)
+        out = acc * keep[..., None] / (l_ * keep + jnp.exp(sink - top))[..., None]
+    else:
+        out = acc / l_[..., None]
+    return out.reshape(b, 1, h, d)
+
+
+def moe_matmul(
+    x: jax.Array, experts: QuantArray, expert_ids: jax.Array, *, backend: str = "cpu", per_token: bool = False
+) -> jax.Array:
     """Each token's selected experts: x [M, In] (one input shared by the k selections) or [M, k, In] (one per
     selection) times experts [E, Out, In] at expert_ids [M, k] -> [M, k, Out].
 
-    Few selections (decode: M * k <= E) gather only the selected experts' planes and dequantize those (on the
-    gpu/interpret backends: the Pallas routed matvec). Many (prefill): on the gpu/interpret backends, the Pallas
-    grouped matmul (pairs sorted by expert, tiles dequantized in registers, bf16 operands with f32 accumulation);
-    on the CPU, or for a format it lacks, walk the experts one at a time, each dequantized once and applied to
-    every token, keeping the rows that selected it: E / k times the needed arithmetic, but never more than one
-    expert in float32.
+    `per_token` (decode), or few selections (M * k <= E): gather only the selected experts' planes and dequantize
+    those (on the gpu/interpret backends: the Pallas routed matvec), each token on its own, so a token's result
+    does not depend on the others in its batch. Many (prefill): on the gpu/interpret backends, the Pallas grouped
+    matmul (pairs sorted by expert, tiles dequantized in registers, bf16 operands with f32 accumulation); on the
+    CPU, or for a format it lacks, walk the experts one at a time, each dequantized once and applied to every
+    token, keeping the rows that selected it: E / k times the needed arithmetic, but never more than one expert in
+    float32.
     """
     n_experts, n_out = experts.shape[:2]
-    if expert_ids.size <= n_experts and _kernel_fits(experts, expert_ids.shape[0], 3, backend):
+    gathered = per_token or expert_ids.size <= n_experts
+    if gathered and _kernel_fits(experts, expert_ids.shape[0], 3, backend):
         return qmatvec.moe_matvec(x, experts, expert_ids, interpret=backend == "interpret")
-    if backend != "cpu" and expert_ids.size > n_experts and grouped_matmul.fits(experts):
+    if backend != "cpu" and not gathered and grouped_matmul.fits(experts):
         return grouped_matmul.moe_matmul(x, experts, expert_ids, interpret=backend == "interpret")
     x = x.astype(jnp.float32)
     shared = x.ndim == expert_ids.ndim
     hi = jax.lax.Precision.HIGHEST
-    if expert_ids.size <= n_experts:
+    if gathered:
         planes = {k: jnp.take(p, expert_ids, axis=0) for k, p in experts.planes.items()}
         wf = dequantize(QuantArray(planes, experts.qtype, experts.shape), jnp.float32)  # [M, k, Out, In]
         return jnp.einsum("mi,mkoi->mko" if shared else "mki,mkoi->mko", x, wf, precision=hi)

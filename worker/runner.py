@@ -1,14 +1,24 @@
-"""The compiled steps: prefill (a prompt chunk into the cache, logits of its last position) and decode (several
-sampled steps per dispatch, sampling on the device), both with the KV cache donated so XLA updates it in place.
+"""The compiled steps, the only code that touches the device: prefill (one sequence's prompt chunk into its KV
+pages, logits of the chunk's last position), the first token's sample, and the batched decode (several sampled
+steps per dispatch for up to max_batch sequences at once, sampling on the device), each with the KV pool donated so
+XLA updates it in place.
 
-Prompt lengths are bucketed to powers of two (at least MIN_BUCKET, at most the chunk size) so a compile happens
-once per bucket; prompts longer than the chunk size are prefilled chunk by chunk.
+Every input is a fixed-shape array: per-row token ids, positions, page tables, sampling parameters, seeds and draw
+indices, so which sequences share a batch never recompiles anything. What does compile is a bucket: prompt chunks
+are padded to powers of two (at least MIN_BUCKET, at most the chunk size), the rows of a decode dispatch to a power
+of two (at least MIN_ROWS) and page tables to a power-of-two width (at least MIN_TABLE_PAGES), so a short sequence
+never reads the whole context.
+
+Batch invariance (docs/batching.md): a row's arithmetic does not depend on the other rows, on the row buckets or
+on the table width. Per-row parameters and keys; the decode step always runs at least MIN_ROWS rows because
+XLA's CPU backend computes a one-row matrix product (a GEMV) with another summation order than a many-row one
+(a GEMM), whose rows are then identical for any row count (measured).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from types import ModuleType
 from typing import Any
@@ -17,29 +27,62 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worker.kv_cache import KVCache, bytes_per_slot, dtype_for, init_cache
+from worker.kv_cache import PAGE_SIZE, KVCache, bytes_per_slot, dtype_for, init_cache, pages_for
 from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample, token_logprobs
 
 # (token log-probability, top ids, top log-probabilities) of sampled rows, on the device; None when not asked for
 Scores = tuple[jax.Array, jax.Array, jax.Array] | None
 
 MIN_BUCKET = 16
-MIN_ACTIVE_SLOTS = 256
+MIN_ROWS = 2
+MIN_TABLE_PAGES = 16
+
+
+def pow2_bucket(n: int, low: int, high: int) -> int:
+    """The power of two >= n, within [low, high] (high itself when it is not a power of two)."""
+    return min(high, max(low, 1 << (max(n, 1) - 1).bit_length()))
 
 
 def bucket(n: int, chunk: int) -> int:
-    return min(chunk, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
+    return pow2_bucket(n, MIN_BUCKET, chunk)
 
 
-def with_active(cache: KVCache, n_positions: int) -> KVCache:
-    """The cache with attention limited to a power-of-two bucket covering positions < n_positions (one compile
-    per bucket; a short sequence never reads the whole cache)."""
-    n = min(cache.slots, max(MIN_ACTIVE_SLOTS, 1 << (max(n_positions, 1) - 1).bit_length()))
-    return dataclasses.replace(cache, active=n)
+@jax.tree_util.register_dataclass
+@dataclass
+class Rows:
+    """The device half of the decode rows' state: each row's last token (not yet in the cache) and the ids the
+    repetition penalty applies to. Rows without a sequence hold stale values that nothing reads."""
+
+    tokens: jax.Array  # [max_batch] int32
+    seen: jax.Array  # [max_batch, vocab] bool
+
+
+@dataclass(frozen=True)
+class RowInputs:
+    """The host half, per row of a dispatch (numpy, R rows): positions, page tables [R, n], sampling parameters,
+    key data [R, 2] and draw indices."""
+
+    positions: np.ndarray
+    tables: np.ndarray
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    min_p: np.ndarray
+    repetition_penalty: np.ndarray
+    keys: np.ndarray
+    index: np.ndarray
+
+    @classmethod
+    def neutral(cls, rows: int, width: int) -> RowInputs:
+        """Inputs for `rows` rows without a sequence: the null page table, position 0, greedy parameters."""
+        f32, i32 = np.float32, np.int32
+        return cls(np.zeros(rows, i32), np.zeros((rows, width), i32), np.zeros(rows, f32), np.zeros(rows, i32),
+                   np.ones(rows, f32), np.zeros(rows, f32), np.ones(rows, f32), np.zeros((rows, 2), np.uint32),
+                   np.zeros(rows, i32))  # fmt: skip
 
 
 class Runner:
-    """Owns the compiled entry points of one model on one device."""
+    """Owns the compiled entry points of one model on one device, over a KV pool of `pages` pages."""
 
     def __init__(
         self,
@@ -47,111 +90,151 @@ class Runner:
         cfg: Any,
         weights: Any,
         device: jax.Device,
-        slots: int,
+        context: int,
+        pages: int,
+        max_batch: int,
         chunk: int = 512,
+        page_size: int = PAGE_SIZE,
     ):
         self.adapter, self.cfg, self.weights, self.device = adapter, cfg, weights, device
-        self.slots, self.chunk, self.cache_dtype = slots, min(chunk, slots), dtype_for(device.platform)
-        self._prefill = jax.jit(partial(_prefill, adapter, cfg), donate_argnums=(4,))
-        self._decode = jax.jit(partial(_decode, adapter, cfg), static_argnums=(8, 9), donate_argnums=(3, 4))
-        self._sample = jax.jit(_sample_rows, static_argnums=(5,))
-        self._all_logits = jax.jit(partial(_all_logits, adapter, cfg), donate_argnums=(3,))
+        self.context, self.pages, self.page_size = context, pages, page_size
+        self.max_batch = max_batch  # sequences at once; the row arrays have at least MIN_ROWS rows
+        self._rows = max(max_batch, MIN_ROWS)
+        self.max_pages = pages_for(context, page_size)  # a sequence's page table
+        self.chunk, self.cache_dtype = min(chunk, context), dtype_for(device.platform)
+        self._prefill = jax.jit(partial(_prefill, adapter, cfg), donate_argnums=(5,))
+        self._decode = jax.jit(partial(_decode, adapter, cfg), static_argnums=(9, 10), donate_argnums=(2, 6))
+        self._first = jax.jit(_sample_rows, static_argnums=(5,))
+        self._join = jax.jit(_join, donate_argnums=(0,))
+        self._all_logits = jax.jit(partial(_all_logits, adapter, cfg), donate_argnums=(4,))
 
-    def cache_bytes(self, batch: int = 1) -> int:
-        return batch * self.slots * bytes_per_slot(self.cfg, self.cache_dtype)
+    # -- memory ---------------------------------------------------------------------------------------------
 
-    def new_cache(self, batch: int = 1) -> KVCache:
+    def cache_bytes(self) -> int:
+        return self.pages * self.page_size * bytes_per_slot(self.cfg, self.cache_dtype)
+
+    def new_cache(self, pages: int | None = None) -> KVCache:
         c = self.cfg
-        return init_cache(c.n_layers, batch, self.slots, c.n_kv_heads, c.head_dim, self.cache_dtype, self.device)
+        return init_cache(c.n_layers, pages or self.pages, c.n_kv_heads, c.head_dim, self.cache_dtype, self.device,
+                          self.page_size)  # fmt: skip
 
-    def _chunks(self, ids: list[int], start: int = 0):
-        """(tokens [1, Tb], positions [1, Tb], n_valid) per chunk; padding gets slot index `slots` (dropped)."""
-        for off in range(0, len(ids), self.chunk):
-            part = ids[off : off + self.chunk]
-            tb = bucket(len(part), self.chunk)
-            tokens = np.zeros((1, tb), np.int32)
-            tokens[0, : len(part)] = part
-            positions = np.full((1, tb), self.slots, np.int32)
-            positions[0, : len(part)] = np.arange(start + off, start + off + len(part))
-            yield self._put(tokens), self._put(positions), len(part), start + off + len(part)
+    def new_rows(self) -> Rows:
+        put = self._put
+        return Rows(put(np.zeros(self._rows, np.int32)), put(np.zeros((self._rows, self.cfg.vocab_size), bool)))
 
     def _put(self, a: np.ndarray) -> jax.Array:
         return jax.device_put(a, self.device)
 
-    def prefill(self, ids: list[int], cache: KVCache, start: int = 0) -> tuple[jax.Array, KVCache]:
-        """Feed `ids` at positions start.. ; returns the logits [1, vocab] after the last id."""
+    def table_width(self, positions: int) -> int:
+        """The page-table bucket that covers `positions` positions."""
+        return pow2_bucket(pages_for(positions, self.page_size), MIN_TABLE_PAGES, self.max_pages)
+
+    def row_bucket(self, rows: int) -> int:
+        return pow2_bucket(rows, MIN_ROWS, self._rows)
+
+    def _table(self, pages: list[int], width: int) -> np.ndarray:
+        table = np.zeros((1, width), np.int32)  # the null page
+        n = min(len(pages), width)
+        table[0, :n] = pages[:n]
+        return table
+
+    # -- prefill --------------------------------------------------------------------------------------------
+
+    def _chunks(self, ids: list[int], pages: list[int], start: int):
+        """(tokens [1, Tb], positions [1, Tb], table [1, n], n_valid) per chunk; a padding position lies past the
+        table (its k/v go to the null page)."""
+        for off in range(0, len(ids), self.chunk):
+            part = ids[off : off + self.chunk]
+            end = start + off + len(part)
+            tb, width = bucket(len(part), self.chunk), self.table_width(end)
+            tokens = np.zeros((1, tb), np.int32)
+            tokens[0, : len(part)] = part
+            positions = np.full((1, tb), width * self.page_size, np.int32)
+            positions[0, : len(part)] = np.arange(start + off, end)
+            yield self._put(tokens), self._put(positions), self._put(self._table(pages, width)), len(part)
+
+    def prefill(self, ids: list[int], pages: list[int], cache: KVCache, start: int = 0) -> tuple[jax.Array, KVCache]:
+        """Feed `ids` at positions start.. of the sequence holding `pages`; returns the logits [1, vocab] after the
+        last id. Each chunk is its own dispatch: the engine interleaves them with decode dispatches."""
         logits = None
-        for tokens, positions, n, end in self._chunks(ids, start):
-            cache = with_active(cache, end)
-            logits, cache = self._prefill(self.weights, tokens, positions, self._put(np.int32(n - 1)), cache)
+        for off in range(0, len(ids), self.chunk):
+            logits, cache = self.prefill_chunk(ids[off : off + self.chunk], pages, cache, start + off)
         return logits, cache
 
+    def prefill_chunk(self, ids: list[int], pages: list[int], cache: KVCache, start: int
+                      ) -> tuple[jax.Array, KVCache]:  # fmt: skip
+        """One chunk (at most `chunk` ids) of `prefill`."""
+        ((tokens, positions, table, n),) = self._chunks(ids, pages, start)
+        return self._prefill(self.weights, tokens, positions, table, self._put(np.int32(n - 1)), cache)
+
     def all_logits(self, ids: list[int]) -> np.ndarray:
-        """float32 [len(ids), vocab]: logits after each prefix (a fresh cache; for tests and scoring)."""
-        cache, rows = self.new_cache(), []
-        for tokens, positions, n, end in self._chunks(ids):
-            out, cache = self._all_logits(self.weights, tokens, positions, with_active(cache, end))
+        """float32 [len(ids), vocab]: logits after each prefix (a cache of its own; for tests and scoring)."""
+        need = pages_for(len(ids), self.page_size)
+        cache, pages, rows = self.new_cache(need + 1), list(range(1, need + 1)), []
+        for tokens, positions, table, n in self._chunks(ids, pages, 0):
+            out, cache = self._all_logits(self.weights, tokens, positions, table, cache)
             rows.append(np.asarray(out[0, :n]))
         return np.concatenate(rows)
 
-    def seen_mask(self, ids: list[int]) -> jax.Array:
-        """[1, vocab] bool: the ids the repetition penalty applies to."""
-        mask = np.zeros((1, self.cfg.vocab_size), bool)
-        mask[0, [i for i in ids if 0 <= i < self.cfg.vocab_size]] = True
-        return self._put(mask)
+    # -- sampling and decode ----------------------------------------------------------------------------------
 
-    def sample(
-        self,
-        logits: jax.Array,
-        sp: SamplingArrays,
-        key: jax.Array,
-        index: int,
-        seen: jax.Array,
-        plan: SamplingPlan = ALL_STAGES,
-    ) -> tuple[jax.Array, jax.Array, Scores]:
-        """The token after a prefill: ids [1], the updated seen mask and its log-probabilities (None unless
+    def first_token(self, logits: jax.Array, inputs: RowInputs, prompt: list[int], plan: SamplingPlan = ALL_STAGES
+                    ) -> tuple[jax.Array, jax.Array, Scores]:  # fmt: skip
+        """The token after a prefill, from its logits [1, vocab] and one row of inputs: ids [1], the row's seen
+        mask [1, vocab] (the prompt's ids and this one) and the token's log-probabilities (None unless
         plan.logprobs)."""
-        return self._sample(logits, sp, key, self._put(np.int32(index)), seen, plan)
+        mask = np.zeros((1, self.cfg.vocab_size), bool)
+        mask[0, [i for i in prompt if 0 <= i < self.cfg.vocab_size]] = True
+        sp, keys, index = self._row_arrays(inputs)
+        return self._first(logits, sp, keys, index, self._put(mask), plan)
 
-    def decode(
-        self,
-        token: jax.Array,
-        position: int,
-        cache: KVCache,
-        seen: jax.Array,
-        sp: SamplingArrays,
-        key: jax.Array,
-        index: int,
-        steps: int,
-        plan: SamplingPlan = ALL_STAGES,
-    ) -> tuple[jax.Array, KVCache, jax.Array, Scores]:
-        """`steps` steps from `token` [1] (not yet in the cache) at `position`; generated token i uses draw
-        index i. Returns ids [1, steps] (left on the device), the cache, the seen mask and the log-probabilities
-        (each [1, steps, ...]; None unless plan.logprobs). `plan`: the sampling stages compiled in
-        (SamplingParams.plan(); one compiled variant per plan and steps)."""
-        pos, idx = self._put(np.asarray([position], np.int32)), self._put(np.int32(index))
-        cache = with_active(cache, position + steps)
-        return self._decode(self.weights, token, pos, cache, seen, sp, key, idx, steps, plan)
+    def join(self, rows: Rows, row: int, token: jax.Array, seen: jax.Array) -> Rows:
+        """`rows` with row `row` holding a new sequence's first token [1] and seen mask [1, vocab]."""
+        return self._join(rows, self._put(np.int32(row)), token, seen)
 
-    def compile_first_steps(self, sp: SamplingArrays, key: jax.Array, plan: SamplingPlan, steps: int) -> None:
+    def _row_arrays(self, inputs: RowInputs) -> tuple[SamplingArrays, jax.Array, jax.Array]:
+        put = self._put
+        sp = SamplingArrays(put(inputs.temperature), put(inputs.top_k), put(inputs.top_p), put(inputs.min_p),
+                            put(inputs.repetition_penalty))  # fmt: skip
+        return sp, put(inputs.keys), put(inputs.index)
+
+    def decode(self, rows: Rows, cache: KVCache, inputs: RowInputs, steps: int, plan: SamplingPlan = ALL_STAGES
+               ) -> tuple[jax.Array, Rows, KVCache, Scores]:  # fmt: skip
+        """`steps` steps for the first R rows (R = len(inputs.positions), a row bucket); row r's generated token i
+        uses draw index inputs.index[r] + i. Returns ids [R, steps] (left on the device), the rows, the cache and
+        the log-probabilities (each [R, steps, ...]; None unless plan.logprobs). `plan`: the sampling stages
+        compiled in; a stage is an exact no-op for a row whose parameters switch it off, so one plan serves a
+        batch of mixed requests (the union of theirs)."""
+        sp, keys, index = self._row_arrays(inputs)
+        pos, table = self._put(inputs.positions), self._put(inputs.tables)
+        ids, tokens, seen, cache, scores = self._decode(
+            self.weights, rows.tokens, rows.seen, pos, table, index, cache, sp, keys, steps, plan
+        )
+        return ids, Rows(tokens, seen), cache, scores
+
+    def compile_first_steps(self, inputs: RowInputs, plan: SamplingPlan, steps: int) -> None:
         """Compile, side by side, what a request with a prompt of at most MIN_BUCKET tokens runs first: the
-        prefill, the first sample and a decode dispatch of `steps` steps with `plan`. Each is a whole-model XLA
-        compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so threads overlap them. Lowered
-        from shapes only: no KV cache or input is allocated."""
+        prefill, the first sample and a decode dispatch of `steps` steps with `plan` at the smallest row bucket.
+        Each is a whole-model XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so
+        threads overlap them. Lowered from shapes only: no KV cache or input is allocated."""
         c, on = self.cfg, jax.sharding.SingleDeviceSharding(self.device)
 
         def spec(shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=on)
 
-        kv = spec((c.n_layers, 1, self.slots, c.n_kv_heads, c.head_dim), self.cache_dtype)
-        cache, n = KVCache(kv, kv), min(MIN_BUCKET, self.chunk)
-        ids, index, seen = spec((1, n), jnp.int32), spec((), jnp.int32), spec((1, c.vocab_size), jnp.bool_)
-        token, logits = spec((1,), jnp.int32), spec((1, c.vocab_size), jnp.float32)
+        kv = spec((c.n_layers, self.pages, self.page_size, c.n_kv_heads, c.head_dim), self.cache_dtype)
+        cache, n, width, r = KVCache(kv, kv), min(MIN_BUCKET, self.chunk), self.table_width(1), MIN_ROWS
+        ids, index = spec((1, n), jnp.int32), spec((), jnp.int32)
+        rows = Rows(spec((self._rows,), jnp.int32), spec((self._rows, c.vocab_size), jnp.bool_))
+        sp1, keys1, index1 = self._row_arrays(_take(inputs, 1))
+        sp, keys, rindex = self._row_arrays(_take(inputs, r))
+        logits, seen1 = spec((1, c.vocab_size), jnp.float32), spec((1, c.vocab_size), jnp.bool_)
+        pos, table = spec((r,), jnp.int32), spec((r, width), jnp.int32)
         jobs = [
-            lambda: self._prefill.lower(self.weights, ids, ids, index, with_active(cache, n)),
-            lambda: self._sample.lower(logits, sp, key, index, seen, plan),
+            lambda: self._prefill.lower(self.weights, ids, ids, spec((1, width), jnp.int32), index, cache),
+            lambda: self._first.lower(logits, sp1, keys1, index1, seen1, plan),
             lambda: self._decode.lower(
-                self.weights, token, token, with_active(cache, n + steps), seen, sp, key, index, steps, plan
+                self.weights, rows.tokens, rows.seen, pos, table, rindex, cache, sp, keys, steps, plan
             ),
         ]
         with ThreadPoolExecutor(len(jobs)) as pool:
@@ -159,29 +242,45 @@ class Runner:
                 done.result()
 
 
-def _prefill(adapter, cfg, weights, tokens, positions, last, cache):
-    hidden, cache = adapter.forward(weights, cfg, tokens, positions, cache)
+def _take(inputs: RowInputs, n: int) -> RowInputs:
+    """The first n rows of `inputs`, repeated when it has fewer (shapes for compiling)."""
+    pick = np.arange(n) % len(inputs.positions)
+    return RowInputs(**{f: getattr(inputs, f)[pick] for f in RowInputs.__dataclass_fields__})
+
+
+def _prefill(adapter, cfg, weights, tokens, positions, table, last, cache):
+    hidden, cache = adapter.forward(weights, cfg, tokens, positions, cache, table)
     h_last = jax.lax.dynamic_slice_in_dim(hidden, last, 1, axis=1)  # [1, 1, D]
     return adapter.logits(weights, cfg, h_last)[:, 0], cache
 
 
-def _all_logits(adapter, cfg, weights, tokens, positions, cache):
-    hidden, cache = adapter.forward(weights, cfg, tokens, positions, cache)
+def _all_logits(adapter, cfg, weights, tokens, positions, table, cache):
+    hidden, cache = adapter.forward(weights, cfg, tokens, positions, cache, table)
     return adapter.logits(weights, cfg, hidden), cache
 
 
-def _sample_rows(logits, sp, key, index, seen, plan=ALL_STAGES):
-    ids = jax.vmap(partial(sample, plan=plan), in_axes=(0, None, None, None, 0))(logits, sp, key, index, seen)
+def _sample_rows(logits, sp, keys, index, seen, plan=ALL_STAGES):
+    """Row r of logits [R, V] sampled with its own parameters, key data [R, 2] and draw index."""
+    keys = jax.random.wrap_key_data(keys)
+    ids = jax.vmap(partial(sample, plan=plan))(logits, sp, keys, index, seen)
     scores = token_logprobs(logits, ids) if plan.logprobs else None  # static: off costs nothing
     return ids, seen.at[jnp.arange(ids.shape[0]), ids].set(True), scores
 
 
-def _decode(adapter, cfg, weights, token, position, cache, seen, sp, key, index, steps, plan):
+def _join(rows, row, token, seen):
+    return Rows(rows.tokens.at[row].set(token[0]), rows.seen.at[row].set(seen[0]))
+
+
+def _decode(adapter, cfg, weights, tokens, seen_all, position, table, index, cache, sp, keys, steps, plan):
+    r = position.shape[0]
+
     def step(carry, i):
         tok, pos, cache, seen = carry
-        hidden, cache = adapter.forward(weights, cfg, tok[:, None], pos[:, None], cache)
-        nxt, seen, scores = _sample_rows(adapter.logits(weights, cfg, hidden)[:, 0], sp, key, index + i, seen, plan)
+        hidden, cache = adapter.forward(weights, cfg, tok[:, None], pos[:, None], cache, table)
+        nxt, seen, scores = _sample_rows(adapter.logits(weights, cfg, hidden)[:, 0], sp, keys, index + i, seen, plan)
         return (nxt, pos + 1, cache, seen), (nxt, scores)
 
-    (_, _, cache, seen), (ids, scores) = jax.lax.scan(step, (token, position, cache, seen), jnp.arange(steps))
-    return ids.T, cache, seen, jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), scores)
+    init = (tokens[:r], position, cache, seen_all[:r])
+    (last, _, cache, seen), (ids, scores) = jax.lax.scan(step, init, jnp.arange(steps))
+    scores = jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), scores)
+    return ids.T, tokens.at[:r].set(last), seen_all.at[:r].set(seen), cache, scores

@@ -1,6 +1,7 @@
 """The architecture registry: GGUF `general.architecture` -> the adapter module that maps it (one place; gguf.py's
 validation and every error message read it). An adapter provides `config(gf)` (a frozen base.ModelConfig: static
-under jit), `weight_table(gf, cfg)`, `forward(weights, cfg, tokens, positions, cache) -> (hidden, cache)` and
+under jit), `weight_table(gf, cfg)`, `forward(weights, cfg, tokens,
+positions, cache, table) -> (hidden, cache)` (table: the rows' KV page tables) and
 `logits(weights, cfg, hidden)`. Adapters import lazily: this module is imported by gguf.py and imports nothing."""
 
 from __future__ import annotations

@@ -210,8 +210,9 @@ def norm(x: jax.Array, w: jax.Array, b: jax.Array | None, eps: float) -> jax.Arr
 
 
 def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array, positions: jax.Array,
-                    cache: KVCache) -> tuple[jax.Array, KVCache]:  # fmt: skip
-    """Pre-norm attention with its residual: x [B, T, D] -> x + attention(norm(x)), writing the layer's k/v."""
+                    cache: KVCache, table: jax.Array) -> tuple[jax.Array, KVCache]:  # fmt: skip
+    """Pre-norm attention with its residual: x [B, T, D] -> x + attention(norm(x)), writing the layer's k/v at
+    positions [B, T] of the sequences whose page tables are the rows of `table` [B, n]."""
     b, t, _ = x.shape
     hd, nh, nk, be = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.backend
     h = norm(x, lw["attn_norm"], lw.get("attn_norm_b"), cfg.norm_eps)
@@ -230,9 +231,9 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
     if rope is not None:
         q = ops.rope(q, positions, rope.inv_freq, rope.neox, rope.mscale)
         k = ops.rope(k, positions, rope.inv_freq, rope.neox, rope.mscale)
-    cache = write_layer(cache, layer, k, v, positions)
-    att = ops.cache_attention(q, cache, layer, positions, cfg.attn_scale, cfg.window(layer), lw.get("attn_sinks"),
-                              backend=be)  # fmt: skip
+    cache = write_layer(cache, layer, k, v, table, positions)
+    att = ops.paged_attention(q, cache, layer, table, positions, cfg.attn_scale, cfg.window(layer),
+                              lw.get("attn_sinks"), backend=be)  # fmt: skip
     out = ops.qmatmul(att.reshape(b, t, nh * hd), lw["attn_output"], lw.get("attn_output_b"), backend=be)
     if cfg.post_norms:
         out = ops.rms_norm(out, lw["post_attention_norm"], cfg.norm_eps)
@@ -242,11 +243,11 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
 FFN = Callable[[LayerWeights, Any, jax.Array], jax.Array]
 
 
-def run_layers(weights: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, cache: KVCache, ffn: FFN
-               ) -> tuple[jax.Array, KVCache]:  # fmt: skip
+def run_layers(weights: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, cache: KVCache,
+               table: jax.Array, ffn: FFN) -> tuple[jax.Array, KVCache]:  # fmt: skip
     """The per-layer loop every family shares: attention block, then the family's FFN block (with its residual)."""
     for i, lw in enumerate(weights["layers"]):
-        x, cache = attention_block(lw, cfg, i, x, positions, cache)
+        x, cache = attention_block(lw, cfg, i, x, positions, cache, table)
         x = ffn(lw, cfg, x)
     return x, cache
 

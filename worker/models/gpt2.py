@@ -67,13 +67,13 @@ def ffn_block(lw: LayerWeights, cfg: GPT2Config, x: jax.Array) -> jax.Array:
     return x + ops.qmatmul(h, lw["ffn_down"], lw["ffn_down_b"], backend=cfg.backend)
 
 
-def forward(weights: dict, cfg: GPT2Config, tokens: jax.Array, positions: jax.Array, cache: KVCache
-            ) -> tuple[jax.Array, KVCache]:  # fmt: skip
-    # Padding positions carry the slot index S (see runner), which may be past the learned table: clamp the
+def forward(weights: dict, cfg: GPT2Config, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+            table: jax.Array) -> tuple[jax.Array, KVCache]:  # fmt: skip
+    # Padding positions lie past the page table (see runner), maybe past the learned position table: clamp the
     # lookup only; those rows are dropped anyway.
     table_pos = jnp.minimum(positions, cfg.context_length - 1)
     x = ops.embed(weights["token_embd"], tokens) + ops.embed(weights["position_embd"], table_pos)  # [B, T, D]
-    return base.run_layers(weights, cfg, x, positions, cache, ffn_block)
+    return base.run_layers(weights, cfg, x, positions, cache, table, ffn_block)
 
 
 def logits(weights: dict, cfg: GPT2Config, hidden: jax.Array) -> jax.Array:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -123,10 +124,11 @@ def clamped_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return (up + 1.0) * gate * jax.nn.sigmoid(SWIGLU_ALPHA * gate)
 
 
-def _experts(lw: LayerWeights, cfg: GptOssConfig, name: str, x: jax.Array, expert_ids: jax.Array) -> jax.Array:
+def _experts(lw: LayerWeights, cfg: GptOssConfig, name: str, x: jax.Array, expert_ids: jax.Array, per_token: bool
+             ) -> jax.Array:  # fmt: skip
     """The selected experts' projection with its bias: [M, k, Out]."""
     bias = jnp.take(ops.as_f32(lw[f"{name}_b"]), expert_ids, axis=0)
-    return ops.moe_matmul(x, lw[name], expert_ids, backend=cfg.backend) + bias
+    return ops.moe_matmul(x, lw[name], expert_ids, backend=cfg.backend, per_token=per_token) + bias
 
 
 def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array) -> jax.Array:
@@ -135,19 +137,21 @@ def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array) -> jax.Array:
     router = ops.qmatmul(h, lw["ffn_gate_inp"], lw["ffn_gate_inp_b"], backend=cfg.backend, exact=True)  # [M, E]
     top, expert_ids = jax.lax.top_k(router, cfg.n_experts_used)  # [M, k]
     expert_weights = jax.nn.softmax(top, axis=-1)
+    # A decode step's tokens (one per sequence) take the per-token path whatever their number (batch invariance).
+    experts = partial(_experts, lw, cfg, expert_ids=expert_ids, per_token=t == 1)
     if cfg.fused_gate_up:
-        gate, up = jnp.split(_experts(lw, cfg, "ffn_gate_up_exps", h, expert_ids), 2, axis=-1)
+        gate, up = jnp.split(experts("ffn_gate_up_exps", h), 2, axis=-1)
     else:
-        gate, up = _experts(lw, cfg, "ffn_gate_exps", h, expert_ids), _experts(lw, cfg, "ffn_up_exps", h, expert_ids)
-    out = _experts(lw, cfg, "ffn_down_exps", clamped_swiglu(gate, up), expert_ids)  # [M, k, D]
+        gate, up = experts("ffn_gate_exps", h), experts("ffn_up_exps", h)
+    out = experts("ffn_down_exps", clamped_swiglu(gate, up))  # [M, k, D]
     out = jnp.einsum("mk,mkd->md", expert_weights, out, precision=jax.lax.Precision.HIGHEST)
     return x + out.reshape(b, t, d)
 
 
-def forward(weights: dict, cfg: GptOssConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache
-            ) -> tuple[jax.Array, KVCache]:  # fmt: skip
+def forward(weights: dict, cfg: GptOssConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+            table: jax.Array) -> tuple[jax.Array, KVCache]:  # fmt: skip
     x = ops.embed(weights["token_embd"], tokens)  # [B, T, D]
-    return base.run_layers(weights, cfg, x, positions, cache, moe_block)
+    return base.run_layers(weights, cfg, x, positions, cache, table, moe_block)
 
 
 def logits(weights: dict, cfg: GptOssConfig, hidden: jax.Array) -> jax.Array:

@@ -158,12 +158,12 @@ def ffn_block(lw: LayerWeights, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     return x + out
 
 
-def forward(weights: dict, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache
-            ) -> tuple[jax.Array, KVCache]:  # fmt: skip
+def forward(weights: dict, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+            table: jax.Array) -> tuple[jax.Array, KVCache]:  # fmt: skip
     x = ops.embed(weights["token_embd"], tokens)  # [B, T, D]
     if cfg.embed_scale is not None:
         x = x * jnp.float32(cfg.embed_scale)
-    return base.run_layers(weights, cfg, x, positions, cache, ffn_block)
+    return base.run_layers(weights, cfg, x, positions, cache, table, ffn_block)
 
 
 def logits(weights: dict, cfg: LlamaConfig, hidden: jax.Array) -> jax.Array:

@@ -1,0 +1,218 @@
+"""Continuous batching on the CPU: the scheduler's bookkeeping, batch invariance (a seeded job's ids are the same
+alone and among 1, 7 and 31 others arriving at random times, with mixed sampling parameters), a KV pool too small
+for everyone (later jobs wait, nobody is corrupted), and many concurrent engine jobs that end independently."""
+
+from __future__ import annotations
+
+import queue
+import random
+import time
+
+import pytest
+from conftest import oracles_dir
+
+import worker
+from worker.engine import End, Engine, ErrorEvent, JobRequest, TokenEvent
+from worker.errors import ErrorCode
+from worker.sampling import SamplingParams
+from worker.scheduler import PagePool, Scheduler, Sequence
+
+# -- the scheduler (no device) ----------------------------------------------------------------------------------
+
+
+def test_page_pool_never_hands_out_the_null_page_and_takes_back_what_it_gave():
+    pool = PagePool(9)
+    got = pool.take(8)
+    assert sorted(got) == list(range(1, 9)) and pool.free == 0 and pool.take(1) is None
+    pool.give(got[:3])
+    assert pool.free == 3 and pool.used == 5 and set(pool.take(3)) == set(got[:3])
+
+
+def test_admission_is_first_come_first_served_and_reserves_every_page_up_front():
+    s = Scheduler(max_batch=2, pages=1 + 6, page_size=16)
+    big, small, tiny = (Sequence(list(range(n)), budget=b, max_tokens=b) for n, b in ((40, 25), (10, 6), (3, 2)))
+    for seq in (big, small, tiny):
+        s.add(seq)
+    assert s.admit() == [big, small]  # 64 positions: 4 pages, and 15: 1; `tiny` waits for a row
+    assert len(big.pages) == 4 and len(small.pages) == 1 and tiny.row is None and s.pool.free == 1
+    s.release(big)
+    assert s.pool.free == 5 and big.row is None and s.admit() == [tiny] and tiny.row == 0
+
+
+def test_a_sequence_larger_than_the_whole_pool_is_refused():
+    s = Scheduler(max_batch=4, pages=1 + 2, page_size=16)
+    with pytest.raises(ValueError, match="exceeds the whole KV pool"):
+        s.add(Sequence(list(range(30)), budget=10, max_tokens=10))
+
+
+def test_the_head_of_the_line_is_not_overtaken():
+    s = Scheduler(max_batch=4, pages=1 + 4, page_size=16)
+    first, second, third = (Sequence([1] * n, budget=1, max_tokens=1) for n in (48, 33, 16))
+    for seq in (first, second, third):
+        s.add(seq)
+    assert s.admit() == [first]  # 3 pages; `second` needs 3 of the 1 left, and `third` (1 page) must not jump it
+    assert s.admit() == [] and third.row is None
+    s.release(first)
+    assert s.admit() == [second, third]
+
+
+# -- batch invariance -------------------------------------------------------------------------------------------
+
+
+def model_path(arch: str):
+    return oracles_dir() / "models" / arch / ("model-mxfp4_moe.gguf" if arch == "gpt-oss" else "model-q8_0.gguf")
+
+
+OTHERS = [
+    SamplingParams(),
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=20, top_p=0.9),
+    SamplingParams(temperature=1.2, min_p=0.05, repetition_penalty=1.3),
+    SamplingParams(temperature=0.9, logprobs=True),
+]
+
+
+def run_batch(model, jobs: list[tuple[list[int], SamplingParams, int, int]], arrivals: list[int]) -> list[list[int]]:
+    """Run (prompt ids, params, seed, max_tokens) jobs through the model's batch, job i joining at step
+    arrivals[i]; returns each job's ids."""
+    batch, out = model.batch, [[] for _ in jobs]
+    seqs = [model.sequence(ids, n, p, seed, stop_at_eos=False, owner=i) for i, (ids, p, seed, n) in enumerate(jobs)]
+    step, done = 0, 0
+    while done < len(jobs):
+        for i, at in enumerate(arrivals):
+            if at == step:
+                batch.add(seqs[i])
+        for d in batch.step():
+            assert d.error is None, d.error
+            out[d.seq.owner].extend(d.tokens)
+            done += d.finished is not None
+        step += 1
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt-oss"])
+def test_a_seeded_job_gives_the_same_ids_whoever_shares_its_batch(arch):
+    model = worker.load(model_path(arch), device="cpu", slots=256, max_batch=32)
+    vocab, rng = model.cfg.vocab_size, random.Random(7)
+    prompt = [rng.randrange(vocab) for _ in range(21)]
+    targets = [(prompt, SamplingParams(temperature=0.8, top_p=0.9), 1234, 24), (prompt, SamplingParams(), 0, 24)]
+    alone = [run_batch(model, [job], [0])[0] for job in targets]
+    assert alone[1] == model.generate(prompt, max_tokens=24, stop_at_eos=False)  # the Python API is the same path
+    for n_others in (1, 7, 31):
+        others = [([rng.randrange(vocab) for _ in range(rng.randrange(1, 40))], OTHERS[i % len(OTHERS)],
+                   rng.randrange(2**32), rng.randrange(1, 30)) for i in range(n_others)]  # fmt: skip
+        jobs = targets + others
+        arrivals = [rng.randrange(4), rng.randrange(4)] + [rng.randrange(12) for _ in others]
+        got = run_batch(model, jobs, arrivals)
+        assert got[:2] == alone, f"{n_others} others changed a job's ids"
+
+
+def test_when_the_pool_is_short_later_jobs_wait_and_nobody_is_corrupted():
+    model = worker.load(model_path("qwen2"), device="cpu", slots=64, max_batch=2)  # a pool of 128 positions
+    rng = random.Random(3)
+    jobs = [([rng.randrange(model.cfg.vocab_size) for _ in range(40)], SamplingParams(), 0, 20) for _ in range(3)]
+    alone = [run_batch(model, [job], [0])[0] for job in jobs]
+    batch = model.batch
+    seqs = [model.sequence(ids, n, p, seed, stop_at_eos=False, owner=i) for i, (ids, p, seed, n) in enumerate(jobs)]
+    for seq in seqs:
+        batch.add(seq)
+    first = batch.step()
+    assert [s.row is not None for s in seqs] == [True, True, False]  # 4 pages each, 8 in the pool
+    assert batch.scheduler.pool.free == 0
+    out = {i: [] for i in range(3)}
+    for d in first:
+        out[d.seq.owner].extend(d.tokens)
+    finished = 0
+    while finished < 3:
+        for d in batch.step():
+            out[d.seq.owner].extend(d.tokens)
+            finished += d.finished is not None
+    assert [out[i] for i in range(3)] == alone
+
+
+# -- the engine: many jobs at once ------------------------------------------------------------------------------
+
+
+class Collector:
+    def __init__(self):
+        self.events: queue.Queue = queue.Queue()
+
+    def __call__(self, ev) -> None:
+        self.events.put(ev)
+
+    def until_end(self, timeout: float = 120.0) -> list:
+        out = []
+        while True:
+            ev = self.events.get(timeout=timeout)
+            out.append(ev)
+            if isinstance(ev, End | ErrorEvent):
+                return out
+
+
+def test_many_engine_jobs_run_together_end_on_their_own_and_a_cancel_touches_only_its_job():
+    model = worker.load(model_path("qwen2"), device="cpu", slots=256, max_batch=4)
+    engine = Engine(model, max_queue=8)
+    engine.start()
+    try:
+        sinks = {f"j{i}": Collector() for i in range(8)}
+        for i, (job_id, sink) in enumerate(sinks.items()):
+            max_tokens = 200 if job_id == "j1" else 12 + i
+            engine.submit(JobRequest(job_id, "Once upon a time", max_tokens=max_tokens, temperature=0.0), sink)
+        most, deadline = 0, time.monotonic() + 120
+        while "j1" not in engine.running and time.monotonic() < deadline:
+            most = max(most, len(engine.running))
+            time.sleep(0.005)
+        assert most <= 4  # max_batch run at once, the rest wait in the queue
+        engine.cancel("j1")
+        results = {job_id: sink.until_end() for job_id, sink in sinks.items()}
+    finally:
+        engine.shutdown(2.0)
+    assert results["j1"][-1].code == ErrorCode.CANCELLED
+    alone = model.generate("Once upon a time", max_tokens=20)
+    for job_id, events in results.items():
+        if job_id == "j1":
+            continue
+        end = events[-1]
+        assert isinstance(end, End), end
+        text = "".join(e.text for e in events if isinstance(e, TokenEvent))
+        assert end.stop_reason in ("max_tokens", "eos")
+        expected = model.tokenizer.decode(alone[: end.tokens_out], continuation=True)
+        assert text == expected, job_id  # the same greedy text as alone, whoever shared the batch
+
+
+# -- paged attention (the CPU path) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window, sinks", [(None, False), (24, True)])
+def test_paged_decode_attention_equals_dense_attention_whatever_the_table_width(window, sinks):
+    """Rows of different lengths on shuffled pages against ops.attention over the same keys laid out densely; and a
+    row's result is bitwise the same for a wider table (a longer row elsewhere in the batch)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from worker import ops
+    from worker.kv_cache import KVCache
+
+    rng = np.random.default_rng(0)
+    layers, pages, ps, kh, g, d = 2, 40, 16, 2, 3, 32
+    k = rng.standard_normal((layers, pages, ps, kh, d)).astype(np.float32)
+    v = rng.standard_normal((layers, pages, ps, kh, d)).astype(np.float32)
+    cache = KVCache(jnp.asarray(k), jnp.asarray(v))
+    lengths = [1, 16, 17, 100, 300]
+    order = rng.permutation(np.arange(1, pages))
+    tables, at = np.zeros((len(lengths), 32), np.int32), 0
+    for b, n in enumerate(lengths):
+        need = -(-n // ps)
+        tables[b, :need] = order[at : at + need]
+        at += need
+    q = jnp.asarray(rng.standard_normal((len(lengths), 1, kh * g, d)).astype(np.float32))
+    pos = jnp.asarray(np.asarray(lengths, np.int32) - 1)[:, None]
+    sink = jnp.asarray(rng.standard_normal(kh * g).astype(np.float32)) if sinks else None
+    got = ops.paged_attention(q, cache, 1, jnp.asarray(tables[:, :20]), pos, 0.2, window, sink)
+    wider = ops.paged_attention(q, cache, 1, jnp.asarray(tables), pos, 0.2, window, sink)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(wider))
+    for b in range(len(lengths)):
+        kd = k[1][tables[b]].reshape(1, -1, kh, d)
+        vd = v[1][tables[b]].reshape(1, -1, kh, d)
+        ref = ops.attention(q[b : b + 1], jnp.asarray(kd), jnp.asarray(vd), pos[b : b + 1], 0.2, window, sink)
+        np.testing.assert_allclose(np.asarray(got[b : b + 1]), np.asarray(ref), rtol=2e-5, atol=2e-6)

@@ -1,0 +1,213 @@
+"""Continuous batching over one runner: sequences join the running batch at a dispatch boundary, their prompts
+are prefilled chunk by chunk between decode dispatches, they decode together, and each leaves when it ends.
+
+One `step()` is one engine iteration: admit what fits (worker/scheduler.py), queue prefill chunks (up to `chunk`
+prompt tokens, so a long prompt neither stalls the running streams for long nor waits long itself), queue one
+decode dispatch for every decoding row, then read back what the device finished earlier. The dispatch just queued
+is read in the next step, so the device never waits for the host; only int32 ids (and asked-for
+log-probabilities) cross to the host.
+
+A sequence's end is decided here, in one place: an end-of-generation id (not handed out), its token budget
+("max_tokens", or "context" where the context ended first). Stop strings are text, the engine's.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from worker.runner import RowInputs, Runner, Scores
+from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs, seed_key
+from worker.scheduler import Scheduler, Sequence
+from worker.tokenizer import Tokenizer
+
+
+def key_data(seed: int) -> np.ndarray:
+    """The uint32 [2] key data of a uint64 seed's PRNG key (worker.sampling.seed_key)."""
+    return np.asarray(jax.random.key_data(seed_key(seed)), np.uint32)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a step produced for one sequence: tokens in order, their log-probabilities (when its params ask),
+    and, when it has ended, why (`finished`) or the error that ended it."""
+
+    seq: Sequence
+    tokens: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    finished: str | None = None
+    error: Exception | None = None
+
+
+@dataclass(frozen=True)
+class _Pending:
+    ids: jax.Array  # [R, steps]
+    scores: Scores
+    rows: list[tuple[int, Sequence]]  # (row of ids, sequence)
+
+
+def union_plan(plans: Collection[SamplingPlan]) -> SamplingPlan:
+    """One plan for a batch: each stage a row's parameters switch off is an exact no-op for that row (division
+    and multiplication by 1.0, a filter that keeps everything, argmax where the temperature is 0), so every row
+    samples what it would alone."""
+    return SamplingPlan(*(any(getattr(p, f) for p in plans) for f in SamplingPlan.__dataclass_fields__))
+
+
+class Batch:
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, steps: int):
+        self.runner, self.tokenizer, self.steps = runner, tokenizer, steps
+        self.scheduler = Scheduler(runner.max_batch, runner.pages, runner.page_size)
+        self._cache = self._rows = None  # allocated at first use
+        self.on_decode: Callable[[int], None] = lambda rows: None  # told each dispatch's sequence count (metrics)
+        self._pending: deque[_Pending] = deque()
+        self._ended: list[Delivery] = []  # sequences that end before running (no room for a single token)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting or self._pending or self._ended)
+
+    def add(self, seq: Sequence) -> None:
+        seq.params = seq.params or SamplingParams()
+        if seq.budget <= 0:
+            seq.finished = "max_tokens" if seq.max_tokens <= 0 else "context"
+            self._ended.append(Delivery(seq, [], [] if seq.params.logprobs else None, seq.finished))
+            return
+        self.scheduler.add(seq)
+
+    def device_state(self) -> tuple:
+        """The KV pool and the rows' state (None before the first step)."""
+        return self._cache, self._rows
+
+    def release(self, seq: Sequence) -> None:
+        """End `seq` now (cancel, stop string, disconnect): its row and pages are free for the next step. Results
+        still in flight for it are dropped when they arrive."""
+        if seq.finished is None:
+            seq.finished = "released"
+        self.scheduler.release(seq)
+
+    def step(self) -> list[Delivery]:
+        out, self._ended = self._ended, []
+        self.scheduler.admit()
+        if self._cache is None:
+            self._cache, self._rows = self.runner.new_cache(), self.runner.new_rows()
+        out.extend(self._prefill())
+        queued = False
+        decoding = self.scheduler.decoding()
+        if decoding:
+            try:
+                self._decode(decoding)
+                queued = True
+            except Exception as e:  # the dispatch's rows fail; the others (still prefilling) may go on
+                out.extend(self._fail(seq, e) for seq in decoding)
+                out.extend(self._check_state())
+        while len(self._pending) > int(queued):
+            out.extend(self._deliver(self._pending.popleft()))
+        return out
+
+    # -- device work --------------------------------------------------------------------------------------------
+
+    def _prefill(self) -> list[Delivery]:
+        failed, budget, r = [], self.runner.chunk, self.runner
+        for seq in self.scheduler.prefilling():
+            if budget <= 0:
+                break
+            start = seq.prefilled
+            n = min(r.chunk, len(seq.ids) - start)
+            try:
+                logits, self._cache = r.prefill_chunk(seq.ids[start : start + n], seq.pages, self._cache, start)
+                seq.prefilled, budget = start + n, budget - n
+                if seq.prefilled == len(seq.ids):
+                    inputs = self._inputs([(0, seq)], 1, 1)
+                    token, seen, scores = r.first_token(logits, inputs, seq.ids, seq.params.plan())
+                    self._rows = r.join(self._rows, seq.row, token, seen)
+                    seq.position, seq.dispatched = len(seq.ids), 1
+                    self._pending.append(_Pending(token[:, None], _lift(scores), [(0, seq)]))
+            except Exception as e:
+                failed.append(self._fail(seq, e))
+                failed.extend(self._check_state())
+        return failed
+
+    def _decode(self, decoding: list[Sequence]) -> None:
+        r, steps = self.runner, self.steps
+        rows = r.row_bucket(max(s.row for s in decoding) + 1)
+        width = r.table_width(max(s.position for s in decoding) + steps)
+        placed = [(s.row, s) for s in decoding]
+        plan = union_plan([s.params.plan() for s in decoding])
+        inputs = self._inputs(placed, rows, width)
+        ids, self._rows, self._cache, scores = r.decode(self._rows, self._cache, inputs, steps, plan)
+        for a in (ids, *(scores or ())):
+            a.copy_to_host_async()
+        for s in decoding:
+            s.position, s.dispatched = s.position + steps, s.dispatched + steps
+        self._pending.append(_Pending(ids, scores, placed))
+        self.on_decode(len(decoding))
+
+    def _inputs(self, placed: list[tuple[int, Sequence]], rows: int, width: int) -> RowInputs:
+        """Per-row inputs; rows without a sequence get the null page table and neutral parameters."""
+        a = RowInputs.neutral(rows, width)
+        for row, s in placed:
+            p = s.params
+            n = min(len(s.pages), width)
+            a.positions[row], a.index[row], a.keys[row] = s.position, s.dispatched, s.key
+            a.tables[row, :n] = s.pages[:n]
+            a.temperature[row], a.top_k[row], a.top_p[row] = p.temperature, p.top_k, p.top_p
+            a.min_p[row], a.repetition_penalty[row] = p.min_p, p.repetition_penalty
+        return a
+
+    def _check_state(self) -> list[Delivery]:
+        """After a failed device call (its own sequences already failed): if the call consumed a donated buffer,
+        the KV pool is gone and with it every running sequence; fail them and rebuild at the next step."""
+        leaves = jax.tree_util.tree_leaves((self._cache, self._rows))
+        if not any(leaf.is_deleted() for leaf in leaves):
+            return []
+        self._cache = self._rows = None
+        self._pending.clear()
+        lost = RuntimeError("the KV cache was lost when another job's step failed on the device")
+        return [self._fail(seq, lost) for seq in self.scheduler.running]
+
+    # -- host side ---------------------------------------------------------------------------------------------
+
+    def _fail(self, seq: Sequence, err: Exception) -> Delivery:
+        self.release(seq)
+        seq.finished = "error"
+        return Delivery(seq, [], None, "error", err)
+
+    def _deliver(self, p: _Pending) -> list[Delivery]:
+        ids = np.asarray(p.ids)  # whole, then indexed: a device-side slice would queue behind the newer dispatch
+        scores = tuple(np.asarray(a) for a in p.scores) if p.scores is not None else None
+        out, eog = [], self.tokenizer.eog_ids
+        for row, seq in p.rows:
+            if seq.finished is not None:
+                continue  # released while this was in flight
+            tokens, lps = [], [] if seq.params.logprobs else None
+            for n, t in enumerate(ids[row].tolist()):
+                if seq.produced >= seq.budget:
+                    break
+                if seq.stop_at_eos and t in eog:
+                    seq.finished = "eos"
+                    break
+                tokens.append(t)
+                if lps is not None:
+                    lps.append(_token_logprobs(scores, row, n))
+                seq.produced += 1
+            if seq.finished is None and seq.produced >= seq.budget:
+                seq.finished = "max_tokens" if seq.produced >= seq.max_tokens else "context"
+            if seq.finished is not None:
+                self.scheduler.release(seq)
+            out.append(Delivery(seq, tokens, lps, seq.finished))
+        return out
+
+
+def _lift(scores: Scores) -> Scores:
+    """A first token's scores ([1, ...]) shaped like a dispatch's ([1, 1, ...])."""
+    return None if scores is None else tuple(a[:, None] for a in scores)
+
+
+def _token_logprobs(scores, row: int, n: int) -> TokenLogprobs:
+    chosen, top_ids, top_lp = scores
+    return TokenLogprobs(float(chosen[row, n]), tuple(zip(top_ids[row, n].tolist(), top_lp[row, n].tolist(),
+                                                          strict=True)))  # fmt: skip
