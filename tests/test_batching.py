@@ -90,9 +90,10 @@ def run_batch(model, jobs: list[tuple[list[int], SamplingParams, int, int]], arr
     return out
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("arch", ["qwen2", "gpt-oss"])
-def test_a_seeded_job_gives_the_same_ids_whoever_shares_its_batch(arch):
-    model = worker.load(model_path(arch), device="cpu", slots=256, max_batch=32)
+def test_a_seeded_job_gives_the_same_ids_whoever_shares_its_batch(arch, device):
+    model = worker.load(model_path(arch), device=device, slots=256, max_batch=32)
     vocab, rng = model.cfg.vocab_size, random.Random(7)
     prompt = [rng.randrange(vocab) for _ in range(21)]
     targets = [(prompt, SamplingParams(temperature=0.8, top_p=0.9), 1234, 24), (prompt, SamplingParams(), 0, 24)]

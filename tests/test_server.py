@@ -68,6 +68,7 @@ def callback():
 def server(callback):
     w = WorkerProcess(
         model_path(),
+        "--max-batch", "1",  # M0's one job at a time, which the queue tests below describe
         "--max-queue", "1",
         "--max-tokens-in", "256",
         "--max-tokens-out", "1000",

@@ -38,8 +38,8 @@ def tiny_model(max_batch: int = 1) -> Model:
 
 @contextmanager
 def tiny_service(*, api_key: str | None = None, max_queue: int = 1, max_tokens_out: int = 2048,
-                 max_body_bytes: int = 1 << 20) -> Iterator[WorkerService]:  # fmt: skip
-    engine = Engine(tiny_model(), max_queue=max_queue, max_tokens_out=max_tokens_out)
+                 max_body_bytes: int = 1 << 20, max_batch: int = 1) -> Iterator[WorkerService]:  # fmt: skip
+    engine = Engine(tiny_model(max_batch), max_queue=max_queue, max_tokens_out=max_tokens_out)
     engine.start()
     narrator = Narrator(WORKER_ID, model_path(), None, stream=io.StringIO())
     service = WorkerService(engine, narrator, worker_id=WORKER_ID, api_key=api_key, max_body_bytes=max_body_bytes)

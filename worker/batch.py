@@ -121,7 +121,7 @@ class Batch:
                 logits, self._cache = r.prefill_chunk(seq.ids[start : start + n], seq.pages, self._cache, start)
                 seq.prefilled, budget = start + n, budget - n
                 if seq.prefilled == len(seq.ids):
-                    inputs = self._inputs([(0, seq)], 1, 1)
+                    inputs = self.row_inputs([(0, seq)], 1, 1)
                     token, seen, scores = r.first_token(logits, inputs, seq.ids, seq.params.plan())
                     self._rows = r.join(self._rows, seq.row, token, seen)
                     seq.position, seq.dispatched = len(seq.ids), 1
@@ -137,7 +137,7 @@ class Batch:
         width = r.table_width(max(s.position for s in decoding) + steps)
         placed = [(s.row, s) for s in decoding]
         plan = union_plan([s.params.plan() for s in decoding])
-        inputs = self._inputs(placed, rows, width)
+        inputs = self.row_inputs(placed, rows, width)
         ids, self._rows, self._cache, scores = r.decode(self._rows, self._cache, inputs, steps, plan)
         for a in (ids, *(scores or ())):
             a.copy_to_host_async()
@@ -146,7 +146,7 @@ class Batch:
         self._pending.append(_Pending(ids, scores, placed))
         self.on_decode(len(decoding))
 
-    def _inputs(self, placed: list[tuple[int, Sequence]], rows: int, width: int) -> RowInputs:
+    def row_inputs(self, placed: list[tuple[int, Sequence]], rows: int, width: int) -> RowInputs:
         """Per-row inputs; rows without a sequence get the null page table and neutral parameters."""
         a = RowInputs.neutral(rows, width)
         for row, s in placed:

@@ -16,7 +16,7 @@ from worker import ops, scheduler
 from worker.batch import Batch, key_data
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, open_gguf
-from worker.kv_cache import PAGE_SIZE, bytes_per_slot, dtype_for, pages_for
+from worker.kv_cache import bytes_per_slot, dtype_for, pages_for
 from worker.models import adapter_for
 from worker.models.base import load_weights
 from worker.quant import cpu_layout, quant_kind
@@ -198,11 +198,14 @@ class Model:
         """Decode steps per dispatch."""
         return self.batch.steps
 
-    def warm_up(self, params: SamplingParams = GREEDY) -> None:
+    def warm_up(self, params: SamplingParams = GREEDY, all_rows: bool = False) -> None:
         """Compile what a first request with a short prompt and `params`' sampling stages runs (the model-sized
-        compiles side by side), then run one such request of two tokens."""
+        compiles side by side), with `all_rows` the decode at every row bucket (what a growing load reaches), then
+        run one such request of two tokens."""
         seq = self.sequence([0], 1, params, 0)
-        self.runner.compile_first_steps(self.batch._inputs([(0, seq)], 1, 1), params.plan(), self.decode_steps)
+        rows = self.runner.row_buckets() if all_rows else self.runner.row_buckets()[:1]
+        self.runner.compile_first_steps(self.batch.row_inputs([(0, seq)], 1, 1), params.plan(), self.decode_steps,
+                                        tuple(rows))  # fmt: skip
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass
 
@@ -248,8 +251,8 @@ def load_model(
     """Open, validate and place a model. `device`: "cpu", "gpu" or "auto". `slots`: the most positions of one
     sequence (default: the file's context, capped at 4096 on the CPU). `max_batch`: sequences decoded together
     (default DEFAULT_MAX_BATCH). The KV pool holds max_batch * slots positions, or `kv_memory` of the device
-    memory left after the weights where that is less, or exactly `kv_tokens` positions where given; a sequence's
-    context is then at most the pool.
+    memory left after the weights where that is less (but at least one whole context), or exactly `kv_tokens`
+    positions where given; a sequence's context is then at most the pool.
     `on_progress(done_bytes, total_bytes)` is called after each tensor is on the device. On a GPU, a model that
     does not fit fails with INSUFFICIENT_VRAM before any weight is copied. `backend`: the ops implementation
     (ops.BACKENDS; default: the device's), carried in the model's config; "interpret" runs the GPU kernels in
@@ -272,13 +275,16 @@ def load_model(
     table = adapter.weight_table(gf, cfg)  # checks the tensors' shapes against cfg before memory is sized from it
     per_token = bytes_per_slot(cfg, dtype_for(kind))
     if kv_tokens is None:
+        # At least one sequence of the whole context must fit (M0-W-1020's pre-flight check); the pool then takes
+        # `kv_memory` of what is left, up to max_batch such sequences.
+        devices.check_fits(devices.estimate(gf, cfg, slots, kind), dev, str(gf.path))
         need = devices.estimate(gf, cfg, 0, kind)
-        kv_tokens = devices.kv_pool_tokens(need, per_token, max_batch * slots, dev, kv_memory)
-    slots = min(slots, kv_tokens // PAGE_SIZE * PAGE_SIZE)
-    devices.check_fits(devices.estimate(gf, cfg, max(kv_tokens, PAGE_SIZE), kind), dev, str(gf.path))
-    if slots < 1:
-        raise WorkerError(ErrorCode.INSUFFICIENT_VRAM, f"model {gf.path}: no device memory is left for a KV cache "
-                          f"after the weights ({kv_tokens} positions at kv_memory={kv_memory})")  # fmt: skip
+        kv_tokens = max(slots, devices.kv_pool_tokens(need, per_token, max_batch * slots, dev, kv_memory))
+    else:
+        devices.check_fits(devices.estimate(gf, cfg, kv_tokens, kind), dev, str(gf.path))
+    if kv_tokens < 1:
+        raise WorkerError(ErrorCode.INVALID_REQUEST, f"a KV pool must hold at least one position, got {kv_tokens}")
+    slots = min(slots, kv_tokens)
     total, done = gf.tensor_bytes, 0
 
     def progress(nbytes: int) -> None:

@@ -212,10 +212,18 @@ class Runner:
         )
         return ids, Rows(tokens, seen), cache, scores
 
-    def compile_first_steps(self, inputs: RowInputs, plan: SamplingPlan, steps: int) -> None:
+    def row_buckets(self) -> list[int]:
+        """Every decode row bucket, smallest first."""
+        out = [MIN_ROWS]
+        while out[-1] < self._rows:
+            out.append(self.row_bucket(out[-1] + 1))
+        return out
+
+    def compile_first_steps(self, inputs: RowInputs, plan: SamplingPlan, steps: int, rows: tuple[int, ...] = (MIN_ROWS,)
+                            ) -> None:  # fmt: skip
         """Compile, side by side, what a request with a prompt of at most MIN_BUCKET tokens runs first: the
-        prefill, the first sample and a decode dispatch of `steps` steps with `plan` at the smallest row bucket.
-        Each is a whole-model XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so
+        prefill, the first sample and a decode dispatch of `steps` steps with `plan` at each of the row buckets
+        `rows`. Each is a whole-model XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so
         threads overlap them. Lowered from shapes only: no KV cache or input is allocated."""
         c, on = self.cfg, jax.sharding.SingleDeviceSharding(self.device)
 
@@ -223,19 +231,22 @@ class Runner:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=on)
 
         kv = spec((c.n_layers, self.pages, self.page_size, c.n_kv_heads, c.head_dim), self.cache_dtype)
-        cache, n, width, r = KVCache(kv, kv), min(MIN_BUCKET, self.chunk), self.table_width(1), MIN_ROWS
+        cache, n, width = KVCache(kv, kv), min(MIN_BUCKET, self.chunk), self.table_width(1)
         ids, index = spec((1, n), jnp.int32), spec((), jnp.int32)
-        rows = Rows(spec((self._rows,), jnp.int32), spec((self._rows, c.vocab_size), jnp.bool_))
+        state = Rows(spec((self._rows,), jnp.int32), spec((self._rows, c.vocab_size), jnp.bool_))
         sp1, keys1, index1 = self._row_arrays(_take(inputs, 1))
-        sp, keys, rindex = self._row_arrays(_take(inputs, r))
         logits, seen1 = spec((1, c.vocab_size), jnp.float32), spec((1, c.vocab_size), jnp.bool_)
-        pos, table = spec((r,), jnp.int32), spec((r, width), jnp.int32)
+
+        def decode(r: int):
+            sp, keys, rindex = self._row_arrays(_take(inputs, r))
+            pos, table = spec((r,), jnp.int32), spec((r, width), jnp.int32)
+            args = (self.weights, state.tokens, state.seen, pos, table, rindex, cache, sp, keys, steps, plan)
+            return lambda: self._decode.lower(*args)
+
         jobs = [
             lambda: self._prefill.lower(self.weights, ids, ids, spec((1, width), jnp.int32), index, cache),
             lambda: self._first.lower(logits, sp1, keys1, index1, seen1, plan),
-            lambda: self._decode.lower(
-                self.weights, rows.tokens, rows.seen, pos, table, rindex, cache, sp, keys, steps, plan
-            ),
+            *(decode(r) for r in rows),
         ]
         with ThreadPoolExecutor(len(jobs)) as pool:
             for done in [pool.submit(lambda job=job: job().compile()) for job in jobs]:
