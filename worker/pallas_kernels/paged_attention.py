@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.tiling import NEG, TritonParams, key_tile, padded_dim
+from worker.pallas_kernels.tiling import NEG, TritonParams, key_tile, padded_dim, pow2_at_least
 
 # Values per k (and v) tile, as decode_attention's (32 slots at D = 64, 16 at D >= 128): a page of 32 slots at
 # D >= 128 is walked in two tiles.
@@ -227,6 +227,18 @@ def paged_decode_attention(
     return out.reshape(b, 1, h, d)
 
 
+def _halving_sum(x: jax.Array, axis: int) -> jax.Array:
+    """The sum over `axis` as halving elementwise adds (zero-padded to a power of two): an order fixed by the axis
+    length alone. Why: XLA:CPU's reduce sums the same row in another order when the other axes change size."""
+    x = jnp.moveaxis(x, axis, -1)
+    n = x.shape[-1]
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pow2_at_least(n) - n)])
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
 def paged_decode_attention_twin(
     q: jax.Array,
     k_pages: jax.Array,
@@ -241,31 +253,45 @@ def paged_decode_attention_twin(
     interpret: bool = False,
     **_tiles,
 ) -> jax.Array:
-    """The jax.numpy twin of `paged_decode_attention` (the CPU path): gather each row's pages of the layer into a
-    contiguous [B, n_pages * page_size, K, D] cache, then masked softmax attention in float32."""
+    """The jax.numpy twin of `paged_decode_attention` (the CPU path), batch invariant as well: an online softmax
+    over the table's pages in logical order, one page column of all rows a step, with elementwise products and
+    halving sums. Why not one masked softmax over the gathered cache: XLA:CPU's dots and reductions sum in an
+    order that depends on the batch and on the table width (measured: no row kept its bits)."""
     del interpret
     _check(q, k_pages, v_pages, page_table, positions)
     b, _, h, d = q.shape
     _, _, page_size, kh, _ = k_pages.shape
-    s = page_table.shape[1] * page_size
+    g_n = h // kh
+    k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
     layer = jnp.asarray(layer, jnp.int32)
-    k = k_pages[layer, page_table].reshape(b, s, kh, d).astype(jnp.float32)  # only the table's pages are read
-    v = v_pages[layer, page_table].reshape(b, s, kh, d).astype(jnp.float32)
-    qg = q.reshape(b, kh, h // kh, d).astype(jnp.float32)
-    hi = jax.lax.Precision.HIGHEST
-    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k, precision=hi) * jnp.float32(scale)
-    p = positions.reshape(b, 1, 1, 1).astype(jnp.int32)
-    j = jnp.arange(s)[None, None, None, :]
-    visible = (j <= p) if window is None else (j <= p) & (p - j < window)
-    top = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1)  # [B, K, G]
+    qg = q.reshape(b, kh, g_n, 1, d).astype(jnp.float32)
+    p = positions.reshape(b, 1).astype(jnp.int32)
+
+    def page_step(carry, column):
+        m, l_, acc = carry  # [B, K, G], [B, K, G], [B, K, G, D]
+        i, pages = column
+        j = i * page_size + jnp.arange(page_size)
+        visible = j <= p  # [B, page_size]
+        if window is not None:
+            visible &= p - j < window
+        k = jnp.swapaxes(k_pages[layer, pages].astype(jnp.float32), 1, 2)[:, :, None]  # [B, K, 1, page_size, D]
+        v = jnp.swapaxes(v_pages[layer, pages].astype(jnp.float32), 1, 2)[:, :, None]
+        v = jnp.where(visible[:, None, None, :, None], v, 0)  # hidden slots may hold anything, NaN included
+        s = jnp.where(visible[:, None, None], _halving_sum(qg * k, -1) * jnp.float32(scale), -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        alpha = jnp.exp(m - m_new)
+        w = jnp.exp(s - m_new[..., None])  # [B, K, G, page_size]
+        acc = acc * alpha[..., None] + _halving_sum(w[..., None] * v, -2)
+        return (m_new, l_ * alpha + _halving_sum(w, -1), acc), None
+
+    init = (jnp.full((b, kh, g_n), NEG, jnp.float32), jnp.zeros((b, kh, g_n), jnp.float32),
+            jnp.zeros((b, kh, g_n, d), jnp.float32))  # fmt: skip
+    columns = (jnp.arange(page_table.shape[1]), jnp.asarray(page_table, jnp.int32).T)
+    (m, l_, acc), _ = jax.lax.scan(page_step, init, columns)
     if sinks is not None:
-        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(kh, h // kh), top.shape)
-        top = jnp.maximum(top, sink)
-    top = jnp.where(jnp.isfinite(top), top, 0)  # a row that sees no key
-    w = jnp.where(visible, jnp.exp(scores - top[..., None]), 0)
-    v = jnp.where(visible[:, 0, 0, :, None, None], v, 0)  # hidden slots may hold anything, NaN included
-    denom = jnp.sum(w, axis=-1)
-    if sinks is not None:
-        denom = denom + jnp.exp(sink - top)
-    out = jnp.einsum("bkgs,bskd->bkgd", w, v, precision=hi) / jnp.where(denom > 0, denom, 1)[..., None]
+        sink = sinks.astype(jnp.float32).reshape(kh, g_n)
+        top = jnp.maximum(m, sink)
+        rescale = jnp.exp(m - top)
+        l_, acc = l_ * rescale + jnp.exp(sink - top), acc * rescale[..., None]
+    out = acc / jnp.where(l_ > 0, l_, 1)[..., None]  # a row that sees no key: 0
     return out.reshape(b, 1, h, d)
