@@ -66,7 +66,8 @@ def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m
 
     @pl.when(lo < hi)
     def _():
-        qs = [plgpu.load(q_ref.at[b, kh, jnp.int32(g), pl.ds(0, dp)], mask=d_ok, other=0) for g in range(g_n)]
+        masked = {} if d_ok is None else dict(mask=d_ok, other=0)
+        qs = [plgpu.load(q_ref.at[b, kh, jnp.int32(g), pl.ds(0, dp)], **masked) for g in range(g_n)]
 
         def step(tile, carry):
             # An entry outside the pool must not read out of bounds (the null page 0 is always there).
