@@ -216,7 +216,7 @@ def plan(
 
 def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool):
     """Dense: program (r, i, j) computes output columns [i*BN, (i+1)*BN) over split j of K for x rows
-    [r*rows, (r+1)*rows). Gathered: program (i, j, t), for x row t only, with expert ids[t]."""
+    [r*rows, (r+1)*rows). Gathered: program (t, i, j), for x row t only, with expert ids[t]."""
     if gathered:
         ids_ref, x_ref, *plane_refs, o_ref = refs
     else:
@@ -224,7 +224,7 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
     planes = dict(zip(names, plane_refs, strict=True))
     bn, c = p.block_n, p.chunk
     if gathered:
-        row0, split, t = pl.program_id(0) * bn, pl.program_id(1), pl.program_id(2)
+        t, row0, split = pl.program_id(0), pl.program_id(1) * bn, pl.program_id(2)
         expert, x_rows = ids_ref[t], [t]
     else:
         first, row0, split = pl.program_id(0) * rows, pl.program_id(1) * bn, pl.program_id(2)
@@ -304,8 +304,9 @@ def _call(
     kernel = functools.partial(
         _kernel, fmt=fmt, names=names, n=n, blocks=k // fmt.sb, rows=group, p=p, gathered=gathered
     )
-    # Dense: the row groups vary fastest, so the programs that read one weight tile run together (L2 reuse).
-    grid = (n_blocks, p.splits, t) if gathered else (padded // group, n_blocks, p.splits)
+    # The row groups (gathered: the rows) vary fastest, so the programs that read one weight tile run together
+    # and share it through L2.
+    grid = (padded // group, n_blocks, p.splits)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((p.splits, padded, n_blocks * p.block_n), jnp.float32),
@@ -377,7 +378,14 @@ def moe_matvec(
         raise ValueError(f"moe_matvec: x {x.shape} against experts [{e}, {n}, {k}]")
     ids = jnp.clip(expert_ids.reshape(-1).astype(jnp.int32), 0, e - 1)  # an id out of range must not read OOB
     p = plan(experts.qtype, n, k, expert_ids.shape[-1], **tiles)
-    return _call(xs, experts, ids, e, n, p, interpret).reshape(*expert_ids.shape, n)
+    if expert_ids.shape[0] == 1:
+        return _call(xs, experts, ids, e, n, p, interpret).reshape(*expert_ids.shape, n)
+    # Several tokens: the pairs sorted by expert (a stable sort), so that the pairs of one expert are neighbours on
+    # the grid's fastest axis and read its tiles from L2, not each from memory. A pair's arithmetic is the same
+    # wherever it sits, so the sort (and skipping it for one token) keeps batch invariance.
+    order = jnp.argsort(ids, stable=True)
+    y = _call(xs[order], experts, ids[order], e, n, p, interpret)
+    return y[jnp.argsort(order)].reshape(*expert_ids.shape, n)
 
 
 def moe_matvec_twin(
