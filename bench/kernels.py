@@ -122,7 +122,7 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
     interp = dict(interpret=True) if args.smoke else {}
     t_kernel = per_call(ops[0], weights, x, ids, args.repeat, **interp)
     t_twin = per_call(ops[1], weights, x, ids, args.repeat)
-    p = qmv.plan(qtype, shape[-2], kdim, 1 if k_sel else rows, rows * k_sel if k_sel else 1)
+    p = qmv.plan(qtype, shape[-2], kdim, k_sel or 1)
     line = (
         f"{label:22s} {qtype.name:6s} {'x'.join(map(str, shape)):>16s} M={rows:<2d} "
         f"kernel {t_kernel * 1e6:9.1f} us {read / t_kernel / 1e9:7.1f} GB/s ({read / t_kernel / bw:5.1%})  "

@@ -72,7 +72,7 @@ def test_qmatvec_at_tile_edges(qtype):
     sb = qmv.FORMATS[qtype].sb
     blocks, tiles = EDGE_TILES[sb]
     n, k = 40, blocks * sb
-    p = qmv.plan(qtype, n, k, rows, **tiles)
+    p = qmv.plan(qtype, n, k, **tiles)
     assert p.splits > 1 and p.steps > 1  # a K loop in each of several splits
     assert p.splits * p.steps * p.chunk > blocks and n % p.block_n  # both masks are live
     w, w64 = random_weight(qtype, (n, k), seed=rows)
@@ -89,7 +89,7 @@ def test_qmatvec_default_plan_without_masks(qtype):
     """The default tiles on a shape they divide: the unmasked code path, leading dims of x kept."""
     sb = qmv.FORMATS[qtype].sb
     n, k = 64, 8 * sb
-    p = qmv.plan(qtype, n, k, 2)
+    p = qmv.plan(qtype, n, k)
     assert n % p.block_n == 0 and p.splits * p.steps * p.chunk == k // sb
     w, w64 = random_weight(qtype, (n, k), seed=3)
     x = np.random.default_rng(8).standard_normal((2, 1, k)).astype(np.float32)
@@ -117,30 +117,30 @@ def test_moe_matvec_gathers_the_selected_experts(qtype, shared):
 REAL_SHAPES = [(896, 896), (151936, 896), (896, 4864), (16384, 3072), (3072, 8192), (262144, 640), (2880, 2880)]
 
 
-@pytest.mark.parametrize("rows", [1, 4, 8])
+@pytest.mark.parametrize("selections", [1, 4])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_plan_covers_k_exactly_once(qtype, rows):
+def test_plan_covers_k_exactly_once(qtype, selections):
     """On real shapes: power-of-two tiles, every super-block in some split, no split left empty, and enough
     programs for the SMs where N alone is too narrow."""
     sb = qmv.FORMATS[qtype].sb
     for n, k in REAL_SHAPES:
         if k % sb:
             continue
-        p = qmv.plan(qtype, n, k, rows)
+        p = qmv.plan(qtype, n, k, selections)
         blocks = k // sb
         assert p.block_n & (p.block_n - 1) == 0 and p.chunk & (p.chunk - 1) == 0
         assert p.splits * p.steps * p.chunk >= blocks > (p.splits - 1) * p.steps * p.chunk
         n_blocks = -(-n // p.block_n)
         # Splits are rounded so that none is empty: at worst half the programs asked for.
-        assert 2 * n_blocks * p.splits >= min(TARGET_PROGRAMS, n_blocks * -(-blocks // p.chunk))
+        assert 2 * n_blocks * selections * p.splits >= min(TARGET_PROGRAMS, n_blocks * -(-blocks // p.chunk))
 
 
 def test_tiles_must_be_powers_of_two_and_rows_bounded():
     w, _ = random_weight(QT.Q8_0, (32, 64), seed=0)
     with pytest.raises(ValueError, match="power of two"):
-        qmv.plan(QT.Q8_0, 32, 64, 1, block_n=24)
+        qmv.plan(QT.Q8_0, 32, 64, block_n=24)
     with pytest.raises(ValueError, match="rows"):
-        qmv.qmatvec(jnp.zeros((qmv.MAX_ROWS + 1, 64)), w, interpret=True)
+        qmv.qmatvec(jnp.zeros((qmv.MAX_BATCH + 1, 64)), w, interpret=True)
     with pytest.raises(NotImplementedError):
         qmv.qmatvec(jnp.zeros((1, 64)), quant_array(np.zeros((32, 64), np.float32), QT.F32, (32, 64)))
 

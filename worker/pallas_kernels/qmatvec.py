@@ -1,5 +1,7 @@
-"""Quantized matvec for decode (M <= 8 rows of x; dense and expert-gathered): dequantizes the GGUF planes in
-registers, so a decode step reads each weight byte once. Design, tiles and measurements: docs/kernels.md.
+"""Quantized matvec for decode (up to MAX_BATCH rows of x; dense and expert-gathered): dequantizes the GGUF planes
+in registers, so a decode step reads each weight byte from memory once. Batch invariant: a row's result does not
+depend on the other rows of the call (docs/kernels.md, "Batch invariance"). Design, tiles and measurements:
+docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from jax.experimental.pallas import triton as plgpu
 from worker.pallas_kernels.tiling import ALL, TARGET_PROGRAMS, TritonParams, pow2_floor, static_index
 from worker.quant import QuantArray, dequantize
 
-MAX_ROWS = 8  # rows of x per call: one accumulator and one x load per row, unrolled
+MAX_ROWS = 8  # rows of x per program: one accumulator and one x load per row, unrolled
+MAX_BATCH = 64  # rows of x per dense call: programs over row groups of MAX_ROWS
 TARGET_VALUES = 8192  # weight values per program per loop step
 
 Load = Callable[..., jax.Array]
@@ -183,48 +186,49 @@ def plan(
     qtype: QT,
     n: int,
     k: int,
-    rows: int,
-    groups: int = 1,
+    selections: int = 1,
     block_n: int | None = None,
     chunk: int | None = None,
     splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> Plan:
-    """The tiling for an [n, k] weight and `rows` rows of x (`groups`: independent (token, expert) pairs).
-    Arguments left None get the defaults of the module docstring; bench/kernels.py --sweep tries others."""
+    """The tiling for an [n, k] weight: a function of the weight's shape and format only, never of the number of
+    rows of x or of (token, expert) pairs, so that every row is computed with the same tiles, K split and
+    summation order in a call of any size (batch invariance). `selections`: the experts each token selects (a
+    model constant; 1 for a dense weight): splits are sized for one token's call. Arguments left None get the
+    defaults of docs/kernels.md; bench/kernels.py --sweep tries others."""
     fmt = FORMATS[qtype]
     blocks = k // fmt.sb
-    values = TARGET_VALUES if rows < 4 else TARGET_VALUES // 2  # registers: x and a product tile per row
     if block_n is None:
-        block_n = min(32, pow2_floor(values // fmt.sb), pl.next_power_of_2(n))
+        block_n = min(32, pow2_floor(TARGET_VALUES // fmt.sb), pl.next_power_of_2(n))
     if chunk is None:
-        chunk = min(pow2_floor(values // (block_n * fmt.sb)), pl.next_power_of_2(blocks))
+        chunk = min(pow2_floor(TARGET_VALUES // (block_n * fmt.sb)), pl.next_power_of_2(blocks))
     for name, v in (("block_n", block_n), ("chunk", chunk)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two (a Triton tile dimension), got {v}")
     n_chunks = pl.cdiv(blocks, chunk)
     if splits is None:
-        splits = max(1, pl.cdiv(TARGET_PROGRAMS, pl.cdiv(n, block_n) * groups))
+        splits = max(1, pl.cdiv(TARGET_PROGRAMS, pl.cdiv(n, block_n) * selections))
     steps = pl.cdiv(n_chunks, min(max(1, splits), n_chunks))
     return Plan(block_n, chunk, pl.cdiv(n_chunks, steps), steps, num_warps, num_stages)
 
 
 def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool):
-    """Program (i, j[, t]): rows [i*BN, (i+1)*BN) over split j of K; gathered: only x row t, with expert ids[t]."""
+    """Dense: program (r, i, j) computes output columns [i*BN, (i+1)*BN) over split j of K for x rows
+    [r*rows, (r+1)*rows). Gathered: program (t, i, j), for x row t only, with expert ids[t]."""
     if gathered:
         ids_ref, x_ref, *plane_refs, o_ref = refs
     else:
         x_ref, *plane_refs, o_ref = refs
     planes = dict(zip(names, plane_refs, strict=True))
     bn, c = p.block_n, p.chunk
-    row0 = pl.program_id(0) * bn
-    split = pl.program_id(1)
     if gathered:
-        t = pl.program_id(2)
+        t, row0, split = pl.program_id(0), pl.program_id(1) * bn, pl.program_id(2)
         expert, x_rows = ids_ref[t], [t]
     else:
-        expert, x_rows = static_index(0), list(range(rows))
+        first, row0, split = pl.program_id(0) * rows, pl.program_id(1) * bn, pl.program_id(2)
+        expert, x_rows = static_index(0), [first + m for m in range(rows)]
     rows_ok = (row0 + jnp.arange(bn)) < n if n % bn else None
     mask_k = p.splits * p.steps * c > blocks
 
@@ -287,23 +291,41 @@ def _call(
     p: Plan,
     interpret: bool,
 ) -> jax.Array:
-    """x [T, K]; returns the split-K partial sums summed: [T, N] float32."""
+    """x [T, K]; returns the split-K partial sums summed: [T, N] float32. Dense: rows in groups of
+    min(T, MAX_ROWS), the last padded with zero rows; gathered: one program per row."""
     fmt = FORMATS[w.qtype]
     t, k = x.shape
     names, planes = plane_views(w, experts, n, k)
-    xv = x.astype(jnp.float32).reshape(t, k // fmt.sb, *fmt.x_inner)
     gathered = ids is not None
+    group = 1 if gathered else min(t, MAX_ROWS)
+    padded = pl.cdiv(t, group) * group
+    xv = jnp.pad(x.astype(jnp.float32), ((0, padded - t), (0, 0))).reshape(padded, k // fmt.sb, *fmt.x_inner)
     n_blocks = pl.cdiv(n, p.block_n)
-    kernel = functools.partial(_kernel, fmt=fmt, names=names, n=n, blocks=k // fmt.sb, rows=t, p=p, gathered=gathered)
+    kernel = functools.partial(
+        _kernel, fmt=fmt, names=names, n=n, blocks=k // fmt.sb, rows=group, p=p, gathered=gathered
+    )
+    # The row groups (gathered: the rows) vary fastest, so the programs that read one weight tile run together
+    # and share it through L2.
+    grid = (padded // group, n_blocks, p.splits)
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((p.splits, t, n_blocks * p.block_n), jnp.float32),
-        grid=(n_blocks, p.splits, t) if gathered else (n_blocks, p.splits),
+        out_shape=jax.ShapeDtypeStruct((p.splits, padded, n_blocks * p.block_n), jnp.float32),
+        grid=grid,
         compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=interpret,
         name=f"qmatvec_{w.qtype.name.lower()}",
     )(*([ids] if gathered else []), xv, *planes)
-    return jnp.sum(out, axis=0)[:, :n]
+    return fold_splits(out)[:t, :n]
+
+
+def fold_splits(partials: jax.Array) -> jax.Array:
+    """The sum over the leading (split) axis as a chain of adds in split order. Why not jnp.sum: XLA picks a
+    reduction's order from the whole shape (the number of rows included), which would make a row's result depend
+    on the batch; elementwise adds in a fixed order do not."""
+    total = partials[0]
+    for part in partials[1:]:
+        total = total + part
+    return total
 
 
 def _check(w: QuantArray, plane_ndim: int) -> None:
@@ -314,15 +336,16 @@ def _check(w: QuantArray, plane_ndim: int) -> None:
 
 
 def qmatvec(x: jax.Array, w: QuantArray, *, interpret: bool = False, **tiles: int | None) -> jax.Array:
-    """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for at most MAX_ROWS rows of x. `tiles`: overrides
-    of `plan`'s arguments (block_n, chunk, splits, num_warps, num_stages)."""
+    """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for at most MAX_BATCH rows of x; each row's result is
+    the same bits in a call of any size. `tiles`: overrides of `plan`'s arguments (block_n, chunk, splits,
+    num_warps, num_stages)."""
     _check(w, 2)
     n, k = next(iter(w.planes.values())).shape[0], w.shape[-1]
     lead = x.shape[:-1]
     rows = math.prod(lead)
-    if x.shape[-1] != k or not 1 <= rows <= MAX_ROWS:
-        raise ValueError(f"qmatvec: x {x.shape} against weight [{n}, {k}] (1..{MAX_ROWS} rows)")
-    p = plan(w.qtype, n, k, rows, 1, **tiles)
+    if x.shape[-1] != k or not 1 <= rows <= MAX_BATCH:
+        raise ValueError(f"qmatvec: x {x.shape} against weight [{n}, {k}] (1..{MAX_BATCH} rows)")
+    p = plan(w.qtype, n, k, 1, **tiles)
     return _call(x.reshape(rows, k), w, None, 1, n, p, interpret).reshape(*lead, n)
 
 
@@ -345,7 +368,8 @@ def moe_matvec(
     x: jax.Array, experts: QuantArray, expert_ids: jax.Array, *, interpret: bool = False, **tiles: int | None
 ) -> jax.Array:
     """The selected experts' products, as worker.ops.moe_matmul: x [M, In] or [M, k, In], experts [E, Out, In],
-    expert_ids [M, k] -> float32 [M, k, Out]. Each (token, selection) pair reads its expert's planes once."""
+    expert_ids [M, k] -> float32 [M, k, Out], for any number of tokens. Each (token, selection) pair reads its
+    expert's planes once and is computed the same way in a call of any size (the plan depends on k, not M)."""
     _check(experts, 3)
     e, n = next(iter(experts.planes.values())).shape[:2]
     k = experts.shape[-1]
@@ -353,8 +377,15 @@ def moe_matvec(
     if xs.shape[-1] != k:
         raise ValueError(f"moe_matvec: x {x.shape} against experts [{e}, {n}, {k}]")
     ids = jnp.clip(expert_ids.reshape(-1).astype(jnp.int32), 0, e - 1)  # an id out of range must not read OOB
-    p = plan(experts.qtype, n, k, 1, xs.shape[0], **tiles)
-    return _call(xs, experts, ids, e, n, p, interpret).reshape(*expert_ids.shape, n)
+    p = plan(experts.qtype, n, k, expert_ids.shape[-1], **tiles)
+    if expert_ids.shape[0] == 1:
+        return _call(xs, experts, ids, e, n, p, interpret).reshape(*expert_ids.shape, n)
+    # Several tokens: the pairs sorted by expert (a stable sort), so that the pairs of one expert are neighbours on
+    # the grid's fastest axis and read its tiles from L2, not each from memory. A pair's arithmetic is the same
+    # wherever it sits, so the sort (and skipping it for one token) keeps batch invariance.
+    order = jnp.argsort(ids, stable=True)
+    y = _call(xs[order], experts, ids[order], e, n, p, interpret)
+    return y[jnp.argsort(order)].reshape(*expert_ids.shape, n)
 
 
 def moe_matvec_twin(

@@ -1,0 +1,298 @@
+"""Decode attention (one query position per row) over a paged KV cache, batch invariant: a row's output is the same
+bits whatever the batch size, the table width or the other rows. Flash-decoding over splits of a FIXED number of
+pages, a second kernel folding the row's splits in order. Design and rules: docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from worker.pallas_kernels.tiling import NEG, TritonParams, key_tile, padded_dim, pow2_at_least
+
+# Values per k (and v) tile, as decode_attention's (32 slots at D = 64, 16 at D >= 128): a page of 32 slots at
+# D >= 128 is walked in two tiles.
+TILE_VALUES = 2048
+# Keys per split: the unit of work of one program, fixed so that a row's splits (and so its summation order)
+# depend on its own position only. Smaller gives batch 1 more programs at short contexts; larger writes fewer
+# partials at large batch (partials cost 2 G / SPLIT_KEYS of the k/v bytes: 12% at G = 8).
+SPLIT_KEYS = 128
+MAX_GROUP = 16  # query heads per kv head: unrolled in the split kernel, one padded vector lane in the fold
+
+
+def tile_slots(page_size: int, d: int) -> int | None:
+    """Slots per k/v tile: key_tile of a page (a power of two dividing it, at least 16), None if there is none."""
+    return key_tile(page_size, d, TILE_VALUES)
+
+
+def fits(q_shape: tuple[int, ...], pages_shape: tuple[int, ...]) -> bool:
+    """Whether the kernel handles these shapes: q [B, 1, H, D], pages [L, P, page_size, K, D] with a page size
+    that is a power of two >= 16, G = H / K <= 16 and D <= 256."""
+    _b, t, h, d = q_shape
+    _l, _p, page_size, kh, d_cache = pages_shape
+    return (
+        t == 1
+        and d == d_cache
+        and h % kh == 0
+        and h // kh <= MAX_GROUP
+        and d <= 256
+        and page_size >= 16
+        and page_size & (page_size - 1) == 0
+        and tile_slots(page_size, d) is not None
+    )
+
+
+def _visible_tiles(p: jax.Array, bs: int, window: int | None, n_tiles: int) -> tuple[jax.Array, jax.Array]:
+    """[lo, hi): the logical tiles of `bs` slots holding a key visible from position p (none when p < 0)."""
+    lo = jnp.int32(0) if window is None else jnp.maximum(p - window + 1, 0) // bs
+    hi = jnp.where(p >= 0, jnp.minimum(p // bs + 1, n_tiles), 0)
+    return lo, hi
+
+
+def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs,
+                  tiles_per_page, tiles_per_split, n_tiles, pages, scale, window):  # fmt: skip
+    """Program (b, kh, split): the online softmax of row b's G query heads of kv head kh over the visible tiles of
+    its split, in logical order. A split holding no visible key writes nothing (the fold never reads it)."""
+    b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    p, layer = pos_ref[b], layer_ref[0]
+    lo, hi = _visible_tiles(p, bs, window, n_tiles)
+    first = split * tiles_per_split
+    lo, hi = jnp.maximum(lo, first), jnp.minimum(hi, first + tiles_per_split)
+    d_ok = jnp.arange(dp) < d if dp != d else None
+
+    @pl.when(lo < hi)
+    def _():
+        masked = {} if d_ok is None else dict(mask=d_ok, other=0)
+        qs = [plgpu.load(q_ref.at[b, kh, jnp.int32(g), pl.ds(0, dp)], **masked) for g in range(g_n)]
+
+        def step(tile, carry):
+            # An entry outside the pool must not read out of bounds (the null page 0 is always there).
+            page = jnp.clip(table_ref[b, tile // tiles_per_page], 0, pages - 1)
+            s0 = (tile % tiles_per_page) * bs
+            j = tile * bs + jnp.arange(bs)
+            visible = j <= p
+            if window is not None:
+                visible &= p - j < window
+            # Masked loads: the slots past p (stale data of this page's earlier owner, maybe not finite) are
+            # never read, so no NaN can reach acc through a zero weight.
+            mask = jax.lax.broadcast_in_dim(visible, (bs, dp), (0,))
+            if d_ok is not None:
+                mask &= jax.lax.broadcast_in_dim(d_ok, (bs, dp), (1,))
+            index = (layer, page, pl.ds(s0, bs), kh, pl.ds(0, dp))
+            k = plgpu.load(k_ref.at[index], mask=mask, other=0).astype(jnp.float32)
+            v = plgpu.load(v_ref.at[index], mask=mask, other=0).astype(jnp.float32)
+            out = []
+            for (m, l_, acc), qv in zip(carry, qs, strict=True):
+                s = jnp.sum(k * jax.lax.expand_dims(qv, (0,)), axis=1) * jnp.float32(scale)
+                s = jnp.where(visible, s, -jnp.inf)
+                m_new = jnp.maximum(m, jnp.max(s))
+                alpha = jnp.exp(m - m_new)
+                w = jnp.exp(s - m_new)
+                acc = acc * alpha + jnp.sum(jax.lax.expand_dims(w, (1,)) * v, axis=0)
+                out.append((m_new, l_ * alpha + jnp.sum(w), acc))
+            return tuple(out)
+
+        init = tuple((jnp.float32(NEG), jnp.float32(0), jnp.zeros((dp,), jnp.float32)) for _ in range(g_n))
+        final = jax.lax.fori_loop(lo, hi, step, init)
+        # m and l of the G heads as one vector over MAX_GROUP lanes (a vector store; the fold loads them so).
+        lanes = jnp.arange(MAX_GROUP)
+        m_vec, l_vec = jnp.full((MAX_GROUP,), NEG, jnp.float32), jnp.zeros((MAX_GROUP,), jnp.float32)
+        for g, (m, l_, acc) in enumerate(final):
+            acc_ref[b, kh, split, jnp.int32(g), pl.ds(0, dp)] = acc
+            m_vec = jnp.where(lanes == g, m, m_vec)
+            l_vec = jnp.where(lanes == g, l_, l_vec)
+        m_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = m_vec
+        l_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = l_vec
+
+
+def _fold_kernel(pos_ref, *refs, g_n, d, dp, bs, tiles_per_split, n_tiles, window, has_sinks):
+    """Program (b, kh): merge row b's splits that hold a visible key, in split order, and the sinks. Two passes
+    (the max, then the rescaled sums) keep the loop-carried chain to one add per split."""
+    if has_sinks:
+        sink_ref, acc_ref, m_ref, l_ref, o_ref = refs
+    else:
+        acc_ref, m_ref, l_ref, o_ref = refs
+    b, kh = pl.program_id(0), pl.program_id(1)
+    p = pos_ref[b]
+    lo, hi = _visible_tiles(p, bs, window, n_tiles)
+    s_lo = lo // tiles_per_split
+    s_hi = jnp.where(lo < hi, (hi - 1) // tiles_per_split + 1, s_lo)
+    g_ok = jnp.arange(MAX_GROUP) < g_n
+    top = jax.lax.fori_loop(
+        s_lo, s_hi, lambda s, t: jnp.maximum(t, m_ref[b, kh, s, pl.ds(0, MAX_GROUP)]),
+        jnp.full((MAX_GROUP,), NEG, jnp.float32),
+    )  # fmt: skip
+    if has_sinks:
+        sink = sink_ref[kh, pl.ds(0, MAX_GROUP)]
+        top = jnp.maximum(top, sink)
+    tile_mask = jax.lax.broadcast_in_dim(g_ok, (MAX_GROUP, dp), (0,))
+    if dp != d:
+        tile_mask &= jax.lax.broadcast_in_dim(jnp.arange(dp) < d, (MAX_GROUP, dp), (1,))
+
+    def add(s, carry):
+        l_, acc = carry
+        w = jnp.exp(m_ref[b, kh, s, pl.ds(0, MAX_GROUP)] - top)
+        part = plgpu.load(acc_ref.at[b, kh, s, pl.ds(0, MAX_GROUP), pl.ds(0, dp)], mask=tile_mask, other=0)
+        return l_ + l_ref[b, kh, s, pl.ds(0, MAX_GROUP)] * w, acc + part * jax.lax.expand_dims(w, (1,))
+
+    zeros = (jnp.zeros((MAX_GROUP,), jnp.float32), jnp.zeros((MAX_GROUP, dp), jnp.float32))
+    l_, acc = jax.lax.fori_loop(s_lo, s_hi, add, zeros)
+    if has_sinks:
+        l_ = l_ + jnp.exp(sink - top)
+    out = acc / jax.lax.expand_dims(jnp.where(l_ > 0, l_, 1), (1,))  # a row that sees no key: 0, not 0/0
+    plgpu.store(o_ref.at[b, kh, pl.ds(0, MAX_GROUP), pl.ds(0, dp)], out, mask=tile_mask)
+
+
+def _check(q, k_pages, v_pages, page_table, positions) -> None:
+    if k_pages.shape != v_pages.shape or k_pages.ndim != 5 or not fits(q.shape, k_pages.shape):
+        raise ValueError(f"paged_decode_attention: unsupported shapes q {q.shape}, pages {k_pages.shape} / "
+                         f"{v_pages.shape} (q [B, 1, H, D], pages [L, P, page_size >= 16 a power of two, K, D], "
+                         f"H / K <= {MAX_GROUP}, D <= 256)")  # fmt: skip
+    b = q.shape[0]
+    if page_table.ndim != 2 or page_table.shape[0] != b or positions.size != b:
+        raise ValueError(f"paged_decode_attention: page_table {page_table.shape} and positions {positions.shape} "
+                         f"must be [B, n_pages] and [B] for B = {b}")  # fmt: skip
+
+
+def paged_decode_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    positions: jax.Array,
+    layer: int | jax.Array,
+    scale: float,
+    window: int | None = None,
+    sinks: jax.Array | None = None,
+    *,
+    interpret: bool = False,
+    pages_per_split: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> jax.Array:
+    """Attention of q [B, 1, H, D] (H = K * G) over layer `layer` of the paged cache k/v_pages [L, P, page_size,
+    K, D] -> float32 [B, 1, H, D]. Row b's key j lives at page page_table[b, j // page_size], slot j % page_size;
+    keys j <= positions[b] are visible (and positions[b] - j < window on sliding layers); `sinks` [H]: a logit
+    per head joining the softmax denominator only. A row at a negative position (padding) gives zeros.
+    `pages_per_split` overrides SPLIT_KEYS / page_size (tests, sweeps); a row's bits depend on it."""
+    _check(q, k_pages, v_pages, page_table, positions)
+    b, _, h, d = q.shape
+    _, pages, page_size, kh, _ = k_pages.shape
+    n_pages = page_table.shape[1]
+    g_n, dp, bs = h // kh, padded_dim(d), tile_slots(page_size, d)
+    tiles_per_page = page_size // bs
+    tiles_per_split = (pages_per_split or max(1, SPLIT_KEYS // page_size)) * tiles_per_page
+    n_tiles = n_pages * tiles_per_page
+    n_splits = pl.cdiv(n_tiles, tiles_per_split)
+    pos = positions.reshape(b).astype(jnp.int32)
+    table = page_table.astype(jnp.int32)
+    qg = q.reshape(b, kh, g_n, d).astype(jnp.float32)
+    params = TritonParams(num_warps=num_warps, num_stages=num_stages)
+    split_kernel = functools.partial(
+        _split_kernel, g_n=g_n, d=d, dp=dp, bs=bs, tiles_per_page=tiles_per_page, tiles_per_split=tiles_per_split,
+        n_tiles=n_tiles, pages=pages, scale=float(scale), window=window,
+    )  # fmt: skip
+    acc, m, l_ = pl.pallas_call(
+        split_kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((b, kh, n_splits, MAX_GROUP, dp), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, n_splits, MAX_GROUP), jnp.float32),
+            jax.ShapeDtypeStruct((b, kh, n_splits, MAX_GROUP), jnp.float32),
+        ),
+        grid=(b, kh, n_splits),
+        compiler_params=params,
+        interpret=interpret,
+        name="paged_decode_attention",
+    )(pos, jnp.asarray(layer, jnp.int32).reshape(1), table, qg, k_pages, v_pages)
+    has_sinks = sinks is not None
+    sink_args = []
+    if has_sinks:
+        sink = sinks.astype(jnp.float32).reshape(kh, g_n)
+        sink_args = [jnp.pad(sink, ((0, 0), (0, MAX_GROUP - g_n)), constant_values=NEG)]
+    fold_kernel = functools.partial(
+        _fold_kernel, g_n=g_n, d=d, dp=dp, bs=bs, tiles_per_split=tiles_per_split, n_tiles=n_tiles, window=window,
+        has_sinks=has_sinks,
+    )  # fmt: skip
+    out = pl.pallas_call(
+        fold_kernel,
+        out_shape=jax.ShapeDtypeStruct((b, kh, g_n, d), jnp.float32),
+        grid=(b, kh),
+        compiler_params=TritonParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="paged_decode_attention_fold",
+    )(pos, *sink_args, acc, m, l_)
+    return out.reshape(b, 1, h, d)
+
+
+def _halving_sum(x: jax.Array, axis: int) -> jax.Array:
+    """The sum over `axis` as halving elementwise adds (zero-padded to a power of two): an order fixed by the axis
+    length alone. Why: XLA:CPU's reduce sums the same row in another order when the other axes change size."""
+    x = jnp.moveaxis(x, axis, -1)
+    n = x.shape[-1]
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pow2_at_least(n) - n)])
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
+def paged_decode_attention_twin(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    positions: jax.Array,
+    layer: int | jax.Array,
+    scale: float,
+    window: int | None = None,
+    sinks: jax.Array | None = None,
+    *,
+    interpret: bool = False,
+    **_tiles,
+) -> jax.Array:
+    """The jax.numpy twin of `paged_decode_attention` (the CPU path), batch invariant as well: an online softmax
+    over the table's pages in logical order, one page column of all rows a step, with elementwise products and
+    halving sums. Why not one masked softmax over the gathered cache: XLA:CPU's dots and reductions sum in an
+    order that depends on the batch and on the table width (measured: no row kept its bits)."""
+    del interpret
+    _check(q, k_pages, v_pages, page_table, positions)
+    b, _, h, d = q.shape
+    _, _, page_size, kh, _ = k_pages.shape
+    g_n = h // kh
+    k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
+    layer = jnp.asarray(layer, jnp.int32)
+    qg = q.reshape(b, kh, g_n, 1, d).astype(jnp.float32)
+    p = positions.reshape(b, 1).astype(jnp.int32)
+
+    def page_step(carry, column):
+        m, l_, acc = carry  # [B, K, G], [B, K, G], [B, K, G, D]
+        i, pages = column
+        j = i * page_size + jnp.arange(page_size)
+        visible = j <= p  # [B, page_size]
+        if window is not None:
+            visible &= p - j < window
+        k = jnp.swapaxes(k_pages[layer, pages].astype(jnp.float32), 1, 2)[:, :, None]  # [B, K, 1, page_size, D]
+        v = jnp.swapaxes(v_pages[layer, pages].astype(jnp.float32), 1, 2)[:, :, None]
+        v = jnp.where(visible[:, None, None, :, None], v, 0)  # hidden slots may hold anything, NaN included
+        s = jnp.where(visible[:, None, None], _halving_sum(qg * k, -1) * jnp.float32(scale), -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        alpha = jnp.exp(m - m_new)
+        w = jnp.exp(s - m_new[..., None])  # [B, K, G, page_size]
+        acc = acc * alpha[..., None] + _halving_sum(w[..., None] * v, -2)
+        return (m_new, l_ * alpha + _halving_sum(w, -1), acc), None
+
+    init = (jnp.full((b, kh, g_n), NEG, jnp.float32), jnp.zeros((b, kh, g_n), jnp.float32),
+            jnp.zeros((b, kh, g_n, d), jnp.float32))  # fmt: skip
+    columns = (jnp.arange(page_table.shape[1]), jnp.asarray(page_table, jnp.int32).T)
+    (m, l_, acc), _ = jax.lax.scan(page_step, init, columns)
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32).reshape(kh, g_n)
+        top = jnp.maximum(m, sink)
+        rescale = jnp.exp(m - top)
+        l_, acc = l_ * rescale + jnp.exp(sink - top), acc * rescale[..., None]
+    out = acc / jnp.where(l_ > 0, l_, 1)[..., None]  # a row that sees no key: 0
+    return out.reshape(b, 1, h, d)
