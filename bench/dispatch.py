@@ -19,7 +19,7 @@ import numpy as np
 import worker
 from worker.kv_cache import pages_for
 from worker.model import GREEDY
-from worker.runner import MIN_ROWS, RowInputs
+from worker.runner import RowInputs
 from worker.sampling import SamplingParams
 
 STEPS = (1, 8, 16, 32, 64)
@@ -44,7 +44,7 @@ def single_row(m: worker.Model, ids: list[int], params: SamplingParams = GREEDY)
     pages = list(range(1, pages_for(len(ids) + most, r.page_size) + 1))
     logits, cache = r.prefill(ids, pages, r.new_cache(len(pages) + 1))
     token, seen, _ = r.first_token(logits, RowInputs.neutral(1, 1), ids, plan)
-    inputs = RowInputs.neutral(MIN_ROWS, r.table_width(len(ids) + most))
+    inputs = RowInputs.neutral(r.min_rows, r.table_width(len(ids) + most))
     inputs.positions[0], inputs.index[0] = len(ids), 1
     inputs.tables[0, : len(pages)] = pages
     state = {"rows": r.join(r.new_rows(), 0, token, seen), "cache": cache}

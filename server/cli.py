@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.9,
         help="fraction of the device memory left after the weights for the KV pool (default 0.9)",
     )
+    p.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a job's tokens do not depend on the jobs sharing its batch (default on; off: faster with several jobs "
+        "on the CPU)",
+    )
     p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait for a free place (default 4)")
     p.add_argument("--shutdown-deadline", type=float, default=5.0, help="seconds to finish or cancel the running job")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
@@ -261,6 +268,7 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
         kv_tokens=slots,
         max_batch=args.max_batch,
         kv_memory=args.kv_memory,
+        deterministic=args.deterministic,
         tokenizer_json=args.tokenizer_json,
         on_progress=_with_bar(narrator.load_progress()) if sys.stderr.isatty() else narrator.load_progress(),
     )

@@ -65,6 +65,7 @@ class WorkerService:
             "max_tokens_out": engine.max_tokens_out,
             "max_queue": engine.max_queue,
             "max_batch": engine.max_batch,
+            "deterministic": model.runner.deterministic,
             "kv_page_size": model.runner.page_size,
             "kv_pages_total": model.batch.scheduler.pool.total,
             "device": info["device"],

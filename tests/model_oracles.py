@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType as QT
 
 from worker.gguf import open_gguf
 from worker.kv_cache import pages_for
-from worker.runner import MIN_ROWS, RowInputs
+from worker.runner import RowInputs
 from worker.sampling import SamplingParams
 
 
@@ -47,7 +47,7 @@ def teacher_forced_decode(m, ids: list[int]) -> np.ndarray:
     cache, rows, out = r.new_cache(len(pages) + 1), r.new_rows(), []
     for p, tok in enumerate(ids):
         rows = r.join(rows, 0, jax.device_put(np.asarray([tok], np.int32), m.device), rows.seen[:1])
-        n = MIN_ROWS
+        n = r.min_rows
         tables = np.zeros((n, r.table_width(p + 1)), np.int32)
         tables[0, : len(pages)] = pages[: tables.shape[1]]
         inputs = dataclasses.replace(RowInputs.neutral(n, tables.shape[1]), tables=tables)

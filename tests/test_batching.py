@@ -108,6 +108,15 @@ def test_a_seeded_job_gives_the_same_ids_whoever_shares_its_batch(arch, device):
         assert got[:2] == alone, f"{n_others} others changed a job's ids"
 
 
+def test_without_determinism_the_cpu_computes_the_rows_together_and_every_job_still_ends():
+    model = worker.load(model_path("qwen2"), device="cpu", slots=256, max_batch=4, deterministic=False)
+    rng = random.Random(5)
+    jobs = [([rng.randrange(model.cfg.vocab_size) for _ in range(9 + i)], OTHERS[i], i, 6 + i) for i in range(4)]
+    got = run_batch(model, jobs, [0, 0, 1, 2])
+    assert [len(ids) for ids in got] == [6, 7, 8, 9]
+    assert got[0] == model.generate(jobs[0][0], max_tokens=6, stop_at_eos=False)  # greedy: the same argmax here
+
+
 def test_when_the_pool_is_short_later_jobs_wait_and_nobody_is_corrupted():
     model = worker.load(model_path("qwen2"), device="cpu", slots=64, max_batch=2)  # a pool of 128 positions
     rng = random.Random(3)

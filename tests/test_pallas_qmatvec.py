@@ -152,7 +152,7 @@ def test_ops_dispatch_sends_only_decode_sized_calls_to_the_kernel():
     def kernels(x, backend: str) -> int:
         return str(jax.make_jaxpr(lambda x: ops.qmatmul(x, w, bias, backend=backend))(x)).count("pallas_call")
 
-    decode, prefill = jnp.ones((1, 1, 256)), jnp.ones((1, qmv.MAX_ROWS + 1, 256))
+    decode, prefill = jnp.ones((1, 1, 256)), jnp.ones((1, qmv.MAX_BATCH + 1, 256))
     assert kernels(decode, "cpu") == 0
     assert kernels(decode, "interpret") == 1 and kernels(prefill, "interpret") == 0
     y = ops.qmatmul(decode, w, bias, backend="interpret")

@@ -247,12 +247,14 @@ def load_model(
     max_batch: int | None = None,
     kv_memory: float = DEFAULT_KV_MEMORY,
     kv_tokens: int | None = None,
+    deterministic: bool = True,
 ) -> Model:
     """Open, validate and place a model. `device`: "cpu", "gpu" or "auto". `slots`: the most positions of one
     sequence (default: the file's context, capped at 4096 on the CPU). `max_batch`: sequences decoded together
     (default DEFAULT_MAX_BATCH). The KV pool holds max_batch * slots positions, or `kv_memory` of the device
     memory left after the weights where that is less (but at least one whole context), or exactly `kv_tokens`
-    positions where given; a sequence's context is then at most the pool.
+    positions where given; a sequence's context is then at most the pool. `deterministic`: a job's ids do not
+    depend on the jobs sharing its batch (docs/batching.md; off, the CPU computes rows together, faster).
     `on_progress(done_bytes, total_bytes)` is called after each tensor is on the device. On a GPU, a model that
     does not fit fails with INSUFFICIENT_VRAM before any weight is copied. `backend`: the ops implementation
     (ops.BACKENDS; default: the device's), carried in the model's config; "interpret" runs the GPU kernels in
@@ -303,5 +305,6 @@ def load_model(
         if backend == "cpu":  # the layout XLA's CPU backend computes with well (quant.Int8Blocks); the gpu and
             weights = cpu_layout(weights)  # interpret backends' kernels read the block planes
         tokenizer = building.result()
-    runner = Runner(adapter, cfg, weights, dev, slots, pages_for(kv_tokens) + 1, max_batch)
+    runner = Runner(adapter, cfg, weights, dev, slots, pages_for(kv_tokens) + 1, max_batch,
+                    deterministic=deterministic)  # fmt: skip
     return Model(gf, tokenizer, runner, kind)

@@ -21,6 +21,7 @@ import numpy as np
 from worker.kv_cache import KVCache, gather_layer
 from worker.pallas_kernels import decode_attention, prefill_attention, qmatvec
 from worker.pallas_kernels import moe_matmul as grouped_matmul
+from worker.pallas_kernels import paged_attention as paged
 from worker.quant import Int8Blocks, QuantArray, dequantize
 
 Weight = QuantArray | Int8Blocks | jax.Array
@@ -28,7 +29,7 @@ Weight = QuantArray | Int8Blocks | jax.Array
 CPU_TILE_BYTES = 8 << 20
 
 # Which implementation the quantized matmuls, attention and MoE trace to: "cpu" (the jax.numpy path below, exact
-# float32), "gpu" (Pallas kernels for decode-sized matmuls: at most qmatvec.MAX_ROWS rows of x in a kernel format;
+# float32), "gpu" (Pallas kernels for decode-sized matmuls: at most qmatvec.MAX_BATCH rows of x in a kernel format;
 # attention (decode and prefill) unless WORKER_ATTENTION_KERNEL=0; the grouped MoE matmul) or "interpret" (those
 # kernels in Pallas interpret mode, for CPU tests).
 BACKENDS = ("cpu", "gpu", "interpret")
@@ -51,7 +52,7 @@ def _kernel_fits(w: Weight, rows: int, plane_ndim: int, backend: str) -> bool:
         backend != "cpu"
         and isinstance(w, QuantArray)
         and w.qtype in qmatvec.KERNEL_TYPES
-        and 1 <= rows <= qmatvec.MAX_ROWS
+        and 1 <= rows <= qmatvec.MAX_BATCH
         and all(p.ndim == plane_ndim for p in w.planes.values())
     )
 
@@ -240,11 +241,6 @@ def attention(
     return out.reshape(b, t, h, d)
 
 
-# Positions per block of the jax.numpy decode attention: the loop's step, and the unit it skips past a row's end.
-ATTENTION_BLOCK = 256
-NEG = -1e30  # a finite "minus infinity" for running maxima (exp(NEG - NEG) is 1, not NaN)
-
-
 def paged_attention(
     q: jax.Array,
     cache: KVCache,
@@ -259,55 +255,18 @@ def paged_attention(
 ) -> jax.Array:
     """`attention` of q [B, T, H, D] over layer `layer` of the paged cache, row b reading the pages of table[b].
 
-    Decode (T = 1) walks each row's own pages in blocks with an online softmax, so that a row's arithmetic depends
-    only on its own position and pages: not on the table's width (a bucket of the longest row in the batch) or on
-    the other rows (batch invariance, docs/batching.md). Prefill (T > 1, one sequence's chunk) gathers the row's
-    pages into logical order and runs `attention`."""
+    Decode (T = 1) is the paged flash-decoding kernel on the gpu/interpret backends and its jax.numpy twin on the
+    CPU: both walk each row's own pages and sum in an order fixed by the row alone, so a row's result depends
+    neither on the table's width (a bucket of the longest row in the batch) nor on the other rows (batch
+    invariance, docs/batching.md). Prefill (T > 1, one sequence's chunk) gathers the row's pages into logical
+    order and runs `attention`."""
     if q.shape[1] == 1:
-        return _paged_decode(q, cache, layer, table, q_positions[:, 0], scale, window, sinks)
+        args = (q, cache.k, cache.v, table, q_positions[:, 0], layer, scale, window, sinks)
+        if _attention_kernels_on(backend) and paged.fits(q.shape, cache.k.shape):
+            return paged.paged_decode_attention(*args, interpret=backend == "interpret")
+        return paged.paged_decode_attention_twin(*args)
     k, v = gather_layer(cache, layer, table)
     return attention(q, k, v, q_positions, scale, window, sinks, backend=backend)
-
-
-def _paged_decode(q, cache, layer, table, pos, scale, window, sinks):
-    b, _, h, d = q.shape
-    ps, kh = cache.page_size, cache.k.shape[3]
-    g, per = h // kh, max(1, ATTENTION_BLOCK // ps)
-    n_blocks = -(-table.shape[1] // per)
-    table = jnp.pad(table, ((0, 0), (0, n_blocks * per - table.shape[1])))  # the null page
-    qg = q.reshape(b, kh, g, d).astype(jnp.float32)
-    hi = jax.lax.Precision.HIGHEST
-
-    def block(i, carry):
-        m, l_, acc = carry  # [B, K, G], [B, K, G], [B, K, G, D]
-        pages = jax.lax.dynamic_slice_in_dim(table, i * per, per, axis=1)  # [B, per]
-        k = cache.k[layer, pages].reshape(b, per * ps, kh, d).astype(jnp.float32)
-        v = cache.v[layer, pages].reshape(b, per * ps, kh, d).astype(jnp.float32)
-        j = i * per * ps + jnp.arange(per * ps)
-        visible = j[None] <= pos[:, None]
-        if window is not None:
-            visible &= pos[:, None] - j[None] < window
-        s = jnp.einsum("bkgd,bskd->bkgs", qg, k, precision=hi) * jnp.float32(scale)
-        s = jnp.where(visible[:, None, None], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        alpha = jnp.exp(m - m_new)
-        w = jnp.exp(s - m_new[..., None])
-        new = (m_new, l_ * alpha + jnp.sum(w, axis=-1),
-               acc * alpha[..., None] + jnp.einsum("bkgs,bskd->bkgd", w, v, precision=hi))  # fmt: skip
-        live = (i * per * ps <= pos)[:, None, None]  # the block holds a key at or before the row's position
-        return tuple(jnp.where(live if n.ndim == 3 else live[..., None], n, o) for n, o in zip(new, carry, strict=True))
-
-    init = (jnp.full((b, kh, g), NEG, jnp.float32), jnp.zeros((b, kh, g), jnp.float32),
-            jnp.zeros((b, kh, g, d), jnp.float32))  # fmt: skip
-    m, l_, acc = jax.lax.fori_loop(0, n_blocks, block, init)
-    if sinks is not None:
-        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(kh, g), m.shape)
-        top = jnp.maximum(m, sink)
-        keep = jnp.exp(m - top)
-        out = acc * keep[..., None] / (l_ * keep + jnp.exp(sink - top))[..., None]
-    else:
-        out = acc / l_[..., None]
-    return out.reshape(b, 1, h, d)
 
 
 def moe_matmul(

@@ -6,13 +6,13 @@ XLA updates it in place.
 Every input is a fixed-shape array: per-row token ids, positions, page tables, sampling parameters, seeds and draw
 indices, so which sequences share a batch never recompiles anything. What does compile is a bucket: prompt chunks
 are padded to powers of two (at least MIN_BUCKET, at most the chunk size), the rows of a decode dispatch to a power
-of two (at least MIN_ROWS) and page tables to a power-of-two width (at least MIN_TABLE_PAGES), so a short sequence
+of two (at least min_rows) and page tables to a power-of-two width (at least MIN_TABLE_PAGES), so a short sequence
 never reads the whole context.
 
 Batch invariance (docs/batching.md): a row's arithmetic does not depend on the other rows, on the row buckets or
-on the table width. Per-row parameters and keys; the decode step always runs at least MIN_ROWS rows because
-XLA's CPU backend computes a one-row matrix product (a GEMV) with another summation order than a many-row one
-(a GEMM), whose rows are then identical for any row count (measured).
+on the table width. Per-row parameters and keys; on a GPU the batch-invariant kernels compute the rows together
+(at least MIN_ROWS of them, so that no one-row shape takes another XLA code path); on the CPU each row is
+computed on its own (_one_row_at_a_time).
 """
 
 from __future__ import annotations
@@ -95,15 +95,23 @@ class Runner:
         max_batch: int,
         chunk: int = 512,
         page_size: int = PAGE_SIZE,
+        deterministic: bool = True,
     ):
         self.adapter, self.cfg, self.weights, self.device = adapter, cfg, weights, device
         self.context, self.pages, self.page_size = context, pages, page_size
-        self.max_batch = max_batch  # sequences at once; the row arrays have at least MIN_ROWS rows
-        self._rows = max(max_batch, MIN_ROWS)
+        self.max_batch = max_batch  # sequences at once; the row arrays have at least min_rows rows
+        # `deterministic`: batch invariant (docs/batching.md). The CPU then computes each row on its own
+        # (_one_row_at_a_time), so one row is a bucket there; without it, rows share XLA:CPU's matrix products
+        # (more tokens a second with several jobs, bits that change with the batch).
+        self.deterministic = deterministic
+        self.min_rows = MIN_ROWS if deterministic and cfg.backend != "cpu" else 1
+        self._rows = max(max_batch, self.min_rows)
         self.max_pages = pages_for(context, page_size)  # a sequence's page table
         self.chunk, self.cache_dtype = min(chunk, context), dtype_for(device.platform)
         self._prefill = jax.jit(partial(_prefill, adapter, cfg), donate_argnums=(5,))
-        self._decode = jax.jit(partial(_decode, adapter, cfg), static_argnums=(9, 10), donate_argnums=(2, 6))
+        one_by_one = deterministic and cfg.backend == "cpu"
+        decode = partial(_decode, adapter, cfg, _one_row_at_a_time if one_by_one else _all_rows_at_once)
+        self._decode = jax.jit(decode, static_argnums=(9, 10), donate_argnums=(2, 6))
         self._first = jax.jit(_sample_rows, static_argnums=(5,))
         self._join = jax.jit(_join, donate_argnums=(0,))
         self._all_logits = jax.jit(partial(_all_logits, adapter, cfg), donate_argnums=(4,))
@@ -130,7 +138,7 @@ class Runner:
         return pow2_bucket(pages_for(positions, self.page_size), MIN_TABLE_PAGES, self.max_pages)
 
     def row_bucket(self, rows: int) -> int:
-        return pow2_bucket(rows, MIN_ROWS, self._rows)
+        return pow2_bucket(rows, self.min_rows, self._rows)
 
     def _table(self, pages: list[int], width: int) -> np.ndarray:
         table = np.zeros((1, width), np.int32)  # the null page
@@ -214,13 +222,12 @@ class Runner:
 
     def row_buckets(self) -> list[int]:
         """Every decode row bucket, smallest first."""
-        out = [MIN_ROWS]
+        out = [self.min_rows]
         while out[-1] < self._rows:
             out.append(self.row_bucket(out[-1] + 1))
         return out
 
-    def compile_first_steps(self, inputs: RowInputs, plan: SamplingPlan, steps: int, rows: tuple[int, ...] = (MIN_ROWS,)
-                            ) -> None:  # fmt: skip
+    def compile_first_steps(self, inputs: RowInputs, plan: SamplingPlan, steps: int, rows: tuple[int, ...]) -> None:
         """Compile, side by side, what a request with a prompt of at most MIN_BUCKET tokens runs first: the
         prefill, the first sample and a decode dispatch of `steps` steps with `plan` at each of the row buckets
         `rows`. Each is a whole-model XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so
@@ -282,16 +289,43 @@ def _join(rows, row, token, seen):
     return Rows(rows.tokens.at[row].set(token[0]), rows.seen.at[row].set(seen[0]))
 
 
-def _decode(adapter, cfg, weights, tokens, seen_all, position, table, index, cache, sp, keys, steps, plan):
+def _decode(adapter, cfg, rows_step, weights, tokens, seen_all, position, table, index, cache, sp, keys, steps, plan):
     r = position.shape[0]
 
     def step(carry, i):
         tok, pos, cache, seen = carry
-        hidden, cache = adapter.forward(weights, cfg, tok[:, None], pos[:, None], cache, table)
-        nxt, seen, scores = _sample_rows(adapter.logits(weights, cfg, hidden)[:, 0], sp, keys, index + i, seen, plan)
+        nxt, cache, seen, scores = rows_step(adapter, cfg, weights, tok, pos, table, cache, seen, sp, keys,
+                                             index + i, plan)  # fmt: skip
         return (nxt, pos + 1, cache, seen), (nxt, scores)
 
     init = (tokens[:r], position, cache, seen_all[:r])
     (last, _, cache, seen), (ids, scores) = jax.lax.scan(step, init, jnp.arange(steps))
     scores = jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), scores)
     return ids.T, tokens.at[:r].set(last), seen_all.at[:r].set(seen), cache, scores
+
+
+def _all_rows_at_once(adapter, cfg, weights, tok, pos, table, cache, seen, sp, keys, index, plan):
+    """One decode step of every row in one batched forward pass (the GPU kernels are batch invariant)."""
+    hidden, cache = adapter.forward(weights, cfg, tok[:, None], pos[:, None], cache, table)
+    nxt, seen, scores = _sample_rows(adapter.logits(weights, cfg, hidden)[:, 0], sp, keys, index, seen, plan)
+    return nxt, cache, seen, scores
+
+
+def _one_row_at_a_time(adapter, cfg, weights, tok, pos, table, cache, seen, sp, keys, index, plan):
+    """One decode step of each row on its own, in a loop over the rows. Why on the CPU: XLA:CPU picks a product's
+    and a reduction's summation order by shape (a one-row matrix product is a GEMV, a many-row one a GEMM that
+    sums otherwise; measured), so rows computed together would change bits with the batch; one at a time every row
+    runs the same program. And batching buys nothing there: a 2-row GEMM step of Gemma 3 270M took 2.3 times a
+    1-row step on 2 cores. (Rows without a sequence are computed too: a `lax.cond` around a row would make XLA
+    copy the whole KV pool into and out of the branch, every row and step.)"""
+
+    def one(cache, row):
+        t, p, tb, s, params, key, i = row
+        seen_row, params, key, i = jax.tree_util.tree_map(lambda a: a[None], (s, params, key, i))
+        hidden, cache = adapter.forward(weights, cfg, t[None, None], p[None, None], cache, tb[None])
+        nxt, seen_row, scores = _sample_rows(adapter.logits(weights, cfg, hidden)[:, 0], params, key, i, seen_row,
+                                             plan)  # fmt: skip
+        return cache, (nxt[0], seen_row[0], jax.tree_util.tree_map(lambda a: a[0], scores))
+
+    cache, (nxt, seen, scores) = jax.lax.scan(one, cache, (tok, pos, table, seen, sp, keys, index))
+    return nxt, cache, seen, scores
