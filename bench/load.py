@@ -96,11 +96,11 @@ async def round_of(url: str, streams: int, prompt: str, max_tokens: int) -> dict
 
 
 def run(model: str | None, device: str, streams: list[int], prompt_words: int, max_tokens: int, url: str | None,
-        log: Path) -> list[dict]:  # fmt: skip
+        log: Path, tensor_parallel: int = 1) -> list[dict]:  # fmt: skip
     prompt = prompt_of(prompt_words)
     proc = None
     if url is None:
-        queue = ["--max-queue", str(max(streams) - 1 or 1)]
+        queue = ["--max-queue", str(max(streams) - 1 or 1), "--tensor-parallel", str(tensor_parallel)]
         proc, url, _ = start_server(model, device, log, queue)
     try:
         asyncio.run(round_of(url, 1, prompt, max_tokens))  # warm-up: the first request may compile
@@ -120,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--json", default=None)
     ap.add_argument("--log", default="bench-load-server.log")
+    ap.add_argument("--tensor-parallel", type=int, default=1, help="the server's --tensor-parallel (devices)")
     args = ap.parse_args(argv)
     streams = [int(s) for s in args.streams.split(",")]
-    rows = run(args.model, args.device, streams, args.prompt_words, args.max_tokens, args.url, Path(args.log))
+    rows = run(args.model, args.device, streams, args.prompt_words, args.max_tokens, args.url, Path(args.log),
+               args.tensor_parallel)  # fmt: skip
     print("streams  out tok/s  TTFT p50/p99 (s)  ITL p50/p99 (ms)  errors")
     for r in rows:
         ttft = f"{r['ttft_p50_s'] or 0:.3f}/{r['ttft_p99_s'] or 0:.3f}"

@@ -145,15 +145,17 @@ class LoadMemory:
         self.events += 1
 
 
-def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats: int) -> dict:
+def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats: int, tensor_parallel: int = 1
+        ) -> dict:  # fmt: skip
     start = time.perf_counter()
     memory = LoadMemory()
-    m = worker.load(model, device=device, on_progress=memory)
+    m = worker.load(model, device=device, on_progress=memory, tensor_parallel=tensor_parallel)
     jax.block_until_ready(m.runner.weights)
     load_s = time.perf_counter() - start
     memory(0, 0)  # after the last copy has finished
     load_peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    loaded_bytes = devices.memory_stats(m.device).get("bytes_in_use")  # what /health reports as vram_bytes_used
+    loaded_bytes = m.device_bytes_used()  # what /health reports as vram_bytes_used (all the model's devices)
+    per_device = m.device_report()
     short = m.tokenizer.encode(SHORT_PROMPT)
     long = prompt_of(m.tokenizer, prompt_tokens)
 
@@ -186,6 +188,8 @@ def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats
         "load_host_peak_file_bytes": memory.peak_file,
         "load_progress_events": memory.events - 1,
         "loaded_device_bytes": loaded_bytes,
+        "tensor_parallel": tensor_parallel,
+        "loaded_bytes_per_device": [d["bytes_in_use"] for d in per_device],
         "warmup_compile_s": warmup_s,
         "prompt_tokens": prompt_tokens,
         "short_prompt_tokens": len(short),
@@ -218,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tensor-parallel", type=int, default=1, help="split the model over this many devices")
     args = ap.parse_args(argv)
-    result = run(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeats)
+    result = run(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeats, args.tensor_parallel)
     args.json.write_text(json.dumps(result, indent=1))
     print(
         f"worker {Path(args.model).name} on {result['device']['kind']}: decode {result['decode_tok_s']:.1f} tok/s, "

@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--device", choices=("cpu", "gpu", "auto"), default="gpu", help="auto = gpu if JAX sees one")
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N devices (GPUs from --gpu-device on; see docs/tensor-parallel.md)",
+    )
     p.add_argument("--callback-url", help="POST a ready message (worker id, model, vram bytes, port) here once ready")
     p.add_argument("--max-tokens-in", type=int, help="longest prompt in tokens (default: the model's context)")
     p.add_argument("--max-tokens-out", type=int, default=2048, help="largest max_tokens a request may ask (1..2048)")
@@ -127,6 +134,7 @@ def validate(args: argparse.Namespace) -> None:
         ("--max-body-bytes", args.max_body_bytes, 1024),
         ("--max-queue", args.max_queue, 0),
         ("--max-batch", args.max_batch, 1),
+        ("--tensor-parallel", args.tensor_parallel, 1),
     ]
     for flag, value, low in positive:
         if value is not None and value < low:
@@ -197,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
+    if args.tensor_parallel > 1:
+        _host_devices(args.tensor_parallel)
     started = time.monotonic()
     narrator = Narrator(args.worker_id, args.model, args.gpu_device)
     _route_python_logging(narrator)
@@ -237,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args, sock, engine, chat_template, narrator, started)
 
 
+def _host_devices(n: int) -> None:
+    """--tensor-parallel N on the CPU needs N host devices, which XLA creates only if told before JAX starts (here,
+    before anything imports it); on a GPU run the flag changes nothing."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, ChatTemplate | None]:
     """Device init -> model load (progress at 0/25/50/75/100 %) and its chat template -> the engine thread."""
     import worker
@@ -270,6 +288,7 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
         kv_memory=args.kv_memory,
         deterministic=args.deterministic,
         tokenizer_json=args.tokenizer_json,
+        tensor_parallel=args.tensor_parallel,
         on_progress=_with_bar(narrator.load_progress()) if sys.stderr.isatty() else narrator.load_progress(),
     )
     narrator.emit(

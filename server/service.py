@@ -114,6 +114,7 @@ class WorkerService:
             "status": "healthy" if resident else "unhealthy",
             "resident": resident,
             "vram_bytes_used": self.model.device_bytes_used(),
+            "devices": self.model.device_report(),  # per device: bytes in use and limit, residency
         }
         if was_resident and not resident:
             self.narrator.emit(
@@ -125,7 +126,8 @@ class WorkerService:
 
     def refresh_bytes(self) -> None:
         """Device bytes only (cheap: the allocator's counter, or array sizes on the CPU); run after each job."""
-        self._dynamic = {**self._dynamic, "vram_bytes_used": self.model.device_bytes_used()}
+        report = self.model.device_report()
+        self._dynamic = {**self._dynamic, "vram_bytes_used": sum(d["bytes_in_use"] for d in report), "devices": report}
 
     def start_monitor(self) -> None:
         def loop() -> None:

@@ -12,6 +12,8 @@
 #           bench:M    python -m bench on model M (gemma3-270m, qwen2.5-0.5b, phi3-mini, gpt-oss-20b), both engines;
 #                      skipped when an earlier call already has M's result without errors (FORCE=1 redoes it)
 #           bench-all  bench: on the four models in that order
+#           tp:N       tensor parallelism over N GPUs (docs/tensor-parallel.md): its gpu tests, then bench.worker_bench
+#                      on phi3-mini and gpt-oss-20b at 1 and N GPUs (results in $GPU_STATE/results/tp/)
 # State reused by later calls while the machine stays warm (models, llama.cpp build, results) lives in $GPU_STATE
 # (default /var/tmp/worker-gpu). Every call ends by writing, under $OUT, summary.md and summary.json (all results
 # so far), stages.txt and logs-<stages>.tar.gz. Env: SESSION_SECONDS (default 555) is the call's deadline;
@@ -87,6 +89,19 @@ do_bench() {
         --budget $((STAGE_BUDGET - 20))
 }
 
+do_tp() {
+    local n=$1 like rc=0
+    mkdir -p "$results/tp"
+    py -m pytest -q -rP -m gpu -o addopts="" -p no:cacheprovider tests/test_tensor_parallel_gpu.py || rc=1
+    for like in phi3-mini gpt-oss-20b; do
+        for k in 1 "$n"; do
+            py -m bench.worker_bench --model "$(model_path "$like")" --device gpu --tensor-parallel "$k" \
+                --json "$results/tp/$like-tp$k.json" || rc=1
+        done
+    done
+    return $rc
+}
+
 # A stage runs as `tools/gpu-session.sh --run FUNCTION ARGS` under `timeout`.
 if [ "${1:-}" = --run ]; then
     shift
@@ -139,6 +154,7 @@ for s in "$@"; do
             wait "$side" ;;
         tests) stage tests 480 do_tests ;;
         bench:*) stage "bench-${s#bench:}" 600 do_bench "${s#bench:}" ;;
+        tp:*) stage "tp-${s#tp:}" 540 do_tp "${s#tp:}" ;;
         bench-all) for m in gemma3-270m qwen2.5-0.5b phi3-mini gpt-oss-20b; do stage "bench-$m" 600 do_bench "$m"; done ;;
         *) note "unknown stage $s" ;;
     esac
@@ -149,6 +165,7 @@ py -m bench.report "$results" --out "$OUT" > "$logs/report.log" 2>&1 || note "FA
 cp "$logs/stages.txt" "$OUT/stages.txt"
 cp "$results"/*.json "$logs/" 2>/dev/null
 cp -r "$results/logs" "$logs/bench-logs" 2>/dev/null
+cp -r "$results/tp" "$logs/tp" 2>/dev/null
 tar -C "$(dirname "$logs")" -czf "$OUT/logs-$tag.tar.gz" "$(basename "$logs")"
 cat "$OUT/summary.md" 2>/dev/null
 for f in "$logs"/*.log; do

@@ -98,12 +98,14 @@ def check_fits(need: MemoryEstimate, device: jax.Device, model_path: str) -> Non
         )
 
 
-def resident(tree: Any, device: jax.Device) -> bool:
-    """M0-W-1012: every array of `tree` is alive and placed on `device` in device memory."""
+def resident(tree: Any, devices: jax.Device | set[jax.Device], shard: bool = False) -> bool:
+    """M0-W-1012: every array of `tree` is alive and placed on `devices` (a device, or a tensor-parallel mesh's
+    set) in device memory; `shard`: each array has a shard on each of `devices` (one device of a mesh)."""
+    want = devices if isinstance(devices, set) else {devices}
     for leaf in jax.tree_util.tree_leaves(tree):
         if not isinstance(leaf, jax.Array) or leaf.is_deleted():
             return False
-        if leaf.devices() != {device}:
+        if not (want <= leaf.devices() if shard else leaf.devices() == want):
             return False
         kind = getattr(leaf.sharding, "memory_kind", None)
         if kind not in (None, "device"):
@@ -111,8 +113,17 @@ def resident(tree: Any, device: jax.Device) -> bool:
     return True
 
 
-def tree_bytes(tree: Any) -> int:
-    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree) if isinstance(leaf, jax.Array))
+def tree_bytes(tree: Any, device: jax.Device | None = None) -> int:
+    """Bytes of the arrays of `tree`; with `device`, of their shards on that device."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if not isinstance(leaf, jax.Array):
+            continue
+        if device is None:
+            total += leaf.nbytes
+        else:
+            total += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == device)
+    return total
 
 
 def device_info(device: jax.Device) -> dict[str, Any]:

@@ -59,11 +59,12 @@ class KVCache:
 
 def init_cache(
     n_layers: int, pages: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32, device=None,
-    page_size: int = PAGE_SIZE,
+    page_size: int = PAGE_SIZE, sharding: jax.sharding.Sharding | None = None,
 ) -> KVCache:  # fmt: skip
-    """A zeroed pool (zeros, not uninitialised memory: a masked key's weight is 0 and 0 * NaN would be NaN)."""
+    """A zeroed pool (zeros, not uninitialised memory: a masked key's weight is 0 and 0 * NaN would be NaN).
+    `sharding` (tensor parallelism: sharding.cache_sharding) replaces the one `device`."""
     shape = (n_layers, pages, page_size, n_kv_heads, head_dim)
-    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     zeros = jax.jit(lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), out_shardings=(sharding, sharding))
     return KVCache(*zeros())
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from worker import device as devices
-from worker import ops, scheduler
+from worker import ops, scheduler, sharding
 from worker.batch import Batch, key_data
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, open_gguf
@@ -93,19 +93,35 @@ class Model:
     def device(self) -> jax.Device:
         return self.runner.device
 
+    @property
+    def devices(self) -> list[jax.Device]:
+        """The devices the model is on: one, or the tensor-parallel mesh's."""
+        return sharding.mesh_devices(self.runner.mesh) if self.runner.mesh is not None else [self.device]
+
     def resident(self) -> bool:
-        """Every weight array is alive on the model's device (M0-W-1012)."""
-        return devices.resident(self.runner.weights, self.device)
+        """Every weight array is alive on the model's devices (M0-W-1012)."""
+        return devices.resident(self.runner.weights, set(self.devices))
 
     def weight_bytes(self) -> int:
         return devices.tree_bytes(self.runner.weights)
 
     def device_bytes_used(self) -> int:
-        """Bytes in use on the device (allocator's count on a GPU; weights + KV cache on the CPU)."""
-        stats = devices.memory_stats(self.device)
-        if "bytes_in_use" in stats:
-            return stats["bytes_in_use"]
-        return self.weight_bytes() + self.runner.cache_bytes()
+        """Bytes in use on the model's devices together (allocator's count on a GPU; weights + KV cache on the
+        CPU)."""
+        return sum(d["bytes_in_use"] for d in self.device_report())
+
+    def device_report(self) -> list[dict]:
+        """Per device: id, bytes in use (the allocator's count; on the CPU, this device's shards of the weights
+        and the KV pool), bytes limit (None on the CPU) and whether every weight still has its shard there."""
+        report = []
+        for d in self.devices:
+            stats = devices.memory_stats(d)
+            used = stats.get("bytes_in_use")
+            if used is None:
+                used = devices.tree_bytes(self.runner.weights, d) + self.runner.cache_bytes() // self.runner.kv_split
+            report.append({"id": d.id, "bytes_in_use": used, "bytes_limit": stats.get("bytes_limit"),
+                           "resident": devices.resident(self.runner.weights, {d}, shard=True)})  # fmt: skip
+        return report
 
     @property
     def architecture(self) -> str:
@@ -248,6 +264,7 @@ def load_model(
     kv_memory: float = DEFAULT_KV_MEMORY,
     kv_tokens: int | None = None,
     deterministic: bool = True,
+    tensor_parallel: int = 1,
 ) -> Model:
     """Open, validate and place a model. `device`: "cpu", "gpu" or "auto". `slots`: the most positions of one
     sequence (default: the file's context, capped at 4096 on the CPU). `max_batch`: sequences decoded together
@@ -258,15 +275,19 @@ def load_model(
     `on_progress(done_bytes, total_bytes)` is called after each tensor is on the device. On a GPU, a model that
     does not fit fails with INSUFFICIENT_VRAM before any weight is copied. `backend`: the ops implementation
     (ops.BACKENDS; default: the device's), carried in the model's config; "interpret" runs the GPU kernels in
-    Pallas interpret mode on the CPU (tests)."""
+    Pallas interpret mode on the CPU (tests). `tensor_parallel`: split the model over that many devices of the
+    kind (from `gpu_index` on; docs/tensor-parallel.md); a split the model cannot take (heads, kv heads,
+    vocabulary, experts, quantized blocks) fails with MODEL_LOAD_FAILED before any weight is copied, and the
+    pre-flight counts what each device holds."""
     gf = open_gguf(path)
     adapter = adapter_for(gf.architecture)
     cfg = adapter.config(gf)
     dev = devices.pick_device(device, gpu_index)
     kind = dev.platform
-    if backend is None:
-        backend = "cpu" if kind == "cpu" else "gpu"
+    if backend is None:  # several devices: the jax.numpy ops, which SPMD partitions (sharding.mesh_for)
+        backend = "cpu" if kind == "cpu" or tensor_parallel > 1 else "gpu"
     cfg = dataclasses.replace(cfg, backend=ops.check_backend(backend))
+    mesh = sharding.mesh_for(cfg, kind, tensor_parallel, gpu_index) if tensor_parallel != 1 else None
     if slots is None:
         slots = cfg.context_length if kind != "cpu" else min(cfg.context_length, DEFAULT_CPU_SLOTS)
     if not 0.0 < kv_memory <= 1.0:
@@ -276,14 +297,27 @@ def load_model(
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"max_batch must be at least 1, got {max_batch}")
     table = adapter.weight_table(gf, cfg)  # checks the tensors' shapes against cfg before memory is sized from it
     per_token = bytes_per_slot(cfg, dtype_for(kind))
+    if mesh is not None:  # each device holds its shards: the pre-flight counts those, on every device
+        sharding.check_splits(gf, table, cfg, mesh)
+        per_token //= sharding.kv_split(mesh)
+    targets = sharding.mesh_devices(mesh) if mesh is not None else [dev]
+
+    def on_each(need: devices.MemoryEstimate) -> devices.MemoryEstimate:
+        return sharding.per_device(need, gf, table, mesh) if mesh is not None else need
+
+    def check_fits(tokens: int) -> None:
+        for d in targets:
+            devices.check_fits(on_each(devices.estimate(gf, cfg, tokens, kind)), d, str(gf.path))
+
     if kv_tokens is None:
         # At least one sequence of the whole context must fit (M0-W-1020's pre-flight check); the pool then takes
         # `kv_memory` of what is left, up to max_batch such sequences.
-        devices.check_fits(devices.estimate(gf, cfg, slots, kind), dev, str(gf.path))
-        need = devices.estimate(gf, cfg, 0, kind)
-        kv_tokens = max(slots, devices.kv_pool_tokens(need, per_token, max_batch * slots, dev, kv_memory))
+        check_fits(slots)
+        need = on_each(devices.estimate(gf, cfg, 0, kind))
+        pool = min(devices.kv_pool_tokens(need, per_token, max_batch * slots, d, kv_memory) for d in targets)
+        kv_tokens = max(slots, pool)
     else:
-        devices.check_fits(devices.estimate(gf, cfg, kv_tokens, kind), dev, str(gf.path))
+        check_fits(kv_tokens)
     if kv_tokens < 1:
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"a KV pool must hold at least one position, got {kv_tokens}")
     slots = min(slots, kv_tokens)
@@ -301,10 +335,11 @@ def load_model(
     # 2-core CPU, and the loading mostly waits on copies that release the GIL.
     with ThreadPoolExecutor(1) as pool:
         building = pool.submit(load_tokenizer, gf if tokenizer_json is None else gf.path, tokenizer_json)
-        weights = load_weights(gf, table, lambda a: jax.device_put(a, dev), progress)
+        place = sharding.placer(cfg, mesh) if mesh is not None else None
+        weights = load_weights(gf, table, lambda a: jax.device_put(a, dev), progress, place)
         if backend == "cpu":  # the layout XLA's CPU backend computes with well (quant.Int8Blocks); the gpu and
             weights = cpu_layout(weights)  # interpret backends' kernels read the block planes
         tokenizer = building.result()
-    runner = Runner(adapter, cfg, weights, dev, slots, pages_for(kv_tokens) + 1, max_batch,
-                    deterministic=deterministic)  # fmt: skip
+    runner = Runner(adapter, cfg, weights, targets[0], slots, pages_for(kv_tokens) + 1, max_batch,
+                    deterministic=deterministic, mesh=mesh)  # fmt: skip
     return Model(gf, tokenizer, runner, kind)

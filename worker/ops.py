@@ -11,6 +11,7 @@ attention float16 (the cache's dtype) with f32 accumulation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -77,10 +78,23 @@ def int8_matmul(x: jax.Array, w: Int8Blocks) -> jax.Array:
     """x [..., K] @ w.T -> [..., N] float32, walking row tiles of w: each tile is widened to float32 (exactly,
     as `dequantize`) next to its dot, inside a loop body. Why: XLA's CPU backend neither fuses a widening into a
     dot nor reuses the buffers of widenings outside loops, so a whole-matrix widening costs a fresh float32 copy
-    of every weight per call (page faults, mostly); a tile's buffer is reused and stays in cache."""
+    of every weight per call (page faults, mostly); a tile's buffer is reused and stays in cache. A matrix split by
+    rows over devices (w.parts) is walked shard by shard, side by side, so no tile spans two devices."""
     n, k = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).astype(jnp.float32)
+    if w.parts == 1:
+        return _int8_rows(x2, w).T.reshape(*lead, n)
+    p = w.parts
+    split = jax.tree_util.tree_map(lambda a: a.reshape(p, n // p, *a.shape[1:]), w)
+    shards = dataclasses.replace(split, shape=(n // p, k), parts=1)
+    y = jax.vmap(_int8_rows, in_axes=(None, 0))(x2, shards)  # [P, N/P, M]
+    return y.reshape(n, -1).T.reshape(*lead, n)
+
+
+def _int8_rows(x2: jax.Array, w: Int8Blocks) -> jax.Array:
+    """x2 [M, K] against every row of w, tile by tile: [N, M]."""
+    n, k = w.shape
     hi = jax.lax.Precision.HIGHEST
     tile = _tile_rows(n, k)
     full = n // tile
@@ -92,7 +106,7 @@ def int8_matmul(x: jax.Array, w: Int8Blocks) -> jax.Array:
     y = ys.reshape(full * tile, -1)
     if full * tile < n:
         y = jnp.concatenate([y, dot(w.rows(full * tile, n - full * tile))])
-    return y.T.reshape(*lead, n)
+    return y
 
 
 def qmatmul(
@@ -304,6 +318,14 @@ def moe_matmul(
         y = y[:, None, :] if shared else y
         return jnp.where((expert_ids == e)[..., None], y, out), None
 
-    out = jnp.zeros((*expert_ids.shape, n_out), jnp.float32)
-    out, _ = jax.lax.scan(one_expert, out, (jnp.arange(n_experts), experts.planes))
-    return out
+    def walk(ids: jax.Array, planes: dict[str, jax.Array]) -> jax.Array:
+        out, _ = jax.lax.scan(one_expert, jnp.zeros((*expert_ids.shape, n_out), jnp.float32), (ids, planes))
+        return out
+
+    if experts.parts == 1:
+        return walk(jnp.arange(n_experts), experts.planes)
+    # Experts split over devices: each device walks its own experts (a walk over the global expert axis would make
+    # XLA gather every expert onto every device); a selection belongs to one expert, so the sum adds only zeros.
+    p = experts.parts
+    planes = {k: a.reshape(p, n_experts // p, *a.shape[1:]) for k, a in experts.planes.items()}
+    return jax.vmap(walk)(jnp.arange(n_experts).reshape(p, -1), planes).sum(0)

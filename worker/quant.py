@@ -113,13 +113,14 @@ class QuantArray:
     planes: dict[str, jax.Array]
     qtype: QT
     shape: tuple[int, ...]
+    parts: int = 1  # shards of the leading axis over devices (tensor parallelism's experts: ops.moe_matmul)
 
     @property
     def nbytes(self) -> int:
         return sum(math.prod(p.shape) * p.dtype.itemsize for p in self.planes.values())
 
 
-jax.tree_util.register_dataclass(QuantArray, data_fields=["planes"], meta_fields=["qtype", "shape"])
+jax.tree_util.register_dataclass(QuantArray, data_fields=["planes"], meta_fields=["qtype", "shape", "parts"])
 
 
 def pack(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -302,6 +303,9 @@ class Int8Blocks:
     qtype: QT
     block: int
     shape: tuple[int, ...]
+    # Row shards of a tensor-parallel matrix (worker/sharding.py): ops.int8_matmul walks each shard's rows apart, so
+    # its row tiles never cross devices (a tile loop over the global rows would make XLA gather the whole matrix).
+    parts: int = 1
 
     @property
     def nbytes(self) -> int:
@@ -321,7 +325,7 @@ class Int8Blocks:
 
 
 jax.tree_util.register_dataclass(
-    Int8Blocks, data_fields=["codes", "scale", "offset"], meta_fields=["qtype", "block", "shape"]
+    Int8Blocks, data_fields=["codes", "scale", "offset"], meta_fields=["qtype", "block", "shape", "parts"]
 )
 
 
@@ -350,7 +354,8 @@ def _int8_parts(planes: dict[str, jax.Array], qtype: QT) -> Parts:
 def to_int8_blocks(q: QuantArray) -> Int8Blocks:
     """A block-format matrix [N, K] in the CPU layout (on the planes' device)."""
     codes, scale, offset = _int8_parts(q.planes, q.qtype)
-    return Int8Blocks(codes, scale, offset, q.qtype, q.shape[-1] // scale.shape[-1], q.shape)
+    parts = codes.shape[0] // codes.sharding.shard_shape(codes.shape)[0]  # 1 unless split by rows over devices
+    return Int8Blocks(codes, scale, offset, q.qtype, q.shape[-1] // scale.shape[-1], q.shape, parts)
 
 
 def cpu_layout(weights: Any) -> Any:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from worker import sharding
 from worker.kv_cache import PAGE_SIZE, KVCache, bytes_per_slot, dtype_for, init_cache, pages_for
 from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample, token_logprobs
 
@@ -96,8 +97,16 @@ class Runner:
         chunk: int = 512,
         page_size: int = PAGE_SIZE,
         deterministic: bool = True,
+        mesh: jax.sharding.Mesh | None = None,
     ):
+        """`mesh`: tensor parallelism (worker/sharding.py): inputs replicated over it, the KV pool split by kv
+        heads; `device` is then its first device."""
         self.adapter, self.cfg, self.weights, self.device = adapter, cfg, weights, device
+        self.mesh = mesh
+        one = jax.sharding.SingleDeviceSharding(device)
+        self.input_sharding = sharding.replicated(mesh) if mesh else one
+        self.cache_sharding = sharding.cache_sharding(mesh) if mesh else one
+        self.kv_split = sharding.kv_split(mesh) if mesh else 1  # devices the pool's kv heads are split over
         self.context, self.pages, self.page_size = context, pages, page_size
         self.max_batch = max_batch  # sequences at once; the row arrays have at least min_rows rows
         # `deterministic`: batch invariant (docs/batching.md). The CPU then computes each row on its own
@@ -124,14 +133,14 @@ class Runner:
     def new_cache(self, pages: int | None = None) -> KVCache:
         c = self.cfg
         return init_cache(c.n_layers, pages or self.pages, c.n_kv_heads, c.head_dim, self.cache_dtype, self.device,
-                          self.page_size)  # fmt: skip
+                          self.page_size, self.cache_sharding)  # fmt: skip
 
     def new_rows(self) -> Rows:
         put = self._put
         return Rows(put(np.zeros(self._rows, np.int32)), put(np.zeros((self._rows, self.cfg.vocab_size), bool)))
 
     def _put(self, a: np.ndarray) -> jax.Array:
-        return jax.device_put(a, self.device)
+        return jax.device_put(a, self.input_sharding)
 
     def table_width(self, positions: int) -> int:
         """The page-table bucket that covers `positions` positions."""
@@ -232,12 +241,13 @@ class Runner:
         prefill, the first sample and a decode dispatch of `steps` steps with `plan` at each of the row buckets
         `rows`. Each is a whole-model XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so
         threads overlap them. Lowered from shapes only: no KV cache or input is allocated."""
-        c, on = self.cfg, jax.sharding.SingleDeviceSharding(self.device)
+        c = self.cfg
 
-        def spec(shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+        def spec(shape: tuple[int, ...], dtype, on: jax.sharding.Sharding = self.input_sharding):
             return jax.ShapeDtypeStruct(shape, dtype, sharding=on)
 
-        kv = spec((c.n_layers, self.pages, self.page_size, c.n_kv_heads, c.head_dim), self.cache_dtype)
+        kv_shape = (c.n_layers, self.pages, self.page_size, c.n_kv_heads, c.head_dim)
+        kv = spec(kv_shape, self.cache_dtype, self.cache_sharding)
         cache, n, width = KVCache(kv, kv), min(MIN_BUCKET, self.chunk), self.table_width(1)
         ids, index = spec((1, n), jnp.int32), spec((), jnp.int32)
         state = Rows(spec((self._rows,), jnp.int32), spec((self._rows, c.vocab_size), jnp.bool_))

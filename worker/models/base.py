@@ -169,9 +169,15 @@ def to_weight(t: TensorInfo, put: Put, matrix: bool) -> QuantArray | jax.Array:
 
 
 def load_weights(
-    gf: GGUFFile, table: dict[str, tuple[tuple, bool]], put: Put, on_tensor: Callable[[int], None] | None = None
+    gf: GGUFFile,
+    table: dict[str, tuple[tuple, bool]],
+    put: Put,
+    on_tensor: Callable[[int], None] | None = None,
+    place: Callable[[TensorInfo, str], dict[str, Any]] | None = None,
 ) -> dict:
-    """Build the nested weights dict from `table`; path elements are dict keys or list indices."""
+    """Build the nested weights dict from `table`; path elements are dict keys or list indices. `place(tensor,
+    field)`: the fields a tensor becomes, instead of {field: to_weight(tensor, put)} (tensor parallelism places
+    shards through it: worker/sharding.py)."""
     check_names(gf, table)
     root: dict = {}
     for name, t in gf.tensors.items():
@@ -179,7 +185,7 @@ def load_weights(
         node = root
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = to_weight(t, put, matrix=len(t.shape) >= 2)
+        node.update(place(t, path[-1]) if place else {path[-1]: to_weight(t, put, matrix=len(t.shape) >= 2)})
         if on_tensor is not None:
             on_tensor(t.nbytes)
     return _lists(root)

@@ -1,0 +1,57 @@
+"""Runs tensor_parallel_cases.py in a process of its own with 4 CPU devices (XLA_FLAGS has to be set before JAX
+starts, and the rest of the suite keeps its one device); `--tensor-parallel` on the command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import oracles_dir
+
+from server.cli import main
+from tests.worker_process import cli, free_port
+
+HERE = Path(__file__).resolve().parent
+
+
+def base(**override: str) -> list[str]:
+    opts = {"--worker-id": "00000000-0000-4000-8000-000000000019", "--gpu-device": "0", "--port": str(free_port()),
+            "--device": "cpu", **override}  # fmt: skip
+    return [x for kv in opts.items() for x in kv]
+
+
+def test_tensor_parallel_cases_on_four_cpu_devices():
+    oracles_dir()  # a clear skip without the oracle data, rather than a child run that skips everything
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        str(HERE / "tensor_parallel_cases.py"),
+    ]
+    run = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:]
+
+
+def test_cli_refuses_fewer_than_one_device(capsys):
+    assert main(base(**{"--tensor-parallel": "0"})) == 1
+    assert capsys.readouterr().err.strip().startswith("worker-orcd: error: --tensor-parallel 0: must be at least 1")
+
+
+def test_cli_makes_the_host_devices_and_refuses_a_split_that_cuts_blocks():
+    """`--device cpu --tensor-parallel 2` gets its 2 host devices from the CLI (no XLA_FLAGS from the user), then the
+    Q4_K attention-output matrix, whose 256-value blocks 2 devices would cut, fails the start-up by name."""
+    env = {"XLA_FLAGS": ""}
+    model = str(oracles_dir() / "models" / "llama" / "model-q4_k_m.gguf")
+    out = cli(*base(**{"--model": model, "--tensor-parallel": "2"}), env=env)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("worker-orcd: error: MODEL_LOAD_FAILED: tensor parallelism: blk.0.attn_output.weight"), last
