@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -72,10 +73,9 @@ def prompts(model: str, lengths: list[int]) -> list[str]:
 
     tok = load_tokenizer(model)
     words = PARAGRAPH.split()
-    need = max(lengths) * 2 + len(lengths)  # well over one word per token
     out = []
     for i, n in enumerate(lengths):
-        text = " ".join(words[(i + k) % len(words)] for k in range(need))
+        text = " ".join(words[(i + k) % len(words)] for k in range(2 * n + 8))  # well over one word per token
         ids = tok.encode(text, add_bos=False)[: n - (1 if tok.add_bos else 0)]
         out.append(tok.decode(ids))
     return out
@@ -307,30 +307,6 @@ def run_levels(pool, plan: Plan, texts: dict[str, list[str]], url_at, protocol: 
     return rows
 
 
-class WorkerServer:
-    """The worker, started once for every level (its --max-batch covers the largest)."""
-
-    def __init__(self, model: str, device: str, log: Path, extra: list[str]):
-        self.proc, self.url, self.ready_s = start_server(model, device, log, extra)
-
-    def at(self, n: int):
-        return _Fixed(self.url)
-
-    def close(self) -> None:
-        stop(self.proc, self.url)
-
-
-class _Fixed:
-    def __init__(self, url: str):
-        self.url = url
-
-    def __enter__(self) -> str:
-        return self.url
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
 def default_levels(model: str) -> list[int]:
     from worker.gguf import open_gguf
 
@@ -339,16 +315,16 @@ def default_levels(model: str) -> list[int]:
 
 
 def worker_part(args, plan: Plan, texts, pool, log: Path, result: dict) -> list[dict]:
+    """The worker: one server (started here, or --url) for every level."""
     if args.url:
-        return run_levels(pool, plan, texts, lambda n: _Fixed(args.url), "worker", "worker")
+        return run_levels(pool, plan, texts, lambda n: contextlib.nullcontext(args.url), "worker", "worker")
     extra = worker_server_args(plan.levels, args.max_batch, worker_flags())
     result["worker_args"] = extra
-    server = WorkerServer(args.model, args.device, log, extra)
-    result["worker_ready_s"] = server.ready_s
+    proc, url, result["worker_ready_s"] = start_server(args.model, args.device, log, extra)
     try:
-        return run_levels(pool, plan, texts, server.at, "worker", "worker")
+        return run_levels(pool, plan, texts, lambda n: contextlib.nullcontext(url), "worker", "worker")
     finally:
-        server.close()
+        stop(proc, url)
 
 
 def llamacpp_server_part(args, plan: Plan, texts, pool, logs: Path, label: str, threads: int) -> list[dict]:

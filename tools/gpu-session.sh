@@ -16,7 +16,7 @@
 #           load:M     python -m bench load on model M: llama-batched-bench, llama-server -np N and the worker, N
 #                      concurrent streams (1, 8, 32, 64; and 128 for models <= 1B), 128-token and mixed prompts;
 #                      budget LOAD_SECONDS (default 180) a model; skipped when an earlier call has M's load result
-#                      without errors (FORCE=1 redoes it)
+#                      without errors (FORCE=1 redoes it); LOAD_ARGS are passed on (e.g. "--max-batch 64")
 #           load-all   load: on the four models in that order
 # State reused by later calls while the machine stays warm (models, llama.cpp build, results) lives in $GPU_STATE
 # (default /var/tmp/worker-gpu). Every call ends by writing, under $OUT, summary.md and summary.json (all results
@@ -104,7 +104,7 @@ sys.exit(1 if r["errors"] or not r["rows"] or any(x["errors"] for x in r["rows"]
         return 0
     fi
     py -m bench load --model "$(model_path "$like")" --label "$like" --device "$dev" --llamacpp "$llama_bin" \
-        --out "$results/load" --budget $((STAGE_BUDGET - 20))
+        --out "$results/load" --budget $((STAGE_BUDGET - 20)) ${LOAD_ARGS:-}
 }
 
 # A stage runs as `tools/gpu-session.sh --run FUNCTION ARGS` under `timeout`.
