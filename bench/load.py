@@ -133,22 +133,22 @@ class WorkerSSE:
 
 class LlamaServerSSE:
     """llama-server's POST /completion stream (`stream: true`): one `data: {...}` chunk per generated token with
-    `"stop": false`, then a final chunk with `"stop": true` and `timings` (prompt_n, predicted_n); an `error`
-    object instead when it fails. A chunk's content may be empty (an incomplete UTF-8 character): it is still one
-    token, as the server sends a chunk per sampled token."""
+    `"stop": false` and its ids in `tokens` (content may be empty: an incomplete UTF-8 character), then a final
+    chunk with `"stop": true` and `timings` (prompt_n, predicted_n); an error after the stream began comes as
+    `data: {"error": {...}}` (server-context.cpp), and some endpoints end with `data: [DONE]`."""
 
     def __init__(self, result: StreamResult):
         self.r = result
 
     def feed(self, line: str, now: float) -> None:
-        if not line.startswith("data:"):
+        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
             return
         data = json.loads(line[5:])
         if "error" in data:
             err = data["error"]
             self.r.error = str(err.get("type") or err.get("code") or err) if isinstance(err, dict) else str(err)
         elif not data.get("stop"):
-            self.r.stamps.append(now)
+            self.r.stamps.extend([now] * len(data.get("tokens", [None])))  # one chunk may carry several ids
         else:
             timings = data.get("timings") or {}
             self.r.tokens_out = timings.get("predicted_n", data.get("tokens_predicted"))
