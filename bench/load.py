@@ -388,11 +388,12 @@ def markdown(result: dict) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     sets = ", ".join(f"{k}: {sorted(set(v))} prompt tokens" for k, v in result["sets"].items())
-    lines += [
-        "",
-        f"Prompt sets: {sets}. Greedy; llama-server ignores EOS, the worker stops at it (min tokens/stream "
-        "shows it). Worker server args: " + " ".join(result.get("worker_args", [])) + ".",
-    ]
+    note = (
+        f"Prompt sets: {sets}. Greedy; llama-server ignores EOS, the worker stops at it (min tokens/stream shows it)."
+    )
+    if "worker_args" in result:
+        note += f" Worker server args: `{' '.join(result['worker_args'])}`."
+    lines += ["", note]
     bb = result.get("batched_bench")
     if bb:
         lines += [
