@@ -18,7 +18,8 @@ fuzz *ARGS:
 test-gpu *ARGS:
     bash tools/gpu-env.sh {{python}} -m pytest -q -rP -m gpu -o addopts="" {{ARGS}}
 
-# Benchmarks: worker vs llama.cpp on the same file and device (see bench/README.md)
+# Benchmarks: worker vs llama.cpp on the same file and device (see bench/README.md); `just bench load ...` is the
+# load mode (N concurrent streams through the real server against llama-server and llama-batched-bench)
 bench *ARGS:
     {{python}} -m bench {{ARGS}}
 

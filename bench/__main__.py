@@ -5,6 +5,9 @@ in a child process (bench/worker_bench.py), and time to first token through the 
 Each part runs on its own, so one failing part is recorded and the others still run. Writes, under --out,
 <label>-<device>.json per model, summary.md / summary.json over every result in that folder, and logs/.
 This process never starts JAX: each measured engine has the device to itself.
+
+`python -m bench load ...` (`just bench load ...`) is the load mode instead: N concurrent streams through the
+real HTTP server against llama-server and llama-batched-bench (bench/load.py; `python -m bench load --help`).
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ def bench_model(args, model: str, label: str, logs: Path, deadline: float) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["load"]:
+        from bench import load
+
+        return load.main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", help="GGUF file (repeatable; default: the embedded Gemma 3 270M)")
     ap.add_argument("--label", action="append", help="row name for each --model (default: the file's stem)")

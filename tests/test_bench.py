@@ -193,15 +193,3 @@ def test_percentiles_interpolate():
     assert load.percentile([], 0.5) is None
     assert load.percentile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert load.percentile([0.0, 10.0], 0.99) == pytest.approx(9.9)
-
-
-@pytest.mark.slow
-def test_load_rounds_through_the_real_server(tmp_path):
-    """Two rounds (1 and 3 concurrent streams) on the tiny qwen2: every stream ends with its own tokens, the
-    third waits in the queue (one job runs at a time) instead of being refused."""
-    rows = load.run(str(model("qwen2", "q4_k_m")), "cpu", [1, 3], 16, 8, None, tmp_path / "server.log")
-    assert [r["streams"] for r in rows] == [1, 3]
-    for r in rows:
-        assert r["errors"] == [] and 0 < r["output_tokens"] <= 8 * r["streams"] and r["output_tok_s"] > 0
-        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] and r["prompt_tokens"] > 0
-    assert rows[1]["itl_p50_s"] is not None

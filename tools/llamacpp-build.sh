@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-bench from the subset that tools/llamacpp-src.sh packed (.llamacpp/llama.cpp-src.tar.xz).
+# Build llama.cpp's llama-bench, llama-batched-bench and llama-server from the subset that tools/llamacpp-src.sh
+# packed (.llamacpp/llama.cpp-src.tar.xz).
 #   usage: tools/llamacpp-build.sh cpu|cuda [WORK_DIR] [--configure-only]   (default WORK_DIR: .llamacpp/<kind>)
-# Prints the path of the llama-bench binary last. cuda builds for sm_90 (H100/H200) only, to keep the build short.
+# Prints the folder of the three binaries last. cuda builds for sm_90 (H100/H200) only, to keep the build short.
 # Env: JOBS (default: all cores).
 set -euo pipefail
 
@@ -20,8 +21,11 @@ if [ ! -f "$work/llama.cpp/SOURCE" ] || [ "$tarball" -nt "$work/llama.cpp/SOURCE
 fi
 
 common=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_COMMIT="$commit" -DLLAMA_BUILD_NUMBER=0
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
-        -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF)
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF
+        -DLLAMA_BUILD_TOOLS=ON -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF
+        # llama-server without its web UI: no npm build and no download of prebuilt assets (the GPU machine is
+        # offline); the HTTP API the load bench drives is unaffected.
+        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF)
 case "$kind" in
     # Not GGML_NATIVE: -march=native turns on AMX, whose tile instructions trap (SIGILL) in this project's CPU VM.
     # Each other extension is on exactly when /proc/cpuinfo lists it (the VMs differ: an Intel Xeon with AVX-VNNI,
@@ -44,5 +48,6 @@ gen=()
 command -v ninja >/dev/null && gen=(-G Ninja)
 cmake -S "$work/llama.cpp" -B "$work/build" "${gen[@]}" "${common[@]}" "${flags[@]}"
 [ "$configure_only" = "--configure-only" ] && exit 0
-cmake --build "$work/build" --target llama-bench -j "${JOBS:-$(nproc)}"
-echo "$work/build/bin/llama-bench"
+# Only the three binaries (not mtmd's CLIs and the other targets the tools' cmake files declare).
+cmake --build "$work/build" --target llama-bench llama-batched-bench llama-server -j "${JOBS:-$(nproc)}"
+echo "$work/build/bin"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The peer engine's source for the benchmarks: llama.cpp as vendored by the llama-cpp-python sdist on PyPI,
-# cut down to what a CPU + CUDA build of llama-bench needs, packed as one tar.xz small enough to travel to the GPU
-# machine (which cannot download anything). Nothing of it is committed: it lives in .llamacpp/ (git-ignored).
+# cut down to what a CPU + CUDA build of llama-bench, llama-batched-bench and llama-server needs, packed as one
+# tar.xz small enough to travel to the GPU machine (which cannot download anything).
+# Nothing of it is committed: it lives in .llamacpp/ (git-ignored).
 #   usage: tools/llamacpp-src.sh [OUT_DIR]        (default OUT_DIR: .llamacpp)
 # Writes OUT_DIR/llama.cpp-src.tar.xz and OUT_DIR/SOURCE (versions, commit, checksums). Build it with
 # tools/llamacpp-build.sh.
@@ -25,19 +26,25 @@ grep -q "llama.cpp@$LLAMA_COMMIT" <(tar -xzOf "$sdist" "llama_cpp_python-$LCP_VE
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 top="llama_cpp_python-$LCP_VERSION/vendor/llama.cpp"
-# The subset: the build system, the llama library, common/, the vendored headers common/ uses, llama-bench, and
-# ggml with only its CPU and CUDA backends. Left out: models/ (vocab files, 75 MB), docs, tests, examples, the
-# other tools and the other backends.
-keep=(CMakeLists.txt LICENSE licenses cmake include src common vendor tools/llama-bench
+# The subset: the build system, the llama library, common/, the vendored libraries, the three tools, what
+# llama-server links (tools/mtmd, the multimodal library; tools/ui, whose cmake embeds the web UI: with no
+# prebuilt assets and no download it embeds none), and ggml with only its CPU and CUDA backends. Left out: models/
+# (vocab files, 75 MB), docs, tests, examples, the web UI's own sources (8 MB of Svelte), mtmd's sample media,
+# the other tools and the other backends.
+keep=(CMakeLists.txt LICENSE licenses cmake include src common vendor scripts/ui-assets.cmake
+      tools/llama-bench tools/batched-bench tools/server tools/mtmd
+      tools/ui/CMakeLists.txt tools/ui/sources.cmake tools/ui/ui.h.in tools/ui/ui.cpp.in
       ggml/CMakeLists.txt ggml/cmake ggml/include ggml/src/ggml-cpu ggml/src/ggml-cuda)
-tar -xzf "$sdist" -C "$work" "${keep[@]/#/$top/}"
+tar -xzf "$sdist" -C "$work" --exclude="$top/tools/server/tests" --exclude="$top/tools/server/bench" \
+    --exclude="$top/tools/mtmd/tests" --exclude="$top/tools/mtmd/test-*" "${keep[@]/#/$top/}"
 # ggml/src: its own files (not the other backends' folders).
 tar -tzf "$sdist" "$top/ggml/src/" | grep -E "^$top/ggml/src/[^/]+$" > "$work/ggml-src-files"
 tar -xzf "$sdist" -C "$work" -T "$work/ggml-src-files"
 src="$work/$top"
-# tools/CMakeLists.txt adds every tool; the subset holds one, so it adds llama-bench alone.
-printf '%s\n' "# Cut down by worker-orcd's tools/llamacpp-src.sh: llama-bench only." \
+# tools/CMakeLists.txt adds every tool; the subset adds only its own (ui and mtmd for llama-server).
+printf '%s\n' "# Cut down by worker-orcd's tools/llamacpp-src.sh: the benchmark tools and llama-server only." \
     "find_package(Threads REQUIRED)" "llama_add_compile_flags()" "add_subdirectory(llama-bench)" \
+    "add_subdirectory(batched-bench)" "add_subdirectory(ui)" "add_subdirectory(mtmd)" "add_subdirectory(server)" \
     > "$src/tools/CMakeLists.txt"
 # The sdist's .git is a submodule link to a folder it does not ship; cmake would read git metadata through it.
 rm -f "$src/.git"
