@@ -85,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kv-memory",
         type=float,
-        default=0.9,
-        help="fraction of the device memory left after the weights for the KV pool (default 0.9)",
+        help="fraction of the device memory left after the weights for the KV pool (default 0.5)",
     )
     p.add_argument(
         "--deterministic",
@@ -148,7 +147,7 @@ def validate(args: argparse.Namespace) -> None:
     ):
         if not value > 0:
             raise ArgumentError(f"{flag} {value}: must be more than 0")
-    if not 0.0 < args.kv_memory <= 1.0:
+    if args.kv_memory is not None and not 0.0 < args.kv_memory <= 1.0:
         raise ArgumentError(f"--kv-memory {args.kv_memory}: must be in (0, 1]")
     if args.api_key == "":
         raise ArgumentError("--api-key '': must not be empty")
@@ -285,7 +284,7 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
         slots=slots,
         kv_tokens=slots,
         max_batch=args.max_batch,
-        kv_memory=args.kv_memory,
+        **({} if args.kv_memory is None else {"kv_memory": args.kv_memory}),
         deterministic=args.deterministic,
         tokenizer_json=args.tokenizer_json,
         tensor_parallel=args.tensor_parallel,

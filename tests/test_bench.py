@@ -193,3 +193,12 @@ def test_percentiles_interpolate():
     assert load.percentile([], 0.5) is None
     assert load.percentile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert load.percentile([0.0, 10.0], 0.99) == pytest.approx(9.9)
+
+
+def test_batched_bench_reports_every_count(capsys):
+    from bench import batched
+
+    model = oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf"
+    batched.main(["--model", str(model), "--seqs", "1,3", "--prompt", "5", "--tokens", "4"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["seqs"] for r in out["results"]] == [1, 3] and all(r["tok_s"] > 0 for r in out["results"])

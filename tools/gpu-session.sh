@@ -82,7 +82,7 @@ do_tests() {
     if bash tools/gpu-env.sh sh -c 'command -v just' > /dev/null; then
         bash tools/gpu-env.sh just test-gpu -p no:cacheprovider
     else
-        py -m pytest -q -m gpu -o addopts="" -p no:cacheprovider
+        py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider --ignore=tests/test_fuzz.py
     fi
 }
 

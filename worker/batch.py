@@ -1,11 +1,11 @@
 """Continuous batching over one runner: sequences join the running batch at a dispatch boundary, their prompts
 are prefilled chunk by chunk between decode dispatches, they decode together, and each leaves when it ends.
 
-One `step()` is one engine iteration: admit what fits (worker/scheduler.py), queue prefill chunks (up to `chunk`
-prompt tokens, so a long prompt neither stalls the running streams for long nor waits long itself), queue one
-decode dispatch for every decoding row, then read back what the device finished earlier. The dispatch just queued
-is read in the next step, so the device never waits for the host; only int32 ids (and asked-for
-log-probabilities) cross to the host.
+One `step()` is one engine iteration: admit what fits (worker/scheduler.py), queue prefill chunks (up to
+`prefill_tokens` prompt tokens, so a long prompt neither stalls the running streams for long nor waits long
+itself), queue one decode dispatch for every decoding row, then read back what the device finished earlier. The
+dispatch just queued is read in the next step, so the device never waits for the host; only int32 ids (and
+asked-for log-probabilities) cross to the host.
 
 A sequence's end is decided here, in one place: an end-of-generation id (not handed out), its token budget
 ("max_tokens", or "context" where the context ended first). Stop strings are text, the engine's.
@@ -58,8 +58,9 @@ def union_plan(plans: Collection[SamplingPlan]) -> SamplingPlan:
 
 
 class Batch:
-    def __init__(self, runner: Runner, tokenizer: Tokenizer, steps: int):
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, steps: int, prefill_tokens: int | None = None):
         self.runner, self.tokenizer, self.steps = runner, tokenizer, steps
+        self.prefill_tokens = prefill_tokens or runner.chunk  # prompt tokens prefilled a step (at least one chunk)
         self.scheduler = Scheduler(runner.max_batch, runner.pages, runner.page_size)
         self._cache = self._rows = None  # allocated at first use
         self.on_decode: Callable[[int], None] = lambda rows: None  # told each dispatch's sequence count (metrics)
@@ -111,7 +112,7 @@ class Batch:
     # -- device work --------------------------------------------------------------------------------------------
 
     def _prefill(self) -> list[Delivery]:
-        failed, budget, r = [], self.runner.chunk, self.runner
+        failed, budget, r = [], self.prefill_tokens, self.runner
         for seq in self.scheduler.prefilling():
             if budget <= 0:
                 break

@@ -26,7 +26,10 @@ from worker.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 DEFAULT_CPU_SLOTS = 4096
 DEFAULT_MAX_BATCH = {"cpu": 4, "gpu": 64}  # sequences decoded together (--max-batch)
-DEFAULT_KV_MEMORY = 0.9  # of the device memory left after the weights, for the KV pool (--kv-memory)
+# Of the device memory left after the weights, for the KV pool (--kv-memory). 0.9 failed on an H200 (gpt-oss-20b:
+# the pool's 40 GiB zeros could not be allocated, docs/gpu.md): the allocator, CUDA and the kernels' workspaces take
+# more than the estimate leaves.
+DEFAULT_KV_MEMORY = 0.5
 # Decode steps per dispatch. A cancel is checked between dispatches, so one dispatch must stay well under 100 ms.
 # The next dispatch is queued before the previous one's ids are read, which hides a dispatch's fixed host cost
 # (~2 ms: docs/PERFORMANCE.md, 2026-12-02): on an H200, qwen2.5-0.5b generates 129 ids in 152 ms at 8 steps per
@@ -50,6 +53,13 @@ def decode_steps_for(device_kind: str, bytes_per_token: int) -> int:
         steps *= 2
     return steps
 
+
+# Prompt tokens prefilled between two decode dispatches. On a GPU, 8 chunks: at one chunk (512 tokens) a step, 64
+# streams of 128-token prompts joined 4 a dispatch while each lived 4 dispatches (128 tokens at 32 steps), so the
+# batch never grew past ~16 rows (docs/PERFORMANCE.md, 2026-12-02); 4096 tokens of a 0.5-3B model are milliseconds
+# there. On the CPU a 512-token chunk of Gemma 3 270M takes ~2 s: one chunk a step (the default) keeps the running
+# streams going.
+PREFILL_TOKENS_PER_STEP = {"gpu": 4096}
 
 GREEDY = SamplingParams()
 
@@ -86,7 +96,8 @@ class Model:
         self.device_kind = device_kind
         # The model's continuous batch over its KV pool (the pool is allocated at its first step); the engine and
         # generate_ids share it.
-        self.batch = Batch(runner, tokenizer, decode_steps_for(device_kind, gf.decode_weight_bytes))
+        steps = decode_steps_for(device_kind, gf.decode_weight_bytes)
+        self.batch = Batch(runner, tokenizer, steps, PREFILL_TOKENS_PER_STEP.get(device_kind))
         self.quant_kind = quant_kind(gf.get("general.file_type"), (t.qtype for t in gf.tensors.values()))
 
     @property

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from worker.kv_cache import KVCache, gather_layer
-from worker.pallas_kernels import decode_attention, prefill_attention, qmatvec
 from worker.pallas_kernels import moe_matmul as grouped_matmul
 from worker.pallas_kernels import paged_attention as paged
+from worker.pallas_kernels import prefill_attention, qmatvec
 from worker.quant import Int8Blocks, QuantArray, dequantize
 
 Weight = QuantArray | Int8Blocks | jax.Array
@@ -222,13 +222,9 @@ def attention(
     Key j is visible from a query at position p iff j <= p (and p - j < window on sliding layers). Slots past
     the sequence hold stale data from earlier jobs; the causal mask is what keeps them out. `sinks` [H]: a
     learned logit per head that joins the softmax denominator only (gpt-oss).
-    On the gpu/interpret backends decode (T = 1) goes to the flash-decoding kernel of worker/pallas_kernels and
-    prefill (T > 1) to its flash-attention kernel (float16 operands with float32 accumulation on the GPU).
+    On the gpu/interpret backends prefill (T > 1) goes to the flash-attention kernel of worker/pallas_kernels
+    (float16 operands with float32 accumulation on the GPU); decode reads the paged cache (`paged_attention`).
     """
-    if _attention_kernels_on(backend) and decode_attention.fits(q.shape, k_cache.shape):
-        return decode_attention.decode_attention(
-            q, k_cache, v_cache, q_positions, scale, window, sinks, interpret=backend == "interpret"
-        )
     if _attention_kernels_on(backend) and prefill_attention.fits(q.shape, k_cache.shape):
         return prefill_attention.prefill_attention(
             q, k_cache, v_cache, q_positions, scale, window, sinks, interpret=backend == "interpret"
