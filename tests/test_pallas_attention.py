@@ -6,6 +6,8 @@ shapes with a float16 cache up to 32k slots (`just test-gpu tests/test_pallas_at
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,19 +104,24 @@ def test_shapes_the_kernel_takes():
         da.decode_attention(q, k, v, pos, 1.0, interpret=True, splits=3)
 
 
-def test_ops_dispatch_sends_only_decode_to_the_kernel():
-    """T = 1 goes to this kernel; T = 2 to the prefill kernel (tests/test_pallas_prefill_attention.py)."""
+def test_ops_sends_decode_to_the_paged_kernel_not_this_one():
+    """The models decode through ops.paged_attention (the paged kernel; its twin on the CPU); ops.attention, what
+    prefill runs, never routes to this dense kernel (kept as bench/paged_attention.py's comparison)."""
+    from worker.kv_cache import KVCache
+
     q, k, v, pos, sink = inputs(1, 4, 2, 32, 64, [20], True)
-    q2 = jnp.concatenate([q, q], axis=1)
-    pos2 = jnp.concatenate([pos - 1, pos], axis=1)
+    cache = KVCache(k.reshape(1, 4, 16, 2, 32), v.reshape(1, 4, 16, 2, 32))  # 4 pages of 16: the 64 slots in order
+    table = jnp.arange(4, dtype=jnp.int32)[None]
 
-    def kernels(q, pos, backend: str) -> int:
-        jaxpr = str(jax.make_jaxpr(lambda q: ops.attention(q, k, v, pos, 0.3, 8, sink, backend=backend))(q))
-        return jaxpr.count("name=decode_attention")
+    def kernels(fn) -> list[str]:
+        jaxpr = str(jax.make_jaxpr(fn)(q))
+        return [n for n in ("name=decode_attention", "name=paged_decode_attention") if n in jaxpr]
 
-    assert kernels(q, pos, "cpu") == 0
-    assert kernels(q, pos, "interpret") == 1 and kernels(q2, pos2, "interpret") == 0
-    y = ops.attention(q, k, v, pos, 0.3, 8, sink, backend="interpret")
+    assert kernels(lambda q: ops.attention(q, k, v, pos, 0.3, 8, sink, backend="interpret")) == []
+    on = partial(ops.paged_attention, backend="interpret")
+    assert kernels(lambda q: on(q, cache, 0, table, pos, 0.3, 8, sink)) == ["name=paged_decode_attention"]
+    assert kernels(lambda q: ops.paged_attention(q, cache, 0, table, pos, 0.3, 8, sink)) == []
+    y = on(q, cache, 0, table, pos, 0.3, 8, sink)
     np.testing.assert_allclose(y, ops.attention(q, k, v, pos, 0.3, 8, sink), rtol=1e-5, atol=1e-6)
 
 

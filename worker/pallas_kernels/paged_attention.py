@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.tiling import NEG, TritonParams, key_tile, padded_dim, pow2_at_least
+from worker.pallas_kernels.tiling import NEG, TritonParams, key_tile, online_softmax_tile, padded_dim, pow2_at_least
 
 # Values per k (and v) tile, as decode_attention's (32 slots at D = 64, 16 at D >= 128): a page of 32 slots at
 # D >= 128 is walked in two tiles.
@@ -85,16 +85,7 @@ def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m
             index = (layer, page, pl.ds(s0, bs), kh, pl.ds(0, dp))
             k = plgpu.load(k_ref.at[index], mask=mask, other=0).astype(jnp.float32)
             v = plgpu.load(v_ref.at[index], mask=mask, other=0).astype(jnp.float32)
-            out = []
-            for (m, l_, acc), qv in zip(carry, qs, strict=True):
-                s = jnp.sum(k * jax.lax.expand_dims(qv, (0,)), axis=1) * jnp.float32(scale)
-                s = jnp.where(visible, s, -jnp.inf)
-                m_new = jnp.maximum(m, jnp.max(s))
-                alpha = jnp.exp(m - m_new)
-                w = jnp.exp(s - m_new)
-                acc = acc * alpha + jnp.sum(jax.lax.expand_dims(w, (1,)) * v, axis=0)
-                out.append((m_new, l_ * alpha + jnp.sum(w), acc))
-            return tuple(out)
+            return online_softmax_tile(carry, qs, k, v, visible, scale)
 
         init = tuple((jnp.float32(NEG), jnp.float32(0), jnp.zeros((dp,), jnp.float32)) for _ in range(g_n))
         final = jax.lax.fori_loop(lo, hi, step, init)

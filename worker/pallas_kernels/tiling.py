@@ -3,6 +3,7 @@ of the attention kernels), so that no kernel reaches into another's private help
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
 
@@ -42,3 +43,18 @@ def key_tile(slots: int, d: int, tile_values: int) -> int | None:
     while bs >= 16 and slots % bs:
         bs //= 2
     return bs if bs >= 16 else None
+
+
+def online_softmax_tile(carry: tuple, qs: list, k, v, visible, scale: float) -> tuple:
+    """One key tile of the decode attention kernels' online softmax: for each query head g of the group, its
+    running (max, denominator, weighted value sum) updated with k, v [bs, dp] (float32) where `visible` [bs]."""
+    out = []
+    for (m, l_, acc), qv in zip(carry, qs, strict=True):
+        s = jnp.sum(k * jax.lax.expand_dims(qv, (0,)), axis=1) * jnp.float32(scale)
+        s = jnp.where(visible, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s))
+        alpha = jnp.exp(m - m_new)
+        w = jnp.exp(s - m_new)
+        acc = acc * alpha + jnp.sum(jax.lax.expand_dims(w, (1,)) * v, axis=0)
+        out.append((m_new, l_ * alpha + jnp.sum(w), acc))
+    return tuple(out)
