@@ -226,3 +226,36 @@ def test_paged_decode_attention_equals_dense_attention_whatever_the_table_width(
         vd = v[1][tables[b]].reshape(1, -1, kh, d)
         ref = ops.attention(q[b : b + 1], jnp.asarray(kd), jnp.asarray(vd), pos[b : b + 1], 0.2, window, sink)
         np.testing.assert_allclose(np.asarray(got[b : b + 1]), np.asarray(ref), rtol=2e-5, atol=2e-6)
+
+
+def test_a_failing_prefill_ends_only_its_own_job(monkeypatch):
+    """Out of device memory in one job's prefill (simulated; the KV pool survives): that job ends with VRAM_OOM,
+    the others stream on and end normally, with the ids they would have had alone."""
+    model = worker.load(model_path("qwen2"), device="cpu", slots=256, max_batch=4)
+    prompt = "Once upon a time"
+    alone = model.generate(prompt, max_tokens=10, stop_at_eos=False)
+    real, oom_text = model.runner.prefill_chunk, " ".join(["x"] * 6)
+    oom_len = len(model.tokenizer.encode(oom_text))
+    assert oom_len != len(model.tokenizer.encode(prompt))
+
+    def failing(ids, pages, cache, start):
+        if len(ids) == oom_len:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+        return real(ids, pages, cache, start)
+
+    monkeypatch.setattr(model.runner, "prefill_chunk", failing)
+    engine = Engine(model, max_queue=4)
+    engine.start()
+    try:
+        sinks = {name: Collector() for name in ("a", "oom", "b")}
+        for name, sink in sinks.items():
+            text = oom_text if name == "oom" else prompt
+            engine.submit(JobRequest(name, text, max_tokens=10, temperature=0.0), sink)
+        results = {name: sink.until_end() for name, sink in sinks.items()}
+    finally:
+        engine.shutdown(2.0)
+    assert results["oom"][-1].code == ErrorCode.VRAM_OOM
+    for name in ("a", "b"):
+        assert isinstance(results[name][-1], End) and results[name][-1].tokens_out == 10
+        text = "".join(e.text for e in results[name] if isinstance(e, TokenEvent))
+        assert text == model.tokenizer.decode(alone, continuation=True)
