@@ -58,6 +58,9 @@ def union_plan(plans: Collection[SamplingPlan]) -> SamplingPlan:
 
 
 class Batch:
+    """The running batch of one model: its sequences, the KV pool and rows' state on the device, the dispatches
+    in flight. Driven by one thread (the engine's, or generate_ids' caller)."""
+
     def __init__(self, runner: Runner, tokenizer: Tokenizer, steps: int, prefill_tokens: int | None = None):
         self.runner, self.tokenizer, self.steps = runner, tokenizer, steps
         self.prefill_tokens = prefill_tokens or runner.chunk  # prompt tokens prefilled a step (at least one chunk)
@@ -91,6 +94,7 @@ class Batch:
         self.scheduler.release(seq)
 
     def step(self) -> list[Delivery]:
+        """One iteration (module docstring); returns what the device finished for each sequence, in order."""
         out, self._ended = self._ended, []
         self.scheduler.admit()
         if self._cache is None:
