@@ -152,10 +152,72 @@ def test_model_rules_are_refused_by_name(oracles):
     assert too_many.startswith(str(ErrorCode.INVALID_REQUEST)) and "xla_force_host_platform_device_count" in too_many
 
 
-def test_pallas_backends_are_refused_until_wrapped_in_shard_map(oracles):
-    path = oracles / "models/llama/model-q8_0.gguf"
-    msg = _refusal(lambda: worker.load(path, device="cpu", backend="interpret", tensor_parallel=2))
-    assert msg.startswith(str(ErrorCode.MODEL_LOAD_FAILED)) and "shard_map" in msg
+# The kernel backends: under a mesh each Pallas kernel runs in jax.shard_map on its device's shards (worker/ops.py).
+# Interpret mode runs a kernel's grid one program at a time and compiles slowly: a short prompt, 3 greedy tokens.
+KERNEL_POSITIONS, KERNEL_TOKENS = 12, 3
+# Bounds per model against N = 1 on the same backend: llama's kernels are float32 (the split only reorders sums);
+# gpt-oss's grouped MoE matmul rounds x to bf16, so a float32-rounding change of x before it can flip a bf16
+# rounding (measured 1.3e-3 relative at N = 4), within that kernel's own 2^-8 bound (tests/test_kernel_matrix.py).
+KERNEL_FROM_ONE = {"llama": ROUNDING, "gpt-oss": 2.0**-8}
+
+
+def _check_kernel_oracle(arch: str, logits: np.ndarray, ref: np.ndarray) -> None:
+    if arch == "llama":  # float32 kernels: the CPU gate (tests/test_backends.py)
+        check_logits(logits, ref, TOL, MARGIN)
+        return
+    # gpt-oss: the bf16 gate of its grouped MoE kernel (tests/test_pallas_moe_matmul.py): 1e-2 relative, and the
+    # oracle's argmax wherever its top two logits are clearly apart.
+    assert rel_err(logits, ref) < 1e-2
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05
+    assert clear.sum() > len(ref) // 2
+    assert (logits.argmax(-1) == ref.argmax(-1))[clear].all()
+
+
+@pytest.mark.parametrize(("arch", "splits"), [("llama", (2, 4)), ("gpt-oss", (2, 4))])
+def test_kernel_backend_splits_each_kernel_and_matches_one_device(oracles, monkeypatch, arch, splits):
+    """backend="interpret" at N = 2 and 4: the kernels see only their device's shards (rows of the output
+    projection, query heads, experts), the logits stay within the oracle gate and close to N = 1, and the greedy
+    tokens equal N = 1's."""
+    from worker.pallas_kernels import moe_matmul, paged_attention, prefill_attention, qmatvec
+
+    seen: dict[str, set] = {}
+
+    def spy(module, name: str, record) -> None:
+        real = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            seen.setdefault(name, set()).add(record(*args))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy(qmatvec, "qmatvec", lambda x, w: w.shape)
+    spy(qmatvec, "moe_matvec", lambda x, w, ids: w.shape[0])
+    spy(moe_matmul, "moe_matmul", lambda x, w, ids: w.shape[0])
+    spy(prefill_attention, "prefill_attention", lambda q, *_: q.shape[2])
+    spy(paged_attention, "paged_decode_attention", lambda q, *_: q.shape[2])
+
+    d = oracles / "models" / arch
+    ids = manifest(d)["input"]["ids"][:KERNEL_POSITIONS]
+    ref = np.load(d / f"logits-hf-f64-{VARIANTS[arch]}-dequant.npy")[:KERNEL_POSITIONS]
+    runs = {}
+    for n in (1, *splits):
+        seen.clear()
+        m = worker.load(d / f"model-{VARIANTS[arch]}.gguf", device="cpu", backend="interpret", tensor_parallel=n)
+        logits = m.logits(ids)
+        runs[n] = logits, m.generate(ids, max_tokens=KERNEL_TOKENS, stop_at_eos=False)
+        cfg = m.cfg
+        _check_kernel_oracle(arch, logits, ref)
+        # Each kernel ran, on its device's shard only: the output projection's vocabulary rows, the query heads.
+        assert (cfg.vocab_size // n, cfg.d_model) in seen["qmatvec"], n
+        assert all(shape[0] < cfg.vocab_size for shape in seen["qmatvec"]) or n == 1, n
+        assert seen["prefill_attention"] == seen["paged_decode_attention"] == {cfg.n_heads // n}, n
+        if arch == "gpt-oss":  # expert parallel: E / N experts per device, prefill (grouped) and decode (matvec)
+            assert seen["moe_matmul"] == seen["moe_matvec"] == {cfg.n_experts // n}, n
+        if n > 1:
+            assert rel_err(logits, runs[1][0].astype(np.float64)) <= KERNEL_FROM_ONE[arch], n
+            assert runs[n][1] == runs[1][1], n
 
 
 def test_server_on_four_devices_reports_each_and_streams_the_same_text(load):

@@ -295,10 +295,11 @@ def load_model(
     cfg = adapter.config(gf)
     dev = devices.pick_device(device, gpu_index)
     kind = dev.platform
-    if backend is None:  # several devices: the jax.numpy ops, which SPMD partitions (sharding.mesh_for)
-        backend = "cpu" if kind == "cpu" or tensor_parallel > 1 else "gpu"
+    if backend is None:
+        backend = "cpu" if kind == "cpu" else "gpu"
     cfg = dataclasses.replace(cfg, backend=ops.check_backend(backend))
     mesh = sharding.mesh_for(cfg, kind, tensor_parallel, gpu_index) if tensor_parallel != 1 else None
+    cfg = dataclasses.replace(cfg, mesh=mesh)  # the kernel backends' ops wrap their kernels in shard_map over it
     if slots is None:
         slots = cfg.context_length if kind != "cpu" else min(cfg.context_length, DEFAULT_CPU_SLOTS)
     if not 0.0 < kv_memory <= 1.0:

@@ -18,7 +18,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from worker import sharding
 from worker.kv_cache import KVCache, gather_layer
 from worker.pallas_kernels import moe_matmul as grouped_matmul
 from worker.pallas_kernels import paged_attention as paged
@@ -60,6 +63,80 @@ def _kernel_fits(w: Weight, rows: int, plane_ndim: int, backend: str) -> bool:
 
 def as_f32(w: Weight) -> jax.Array:
     return dequantize(w, jnp.float32) if isinstance(w, QuantArray | Int8Blocks) else w.astype(jnp.float32)
+
+
+# Tensor parallelism with the kernel backends (docs/tensor-parallel.md): XLA's SPMD partitioner cannot split a
+# Pallas call, so under a mesh each kernel runs inside `jax.shard_map` on its device's shards, with the one
+# collective the split needs written out (a psum over the devices whose partial sums meet, in a fixed order for a
+# given mesh). check_vma=False: a pallas_call has no rule for shard_map's varying-axes types; the specs below say
+# what varies.
+def _ways(axes: str | tuple[str, ...] | None, mesh: Mesh) -> int:
+    names = (axes,) if isinstance(axes, str) else axes or ()
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def _on_shards(body, mesh: Mesh, in_specs: tuple, out_specs: P):
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def _local(w: QuantArray) -> tuple[int, ...]:
+    """A split weight's shape on one device."""
+    spec = (*w.sharding.spec, *(None,) * (len(w.shape) - len(w.sharding.spec)))
+    return tuple(n // _ways(a, w.sharding.mesh) for n, a in zip(w.shape, spec, strict=True))
+
+
+def _split_qmatvec(x: jax.Array, w: QuantArray, interpret: bool) -> jax.Array:
+    """qmatvec of a weight split by output rows (q/k/v, gate/up, vocabulary: each device its rows of y, no
+    collective) or by input columns (attn_output, ffn_down: x arrives split the same way, each device's partial
+    sums are added by one psum)."""
+    mesh, (rows, cols) = w.sharding.mesh, (*w.sharding.spec, None, None)[:2]
+    lead = (None,) * (x.ndim - 1)
+    local = _local(w)
+
+    def body(x: jax.Array, planes: dict[str, jax.Array]) -> jax.Array:
+        y = qmatvec.qmatvec(x, QuantArray(planes, w.qtype, local), interpret=interpret)
+        return jax.lax.psum(y, cols) if cols is not None else y
+
+    return _on_shards(body, mesh, (P(*lead, cols), P(rows, cols)), P(*lead, rows))(x, w.planes)
+
+
+def _expert_parallel(kernel, x: jax.Array, experts: QuantArray, expert_ids: jax.Array, interpret: bool) -> jax.Array:
+    """A MoE kernel over experts split by whole experts: each device computes the selections of its own experts
+    (the others' pairs are pointed at its first expert and their results zeroed), one psum adds them up (a
+    selection belongs to one device, so the sum adds only zeros to it)."""
+    mesh, axes = experts.sharding.mesh, experts.sharding.spec[0]
+    local = _local(experts)
+
+    def body(x: jax.Array, planes: dict[str, jax.Array], ids: jax.Array) -> jax.Array:
+        own = ids - jax.lax.axis_index(axes) * local[0]
+        mine = (own >= 0) & (own < local[0])
+        y = kernel(x, QuantArray(planes, experts.qtype, local), jnp.where(mine, own, 0), interpret=interpret)
+        return jax.lax.psum(jnp.where(mine[..., None], y, 0.0), axes)
+
+    return _on_shards(body, mesh, (P(), P(axes), P()), P())(x, experts.planes, expert_ids)
+
+
+def _per_kv_head(kernel, mesh: Mesh, q: jax.Array, kv: tuple[jax.Array, ...], kv_axis: int, sinks: jax.Array | None,
+                 rest: tuple, fits) -> jax.Array | None:  # fmt: skip
+    """An attention kernel on each device's query heads (q [B, T, H, D], axis 2) and kv heads (axis `kv_axis` of
+    the k/v arrays): a device's query heads belong to the kv heads it holds (sharding.make_mesh), so no
+    collective. `rest`: replicated arguments after k, v. None where the kernel does not take the local shapes."""
+    heads, kv_heads = sharding.RULES["heads"], sharding.RULES["kv_heads"]
+    b, t, h, d = q.shape
+    kv_shape = list(kv[0].shape)
+    kv_shape[kv_axis] //= _ways(kv_heads, mesh)
+    if not fits((b, t, h // _ways(heads, mesh), d), tuple(kv_shape)):
+        return None
+    q_spec = P(None, None, heads, None)
+    kv_spec = P(*(kv_heads if i == kv_axis else None for i in range(kv[0].ndim)))
+    args = (q, *kv, *rest) + ((sinks,) if sinks is not None else ())
+    specs = (q_spec, kv_spec, kv_spec, *(P() for _ in rest)) + ((P(heads),) if sinks is not None else ())
+
+    def body(q, k, v, *more):
+        local_sinks = more[len(rest)] if sinks is not None else None
+        return kernel(q, k, v, *more[: len(rest)], local_sinks)
+
+    return _on_shards(body, mesh, specs, q_spec)(*args)
 
 
 def _tile_rows(n: int, k: int) -> int:
@@ -120,7 +197,8 @@ def qmatmul(
     if isinstance(w, Int8Blocks):
         y = int8_matmul(x, w)
     elif _kernel_fits(w, x.size // max(1, x.shape[-1]), 2, backend):
-        y = qmatvec.qmatvec(x, w, interpret=backend == "interpret")
+        split = w.sharding is not None
+        y = (_split_qmatvec if split else qmatvec.qmatvec)(x, w, interpret=backend == "interpret")
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
         # accumulation). bf16 operands cost ~1e-2 relative on the logits (docs/gpu.md), not the CPU's 1e-6.
@@ -216,6 +294,7 @@ def attention(
     sinks: jax.Array | None = None,
     *,
     backend: str = "cpu",
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """Causal GQA attention of q [B, T, H, D] over the cache [B, S, K, D], where slot j holds position j.
 
@@ -225,10 +304,19 @@ def attention(
     On the gpu/interpret backends prefill (T > 1) goes to the flash-attention kernel of worker/pallas_kernels
     (float16 operands with float32 accumulation on the GPU); decode reads the paged cache (`paged_attention`).
     """
-    if _attention_kernels_on(backend) and prefill_attention.fits(q.shape, k_cache.shape):
-        return prefill_attention.prefill_attention(
-            q, k_cache, v_cache, q_positions, scale, window, sinks, interpret=backend == "interpret"
-        )
+    if _attention_kernels_on(backend):
+
+        def kernel(q, k, v, pos, sinks):
+            return prefill_attention.prefill_attention(
+                q, k, v, pos, scale, window, sinks, interpret=backend == "interpret"
+            )
+
+        if mesh is None and prefill_attention.fits(q.shape, k_cache.shape):
+            return kernel(q, k_cache, v_cache, q_positions, sinks)
+        if mesh is not None:
+            out = _per_kv_head(kernel, mesh, q, (k_cache, v_cache), 2, sinks, (q_positions,), prefill_attention.fits)
+            if out is not None:
+                return out
     b, t, h, d = q.shape
     s, kh = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(b, t, kh, h // kh, d).astype(jnp.float32)
@@ -262,6 +350,7 @@ def paged_attention(
     sinks: jax.Array | None = None,
     *,
     backend: str = "cpu",
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """`attention` of q [B, T, H, D] over layer `layer` of the paged cache, row b reading the pages of table[b].
 
@@ -272,11 +361,20 @@ def paged_attention(
     order and runs `attention`."""
     if q.shape[1] == 1:
         args = (q, cache.k, cache.v, table, q_positions[:, 0], layer, scale, window, sinks)
-        if _attention_kernels_on(backend) and paged.fits(q.shape, cache.k.shape):
+        if _attention_kernels_on(backend) and mesh is not None:
+
+            def kernel(q, k, v, table, pos, sinks):
+                return paged.paged_decode_attention(q, k, v, table, pos, layer, scale, window, sinks,
+                                                    interpret=backend == "interpret")  # fmt: skip
+
+            out = _per_kv_head(kernel, mesh, q, (cache.k, cache.v), 3, sinks, (table, q_positions[:, 0]), paged.fits)
+            if out is not None:
+                return out
+        elif _attention_kernels_on(backend) and paged.fits(q.shape, cache.k.shape):
             return paged.paged_decode_attention(*args, interpret=backend == "interpret")
         return paged.paged_decode_attention_twin(*args)
     k, v = gather_layer(cache, layer, table)
-    return attention(q, k, v, q_positions, scale, window, sinks, backend=backend)
+    return attention(q, k, v, q_positions, scale, window, sinks, backend=backend, mesh=mesh)
 
 
 def moe_matmul(
@@ -295,10 +393,16 @@ def moe_matmul(
     """
     n_experts, n_out = experts.shape[:2]
     gathered = per_token or expert_ids.size <= n_experts
+    interpret = backend == "interpret"
+    kernel = None
     if gathered and _kernel_fits(experts, expert_ids.shape[0], 3, backend):
-        return qmatvec.moe_matvec(x, experts, expert_ids, interpret=backend == "interpret")
-    if backend != "cpu" and not gathered and grouped_matmul.fits(experts):
-        return grouped_matmul.moe_matmul(x, experts, expert_ids, interpret=backend == "interpret")
+        kernel = qmatvec.moe_matvec
+    elif backend != "cpu" and not gathered and grouped_matmul.fits(experts):
+        kernel = grouped_matmul.moe_matmul
+    if kernel is not None and experts.sharding is not None:
+        return _expert_parallel(kernel, x, experts, expert_ids, interpret)
+    if kernel is not None:
+        return kernel(x, experts, expert_ids, interpret=interpret)
     x = x.astype(jnp.float32)
     shared = x.ndim == expert_ids.ndim
     hi = jax.lax.Precision.HIGHEST

@@ -64,6 +64,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, LlamaFileType
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import Q4_K as GGUF_Q4_K
+from jax.sharding import NamedSharding
 from jax.typing import DTypeLike
 
 PLAIN_TYPES = {QT.F32: np.float32, QT.F16: np.float16, QT.BF16: jnp.bfloat16}
@@ -114,13 +115,18 @@ class QuantArray:
     qtype: QT
     shape: tuple[int, ...]
     parts: int = 1  # shards of the leading axis over devices (tensor parallelism's experts: ops.moe_matmul)
+    # Tensor parallelism: how the planes are split over the mesh, by the logical shape's axes (every plane has the
+    # same spec). Static, so that ops can wrap a Pallas kernel in shard_map at trace time; None: one device.
+    sharding: NamedSharding | None = None
 
     @property
     def nbytes(self) -> int:
         return sum(math.prod(p.shape) * p.dtype.itemsize for p in self.planes.values())
 
 
-jax.tree_util.register_dataclass(QuantArray, data_fields=["planes"], meta_fields=["qtype", "shape", "parts"])
+jax.tree_util.register_dataclass(
+    QuantArray, data_fields=["planes"], meta_fields=["qtype", "shape", "parts", "sharding"]
+)
 
 
 def pack(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> dict[str, np.ndarray]:

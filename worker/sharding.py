@@ -228,7 +228,8 @@ def _place(part: _Part, logical: tuple[str | None, ...], mesh: Mesh) -> QuantArr
         planes[plane] = jax.make_array_from_single_device_arrays(global_shape, sharding, pieces)
     if not matrix:
         return planes["w"]
-    return QuantArray(planes, qtype, shape, parts=_shards(logical[0], mesh) if len(shape) == 3 else 1)
+    parts = _shards(logical[0], mesh) if len(shape) == 3 else 1
+    return QuantArray(planes, qtype, shape, parts=parts, sharding=sharding)
 
 
 def placer(cfg: Any, mesh: Mesh) -> Callable[[TensorInfo, str], dict[str, Any]]:
@@ -308,13 +309,8 @@ def per_device(need: MemoryEstimate, gf: GGUFFile, table: dict[str, tuple[tuple,
 
 def mesh_for(cfg: Any, platform: str, n: int, first: int = 0) -> Mesh:
     """The mesh of a model loaded with tensor_parallel=n: n devices of the platform from `first` on (the GPU index;
-    CPU devices from 0), after the whole-model rules (heads, kv heads, vocabulary, experts, backend)."""
+    CPU devices from 0), after the whole-model rules (heads, kv heads, vocabulary, experts)."""
     if n < 1:
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"--tensor-parallel {n}: must be at least 1")
-    if cfg.backend != "cpu":
-        raise refuse(
-            f"the {cfg.backend!r} ops backend runs Pallas kernels, which are not wrapped in shard_map yet; "
-            "tensor parallelism runs the jax.numpy ops (backend 'cpu', the default with tensor_parallel > 1)"
-        )
     check_model(cfg, n)
     return make_mesh(cfg.n_kv_heads, pick_devices(platform, n, first if platform != "cpu" else 0))

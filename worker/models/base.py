@@ -18,6 +18,7 @@ import gguf.quants
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from worker import ops
 from worker.errors import ErrorCode, WorkerError
@@ -47,6 +48,9 @@ class ModelConfig:
     attn_scale: float
     post_norms: bool = False  # gemma3: RMS norms on the attention and FFN outputs before the residual add
     backend: str = "cpu"
+    # Tensor parallelism's device mesh (worker/sharding.py), for the ops that wrap a Pallas kernel in shard_map;
+    # None: one device. Hashable, so it is part of the compiled program like `backend`.
+    mesh: Mesh | None = None
 
     def rope(self, layer: int) -> Rope | None:
         """The rotary embedding of `layer`; None: the family has no RoPE (gpt2)."""
@@ -239,7 +243,7 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
         k = ops.rope(k, positions, rope.inv_freq, rope.neox, rope.mscale)
     cache = write_layer(cache, layer, k, v, table, positions)
     att = ops.paged_attention(q, cache, layer, table, positions, cfg.attn_scale, cfg.window(layer),
-                              lw.get("attn_sinks"), backend=be)  # fmt: skip
+                              lw.get("attn_sinks"), backend=be, mesh=cfg.mesh)  # fmt: skip
     out = ops.qmatmul(att.reshape(b, t, nh * hd), lw["attn_output"], lw.get("attn_output_b"), backend=be)
     if cfg.post_norms:
         out = ops.rms_norm(out, lw["post_attention_norm"], cfg.norm_eps)
