@@ -174,11 +174,13 @@ def _check_kernel_oracle(arch: str, logits: np.ndarray, ref: np.ndarray) -> None
     assert (logits.argmax(-1) == ref.argmax(-1))[clear].all()
 
 
-@pytest.mark.parametrize(("arch", "splits"), [("llama", (2, 4)), ("gpt-oss", (2, 4))])
+# llama at N = 2 only (its N = 4 was checked by hand, docs/tensor-parallel.md), to keep the compiles in budget:
+# gpt-oss at 4 covers the two-axis mesh (each kv head on two devices) and one expert per device.
+@pytest.mark.parametrize(("arch", "splits"), [("llama", (2,)), ("gpt-oss", (2, 4))])
 def test_kernel_backend_splits_each_kernel_and_matches_one_device(oracles, monkeypatch, arch, splits):
-    """backend="interpret" at N = 2 and 4: the kernels see only their device's shards (rows of the output
-    projection, query heads, experts), the logits stay within the oracle gate and close to N = 1, and the greedy
-    tokens equal N = 1's."""
+    """backend="interpret": the kernels see only their device's shards (rows of the output projection, query
+    heads, experts), the logits stay within the oracle gate and close to N = 1, and the greedy tokens equal
+    N = 1's."""
     from worker.pallas_kernels import moe_matmul, paged_attention, prefill_attention, qmatvec
 
     seen: dict[str, set] = {}

@@ -68,8 +68,9 @@ def as_f32(w: Weight) -> jax.Array:
 # Tensor parallelism with the kernel backends (docs/tensor-parallel.md): XLA's SPMD partitioner cannot split a
 # Pallas call, so under a mesh each kernel runs inside `jax.shard_map` on its device's shards, with the one
 # collective the split needs written out (a psum over the devices whose partial sums meet, in a fixed order for a
-# given mesh). check_vma=False: a pallas_call has no rule for shard_map's varying-axes types; the specs below say
-# what varies.
+# given mesh). check_vma=False: with the check on, every pallas_call's out_shape would have to declare how it varies
+# over the mesh axes (ShapeDtypeStruct's manual_axis_type), in kernel code that knows nothing of meshes (JAX
+# 0.10 refuses the call otherwise); the out specs below say what varies.
 def _ways(axes: str | tuple[str, ...] | None, mesh: Mesh) -> int:
     names = (axes,) if isinstance(axes, str) else axes or ()
     return math.prod(mesh.shape[a] for a in names)
