@@ -157,7 +157,7 @@ def test_oracle_model_prefill_through_the_kernel(oracles, arch, monkeypatch):
     calls = []
     twin = ops.attention
 
-    def attention(q, k, v, positions, scale, window=None, sinks=None, *, backend="cpu"):
+    def attention(q, k, v, positions, scale, window=None, sinks=None, *, backend="cpu", mesh=None):
         if q.shape[1] == 1:
             return twin(q, k, v, positions, scale, window, sinks)
         calls.append(window)
