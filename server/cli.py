@@ -312,9 +312,10 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
     if sys.stderr.isatty():
         cached = f"; kept in {cache_dir} for the next start" if cache_dir else ""
         print(f"compiling the model's steps{cached}...", file=sys.stderr, flush=True)
-    # On a GPU also the decode at every row bucket a growing load reaches (compiles run side by side on its host's
-    # cores); the 2-core CPU compiles a bucket when a load first reaches it (~15 s each for Gemma 3 270M).
-    model.warm_up(SamplingParams(temperature=1.0), all_rows=dev.platform != "cpu")
+    # Also the decode at every row bucket a growing load reaches (compiled side by side): otherwise the first time
+    # N jobs run together every running stream stalls while XLA compiles (~9 s on the 2-core CPU for Gemma 3 270M,
+    # ~50-90 s a bucket on an H200 host). The persistent cache makes later starts skip it.
+    model.warm_up(SamplingParams(temperature=1.0), all_rows=True)
 
     def on_event(name: str, fields: dict[str, Any]) -> None:
         narrator.emit(name, level="error" if name == "error" else "info", **fields)
