@@ -274,43 +274,66 @@ def test_sse_framing(srv):
 LONG_PROMPT = "Once upon a time"
 
 
-def test_client_disconnect_cancels_the_job(srv):
-    before = srv.service.metrics.render()
-    body = {"model": "m", "prompt": LONG_PROMPT, "max_tokens": MAX_OUT, "stream": True, "temperature": 0}
-    headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, headers=headers, timeout=60) as r:
-        next(r.iter_lines())
+def hold_steps(monkeypatch, srv, after_tokens: bool) -> threading.Event:
+    """Hold the engine's batch steps until the returned event is set: from the start, or once a step has delivered
+    tokens. So a disconnect test does not race the decode (the tiny model's 256 tokens can finish inside any
+    client timeout on a fast CPU)."""
+    release, real, delivered = threading.Event(), srv.model.batch.step, threading.Event()
+
+    def step():
+        if delivered.is_set() or not after_tokens:
+            release.wait(10)
+        out = real()
+        if any(d.tokens for d in out):
+            delivered.set()
+        return out
+
+    monkeypatch.setattr(srv.model.batch, "step", step)
+    return release
+
+
+def wait_for_disconnect(srv, before: int) -> None:
+    deadline = time.monotonic() + 10
+    while _disconnects(srv.service.metrics.render()) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def wait_idle(srv) -> None:
     deadline = time.monotonic() + 10
     while srv.engine.busy and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def test_client_disconnect_cancels_the_job(srv, monkeypatch):
+    before = _disconnects(srv.service.metrics.render())
+    release = hold_steps(monkeypatch, srv, after_tokens=True)
+    body = {"model": "m", "prompt": LONG_PROMPT, "max_tokens": MAX_OUT, "stream": True, "temperature": 0}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    try:
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, headers=headers, timeout=60) as r:
+            next(r.iter_lines())
+        wait_for_disconnect(srv, before)
+    finally:
+        release.set()
+    wait_idle(srv)
     assert not srv.engine.busy
-    assert _disconnects(srv.service.metrics.render()) == _disconnects(before) + 1
+    assert _disconnects(srv.service.metrics.render()) == before + 1
     ends = [json.loads(line) for line in srv.log.getvalue().splitlines()]
     assert any(e["event"] == "execute_end" and e.get("code") == "CANCELLED" for e in ends)
 
 
 def test_client_leaving_a_whole_answer_cancels_the_job(srv, monkeypatch):
-    """The job is held before its first token until the client has left, so the test does not race the decode
-    (256 tokens of the tiny model can finish inside any client timeout on a fast CPU)."""
+    """The job is held before its first token until the client has left."""
     before = _disconnects(srv.service.metrics.render())
-    release, real = threading.Event(), srv.model.generate_ids
-
-    def held(*args, **kwargs):
-        release.wait(10)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(srv.model, "generate_ids", held)
+    release = hold_steps(monkeypatch, srv, after_tokens=False)
     body = {"model": "m", "prompt": LONG_PROMPT, "max_tokens": MAX_OUT, "temperature": 0}
     try:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
-        deadline = time.monotonic() + 10
-        while _disconnects(srv.service.metrics.render()) == before and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for_disconnect(srv, before)
     finally:
         release.set()
-    while srv.engine.busy and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_idle(srv)
     assert _disconnects(srv.service.metrics.render()) == before + 1
     assert not srv.engine.busy
 
