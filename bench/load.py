@@ -36,6 +36,7 @@ import httpx
 
 from bench import llamacpp
 from bench.ttft import start_server, stop
+from worker.pallas_kernels.qmatvec import MAX_BATCH
 
 FIXED_PROMPT_TOKENS = 128
 # The mixed set: stream i gets MIXED_PROMPT_TOKENS[i % 6] prompt tokens (short and long interleaved, so every N
@@ -252,11 +253,12 @@ def worker_flags() -> set[str]:
 
 
 def worker_server_args(levels: list[int], max_batch: str, flags: set[str]) -> list[str]:
-    """--max-queue so that no level's stream is refused; --max-batch (the largest level, or the given number) when
-    the worker has it ("auto"), never with "none" (today's M0 worker runs one job and queues the rest)."""
+    """--max-queue so that no level's stream is refused; --max-batch (the largest level, at most the MAX_BATCH rows
+    the batch-invariant kernels take, or the given number) when the worker has it ("auto"), never with "none" (the
+    M0 worker runs one job and queues the rest)."""
     args = ["--max-queue", str(max(levels))]
     if max_batch != "none" and (max_batch != "auto" or "--max-batch" in flags):
-        args += ["--max-batch", str(max(levels)) if max_batch == "auto" else max_batch]
+        args += ["--max-batch", str(min(max(levels), MAX_BATCH)) if max_batch == "auto" else max_batch]
     return args
 
 

@@ -259,3 +259,12 @@ def test_a_failing_prefill_ends_only_its_own_job(monkeypatch):
         assert isinstance(results[name][-1], End) and results[name][-1].tokens_out == 10
         text = "".join(e.text for e in results[name] if isinstance(e, TokenEvent))
         assert text == model.tokenizer.decode(alone, continuation=True)
+
+
+def test_more_rows_than_the_invariant_kernels_take_is_refused_at_load():
+    from worker.errors import WorkerError
+
+    with pytest.raises(WorkerError, match="at most 64 decode rows") as err:
+        worker.load(model_path("qwen2"), device="cpu", backend="interpret", max_batch=65)
+    assert err.value.code == ErrorCode.INVALID_REQUEST
+    worker.load(model_path("qwen2"), device="cpu", backend="interpret", max_batch=65, deterministic=False)

@@ -131,6 +131,7 @@ def test_worker_gets_max_batch_only_where_it_has_the_flag():
     with_flag = {"--max-queue", "--max-batch"}
     assert load.worker_server_args([1, 8, 64], "auto", with_flag) == ["--max-queue", "64", "--max-batch", "64"]
     assert load.worker_server_args([1, 128], "none", with_flag) == ["--max-queue", "128"]
+    assert load.worker_server_args([1, 128], "auto", with_flag) == ["--max-queue", "128", "--max-batch", "64"]
     assert load.worker_server_args([1, 128], "32", {"--max-queue"}) == ["--max-queue", "128", "--max-batch", "32"]
 
 

@@ -19,6 +19,7 @@ from worker.gguf import GGUFFile, open_gguf
 from worker.kv_cache import bytes_per_slot, dtype_for, pages_for
 from worker.models import adapter_for
 from worker.models.base import load_weights
+from worker.pallas_kernels import qmatvec
 from worker.quant import cpu_layout, quant_kind
 from worker.runner import Runner
 from worker.sampling import SamplingParams, TokenLogprobs
@@ -307,6 +308,10 @@ def load_model(
     max_batch = max_batch or DEFAULT_MAX_BATCH["cpu" if kind == "cpu" else "gpu"]
     if max_batch < 1:
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"max_batch must be at least 1, got {max_batch}")
+    if deterministic and backend != "cpu" and max_batch > qmatvec.MAX_BATCH:
+        raise WorkerError(ErrorCode.INVALID_REQUEST, f"max_batch {max_batch}: the batch-invariant kernels take "
+                          f"at most {qmatvec.MAX_BATCH} decode rows; ask for that many or fewer, or turn determinism "
+                          "off")  # fmt: skip
     table = adapter.weight_table(gf, cfg)  # checks the tensors' shapes against cfg before memory is sized from it
     per_token = bytes_per_slot(cfg, dtype_for(kind))
     if mesh is not None:  # each device holds its shards: the pre-flight counts those, on every device
