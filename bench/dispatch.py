@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 import worker
-from worker.kv_cache import pages_for
+from worker.kv_cache import pages_for, table_row
 from worker.model import GREEDY
 from worker.runner import RowInputs
 from worker.sampling import SamplingParams
@@ -46,7 +46,7 @@ def single_row(m: worker.Model, ids: list[int], params: SamplingParams = GREEDY)
     token, seen, _ = r.first_token(logits, RowInputs.neutral(1, 1), ids, plan)
     inputs = RowInputs.neutral(r.min_rows, r.table_width(len(ids) + most))
     inputs.positions[0], inputs.index[0] = len(ids), 1
-    inputs.tables[0, : len(pages)] = pages
+    inputs.tables[0] = table_row(pages, inputs.tables.shape[1])
     state = {"rows": r.join(r.new_rows(), 0, token, seen), "cache": cache}
 
     def dispatch(steps: int) -> jax.Array:

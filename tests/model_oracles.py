@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from worker.gguf import open_gguf
-from worker.kv_cache import pages_for
+from worker.kv_cache import pages_for, table_row
 from worker.runner import RowInputs
 from worker.sampling import SamplingParams
 
@@ -47,11 +46,8 @@ def teacher_forced_decode(m, ids: list[int]) -> np.ndarray:
     cache, rows, out = r.new_cache(len(pages) + 1), r.new_rows(), []
     for p, tok in enumerate(ids):
         rows = r.join(rows, 0, jax.device_put(np.asarray([tok], np.int32), m.device), rows.seen[:1])
-        n = r.min_rows
-        tables = np.zeros((n, r.table_width(p + 1)), np.int32)
-        tables[0, : len(pages)] = pages[: tables.shape[1]]
-        inputs = dataclasses.replace(RowInputs.neutral(n, tables.shape[1]), tables=tables)
-        inputs.positions[0] = p
+        inputs = RowInputs.neutral(r.min_rows, r.table_width(p + 1))
+        inputs.positions[0], inputs.tables[0] = p, table_row(pages, inputs.tables.shape[1])
         nxt, rows, cache, _ = r.decode(rows, cache, inputs, 1, plan)
         out.append(int(np.asarray(nxt)[0, 0]))
     return np.asarray(out)

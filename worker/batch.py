@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from worker.kv_cache import table_row
 from worker.runner import RowInputs, Runner, Scores
 from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs, seed_key
 from worker.scheduler import Scheduler, Sequence
@@ -156,9 +157,8 @@ class Batch:
         a = RowInputs.neutral(rows, width)
         for row, s in placed:
             p = s.params
-            n = min(len(s.pages), width)
             a.positions[row], a.index[row], a.keys[row] = s.position, s.dispatched, s.key
-            a.tables[row, :n] = s.pages[:n]
+            a.tables[row] = table_row(s.pages, width)
             a.temperature[row], a.top_k[row], a.top_p[row] = p.temperature, p.top_k, p.top_p
             a.min_p[row], a.repetition_penalty[row] = p.min_p, p.repetition_penalty
         return a

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # float32 on the CPU (exact math against the float64 oracles), float16 on the GPU (the spec's KV cache).
 DTYPES = {"cpu": jnp.float32, "gpu": jnp.float16}
@@ -36,6 +37,15 @@ def bytes_per_slot(cfg: Any, dtype: Any) -> int:
 
 def pages_for(positions: int, page_size: int = PAGE_SIZE) -> int:
     return -(-positions // page_size)
+
+
+def table_row(pages: list[int], width: int) -> np.ndarray:
+    """A sequence's page table as `width` entries (a table bucket): its pages in logical order, then the null page;
+    pages past the width are cut (no position the row covers reaches them)."""
+    row = np.full(width, NULL_PAGE, np.int32)
+    n = min(len(pages), width)
+    row[:n] = pages[:n]
+    return row
 
 
 @jax.tree_util.register_dataclass

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from worker import sharding
-from worker.kv_cache import PAGE_SIZE, KVCache, bytes_per_slot, dtype_for, init_cache, pages_for
+from worker.kv_cache import PAGE_SIZE, KVCache, bytes_per_slot, dtype_for, init_cache, pages_for, table_row
 from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample, token_logprobs
 
 # (token log-probability, top ids, top log-probabilities) of sampled rows, on the device; None when not asked for
@@ -149,12 +149,6 @@ class Runner:
     def row_bucket(self, rows: int) -> int:
         return pow2_bucket(rows, self.min_rows, self._rows)
 
-    def _table(self, pages: list[int], width: int) -> np.ndarray:
-        table = np.zeros((1, width), np.int32)  # the null page
-        n = min(len(pages), width)
-        table[0, :n] = pages[:n]
-        return table
-
     # -- prefill --------------------------------------------------------------------------------------------
 
     def _chunks(self, ids: list[int], pages: list[int], start: int):
@@ -168,7 +162,7 @@ class Runner:
             tokens[0, : len(part)] = part
             positions = np.full((1, tb), width * self.page_size, np.int32)
             positions[0, : len(part)] = np.arange(start + off, end)
-            yield self._put(tokens), self._put(positions), self._put(self._table(pages, width)), len(part)
+            yield self._put(tokens), self._put(positions), self._put(table_row(pages, width)[None]), len(part)
 
     def prefill(self, ids: list[int], pages: list[int], cache: KVCache, start: int = 0) -> tuple[jax.Array, KVCache]:
         """Feed `ids` at positions start.. of the sequence holding `pages`; returns the logits [1, vocab] after the
@@ -322,20 +316,19 @@ def _all_rows_at_once(adapter, cfg, weights, tok, pos, table, cache, seen, sp, k
 
 
 def _one_row_at_a_time(adapter, cfg, weights, tok, pos, table, cache, seen, sp, keys, index, plan):
-    """One decode step of each row on its own, in a loop over the rows. Why on the CPU: XLA:CPU picks a product's
-    and a reduction's summation order by shape (a one-row matrix product is a GEMV, a many-row one a GEMM that
-    sums otherwise; measured), so rows computed together would change bits with the batch; one at a time every row
-    runs the same program. And batching buys nothing there: a 2-row GEMM step of Gemma 3 270M took 2.3 times a
-    1-row step on 2 cores. (Rows without a sequence are computed too: a `lax.cond` around a row would make XLA
-    copy the whole KV pool into and out of the branch, every row and step.)"""
+    """One decode step of each row on its own: `_all_rows_at_once` on a one-row slice, in a loop over the rows.
+    Why on the CPU: XLA:CPU picks a product's and a reduction's summation order by shape (a one-row matrix product
+    is a GEMV, a many-row one a GEMM that sums otherwise; measured), so rows computed together would change bits
+    with the batch; one at a time every row runs the same program. The price is throughput: rows no longer share
+    the weights' reads (docs/batching.md; `deterministic=False` computes them together). Rows without a sequence
+    are computed too: a `lax.cond` around a row would make XLA copy the whole KV pool into and out of the branch,
+    every row and step."""
 
     def one(cache, row):
-        t, p, tb, s, params, key, i = row
-        seen_row, params, key, i = jax.tree_util.tree_map(lambda a: a[None], (s, params, key, i))
-        hidden, cache = adapter.forward(weights, cfg, t[None, None], p[None, None], cache, tb[None])
-        nxt, seen_row, scores = _sample_rows(adapter.logits(weights, cfg, hidden)[:, 0], params, key, i, seen_row,
-                                             plan)  # fmt: skip
-        return cache, (nxt[0], seen_row[0], jax.tree_util.tree_map(lambda a: a[0], scores))
+        t, p, tb, s, params, key, i = jax.tree_util.tree_map(lambda a: a[None], row)
+        nxt, cache, seen_row, scores = _all_rows_at_once(adapter, cfg, weights, t, p, tb, cache, s, params, key, i,
+                                                         plan)  # fmt: skip
+        return cache, jax.tree_util.tree_map(lambda a: a[0], (nxt, seen_row, scores))
 
     cache, (nxt, seen, scores) = jax.lax.scan(one, cache, (tok, pos, table, seen, sp, keys, index))
     return nxt, cache, seen, scores
