@@ -17,16 +17,25 @@ import worker
 from worker.sampling import SamplingParams
 
 
-def round_tok_s(m: worker.Model, prompts: list[list[int]], tokens: int) -> float:
-    batch, produced, done = m.batch, 0, 0
+def run_round(m: worker.Model, prompts: list[list[int]], tokens: int) -> dict:
+    """One round: aggregate tok/s, the seconds until every sequence had its first id, and the decode dispatches'
+    count and mean sequences (how full the batch ran)."""
+    batch, produced, done, started, dispatched = m.batch, 0, 0, set(), []
+    batch.on_decode = dispatched.append
     for i, ids in enumerate(prompts):
         batch.add(m.sequence(ids, tokens, SamplingParams(), i, stop_at_eos=False, owner=i))
-    start = time.perf_counter()
+    start, all_started = time.perf_counter(), None
     while done < len(prompts):
         for d in batch.step():
             produced += len(d.tokens)
             done += d.finished is not None
-    return produced / (time.perf_counter() - start)
+            if d.tokens:
+                started.add(d.seq.owner)
+        if all_started is None and len(started) == len(prompts):
+            all_started = time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    return {"tok_s": produced / elapsed, "all_started_s": all_started, "dispatches": len(dispatched),
+            "mean_rows": sum(dispatched) / max(len(dispatched), 1)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,9 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [[(7 * i + 13 * j) % (vocab - 300) + 256 for j in range(args.prompt)] for i in range(max(counts))]
     results = []
     for n in counts:
-        first, steady = (round_tok_s(m, prompts[:n], args.tokens) for _ in range(2))
-        results.append({"seqs": n, "first_round_tok_s": first, "tok_s": steady})
-        print(f"{n} sequences: {steady:.1f} tok/s aggregate (first round, with its compiles: {first:.1f})", flush=True)
+        first, steady = (run_round(m, prompts[:n], args.tokens) for _ in range(2))
+        results.append({"seqs": n, "first_round_tok_s": first["tok_s"], **steady})
+        print(f"{n} sequences: {steady['tok_s']:.1f} tok/s aggregate (first round, with its compiles: "
+              f"{first['tok_s']:.1f}); all started after {steady['all_started_s']:.3f} s; {steady['dispatches']} "
+              f"decode dispatches of {steady['mean_rows']:.1f} sequences on average", flush=True)
     print(json.dumps({"model": m.path.name, "device": str(m.device), "results": results}))
 
 

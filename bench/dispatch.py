@@ -2,7 +2,9 @@
 
 For each steps-per-dispatch count, the time of one synchronized decode dispatch (median of several), the fit
 time = fixed + steps * per_step, the cost of launching a jitted call that takes the whole weights pytree, and the
-pipelined generation the worker really runs (Model.generate_ids). --trace writes a JAX profiler trace (perfetto
+pipelined generation the worker really runs (Model.generate_ids). `--rows 1,8,64` instead times one dispatch of
+that many rows decoding together (the continuous batch's step), after timing the compile of the largest row bucket
+(tracing and lowering apart from XLA's compile). --trace writes a JAX profiler trace (perfetto
 JSON) of three 8-step dispatches, to read where the fixed part goes. docs/PERFORMANCE.md has the readings.
 """
 
@@ -40,20 +42,63 @@ def single_row(m: worker.Model, ids: list[int], params: SamplingParams = GREEDY)
     """`ids` prefilled on pages of a cache of its own, its first token in row 0: returns dispatch(steps), one
     decode dispatch of that row (at the smallest row bucket) from the same position each time, left on the
     device."""
+    return rows_dispatch(m, ids, 1, params)
+
+
+def rows_dispatch(m: worker.Model, ids: list[int], n: int, params: SamplingParams = GREEDY):
+    """`single_row` for n rows: each row its own sequence (its own pages) holding `ids`; one dispatch decodes all
+    n together (at the row bucket of n)."""
     r, plan, most = m.runner, params.plan(), max(STEPS)
-    pages = list(range(1, pages_for(len(ids) + most, r.page_size) + 1))
-    logits, cache = r.prefill(ids, pages, r.new_cache(len(pages) + 1))
-    token, seen, _ = r.first_token(logits, RowInputs.neutral(1, 1), ids, plan)
-    inputs = RowInputs.neutral(r.min_rows, r.table_width(len(ids) + most))
-    inputs.positions[0], inputs.index[0] = len(ids), 1
-    inputs.tables[0] = table_row(pages, inputs.tables.shape[1])
-    state = {"rows": r.join(r.new_rows(), 0, token, seen), "cache": cache}
+    per_row = pages_for(len(ids) + most, r.page_size)
+    cache, rows = r.new_cache(n * per_row + 1), r.new_rows()
+    inputs = RowInputs.neutral(r.row_bucket(n), r.table_width(len(ids) + most))
+    for row in range(n):
+        pages = list(range(1 + row * per_row, 1 + (row + 1) * per_row))
+        logits, cache = r.prefill(ids, pages, cache)
+        token, seen, _ = r.first_token(logits, RowInputs.neutral(1, 1), ids, plan)
+        rows = r.join(rows, row, token, seen)
+        inputs.positions[row], inputs.index[row] = len(ids), 1
+        inputs.tables[row] = table_row(pages, inputs.tables.shape[1])
+    state = {"rows": rows, "cache": cache}
 
     def dispatch(steps: int) -> jax.Array:
         out, state["rows"], state["cache"], _ = r.decode(state["rows"], state["cache"], inputs, steps, plan)
         return out
 
     return dispatch
+
+
+def rows_sweep(m: worker.Model, ids: list[int], counts: list[int], steps: int, repeats: int,
+               trace: str | None) -> dict:  # fmt: skip
+    """Per row count: one synchronized `steps`-step dispatch of that many rows (median), the time a step and the
+    decode tok/s it gives (rows * steps / time); --trace: a profiler trace of the largest count."""
+    out = {}
+    for n in counts:
+        decode = rows_dispatch(m, ids, n)
+        t = _median_time(lambda: decode(steps).block_until_ready(), repeats)
+        out[n] = {"dispatch_s": t, "step_ms": 1e3 * t / steps, "tok_s": n * steps / t}
+        print(f"{n} rows: {1e3 * t / steps:.3f} ms a step, {n * steps / t:.0f} tok/s", flush=True)
+        if trace and n == max(counts):
+            jax.profiler.start_trace(trace, create_perfetto_trace=True)
+            for _ in range(2):
+                decode(steps).block_until_ready()
+            jax.profiler.stop_trace()
+    return out
+
+
+def compile_times(m: worker.Model, rows: int, steps: int) -> dict:
+    """Seconds to trace + lower, and to compile, the decode dispatch at one row bucket (not yet compiled)."""
+    r = m.runner
+    inputs = RowInputs.neutral(rows, r.table_width(1))
+    sp, keys, index = r._row_arrays(inputs)
+    state, cache = r.new_rows(), r.new_cache(2)
+    pos, table = r._put(inputs.positions), r._put(inputs.tables)
+    start = time.perf_counter()
+    lowered = r._decode.lower(r.weights, state.tokens, state.seen, pos, table, index, cache, sp, keys, steps,
+                              GREEDY.plan())  # fmt: skip
+    mid = time.perf_counter()
+    lowered.compile()
+    return {"rows": rows, "lower_s": mid - start, "compile_s": time.perf_counter() - mid}
 
 
 def run(path: str, device: str, repeats: int, trace: str | None) -> dict:
@@ -93,15 +138,34 @@ def run(path: str, device: str, repeats: int, trace: str | None) -> dict:
     return result
 
 
+def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int, trace: str | None) -> dict:
+    """--rows: the compile of the largest row bucket (lowering and XLA's compile apart), then the sweep."""
+    t0 = time.perf_counter()
+    m = worker.load(path, device=device, max_batch=max(counts))
+    result: dict = {"model": path, "device": str(m.device), "load_s": time.perf_counter() - t0, "steps": steps}
+    result["compile"] = compile_times(m, m.runner.row_bucket(max(counts)), steps)
+    print(json.dumps(result["compile"]), flush=True)
+    result["rows"] = rows_sweep(m, m.tokenizer.encode(PROMPT), counts, steps, repeats, trace)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="gpu")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--trace", default=None, help="folder for a JAX profiler trace of three 8-step dispatches")
+    ap.add_argument("--trace", default=None, help="folder for a JAX profiler trace (of three 8-step dispatches; "
+                    "with --rows, of two dispatches of the most rows)")  # fmt: skip
+    ap.add_argument("--rows", default=None, help="comma-separated row counts: time a dispatch of each instead")
+    ap.add_argument("--steps", type=int, default=8, help="steps a dispatch with --rows")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    result = run(args.model or str(worker.default_model_path()), args.device, args.repeats, args.trace)
+    path = args.model or str(worker.default_model_path())
+    if args.rows:
+        counts = [int(n) for n in args.rows.split(",")]
+        result = run_rows(path, args.device, counts, args.steps, args.repeats, args.trace)
+    else:
+        result = run(path, args.device, args.repeats, args.trace)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -14,7 +14,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from worker.pallas_kernels.qmatvec import FORMATS, plane_views
-from worker.pallas_kernels.tiling import ALL, TritonParams, static_index
+from worker.pallas_kernels.tiling import ALL, TritonParams, kernel_entry, static_index
 from worker.quant import QuantArray, dequantize
 
 BLOCK_M = 64
@@ -190,6 +190,7 @@ def _check(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> tuple[in
     return e, n, k, shared
 
 
+@kernel_entry("interpret", "block_m", "block_n", "chunk", "num_warps", "num_stages")
 def moe_matmul(
     x: jax.Array, experts: QuantArray, expert_ids: jax.Array, *, interpret: bool = False, **tiles: int | None
 ) -> jax.Array:

@@ -12,7 +12,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.tiling import NEG, TritonParams, key_tile, online_softmax_tile, padded_dim, pow2_at_least
+from worker.pallas_kernels.tiling import (
+    NEG,
+    TritonParams,
+    kernel_entry,
+    key_tile,
+    online_softmax_tile,
+    padded_dim,
+    pow2_at_least,
+)
 
 # Values per k (and v) tile, as decode_attention's (32 slots at D = 64, 16 at D >= 128): a page of 32 slots at
 # D >= 128 is walked in two tiles.
@@ -149,6 +157,7 @@ def _check(q, k_pages, v_pages, page_table, positions) -> None:
                          f"must be [B, n_pages] and [B] for B = {b}")  # fmt: skip
 
 
+@kernel_entry("scale", "window", "interpret", "pages_per_split", "num_warps", "num_stages")
 def paged_decode_attention(
     q: jax.Array,
     k_pages: jax.Array,

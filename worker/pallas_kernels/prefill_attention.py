@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.tiling import NEG, TritonParams, key_tile, padded_dim
+from worker.pallas_kernels.tiling import NEG, TritonParams, kernel_entry, key_tile, padded_dim
 
 BLOCK_M = 64  # query rows (positions x heads of a group) per program
 MIN_BLOCK = 16  # tl.dot's smallest tile dimension
@@ -93,6 +93,7 @@ def _kernel(pos_ref, q_ref, k_ref, v_ref, *refs, d, dp, bm, bk, slots, window, s
     o_ref[b, kh, pl.ds(r0, bm), :] = acc / jnp.where(l_ > 0, l_, 1)[:, None]
 
 
+@kernel_entry("scale", "window", "interpret", "block_m", "block_k", "num_warps", "num_stages")
 def prefill_attention(
     q: jax.Array,
     k_cache: jax.Array,

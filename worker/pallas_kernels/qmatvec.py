@@ -17,12 +17,13 @@ from gguf import GGMLQuantizationType as QT
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.tiling import ALL, TARGET_PROGRAMS, TritonParams, pow2_floor, static_index
+from worker.pallas_kernels.tiling import ALL, TARGET_PROGRAMS, TritonParams, kernel_entry, pow2_floor, static_index
 from worker.quant import QuantArray, dequantize
 
 MAX_ROWS = 8  # rows of x per program: one accumulator and one x load per row, unrolled
 MAX_BATCH = 64  # rows of x per dense call: programs over row groups of MAX_ROWS
 TARGET_VALUES = 8192  # weight values per program per loop step
+TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages")  # `plan`'s overrides
 
 Load = Callable[..., jax.Array]
 Parts = list[tuple[jax.Array, tuple]]
@@ -335,6 +336,7 @@ def _check(w: QuantArray, plane_ndim: int) -> None:
         raise ValueError(f"{w.qtype.name} weight: expected planes of rank {plane_ndim}")
 
 
+@kernel_entry("interpret", *TILE_ARGS)
 def qmatvec(x: jax.Array, w: QuantArray, *, interpret: bool = False, **tiles: int | None) -> jax.Array:
     """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for at most MAX_BATCH rows of x; each row's result is
     the same bits in a call of any size. `tiles`: overrides of `plan`'s arguments (block_n, chunk, splits,
@@ -364,6 +366,7 @@ def _selected_rows(x: jax.Array, expert_ids: jax.Array) -> jax.Array:
     return x.reshape(-1, x.shape[-1])
 
 
+@kernel_entry("interpret", *TILE_ARGS)
 def moe_matvec(
     x: jax.Array, experts: QuantArray, expert_ids: jax.Array, *, interpret: bool = False, **tiles: int | None
 ) -> jax.Array:
