@@ -58,9 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     for n in counts:
         first, steady = (run_round(m, prompts[:n], args.tokens) for _ in range(2))
         results.append({"seqs": n, "first_round_tok_s": first["tok_s"], **steady})
-        print(f"{n} sequences: {steady['tok_s']:.1f} tok/s aggregate (first round, with its compiles: "
-              f"{first['tok_s']:.1f}); all started after {steady['all_started_s']:.3f} s; {steady['dispatches']} "
-              f"decode dispatches of {steady['mean_rows']:.1f} sequences on average", flush=True)
+        print(
+            f"{n} sequences: {steady['tok_s']:.1f} tok/s aggregate (first round, with its compiles: "
+            f"{first['tok_s']:.1f}); all started after {steady['all_started_s']:.3f} s; {steady['dispatches']} "
+            f"decode dispatches of {steady['mean_rows']:.1f} sequences on average",
+            flush=True,
+        )
     print(json.dumps({"model": m.path.name, "device": str(m.device), "results": results}))
 
 

@@ -75,7 +75,7 @@ def rows_sweep(m: worker.Model, ids: list[int], counts: list[int], steps: int, r
     out = {}
     for n in counts:
         decode = rows_dispatch(m, ids, n)
-        t = _median_time(lambda: decode(steps).block_until_ready(), repeats)
+        t = _median_time(lambda decode=decode: decode(steps).block_until_ready(), repeats)
         out[n] = {"dispatch_s": t, "step_ms": 1e3 * t / steps, "tok_s": n * steps / t}
         print(f"{n} rows: {1e3 * t / steps:.3f} ms a step, {n * steps / t:.0f} tok/s", flush=True)
         if trace and n == max(counts):
