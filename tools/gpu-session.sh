@@ -11,6 +11,7 @@
 #           kernels    the gpu-marked quantized-matvec and batched-kernel tests; when they fail the call stops there
 #                      (a broken kernel would waste the benchmarks after it)
 #           rows:M     python -m bench.dispatch --rows 1,8,64 on model M: a decode dispatch of that many rows
+#           invariance the gpu-marked batch-invariance tests (tests/test_batching.py)
 #           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made);
 #                      synth:M only model M
 #           tests      just test-gpu
@@ -83,9 +84,9 @@ do_synth() {
     if [ -d shared/oracles/tokenizers ]; then
         mkdir -p "$state/oracles" && cp -r shared/oracles/tokenizers "$state/oracles/"
     fi
-    local like rc=0 models=("$@")
-    [ ${#models[@]} -gt 0 ] || models=(qwen2.5-0.5b phi3-mini gpt-oss-20b)
-    for like in "${models[@]}"; do
+    local like rc=0 likes=("$@")
+    [ ${#likes[@]} -gt 0 ] || likes=(qwen2.5-0.5b phi3-mini gpt-oss-20b)
+    for like in "${likes[@]}"; do
         [ -s "$models/$like.gguf" ] && { echo "have $like"; continue; }
         py -m bench.synth --like "$like" --out "$models/$like.gguf.part" --oracles "$state/oracles" &&
             mv "$models/$like.gguf.part" "$models/$like.gguf" || rc=1
@@ -106,6 +107,10 @@ do_tests() {
 do_kernels() {
     py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider tests/test_pallas_qmatvec.py \
         tests/test_batched_kernels.py
+}
+
+do_invariance() {
+    py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider tests/test_batching.py
 }
 
 do_rows() {
@@ -197,6 +202,7 @@ for s in "$@"; do
             echo $! > "$build_pid" ;;
         kernels) stage kernels 240 do_kernels || { note "STOP: the kernel tests failed"; break; } ;;
         rows:*) stage "rows-${s#rows:}" 150 do_rows "${s#rows:}" ;;
+        invariance) stage invariance 180 do_invariance ;;
         synth) stage synth 300 do_synth ;;
         synth:*) stage "synth-${s#synth:}" 300 do_synth "${s#synth:}" ;;
         prep)

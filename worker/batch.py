@@ -13,6 +13,7 @@ A sequence's end is decided here, in one place: an end-of-generation id (not han
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -98,8 +99,7 @@ class Batch:
         """One iteration (module docstring); returns what the device finished for each sequence, in order."""
         out, self._ended = self._ended, []
         self.scheduler.admit()
-        if self._cache is None:
-            self._cache, self._rows = self.runner.new_cache(), self.runner.new_rows()
+        self._ensure_state()
         out.extend(self._prefill())
         queued = False
         decoding = self.scheduler.decoding()
@@ -114,7 +114,28 @@ class Batch:
             out.extend(self._deliver(self._pending.popleft()))
         return out
 
+    def time_decode(self, rows: int, plan: SamplingPlan, repeats: int = 3) -> float:
+        """Seconds one decode dispatch of `rows` rows takes at the current steps (the least of `repeats`, after one
+        untimed): rows without a sequence, at position 0 on the null page, do a row's matrix work. For sizing the
+        steps of a dispatch; only while no sequence runs (it uses the pool's null page and idle rows)."""
+        if self.busy:
+            raise RuntimeError("time_decode needs an idle batch")
+        self._ensure_state()
+        r, best = self.runner, float("inf")
+        inputs = RowInputs.neutral(r.row_bucket(rows), r.table_width(1))
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            ids, self._rows, self._cache, _ = r.decode(self._rows, self._cache, inputs, self.steps, plan)
+            ids.block_until_ready()
+            if i:
+                best = min(best, time.perf_counter() - start)
+        return best
+
     # -- device work --------------------------------------------------------------------------------------------
+
+    def _ensure_state(self) -> None:
+        if self._cache is None:
+            self._cache, self._rows = self.runner.new_cache(), self.runner.new_rows()
 
     def _prefill(self) -> list[Delivery]:
         failed, budget, r = [], self.prefill_tokens, self.runner

@@ -22,7 +22,7 @@ from worker.models.base import load_weights
 from worker.pallas_kernels import qmatvec
 from worker.quant import cpu_layout, quant_kind
 from worker.runner import Runner
-from worker.sampling import SamplingParams, TokenLogprobs
+from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs
 from worker.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 DEFAULT_CPU_SLOTS = 4096
@@ -34,15 +34,24 @@ DEFAULT_KV_MEMORY = 0.5
 # Decode steps per dispatch. A cancel is checked between dispatches, so one dispatch must stay well under 100 ms.
 # The next dispatch is queued before the previous one's ids are read, which hides a dispatch's fixed host cost
 # (~2 ms: docs/PERFORMANCE.md, 2026-12-02): on an H200, qwen2.5-0.5b generates 129 ids in 152 ms at 8 steps per
-# dispatch and 155 ms at 64, so the count only bounds the cancel latency. The GPU count is the power of two in
-# [8, 64] that keeps an estimated dispatch near DISPATCH_TARGET_S, the estimate being the bytes a token reads at
-# EFFECTIVE_BANDWIDTH plus a fixed per-step cost. On the CPU a step of the
-# 270M model takes 40-90 ms on 2 cores (docs/PERFORMANCE.md) and a dispatch costs next to nothing more (one step per
-# dispatch measured within the noise of forward + logits + sample), so two steps would pass the 100 ms bound for no
-# gain: one step per dispatch.
+# dispatch and 155 ms at 64, so the count only bounds the cancel latency. The GPU count starts as the power of two
+# in [8, 64] that keeps an estimated dispatch near DISPATCH_TARGET_S, the estimate being the bytes a token reads at
+# EFFECTIVE_BANDWIDTH plus a fixed per-step cost; the server's warm-up then times a dispatch of its largest row
+# bucket and sizes the count from that (Model.calibrate_steps), as 64 rows take several times one row's step. On
+# the CPU a step of the 270M model takes 40-90 ms on 2 cores (docs/PERFORMANCE.md) and a dispatch costs next to
+# nothing more (one step per dispatch measured within the noise of forward + logits + sample), so two steps would
+# pass the 100 ms bound for no gain: one step per dispatch.
 DISPATCH_TARGET_S = 0.03
 EFFECTIVE_BANDWIDTH = 2.0e12
 STEP_OVERHEAD_S = 0.5e-3
+
+
+def steps_within(per_step_s: float, target_s: float) -> int:
+    """The most steps (a power of two in [1, 64]) whose dispatch stays within target_s."""
+    steps = 1
+    while steps < 64 and 2 * steps * per_step_s <= target_s:
+        steps *= 2
+    return steps
 
 
 def decode_steps_for(device_kind: str, bytes_per_token: int) -> int:
@@ -229,13 +238,25 @@ class Model:
     def warm_up(self, params: SamplingParams = GREEDY, all_rows: bool = False) -> None:
         """Compile what a first request with a short prompt and `params`' sampling stages runs (the model-sized
         compiles side by side), with `all_rows` the decode at every row bucket (what a growing load reaches), then
-        run one such request of two tokens."""
+        run one such request of two tokens. With `all_rows` on a GPU, the steps of a dispatch are first sized from
+        a timed dispatch of the largest bucket (`calibrate_steps`)."""
         seq = self.sequence([0], 1, params, 0)
-        rows = self.runner.row_buckets() if all_rows else self.runner.row_buckets()[:1]
-        self.runner.compile_first_steps(self.batch.row_inputs([(0, seq)], 1, 1), params.plan(), self.decode_steps,
-                                        tuple(rows))  # fmt: skip
+        inputs, plan, rows = self.batch.row_inputs([(0, seq)], 1, 1), params.plan(), self.runner.row_buckets()
+        if all_rows and self.device_kind != "cpu":
+            self.runner.compile_first_steps(inputs, plan, self.decode_steps, rows[-1:])
+            self.calibrate_steps(plan)
+        self.runner.compile_first_steps(inputs, plan, self.decode_steps, tuple(rows if all_rows else rows[:1]))
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass
+
+    def calibrate_steps(self, plan: SamplingPlan) -> int:
+        """Set the decode steps of a dispatch from a timed dispatch of the largest row bucket: the most (a power of
+        two, at most 64) that keep it within DISPATCH_TARGET_S, so that a cancel lands within its bound at full
+        load. The byte-count estimate the model starts with misses by 6x once 64 rows share a dispatch (phi3-mini
+        on an H200: 16 steps of 64 rows took 165 ms)."""
+        per_step = self.batch.time_decode(self.runner.row_buckets()[-1], plan) / self.batch.steps
+        self.batch.steps = steps_within(per_step, DISPATCH_TARGET_S)
+        return self.batch.steps
 
     def generate(
         self,

@@ -286,14 +286,17 @@ def _kernel(ids_ref, x_ref, *refs, fmt: Format, names: Sequence[str], n: int, bl
 
 
 def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks: int, p: Plan, t_size: int,
-                precision):  # fmt: skip
-    """Dense: program (r, i, j) computes rows [r*ROW_TILE, (r+1)*ROW_TILE) of x (in parts, `x_parts`) against
-    output columns [i*BN, (i+1)*BN) over split j of K, one dot per dequantized part."""
+                x_rows: int, precision):  # fmt: skip
+    """Dense: program (r, i, j) computes rows [r*ROW_TILE, (r+1)*ROW_TILE) of x (in parts, `x_parts`; `x_rows`
+    rows) against output columns [i*BN, (i+1)*BN) over split j of K, one dot per dequantized part. Rows past
+    x_rows are masked loads of zeros, not zeros in memory: one row reads one row of x, while its dot is the same
+    ROW_TILE-row product as in a full call (so the row's bits are too)."""
     *plane_refs, o_ref = refs
     planes = dict(zip(names, plane_refs, strict=True))
     bm, bn, c = ROW_TILE, p.block_n, p.chunk
     r0, row0, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
     rows_ok = (row0 + jnp.arange(bn)) < n if n % bn else None
+    x_ok = (r0 + jnp.arange(bm)) < x_rows if x_rows % bm else None
     mask_k = p.splits * p.steps * c > blocks
 
     def step(s, acc):
@@ -302,11 +305,14 @@ def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks:
         load = _tile_loader(planes, fmt, static_index(0), row0, b0, bn, c, rows_ok, blocks_ok)
         for part, (w, _) in enumerate(fmt.parts(load)):
             ref = x_ref.at[static_index(part), pl.ds(r0, bm), pl.ds(b0 * t_size, c * t_size)]
-            if blocks_ok is None:
-                xv = plgpu.load(ref)
-            else:
-                cols_ok = (b0 * t_size + jnp.arange(c * t_size)) < blocks * t_size
-                xv = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(cols_ok, (bm, c * t_size), (1,)), other=0)
+            shape, mask = (bm, c * t_size), None
+            if x_ok is not None:
+                mask = jax.lax.broadcast_in_dim(x_ok, shape, (0,))
+            if blocks_ok is not None:
+                cols = (b0 * t_size + jnp.arange(c * t_size)) < blocks * t_size
+                cols_ok = jax.lax.broadcast_in_dim(cols, shape, (1,))
+                mask = cols_ok if mask is None else mask & cols_ok
+            xv = plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
             acc += jax.lax.dot_general(xv, w.reshape(bn, c * t_size), (((1,), (1,)), ((), ())), precision=precision,
                                        preferred_element_type=jnp.float32)  # fmt: skip
         return acc
@@ -363,12 +369,12 @@ def _call(
     n_blocks = pl.cdiv(n, p.block_n)
     common = dict(fmt=fmt, names=names, n=n, blocks=k // fmt.sb, p=p)
     if ids is None:
-        padded = pl.cdiv(t, ROW_TILE) * ROW_TILE
-        xp = x_parts(jnp.pad(x, ((0, padded - t), (0, 0))), w.qtype, jnp.float32)  # [P, rows, K / P]
+        padded = pl.cdiv(t, ROW_TILE) * ROW_TILE  # the output's rows; x keeps its own (masked in the kernel)
+        xp = x_parts(x, w.qtype, jnp.float32)  # [P, T, K / P]
         # TF32 operands (10-bit mantissas) with float32 sums on the GPU; interpret mode (the CPU) has no TF32
         precision = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32
         t_size = math.prod(parts_layout(w.qtype)[1])
-        kernel = functools.partial(_dot_kernel, **common, t_size=t_size, precision=precision)
+        kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, precision=precision)
         grid, args = (padded // ROW_TILE, n_blocks, p.splits), (xp, *planes)
     else:
         padded = t

@@ -1,0 +1,34 @@
+"""The decode steps of a dispatch sized from a timed dispatch (Model.calibrate_steps): the arithmetic, and that
+timing a dispatch leaves the batch as it was (it decodes idle rows on the null page)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import oracles_dir
+
+import worker
+from worker.model import GREEDY, steps_within
+
+
+@pytest.mark.parametrize(
+    ("per_step", "target", "want"),
+    [(0.01, 0.03, 2), (0.0103, 0.03, 2), (0.0077, 0.03, 2), (0.001, 0.03, 16), (1e-5, 0.03, 64), (0.05, 0.03, 1)],
+)
+def test_steps_within_is_the_largest_power_of_two_that_fits(per_step, target, want):
+    assert steps_within(per_step, target) == want
+    assert want * per_step <= target or want == 1
+
+
+def test_calibrating_sets_a_power_of_two_and_leaves_generation_unchanged():
+    m = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", max_batch=4)
+    before = m.generate([5, 9, 13], max_tokens=6, stop_at_eos=False)
+    steps = m.calibrate_steps(GREEDY.plan())
+    assert steps in (1, 2, 4, 8, 16, 32, 64) and m.decode_steps == steps
+    assert m.generate([5, 9, 13], max_tokens=6, stop_at_eos=False) == before
+
+
+def test_timing_a_dispatch_needs_an_idle_batch():
+    m = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", max_batch=2)
+    m.batch.add(m.sequence([5, 9], 4, GREEDY, 0))
+    with pytest.raises(RuntimeError, match="idle"):
+        m.batch.time_decode(2, GREEDY.plan())
