@@ -215,8 +215,8 @@ def test_kernel_backend_splits_each_kernel_and_matches_one_device(oracles, monke
         assert (cfg.vocab_size // n, cfg.d_model) in seen["qmatvec"], n
         assert all(shape[0] < cfg.vocab_size for shape in seen["qmatvec"]) or n == 1, n
         assert seen["prefill_attention"] == seen["paged_decode_attention"] == {cfg.n_heads // n}, n
-        if arch == "gpt-oss":  # expert parallel: E / N experts per device, prefill and decode (the grouped kernel)
-            assert seen["moe_matmul"] == {cfg.n_experts // n}, n
+        if arch == "gpt-oss":  # expert parallel: E / N experts per device, prefill (grouped) and decode (matvec)
+            assert seen["moe_matmul"] == seen["moe_matvec"] == {cfg.n_experts // n}, n
         if n > 1:
             assert rel_err(logits, runs[1][0].astype(np.float64)) <= KERNEL_FROM_ONE[arch], n
             assert runs[n][1] == runs[1][1], n

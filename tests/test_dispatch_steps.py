@@ -1,5 +1,6 @@
 """The decode steps of a dispatch sized from a timed dispatch (Model.calibrate_steps): the arithmetic, and that
-timing a dispatch leaves the batch as it was (it decodes idle rows on the null page)."""
+timing a dispatch leaves the batch as it was (it decodes idle rows on the null page); and the one kind of decode
+kernel a batch-invariant model uses (model.decode_kernels_for)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from conftest import oracles_dir
 
 import worker
-from worker.model import GREEDY, steps_within
+from worker.model import GREEDY, decode_kernels_for, steps_within
 
 
 @pytest.mark.parametrize(
@@ -32,3 +33,18 @@ def test_timing_a_dispatch_needs_an_idle_batch():
     m.batch.add(m.sequence([5, 9], 4, GREEDY, 0))
     with pytest.raises(RuntimeError, match="idle"):
         m.batch.time_decode(2, GREEDY.plan())
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "deterministic", "want"),
+    [(64, True, "tensor-cores"), (9, True, "tensor-cores"), (8, True, "per-row"), (1, True, "per-row"),
+     (64, False, "by-rows"), (1, False, "by-rows")],
+)  # fmt: skip
+def test_a_batch_invariant_model_uses_one_kind_of_decode_kernel(max_batch, deterministic, want):
+    assert decode_kernels_for(max_batch, deterministic) == want
+
+
+def test_the_model_config_carries_its_decode_kernels():
+    path = oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf"
+    assert worker.load(path, device="cpu", backend="interpret", max_batch=16).cfg.decode_kernels == "tensor-cores"
+    assert worker.load(path, device="cpu", backend="interpret", max_batch=2).cfg.decode_kernels == "per-row"

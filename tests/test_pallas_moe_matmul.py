@@ -106,16 +106,25 @@ def test_plan_and_fits_on_real_shapes():
         mm.plan(QT.MXFP4, 48, 64, block_m=24)
 
 
-def test_ops_sends_prefill_and_decode_selections_to_the_grouped_kernel():
+def test_ops_sends_selections_to_the_kernel_the_decode_kernels_say():
     experts, _ = random_weight(QT.MXFP4, (4, 32, 64), seed=1)
 
-    def kernels(m: int, backend: str) -> list[str]:
+    def kernels(m: int, backend: str, per_token: bool = False) -> list[str]:
         x, ids = jnp.ones((m, 64)), routed(m, 2, 4, 0, "uniform")
-        jaxpr = str(jax.make_jaxpr(lambda x, i: ops.moe_matmul(x, experts, i, backend=backend))(x, ids))
+        call = lambda x, i: ops.moe_matmul(x, experts, i, backend=backend, per_token=per_token)  # noqa: E731
+        jaxpr = str(jax.make_jaxpr(call)(x, ids))
         return [name for name in ("qmatvec_mxfp4", "moe_matmul_mxfp4") if name in jaxpr]
 
     assert kernels(9, "cpu") == []
-    assert kernels(2, "interpret") == kernels(9, "interpret") == ["moe_matmul_mxfp4"]
+    # By rows (the default): few selections to the routed matvec, many (prefill) to the grouped matmul.
+    assert kernels(2, "interpret") == ["qmatvec_mxfp4"] and kernels(9, "interpret") == ["moe_matmul_mxfp4"]
+    # Decode (per_token) follows the decode kernels: by rows, per row, or tensor cores for any count.
+    assert kernels(8, "interpret", per_token=True) == ["qmatvec_mxfp4"]
+    assert kernels(9, "interpret", per_token=True) == ["moe_matmul_mxfp4"]
+    with ops.decode_kernels("tensor-cores"):
+        assert kernels(2, "interpret", per_token=True) == ["moe_matmul_mxfp4"]
+    with ops.decode_kernels("per-row"):
+        assert kernels(9, "interpret", per_token=True) == ["qmatvec_mxfp4"]
 
 
 def test_gpt_oss_prefill_through_the_kernel_matches_hf(oracles, monkeypatch):

@@ -46,6 +46,16 @@ EFFECTIVE_BANDWIDTH = 2.0e12
 STEP_OVERHEAD_S = 0.5e-3
 
 
+def decode_kernels_for(max_batch: int, deterministic: bool) -> str:
+    """The decode kernels (ops.DECODE_KERNELS) of a model decoding up to max_batch rows together. Batch invariant:
+    one kind for every call, the tensor-core kernels where a dispatch can hold more rows than one per-row program
+    takes (they make one pass over the weights for 64 rows, the per-row ones one per 8, but the per-row ones are
+    faster for a few rows: docs/batching.md). Not invariant: each call by its own rows."""
+    if not deterministic:
+        return "by-rows"
+    return "tensor-cores" if max_batch > qmatvec.MAX_ROWS else "per-row"
+
+
 def steps_within(per_step_s: float, target_s: float) -> int:
     """The most steps (a power of two in [1, 64]) whose dispatch stays within target_s."""
     steps = 1
@@ -333,6 +343,7 @@ def load_model(
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"max_batch {max_batch}: the batch-invariant kernels take "
                           f"at most {qmatvec.MAX_BATCH} decode rows; ask for that many or fewer, or turn determinism "
                           "off")  # fmt: skip
+    cfg = dataclasses.replace(cfg, decode_kernels=decode_kernels_for(max_batch, deterministic))
     table = adapter.weight_table(gf, cfg)  # checks the tensors' shapes against cfg before memory is sized from it
     per_token = bytes_per_slot(cfg, dtype_for(kind))
     if mesh is not None:  # each device holds its shards: the pre-flight counts those, on every device

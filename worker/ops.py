@@ -14,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +42,36 @@ CPU_TILE_BYTES = 8 << 20
 BACKENDS = ("cpu", "gpu", "interpret")
 # The attention kernels on the non-CPU backends; WORKER_ATTENTION_KERNEL=0 keeps attention on jax.numpy.
 _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
-# MoE decode on the kernel backends: the grouped matmul, as in prefill (WORKER_MOE_DECODE=gathered: the per-pair
-# routed matvec). A (token, expert) row's result does not depend on the other rows in either kernel (batch
-# invariance), but in the grouped one the tokens that chose one expert read its tiles once, not once each: with the
-# per-pair matvec gpt-oss-20b made 345 tok/s at 64 streams on an H200 (llama.cpp's server 561).
-_grouped_decode = os.environ.get("WORKER_MOE_DECODE", "grouped") != "gathered"
+# Which kernels the decode-sized products use on the kernel backends (ModelConfig.decode_kernels, set while a
+# model's step is traced: `decode_kernels`):
+#   "tensor-cores"  the tensor-core kernels for every call: qmatvec's ROW_TILE-row dot, the grouped MoE matmul. One
+#                   pass over the weights for up to 64 rows, but as slow for one row (H200, phi3-mini: 9.8 ms a
+#                   step for 1 row, 10.4 ms for 64; gpt-oss-20b: 13.0 ms for 1, 11.4 ms for 8).
+#   "per-row"       the per-row kernels for every call: qmatvec's multiply-add loop, the routed MoE matvec (each
+#                   pair reads its expert). Fast for a few rows (phi3-mini: 4.0 ms for 1 row), one pass per 8 rows
+#                   (46.8 ms for 64).
+#   "by-rows"       per-row up to qmatvec.MAX_ROWS rows, tensor cores above: the fastest, but a row's bits then
+#                   depend on how many rows share its call (not batch invariant).
+# A batch-invariant model uses one of the first two for every call (worker/model.py picks by --max-batch).
+DECODE_KERNELS = ("tensor-cores", "per-row", "by-rows")
+_decode_kernels: ContextVar[str] = ContextVar("decode_kernels", default="by-rows")
+
+
+@contextmanager
+def decode_kernels(mode: str) -> Iterator[None]:
+    """The decode kernels (DECODE_KERNELS) of the ops traced inside."""
+    if mode not in DECODE_KERNELS:
+        raise ValueError(f"unknown decode kernels {mode!r} (one of {', '.join(DECODE_KERNELS)})")
+    token = _decode_kernels.set(mode)
+    try:
+        yield
+    finally:
+        _decode_kernels.reset(token)
+
+
+def _tensor_cores(rows: int) -> bool:
+    mode = _decode_kernels.get()
+    return mode == "tensor-cores" or (mode == "by-rows" and rows > qmatvec.MAX_ROWS)
 
 
 def check_backend(name: str) -> str:
@@ -91,7 +119,7 @@ def _local(w: QuantArray) -> tuple[int, ...]:
     return tuple(n // _ways(a, w.sharding.mesh) for n, a in zip(w.shape, spec, strict=True))
 
 
-def _split_qmatvec(x: jax.Array, w: QuantArray, interpret: bool) -> jax.Array:
+def _split_qmatvec(x: jax.Array, w: QuantArray, interpret: bool, tensor_cores: bool) -> jax.Array:
     """qmatvec of a weight split by output rows (q/k/v, gate/up, vocabulary: each device its rows of y, no
     collective) or by input columns (attn_output, ffn_down: x arrives split the same way, each device's partial
     sums are added by one psum)."""
@@ -100,7 +128,7 @@ def _split_qmatvec(x: jax.Array, w: QuantArray, interpret: bool) -> jax.Array:
     local = _local(w)
 
     def body(x: jax.Array, planes: dict[str, jax.Array]) -> jax.Array:
-        y = qmatvec.qmatvec(x, QuantArray(planes, w.qtype, local), interpret=interpret)
+        y = qmatvec.qmatvec(x, QuantArray(planes, w.qtype, local), interpret=interpret, tensor_cores=tensor_cores)
         return jax.lax.psum(y, cols) if cols is not None else y
 
     return _on_shards(body, mesh, (P(*lead, cols), P(rows, cols)), P(*lead, rows))(x, w.planes)
@@ -204,7 +232,11 @@ def qmatmul(
         y = int8_matmul(x, w)
     elif _kernel_fits(w, x.size // max(1, x.shape[-1]), 2, backend):
         split = w.sharding is not None
-        y = (_split_qmatvec if split else qmatvec.qmatvec)(x, w, interpret=backend == "interpret")
+        interpret, tensor_cores = backend == "interpret", _tensor_cores(x.size // max(1, x.shape[-1]))
+        if split:
+            y = _split_qmatvec(x, w, interpret, tensor_cores)
+        else:
+            y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
         # accumulation). bf16 operands cost ~1e-2 relative on the logits (docs/gpu.md), not the CPU's 1e-6.
@@ -389,19 +421,20 @@ def moe_matmul(
     """Each token's selected experts: x [M, In] (one input shared by the k selections) or [M, k, In] (one per
     selection) times experts [E, Out, In] at expert_ids [M, k] -> [M, k, Out].
 
-    On the gpu/interpret backends: the Pallas grouped matmul (pairs sorted by expert, tiles dequantized in
-    registers, bf16 operands with f32 accumulation; a pair's result does not depend on the other pairs), for decode
-    too (_grouped_decode); for a format or shape it lacks, decode (`per_token`) or few selections (M * k <= E) go
-    to the routed matvec (each pair reads its expert's planes). On the CPU: `per_token` or few selections gather
-    only the selected experts' planes and dequantize those, each token on its own; many walk the experts one at a
-    time, each dequantized once and applied to every token, keeping the rows that selected it: E / k times the
-    needed arithmetic, but never more than one expert in float32.
+    On the gpu/interpret backends: many selections go to the Pallas grouped matmul (pairs sorted by expert, tiles
+    dequantized in registers, bf16 operands with f32 accumulation; a pair's result does not depend on the other
+    pairs), decode (`per_token`) or few selections (M * k <= E) to it or to the routed matvec (each pair reads its
+    expert's planes) as `decode_kernels` says (the matvec also takes what the grouped kernel lacks). On the CPU:
+    `per_token` or few selections gather only the selected experts' planes and dequantize those, each token on its
+    own; many walk the experts one at a time, each dequantized once and applied to every token, keeping the rows
+    that selected it: E / k times the needed arithmetic, but never more than one expert in float32.
     """
     n_experts, n_out = experts.shape[:2]
     gathered = per_token or expert_ids.size <= n_experts
     interpret = backend == "interpret"
     kernel = None
-    if backend != "cpu" and (_grouped_decode or not gathered) and grouped_matmul.fits(experts):
+    grouped = not gathered or _tensor_cores(expert_ids.shape[0])
+    if backend != "cpu" and grouped and grouped_matmul.fits(experts):
         kernel = grouped_matmul.moe_matmul
     elif gathered and _kernel_fits(experts, expert_ids.shape[0], 3, backend):
         kernel = qmatvec.moe_matvec

@@ -48,6 +48,7 @@ class ModelConfig:
     attn_scale: float
     post_norms: bool = False  # gemma3: RMS norms on the attention and FFN outputs before the residual add
     backend: str = "cpu"
+    decode_kernels: str = "by-rows"  # the kernel backends' decode-sized products (ops.DECODE_KERNELS)
     # Tensor parallelism's device mesh (worker/sharding.py), for the ops that wrap a Pallas kernel in shard_map;
     # None: one device. Hashable, so it is part of the compiled program like `backend`.
     mesh: Mesh | None = None
@@ -256,16 +257,18 @@ FFN = Callable[[LayerWeights, Any, jax.Array], jax.Array]
 def run_layers(weights: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, cache: KVCache,
                table: jax.Array, ffn: FFN) -> tuple[jax.Array, KVCache]:  # fmt: skip
     """The per-layer loop every family shares: attention block, then the family's FFN block (with its residual)."""
-    for i, lw in enumerate(weights["layers"]):
-        x, cache = attention_block(lw, cfg, i, x, positions, cache, table)
-        x = ffn(lw, cfg, x)
+    with ops.decode_kernels(cfg.decode_kernels):
+        for i, lw in enumerate(weights["layers"]):
+            x, cache = attention_block(lw, cfg, i, x, positions, cache, table)
+            x = ffn(lw, cfg, x)
     return x, cache
 
 
 def logits(weights: dict, cfg: ModelConfig, hidden: jax.Array, softcap: float | None = None) -> jax.Array:
     """Output norm + projection (the token embeddings when the file has no `output`): [B, T, D] -> [B, T, V]."""
     h = norm(hidden, weights["output_norm"], weights.get("output_norm_b"), cfg.norm_eps)
-    out = ops.qmatmul(h, weights.get("output", weights["token_embd"]), backend=cfg.backend)
+    with ops.decode_kernels(cfg.decode_kernels):
+        out = ops.qmatmul(h, weights.get("output", weights["token_embd"]), backend=cfg.backend)
     if softcap:
         out = jnp.tanh(out / softcap) * softcap
     return out

@@ -20,12 +20,13 @@ from jax.experimental.pallas import triton as plgpu
 from worker.pallas_kernels.tiling import ALL, TARGET_PROGRAMS, TritonParams, kernel_entry, pow2_floor, static_index
 from worker.quant import QuantArray, dequantize
 
-MAX_ROWS = 8  # gathered (MoE) calls: rows of x per program
+MAX_ROWS = 8  # the per-row kernel: rows of x per program (one accumulator and one x load per row, unrolled)
 MAX_BATCH = 64  # rows of x per dense call
-# Dense calls: rows of x per program, padded with zero rows. A dense call is a tensor-core dot of this many rows
-# against each dequantized weight tile, whatever the number of rows it was given, so a row's arithmetic never
-# depends on the call's size (batch invariance) and 64 rows cost one pass over the weights, not one per 8 rows
-# (the per-row FMA loop took 46.8 ms a step for 64 rows of phi3-mini on an H200, 4.0 ms for one).
+# The tensor-core kernel: rows of x per program (rows past x's are masked loads of zeros). Each call is a dot of
+# this many rows against each dequantized weight tile, whatever the number of rows it was given, so a row's
+# arithmetic never depends on the call's size (batch invariance), and 64 rows cost one pass over the weights where
+# the per-row kernel makes one per 8 rows. On an H200 (phi3-mini, a decode step): per-row kernel 4.0 ms for one
+# row, 46.8 ms for 64; tensor-core kernel 9.8 ms for one, 10.4 ms for 64 (docs/PERFORMANCE.md).
 ROW_TILE = 64
 MIN_DOT = 16  # tl.dot's smallest tile dimension
 TARGET_VALUES = 8192  # weight values per program per loop step
@@ -254,35 +255,48 @@ def plan(
     return Plan(block_n, chunk, pl.cdiv(n_chunks, steps), steps, num_warps, num_stages)
 
 
-def _kernel(ids_ref, x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks: int, p: Plan):
-    """Gathered: program (t, i, j) computes output columns [i*BN, (i+1)*BN) over split j of K for x row t alone,
-    with expert ids[t] (a float32 multiply-add per value: one row cannot feed a tensor-core dot)."""
-    *plane_refs, o_ref = refs
+def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool):
+    """The per-row kernel (a float32 multiply-add per value and row). Dense: program (r, i, j) computes output
+    columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows). Gathered: program (t, i, j), for
+    x row t only, with expert ids[t]."""
+    if gathered:
+        ids_ref, x_ref, *plane_refs, o_ref = refs
+    else:
+        x_ref, *plane_refs, o_ref = refs
     planes = dict(zip(names, plane_refs, strict=True))
     bn, c = p.block_n, p.chunk
-    t, row0, split = pl.program_id(0), pl.program_id(1) * bn, pl.program_id(2)
-    expert = ids_ref[t]
+    if gathered:
+        t, row0, split = pl.program_id(0), pl.program_id(1) * bn, pl.program_id(2)
+        expert, x_rows = ids_ref[t], [t]
+    else:
+        first, row0, split = pl.program_id(0) * rows, pl.program_id(1) * bn, pl.program_id(2)
+        expert, x_rows = static_index(0), [first + m for m in range(rows)]
     rows_ok = (row0 + jnp.arange(bn)) < n if n % bn else None
     mask_k = p.splits * p.steps * c > blocks
 
     def step(s, acc):
         b0 = (split * p.steps + s) * c
         blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
-        prod = None
-        for w, x_index in fmt.parts(_tile_loader(planes, fmt, expert, row0, b0, bn, c, rows_ok, blocks_ok)):
-            ref = x_ref.at[t, pl.ds(b0, c), *map(static_index, x_index)]
-            if blocks_ok is None:
-                xv = plgpu.load(ref)
-            else:
-                xv = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(blocks_ok, w.shape[1:], (0,)), other=0)
-            term = w * jax.lax.expand_dims(xv, (0,))
-            prod = term if prod is None else prod + term
-        while prod.ndim > 1:  # Triton reduces one axis at a time
-            prod = jnp.sum(prod, axis=-1)
-        return acc + prod
+        parts = fmt.parts(_tile_loader(planes, fmt, expert, row0, b0, bn, c, rows_ok, blocks_ok))
+        out = []
+        for a, m in zip(acc, x_rows, strict=True):
+            prod = None
+            for w, x_index in parts:
+                ref = x_ref.at[static_index(m), pl.ds(b0, c), *map(static_index, x_index)]
+                if blocks_ok is None:
+                    xv = plgpu.load(ref)
+                else:
+                    xv = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(blocks_ok, w.shape[1:], (0,)), other=0)
+                term = w * jax.lax.expand_dims(xv, (0,))
+                prod = term if prod is None else prod + term
+            while prod.ndim > 1:  # Triton reduces one axis at a time
+                prod = jnp.sum(prod, axis=-1)
+            out.append(a + prod)
+        return tuple(out)
 
-    acc = jax.lax.fori_loop(0, p.steps, step, jnp.zeros((bn,), jnp.float32))
-    o_ref[split, t, pl.ds(row0, bn)] = acc
+    acc = jax.lax.fori_loop(0, p.steps, step, tuple(jnp.zeros((bn,), jnp.float32) for _ in x_rows))
+    for a, m in zip(acc, x_rows, strict=True):
+        o_ref[split, static_index(m), pl.ds(row0, bn)] = a
 
 
 def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks: int, p: Plan, t_size: int,
@@ -360,15 +374,17 @@ def _call(
     n: int,
     p: Plan,
     interpret: bool,
+    tensor_cores: bool = False,
 ) -> jax.Array:
-    """x [T, K]; returns the split-K partial sums summed: [T, N] float32. Dense (ids None): rows in tiles of
-    ROW_TILE, the last padded with zero rows; gathered: one program per row."""
+    """x [T, K]; returns the split-K partial sums summed: [T, N] float32. Dense with `tensor_cores`: rows in tiles
+    of ROW_TILE (`_dot_kernel`); dense without: rows in groups of min(T, MAX_ROWS), the last padded with zero
+    rows; gathered: one program per row."""
     fmt = FORMATS[w.qtype]
     t, k = x.shape
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
     common = dict(fmt=fmt, names=names, n=n, blocks=k // fmt.sb, p=p)
-    if ids is None:
+    if tensor_cores:
         padded = pl.cdiv(t, ROW_TILE) * ROW_TILE  # the output's rows; x keeps its own (masked in the kernel)
         xp = x_parts(x, w.qtype, jnp.float32)  # [P, T, K / P]
         # TF32 operands (10-bit mantissas) with float32 sums on the GPU; interpret mode (the CPU) has no TF32
@@ -377,10 +393,11 @@ def _call(
         kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, precision=precision)
         grid, args = (padded // ROW_TILE, n_blocks, p.splits), (xp, *planes)
     else:
-        padded = t
-        xv = x.astype(jnp.float32).reshape(t, k // fmt.sb, *fmt.x_inner)
-        kernel = functools.partial(_kernel, **common)
-        grid, args = (t, n_blocks, p.splits), (ids, xv, *planes)
+        group = 1 if ids is not None else min(t, MAX_ROWS)
+        padded = pl.cdiv(t, group) * group
+        xv = jnp.pad(x.astype(jnp.float32), ((0, padded - t), (0, 0))).reshape(padded, k // fmt.sb, *fmt.x_inner)
+        kernel = functools.partial(_kernel, **common, rows=group, gathered=ids is not None)
+        grid, args = (padded // group, n_blocks, p.splits), (*([] if ids is None else [ids]), xv, *planes)
     # The row tiles (gathered: the rows) vary fastest, so the programs that read one weight tile run together and
     # share it through L2.
     out = pl.pallas_call(
@@ -411,10 +428,14 @@ def _check(w: QuantArray, plane_ndim: int) -> None:
         raise ValueError(f"{w.qtype.name} weight: expected planes of rank {plane_ndim}")
 
 
-@kernel_entry("interpret", *TILE_ARGS)
-def qmatvec(x: jax.Array, w: QuantArray, *, interpret: bool = False, **tiles: int | None) -> jax.Array:
+@kernel_entry("interpret", "tensor_cores", *TILE_ARGS)
+def qmatvec(
+    x: jax.Array, w: QuantArray, *, interpret: bool = False, tensor_cores: bool = True, **tiles: int | None
+) -> jax.Array:
     """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for at most MAX_BATCH rows of x; each row's result is
-    the same bits in a call of any size. `tiles`: overrides of `plan`'s arguments (block_n, chunk, splits,
+    the same bits in a call of any size with the same `tensor_cores`. `tensor_cores`: the ROW_TILE-row dot (TF32
+    on the GPU; one pass over the weights for up to 64 rows), else the per-row multiply-add loop (float32; one
+    pass per 8 rows, faster for a few). `tiles`: overrides of `plan`'s arguments (block_n, chunk, splits,
     num_warps, num_stages)."""
     _check(w, 2)
     n, k = next(iter(w.planes.values())).shape[0], w.shape[-1]
@@ -423,9 +444,9 @@ def qmatvec(x: jax.Array, w: QuantArray, *, interpret: bool = False, **tiles: in
     if x.shape[-1] != k or not 1 <= rows <= MAX_BATCH:
         raise ValueError(f"qmatvec: x {x.shape} against weight [{n}, {k}] (1..{MAX_BATCH} rows)")
     # A dot tile is at least MIN_DOT wide; two stages, as each step's x tile (ROW_TILE rows) lives in shared memory.
-    dense = {"block_n": max(MIN_DOT, min(32, pl.next_power_of_2(n))), "num_stages": 2}
+    dense = {"block_n": max(MIN_DOT, min(32, pl.next_power_of_2(n))), "num_stages": 2} if tensor_cores else {}
     p = plan(w.qtype, n, k, 1, **(dense | tiles))
-    return _call(x.reshape(rows, k), w, None, 1, n, p, interpret).reshape(*lead, n)
+    return _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores).reshape(*lead, n)
 
 
 def qmatvec_twin(x: jax.Array, w: QuantArray, *, interpret: bool = False, **_tiles) -> jax.Array:
