@@ -443,8 +443,13 @@ def qmatvec(
     rows = math.prod(lead)
     if x.shape[-1] != k or not 1 <= rows <= MAX_BATCH:
         raise ValueError(f"qmatvec: x {x.shape} against weight [{n}, {k}] (1..{MAX_BATCH} rows)")
-    # A dot tile is at least MIN_DOT wide; two stages, as each step's x tile (ROW_TILE rows) lives in shared memory.
-    dense = {"block_n": max(MIN_DOT, min(32, pl.next_power_of_2(n))), "num_stages": 2} if tensor_cores else {}
+    # A dot tile is at least MIN_DOT wide. One stage: each step's x tile (ROW_TILE rows of float32) lives in shared
+    # memory, and two stages double-buffered it: 138-148 KB a program (ptxas, sm_90a; Q4_K/Q6_K phi3-mini shapes),
+    # one 4-warp program per SM, the grid in ~4.4 waves, which is what made the call as slow for one row as for 64
+    # (9.8 against 10.4 ms a phi3-mini step on an H200). One stage: 12-48 KB, four programs per SM (registers
+    # bound, 104-110 a thread), ~1.1 waves, as the per-row kernel. The arithmetic, and so each row's bits, do not
+    # depend on the stages. Chosen from the compiled kernels; not yet timed on the card.
+    dense = {"block_n": max(MIN_DOT, min(32, pl.next_power_of_2(n))), "num_stages": 1} if tensor_cores else {}
     p = plan(w.qtype, n, k, 1, **(dense | tiles))
     return _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores).reshape(*lead, n)
 
