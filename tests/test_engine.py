@@ -5,6 +5,7 @@ The real Gemma 3 is served end to end in test_server_gemma.py."""
 from __future__ import annotations
 
 import queue
+import time
 import uuid
 
 import pytest
@@ -203,3 +204,35 @@ def test_an_end_of_generation_id_ends_the_job_unsent():
         eng.shutdown(5.0)
     assert ev[-1].stop_reason == "eos" and ev[-1].tokens_out == 2
     assert text_of(ev) == m.tokenizer.decode(greedy[:2], continuation=True)
+
+
+def test_a_cancel_ends_a_running_job_at_once_even_inside_a_long_dispatch(engine, model, monkeypatch):
+    """M0-W-1610: the job stops within 100 ms. Each engine step here takes 400 ms (as 4 jobs' dispatch of Gemma 3
+    on a 2-core CPU may), so waiting for the next step would miss the bound: the terminal event comes from the
+    cancelling thread, nothing follows it, and the job's row is freed at the next step."""
+    step = model.batch.step
+
+    def slow_step():
+        out = step()
+        time.sleep(0.4)
+        return out
+
+    monkeypatch.setattr(model.batch, "step", slow_step)
+    events: queue.Queue = queue.Queue()
+    req = JobRequest(job_id=f"job-{uuid.uuid4()}", prompt="Count from one to one hundred:", max_tokens=200,
+                     temperature=0.0)  # fmt: skip
+    engine.submit(req, events.put)
+    while not isinstance(events.get(timeout=300), TokenEvent):
+        pass
+    start = time.monotonic()
+    assert engine.cancel(req.job_id) is True
+    ev = events.get(timeout=5)
+    while isinstance(ev, TokenEvent):  # tokens already queued before the cancel
+        ev = events.get(timeout=5)
+    assert time.monotonic() - start < 0.1
+    assert isinstance(ev, ErrorEvent) and ev.code == ErrorCode.CANCELLED
+    time.sleep(1.0)  # two more engine steps: nothing follows the terminal event
+    assert events.empty()
+    assert engine.cancel(req.job_id) is False  # gone from the engine: its row was freed
+    ok = run(engine, prompt="Hello", max_tokens=3, temperature=0.0)
+    assert isinstance(ok[-1], End)

@@ -2,11 +2,12 @@
 worker/batch.py; `max_batch` 1 is M0's one job at a time, M0-W-1301), with a bounded queue of waiting jobs.
 
 A job is submitted with a sink that receives its events in order: Started (when it joins the running batch),
-TokenEvent*, then exactly one of End or ErrorEvent (a job cancelled while it waits gets only its ErrorEvent, at
-once, from the cancelling thread, and its place in the queue is free). Cancelling a running job (POST /cancel,
-client disconnect, shutdown) sets its flag, which the thread checks between decode dispatches; with a few steps
-per dispatch that lands well within 100 ms on a GPU. A job's cancel, timeout or failure ends that job only; the
-others keep streaming.
+TokenEvent*, then exactly one of End or ErrorEvent; nothing follows the terminal event. A cancel (POST /cancel,
+client disconnect, shutdown) ends the job at once, from the cancelling thread, with ErrorEvent CANCELLED: a waiting
+job also frees its place in the queue then; a running one's row and pages are freed by the engine thread at its
+next check, between decode dispatches, and whatever the device still produces for it is dropped. So a cancel
+lands within M0-W-1610's 100 ms even while a dispatch runs longer (several jobs on the CPU). A job's cancel,
+timeout or failure ends that job only; the others keep streaming.
 
 Stop rules: end-of-generation ids, max_tokens, the end of the context, and stop strings matched on the generated
 text (a stop string may span tokens; text that could still become a stop string is held back, and the stop string
@@ -121,6 +122,10 @@ class _Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     seq: Sequence | None = None  # its place in the batch, once the engine thread has taken it
     output: _Output | None = None  # set when it starts running
+    # Events come from the engine thread and, for a cancel, the cancelling thread: the lock orders them and `ended`
+    # drops whatever follows the terminal event. Reentrant: a sink may cancel its own job.
+    emit_lock: threading.RLock = field(default_factory=threading.RLock)
+    ended: bool = False
 
 
 class _Output:
@@ -163,9 +168,10 @@ class _Output:
         req, ttft = self.job.req, self.ttft or 0.0
         decode_ms = (time.monotonic() - self.started - ttft) * 1000.0
         n_prompt = len(self.job.prompt_ids)
-        self.engine._emit(self.job, End(req.job_id, self.produced, round(decode_ms, 3), reason, n_prompt,
-                                        round(ttft * 1e3, 3)))  # fmt: skip
-        self.engine._on_event("execute_end", {"job_id": req.job_id, "tokens_out": self.produced, "stop_reason": reason})
+        end = End(req.job_id, self.produced, round(decode_ms, 3), reason, n_prompt, round(ttft * 1e3, 3))
+        if self.engine._emit(self.job, end):
+            done = {"job_id": req.job_id, "tokens_out": self.produced, "stop_reason": reason}
+            self.engine._on_event("execute_end", done)
 
 
 class StopMatcher:
@@ -299,8 +305,9 @@ class Engine:
         return ids
 
     def cancel(self, job_id: str) -> bool:
-        """Idempotent. True if the job was waiting or running; it then ends with error CANCELLED: a waiting job at
-        once (its place in the queue is free when this returns), a running one at its next cancel check."""
+        """Idempotent. True if the job was waiting or running; it then ends with error CANCELLED when this returns
+        (a waiting job's place in the queue is free then; a running job's row and pages at the engine thread's next
+        check)."""
         with self._lock:
             job = self._waiting.pop(job_id, None)
             running = self._running.get(job_id)
@@ -310,6 +317,7 @@ class Engine:
             return True
         if running is not None:
             running.cancelled.set()
+            self._fail(running, WorkerError(ErrorCode.CANCELLED, f"job {job_id} was cancelled"))
             return True
         return False
 
@@ -386,8 +394,8 @@ class Engine:
             return False
         req = job.req
         started_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        self._emit(job, Started(req.job_id, self.model.path.name, started_at, job.seed, len(job.prompt_ids)))
-        self._on_event("execute_start", {"job_id": req.job_id, "prompt_tokens": len(job.prompt_ids)})
+        if self._emit(job, Started(req.job_id, self.model.path.name, started_at, job.seed, len(job.prompt_ids))):
+            self._on_event("execute_start", {"job_id": req.job_id, "prompt_tokens": len(job.prompt_ids)})
         job.output = _Output(self, job)
         return True
 
@@ -445,19 +453,25 @@ class Engine:
         for job in jobs:
             self._end_failed(job, batch, err)
 
-    def _emit(self, job: _Job, event: Event) -> None:
-        try:
-            job.sink(event)
-        except Exception:  # a broken sink (client gone) must not take the engine down
-            log.exception("event sink failed for job %s", job.req.job_id)
-            job.cancelled.set()
+    def _emit(self, job: _Job, event: Event) -> bool:
+        """Send `event` unless the job has had its terminal event; True if it was sent."""
+        with job.emit_lock:
+            if job.ended:
+                return False
+            job.ended = isinstance(event, End | ErrorEvent)
+            try:
+                job.sink(event)
+            except Exception:  # a broken sink (client gone) must not take the engine down
+                log.exception("event sink failed for job %s", job.req.job_id)
+                job.cancelled.set()
+            return True
 
     def _fail(self, job: _Job, err: WorkerError) -> None:
-        self._emit(job, ErrorEvent(job.req.job_id, err.code, err.message, err.retriable))
-        self._on_event(
-            "execute_end" if err.code == ErrorCode.CANCELLED else "error",
-            {"job_id": job.req.job_id, "code": str(err.code), "message": err.message},
-        )
+        if self._emit(job, ErrorEvent(job.req.job_id, err.code, err.message, err.retriable)):
+            self._on_event(
+                "execute_end" if err.code == ErrorCode.CANCELLED else "error",
+                {"job_id": job.req.job_id, "code": str(err.code), "message": err.message},
+            )
 
 
 def map_runtime_error(e: Exception) -> WorkerError:
