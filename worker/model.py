@@ -31,16 +31,17 @@ DEFAULT_MAX_BATCH = {"cpu": 4, "gpu": 64}  # sequences decoded together (--max-b
 # the pool's 40 GiB zeros could not be allocated, docs/gpu.md): the allocator, CUDA and the kernels' workspaces take
 # more than the estimate leaves.
 DEFAULT_KV_MEMORY = 0.5
-# Decode steps per dispatch. A cancel is checked between dispatches, so one dispatch must stay well under 100 ms.
-# The next dispatch is queued before the previous one's ids are read, which hides a dispatch's fixed host cost
-# (~2 ms: docs/PERFORMANCE.md, 2026-12-02): on an H200, qwen2.5-0.5b generates 129 ids in 152 ms at 8 steps per
-# dispatch and 155 ms at 64, so the count only bounds the cancel latency. The GPU count starts as the power of two
-# in [8, 64] that keeps an estimated dispatch near DISPATCH_TARGET_S, the estimate being the bytes a token reads at
-# EFFECTIVE_BANDWIDTH plus a fixed per-step cost; the server's warm-up then times a dispatch of its largest row
-# bucket and sizes the count from that (Model.calibrate_steps), as 64 rows take several times one row's step. On
-# the CPU a step of the 270M model takes 40-90 ms on 2 cores (docs/PERFORMANCE.md) and a dispatch costs next to
-# nothing more (one step per dispatch measured within the noise of forward + logits + sample), so two steps would
-# pass the 100 ms bound for no gain: one step per dispatch.
+# Decode steps per dispatch. Jobs join and leave the batch (a cancelled job's row is freed) between dispatches, and
+# a stream gets a dispatch's ids together, so one dispatch must stay short: well under 100 ms. The next dispatch is
+# queued before the previous one's ids are read, which hides a dispatch's fixed host cost (~2 ms:
+# docs/PERFORMANCE.md, 2026-12-02): on an H200, qwen2.5-0.5b generates 129 ids in 152 ms at 8 steps per dispatch
+# and 155 ms at 64, so the count costs little speed. The GPU count starts as the power of two in [8, 64] that keeps
+# an estimated dispatch near DISPATCH_TARGET_S, the estimate being the bytes a token reads at EFFECTIVE_BANDWIDTH
+# plus a fixed per-step cost; the server's warm-up then times a dispatch of its largest row bucket and sizes the
+# count from that (Model.calibrate_steps), as 64 rows take several times one row's step. On the CPU a step of the
+# 270M model takes 40-90 ms on 2 cores (docs/PERFORMANCE.md) and a dispatch costs next to nothing more (one step
+# per dispatch measured within the noise of forward + logits + sample), so two steps would pass the 100 ms bound
+# for no gain: one step per dispatch.
 DISPATCH_TARGET_S = 0.03
 EFFECTIVE_BANDWIDTH = 2.0e12
 STEP_OVERHEAD_S = 0.5e-3
@@ -261,9 +262,9 @@ class Model:
 
     def calibrate_steps(self, plan: SamplingPlan) -> int:
         """Set the decode steps of a dispatch from a timed dispatch of the largest row bucket: the most (a power of
-        two, at most 64) that keep it within DISPATCH_TARGET_S, so that a cancel lands within its bound at full
-        load. The byte-count estimate the model starts with misses by 6x once 64 rows share a dispatch (phi3-mini
-        on an H200: 16 steps of 64 rows took 165 ms)."""
+        two, at most 64) that keep it within DISPATCH_TARGET_S at full load. The byte-count estimate the model
+        starts with misses by 6x once 64 rows share a dispatch (phi3-mini on an H200: 16 steps of 64 rows took
+        165 ms)."""
         per_step = self.batch.time_decode(self.runner.row_buckets()[-1], plan) / self.batch.steps
         self.batch.steps = steps_within(per_step, DISPATCH_TARGET_S)
         return self.batch.steps
