@@ -3,8 +3,9 @@ python := if path_exists(".venv/bin/python") == "true" { ".venv/bin/python" } el
 port := env_var_or_default("WORKER_PORT", "8600")
 
 # Start the worker on the embedded Gemma 3 270M (GPU if there is one, else CPU) on http://127.0.0.1:{{port}}
+# (exec: the worker replaces the recipe's shell, so the SIGTERM or SIGINT that just forwards reaches it)
 serve *ARGS:
-    {{python}} -m server.cli --device auto --port {{port}} --gpu-device 0 --worker-id "$({{python}} -c 'import uuid; print(uuid.uuid4())')" {{ARGS}}
+    exec {{python}} -m server.cli --device auto --port {{port}} --gpu-device 0 --worker-id "$({{python}} -c 'import uuid; print(uuid.uuid4())')" {{ARGS}}
 
 # Run the CPU test suite (what CI runs)
 test *ARGS:
