@@ -140,7 +140,9 @@ def group(expert_ids: jax.Array, n_experts: int, block_m: int, shared: bool) -> 
     n_tiles = pl.cdiv(n_pairs + min(n_experts, n_pairs) * (block_m - 1), block_m)
     rows = jnp.zeros((n_pairs,), jnp.int32).at[order].set(padded_rows)
     src = jnp.zeros((n_tiles * block_m,), jnp.int32).at[padded_rows].set(order // k_sel if shared else order)
-    tile_e = jnp.searchsorted(tile_end, jnp.arange(n_tiles, dtype=jnp.int32), side="right").astype(jnp.int32)
+    # compare_all: E x tiles comparisons, no loop (the default method is a while loop, in every MoE call of a step)
+    tiles_at = jnp.arange(n_tiles, dtype=jnp.int32)
+    tile_e = jnp.searchsorted(tile_end, tiles_at, side="right", method="compare_all").astype(jnp.int32)
     return Groups(rows, src, jnp.where(tile_e < n_experts, tile_e, -1))
 
 
