@@ -47,16 +47,18 @@ def single_row(m: worker.Model, ids: list[int], params: SamplingParams = GREEDY)
 
 
 def rows_dispatch(m: worker.Model, ids: list[int], n: int, params: SamplingParams = GREEDY):
-    """`single_row` for n rows: each row its own sequence (its own pages) holding `ids`; one dispatch decodes all
-    n together (at the row bucket of n)."""
+    """`single_row` for n rows: each row its own sequence (its own pages); row 0 holds `ids`, row i > 0 `ids` with
+    its ids shifted by i (distinct prompts, so an MoE's rows route to different experts, as distinct streams do);
+    one dispatch decodes all n together (at the row bucket of n)."""
     r, plan, most = m.runner, params.plan(), max(STEPS)
     per_row = pages_for(len(ids) + most, r.page_size)
     cache, rows = r.new_cache(n * per_row + 1), r.new_rows()
     inputs = RowInputs.neutral(r.row_bucket(n), r.table_width(len(ids) + most))
     for row in range(n):
         pages = list(range(1 + row * per_row, 1 + (row + 1) * per_row))
-        logits, cache = r.prefill(ids, pages, cache)
-        token, seen, _ = r.first_token(logits, RowInputs.neutral(1, 1), ids, plan)
+        prompt = [(t + 7919 * row) % m.cfg.vocab_size for t in ids]
+        logits, cache = r.prefill(prompt, pages, cache)
+        token, seen, _ = r.first_token(logits, RowInputs.neutral(1, 1), prompt, plan)
         rows = r.join(rows, row, token, seen)
         inputs.positions[row], inputs.index[row] = len(ids), 1
         inputs.tables[row] = table_row(pages, inputs.tables.shape[1])
