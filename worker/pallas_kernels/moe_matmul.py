@@ -11,10 +11,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.qmatvec import FORMATS, parts_layout, plane_views, x_parts
-from worker.pallas_kernels.tiling import ALL, TritonParams, kernel_entry, static_index
+from worker.pallas_kernels.qmatvec import FORMATS, load_x_part, parts_layout, plane_views, tile_loader, x_parts
+from worker.pallas_kernels.tiling import TritonParams, kernel_entry
 from worker.quant import QuantArray, dequantize
 
 BLOCK_M = 64
@@ -90,24 +89,10 @@ def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
         def step(s, acc):
             b0 = s * c
             blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
-
-            def load(name: str, *index) -> jax.Array:
-                inner = fmt.planes[name]
-                index = index + (ALL,) * (len(inner) - len(index))
-                shape = (bn, c, *(d for d, i in zip(inner, index, strict=True) if i == ALL))
-                ref = planes[name].at[expert, pl.ds(n0, bn), pl.ds(b0, c), *map(static_index, index)]
-                if blocks_ok is None:
-                    return plgpu.load(ref)
-                return plgpu.load(ref, mask=jax.lax.broadcast_in_dim(blocks_ok, shape, (1,)), other=0)
-
+            load = tile_loader(planes, fmt, expert, n0, b0, bn, c, None, blocks_ok)  # Out % BN == 0: no row mask
             for part, (w, _) in enumerate(fmt.parts(load)):
                 w = w.astype(jnp.bfloat16).reshape(bn, c * t_size)
-                ref = x_ref.at[static_index(part), pl.ds(r0, bm), pl.ds(b0 * t_size, c * t_size)]
-                if blocks_ok is None:
-                    xv = plgpu.load(ref)
-                else:
-                    cols_ok = (b0 * t_size + jnp.arange(c * t_size)) < blocks * t_size
-                    xv = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(cols_ok, (bm, c * t_size), (1,)), other=0)
+                xv = load_x_part(x_ref, part, r0, bm, b0, c, t_size, blocks, None, blocks_ok)
                 acc += jax.lax.dot_general(xv, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             return acc
 

@@ -277,7 +277,7 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
     def step(s, acc):
         b0 = (split * p.steps + s) * c
         blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
-        parts = fmt.parts(_tile_loader(planes, fmt, expert, row0, b0, bn, c, rows_ok, blocks_ok))
+        parts = fmt.parts(tile_loader(planes, fmt, expert, row0, b0, bn, c, rows_ok, blocks_ok))
         out = []
         for a, m in zip(acc, x_rows, strict=True):
             prod = None
@@ -316,17 +316,9 @@ def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks:
     def step(s, acc):
         b0 = (split * p.steps + s) * c
         blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
-        load = _tile_loader(planes, fmt, static_index(0), row0, b0, bn, c, rows_ok, blocks_ok)
+        load = tile_loader(planes, fmt, static_index(0), row0, b0, bn, c, rows_ok, blocks_ok)
         for part, (w, _) in enumerate(fmt.parts(load)):
-            ref = x_ref.at[static_index(part), pl.ds(r0, bm), pl.ds(b0 * t_size, c * t_size)]
-            shape, mask = (bm, c * t_size), None
-            if x_ok is not None:
-                mask = jax.lax.broadcast_in_dim(x_ok, shape, (0,))
-            if blocks_ok is not None:
-                cols = (b0 * t_size + jnp.arange(c * t_size)) < blocks * t_size
-                cols_ok = jax.lax.broadcast_in_dim(cols, shape, (1,))
-                mask = cols_ok if mask is None else mask & cols_ok
-            xv = plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
+            xv = load_x_part(x_ref, part, r0, bm, b0, c, t_size, blocks, x_ok, blocks_ok)
             acc += jax.lax.dot_general(xv, w.reshape(bn, c * t_size), (((1,), (1,)), ((), ())), precision=precision,
                                        preferred_element_type=jnp.float32)  # fmt: skip
         return acc
@@ -335,28 +327,34 @@ def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks:
     o_ref[split, pl.ds(r0, bm), pl.ds(row0, bn)] = acc
 
 
-def _tile_loader(planes, fmt: Format, expert, row0, b0, bn: int, c: int, rows_ok, blocks_ok) -> Load:
-    """load(name, *index): the masked tile [BN, C, *rest] of a plane at output rows row0.., super-blocks b0..,
-    with `index` applied to the plane's inner view (what Format.parts calls)."""
+def _mask(shape: tuple[int, ...], along0: jax.Array | None, along1: jax.Array | None) -> jax.Array | None:
+    """The and of `along0` broadcast along axis 0 of `shape` and `along1` along axis 1; None when both are None."""
+    masks = [jax.lax.broadcast_in_dim(m, shape, (axis,)) for axis, m in ((0, along0), (1, along1)) if m is not None]
+    return masks[0] & masks[1] if len(masks) == 2 else (masks[0] if masks else None)
 
-    def tile_mask(shape: tuple[int, ...]) -> jax.Array | None:
-        mask = None
-        if rows_ok is not None:
-            mask = jax.lax.broadcast_in_dim(rows_ok, shape, (0,))
-        if blocks_ok is not None:
-            kmask = jax.lax.broadcast_in_dim(blocks_ok, shape, (1,))
-            mask = kmask if mask is None else mask & kmask
-        return mask
+
+def tile_loader(planes, fmt: Format, expert, row0, b0, bn: int, c: int, rows_ok, blocks_ok) -> Load:
+    """load(name, *index): the masked tile [BN, C, *rest] of a plane at output rows row0.., super-blocks b0..,
+    with `index` applied to the plane's inner view (what Format.parts calls). The tensor-core kernels' too."""
 
     def load(name: str, *index) -> jax.Array:
         inner = fmt.planes[name]
         index = index + (ALL,) * (len(inner) - len(index))
         shape = (bn, c, *(d for d, i in zip(inner, index, strict=True) if i == ALL))
         ref = planes[name].at[expert, pl.ds(row0, bn), pl.ds(b0, c), *map(static_index, index)]
-        mask = tile_mask(shape)
+        mask = _mask(shape, rows_ok, blocks_ok)
         return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
 
     return load
+
+
+def load_x_part(x_ref, part: int, r0, bm: int, b0, c: int, t_size: int, blocks: int, rows_ok, blocks_ok) -> jax.Array:
+    """The tensor-core kernels' x tile [BM, C * t] of part `part` (x laid out by `x_parts`) at rows r0..,
+    super-blocks b0..: rows where rows_ok is false and super-blocks past `blocks` load as zeros."""
+    ref = x_ref.at[static_index(part), pl.ds(r0, bm), pl.ds(b0 * t_size, c * t_size)]
+    cols_ok = None if blocks_ok is None else (b0 * t_size + jnp.arange(c * t_size)) < blocks * t_size
+    mask = _mask((bm, c * t_size), rows_ok, cols_ok)
+    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
 
 
 def plane_views(w: QuantArray, experts: int, n: int, k: int) -> tuple[list[str], list[jax.Array]]:
