@@ -48,3 +48,20 @@ def test_the_model_config_carries_its_decode_kernels():
     path = oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf"
     assert worker.load(path, device="cpu", backend="interpret", max_batch=16).cfg.decode_kernels == "tensor-cores"
     assert worker.load(path, device="cpu", backend="interpret", max_batch=2).cfg.decode_kernels == "per-row"
+
+
+@pytest.mark.parametrize("steps_after", [1, 4])
+def test_a_calibrating_warm_up_compiles_each_program_once(monkeypatch, steps_after):
+    """The GPU warm-up (forced here on the CPU): the largest decode bucket and the prefill first, the steps sized,
+    then the other buckets (and the largest again only if its steps changed); prefill and first sample once."""
+    m = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", max_batch=4)
+    calls = []
+    monkeypatch.setattr(m.runner, "compile_first_steps", lambda inputs, plan, steps, rows, prefill=True:
+                        calls.append((steps, tuple(rows), prefill)))  # fmt: skip
+    monkeypatch.setattr(m, "calibrate_steps", lambda plan: setattr(m.batch, "steps", steps_after) or steps_after)
+    monkeypatch.setattr(m, "device_kind", "gpu")
+    m.batch.steps = 1
+    m.warm_up(all_rows=True)
+    buckets = tuple(m.runner.row_buckets())
+    again = buckets if steps_after != 1 else buckets[:-1]
+    assert calls == [(1, buckets[-1:], True), (steps_after, again, False)]

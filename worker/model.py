@@ -253,10 +253,13 @@ class Model:
         a timed dispatch of the largest bucket (`calibrate_steps`)."""
         seq = self.sequence([0], 1, params, 0)
         inputs, plan, rows = self.batch.row_inputs([(0, seq)], 1, 1), params.plan(), self.runner.row_buckets()
+        rows, compiled = rows if all_rows else rows[:1], False
         if all_rows and self.device_kind != "cpu":
             self.runner.compile_first_steps(inputs, plan, self.decode_steps, rows[-1:])
-            self.calibrate_steps(plan)
-        self.runner.compile_first_steps(inputs, plan, self.decode_steps, tuple(rows if all_rows else rows[:1]))
+            before, compiled = self.decode_steps, True
+            if self.calibrate_steps(plan) == before:
+                rows = rows[:-1]  # compiled at these steps already
+        self.runner.compile_first_steps(inputs, plan, self.decode_steps, tuple(rows), prefill=not compiled)
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass
 

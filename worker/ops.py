@@ -228,12 +228,12 @@ def qmatmul(
     `exact`: float32 operands on every backend, for a product whose result picks something discrete (the MoE
     router: bf16 operands flipped near-tied experts, 1.1 relative error at one position of a gpt-oss oracle).
     A weight in the CPU layout (Int8Blocks) goes to `int8_matmul` (float32, exact like the CPU path)."""
+    rows = x.size // max(1, x.shape[-1])
     if isinstance(w, Int8Blocks):
         y = int8_matmul(x, w)
-    elif _kernel_fits(w, x.size // max(1, x.shape[-1]), 2, backend):
-        split = w.sharding is not None
-        interpret, tensor_cores = backend == "interpret", _tensor_cores(x.size // max(1, x.shape[-1]))
-        if split:
+    elif _kernel_fits(w, rows, 2, backend):
+        interpret, tensor_cores = backend == "interpret", _tensor_cores(rows)
+        if w.sharding is not None:
             y = _split_qmatvec(x, w, interpret, tensor_cores)
         else:
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores)

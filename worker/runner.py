@@ -230,11 +230,13 @@ class Runner:
             out.append(self.row_bucket(out[-1] + 1))
         return out
 
-    def compile_first_steps(self, inputs: RowInputs, plan: SamplingPlan, steps: int, rows: tuple[int, ...]) -> None:
+    def compile_first_steps(self, inputs: RowInputs, plan: SamplingPlan, steps: int, rows: tuple[int, ...],
+                            prefill: bool = True) -> None:  # fmt: skip
         """Compile, side by side, what a request with a prompt of at most MIN_BUCKET tokens runs first: the
-        prefill, the first sample and a decode dispatch of `steps` steps with `plan` at each of the row buckets
-        `rows`. Each is a whole-model XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so
-        threads overlap them. Lowered from shapes only: no KV cache or input is allocated."""
+        prefill and the first sample (unless `prefill` is False: compiled already), and a decode dispatch of
+        `steps` steps with `plan` at each of the row buckets `rows`. Each is a whole-model XLA compile (~15 s on a
+        2-core CPU for Gemma 3 270M) that releases the GIL, so threads overlap them. Lowered from shapes only: no KV
+        cache or input is allocated."""
         c = self.cfg
 
         def spec(shape: tuple[int, ...], dtype, on: jax.sharding.Sharding = self.input_sharding):
@@ -254,11 +256,14 @@ class Runner:
             args = (self.weights, state.tokens, state.seen, pos, table, rindex, cache, sp, keys, steps, plan)
             return lambda: self._decode.lower(*args)
 
-        jobs = [
-            lambda: self._prefill.lower(self.weights, ids, ids, spec((1, width), jnp.int32), index, cache),
-            lambda: self._first.lower(logits, sp1, keys1, index1, seen1, plan),
-            *(decode(r) for r in rows),
-        ]
+        jobs = [decode(r) for r in rows]
+        if prefill:
+            jobs += [
+                lambda: self._prefill.lower(self.weights, ids, ids, spec((1, width), jnp.int32), index, cache),
+                lambda: self._first.lower(logits, sp1, keys1, index1, seen1, plan),
+            ]
+        if not jobs:
+            return
         with ThreadPoolExecutor(len(jobs)) as pool:
             for done in [pool.submit(lambda job=job: job().compile()) for job in jobs]:
                 done.result()
