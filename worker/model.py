@@ -69,10 +69,7 @@ def decode_steps_for(device_kind: str, bytes_per_token: int) -> int:
     if device_kind == "cpu":
         return 1
     est = bytes_per_token / EFFECTIVE_BANDWIDTH + STEP_OVERHEAD_S
-    steps = 8
-    while steps < 64 and 2 * steps * est <= DISPATCH_TARGET_S:
-        steps *= 2
-    return steps
+    return max(8, steps_within(est, DISPATCH_TARGET_S))
 
 
 # Prompt tokens prefilled between two decode dispatches. On a GPU, 8 chunks: at one chunk (512 tokens) a step, 64
