@@ -4,10 +4,8 @@
 #   tests          every gpu-marked test but the real Gemma 3 ones (its wheels are staged separately)
 #   matrix         only tests/test_kernel_matrix.py (every format x path x row length against float64)
 #   dispatch:LIKE  synthesize LIKE (qwen2.5-0.5b, phi3-mini, gpt-oss-20b) once, then python -m bench.dispatch
-#   rows:LIKE      the same, with --rows 1,8,64 (a dispatch of that many rows; the largest bucket's compile timed;
-#                  a profiler trace of the 64-row dispatch in $OUT/trace-LIKE.json.gz)
 #   batched:LIKE   python -m bench.batched --seqs 1,64 on LIKE (the continuous batch without HTTP)
-#   batching       the gpu-marked batching and batched-kernel tests
+# (The rows sweep and the batching tests are tools/gpu-session.sh's rows:M, kernels and invariance stages.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -30,20 +28,11 @@ for stage in "$@"; do
             like=${stage#dispatch:}
             synth "$like"
             py 240 -m bench.dispatch --model "/var/tmp/m/$like.gguf" --json "$OUT/dispatch-$like.json" 2>&1 | tail -n 25 ;;
-        rows:*)
-            like=${stage#rows:}
-            synth "$like"
-            py 300 -m bench.dispatch --model "/var/tmp/m/$like.gguf" --rows 1,8,64 --steps 16 \
-                --trace "/var/tmp/trace-$like" --json "$OUT/rows-$like.json" 2>&1 | grep -v Warning | tail -n 12
-            t=$(find "/var/tmp/trace-$like" -name '*trace.json.gz' | head -n 1)
-            [ -n "$t" ] && cp "$t" "$OUT/trace-$like.json.gz" ;;
         batched:*)
             like=${stage#batched:}
             synth "$like"
             py 300 -m bench.batched --model "/var/tmp/m/$like.gguf" --device gpu --seqs 1,64 2>&1 |
                 grep -v Warning | tee "$OUT/batched-$like.log" | tail -n 4 ;;
-        batching) gpu_tests 300 tests/test_batching.py tests/test_batched_kernels.py 2>&1 | tail -n 30 > "$OUT/batching.log"
-                  grep -E "passed|failed|FAILED|Error" "$OUT/batching.log" | tail -n 12 ;;
         *) echo "unknown stage $stage" ;;
     esac
 done

@@ -10,7 +10,9 @@
 #                      the machine stays warm; the stages that need llama.cpp wait for it
 #           kernels    the gpu-marked quantized-matvec and batched-kernel tests; when one fails the call stops there
 #                      (a broken kernel would waste the benchmarks after it; -x stops at the first)
-#           rows:M     python -m bench.dispatch --rows 1,8,64 on model M: a decode dispatch of that many rows
+#           rows:M     python -m bench.dispatch --rows 1,8,64 on model M: a decode dispatch of that many rows, the
+#                      largest bucket's compile timed, a profiler trace of the 64-row dispatch (trace-M.json.gz in
+#                      the call's logs tarball)
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py)
 #           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made);
 #                      synth:M only model M
@@ -115,7 +117,8 @@ do_invariance() {
 
 do_rows() {  # in a folder of its own: bench.report reads every JSON directly in $results as a bench result
     mkdir -p "$results/rows"
-    py -m bench.dispatch --model "$(model_path "$1")" --rows 1,8,64 --steps 16 --json "$results/rows/$1.json"
+    py -m bench.dispatch --model "$(model_path "$1")" --rows 1,8,64 --steps 16 --json "$results/rows/$1.json" \
+        --trace "$results/rows/trace-$1"
 }
 
 do_bench() {
@@ -234,6 +237,10 @@ py -m bench.report "$results" --out "$OUT" > "$logs/report.log" 2>&1 || note "FA
 cp "$logs/stages.txt" "$OUT/stages.txt"
 cp "$results"/*.json "$logs/" 2>/dev/null
 cat "$results"/rows/*.json > "$OUT/rows.json" 2>/dev/null
+for t in "$results"/rows/trace-*; do  # the newest perfetto trace of each model's 64-row dispatch
+    f=$(find "$t" -name '*trace.json.gz' 2>/dev/null | sort | tail -n 1)
+    [ -n "$f" ] && cp "$f" "$logs/$(basename "$t").json.gz"  # in the logs tarball: $OUT keeps at most 8 files
+done
 cp -r "$results/logs" "$logs/bench-logs" 2>/dev/null
 cp -r "$results/tp" "$logs/tp" 2>/dev/null
 # The load results so far (every model's tables, for docs/PERFORMANCE.md), their JSON and logs.
