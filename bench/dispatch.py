@@ -48,7 +48,7 @@ def single_row(m: worker.Model, ids: list[int], params: SamplingParams = GREEDY)
 
 def rows_dispatch(m: worker.Model, ids: list[int], n: int, params: SamplingParams = GREEDY):
     """`single_row` for n rows: each row its own sequence (its own pages); row 0 holds `ids`, row i > 0 `ids` with
-    its ids shifted by i (distinct prompts, so an MoE's rows route to different experts, as distinct streams do);
+    each id shifted by 7919 * i (distinct prompts, so an MoE's rows route to different experts, as streams do);
     one dispatch decodes all n together (at the row bucket of n)."""
     r, plan, most = m.runner, params.plan(), max(STEPS)
     per_row = pages_for(len(ids) + most, r.page_size)
