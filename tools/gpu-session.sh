@@ -8,9 +8,10 @@
 #                      build resumes)
 #           build&     the same build detached (setsid): it goes on beside the next stages, and after the call while
 #                      the machine stays warm; the stages that need llama.cpp wait for it
-#           kernels    the gpu-marked quantized-matvec and batched-kernel tests; when one fails the call stops there
-#                      (a broken kernel would waste the benchmarks after it; -x stops at the first)
-#           rows:M     python -m bench.dispatch --rows 1,8,64 on model M: a decode dispatch of that many rows, the
+#           kernels    the gpu-marked quantized-matvec, MoE matmul and batched-kernel tests; when one fails the call
+#                      stops there (a broken kernel would waste the benchmarks after it; -x stops at the first);
+#                      kernels:F only tests/F
+#           rows:M     python -m bench.dispatch --rows $ROWS (default 1,8,64) on model M: a decode dispatch of that many rows, the
 #                      largest bucket's compile timed, a profiler trace of the 64-row dispatch (trace-M.json.gz in
 #                      the call's logs tarball)
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py)
@@ -107,8 +108,9 @@ do_tests() {
 }
 
 do_kernels() {
-    py -m pytest -x -v -rA -m gpu -o addopts="" -p no:cacheprovider tests/test_pallas_qmatvec.py \
-        tests/test_batched_kernels.py
+    local files=("$@")
+    [ ${#files[@]} -gt 0 ] || files=(tests/test_pallas_qmatvec.py tests/test_pallas_moe_matmul.py tests/test_batched_kernels.py)
+    py -m pytest -x -v -rA -m gpu -o addopts="" -p no:cacheprovider "${files[@]}"
 }
 
 do_invariance() {
@@ -117,7 +119,7 @@ do_invariance() {
 
 do_rows() {  # in a folder of its own: bench.report reads every JSON directly in $results as a bench result
     mkdir -p "$results/rows"
-    py -m bench.dispatch --model "$(model_path "$1")" --rows 1,8,64 --steps 16 --json "$results/rows/$1.json" \
+    py -m bench.dispatch --model "$(model_path "$1")" --rows "${ROWS:-1,8,64}" --steps 16 --json "$results/rows/$1.json" \
         --trace "$results/rows/trace-$1"
 }
 
@@ -204,8 +206,8 @@ for s in "$@"; do
             note "START build (detached; log $logs/build.log)"
             setsid -w bash "$0" --run do_build > "$logs/build.log" 2>&1 < /dev/null &
             echo $! > "$build_pid" ;;
-        kernels)  # a failure stops the call; running out of time (rc 124) does not
-            stage kernels 240 do_kernels
+        kernels|kernels:*)  # a failure stops the call; running out of time (rc 124) does not
+            if [ "$s" = kernels ]; then stage kernels 240 do_kernels; else stage kernels 240 do_kernels "tests/${s#kernels:}"; fi
             rc=$?
             [ $rc = 0 ] || [ $rc = 124 ] || { note "STOP: the kernel tests failed"; break; } ;;
         rows:*) stage "rows-${s#rows:}" 150 do_rows "${s#rows:}" ;;

@@ -10,10 +10,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+from gguf import GGMLQuantizationType as QT
 from jax.experimental import pallas as pl
 
 from worker.pallas_kernels.qmatvec import FORMATS, load_x_part, parts_layout, plane_views, tile_loader, x_parts
-from worker.pallas_kernels.tiling import TritonParams, kernel_entry
+from worker.pallas_kernels.tiling import ALL, TritonParams, kernel_entry
 from worker.quant import QuantArray, dequantize
 
 BLOCK_M = 64
@@ -72,6 +73,23 @@ def plan(
     return Plan(block_m, block_n, chunk, pl.cdiv(blocks, chunk), num_warps, num_stages)
 
 
+def _mxfp4_bf16(load) -> list[jax.Array]:
+    """MXFP4's two parts [BN, C, 16] (low nibbles, high nibbles) as bf16 bits built with integer ops (~13 SASS per
+    value on sm_90a, against ~20 for the float32 dequantization and a cast): 2^(e - 128) * kvalues[code] has at most
+    two significant bits, so it is exact in bf16, and for t = code & 7 >= 2 its magnitude's bits are
+    ((e - 1) << 7) + (t << 6) (2, 3, 4, 6, 8, 12 = {1, 1.5} * 2^1..3), for t = 1 (e - 1) << 7, for t = 0 zero; bit 3
+    of the code is the sign. The same bf16 values as the float32 path for exponent bytes 2..252; one outside
+    (|w| < 2^-125 or > 2^124, never in real files) is clamped into that range."""
+    base = jax.lax.expand_dims((jnp.clip(load("e").astype(jnp.int32), 2, 252) - 1) << 7, (2,))  # [BN, C, 1]
+    q = load("qs", ALL).astype(jnp.int32)  # [BN, C, 16]
+    out = []
+    for code in (q & 0xF, q >> 4):
+        t = code & 7
+        bits = jnp.where(t < 2, t * base, base + (t << 6)) | ((code & 8) << 12)
+        out.append(jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16))
+    return out
+
+
 def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
     """Program (j, t): output columns [j*BN, (j+1)*BN) of row tile t, whose rows all select expert ids[t]."""
     *plane_refs, o_ref = refs
@@ -90,8 +108,9 @@ def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
             b0 = s * c
             blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
             load = tile_loader(planes, fmt, expert, n0, b0, bn, c, None, blocks_ok)  # Out % BN == 0: no row mask
-            for part, (w, _) in enumerate(fmt.parts(load)):
-                w = w.astype(jnp.bfloat16).reshape(bn, c * t_size)
+            parts = _mxfp4_bf16(load) if qtype == QT.MXFP4 else [w.astype(jnp.bfloat16) for w, _ in fmt.parts(load)]
+            for part, w in enumerate(parts):
+                w = w.reshape(bn, c * t_size)
                 xv = load_x_part(x_ref, part, r0, bm, b0, c, t_size, blocks, None, blocks_ok)
                 acc += jax.lax.dot_general(xv, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             return acc
