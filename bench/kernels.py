@@ -73,7 +73,7 @@ def random_planes(qtype: QT, shape: tuple[int, ...], seed: int):
     if qtype == QT.MXFP4:
         raw[:, 0] = rng.integers(120, 128, raw.shape[0])
     elif qtype in (QT.Q6_K,):
-        raw[:, 208:210] = np.float16(0.01).view(np.uint8)
+        raw[:, 208:210] = np.array([0.01], np.float16).view(np.uint8)
     else:  # the leading f16 scale (and minimum) of every other format
         raw[:, 0:4] = np.frombuffer(np.float16([0.01, 0.001]).tobytes(), np.uint8)
     return quant_array(raw.reshape(*shape[:-1], -1), qtype, shape, put=jax.device_put)

@@ -1,7 +1,7 @@
 """GPU checks (run with `just test-gpu` on the GPU machine): the oracle models and the real Gemma 3 end to end on
 the GPU, device-memory policy (residency, INSUFFICIENT_VRAM at start-up, VRAM_OOM recovery during a job).
 
-Precision on the GPU differs from the CPU path (float16 KV cache, TF32/bf16 matmul operands where XLA or the
+Precision on the GPU differs from the CPU path (float16 KV cache, TF32/float16/bf16 matmul operands where XLA or the
 kernels use them), so the gates are argmax equality where the exact reference's top-2 margin exceeds 0.05, and the
 relative error is recorded (printed) rather than held to the CPU's 1e-3."""
 

@@ -23,7 +23,7 @@ from worker.pallas_kernels import qmatvec as qmv
 
 TYPES = sorted(qmv.KERNEL_TYPES, key=lambda t: t.name)
 PATHS = ("dense", "moe_matvec", "moe_matmul", "prefill_dot")
-# float32 products and sums: a few ulps of sum |x| |w| (dense: TF32 operands on the GPU, test_pallas_qmatvec's
+# float32 products and sums: a few ulps of sum |x| |w| (dense: float16 operands on the GPU, test_pallas_qmatvec's
 # dense_tol). bf16 operands: 2^-8 relative per product (2^-9 for x and for the weight each), so at most 2^-8.
 TOL = {"dense": 1e-5, "moe_matvec": 1e-5, "moe_matmul": 2.0**-8, "prefill_dot": 2.0**-8}
 E, K_SEL = 4, 2

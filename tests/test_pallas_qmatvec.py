@@ -29,13 +29,14 @@ F16_FIELDS = {
 }  # fmt: skip
 # Float32 accumulation in another order than the reference: the error stays a few ulps of sum(|x| * |w|).
 TOL = 1e-5
-# The GPU's dense calls are TF32 tensor-core dots (qmatvec.ROW_TILE): x and the weight each rounded to a 10-bit
-# mantissa (2^-11 relative each), so at most ~2^-10 of sum |x| |w|; interpret mode computes in float32.
-TF32_TOL = 2.0**-10
+# The GPU's dense calls are float16 tensor-core dots (qmatvec.ROW_TILE): x (scaled by a power of two) and the
+# weight each rounded to a 10-bit mantissa (2^-11 relative each), so at most ~2^-10 of sum |x| |w|, plus float16's
+# subnormal spacing (2^-24 absolute, of x / scale and of a weight below 2^-14); interpret mode computes in float32.
+DOT_TOL = 2.0**-10
 
 
 def dense_tol(interpret: bool) -> float:
-    return TOL if interpret else TF32_TOL
+    return TOL if interpret else DOT_TOL
 
 
 def random_raw(qtype: QT, shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -233,7 +234,7 @@ def test_qmatvec_compiled_on_real_shapes(qtype, shape, rows):
     y = jax.jit(qmv.qmatvec)(x, w)
     twin = jax.jit(qmv.qmatvec_twin)(x, w)
     bound = _bound(x, w) + 1e-30
-    assert_close(y, np.asarray(twin, np.float64), bound, f"{qtype.name} {shape} M={rows}", TF32_TOL)
+    assert_close(y, np.asarray(twin, np.float64), bound, f"{qtype.name} {shape} M={rows}", DOT_TOL)
 
 
 @pytest.mark.gpu
@@ -254,3 +255,13 @@ def test_moe_matvec_compiled_on_gpt_oss_experts(n, rows):
 def _abs_mxfp4(w):
     """The same experts with every value's sign cleared (E2M1 sign bit 3 of each nibble)."""
     return QuantArray({**w.planes, "qs": w.planes["qs"] & 0x77}, w.qtype, w.shape)
+
+
+def test_row_scale_is_each_rows_power_of_two_above_its_largest_value():
+    """The GPU dot's float16 x is x / row_scale(x): exact (a power of two), inside [-1, 1], and a row's scale
+    depends on that row alone (batch invariance)."""
+    x = np.array([[0.0, 0.0], [1.0, -0.5], [3.0, 2.0], [-1e5, 1.0], [1e-30, 0.0], [0.75, 0.1]], np.float32)
+    scale = np.asarray(qmv.row_scale(jnp.asarray(x)))[:, 0]
+    np.testing.assert_array_equal(scale, [1.0, 2.0, 4.0, 2.0**17, 2.0**-99, 1.0])
+    assert np.all(np.abs(x / scale[:, None]) < 1)
+    np.testing.assert_array_equal(np.asarray(qmv.row_scale(jnp.asarray(x[3:4])))[:, 0], scale[3:4])

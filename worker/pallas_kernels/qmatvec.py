@@ -25,8 +25,10 @@ MAX_BATCH = 64  # rows of x per dense call
 # The tensor-core kernel: rows of x per program (rows past x's are masked loads of zeros). Each call is a dot of
 # this many rows against each dequantized weight tile, whatever the number of rows it was given, so a row's
 # arithmetic never depends on the call's size (batch invariance), and 64 rows cost one pass over the weights where
-# the per-row kernel makes one per 8 rows. On an H200 (phi3-mini, a decode step): per-row kernel 4.0 ms for one
-# row, 46.8 ms for 64; tensor-core kernel 9.8 ms for one, 10.4 ms for 64 (docs/PERFORMANCE.md).
+# the per-row kernel makes one per 8 rows. The dot's operands are float16: x divided by its row's power of two
+# (`row_scale`, exact) and the dequantized weight, each rounded to a 10-bit mantissa as TF32 would round them, at
+# twice TF32's tensor-core rate. On an H200 (phi3-mini's Q4_K gate_up, one call): per-row kernel 50 us for one row,
+# 583 us for 64; this kernel 65 us for one, 90 us for 64 (with TF32 operands: 139 and 145; docs/PERFORMANCE.md).
 ROW_TILE = 64
 MIN_DOT = 16  # tl.dot's smallest tile dimension
 TARGET_VALUES = 8192  # weight values per program per loop step
@@ -319,7 +321,8 @@ def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks:
         load = tile_loader(planes, fmt, static_index(0), row0, b0, bn, c, rows_ok, blocks_ok)
         for part, (w, _) in enumerate(fmt.parts(load)):
             xv = load_x_part(x_ref, part, r0, bm, b0, c, t_size, blocks, x_ok, blocks_ok)
-            acc += jax.lax.dot_general(xv, w.reshape(bn, c * t_size), (((1,), (1,)), ((), ())), precision=precision,
+            w = w.reshape(bn, c * t_size).astype(xv.dtype)
+            acc += jax.lax.dot_general(xv, w, (((1,), (1,)), ((), ())), precision=precision,
                                        preferred_element_type=jnp.float32)  # fmt: skip
         return acc
 
@@ -382,11 +385,14 @@ def _call(
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
     common = dict(fmt=fmt, names=names, n=n, blocks=k // fmt.sb, p=p)
+    scale = None
     if tensor_cores:
         padded = pl.cdiv(t, ROW_TILE) * ROW_TILE  # the output's rows; x keeps its own (masked in the kernel)
-        xp = x_parts(x, w.qtype, jnp.float32)  # [P, T, K / P]
-        # TF32 operands (10-bit mantissas) with float32 sums on the GPU; interpret mode (the CPU) has no TF32
-        precision = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+        if interpret:  # the CPU: float32 operands and sums
+            xp, precision = x_parts(x, w.qtype, jnp.float32), jax.lax.Precision.HIGHEST  # [P, T, K / P]
+        else:  # float16 operands (10-bit mantissas, as TF32's, at twice TF32's tensor-core rate), float32 sums
+            scale = row_scale(x)
+            xp, precision = x_parts(x / scale, w.qtype, jnp.float16), None
         t_size = math.prod(parts_layout(w.qtype)[1])
         kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, precision=precision)
         grid, args = (padded // ROW_TILE, n_blocks, p.splits), (xp, *planes)
@@ -406,7 +412,15 @@ def _call(
         interpret=interpret,
         name=f"qmatvec_{w.qtype.name.lower()}",
     )(*args)
-    return fold_splits(out)[:t, :n]
+    y = fold_splits(out)[:t, :n]
+    return y if scale is None else y * scale
+
+
+def row_scale(x: jax.Array) -> jax.Array:
+    """[T, 1]: each row's power of two at or above its largest |value| (1 for a zero row), so x / scale lies in
+    [-1, 1], inside float16's range, and dividing by it rounds nothing. A row's scale is its own (batch invariant)."""
+    _, e = jnp.frexp(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True))  # top = m * 2^e, m < 1
+    return jnp.ldexp(jnp.ones(e.shape, jnp.float32), e)
 
 
 def fold_splits(partials: jax.Array) -> jax.Array:
@@ -431,8 +445,8 @@ def qmatvec(
     x: jax.Array, w: QuantArray, *, interpret: bool = False, tensor_cores: bool = True, **tiles: int | None
 ) -> jax.Array:
     """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for at most MAX_BATCH rows of x; each row's result is
-    the same bits in a call of any size with the same `tensor_cores`. `tensor_cores`: the ROW_TILE-row dot (TF32
-    on the GPU; one pass over the weights for up to 64 rows), else the per-row multiply-add loop (float32; one
+    the same bits in a call of any size with the same `tensor_cores`. `tensor_cores`: the ROW_TILE-row dot (float16
+    operands, float32 sums on the GPU; one pass over the weights for up to 64 rows), else the per-row multiply-add loop (float32; one
     pass per 8 rows, faster for a few). `tiles`: overrides of `plan`'s arguments (block_n, chunk, splits,
     num_warps, num_stages)."""
     _check(w, 2)
@@ -441,12 +455,10 @@ def qmatvec(
     rows = math.prod(lead)
     if x.shape[-1] != k or not 1 <= rows <= MAX_BATCH:
         raise ValueError(f"qmatvec: x {x.shape} against weight [{n}, {k}] (1..{MAX_BATCH} rows)")
-    # A dot tile is at least MIN_DOT wide. One stage: each step's x tile (ROW_TILE rows of float32) lives in shared
-    # memory, and two stages double-buffered it: 138-148 KB a program (ptxas, sm_90a; Q4_K/Q6_K phi3-mini shapes),
-    # one 4-warp program per SM, the grid in ~4.4 waves, which is what made the call as slow for one row as for 64
-    # (9.8 against 10.4 ms a phi3-mini step on an H200). One stage: 12-48 KB, four programs per SM (registers
-    # bound, 104-110 a thread), ~1.1 waves, as the per-row kernel. The arithmetic, and so each row's bits, do not
-    # depend on the stages. Chosen from the compiled kernels; not yet timed on the card.
+    # A dot tile is at least MIN_DOT wide. One stage: the x tile lives in shared memory, and more stages buffer
+    # more of it. Timed on an H200 (tools/tc_probe.py, docs/PERFORMANCE.md): block_n 64, 8 warps, two stages or
+    # two super-blocks a step each win on some formats and lose on others, by at most ~20%; these defaults are
+    # within that of the best everywhere. The arithmetic, and so each row's bits, do not depend on these.
     dense = {"block_n": max(MIN_DOT, min(32, pl.next_power_of_2(n))), "num_stages": 1} if tensor_cores else {}
     p = plan(w.qtype, n, k, 1, **(dense | tiles))
     return _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores).reshape(*lead, n)
