@@ -1,5 +1,7 @@
 """Decode matvec kernels (worker/pallas_kernels/qmatvec.py) against their jax.numpy twins on real-model shapes:
-time per call, weight bytes read per second, and that rate as a share of the card's copy bandwidth. Then the
+time per call of the tensor-core kernel, weight bytes read per second, and that rate as a share of the card's copy
+bandwidth; for a dense weight also the per-row kernel's time, and whether row 0 computed alone has the same bits
+as among M rows (batch invariance). Then the
 prefill grouped MoE matmul (worker/pallas_kernels/moe_matmul.py) on gpt-oss-20b's experts at --prefill tokens:
 time per call and useful TFLOP/s (2 * tokens * k * Out * In), against its twin (each expert over every token).
 
@@ -128,6 +130,11 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         f"kernel {t_kernel * 1e6:9.1f} us {read / t_kernel / 1e9:7.1f} GB/s ({read / t_kernel / bw:5.1%})  "
         f"twin {t_twin * 1e6:9.1f} us  x{t_twin / t_kernel:5.1f}  bn={p.block_n} c={p.chunk} s={p.splits}"
     )
+    if not k_sel:  # the dense call: the per-row kernel beside it, and whether row 0 has the same bits alone
+        t_rows = per_call(ops[0], weights, x, ids, args.repeat, **interp, tensor_cores=False)
+        one = jax.jit(lambda x, w: ops[0](x, w, **interp))
+        same = bool(jnp.array_equal(one(x[:1], w)[0], one(x, w)[0]))
+        line += f"  per-row {t_rows * 1e6:9.1f} us  row 0 alone: {'same bits' if same else 'OTHER BITS'}"
     print(line, flush=True)
     if args.sweep:
         best = best_tiling(lambda **tiles: per_call(ops[0], weights, x, ids, args.repeat, **interp, **tiles),

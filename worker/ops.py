@@ -45,11 +45,12 @@ _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
 # Which kernels the decode-sized products use on the kernel backends (ModelConfig.decode_kernels, set while a
 # model's step is traced: `decode_kernels`):
 #   "tensor-cores"  the tensor-core kernels for every call: qmatvec's ROW_TILE-row dot, the grouped MoE matmul. One
-#                   pass over the weights for up to 64 rows, but as slow for one row (H200, phi3-mini: 9.8 ms a
-#                   step for 1 row, 10.4 ms for 64; gpt-oss-20b: 13.0 ms for 1, 11.4 ms for 8).
+#                   pass over the weights for up to 64 rows, but its cost hardly shrinks with fewer (H200, one
+#                   call of phi3-mini's gate_up: 65 us for 1 row, 90 us for 64; gpt-oss-20b, a step: 8.7 ms for 1
+#                   row, 21.0 ms for 64).
 #   "per-row"       the per-row kernels for every call: qmatvec's multiply-add loop, the routed MoE matvec (each
-#                   pair reads its expert). Fast for a few rows (phi3-mini: 4.0 ms for 1 row), one pass per 8 rows
-#                   (46.8 ms for 64).
+#                   pair reads its expert). Fast for a few rows (the same gate_up: 50 us for 1 row), one pass per
+#                   8 rows (583 us for 64).
 #   "by-rows"       per-row up to qmatvec.MAX_ROWS rows, tensor cores above: the fastest, but a row's bits then
 #                   depend on how many rows share its call (not batch invariant).
 # A batch-invariant model uses one of the first two for every call (worker/model.py picks by --max-batch).

@@ -456,7 +456,7 @@ def qmatvec(
     if x.shape[-1] != k or not 1 <= rows <= MAX_BATCH:
         raise ValueError(f"qmatvec: x {x.shape} against weight [{n}, {k}] (1..{MAX_BATCH} rows)")
     # A dot tile is at least MIN_DOT wide. One stage: the x tile lives in shared memory, and more stages buffer
-    # more of it. Timed on an H200 (tools/tc_probe.py, docs/PERFORMANCE.md): block_n 64, 8 warps, two stages or
+    # more of it. Timed on an H200 (docs/PERFORMANCE.md; bench/kernels.py --sweep): block_n 64, 8 warps, two stages or
     # two super-blocks a step each win on some formats and lose on others, by at most ~20%; these defaults are
     # within that of the best everywhere. The arithmetic, and so each row's bits, do not depend on these.
     dense = {"block_n": max(MIN_DOT, min(32, pl.next_power_of_2(n))), "num_stages": 1} if tensor_cores else {}
