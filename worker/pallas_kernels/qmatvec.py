@@ -445,10 +445,10 @@ def qmatvec(
     x: jax.Array, w: QuantArray, *, interpret: bool = False, tensor_cores: bool = True, **tiles: int | None
 ) -> jax.Array:
     """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for at most MAX_BATCH rows of x; each row's result is
-    the same bits in a call of any size with the same `tensor_cores`. `tensor_cores`: the ROW_TILE-row dot (float16
-    operands, float32 sums on the GPU; one pass over the weights for up to 64 rows), else the per-row multiply-add loop (float32; one
-    pass per 8 rows, faster for a few). `tiles`: overrides of `plan`'s arguments (block_n, chunk, splits,
-    num_warps, num_stages)."""
+    the same bits in a call of any size with the same `tensor_cores`. `tensor_cores`: the ROW_TILE-row dot
+    (float16 operands, float32 sums on the GPU; one pass over the weights for up to 64 rows), else the per-row
+    multiply-add loop (float32; one pass per 8 rows, faster for a few). `tiles`: overrides of `plan`'s arguments
+    (block_n, chunk, splits, num_warps, num_stages)."""
     _check(w, 2)
     n, k = next(iter(w.planes.values())).shape[0], w.shape[-1]
     lead = x.shape[:-1]
