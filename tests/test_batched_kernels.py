@@ -21,6 +21,8 @@ from worker.pallas_kernels import paged_attention as pa
 from worker.pallas_kernels import qmatvec as qmv
 
 ROWS = (1, 3, 8, 9, 64)
+DENSE_ROWS = (*ROWS, 70)  # 70: two of the tensor-core kernel's 64-row tiles
+TOKENS = 64  # the MoE cases' tokens
 
 
 def relative_error(y, ref: np.ndarray, bound: np.ndarray) -> float:
@@ -31,7 +33,7 @@ def relative_error(y, ref: np.ndarray, bound: np.ndarray) -> float:
 
 def dense_case(qtype: QT, n: int, k: int, seed: int):
     w, w64 = random_weight(qtype, (n, k), seed)
-    x = np.random.default_rng(seed).standard_normal((qmv.MAX_BATCH, k)).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal((max(DENSE_ROWS), k)).astype(np.float32)
     return w, w64, x
 
 
@@ -45,8 +47,8 @@ def check_dense(qtype: QT, n: int, k: int, interpret: bool, tiles: dict) -> None
     call = dense_call(interpret, **tiles)
     x64 = x.astype(np.float64)
     ref, bound = x64 @ w64.T, np.abs(x64) @ np.abs(w64).T  # rows are independent: slices serve every call
-    alone = {r: np.asarray(call(x[r : r + 1], w))[0] for r in (0, 2, 8, 63)}
-    for rows in ROWS:
+    alone = {r: np.asarray(call(x[r : r + 1], w))[0] for r in (0, 2, 8, 63, 69)}
+    for rows in DENSE_ROWS:
         y = np.asarray(call(x[:rows], w))
         err = relative_error(y, ref[:rows], bound[:rows])
         tol = dense_tol(interpret) if tiles.get("tensor_cores", True) else TOL  # the per-row kernel: float32
@@ -72,11 +74,11 @@ def check_moe(qtype: QT, e: int, n: int, k: int, sel: int, interpret: bool, tile
     """Tokens x `sel` selected experts against float64, and each token's rows against the token alone."""
     experts, w64 = random_weight(qtype, (e, n, k), seed=n)
     rng = np.random.default_rng(n)
-    x = rng.standard_normal((qmv.MAX_BATCH, k)).astype(np.float32)
-    ids = np.stack([rng.permutation(e)[:sel] for _ in range(qmv.MAX_BATCH)]).astype(np.int32)
+    x = rng.standard_normal((TOKENS, k)).astype(np.float32)
+    ids = np.stack([rng.permutation(e)[:sel] for _ in range(TOKENS)]).astype(np.int32)
     x64 = x.astype(np.float64)
     # Per expert, not w64[ids] (gpt-oss: 256 copies of a [2880, 2880] float64 expert).
-    ref, bound = np.zeros((qmv.MAX_BATCH, sel, n)), np.zeros((qmv.MAX_BATCH, sel, n))
+    ref, bound = np.zeros((TOKENS, sel, n)), np.zeros((TOKENS, sel, n))
     for expert in np.unique(ids):
         m, s = np.nonzero(ids == expert)
         ref[m, s] = x64[m] @ w64[expert].T
@@ -101,7 +103,7 @@ KERNELS = pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-co
 
 @KERNELS
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
-def test_qmatvec_rows_1_to_64_against_float64_and_alone(qtype, tensor_cores):
+def test_qmatvec_rows_1_to_70_against_float64_and_alone(qtype, tensor_cores):
     sb = qmv.FORMATS[qtype].sb
     check_dense(qtype, 40, 11 * sb if sb == 32 else 3 * sb, True, SPLIT_TILES[sb] | {"tensor_cores": tensor_cores})
 
@@ -114,11 +116,12 @@ def test_qmatvec_row_bits_do_not_depend_on_neighbours_or_place(tensor_cores):
 
 
 def test_qmatvec_plan_ignores_the_batch():
-    """The default plan is the batch-1 one (docs/kernels.md) and has no row-count input; 65 rows are refused."""
+    """The default plan is the batch-1 one (docs/kernels.md) and has no row-count input; past MAX_BATCH rows are
+    refused."""
     p = qmv.plan(QT.Q8_0, 896, 896)
     assert (p.block_n, p.chunk, p.splits) == (32, 8, 4)
     w, _, _ = dense_case(QT.Q8_0, 32, 64, seed=0)
-    with pytest.raises(ValueError, match="1..64 rows"):
+    with pytest.raises(ValueError, match=f"1..{qmv.MAX_BATCH} rows"):
         qmv.qmatvec(jnp.zeros((qmv.MAX_BATCH + 1, 64)), w, interpret=True)
 
 

@@ -264,7 +264,11 @@ def test_a_failing_prefill_ends_only_its_own_job(monkeypatch):
 def test_more_rows_than_the_invariant_kernels_take_is_refused_at_load():
     from worker.errors import WorkerError
 
-    with pytest.raises(WorkerError, match="at most 64 decode rows") as err:
-        worker.load(model_path("qwen2"), device="cpu", backend="interpret", max_batch=65)
+    from worker.pallas_kernels.qmatvec import MAX_BATCH
+
+    too_many = MAX_BATCH + 1
+    with pytest.raises(WorkerError, match=f"at most {MAX_BATCH} decode rows") as err:
+        worker.load(model_path("qwen2"), device="cpu", backend="interpret", max_batch=too_many)
     assert err.value.code == ErrorCode.INVALID_REQUEST
-    worker.load(model_path("qwen2"), device="cpu", backend="interpret", max_batch=65, deterministic=False)
+    worker.load(model_path("qwen2"), device="cpu", backend="interpret", max_batch=too_many, deterministic=False)
+    worker.load(model_path("qwen2"), device="cpu", backend="interpret", max_batch=MAX_BATCH)

@@ -160,9 +160,13 @@ def test_ops_dispatch_sends_only_decode_sized_calls_to_the_kernel():
     def kernels(x, backend: str) -> int:
         return str(jax.make_jaxpr(lambda x: ops.qmatmul(x, w, bias, backend=backend))(x)).count("pallas_call")
 
-    decode, prefill = jnp.ones((1, 1, 256)), jnp.ones((1, qmv.MAX_BATCH + 1, 256))
+    decode, prefill = jnp.ones((1, 1, 256)), jnp.ones((1, ops.PREFILL_KERNEL_ROWS + 1, 256))
     assert kernels(decode, "cpu") == 0
     assert kernels(decode, "interpret") == 1 and kernels(prefill, "interpret") == 0
+    # Decode-shaped ([R, 1, In], one position a sequence): the kernel up to qmatvec.MAX_BATCH rows, then XLA.
+    wide = jnp.ones((ops.PREFILL_KERNEL_ROWS + 1, 1, 256))
+    assert kernels(wide, "interpret") == 1
+    assert kernels(jnp.ones((qmv.MAX_BATCH + 1, 1, 256)), "interpret") == 0
     y = ops.qmatmul(decode, w, bias, backend="interpret")
     np.testing.assert_allclose(y, ops.qmatmul(decode, w, bias), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown ops backend"):

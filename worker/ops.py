@@ -36,7 +36,7 @@ Weight = QuantArray | Int8Blocks | jax.Array
 CPU_TILE_BYTES = 8 << 20
 
 # Which implementation the quantized matmuls, attention and MoE trace to: "cpu" (the jax.numpy path below, exact
-# float32), "gpu" (Pallas kernels for decode-sized matmuls: at most qmatvec.MAX_BATCH rows of x in a kernel format;
+# float32), "gpu" (Pallas kernels for decode-sized matmuls, PREFILL_KERNEL_ROWS / qmatvec.MAX_BATCH rows of x;
 # attention (decode and prefill) unless WORKER_ATTENTION_KERNEL=0; the grouped MoE matmul) or "interpret" (those
 # kernels in Pallas interpret mode, for CPU tests).
 BACKENDS = ("cpu", "gpu", "interpret")
@@ -85,12 +85,23 @@ def _attention_kernels_on(backend: str) -> bool:
     return backend != "cpu" and _attention_kernel
 
 
-def _kernel_fits(w: Weight, rows: int, plane_ndim: int, backend: str) -> bool:
+# A prefill-shaped product (several positions of one sequence) takes the matvec kernels up to this many rows, and
+# above it dequantize + XLA's dot, faster for a long chunk (a 64-row tensor-core tile dequantizes the weight once
+# per tile). A decode-shaped one ([R, 1, In]: one position a sequence) takes them up to qmatvec.MAX_BATCH rows, so
+# every decode bucket runs on one kind of kernel (batch invariance).
+PREFILL_KERNEL_ROWS = 64
+
+
+def _row_limit(x: jax.Array) -> int:
+    return qmatvec.MAX_BATCH if x.ndim >= 3 and x.shape[-2] == 1 else PREFILL_KERNEL_ROWS
+
+
+def _kernel_fits(w: Weight, rows: int, plane_ndim: int, backend: str, limit: int = qmatvec.MAX_BATCH) -> bool:
     return (
         backend != "cpu"
         and isinstance(w, QuantArray)
         and w.qtype in qmatvec.KERNEL_TYPES
-        and 1 <= rows <= qmatvec.MAX_BATCH
+        and 1 <= rows <= limit
         and all(p.ndim == plane_ndim for p in w.planes.values())
     )
 
@@ -225,14 +236,15 @@ def qmatmul(
     x: jax.Array, w: Weight, bias: jax.Array | None = None, *, backend: str = "cpu", exact: bool = False
 ) -> jax.Array:
     """x [..., In] @ w[Out, In].T (+ bias) -> [..., Out]; w stays quantized in memory, dequantized per call.
-    Decode-sized calls on the GPU backend go to the Pallas matvec (float32); prefill stays on dequantize + XLA dot.
+    On the GPU backend decode-shaped calls (up to qmatvec.MAX_BATCH rows) and prefill chunks of up to
+    PREFILL_KERNEL_ROWS rows go to the Pallas matvec; longer chunks to dequantize + XLA's dot.
     `exact`: float32 operands on every backend, for a product whose result picks something discrete (the MoE
     router: bf16 operands flipped near-tied experts, 1.1 relative error at one position of a gpt-oss oracle).
     A weight in the CPU layout (Int8Blocks) goes to `int8_matmul` (float32, exact like the CPU path)."""
     rows = x.size // max(1, x.shape[-1])
     if isinstance(w, Int8Blocks):
         y = int8_matmul(x, w)
-    elif _kernel_fits(w, rows, 2, backend):
+    elif _kernel_fits(w, rows, 2, backend, _row_limit(x)):
         interpret, tensor_cores = backend == "interpret", _tensor_cores(rows)
         if w.sharding is not None:
             y = _split_qmatvec(x, w, interpret, tensor_cores)
