@@ -263,7 +263,6 @@ def test_a_failing_prefill_ends_only_its_own_job(monkeypatch):
 
 def test_more_rows_than_the_invariant_kernels_take_is_refused_at_load():
     from worker.errors import WorkerError
-
     from worker.pallas_kernels.qmatvec import MAX_BATCH
 
     too_many = MAX_BATCH + 1
