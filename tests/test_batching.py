@@ -8,12 +8,16 @@ import queue
 import random
 import time
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import oracles_dir
 
 import worker
 from worker.engine import End, Engine, ErrorEvent, JobRequest, TokenEvent
 from worker.errors import ErrorCode
+from worker.kv_cache import KVCache, table_row
+from worker.models.base import live_tokens
 from worker.sampling import SamplingParams
 from worker.scheduler import PagePool, Scheduler, Sequence
 
@@ -37,6 +41,17 @@ def test_admission_is_first_come_first_served_and_reserves_every_page_up_front()
     assert len(big.pages) == 4 and len(small.pages) == 1 and tiny.row is None and s.pool.free == 1
     s.release(big)
     assert s.pool.free == 5 and big.row is None and s.admit() == [tiny] and tiny.row == 0
+
+
+def test_live_tokens_are_those_with_a_page_of_their_own():
+    """base.live_tokens: a decode bucket's empty row (null pages) and a prefill chunk's padding (positions past the
+    table) are not live; the MoE kernel skips their experts."""
+    cache = KVCache(jnp.zeros((1, 8, 16, 1, 4)), jnp.zeros((1, 8, 16, 1, 4)))  # 8 pages of 16 positions
+    table = jnp.asarray(np.stack([table_row([3, 5], 4), table_row([], 4), table_row([2], 4)]))
+    positions = jnp.asarray([[0, 31], [0, 1], [15, 64]])  # row 1: no pages; 64: past the 4-page table
+    live = np.asarray(live_tokens(cache, table, positions))
+    np.testing.assert_array_equal(live, [[True, True], [False, False], [True, False]])
+    assert not live_tokens(cache, table, jnp.asarray([[32, 0], [0, 0], [16, 0]]))[:, 0].any()  # unallocated pages
 
 
 def test_a_sequence_larger_than_the_whole_pool_is_refused():

@@ -91,6 +91,26 @@ def test_groups_pad_each_expert_to_whole_tiles():
     assert (np.diff(rows.reshape(-1)[np.argsort(ids.reshape(-1), stable=True)]) > 0).all()  # stable in-group
 
 
+def test_dead_tokens_pairs_go_to_no_tile_and_read_as_zeros():
+    """Tokens marked not live (a decode bucket's empty rows, a prefill chunk's padding) take no expert's tiles;
+    their results are zeros, and every live pair's bits are those of the call without the mask."""
+    e, k_sel, m, k, n = 8, 4, 13, 96, 64
+    experts, _ = random_weight(QT.MXFP4, (e, n, k), seed=2)
+    ids = routed(m, k_sel, e, seed=3, skew="uniform")
+    x = np.random.default_rng(4).standard_normal((m, k)).astype(np.float32)
+    live = np.arange(m) % 3 != 1
+    g = mm.group(jnp.asarray(ids), e, 16, shared=True, live=jnp.asarray(live))
+    tile_e, rows = np.asarray(g.tile_expert), np.asarray(g.rows).reshape(m, k_sel)
+    np.testing.assert_array_equal(tile_e[rows[live] // 16], ids[live])  # live pairs: in a tile of their expert
+    assert (tile_e[rows[~live] // 16] == -1).all()  # dead pairs: in tiles nobody computes
+    assert sorted(set(tile_e[tile_e >= 0].tolist())) == sorted(set(ids[live].reshape(-1).tolist()))
+    call = jax.jit(lambda x, w, i, alive: mm.moe_matmul(x, w, i, alive, interpret=True, block_m=16))
+    masked = np.asarray(call(x, experts, ids, live))
+    full = np.asarray(jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, interpret=True, block_m=16))(x, experts, ids))
+    np.testing.assert_array_equal(masked[live], full[live])
+    assert (masked[~live] == 0).all()
+
+
 def test_plan_and_fits_on_real_shapes():
     for n in (2880, 5760):
         p = mm.plan(QT.MXFP4, n, 2880)

@@ -116,13 +116,16 @@ class Batch:
 
     def time_decode(self, rows: int, plan: SamplingPlan, repeats: int = 3) -> float:
         """Seconds one decode dispatch of `rows` rows takes at the current steps (the least of `repeats`, after one
-        untimed): rows without a sequence, at position 0 on the null page, do a row's matrix work. For sizing the
-        steps of a dispatch; only while no sequence runs (it uses the pool's null page and idle rows)."""
+        untimed): rows without a sequence, from position 0, each given the pool's first pages (so that they count
+        as live tokens and do a row's whole work, MoE experts included: base.live_tokens). For sizing the steps of
+        a dispatch; only while no sequence runs (it writes into free pages and idle rows)."""
         if self.busy:
             raise RuntimeError("time_decode needs an idle batch")
         self._ensure_state()
         r, best = self.runner, float("inf")
-        inputs = RowInputs.neutral(r.row_bucket(rows), r.table_width(1))
+        width = r.table_width(1)
+        inputs = RowInputs.neutral(r.row_bucket(rows), width)
+        inputs.tables[:] = 1 + np.arange(width) % max(1, r.pages - 1)  # any pages but the null one
         for i in range(repeats + 1):
             start = time.perf_counter()
             ids, self._rows, self._cache, _ = r.decode(self._rows, self._cache, inputs, self.steps, plan)

@@ -429,7 +429,13 @@ def paged_attention(
 
 
 def moe_matmul(
-    x: jax.Array, experts: QuantArray, expert_ids: jax.Array, *, backend: str = "cpu", per_token: bool = False
+    x: jax.Array,
+    experts: QuantArray,
+    expert_ids: jax.Array,
+    *,
+    backend: str = "cpu",
+    per_token: bool = False,
+    live: jax.Array | None = None,
 ) -> jax.Array:
     """Each token's selected experts: x [M, In] (one input shared by the k selections) or [M, k, In] (one per
     selection) times experts [E, Out, In] at expert_ids [M, k] -> [M, k, Out].
@@ -441,6 +447,8 @@ def moe_matmul(
     `per_token` or few selections gather only the selected experts' planes and dequantize those, each token on its
     own; many walk the experts one at a time, each dequantized once and applied to every token, keeping the rows
     that selected it: E / k times the needed arithmetic, but never more than one expert in float32.
+    `live` [M] (bool, optional): tokens whose results are used. The grouped kernel skips the others' pairs (their
+    results are zeros); every other path computes them as any token.
     """
     n_experts, n_out = experts.shape[:2]
     gathered = per_token or expert_ids.size <= n_experts
@@ -453,6 +461,8 @@ def moe_matmul(
         kernel = qmatvec.moe_matvec
     if kernel is not None and experts.sharding is not None:
         return _expert_parallel(kernel, x, experts, expert_ids, interpret)
+    if kernel is grouped_matmul.moe_matmul:
+        return kernel(x, experts, expert_ids, live, interpret=interpret)
     if kernel is not None:
         return kernel(x, experts, expert_ids, interpret=interpret)
     x = x.astype(jnp.float32)

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from worker import ops
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, TensorInfo
-from worker.kv_cache import KVCache, write_layer
+from worker.kv_cache import NULL_PAGE, KVCache, slots_of, write_layer
 from worker.ops import Weight
 from worker.quant import QuantArray, quant_array
 
@@ -252,6 +252,13 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
 
 
 FFN = Callable[[LayerWeights, Any, jax.Array], jax.Array]
+
+
+def live_tokens(cache: KVCache, table: jax.Array, positions: jax.Array) -> jax.Array:
+    """[B, T] bool: whether each token's position has a page of its own in its row's table. False for a decode
+    bucket's empty rows (a table of null pages) and a prefill chunk's padding (positions past the table): tokens
+    whose results nobody reads. A sequence holds pages for every position it feeds (scheduler.Sequence)."""
+    return slots_of(cache, table, positions)[0] != NULL_PAGE
 
 
 def run_layers(weights: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, cache: KVCache,

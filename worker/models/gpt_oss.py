@@ -124,21 +124,24 @@ def clamped_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return (up + 1.0) * gate * jax.nn.sigmoid(SWIGLU_ALPHA * gate)
 
 
-def _experts(lw: LayerWeights, cfg: GptOssConfig, name: str, x: jax.Array, expert_ids: jax.Array, per_token: bool
-             ) -> jax.Array:  # fmt: skip
+def _experts(lw: LayerWeights, cfg: GptOssConfig, name: str, x: jax.Array, expert_ids: jax.Array, per_token: bool,
+             live: jax.Array | None) -> jax.Array:  # fmt: skip
     """The selected experts' projection with its bias: [M, k, Out]."""
     bias = jnp.take(ops.as_f32(lw[f"{name}_b"]), expert_ids, axis=0)
-    return ops.moe_matmul(x, lw[name], expert_ids, backend=cfg.backend, per_token=per_token) + bias
+    return ops.moe_matmul(x, lw[name], expert_ids, backend=cfg.backend, per_token=per_token, live=live) + bias
 
 
-def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array) -> jax.Array:
+def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array, live: jax.Array | None = None) -> jax.Array:
+    """The routed experts with the residual. `live` [B, T]: the tokens whose output is used (`base.live_tokens`);
+    the grouped kernel skips the others' experts."""
     b, t, d = x.shape
     h = ops.rms_norm(x, lw["post_attention_norm"], cfg.norm_eps).reshape(b * t, d)  # [M, D]
     router = ops.qmatmul(h, lw["ffn_gate_inp"], lw["ffn_gate_inp_b"], backend=cfg.backend, exact=True)  # [M, E]
     top, expert_ids = jax.lax.top_k(router, cfg.n_experts_used)  # [M, k]
     expert_weights = jax.nn.softmax(top, axis=-1)
     # A decode step's tokens (one per sequence) take the per-token path whatever their number (batch invariance).
-    experts = partial(_experts, lw, cfg, expert_ids=expert_ids, per_token=t == 1)
+    flat_live = None if live is None else live.reshape(b * t)
+    experts = partial(_experts, lw, cfg, expert_ids=expert_ids, per_token=t == 1, live=flat_live)
     if cfg.fused_gate_up:
         gate, up = jnp.split(experts("ffn_gate_up_exps", h), 2, axis=-1)
     else:
@@ -151,7 +154,8 @@ def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array) -> jax.Array:
 def forward(weights: dict, cfg: GptOssConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
             table: jax.Array) -> tuple[jax.Array, KVCache]:  # fmt: skip
     x = ops.embed(weights["token_embd"], tokens)  # [B, T, D]
-    return base.run_layers(weights, cfg, x, positions, cache, table, moe_block)
+    live = base.live_tokens(cache, table, positions)
+    return base.run_layers(weights, cfg, x, positions, cache, table, partial(moe_block, live=live))
 
 
 def logits(weights: dict, cfg: GptOssConfig, hidden: jax.Array) -> jax.Array:

@@ -129,15 +129,19 @@ class Groups:
     tile_expert: jax.Array
 
 
-def group(expert_ids: jax.Array, n_experts: int, block_m: int, shared: bool) -> Groups:
-    """Sort the (token, selection) pairs by expert and pad each expert's group to a multiple of block_m rows."""
+def group(expert_ids: jax.Array, n_experts: int, block_m: int, shared: bool, live: jax.Array | None = None) -> Groups:
+    """Sort the (token, selection) pairs by expert and pad each expert's group to a multiple of block_m rows.
+    `live` [M]: the pairs of a token where it is False go last, into no expert's tiles (their rows lie in tiles
+    that are not computed)."""
     n_pairs = expert_ids.size
     k_sel = expert_ids.shape[-1]
     flat = jnp.clip(expert_ids.reshape(-1).astype(jnp.int32), 0, n_experts - 1)  # out of range must not read OOB
+    if live is not None:  # a dead token's pairs: expert n_experts, a group that gets no tiles
+        flat = jnp.where(jnp.repeat(live.reshape(-1), k_sel), flat, n_experts)
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted position -> pair
     sorted_e = flat[order]
-    counts = jnp.zeros((n_experts,), jnp.int32).at[flat].add(1)
-    tiles = (counts + block_m - 1) // block_m
+    counts = jnp.zeros((n_experts + 1,), jnp.int32).at[flat].add(1)
+    tiles = ((counts + block_m - 1) // block_m).at[n_experts].set(0)
     tile_end = jnp.cumsum(tiles)
     first = jnp.cumsum(counts) - counts  # sorted position of each group's first pair
     padded_rows = (tile_end - tiles)[sorted_e] * block_m + jnp.arange(n_pairs, dtype=jnp.int32) - first[sorted_e]
@@ -146,7 +150,7 @@ def group(expert_ids: jax.Array, n_experts: int, block_m: int, shared: bool) -> 
     src = jnp.zeros((n_tiles * block_m,), jnp.int32).at[padded_rows].set(order // k_sel if shared else order)
     # compare_all: E x tiles comparisons, no loop (the default method is a while loop, in every MoE call of a step)
     tiles_at = jnp.arange(n_tiles, dtype=jnp.int32)
-    tile_e = jnp.searchsorted(tile_end, tiles_at, side="right", method="compare_all").astype(jnp.int32)
+    tile_e = jnp.searchsorted(tile_end[:n_experts], tiles_at, side="right", method="compare_all").astype(jnp.int32)
     return Groups(rows, src, jnp.where(tile_e < n_experts, tile_e, -1))
 
 
@@ -166,13 +170,21 @@ def _check(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> tuple[in
 
 @kernel_entry("interpret", "block_m", "block_n", "chunk", "num_warps", "num_stages")
 def moe_matmul(
-    x: jax.Array, experts: QuantArray, expert_ids: jax.Array, *, interpret: bool = False, **tiles: int | None
+    x: jax.Array,
+    experts: QuantArray,
+    expert_ids: jax.Array,
+    live: jax.Array | None = None,
+    *,
+    interpret: bool = False,
+    **tiles: int | None,
 ) -> jax.Array:
     """As worker.ops.moe_matmul: x [M, In] (shared by the k selections) or [M, k, In], experts [E, Out, In],
-    expert_ids [M, k] -> float32 [M, k, Out]. `tiles`: overrides of `plan`'s arguments."""
+    expert_ids [M, k] -> float32 [M, k, Out]. `live` [M] (bool): tokens whose pairs are computed; the others' are
+    zeros (a decode bucket's empty rows, a prefill chunk's padding: they would add experts' tiles). A live pair's
+    bits do not depend on which tokens are live. `tiles`: overrides of `plan`'s arguments."""
     e, n, k, shared = _check(x, experts, expert_ids)
     p = plan(experts.qtype, n, k, **tiles)
-    g = group(expert_ids, e, p.block_m, shared)
+    g = group(expert_ids, e, p.block_m, shared, live)
     xp = jnp.take(x_parts(x.reshape(-1, k), experts.qtype, jnp.bfloat16), g.src, axis=1)  # [P, R, K / P]
     names, planes = plane_views(experts, e, n, k)
     kernel = functools.partial(_kernel, qtype=experts.qtype, names=names, blocks=k // FORMATS[experts.qtype].sb, p=p)
@@ -184,7 +196,9 @@ def moe_matmul(
         interpret=interpret,
         name=f"moe_matmul_{experts.qtype.name.lower()}",
     )(g.tile_expert, xp, *planes)
-    return out[g.rows].reshape(*expert_ids.shape, n)
+    out = out[g.rows].reshape(*expert_ids.shape, n)
+    # A dead pair's row lies in a tile no program wrote: its values are whatever the buffer held.
+    return out if live is None else jnp.where(live.reshape(-1, 1, 1), out, 0.0)
 
 
 def moe_matmul_twin(
