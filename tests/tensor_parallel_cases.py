@@ -196,7 +196,7 @@ def test_kernel_backend_splits_each_kernel_and_matches_one_device(oracles, monke
 
     spy(qmatvec, "qmatvec", lambda x, w: w.shape)
     spy(qmatvec, "moe_matvec", lambda x, w, ids: w.shape[0])
-    spy(moe_matmul, "moe_matmul", lambda x, w, ids: w.shape[0])
+    spy(moe_matmul, "moe_matmul", lambda x, w, ids, *_live: w.shape[0])
     spy(prefill_attention, "prefill_attention", lambda q, *_: q.shape[2])
     spy(paged_attention, "paged_decode_attention", lambda q, *_: q.shape[2])
 
