@@ -198,3 +198,20 @@ def test_moe_matmul_compiled_on_gpt_oss_experts(n, shared, m, skew):
     twin = jax.jit(mm.moe_matmul_twin)(x, experts, ids)
     bound = np.asarray(jax.jit(mm.moe_matmul_twin)(jnp.abs(x), _abs_mxfp4(experts), ids), np.float64)
     assert_close(y, np.asarray(twin, np.float64), bound, TOL_TWIN_GPU, f"experts [{e}, {n}, {k}] M={m} {skew}")
+
+
+@pytest.mark.gpu
+def test_dead_tokens_on_the_gpu_read_as_zeros_and_leave_live_bits_alone():
+    """gpt-oss-20b's gate_up at a decode bucket of 64 rows with 23 empty: the empty rows' pairs lie in tiles no
+    program writes (uninitialized memory on the GPU), and still read as zeros; the live rows' bits are those of
+    the unmasked call."""
+    _gpu()
+    e, k_sel, k, n, m = 32, 4, 2880, 5760, 64
+    experts = quant_array(random_raw(QT.MXFP4, (e, n, k), seed=9), QT.MXFP4, (e, n, k), put=jax.device_put)
+    ids = jnp.asarray(routed(m, k_sel, e, seed=10, skew="uniform"))
+    x = jax.random.normal(jax.random.key(11), (m, k), jnp.float32)
+    live = np.arange(m) < 41
+    masked = np.asarray(jax.jit(mm.moe_matmul)(x, experts, ids, jnp.asarray(live)))
+    full = np.asarray(jax.jit(mm.moe_matmul)(x, experts, ids))
+    np.testing.assert_array_equal(masked[live], full[live])
+    assert (masked[~live] == 0).all()
