@@ -4,7 +4,8 @@ For each steps-per-dispatch count, the time of one synchronized decode dispatch 
 time = fixed + steps * per_step, the cost of launching a jitted call that takes the whole weights pytree, and the
 pipelined generation the worker really runs (Model.generate_ids). `--rows 1,8,64` instead times one dispatch of
 that many rows decoding together (the continuous batch's step), after timing the compile of the largest row bucket
-(tracing and lowering apart from XLA's compile). --trace writes a JAX profiler trace (perfetto
+(tracing and lowering apart from XLA's compile), and the prefill of 1, 8 and the most 128-token prompts in one
+dispatch against one dispatch each. --trace writes a JAX profiler trace (perfetto
 JSON) of three 8-step dispatches, to read where the fixed part goes. docs/PERFORMANCE.md has the readings.
 """
 
@@ -26,6 +27,7 @@ from worker.runner import RowInputs
 from worker.sampling import SamplingParams
 
 STEPS = (1, 8, 16, 32, 64)
+PREFILL_TOKENS = 128  # the load bench's prompts
 PROMPT = "Write a haiku about GPU computing"
 
 
@@ -58,8 +60,8 @@ def rows_dispatch(m: worker.Model, ids: list[int], n: int, params: SamplingParam
         pages = list(range(1 + row * per_row, 1 + (row + 1) * per_row))
         prompt = [(t + 7919 * row) % m.cfg.vocab_size for t in ids]
         logits, cache = r.prefill(prompt, pages, cache)
-        token, seen, _ = r.first_token(logits, RowInputs.neutral(1, 1), prompt, plan)
-        rows = r.join(rows, row, token, seen)
+        token, seen, _ = r.first_tokens(logits, RowInputs.neutral(1, 1), [(0, prompt)], plan)
+        rows = r.join(rows, [(0, row)], token, seen)
         inputs.positions[row], inputs.index[row] = len(ids), 1
         inputs.tables[row] = table_row(pages, inputs.tables.shape[1])
     state = {"rows": rows, "cache": cache}
@@ -86,6 +88,36 @@ def rows_sweep(m: worker.Model, ids: list[int], counts: list[int], steps: int, r
             for _ in range(2):
                 decode(steps).block_until_ready()
             jax.profiler.stop_trace()
+    return out
+
+
+def prefill_sweep(m: worker.Model, counts: list[int], tokens: int, repeats: int) -> dict:
+    """Per count G: the prompts of G sequences (`tokens` ids each, distinct) prefilled in one dispatch
+    (Runner.prefill_group, synchronized; median) against one dispatch each, back to back as a queue of
+    dispatches; prompt tok/s = G * tokens / time."""
+    r, out = m.runner, {}
+    per = pages_for(tokens, r.page_size)
+    for g in counts:
+        if g > r.group_limit(tokens):
+            print(f"prefill of {g} x {tokens}: more than one dispatch takes ({r.group_limit(tokens)})", flush=True)
+            continue
+        chunks = [([(7 + 7919 * i + t) % m.cfg.vocab_size for t in range(tokens)], list(range(1 + i * per,
+                   1 + (i + 1) * per)), 0) for i in range(g)]  # fmt: skip
+        state = {"cache": r.new_cache(g * per + 1)}
+
+        def together():
+            logits, state["cache"] = r.prefill_group(chunks, state["cache"])
+            logits.block_until_ready()
+
+        def apart():
+            for c in chunks:
+                logits, state["cache"] = r.prefill_group([c], state["cache"])
+            logits.block_until_ready()
+
+        t1, t2 = _median_time(together, repeats), _median_time(apart, repeats)
+        out[g] = {"group_s": t1, "apart_s": t2, "group_tok_s": g * tokens / t1, "apart_tok_s": g * tokens / t2}
+        print(f"prefill of {g} x {tokens}: one dispatch {1e3 * t1:.2f} ms ({g * tokens / t1:.0f} tok/s), one a "
+              f"sequence {1e3 * t2:.2f} ms ({g * tokens / t2:.0f} tok/s)", flush=True)  # fmt: skip
     return out
 
 
@@ -150,6 +182,8 @@ def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int
     result["compile"] = compile_times(m, m.runner.row_bucket(max(counts)), steps)
     print(json.dumps(result["compile"]), flush=True)
     result["rows"] = rows_sweep(m, m.tokenizer.encode(PROMPT), counts, steps, repeats, trace)
+    groups = sorted({1, 8, m.runner.group_limit()})
+    result["prefill"] = prefill_sweep(m, groups, PREFILL_TOKENS, max(3, repeats // 3))
     return result
 
 

@@ -45,7 +45,7 @@ def teacher_forced_decode(m, ids: list[int]) -> np.ndarray:
     pages = list(range(1, pages_for(len(ids), r.page_size) + 1))
     cache, rows, out = r.new_cache(len(pages) + 1), r.new_rows(), []
     for p, tok in enumerate(ids):
-        rows = r.join(rows, 0, jax.device_put(np.asarray([tok], np.int32), m.device), rows.seen[:1])
+        rows = r.join(rows, [(0, 0)], jax.device_put(np.asarray([tok], np.int32), m.device), rows.seen[:1])
         inputs = RowInputs.neutral(r.min_rows, r.table_width(p + 1))
         inputs.positions[0], inputs.tables[0] = p, table_row(pages, inputs.tables.shape[1])
         nxt, rows, cache, _ = r.decode(rows, cache, inputs, 1, plan)

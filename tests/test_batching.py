@@ -16,7 +16,7 @@ from conftest import oracles_dir
 import worker
 from worker.engine import End, Engine, ErrorEvent, JobRequest, TokenEvent
 from worker.errors import ErrorCode
-from worker.kv_cache import KVCache, table_row
+from worker.kv_cache import KVCache, pages_for, table_row
 from worker.models.base import live_tokens
 from worker.sampling import SamplingParams
 from worker.scheduler import PagePool, Scheduler, Sequence
@@ -245,31 +245,35 @@ def test_paged_decode_attention_equals_dense_attention_whatever_the_table_width(
 
 def test_a_failing_prefill_ends_only_its_own_job(monkeypatch):
     """Out of device memory in one job's prefill (simulated; the KV pool survives): that job ends with VRAM_OOM,
-    the others stream on and end normally, with the ids they would have had alone."""
-    model = worker.load(model_path("qwen2"), device="cpu", slots=256, max_batch=4)
+    the others stream on and end normally, with the ids they would have had alone. The three prompts share a
+    prefill dispatch (the kernels in interpret mode group them), which is then tried again one sequence at a time."""
+    model = worker.load(model_path("qwen2"), device="cpu", backend="interpret", slots=256, max_batch=4)
     prompt = "Once upon a time"
     alone = model.generate(prompt, max_tokens=10, stop_at_eos=False)
-    real, oom_text = model.runner.prefill_chunk, " ".join(["x"] * 6)
+    real, oom_text = model.runner.prefill_group, " ".join(["x"] * 6)
     oom_len = len(model.tokenizer.encode(oom_text))
     assert oom_len != len(model.tokenizer.encode(prompt))
+    groups = []
 
-    def failing(ids, pages, cache, start):
-        if len(ids) == oom_len:
+    def failing(chunks, cache):
+        groups.append(len(chunks))
+        if any(len(ids) == oom_len for ids, _, _ in chunks):
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
-        return real(ids, pages, cache, start)
+        return real(chunks, cache)
 
-    monkeypatch.setattr(model.runner, "prefill_chunk", failing)
+    monkeypatch.setattr(model.runner, "prefill_group", failing)
     engine = Engine(model, max_queue=4)
-    engine.start()
     try:
         sinks = {name: Collector() for name in ("a", "oom", "b")}
         for name, sink in sinks.items():
             text = oom_text if name == "oom" else prompt
             engine.submit(JobRequest(name, text, max_tokens=10, temperature=0.0), sink)
+        engine.start()  # after the three are queued: they join the batch, and the prefill, together
         results = {name: sink.until_end() for name, sink in sinks.items()}
     finally:
         engine.shutdown(2.0)
     assert results["oom"][-1].code == ErrorCode.VRAM_OOM
+    assert max(groups) > 1 and groups.count(1) >= 3, groups
     for name in ("a", "b"):
         assert isinstance(results[name][-1], End) and results[name][-1].tokens_out == 10
         text = "".join(e.text for e in results[name] if isinstance(e, TokenEvent))
@@ -286,3 +290,26 @@ def test_more_rows_than_the_invariant_kernels_take_is_refused_at_load():
     assert err.value.code == ErrorCode.INVALID_REQUEST
     worker.load(model_path("qwen2"), device="cpu", backend="interpret", max_batch=too_many, deterministic=False)
     worker.load(model_path("qwen2"), device="cpu", backend="interpret", max_batch=MAX_BATCH)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("arch", ["qwen2", "gpt-oss"])
+def test_a_prefill_dispatch_of_several_sequences_gives_each_the_bits_it_gets_alone(arch, device):
+    """Several sequences' prompt chunks in one prefill dispatch (Runner.prefill_group): each sequence's logits and
+    KV pages are the bits of its chunk prefilled alone (on the CPU: the kernels in interpret mode)."""
+    backend = "interpret" if device == "cpu" else None
+    model = worker.load(model_path(arch), device=device, backend=backend, slots=1024, max_batch=8)
+    r, rng = model.runner, random.Random(11)
+    prompts = [[rng.randrange(model.cfg.vocab_size) for _ in range(n)] for n in (21, 5, 128, 64)]
+    pages, first = [], 1
+    for p in prompts:
+        n = pages_for(len(p), r.page_size)
+        pages.append(list(range(first, first + n)))
+        first += n
+    assert r.group_limit(128) >= len(prompts) and r.group_limit(129) == 1 and r.group_buckets() == [2, 4, 8]
+    together, cache = r.prefill_group([(p, pg, 0) for p, pg in zip(prompts, pages, strict=True)], r.new_cache())
+    for i, (p, pg) in enumerate(zip(prompts, pages, strict=True)):
+        alone, own = r.prefill_group([(p, pg, 0)], r.new_cache())
+        assert np.array_equal(np.asarray(together[i]), np.asarray(alone[0])), f"sequence {i}'s logits"
+        assert np.array_equal(np.asarray(cache.k[:, pg]), np.asarray(own.k[:, pg])), f"sequence {i}'s keys"
+        assert np.array_equal(np.asarray(cache.v[:, pg]), np.asarray(own.v[:, pg])), f"sequence {i}'s values"

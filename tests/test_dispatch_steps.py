@@ -56,12 +56,13 @@ def test_a_calibrating_warm_up_compiles_each_program_once(monkeypatch, steps_aft
     then the other buckets (and the largest again only if its steps changed); prefill and first sample once."""
     m = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", max_batch=4)
     calls = []
-    monkeypatch.setattr(m.runner, "compile_first_steps", lambda inputs, plan, steps, rows, prefill=True:
-                        calls.append((steps, tuple(rows), prefill)))  # fmt: skip
+    monkeypatch.setattr(m.runner, "compile_first_steps", lambda inputs, plan, steps, rows, prefill=True, groups=():
+                        calls.append((steps, tuple(rows), prefill, groups)))  # fmt: skip
     monkeypatch.setattr(m, "calibrate_steps", lambda plan: setattr(m.batch, "steps", steps_after) or steps_after)
     monkeypatch.setattr(m, "device_kind", "gpu")
     m.batch.steps = 1
     m.warm_up(all_rows=True)
     buckets = tuple(m.runner.row_buckets())
     again = buckets if steps_after != 1 else buckets[:-1]
-    assert calls == [(1, buckets[-1:], True), (steps_after, again, False)]
+    groups = tuple(m.runner.group_buckets())  # prefill dispatches of several sequences: none on the CPU backend
+    assert calls == [(1, buckets[-1:], True, ()), (steps_after, again, False, groups)]

@@ -136,8 +136,9 @@ def test_ops_sends_selections_to_the_kernel_the_decode_kernels_say():
         return [name for name in ("qmatvec_mxfp4", "moe_matmul_mxfp4") if name in jaxpr]
 
     assert kernels(9, "cpu") == []
-    # By rows (the default): few selections to the routed matvec, many (prefill) to the grouped matmul.
-    assert kernels(2, "interpret") == ["qmatvec_mxfp4"] and kernels(9, "interpret") == ["moe_matmul_mxfp4"]
+    # Prefill (not per_token): the grouped matmul however few its selections, so that the route never depends on
+    # how many sequences share a prefill dispatch.
+    assert kernels(2, "interpret") == ["moe_matmul_mxfp4"] and kernels(9, "interpret") == ["moe_matmul_mxfp4"]
     # Decode (per_token) follows the decode kernels: by rows, per row, or tensor cores for any count.
     assert kernels(8, "interpret", per_token=True) == ["qmatvec_mxfp4"]
     assert kernels(9, "interpret", per_token=True) == ["moe_matmul_mxfp4"]

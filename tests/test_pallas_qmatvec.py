@@ -153,24 +153,42 @@ def test_tiles_must_be_powers_of_two_and_rows_bounded():
         qmv.qmatvec(jnp.zeros((1, 64)), quant_array(np.zeros((32, 64), np.float32), QT.F32, (32, 64)))
 
 
-def test_ops_dispatch_sends_only_decode_sized_calls_to_the_kernel():
+def test_ops_dispatch_routes_by_each_sequences_positions_not_by_the_rows_of_the_call():
     w, _ = random_weight(QT.Q4_K, (48, 256), seed=5)
     bias = jnp.arange(48, dtype=jnp.float32)
 
     def kernels(x, backend: str) -> int:
         return str(jax.make_jaxpr(lambda x: ops.qmatmul(x, w, bias, backend=backend))(x)).count("pallas_call")
 
-    decode, prefill = jnp.ones((1, 1, 256)), jnp.ones((1, ops.PREFILL_KERNEL_ROWS + 1, 256))
+    decode, long_chunk = jnp.ones((1, 1, 256)), jnp.ones((1, ops.PREFILL_KERNEL_ROWS + 1, 256))
     assert kernels(decode, "cpu") == 0
-    assert kernels(decode, "interpret") == 1 and kernels(prefill, "interpret") == 0
-    # Decode-shaped ([R, 1, In], one position a sequence): the kernel up to qmatvec.MAX_BATCH rows, then XLA.
-    wide = jnp.ones((ops.PREFILL_KERNEL_ROWS + 1, 1, 256))
-    assert kernels(wide, "interpret") == 1
-    assert kernels(jnp.ones((qmv.MAX_BATCH + 1, 1, 256)), "interpret") == 0
+    assert kernels(decode, "interpret") == 1 and kernels(long_chunk, "interpret") == 0
+    # Any number of sequences of at most PREFILL_KERNEL_ROWS positions (decode: one): the kernel, in calls of at
+    # most qmatvec.MAX_BATCH rows; so whether a chunk takes it never depends on who shares its dispatch.
+    assert kernels(jnp.ones((qmv.MAX_BATCH, 1, 256)), "interpret") == 1
+    assert kernels(jnp.ones((qmv.MAX_BATCH + 1, 1, 256)), "interpret") == 2
+    # 640 rows: slices of 256, 256 and 128 (a kernel entry is a nested jit: one jaxpr per distinct slice shape)
+    assert kernels(jnp.ones((5, ops.PREFILL_KERNEL_ROWS, 256)), "interpret") == 2
+    # The router (`exact`) never takes the kernel: float32 operands.
+    assert str(jax.make_jaxpr(lambda x: ops.qmatmul(x, w, backend="interpret", exact=True))(decode)).count(
+        "pallas_call") == 0  # fmt: skip
     y = ops.qmatmul(decode, w, bias, backend="interpret")
     np.testing.assert_allclose(y, ops.qmatmul(decode, w, bias), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown ops backend"):
         ops.check_backend("tpu")
+
+
+def test_rows_in_several_kernel_calls_have_the_bits_they_have_alone():
+    """A prefill dispatch of several sequences: more rows than one kernel call takes, each row's bits those of its
+    sequence computed alone (interpret mode: the tensor-core kernel's tiles, float32)."""
+    w, _ = random_weight(QT.Q4_K, (48, 256), seed=6)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, ops.PREFILL_KERNEL_ROWS, 256)), jnp.float32)
+    together = np.asarray(ops.qmatmul(x, w, backend="interpret"))
+    for g in range(3):
+        alone = np.asarray(ops.qmatmul(x[g : g + 1], w, backend="interpret"))
+        assert np.array_equal(together[g], alone[0])
+    np.testing.assert_allclose(together, ops.qmatmul(x, w), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

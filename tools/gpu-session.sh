@@ -11,7 +11,7 @@
 #           kernels    the gpu-marked quantized-matvec, MoE matmul and batched-kernel tests; when one fails the call
 #                      stops there (a broken kernel would waste the benchmarks after it; -x stops at the first);
 #                      kernels:F only tests/F
-#           rows:M     python -m bench.dispatch --rows $ROWS (default 1,8,64) on model M: a decode dispatch of that many rows, the
+#           rows:M     python -m bench.dispatch --rows $ROWS (default 1,8,64; budget ROWS_SECONDS, default 150) on model M: a decode dispatch of that many rows, the
 #                      largest bucket's compile timed, a profiler trace of the 64-row dispatch (trace-M.json.gz in
 #                      the call's logs tarball)
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py)
@@ -210,7 +210,7 @@ for s in "$@"; do
             if [ "$s" = kernels ]; then stage kernels 240 do_kernels; else stage kernels 240 do_kernels "tests/${s#kernels:}"; fi
             rc=$?
             [ $rc = 0 ] || [ $rc = 124 ] || { note "STOP: the kernel tests failed"; break; } ;;
-        rows:*) stage "rows-${s#rows:}" 150 do_rows "${s#rows:}" ;;
+        rows:*) stage "rows-${s#rows:}" "${ROWS_SECONDS:-150}" do_rows "${s#rows:}" ;;
         invariance) stage invariance 180 do_invariance ;;
         synth) stage synth 300 do_synth ;;
         synth:*) stage "synth-${s#synth:}" 300 do_synth "${s#synth:}" ;;

@@ -142,24 +142,49 @@ class Batch:
 
     def _prefill(self) -> list[Delivery]:
         failed, budget, r = [], self.prefill_tokens, self.runner
+        chunks = []  # (sequence, start, ids) in admission order, up to the step's budget
         for seq in self.scheduler.prefilling():
             if budget <= 0:
                 break
-            start = seq.prefilled
-            n = min(r.chunk, len(seq.ids) - start)
-            try:
-                logits, self._cache = r.prefill_chunk(seq.ids[start : start + n], seq.pages, self._cache, start)
-                seq.prefilled, budget = start + n, budget - n
-                if seq.prefilled == len(seq.ids):
-                    inputs = self.row_inputs([(0, seq)], 1, 1)
-                    token, seen, scores = r.first_token(logits, inputs, seq.ids, seq.params.plan())
-                    self._rows = r.join(self._rows, seq.row, token, seen)
-                    seq.position, seq.dispatched = len(seq.ids), 1
-                    self._pending.append(_Pending(token[:, None], _lift(scores), [(0, seq)]))
-            except Exception as e:
-                failed.append(self._fail(seq, e))
-                failed.extend(self._check_state())
+            n = min(r.chunk, len(seq.ids) - seq.prefilled)
+            chunks.append((seq, seq.prefilled, n))
+            budget -= n
+        for group in _groups(chunks, r.group_limit):
+            failed.extend(self._prefill_group(group))
         return failed
+
+    def _prefill_group(self, group: list[tuple[Sequence, int, int]]) -> list[Delivery]:
+        """One prefill dispatch; where it fails, each of its sequences is tried again alone (so an error, device
+        memory included, ends only the job it belongs to), unless the failure took the KV pool with it."""
+        try:
+            chunks = [(s.ids[a : a + n], s.pages, a) for s, a, n in group if s.finished is None]
+            if not chunks:
+                return []
+            logits, self._cache = self.runner.prefill_group(chunks, self._cache)
+            done = []
+            for i, (s, a, n) in enumerate(g for g in group if g[0].finished is None):
+                s.prefilled = a + n
+                if s.prefilled == len(s.ids):
+                    done.append((i, s))
+            if done:
+                self._first_tokens(logits, done)
+            return []
+        except Exception as e:
+            if len(group) > 1 and not self._state_lost():
+                return [d for one in group for d in self._prefill_group([one])]
+            return [self._fail(s, e) for s, _, _ in group if s.finished is None] + self._check_state()
+
+    def _first_tokens(self, logits: jax.Array, done: list[tuple[int, Sequence]]) -> None:
+        """Sample the first token of each sequence whose prompt is in (row i of `logits`) and join it to the decode
+        rows; it is delivered like a decode dispatch's."""
+        r = self.runner
+        inputs = self.row_inputs(done, logits.shape[0], 1)
+        plan = union_plan([s.params.plan() for _, s in done])
+        tokens, seen, scores = r.first_tokens(logits, inputs, [(i, s.ids) for i, s in done], plan)
+        self._rows = r.join(self._rows, [(i, s.row) for i, s in done], tokens, seen)
+        for _, s in done:
+            s.position, s.dispatched = len(s.ids), 1
+        self._pending.append(_Pending(tokens[:, None], _lift(scores), done))
 
     def _decode(self, decoding: list[Sequence]) -> None:
         r, steps = self.runner, self.steps
@@ -190,13 +215,16 @@ class Batch:
     def _check_state(self) -> list[Delivery]:
         """After a failed device call (its own sequences already failed): if the call consumed a donated buffer,
         the KV pool is gone and with it every running sequence; fail them and rebuild at the next step."""
-        leaves = jax.tree_util.tree_leaves((self._cache, self._rows))
-        if not any(leaf.is_deleted() for leaf in leaves):
+        if not self._state_lost():
             return []
         self._cache = self._rows = None
         self._pending.clear()
         lost = RuntimeError("the KV cache was lost when another job's step failed on the device")
         return [self._fail(seq, lost) for seq in self.scheduler.running]
+
+    def _state_lost(self) -> bool:
+        """Whether a failed device call consumed a donated buffer of the KV pool or the rows' state."""
+        return any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves((self._cache, self._rows)))
 
     # -- host side ---------------------------------------------------------------------------------------------
 
@@ -229,6 +257,19 @@ class Batch:
                 self.scheduler.release(seq)
             out.append(Delivery(seq, tokens, lps, seq.finished))
         return out
+
+
+def _groups(chunks: list[tuple[Sequence, int, int]], limit: Callable[[int], int]) -> list[list]:
+    """Prefill dispatches for chunks (sequence, start, ids), in order: consecutive chunks share one while each
+    allows that many (`limit(ids)`: Runner.group_limit); any other chunk has one of its own."""
+    out: list[list] = []
+    for chunk in chunks:
+        cap = limit(chunk[2])
+        if out and cap > 1 and len(out[-1]) < cap and all(limit(c[2]) > 1 for c in out[-1]):
+            out[-1].append(chunk)
+        else:
+            out.append([chunk])
+    return out
 
 
 def _lift(scores: Scores) -> Scores:

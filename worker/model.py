@@ -245,7 +245,8 @@ class Model:
 
     def warm_up(self, params: SamplingParams = GREEDY, all_rows: bool = False) -> None:
         """Compile what a first request with a short prompt and `params`' sampling stages runs (the model-sized
-        compiles side by side), with `all_rows` the decode at every row bucket (what a growing load reaches), then
+        compiles side by side), with `all_rows` the decode at every row bucket and the prefill of every group size
+        (what a growing load reaches), then
         run one such request of two tokens. With `all_rows` on a GPU, the steps of a dispatch are first sized from
         a timed dispatch of the largest bucket (`calibrate_steps`)."""
         seq = self.sequence([0], 1, params, 0)
@@ -256,7 +257,9 @@ class Model:
             before, compiled = self.decode_steps, True
             if self.calibrate_steps(plan) == before:
                 rows = rows[:-1]  # compiled at these steps already
-        self.runner.compile_first_steps(inputs, plan, self.decode_steps, tuple(rows), prefill=not compiled)
+        groups = tuple(self.runner.group_buckets()) if all_rows else ()
+        self.runner.compile_first_steps(inputs, plan, self.decode_steps, tuple(rows), prefill=not compiled,
+                                        groups=groups)  # fmt: skip
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass
 

@@ -36,7 +36,7 @@ Weight = QuantArray | Int8Blocks | jax.Array
 CPU_TILE_BYTES = 8 << 20
 
 # Which implementation the quantized matmuls, attention and MoE trace to: "cpu" (the jax.numpy path below, exact
-# float32), "gpu" (Pallas kernels for decode-sized matmuls, PREFILL_KERNEL_ROWS / qmatvec.MAX_BATCH rows of x;
+# float32), "gpu" (Pallas kernels for decode-sized matmuls and short prefill chunks: `_on_kernels`;
 # attention (decode and prefill) unless WORKER_ATTENTION_KERNEL=0; the grouped MoE matmul) or "interpret" (those
 # kernels in Pallas interpret mode, for CPU tests).
 BACKENDS = ("cpu", "gpu", "interpret")
@@ -85,15 +85,32 @@ def _attention_kernels_on(backend: str) -> bool:
     return backend != "cpu" and _attention_kernel
 
 
-# A prefill-shaped product (several positions of one sequence) takes the matvec kernels up to this many rows, and
-# above it dequantize + XLA's dot, faster for a long chunk (a 64-row tensor-core tile dequantizes the weight once
-# per tile). A decode-shaped one ([R, 1, In]: one position a sequence) takes them up to qmatvec.MAX_BATCH rows, so
-# every decode bucket runs on one kind of kernel (batch invariance).
-PREFILL_KERNEL_ROWS = 64
+# Which products stay on the matvec kernels. A decode-shaped product ([R, 1, In]: one position a sequence) and a
+# prefill-shaped one whose sequences each feed at most PREFILL_KERNEL_ROWS positions ([G, T, In], T <= that) take
+# them for any number of rows: calls of at most qmatvec.MAX_BATCH rows, each row's bits the same in a call of any
+# size (the kernels' contract). So several sequences' prompt chunks can share a prefill dispatch (runner
+# `prefill_group`) and each still gets the bits it gets alone: batch invariance by construction, decided by the
+# sequence's own chunk length, never by how many others share the call. Longer chunks (one sequence a dispatch) go
+# to dequantize + XLA's dot, faster there: a 64-row tensor-core tile dequantizes the weight once per tile.
+PREFILL_KERNEL_ROWS = 128
 
 
-def _row_limit(x: jax.Array) -> int:
-    return qmatvec.MAX_BATCH if x.ndim >= 3 and x.shape[-2] == 1 else PREFILL_KERNEL_ROWS
+def _on_kernels(x: jax.Array) -> bool:
+    """Whether x's product may take the kernels by its shape: [..., T, In] with T <= PREFILL_KERNEL_ROWS; a 2-D
+    x ([M, In]) counts as one sequence of M positions."""
+    return (x.shape[-2] if x.ndim >= 3 else x.size // max(1, x.shape[-1])) <= PREFILL_KERNEL_ROWS
+
+
+def _in_row_slices(kernel, x: jax.Array) -> jax.Array:
+    """kernel(x [..., In]) -> [..., Out], called on slices of at most qmatvec.MAX_BATCH rows (the kernels' limit;
+    a row's bits do not depend on its slice)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = math.prod(lead)
+    if rows <= qmatvec.MAX_BATCH:
+        return kernel(x)
+    x2 = x.reshape(rows, k)
+    y = jnp.concatenate([kernel(x2[i : i + qmatvec.MAX_BATCH]) for i in range(0, rows, qmatvec.MAX_BATCH)])
+    return y.reshape(*lead, y.shape[-1])
 
 
 def _kernel_fits(w: Weight, rows: int, plane_ndim: int, backend: str, limit: int = qmatvec.MAX_BATCH) -> bool:
@@ -236,20 +253,23 @@ def qmatmul(
     x: jax.Array, w: Weight, bias: jax.Array | None = None, *, backend: str = "cpu", exact: bool = False
 ) -> jax.Array:
     """x [..., In] @ w[Out, In].T (+ bias) -> [..., Out]; w stays quantized in memory, dequantized per call.
-    On the GPU backend decode-shaped calls (up to qmatvec.MAX_BATCH rows) and prefill chunks of up to
-    PREFILL_KERNEL_ROWS rows go to the Pallas matvec; longer chunks to dequantize + XLA's dot.
+    On the GPU backend decode-shaped calls and prefill chunks of up to PREFILL_KERNEL_ROWS positions a sequence go
+    to the Pallas matvec (any number of rows, `_on_kernels`); longer chunks to dequantize + XLA's dot.
     `exact`: float32 operands on every backend, for a product whose result picks something discrete (the MoE
     router: bf16 operands flipped near-tied experts, 1.1 relative error at one position of a gpt-oss oracle).
     A weight in the CPU layout (Int8Blocks) goes to `int8_matmul` (float32, exact like the CPU path)."""
     rows = x.size // max(1, x.shape[-1])
     if isinstance(w, Int8Blocks):
         y = int8_matmul(x, w)
-    elif _kernel_fits(w, rows, 2, backend, _row_limit(x)):
-        interpret, tensor_cores = backend == "interpret", _tensor_cores(rows)
+    elif not exact and _kernel_fits(w, 1, 2, backend) and _on_kernels(x):
+        # A prefill-shaped product takes the tensor cores whatever the decode kernels: one pass over the weights
+        # per 64 rows, where the per-row kernel makes one per 8.
+        interpret = backend == "interpret"
+        tensor_cores = _tensor_cores(rows) if x.ndim < 3 or x.shape[-2] == 1 else True
         if w.sharding is not None:
-            y = _split_qmatvec(x, w, interpret, tensor_cores)
+            y = _in_row_slices(lambda xs: _split_qmatvec(xs, w, interpret, tensor_cores), x)
         else:
-            y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores)
+            y = _in_row_slices(lambda xs: qmatvec.qmatvec(xs, w, interpret=interpret, tensor_cores=tensor_cores), x)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
         # accumulation). bf16 operands cost ~1e-2 relative on the logits (docs/gpu.md), not the CPU's 1e-6.
@@ -451,11 +471,14 @@ def moe_matmul(
     results are zeros); every other path computes them as any token.
     """
     n_experts, n_out = experts.shape[:2]
-    gathered = per_token or expert_ids.size <= n_experts
+    on_kernels = backend != "cpu" and grouped_matmul.fits(experts)
+    # Prefill on the kernel backends always takes the grouped kernel, however few its tokens: whether a chunk's
+    # selections outnumber the experts would depend on how many sequences share its dispatch (batch invariance).
+    gathered = per_token or (expert_ids.size <= n_experts and not on_kernels)
     interpret = backend == "interpret"
     kernel = None
     grouped = not gathered or _tensor_cores(expert_ids.shape[0])
-    if backend != "cpu" and grouped and grouped_matmul.fits(experts):
+    if on_kernels and grouped:
         kernel = grouped_matmul.moe_matmul
     elif gathered and _kernel_fits(experts, expert_ids.shape[0], 3, backend):
         kernel = qmatvec.moe_matvec

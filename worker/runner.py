@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worker import sharding
+from worker import ops, sharding
 from worker.kv_cache import PAGE_SIZE, KVCache, bytes_per_slot, dtype_for, init_cache, pages_for, table_row
 from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample, token_logprobs
 
@@ -37,6 +37,9 @@ Scores = tuple[jax.Array, jax.Array, jax.Array] | None
 MIN_BUCKET = 16
 MIN_ROWS = 2
 MIN_TABLE_PAGES = 16
+# Prompt tokens (padding included) in one prefill dispatch of several sequences (`prefill_group`): each sequence's
+# chunk is padded to ops.PREFILL_KERNEL_ROWS, so at most this / that many sequences share one.
+PREFILL_GROUP_TOKENS = 4096
 
 
 def pow2_bucket(n: int, low: int, high: int) -> int:
@@ -152,31 +155,59 @@ class Runner:
     # -- prefill --------------------------------------------------------------------------------------------
 
     def _chunks(self, ids: list[int], pages: list[int], start: int):
-        """(tokens [1, Tb], positions [1, Tb], table [1, n], n_valid) per chunk; a padding position lies past the
-        table (its k/v go to the null page)."""
+        """(tokens [1, Tb], positions [1, Tb], table [1, n], n_valid) per chunk of one sequence."""
         for off in range(0, len(ids), self.chunk):
             part = ids[off : off + self.chunk]
-            end = start + off + len(part)
-            tb, width = bucket(len(part), self.chunk), self.table_width(end)
-            tokens = np.zeros((1, tb), np.int32)
-            tokens[0, : len(part)] = part
-            positions = np.full((1, tb), width * self.page_size, np.int32)
-            positions[0, : len(part)] = np.arange(start + off, end)
-            yield self._put(tokens), self._put(positions), self._put(table_row(pages, width)[None]), len(part)
+            a = self._group_arrays([(part, pages, start + off)])
+            yield *(self._put(x) for x in a[:3]), len(part)
+
+    def _group_arrays(self, chunks: list[tuple[list[int], list[int], int]]) -> tuple[np.ndarray, ...]:
+        """tokens [G, Tb], positions [G, Tb], tables [G, n] and each chunk's last index [G] for chunks (ids, pages,
+        start), G a power-of-two bucket of their number. Tb is one chunk's bucket, or ops.PREFILL_KERNEL_ROWS for
+        several (fewer shapes to compile). A padding position lies past the table (its k/v go to the null page);
+        a padding row has the null table."""
+        g = pow2_bucket(len(chunks), 1, self.group_limit())
+        if len(chunks) == 1:
+            tb = bucket(len(chunks[0][0]), self.chunk)
+        else:
+            tb = ops.PREFILL_KERNEL_ROWS
+        width = max(self.table_width(start + len(ids)) for ids, _, start in chunks)
+        tokens, tables, last = np.zeros((g, tb), np.int32), np.zeros((g, width), np.int32), np.zeros(g, np.int32)
+        positions = np.full((g, tb), width * self.page_size, np.int32)
+        for i, (ids, pages, start) in enumerate(chunks):
+            if not 1 <= len(ids) <= tb:
+                raise ValueError(f"a prefill chunk of {len(ids)} ids in a group of {tb}-position chunks")
+            tokens[i, : len(ids)] = ids
+            positions[i, : len(ids)] = np.arange(start, start + len(ids))
+            tables[i], last[i] = table_row(pages, width), len(ids) - 1
+        return tokens, positions, tables, last
+
+    def group_limit(self, n: int | None = None) -> int:
+        """The most sequences whose prompt chunks (of `n` ids; None: any that qualifies) share one prefill
+        dispatch. Several only on the kernel backends and for chunks of at most ops.PREFILL_KERNEL_ROWS ids:
+        their products stay on the row-independent kernels (ops._on_kernels), so a sequence's bits do not depend on
+        the others in its dispatch. The CPU backend computes each sequence on its own (`_one_row_at_a_time`)."""
+        if self.cfg.backend == "cpu" or (n is not None and bucket(n, self.chunk) > ops.PREFILL_KERNEL_ROWS):
+            return 1
+        return max(1, min(self.max_batch, PREFILL_GROUP_TOKENS // ops.PREFILL_KERNEL_ROWS))
 
     def prefill(self, ids: list[int], pages: list[int], cache: KVCache, start: int = 0) -> tuple[jax.Array, KVCache]:
         """Feed `ids` at positions start.. of the sequence holding `pages`; returns the logits [1, vocab] after the
         last id. Each chunk is its own dispatch: the engine interleaves them with decode dispatches."""
         logits = None
         for off in range(0, len(ids), self.chunk):
-            logits, cache = self.prefill_chunk(ids[off : off + self.chunk], pages, cache, start + off)
+            logits, cache = self.prefill_group([(ids[off : off + self.chunk], pages, start + off)], cache)
         return logits, cache
 
-    def prefill_chunk(self, ids: list[int], pages: list[int], cache: KVCache, start: int
+    def prefill_group(self, chunks: list[tuple[list[int], list[int], int]], cache: KVCache
                       ) -> tuple[jax.Array, KVCache]:  # fmt: skip
-        """One chunk (at most `chunk` ids) of `prefill`."""
-        ((tokens, positions, table, n),) = self._chunks(ids, pages, start)
-        return self._prefill(self.weights, tokens, positions, table, self._put(np.int32(n - 1)), cache)
+        """One dispatch of prompt chunks (ids, pages, start) of different sequences, each at most `chunk` ids (and
+        several only within `group_limit`): the logits [G, vocab] after each chunk's last id (row i: chunks[i];
+        rows past them are padding)."""
+        if len(chunks) > self.group_limit(max(len(ids) for ids, _, _ in chunks)):
+            raise ValueError(f"{len(chunks)} prompt chunks exceed one prefill dispatch's limit")
+        tokens, positions, tables, last = (self._put(a) for a in self._group_arrays(chunks))
+        return self._prefill(self.weights, tokens, positions, tables, last, cache)
 
     def all_logits(self, ids: list[int]) -> np.ndarray:
         """float32 [len(ids), vocab]: logits after each prefix (a cache of its own; for tests and scoring)."""
@@ -189,19 +220,24 @@ class Runner:
 
     # -- sampling and decode ----------------------------------------------------------------------------------
 
-    def first_token(self, logits: jax.Array, inputs: RowInputs, prompt: list[int], plan: SamplingPlan = ALL_STAGES
-                    ) -> tuple[jax.Array, jax.Array, Scores]:  # fmt: skip
-        """The token after a prefill, from its logits [1, vocab] and one row of inputs: ids [1], the row's seen
-        mask [1, vocab] (the prompt's ids and this one) and the token's log-probabilities (None unless
-        plan.logprobs)."""
-        mask = np.zeros((1, self.cfg.vocab_size), bool)
-        mask[0, [i for i in prompt if 0 <= i < self.cfg.vocab_size]] = True
+    def first_tokens(self, logits: jax.Array, inputs: RowInputs, prompts: list[tuple[int, list[int]]],
+                     plan: SamplingPlan = ALL_STAGES) -> tuple[jax.Array, jax.Array, Scores]:  # fmt: skip
+        """The tokens after a prefill, from its logits [G, vocab] and G rows of inputs: ids [G], the seen masks
+        [G, vocab] (row i: the ids of its prompt in `prompts` (row, ids), and its token) and the tokens'
+        log-probabilities (None unless plan.logprobs). Rows without a prompt are sampled too; nobody reads them."""
+        mask = np.zeros(logits.shape, bool)
+        for i, prompt in prompts:
+            mask[i, [t for t in prompt if 0 <= t < self.cfg.vocab_size]] = True
         sp, keys, index = self._row_arrays(inputs)
         return self._first(logits, sp, keys, index, self._put(mask), plan)
 
-    def join(self, rows: Rows, row: int, token: jax.Array, seen: jax.Array) -> Rows:
-        """`rows` with row `row` holding a new sequence's first token [1] and seen mask [1, vocab]."""
-        return self._join(rows, self._put(np.int32(row)), token, seen)
+    def join(self, rows: Rows, placed: list[tuple[int, int]], tokens: jax.Array, seen: jax.Array) -> Rows:
+        """`rows` with new sequences' first tokens [G] and seen masks [G, vocab]: `placed` (i, row) puts entry i
+        into batch row `row`; the entries not placed are dropped."""
+        where = np.full(tokens.shape[0], self._rows, np.int32)  # past the rows: dropped
+        for i, row in placed:
+            where[i] = row
+        return self._join(rows, self._put(where), tokens, seen)
 
     def _row_arrays(self, inputs: RowInputs) -> tuple[SamplingArrays, jax.Array, jax.Array]:
         put = self._put
@@ -230,13 +266,21 @@ class Runner:
             out.append(self.row_bucket(out[-1] + 1))
         return out
 
+    def group_buckets(self) -> list[int]:
+        """The sizes of a prefill dispatch of several sequences (`prefill_group`), smallest first; none on the CPU."""
+        out, limit = [], self.group_limit()
+        while limit > 1 and (not out or out[-1] < limit):
+            out.append(pow2_bucket((out[-1] if out else 1) + 1, 2, limit))
+        return out
+
     def compile_first_steps(self, inputs: RowInputs, plan: SamplingPlan, steps: int, rows: tuple[int, ...],
-                            prefill: bool = True) -> None:  # fmt: skip
+                            prefill: bool = True, groups: tuple[int, ...] = ()) -> None:  # fmt: skip
         """Compile, side by side, what a request with a prompt of at most MIN_BUCKET tokens runs first: the
-        prefill and the first sample (unless `prefill` is False: compiled already), and a decode dispatch of
-        `steps` steps with `plan` at each of the row buckets `rows`. Each is a whole-model XLA compile (~15 s on a
-        2-core CPU for Gemma 3 270M) that releases the GIL, so threads overlap them. Lowered from shapes only: no KV
-        cache or input is allocated."""
+        prefill and the first sample (unless `prefill` is False: compiled already), a decode dispatch of `steps`
+        steps with `plan` at each of the row buckets `rows`, and the prefill and first samples of several sequences'
+        chunks (of at most ops.PREFILL_KERNEL_ROWS ids, at the start of a prompt) at each of the group sizes
+        `groups`. Each is a whole-model XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL,
+        so threads overlap them. Lowered from shapes only: no KV cache or input is allocated."""
         c = self.cfg
 
         def spec(shape: tuple[int, ...], dtype, on: jax.sharding.Sharding = self.input_sharding):
@@ -245,7 +289,7 @@ class Runner:
         kv_shape = (c.n_layers, self.pages, self.page_size, c.n_kv_heads, c.head_dim)
         kv = spec(kv_shape, self.cache_dtype, self.cache_sharding)
         cache, n, width = KVCache(kv, kv), min(MIN_BUCKET, self.chunk), self.table_width(1)
-        ids, index = spec((1, n), jnp.int32), spec((), jnp.int32)
+        ids, index = spec((1, n), jnp.int32), spec((1,), jnp.int32)
         state = Rows(spec((self._rows,), jnp.int32), spec((self._rows, c.vocab_size), jnp.bool_))
         sp1, keys1, index1 = self._row_arrays(_take(inputs, 1))
         logits, seen1 = spec((1, c.vocab_size), jnp.float32), spec((1, c.vocab_size), jnp.bool_)
@@ -256,7 +300,14 @@ class Runner:
             args = (self.weights, state.tokens, state.seen, pos, table, rindex, cache, sp, keys, steps, plan)
             return lambda: self._decode.lower(*args)
 
-        jobs = [decode(r) for r in rows]
+        def group(g: int):
+            sp, keys, gindex = self._row_arrays(_take(inputs, g))
+            tokens, t = spec((g, ops.PREFILL_KERNEL_ROWS), jnp.int32), self.table_width(ops.PREFILL_KERNEL_ROWS)
+            args = (self.weights, tokens, tokens, spec((g, t), jnp.int32), spec((g,), jnp.int32), cache)
+            first = (spec((g, c.vocab_size), jnp.float32), sp, keys, gindex, spec((g, c.vocab_size), jnp.bool_))
+            return [lambda: self._prefill.lower(*args), lambda: self._first.lower(*first, plan)]
+
+        jobs = [decode(r) for r in rows] + [job for g in groups for job in group(g)]
         if prefill:
             jobs += [
                 lambda: self._prefill.lower(self.weights, ids, ids, spec((1, width), jnp.int32), index, cache),
@@ -277,7 +328,7 @@ def _take(inputs: RowInputs, n: int) -> RowInputs:
 
 def _prefill(adapter, cfg, weights, tokens, positions, table, last, cache):
     hidden, cache = adapter.forward(weights, cfg, tokens, positions, cache, table)
-    h_last = jax.lax.dynamic_slice_in_dim(hidden, last, 1, axis=1)  # [1, 1, D]
+    h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [G, 1, D]
     return adapter.logits(weights, cfg, h_last)[:, 0], cache
 
 
@@ -294,8 +345,8 @@ def _sample_rows(logits, sp, keys, index, seen, plan=ALL_STAGES):
     return ids, seen.at[jnp.arange(ids.shape[0]), ids].set(True), scores
 
 
-def _join(rows, row, token, seen):
-    return Rows(rows.tokens.at[row].set(token[0]), rows.seen.at[row].set(seen[0]))
+def _join(rows, where, tokens, seen):
+    return Rows(rows.tokens.at[where].set(tokens, mode="drop"), rows.seen.at[where].set(seen, mode="drop"))
 
 
 def _decode(adapter, cfg, rows_step, weights, tokens, seen_all, position, table, index, cache, sp, keys, steps, plan):
