@@ -105,16 +105,13 @@ def prefill_sweep(m: worker.Model, counts: list[int], tokens: int, repeats: int)
                    1 + (i + 1) * per)), 0) for i in range(g)]  # fmt: skip
         state = {"cache": r.new_cache(g * per + 1)}
 
-        def together():
-            logits, state["cache"] = r.prefill_group(chunks, state["cache"])
+        def dispatches(groups: list[list], state: dict = state) -> None:
+            for group in groups:
+                logits, state["cache"] = r.prefill_group(group, state["cache"])
             logits.block_until_ready()
 
-        def apart():
-            for c in chunks:
-                logits, state["cache"] = r.prefill_group([c], state["cache"])
-            logits.block_until_ready()
-
-        t1, t2 = _median_time(together, repeats), _median_time(apart, repeats)
+        t1 = _median_time(lambda c=chunks: dispatches([c]), repeats)
+        t2 = _median_time(lambda c=chunks: dispatches([[one] for one in c]), repeats)
         out[g] = {"group_s": t1, "apart_s": t2, "group_tok_s": g * tokens / t1, "apart_tok_s": g * tokens / t2}
         print(f"prefill of {g} x {tokens}: one dispatch {1e3 * t1:.2f} ms ({g * tokens / t1:.0f} tok/s), one a "
               f"sequence {1e3 * t2:.2f} ms ({g * tokens / t2:.0f} tok/s)", flush=True)  # fmt: skip

@@ -167,10 +167,7 @@ class Runner:
         several (fewer shapes to compile). A padding position lies past the table (its k/v go to the null page);
         a padding row has the null table."""
         g = pow2_bucket(len(chunks), 1, self.group_limit())
-        if len(chunks) == 1:
-            tb = bucket(len(chunks[0][0]), self.chunk)
-        else:
-            tb = ops.PREFILL_KERNEL_ROWS
+        tb = bucket(len(chunks[0][0]), self.chunk) if len(chunks) == 1 else ops.PREFILL_KERNEL_ROWS
         width = max(self.table_width(start + len(ids)) for ids, _, start in chunks)
         tokens, tables, last = np.zeros((g, tb), np.int32), np.zeros((g, width), np.int32), np.zeros(g, np.int32)
         positions = np.full((g, tb), width * self.page_size, np.int32)
