@@ -60,7 +60,7 @@ def rows_dispatch(m: worker.Model, ids: list[int], n: int, params: SamplingParam
         pages = list(range(1 + row * per_row, 1 + (row + 1) * per_row))
         prompt = [(t + 7919 * row) % m.cfg.vocab_size for t in ids]
         logits, cache = r.prefill(prompt, pages, cache)
-        token, seen, _ = r.first_tokens(logits, RowInputs.neutral(1, 1), [(0, prompt)], plan)
+        token, seen, _ = r.first_tokens(logits, RowInputs.neutral(logits.shape[0], 1), [(0, prompt)], plan)
         rows = r.join(rows, [(0, row)], token, seen)
         inputs.positions[row], inputs.index[row] = len(ids), 1
         inputs.tables[row] = table_row(pages, inputs.tables.shape[1])

@@ -420,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default=None, help="row name (default: the file's stem)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--streams", default=None, help="comma-separated levels (default 1,8,32,64, +128 for <= 1B)")
+    ap.add_argument("--peer-streams", default=None, help="llama.cpp's levels, where they differ from --streams "
+                    "(e.g. the worker alone at a level past llama-server's slots)")  # fmt: skip
     ap.add_argument("--sets", default="fixed,mixed", help="prompt sets: fixed (128 tokens), mixed (32..1024)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--engines", default="batched-bench,llama-server,worker", help="run in this order")
@@ -451,9 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("llama-server and batched-bench need --llamacpp DIR (tools/llamacpp-build.sh prints it)")
     label = args.label or Path(args.model).stem
     levels = [int(s) for s in args.streams.split(",")] if args.streams else default_levels(args.model)
+    peer_levels = [int(s) for s in args.peer_streams.split(",")] if args.peer_streams else levels
     start = time.monotonic()
     deadline = start + (args.budget or float("inf"))
-    plan = Plan(levels, {s: known[s] for s in args.sets.split(",")}, args.max_tokens, args.client_procs, deadline)
+    every = sorted(set(levels) | set(peer_levels))  # the texts cover the largest level of any engine
+    plan = Plan(every, {s: known[s] for s in args.sets.split(",")}, args.max_tokens, args.client_procs, deadline)
     texts = plan.texts(args.model)
     threads = args.threads or len(os.sched_getaffinity(0))
     logs = args.out / "logs"
@@ -463,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         "file": str(Path(args.model).resolve()),
         "device": args.device,
         "levels": levels,
+        "peer_levels": peer_levels,
         "max_tokens": args.max_tokens,
         "sets": plan.sets,
         "client_procs": args.client_procs,
@@ -476,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             # Each engine gets an equal share of the time left: one that hangs does not starve the next, and
             # what a fast one leaves goes to those after it (so the worker, last by default, gets the most).
             share = (deadline - time.monotonic()) / (len(engines) - i)
-            part = Plan(levels, plan.sets, plan.max_tokens, plan.procs, time.monotonic() + share)
+            own = levels if engine == "worker" else peer_levels
+            part = Plan(own, plan.sets, plan.max_tokens, plan.procs, time.monotonic() + share)
             try:
                 if engine == "worker":
                     log = logs / f"load-{label}-worker.log"
@@ -485,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                     result["rows"] += llamacpp_server_part(args, part, texts, pool, logs, label, threads)
                 else:
                     result["batched_bench"] = llamacpp.batched_bench(
-                        args.llamacpp / "llama-batched-bench", args.model, args.device, levels,
+                        args.llamacpp / "llama-batched-bench", args.model, args.device, peer_levels,
                         FIXED_PROMPT_TOKENS, args.max_tokens, threads, logs / f"load-{label}-batched-bench.log",
                         min(1800.0, max(10.0, share)),
                     )  # fmt: skip

@@ -306,10 +306,15 @@ def test_a_prefill_dispatch_of_several_sequences_gives_each_the_bits_it_gets_alo
         n = pages_for(len(p), r.page_size)
         pages.append(list(range(first, first + n)))
         first += n
-    assert r.group_limit(128) >= len(prompts) and r.group_limit(129) == 1 and r.group_buckets() == [2, 4, 8]
+    assert r.group_limit(128) >= len(prompts) and r.group_limit(129) == 1 and r.group_buckets() == [4, 8]
     together, cache = r.prefill_group([(p, pg, 0) for p, pg in zip(prompts, pages, strict=True)], r.new_cache())
+    diffs = []  # every sequence's differences, so that a failure says where they start (layers) and end (logits)
     for i, (p, pg) in enumerate(zip(prompts, pages, strict=True)):
         alone, own = r.prefill_group([(p, pg, 0)], r.new_cache())
-        assert np.array_equal(np.asarray(together[i]), np.asarray(alone[0])), f"sequence {i}'s logits"
-        assert np.array_equal(np.asarray(cache.k[:, pg]), np.asarray(own.k[:, pg])), f"sequence {i}'s keys"
-        assert np.array_equal(np.asarray(cache.v[:, pg]), np.asarray(own.v[:, pg])), f"sequence {i}'s values"
+        logits = np.abs(np.asarray(together[i]) - np.asarray(alone[0])).max()
+        k = np.abs(np.asarray(cache.k[:, pg], np.float32) - np.asarray(own.k[:, pg], np.float32))
+        v = np.abs(np.asarray(cache.v[:, pg], np.float32) - np.asarray(own.v[:, pg], np.float32))
+        per_layer = k.reshape(k.shape[0], -1).max(1)
+        if logits or k.max() or v.max():
+            diffs.append(f"sequence {i} ({len(p)} ids): logits {logits:.3g}, k by layer {per_layer}, v {v.max():.3g}")
+    assert not diffs, "; ".join(diffs)

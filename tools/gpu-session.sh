@@ -14,7 +14,8 @@
 #           rows:M     python -m bench.dispatch --rows $ROWS (default 1,8,64; budget ROWS_SECONDS, default 150) on model M: a decode dispatch of that many rows, the
 #                      largest bucket's compile timed, a profiler trace of the 64-row dispatch (trace-M.json.gz in
 #                      the call's logs tarball)
-#           invariance the gpu-marked batch-invariance tests (tests/test_batching.py)
+#           invariance the gpu-marked batch-invariance tests (tests/test_batching.py, qmatvec's row slices); PYTEST_K
+#                      narrows them (pytest -k)
 #           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made);
 #                      synth:M only model M
 #           tests      just test-gpu
@@ -113,8 +114,9 @@ do_kernels() {
     py -m pytest -x -v -rA -m gpu -o addopts="" -p no:cacheprovider "${files[@]}"
 }
 
-do_invariance() {
-    py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider tests/test_batching.py
+do_invariance() {  # PYTEST_K: only the tests it selects (pytest -k)
+    py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} tests/test_batching.py \
+        tests/test_pallas_qmatvec.py::test_rows_in_several_kernel_calls_have_the_bits_they_have_alone
 }
 
 do_rows() {  # in a folder of its own: bench.report reads every JSON directly in $results as a bench result

@@ -120,7 +120,7 @@ class Runner:
         self._rows = max(max_batch, self.min_rows)
         self.max_pages = pages_for(context, page_size)  # a sequence's page table
         self.chunk, self.cache_dtype = min(chunk, context), dtype_for(device.platform)
-        self._prefill = jax.jit(partial(_prefill, adapter, cfg), donate_argnums=(5,))
+        self._prefill = jax.jit(partial(_prefill, adapter, cfg, self.min_rows), donate_argnums=(5,))
         one_by_one = deterministic and cfg.backend == "cpu"
         decode = partial(_decode, adapter, cfg, _one_row_at_a_time if one_by_one else _all_rows_at_once)
         self._decode = jax.jit(decode, static_argnums=(9, 10), donate_argnums=(2, 6))
@@ -166,7 +166,7 @@ class Runner:
         start), G a power-of-two bucket of their number. Tb is one chunk's bucket, or ops.PREFILL_KERNEL_ROWS for
         several (fewer shapes to compile). A padding position lies past the table (its k/v go to the null page);
         a padding row has the null table."""
-        g = pow2_bucket(len(chunks), 1, self.group_limit())
+        g = self.group_bucket(len(chunks))
         tb = bucket(len(chunks[0][0]), self.chunk) if len(chunks) == 1 else ops.PREFILL_KERNEL_ROWS
         width = max(self.table_width(start + len(ids)) for ids, _, start in chunks)
         tokens, tables, last = np.zeros((g, tb), np.int32), np.zeros((g, width), np.int32), np.zeros(g, np.int32)
@@ -200,7 +200,7 @@ class Runner:
                       ) -> tuple[jax.Array, KVCache]:  # fmt: skip
         """One dispatch of prompt chunks (ids, pages, start) of different sequences, each at most `chunk` ids (and
         several only within `group_limit`): the logits [G, vocab] after each chunk's last id (row i: chunks[i];
-        rows past them are padding)."""
+        rows past them are padding; G at least min_rows)."""
         if len(chunks) > self.group_limit(max(len(ids) for ids, _, _ in chunks)):
             raise ValueError(f"{len(chunks)} prompt chunks exceed one prefill dispatch's limit")
         tokens, positions, tables, last = (self._put(a) for a in self._group_arrays(chunks))
@@ -264,11 +264,19 @@ class Runner:
         return out
 
     def group_buckets(self) -> list[int]:
-        """The sizes of a prefill dispatch of several sequences (`prefill_group`), smallest first; none on the CPU."""
-        out, limit = [], self.group_limit()
-        while limit > 1 and (not out or out[-1] < limit):
-            out.append(pow2_bucket((out[-1] if out else 1) + 1, 2, limit))
-        return out
+        """The sizes of a prefill dispatch of several sequences (`prefill_group`), smallest first (none on the
+        CPU): powers of four, then the limit. Each is a whole-model compile at start (gpt-oss-20b: ~15 s); a group's
+        padding rows cost the dense products their share and the MoE nothing (base.live_tokens)."""
+        limit, out = self.group_limit(), []
+        size = 4
+        while size < limit:
+            out.append(size)
+            size *= 4
+        return out + [limit] if limit > 1 else []
+
+    def group_bucket(self, n: int) -> int:
+        """The group size that `n` chunks are padded to."""
+        return 1 if n <= 1 else next(g for g in self.group_buckets() if g >= n)
 
     def compile_first_steps(self, inputs: RowInputs, plan: SamplingPlan, steps: int, rows: tuple[int, ...],
                             prefill: bool = True, groups: tuple[int, ...] = ()) -> None:  # fmt: skip
@@ -288,8 +296,9 @@ class Runner:
         cache, n, width = KVCache(kv, kv), min(MIN_BUCKET, self.chunk), self.table_width(1)
         ids, index = spec((1, n), jnp.int32), spec((1,), jnp.int32)
         state = Rows(spec((self._rows,), jnp.int32), spec((self._rows, c.vocab_size), jnp.bool_))
-        sp1, keys1, index1 = self._row_arrays(_take(inputs, 1))
-        logits, seen1 = spec((1, c.vocab_size), jnp.float32), spec((1, c.vocab_size), jnp.bool_)
+        one = self.min_rows  # a one-sequence prefill's logits rows (`_prefill`)
+        sp1, keys1, index1 = self._row_arrays(_take(inputs, one))
+        logits, seen1 = spec((one, c.vocab_size), jnp.float32), spec((one, c.vocab_size), jnp.bool_)
 
         def decode(r: int):
             sp, keys, rindex = self._row_arrays(_take(inputs, r))
@@ -323,9 +332,13 @@ def _take(inputs: RowInputs, n: int) -> RowInputs:
     return RowInputs(**{f: getattr(inputs, f)[pick] for f in RowInputs.__dataclass_fields__})
 
 
-def _prefill(adapter, cfg, weights, tokens, positions, table, last, cache):
+def _prefill(adapter, cfg, min_rows, weights, tokens, positions, table, last, cache):
+    """The logits after each row's last id: [max(G, min_rows), V]. The output projection (decode-shaped, one row a
+    sequence) takes at least min_rows rows, as a decode dispatch does: XLA's dot of a weight the kernels do not
+    take (an f16 or f32 head) sums a one-row product otherwise than a many-row one (measured on an H200)."""
     hidden, cache = adapter.forward(weights, cfg, tokens, positions, cache, table)
     h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [G, 1, D]
+    h_last = jnp.pad(h_last, ((0, max(0, min_rows - h_last.shape[0])), (0, 0), (0, 0)))
     return adapter.logits(weights, cfg, h_last)[:, 0], cache
 
 
