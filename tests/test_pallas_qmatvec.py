@@ -143,14 +143,14 @@ def test_plan_covers_k_exactly_once(qtype, selections):
         assert 2 * n_blocks * selections * p.splits >= min(TARGET_PROGRAMS, n_blocks * -(-blocks // p.chunk))
 
 
-def test_tiles_must_be_powers_of_two_and_rows_bounded():
+def test_tiles_must_be_powers_of_two_and_the_format_known():
     w, _ = random_weight(QT.Q8_0, (32, 64), seed=0)
     with pytest.raises(ValueError, match="power of two"):
         qmv.plan(QT.Q8_0, 32, 64, block_n=24)
-    with pytest.raises(ValueError, match="rows"):
-        qmv.qmatvec(jnp.zeros((qmv.MAX_BATCH + 1, 64)), w, interpret=True)
+    with pytest.raises(ValueError, match="at least one row"):
+        qmv.qmatvec(jnp.zeros((0, 64)), w, interpret=True)
     with pytest.raises(NotImplementedError):
-        qmv.qmatvec(jnp.zeros((1, 64)), quant_array(np.zeros((32, 64), np.float32), QT.F32, (32, 64)))
+        qmv.qmatvec(jnp.zeros((1, 64)), QuantArray({"qs": jnp.zeros((32, 21), jnp.uint8)}, QT.Q2_K, (32, 64)))
 
 
 def test_ops_dispatch_routes_by_each_sequences_positions_not_by_the_rows_of_the_call():
@@ -163,15 +163,10 @@ def test_ops_dispatch_routes_by_each_sequences_positions_not_by_the_rows_of_the_
     decode, long_chunk = jnp.ones((1, 1, 256)), jnp.ones((1, ops.PREFILL_KERNEL_ROWS + 1, 256))
     assert kernels(decode, "cpu") == 0
     assert kernels(decode, "interpret") == 1 and kernels(long_chunk, "interpret") == 0
-    # Any number of sequences of at most PREFILL_KERNEL_ROWS positions (decode: one): the kernel, in calls of at
-    # most qmatvec.MAX_BATCH rows; so whether a chunk takes it never depends on who shares its dispatch.
-    assert kernels(jnp.ones((qmv.MAX_BATCH, 1, 256)), "interpret") == 1
-    assert kernels(jnp.ones((qmv.MAX_BATCH + 1, 1, 256)), "interpret") == 2
-    # 640 rows: slices of 256, 256 and 128 (a kernel entry is a nested jit: one jaxpr per distinct slice shape)
-    assert kernels(jnp.ones((5, ops.PREFILL_KERNEL_ROWS, 256)), "interpret") == 2
-    # The router (`exact`) never takes the kernel: float32 operands.
-    assert str(jax.make_jaxpr(lambda x: ops.qmatmul(x, w, backend="interpret", exact=True))(decode)).count(
-        "pallas_call") == 0  # fmt: skip
+    # Any number of sequences of at most PREFILL_KERNEL_ROWS positions (decode: one): the kernel, in one call; so
+    # whether a chunk takes it never depends on who shares its dispatch.
+    assert kernels(jnp.ones((qmv.MAX_BATCH + 1, 1, 256)), "interpret") == 1
+    assert kernels(jnp.ones((5, ops.PREFILL_KERNEL_ROWS, 256)), "interpret") == 1
     y = ops.qmatmul(decode, w, bias, backend="interpret")
     np.testing.assert_allclose(y, ops.qmatmul(decode, w, bias), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown ops backend"):
@@ -181,8 +176,8 @@ def test_ops_dispatch_routes_by_each_sequences_positions_not_by_the_rows_of_the_
 @pytest.mark.parametrize("backend", ["interpret", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q8_0])
 def test_rows_in_several_kernel_calls_have_the_bits_they_have_alone(backend, qtype):
-    """A prefill dispatch of several sequences: more rows than one kernel call takes, each row's bits those of its
-    sequence computed alone (interpret mode: the tensor-core kernel's tiles, float32)."""
+    """A prefill dispatch of several sequences (640 rows), each row's bits those of its sequence computed alone
+    (interpret mode: the tensor-core kernel's tiles, float32)."""
     w, _ = random_weight(qtype, (96, 256), seed=6)
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((5, ops.PREFILL_KERNEL_ROWS, 256)), jnp.float32)
@@ -190,7 +185,29 @@ def test_rows_in_several_kernel_calls_have_the_bits_they_have_alone(backend, qty
     for g in range(5):
         alone = np.asarray(ops.qmatmul(x[g : g + 1], w, backend=backend))
         assert np.array_equal(together[g], alone[0]), f"sequence {g}: {np.abs(together[g] - alone[0]).max()}"
-    np.testing.assert_allclose(together, ops.qmatmul(x, w), rtol=1e-2, atol=1e-2)
+    wf = np.asarray(dequantize(w, jnp.float32), np.float64)
+    bound = DOT_TOL * (np.abs(np.asarray(x, np.float64)) @ np.abs(wf).T)
+    assert np.all(np.abs(together - np.asarray(x, np.float64) @ wf.T) <= bound)
+
+
+@pytest.mark.parametrize("backend", ["interpret", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("qtype", sorted(qmv.PLAIN_TYPES, key=lambda t: t.name))
+@pytest.mark.parametrize("exact", [False, True])
+def test_unquantized_matrices_take_the_kernels_within_tolerance_and_row_by_row(backend, qtype, exact):
+    """F32 / F16 / BF16 matrices (a tiny model's projections, an f16 head, the router's f32 weights) through the
+    kernels: within DOT_TOL of float64 on the tensor cores, within a few ulps of float32 on the per-row kernel
+    (`exact`), and each sequence's rows the bits they are alone."""
+    rng = np.random.default_rng(8)
+    values = rng.standard_normal((96, 256)).astype(np.float32)
+    raw = values.astype({QT.F32: np.float32, QT.F16: np.float16, QT.BF16: np.float32}[qtype])
+    w = quant_array(raw if qtype != QT.BF16 else (raw.view(np.uint32) >> 16).astype(np.uint16), qtype, (96, 256))
+    wf = np.asarray(dequantize(w, jnp.float32), np.float64)
+    x = jnp.asarray(rng.standard_normal((3, 40, 256)), jnp.float32)
+    got = np.asarray(ops.qmatmul(x, w, backend=backend, exact=exact))
+    bound = (2**-20 if exact else DOT_TOL) * (np.abs(np.asarray(x, np.float64)) @ np.abs(wf).T)
+    assert np.all(np.abs(got - np.asarray(x, np.float64) @ wf.T) <= bound)
+    for g in range(3):
+        assert np.array_equal(got[g], np.asarray(ops.qmatmul(x[g : g + 1], w, backend=backend, exact=exact))[0])
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@
 #           rows:M     python -m bench.dispatch --rows $ROWS (default 1,8,64; budget ROWS_SECONDS, default 150) on model M: a decode dispatch of that many rows, the
 #                      largest bucket's compile timed, a profiler trace of the 64-row dispatch (trace-M.json.gz in
 #                      the call's logs tarball)
-#           invariance the gpu-marked batch-invariance tests (tests/test_batching.py, qmatvec's row slices); PYTEST_K
-#                      narrows them (pytest -k)
+#           invariance the gpu-marked batch-invariance tests (tests/test_batching.py; qmatvec's rows in big calls and
+#                      its unquantized formats); PYTEST_K picks others (pytest -k)
 #           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made);
 #                      synth:M only model M
 #           tests      just test-gpu
@@ -115,8 +115,9 @@ do_kernels() {
 }
 
 do_invariance() {  # PYTEST_K: only the tests it selects (pytest -k)
-    py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} tests/test_batching.py \
-        tests/test_pallas_qmatvec.py::test_rows_in_several_kernel_calls_have_the_bits_they_have_alone
+    py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider \
+        -k "${PYTEST_K:-seeded_job or prefill_dispatch or several_kernel or unquantized}" \
+        tests/test_batching.py tests/test_pallas_qmatvec.py
 }
 
 do_rows() {  # in a folder of its own: bench.report reads every JSON directly in $results as a bench result
@@ -250,8 +251,8 @@ cp -r "$results/tp" "$logs/tp" 2>/dev/null
 # The load results so far (every model's tables, for docs/PERFORMANCE.md), their JSON and logs.
 if compgen -G "$results/load/load-*.md" > /dev/null; then
     cat "$results"/load/load-*.md > "$OUT/load-summary.md"
-    cp -r "$results/load" "$logs/load"
 fi
+cp -r "$results/load" "$logs/load" 2>/dev/null  # the servers' logs too when a stage was cut short
 tar -C "$(dirname "$logs")" -czf "$OUT/logs-$tag.tar.gz" "$(basename "$logs")"
 cat "$OUT/summary.md" 2>/dev/null
 cat "$OUT/load-summary.md" 2>/dev/null

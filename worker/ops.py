@@ -87,10 +87,10 @@ def _attention_kernels_on(backend: str) -> bool:
 
 # Which products stay on the matvec kernels. A decode-shaped product ([R, 1, In]: one position a sequence) and a
 # prefill-shaped one whose sequences each feed at most PREFILL_KERNEL_ROWS positions ([G, T, In], T <= that) take
-# them for any number of rows: calls of at most qmatvec.MAX_BATCH rows, each row's bits the same in a call of any
-# size (the kernels' contract). So several sequences' prompt chunks can share a prefill dispatch (runner
-# `prefill_group`) and each still gets the bits it gets alone: batch invariance by construction, decided by the
-# sequence's own chunk length, never by how many others share the call. Longer chunks (one sequence a dispatch) go
+# them in one call for any number of rows, each row's bits the same in a call of any size (the kernels' contract).
+# So several sequences' prompt chunks can share a prefill dispatch (runner `prefill_group`) and each still gets the
+# bits it gets alone: batch invariance by construction, decided by the sequence's own chunk length, never by how
+# many others share the call. Longer chunks (one sequence a dispatch) go
 # to dequantize + XLA's dot, faster there: a 64-row tensor-core tile dequantizes the weight once per tile.
 PREFILL_KERNEL_ROWS = 128
 
@@ -101,23 +101,13 @@ def _on_kernels(x: jax.Array) -> bool:
     return (x.shape[-2] if x.ndim >= 3 else x.size // max(1, x.shape[-1])) <= PREFILL_KERNEL_ROWS
 
 
-def _in_row_slices(kernel, x: jax.Array) -> jax.Array:
-    """kernel(x [..., In]) -> [..., Out], called on slices of at most qmatvec.MAX_BATCH rows (the kernels' limit;
-    a row's bits do not depend on its slice)."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    rows = math.prod(lead)
-    if rows <= qmatvec.MAX_BATCH:
-        return kernel(x)
-    x2 = x.reshape(rows, k)
-    y = jnp.concatenate([kernel(x2[i : i + qmatvec.MAX_BATCH]) for i in range(0, rows, qmatvec.MAX_BATCH)])
-    return y.reshape(*lead, y.shape[-1])
-
-
-def _kernel_fits(w: Weight, rows: int, plane_ndim: int, backend: str, limit: int = qmatvec.MAX_BATCH) -> bool:
+def _kernel_fits(w: Weight, rows: int, plane_ndim: int, backend: str, limit: int = qmatvec.MAX_BATCH,
+                types: frozenset = qmatvec.KERNEL_TYPES) -> bool:  # fmt: skip
     return (
         backend != "cpu"
         and isinstance(w, QuantArray)
-        and w.qtype in qmatvec.KERNEL_TYPES
+        and w.qtype in types
+        and w.shape[-1] % qmatvec.FORMATS[w.qtype].sb == 0
         and 1 <= rows <= limit
         and all(p.ndim == plane_ndim for p in w.planes.values())
     )
@@ -256,20 +246,21 @@ def qmatmul(
     On the GPU backend decode-shaped calls and prefill chunks of up to PREFILL_KERNEL_ROWS positions a sequence go
     to the Pallas matvec (any number of rows, `_on_kernels`); longer chunks to dequantize + XLA's dot.
     `exact`: float32 operands on every backend, for a product whose result picks something discrete (the MoE
-    router: bf16 operands flipped near-tied experts, 1.1 relative error at one position of a gpt-oss oracle).
+    router: bf16 operands flipped near-tied experts, 1.1 relative error at one position of a gpt-oss oracle); on
+    the kernel backends the per-row kernel, whose rows never depend on each other.
     A weight in the CPU layout (Int8Blocks) goes to `int8_matmul` (float32, exact like the CPU path)."""
     rows = x.size // max(1, x.shape[-1])
     if isinstance(w, Int8Blocks):
         y = int8_matmul(x, w)
-    elif not exact and _kernel_fits(w, 1, 2, backend) and _on_kernels(x):
+    elif _kernel_fits(w, 1, 2, backend, types=qmatvec.MATVEC_TYPES) and _on_kernels(x):
         # A prefill-shaped product takes the tensor cores whatever the decode kernels: one pass over the weights
-        # per 64 rows, where the per-row kernel makes one per 8.
+        # per 64 rows, where the per-row kernel makes one per 8. `exact`: the per-row kernel, float32 throughout.
         interpret = backend == "interpret"
-        tensor_cores = _tensor_cores(rows) if x.ndim < 3 or x.shape[-2] == 1 else True
+        tensor_cores = not exact and (_tensor_cores(rows) if x.ndim < 3 or x.shape[-2] == 1 else True)
         if w.sharding is not None:
-            y = _in_row_slices(lambda xs: _split_qmatvec(xs, w, interpret, tensor_cores), x)
+            y = _split_qmatvec(x, w, interpret, tensor_cores)
         else:
-            y = _in_row_slices(lambda xs: qmatvec.qmatvec(xs, w, interpret=interpret, tensor_cores=tensor_cores), x)
+            y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
         # accumulation). bf16 operands cost ~1e-2 relative on the logits (docs/gpu.md), not the CPU's 1e-6.
@@ -291,15 +282,27 @@ def embed(table: Weight, ids: jax.Array) -> jax.Array:
     return jnp.take(table, ids, axis=0).astype(jnp.float32)
 
 
+def row_sum(x: jax.Array) -> jax.Array:
+    """The sum over the last axis, keeping it: a fixed tree of elementwise adds (the halves added, an odd tail
+    carried). Why not jnp.sum: XLA picks a reduction's order from the whole shape, and on an H200 a row's norm
+    came out otherwise in a 512-row prefill dispatch than in its own 64-row one; elementwise adds have one order
+    per row whatever the other rows (batch invariance, like qmatvec.fold_splits)."""
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        pairs = x[..., :half] + x[..., half : 2 * half]
+        x = jnp.concatenate([pairs, x[..., 2 * half :]], axis=-1) if x.shape[-1] % 2 else pairs
+    return x
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w
+    return x * jax.lax.rsqrt(row_sum(x * x) / x.shape[-1] + eps) * w
 
 
 def layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Array:
     x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    mean = row_sum(x) / x.shape[-1]
+    var = row_sum(jnp.square(x - mean)) / x.shape[-1]
     return (x - mean) * jax.lax.rsqrt(var + eps) * w + b
 
 

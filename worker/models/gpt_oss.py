@@ -139,8 +139,10 @@ def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array, live: jax.Array
     # On [B, T, D]: the router's kernel route then follows each sequence's T, not the tokens of the whole dispatch.
     router = ops.qmatmul(h, lw["ffn_gate_inp"], lw["ffn_gate_inp_b"], backend=cfg.backend, exact=True)
     h, router = h.reshape(b * t, d), router.reshape(b * t, -1)  # [M, D], [M, E]
-    top, expert_ids = jax.lax.top_k(router, cfg.n_experts_used)  # [M, k]
-    expert_weights = jax.nn.softmax(top, axis=-1)
+    top, expert_ids = jax.lax.top_k(router, cfg.n_experts_used)  # [M, k], largest first
+    # softmax over the k selected, its sum in a fixed order (ops.row_sum: batch invariance)
+    expert_weights = jnp.exp(top - top[:, :1])
+    expert_weights = expert_weights / ops.row_sum(expert_weights)
     # A decode step's tokens (one per sequence) take the per-token path whatever their number (batch invariance).
     flat_live = None if live is None else live.reshape(b * t)
     experts = partial(_experts, lw, cfg, expert_ids=expert_ids, per_token=t == 1, live=flat_live)
@@ -149,7 +151,11 @@ def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array, live: jax.Array
     else:
         gate, up = experts("ffn_gate_exps", h), experts("ffn_up_exps", h)
     out = experts("ffn_down_exps", clamped_swiglu(gate, up))  # [M, k, D]
-    out = jnp.einsum("mk,mkd->md", expert_weights, out, precision=jax.lax.Precision.HIGHEST)
+    # The weighted sum of the k experts' outputs as a chain of elementwise products and adds: one order per token
+    # whatever the dispatch's tokens (an einsum is a dot, whose order XLA picks from the whole shape).
+    out = sum(
+        (expert_weights[:, j, None] * out[:, j] for j in range(1, out.shape[1])), expert_weights[:, 0, None] * out[:, 0]
+    )
     return x + out.reshape(b, t, d)
 
 

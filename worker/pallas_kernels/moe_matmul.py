@@ -13,7 +13,15 @@ import jax.numpy as jnp
 from gguf import GGMLQuantizationType as QT
 from jax.experimental import pallas as pl
 
-from worker.pallas_kernels.qmatvec import FORMATS, load_x_part, parts_layout, plane_views, tile_loader, x_parts
+from worker.pallas_kernels.qmatvec import (
+    FORMATS,
+    KERNEL_TYPES,
+    load_x_part,
+    parts_layout,
+    plane_views,
+    tile_loader,
+    x_parts,
+)
 from worker.pallas_kernels.tiling import ALL, TritonParams, kernel_entry
 from worker.quant import QuantArray, dequantize
 
@@ -33,7 +41,7 @@ class Plan:
 
 
 def _fits(qtype, n: int, k: int) -> bool:
-    return qtype in FORMATS and k % FORMATS[qtype].sb == 0 and n % MIN_BLOCK_N == 0
+    return qtype in KERNEL_TYPES and k % FORMATS[qtype].sb == 0 and n % MIN_BLOCK_N == 0
 
 
 def fits(experts: object) -> bool:
@@ -155,7 +163,7 @@ def group(expert_ids: jax.Array, n_experts: int, block_m: int, shared: bool, liv
 
 
 def _check(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> tuple[int, int, int, bool]:
-    if experts.qtype not in FORMATS:
+    if experts.qtype not in KERNEL_TYPES:
         raise NotImplementedError(f"no grouped matmul kernel for {experts.qtype.name}")
     if any(a.ndim != 3 for a in experts.planes.values()):
         raise ValueError(f"{experts.qtype.name} experts: expected planes of rank 3")

@@ -1,4 +1,4 @@
-"""Quantized matvec for decode (up to MAX_BATCH rows of x; dense and expert-gathered): dequantizes the GGUF planes
+"""Quantized matvec for decode and short prefill chunks (dense and expert-gathered): dequantizes the GGUF planes
 in registers, so a decode step reads each weight byte from memory once. Batch invariant: a row's result does not
 depend on the other rows of the call (docs/kernels.md, "Batch invariance"). Design, tiles and measurements:
 docs/kernels.md.
@@ -21,7 +21,7 @@ from worker.pallas_kernels.tiling import ALL, TARGET_PROGRAMS, TritonParams, ker
 from worker.quant import QuantArray, dequantize
 
 MAX_ROWS = 8  # the per-row kernel: rows of x per program (one accumulator and one x load per row, unrolled)
-MAX_BATCH = 256  # rows of x a call takes: a decode dispatch's (--max-batch); the tensor-core kernel in ROW_TILE tiles
+MAX_BATCH = 256  # the most rows of a decode dispatch (--max-batch) in the batch-invariant mode (worker/model.py)
 # The tensor-core kernel: rows of x per program (rows past x's are masked loads of zeros). Each call is a dot of
 # this many rows against each dequantized weight tile, whatever the number of rows it was given, so a row's
 # arithmetic never depends on the call's size (batch invariance), and 64 rows cost one pass over the weights where
@@ -179,7 +179,22 @@ FORMATS: dict[QT, Format] = {
         256, {"qs": (2, 2, 2, 16), "qh": (2, 2, 16), "scales": (2, 2, 2, 2), "d": ()}, (2, 2, 2, 2, 16), _q6_k
     ),
 }
-KERNEL_TYPES = frozenset(FORMATS)
+KERNEL_TYPES = frozenset(FORMATS)  # the quantized formats (the MoE kernels take these)
+
+
+def _plain(load: Load) -> Parts:
+    return [(_f32(load("w")), (ALL,))]
+
+
+# Unquantized matrices (a tiny model's projections, an f16 output head, the MoE router's f32 weights), viewed in
+# blocks of 32 like Q8_0 without a scale. Why the kernels take them at all: XLA's dot sums a row in an order that
+# depends on the product's rows (measured on an H200: the rows past 256 of a 512-row product change bits), and a
+# prefill dispatch of several sequences must give each the bits it gets alone. The tensor-core dot rounds them to
+# float16 (10-bit mantissas: BF16's 8 bits fit; values past float16's range would not, and model weights are far
+# inside it); the per-row kernel keeps float32.
+PLAIN_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
+FORMATS |= {qt: Format(32, {"w": (32,)}, (32,), _plain) for qt in PLAIN_TYPES}
+MATVEC_TYPES = frozenset(FORMATS)  # what `qmatvec` takes
 
 
 @functools.cache
@@ -444,7 +459,7 @@ def _check(w: QuantArray, plane_ndim: int) -> None:
 def qmatvec(
     x: jax.Array, w: QuantArray, *, interpret: bool = False, tensor_cores: bool = True, **tiles: int | None
 ) -> jax.Array:
-    """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for at most MAX_BATCH rows of x; each row's result is
+    """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for any number of rows of x; each row's result is
     the same bits in a call of any size with the same `tensor_cores`. `tensor_cores`: the ROW_TILE-row dot
     (float16 operands, float32 sums on the GPU; one pass over the weights for up to 64 rows), else the per-row
     multiply-add loop (float32; one pass per 8 rows, faster for a few). `tiles`: overrides of `plan`'s arguments
@@ -453,8 +468,8 @@ def qmatvec(
     n, k = next(iter(w.planes.values())).shape[0], w.shape[-1]
     lead = x.shape[:-1]
     rows = math.prod(lead)
-    if x.shape[-1] != k or not 1 <= rows <= MAX_BATCH:
-        raise ValueError(f"qmatvec: x {x.shape} against weight [{n}, {k}] (1..{MAX_BATCH} rows)")
+    if x.shape[-1] != k or rows < 1:
+        raise ValueError(f"qmatvec: x {x.shape} against weight [{n}, {k}] (at least one row)")
     # A dot tile is at least MIN_DOT wide. One stage: the x tile lives in shared memory, and more stages buffer
     # more of it. Timed on an H200 (docs/PERFORMANCE.md; bench/kernels.py --sweep): block_n 64, 8 warps, two stages or
     # two super-blocks a step each win on some formats and lose on others, by at most ~20%; these defaults are
