@@ -1,5 +1,6 @@
-"""The compiled steps, the only code that touches the device: prefill (one sequence's prompt chunk into its KV
-pages, logits of the chunk's last position), the first token's sample, and the batched decode (several sampled
+"""The compiled steps, the only code that touches the device: prefill (prompt chunks into their sequences' KV
+pages, logits of each chunk's last position; on the kernel backends several sequences' short chunks in one
+dispatch, `prefill_group`), the first tokens' samples, and the batched decode (several sampled
 steps per dispatch for up to max_batch sequences at once, sampling on the device), each with the KV pool donated so
 XLA updates it in place.
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from worker.ops import row_sum
+
 MAX_SEED = 2**64 - 1
 TOP_LOGPROBS = 20  # the most alternatives a request may ask for (OpenAI's top_logprobs limit)
 
@@ -92,9 +94,16 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...]
 
 
+def log_softmax(logits: jax.Array) -> jax.Array:
+    """Over the last axis, its sum in a fixed order (ops.row_sum): a row's values do not depend on the rows it is
+    computed with (batch invariance; XLA picks a reduction's order from the whole shape)."""
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)  # a max is exact in any order
+    return shifted - jnp.log(row_sum(jnp.exp(shifted)))
+
+
 def token_logprobs(logits: jax.Array, token: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """logits [B, V] (raw), token [B] -> the token's log-probability [B], the top ids [B, K] and theirs [B, K]."""
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    lp = log_softmax(logits.astype(jnp.float32))
     top_lp, top_ids = jax.lax.top_k(lp, min(TOP_LOGPROBS, lp.shape[-1]))
     return jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
 
@@ -124,8 +133,11 @@ def filter_logits(logits: jax.Array, sp: SamplingArrays) -> jax.Array:
     rank = jnp.arange(logits.shape[-1])
     keep = (sp.top_k <= 0) | (rank < sp.top_k)
     ranked = jnp.where(keep, ranked, -jnp.inf)
-    probs = jax.nn.softmax(ranked)
-    mass_before = jnp.cumsum(probs) - probs
+    # Sums in fixed orders (batch invariance: a row's filter must not depend on the rows sampled with it): the
+    # softmax's by ops.row_sum, the running mass by an associative scan, a fixed tree of elementwise adds.
+    probs = jnp.exp(ranked - ranked[0])  # ranked[0] is the largest
+    probs = probs / row_sum(probs)
+    mass_before = jax.lax.associative_scan(jnp.add, probs) - probs
     keep &= (sp.top_p >= 1.0) | (mass_before < sp.top_p)  # the smallest prefix whose mass reaches top_p
     keep &= probs >= sp.min_p * probs[0]
     keep = keep.at[0].set(True)  # always at least the most likely token
