@@ -343,3 +343,17 @@ def test_a_norm_gives_a_row_its_bits_whatever_the_rows_around_it(device, d):
         print(f"{device} d={d} {name}: rows alone {'equal' if same else 'DIFFER'} among 512")
         assert same or name == "xla mean"
     np.testing.assert_allclose(np.asarray(norms["rms"](x)), np.asarray(norms["xla mean"](x)) * np.asarray(w), rtol=1e-5)
+
+
+def test_prefill_groups_follow_the_token_budget_and_can_be_switched_off(monkeypatch):
+    """WORKER_PREFILL_GROUP_TOKENS (runner.PREFILL_GROUP_TOKENS) bounds a group's padded positions; 0 gives every
+    chunk a dispatch of its own. The CPU backend never groups."""
+    from worker import runner
+
+    model = worker.load(model_path("qwen2"), device="cpu", backend="interpret", slots=256, max_batch=64)
+    assert model.runner.group_limit(16) == 32 and model.runner.group_buckets() == [4, 16, 32]
+    assert model.runner.group_bucket(1) == 1 and model.runner.group_bucket(5) == 16
+    monkeypatch.setattr(runner, "PREFILL_GROUP_TOKENS", 0)
+    assert model.runner.group_limit(16) == 1 and model.runner.group_buckets() == []
+    monkeypatch.undo()
+    assert worker.load(model_path("qwen2"), device="cpu", slots=256, max_batch=64).runner.group_limit(16) == 1

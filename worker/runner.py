@@ -18,6 +18,7 @@ computed on its own (_one_row_at_a_time).
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -40,7 +41,8 @@ MIN_ROWS = 2
 MIN_TABLE_PAGES = 16
 # Prompt tokens (padding included) in one prefill dispatch of several sequences (`prefill_group`): each sequence's
 # chunk is padded to ops.PREFILL_KERNEL_ROWS, so at most this / that many sequences share one.
-PREFILL_GROUP_TOKENS = 4096
+# WORKER_PREFILL_GROUP_TOKENS=0 gives every chunk a dispatch of its own (docs/batching.md).
+PREFILL_GROUP_TOKENS = int(os.environ.get("WORKER_PREFILL_GROUP_TOKENS", "4096"))
 
 
 def pow2_bucket(n: int, low: int, high: int) -> int:
