@@ -142,7 +142,7 @@ class Batch:
 
     def _prefill(self) -> list[Delivery]:
         failed, budget, r = [], self.prefill_tokens, self.runner
-        chunks = []  # (sequence, start, ids) in admission order, up to the step's budget
+        chunks = []  # (sequence, start, number of ids) in admission order, up to the step's budget
         for seq in self.scheduler.prefilling():
             if budget <= 0:
                 break
@@ -260,8 +260,8 @@ class Batch:
 
 
 def _groups(chunks: list[tuple[Sequence, int, int]], limit: Callable[[int], int]) -> list[list]:
-    """Prefill dispatches for chunks (sequence, start, ids), in order: consecutive chunks share one while each
-    allows that many (`limit(ids)`: Runner.group_limit); any other chunk has one of its own."""
+    """Prefill dispatches for chunks (sequence, start, number of ids), in order: consecutive chunks share one while
+    each allows that many (`limit(number)`: Runner.group_limit); any other chunk has one of its own."""
     out: list[list] = []
     for chunk in chunks:
         cap = limit(chunk[2])
