@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, params in (("sample (greedy)", greedy), ("sample (temperature 1)", SamplingParams(temperature=1.0))):
         inputs = RowInputs.neutral(1, 1)
         inputs.temperature[0] = params.temperature
-        sample = partial(r.first_token, row, inputs, ids, params.plan())
+        sample = partial(r.first_tokens, row, inputs, [(0, ids)], params.plan())
         measure(label, sample, args.reps)
     if args.prefill:
         prompt = list(range(1000, 1000 + args.prefill))

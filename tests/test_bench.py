@@ -202,3 +202,15 @@ def test_batched_bench_reports_every_count(capsys):
     batched.main(["--model", str(model), "--seqs", "1,3", "--prompt", "5", "--tokens", "4"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["seqs"] for r in out["results"]] == [1, 3] and all(r["tok_s"] > 0 for r in out["results"])
+
+
+def test_cpu_step_times_every_piece_of_a_tiny_model(capsys):
+    """bench.cpu_step end to end on the tiny qwen2 (one call each): every piece it names is timed."""
+    from bench import cpu_step
+
+    cpu_step.main(["--model", str(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf"), "--reps", "1",
+                   "--prefill", "16"])  # fmt: skip
+    out = capsys.readouterr().out
+    for piece in ("decode dispatch", "output projection", "layers (1 token)", "sample (greedy)",
+                  "sample (temperature 1)", "prefill (16 tokens)"):  # fmt: skip
+        assert piece in out, out
