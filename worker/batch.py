@@ -265,7 +265,7 @@ def _groups(chunks: list[tuple[Sequence, int, int]], limit: Callable[[int], int]
     out: list[list] = []
     for chunk in chunks:
         cap = limit(chunk[2])
-        if out and cap > 1 and len(out[-1]) < cap and all(limit(c[2]) > 1 for c in out[-1]):
+        if out and cap > 1 and len(out[-1]) < cap and limit(out[-1][0][2]) > 1:
             out[-1].append(chunk)
         else:
             out.append([chunk])

@@ -246,9 +246,8 @@ class Model:
     def warm_up(self, params: SamplingParams = GREEDY, all_rows: bool = False) -> None:
         """Compile what a first request with a short prompt and `params`' sampling stages runs (the model-sized
         compiles side by side), with `all_rows` the decode at every row bucket and the prefill of every group size
-        (what a growing load reaches), then
-        run one such request of two tokens. With `all_rows` on a GPU, the steps of a dispatch are first sized from
-        a timed dispatch of the largest bucket (`calibrate_steps`)."""
+        (what a growing load reaches), then run one such request of two tokens. With `all_rows` on a GPU, the steps
+        of a dispatch are first sized from a timed dispatch of the largest bucket (`calibrate_steps`)."""
         seq = self.sequence([0], 1, params, 0)
         inputs, plan, rows = self.batch.row_inputs([(0, seq)], 1, 1), params.plan(), self.runner.row_buckets()
         rows, compiled = rows if all_rows else rows[:1], False

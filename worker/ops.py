@@ -90,8 +90,8 @@ def _attention_kernels_on(backend: str) -> bool:
 # them in one call for any number of rows, each row's bits the same in a call of any size (the kernels' contract).
 # So several sequences' prompt chunks can share a prefill dispatch (runner `prefill_group`) and each still gets the
 # bits it gets alone: batch invariance by construction, decided by the sequence's own chunk length, never by how
-# many others share the call. Longer chunks (one sequence a dispatch) go
-# to dequantize + XLA's dot, faster there: a 64-row tensor-core tile dequantizes the weight once per tile.
+# many others share the call. Longer chunks (one sequence a dispatch) go to dequantize + XLA's dot, faster there:
+# a 64-row tensor-core tile dequantizes the weight once per tile.
 PREFILL_KERNEL_ROWS = 128
 
 
@@ -101,14 +101,12 @@ def _on_kernels(x: jax.Array) -> bool:
     return (x.shape[-2] if x.ndim >= 3 else x.size // max(1, x.shape[-1])) <= PREFILL_KERNEL_ROWS
 
 
-def _kernel_fits(w: Weight, rows: int, plane_ndim: int, backend: str, limit: int = qmatvec.MAX_BATCH,
-                types: frozenset = qmatvec.KERNEL_TYPES) -> bool:  # fmt: skip
+def _kernel_fits(w: Weight, plane_ndim: int, backend: str, types: frozenset = qmatvec.KERNEL_TYPES) -> bool:
     return (
         backend != "cpu"
         and isinstance(w, QuantArray)
         and w.qtype in types
         and w.shape[-1] % qmatvec.FORMATS[w.qtype].sb == 0
-        and 1 <= rows <= limit
         and all(p.ndim == plane_ndim for p in w.planes.values())
     )
 
@@ -252,7 +250,7 @@ def qmatmul(
     rows = x.size // max(1, x.shape[-1])
     if isinstance(w, Int8Blocks):
         y = int8_matmul(x, w)
-    elif _kernel_fits(w, 1, 2, backend, types=qmatvec.MATVEC_TYPES) and _on_kernels(x):
+    elif _kernel_fits(w, 2, backend, types=qmatvec.MATVEC_TYPES) and _on_kernels(x):
         # A prefill-shaped product takes the tensor cores whatever the decode kernels: one pass over the weights
         # per 64 rows, where the per-row kernel makes one per 8. `exact`: the per-row kernel, float32 throughout.
         interpret = backend == "interpret"
@@ -483,7 +481,7 @@ def moe_matmul(
     grouped = not gathered or _tensor_cores(expert_ids.shape[0])
     if on_kernels and grouped:
         kernel = grouped_matmul.moe_matmul
-    elif gathered and _kernel_fits(experts, expert_ids.shape[0], 3, backend):
+    elif gathered and 1 <= expert_ids.shape[0] <= qmatvec.MAX_BATCH and _kernel_fits(experts, 3, backend):
         kernel = qmatvec.moe_matvec
     if kernel is not None and experts.sharding is not None:
         return _expert_parallel(kernel, x, experts, expert_ids, interpret)

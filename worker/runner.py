@@ -337,8 +337,8 @@ def _take(inputs: RowInputs, n: int) -> RowInputs:
 
 def _prefill(adapter, cfg, min_rows, weights, tokens, positions, table, last, cache):
     """The logits after each row's last id: [max(G, min_rows), V]. The output projection (decode-shaped, one row a
-    sequence) takes at least min_rows rows, as a decode dispatch does: XLA's dot of a weight the kernels do not
-    take (an f16 or f32 head) sums a one-row product otherwise than a many-row one (measured on an H200)."""
+    sequence) takes at least min_rows rows, the rule a decode dispatch follows (MIN_ROWS), so that a one-sequence
+    prefill takes no one-row code path that a group of several would not."""
     hidden, cache = adapter.forward(weights, cfg, tokens, positions, cache, table)
     h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [G, 1, D]
     h_last = jnp.pad(h_last, ((0, max(0, min_rows - h_last.shape[0])), (0, 0), (0, 0)))
