@@ -6,7 +6,9 @@ pipelined generation the worker really runs (Model.generate_ids). `--rows 1,8,64
 that many rows decoding together (the continuous batch's step), after timing the compile of the largest row bucket
 (tracing and lowering apart from XLA's compile), and the prefill of 1, 8 and the most 128-token prompts in one
 dispatch against one dispatch each. --trace writes a JAX profiler trace (perfetto
-JSON) of three 8-step dispatches, to read where the fixed part goes. docs/PERFORMANCE.md has the readings.
+JSON) of three 8-step dispatches, to read where the fixed part goes (with --rows: of the most rows' dispatch, and
+in DIR-prefill of the largest prefill group); `python -m bench.trace` sums one by kernel. docs/PERFORMANCE.md has
+the readings.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import worker
 from worker.kv_cache import pages_for, table_row
 from worker.model import GREEDY
-from worker.pallas_kernels import qmatvec
+from worker.pallas_kernels import moe_matmul, qmatvec
 from worker.runner import RowInputs
 from worker.sampling import SamplingParams
 
@@ -91,10 +93,10 @@ def rows_sweep(m: worker.Model, ids: list[int], counts: list[int], steps: int, r
     return out
 
 
-def prefill_sweep(m: worker.Model, counts: list[int], tokens: int, repeats: int) -> dict:
+def prefill_sweep(m: worker.Model, counts: list[int], tokens: int, repeats: int, trace: str | None = None) -> dict:
     """Per count G: the prompts of G sequences (`tokens` ids each, distinct) prefilled in one dispatch
     (Runner.prefill_group, synchronized; median) against one dispatch each, back to back as a queue of
-    dispatches; prompt tok/s = G * tokens / time."""
+    dispatches; prompt tok/s = G * tokens / time. `trace`: a profiler trace of two dispatches of the largest G."""
     r, out = m.runner, {}
     per = pages_for(tokens, r.page_size)
     for g in counts:
@@ -113,6 +115,10 @@ def prefill_sweep(m: worker.Model, counts: list[int], tokens: int, repeats: int)
         t1 = _median_time(lambda c=chunks: dispatches([c]), repeats)
         t2 = _median_time(lambda c=chunks: dispatches([[one] for one in c]), repeats)
         out[g] = {"group_s": t1, "apart_s": t2, "group_tok_s": g * tokens / t1, "apart_tok_s": g * tokens / t2}
+        if trace and g == max(counts):
+            jax.profiler.start_trace(trace, create_perfetto_trace=True)
+            dispatches([chunks, chunks])
+            jax.profiler.stop_trace()
         print(f"prefill of {g} x {tokens}: one dispatch {1e3 * t1:.2f} ms ({g * tokens / t1:.0f} tok/s), one a "
               f"sequence {1e3 * t2:.2f} ms ({g * tokens / t2:.0f} tok/s)", flush=True)  # fmt: skip
     return out
@@ -175,12 +181,13 @@ def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int
     t0 = time.perf_counter()
     m = worker.load(path, device=device, max_batch=max(counts))
     result: dict = {"model": path, "device": str(m.device), "load_s": time.perf_counter() - t0, "steps": steps,
-                    "row_tile": qmatvec.ROW_TILE}  # fmt: skip
+                    "row_tile": qmatvec.ROW_TILE, "prefill_tiles": qmatvec.PREFILL_TILES,
+                    "moe_prefill_tiles": moe_matmul.PREFILL_TILES}  # fmt: skip
     result["compile"] = compile_times(m, m.runner.row_bucket(max(counts)), steps)
     print(json.dumps(result["compile"]), flush=True)
     result["rows"] = rows_sweep(m, m.tokenizer.encode(PROMPT), counts, steps, repeats, trace)
     groups = sorted({1, 8, m.runner.group_limit()})
-    result["prefill"] = prefill_sweep(m, groups, PREFILL_TOKENS, max(3, repeats // 3))
+    result["prefill"] = prefill_sweep(m, groups, PREFILL_TOKENS, max(3, repeats // 3), trace and f"{trace}-prefill")
     return result
 
 

@@ -1,16 +1,19 @@
 """Decode matvec kernels (worker/pallas_kernels/qmatvec.py) against their jax.numpy twins on real-model shapes:
 time per call of the tensor-core kernel, weight bytes read per second, and that rate as a share of the card's copy
 bandwidth; for a dense weight also the per-row kernel's time, and whether row 0 computed alone has the same bits
-as among M rows (batch invariance). Then the
-prefill grouped MoE matmul (worker/pallas_kernels/moe_matmul.py) on gpt-oss-20b's experts at --prefill tokens:
-time per call and useful TFLOP/s (2 * tokens * k * Out * In), against its twin (each expert over every token).
+as among M rows (batch invariance). Then prefill at --prefill tokens, as prefill runs it (weights widened once a
+call, the prefill tiles): the grouped MoE matmul (worker/pallas_kernels/moe_matmul.py) on gpt-oss-20b's experts,
+time per call and useful TFLOP/s (2 * tokens * k * Out * In), against the experts dequantized in registers and its
+twin (each expert over every token); and dense products of that many rows against the weight dequantized in
+registers and dequantize + XLA's dot.
 
     python -m bench.kernels [--rows 1,8] [--only Q4_K,MXFP4] [--prefill 512] [--sweep] [--smoke]
+    python -m bench.kernels --rows 0 --prefill 4096 --sweep     # prefill only: tune the PREFILL_TILES
 
 Each timed call cycles through enough copies of the weight to exceed the L2 cache (>= 512 MB in all), so the
 rate is DRAM's, not L2's. The copy bandwidth is (read + write bytes) / time of `a + 1` on 1 GiB of float32.
-`--sweep` also times a few other tilings per case (block_n, chunk, splits, num_warps, num_stages) and prints
-the best, to tune `qmatvec.plan`. `--smoke` runs two tiny cases in interpret mode (checks the script, on CPU).
+`--sweep` also times a few other tilings per case (block_n, chunk, splits, num_warps, num_stages; prefill: the
+row tile) and prints the best, to tune `qmatvec.plan` and the PREFILL_TILES. `--smoke` runs two tiny cases in interpret mode (checks the script, on CPU).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from gguf import GGMLQuantizationType as QT
 
 from worker.pallas_kernels import moe_matmul as mm
 from worker.pallas_kernels import qmatvec as qmv
-from worker.quant import quant_array
+from worker.quant import dequantize, quant_array, widened
 
 # (label, format, N, K) and, for MoE, (label, format, E, N, K, k): real-model decode shapes.
 DENSE = [
@@ -51,20 +54,30 @@ DENSE = [
     ("gpt-oss q", QT.Q5_1, 4096, 2880),
 ]
 MOE = [("gpt-oss gate_up", QT.MXFP4, 32, 5760, 2880, 4), ("gpt-oss down", QT.MXFP4, 32, 2880, 2880, 4)]
-SWEEP_GROUPED = [
-    dict(block_m=m, block_n=b, chunk=c, num_warps=w)
-    for m in (64, 128)
-    for b in (32, 64)
-    for c in (2, 4, 8)
-    for w in (4, 8)
-] + [dict(num_stages=2), dict(num_stages=4), dict(block_n=128)]
-SWEEP = [
-    dict(block_n=b, chunk=c, splits=s, num_warps=w)
-    for b in (16, 32, 64)
-    for c in (None, 1, 4)
-    for s in (None, 1)
-    for w in (4, 8)
-] + [dict(num_stages=2), dict(num_stages=4)]
+# Prefill-shaped dense products (--prefill rows): a weight of each model, in a format it has.
+PREFILL_DENSE = [
+    ("gpt-oss q", QT.Q8_0, 4096, 2880),
+    ("qwen2.5-0.5b gate", QT.Q5_0, 4864, 896),
+    ("phi3 gate_up", QT.Q4_K, 16384, 3072),
+]
+# --sweep's tilings for prefill, each over the prefill defaults (moe_matmul.PREFILL_TILES, qmatvec.PREFILL_TILES),
+# on the widened (dequantized once) weights that prefill takes.
+SWEEP_GROUPED = (
+    [dict(block_m=64, block_n=64, num_warps=4)]
+    + [dict(block_m=m, block_n=b, num_warps=w) for m in (128, 256) for b in (64, 128) for w in (4, 8)]
+    + [dict(chunk=c) for c in (2, 8)]
+    + [dict(num_stages=s) for s in (2, 4)]
+)
+SWEEP_PREFILL = (
+    [dict(row_tile=64, block_n=128, num_warps=4)]
+    + [dict(row_tile=128, block_n=b, num_warps=w) for b in (64, 128, 256) for w in (4, 8)]
+    + [dict(row_tile=256, block_n=b, num_warps=8) for b in (128, 256)]
+    + [dict(num_stages=s) for s in (2, 4)]
+    + [dict(chunk=c) for c in (1, 4)]
+)
+# The in-register tiles prefill took before it widened its weights (the best of the fifth session's sweep).
+IN_REGISTERS_GROUPED = dict(block_m=128, num_warps=8)
+IN_REGISTERS_DENSE = dict(row_tile=128, block_n=128, splits=1, num_warps=4)
 L2_BYTES = 512 << 20
 
 
@@ -142,20 +155,27 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         print(f"    best {best[0] * 1e6:.1f} us {read / best[0] / 1e9:.1f} GB/s with {best[1]}", flush=True)
 
 
-def best_tiling(time_with: Callable[..., float], default_s: float, tilings: list[dict]) -> tuple[float, str]:
+def best_tiling(time_with: Callable[..., float], default_s: float, tilings: list[dict],
+                rate: Callable[[float], str] | None = None) -> tuple[float, str]:  # fmt: skip
     """(seconds, tiling) of the fastest of the default and `tilings`; a tiling the shape or Triton rejects (e.g.
-    out of shared memory) is reported and skipped."""
+    out of shared memory) is reported and skipped. `rate`: also print each tiling's time and rate."""
     best = (default_s, "default")
     for tiles in tilings:
         try:
-            best = min(best, (time_with(**tiles), str(tiles)))
+            t = time_with(**tiles)
         except Exception as e:
-            print(f"    {tiles}: {type(e).__name__}")
+            print(f"    {tiles}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            continue
+        if rate is not None:
+            print(f"    {t * 1e6:9.1f} us {rate(t)} {tiles}", flush=True)
+        best = min(best, (t, str(tiles)))
     return best
 
 
 def bench_grouped(label, qtype, shape, k_sel, tokens, args) -> None:
-    """The prefill grouped matmul: `tokens` tokens, each routed to k_sel distinct experts at random."""
+    """The prefill grouped matmul: `tokens` tokens, each routed to k_sel distinct experts at random. As prefill runs
+    it (the experts widened to bf16 once a call, moe_matmul.PREFILL_TILES), against the experts dequantized in
+    registers and the twin (each expert over every token)."""
     e, n, kdim = shape
     w = random_planes(qtype, shape, seed=0)
     x = jax.random.normal(jax.random.key(0), (tokens, kdim), jnp.float32)
@@ -166,34 +186,70 @@ def bench_grouped(label, qtype, shape, k_sel, tokens, args) -> None:
     def per_call_grouped(op, **tiles) -> float:
         return timed(jax.jit(lambda x, w, i: op(x, w, i, **tiles)), x, w, ids, repeat=args.repeat)
 
-    t_kernel = per_call_grouped(mm.moe_matmul, **interp)
+    def widened_op(x, w, i, **tiles):
+        return mm.moe_matmul(x, widened(w, jnp.bfloat16), i, **tiles)
+
+    t_kernel = per_call_grouped(widened_op, **interp, **mm.PREFILL_TILES)
+    t_reg = per_call_grouped(mm.moe_matmul, **interp, **IN_REGISTERS_GROUPED)
     t_twin = per_call_grouped(mm.moe_matmul_twin)
-    p = mm.plan(qtype, n, kdim)
     line = (
         f"{label:22s} {qtype.name:6s} {'x'.join(map(str, shape)):>16s} M={tokens} k={k_sel} "
-        f"kernel {t_kernel * 1e6:9.1f} us {flops / t_kernel / 1e12:6.1f} TFLOP/s  "
-        f"twin {t_twin * 1e6:9.1f} us  x{t_twin / t_kernel:5.1f}  bm={p.block_m} bn={p.block_n} c={p.chunk}"
+        f"widened {t_kernel * 1e6:9.1f} us {flops / t_kernel / 1e12:6.1f} TFLOP/s  in registers {t_reg * 1e6:9.1f} us  "
+        f"twin {t_twin * 1e6:9.1f} us  tiles {mm.PREFILL_TILES}"
     )
     print(line, flush=True)
     if args.sweep:
-        best = best_tiling(lambda **tiles: per_call_grouped(mm.moe_matmul, **interp, **tiles), t_kernel, SWEEP_GROUPED)
+        best = best_tiling(lambda **tiles: per_call_grouped(widened_op, **interp, **(mm.PREFILL_TILES | tiles)),
+                           t_kernel, SWEEP_GROUPED, lambda t: f"{flops / t / 1e12:.1f} TFLOP/s")  # fmt: skip
+        print(f"    best {best[0] * 1e6:.1f} us {flops / best[0] / 1e12:.1f} TFLOP/s with {best[1]}", flush=True)
+
+
+def bench_prefill_dense(label, qtype, shape, rows, args) -> None:
+    """A prefill-shaped dense product ([rows, K]) as ops.qmatmul runs it for a group of prompt chunks (the weight
+    widened to float16 once a call, qmatvec.PREFILL_TILES), against the weight dequantized in registers and
+    against dequantize + XLA's dot (a long chunk's route)."""
+    n, kdim = shape
+    w = random_planes(qtype, shape, seed=0)
+    x = jax.random.normal(jax.random.key(0), (rows, kdim), jnp.float32)
+    interp = dict(interpret=True) if args.smoke else {}
+    flops = 2 * rows * n * kdim
+    plain = jnp.float32 if args.smoke else jnp.float16
+
+    def per_call_dense(widen: bool, **tiles) -> float:
+        fn = lambda x, w: qmv.qmatvec(x, widened(w, plain) if widen else w, **interp, **tiles)  # noqa: E731
+        return timed(jax.jit(fn), x, w, repeat=args.repeat)
+
+    def xla_dot(x, w):
+        return jnp.einsum("mi,oi->mo", x.astype(jnp.bfloat16), dequantize(w, jnp.bfloat16),
+                          preferred_element_type=jnp.float32)  # fmt: skip
+
+    t_kernel = per_call_dense(True, **qmv.PREFILL_TILES)
+    t_reg = per_call_dense(False, **IN_REGISTERS_DENSE)
+    t_xla = timed(jax.jit(xla_dot), x, w, repeat=args.repeat)
+    print(f"{label:22s} {qtype.name:6s} {n}x{kdim} M={rows} widened {t_kernel * 1e6:9.1f} us "
+          f"{flops / t_kernel / 1e12:6.1f} TFLOP/s  in registers {t_reg * 1e6:9.1f} us  dequantize + XLA dot "
+          f"{t_xla * 1e6:9.1f} us  tiles {qmv.PREFILL_TILES}", flush=True)  # fmt: skip
+    if args.sweep:
+        best = best_tiling(lambda **tiles: per_call_dense(True, **(qmv.PREFILL_TILES | tiles)), t_kernel,
+                           SWEEP_PREFILL, lambda t: f"{flops / t / 1e12:.1f} TFLOP/s")  # fmt: skip
         print(f"    best {best[0] * 1e6:.1f} us {flops / best[0] / 1e12:.1f} TFLOP/s with {best[1]}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1,8", help="rows of x (decode batch), comma-separated")
+    ap.add_argument("--rows", default="1,8", help="rows of x (decode batch), comma-separated; 0: none")
     ap.add_argument("--only", default="", help="formats to keep, e.g. Q4_K,MXFP4")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--prefill", type=int, default=512, help="tokens for the grouped MoE matmul cases (0: skip)")
     ap.add_argument("--sweep", action="store_true", help="also try other tilings and print the best")
     ap.add_argument("--smoke", action="store_true", help="two tiny cases in interpret mode (CPU)")
     args = ap.parse_args()
-    rows_list = [int(r) for r in args.rows.split(",")]
+    rows_list = [r for r in map(int, args.rows.split(",")) if r > 0]  # --rows 0: no decode cases
     keep = {QT[f] for f in args.only.split(",") if f}
-    dense, moe = DENSE, MOE
+    dense, moe, prefill_dense = DENSE, MOE, PREFILL_DENSE
     if args.smoke:
         dense, moe, args.repeat = [("smoke", QT.Q4_K, 64, 512)], [("smoke moe", QT.MXFP4, 4, 64, 256, 2)], 2
+        prefill_dense = dense
         rows_list, args.prefill = rows_list[:1], min(args.prefill, 9)
     dev = jax.devices()[0]
     bw = copy_bandwidth(args.repeat)
@@ -209,6 +265,9 @@ def main() -> None:
         for label, qtype, e, n, k, k_sel in moe:
             if not keep or qtype in keep:
                 bench_grouped(label, qtype, (e, n, k), k_sel, args.prefill, args)
+        for label, qtype, n, k in prefill_dense:
+            if not keep or qtype in keep:
+                bench_prefill_dense(label, qtype, (n, k), args.prefill, args)
 
 
 if __name__ == "__main__":

@@ -214,3 +214,22 @@ def test_cpu_step_times_every_piece_of_a_tiny_model(capsys):
     for piece in ("decode dispatch", "output projection", "layers (1 token)", "sample (greedy)",
                   "sample (temperature 1)", "prefill (16 tokens)"):  # fmt: skip
         assert piece in out, out
+
+
+def test_trace_summary_counts_only_the_gpu_kernels():
+    """bench.trace on a perfetto-shaped trace: the GPU process's complete events by name, the host's left out."""
+    from bench import trace
+
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 1, "name": "PjitFunction", "dur": 900.0},
+        {"ph": "X", "pid": 2, "name": "moe_matmul_mxfp4", "dur": 300.0},
+        {"ph": "X", "pid": 2, "name": "moe_matmul_mxfp4", "dur": 100.0},
+        {"ph": "X", "pid": 2, "name": "fusion_3", "dur": 100.0},
+    ]
+    kernels = trace.device_kernels({"traceEvents": events})
+    assert kernels == {"moe_matmul_mxfp4": [300.0, 100.0], "fusion_3": [100.0]}
+    lines = trace.summary(kernels, top=5)
+    assert lines[0] == "all kernels: 0.50 ms in 3 launches"
+    assert lines[1].split()[:4] == ["0.400", "ms", "80.0%", "2x"] and lines[1].endswith("moe_matmul_mxfp4")

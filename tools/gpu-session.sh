@@ -11,9 +11,13 @@
 #           kernels    the gpu-marked quantized-matvec, MoE matmul and batched-kernel tests; when one fails the call
 #                      stops there (a broken kernel would waste the benchmarks after it; -x stops at the first);
 #                      kernels:F only tests/F
-#           rows:M     python -m bench.dispatch --rows $ROWS (default 1,8,64; budget ROWS_SECONDS, default 150) on model M: a decode dispatch of that many rows, the
-#                      largest bucket's compile timed, a profiler trace of the 64-row dispatch (trace-M.json.gz in
-#                      the call's logs tarball)
+#           rows:M     python -m bench.dispatch --rows $ROWS (default 1,8,64; budget ROWS_SECONDS, default 150) on
+#                      model M: a decode dispatch of that many rows, the largest bucket's compile timed, the prefill
+#                      groups; profiler traces of the most rows' dispatch and of the largest prefill group
+#                      (trace-M.json.gz, trace-M-prefill.json.gz in the call's logs tarball), summed by kernel
+#                      (bench.trace) in the stage's log
+#           kbench     python -m bench.kernels $KBENCH_ARGS (default "--rows 0 --prefill 4096 --sweep": the prefill
+#                      tiles); budget KBENCH_SECONDS (default 240)
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py; qmatvec's rows in big calls and
 #                      its unquantized formats); PYTEST_K picks others (pytest -k)
 #           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made);
@@ -121,9 +125,21 @@ do_invariance() {  # PYTEST_K: only the tests it selects (pytest -k)
 }
 
 do_rows() {  # in a folder of its own: bench.report reads every JSON directly in $results as a bench result
+    local rc t f
     mkdir -p "$results/rows"
     py -m bench.dispatch --model "$(model_path "$1")" --rows "${ROWS:-1,8,64}" --steps 16 --json "$results/rows/$1.json" \
         --trace "$results/rows/trace-$1"
+    rc=$?
+    for t in "$results/rows/trace-$1" "$results/rows/trace-$1-prefill"; do
+        f=$(find "$t" -name '*trace.json.gz' 2>/dev/null | sort | tail -n 1)
+        [ -n "$f" ] && { echo "== $(basename "$t")"; py -m bench.trace "$f"; }
+    done
+    return $rc
+}
+
+do_kbench() {
+    # shellcheck disable=SC2086  # KBENCH_ARGS is a list of flags
+    py -m bench.kernels ${KBENCH_ARGS:---rows 0 --prefill 4096 --sweep}
 }
 
 do_bench() {
@@ -215,6 +231,7 @@ for s in "$@"; do
             [ $rc = 0 ] || [ $rc = 124 ] || { note "STOP: the kernel tests failed"; break; } ;;
         rows:*) stage "rows-${s#rows:}" "${ROWS_SECONDS:-150}" do_rows "${s#rows:}" ;;
         invariance) stage invariance 180 do_invariance ;;
+        kbench) stage kbench "${KBENCH_SECONDS:-240}" do_kbench ;;
         synth) stage synth 300 do_synth ;;
         synth:*) stage "synth-${s#synth:}" 300 do_synth "${s#synth:}" ;;
         prep)

@@ -29,7 +29,7 @@ from worker.kv_cache import KVCache, gather_layer
 from worker.pallas_kernels import moe_matmul as grouped_matmul
 from worker.pallas_kernels import paged_attention as paged
 from worker.pallas_kernels import prefill_attention, qmatvec
-from worker.quant import Int8Blocks, QuantArray, dequantize
+from worker.quant import Int8Blocks, QuantArray, dequantize, widened
 
 Weight = QuantArray | Int8Blocks | jax.Array
 # The CPU matmul's row tile: at most this many bytes of float32 weights at a time (docs/PERFORMANCE.md, "CPU").
@@ -254,9 +254,15 @@ def qmatmul(
         # A prefill-shaped product takes the tensor cores whatever the decode kernels: one pass over the weights
         # per 64 rows, where the per-row kernel makes one per 8. `exact`: the per-row kernel, float32 throughout.
         interpret = backend == "interpret"
-        tensor_cores = not exact and (_tensor_cores(rows) if x.ndim < 3 or x.shape[-2] == 1 else True)
+        prefill = x.ndim >= 3 and x.shape[-2] > 1
+        tensor_cores = not exact and (prefill or _tensor_cores(rows))
         if w.sharding is not None:
             y = _split_qmatvec(x, w, interpret, tensor_cores)
+        elif prefill and tensor_cores:
+            # Thousands of rows: the weight dequantized once (into the dot's operand type), then a plain tensor-core
+            # product with prefill's tiles, where dequantizing in registers would redo it for every row tile.
+            plain = widened(w, jnp.float32 if interpret else jnp.float16)
+            y = qmatvec.qmatvec(x, plain, interpret=interpret, **qmatvec.PREFILL_TILES)
         else:
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores)
     elif backend == "gpu" and not exact:
@@ -485,6 +491,12 @@ def moe_matmul(
         kernel = qmatvec.moe_matvec
     if kernel is not None and experts.sharding is not None:
         return _expert_parallel(kernel, x, experts, expert_ids, interpret)
+    if kernel is grouped_matmul.moe_matmul and not per_token:
+        # Prefill: the experts dequantized once into bf16 (the dot's operand type, so the same values as in
+        # registers), then the plain grouped product with prefill's tiles; every prefill call takes this route,
+        # whatever its size or company (batch invariance).
+        return kernel(x, widened(experts, jnp.bfloat16), expert_ids, live, interpret=interpret,
+                      **grouped_matmul.PREFILL_TILES)  # fmt: skip
     if kernel is grouped_matmul.moe_matmul:
         return kernel(x, experts, expert_ids, live, interpret=interpret)
     if kernel is not None:

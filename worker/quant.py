@@ -335,6 +335,13 @@ jax.tree_util.register_dataclass(
 )
 
 
+def widened(q: QuantArray, dtype: DTypeLike) -> QuantArray:
+    """q's values as an unquantized QuantArray of `dtype` (float32, float16 or bfloat16): a weight dequantized once
+    for a call that reads every tile many times (the kernels' prefill, ops.qmatmul and ops.moe_matmul)."""
+    qtype = {jnp.dtype(v): k for k, v in PLAIN_TYPES.items()}[jnp.dtype(dtype)]
+    return QuantArray({"w": dequantize(q, dtype)}, qtype, q.shape, q.parts, q.sharding)
+
+
 def dequantize(q: QuantArray | Int8Blocks, dtype: DTypeLike = jnp.float32) -> jax.Array:
     """The full-precision values, shape (*planes' leading dims, K): exact in float32, then cast to `dtype`.
     A reference (CPU path, tests); hot paths dequantize tiles inside kernels instead."""

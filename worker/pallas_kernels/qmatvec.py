@@ -33,6 +33,12 @@ ROW_TILE = 64
 MIN_DOT = 16  # tl.dot's smallest tile dimension
 TARGET_VALUES = 8192  # weight values per program per loop step
 TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages")  # `plan`'s overrides
+# The tiles of prefill-shaped calls (ops.qmatmul: a prompt chunk's positions, or several sequences' chunks in one
+# dispatch: thousands of rows), which take the weight dequantized once into float16 (`quant.widened`): a plain
+# tensor-core product, with one split of K (no partial sums to write). A row's bits depend on these tiles, so every
+# prefill-shaped call takes them whatever its size (and decode its own): a chunk gets the same bits alone as among
+# others (batch invariance). Chosen on an H200 with `python -m bench.kernels --rows 0 --prefill 4096 --sweep`.
+PREFILL_TILES = {"row_tile": 128, "block_n": 128, "splits": 1, "num_warps": 8, "num_stages": 3}
 
 Load = Callable[..., jax.Array]
 Parts = list[tuple[jax.Array, tuple]]
@@ -41,7 +47,8 @@ Parts = list[tuple[jax.Array, tuple]]
 @dataclasses.dataclass(frozen=True)
 class Format:
     """How one GGUF format is viewed and dequantized. `planes`: name -> inner view of one super-block's
-    elements. `x_inner`: x's view of one super-block. `parts(load)` returns (float32 tile [BN, C, *t], index
+    elements. `x_inner`: x's view of one super-block. `parts(load)` returns (float32 tile [BN, C, *t] (a plain
+    format's: its own dtype), index
     into x_inner selecting the matching [C, *t] values) pairs; `load(name, *index)` loads a masked plane tile
     [BN, C, *rest] with `index` applied to the plane's inner view."""
 
@@ -183,7 +190,9 @@ KERNEL_TYPES = frozenset(FORMATS)  # the quantized formats (the MoE kernels take
 
 
 def _plain(load: Load) -> Parts:
-    return [(_f32(load("w")), (ALL,))]
+    """Unlike the quantized formats' float32 parts, the values in their own dtype: every caller casts them to its
+    dot's operand type, and a float16 or bfloat16 tile loaded for a dot of that type then needs no conversion."""
+    return [(load("w"), (ALL,))]
 
 
 # Unquantized matrices (a tiny model's projections, an f16 output head, the MoE router's f32 weights), viewed in
@@ -317,14 +326,14 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
 
 
 def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks: int, p: Plan, t_size: int,
-                x_rows: int, precision):  # fmt: skip
-    """Dense: program (r, i, j) computes rows [r*ROW_TILE, (r+1)*ROW_TILE) of x (in parts, `x_parts`; `x_rows`
-    rows) against output columns [i*BN, (i+1)*BN) over split j of K, one dot per dequantized part. Rows past
-    x_rows are masked loads of zeros, not zeros in memory: one row reads one row of x, while its dot is the same
-    ROW_TILE-row product as in a full call (so the row's bits are too)."""
+                x_rows: int, bm: int, precision):  # fmt: skip
+    """Dense: program (r, i, j) computes rows [r*BM, (r+1)*BM) of x (in parts, `x_parts`; `x_rows` rows) against
+    output columns [i*BN, (i+1)*BN) over split j of K, one dot per dequantized part. Rows past x_rows are masked
+    loads of zeros, not zeros in memory: one row reads one row of x, while its dot is the same BM-row product as in
+    a full call (so the row's bits are too)."""
     *plane_refs, o_ref = refs
     planes = dict(zip(names, plane_refs, strict=True))
-    bm, bn, c = ROW_TILE, p.block_n, p.chunk
+    bn, c = p.block_n, p.chunk
     r0, row0, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
     rows_ok = (row0 + jnp.arange(bn)) < n if n % bn else None
     x_ok = (r0 + jnp.arange(bm)) < x_rows if x_rows % bm else None
@@ -391,9 +400,10 @@ def _call(
     p: Plan,
     interpret: bool,
     tensor_cores: bool = False,
+    row_tile: int = ROW_TILE,
 ) -> jax.Array:
     """x [T, K]; returns the split-K partial sums summed: [T, N] float32. Dense with `tensor_cores`: rows in tiles
-    of ROW_TILE (`_dot_kernel`); dense without: rows in groups of min(T, MAX_ROWS), the last padded with zero
+    of `row_tile` (`_dot_kernel`); dense without: rows in groups of min(T, MAX_ROWS), the last padded with zero
     rows; gathered: one program per row."""
     fmt = FORMATS[w.qtype]
     t, k = x.shape
@@ -402,15 +412,15 @@ def _call(
     common = dict(fmt=fmt, names=names, n=n, blocks=k // fmt.sb, p=p)
     scale = None
     if tensor_cores:
-        padded = pl.cdiv(t, ROW_TILE) * ROW_TILE  # the output's rows; x keeps its own (masked in the kernel)
+        padded = pl.cdiv(t, row_tile) * row_tile  # the output's rows; x keeps its own (masked in the kernel)
         if interpret:  # the CPU: float32 operands and sums
             xp, precision = x_parts(x, w.qtype, jnp.float32), jax.lax.Precision.HIGHEST  # [P, T, K / P]
         else:  # float16 operands (10-bit mantissas, as TF32's, at twice TF32's tensor-core rate), float32 sums
             scale = row_scale(x)
             xp, precision = x_parts(x / scale, w.qtype, jnp.float16), None
         t_size = math.prod(parts_layout(w.qtype)[1])
-        kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, precision=precision)
-        grid, args = (padded // ROW_TILE, n_blocks, p.splits), (xp, *planes)
+        kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, bm=row_tile, precision=precision)
+        grid, args = (padded // row_tile, n_blocks, p.splits), (xp, *planes)
     else:
         group = 1 if ids is not None else min(t, MAX_ROWS)
         padded = pl.cdiv(t, group) * group
@@ -455,15 +465,21 @@ def _check(w: QuantArray, plane_ndim: int) -> None:
         raise ValueError(f"{w.qtype.name} weight: expected planes of rank {plane_ndim}")
 
 
-@kernel_entry("interpret", "tensor_cores", *TILE_ARGS)
+@kernel_entry("interpret", "tensor_cores", "row_tile", *TILE_ARGS)
 def qmatvec(
-    x: jax.Array, w: QuantArray, *, interpret: bool = False, tensor_cores: bool = True, **tiles: int | None
+    x: jax.Array,
+    w: QuantArray,
+    *,
+    interpret: bool = False,
+    tensor_cores: bool = True,
+    row_tile: int | None = None,
+    **tiles: int | None,
 ) -> jax.Array:
     """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for any number of rows of x; each row's result is
-    the same bits in a call of any size with the same `tensor_cores`. `tensor_cores`: the ROW_TILE-row dot
-    (float16 operands, float32 sums on the GPU; one pass over the weights for up to 64 rows), else the per-row
+    the same bits in a call of any size with the same `tensor_cores` and tiles. `tensor_cores`: the `row_tile`-row
+    (default ROW_TILE) dot (float16 operands, float32 sums on the GPU; one pass over the weights a row tile), else the per-row
     multiply-add loop (float32; one pass per 8 rows, faster for a few). `tiles`: overrides of `plan`'s arguments
-    (block_n, chunk, splits, num_warps, num_stages)."""
+    (block_n, chunk, splits, num_warps, num_stages); PREFILL_TILES are prefill's."""
     _check(w, 2)
     n, k = next(iter(w.planes.values())).shape[0], w.shape[-1]
     lead = x.shape[:-1]
@@ -476,7 +492,10 @@ def qmatvec(
     # within that of the best everywhere. The arithmetic, and so each row's bits, do not depend on these.
     dense = {"block_n": max(MIN_DOT, min(32, pl.next_power_of_2(n))), "num_stages": 1} if tensor_cores else {}
     p = plan(w.qtype, n, k, 1, **(dense | tiles))
-    return _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores).reshape(*lead, n)
+    row_tile = row_tile or ROW_TILE
+    if row_tile < MIN_DOT or row_tile & (row_tile - 1):
+        raise ValueError(f"row_tile must be a power of two >= {MIN_DOT}, got {row_tile}")
+    return _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile).reshape(*lead, n)
 
 
 def qmatvec_twin(x: jax.Array, w: QuantArray, *, interpret: bool = False, **_tiles) -> jax.Array:
