@@ -176,7 +176,8 @@ def run(path: str, device: str, repeats: int, trace: str | None) -> dict:
     return result
 
 
-def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int, trace: str | None) -> dict:
+def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int, trace: str | None,
+             groups: list[int] | None = None) -> dict:  # fmt: skip
     """--rows: the compile of the largest row bucket (lowering and XLA's compile apart), then the sweep."""
     t0 = time.perf_counter()
     m = worker.load(path, device=device, max_batch=max(counts))
@@ -186,7 +187,7 @@ def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int
     result["compile"] = compile_times(m, m.runner.row_bucket(max(counts)), steps)
     print(json.dumps(result["compile"]), flush=True)
     result["rows"] = rows_sweep(m, m.tokenizer.encode(PROMPT), counts, steps, repeats, trace)
-    groups = sorted({1, 8, m.runner.group_limit()})
+    groups = groups or sorted({1, 8, m.runner.group_limit()})
     result["prefill"] = prefill_sweep(m, groups, PREFILL_TOKENS, max(3, repeats // 3), trace and f"{trace}-prefill")
     return result
 
@@ -200,6 +201,8 @@ def main() -> None:
                     "with --rows, of two dispatches of the most rows)")  # fmt: skip
     ap.add_argument("--rows", default=None, help="comma-separated row counts: time a dispatch of each instead")
     ap.add_argument("--steps", type=int, default=8, help="steps a dispatch with --rows")
+    ap.add_argument("--prefill-groups", default=None, help="with --rows: the prefill group sizes to time "
+                    "(comma-separated; default 1, 8 and the largest)")  # fmt: skip
     ap.add_argument("--row-tile", type=int, default=None, help="rows of x per dense matvec program (a sweep)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -208,7 +211,8 @@ def main() -> None:
         qmatvec.ROW_TILE = args.row_tile  # before anything is traced
     if args.rows:
         counts = [int(n) for n in args.rows.split(",")]
-        result = run_rows(path, args.device, counts, args.steps, args.repeats, args.trace)
+        groups = [int(g) for g in args.prefill_groups.split(",")] if args.prefill_groups else None
+        result = run_rows(path, args.device, counts, args.steps, args.repeats, args.trace, groups)
     else:
         result = run(path, args.device, args.repeats, args.trace)
     text = json.dumps(result, indent=1)

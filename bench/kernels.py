@@ -1,11 +1,11 @@
 """Decode matvec kernels (worker/pallas_kernels/qmatvec.py) against their jax.numpy twins on real-model shapes:
 time per call of the tensor-core kernel, weight bytes read per second, and that rate as a share of the card's copy
 bandwidth; for a dense weight also the per-row kernel's time, and whether row 0 computed alone has the same bits
-as among M rows (batch invariance). Then prefill at --prefill tokens, as prefill runs it (weights widened once a
-call, the prefill tiles): the grouped MoE matmul (worker/pallas_kernels/moe_matmul.py) on gpt-oss-20b's experts,
-time per call and useful TFLOP/s (2 * tokens * k * Out * In), against the experts dequantized in registers and its
-twin (each expert over every token); and dense products of that many rows against the weight dequantized in
-registers and dequantize + XLA's dot.
+as among M rows (batch invariance). Then prefill at --prefill tokens, as prefill runs it (the prefill tiles): the
+grouped MoE matmul (worker/pallas_kernels/moe_matmul.py) on gpt-oss-20b's experts, time per call and useful
+TFLOP/s (2 * tokens * k * Out * In), against decode's tiles and its twin (each expert over every token); and dense
+products of that many rows (the weight widened once a call) against the weight dequantized in registers and
+dequantize + XLA's dot.
 
     python -m bench.kernels [--rows 1,8] [--only Q4_K,MXFP4] [--prefill 512] [--sweep] [--smoke]
     python -m bench.kernels --rows 0 --prefill 4096 --sweep     # prefill only: tune the PREFILL_TILES
@@ -13,7 +13,8 @@ registers and dequantize + XLA's dot.
 Each timed call cycles through enough copies of the weight to exceed the L2 cache (>= 512 MB in all), so the
 rate is DRAM's, not L2's. The copy bandwidth is (read + write bytes) / time of `a + 1` on 1 GiB of float32.
 `--sweep` also times a few other tilings per case (block_n, chunk, splits, num_warps, num_stages; prefill: the
-row tile) and prints the best, to tune `qmatvec.plan` and the PREFILL_TILES. `--smoke` runs two tiny cases in interpret mode (checks the script, on CPU).
+row tile) and prints the best, to tune `qmatvec.plan` and the PREFILL_TILES. `--smoke` runs two tiny cases in
+interpret mode (checks the script, on CPU).
 """
 
 from __future__ import annotations
@@ -60,23 +61,28 @@ PREFILL_DENSE = [
     ("qwen2.5-0.5b gate", QT.Q5_0, 4864, 896),
     ("phi3 gate_up", QT.Q4_K, 16384, 3072),
 ]
-# --sweep's tilings for prefill, each over the prefill defaults (moe_matmul.PREFILL_TILES, qmatvec.PREFILL_TILES),
-# on the widened (dequantized once) weights that prefill takes.
+SWEEP = [
+    dict(block_n=b, chunk=c, splits=s, num_warps=w)
+    for b in (16, 32, 64)
+    for c in (None, 1, 4)
+    for s in (None, 1)
+    for w in (4, 8)
+] + [dict(num_stages=2), dict(num_stages=4)]
+# --sweep's tilings for prefill, each over the prefill defaults (moe_matmul.PREFILL_TILES; qmatvec.PREFILL_TILES,
+# on the weight widened to float16 as prefill takes it).
 SWEEP_GROUPED = (
-    [dict(block_m=64, block_n=64, num_warps=4)]
-    + [dict(block_m=m, block_n=b, num_warps=w) for m in (128, 256) for b in (64, 128) for w in (4, 8)]
+    [dict(block_m=m, block_n=b, num_warps=w) for m in (64, 128) for b in (64, 128) for w in (4, 8)]
     + [dict(chunk=c) for c in (2, 8)]
     + [dict(num_stages=s) for s in (2, 4)]
 )
 SWEEP_PREFILL = (
     [dict(row_tile=64, block_n=128, num_warps=4)]
     + [dict(row_tile=128, block_n=b, num_warps=w) for b in (64, 128, 256) for w in (4, 8)]
-    + [dict(row_tile=256, block_n=b, num_warps=8) for b in (128, 256)]
+    + [dict(row_tile=256, block_n=128, num_warps=8)]
     + [dict(num_stages=s) for s in (2, 4)]
-    + [dict(chunk=c) for c in (1, 4)]
+    + [dict(chunk=c) for c in (1, 2)]
 )
-# The in-register tiles prefill took before it widened its weights (the best of the fifth session's sweep).
-IN_REGISTERS_GROUPED = dict(block_m=128, num_warps=8)
+# The best in-register tiles of a dense prefill product (before prefill widened its weights).
 IN_REGISTERS_DENSE = dict(row_tile=128, block_n=128, splits=1, num_warps=4)
 L2_BYTES = 512 << 20
 
@@ -173,9 +179,8 @@ def best_tiling(time_with: Callable[..., float], default_s: float, tilings: list
 
 
 def bench_grouped(label, qtype, shape, k_sel, tokens, args) -> None:
-    """The prefill grouped matmul: `tokens` tokens, each routed to k_sel distinct experts at random. As prefill runs
-    it (the experts widened to bf16 once a call, moe_matmul.PREFILL_TILES), against the experts dequantized in
-    registers and the twin (each expert over every token)."""
+    """The prefill grouped matmul with prefill's tiles (moe_matmul.PREFILL_TILES): `tokens` tokens, each routed to
+    k_sel distinct experts at random; decode's tiles and the twin (each expert over every token) beside it."""
     e, n, kdim = shape
     w = random_planes(qtype, shape, seed=0)
     x = jax.random.normal(jax.random.key(0), (tokens, kdim), jnp.float32)
@@ -186,20 +191,17 @@ def bench_grouped(label, qtype, shape, k_sel, tokens, args) -> None:
     def per_call_grouped(op, **tiles) -> float:
         return timed(jax.jit(lambda x, w, i: op(x, w, i, **tiles)), x, w, ids, repeat=args.repeat)
 
-    def widened_op(x, w, i, **tiles):
-        return mm.moe_matmul(x, widened(w, jnp.bfloat16), i, **tiles)
-
-    t_kernel = per_call_grouped(widened_op, **interp, **mm.PREFILL_TILES)
-    t_reg = per_call_grouped(mm.moe_matmul, **interp, **IN_REGISTERS_GROUPED)
+    t_kernel = per_call_grouped(mm.moe_matmul, **interp, **mm.PREFILL_TILES)
+    t_decode = per_call_grouped(mm.moe_matmul, **interp)
     t_twin = per_call_grouped(mm.moe_matmul_twin)
     line = (
         f"{label:22s} {qtype.name:6s} {'x'.join(map(str, shape)):>16s} M={tokens} k={k_sel} "
-        f"widened {t_kernel * 1e6:9.1f} us {flops / t_kernel / 1e12:6.1f} TFLOP/s  in registers {t_reg * 1e6:9.1f} us  "
-        f"twin {t_twin * 1e6:9.1f} us  tiles {mm.PREFILL_TILES}"
+        f"kernel {t_kernel * 1e6:9.1f} us {flops / t_kernel / 1e12:6.1f} TFLOP/s  decode's tiles "
+        f"{t_decode * 1e6:9.1f} us  twin {t_twin * 1e6:9.1f} us  tiles {mm.PREFILL_TILES}"
     )
     print(line, flush=True)
     if args.sweep:
-        best = best_tiling(lambda **tiles: per_call_grouped(widened_op, **interp, **(mm.PREFILL_TILES | tiles)),
+        best = best_tiling(lambda **tiles: per_call_grouped(mm.moe_matmul, **interp, **(mm.PREFILL_TILES | tiles)),
                            t_kernel, SWEEP_GROUPED, lambda t: f"{flops / t / 1e12:.1f} TFLOP/s")  # fmt: skip
         print(f"    best {best[0] * 1e6:.1f} us {flops / best[0] / 1e12:.1f} TFLOP/s with {best[1]}", flush=True)
 

@@ -133,12 +133,12 @@ def test_ops_sends_selections_to_the_kernel_the_decode_kernels_say():
         x, ids = jnp.ones((m, 64)), routed(m, 2, 4, 0, "uniform")
         call = lambda x, i: ops.moe_matmul(x, experts, i, backend=backend, per_token=per_token)  # noqa: E731
         jaxpr = str(jax.make_jaxpr(call)(x, ids))
-        return [name for name in ("qmatvec_mxfp4", "moe_matmul_mxfp4", "moe_matmul_bf16") if name in jaxpr]
+        return [name for name in ("qmatvec_mxfp4", "moe_matmul_mxfp4") if name in jaxpr]
 
     assert kernels(9, "cpu") == []
-    # Prefill (not per_token): the grouped matmul on the experts widened to bf16, however few its selections, so
-    # that the route never depends on how many sequences share a prefill dispatch.
-    assert kernels(2, "interpret") == ["moe_matmul_bf16"] and kernels(9, "interpret") == ["moe_matmul_bf16"]
+    # Prefill (not per_token): the grouped matmul however few its selections, so that the route never depends on
+    # how many sequences share a prefill dispatch.
+    assert kernels(2, "interpret") == ["moe_matmul_mxfp4"] and kernels(9, "interpret") == ["moe_matmul_mxfp4"]
     # Decode (per_token) follows the decode kernels: by rows, per row, or tensor cores for any count.
     assert kernels(8, "interpret", per_token=True) == ["qmatvec_mxfp4"]
     assert kernels(9, "interpret", per_token=True) == ["moe_matmul_mxfp4"]

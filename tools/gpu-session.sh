@@ -13,7 +13,7 @@
 #                      kernels:F only tests/F
 #           rows:M     python -m bench.dispatch --rows $ROWS (default 1,8,64; budget ROWS_SECONDS, default 150) on
 #                      model M: a decode dispatch of that many rows, the largest bucket's compile timed, the prefill
-#                      groups; profiler traces of the most rows' dispatch and of the largest prefill group
+#                      groups (PREFILL_GROUPS: their sizes, e.g. 32); profiler traces of the most rows' dispatch and of the largest prefill group
 #                      (trace-M.json.gz, trace-M-prefill.json.gz in the call's logs tarball), summed by kernel
 #                      (bench.trace) in the stage's log
 #           kbench     python -m bench.kernels $KBENCH_ARGS (default "--rows 0 --prefill 4096 --sweep": the prefill
@@ -128,7 +128,7 @@ do_rows() {  # in a folder of its own: bench.report reads every JSON directly in
     local rc t f
     mkdir -p "$results/rows"
     py -m bench.dispatch --model "$(model_path "$1")" --rows "${ROWS:-1,8,64}" --steps 16 --json "$results/rows/$1.json" \
-        --trace "$results/rows/trace-$1"
+        --trace "$results/rows/trace-$1" ${PREFILL_GROUPS:+--prefill-groups "$PREFILL_GROUPS"}
     rc=$?
     for t in "$results/rows/trace-$1" "$results/rows/trace-$1-prefill"; do
         f=$(find "$t" -name '*trace.json.gz' 2>/dev/null | sort | tail -n 1)

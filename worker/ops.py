@@ -491,14 +491,10 @@ def moe_matmul(
         kernel = qmatvec.moe_matvec
     if kernel is not None and experts.sharding is not None:
         return _expert_parallel(kernel, x, experts, expert_ids, interpret)
-    if kernel is grouped_matmul.moe_matmul and not per_token:
-        # Prefill: the experts dequantized once into bf16 (the dot's operand type, so the same values as in
-        # registers), then the plain grouped product with prefill's tiles; every prefill call takes this route,
-        # whatever its size or company (batch invariance).
-        return kernel(x, widened(experts, jnp.bfloat16), expert_ids, live, interpret=interpret,
-                      **grouped_matmul.PREFILL_TILES)  # fmt: skip
     if kernel is grouped_matmul.moe_matmul:
-        return kernel(x, experts, expert_ids, live, interpret=interpret)
+        # A prefill call takes prefill's tiles, whatever its size or company (batch invariance); decode its own.
+        tiles = {} if per_token else grouped_matmul.PREFILL_TILES
+        return kernel(x, experts, expert_ids, live, interpret=interpret, **tiles)
     if kernel is not None:
         return kernel(x, experts, expert_ids, interpret=interpret)
     x = x.astype(jnp.float32)

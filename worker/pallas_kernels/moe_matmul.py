@@ -16,7 +16,6 @@ from jax.experimental import pallas as pl
 from worker.pallas_kernels.qmatvec import (
     FORMATS,
     KERNEL_TYPES,
-    PLAIN_TYPES,
     load_x_part,
     parts_layout,
     plane_views,
@@ -27,12 +26,13 @@ from worker.pallas_kernels.tiling import ALL, TritonParams, kernel_entry
 from worker.quant import QuantArray, dequantize
 
 BLOCK_M = 64
-# Prefill's tiles (ops.moe_matmul: every call that is not a decode step's), on experts dequantized once into bf16
-# (`quant.widened`): a group of 32 prompt chunks of 128 positions routes ~512 pairs to each of gpt-oss's 32
-# experts, and dequantizing in registers would redo each expert's tiles for every row tile (the in-register kernel
-# is bound by that dequantization, docs/kernels.md). A pair's bits depend on the row tile, so every prefill call
-# takes these whatever its size (batch invariance). Chosen on an H200 with `python -m bench.kernels --rows 0
-# --prefill 4096 --sweep`.
+# Prefill's tiles (ops.moe_matmul: every call that is not a decode step's). A bigger row tile dequantizes each
+# expert's tiles once per more rows: a group of 32 prompt chunks of 128 positions routes ~512 pairs to each of
+# gpt-oss's 32 experts, eight 64-row tiles each, and the kernel is bound by the dequantization (docs/kernels.md). A
+# pair's bits depend on the row tile, so every prefill call takes these whatever its size (batch invariance).
+# Timed on an H200 (`python -m bench.kernels --rows 0 --prefill 4096 --sweep`, docs/PERFORMANCE.md): gpt-oss's
+# gate_up 3.91 ms at decode's tiles, 2.90 with these; experts dequantized once into bf16 and a plain grouped
+# product took 3.93 (the dequantization of all 32 experts ~0.5 ms, the product no faster than in registers).
 PREFILL_TILES = {"block_m": 128, "num_warps": 8}
 MIN_BLOCK_N = 16  # tl.dot's smallest tile dimension
 CHUNK_VALUES = 128  # K values per loop step
@@ -48,18 +48,13 @@ class Plan:
     num_stages: int = 3
 
 
-# What the kernel takes: the quantized kernel formats (dequantized tile by tile in registers) and bfloat16 (experts
-# dequantized once for a prefill call, ops.moe_matmul, `quant.widened`: its dot's operand type, so no conversion).
-TYPES = KERNEL_TYPES | (PLAIN_TYPES & {QT.BF16})
-
-
 def _fits(qtype, n: int, k: int) -> bool:
-    return qtype in TYPES and k % FORMATS[qtype].sb == 0 and n % MIN_BLOCK_N == 0
+    return qtype in KERNEL_TYPES and k % FORMATS[qtype].sb == 0 and n % MIN_BLOCK_N == 0
 
 
 def fits(experts: object) -> bool:
-    """Whether the kernel takes these experts: in TYPES, [E, Out, In] with planes of rank 3, Out a multiple of
-    MIN_BLOCK_N."""
+    """Whether the kernel takes these experts: quantized in a kernel format, [E, Out, In] with planes of rank 3,
+    Out a multiple of MIN_BLOCK_N."""
     return (
         isinstance(experts, QuantArray)
         and len(experts.shape) == 3
@@ -176,7 +171,7 @@ def group(expert_ids: jax.Array, n_experts: int, block_m: int, shared: bool, liv
 
 
 def _check(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> tuple[int, int, int, bool]:
-    if experts.qtype not in TYPES:
+    if experts.qtype not in KERNEL_TYPES:
         raise NotImplementedError(f"no grouped matmul kernel for {experts.qtype.name}")
     if any(a.ndim != 3 for a in experts.planes.values()):
         raise ValueError(f"{experts.qtype.name} experts: expected planes of rank 3")

@@ -37,8 +37,11 @@ TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages")  # `plan`'
 # dispatch: thousands of rows), which take the weight dequantized once into float16 (`quant.widened`): a plain
 # tensor-core product, with one split of K (no partial sums to write). A row's bits depend on these tiles, so every
 # prefill-shaped call takes them whatever its size (and decode its own): a chunk gets the same bits alone as among
-# others (batch invariance). Chosen on an H200 with `python -m bench.kernels --rows 0 --prefill 4096 --sweep`.
-PREFILL_TILES = {"row_tile": 128, "block_n": 128, "splits": 1, "num_warps": 8, "num_stages": 3}
+# others (batch invariance). Timed on an H200 at 4,096 rows (`python -m bench.kernels --rows 0 --prefill 4096
+# --sweep`, docs/PERFORMANCE.md): gpt-oss's Q8_0 q 435 us (dequantized in registers, best tiles: 687; decode's
+# tiles: 1,124), phi3's Q4_K gate_up 1,441 us (2,980; 3,516). Dequantize + XLA's dot is faster still (301, 812)
+# but sums a row in an order that depends on the product's rows.
+PREFILL_TILES = {"row_tile": 128, "block_n": 256, "splits": 1, "num_warps": 8, "num_stages": 3}
 
 Load = Callable[..., jax.Array]
 Parts = list[tuple[jax.Array, tuple]]
@@ -48,9 +51,8 @@ Parts = list[tuple[jax.Array, tuple]]
 class Format:
     """How one GGUF format is viewed and dequantized. `planes`: name -> inner view of one super-block's
     elements. `x_inner`: x's view of one super-block. `parts(load)` returns (float32 tile [BN, C, *t] (a plain
-    format's: its own dtype), index
-    into x_inner selecting the matching [C, *t] values) pairs; `load(name, *index)` loads a masked plane tile
-    [BN, C, *rest] with `index` applied to the plane's inner view."""
+    format's in its own dtype), index into x_inner selecting the matching [C, *t] values) pairs; `load(name,
+    *index)` loads a masked plane tile [BN, C, *rest] with `index` applied to the plane's inner view."""
 
     sb: int
     planes: dict[str, tuple[int, ...]]
@@ -269,6 +271,8 @@ def plan(
     blocks = k // fmt.sb
     if block_n is None:
         block_n = min(32, pow2_floor(TARGET_VALUES // fmt.sb), pl.next_power_of_2(n))
+    else:  # never wider than the weight (a function of its shape still)
+        block_n = min(block_n, max(MIN_DOT, pl.next_power_of_2(n)))
     if chunk is None:
         chunk = min(pow2_floor(TARGET_VALUES // (block_n * fmt.sb)), pl.next_power_of_2(blocks))
     for name, v in (("block_n", block_n), ("chunk", chunk)):
@@ -476,10 +480,10 @@ def qmatvec(
     **tiles: int | None,
 ) -> jax.Array:
     """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for any number of rows of x; each row's result is
-    the same bits in a call of any size with the same `tensor_cores` and tiles. `tensor_cores`: the `row_tile`-row
-    (default ROW_TILE) dot (float16 operands, float32 sums on the GPU; one pass over the weights a row tile), else the per-row
-    multiply-add loop (float32; one pass per 8 rows, faster for a few). `tiles`: overrides of `plan`'s arguments
-    (block_n, chunk, splits, num_warps, num_stages); PREFILL_TILES are prefill's."""
+    the same bits in a call of any size with the same `tensor_cores` and tiles. `tensor_cores`: the dot of
+    `row_tile` rows (default ROW_TILE; float16 operands, float32 sums on the GPU; one pass over the weights a row
+    tile), else the per-row multiply-add loop (float32; one pass per 8 rows, faster for a few). `tiles`: overrides
+    of `plan`'s arguments (block_n, chunk, splits, num_warps, num_stages); PREFILL_TILES are prefill's."""
     _check(w, 2)
     n, k = next(iter(w.planes.values())).shape[0], w.shape[-1]
     lead = x.shape[:-1]
