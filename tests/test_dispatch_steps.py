@@ -9,6 +9,7 @@ from conftest import oracles_dir
 
 import worker
 from worker.model import GREEDY, decode_kernels_for, steps_within
+from worker.sampling import SamplingParams
 
 
 @pytest.mark.parametrize(
@@ -56,13 +57,15 @@ def test_a_calibrating_warm_up_compiles_each_program_once(monkeypatch, steps_aft
     then the other buckets (and the largest again only if its steps changed); prefill and first sample once."""
     m = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", max_batch=4)
     calls = []
-    monkeypatch.setattr(m.runner, "compile_first_steps", lambda inputs, plan, steps, rows, prefill=True, groups=():
-                        calls.append((steps, tuple(rows), prefill, groups)))  # fmt: skip
+    monkeypatch.setattr(m.runner, "compile_first_steps", lambda inputs, plans, steps, rows, prefill=True, groups=():
+                        calls.append((plans, steps, tuple(rows), prefill, groups)))  # fmt: skip
     monkeypatch.setattr(m, "calibrate_steps", lambda plan: setattr(m.batch, "steps", steps_after) or steps_after)
     monkeypatch.setattr(m, "device_kind", "gpu")
     m.batch.steps = 1
-    m.warm_up(all_rows=True)
+    m.warm_up(SamplingParams(temperature=1.0), all_rows=True)
     buckets = tuple(m.runner.row_buckets())
     again = buckets if steps_after != 1 else buckets[:-1]
     groups = tuple(m.runner.group_buckets())  # prefill dispatches of several sequences: none on the CPU backend
-    assert calls == [(1, buckets[-1:], True, ()), (steps_after, again, False, groups)]
+    # Greedy decoding's stages beside the request's (temperature 1): each set of stages is a program of its own.
+    plans = (SamplingParams(temperature=1.0).plan(), GREEDY.plan())
+    assert calls == [(plans, 1, buckets[-1:], True, ()), (plans, steps_after, again, False, groups)]

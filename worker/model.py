@@ -247,17 +247,21 @@ class Model:
         """Compile what a first request with a short prompt and `params`' sampling stages runs (the model-sized
         compiles side by side), with `all_rows` the decode at every row bucket and the prefill of every group size
         (what a growing load reaches), then run one such request of two tokens. With `all_rows` on a GPU, the steps
-        of a dispatch are first sized from a timed dispatch of the largest bucket (`calibrate_steps`)."""
+        of a dispatch are first sized from a timed dispatch of the largest bucket (`calibrate_steps`), and greedy
+        decoding's stages are compiled beside `params`': a program is compiled per set of stages, and on an H200
+        each compile of gpt-oss-20b's took ~15 s, which a greedy load's streams waited through on every row bucket's
+        first use (docs/PERFORMANCE.md, sixth session)."""
         seq = self.sequence([0], 1, params, 0)
         inputs, plan, rows = self.batch.row_inputs([(0, seq)], 1, 1), params.plan(), self.runner.row_buckets()
-        rows, compiled = rows if all_rows else rows[:1], False
+        rows, compiled, plans = rows if all_rows else rows[:1], False, (plan,)
         if all_rows and self.device_kind != "cpu":
-            self.runner.compile_first_steps(inputs, plan, self.decode_steps, rows[-1:])
+            plans = tuple(dict.fromkeys((plan, GREEDY.plan())))
+            self.runner.compile_first_steps(inputs, plans, self.decode_steps, rows[-1:])
             before, compiled = self.decode_steps, True
             if self.calibrate_steps(plan) == before:
                 rows = rows[:-1]  # compiled at these steps already
         groups = tuple(self.runner.group_buckets()) if all_rows else ()
-        self.runner.compile_first_steps(inputs, plan, self.decode_steps, tuple(rows), prefill=not compiled,
+        self.runner.compile_first_steps(inputs, plans, self.decode_steps, tuple(rows), prefill=not compiled,
                                         groups=groups)  # fmt: skip
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass

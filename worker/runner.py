@@ -281,14 +281,22 @@ class Runner:
         """The group size that `n` chunks are padded to."""
         return 1 if n <= 1 else next(g for g in self.group_buckets() if g >= n)
 
-    def compile_first_steps(self, inputs: RowInputs, plan: SamplingPlan, steps: int, rows: tuple[int, ...],
-                            prefill: bool = True, groups: tuple[int, ...] = ()) -> None:  # fmt: skip
+    def compile_first_steps(
+        self,
+        inputs: RowInputs,
+        plans: tuple[SamplingPlan, ...],
+        steps: int,
+        rows: tuple[int, ...],
+        prefill: bool = True,
+        groups: tuple[int, ...] = (),
+    ) -> None:
         """Compile, side by side, what a request with a prompt of at most MIN_BUCKET tokens runs first: the
         prefill and the first sample (unless `prefill` is False: compiled already), a decode dispatch of `steps`
-        steps with `plan` at each of the row buckets `rows`, and the prefill and first samples of several sequences'
-        chunks (of at most ops.PREFILL_KERNEL_ROWS ids, at the start of a prompt) at each of the group sizes
-        `groups`. Each is a whole-model XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL,
-        so threads overlap them. Lowered from shapes only: no KV cache or input is allocated."""
+        steps with each of `plans` at each of the row buckets `rows`, and the prefill and first samples of several
+        sequences' chunks (of at most ops.PREFILL_KERNEL_ROWS ids, at the start of a prompt) at each of the group
+        sizes `groups`; the samples with each of `plans`. Each is a whole-model XLA compile (~15 s on a 2-core CPU
+        for Gemma 3 270M) that releases the GIL, so threads overlap them. Lowered from shapes only: no KV cache or
+        input is allocated."""
         c = self.cfg
 
         def spec(shape: tuple[int, ...], dtype, on: jax.sharding.Sharding = self.input_sharding):
@@ -303,7 +311,7 @@ class Runner:
         sp1, keys1, index1 = self._row_arrays(_take(inputs, one))
         logits, seen1 = spec((one, c.vocab_size), jnp.float32), spec((one, c.vocab_size), jnp.bool_)
 
-        def decode(r: int):
+        def decode(r: int, plan: SamplingPlan):
             sp, keys, rindex = self._row_arrays(_take(inputs, r))
             pos, table = spec((r,), jnp.int32), spec((r, width), jnp.int32)
             args = (self.weights, state.tokens, state.seen, pos, table, rindex, cache, sp, keys, steps, plan)
@@ -314,14 +322,12 @@ class Runner:
             tokens, t = spec((g, ops.PREFILL_KERNEL_ROWS), jnp.int32), self.table_width(ops.PREFILL_KERNEL_ROWS)
             args = (self.weights, tokens, tokens, spec((g, t), jnp.int32), spec((g,), jnp.int32), cache)
             first = (spec((g, c.vocab_size), jnp.float32), sp, keys, gindex, spec((g, c.vocab_size), jnp.bool_))
-            return [lambda: self._prefill.lower(*args), lambda: self._first.lower(*first, plan)]
+            return [lambda: self._prefill.lower(*args)] + [lambda p=p: self._first.lower(*first, p) for p in plans]
 
-        jobs = [decode(r) for r in rows] + [job for g in groups for job in group(g)]
+        jobs = [decode(r, p) for p in plans for r in rows] + [job for g in groups for job in group(g)]
         if prefill:
-            jobs += [
-                lambda: self._prefill.lower(self.weights, ids, ids, spec((1, width), jnp.int32), index, cache),
-                lambda: self._first.lower(logits, sp1, keys1, index1, seen1, plan),
-            ]
+            jobs += [lambda: self._prefill.lower(self.weights, ids, ids, spec((1, width), jnp.int32), index, cache)]
+            jobs += [lambda p=p: self._first.lower(logits, sp1, keys1, index1, seen1, p) for p in plans]
         if not jobs:
             return
         with ThreadPoolExecutor(len(jobs)) as pool:
