@@ -167,6 +167,11 @@ def test_ops_dispatch_routes_by_each_sequences_positions_not_by_the_rows_of_the_
     # whether a chunk takes it never depends on who shares its dispatch.
     assert kernels(jnp.ones((qmv.MAX_BATCH + 1, 1, 256)), "interpret") == 1
     assert kernels(jnp.ones((5, ops.PREFILL_KERNEL_ROWS, 256)), "interpret") == 1
+    # A prefill chunk's product runs on the weight dequantized once (float32 in interpret mode, float16 on a GPU),
+    # decode's on the quantized planes.
+    jaxpr = lambda x: str(jax.make_jaxpr(lambda x: ops.qmatmul(x, w, backend="interpret"))(x))  # noqa: E731
+    assert "qmatvec_f32" in jaxpr(jnp.ones((2, 16, 256))) and "qmatvec_q4_k" not in jaxpr(jnp.ones((2, 16, 256)))
+    assert "qmatvec_q4_k" in jaxpr(decode)
     y = ops.qmatmul(decode, w, bias, backend="interpret")
     np.testing.assert_allclose(y, ops.qmatmul(decode, w, bias), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown ops backend"):

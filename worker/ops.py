@@ -90,8 +90,9 @@ def _attention_kernels_on(backend: str) -> bool:
 # them in one call for any number of rows, each row's bits the same in a call of any size (the kernels' contract).
 # So several sequences' prompt chunks can share a prefill dispatch (runner `prefill_group`) and each still gets the
 # bits it gets alone: batch invariance by construction, decided by the sequence's own chunk length, never by how
-# many others share the call. Longer chunks (one sequence a dispatch) go to dequantize + XLA's dot, faster there:
-# a 64-row tensor-core tile dequantizes the weight once per tile.
+# many others share the call. Longer chunks (one sequence a dispatch) go to dequantize + XLA's dot: cuBLAS is
+# faster than the kernel's plain float16 product (docs/kernels.md), and with one sequence a dispatch its
+# rows-dependent sum order changes nothing.
 PREFILL_KERNEL_ROWS = 128
 
 
@@ -251,8 +252,8 @@ def qmatmul(
     if isinstance(w, Int8Blocks):
         y = int8_matmul(x, w)
     elif _kernel_fits(w, 2, backend, types=qmatvec.MATVEC_TYPES) and _on_kernels(x):
-        # A prefill-shaped product takes the tensor cores whatever the decode kernels: one pass over the weights
-        # per 64 rows, where the per-row kernel makes one per 8. `exact`: the per-row kernel, float32 throughout.
+        # A prefill-shaped product takes the tensor cores whatever the decode kernels. `exact`: the per-row kernel,
+        # float32 throughout.
         interpret = backend == "interpret"
         prefill = x.ndim >= 3 and x.shape[-2] > 1
         tensor_cores = not exact and (prefill or _tensor_cores(rows))

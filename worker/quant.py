@@ -337,7 +337,7 @@ jax.tree_util.register_dataclass(
 
 def widened(q: QuantArray, dtype: DTypeLike) -> QuantArray:
     """q's values as an unquantized QuantArray of `dtype` (float32, float16 or bfloat16): a weight dequantized once
-    for a call that reads every tile many times (the kernels' prefill, ops.qmatmul and ops.moe_matmul)."""
+    for a call that reads every tile many times (ops.qmatmul's prefill on the kernels)."""
     qtype = {jnp.dtype(v): k for k, v in PLAIN_TYPES.items()}[jnp.dtype(dtype)]
     return QuantArray({"w": dequantize(q, dtype)}, qtype, q.shape, q.parts, q.sharding)
 
