@@ -242,7 +242,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8", help="rows of x (decode batch), comma-separated; 0: none")
     ap.add_argument("--only", default="", help="formats to keep, e.g. Q4_K,MXFP4")
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--prefill", type=int, default=512, help="tokens for the grouped MoE matmul cases (0: skip)")
+    ap.add_argument("--prefill", type=int, default=512,
+                    help="prefill tokens (rows) of the MoE and dense prefill cases (0: skip)")  # fmt: skip
     ap.add_argument("--sweep", action="store_true", help="also try other tilings and print the best")
     ap.add_argument("--smoke", action="store_true", help="two tiny cases in interpret mode (CPU)")
     args = ap.parse_args()

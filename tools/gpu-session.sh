@@ -13,9 +13,9 @@
 #                      kernels:F only tests/F
 #           rows:M     python -m bench.dispatch --rows $ROWS (default 1,8,64; budget ROWS_SECONDS, default 150) on
 #                      model M: a decode dispatch of that many rows, the largest bucket's compile timed, the prefill
-#                      groups (PREFILL_GROUPS: their sizes, e.g. 32); profiler traces of the most rows' dispatch and of the largest prefill group
-#                      (trace-M.json.gz, trace-M-prefill.json.gz in the call's logs tarball), summed by kernel
-#                      (bench.trace) in the stage's log
+#                      groups (PREFILL_GROUPS: their sizes, e.g. 32); profiler traces of the most rows' dispatch and
+#                      of the largest prefill group (trace-M.json.gz, trace-M-prefill.json.gz in the call's logs
+#                      tarball), summed by kernel (bench.trace) in the stage's log
 #           kbench     python -m bench.kernels $KBENCH_ARGS (default "--rows 0 --prefill 4096 --sweep": the prefill
 #                      tiles); budget KBENCH_SECONDS (default 240)
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py; qmatvec's rows in big calls and
@@ -124,6 +124,10 @@ do_invariance() {  # PYTEST_K: only the tests it selects (pytest -k)
         tests/test_batching.py tests/test_pallas_qmatvec.py
 }
 
+newest_trace() {  # the newest perfetto trace under a --trace folder (jax.profiler nests it by date)
+    find "$1" -name '*trace.json.gz' 2>/dev/null | sort | tail -n 1
+}
+
 do_rows() {  # in a folder of its own: bench.report reads every JSON directly in $results as a bench result
     local rc t f
     mkdir -p "$results/rows"
@@ -131,7 +135,7 @@ do_rows() {  # in a folder of its own: bench.report reads every JSON directly in
         --trace "$results/rows/trace-$1" ${PREFILL_GROUPS:+--prefill-groups "$PREFILL_GROUPS"}
     rc=$?
     for t in "$results/rows/trace-$1" "$results/rows/trace-$1-prefill"; do
-        f=$(find "$t" -name '*trace.json.gz' 2>/dev/null | sort | tail -n 1)
+        f=$(newest_trace "$t")
         [ -n "$f" ] && { echo "== $(basename "$t")"; py -m bench.trace "$f"; }
     done
     return $rc
@@ -259,8 +263,8 @@ py -m bench.report "$results" --out "$OUT" > "$logs/report.log" 2>&1 || note "FA
 cp "$logs/stages.txt" "$OUT/stages.txt"
 cp "$results"/*.json "$logs/" 2>/dev/null
 cat "$results"/rows/*.json > "$OUT/rows.json" 2>/dev/null
-for t in "$results"/rows/trace-*; do  # the newest perfetto trace of each model's 64-row dispatch
-    f=$(find "$t" -name '*trace.json.gz' 2>/dev/null | sort | tail -n 1)
+for t in "$results"/rows/trace-*; do  # each model's newest traces: the most rows' dispatch, the largest prefill group
+    f=$(newest_trace "$t")
     [ -n "$f" ] && cp "$f" "$logs/$(basename "$t").json.gz"  # in the logs tarball: $OUT keeps at most 8 files
 done
 cp -r "$results/logs" "$logs/bench-logs" 2>/dev/null

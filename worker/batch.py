@@ -157,12 +157,13 @@ class Batch:
         """One prefill dispatch; where it fails, each of its sequences is tried again alone (so an error, device
         memory included, ends only the job it belongs to), unless the failure took the KV pool with it."""
         try:
-            chunks = [(s.ids[a : a + n], s.pages, a) for s, a, n in group if s.finished is None]
-            if not chunks:
+            live = [(s, a, n) for s, a, n in group if s.finished is None]
+            if not live:
                 return []
+            chunks = [(s.ids[a : a + n], s.pages, a) for s, a, n in live]
             logits, self._cache = self.runner.prefill_group(chunks, self._cache)
             done = []
-            for i, (s, a, n) in enumerate(g for g in group if g[0].finished is None):
+            for i, (s, a, n) in enumerate(live):
                 s.prefilled = a + n
                 if s.prefilled == len(s.ids):
                     done.append((i, s))
