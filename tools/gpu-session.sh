@@ -19,7 +19,8 @@
 #           kbench     python -m bench.kernels $KBENCH_ARGS (default "--rows 0 --prefill 4096 --sweep": the prefill
 #                      tiles); budget KBENCH_SECONDS (default 240)
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py; qmatvec's rows in big calls and
-#                      its unquantized formats); PYTEST_K picks others (pytest -k)
+#                      its unquantized formats); PYTEST_K picks others (pytest -k) among those files and
+#                      tests/test_sampling.py (e.g. rows_filter)
 #           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made);
 #                      synth:M only model M
 #           tests      just test-gpu
@@ -121,7 +122,7 @@ do_kernels() {
 do_invariance() {  # PYTEST_K: only the tests it selects (pytest -k)
     py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider \
         -k "${PYTEST_K:-seeded_job or prefill_dispatch or several_kernel or unquantized}" \
-        tests/test_batching.py tests/test_pallas_qmatvec.py
+        tests/test_batching.py tests/test_pallas_qmatvec.py tests/test_sampling.py
 }
 
 newest_trace() {  # the newest perfetto trace under a --trace folder (jax.profiler nests it by date)
