@@ -5,10 +5,13 @@ as among M rows (batch invariance). Then prefill at --prefill tokens, as prefill
 grouped MoE matmul (worker/pallas_kernels/moe_matmul.py) on gpt-oss-20b's experts, time per call and useful
 TFLOP/s (2 * tokens * k * Out * In), against decode's tiles and its twin (each expert over every token); and dense
 products of that many rows (the weight widened once a call) against the weight dequantized in registers and
-dequantize + XLA's dot.
+dequantize + XLA's dot. With --decode-moe, a decode step's grouped MoE matmul at each --rows (tokens of one
+position each, k experts apiece): the experts dequantized in registers (decode's tiles) against the bf16 copy made
+at load (moe_matmul.DECODE_COPY_TILES), with the copy's bytes read per second.
 
     python -m bench.kernels [--rows 1,8] [--only Q4_K,MXFP4] [--prefill 512] [--sweep] [--smoke]
     python -m bench.kernels --rows 0 --prefill 4096 --sweep     # prefill only: tune the PREFILL_TILES
+    python -m bench.kernels --rows 1,64,256 --prefill 0 --decode-moe --only MXFP4 --sweep   # tune DECODE_COPY_TILES
 
 Each timed call cycles through enough copies of the weight to exceed the L2 cache (>= 512 MB in all), so the
 rate is DRAM's, not L2's. The copy bandwidth is (read + write bytes) / time of `a + 1` on 1 GiB of float32.
@@ -68,6 +71,10 @@ SWEEP = [
     for s in (None, 1)
     for w in (4, 8)
 ] + [dict(num_stages=2), dict(num_stages=4)]
+# --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
+SWEEP_COPY = [dict(block_n=b, chunk=c) for b in (32, 64, 128) for c in (2, 4, 8)] + [
+    dict(num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 4, 5)
+]
 # --sweep's tilings for prefill, each over the prefill defaults (moe_matmul.PREFILL_TILES; qmatvec.PREFILL_TILES,
 # on the weight widened to float16 as prefill takes it).
 SWEEP_GROUPED = (
@@ -206,6 +213,32 @@ def bench_grouped(label, qtype, shape, k_sel, tokens, args) -> None:
         print(f"    best {best[0] * 1e6:.1f} us {flops / best[0] / 1e12:.1f} TFLOP/s with {best[1]}", flush=True)
 
 
+def bench_decode_moe(label, qtype, shape, k_sel, rows, args, bw) -> None:
+    """A decode step's grouped matmul: `rows` tokens, each routed to k_sel distinct experts at random, the experts
+    dequantized in registers (decode's tiles) and as the bf16 copy; the rate is the touched experts' bf16 bytes."""
+    e, n, kdim = shape
+    w = random_planes(qtype, shape, seed=0)
+    copy = widened(w, jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (rows, kdim), jnp.float32)
+    ids = jax.lax.top_k(jax.random.normal(jax.random.key(1), (rows, e)), k_sel)[1]
+    touched = len(np.unique(np.asarray(ids)))
+    read = touched * n * kdim * 2
+    interp = dict(interpret=True) if args.smoke else {}
+
+    def per_call_grouped(experts, **tiles) -> float:
+        return timed(jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, **tiles)), x, experts, ids, repeat=args.repeat)
+
+    t_stored = per_call_grouped(w, **interp)
+    t_copy = per_call_grouped(copy, **interp, **mm.DECODE_COPY_TILES)
+    print(f"{label:22s} {qtype.name:6s} {'x'.join(map(str, shape)):>16s} M={rows} k={k_sel} ({touched} experts) "
+          f"in registers {t_stored * 1e6:9.1f} us  bf16 copy {t_copy * 1e6:9.1f} us {read / t_copy / 1e9:7.1f} GB/s "
+          f"({read / t_copy / bw:5.1%})  tiles {mm.DECODE_COPY_TILES}", flush=True)  # fmt: skip
+    if args.sweep:
+        best = best_tiling(lambda **tiles: per_call_grouped(copy, **interp, **(mm.DECODE_COPY_TILES | tiles)),
+                           t_copy, SWEEP_COPY, lambda t: f"{read / t / 1e9:.1f} GB/s")  # fmt: skip
+        print(f"    best {best[0] * 1e6:.1f} us {read / best[0] / 1e9:.1f} GB/s with {best[1]}", flush=True)
+
+
 def bench_prefill_dense(label, qtype, shape, rows, args) -> None:
     """A prefill-shaped dense product ([rows, K]) as ops.qmatmul runs it for a group of prompt chunks (the weight
     widened to float16 once a call, qmatvec.PREFILL_TILES), against the weight dequantized in registers and
@@ -245,6 +278,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512,
                     help="prefill tokens (rows) of the MoE and dense prefill cases (0: skip)")  # fmt: skip
     ap.add_argument("--sweep", action="store_true", help="also try other tilings and print the best")
+    ap.add_argument("--decode-moe", action="store_true",
+                    help="only decode's grouped MoE matmul at --rows: in registers against the bf16 copy")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="two tiny cases in interpret mode (CPU)")
     args = ap.parse_args()
     rows_list = [r for r in map(int, args.rows.split(",")) if r > 0]  # --rows 0: no decode cases
@@ -257,6 +292,12 @@ def main() -> None:
     dev = jax.devices()[0]
     bw = copy_bandwidth(args.repeat)
     print(f"{dev.device_kind} ({jax.default_backend()}), JAX {jax.__version__}: copy bandwidth {bw / 1e9:.0f} GB/s")
+    if args.decode_moe:
+        for rows in rows_list:
+            for label, qtype, e, n, k, k_sel in moe:
+                if not keep or qtype in keep:
+                    bench_decode_moe(label, qtype, (e, n, k), k_sel, rows, args, bw)
+        return
     for rows in rows_list:
         for label, qtype, n, k in dense:
             if not keep or qtype in keep:

@@ -14,6 +14,7 @@ import hmac
 import re
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -240,17 +241,32 @@ class JobStream:
                 self.service.metrics.job_finished(outcome_of(ev.code), self.tokens, duration, None)
             self.service.refresh_bytes()
 
+    async def batches(self) -> AsyncIterator[list[object] | None]:
+        """The job's engine events in order, in batches: each batch is what had queued up by the time this stream
+        ran, so under load a stream's tokens go out in one write rather than one each (with hundreds of streams
+        decoding a token a dispatch, the event loop's time went to those writes: bench/README.md). None every
+        keep-alive period while nothing comes (a job waiting in the queue). Ends after the terminal event."""
+        while True:
+            if self.queue.empty():
+                try:
+                    first = await asyncio.wait_for(self.queue.get(), self.service.keepalive_s)
+                except TimeoutError:
+                    yield None
+                    continue
+            else:  # no wait_for (a task per call) when an event is already there
+                first = self.queue.get_nowait()
+            batch = [first]
+            while not isinstance(batch[-1], End | ErrorEvent) and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            yield batch
+            if isinstance(batch[-1], End | ErrorEvent):
+                return
+
     async def frames(self):
         try:
-            while True:
-                try:
-                    ev = await asyncio.wait_for(self.queue.get(), self.service.keepalive_s)
-                except TimeoutError:
-                    yield b": keep-alive\n\n"  # an SSE comment: keeps proxies from timing out a queued job
-                    continue
-                yield frames_of(ev)
-                if isinstance(ev, End | ErrorEvent):
-                    return
+            async for batch in self.batches():
+                # None: an SSE comment, which keeps proxies from timing out a queued job
+                yield b": keep-alive\n\n" if batch is None else b"".join(map(frames_of, batch))
         finally:
             self.close()
 

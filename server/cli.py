@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a job's tokens do not depend on the jobs sharing its batch (default on; off: faster with several jobs "
         "on the CPU)",
     )
+    p.add_argument(
+        "--bf16-experts",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also hold MoE experts widened to bf16 for decode steps (default: on a GPU with the tensor-core decode "
+        "kernels, where the copy fits)",
+    )
     p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait for a free place (default 4)")
     p.add_argument("--shutdown-deadline", type=float, default=5.0, help="seconds to finish or cancel the running job")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
@@ -286,6 +293,7 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
         max_batch=args.max_batch,
         **({} if args.kv_memory is None else {"kv_memory": args.kv_memory}),
         deterministic=args.deterministic,
+        bf16_experts=args.bf16_experts,
         tokenizer_json=args.tokenizer_json,
         tensor_parallel=args.tensor_parallel,
         on_progress=_with_bar(narrator.load_progress()) if sys.stderr.isatty() else narrator.load_progress(),
@@ -298,6 +306,7 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
         context_length=model.context_length,
         max_batch=model.runner.max_batch,
         kv_pool_positions=model.runner.pages * model.runner.page_size,
+        bf16_experts=model.bf16_experts,
         vram_bytes_used=model.device_bytes_used(),
         resident=model.resident(),
         load_ms=round((time.monotonic() - t0) * 1000.0, 1),

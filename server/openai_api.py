@@ -169,15 +169,9 @@ async def _admit(request: Request, schema: type, build: Callable[[Any, WorkerSer
 async def _events(job: JobStream) -> AsyncIterator[object]:
     """The job's engine events; None every keep-alive period while nothing comes (a job waiting in the queue)."""
     try:
-        while True:
-            try:
-                ev = await asyncio.wait_for(job.queue.get(), job.service.keepalive_s)
-            except TimeoutError:
-                yield None
-                continue
-            yield ev
-            if isinstance(ev, End | ErrorEvent):
-                return
+        async for batch in job.batches():
+            for ev in batch or (None,):
+                yield ev
     finally:
         job.close()
 

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as QT
 from model_oracles import manifest, teacher_forced_decode
 
 import worker
+from worker.errors import ErrorCode, WorkerError
 from worker.pallas_kernels import moe_matmul as mm
 from worker.pallas_kernels import qmatvec as qmv
 
-CASES = [("qwen2", "model-q8_0.gguf", "logits-hf-f64-q8_0-dequant.npy"),
-         ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy")]  # fmt: skip
+# (arch, file, HF logits, the experts' bf16 copy for decode: worker/model.py with_bf16_experts, on by default on a GPU)
+CASES = [("qwen2", "model-q8_0.gguf", "logits-hf-f64-q8_0-dequant.npy", False),
+         ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy", False),
+         ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy", True)]  # fmt: skip
 
 
-@pytest.mark.parametrize(("arch", "file", "logits"), CASES, ids=[c[0] for c in CASES])
-def test_tensor_core_decode_matches_the_oracle(oracles, monkeypatch, arch, file, logits):
+@pytest.mark.parametrize(("arch", "file", "logits", "copy"), CASES,
+                         ids=[c[0] + ("-bf16-experts" if c[3] else "") for c in CASES])  # fmt: skip
+def test_tensor_core_decode_matches_the_oracle(oracles, monkeypatch, arch, file, logits, copy):
     flags, moe = [], []
     dense, grouped = qmv.qmatvec, mm.moe_matmul
 
@@ -28,23 +33,33 @@ def test_tensor_core_decode_matches_the_oracle(oracles, monkeypatch, arch, file,
         return dense(*args, **kwargs)
 
     def spy_grouped(*args, **kwargs):
-        moe.append(args[0].shape[0])  # tokens of the call
+        moe.append((args[0].shape[0], args[1].qtype))  # tokens of the call, the experts' format
         return grouped(*args, **kwargs)
 
     monkeypatch.setattr(qmv, "qmatvec", spy_dense)
     monkeypatch.setattr(mm, "moe_matmul", spy_grouped)
     d = oracles / "models" / arch
-    m = worker.load(d / file, device="cpu", backend="interpret", max_batch=16)
-    assert m.cfg.decode_kernels == "tensor-cores"
+    m = worker.load(d / file, device="cpu", backend="interpret", max_batch=16, bf16_experts=copy or None)
+    assert m.cfg.decode_kernels == "tensor-cores" and m.bf16_experts == copy
     ids = manifest(d)["input"]["ids"]
     ref = np.load(d / logits)
     decoded = teacher_forced_decode(m, ids)
     # Every dense call, prefill and decode, took the dot; the MoE router (`exact`, [experts, D]) the per-row kernel.
     router = (m.cfg.n_experts, m.cfg.d_model) if arch == "gpt-oss" else None
     assert flags and all(dot != (shape == router) for shape, dot in flags), set(flags)
-    if arch == "gpt-oss":
-        assert m.runner.min_rows in moe  # decode's rows went to the grouped matmul
+    if arch == "gpt-oss":  # decode's rows went to the grouped matmul, on the bf16 copy where there is one
+        assert (m.runner.min_rows, QT.BF16 if copy else QT.MXFP4) in moe
+        assert all(fmt == QT.MXFP4 for rows, fmt in moe if rows != m.runner.min_rows)  # prefill: stored experts
     top2 = np.sort(ref, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 0.05
     assert clear.sum() > len(ids) // 2
     assert (decoded == ref.argmax(-1))[clear].all()
+
+
+def test_bf16_experts_are_refused_where_nothing_would_read_them(oracles):
+    gpt_oss, qwen2 = oracles / "models/gpt-oss/model-mxfp4_moe.gguf", oracles / "models/qwen2/model-q8_0.gguf"
+    for path, backend in ((gpt_oss, "cpu"), (qwen2, "interpret")):  # the CPU path; a file without experts
+        with pytest.raises(WorkerError, match="bf16 experts") as err:
+            worker.load(path, device="cpu", backend=backend, max_batch=16, bf16_experts=True)
+        assert err.value.code == ErrorCode.INVALID_REQUEST
+    assert not worker.load(gpt_oss, device="cpu", backend="interpret", max_batch=16).bf16_experts  # auto: GPU only

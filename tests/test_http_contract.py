@@ -9,20 +9,22 @@ The worker is configured as test_server.py's: an API key, a queue of 1, --max-to
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 from litestar.testing import TestClient
 
 import worker
-from server.app import create_app
+from server.app import JobStream, create_app, frames_of
 from server.service import WorkerService
 from tests.conftest import oracles_dir
 from tests.worker_process import PAYLOAD_KEYS, counter, metric_values, read_sse, requests_by_outcome
-from worker.engine import Engine
+from worker.engine import End, Engine, TokenEvent
 from worker.narration import Narrator
 
 API_KEY = "test-key-123"
@@ -280,3 +282,25 @@ def test_metrics_parse_and_count_by_outcome(server):
         assert dict(labels).get("quant_kind") == "Q4_K_M", name
         if name in ("worker_vram_bytes", "worker_uptime_seconds"):
             assert value > 0
+
+
+def test_events_that_queued_up_go_out_in_one_write():
+    """JobStream.frames: what the engine queued while the stream waited for the event loop is one chunk (one
+    socket write), the same bytes as one frame each; nothing follows the terminal event."""
+
+    async def drain() -> list[bytes]:
+        service = SimpleNamespace(keepalive_s=5.0, open_streams={}, engine=SimpleNamespace(cancel=lambda _: False))
+        job = JobStream(service, "j", asyncio.get_running_loop())
+        events = [TokenEvent("j", "a", 0), TokenEvent("j", "b", 1), End("j", 2, 1.0, "max_tokens", 3, 1.0)]
+        for ev in events[:2]:
+            job.queue.put_nowait(ev)
+        chunks = []
+        async for chunk in job.frames():
+            chunks.append(chunk)
+            if len(chunks) == 1:
+                job.queue.put_nowait(events[2])
+                job.queue.put_nowait(TokenEvent("j", "late", 2))  # after the end: never read
+        assert chunks == [frames_of(events[0]) + frames_of(events[1]), frames_of(events[2])]
+        return chunks
+
+    asyncio.run(drain())

@@ -17,7 +17,7 @@ import worker
 from worker import ops
 from worker.pallas_kernels import moe_matmul as mm
 from worker.pallas_kernels import qmatvec as qmv
-from worker.quant import QuantArray, quant_array
+from worker.quant import QuantArray, quant_array, widened
 
 # bf16 x (and, but for MXFP4, bf16 weights): each product is off by at most ~2^-8 relative, so the sum by at
 # most 2^-8 of sum |x| * |w|. Kernel and twin round the same operands: only the float32 order differs (on the GPU
@@ -75,6 +75,28 @@ def test_kernel_matches_float64_and_twin(qtype, e, k_sel, m, k, n, shared, skew,
     assert_close(y, ref, bound, TOL_F64, "kernel vs float64")
     twin = np.asarray(mm.moe_matmul_twin(x, experts, ids), np.float64)
     assert_close(y, twin, bound, TOL_TWIN, "kernel vs twin")
+
+
+@pytest.mark.parametrize(("qtype", "shared"), [(QT.MXFP4, True), (QT.Q4_K, False)], ids=lambda v: getattr(v, "name", v))
+def test_a_bf16_copy_of_the_experts_gives_what_the_stored_format_gives(qtype, shared):
+    """Decode's copy (worker/model.py, with_bf16_experts): the experts widened to bf16 once, through the kernel,
+    against float64 products of the same bf16 values and against the stored format dequantized in registers
+    (the same bf16 operands for MXFP4; Q4_K's rounded to bf16 either way), which differ only in float32 order."""
+    e, k_sel, m, k, n = 6, 2, 19, 256, 64
+    experts, _ = random_weight(qtype, (e, n, k), seed=3)
+    copy = widened(experts, jnp.bfloat16)
+    assert mm.fits(copy) and copy.planes["w"].dtype == jnp.bfloat16
+    ids = routed(m, k_sel, e, seed=4, skew="uniform")
+    x = np.random.default_rng(5).standard_normal((m, k) if shared else (m, k_sel, k)).astype(np.float32)
+    run = jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, interpret=True))
+    y = run(x, copy, ids)
+    xs = np.broadcast_to(x[:, None], (m, k_sel, k)) if shared else x
+    xs = np.asarray(jnp.asarray(xs).astype(jnp.bfloat16), np.float64)  # the kernel's bf16 x
+    picked = np.asarray(copy.planes["w"].astype(jnp.float32), np.float64)[ids]
+    ref = np.einsum("mki,mkoi->mko", xs, picked)
+    bound = np.einsum("mki,mkoi->mko", np.abs(xs), np.abs(picked))
+    assert_close(y, ref, bound, 1e-6, "bf16 copy vs float64 of its values")
+    assert_close(y, np.asarray(run(x, experts, ids), np.float64), bound, TOL_TWIN, "bf16 copy vs stored format")
 
 
 def test_groups_pad_each_expert_to_whole_tiles():
@@ -146,6 +168,24 @@ def test_ops_sends_selections_to_the_kernel_the_decode_kernels_say():
         assert kernels(2, "interpret", per_token=True) == ["moe_matmul_mxfp4"]
     with ops.decode_kernels("per-row"):
         assert kernels(9, "interpret", per_token=True) == ["qmatvec_mxfp4"]
+
+
+def test_decode_reads_the_bf16_copy_and_prefill_the_stored_experts():
+    experts, _ = random_weight(QT.MXFP4, (4, 32, 64), seed=1)
+    copy = widened(experts, jnp.bfloat16)
+
+    def kernels(m: int, per_token: bool) -> list[str]:
+        x, ids = jnp.ones((m, 64)), routed(m, 2, 4, 0, "uniform")
+        call = lambda x, i: ops.moe_matmul(x, experts, i, backend="interpret", per_token=per_token,  # noqa: E731
+                                           decode_copy=copy)  # fmt: skip
+        jaxpr = str(jax.make_jaxpr(call)(x, ids))
+        return [name for name in ("qmatvec_mxfp4", "moe_matmul_mxfp4", "moe_matmul_bf16") if name in jaxpr]
+
+    with ops.decode_kernels("tensor-cores"):
+        assert kernels(2, per_token=True) == ["moe_matmul_bf16"]
+        assert kernels(2, per_token=False) == ["moe_matmul_mxfp4"]
+    with ops.decode_kernels("per-row"):  # the routed matvec reads the stored planes (a few experts a token)
+        assert kernels(2, per_token=True) == ["qmatvec_mxfp4"]
 
 
 def test_gpt_oss_prefill_through_the_kernel_matches_hf(oracles, monkeypatch):

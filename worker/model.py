@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from worker import device as devices
@@ -20,7 +21,7 @@ from worker.kv_cache import bytes_per_slot, dtype_for, pages_for
 from worker.models import adapter_for
 from worker.models.base import load_weights
 from worker.pallas_kernels import qmatvec
-from worker.quant import cpu_layout, quant_kind
+from worker.quant import QuantArray, cpu_layout, quant_kind, widened
 from worker.runner import Runner
 from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs
 from worker.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
@@ -55,6 +56,30 @@ def decode_kernels_for(max_batch: int, deterministic: bool) -> str:
     if not deterministic:
         return "by-rows"
     return "tensor-cores" if max_batch > qmatvec.MAX_ROWS else "per-row"
+
+
+def expert_copy_bytes(gf: GGUFFile) -> int:
+    """Bytes of a bf16 copy of the file's quantized MoE experts (3-D tensors)."""
+    return sum(2 * t.n_elements for t in gf.tensors.values() if len(t.shape) == 3 and t.qtype in qmatvec.KERNEL_TYPES)
+
+
+def with_bf16_experts(weights: dict) -> dict:
+    """Each layer's quantized experts also widened to bf16 (exact for MXFP4: moe_matmul._mxfp4_bf16), under
+    `decode_experts`: what a decode step's grouped MoE matmul reads. Why: at 64 or more rows a decode step's pairs
+    route to nearly every expert, and dequantizing all of them in registers every step bound gpt-oss-20b's step
+    on an H200 (15 of 20 ms at 64 rows, docs/PERFORMANCE.md); reading bf16 costs bytes, which that card has to
+    spare (38 GB for gpt-oss-20b's experts). Prefill keeps the stored format: there each expert's tile serves
+    hundreds of rows, and in registers it was faster (moe_matmul.PREFILL_TILES)."""
+    widen = jax.jit(lambda q: widened(q, jnp.bfloat16))
+    for lw in weights["layers"]:
+        copies = {
+            name: widen(w)
+            for name, w in lw.items()
+            if isinstance(w, QuantArray) and len(w.shape) == 3 and w.qtype in qmatvec.KERNEL_TYPES
+        }
+        if copies:
+            lw["decode_experts"] = copies
+    return weights
 
 
 def steps_within(per_step_s: float, target_s: float) -> int:
@@ -117,6 +142,11 @@ class Model:
         steps = decode_steps_for(device_kind, gf.decode_weight_bytes)
         self.batch = Batch(runner, tokenizer, steps, PREFILL_TOKENS_PER_STEP.get(device_kind))
         self.quant_kind = quant_kind(gf.get("general.file_type"), (t.qtype for t in gf.tensors.values()))
+
+    @property
+    def bf16_experts(self) -> bool:
+        """Whether the MoE experts have a bf16 copy for decode (`with_bf16_experts`)."""
+        return any("decode_experts" in lw for lw in self.runner.weights.get("layers", ()))
 
     @property
     def device(self) -> jax.Device:
@@ -315,6 +345,7 @@ def load_model(
     kv_tokens: int | None = None,
     deterministic: bool = True,
     tensor_parallel: int = 1,
+    bf16_experts: bool | None = None,
 ) -> Model:
     """Open, validate and place a model. `device`: "cpu", "gpu" or "auto". `slots`: the most positions of one
     sequence (default: the file's context, capped at 4096 on the CPU). `max_batch`: sequences decoded together
@@ -328,7 +359,9 @@ def load_model(
     Pallas interpret mode on the CPU (tests). `tensor_parallel`: split the model over that many devices of the
     kind (from `gpu_index` on; docs/tensor-parallel.md); a split the model cannot take (heads, kv heads,
     vocabulary, experts, quantized blocks) fails with MODEL_LOAD_FAILED before any weight is copied, and the
-    pre-flight counts what each device holds."""
+    pre-flight counts what each device holds. `bf16_experts`: also hold the quantized MoE experts widened to
+    bf16, which decode steps read (`with_bf16_experts`); None: where it helps and fits (a GPU, the tensor-core
+    decode kernels, one device, and room for the copy beside one whole context)."""
     gf = open_gguf(path)
     adapter = adapter_for(gf.architecture)
     cfg = adapter.config(gf)
@@ -358,12 +391,27 @@ def load_model(
         per_token //= sharding.kv_split(mesh)
     targets = sharding.mesh_devices(mesh) if mesh is not None else [dev]
 
+    copy_bytes = expert_copy_bytes(gf)
+    if bf16_experts and (backend == "cpu" or mesh is not None or not copy_bytes):
+        raise WorkerError(ErrorCode.INVALID_REQUEST, "bf16 experts need a kernel backend (gpu or interpret), one "
+                          "device and a file with quantized MoE experts")  # fmt: skip
+    if bf16_experts is None:
+        bf16_experts = backend == "gpu" and mesh is None and copy_bytes > 0 and cfg.decode_kernels == "tensor-cores"
+    copies = copy_bytes if bf16_experts else 0
+
     def on_each(need: devices.MemoryEstimate) -> devices.MemoryEstimate:
+        need = dataclasses.replace(need, weights=need.weights + copies)
         return sharding.per_device(need, gf, table, mesh) if mesh is not None else need
 
     def check_fits(tokens: int) -> None:
         for d in targets:
             devices.check_fits(on_each(devices.estimate(gf, cfg, tokens, kind)), d, str(gf.path))
+
+    if copies and bf16_experts is not True:
+        try:  # auto: the copy only where it leaves room for one whole context
+            check_fits(slots)
+        except WorkerError:
+            copies = 0
 
     if kv_tokens is None:
         # At least one sequence of the whole context must fit (M0-W-1020's pre-flight check); the pool then takes
@@ -395,6 +443,8 @@ def load_model(
         weights = load_weights(gf, table, lambda a: jax.device_put(a, dev), progress, place)
         if backend == "cpu":  # the layout XLA's CPU backend computes with well (quant.Int8Blocks); the gpu and
             weights = cpu_layout(weights)  # interpret backends' kernels read the block planes
+        if copies:
+            weights = with_bf16_experts(weights)
         tokenizer = building.result()
     runner = Runner(adapter, cfg, weights, targets[0], slots, pages_for(kv_tokens) + 1, max_batch,
                     deterministic=deterministic, mesh=mesh)  # fmt: skip

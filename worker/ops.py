@@ -464,6 +464,7 @@ def moe_matmul(
     backend: str = "cpu",
     per_token: bool = False,
     live: jax.Array | None = None,
+    decode_copy: QuantArray | None = None,
 ) -> jax.Array:
     """Each token's selected experts: x [M, In] (one input shared by the k selections) or [M, k, In] (one per
     selection) times experts [E, Out, In] at expert_ids [M, k] -> [M, k, Out].
@@ -477,6 +478,8 @@ def moe_matmul(
     that selected it: E / k times the needed arithmetic, but never more than one expert in float32.
     `live` [M] (bool, optional): tokens whose results are used. The grouped kernel skips the others' pairs (their
     results are zeros); every other path computes them as any token.
+    `decode_copy`: the experts widened to bf16 at load (worker/model.py, `bf16_experts`), which a decode step's
+    grouped kernel reads instead of dequantizing every expert's tiles again each step (the same bf16 values).
     """
     n_experts, n_out = experts.shape[:2]
     on_kernels = backend != "cpu" and grouped_matmul.fits(experts)
@@ -492,6 +495,9 @@ def moe_matmul(
         kernel = qmatvec.moe_matvec
     if kernel is not None and experts.sharding is not None:
         return _expert_parallel(kernel, x, experts, expert_ids, interpret)
+    if kernel is grouped_matmul.moe_matmul and per_token and decode_copy is not None:
+        # Every decode call of the grouped kernel reads the bf16 copy (batch invariance: one route for all rows).
+        return kernel(x, decode_copy, expert_ids, live, interpret=interpret, **grouped_matmul.DECODE_COPY_TILES)
     if kernel is grouped_matmul.moe_matmul:
         # A prefill call takes prefill's tiles, whatever its size or company (batch invariance); decode its own.
         tiles = {} if per_token else grouped_matmul.PREFILL_TILES

@@ -106,6 +106,9 @@ class LayerWeights(TypedDict, total=False):
     ffn_gate_up_exps_b: jax.Array
     ffn_down_exps: QuantArray
     ffn_down_exps_b: jax.Array
+    # The expert matrices widened to bf16 at load, keyed by their names above: what a decode step's grouped MoE
+    # matmul reads on a GPU (worker/model.py, `bf16_experts`).
+    decode_experts: dict[str, QuantArray]
 
 
 # An adapter's tensor list: GGUF name -> (expected shape or None, required). Names without a `blk.` prefix are

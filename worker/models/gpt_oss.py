@@ -11,7 +11,8 @@ Conventions (checked against the oracles, ../shared/oracles/models/gpt-oss):
 - Experts: `ffn_gate_exps` / `ffn_up_exps` are the even / odd columns of HF's interleaved gate_up_proj; a
   fused `ffn_gate_up_exps` (llama.cpp's merged layout) holds [gate | up] rows per expert.
 - Expert weights stay in their stored format (MXFP4 in the real file); ops.moe_matmul dequantizes only what a
-  step needs.
+  step needs. On a GPU decoding many rows, a bf16 copy made at load serves the decode steps
+  (`decode_experts`, worker/model.py).
 """
 
 from __future__ import annotations
@@ -128,7 +129,9 @@ def _experts(lw: LayerWeights, cfg: GptOssConfig, name: str, x: jax.Array, exper
              live: jax.Array | None) -> jax.Array:  # fmt: skip
     """The selected experts' projection with its bias: [M, k, Out]."""
     bias = jnp.take(ops.as_f32(lw[f"{name}_b"]), expert_ids, axis=0)
-    return ops.moe_matmul(x, lw[name], expert_ids, backend=cfg.backend, per_token=per_token, live=live) + bias
+    copy = lw.get("decode_experts", {}).get(name)
+    return ops.moe_matmul(x, lw[name], expert_ids, backend=cfg.backend, per_token=per_token, live=live,
+                          decode_copy=copy) + bias  # fmt: skip
 
 
 def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array, live: jax.Array | None = None) -> jax.Array:

@@ -1,5 +1,6 @@
-"""Grouped matmul for MoE prefill (megablocks style): pairs sorted by expert, expert tiles dequantized in registers
-and fed to bf16 tensor-core dots; its twin is moe_matmul_twin. Design, tiles and measurements: docs/kernels.md.
+"""Grouped matmul for MoE (megablocks style): pairs sorted by expert, expert tiles dequantized in registers (or read
+as bf16, decode's copy of the experts) and fed to bf16 tensor-core dots; its twin is moe_matmul_twin. Design, tiles
+and measurements: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from jax.experimental import pallas as pl
 from worker.pallas_kernels.qmatvec import (
     FORMATS,
     KERNEL_TYPES,
+    PLAIN_TYPES,
     load_x_part,
     parts_layout,
     plane_views,
@@ -34,8 +36,15 @@ BLOCK_M = 64
 # gate_up 3.91 ms at decode's tiles, 2.90 with these; experts dequantized once into bf16 and a plain grouped
 # product took 3.93 (the dequantization of all 32 experts ~0.5 ms, the product no faster than in registers).
 PREFILL_TILES = {"block_m": 128, "num_warps": 8}
+# Decode's tiles on the experts' bf16 copy (ops.moe_matmul `decode_copy`): each decode step reads every expert a
+# 64-row tile's pairs route to, and at 64 or more rows that is nearly all of them, so the kernel is bound by the
+# bytes it reads.
+DECODE_COPY_TILES: dict[str, int] = {}
 MIN_BLOCK_N = 16  # tl.dot's smallest tile dimension
 CHUNK_VALUES = 128  # K values per loop step
+# What the kernel takes: the quantized kernel formats (dequantized tile by tile in registers) and bfloat16, the
+# dot's operand type (decode's copy of the experts, widened once at load: worker/model.py, `bf16_experts`).
+TYPES = KERNEL_TYPES | (PLAIN_TYPES & {QT.BF16})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +58,12 @@ class Plan:
 
 
 def _fits(qtype, n: int, k: int) -> bool:
-    return qtype in KERNEL_TYPES and k % FORMATS[qtype].sb == 0 and n % MIN_BLOCK_N == 0
+    return qtype in TYPES and k % FORMATS[qtype].sb == 0 and n % MIN_BLOCK_N == 0
 
 
 def fits(experts: object) -> bool:
-    """Whether the kernel takes these experts: quantized in a kernel format, [E, Out, In] with planes of rank 3,
-    Out a multiple of MIN_BLOCK_N."""
+    """Whether the kernel takes these experts: in TYPES, [E, Out, In] with planes of rank 3, Out a multiple of
+    MIN_BLOCK_N."""
     return (
         isinstance(experts, QuantArray)
         and len(experts.shape) == 3
@@ -171,7 +180,7 @@ def group(expert_ids: jax.Array, n_experts: int, block_m: int, shared: bool, liv
 
 
 def _check(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> tuple[int, int, int, bool]:
-    if experts.qtype not in KERNEL_TYPES:
+    if experts.qtype not in TYPES:
         raise NotImplementedError(f"no grouped matmul kernel for {experts.qtype.name}")
     if any(a.ndim != 3 for a in experts.planes.values()):
         raise ValueError(f"{experts.qtype.name} experts: expected planes of rank 3")
