@@ -72,9 +72,11 @@ SWEEP = [
     for w in (4, 8)
 ] + [dict(num_stages=2), dict(num_stages=4)]
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
-SWEEP_COPY = [dict(block_n=b, chunk=c) for b in (32, 64, 128) for c in (2, 4, 8)] + [
-    dict(num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 4, 5)
-]
+SWEEP_COPY = (
+    [dict(block_m=m, block_n=b) for m in (16, 32, 64) for b in (64, 128)]
+    + [dict(chunk=c) for c in (2, 8)]
+    + [dict(num_warps=8), dict(num_stages=2), dict(num_stages=4), dict(block_n=128, num_warps=8, num_stages=4)]
+)
 # --sweep's tilings for prefill, each over the prefill defaults (moe_matmul.PREFILL_TILES; qmatvec.PREFILL_TILES,
 # on the weight widened to float16 as prefill takes it).
 SWEEP_GROUPED = (

@@ -20,7 +20,7 @@
 #                      tiles); budget KBENCH_SECONDS (default 240)
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py; qmatvec's rows in big calls and
 #                      its unquantized formats); PYTEST_K picks others (pytest -k) among those files and
-#                      tests/test_sampling.py (e.g. rows_filter)
+#                      tests/test_sampling.py (e.g. rows_filter); budget INVARIANCE_SECONDS (default 180)
 #           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made);
 #                      synth:M only model M
 #           tests      just test-gpu
@@ -235,7 +235,7 @@ for s in "$@"; do
             rc=$?
             [ $rc = 0 ] || [ $rc = 124 ] || { note "STOP: the kernel tests failed"; break; } ;;
         rows:*) stage "rows-${s#rows:}" "${ROWS_SECONDS:-150}" do_rows "${s#rows:}" ;;
-        invariance) stage invariance 180 do_invariance ;;
+        invariance) stage invariance "${INVARIANCE_SECONDS:-180}" do_invariance ;;
         kbench) stage kbench "${KBENCH_SECONDS:-240}" do_kbench ;;
         synth) stage synth 300 do_synth ;;
         synth:*) stage "synth-${s#synth:}" 300 do_synth "${s#synth:}" ;;
