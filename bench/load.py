@@ -323,6 +323,7 @@ def worker_part(args, plan: Plan, texts, pool, log: Path, result: dict) -> list[
     extra = worker_server_args(plan.levels, args.max_batch, worker_flags())
     if args.tensor_parallel > 1:
         extra += ["--tensor-parallel", str(args.tensor_parallel)]
+    extra += [a for pair in args.worker_arg for a in pair.split(None, 1)]
     result["worker_args"] = extra
     proc, url, result["worker_ready_s"] = start_server(args.model, args.device, log, extra)
     try:
@@ -434,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--url", default=None, help="a running worker instead of starting one")
     ap.add_argument("--tensor-parallel", type=int, default=1, help="the worker's --tensor-parallel (devices)")
+    ap.add_argument("--worker-arg", action="append", default=[], metavar="'--OPTION VALUE'",
+                    help="another worker option, repeatable (e.g. '--dispatch-ms 50')")  # fmt: skip
     ap.add_argument("--client-procs", type=int, default=min(8, max(1, len(os.sched_getaffinity(0)) // 2)))
     ap.add_argument("--budget", type=float, default=None, help="seconds: levels that would start later are skipped")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))

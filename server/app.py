@@ -181,11 +181,42 @@ def frames_of(ev: object) -> bytes:
     raise TypeError(f"unknown engine event {ev!r}")
 
 
+class EventRelay:
+    """Hands engine events to the event loop in batches. The engine thread delivers a dispatch's tokens for every
+    running job at once; a `call_soon_threadsafe` for each event would wake the loop once per event (a write to its
+    self-pipe and a callback each), where one wake-up carries all the events pending by then, in order."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+
+    def put(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, ev: object) -> None:
+        with self._lock:
+            waiting = self._pending.setdefault(loop, [])
+            waiting.append((queue, ev))
+            if len(waiting) > 1:
+                return  # a flush is already scheduled on that loop and takes this one too
+        try:
+            loop.call_soon_threadsafe(self._flush, loop)
+        except RuntimeError:  # the loop is closed: nobody reads its queues; later events must not wait on it
+            with self._lock:
+                self._pending.pop(loop, None)
+            raise
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            batch = self._pending.pop(loop, [])
+        for queue, ev in batch:
+            queue.put_nowait(ev)
+
+
 class JobStream:
     """One job's events: pushed from the engine thread into an asyncio queue, framed by `frames()`.
 
     `close()` runs when the stream ends for any reason (generator exit, or the response's background task after
     a disconnect, even if the generator never started); a job whose terminal event was not seen is cancelled."""
+
+    relay = EventRelay()  # every stream's, in this process
 
     def __init__(self, service: WorkerService, job_id: str, loop: asyncio.AbstractEventLoop):
         self.service, self.job_id, self.loop = service, job_id, loop
@@ -216,7 +247,7 @@ class JobStream:
             try:
                 self._observe(ev)
             finally:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+                self.relay.put(self.loop, self.queue, ev)
             return True
 
     def abort(self, message: str) -> None:

@@ -205,14 +205,15 @@ def test_markdown_puts_the_engines_side_by_side():
 @pytest.mark.slow
 def test_load_rounds_through_the_real_server(tmp_path):
     """Two levels (1 and 3 concurrent streams) on the tiny qwen2, worker only: every stream ends with its own tokens,
-    none is refused, and the worker got --max-batch (this checkout's worker has the flag)."""
+    none is refused, and the worker got --max-batch (this checkout's worker has the flag) and the --worker-arg."""
     path = oracles_dir() / "models" / "qwen2" / "model-q4_k_m.gguf"
     argv = ["--model", str(path), "--label", "q", "--engines", "worker", "--streams", "1,3", "--sets", "fixed",
-            "--max-tokens", "8", "--client-procs", "2", "--out", str(tmp_path)]  # fmt: skip
+            "--max-tokens", "8", "--client-procs", "2", "--out", str(tmp_path),
+            "--worker-arg", "--dispatch-ms 50"]  # fmt: skip
     assert load.main(argv) == 0
     got = json.loads((tmp_path / "load-q-cpu.json").read_text())
     assert [r["streams"] for r in got["rows"]] == [1, 3] and got["errors"] == {}
-    assert got["worker_args"] == ["--max-queue", "3", "--max-batch", "3"]
+    assert got["worker_args"] == ["--max-queue", "3", "--max-batch", "3", "--dispatch-ms", "50"]
     for r in got["rows"]:
         assert r["errors"] == [] and 0 < r["output_tokens"] <= 8 * r["streams"] and r["output_tok_s"] > 0
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] and r["prompt_tokens_min"] == r["prompt_tokens_max"] == 128

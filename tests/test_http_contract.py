@@ -20,7 +20,7 @@ import pytest
 from litestar.testing import TestClient
 
 import worker
-from server.app import JobStream, create_app, frames_of
+from server.app import EventRelay, JobStream, create_app, frames_of
 from server.service import WorkerService
 from tests.conftest import oracles_dir
 from tests.worker_process import PAYLOAD_KEYS, counter, metric_values, read_sse, requests_by_outcome
@@ -304,3 +304,29 @@ def test_events_that_queued_up_go_out_in_one_write():
         return chunks
 
     asyncio.run(drain())
+
+
+def test_the_relay_hands_events_over_in_order_with_one_wake_up_for_those_pending():
+    """EventRelay: events put from the engine thread reach each stream's queue in order; the ones put before the loop
+    ran take one wake-up (call_soon_threadsafe) together."""
+    relay = EventRelay()
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        wakes, real = [], loop.call_soon_threadsafe
+        # the relay's wake-ups (to_thread's own completion also calls it)
+        loop.call_soon_threadsafe = lambda fn, *a: (wakes.append(fn == relay._flush), real(fn, *a))[1]
+        queues = [asyncio.Queue(), asyncio.Queue()]
+
+        def engine() -> None:  # a dispatch's tokens for two jobs, then (after the loop ran) one more
+            for i in range(50):
+                relay.put(loop, queues[i % 2], i)
+
+        await asyncio.to_thread(engine)
+        await asyncio.sleep(0)
+        got = [[q.get_nowait() for _ in range(q.qsize())] for q in queues]
+        assert got == [list(range(0, 50, 2)), list(range(1, 50, 2))] and sum(wakes) == 1
+        await asyncio.to_thread(relay.put, loop, queues[0], 50)
+        assert await asyncio.wait_for(queues[0].get(), 5) == 50 and sum(wakes) == 2
+
+    asyncio.run(run())

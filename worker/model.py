@@ -273,11 +273,13 @@ class Model:
         """Decode steps per dispatch."""
         return self.batch.steps
 
-    def warm_up(self, params: SamplingParams = GREEDY, all_rows: bool = False) -> None:
+    def warm_up(self, params: SamplingParams = GREEDY, all_rows: bool = False,
+                dispatch_s: float = DISPATCH_TARGET_S) -> None:  # fmt: skip
         """Compile what a first request with a short prompt and `params`' sampling stages runs (the model-sized
         compiles side by side), with `all_rows` the decode at every row bucket and the prefill of every group size
         (what a growing load reaches), then run one such request of two tokens. With `all_rows` on a GPU, the steps
-        of a dispatch are first sized from a timed dispatch of the largest bucket (`calibrate_steps`), and greedy
+        of a dispatch are first sized from a timed dispatch of the largest bucket (`calibrate_steps`, to `dispatch_s`
+        seconds), and greedy
         decoding's stages are compiled beside `params`': a program is compiled per set of stages, and on an H200
         each compile of gpt-oss-20b's took ~15 s, which a greedy load's streams waited through on every row bucket's
         first use (docs/PERFORMANCE.md, sixth session)."""
@@ -288,7 +290,7 @@ class Model:
             plans = tuple(dict.fromkeys((plan, GREEDY.plan())))
             self.runner.compile_first_steps(inputs, plans, self.decode_steps, rows[-1:])
             before, compiled = self.decode_steps, True
-            if self.calibrate_steps(plan) == before:
+            if self.calibrate_steps(plan, dispatch_s) == before:
                 rows = rows[:-1]  # compiled at these steps already
         groups = tuple(self.runner.group_buckets()) if all_rows else ()
         self.runner.compile_first_steps(inputs, plans, self.decode_steps, tuple(rows), prefill=not compiled,
@@ -296,13 +298,12 @@ class Model:
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass
 
-    def calibrate_steps(self, plan: SamplingPlan) -> int:
+    def calibrate_steps(self, plan: SamplingPlan, target_s: float = DISPATCH_TARGET_S) -> int:
         """Set the decode steps of a dispatch from a timed dispatch of the largest row bucket: the most (a power of
-        two, at most 64) that keep it within DISPATCH_TARGET_S at full load. The byte-count estimate the model
-        starts with misses by 6x once 64 rows share a dispatch (phi3-mini on an H200: 16 steps of 64 rows took
-        165 ms)."""
+        two, at most 64) that keep it within `target_s` at full load. The byte-count estimate the model starts with
+        misses by 6x once 64 rows share a dispatch (phi3-mini on an H200: 16 steps of 64 rows took 165 ms)."""
         per_step = self.batch.time_decode(self.runner.row_buckets()[-1], plan) / self.batch.steps
-        self.batch.steps = steps_within(per_step, DISPATCH_TARGET_S)
+        self.batch.steps = steps_within(per_step, target_s)
         return self.batch.steps
 
     def generate(

@@ -38,8 +38,11 @@ BLOCK_M = 64
 PREFILL_TILES = {"block_m": 128, "num_warps": 8}
 # Decode's tiles on the experts' bf16 copy (ops.moe_matmul `decode_copy`): each decode step reads every expert a
 # 64-row tile's pairs route to, and at 64 or more rows that is nearly all of them, so the kernel is bound by the
-# bytes it reads.
-DECODE_COPY_TILES: dict[str, int] = {}
+# bytes it reads. Swept on an H200 (`bench.kernels --decode-moe --rows 64,256 --sweep`, docs/PERFORMANCE.md, seventh
+# session): 64 K values a loop step took gpt-oss's gate_up from 493 to 476 us and down from 379 to 336 us at 256
+# rows (the same within 3% at 64 rows). 16-row tiles were best at 64 rows (492 / 289 us) but read each expert twice
+# at 256 (749 us); one row tile serves every decode call (batch invariance), and 256 rows is where throughput peaks.
+DECODE_COPY_TILES = {"chunk": 2}
 MIN_BLOCK_N = 16  # tl.dot's smallest tile dimension
 CHUNK_VALUES = 128  # K values per loop step
 # What the kernel takes: the quantized kernel formats (dequantized tile by tile in registers) and bfloat16, the
