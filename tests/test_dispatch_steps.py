@@ -59,7 +59,8 @@ def test_a_calibrating_warm_up_compiles_each_program_once(monkeypatch, steps_aft
     calls = []
     monkeypatch.setattr(m.runner, "compile_first_steps", lambda inputs, plans, steps, rows, prefill=True, groups=():
                         calls.append((plans, steps, tuple(rows), prefill, groups)))  # fmt: skip
-    monkeypatch.setattr(m, "calibrate_steps", lambda plan: setattr(m.batch, "steps", steps_after) or steps_after)
+    monkeypatch.setattr(m, "calibrate_steps",
+                        lambda plan, _target: setattr(m.batch, "steps", steps_after) or steps_after)  # fmt: skip
     monkeypatch.setattr(m, "device_kind", "gpu")
     m.batch.steps = 1
     m.warm_up(SamplingParams(temperature=1.0), all_rows=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 import time
 import uuid
 from types import SimpleNamespace
@@ -322,7 +323,9 @@ def test_the_relay_hands_events_over_in_order_with_one_wake_up_for_those_pending
             for i in range(50):
                 relay.put(loop, queues[i % 2], i)
 
-        await asyncio.to_thread(engine)
+        thread = threading.Thread(target=engine)
+        thread.start()
+        thread.join()  # blocking the loop: every event is pending before it runs again
         await asyncio.sleep(0)
         got = [[q.get_nowait() for _ in range(q.qsize())] for q in queues]
         assert got == [list(range(0, 50, 2)), list(range(1, 50, 2))] and sum(wakes) == 1
