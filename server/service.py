@@ -66,6 +66,8 @@ class WorkerService:
             "max_queue": engine.max_queue,
             "max_batch": engine.max_batch,
             "deterministic": model.runner.deterministic,
+            "decode_steps": model.decode_steps,
+            "bf16_experts": model.bf16_experts,
             "kv_page_size": model.runner.page_size,
             "kv_pages_total": model.batch.scheduler.pool.total,
             "device": info["device"],

@@ -96,6 +96,8 @@ def test_health_fields_and_types(server):
         "max_tokens_in": 256,
         "max_tokens_out": 1000,
         "max_queue": 1,
+        "decode_steps": 1,  # the CPU's (worker/model.py)
+        "bf16_experts": False,  # no experts
     }
     assert {k: h[k] for k in expected} == expected
     assert isinstance(h["vram_bytes_used"], int) and h["vram_bytes_used"] > 0
