@@ -327,9 +327,24 @@ def worker_part(args, plan: Plan, texts, pool, log: Path, result: dict) -> list[
     result["worker_args"] = extra
     proc, url, result["worker_ready_s"] = start_server(args.model, args.device, log, extra)
     try:
+        result["worker_health"] = worker_settings(url)
         return run_levels(pool, plan, texts, lambda n: contextlib.nullcontext(url), "worker", "worker")
     finally:
         stop(proc, url)
+
+
+# What the worker chose at start (docs/http.md): the steps of a decode dispatch, the MoE experts' bf16 copy, the pool.
+HEALTH_KEYS = ("max_batch", "decode_steps", "bf16_experts", "deterministic", "kv_pages_total", "vram_bytes_used")
+
+
+def worker_settings(url: str) -> dict:
+    """HEALTH_KEYS from the worker's /health, for the result (those it reports; none from a worker that does not
+    answer, which the levels then show)."""
+    try:
+        h = httpx.get(f"{url}/health", timeout=30).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return {k: h[k] for k in HEALTH_KEYS if k in h}
 
 
 def llamacpp_server_part(args, plan: Plan, texts, pool, logs: Path, label: str, threads: int) -> list[dict]:
@@ -398,6 +413,8 @@ def markdown(result: dict) -> str:
     )
     if "worker_args" in result:
         note += f" Worker server args: `{' '.join(result['worker_args'])}`."
+    if result.get("worker_health"):
+        note += " Worker at start: " + ", ".join(f"{k} {v}" for k, v in result["worker_health"].items()) + "."
     lines += ["", note]
     bb = result.get("batched_bench")
     if bb:

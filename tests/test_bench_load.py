@@ -214,6 +214,7 @@ def test_load_rounds_through_the_real_server(tmp_path):
     got = json.loads((tmp_path / "load-q-cpu.json").read_text())
     assert [r["streams"] for r in got["rows"]] == [1, 3] and got["errors"] == {}
     assert got["worker_args"] == ["--max-queue", "3", "--max-batch", "3", "--dispatch-ms", "50"]
+    assert got["worker_health"]["max_batch"] == 3 and got["worker_health"]["decode_steps"] == 1  # the CPU's
     for r in got["rows"]:
         assert r["errors"] == [] and 0 < r["output_tokens"] <= 8 * r["streams"] and r["output_tok_s"] > 0
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] and r["prompt_tokens_min"] == r["prompt_tokens_max"] == 128
