@@ -278,11 +278,10 @@ class Model:
         """Compile what a first request with a short prompt and `params`' sampling stages runs (the model-sized
         compiles side by side), with `all_rows` the decode at every row bucket and the prefill of every group size
         (what a growing load reaches), then run one such request of two tokens. With `all_rows` on a GPU, the steps
-        of a dispatch are first sized from a timed dispatch of the largest bucket (`calibrate_steps`, to `dispatch_s`
-        seconds), and greedy
-        decoding's stages are compiled beside `params`': a program is compiled per set of stages, and on an H200
-        each compile of gpt-oss-20b's took ~15 s, which a greedy load's streams waited through on every row bucket's
-        first use (docs/PERFORMANCE.md, sixth session)."""
+        of a dispatch are first sized from a timed dispatch of the largest bucket (`calibrate_steps`, to
+        `dispatch_s` seconds), and greedy decoding's stages are compiled beside `params`': a program is compiled per
+        set of stages, and on an H200 each compile of gpt-oss-20b's took ~15 s, which a greedy load's streams waited
+        through on every row bucket's first use (docs/PERFORMANCE.md, sixth session)."""
         seq = self.sequence([0], 1, params, 0)
         inputs, plan, rows = self.batch.row_inputs([(0, seq)], 1, 1), params.plan(), self.runner.row_buckets()
         rows, compiled, plans = rows if all_rows else rows[:1], False, (plan,)
