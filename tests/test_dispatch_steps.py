@@ -29,6 +29,16 @@ def test_calibrating_sets_a_power_of_two_and_leaves_generation_unchanged():
     assert m.generate([5, 9, 13], max_tokens=6, stop_at_eos=False) == before
 
 
+def test_a_timed_dispatch_decodes_rows_that_differ(monkeypatch):
+    """Each timed row starts from a token of its own, so that a MoE routes them as distinct streams (identical rows
+    would all take one token's experts, and the timing would size a dispatch for a fraction of its real cost)."""
+    m = worker.load(oracles_dir() / "models" / "gpt-oss" / "model-mxfp4_moe.gguf", device="cpu", max_batch=4)
+    seen, decode = [], m.runner.decode
+    monkeypatch.setattr(m.runner, "decode", lambda rows, *a, **k: (seen.append(rows.tokens), decode(rows, *a, **k))[1])
+    m.batch.time_decode(4, GREEDY.plan(), repeats=1)
+    assert len(set(seen[0].tolist())) == 4
+
+
 def test_timing_a_dispatch_needs_an_idle_batch():
     m = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", max_batch=2)
     m.batch.add(m.sequence([5, 9], 4, GREEDY, 0))

@@ -117,12 +117,15 @@ class Batch:
     def time_decode(self, rows: int, plan: SamplingPlan, repeats: int = 3) -> float:
         """Seconds one decode dispatch of `rows` rows takes at the current steps (the least of `repeats`, after one
         untimed): rows without a sequence, from position 0, each given the pool's first pages (so that they count
-        as live tokens and do a row's whole work, MoE experts included: base.live_tokens). For sizing the steps of
-        a dispatch; only while no sequence runs (it writes into free pages and idle rows)."""
+        as live tokens and do a row's whole work, MoE experts included: base.live_tokens), each from a token of its
+        own (identical rows would all route to one token's experts: a MoE step would take a fraction of its time
+        with distinct streams). For sizing the steps of a dispatch; only while no sequence runs (it writes into free
+        pages and idle rows)."""
         if self.busy:
             raise RuntimeError("time_decode needs an idle batch")
         self._ensure_state()
         r, best = self.runner, float("inf")
+        self._rows = r.new_rows(distinct=True)  # idle rows: a sequence that joins sets its own
         width = r.table_width(1)
         inputs = RowInputs.neutral(r.row_bucket(rows), width)
         inputs.tables[:] = 1 + np.arange(width) % max(1, r.pages - 1)  # any pages but the null one

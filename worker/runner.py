@@ -141,9 +141,11 @@ class Runner:
         return init_cache(c.n_layers, pages or self.pages, c.n_kv_heads, c.head_dim, self.cache_dtype, self.device,
                           self.page_size, self.cache_sharding)  # fmt: skip
 
-    def new_rows(self) -> Rows:
-        put = self._put
-        return Rows(put(np.zeros(self._rows, np.int32)), put(np.zeros((self._rows, self.cfg.vocab_size), bool)))
+    def new_rows(self, distinct: bool = False) -> Rows:
+        """The rows' state: each row's last token (0, or with `distinct` a different one per row) and seen mask."""
+        put, rows = self._put, np.arange(self._rows, dtype=np.int32) % self.cfg.vocab_size
+        tokens = rows if distinct else np.zeros(self._rows, np.int32)
+        return Rows(put(tokens), put(np.zeros((self._rows, self.cfg.vocab_size), bool)))
 
     def _put(self, a: np.ndarray) -> jax.Array:
         return jax.device_put(a, self.input_sharding)
