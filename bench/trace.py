@@ -3,8 +3,10 @@
 Reads the perfetto JSON that `jax.profiler` writes (bench.dispatch --trace; gpu-session.sh's rows:M keeps it in the
 call's logs tarball) and prints, for the GPU's streams only, each kernel name's total time, its count and its share
 of all kernel time, largest first: the Pallas kernels carry their names (qmatvec_q8_0, moe_matmul_mxfp4, ...), XLA's
-fusions theirs. Why not perfetto's UI: the numbers have to go into docs/PERFORMANCE.md, and the device machine
-has no browser.
+fusions theirs. Then how much of the traced window the device was busy (the union of its kernels' intervals), and
+the engine's host spans where the trace has them (worker/step_trace.py: a server under load traced with
+WORKER_TRACE_DIR): an engine step, its prefill, decode dispatch and read back, and the events' handling. Why not
+perfetto's UI: the numbers have to go into docs/PERFORMANCE.md, and the device machine has no browser.
 """
 
 from __future__ import annotations
@@ -14,17 +16,56 @@ import gzip
 import json
 from collections import defaultdict
 
+from worker.step_trace import DECODE, EVENTS, PREFILL, READ_BACK, STEP
 
-def device_kernels(trace: dict) -> dict[str, list[float]]:
-    """Kernel name -> durations (us) of the complete events on the GPU's processes."""
-    gpu = {
+
+def _gpu_pids(trace: dict) -> set:
+    return {
         e["pid"]
         for e in trace.get("traceEvents", [])
         if e.get("ph") == "M" and e.get("name") == "process_name" and "GPU" in str(e.get("args", {}).get("name", ""))
     }
+
+
+def device_kernels(trace: dict) -> dict[str, list[float]]:
+    """Kernel name -> durations (us) of the complete events on the GPU's processes."""
+    gpu = _gpu_pids(trace)
     out: dict[str, list[float]] = defaultdict(list)
     for e in trace.get("traceEvents", []):
         if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
+            out[e["name"]].append(float(e["dur"]))
+    return out
+
+
+def device_busy(trace: dict) -> tuple[float, float]:
+    """(window, busy) in us: from the first kernel's start to the last one's end, and the union of the GPU's
+    event intervals within it (overlapping streams counted once)."""
+    gpu = _gpu_pids(trace)
+    spans = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+        for e in trace.get("traceEvents", [])
+        if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e
+    )
+    if not spans:
+        return 0.0, 0.0
+    busy, (start, end) = 0.0, spans[0]
+    first = start
+    for a, b in spans[1:]:
+        if a > end:
+            busy, start, end = busy + end - start, a, b
+        else:
+            end = max(end, b)
+    busy += end - start
+    window = max(b for _, b in spans) - first
+    return window, busy
+
+
+def host_spans(trace: dict, names: tuple[str, ...]) -> dict[str, list[float]]:
+    """Span name -> durations (us) of the host's complete events with those names."""
+    gpu = _gpu_pids(trace)
+    out: dict[str, list[float]] = defaultdict(list)
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("pid") not in gpu and e.get("name") in names and "dur" in e:
             out[e["name"]].append(float(e["dur"]))
     return out
 
@@ -47,10 +88,18 @@ def main() -> None:
     with opener(args.trace, "rt") as f:
         trace = json.load(f)
     kernels = device_kernels(trace)
-    if not kernels:
+    spans = host_spans(trace, (STEP, PREFILL, DECODE, READ_BACK, EVENTS))
+    if not kernels and not spans:
         names = sorted({str(e.get("args", {}).get("name")) for e in trace.get("traceEvents", []) if e.get("ph") == "M"})
-        raise SystemExit(f"{args.trace}: no GPU process among {', '.join(names[:20])}")
-    print("\n".join(summary(kernels, args.top)))
+        raise SystemExit(f"{args.trace}: no GPU process among {', '.join(names[:20])}, and no engine spans")
+    if kernels:
+        print("\n".join(summary(kernels, args.top)))
+        window, busy = device_busy(trace)
+        print(f"device busy {busy / 1e3:.2f} of {window / 1e3:.2f} ms ({busy / max(window, 1.0):.1%}: kernel union)")
+    for name in (STEP, PREFILL, DECODE, READ_BACK, EVENTS):
+        if spans.get(name):
+            d = spans[name]
+            print(f"host {name:16s} {sum(d) / 1e3:9.2f} ms in {len(d):4d}, {sum(d) / len(d) / 1e3:7.2f} ms each")
 
 
 if __name__ == "__main__":

@@ -233,3 +233,27 @@ def test_trace_summary_counts_only_the_gpu_kernels():
     lines = trace.summary(kernels, top=5)
     assert lines[0] == "all kernels: 0.50 ms in 3 launches"
     assert lines[1].split()[:4] == ["0.400", "ms", "80.0%", "2x"] and lines[1].endswith("moe_matmul_mxfp4")
+
+
+def test_trace_busy_share_and_host_spans():
+    """bench.trace: the device's busy time is the union of its events (overlaps once, gaps out), over the window
+    from the first kernel to the last; the host's engine spans are summed by name."""
+    from bench import trace
+
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 2, "name": "a", "ts": 0.0, "dur": 100.0},
+        {"ph": "X", "pid": 2, "name": "b", "ts": 50.0, "dur": 100.0},  # overlaps a: 0..150 busy
+        {"ph": "X", "pid": 2, "name": "c", "ts": 350.0, "dur": 50.0},  # a 200 us gap before it
+        {"ph": "X", "pid": 1, "name": "engine step", "ts": 0.0, "dur": 180.0},
+        {"ph": "X", "pid": 1, "name": "engine step", "ts": 200.0, "dur": 220.0},
+        {"ph": "X", "pid": 1, "name": "read back", "ts": 10.0, "dur": 40.0},
+        {"ph": "X", "pid": 2, "name": "engine step", "ts": 0.0, "dur": 999.0},  # a device event: not a host span
+    ]
+    t = {"traceEvents": events}
+    assert trace.device_busy(t) == (999.0, 999.0)  # the device's "engine step" event spans all
+    t = {"traceEvents": events[:-1]}
+    assert trace.device_busy(t) == (400.0, 200.0)
+    spans = trace.host_spans(t, ("engine step", "read back", "prefill"))
+    assert spans == {"engine step": [180.0, 220.0], "read back": [40.0]}

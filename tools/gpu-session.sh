@@ -34,7 +34,9 @@
 #           load:M     python -m bench load on model M: llama-batched-bench, llama-server -np N and the worker, N
 #                      concurrent streams (1, 8, 32, 64; and 128 for models <= 1B), 128-token and mixed prompts;
 #                      budget LOAD_SECONDS (default 180) a model; skipped when an earlier call has M's load result
-#                      without errors (FORCE=1 redoes it); LOAD_ARGS are passed on (e.g. "--max-batch 64")
+#                      without errors (FORCE=1 redoes it); LOAD_ARGS are passed on (e.g. "--max-batch 64");
+#                      LOAD_TRACE_ROWS=N traces the worker's timed round at N streams (24 engine steps, summed by
+#                      bench.trace in the stage's log; the trace in the logs tarball under load/trace-M)
 #           load-all   load: on the four models in that order
 # State reused by later calls while the machine stays warm (models, llama.cpp build, results) lives in $GPU_STATE
 # (default /var/tmp/worker-gpu). Every call ends by writing, under $OUT, summary.md and summary.json (all results
@@ -179,8 +181,16 @@ sys.exit(1 if r["errors"] or not r["rows"] or any(x["errors"] for x in r["rows"]
         echo "have $json"
         return 0
     fi
-    py -m bench load --model "$(model_path "$like")" --label "$like" --device "$dev" --llamacpp "$llama_bin" \
+    local rc f trace="$results/load/trace-$like"
+    # LOAD_TRACE_ROWS=N: the worker traces the timed round that first holds N running rows (worker/step_trace.py;
+    # round 2: each level's untimed warm-up round comes first)
+    WORKER_TRACE_DIR=${LOAD_TRACE_ROWS:+$trace} WORKER_TRACE_ROWS=${LOAD_TRACE_ROWS:-} WORKER_TRACE_ROUND=2 \
+        py -m bench load --model "$(model_path "$like")" --label "$like" --device "$dev" --llamacpp "$llama_bin" \
         --out "$results/load" --budget $((STAGE_BUDGET - 20)) ${LOAD_ARGS:-}
+    rc=$?
+    f=$(newest_trace "$trace")
+    [ -n "$f" ] && { echo "== $(basename "$trace")"; py -m bench.trace "$f"; }
+    return $rc
 }
 
 # A stage runs as `tools/gpu-session.sh --run FUNCTION ARGS` under `timeout`.

@@ -25,6 +25,7 @@ from worker.kv_cache import table_row
 from worker.runner import RowInputs, Runner, Scores
 from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs, seed_key
 from worker.scheduler import Scheduler, Sequence
+from worker.step_trace import DECODE, PREFILL, READ_BACK, span
 from worker.tokenizer import Tokenizer
 
 
@@ -100,18 +101,21 @@ class Batch:
         out, self._ended = self._ended, []
         self.scheduler.admit()
         self._ensure_state()
-        out.extend(self._prefill())
+        with span(PREFILL):
+            out.extend(self._prefill())
         queued = False
         decoding = self.scheduler.decoding()
         if decoding:
             try:
-                self._decode(decoding)
+                with span(DECODE):
+                    self._decode(decoding)
                 queued = True
             except Exception as e:  # the dispatch's rows fail; the others (still prefilling) may go on
                 out.extend(self._fail(seq, e) for seq in decoding)
                 out.extend(self._check_state())
-        while len(self._pending) > int(queued):
-            out.extend(self._deliver(self._pending.popleft()))
+        with span(READ_BACK):
+            while len(self._pending) > int(queued):
+                out.extend(self._deliver(self._pending.popleft()))
         return out
 
     def time_decode(self, rows: int, plan: SamplingPlan, repeats: int = 3) -> float:

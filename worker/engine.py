@@ -29,6 +29,7 @@ from worker.errors import ErrorCode, WorkerError
 from worker.model import Model
 from worker.sampling import MAX_SEED, SamplingParams, TokenLogprobs, new_seed
 from worker.scheduler import Sequence
+from worker.step_trace import EVENTS, STEP, StepTracer, span
 from worker.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -234,6 +235,7 @@ class Engine:
         self._lock = threading.Lock()
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._tracer = StepTracer.from_env(self.max_batch)
 
     # -- public API (any thread) --------------------------------------------------------------------------
 
@@ -355,14 +357,19 @@ class Engine:
             if not batch.busy:
                 continue
             self._check_running(batch)
+            self._tracer.before_step(len(batch.scheduler.running))
             try:
-                deliveries = batch.step()
+                with span(STEP):
+                    deliveries = batch.step()
             except Exception as e:  # a defect of ours or the device's: every job in the batch fails, we go on
                 self._fail_all(batch, map_runtime_error(e))
                 continue
-            for d in deliveries:
-                self._handle(d, batch)
-            self._start_admitted(batch)
+            finally:
+                self._tracer.after_step()
+            with span(EVENTS):
+                for d in deliveries:
+                    self._handle(d, batch)
+                self._start_admitted(batch)
 
     def _take(self, job: _Job, batch: Batch) -> None:
         """A submitted job joins the batch's line, unless it was cancelled while in the inbox."""
