@@ -226,6 +226,7 @@ def test_a_cancel_ends_a_running_job_at_once_even_inside_a_long_dispatch(engine,
         pass
     start = time.monotonic()
     assert engine.cancel(req.job_id) is True
+    assert engine.cancel(req.job_id) is False  # already ended, although the engine thread still holds its row
     ev = events.get(timeout=5)
     while isinstance(ev, TokenEvent):  # tokens already queued before the cancel
         ev = events.get(timeout=5)

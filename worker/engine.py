@@ -307,9 +307,10 @@ class Engine:
         return ids
 
     def cancel(self, job_id: str) -> bool:
-        """Idempotent. True if the job was waiting or running; it then ends with error CANCELLED when this returns
-        (a waiting job's place in the queue is free then; a running job's row and pages at the engine thread's next
-        check)."""
+        """Idempotent. True if the job was waiting or running and this call ended it; it then ends with error
+        CANCELLED when this returns (a waiting job's place in the queue is free then; a running job's row and pages
+        at the engine thread's next check). False for a job that had already ended, also while the engine thread
+        has yet to drop it (a second cancel of the same job)."""
         with self._lock:
             job = self._waiting.pop(job_id, None)
             running = self._running.get(job_id)
@@ -319,8 +320,7 @@ class Engine:
             return True
         if running is not None:
             running.cancelled.set()
-            self._fail(running, WorkerError(ErrorCode.CANCELLED, f"job {job_id} was cancelled"))
-            return True
+            return self._fail(running, WorkerError(ErrorCode.CANCELLED, f"job {job_id} was cancelled"))
         return False
 
     def shutdown(self, deadline_s: float = 5.0) -> None:
@@ -473,12 +473,15 @@ class Engine:
                 job.cancelled.set()
             return True
 
-    def _fail(self, job: _Job, err: WorkerError) -> None:
-        if self._emit(job, ErrorEvent(job.req.job_id, err.code, err.message, err.retriable)):
-            self._on_event(
-                "execute_end" if err.code == ErrorCode.CANCELLED else "error",
-                {"job_id": job.req.job_id, "code": str(err.code), "message": err.message},
-            )
+    def _fail(self, job: _Job, err: WorkerError) -> bool:
+        """End the job with `err`; False if it had already ended (its terminal event was sent)."""
+        if not self._emit(job, ErrorEvent(job.req.job_id, err.code, err.message, err.retriable)):
+            return False
+        self._on_event(
+            "execute_end" if err.code == ErrorCode.CANCELLED else "error",
+            {"job_id": job.req.job_id, "code": str(err.code), "message": err.message},
+        )
+        return True
 
 
 def map_runtime_error(e: Exception) -> WorkerError:
