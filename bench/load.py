@@ -28,11 +28,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import llamacpp
 from bench.ttft import start_server, stop
@@ -288,9 +290,11 @@ def warmups(texts: dict[str, list[str]], n: int) -> list[list[str]]:
     return [sets[0][:n]] + [s[: len(MIXED_PROMPT_TOKENS)] for s in sets[1:]]
 
 
-def run_levels(pool, plan: Plan, texts: dict[str, list[str]], url_at, protocol: str, engine: str) -> list[dict]:
+def run_levels(pool, plan: Plan, texts: dict[str, list[str]], url_at, protocol: str, engine: str,
+               probe: Callable[[str], dict[str, float]] | None = None) -> list[dict]:  # fmt: skip
     """For each level: `url_at(n)` gives a ready server (a context manager), the warm-up rounds, then one timed round
-    per prompt set. A level that would start past the deadline is recorded as skipped."""
+    per prompt set. A level that would start past the deadline is recorded as skipped. `probe(url)`: counters read
+    before and after each timed round (the worker's CPU seconds by thread), reported per output token."""
     rows = []
     for n in plan.levels:
         if time.monotonic() > plan.deadline:
@@ -301,7 +305,12 @@ def run_levels(pool, plan: Plan, texts: dict[str, list[str]], url_at, protocol: 
                 for warm in warmups(texts, n):
                     round_of(pool, plan.procs, url, protocol, warm, WARMUP_TOKENS, plan.limit())
                 for name in plan.sets:
+                    before = probe(url) if probe else {}
                     row = round_of(pool, plan.procs, url, protocol, texts[name][:n], plan.max_tokens, plan.limit())
+                    if before and row.get("output_tokens"):
+                        after = probe(url)
+                        row["host_us_per_token"] = {k: round((after[k] - v) * 1e6 / row["output_tokens"], 1)
+                                                    for k, v in before.items() if k in after}  # fmt: skip
                     rows.append({"engine": engine, "set": name} | row)
                     print(f"[load] {engine} {name} N={n}: {fmt_row(rows[-1])}", file=sys.stderr, flush=True)
         except Exception as e:  # recorded; the next level (a fresh llama-server) may still run
@@ -319,7 +328,8 @@ def default_levels(model: str) -> list[int]:
 def worker_part(args, plan: Plan, texts, pool, log: Path, result: dict) -> list[dict]:
     """The worker: one server (started here, or --url) for every level."""
     if args.url:
-        return run_levels(pool, plan, texts, lambda n: contextlib.nullcontext(args.url), "worker", "worker")
+        return run_levels(pool, plan, texts, lambda n: contextlib.nullcontext(args.url), "worker", "worker",
+                          thread_cpu)  # fmt: skip
     extra = worker_server_args(plan.levels, args.max_batch, worker_flags())
     if args.tensor_parallel > 1:
         extra += ["--tensor-parallel", str(args.tensor_parallel)]
@@ -328,13 +338,28 @@ def worker_part(args, plan: Plan, texts, pool, log: Path, result: dict) -> list[
     proc, url, result["worker_ready_s"] = start_server(args.model, args.device, log, extra)
     try:
         result["worker_health"] = worker_settings(url)
-        return run_levels(pool, plan, texts, lambda n: contextlib.nullcontext(url), "worker", "worker")
+        return run_levels(pool, plan, texts, lambda n: contextlib.nullcontext(url), "worker", "worker", thread_cpu)
     finally:
         stop(proc, url)
 
 
 # What the worker chose at start (docs/http.md): the steps of a decode dispatch, the MoE experts' bf16 copy, the pool.
 HEALTH_KEYS = ("max_batch", "decode_steps", "bf16_experts", "deterministic", "kv_pages_total", "vram_bytes_used")
+
+
+def thread_cpu(url: str) -> dict[str, float]:
+    """The worker's CPU seconds by thread (engine, event_loop) from /metrics (worker_thread_cpu_seconds); empty for a
+    worker without them."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return {}
+    return {
+        s.labels["thread"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "worker_thread_cpu_seconds"
+    }
 
 
 def worker_settings(url: str) -> dict:
@@ -377,6 +402,12 @@ def fmt_row(r: dict) -> str:
     )
 
 
+def _host(per_token: dict | None) -> str:
+    if not per_token or "engine" not in per_token or "event_loop" not in per_token:
+        return "-"
+    return f"{per_token['engine']:.0f} / {per_token['event_loop']:.0f}"
+
+
 def markdown(result: dict) -> str:
     """The result as docs/PERFORMANCE.md takes it: one table of the HTTP rounds (both engines, side by side per set
     and N, with the worker / llama-server ratio of output tok/s) and one of llama-batched-bench."""
@@ -384,8 +415,8 @@ def markdown(result: dict) -> str:
         f"### {result['label']} ({result['device']}): {result['max_tokens']} output tokens a stream",
         "",
         "| set | N | engine | out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
-        "min tokens/stream | worker / llama-server | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "min tokens/stream | worker / llama-server | host µs/token (engine / loop) | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = result["rows"]
     peer = {(r["set"], r["streams"]): r.get("output_tok_s") for r in rows if r["engine"] == "llama-server"}
@@ -404,6 +435,7 @@ def markdown(result: dict) -> str:
             _ms(r.get("itl_p99_s")),
             str(r.get("tokens_per_stream_min", "-")),
             ratio,
+            _host(r.get("host_us_per_token")),
             "; ".join(r["errors"]) or "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -47,6 +47,7 @@ class WorkerMetrics:
         running_jobs: Callable[[], float],
         kv_pages_used: Callable[[], float],
         kv_pages_total: int,
+        engine_cpu_seconds: Callable[[], float] = lambda: 0.0,
     ):
         self.registry = CollectorRegistry(auto_describe=True)
         r, q = self.registry, {"quant_kind": quant_kind}
@@ -98,6 +99,13 @@ class WorkerMetrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         ).labels(**q)
+        # The host side of serving, per thread: with hundreds of streams a token's host work (its delivery, its SSE
+        # event, the socket write) can bound the rate. The event loop's thread is measured by the /metrics handler,
+        # which runs on it (`render`).
+        cpu = Gauge("worker_thread_cpu_seconds", "CPU seconds used by the engine thread and the HTTP event loop's",
+                    ["quant_kind", "thread"], registry=r)  # fmt: skip
+        cpu.labels(thread="engine", **q).set_function(engine_cpu_seconds)
+        self._loop_cpu = cpu.labels(thread="event_loop", **q)
         self._q = q
 
     def request(self, outcome: str) -> None:
@@ -116,5 +124,8 @@ class WorkerMetrics:
     def client_disconnected(self) -> None:
         self._disconnects.inc()
 
-    def render(self) -> bytes:
+    def render(self, loop_cpu_seconds: float | None = None) -> bytes:
+        """The exposition; `loop_cpu_seconds`: the event loop thread's CPU time, from a caller on that thread."""
+        if loop_cpu_seconds is not None:
+            self._loop_cpu.set(loop_cpu_seconds)
         return generate_latest(self.registry)

@@ -85,6 +85,7 @@ class WorkerService:
             running_jobs=lambda: len(engine.running),
             kv_pages_used=lambda: model.batch.scheduler.pool.used,
             kv_pages_total=model.batch.scheduler.pool.total,
+            engine_cpu_seconds=lambda: engine.cpu_seconds,
         )
         model.batch.on_decode = self.metrics.batch_size
 

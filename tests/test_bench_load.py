@@ -187,15 +187,16 @@ def test_markdown_puts_the_engines_side_by_side():
     row = {"set": "fixed", "streams": 64, "ttft_p50_s": 0.1, "ttft_p99_s": 0.2, "itl_p50_s": 0.01, "itl_p99_s": 0.02}
     result = {
         "label": "m", "device": "gpu", "max_tokens": 128, "sets": {"fixed": [128]}, "worker_args": ["--max-queue", "9"],
-        "rows": [row | {"engine": "worker", "output_tok_s": 300.0, "tokens_per_stream_min": 128, "errors": []},
+        "rows": [row | {"engine": "worker", "output_tok_s": 300.0, "tokens_per_stream_min": 128, "errors": [],
+                        "host_us_per_token": {"engine": 41.26, "event_loop": 130.0}},
                  row | {"engine": "llama-server", "output_tok_s": 150.0, "tokens_per_stream_min": 128, "errors": []}],
         "batched_bench": {"command": "llama-batched-bench -npl 64", "rows": [
             {"pl": 64, "pp": 128, "tg": 128, "s_pp": 9000.0, "s_tg": 4000.0, "s": 5000.0}]},
         "errors": {"x": "boom"},
     }  # fmt: skip
     text = load.markdown(result)
-    assert "| fixed | 64 | worker | 300.0 | 100.0 | 200.0 | 10.0 | 20.0 | 128 | 2.00 | - |" in text
-    assert "| fixed | 64 | llama-server | 150.0 |" in text
+    assert "| fixed | 64 | worker | 300.0 | 100.0 | 200.0 | 10.0 | 20.0 | 128 | 2.00 | 41 / 130 | - |" in text
+    assert "| fixed | 64 | llama-server | 150.0 |" in text and "| 128 | - | - | - |" in text
     assert "| 64 | 128 | 128 | 9000.0 | 4000.0 | 5000.0 |" in text and "- x: boom" in text
 
 
@@ -215,6 +216,9 @@ def test_load_rounds_through_the_real_server(tmp_path):
     assert [r["streams"] for r in got["rows"]] == [1, 3] and got["errors"] == {}
     assert got["worker_args"] == ["--max-queue", "3", "--max-batch", "3", "--dispatch-ms", "50"]
     assert got["worker_health"]["max_batch"] == 3 and got["worker_health"]["decode_steps"] == 1  # the CPU's
+    for r in got["rows"]:  # the worker's host CPU a token, by thread, from its /metrics
+        assert set(r["host_us_per_token"]) == {"engine", "event_loop"}
+        assert r["host_us_per_token"]["engine"] > 0 and r["host_us_per_token"]["event_loop"] > 0
     for r in got["rows"]:
         assert r["errors"] == [] and 0 < r["output_tokens"] <= 8 * r["streams"] and r["output_tok_s"] > 0
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] and r["prompt_tokens_min"] == r["prompt_tokens_max"] == 128

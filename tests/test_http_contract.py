@@ -285,6 +285,12 @@ def test_metrics_parse_and_count_by_outcome(server):
         assert dict(labels).get("quant_kind") == "Q4_K_M", name
         if name in ("worker_vram_bytes", "worker_uptime_seconds"):
             assert value > 0
+    # the host's CPU by thread: the engine's grew with the job, the event loop's is there and never falls
+    cpu = {
+        dict(k[1])["thread"]: (before.get(k, 0.0), v) for k, v in after.items() if k[0] == "worker_thread_cpu_seconds"
+    }
+    assert set(cpu) == {"engine", "event_loop"}
+    assert cpu["engine"][1] > cpu["engine"][0] and cpu["event_loop"][1] >= cpu["event_loop"][0] > 0
 
 
 def test_events_that_queued_up_go_out_in_one_write():

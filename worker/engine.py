@@ -236,6 +236,7 @@ class Engine:
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._tracer = StepTracer.from_env(self.max_batch)
+        self.cpu_seconds = 0.0  # the engine thread's CPU time so far (/metrics: the host side of serving)
 
     # -- public API (any thread) --------------------------------------------------------------------------
 
@@ -370,6 +371,7 @@ class Engine:
                 for d in deliveries:
                     self._handle(d, batch)
                 self._start_admitted(batch)
+            self.cpu_seconds = time.thread_time()
 
     def _take(self, job: _Job, batch: Batch) -> None:
         """A submitted job joins the batch's line, unless it was cancelled while in the inbox."""
