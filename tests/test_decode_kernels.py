@@ -12,7 +12,9 @@ from gguf import GGMLQuantizationType as QT
 from model_oracles import manifest, teacher_forced_decode
 
 import worker
+from worker import device as devices
 from worker.errors import ErrorCode, WorkerError
+from worker.gguf import open_gguf
 from worker.pallas_kernels import moe_matmul as mm
 from worker.pallas_kernels import qmatvec as qmv
 
@@ -63,3 +65,21 @@ def test_bf16_experts_are_refused_where_nothing_would_read_them(oracles):
             worker.load(path, device="cpu", backend=backend, max_batch=16, bf16_experts=True)
         assert err.value.code == ErrorCode.INVALID_REQUEST
     assert not worker.load(gpt_oss, device="cpu", backend="interpret", max_batch=16).bf16_experts  # auto: GPU only
+
+
+def test_bf16_experts_by_default_only_where_the_copy_fits(oracles, monkeypatch):
+    """The default on a GPU (the gpu backend, loaded here on the CPU device): the copy where the pre-flight check
+    passes with it, none where only the stored weights fit; asked for, a copy that does not fit is refused."""
+    path = oracles / "models/gpt-oss/model-mxfp4_moe.gguf"
+    assert worker.load(path, device="cpu", backend="gpu", max_batch=16).bf16_experts
+    stored = open_gguf(path).tensor_bytes
+
+    def tight(need, device, model_path):  # a device with room for the stored weights and little more
+        if need.weights > 2 * stored:
+            raise WorkerError(ErrorCode.INSUFFICIENT_VRAM, "too big")
+
+    monkeypatch.setattr(devices, "check_fits", tight)
+    assert not worker.load(path, device="cpu", backend="gpu", max_batch=16).bf16_experts
+    with pytest.raises(WorkerError) as err:
+        worker.load(path, device="cpu", backend="gpu", max_batch=16, bf16_experts=True)
+    assert err.value.code == ErrorCode.INSUFFICIENT_VRAM

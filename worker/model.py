@@ -395,9 +395,8 @@ def load_model(
     if bf16_experts and (backend == "cpu" or mesh is not None or not copy_bytes):
         raise WorkerError(ErrorCode.INVALID_REQUEST, "bf16 experts need a kernel backend (gpu or interpret), one "
                           "device and a file with quantized MoE experts")  # fmt: skip
-    if bf16_experts is None:
-        bf16_experts = backend == "gpu" and mesh is None and copy_bytes > 0 and cfg.decode_kernels == "tensor-cores"
-    copies = copy_bytes if bf16_experts else 0
+    auto = bf16_experts is None and backend == "gpu" and mesh is None and cfg.decode_kernels == "tensor-cores"
+    copies = copy_bytes if bf16_experts or auto else 0
 
     def on_each(need: devices.MemoryEstimate) -> devices.MemoryEstimate:
         need = dataclasses.replace(need, weights=need.weights + copies)
@@ -407,9 +406,9 @@ def load_model(
         for d in targets:
             devices.check_fits(on_each(devices.estimate(gf, cfg, tokens, kind)), d, str(gf.path))
 
-    if copies and bf16_experts is not True:
-        try:  # auto: the copy only where it leaves room for one whole context
-            check_fits(slots)
+    if copies and auto:
+        try:  # the copy only where it leaves room for the pool the checks below ask for
+            check_fits(slots if kv_tokens is None else kv_tokens)
         except WorkerError:
             copies = 0
 
