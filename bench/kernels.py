@@ -187,6 +187,11 @@ def best_tiling(time_with: Callable[..., float], default_s: float, tilings: list
     return best
 
 
+def grouped_call_s(op, x, experts, ids, repeat: int, **tiles) -> float:
+    """Seconds per call of a grouped matmul (`op`: the kernel or its twin) with these tiles."""
+    return timed(jax.jit(lambda x, w, i: op(x, w, i, **tiles)), x, experts, ids, repeat=repeat)
+
+
 def bench_grouped(label, qtype, shape, k_sel, tokens, args) -> None:
     """The prefill grouped matmul with prefill's tiles (moe_matmul.PREFILL_TILES): `tokens` tokens, each routed to
     k_sel distinct experts at random; decode's tiles and the twin (each expert over every token) beside it."""
@@ -198,7 +203,7 @@ def bench_grouped(label, qtype, shape, k_sel, tokens, args) -> None:
     flops = 2 * tokens * k_sel * n * kdim
 
     def per_call_grouped(op, **tiles) -> float:
-        return timed(jax.jit(lambda x, w, i: op(x, w, i, **tiles)), x, w, ids, repeat=args.repeat)
+        return grouped_call_s(op, x, w, ids, args.repeat, **tiles)
 
     t_kernel = per_call_grouped(mm.moe_matmul, **interp, **mm.PREFILL_TILES)
     t_decode = per_call_grouped(mm.moe_matmul, **interp)
@@ -228,7 +233,7 @@ def bench_decode_moe(label, qtype, shape, k_sel, rows, args, bw) -> None:
     interp = dict(interpret=True) if args.smoke else {}
 
     def per_call_grouped(experts, **tiles) -> float:
-        return timed(jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, **tiles)), x, experts, ids, repeat=args.repeat)
+        return grouped_call_s(mm.moe_matmul, x, experts, ids, args.repeat, **tiles)
 
     t_stored = per_call_grouped(w, **interp)
     t_copy = per_call_grouped(copy, **interp, **mm.DECODE_COPY_TILES)

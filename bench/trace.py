@@ -16,7 +16,7 @@ import gzip
 import json
 from collections import defaultdict
 
-from worker.step_trace import DECODE, EVENTS, PREFILL, READ_BACK, STEP
+from worker.step_trace import SPANS
 
 
 def _gpu_pids(trace: dict) -> set:
@@ -27,25 +27,24 @@ def _gpu_pids(trace: dict) -> set:
     }
 
 
+def _device_events(trace: dict) -> list[dict]:
+    """The complete events on the GPU's processes."""
+    gpu = _gpu_pids(trace)
+    return [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+
+
 def device_kernels(trace: dict) -> dict[str, list[float]]:
     """Kernel name -> durations (us) of the complete events on the GPU's processes."""
-    gpu = _gpu_pids(trace)
     out: dict[str, list[float]] = defaultdict(list)
-    for e in trace.get("traceEvents", []):
-        if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
-            out[e["name"]].append(float(e["dur"]))
+    for e in _device_events(trace):
+        out[e["name"]].append(float(e["dur"]))
     return out
 
 
 def device_busy(trace: dict) -> tuple[float, float]:
     """(window, busy) in us: from the first kernel's start to the last one's end, and the union of the GPU's
     event intervals within it (overlapping streams counted once)."""
-    gpu = _gpu_pids(trace)
-    spans = sorted(
-        (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
-        for e in trace.get("traceEvents", [])
-        if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e
-    )
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in _device_events(trace))
     if not spans:
         return 0.0, 0.0
     busy, (start, end) = 0.0, spans[0]
@@ -55,9 +54,8 @@ def device_busy(trace: dict) -> tuple[float, float]:
             busy, start, end = busy + end - start, a, b
         else:
             end = max(end, b)
-    busy += end - start
-    window = max(b for _, b in spans) - first
-    return window, busy
+    # the last merged interval ends last: an earlier one reaching past its start would have merged with it
+    return end - first, busy + end - start
 
 
 def host_spans(trace: dict, names: tuple[str, ...]) -> dict[str, list[float]]:
@@ -88,7 +86,7 @@ def main() -> None:
     with opener(args.trace, "rt") as f:
         trace = json.load(f)
     kernels = device_kernels(trace)
-    spans = host_spans(trace, (STEP, PREFILL, DECODE, READ_BACK, EVENTS))
+    spans = host_spans(trace, SPANS)
     if not kernels and not spans:
         names = sorted({str(e.get("args", {}).get("name")) for e in trace.get("traceEvents", []) if e.get("ph") == "M"})
         raise SystemExit(f"{args.trace}: no GPU process among {', '.join(names[:20])}, and no engine spans")
@@ -96,7 +94,7 @@ def main() -> None:
         print("\n".join(summary(kernels, args.top)))
         window, busy = device_busy(trace)
         print(f"device busy {busy / 1e3:.2f} of {window / 1e3:.2f} ms ({busy / max(window, 1.0):.1%}: kernel union)")
-    for name in (STEP, PREFILL, DECODE, READ_BACK, EVENTS):
+    for name in SPANS:
         if spans.get(name):
             d = spans[name]
             print(f"host {name:16s} {sum(d) / 1e3:9.2f} ms in {len(d):4d}, {sum(d) / len(d) / 1e3:7.2f} ms each")

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 # The host spans (jax.profiler.TraceAnnotation names): an engine step, and within it the parts of worker/batch.py.
 STEP, PREFILL, DECODE, READ_BACK, EVENTS = "engine step", "prefill", "decode dispatch", "read back", "engine events"
+SPANS = (STEP, PREFILL, DECODE, READ_BACK, EVENTS)
 
 
 def span(name: str) -> jax.profiler.TraceAnnotation:
