@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from worker.batch import key_data
 from worker.sampling import (
     ALL_STAGES,
     SamplingArrays,
@@ -104,6 +105,21 @@ def test_seed_derivation_covers_uint64():
     assert not np.array_equal(jax.random.key_data(k1), jax.random.key_data(k2))
     with pytest.raises(ValueError):
         seed_key(2**64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63, 2**64 - 1, 0xDEADBEEFCAFEBABE])
+def test_host_key_data_is_the_eager_keys_bits(seed):
+    # The engine derives each job's key in one jitted program on the CPU device (batch.key_data); its bits must be
+    # those of JAX's own eager key derivation from the seed's two words (JAX's threefry, not ours).
+    eager = jax.random.fold_in(jax.random.key(seed >> 32), seed & 0xFFFFFFFF)
+    np.testing.assert_array_equal(key_data(seed), np.asarray(jax.random.key_data(eager)))
+    assert key_data(seed).dtype == np.uint32
+
+
+def test_host_key_data_refuses_what_is_not_a_uint64():
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError):
+            key_data(bad)
 
 
 def test_changing_parameters_does_not_recompile():

@@ -18,6 +18,8 @@
 #                      tarball), summed by kernel (bench.trace) in the stage's log
 #           kbench     python -m bench.kernels $KBENCH_ARGS (default "--rows 0 --prefill 4096 --sweep": the prefill
 #                      tiles); budget KBENCH_SECONDS (default 240)
+#           host       python -m bench.host on this machine's CPU (the engine, then HTTP, at 256 streams of a model that
+#                      costs nothing: the host's µs a token); HOST_ARGS passed on; budget HOST_SECONDS (default 150)
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py; qmatvec's rows in big calls and
 #                      its unquantized formats); PYTEST_K picks others (pytest -k) among those files and
 #                      tests/test_sampling.py (e.g. rows_filter); budget INVARIANCE_SECONDS (default 180)
@@ -149,6 +151,15 @@ do_kbench() {
     py -m bench.kernels ${KBENCH_ARGS:---rows 0 --prefill 4096 --sweep}
 }
 
+do_host() {
+    # bench.host on this machine's CPU: the engine alone, then through HTTP, at 256 streams of a model that costs
+    # nothing (the tiny qwen2 of the oracles: the call must carry shared/)
+    local model=shared/oracles/models/qwen2/model-q4_k_m.gguf
+    # shellcheck disable=SC2086  # HOST_ARGS is a list of flags
+    JAX_PLATFORMS=cpu py -m bench.host --model "$model" --rounds 2 ${HOST_ARGS:-} &&
+        JAX_PLATFORMS=cpu py -m bench.host --model "$model" --rounds 2 --http --client-procs 4 ${HOST_ARGS:-}
+}
+
 do_bench() {
     local like=$1 path
     if [ -z "${FORCE:-}" ] && grep -qs '"errors": {}' "$results/$like-${BENCH_DEVICE:-gpu}.json"; then
@@ -247,6 +258,7 @@ for s in "$@"; do
         rows:*) stage "rows-${s#rows:}" "${ROWS_SECONDS:-150}" do_rows "${s#rows:}" ;;
         invariance) stage invariance "${INVARIANCE_SECONDS:-180}" do_invariance ;;
         kbench) stage kbench "${KBENCH_SECONDS:-240}" do_kbench ;;
+        host) stage host "${HOST_SECONDS:-150}" do_host ;;
         synth) stage synth 300 do_synth ;;
         synth:*) stage "synth-${s#synth:}" 300 do_synth "${s#synth:}" ;;
         prep)

@@ -21,17 +21,27 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from worker.kv_cache import table_row
 from worker.runner import RowInputs, Runner, Scores
-from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs, seed_key
+from worker.sampling import MAX_SEED, SamplingParams, SamplingPlan, TokenLogprobs, seed_key_words
 from worker.scheduler import Scheduler, Sequence
 from worker.step_trace import DECODE, PREFILL, READ_BACK, span
 from worker.tokenizer import Tokenizer
 
 
 def key_data(seed: int) -> np.ndarray:
-    """The uint32 [2] key data of a uint64 seed's PRNG key (worker.sampling.seed_key)."""
-    return np.asarray(jax.random.key_data(seed_key(seed)), np.uint32)
+    """The uint32 [2] key data of a uint64 seed's PRNG key (worker.sampling.seed_key's bits), on the host's CPU
+    device in one jitted program. Why: eager ops on the default device, a GPU, would queue behind the decode
+    dispatch in flight, and reading their result would stall the engine thread (and with it the pipeline) for the
+    rest of that dispatch at every admission; eager on the CPU it also took ~0.5 ms a job."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed {seed} is not a uint64")
+    with jax.default_device(jax.devices("cpu")[0]):
+        return np.asarray(_key_data(np.uint32(seed >> 32), np.uint32(seed & 0xFFFFFFFF)), np.uint32)
+
+
+@jax.jit
+def _key_data(hi: jax.Array, lo: jax.Array) -> jax.Array:
+    return jax.random.key_data(seed_key_words(hi, lo))
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,10 @@ class Batch:
         self.prefill_tokens = prefill_tokens or runner.chunk  # prompt tokens prefilled a step (at least one chunk)
         self.scheduler = Scheduler(runner.max_batch, runner.pages, runner.page_size)
         self._cache = self._rows = None  # allocated at first use
+        # Every batch row's decode inputs, kept between dispatches: a row's table, parameters and key are written
+        # when its sequence starts decoding and cleared when it leaves; a dispatch advances positions and draw
+        # indices in place. Rebuilding them each dispatch was a Python loop over the rows (bench.host).
+        self._inputs: RowInputs | None = None
         self.on_decode: Callable[[int], None] = lambda rows: None  # told each dispatch's sequence count (metrics)
         self._pending: deque[_Pending] = deque()
         self._ended: list[Delivery] = []  # sequences that end before running (no room for a single token)
@@ -79,6 +93,7 @@ class Batch:
 
     def add(self, seq: Sequence) -> None:
         seq.params = seq.params or SamplingParams()
+        seq.plan = seq.params.plan()
         if seq.budget <= 0:
             seq.finished = "max_tokens" if seq.max_tokens <= 0 else "context"
             self._ended.append(Delivery(seq, [], [] if seq.params.logprobs else None, seq.finished))
@@ -94,6 +109,13 @@ class Batch:
         still in flight for it are dropped when they arrive."""
         if seq.finished is None:
             seq.finished = "released"
+        self._leave(seq)
+
+    def _leave(self, seq: Sequence) -> None:
+        """Free `seq`'s row and pages; its row's inputs become a row without a sequence's (the null page table):
+        a later dispatch computes that row too, and must not write into pages that another sequence then holds."""
+        if seq.row is not None and self._inputs is not None and self.scheduler.rows[seq.row] is seq:
+            self._inputs.clear(seq.row)
         self.scheduler.release(seq)
 
     def step(self) -> list[Delivery]:
@@ -146,6 +168,8 @@ class Batch:
     def _ensure_state(self) -> None:
         if self._cache is None:
             self._cache, self._rows = self.runner.new_cache(), self.runner.new_rows()
+        if self._inputs is None:
+            self._inputs = RowInputs.neutral(self.runner.row_buckets()[-1], self.runner.max_pages)
 
     def _prefill(self) -> list[Delivery]:
         failed, budget, r = [], self.prefill_tokens, self.runner
@@ -187,23 +211,26 @@ class Batch:
         rows; it is delivered like a decode dispatch's."""
         r = self.runner
         inputs = self.row_inputs(done, logits.shape[0], 1)
-        plan = union_plan([s.params.plan() for _, s in done])
+        plan = union_plan({s.plan for _, s in done})
         tokens, seen, scores = r.first_tokens(logits, inputs, [(i, s.ids) for i, s in done], plan)
         self._rows = r.join(self._rows, [(i, s.row) for i, s in done], tokens, seen)
         for _, s in done:
             s.position, s.dispatched = len(s.ids), 1
+            self._inputs.place(s.row, s, self.runner.max_pages)
         self._pending.append(_Pending(tokens[:, None], _lift(scores), done))
 
     def _decode(self, decoding: list[Sequence]) -> None:
-        r, steps = self.runner, self.steps
-        rows = r.row_bucket(max(s.row for s in decoding) + 1)
-        width = r.table_width(max(s.position for s in decoding) + steps)
+        r, steps, kept = self.runner, self.steps, self._inputs
         placed = [(s.row, s) for s in decoding]
-        plan = union_plan([s.params.plan() for s in decoding])
-        inputs = self.row_inputs(placed, rows, width)
-        ids, self._rows, self._cache, scores = r.decode(self._rows, self._cache, inputs, steps, plan)
+        live = np.fromiter((row for row, _ in placed), np.intp, len(placed))
+        rows = r.row_bucket(int(live.max()) + 1)
+        width = r.table_width(int(kept.positions[live].max()) + steps)
+        plan = union_plan({s.plan for s in decoding})
+        ids, self._rows, self._cache, scores = r.decode(self._rows, self._cache, kept.head(rows, width), steps, plan)
         for a in (ids, *(scores or ())):
             a.copy_to_host_async()
+        kept.positions[live] += steps
+        kept.index[live] += steps
         for s in decoding:
             s.position, s.dispatched = s.position + steps, s.dispatched + steps
         self._pending.append(_Pending(ids, scores, placed))
@@ -213,11 +240,7 @@ class Batch:
         """Per-row inputs; rows without a sequence get the null page table and neutral parameters."""
         a = RowInputs.neutral(rows, width)
         for row, s in placed:
-            p = s.params
-            a.positions[row], a.index[row], a.keys[row] = s.position, s.dispatched, s.key
-            a.tables[row] = table_row(s.pages, width)
-            a.temperature[row], a.top_k[row], a.top_p[row] = p.temperature, p.top_k, p.top_p
-            a.min_p[row], a.repetition_penalty[row] = p.min_p, p.repetition_penalty
+            a.place(row, s, width)
         return a
 
     def _check_state(self) -> list[Delivery]:
@@ -225,7 +248,7 @@ class Batch:
         the KV pool is gone and with it every running sequence; fail them and rebuild at the next step."""
         if not self._state_lost():
             return []
-        self._cache = self._rows = None
+        self._cache = self._rows = self._inputs = None
         self._pending.clear()
         lost = RuntimeError("the KV cache was lost when another job's step failed on the device")
         return [self._fail(seq, lost) for seq in self.scheduler.running]
@@ -262,7 +285,7 @@ class Batch:
             if seq.finished is None and seq.produced >= seq.budget:
                 seq.finished = "max_tokens" if seq.produced >= seq.max_tokens else "context"
             if seq.finished is not None:
-                self.scheduler.release(seq)
+                self._leave(seq)
             out.append(Delivery(seq, tokens, lps, seq.finished))
         return out
 

@@ -185,6 +185,8 @@ class StopMatcher:
 
     def feed(self, piece: str) -> tuple[str, bool]:
         """Append `piece`; returns (text now safe to emit, whether a stop string was found)."""
+        if not self.stops:  # nothing to hold back (the common case, once a token for every running job)
+            return piece, False
         self.text += piece
         hits = [i for i in (self.text.find(s, self.emitted) for s in self.stops) if i >= 0]
         if hits:

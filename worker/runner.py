@@ -36,6 +36,8 @@ from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample, to
 # (token log-probability, top ids, top log-probabilities) of sampled rows, on the device; None when not asked for
 Scores = tuple[jax.Array, jax.Array, jax.Array] | None
 
+# RowInputs' fields that make a row's SamplingArrays, in that class's order.
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 MIN_BUCKET = 16
 MIN_ROWS = 2
 MIN_TABLE_PAGES = 16
@@ -86,6 +88,30 @@ class RowInputs:
         return cls(np.zeros(rows, i32), np.zeros((rows, width), i32), np.zeros(rows, f32), np.zeros(rows, i32),
                    np.ones(rows, f32), np.zeros(rows, f32), np.ones(rows, f32), np.zeros((rows, 2), np.uint32),
                    np.zeros(rows, i32))  # fmt: skip
+
+    def place(self, row: int, seq: Any, width: int) -> None:
+        """Row `row` decodes `seq` (worker.scheduler.Sequence) from its position and draw index, with its params."""
+        p = seq.params
+        self.positions[row], self.index[row], self.keys[row] = seq.position, seq.dispatched, seq.key
+        self.tables[row] = table_row(seq.pages, width)
+        self.temperature[row], self.top_k[row], self.top_p[row] = p.temperature, p.top_k, p.top_p
+        self.min_p[row], self.repetition_penalty[row] = p.min_p, p.repetition_penalty
+
+    def clear(self, row: int) -> None:
+        """Row `row` has no sequence any more: neutral again."""
+        for f, value in _NEUTRAL.items():
+            getattr(self, f)[row] = value
+
+    def head(self, rows: int, width: int) -> RowInputs:
+        """A copy of the first `rows` rows, page tables cut to `width` entries (a dispatch's own arrays: those kept
+        between dispatches change while it is in flight, and a CPU device may not copy what it is given)."""
+        head = {f: getattr(self, f)[:rows].copy() for f in RowInputs.__dataclass_fields__ if f != "tables"}
+        return RowInputs(tables=self.tables[:rows, :width].copy(), **head)
+
+
+# What RowInputs.neutral holds in each field of a row.
+_NEUTRAL = {"positions": 0, "tables": 0, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+            "repetition_penalty": 1.0, "keys": 0, "index": 0}  # fmt: skip
 
 
 class Runner:
@@ -241,11 +267,13 @@ class Runner:
             where[i] = row
         return self._join(rows, self._put(where), tokens, seen)
 
-    def _row_arrays(self, inputs: RowInputs) -> tuple[SamplingArrays, jax.Array, jax.Array]:
-        put = self._put
-        sp = SamplingArrays(put(inputs.temperature), put(inputs.top_k), put(inputs.top_p), put(inputs.min_p),
-                            put(inputs.repetition_penalty))  # fmt: skip
-        return sp, put(inputs.keys), put(inputs.index)
+    def _row_arrays(self, inputs: RowInputs, *extra: str) -> tuple:
+        """(SamplingArrays, key data, draw indices) of `inputs` on the device, then its `extra` fields, in one
+        batched transfer (one call rather than one an array: bench.host)."""
+        fields = (*SAMPLING_FIELDS, "keys", "index", *extra)
+        arrays = jax.device_put([getattr(inputs, f) for f in fields], self.input_sharding)
+        n = len(SAMPLING_FIELDS)
+        return SamplingArrays(*arrays[:n]), *arrays[n:]
 
     def decode(self, rows: Rows, cache: KVCache, inputs: RowInputs, steps: int, plan: SamplingPlan = ALL_STAGES
                ) -> tuple[jax.Array, Rows, KVCache, Scores]:  # fmt: skip
@@ -254,8 +282,7 @@ class Runner:
         the log-probabilities (each [R, steps, ...]; None unless plan.logprobs). `plan`: the sampling stages
         compiled in; a stage is an exact no-op for a row whose parameters switch it off, so one plan serves a
         batch of mixed requests (the union of theirs)."""
-        sp, keys, index = self._row_arrays(inputs)
-        pos, table = self._put(inputs.positions), self._put(inputs.tables)
+        sp, keys, index, pos, table = self._row_arrays(inputs, "positions", "tables")
         ids, tokens, seen, cache, scores = self._decode(
             self.weights, rows.tokens, rows.seen, pos, table, index, cache, sp, keys, steps, plan
         )

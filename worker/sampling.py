@@ -115,8 +115,12 @@ def new_seed() -> int:
 def seed_key(seed: int) -> jax.Array:
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed {seed} is not a uint64")
-    hi, lo = seed >> 32, seed & 0xFFFFFFFF
-    # Two words so every uint64 seed maps to its own key without needing jax_enable_x64.
+    return seed_key_words(seed >> 32, seed & 0xFFFFFFFF)
+
+
+def seed_key_words(hi, lo) -> jax.Array:
+    """The key of the uint64 seed hi * 2**32 + lo (each word a Python int or a uint32, traced or not): two words,
+    so every uint64 seed maps to its own key without needing jax_enable_x64."""
     return jax.random.fold_in(jax.random.key(hi), lo)
 
 

@@ -59,6 +59,7 @@ class Sequence:
     dispatched: int = 0  # tokens sampled or queued for sampling
     produced: int = 0  # tokens handed to the caller
     finished: str | None = None  # the stop reason, once it ends
+    plan: Any = None  # its params' SamplingPlan, once it has joined a batch
 
     @property
     def decoding(self) -> bool:
