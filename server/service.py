@@ -128,9 +128,12 @@ class WorkerService:
             )
 
     def refresh_bytes(self) -> None:
-        """Device bytes only (cheap: the allocator's counter, or array sizes on the CPU); run after each job."""
-        report = self.model.device_report()
-        self._dynamic = {**self._dynamic, "vram_bytes_used": sum(d["bytes_in_use"] for d in report), "devices": report}
+        """Device bytes only (the allocator's counter on a GPU); run at each job's end, on the engine thread. Not
+        device_report: its residency check visits every weight array (the residency monitor's job), a cost on the
+        engine thread at every job's end that grew with the model's arrays."""
+        used = self.model.device_bytes()
+        report = [{**d, "bytes_in_use": used.get(d["id"], d["bytes_in_use"])} for d in self._dynamic["devices"]]
+        self._dynamic = {**self._dynamic, "vram_bytes_used": sum(used.values()), "devices": report}
 
     def start_monitor(self) -> None:
         def loop() -> None:

@@ -175,12 +175,22 @@ class Model:
         report = []
         for d in self.devices:
             stats = devices.memory_stats(d)
-            used = stats.get("bytes_in_use")
-            if used is None:
-                used = devices.tree_bytes(self.runner.weights, d) + self.runner.cache_bytes() // self.runner.kv_split
-            report.append({"id": d.id, "bytes_in_use": used, "bytes_limit": stats.get("bytes_limit"),
-                           "resident": devices.resident(self.runner.weights, {d}, shard=True)})  # fmt: skip
+            used, resident = self._bytes_in_use(d, stats), devices.resident(self.runner.weights, {d}, shard=True)
+            report.append(
+                {"id": d.id, "bytes_in_use": used, "bytes_limit": stats.get("bytes_limit"), "resident": resident}
+            )
         return report
+
+    def device_bytes(self) -> dict[int, int]:
+        """Bytes in use per device id, without device_report's residency check of every weight (cheap on a GPU:
+        the allocator's counter)."""
+        return {d.id: self._bytes_in_use(d, devices.memory_stats(d)) for d in self.devices}
+
+    def _bytes_in_use(self, d: jax.Device, stats: dict[str, int]) -> int:
+        used = stats.get("bytes_in_use")
+        if used is None:
+            used = devices.tree_bytes(self.runner.weights, d) + self.runner.cache_bytes() // self.runner.kv_split
+        return used
 
     @property
     def architecture(self) -> str:
