@@ -9,6 +9,7 @@ from conftest import oracles_dir
 
 import worker
 from worker.model import GREEDY, decode_kernels_for, steps_within
+from worker.runner import bucket
 from worker.sampling import SamplingParams
 
 
@@ -67,8 +68,9 @@ def test_a_calibrating_warm_up_compiles_each_program_once(monkeypatch, steps_aft
     then the other buckets (and the largest again only if its steps changed); prefill and first sample once."""
     m = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", max_batch=4)
     calls = []
-    monkeypatch.setattr(m.runner, "compile_first_steps", lambda inputs, plans, steps, rows, prefill=True, groups=():
-                        calls.append((plans, steps, tuple(rows), prefill, groups)))  # fmt: skip
+    monkeypatch.setattr(m.runner, "compile_first_steps",
+                        lambda inputs, plans, steps, rows, prefill=True, groups=(), lone=():
+                        calls.append((plans, steps, tuple(rows), prefill, groups, lone)))  # fmt: skip
     monkeypatch.setattr(m, "calibrate_steps",
                         lambda plan, _target: setattr(m.batch, "steps", steps_after) or steps_after)  # fmt: skip
     monkeypatch.setattr(m, "device_kind", "gpu")
@@ -79,4 +81,11 @@ def test_a_calibrating_warm_up_compiles_each_program_once(monkeypatch, steps_aft
     groups = tuple(m.runner.group_buckets())  # prefill dispatches of several sequences: none on the CPU backend
     # Greedy decoding's stages beside the request's (temperature 1): each set of stages is a program of its own.
     plans = (SamplingParams(temperature=1.0).plan(), GREEDY.plan())
-    assert calls == [(plans, 1, buckets[-1:], True, ()), (plans, steps_after, again, False, groups)]
+    # A prompt alone in its dispatch, at every chunk bucket past the first (compiled with it in the first call).
+    lone = tuple(m.runner.chunk_buckets()[1:])
+    assert calls == [(plans, 1, buckets[-1:], True, (), ()), (plans, steps_after, again, False, groups, lone)]
+
+
+def test_chunk_buckets_are_every_bucket_a_prompt_chunk_takes():
+    m = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", max_batch=4)
+    assert m.runner.chunk_buckets() == sorted({bucket(n, m.runner.chunk) for n in range(1, m.runner.chunk + 1)})

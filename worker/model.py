@@ -302,8 +302,11 @@ class Model:
             if self.calibrate_steps(plan, dispatch_s) == before:
                 rows = rows[:-1]  # compiled at these steps already
         groups = tuple(self.runner.group_buckets()) if all_rows else ()
+        # A prompt alone in its dispatch, at every chunk bucket above the first (compiled beside the decode): on a
+        # GPU only, where each is one more compile in parallel; on the 2-core CPU each would add ~15 s to the start.
+        lone = tuple(self.runner.chunk_buckets()[1:]) if compiled else ()
         self.runner.compile_first_steps(inputs, plans, self.decode_steps, tuple(rows), prefill=not compiled,
-                                        groups=groups)  # fmt: skip
+                                        groups=groups, lone=lone)  # fmt: skip
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass
 

@@ -295,6 +295,13 @@ class Runner:
             out.append(self.row_bucket(out[-1] + 1))
         return out
 
+    def chunk_buckets(self) -> list[int]:
+        """Every bucket a prompt chunk is padded to (`bucket`), smallest first."""
+        out = [bucket(1, self.chunk)]
+        while out[-1] < self.chunk:
+            out.append(bucket(out[-1] + 1, self.chunk))
+        return out
+
     def group_buckets(self) -> list[int]:
         """The sizes of a prefill dispatch of several sequences (`prefill_group`), smallest first (none on the
         CPU): powers of four, then the limit. Each is a whole-model compile at start (gpt-oss-20b: ~15 s); a group's
@@ -318,14 +325,17 @@ class Runner:
         rows: tuple[int, ...],
         prefill: bool = True,
         groups: tuple[int, ...] = (),
+        lone: tuple[int, ...] = (),
     ) -> None:
         """Compile, side by side, what a request with a prompt of at most MIN_BUCKET tokens runs first: the
         prefill and the first sample (unless `prefill` is False: compiled already), a decode dispatch of `steps`
         steps with each of `plans` at each of the row buckets `rows`, and the prefill and first samples of several
         sequences' chunks (of at most ops.PREFILL_KERNEL_ROWS ids, at the start of a prompt) at each of the group
-        sizes `groups`; the samples with each of `plans`. Each is a whole-model XLA compile (~15 s on a 2-core CPU
-        for Gemma 3 270M) that releases the GIL, so threads overlap them. Lowered from shapes only: no KV cache or
-        input is allocated."""
+        sizes `groups`; the samples with each of `plans`; and the prefill of a prompt's first chunk alone in its
+        dispatch at each of the chunk buckets `lone` (under load a prompt can arrive alone between groups: its
+        bucket's compile, ~13 s for gpt-oss-20b on an H200, stalled every running stream). Each is a whole-model
+        XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so threads overlap them.
+        Lowered from shapes only: no KV cache or input is allocated."""
         c = self.cfg
 
         def spec(shape: tuple[int, ...], dtype, on: jax.sharding.Sharding = self.input_sharding):
@@ -354,6 +364,12 @@ class Runner:
             return [lambda: self._prefill.lower(*args)] + [lambda p=p: self._first.lower(*first, p) for p in plans]
 
         jobs = [decode(r, p) for p in plans for r in rows] + [job for g in groups for job in group(g)]
+
+        def alone(b: int):
+            tokens, table = spec((1, b), jnp.int32), spec((1, self.table_width(b)), jnp.int32)
+            return lambda: self._prefill.lower(self.weights, tokens, tokens, table, index, cache)
+
+        jobs += [alone(b) for b in lone]
         if prefill:
             jobs += [lambda: self._prefill.lower(self.weights, ids, ids, spec((1, width), jnp.int32), index, cache)]
             jobs += [lambda p=p: self._first.lower(logits, sp1, keys1, index1, seen1, p) for p in plans]
