@@ -257,3 +257,14 @@ def test_trace_busy_share_and_host_spans():
     assert trace.device_busy(t) == (400.0, 200.0)
     spans = trace.host_spans(t, ("engine step", "read back", "prefill"))
     assert spans == {"engine step": [180.0, 220.0], "read back": [40.0]}
+
+
+def test_host_bench_runs_every_stream_to_its_tokens_over_free_steps(capsys):
+    # bench.host replaces the model's steps with free ones: every stream must still get exactly its tokens (the
+    # bench exits with an error otherwise) and the engine's CPU a token is reported.
+    from bench import host
+
+    path = str(oracles_dir() / "models" / "qwen2" / "model-q4_k_m.gguf")
+    assert host.main(["--model", path, "--streams", "4", "--tokens", "6", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "4 streams x 6 tokens" in out and "µs/token" in out
