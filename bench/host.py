@@ -14,6 +14,7 @@ speed, so compare rows of one run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -22,9 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import worker
-from worker import ops
 from worker.engine import End, Engine, ErrorEvent, JobRequest
-from worker.runner import PREFILL_GROUP_TOKENS, bucket
 
 FIXED_PROMPT_TOKENS = 128
 
@@ -48,9 +47,9 @@ def free_steps(model: worker.Model, low: int, high: int) -> None:
 
     r._prefill = jax.jit(prefill, donate_argnums=(5,))
     r._decode = jax.jit(decode, static_argnums=(9, 10), donate_argnums=(2, 6))
-    # Prompt chunks grouped as on the kernel backends (Runner.group_limit): the CPU gives each its own dispatch.
-    cap = max(1, min(r.max_batch, PREFILL_GROUP_TOKENS // ops.PREFILL_KERNEL_ROWS))
-    r.group_limit = lambda n=None: 1 if n is not None and bucket(n, r.chunk) > ops.PREFILL_KERNEL_ROWS else cap
+    # Prompt chunks grouped as on the GPU (Runner.group_limit reads the backend; the CPU gives each chunk its own
+    # dispatch). The programs that read the config were compiled from it already, or are replaced above.
+    r.cfg = dataclasses.replace(r.cfg, backend="gpu")
 
 
 def token_range(model: worker.Model) -> tuple[int, int]:
@@ -146,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--http", action="store_true", help="through the HTTP server and SSE, with bench.load's client")
     ap.add_argument("--client-procs", type=int, default=2, help="client processes (--http)")
     args = ap.parse_args(argv)
-    path = args.model or str(__import__("tests.tiny_worker", fromlist=["model_path"]).model_path())
+    if args.model is None:
+        from tests.tiny_worker import model_path
+
+        args.model = model_path()
+    path = args.model
     model = worker.load(path, device="cpu", max_batch=args.streams, kv_tokens=args.streams * 512)
     free_steps(model, *token_range(model))
     model.batch.steps = args.steps

@@ -113,11 +113,12 @@ class WorkerService:
         that is logged as a critical error (M0-W-1012)."""
         resident = self.model.resident()
         was_resident = self._dynamic.get("resident", True)
+        report = self.model.device_report()  # per device: bytes in use and limit, residency
         self._dynamic = {
             "status": "healthy" if resident else "unhealthy",
             "resident": resident,
-            "vram_bytes_used": self.model.device_bytes_used(),
-            "devices": self.model.device_report(),  # per device: bytes in use and limit, residency
+            "vram_bytes_used": sum(d["bytes_in_use"] for d in report),
+            "devices": report,
         }
         if was_resident and not resident:
             self.narrator.emit(

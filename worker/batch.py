@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from worker.runner import RowInputs, Runner, Scores
-from worker.sampling import MAX_SEED, SamplingParams, SamplingPlan, TokenLogprobs, seed_key_words
+from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs, seed_key_words, seed_words
 from worker.scheduler import Scheduler, Sequence
 from worker.step_trace import DECODE, PREFILL, READ_BACK, span
 from worker.tokenizer import Tokenizer
@@ -33,10 +33,9 @@ def key_data(seed: int) -> np.ndarray:
     device in one jitted program. Why: eager ops on the default device, a GPU, would queue behind the decode
     dispatch in flight, and reading their result would stall the engine thread (and with it the pipeline) for the
     rest of that dispatch at every admission; eager on the CPU it also took ~0.5 ms a job."""
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed {seed} is not a uint64")
+    hi, lo = seed_words(seed)
     with jax.default_device(jax.devices("cpu")[0]):
-        return np.asarray(_key_data(np.uint32(seed >> 32), np.uint32(seed & 0xFFFFFFFF)), np.uint32)
+        return np.asarray(_key_data(np.uint32(hi), np.uint32(lo)), np.uint32)
 
 
 @jax.jit
@@ -215,7 +214,7 @@ class Batch:
         tokens, seen, scores = r.first_tokens(logits, inputs, [(i, s.ids) for i, s in done], plan)
         self._rows = r.join(self._rows, [(i, s.row) for i, s in done], tokens, seen)
         for _, s in done:
-            s.position, s.dispatched = len(s.ids), 1
+            s.dispatched = 1
             self._inputs.place(s.row, s, self.runner.max_pages)
         self._pending.append(_Pending(tokens[:, None], _lift(scores), done))
 
@@ -232,7 +231,7 @@ class Batch:
         kept.positions[live] += steps
         kept.index[live] += steps
         for s in decoding:
-            s.position, s.dispatched = s.position + steps, s.dispatched + steps
+            s.dispatched += steps
         self._pending.append(_Pending(ids, scores, placed))
         self.on_decode(len(decoding))
 

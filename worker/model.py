@@ -167,7 +167,7 @@ class Model:
     def device_bytes_used(self) -> int:
         """Bytes in use on the model's devices together (allocator's count on a GPU; weights + KV cache on the
         CPU)."""
-        return sum(d["bytes_in_use"] for d in self.device_report())
+        return sum(self.device_bytes().values())
 
     def device_report(self) -> list[dict]:
         """Per device: id, bytes in use (the allocator's count; on the CPU, this device's shards of the weights

@@ -84,22 +84,21 @@ class RowInputs:
     @classmethod
     def neutral(cls, rows: int, width: int) -> RowInputs:
         """Inputs for `rows` rows without a sequence: the null page table, position 0, greedy parameters."""
-        f32, i32 = np.float32, np.int32
-        return cls(np.zeros(rows, i32), np.zeros((rows, width), i32), np.zeros(rows, f32), np.zeros(rows, i32),
-                   np.ones(rows, f32), np.zeros(rows, f32), np.ones(rows, f32), np.zeros((rows, 2), np.uint32),
-                   np.zeros(rows, i32))  # fmt: skip
+        shapes = {"tables": (rows, width), "keys": (rows, 2)}
+        return cls(**{f: np.full(shapes.get(f, rows), value, dtype) for f, (value, dtype) in _NEUTRAL.items()})
 
     def place(self, row: int, seq: Any, width: int) -> None:
-        """Row `row` decodes `seq` (worker.scheduler.Sequence) from its position and draw index, with its params."""
+        """Row `row` decodes `seq` (worker.scheduler.Sequence) from its first decode position (after the prompt
+        ids in the cache) and its draw index, with its params."""
         p = seq.params
-        self.positions[row], self.index[row], self.keys[row] = seq.position, seq.dispatched, seq.key
+        self.positions[row], self.index[row], self.keys[row] = seq.prefilled, seq.dispatched, seq.key
         self.tables[row] = table_row(seq.pages, width)
         self.temperature[row], self.top_k[row], self.top_p[row] = p.temperature, p.top_k, p.top_p
         self.min_p[row], self.repetition_penalty[row] = p.min_p, p.repetition_penalty
 
     def clear(self, row: int) -> None:
         """Row `row` has no sequence any more: neutral again."""
-        for f, value in _NEUTRAL.items():
+        for f, (value, _) in _NEUTRAL.items():
             getattr(self, f)[row] = value
 
     def head(self, rows: int, width: int) -> RowInputs:
@@ -109,9 +108,11 @@ class RowInputs:
         return RowInputs(tables=self.tables[:rows, :width].copy(), **head)
 
 
-# What RowInputs.neutral holds in each field of a row.
-_NEUTRAL = {"positions": 0, "tables": 0, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-            "repetition_penalty": 1.0, "keys": 0, "index": 0}  # fmt: skip
+# A row without a sequence, field by field (RowInputs' order): (value, dtype). The null page table, position 0,
+# greedy parameters.
+_NEUTRAL = {"positions": (0, np.int32), "tables": (0, np.int32), "temperature": (0.0, np.float32),
+            "top_k": (0, np.int32), "top_p": (1.0, np.float32), "min_p": (0.0, np.float32),
+            "repetition_penalty": (1.0, np.float32), "keys": (0, np.uint32), "index": (0, np.int32)}  # fmt: skip
 
 
 class Runner:
@@ -344,7 +345,7 @@ class Runner:
         kv_shape = (c.n_layers, self.pages, self.page_size, c.n_kv_heads, c.head_dim)
         kv = spec(kv_shape, self.cache_dtype, self.cache_sharding)
         cache, n, width = KVCache(kv, kv), min(MIN_BUCKET, self.chunk), self.table_width(1)
-        ids, index = spec((1, n), jnp.int32), spec((1,), jnp.int32)
+        index = spec((1,), jnp.int32)
         state = Rows(spec((self._rows,), jnp.int32), spec((self._rows, c.vocab_size), jnp.bool_))
         one = self.min_rows  # a one-sequence prefill's logits rows (`_prefill`)
         sp1, keys1, index1 = self._row_arrays(_take(inputs, one))
@@ -369,9 +370,8 @@ class Runner:
             tokens, table = spec((1, b), jnp.int32), spec((1, self.table_width(b)), jnp.int32)
             return lambda: self._prefill.lower(self.weights, tokens, tokens, table, index, cache)
 
-        jobs += [alone(b) for b in lone]
+        jobs += [alone(b) for b in ((n,) if prefill else ()) + lone]
         if prefill:
-            jobs += [lambda: self._prefill.lower(self.weights, ids, ids, spec((1, width), jnp.int32), index, cache)]
             jobs += [lambda p=p: self._first.lower(logits, sp1, keys1, index1, seen1, p) for p in plans]
         if not jobs:
             return

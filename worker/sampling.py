@@ -113,9 +113,14 @@ def new_seed() -> int:
 
 
 def seed_key(seed: int) -> jax.Array:
+    return seed_key_words(*seed_words(seed))
+
+
+def seed_words(seed: int) -> tuple[int, int]:
+    """A uint64 seed's (high, low) 32-bit words; ValueError for anything else."""
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed {seed} is not a uint64")
-    return seed_key_words(seed >> 32, seed & 0xFFFFFFFF)
+    return seed >> 32, seed & 0xFFFFFFFF
 
 
 def seed_key_words(hi, lo) -> jax.Array:

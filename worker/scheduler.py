@@ -55,7 +55,6 @@ class Sequence:
     row: int | None = None
     pages: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt ids already in the cache
-    position: int = 0  # where the next decode step writes (the last token's position)
     dispatched: int = 0  # tokens sampled or queued for sampling
     produced: int = 0  # tokens handed to the caller
     finished: str | None = None  # the stop reason, once it ends
