@@ -42,3 +42,15 @@ def test_without_a_folder_the_tracer_does_nothing(monkeypatch):
     assert tracer.folder is None and tracer.rows == 4 and tracer.nth == 1
     tracer.before_step(100)
     tracer.after_step()
+
+
+def test_a_delay_starts_the_trace_that_many_steps_after_the_mark(tmp_path):
+    tracer = StepTracer(str(tmp_path), rows=2, steps=1, after=3)
+    for running in (2, 1, 1):  # the mark, then fewer rows: the delay runs on (a round's streams end meanwhile)
+        tracer.before_step(running)
+        tracer.after_step()
+        assert tracer._left is None
+    tracer.before_step(1)
+    assert tracer._left == 1  # started at the third step after the mark
+    tracer.after_step()
+    assert len(list(tmp_path.rglob("*.trace.json.gz"))) == 1

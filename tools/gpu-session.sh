@@ -38,7 +38,8 @@
 #                      budget LOAD_SECONDS (default 180) a model; skipped when an earlier call has M's load result
 #                      without errors (FORCE=1 redoes it); LOAD_ARGS are passed on (e.g. "--max-batch 64");
 #                      LOAD_TRACE_ROWS=N traces the worker's timed round at N streams (24 engine steps, summed by
-#                      bench.trace in the stage's log; the trace in the logs tarball under load/trace-M)
+#                      bench.trace in the stage's log; the trace in the logs tarball under load/trace-M);
+#                      LOAD_TRACE_AFTER=S starts it S engine steps later (past the round's prefill: its decode phase)
 #           load-all   load: on the four models in that order
 # State reused by later calls while the machine stays warm (models, llama.cpp build, results) lives in $GPU_STATE
 # (default /var/tmp/worker-gpu). Every call ends by writing, under $OUT, summary.md and summary.json (all results
@@ -196,6 +197,7 @@ sys.exit(1 if r["errors"] or not r["rows"] or any(x["errors"] for x in r["rows"]
     # LOAD_TRACE_ROWS=N: the worker traces the timed round that first holds N running rows (worker/step_trace.py;
     # round 2: each level's untimed warm-up round comes first)
     WORKER_TRACE_DIR=${LOAD_TRACE_ROWS:+$trace} WORKER_TRACE_ROWS=${LOAD_TRACE_ROWS:-} WORKER_TRACE_ROUND=2 \
+        WORKER_TRACE_AFTER=${LOAD_TRACE_AFTER:-} \
         py -m bench load --model "$(model_path "$like")" --label "$like" --device "$dev" --llamacpp "$llama_bin" \
         --out "$results/load" --budget $((STAGE_BUDGET - 20)) ${LOAD_ARGS:-}
     rc=$?

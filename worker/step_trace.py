@@ -1,9 +1,9 @@
 """A profiler trace of the engine under load, for finding where a dispatch's time goes between the device and the
 host: `WORKER_TRACE_DIR=DIR` starts `jax.profiler` when the running batch comes to hold `WORKER_TRACE_ROWS` rows
 (default: its --max-batch) for the `WORKER_TRACE_ROUND`-th time (default 1; bench load's untimed warm-up round of a
-level comes before its timed one: 2) and stops it `WORKER_TRACE_STEPS` engine steps later (default 24). The trace
-holds the
-device's kernels and the host's spans named below (`span`), so the gaps where the device waits for the host show;
+level comes before its timed one: 2), `WORKER_TRACE_AFTER` engine steps after that (default 0; a round of many streams
+first prefills them between decode dispatches: a delay puts the trace in its decode phase), and stops it
+`WORKER_TRACE_STEPS` engine steps later (default 24). The trace holds the device's kernels and the host's spans named below (`span`), so the gaps where the device waits for the host show;
 `python -m bench.trace FILE` sums both. Why an environment switch and not a flag: it is a diagnostic for the
 benchmarks (bench load starts the worker with the caller's environment), not a serving option.
 """
@@ -28,29 +28,36 @@ def span(name: str) -> jax.profiler.TraceAnnotation:
 
 
 class StepTracer:
-    """Starts the profiler at the step where the running rows reach `rows` for the `nth` time (from fewer)
-    and stops it `steps` steps later; then never again. Inactive without a folder."""
+    """Starts the profiler `after` steps past the step where the running rows reach `rows` for the `nth` time
+    (from fewer) and stops it `steps` steps later; then never again. Inactive without a folder."""
 
-    def __init__(self, folder: str | None, rows: int, steps: int, nth: int = 1):
-        self.folder, self.rows, self.steps, self.nth = folder, rows, steps, nth
+    def __init__(self, folder: str | None, rows: int, steps: int, nth: int = 1, after: int = 0):
+        self.folder, self.rows, self.steps, self.nth, self.after = folder, rows, steps, nth, after
         self._left: int | None = None  # steps still to trace, once started
+        self._delay: int | None = None  # steps still to wait, once the mark is reached
         self._reached, self._above = 0, False
 
     @classmethod
     def from_env(cls, max_batch: int) -> StepTracer:
         env = os.environ  # an empty variable is an unset one
         return cls(env.get("WORKER_TRACE_DIR") or None, int(env.get("WORKER_TRACE_ROWS") or max_batch),
-                   int(env.get("WORKER_TRACE_STEPS") or 24), int(env.get("WORKER_TRACE_ROUND") or 1))  # fmt: skip
+                   int(env.get("WORKER_TRACE_STEPS") or 24), int(env.get("WORKER_TRACE_ROUND") or 1),
+                   int(env.get("WORKER_TRACE_AFTER") or 0))  # fmt: skip
 
     def before_step(self, running: int) -> None:
         if self.folder is None or self._left is not None:
             return
-        above, was_above = running >= self.rows, self._above
-        self._above = above
-        if not above or was_above:
-            return  # the rows did not just reach the mark
-        self._reached += 1
-        if self._reached < self.nth:
+        if self._delay is None:
+            above, was_above = running >= self.rows, self._above
+            self._above = above
+            if not above or was_above:
+                return  # the rows did not just reach the mark
+            self._reached += 1
+            if self._reached < self.nth:
+                return
+            self._delay = self.after
+        if self._delay > 0:
+            self._delay -= 1
             return
         try:
             jax.profiler.start_trace(self.folder)
