@@ -4,8 +4,9 @@ For each steps-per-dispatch count, the time of one synchronized decode dispatch 
 time = fixed + steps * per_step, the cost of launching a jitted call that takes the whole weights pytree, and the
 pipelined generation the worker really runs (Model.generate_ids). `--rows 1,8,64` instead times one dispatch of
 that many rows decoding together (the continuous batch's step), after timing the compile of the largest row bucket
-(tracing and lowering apart from XLA's compile), and the prefill of 1, 8 and the most 128-token prompts in one
-dispatch against one dispatch each. --trace writes a JAX profiler trace (perfetto
+(tracing and lowering apart from XLA's compile), the host's side of queued one-step dispatches of the most rows
+(`queued_dispatches`), and the prefill of 1, 8 and the most 128-token prompts in one dispatch against one dispatch
+each. --trace writes a JAX profiler trace (perfetto
 JSON) of three 8-step dispatches, to read where the fixed part goes (with --rows: of the most rows' dispatch, and
 in DIR-prefill of the largest prefill group); `python -m bench.trace` sums one by kernel. docs/PERFORMANCE.md has
 the readings.
@@ -72,6 +73,7 @@ def rows_dispatch(m: worker.Model, ids: list[int], n: int, params: SamplingParam
         out, state["rows"], state["cache"], _ = r.decode(state["rows"], state["cache"], inputs, steps, plan)
         return out
 
+    dispatch.state, dispatch.inputs = state, inputs  # for queued_dispatches, which times the parts of a dispatch
     return dispatch
 
 
@@ -90,6 +92,55 @@ def rows_sweep(m: worker.Model, ids: list[int], counts: list[int], steps: int, r
             for _ in range(2):
                 decode(steps).block_until_ready()
             jax.profiler.stop_trace()
+    return out
+
+
+def queued_dispatches(m: worker.Model, ids: list[int], n: int, repeats: int) -> dict:
+    """The engine's pattern at n rows, one step a dispatch: dispatch k+1 while k runs, then read k's ids back. Host
+    milliseconds of each part, medians: `put` (the rows' inputs to the device), `call` (the jitted decode's
+    launch), `wait` (k's ids on the host), and the whole iteration. A launch that takes as long as a step means
+    the host waited for the device there, and a dispatch no longer overlaps the previous one's host work. Then the
+    same with the inputs put once (`call_preput`): whether the transfer or the launch waits."""
+    r, plan = m.runner, GREEDY.plan()
+    decode = rows_dispatch(m, ids, n)
+    decode(1).block_until_ready()  # compiles
+    st, inputs = decode.state, decode.inputs  # the rows, cache and row inputs, driven below part by part
+    times: dict[str, list[float]] = {"put": [], "call": [], "wait": [], "iteration": [], "call_preput": []}
+    pending = None
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        sp, keys, index, pos, table = r._row_arrays(inputs, "positions", "tables")
+        t1 = time.perf_counter()
+        out, tokens, seen, st["cache"], _ = r._decode(r.weights, st["rows"].tokens, st["rows"].seen, pos, table,
+                                                       index, st["cache"], sp, keys, 1, plan)  # fmt: skip
+        st["rows"] = type(st["rows"])(tokens, seen)
+        out.copy_to_host_async()
+        t2 = time.perf_counter()
+        if pending is not None:
+            np.asarray(pending)
+        t3 = time.perf_counter()
+        pending = out
+        if i >= 2:
+            for k, v in (("put", t1 - t0), ("call", t2 - t1), ("wait", t3 - t2), ("iteration", t3 - t0)):
+                times[k].append(v)
+    np.asarray(pending)
+    arrays, pending = r._row_arrays(inputs, "positions", "tables"), None
+    for i in range(repeats + 2):
+        sp, keys, index, pos, table = arrays
+        t1 = time.perf_counter()
+        out, tokens, seen, st["cache"], _ = r._decode(r.weights, st["rows"].tokens, st["rows"].seen, pos, table,
+                                                       index, st["cache"], sp, keys, 1, plan)  # fmt: skip
+        st["rows"] = type(st["rows"])(tokens, seen)
+        t2 = time.perf_counter()
+        if pending is not None:
+            np.asarray(pending)
+        pending = out
+        if i >= 2:
+            times["call_preput"].append(t2 - t1)
+    np.asarray(pending)
+    out = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    out["weight_leaves"] = len(jax.tree_util.tree_leaves(r.weights))
+    print(f"{n} rows queued, host ms (median): " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()), flush=True)
     return out
 
 
@@ -187,6 +238,7 @@ def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int
     result["compile"] = compile_times(m, m.runner.row_bucket(max(counts)), steps)
     print(json.dumps(result["compile"]), flush=True)
     result["rows"] = rows_sweep(m, m.tokenizer.encode(PROMPT), counts, steps, repeats, trace)
+    result["queued"] = queued_dispatches(m, m.tokenizer.encode(PROMPT), max(counts), repeats)
     groups = groups or sorted({1, 8, m.runner.group_limit()})
     result["prefill"] = prefill_sweep(m, groups, PREFILL_TOKENS, max(3, repeats // 3), trace and f"{trace}-prefill")
     return result

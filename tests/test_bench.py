@@ -7,6 +7,7 @@ import json
 import statistics
 
 import httpx
+import jax
 import pytest
 from conftest import oracles_dir
 from gguf import GGUFReader
@@ -202,6 +203,20 @@ def test_batched_bench_reports_every_count(capsys):
     batched.main(["--model", str(model), "--seqs", "1,3", "--prompt", "5", "--tokens", "4"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["seqs"] for r in out["results"]] == [1, 3] and all(r["tok_s"] > 0 for r in out["results"])
+
+
+def test_queued_dispatches_time_each_part_and_advance_the_rows():
+    """bench.dispatch's engine-pattern timing on the tiny qwen2: every part is timed and the weights' leaves are
+    counted."""
+    import worker
+    from bench import dispatch
+
+    m = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", max_batch=2)
+    ids = m.tokenizer.encode(dispatch.PROMPT)
+    out = dispatch.queued_dispatches(m, ids, 2, repeats=2)
+    assert {"put", "call", "wait", "iteration", "call_preput"} <= out.keys()
+    assert all(out[k] >= 0 for k in ("put", "call", "wait", "call_preput")) and out["iteration"] > 0
+    assert out["weight_leaves"] == len(jax.tree_util.tree_leaves(m.runner.weights)) > 10
 
 
 def test_cpu_step_times_every_piece_of_a_tiny_model(capsys):
