@@ -1,11 +1,12 @@
 """A profiler trace of the engine under load, for finding where a dispatch's time goes between the device and the
 host: `WORKER_TRACE_DIR=DIR` starts `jax.profiler` when the running batch comes to hold `WORKER_TRACE_ROWS` rows
 (default: its --max-batch) for the `WORKER_TRACE_ROUND`-th time (default 1; bench load's untimed warm-up round of a
-level comes before its timed one: 2), `WORKER_TRACE_AFTER` engine steps after that (default 0; a round of many streams
-first prefills them between decode dispatches: a delay puts the trace in its decode phase), and stops it
-`WORKER_TRACE_STEPS` engine steps later (default 24). The trace holds the device's kernels and the host's spans named below (`span`), so the gaps where the device waits for the host show;
-`python -m bench.trace FILE` sums both. Why an environment switch and not a flag: it is a diagnostic for the
-benchmarks (bench load starts the worker with the caller's environment), not a serving option.
+level comes before its timed one: 2), `WORKER_TRACE_AFTER` engine steps after that (default 0; a round of many
+streams first prefills them between decode dispatches: a delay puts the trace in its decode phase), and stops it
+`WORKER_TRACE_STEPS` engine steps later (default 24). The trace holds the device's kernels and the host's spans
+named below (`span`), so the gaps where the device waits for the host show; `python -m bench.trace FILE` sums
+both. Why an environment switch and not a flag: it is a diagnostic for the benchmarks (bench load starts the
+worker with the caller's environment), not a serving option.
 """
 
 from __future__ import annotations
