@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -144,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--http", action="store_true", help="through the HTTP server and SSE, with bench.load's client")
     ap.add_argument("--client-procs", type=int, default=2, help="client processes (--http)")
+    ap.add_argument("--switch-ms", type=float, default=None, help="Python's thread switch interval (default 5 ms): "
+                    "how long a thread that wants the lock back waits for the one holding it")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.switch_ms is not None:
+        sys.setswitchinterval(args.switch_ms / 1e3)
     if args.model is None:
         from tests.tiny_worker import model_path
 

@@ -277,9 +277,16 @@ def test_trace_busy_share_and_host_spans():
 def test_host_bench_runs_every_stream_to_its_tokens_over_free_steps(capsys):
     # bench.host replaces the model's steps with free ones: every stream must still get exactly its tokens (the
     # bench exits with an error otherwise) and the engine's CPU a token is reported.
+    import sys
+
     from bench import host
 
     path = str(oracles_dir() / "models" / "qwen2" / "model-q4_k_m.gguf")
-    assert host.main(["--model", path, "--streams", "4", "--tokens", "6", "--rounds", "1"]) == 0
+    before = sys.getswitchinterval()
+    try:
+        assert host.main(["--model", path, "--streams", "4", "--tokens", "6", "--rounds", "1", "--switch-ms", "2"]) == 0
+        assert sys.getswitchinterval() == pytest.approx(0.002)  # --switch-ms sets Python's thread switch interval
+    finally:
+        sys.setswitchinterval(before)
     out = capsys.readouterr().out
     assert "4 streams x 6 tokens" in out and "µs/token" in out
