@@ -196,6 +196,20 @@ def test_rows_in_several_kernel_calls_have_the_bits_they_have_alone(backend, qty
 
 
 @pytest.mark.parametrize("backend", ["interpret", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_a_decode_step_of_max_batch_rows_gives_each_row_its_bits_in_the_smallest_bucket(backend):
+    """--max-batch's most rows (qmv.MAX_BATCH) in one decode-shaped call on the tensor-core kernels: each row's
+    bits are those it gets in a 2-row call (runner.MIN_ROWS), the smallest decode bucket."""
+    w, _ = random_weight(QT.Q8_0, (96, 256), seed=9)
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.standard_normal((qmv.MAX_BATCH, 1, 256)), jnp.float32)
+    with ops.decode_kernels("tensor-cores"):
+        together = np.asarray(ops.qmatmul(x, w, backend=backend))
+        for r in (0, 255, 256, qmv.MAX_BATCH - 1):
+            pair = np.asarray(ops.qmatmul(x[jnp.array([r, 0])], w, backend=backend))
+            assert np.array_equal(together[r], pair[0]), f"row {r}: {np.abs(together[r] - pair[0]).max()}"
+
+
+@pytest.mark.parametrize("backend", ["interpret", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("qtype", sorted(qmv.PLAIN_TYPES, key=lambda t: t.name))
 @pytest.mark.parametrize("exact", [False, True])
 def test_unquantized_matrices_take_the_kernels_within_tolerance_and_row_by_row(backend, qtype, exact):
