@@ -194,7 +194,10 @@ def grouped_call_s(op, x, experts, ids, repeat: int, **tiles) -> float:
 
 def bench_grouped(label, qtype, shape, k_sel, tokens, args) -> None:
     """The prefill grouped matmul with prefill's tiles (moe_matmul.PREFILL_TILES): `tokens` tokens, each routed to
-    k_sel distinct experts at random; decode's tiles and the twin (each expert over every token) beside it."""
+    k_sel distinct experts at random; decode's tiles, the experts' bf16 copy (the one decode reads) with prefill's
+    tiles, and the twin (each expert over every token) beside it. Why the copy: prefill dequantizes every expert
+    tile in registers, and that was 2/3 of a 32-prompt gpt-oss-20b group on the H200 (docs/PERFORMANCE.md, ninth
+    session); with --sweep the copy's tiles are swept too."""
     e, n, kdim = shape
     w = random_planes(qtype, shape, seed=0)
     x = jax.random.normal(jax.random.key(0), (tokens, kdim), jnp.float32)
@@ -207,17 +210,26 @@ def bench_grouped(label, qtype, shape, k_sel, tokens, args) -> None:
 
     t_kernel = per_call_grouped(mm.moe_matmul, **interp, **mm.PREFILL_TILES)
     t_decode = per_call_grouped(mm.moe_matmul, **interp)
+    copy = widened(w, jnp.bfloat16)
+    t_copy = grouped_call_s(mm.moe_matmul, x, copy, ids, args.repeat, **interp, **mm.PREFILL_TILES)
     t_twin = per_call_grouped(mm.moe_matmul_twin)
     line = (
         f"{label:22s} {qtype.name:6s} {'x'.join(map(str, shape)):>16s} M={tokens} k={k_sel} "
         f"kernel {t_kernel * 1e6:9.1f} us {flops / t_kernel / 1e12:6.1f} TFLOP/s  decode's tiles "
-        f"{t_decode * 1e6:9.1f} us  twin {t_twin * 1e6:9.1f} us  tiles {mm.PREFILL_TILES}"
+        f"{t_decode * 1e6:9.1f} us  bf16 copy {t_copy * 1e6:9.1f} us {flops / t_copy / 1e12:6.1f} TFLOP/s  "
+        f"twin {t_twin * 1e6:9.1f} us  tiles {mm.PREFILL_TILES}"
     )
     print(line, flush=True)
     if args.sweep:
+        rate = lambda t: f"{flops / t / 1e12:.1f} TFLOP/s"  # noqa: E731
         best = best_tiling(lambda **tiles: per_call_grouped(mm.moe_matmul, **interp, **(mm.PREFILL_TILES | tiles)),
-                           t_kernel, SWEEP_GROUPED, lambda t: f"{flops / t / 1e12:.1f} TFLOP/s")  # fmt: skip
+                           t_kernel, SWEEP_GROUPED, rate)  # fmt: skip
         print(f"    best {best[0] * 1e6:.1f} us {flops / best[0] / 1e12:.1f} TFLOP/s with {best[1]}", flush=True)
+        best = best_tiling(lambda **tiles: grouped_call_s(mm.moe_matmul, x, copy, ids, args.repeat, **interp,
+                                                          **(mm.PREFILL_TILES | tiles)),
+                           t_copy, SWEEP_GROUPED, rate)  # fmt: skip
+        print(f"    bf16 copy: best {best[0] * 1e6:.1f} us {flops / best[0] / 1e12:.1f} TFLOP/s with {best[1]}",
+              flush=True)  # fmt: skip
 
 
 def bench_decode_moe(label, qtype, shape, k_sel, rows, args, bw) -> None:
