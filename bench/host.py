@@ -1,20 +1,27 @@
-"""The host side of serving many streams, alone: the engine (and with --http the HTTP server) at N streams over a
-model whose compiled steps cost nothing (`free_steps`), so what is measured is the Python and the dispatches
-around the device, not the model.
+"""The host side of serving many streams, alone: the engine (and with --http then the HTTP server) at N streams over
+a model whose compiled steps cost nothing (`free_steps`), so what is measured is the Python and the dispatches
+around the device, not the model. With --real, the model's own steps on its device, loaded as `worker-orcd` loads
+it (--worker-arg passes its options): the engine alone against the engine behind the HTTP server, in one process
+and one run, is what the HTTP event loop costs the engine.
 
     python -m bench.host [--model FILE] [--streams 256] [--tokens 128] [--steps 1] [--http] [--rounds 3]
+                         [--real [--worker-arg=--OPTION=VALUE ...]]
 
-Per round: the engine thread's CPU seconds per output token (and with --http the event loop's), and the tokens a
-second the host alone can carry. A GPU step of R rows must cover R times the engine's (plus, sharing Python's
-lock, the event loop's) µs a token, or the device waits for the host: at 256 rows and a 22.8 ms step, 89 µs a
-token for both together (docs/PERFORMANCE.md). Runs on the CPU; the readings move with the machine's single-core
-speed, so compare rows of one run.
+Per round: the engine thread's CPU seconds per output token (and through HTTP the event loop's), and the tokens a
+second the host alone can carry (with --real: the worker's rate, and each job's decode ms a token).
+
+A GPU step of R rows must cover R times the engine's (plus, sharing Python's lock, the event loop's) µs a token, or
+the device waits for the host: at 256 rows and a 22.8 ms step, 89 µs a token for both together
+(docs/PERFORMANCE.md). Free steps run on the CPU; the readings move with the machine's single-core speed, so compare
+rows of one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
+import statistics
 import sys
 import threading
 import time
@@ -25,6 +32,7 @@ import jax.numpy as jnp
 
 import worker
 from worker.engine import End, Engine, ErrorEvent, JobRequest
+from worker.narration import Narrator
 
 FIXED_PROMPT_TOKENS = 128
 
@@ -65,9 +73,11 @@ def prompt_ids(model: worker.Model, n: int, length: int) -> list[tuple[int, ...]
     return [tuple(low + (i * 7 + k) % (high - low) for k in range(length)) for i in range(n)]
 
 
-def engine_round(engine: Engine, prompts: list[tuple[int, ...]], tokens: int) -> dict:
-    """N jobs submitted at once, each to its end; the engine thread's CPU seconds a token."""
-    done, left, produced = threading.Event(), [len(prompts)], [0]
+def engine_round(engine: Engine, prompts: list[tuple[int, ...]] | list[str], tokens: int, exact: bool = True) -> dict:
+    """N jobs (token ids, or texts) submitted at once, each to its end; the engine thread's CPU seconds a token and
+    the median of the jobs' decode ms a token. `exact`: every job must make `tokens` (free steps never end a job
+    early; a real model's greedy text may reach an end-of-generation token first)."""
+    done, left, produced, itl = threading.Event(), [len(prompts)], [0], []
     lock = threading.Lock()
 
     def sink(ev) -> None:
@@ -76,26 +86,33 @@ def engine_round(engine: Engine, prompts: list[tuple[int, ...]], tokens: int) ->
                 raise SystemExit(f"job {ev.job_id} failed: {ev.code} {ev.message}")
             with lock:
                 produced[0] += ev.tokens_out
+                if ev.tokens_out > 1:
+                    itl.append(ev.decode_time_ms / (ev.tokens_out - 1))
                 left[0] -= 1
                 if not left[0]:
                     done.set()
 
     cpu0, t0 = engine.cpu_seconds, time.perf_counter()
-    for i, ids in enumerate(prompts):
-        req = JobRequest(f"host-{i}-{time.monotonic_ns()}", "", max_tokens=tokens, temperature=0.0, prompt_ids=ids)
+    for i, p in enumerate(prompts):
+        job_id = f"host-{i}-{time.monotonic_ns()}"
+        req = (
+            JobRequest(job_id, p, max_tokens=tokens, temperature=0.0, seed=i)
+            if isinstance(p, str)
+            else JobRequest(job_id, "", max_tokens=tokens, temperature=0.0, prompt_ids=p)
+        )
         engine.submit(req, sink)
     done.wait()
     wall, cpu = time.perf_counter() - t0, engine.cpu_seconds - cpu0
     out = produced[0]
-    if out != len(prompts) * tokens:
+    if exact and out != len(prompts) * tokens:
         raise SystemExit(f"{out} tokens came back, not {len(prompts)} x {tokens}")
-    return {"tokens": out, "wall_s": wall, "tok_s": out / wall, "engine_us": cpu / out * 1e6}
+    decode_ms = statistics.median(itl) if itl else float("nan")
+    return {"tokens": out, "wall_s": wall, "tok_s": out / wall, "engine_us": cpu / out * 1e6, "decode_ms": decode_ms}
 
 
-def http_rounds(model: worker.Model, engine: Engine, args, path: str) -> None:
+def http_rounds(engine: Engine, args, path: str) -> None:
     """The real app (uvicorn, as `worker-orcd` configures it) in this process, the load client (bench.load's) in
     --client-procs processes; per round, the engine thread's and the event loop's CPU a token from /metrics."""
-    import io
     import multiprocessing
     import socket
 
@@ -105,7 +122,6 @@ def http_rounds(model: worker.Model, engine: Engine, args, path: str) -> None:
     from server.app import create_app
     from server.cli import http_config
     from server.service import WorkerService
-    from worker.narration import Narrator
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -129,11 +145,22 @@ def http_rounds(model: worker.Model, engine: Engine, args, path: str) -> None:
             print(
                 f"round {n}: {args.streams} streams x {args.tokens} tokens over HTTP, {args.steps} step(s) a "
                 f"dispatch: {r['output_tok_s']:,.0f} tok/s, engine {us['engine']:.1f} / event loop "
-                f"{us['event_loop']:.1f} µs/token, TTFT p50 {r['ttft_p50_s'] * 1e3:.0f} ms, "
+                f"{us['event_loop']:.1f} µs/token, TTFT p50 {load._ms(r.get('ttft_p50_s'))} ms, ITL p50 "
+                f"{load._ms(r.get('itl_p50_s'))} ms, "
                 f"errors {r['errors'] or 'none'}",
                 flush=True,
             )
     server.should_exit = True
+
+
+def real_engine(path: str, streams: int, tokens: int, worker_args: list[str]) -> Engine:
+    """The engine `worker-orcd --model PATH --max-batch STREAMS` would serve, loaded and warmed up as it does."""
+    from server.cli import build_parser, start_engine
+
+    argv = ["--model", path, "--worker-id", "host-bench", "--gpu-device", "0", "--port", "1"]  # no socket is bound
+    argv += ["--max-batch", str(streams), "--max-queue", str(streams), "--max-tokens-out", str(tokens)]
+    args = build_parser().parse_args([*argv, *worker_args])
+    return start_engine(args, Narrator("host-bench", path, None, stream=io.StringIO()))[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,10 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=128, help="output tokens a stream")
     ap.add_argument("--steps", type=int, default=1, help="decode steps a dispatch (the card gives 1 at 256 rows)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--http", action="store_true", help="through the HTTP server and SSE, with bench.load's client")
+    ap.add_argument("--http", action="store_true", help="then the same rounds through the HTTP server and SSE, with "
+                    "bench.load's client")  # fmt: skip
     ap.add_argument("--client-procs", type=int, default=2, help="client processes (--http)")
     ap.add_argument("--switch-ms", type=float, default=None, help="Python's thread switch interval (default 5 ms): "
                     "how long a thread that wants the lock back waits for the one holding it")  # fmt: skip
+    ap.add_argument("--real", action="store_true", help="the model's own steps on its default device, loaded as the "
+                    "worker loads it (--steps is then the worker's choice)")  # fmt: skip
+    ap.add_argument("--worker-arg", action="append", default=[], metavar="--OPTION=VALUE",
+                    help="(--real) a worker-orcd option, e.g. --worker-arg=--dispatch-ms=70; repeatable")  # fmt: skip
     args = ap.parse_args(argv)
     if args.switch_ms is not None:
         sys.setswitchinterval(args.switch_ms / 1e3)
@@ -155,24 +187,30 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = model_path()
     path = args.model
-    model = worker.load(path, device="cpu", max_batch=args.streams, kv_tokens=args.streams * 512)
-    free_steps(model, *token_range(model))
-    model.batch.steps = args.steps
-    engine = Engine(model, max_queue=args.streams, max_tokens_out=args.tokens)
-    engine.start()
-    if args.http:
-        http_rounds(model, engine, args, path)
-        engine.shutdown(2.0)
-        return 0
-    prompts = prompt_ids(model, args.streams, FIXED_PROMPT_TOKENS)
-    engine_round(engine, prompts[:8], 4)  # compile the buckets the round reaches outside its timing
+    if args.real:
+        from bench import load
+
+        engine = real_engine(path, args.streams, args.tokens, args.worker_arg)
+        args.steps = engine.model.batch.steps
+        prompts = load.prompts(path, [FIXED_PROMPT_TOKENS] * args.streams)
+    else:
+        model = worker.load(path, device="cpu", max_batch=args.streams, kv_tokens=args.streams * 512)
+        free_steps(model, *token_range(model))
+        model.batch.steps = args.steps
+        engine = Engine(model, max_queue=args.streams, max_tokens_out=args.tokens)
+        engine.start()
+        prompts = prompt_ids(model, args.streams, FIXED_PROMPT_TOKENS)
+    engine_round(engine, prompts[:8], 4, exact=not args.real)  # compile the buckets the round reaches untimed
     for n in range(args.rounds):
-        r = engine_round(engine, prompts, args.tokens)
+        r = engine_round(engine, prompts, args.tokens, exact=not args.real)
         print(
             f"round {n}: {args.streams} streams x {args.tokens} tokens, {args.steps} step(s) a dispatch: "
-            f"{r['tok_s']:,.0f} tok/s, engine {r['engine_us']:.1f} µs/token ({r['wall_s']:.2f} s)",
+            f"{r['tok_s']:,.0f} tok/s, engine {r['engine_us']:.1f} µs/token ({r['wall_s']:.2f} s, "
+            f"{r['tokens']:,} tokens, decode {r['decode_ms']:.1f} ms/token p50)",
             flush=True,
         )
+    if args.http:
+        http_rounds(engine, args, path)
     engine.shutdown(2.0)
     return 0
 

@@ -290,3 +290,15 @@ def test_host_bench_runs_every_stream_to_its_tokens_over_free_steps(capsys):
         sys.setswitchinterval(before)
     out = capsys.readouterr().out
     assert "4 streams x 6 tokens" in out and "µs/token" in out
+
+
+def test_host_bench_real_engine_reports_the_workers_rate_and_decode_ms(capsys):
+    # --real: the engine worker-orcd would serve (its option parser and warm-up, --worker-arg passed on) over the
+    # model's own steps; a real model's greedy text may end early, so the round counts what came back.
+    from bench import host
+
+    path = str(oracles_dir() / "models" / "qwen2" / "model-q4_k_m.gguf")
+    argv = ["--model", path, "--streams", "2", "--tokens", "4", "--rounds", "1", "--real"]
+    assert host.main([*argv, "--worker-arg=--device=cpu", "--worker-arg=--dispatch-ms=40"]) == 0
+    out = capsys.readouterr().out
+    assert "2 streams x 4 tokens" in out and "ms/token p50" in out

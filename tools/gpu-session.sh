@@ -20,6 +20,9 @@
 #                      tiles); budget KBENCH_SECONDS (default 240)
 #           host       python -m bench.host on this machine's CPU (the engine, then HTTP, at 256 streams of a model that
 #                      costs nothing: the host's µs a token); HOST_ARGS passed on; budget HOST_SECONDS (default 150)
+#           host-real:M  python -m bench.host --real on model M on the GPU: the worker's engine alone, then behind the
+#                      HTTP server, in one process at HOST_STREAMS streams (default 512); HOST_ARGS passed on (e.g.
+#                      "--switch-ms 1 --worker-arg=--dispatch-ms=70"); budget HOST_SECONDS (default 300)
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py; qmatvec's rows in big calls and
 #                      its unquantized formats); PYTEST_K picks others (pytest -k) among those files and
 #                      tests/test_sampling.py (e.g. rows_filter); budget INVARIANCE_SECONDS (default 180)
@@ -157,8 +160,13 @@ do_host() {
     # nothing (the tiny qwen2 of the oracles: the call must carry shared/)
     local model=shared/oracles/models/qwen2/model-q4_k_m.gguf
     # shellcheck disable=SC2086  # HOST_ARGS is a list of flags
-    JAX_PLATFORMS=cpu py -m bench.host --model "$model" --rounds 2 ${HOST_ARGS:-} &&
-        JAX_PLATFORMS=cpu py -m bench.host --model "$model" --rounds 2 --http --client-procs 4 ${HOST_ARGS:-}
+    JAX_PLATFORMS=cpu py -m bench.host --model "$model" --rounds 2 --http --client-procs 4 ${HOST_ARGS:-}
+}
+
+do_host_real() {
+    # shellcheck disable=SC2086  # HOST_ARGS is a list of flags
+    py -m bench.host --real --model "$(model_path "$1")" --streams "${HOST_STREAMS:-512}" --rounds 2 --http \
+        --client-procs 4 ${HOST_ARGS:-}
 }
 
 do_bench() {
@@ -261,6 +269,7 @@ for s in "$@"; do
         invariance) stage invariance "${INVARIANCE_SECONDS:-180}" do_invariance ;;
         kbench) stage kbench "${KBENCH_SECONDS:-240}" do_kbench ;;
         host) stage host "${HOST_SECONDS:-150}" do_host ;;
+        host-real:*) stage "host-real-${s#host-real:}" "${HOST_SECONDS:-300}" do_host_real "${s#host-real:}" ;;
         synth) stage synth 300 do_synth ;;
         synth:*) stage "synth-${s#synth:}" 300 do_synth "${s#synth:}" ;;
         prep)
