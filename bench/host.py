@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 import worker
+from worker import step_trace
 from worker.engine import End, Engine, ErrorEvent, JobRequest
 from worker.narration import Narrator
 
@@ -135,7 +136,9 @@ def http_rounds(engine: Engine, args, path: str) -> None:
     ctx = multiprocessing.get_context("spawn")  # not fork: this process runs JAX's and uvicorn's threads
     with ProcessPoolExecutor(args.client_procs, mp_context=ctx) as pool:
         load.round_of(pool, args.client_procs, url, "worker", texts[:8], 4, 120)  # warm the client and buckets
+        walls = step_trace.time_spans()
         for n in range(args.rounds):
+            spans_before = {k: tuple(v) for k, v in walls.items()}
             before = load.thread_cpu(url)
             r = load.round_of(pool, args.client_procs, url, "worker", texts, args.tokens, 600)
             after = load.thread_cpu(url)
@@ -147,10 +150,22 @@ def http_rounds(engine: Engine, args, path: str) -> None:
                 f"dispatch: {r['output_tok_s']:,.0f} tok/s, engine {us['engine']:.1f} / event loop "
                 f"{us['event_loop']:.1f} µs/token, TTFT p50 {load._ms(r.get('ttft_p50_s'))} ms, ITL p50 "
                 f"{load._ms(r.get('itl_p50_s'))} ms, "
-                f"errors {r['errors'] or 'none'}",
+                f"errors {r['errors'] or 'none'}\n  {span_walls(walls, spans_before)}",
                 flush=True,
             )
     server.should_exit = True
+
+
+def span_walls(walls: dict[str, list], before: dict[str, tuple]) -> str:
+    """The engine's host spans since `before`: each one's wall seconds in all and ms per occurrence; the read back
+    is where the engine thread waits for the device."""
+    out = []
+    for name in step_trace.SPANS:
+        n0, s0 = before.get(name, (0, 0.0))
+        n, s = walls[name][0] - n0, walls[name][1] - s0
+        if n:
+            out.append(f"{name} {s:.2f} s ({n} x {s / n * 1e3:.1f} ms)")
+    return "; ".join(out)
 
 
 def real_engine(path: str, streams: int, tokens: int, worker_args: list[str]) -> Engine:
@@ -201,12 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         engine.start()
         prompts = prompt_ids(model, args.streams, FIXED_PROMPT_TOKENS)
     engine_round(engine, prompts[:8], 4, exact=not args.real)  # compile the buckets the round reaches untimed
+    walls = step_trace.time_spans()
     for n in range(args.rounds):
+        before = {k: tuple(v) for k, v in walls.items()}
         r = engine_round(engine, prompts, args.tokens, exact=not args.real)
         print(
             f"round {n}: {args.streams} streams x {args.tokens} tokens, {args.steps} step(s) a dispatch: "
             f"{r['tok_s']:,.0f} tok/s, engine {r['engine_us']:.1f} µs/token ({r['wall_s']:.2f} s, "
-            f"{r['tokens']:,} tokens, decode {r['decode_ms']:.1f} ms/token p50)",
+            f"{r['tokens']:,} tokens, decode {r['decode_ms']:.1f} ms/token p50)\n  {span_walls(walls, before)}",
             flush=True,
         )
     if args.http:

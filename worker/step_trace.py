@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections import defaultdict
 
 import jax
 
@@ -23,9 +25,36 @@ STEP, PREFILL, DECODE, READ_BACK, EVENTS = "engine step", "prefill", "decode dis
 SPANS = (STEP, PREFILL, DECODE, READ_BACK, EVENTS)
 
 
-def span(name: str) -> jax.profiler.TraceAnnotation:
-    """A named host span in the trace (nearly free while no trace runs)."""
-    return jax.profiler.TraceAnnotation(name)
+# span name -> [count, wall seconds], while `time_spans` is on (bench.host --real reads it): the host's wall time in
+# each part of an engine step without a profiler, which slows the host it measures.
+_walls: defaultdict[str, list] | None = None
+
+
+def span(name: str) -> jax.profiler.TraceAnnotation | _TimedSpan:
+    """A named host span in the trace (nearly free while no trace runs), also timed while `time_spans` is on."""
+    return jax.profiler.TraceAnnotation(name) if _walls is None else _TimedSpan(name, _walls[name])
+
+
+def time_spans() -> defaultdict[str, list]:
+    """Start timing the spans: returns name -> [count, wall seconds], filled as spans end (until the process
+    ends)."""
+    global _walls
+    _walls = defaultdict(lambda: [0, 0.0])
+    return _walls
+
+
+class _TimedSpan:
+    def __init__(self, name: str, into: list):
+        self.annotation, self.into = jax.profiler.TraceAnnotation(name), into
+
+    def __enter__(self) -> None:
+        self.annotation.__enter__()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.into[0] += 1
+        self.into[1] += time.perf_counter() - self.t0
+        self.annotation.__exit__(*exc)
 
 
 class StepTracer:
