@@ -227,9 +227,18 @@ def run(path: str, device: str, repeats: int, trace: str | None) -> dict:
     return result
 
 
+def context_ids(m: worker.Model, context: int | None) -> list[int]:
+    """The rows' prompt: PROMPT's ids, repeated to `context` ids when given (a step's attention reads every row's
+    keys, so its time grows with the rows' context: a load's rows decode at 128-256 positions)."""
+    ids = m.tokenizer.encode(PROMPT)
+    return ids if context is None else (ids * (context // len(ids) + 1))[:context]
+
+
 def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int, trace: str | None,
-             groups: list[int] | None = None) -> dict:  # fmt: skip
-    """--rows: the compile of the largest row bucket (lowering and XLA's compile apart), then the sweep."""
+             groups: list[int] | None = None, contexts: list[int] | None = None) -> dict:  # fmt: skip
+    """--rows: the compile of the largest row bucket (lowering and XLA's compile apart), then the sweep (at each of
+    `contexts` if given: the first one's is `rows`, the others' `rows_at_context`), the queued dispatches, and the
+    prefill groups."""
     t0 = time.perf_counter()
     m = worker.load(path, device=device, max_batch=max(counts))
     result: dict = {"model": path, "device": str(m.device), "load_s": time.perf_counter() - t0, "steps": steps,
@@ -237,8 +246,17 @@ def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int
                     "moe_prefill_tiles": moe_matmul.PREFILL_TILES}  # fmt: skip
     result["compile"] = compile_times(m, m.runner.row_bucket(max(counts)), steps)
     print(json.dumps(result["compile"]), flush=True)
-    result["rows"] = rows_sweep(m, m.tokenizer.encode(PROMPT), counts, steps, repeats, trace)
-    result["queued"] = queued_dispatches(m, m.tokenizer.encode(PROMPT), max(counts), repeats)
+    contexts = contexts or [None]
+    ids = context_ids(m, contexts[0])
+    print(f"context {len(ids)}", flush=True)
+    result["rows"] = rows_sweep(m, ids, counts, steps, repeats, trace)
+    result["rows_at_context"] = {}
+    for c in contexts[1:]:
+        print(f"context {c}", flush=True)
+        result["rows_at_context"][c] = rows_sweep(
+            m, context_ids(m, c), counts, steps, repeats, trace and f"{trace}-{c}"
+        )
+    result["queued"] = queued_dispatches(m, ids, max(counts), repeats)
     groups = groups or sorted({1, 8, m.runner.group_limit()})
     result["prefill"] = prefill_sweep(m, groups, PREFILL_TOKENS, max(3, repeats // 3), trace and f"{trace}-prefill")
     return result
@@ -255,6 +273,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="steps a dispatch with --rows")
     ap.add_argument("--prefill-groups", default=None, help="with --rows: the prefill group sizes to time "
                     "(comma-separated; default 1, 8 and the largest)")  # fmt: skip
+    ap.add_argument("--context", default=None, help="with --rows: comma-separated prompt lengths of the rows (default: "
+                    "a short prompt's); each gets its sweep")  # fmt: skip
     ap.add_argument("--row-tile", type=int, default=None, help="rows of x per dense matvec program (a sweep)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -264,7 +284,8 @@ def main() -> None:
     if args.rows:
         counts = [int(n) for n in args.rows.split(",")]
         groups = [int(g) for g in args.prefill_groups.split(",")] if args.prefill_groups else None
-        result = run_rows(path, args.device, counts, args.steps, args.repeats, args.trace, groups)
+        contexts = [int(c) for c in args.context.split(",")] if args.context else None
+        result = run_rows(path, args.device, counts, args.steps, args.repeats, args.trace, groups, contexts)
     else:
         result = run(path, args.device, args.repeats, args.trace)
     text = json.dumps(result, indent=1)

@@ -13,7 +13,8 @@
 #                      kernels:F only tests/F
 #           rows:M     python -m bench.dispatch --rows $ROWS (default 1,8,64; budget ROWS_SECONDS, default 150) on
 #                      model M: a decode dispatch of that many rows, the largest bucket's compile timed, the prefill
-#                      groups (PREFILL_GROUPS: their sizes, e.g. 32); profiler traces of the most rows' dispatch and
+#                      groups (PREFILL_GROUPS: their sizes, e.g. 32); ROWS_CONTEXT: the rows' prompt lengths (e.g.
+#                      12,256: a sweep at each); profiler traces of the most rows' dispatch (at each context) and
 #                      of the largest prefill group (trace-M.json.gz, trace-M-prefill.json.gz in the call's logs
 #                      tarball), summed by kernel (bench.trace) in the stage's log
 #           kbench     python -m bench.kernels $KBENCH_ARGS (default "--rows 0 --prefill 4096 --sweep": the prefill
@@ -141,9 +142,12 @@ do_rows() {  # in a folder of its own: bench.report reads every JSON directly in
     local rc t f
     mkdir -p "$results/rows"
     py -m bench.dispatch --model "$(model_path "$1")" --rows "${ROWS:-1,8,64}" --steps 16 --json "$results/rows/$1.json" \
-        --trace "$results/rows/trace-$1" ${PREFILL_GROUPS:+--prefill-groups "$PREFILL_GROUPS"}
+        --trace "$results/rows/trace-$1" ${PREFILL_GROUPS:+--prefill-groups "$PREFILL_GROUPS"} \
+        ${ROWS_CONTEXT:+--context "$ROWS_CONTEXT"}
     rc=$?
-    for t in "$results/rows/trace-$1" "$results/rows/trace-$1-prefill"; do
+    local more=()
+    for c in $(echo "${ROWS_CONTEXT:-}" | tr , ' ' | cut -s -d' ' -f2-); do more+=("$results/rows/trace-$1-$c"); done
+    for t in "$results/rows/trace-$1" "${more[@]}" "$results/rows/trace-$1-prefill"; do
         f=$(newest_trace "$t")
         [ -n "$f" ] && { echo "== $(basename "$t")"; py -m bench.trace "$f"; }
     done
