@@ -17,7 +17,6 @@ from worker.pallas_kernels.tiling import (
     TritonParams,
     kernel_entry,
     key_tile,
-    online_softmax_tile,
     padded_dim,
     pow2_at_least,
 )
@@ -64,7 +63,13 @@ def _visible_tiles(p: jax.Array, bs: int, window: int | None, n_tiles: int) -> t
 def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs,
                   tiles_per_page, tiles_per_split, n_tiles, pages, scale, window):  # fmt: skip
     """Program (b, kh, split): the online softmax of row b's G query heads of kv head kh over the visible tiles of
-    its split, in logical order. A split holding no visible key writes nothing (the fold never reads it)."""
+    its split, in logical order. A split holding no visible key writes nothing (the fold never reads it).
+
+    The G heads are one [MAX_GROUP, dp] block (rows past G are zeros, never read by the fold), so a tile's scores
+    and weighted values are two small matrix products (float32, IEEE precision: each output element a fixed FMA
+    chain over its own row's values, so a row's bits do not depend on the others). Why not a vector product per
+    head: at 512 rows and 256 keys that spent 18.6 ms a gpt-oss-20b step in the heads' cross-lane reductions, a
+    third of the step (docs/PERFORMANCE.md, tenth session)."""
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     p, layer = pos_ref[b], layer_ref[0]
     lo, hi = _visible_tiles(p, bs, window, n_tiles)
@@ -74,10 +79,10 @@ def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m
 
     @pl.when(lo < hi)
     def _():
-        masked = {} if d_ok is None else dict(mask=d_ok, other=0)
-        qs = [plgpu.load(q_ref.at[b, kh, jnp.int32(g), pl.ds(0, dp)], **masked) for g in range(g_n)]
+        q = q_ref[b, kh, pl.ds(0, MAX_GROUP), pl.ds(0, dp)] * jnp.float32(scale)  # zero-padded by the caller
 
         def step(tile, carry):
+            m, l_, acc = carry  # [MAX_GROUP], [MAX_GROUP], [MAX_GROUP, dp]
             # An entry outside the pool must not read out of bounds (the null page 0 is always there).
             page = jnp.clip(table_ref[b, tile // tiles_per_page], 0, pages - 1)
             s0 = (tile % tiles_per_page) * bs
@@ -93,19 +98,22 @@ def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m
             index = (layer, page, pl.ds(s0, bs), kh, pl.ds(0, dp))
             k = plgpu.load(k_ref.at[index], mask=mask, other=0).astype(jnp.float32)
             v = plgpu.load(v_ref.at[index], mask=mask, other=0).astype(jnp.float32)
-            return online_softmax_tile(carry, qs, k, v, visible, scale)
+            s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
+                                    preferred_element_type=jnp.float32)  # [MAX_GROUP, bs]  # fmt: skip
+            s = jnp.where(jax.lax.broadcast_in_dim(visible, (MAX_GROUP, bs), (1,)), s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            alpha = jnp.exp(m - m_new)
+            w = jnp.exp(s - jax.lax.expand_dims(m_new, (1,)))
+            pv = jax.lax.dot_general(w, v, (((1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
+                                     preferred_element_type=jnp.float32)  # [MAX_GROUP, dp]  # fmt: skip
+            return m_new, l_ * alpha + jnp.sum(w, axis=1), acc * jax.lax.expand_dims(alpha, (1,)) + pv
 
-        init = tuple((jnp.float32(NEG), jnp.float32(0), jnp.zeros((dp,), jnp.float32)) for _ in range(g_n))
-        final = jax.lax.fori_loop(lo, hi, step, init)
-        # m and l of the G heads as one vector over MAX_GROUP lanes (a vector store; the fold loads them so).
-        lanes = jnp.arange(MAX_GROUP)
-        m_vec, l_vec = jnp.full((MAX_GROUP,), NEG, jnp.float32), jnp.zeros((MAX_GROUP,), jnp.float32)
-        for g, (m, l_, acc) in enumerate(final):
-            acc_ref[b, kh, split, jnp.int32(g), pl.ds(0, dp)] = acc
-            m_vec = jnp.where(lanes == g, m, m_vec)
-            l_vec = jnp.where(lanes == g, l_, l_vec)
-        m_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = m_vec
-        l_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = l_vec
+        init = (jnp.full((MAX_GROUP,), NEG, jnp.float32), jnp.zeros((MAX_GROUP,), jnp.float32),
+                jnp.zeros((MAX_GROUP, dp), jnp.float32))  # fmt: skip
+        m, l_, acc = jax.lax.fori_loop(lo, hi, step, init)
+        acc_ref[b, kh, split, pl.ds(0, MAX_GROUP), pl.ds(0, dp)] = acc
+        m_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = m
+        l_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = l_
 
 
 def _fold_kernel(pos_ref, *refs, g_n, d, dp, bs, tiles_per_split, n_tiles, window, has_sinks):
@@ -191,6 +199,7 @@ def paged_decode_attention(
     pos = positions.reshape(b).astype(jnp.int32)
     table = page_table.astype(jnp.int32)
     qg = q.reshape(b, kh, g_n, d).astype(jnp.float32)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, MAX_GROUP - g_n), (0, dp - d)))  # the split kernel's [MAX_GROUP, dp] block
     params = TritonParams(num_warps=num_warps, num_stages=num_stages)
     split_kernel = functools.partial(
         _split_kernel, g_n=g_n, d=d, dp=dp, bs=bs, tiles_per_page=tiles_per_page, tiles_per_split=tiles_per_split,
