@@ -176,8 +176,9 @@ PAGED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("head_block", [False, True], ids=["heads", "block"])  # the split kernel's two forms
 @pytest.mark.parametrize(("h", "kh", "d", "page_size", "positions", "window", "sinks", "per_split"), PAGED_CASES)
-def test_paged_attention_against_dense_reference(h, kh, d, page_size, positions, window, sinks, per_split):
+def test_paged_attention_against_dense_reference(h, kh, d, page_size, positions, window, sinks, per_split, head_block):
     rng = np.random.default_rng(h * d + page_size)
     b, pages, layer = len(positions), 40, 1
     k_pages, v_pages = pool(rng, 2, pages, page_size, kh, d)
@@ -190,7 +191,7 @@ def test_paged_attention_against_dense_reference(h, kh, d, page_size, positions,
     run = jax.jit(
         lambda q, kp, vp, t, p, layer: pa.paged_decode_attention(
             q, kp, vp, t, p, layer, scale, window, None if sink is None else jnp.asarray(sink),
-            interpret=True, pages_per_split=per_split,
+            interpret=True, pages_per_split=per_split, head_block=head_block,
         )
     )  # fmt: skip
     y = np.asarray(run(q, k_pages, v_pages, table, pos, jnp.int32(layer)))  # the layer traced, as in a scan
@@ -228,9 +229,11 @@ def check_paged_invariance(attend) -> None:
     np.testing.assert_array_equal(other[2], full[len(pos) - 3])
 
 
-def test_paged_attention_row_bits_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("head_block", [False, True], ids=["heads", "block"])
+def test_paged_attention_row_bits_do_not_depend_on_the_batch(head_block):
     def attend(q, kp, vp, t, p, s):
-        return pa.paged_decode_attention(q, kp, vp, t, p, 0, 0.25, 64, s, interpret=True, pages_per_split=2)
+        return pa.paged_decode_attention(q, kp, vp, t, p, 0, 0.25, 64, s, interpret=True, pages_per_split=2,
+                                         head_block=head_block)  # fmt: skip
 
     check_paged_invariance(jax.jit(attend))
 
@@ -289,9 +292,10 @@ GPU_PAGED = [(14, 2, 64, None, False), (32, 32, 96, None, False), (4, 1, 256, 51
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_block", [False, True], ids=["heads", "block"])
 @pytest.mark.parametrize("page_size", [16, 32])
 @pytest.mark.parametrize(("h", "kh", "d", "window", "sinks"), GPU_PAGED)
-def test_gpu_paged_attention_batch_64(gpu_backend, h, kh, d, window, sinks, page_size):
+def test_gpu_paged_attention_batch_64(gpu_backend, h, kh, d, window, sinks, page_size, head_block):
     """64 rows of 1..1500 tokens over a float16 pool: against the dense reference and the twin, and a few rows alone
     (their own table width) and 8 rows as a batch of 8, bitwise."""
     rng = np.random.default_rng(h + d + page_size)
@@ -305,7 +309,7 @@ def test_gpu_paged_attention_batch_64(gpu_backend, h, kh, d, window, sinks, page
     pos, scale = np.array(positions, np.int32), d**-0.5
     kp, vp = jax.device_put(k_pages), jax.device_put(v_pages)
     attend = jax.jit(lambda q, kp, vp, t, p, layer: pa.paged_decode_attention(q, kp, vp, t, p, layer, scale, window,
-                                                                              sink))  # fmt: skip
+                                                                              sink, head_block=head_block))  # fmt: skip
 
     def run(q, t, p, layer):
         return attend(q, kp, vp, t, p, layer)

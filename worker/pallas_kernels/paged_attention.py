@@ -6,6 +6,7 @@ pages, a second kernel folding the row's splits in order. Design and rules: docs
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from worker.pallas_kernels.tiling import (
     TritonParams,
     kernel_entry,
     key_tile,
+    online_softmax_tile,
     padded_dim,
     pow2_at_least,
 )
@@ -28,7 +30,10 @@ TILE_VALUES = 2048
 # depend on its own position only. Smaller gives batch 1 more programs at short contexts; larger writes fewer
 # partials at large batch (partials cost 2 G / SPLIT_KEYS of the k/v bytes: 12% at G = 8).
 SPLIT_KEYS = 128
-MAX_GROUP = 16  # query heads per kv head: unrolled in the split kernel, one padded vector lane in the fold
+MAX_GROUP = 16  # query heads per kv head: unrolled in the split kernel (or its block's rows), a vector lane in the fold
+# WORKER_ATTENTION_HEAD_BLOCK=1: the split kernel takes a kv head's query heads as one block (_split_kernel_block);
+# the default stays the unrolled heads until the block form has run on a card (its gpu tests and its time).
+HEAD_BLOCK = os.environ.get("WORKER_ATTENTION_HEAD_BLOCK", "0") == "1"
 
 
 def tile_slots(page_size: int, d: int) -> int | None:
@@ -60,16 +65,13 @@ def _visible_tiles(p: jax.Array, bs: int, window: int | None, n_tiles: int) -> t
     return lo, hi
 
 
-def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs,
+def _split_kernel_block(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs,
                   tiles_per_page, tiles_per_split, n_tiles, pages, scale, window):  # fmt: skip
-    """Program (b, kh, split): the online softmax of row b's G query heads of kv head kh over the visible tiles of
-    its split, in logical order. A split holding no visible key writes nothing (the fold never reads it).
-
-    The G heads are one [MAX_GROUP, dp] block (rows past G are zeros, never read by the fold), so a tile's scores
-    and weighted values are two small matrix products (float32, IEEE precision: each output element a fixed FMA
-    chain over its own row's values, so a row's bits do not depend on the others). Why not a vector product per
-    head: at 512 rows and 256 keys that spent 18.6 ms a gpt-oss-20b step in the heads' cross-lane reductions, a
-    third of the step (docs/PERFORMANCE.md, tenth session)."""
+    """`_split_kernel_heads`' work with the G heads as one [MAX_GROUP, dp] block (rows past G are zeros, never read
+    by the fold): a tile's scores and weighted values are two small matrix products (float32, IEEE precision: each
+    output element a fixed FMA chain over its own row's values, so a row's bits do not depend on the others). Why:
+    at 512 rows and 256 keys the unrolled heads took 18.6 ms of a 49.9 ms gpt-oss-20b step (docs/PERFORMANCE.md,
+    tenth session). Not yet compiled on a GPU: opt-in (HEAD_BLOCK) until a card run measures it."""
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     p, layer = pos_ref[b], layer_ref[0]
     lo, hi = _visible_tiles(p, bs, window, n_tiles)
@@ -114,6 +116,54 @@ def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m
         acc_ref[b, kh, split, pl.ds(0, MAX_GROUP), pl.ds(0, dp)] = acc
         m_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = m
         l_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = l_
+
+
+def _split_kernel_heads(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs,
+                  tiles_per_page, tiles_per_split, n_tiles, pages, scale, window):  # fmt: skip
+    """Program (b, kh, split): the online softmax of row b's G query heads of kv head kh over the visible tiles of
+    its split, in logical order, each head unrolled (a vector product and cross-lane reductions a tile). A split
+    holding no visible key writes nothing (the fold never reads it)."""
+    b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    p, layer = pos_ref[b], layer_ref[0]
+    lo, hi = _visible_tiles(p, bs, window, n_tiles)
+    first = split * tiles_per_split
+    lo, hi = jnp.maximum(lo, first), jnp.minimum(hi, first + tiles_per_split)
+    d_ok = jnp.arange(dp) < d if dp != d else None
+
+    @pl.when(lo < hi)
+    def _():
+        masked = {} if d_ok is None else dict(mask=d_ok, other=0)
+        qs = [plgpu.load(q_ref.at[b, kh, jnp.int32(g), pl.ds(0, dp)], **masked) for g in range(g_n)]
+
+        def step(tile, carry):
+            # An entry outside the pool must not read out of bounds (the null page 0 is always there).
+            page = jnp.clip(table_ref[b, tile // tiles_per_page], 0, pages - 1)
+            s0 = (tile % tiles_per_page) * bs
+            j = tile * bs + jnp.arange(bs)
+            visible = j <= p
+            if window is not None:
+                visible &= p - j < window
+            # Masked loads: the slots past p (stale data of this page's earlier owner, maybe not finite) are
+            # never read, so no NaN can reach acc through a zero weight.
+            mask = jax.lax.broadcast_in_dim(visible, (bs, dp), (0,))
+            if d_ok is not None:
+                mask &= jax.lax.broadcast_in_dim(d_ok, (bs, dp), (1,))
+            index = (layer, page, pl.ds(s0, bs), kh, pl.ds(0, dp))
+            k = plgpu.load(k_ref.at[index], mask=mask, other=0).astype(jnp.float32)
+            v = plgpu.load(v_ref.at[index], mask=mask, other=0).astype(jnp.float32)
+            return online_softmax_tile(carry, qs, k, v, visible, scale)
+
+        init = tuple((jnp.float32(NEG), jnp.float32(0), jnp.zeros((dp,), jnp.float32)) for _ in range(g_n))
+        final = jax.lax.fori_loop(lo, hi, step, init)
+        # m and l of the G heads as one vector over MAX_GROUP lanes (a vector store; the fold loads them so).
+        lanes = jnp.arange(MAX_GROUP)
+        m_vec, l_vec = jnp.full((MAX_GROUP,), NEG, jnp.float32), jnp.zeros((MAX_GROUP,), jnp.float32)
+        for g, (m, l_, acc) in enumerate(final):
+            acc_ref[b, kh, split, jnp.int32(g), pl.ds(0, dp)] = acc
+            m_vec = jnp.where(lanes == g, m, m_vec)
+            l_vec = jnp.where(lanes == g, l_, l_vec)
+        m_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = m_vec
+        l_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = l_vec
 
 
 def _fold_kernel(pos_ref, *refs, g_n, d, dp, bs, tiles_per_split, n_tiles, window, has_sinks):
@@ -165,7 +215,7 @@ def _check(q, k_pages, v_pages, page_table, positions) -> None:
                          f"must be [B, n_pages] and [B] for B = {b}")  # fmt: skip
 
 
-@kernel_entry("scale", "window", "interpret", "pages_per_split", "num_warps", "num_stages")
+@kernel_entry("scale", "window", "interpret", "pages_per_split", "head_block", "num_warps", "num_stages")
 def paged_decode_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -179,6 +229,7 @@ def paged_decode_attention(
     *,
     interpret: bool = False,
     pages_per_split: int | None = None,
+    head_block: bool | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> jax.Array:
@@ -186,7 +237,8 @@ def paged_decode_attention(
     K, D] -> float32 [B, 1, H, D]. Row b's key j lives at page page_table[b, j // page_size], slot j % page_size;
     keys j <= positions[b] are visible (and positions[b] - j < window on sliding layers); `sinks` [H]: a logit
     per head joining the softmax denominator only. A row at a negative position (padding) gives zeros.
-    `pages_per_split` overrides SPLIT_KEYS / page_size (tests, sweeps); a row's bits depend on it."""
+    `pages_per_split` overrides SPLIT_KEYS / page_size (tests, sweeps); a row's bits depend on it, and on
+    `head_block` (default HEAD_BLOCK: the split kernel's form)."""
     _check(q, k_pages, v_pages, page_table, positions)
     b, _, h, d = q.shape
     _, pages, page_size, kh, _ = k_pages.shape
@@ -201,8 +253,10 @@ def paged_decode_attention(
     qg = q.reshape(b, kh, g_n, d).astype(jnp.float32)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, MAX_GROUP - g_n), (0, dp - d)))  # the split kernel's [MAX_GROUP, dp] block
     params = TritonParams(num_warps=num_warps, num_stages=num_stages)
+    block = HEAD_BLOCK if head_block is None else head_block
     split_kernel = functools.partial(
-        _split_kernel, g_n=g_n, d=d, dp=dp, bs=bs, tiles_per_page=tiles_per_page, tiles_per_split=tiles_per_split,
+        _split_kernel_block if block else _split_kernel_heads, g_n=g_n, d=d, dp=dp, bs=bs,
+        tiles_per_page=tiles_per_page, tiles_per_split=tiles_per_split,
         n_tiles=n_tiles, pages=pages, scale=float(scale), window=window,
     )  # fmt: skip
     acc, m, l_ = pl.pallas_call(
