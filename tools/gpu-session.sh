@@ -24,6 +24,9 @@
 #           host-real:M  python -m bench.host --real on model M on the GPU: the worker's engine alone, then behind the
 #                      HTTP server, in one process at HOST_STREAMS streams (default 512); HOST_ARGS passed on (e.g.
 #                      "--switch-ms 1 --worker-arg=--dispatch-ms=70"); budget HOST_SECONDS (default 300)
+#           attn       the paged decode attention's split kernel, its two forms side by side (bench.paged_attention at
+#                      64 and 512 rows, 256 and 2048 keys), then its gpu tests (both forms); budget ATTN_SECONDS
+#                      (default 240)
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py; qmatvec's rows in big calls and
 #                      its unquantized formats); PYTEST_K picks others (pytest -k) among those files and
 #                      tests/test_sampling.py (e.g. rows_filter); budget INVARIANCE_SECONDS (default 180)
@@ -154,6 +157,13 @@ do_rows() {  # in a folder of its own: bench.report reads every JSON directly in
     return $rc
 }
 
+do_attn() {
+    local rc=0
+    py -m bench.paged_attention --batch 64,512 --context 256,2048 --repeat 10 || rc=1
+    py -m pytest -q -rA -m gpu -o addopts="" -p no:cacheprovider tests/test_batched_kernels.py -k paged || rc=1
+    return $rc
+}
+
 do_kbench() {
     # shellcheck disable=SC2086  # KBENCH_ARGS is a list of flags
     py -m bench.kernels ${KBENCH_ARGS:---rows 0 --prefill 4096 --sweep}
@@ -272,6 +282,7 @@ for s in "$@"; do
         rows:*) stage "rows-${s#rows:}" "${ROWS_SECONDS:-150}" do_rows "${s#rows:}" ;;
         invariance) stage invariance "${INVARIANCE_SECONDS:-180}" do_invariance ;;
         kbench) stage kbench "${KBENCH_SECONDS:-240}" do_kbench ;;
+        attn) stage attn "${ATTN_SECONDS:-240}" do_attn ;;
         host) stage host "${HOST_SECONDS:-150}" do_host ;;
         host-real:*) stage "host-real-${s#host-real:}" "${HOST_SECONDS:-300}" do_host_real "${s#host-real:}" ;;
         synth) stage synth 300 do_synth ;;
