@@ -65,13 +65,11 @@ def _visible_tiles(p: jax.Array, bs: int, window: int | None, n_tiles: int) -> t
     return lo, hi
 
 
-def _split_kernel_block(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs,
-                  tiles_per_page, tiles_per_split, n_tiles, pages, scale, window):  # fmt: skip
-    """`_split_kernel_heads`' work with the G heads as one [MAX_GROUP, dp] block (rows past G are zeros, never read
-    by the fold): a tile's scores and weighted values are two small matrix products (float32, IEEE precision: each
-    output element a fixed FMA chain over its own row's values, so a row's bits do not depend on the others). Why:
-    at 512 rows and 256 keys the unrolled heads took 18.6 ms of a 49.9 ms gpt-oss-20b step (docs/PERFORMANCE.md,
-    tenth session). Not yet compiled on a GPU: opt-in (HEAD_BLOCK) until a card run measures it."""
+def _split_program(pos_ref, layer_ref, table_ref, k_ref, v_ref, *, d, dp, bs, tiles_per_page, tiles_per_split,
+                   n_tiles, pages, window):  # fmt: skip
+    """What both split kernels start from: the program ids (b, kh, split), the split's visible tiles [lo, hi), the
+    head dim's lane mask (None when D is a power of two) and `read`: tile -> (k, v [bs, dp] float32, visible [bs]),
+    logical tile `tile` of row b's keys of kv head kh."""
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     p, layer = pos_ref[b], layer_ref[0]
     lo, hi = _visible_tiles(p, bs, window, n_tiles)
@@ -79,27 +77,44 @@ def _split_kernel_block(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_
     lo, hi = jnp.maximum(lo, first), jnp.minimum(hi, first + tiles_per_split)
     d_ok = jnp.arange(dp) < d if dp != d else None
 
+    def read(tile):
+        # An entry outside the pool must not read out of bounds (the null page 0 is always there).
+        page = jnp.clip(table_ref[b, tile // tiles_per_page], 0, pages - 1)
+        s0 = (tile % tiles_per_page) * bs
+        j = tile * bs + jnp.arange(bs)
+        visible = j <= p
+        if window is not None:
+            visible &= p - j < window
+        # Masked loads: the slots past p (stale data of this page's earlier owner, maybe not finite) are
+        # never read, so no NaN can reach acc through a zero weight.
+        mask = jax.lax.broadcast_in_dim(visible, (bs, dp), (0,))
+        if d_ok is not None:
+            mask &= jax.lax.broadcast_in_dim(d_ok, (bs, dp), (1,))
+        index = (layer, page, pl.ds(s0, bs), kh, pl.ds(0, dp))
+        k = plgpu.load(k_ref.at[index], mask=mask, other=0).astype(jnp.float32)
+        v = plgpu.load(v_ref.at[index], mask=mask, other=0).astype(jnp.float32)
+        return k, v, visible
+
+    return (b, kh, split), lo, hi, d_ok, read
+
+
+def _split_kernel_block(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs,
+                  scale, **tiling):  # fmt: skip
+    """`_split_kernel_heads`' work with the G heads as one [MAX_GROUP, dp] block (rows past G are zeros, never read
+    by the fold): a tile's scores and weighted values are two small matrix products (float32, IEEE precision: each
+    output element a fixed FMA chain over its own row's values, so a row's bits do not depend on the others). Why:
+    at 512 rows and 256 keys the unrolled heads took 18.6 ms of a 49.9 ms gpt-oss-20b step (docs/PERFORMANCE.md,
+    tenth session). Not yet compiled on a GPU: opt-in (HEAD_BLOCK) until a card run measures it."""
+    ids, lo, hi, d_ok, read = _split_program(pos_ref, layer_ref, table_ref, k_ref, v_ref, d=d, dp=dp, bs=bs, **tiling)
+    b, kh, split = ids
+
     @pl.when(lo < hi)
     def _():
         q = q_ref[b, kh, pl.ds(0, MAX_GROUP), pl.ds(0, dp)] * jnp.float32(scale)  # zero-padded by the caller
 
         def step(tile, carry):
             m, l_, acc = carry  # [MAX_GROUP], [MAX_GROUP], [MAX_GROUP, dp]
-            # An entry outside the pool must not read out of bounds (the null page 0 is always there).
-            page = jnp.clip(table_ref[b, tile // tiles_per_page], 0, pages - 1)
-            s0 = (tile % tiles_per_page) * bs
-            j = tile * bs + jnp.arange(bs)
-            visible = j <= p
-            if window is not None:
-                visible &= p - j < window
-            # Masked loads: the slots past p (stale data of this page's earlier owner, maybe not finite) are
-            # never read, so no NaN can reach acc through a zero weight.
-            mask = jax.lax.broadcast_in_dim(visible, (bs, dp), (0,))
-            if d_ok is not None:
-                mask &= jax.lax.broadcast_in_dim(d_ok, (bs, dp), (1,))
-            index = (layer, page, pl.ds(s0, bs), kh, pl.ds(0, dp))
-            k = plgpu.load(k_ref.at[index], mask=mask, other=0).astype(jnp.float32)
-            v = plgpu.load(v_ref.at[index], mask=mask, other=0).astype(jnp.float32)
+            k, v, visible = read(tile)
             s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
                                     preferred_element_type=jnp.float32)  # [MAX_GROUP, bs]  # fmt: skip
             s = jnp.where(jax.lax.broadcast_in_dim(visible, (MAX_GROUP, bs), (1,)), s, -jnp.inf)
@@ -119,16 +134,12 @@ def _split_kernel_block(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_
 
 
 def _split_kernel_heads(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs,
-                  tiles_per_page, tiles_per_split, n_tiles, pages, scale, window):  # fmt: skip
+                  scale, **tiling):  # fmt: skip
     """Program (b, kh, split): the online softmax of row b's G query heads of kv head kh over the visible tiles of
     its split, in logical order, each head unrolled (a vector product and cross-lane reductions a tile). A split
     holding no visible key writes nothing (the fold never reads it)."""
-    b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    p, layer = pos_ref[b], layer_ref[0]
-    lo, hi = _visible_tiles(p, bs, window, n_tiles)
-    first = split * tiles_per_split
-    lo, hi = jnp.maximum(lo, first), jnp.minimum(hi, first + tiles_per_split)
-    d_ok = jnp.arange(dp) < d if dp != d else None
+    ids, lo, hi, d_ok, read = _split_program(pos_ref, layer_ref, table_ref, k_ref, v_ref, d=d, dp=dp, bs=bs, **tiling)
+    b, kh, split = ids
 
     @pl.when(lo < hi)
     def _():
@@ -136,21 +147,7 @@ def _split_kernel_heads(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_
         qs = [plgpu.load(q_ref.at[b, kh, jnp.int32(g), pl.ds(0, dp)], **masked) for g in range(g_n)]
 
         def step(tile, carry):
-            # An entry outside the pool must not read out of bounds (the null page 0 is always there).
-            page = jnp.clip(table_ref[b, tile // tiles_per_page], 0, pages - 1)
-            s0 = (tile % tiles_per_page) * bs
-            j = tile * bs + jnp.arange(bs)
-            visible = j <= p
-            if window is not None:
-                visible &= p - j < window
-            # Masked loads: the slots past p (stale data of this page's earlier owner, maybe not finite) are
-            # never read, so no NaN can reach acc through a zero weight.
-            mask = jax.lax.broadcast_in_dim(visible, (bs, dp), (0,))
-            if d_ok is not None:
-                mask &= jax.lax.broadcast_in_dim(d_ok, (bs, dp), (1,))
-            index = (layer, page, pl.ds(s0, bs), kh, pl.ds(0, dp))
-            k = plgpu.load(k_ref.at[index], mask=mask, other=0).astype(jnp.float32)
-            v = plgpu.load(v_ref.at[index], mask=mask, other=0).astype(jnp.float32)
+            k, v, visible = read(tile)
             return online_softmax_tile(carry, qs, k, v, visible, scale)
 
         init = tuple((jnp.float32(NEG), jnp.float32(0), jnp.zeros((dp,), jnp.float32)) for _ in range(g_n))
