@@ -136,23 +136,23 @@ def http_rounds(engine: Engine, args, path: str) -> None:
     ctx = multiprocessing.get_context("spawn")  # not fork: this process runs JAX's and uvicorn's threads
     with ProcessPoolExecutor(args.client_procs, mp_context=ctx) as pool:
         load.round_of(pool, args.client_procs, url, "worker", texts[:8], 4, 120)  # warm the client and buckets
-        walls = step_trace.time_spans()
-        for n in range(args.rounds):
-            spans_before = {k: tuple(v) for k, v in walls.items()}
-            before = load.thread_cpu(url)
-            r = load.round_of(pool, args.client_procs, url, "worker", texts, args.tokens, 600)
-            after = load.thread_cpu(url)
-            if not r["output_tokens"]:
-                raise SystemExit(f"no tokens came back: {r['errors']}")
-            us = {k: (after[k] - before[k]) / r["output_tokens"] * 1e6 for k in after}
-            print(
-                f"round {n}: {args.streams} streams x {args.tokens} tokens over HTTP, {args.steps} step(s) a "
-                f"dispatch: {r['output_tok_s']:,.0f} tok/s, engine {us['engine']:.1f} / event loop "
-                f"{us['event_loop']:.1f} µs/token, TTFT p50 {load._ms(r.get('ttft_p50_s'))} ms, ITL p50 "
-                f"{load._ms(r.get('itl_p50_s'))} ms, "
-                f"errors {r['errors'] or 'none'}\n  {span_walls(walls, spans_before)}",
-                flush=True,
-            )
+        with step_trace.timed_spans() as walls:
+            for n in range(args.rounds):
+                spans_before = {k: tuple(v) for k, v in walls.items()}
+                before = load.thread_cpu(url)
+                r = load.round_of(pool, args.client_procs, url, "worker", texts, args.tokens, 600)
+                after = load.thread_cpu(url)
+                if not r["output_tokens"]:
+                    raise SystemExit(f"no tokens came back: {r['errors']}")
+                us = {k: (after[k] - before[k]) / r["output_tokens"] * 1e6 for k in after}
+                print(
+                    f"round {n}: {args.streams} streams x {args.tokens} tokens over HTTP, {args.steps} step(s) a "
+                    f"dispatch: {r['output_tok_s']:,.0f} tok/s, engine {us['engine']:.1f} / event loop "
+                    f"{us['event_loop']:.1f} µs/token, TTFT p50 {load._ms(r.get('ttft_p50_s'))} ms, ITL p50 "
+                    f"{load._ms(r.get('itl_p50_s'))} ms, "
+                    f"errors {r['errors'] or 'none'}\n  {span_walls(walls, spans_before)}",
+                    flush=True,
+                )
     server.should_exit = True
 
 
@@ -216,16 +216,16 @@ def main(argv: list[str] | None = None) -> int:
         engine.start()
         prompts = prompt_ids(model, args.streams, FIXED_PROMPT_TOKENS)
     engine_round(engine, prompts[:8], 4, exact=not args.real)  # compile the buckets the round reaches untimed
-    walls = step_trace.time_spans()
-    for n in range(args.rounds):
-        before = {k: tuple(v) for k, v in walls.items()}
-        r = engine_round(engine, prompts, args.tokens, exact=not args.real)
-        print(
-            f"round {n}: {args.streams} streams x {args.tokens} tokens, {args.steps} step(s) a dispatch: "
-            f"{r['tok_s']:,.0f} tok/s, engine {r['engine_us']:.1f} µs/token ({r['wall_s']:.2f} s, "
-            f"{r['tokens']:,} tokens, decode {r['decode_ms']:.1f} ms/token p50)\n  {span_walls(walls, before)}",
-            flush=True,
-        )
+    with step_trace.timed_spans() as walls:
+        for n in range(args.rounds):
+            before = {k: tuple(v) for k, v in walls.items()}
+            r = engine_round(engine, prompts, args.tokens, exact=not args.real)
+            print(
+                f"round {n}: {args.streams} streams x {args.tokens} tokens, {args.steps} step(s) a dispatch: "
+                f"{r['tok_s']:,.0f} tok/s, engine {r['engine_us']:.1f} µs/token ({r['wall_s']:.2f} s, "
+                f"{r['tokens']:,} tokens, decode {r['decode_ms']:.1f} ms/token p50)\n  {span_walls(walls, before)}",
+                flush=True,
+            )
     if args.http:
         http_rounds(engine, args, path)
     engine.shutdown(2.0)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 
 import jax.numpy as jnp
 
 from bench import trace
-from worker.step_trace import DECODE, READ_BACK, STEP, StepTracer, span
+from worker.step_trace import DECODE, READ_BACK, STEP, StepTracer, span, timed_spans
 
 
 def test_the_trace_starts_at_enough_rows_stops_after_its_steps_and_holds_the_spans(tmp_path):
@@ -54,3 +55,14 @@ def test_a_delay_starts_the_trace_that_many_steps_after_the_mark(tmp_path):
     assert tracer._left == 1  # started at the third step after the mark
     tracer.after_step()
     assert len(list(tmp_path.rglob("*.trace.json.gz"))) == 1
+
+
+def test_spans_are_timed_only_inside_timed_spans():
+    with timed_spans() as walls:
+        for _ in range(2):
+            with span(READ_BACK):
+                time.sleep(0.01)
+    assert walls[READ_BACK][0] == 2 and walls[READ_BACK][1] >= 0.02
+    with span(READ_BACK):  # outside: a profiler annotation only, counted nowhere
+        pass
+    assert walls[READ_BACK][0] == 2 and set(walls) == {READ_BACK}

@@ -11,10 +11,12 @@ worker with the caller's environment), not a serving option.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 import jax
 
@@ -25,22 +27,25 @@ STEP, PREFILL, DECODE, READ_BACK, EVENTS = "engine step", "prefill", "decode dis
 SPANS = (STEP, PREFILL, DECODE, READ_BACK, EVENTS)
 
 
-# span name -> [count, wall seconds], while `time_spans` is on (bench.host --real reads it): the host's wall time in
+# span name -> [count, wall seconds], inside `timed_spans` (bench.host --real reads it): the host's wall time in
 # each part of an engine step without a profiler, which slows the host it measures.
 _walls: defaultdict[str, list] | None = None
 
 
 def span(name: str) -> jax.profiler.TraceAnnotation | _TimedSpan:
-    """A named host span in the trace (nearly free while no trace runs), also timed while `time_spans` is on."""
+    """A named host span in the trace (nearly free while no trace runs), also timed inside `timed_spans`."""
     return jax.profiler.TraceAnnotation(name) if _walls is None else _TimedSpan(name, _walls[name])
 
 
-def time_spans() -> defaultdict[str, list]:
-    """Start timing the spans: returns name -> [count, wall seconds], filled as spans end (until the process
-    ends)."""
+@contextlib.contextmanager
+def timed_spans() -> Iterator[defaultdict[str, list]]:
+    """Time the spans while inside: yields name -> [count, wall seconds], filled as spans end."""
     global _walls
     _walls = defaultdict(lambda: [0, 0.0])
-    return _walls
+    try:
+        yield _walls
+    finally:
+        _walls = None
 
 
 class _TimedSpan:
