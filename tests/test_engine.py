@@ -237,3 +237,22 @@ def test_a_cancel_ends_a_running_job_at_once_even_inside_a_long_dispatch(engine,
     assert engine.cancel(req.job_id) is False  # gone from the engine: its row was freed
     ok = run(engine, prompt="Hello", max_tokens=3, temperature=0.0)
     assert isinstance(ok[-1], End)
+
+
+def test_a_defect_between_steps_fails_the_batch_and_the_engine_goes_on(engine, monkeypatch):
+    # Outside the device step too (here: handing a step's results to the jobs), an exception ends the batch's jobs
+    # with INTERNAL and the engine thread lives on: a dead thread would leave every later job waiting forever.
+    real, calls = engine._handle, []
+
+    def handle(d, batch):
+        calls.append(d)
+        if len(calls) == 1:
+            raise RuntimeError("a defect between steps")
+        return real(d, batch)
+
+    monkeypatch.setattr(engine, "_handle", handle)
+    ev = run(engine, prompt="Hello", max_tokens=5, temperature=0.0)
+    assert isinstance(ev[-1], ErrorEvent) and ev[-1].code == ErrorCode.INTERNAL and "a defect" in ev[-1].message
+    assert engine._thread.is_alive()
+    ok = run(engine, prompt="Hello", max_tokens=3, temperature=0.0)
+    assert isinstance(ok[-1], End) and ok[-1].tokens_out == 3

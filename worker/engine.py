@@ -359,21 +359,26 @@ class Engine:
                 pass
             if not batch.busy:
                 continue
-            self._check_running(batch)
-            self._tracer.before_step(len(batch.scheduler.running))
             try:
-                with span(STEP):
-                    deliveries = batch.step()
-            except Exception as e:  # a defect of ours or the device's: every job in the batch fails, we go on
+                self._iteration(batch)
+            except Exception as e:  # a defect of ours, or the device's: every job in the batch fails, we go on
                 self._fail_all(batch, map_runtime_error(e))
-                continue
-            finally:
-                self._tracer.after_step()
-            with span(EVENTS):
-                for d in deliveries:
-                    self._handle(d, batch)
-                self._start_admitted(batch)
             self.cpu_seconds = time.thread_time()
+
+    def _iteration(self, batch: Batch) -> None:
+        """Between dispatches: the running jobs' cancels and timeouts, a batch step, its events. Anything raised here
+        ends the batch's jobs, never the engine thread: a thread that died would leave every later job waiting."""
+        self._check_running(batch)
+        self._tracer.before_step(len(batch.scheduler.running))
+        try:
+            with span(STEP):
+                deliveries = batch.step()
+        finally:
+            self._tracer.after_step()
+        with span(EVENTS):
+            for d in deliveries:
+                self._handle(d, batch)
+            self._start_admitted(batch)
 
     def _take(self, job: _Job, batch: Batch) -> None:
         """A submitted job joins the batch's line, unless it was cancelled while in the inbox."""
