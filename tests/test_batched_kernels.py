@@ -201,6 +201,28 @@ def test_paged_attention_against_dense_reference(h, kh, d, page_size, positions,
     np.testing.assert_allclose(np.asarray(twin), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", [PAGED_CASES[1], PAGED_CASES[3]], ids=["G4-window-sinks", "G7"])
+def test_paged_attention_block_on_a_half_precision_pool_matches_float32(case, dtype):
+    """The block form's tensor-core products (q and the weights as sums of half-precision terms) against the dense
+    float32 reference on the same half-precision keys and values, as tight as the float32 pool's test."""
+    h, kh, d, page_size, positions, window, sinks, per_split = case
+    rng = np.random.default_rng(d + page_size)
+    b, pages, layer = len(positions), 40, 1
+    k_pages, v_pages = pool(rng, 2, pages, page_size, kh, d, dtype)
+    table = assign_pages(rng, positions, page_size, pages, max(p // page_size + 1 for p in positions), k_pages,
+                         v_pages)  # fmt: skip
+    q = (rng.standard_normal((b, 1, h, d)) * 3).astype(np.float32)
+    sink = rng.standard_normal(h).astype(np.float32) if sinks else None
+    pos, scale = np.array(positions, np.int32), d**-0.5
+    ref = dense_reference(q, k_pages.astype(np.float32), v_pages.astype(np.float32), table, positions, layer, scale,
+                          window, sink)  # fmt: skip
+    y = pa.paged_decode_attention(q, k_pages, v_pages, table, pos, layer, scale, window,
+                                  None if sink is None else jnp.asarray(sink), interpret=True,
+                                  pages_per_split=per_split, head_block=True)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+
+
 def invariance_case(rng, d=32, page_size=16):
     h, kh, pages = 4, 2, 64
     k_pages, v_pages = pool(rng, 1, pages, page_size, kh, d)

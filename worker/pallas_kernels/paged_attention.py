@@ -68,7 +68,8 @@ def _visible_tiles(p: jax.Array, bs: int, window: int | None, n_tiles: int) -> t
 def _split_program(pos_ref, layer_ref, table_ref, k_ref, v_ref, *, d, dp, bs, tiles_per_page, tiles_per_split,
                    n_tiles, pages, window):  # fmt: skip
     """What both split kernels start from: the program ids (b, kh, split), the split's visible tiles [lo, hi), the
-    head dim's lane mask (None when D is a power of two) and `read`: tile -> (k, v [bs, dp] float32, visible [bs]),
+    head dim's lane mask (None when D is a power of two) and `read`: tile -> (k, v [bs, dp] in the cache's dtype,
+    visible [bs]),
     logical tile `tile` of row b's keys of kv head kh."""
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     p, layer = pos_ref[b], layer_ref[0]
@@ -91,20 +92,37 @@ def _split_program(pos_ref, layer_ref, table_ref, k_ref, v_ref, *, d, dp, bs, ti
         if d_ok is not None:
             mask &= jax.lax.broadcast_in_dim(d_ok, (bs, dp), (1,))
         index = (layer, page, pl.ds(s0, bs), kh, pl.ds(0, dp))
-        k = plgpu.load(k_ref.at[index], mask=mask, other=0).astype(jnp.float32)
-        v = plgpu.load(v_ref.at[index], mask=mask, other=0).astype(jnp.float32)
+        k = plgpu.load(k_ref.at[index], mask=mask, other=0)
+        v = plgpu.load(v_ref.at[index], mask=mask, other=0)
         return k, v, visible
 
     return (b, kh, split), lo, hi, d_ok, read
 
 
+def _exact_dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+    """a (float32) · b (the cache's dtype) in float32 on the tensor cores: a as a sum of terms in b's dtype (2 for
+    float16: 22 of float32's 24 bits; 3 for bfloat16), one matrix product each. The products of two float16 (or
+    bfloat16) values are exact in float32, so this is float32 math up to the dropped bits, where an IEEE float32
+    product (Triton's FMA loop, 10x slower here: docs/PERFORMANCE.md, eleventh session) gains nothing. A float32
+    cache (the CPU's) takes the IEEE product. Assumes |a| < 65504 for float16 (q is scaled first; k itself is
+    float16)."""
+    if b.dtype == jnp.float32:
+        return jax.lax.dot_general(a, b, dims, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    out, rest = None, a
+    for _ in range(2 if b.dtype == jnp.float16 else 3):
+        term = rest.astype(b.dtype)
+        part = jax.lax.dot_general(term, b, dims, preferred_element_type=jnp.float32)
+        out = part if out is None else out + part
+        rest = rest - term.astype(jnp.float32)
+    return out
+
+
 def _split_kernel_block(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs,
                   scale, **tiling):  # fmt: skip
     """`_split_kernel_heads`' work with the G heads as one [MAX_GROUP, dp] block (rows past G are zeros, never read
-    by the fold): a tile's scores and weighted values are two small matrix products (float32, IEEE precision: each
-    output element a fixed FMA chain over its own row's values, so a row's bits do not depend on the others). Why:
-    at 512 rows and 256 keys the unrolled heads took 18.6 ms of a 49.9 ms gpt-oss-20b step (docs/PERFORMANCE.md,
-    tenth session). Not yet compiled on a GPU: opt-in (HEAD_BLOCK) until a card run measures it."""
+    by the fold): a tile's scores and weighted values are matrix products on the tensor cores (`_exact_dot`). A
+    row's bits do not depend on the others: the block holds one batch row's heads only. Why: at 512 rows and 256
+    keys the unrolled heads took 18.6 ms of a 49.9 ms gpt-oss-20b step (docs/PERFORMANCE.md, tenth session)."""
     ids, lo, hi, d_ok, read = _split_program(pos_ref, layer_ref, table_ref, k_ref, v_ref, d=d, dp=dp, bs=bs, **tiling)
     b, kh, split = ids
 
@@ -115,14 +133,12 @@ def _split_kernel_block(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_
         def step(tile, carry):
             m, l_, acc = carry  # [MAX_GROUP], [MAX_GROUP], [MAX_GROUP, dp]
             k, v, visible = read(tile)
-            s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
-                                    preferred_element_type=jnp.float32)  # [MAX_GROUP, bs]  # fmt: skip
+            s = _exact_dot(q, k, (((1,), (1,)), ((), ())))  # [MAX_GROUP, bs]
             s = jnp.where(jax.lax.broadcast_in_dim(visible, (MAX_GROUP, bs), (1,)), s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             alpha = jnp.exp(m - m_new)
             w = jnp.exp(s - jax.lax.expand_dims(m_new, (1,)))
-            pv = jax.lax.dot_general(w, v, (((1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
-                                     preferred_element_type=jnp.float32)  # [MAX_GROUP, dp]  # fmt: skip
+            pv = _exact_dot(w, v, (((1,), (0,)), ((), ())))  # [MAX_GROUP, dp]
             return m_new, l_ * alpha + jnp.sum(w, axis=1), acc * jax.lax.expand_dims(alpha, (1,)) + pv
 
         init = (jnp.full((MAX_GROUP,), NEG, jnp.float32), jnp.zeros((MAX_GROUP,), jnp.float32),
@@ -148,7 +164,7 @@ def _split_kernel_heads(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_
 
         def step(tile, carry):
             k, v, visible = read(tile)
-            return online_softmax_tile(carry, qs, k, v, visible, scale)
+            return online_softmax_tile(carry, qs, k.astype(jnp.float32), v.astype(jnp.float32), visible, scale)
 
         init = tuple((jnp.float32(NEG), jnp.float32(0), jnp.zeros((dp,), jnp.float32)) for _ in range(g_n))
         final = jax.lax.fori_loop(lo, hi, step, init)
