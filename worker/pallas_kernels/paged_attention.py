@@ -30,6 +30,9 @@ TILE_VALUES = 2048
 # depend on its own position only. Smaller gives batch 1 more programs at short contexts; larger writes fewer
 # partials at large batch (partials cost 2 G / SPLIT_KEYS of the k/v bytes: 12% at G = 8).
 SPLIT_KEYS = 128
+# Values per k (and v) tile of the block form: 128 keys at D = 64, 32 at D = 256, gathered over as many pages (one
+# load each, the tensor cores' products; bigger tiles keep more bytes in flight a program).
+BLOCK_TILE_VALUES = 8192
 MAX_GROUP = 16  # query heads per kv head: unrolled in the split kernel (or its block's rows), a vector lane in the fold
 # WORKER_ATTENTION_HEAD_BLOCK=1: the split kernel takes a kv head's query heads as one block (_split_kernel_block);
 # the default stays the unrolled heads until the block form has run on a card (its gpu tests and its time).
@@ -39,6 +42,15 @@ HEAD_BLOCK = os.environ.get("WORKER_ATTENTION_HEAD_BLOCK", "0") == "1"
 def tile_slots(page_size: int, d: int) -> int | None:
     """Slots per k/v tile: key_tile of a page (a power of two dividing it, at least 16), None if there is none."""
     return key_tile(page_size, d, TILE_VALUES)
+
+
+def _block_tile(split_keys: int, dp: int) -> int:
+    """Keys per tile of the block form: BLOCK_TILE_VALUES / dp (16 KB of float16 k), a power of two dividing the
+    split's keys, at least 16 (the tensor cores' smallest product)."""
+    bs = max(16, BLOCK_TILE_VALUES // dp)
+    while split_keys % bs:
+        bs //= 2
+    return bs
 
 
 def fits(q_shape: tuple[int, ...], pages_shape: tuple[int, ...]) -> bool:
@@ -65,12 +77,13 @@ def _visible_tiles(p: jax.Array, bs: int, window: int | None, n_tiles: int) -> t
     return lo, hi
 
 
-def _split_program(pos_ref, layer_ref, table_ref, k_ref, v_ref, *, d, dp, bs, tiles_per_page, tiles_per_split,
-                   n_tiles, pages, window):  # fmt: skip
+def _split_program(pos_ref, layer_ref, table_ref, k_ref, v_ref, *, d, dp, bs, page_size, tiles_per_split, n_tiles,
+                   n_pages, pages, window):  # fmt: skip
     """What both split kernels start from: the program ids (b, kh, split), the split's visible tiles [lo, hi), the
     head dim's lane mask (None when D is a power of two) and `read`: tile -> (k, v [bs, dp] in the cache's dtype,
-    visible [bs]),
-    logical tile `tile` of row b's keys of kv head kh."""
+    visible [bs]), logical tile `tile` (keys tile * bs ...) of row b's keys of kv head kh. A tile is gathered key
+    by key (its page from the table, its slot in the page), so it may span pages: the block form's tiles hold
+    several."""
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     p, layer = pos_ref[b], layer_ref[0]
     lo, hi = _visible_tiles(p, bs, window, n_tiles)
@@ -79,19 +92,19 @@ def _split_program(pos_ref, layer_ref, table_ref, k_ref, v_ref, *, d, dp, bs, ti
     d_ok = jnp.arange(dp) < d if dp != d else None
 
     def read(tile):
-        # An entry outside the pool must not read out of bounds (the null page 0 is always there).
-        page = jnp.clip(table_ref[b, tile // tiles_per_page], 0, pages - 1)
-        s0 = (tile % tiles_per_page) * bs
         j = tile * bs + jnp.arange(bs)
         visible = j <= p
         if window is not None:
             visible &= p - j < window
+        # An entry past the table or outside the pool must not read out of bounds (the null page 0 is always there).
+        page = jnp.clip(table_ref[b, jnp.minimum(j // page_size, n_pages - 1)], 0, pages - 1)
         # Masked loads: the slots past p (stale data of this page's earlier owner, maybe not finite) are
         # never read, so no NaN can reach acc through a zero weight.
         mask = jax.lax.broadcast_in_dim(visible, (bs, dp), (0,))
         if d_ok is not None:
             mask &= jax.lax.broadcast_in_dim(d_ok, (bs, dp), (1,))
-        index = (layer, page, pl.ds(s0, bs), kh, pl.ds(0, dp))
+        # All indices as arrays broadcasting to [bs, dp] (a gather; interpret mode takes no slice beside them).
+        index = (layer, page[:, None], (j % page_size)[:, None], kh, jnp.arange(dp)[None, :])
         k = plgpu.load(k_ref.at[index], mask=mask, other=0)
         v = plgpu.load(v_ref.at[index], mask=mask, other=0)
         return k, v, visible
@@ -256,21 +269,22 @@ def paged_decode_attention(
     b, _, h, d = q.shape
     _, pages, page_size, kh, _ = k_pages.shape
     n_pages = page_table.shape[1]
-    g_n, dp, bs = h // kh, padded_dim(d), tile_slots(page_size, d)
-    tiles_per_page = page_size // bs
-    tiles_per_split = (pages_per_split or max(1, SPLIT_KEYS // page_size)) * tiles_per_page
-    n_tiles = n_pages * tiles_per_page
+    block = HEAD_BLOCK if head_block is None else head_block
+    g_n, dp = h // kh, padded_dim(d)
+    split_keys = (pages_per_split or max(1, SPLIT_KEYS // page_size)) * page_size
+    bs = _block_tile(split_keys, dp) if block else tile_slots(page_size, d)
+    tiles_per_split = split_keys // bs
+    n_tiles = pl.cdiv(n_pages * page_size, bs)
     n_splits = pl.cdiv(n_tiles, tiles_per_split)
     pos = positions.reshape(b).astype(jnp.int32)
     table = page_table.astype(jnp.int32)
     qg = q.reshape(b, kh, g_n, d).astype(jnp.float32)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, MAX_GROUP - g_n), (0, dp - d)))  # the split kernel's [MAX_GROUP, dp] block
     params = TritonParams(num_warps=num_warps, num_stages=num_stages)
-    block = HEAD_BLOCK if head_block is None else head_block
     split_kernel = functools.partial(
-        _split_kernel_block if block else _split_kernel_heads, g_n=g_n, d=d, dp=dp, bs=bs,
-        tiles_per_page=tiles_per_page, tiles_per_split=tiles_per_split,
-        n_tiles=n_tiles, pages=pages, scale=float(scale), window=window,
+        _split_kernel_block if block else _split_kernel_heads, g_n=g_n, d=d, dp=dp, bs=bs, page_size=page_size,
+        tiles_per_split=tiles_per_split, n_tiles=n_tiles, n_pages=n_pages, pages=pages, scale=float(scale),
+        window=window,
     )  # fmt: skip
     acc, m, l_ = pl.pallas_call(
         split_kernel,
