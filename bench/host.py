@@ -4,11 +4,12 @@ around the device, not the model. With --real, the model's own steps on its devi
 it (--worker-arg passes its options): the engine alone against the engine behind the HTTP server, in one process
 and one run, is what the HTTP event loop costs the engine.
 
-    python -m bench.host [--model FILE] [--streams 256] [--tokens 128] [--steps 1] [--http] [--rounds 3]
-                         [--real [--worker-arg=--OPTION=VALUE ...]]
+    python -m bench.host [--model FILE] [--streams 256[,512...]] [--tokens 128] [--steps 1] [--http] [--rounds 3]
+                         [--real [--prefill-tokens 4096[,8192...]] [--worker-arg=--OPTION=VALUE ...]]
 
 Per round: the engine thread's CPU seconds per output token (and through HTTP the event loop's), and the tokens a
-second the host alone can carry (with --real: the worker's rate, and each job's decode ms a token).
+second the host alone can carry (with --real: the worker's rate, and each job's decode ms a token). Lists of
+streams and of prompt tokens a step run every pair in one load; the HTTP rounds run at the most streams.
 
 A GPU step of R rows must cover R times the engine's (plus, sharing Python's lock, the event loop's) µs a token, or
 the device waits for the host: at 256 rows and a 22.8 ms step, 89 µs a token for both together
@@ -181,7 +182,8 @@ def real_engine(path: str, streams: int, tokens: int, worker_args: list[str]) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="a GGUF file (default: the oracles' tiny qwen2)")
-    ap.add_argument("--streams", type=int, default=256)
+    ap.add_argument("--streams", default="256", help="streams a round; a list (256,512) runs each in turn (the "
+                    "engine's --max-batch is the largest)")  # fmt: skip
     ap.add_argument("--tokens", type=int, default=128, help="output tokens a stream")
     ap.add_argument("--steps", type=int, default=1, help="decode steps a dispatch (the card gives 1 at 256 rows)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -192,9 +194,20 @@ def main(argv: list[str] | None = None) -> int:
                     "how long a thread that wants the lock back waits for the one holding it")  # fmt: skip
     ap.add_argument("--real", action="store_true", help="the model's own steps on its default device, loaded as the "
                     "worker loads it (--steps is then the worker's choice)")  # fmt: skip
+    ap.add_argument(
+        "--prefill-tokens",
+        default=None,
+        help="(--real) the engine's prompt tokens a step "
+        "(worker-orcd --prefill-tokens); a list (4096,8192) runs each level's rounds at each, one load",
+    )
     ap.add_argument("--worker-arg", action="append", default=[], metavar="--OPTION=VALUE",
                     help="(--real) a worker-orcd option, e.g. --worker-arg=--dispatch-ms=70; repeatable")  # fmt: skip
     args = ap.parse_args(argv)
+    levels = [int(n) for n in args.streams.split(",")]
+    budgets = [int(n) for n in args.prefill_tokens.split(",")] if args.prefill_tokens else [None]
+    if budgets != [None] and not args.real:
+        raise SystemExit("--prefill-tokens needs --real")
+    args.streams = max(levels)
     if args.switch_ms is not None:
         sys.setswitchinterval(args.switch_ms / 1e3)
     if args.model is None:
@@ -216,16 +229,22 @@ def main(argv: list[str] | None = None) -> int:
         engine.start()
         prompts = prompt_ids(model, args.streams, FIXED_PROMPT_TOKENS)
     engine_round(engine, prompts[:8], 4, exact=not args.real)  # compile the buckets the round reaches untimed
+    batch = engine.model.batch
     with step_trace.timed_spans() as walls:
-        for n in range(args.rounds):
-            before = {k: tuple(v) for k, v in walls.items()}
-            r = engine_round(engine, prompts, args.tokens, exact=not args.real)
-            print(
-                f"round {n}: {args.streams} streams x {args.tokens} tokens, {args.steps} step(s) a dispatch: "
-                f"{r['tok_s']:,.0f} tok/s, engine {r['engine_us']:.1f} µs/token ({r['wall_s']:.2f} s, "
-                f"{r['tokens']:,} tokens, decode {r['decode_ms']:.1f} ms/token p50)\n  {span_walls(walls, before)}",
-                flush=True,
-            )
+        for budget in budgets:
+            if budget is not None:
+                batch.prefill_tokens = budget  # between rounds: the engine is idle
+            for level in levels:
+                for n in range(args.rounds):
+                    before = {k: tuple(v) for k, v in walls.items()}
+                    r = engine_round(engine, prompts[:level], args.tokens, exact=not args.real)
+                    print(
+                        f"round {n}: {level} streams x {args.tokens} tokens, {args.steps} step(s) a dispatch, "
+                        f"{batch.prefill_tokens} prompt tokens a step: {r['tok_s']:,.0f} tok/s, engine "
+                        f"{r['engine_us']:.1f} µs/token ({r['wall_s']:.2f} s, {r['tokens']:,} tokens, decode "
+                        f"{r['decode_ms']:.1f} ms/token p50)\n  {span_walls(walls, before)}",
+                        flush=True,
+                    )
     if args.http:
         http_rounds(engine, args, path)
     engine.shutdown(2.0)

@@ -1,7 +1,6 @@
 """The paged decode attention kernel (worker/pallas_kernels/paged_attention.py) on real-model shapes: time per call
 (split kernel + fold) at batch 1, 8 and 64 and several context lengths, the k/v bytes the rows' visible keys hold per
-second, each with the split kernel's two forms (the G query heads unrolled, the default; and as one block,
-`head_block=True`), and, at batch 1, today's dense decode_attention on the same keys for comparison.
+second, and, at batch 1, the dense decode_attention on the same keys for comparison.
 
     python -m bench.paged_attention [--batch 1,8,64] [--context 256,2048,8192] [--sweep] [--smoke]
 
@@ -53,9 +52,8 @@ def case(model, batch: int, context: int, args) -> None:
                                                                        **interp, **tiles))  # fmt: skip
         return timed(f, q, k_pages, v_pages, table, pos, repeat=args.repeat)
 
-    t, t_block = run(head_block=False), run(head_block=True)
-    line = (f"{label:20s} B={batch:<3d} ctx={context:<6d} paged {t * 1e6:8.1f} us {read / t / 1e9:7.1f} GB/s, "
-            f"head block {t_block * 1e6:8.1f} us {read / t_block / 1e9:7.1f} GB/s")  # fmt: skip
+    t = run()
+    line = f"{label:20s} B={batch:<3d} ctx={context:<6d} paged {t * 1e6:8.1f} us {read / t / 1e9:7.1f} GB/s"
     if batch == 1 and not args.smoke:
         dense = jax.jit(lambda q, k, v, p: da.decode_attention(q, k, v, p, d**-0.5, window, sink))
         k = k_pages[0, table[0]].reshape(1, width * PAGE_SIZE, kh, d)
@@ -65,9 +63,7 @@ def case(model, batch: int, context: int, args) -> None:
     print(line, flush=True)
     if args.sweep:
         for per_split in (1, 2, 4, 8, 16, 32):
-            for block in (False, True):
-                us = run(pages_per_split=per_split, head_block=block) * 1e6
-                print(f"    pages_per_split={per_split:<3d} head block {block!s:5s} {us:8.1f} us", flush=True)
+            print(f"    pages_per_split={per_split:<3d} {run(pages_per_split=per_split) * 1e6:8.1f} us", flush=True)
 
 
 def main() -> None:

@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         "jobs join at dispatch boundaries",
     )
     p.add_argument(
+        "--prefill-tokens",
+        type=int,
+        help="prompt tokens prefilled an engine step, between decode dispatches (default 4096 on a GPU, one 512-token "
+        "chunk on the CPU): more finishes a burst of prompts sooner and stalls the running streams longer",
+    )
+    p.add_argument(
         "--bf16-experts",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -147,6 +153,7 @@ def validate(args: argparse.Namespace) -> None:
         ("--max-body-bytes", args.max_body_bytes, 1024),
         ("--max-queue", args.max_queue, 0),
         ("--max-batch", args.max_batch, 1),
+        ("--prefill-tokens", args.prefill_tokens, 1),
         ("--tensor-parallel", args.tensor_parallel, 1),
     ]
     for flag, value, low in positive:
@@ -303,6 +310,7 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
         **({} if args.kv_memory is None else {"kv_memory": args.kv_memory}),
         deterministic=args.deterministic,
         bf16_experts=args.bf16_experts,
+        prefill_tokens=args.prefill_tokens,
         tokenizer_json=args.tokenizer_json,
         tensor_parallel=args.tensor_parallel,
         on_progress=_with_bar(narrator.load_progress()) if sys.stderr.isatty() else narrator.load_progress(),

@@ -176,9 +176,8 @@ PAGED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("head_block", [False, True], ids=["heads", "block"])  # the split kernel's two forms
 @pytest.mark.parametrize(("h", "kh", "d", "page_size", "positions", "window", "sinks", "per_split"), PAGED_CASES)
-def test_paged_attention_against_dense_reference(h, kh, d, page_size, positions, window, sinks, per_split, head_block):
+def test_paged_attention_against_dense_reference(h, kh, d, page_size, positions, window, sinks, per_split):
     rng = np.random.default_rng(h * d + page_size)
     b, pages, layer = len(positions), 40, 1
     k_pages, v_pages = pool(rng, 2, pages, page_size, kh, d)
@@ -191,7 +190,7 @@ def test_paged_attention_against_dense_reference(h, kh, d, page_size, positions,
     run = jax.jit(
         lambda q, kp, vp, t, p, layer: pa.paged_decode_attention(
             q, kp, vp, t, p, layer, scale, window, None if sink is None else jnp.asarray(sink),
-            interpret=True, pages_per_split=per_split, head_block=head_block,
+            interpret=True, pages_per_split=per_split,
         )
     )  # fmt: skip
     y = np.asarray(run(q, k_pages, v_pages, table, pos, jnp.int32(layer)))  # the layer traced, as in a scan
@@ -203,8 +202,8 @@ def test_paged_attention_against_dense_reference(h, kh, d, page_size, positions,
 
 @pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("case", [PAGED_CASES[1], PAGED_CASES[3]], ids=["G4-window-sinks", "G7"])
-def test_paged_attention_block_on_a_half_precision_pool_matches_float32(case, dtype):
-    """The block form's tensor-core products (q and the weights as sums of half-precision terms) against the dense
+def test_paged_attention_on_a_half_precision_pool_matches_float32(case, dtype):
+    """The split kernel's tensor-core products (q and the weights as sums of half-precision terms) against the dense
     float32 reference on the same half-precision keys and values, as tight as the float32 pool's test."""
     h, kh, d, page_size, positions, window, sinks, per_split = case
     rng = np.random.default_rng(d + page_size)
@@ -219,7 +218,7 @@ def test_paged_attention_block_on_a_half_precision_pool_matches_float32(case, dt
                           window, sink)  # fmt: skip
     y = pa.paged_decode_attention(q, k_pages, v_pages, table, pos, layer, scale, window,
                                   None if sink is None else jnp.asarray(sink), interpret=True,
-                                  pages_per_split=per_split, head_block=True)  # fmt: skip
+                                  pages_per_split=per_split)  # fmt: skip
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -251,11 +250,9 @@ def check_paged_invariance(attend) -> None:
     np.testing.assert_array_equal(other[2], full[len(pos) - 3])
 
 
-@pytest.mark.parametrize("head_block", [False, True], ids=["heads", "block"])
-def test_paged_attention_row_bits_do_not_depend_on_the_batch(head_block):
+def test_paged_attention_row_bits_do_not_depend_on_the_batch():
     def attend(q, kp, vp, t, p, s):
-        return pa.paged_decode_attention(q, kp, vp, t, p, 0, 0.25, 64, s, interpret=True, pages_per_split=2,
-                                         head_block=head_block)  # fmt: skip
+        return pa.paged_decode_attention(q, kp, vp, t, p, 0, 0.25, 64, s, interpret=True, pages_per_split=2)
 
     check_paged_invariance(jax.jit(attend))
 
@@ -314,10 +311,9 @@ GPU_PAGED = [(14, 2, 64, None, False), (32, 32, 96, None, False), (4, 1, 256, 51
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_block", [False, True], ids=["heads", "block"])
 @pytest.mark.parametrize("page_size", [16, 32])
 @pytest.mark.parametrize(("h", "kh", "d", "window", "sinks"), GPU_PAGED)
-def test_gpu_paged_attention_batch_64(gpu_backend, h, kh, d, window, sinks, page_size, head_block):
+def test_gpu_paged_attention_batch_64(gpu_backend, h, kh, d, window, sinks, page_size):
     """64 rows of 1..1500 tokens over a float16 pool: against the dense reference and the twin, and a few rows alone
     (their own table width) and 8 rows as a batch of 8, bitwise."""
     rng = np.random.default_rng(h + d + page_size)
@@ -331,7 +327,7 @@ def test_gpu_paged_attention_batch_64(gpu_backend, h, kh, d, window, sinks, page
     pos, scale = np.array(positions, np.int32), d**-0.5
     kp, vp = jax.device_put(k_pages), jax.device_put(v_pages)
     attend = jax.jit(lambda q, kp, vp, t, p, layer: pa.paged_decode_attention(q, kp, vp, t, p, layer, scale, window,
-                                                                              sink, head_block=head_block))  # fmt: skip
+                                                                              sink))  # fmt: skip
 
     def run(q, t, p, layer):
         return attend(q, kp, vp, t, p, layer)

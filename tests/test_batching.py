@@ -362,3 +362,15 @@ def test_prefill_groups_follow_the_token_budget_and_can_be_switched_off(monkeypa
     assert model.runner.group_limit(16) == 1 and model.runner.group_buckets() == []
     monkeypatch.undo()
     assert worker.load(model_path("qwen2"), device="cpu", slots=256, max_batch=64).runner.group_limit(16) == 1
+
+
+@pytest.mark.parametrize(("prefill_tokens", "fed"), [(1, [10, 0, 0]), (20, [10, 10, 0]), (None, [10, 10, 10])])
+def test_an_engine_step_prefills_up_to_its_token_budget(prefill_tokens, fed):
+    """`prefill_tokens` (worker-orcd --prefill-tokens): a step feeds prompt chunks, oldest first, while the budget
+    is not spent (a chunk that starts inside it is fed whole); the CPU's default is one 256-position chunk here."""
+    model = worker.load(model_path("qwen2"), device="cpu", slots=256, max_batch=4, prefill_tokens=prefill_tokens)
+    seqs = [model.sequence(list(range(5 + i, 15 + i)), 4, SamplingParams(temperature=0.0), i) for i in range(3)]
+    for s in seqs:
+        model.batch.add(s)
+    model.batch.step()
+    assert [s.prefilled for s in seqs] == fed

@@ -70,6 +70,7 @@ def test_usage_errors_exit_2_with_one_line(capsys, argv, named):
         ({"--shutdown-deadline": "-1"}, "--shutdown-deadline"),
         ({"--max-queue": "-1"}, "--max-queue"),
         ({"--dispatch-ms": "0"}, "--dispatch-ms"),
+        ({"--prefill-tokens": "0"}, "--prefill-tokens"),
         ({"--dispatch-ms": "5000"}, "--dispatch-ms"),
         ({"--max-body-bytes": "10"}, "--max-body-bytes"),
         ({"--callback-url": "ftp://orchestrator/ready"}, "--callback-url"),

@@ -22,10 +22,11 @@
 #           host       python -m bench.host on this machine's CPU (the engine, then HTTP, at 256 streams of a model that
 #                      costs nothing: the host's µs a token); HOST_ARGS passed on; budget HOST_SECONDS (default 150)
 #           host-real:M  python -m bench.host --real on model M on the GPU: the worker's engine alone, then behind the
-#                      HTTP server, in one process at HOST_STREAMS streams (default 512); HOST_ARGS passed on (e.g.
-#                      "--switch-ms 1 --worker-arg=--dispatch-ms=70"); budget HOST_SECONDS (default 300)
-#           attn       the paged decode attention's split kernel, its two forms side by side (bench.paged_attention at
-#                      64 and 512 rows, 256 and 2048 keys), then its gpu tests (both forms); budget ATTN_SECONDS
+#                      HTTP server, in one process at HOST_STREAMS streams (default 512; a list runs each, HTTP at the
+#                      most), HOST_ROUNDS rounds each (default 2); HOST_ARGS passed on (e.g. "--switch-ms 1
+#                      --prefill-tokens 4096,8192 --worker-arg=--dispatch-ms=70"); budget HOST_SECONDS (default 300)
+#           attn       the paged decode attention (bench.paged_attention at 64 and 512 rows, 256 and 2048 keys), then
+#                      its gpu tests; budget ATTN_SECONDS
 #                      (default 240)
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py; qmatvec's rows in big calls and
 #                      its unquantized formats); PYTEST_K picks others (pytest -k) among those files and
@@ -179,7 +180,7 @@ do_host() {
 
 do_host_real() {
     # shellcheck disable=SC2086  # HOST_ARGS is a list of flags
-    py -m bench.host --real --model "$(model_path "$1")" --streams "${HOST_STREAMS:-512}" --rounds 2 --http \
+    py -m bench.host --real --model "$(model_path "$1")" --streams "${HOST_STREAMS:-512}" --rounds "${HOST_ROUNDS:-2}" --http \
         --client-procs 4 ${HOST_ARGS:-}
 }
 

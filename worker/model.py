@@ -130,7 +130,8 @@ class Generation:
 
 
 class Model:
-    def __init__(self, gf: GGUFFile, tokenizer: Tokenizer, runner: Runner, device_kind: str):
+    def __init__(self, gf: GGUFFile, tokenizer: Tokenizer, runner: Runner, device_kind: str,
+                 prefill_tokens: int | None = None):  # fmt: skip
         self.gguf = gf
         self.path = gf.path
         self.tokenizer = tokenizer
@@ -140,7 +141,7 @@ class Model:
         # The model's continuous batch over its KV pool (the pool is allocated at its first step); the engine and
         # generate_ids share it.
         steps = decode_steps_for(device_kind, gf.decode_weight_bytes)
-        self.batch = Batch(runner, tokenizer, steps, PREFILL_TOKENS_PER_STEP.get(device_kind))
+        self.batch = Batch(runner, tokenizer, steps, prefill_tokens or PREFILL_TOKENS_PER_STEP.get(device_kind))
         self.quant_kind = quant_kind(gf.get("general.file_type"), (t.qtype for t in gf.tensors.values()))
 
     @property
@@ -359,6 +360,7 @@ def load_model(
     deterministic: bool = True,
     tensor_parallel: int = 1,
     bf16_experts: bool | None = None,
+    prefill_tokens: int | None = None,
 ) -> Model:
     """Open, validate and place a model. `device`: "cpu", "gpu" or "auto". `slots`: the most positions of one
     sequence (default: the file's context, capped at 4096 on the CPU). `max_batch`: sequences decoded together
@@ -374,7 +376,9 @@ def load_model(
     vocabulary, experts, quantized blocks) fails with MODEL_LOAD_FAILED before any weight is copied, and the
     pre-flight counts what each device holds. `bf16_experts`: also hold the quantized MoE experts widened to
     bf16, which decode steps read (`with_bf16_experts`); None: where it helps and fits (a GPU, the tensor-core
-    decode kernels, one device, and room for the copy beside one whole context)."""
+    decode kernels, one device, and room for the copy beside one whole context). `prefill_tokens`: prompt tokens
+    prefilled an engine step, at least one chunk (default PREFILL_TOKENS_PER_STEP: 4096 on a GPU, one chunk on the
+    CPU): more finishes a burst of prompts sooner, and stalls the running streams longer each step."""
     gf = open_gguf(path)
     adapter = adapter_for(gf.architecture)
     cfg = adapter.config(gf)
@@ -389,6 +393,8 @@ def load_model(
         slots = cfg.context_length if kind != "cpu" else min(cfg.context_length, DEFAULT_CPU_SLOTS)
     if not 0.0 < kv_memory <= 1.0:
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"kv_memory must lie in (0, 1], got {kv_memory}")
+    if prefill_tokens is not None and prefill_tokens < 1:
+        raise WorkerError(ErrorCode.INVALID_REQUEST, f"prefill_tokens must be at least 1, got {prefill_tokens}")
     max_batch = max_batch or DEFAULT_MAX_BATCH["cpu" if kind == "cpu" else "gpu"]
     if max_batch < 1:
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"max_batch must be at least 1, got {max_batch}")
@@ -460,4 +466,4 @@ def load_model(
         tokenizer = building.result()
     runner = Runner(adapter, cfg, weights, targets[0], slots, pages_for(kv_tokens) + 1, max_batch,
                     deterministic=deterministic, mesh=mesh)  # fmt: skip
-    return Model(gf, tokenizer, runner, kind)
+    return Model(gf, tokenizer, runner, kind, prefill_tokens)

@@ -6,7 +6,6 @@ pages, a second kernel folding the row's splits in order. Design and rules: docs
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,37 +16,24 @@ from worker.pallas_kernels.tiling import (
     NEG,
     TritonParams,
     kernel_entry,
-    key_tile,
-    online_softmax_tile,
     padded_dim,
     pow2_at_least,
 )
 
-# Values per k (and v) tile, as decode_attention's (32 slots at D = 64, 16 at D >= 128): a page of 32 slots at
-# D >= 128 is walked in two tiles.
-TILE_VALUES = 2048
 # Keys per split: the unit of work of one program, fixed so that a row's splits (and so its summation order)
 # depend on its own position only. Smaller gives batch 1 more programs at short contexts; larger writes fewer
 # partials at large batch (partials cost 2 G / SPLIT_KEYS of the k/v bytes: 12% at G = 8).
 SPLIT_KEYS = 128
-# Values per k (and v) tile of the block form: 128 keys at D = 64, 32 at D = 256, gathered over as many pages (one
-# load each, the tensor cores' products; bigger tiles keep more bytes in flight a program).
-BLOCK_TILE_VALUES = 8192
-MAX_GROUP = 16  # query heads per kv head: unrolled in the split kernel (or its block's rows), a vector lane in the fold
-# WORKER_ATTENTION_HEAD_BLOCK=1: the split kernel takes a kv head's query heads as one block (_split_kernel_block);
-# the default stays the unrolled heads until the block form has run on a card (its gpu tests and its time).
-HEAD_BLOCK = os.environ.get("WORKER_ATTENTION_HEAD_BLOCK", "0") == "1"
+# Values per k (and v) tile: 128 keys at D = 64, 32 at D = 256, gathered over as many pages (a load each, a pair
+# of tensor-core products; bigger tiles keep more bytes in flight a program).
+TILE_VALUES = 8192
+MAX_GROUP = 16  # query heads per kv head: the rows of the split kernel's block (zero-padded), a vector lane in the fold
 
 
-def tile_slots(page_size: int, d: int) -> int | None:
-    """Slots per k/v tile: key_tile of a page (a power of two dividing it, at least 16), None if there is none."""
-    return key_tile(page_size, d, TILE_VALUES)
-
-
-def _block_tile(split_keys: int, dp: int) -> int:
-    """Keys per tile of the block form: BLOCK_TILE_VALUES / dp (16 KB of float16 k), a power of two dividing the
-    split's keys, at least 16 (the tensor cores' smallest product)."""
-    bs = max(16, BLOCK_TILE_VALUES // dp)
+def _tile_keys(split_keys: int, dp: int) -> int:
+    """Keys per tile: TILE_VALUES / dp (16 KB of float16 k), a power of two dividing the split's keys, at least 16
+    (the tensor cores' smallest product)."""
+    bs = max(16, TILE_VALUES // dp)
     while split_keys % bs:
         bs //= 2
     return bs
@@ -66,7 +52,6 @@ def fits(q_shape: tuple[int, ...], pages_shape: tuple[int, ...]) -> bool:
         and d <= 256
         and page_size >= 16
         and page_size & (page_size - 1) == 0
-        and tile_slots(page_size, d) is not None
     )
 
 
@@ -75,41 +60,6 @@ def _visible_tiles(p: jax.Array, bs: int, window: int | None, n_tiles: int) -> t
     lo = jnp.int32(0) if window is None else jnp.maximum(p - window + 1, 0) // bs
     hi = jnp.where(p >= 0, jnp.minimum(p // bs + 1, n_tiles), 0)
     return lo, hi
-
-
-def _split_program(pos_ref, layer_ref, table_ref, k_ref, v_ref, *, d, dp, bs, page_size, tiles_per_split, n_tiles,
-                   n_pages, pages, window):  # fmt: skip
-    """What both split kernels start from: the program ids (b, kh, split), the split's visible tiles [lo, hi), the
-    head dim's lane mask (None when D is a power of two) and `read`: tile -> (k, v [bs, dp] in the cache's dtype,
-    visible [bs]), logical tile `tile` (keys tile * bs ...) of row b's keys of kv head kh. A tile is gathered key
-    by key (its page from the table, its slot in the page), so it may span pages: the block form's tiles hold
-    several."""
-    b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    p, layer = pos_ref[b], layer_ref[0]
-    lo, hi = _visible_tiles(p, bs, window, n_tiles)
-    first = split * tiles_per_split
-    lo, hi = jnp.maximum(lo, first), jnp.minimum(hi, first + tiles_per_split)
-    d_ok = jnp.arange(dp) < d if dp != d else None
-
-    def read(tile):
-        j = tile * bs + jnp.arange(bs)
-        visible = j <= p
-        if window is not None:
-            visible &= p - j < window
-        # An entry past the table or outside the pool must not read out of bounds (the null page 0 is always there).
-        page = jnp.clip(table_ref[b, jnp.minimum(j // page_size, n_pages - 1)], 0, pages - 1)
-        # Masked loads: the slots past p (stale data of this page's earlier owner, maybe not finite) are
-        # never read, so no NaN can reach acc through a zero weight.
-        mask = jax.lax.broadcast_in_dim(visible, (bs, dp), (0,))
-        if d_ok is not None:
-            mask &= jax.lax.broadcast_in_dim(d_ok, (bs, dp), (1,))
-        # All indices as arrays broadcasting to [bs, dp] (a gather; interpret mode takes no slice beside them).
-        index = (layer, page[:, None], (j % page_size)[:, None], kh, jnp.arange(dp)[None, :])
-        k = plgpu.load(k_ref.at[index], mask=mask, other=0)
-        v = plgpu.load(v_ref.at[index], mask=mask, other=0)
-        return k, v, visible
-
-    return (b, kh, split), lo, hi, d_ok, read
 
 
 def _exact_dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
@@ -130,14 +80,41 @@ def _exact_dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
     return out
 
 
-def _split_kernel_block(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs,
-                  scale, **tiling):  # fmt: skip
-    """`_split_kernel_heads`' work with the G heads as one [MAX_GROUP, dp] block (rows past G are zeros, never read
-    by the fold): a tile's scores and weighted values are matrix products on the tensor cores (`_exact_dot`). A
-    row's bits do not depend on the others: the block holds one batch row's heads only. Why: at 512 rows and 256
-    keys the unrolled heads took 18.6 ms of a 49.9 ms gpt-oss-20b step (docs/PERFORMANCE.md, tenth session)."""
-    ids, lo, hi, d_ok, read = _split_program(pos_ref, layer_ref, table_ref, k_ref, v_ref, d=d, dp=dp, bs=bs, **tiling)
-    b, kh, split = ids
+def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs,
+                  page_size, tiles_per_split, n_tiles, n_pages, pages, scale, window):  # fmt: skip
+    """Program (b, kh, split): the online softmax of row b's G query heads of kv head kh over the visible tiles of
+    its split, in logical order, the heads as one [MAX_GROUP, dp] block (rows past G are zeros, never read by the
+    fold): a tile's scores and weighted values are matrix products on the tensor cores (`_exact_dot`). A row's
+    bits do not depend on the others: the block holds one batch row's heads only. A split holding no visible key
+    writes nothing (the fold never reads it). Why a block: the G heads unrolled, each a vector product with
+    cross-lane reductions a tile, took 18.6 ms of a 49.9 ms gpt-oss-20b step at 512 rows and 256 keys (tenth
+    session); this form 4.8x less (docs/PERFORMANCE.md, eleventh session)."""
+    del g_n  # the block's rows past G are zeros (the caller pads q); the fold reads the first G
+    b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    p, layer = pos_ref[b], layer_ref[0]
+    lo, hi = _visible_tiles(p, bs, window, n_tiles)
+    first = split * tiles_per_split
+    lo, hi = jnp.maximum(lo, first), jnp.minimum(hi, first + tiles_per_split)
+    d_ok = jnp.arange(dp) < d if dp != d else None  # None: no lane mask, so the loads stay vectorized
+
+    def read(tile):
+        """Logical tile `tile` (keys tile * bs ...) of row b's keys of kv head kh: k, v [bs, dp] in the cache's
+        dtype and visible [bs]. Gathered key by key (its page from the table, its slot in the page), so a tile
+        spans pages."""
+        j = tile * bs + jnp.arange(bs)
+        visible = j <= p
+        if window is not None:
+            visible &= p - j < window
+        # An entry past the table or outside the pool must not read out of bounds (the null page 0 is always there).
+        page = jnp.clip(table_ref[b, jnp.minimum(j // page_size, n_pages - 1)], 0, pages - 1)
+        # Masked loads: the slots past p (stale data of this page's earlier owner, maybe not finite) are never
+        # read, so no NaN can reach acc through a zero weight.
+        mask = jax.lax.broadcast_in_dim(visible, (bs, dp), (0,))
+        if d_ok is not None:
+            mask &= jax.lax.broadcast_in_dim(d_ok, (bs, dp), (1,))
+        # All indices as arrays broadcasting to [bs, dp] (a gather; interpret mode takes no slice beside them).
+        index = (layer, page[:, None], (j % page_size)[:, None], kh, jnp.arange(dp)[None, :])
+        return plgpu.load(k_ref.at[index], mask=mask, other=0), plgpu.load(v_ref.at[index], mask=mask, other=0), visible
 
     @pl.when(lo < hi)
     def _():
@@ -160,36 +137,6 @@ def _split_kernel_block(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_
         acc_ref[b, kh, split, pl.ds(0, MAX_GROUP), pl.ds(0, dp)] = acc
         m_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = m
         l_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = l_
-
-
-def _split_kernel_heads(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs,
-                  scale, **tiling):  # fmt: skip
-    """Program (b, kh, split): the online softmax of row b's G query heads of kv head kh over the visible tiles of
-    its split, in logical order, each head unrolled (a vector product and cross-lane reductions a tile). A split
-    holding no visible key writes nothing (the fold never reads it)."""
-    ids, lo, hi, d_ok, read = _split_program(pos_ref, layer_ref, table_ref, k_ref, v_ref, d=d, dp=dp, bs=bs, **tiling)
-    b, kh, split = ids
-
-    @pl.when(lo < hi)
-    def _():
-        masked = {} if d_ok is None else dict(mask=d_ok, other=0)
-        qs = [plgpu.load(q_ref.at[b, kh, jnp.int32(g), pl.ds(0, dp)], **masked) for g in range(g_n)]
-
-        def step(tile, carry):
-            k, v, visible = read(tile)
-            return online_softmax_tile(carry, qs, k.astype(jnp.float32), v.astype(jnp.float32), visible, scale)
-
-        init = tuple((jnp.float32(NEG), jnp.float32(0), jnp.zeros((dp,), jnp.float32)) for _ in range(g_n))
-        final = jax.lax.fori_loop(lo, hi, step, init)
-        # m and l of the G heads as one vector over MAX_GROUP lanes (a vector store; the fold loads them so).
-        lanes = jnp.arange(MAX_GROUP)
-        m_vec, l_vec = jnp.full((MAX_GROUP,), NEG, jnp.float32), jnp.zeros((MAX_GROUP,), jnp.float32)
-        for g, (m, l_, acc) in enumerate(final):
-            acc_ref[b, kh, split, jnp.int32(g), pl.ds(0, dp)] = acc
-            m_vec = jnp.where(lanes == g, m, m_vec)
-            l_vec = jnp.where(lanes == g, l_, l_vec)
-        m_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = m_vec
-        l_ref[b, kh, split, pl.ds(0, MAX_GROUP)] = l_vec
 
 
 def _fold_kernel(pos_ref, *refs, g_n, d, dp, bs, tiles_per_split, n_tiles, window, has_sinks):
@@ -241,7 +188,7 @@ def _check(q, k_pages, v_pages, page_table, positions) -> None:
                          f"must be [B, n_pages] and [B] for B = {b}")  # fmt: skip
 
 
-@kernel_entry("scale", "window", "interpret", "pages_per_split", "head_block", "num_warps", "num_stages")
+@kernel_entry("scale", "window", "interpret", "pages_per_split", "num_warps", "num_stages")
 def paged_decode_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -255,7 +202,6 @@ def paged_decode_attention(
     *,
     interpret: bool = False,
     pages_per_split: int | None = None,
-    head_block: bool | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> jax.Array:
@@ -263,16 +209,14 @@ def paged_decode_attention(
     K, D] -> float32 [B, 1, H, D]. Row b's key j lives at page page_table[b, j // page_size], slot j % page_size;
     keys j <= positions[b] are visible (and positions[b] - j < window on sliding layers); `sinks` [H]: a logit
     per head joining the softmax denominator only. A row at a negative position (padding) gives zeros.
-    `pages_per_split` overrides SPLIT_KEYS / page_size (tests, sweeps); a row's bits depend on it, and on
-    `head_block` (default HEAD_BLOCK: the split kernel's form)."""
+    `pages_per_split` overrides SPLIT_KEYS / page_size (tests, sweeps); a row's bits depend on it."""
     _check(q, k_pages, v_pages, page_table, positions)
     b, _, h, d = q.shape
     _, pages, page_size, kh, _ = k_pages.shape
     n_pages = page_table.shape[1]
-    block = HEAD_BLOCK if head_block is None else head_block
     g_n, dp = h // kh, padded_dim(d)
     split_keys = (pages_per_split or max(1, SPLIT_KEYS // page_size)) * page_size
-    bs = _block_tile(split_keys, dp) if block else tile_slots(page_size, d)
+    bs = _tile_keys(split_keys, dp)
     tiles_per_split = split_keys // bs
     n_tiles = pl.cdiv(n_pages * page_size, bs)
     n_splits = pl.cdiv(n_tiles, tiles_per_split)
@@ -282,7 +226,7 @@ def paged_decode_attention(
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, MAX_GROUP - g_n), (0, dp - d)))  # the split kernel's [MAX_GROUP, dp] block
     params = TritonParams(num_warps=num_warps, num_stages=num_stages)
     split_kernel = functools.partial(
-        _split_kernel_block if block else _split_kernel_heads, g_n=g_n, d=d, dp=dp, bs=bs, page_size=page_size,
+        _split_kernel, g_n=g_n, d=d, dp=dp, bs=bs, page_size=page_size,
         tiles_per_split=tiles_per_split, n_tiles=n_tiles, n_pages=n_pages, pages=pages, scale=float(scale),
         window=window,
     )  # fmt: skip

@@ -21,7 +21,7 @@ from worker.pallas_kernels.tiling import ALL, TARGET_PROGRAMS, TritonParams, ker
 from worker.quant import QuantArray, dequantize
 
 MAX_ROWS = 8  # the per-row kernel: rows of x per program (one accumulator and one x load per row, unrolled)
-MAX_BATCH = 512  # the most rows of a decode dispatch (--max-batch) in the batch-invariant mode (worker/model.py)
+MAX_BATCH = 1024  # the most rows of a decode dispatch (--max-batch) in the batch-invariant mode (worker/model.py)
 # The tensor-core kernel: rows of x per program (rows past x's are masked loads of zeros). Each call is a dot of
 # this many rows against each dequantized weight tile, whatever the number of rows it was given, so a row's
 # arithmetic never depends on the call's size (batch invariance), and 64 rows cost one pass over the weights where
