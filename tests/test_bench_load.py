@@ -132,8 +132,9 @@ def test_worker_gets_max_batch_only_where_it_has_the_flag():
     assert load.worker_server_args([1, 8, 64], "auto", with_flag) == ["--max-queue", "64", "--max-batch", "64"]
     assert load.worker_server_args([1, 128], "none", with_flag) == ["--max-queue", "128"]
     assert load.worker_server_args([1, 128], "auto", with_flag) == ["--max-queue", "128", "--max-batch", "128"]
-    capped = ["--max-queue", "512", "--max-batch", str(load.MAX_BATCH)]  # the rows the invariant kernels take
-    assert load.worker_server_args([1, 512], "auto", with_flag) == capped
+    beyond = 2 * load.MAX_BATCH  # more streams than the invariant kernels take rows: the batch is capped there
+    capped = ["--max-queue", str(beyond), "--max-batch", str(load.MAX_BATCH)]
+    assert load.worker_server_args([1, beyond], "auto", with_flag) == capped
     assert load.worker_server_args([1, 128], "32", {"--max-queue"}) == ["--max-queue", "128", "--max-batch", "32"]
 
 
