@@ -7,9 +7,9 @@ port := env_var_or_default("WORKER_PORT", "8600")
 serve *ARGS:
     exec {{python}} -m server.cli --device auto --port {{port}} --gpu-device 0 --worker-id "$({{python}} -c 'import uuid; print(uuid.uuid4())')" {{ARGS}}
 
-# Run the CPU test suite (what CI runs)
+# Run the CPU test suite (what CI runs); the 25 slowest tests are listed at the end (the suite's time budget)
 test *ARGS:
-    {{python}} -m pytest -q {{ARGS}}
+    {{python}} -m pytest -q --durations=25 {{ARGS}}
 
 # The long fuzz runs: FUZZ_FILES mutated model files and FUZZ_REQUESTS requests (10,000 each by default); nice'd
 fuzz *ARGS:

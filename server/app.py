@@ -210,6 +210,44 @@ class EventRelay:
             queue.put_nowait(ev)
 
 
+class KeepAlive:
+    """Puts None (a keep-alive comment) into the queue of every stream that has had nothing for `period` seconds:
+    one timer task a loop and period for all its streams. Why not asyncio.wait_for around each stream's wait: that
+    made a task and a timer for every wait of every stream: 3.5-11% of the event loop's samples at 256 streams on
+    the 2-core CPU (py-spy, bench.host --http; docs/PERFORMANCE.md, eleventh session)."""
+
+    TICKS = 4  # checks a period: a keep-alive comes 1 to 1.25 periods after the stream's last event
+
+    def __init__(self):
+        self._streams: dict[tuple[asyncio.AbstractEventLoop, float], set[JobStream]] = {}
+
+    def watch(self, stream: JobStream, loop: asyncio.AbstractEventLoop, period: float) -> None:
+        """From `loop`'s thread; the first stream of a (loop, period) starts its timer."""
+        key = (loop, period)
+        streams = self._streams.get(key)
+        if streams is None:
+            streams = self._streams[key] = set()
+            loop.create_task(self._tick(key, streams))
+        streams.add(stream)
+
+    def forget(self, stream: JobStream, loop: asyncio.AbstractEventLoop, period: float) -> None:
+        self._streams.get((loop, period), set()).discard(stream)
+
+    async def _tick(self, key: tuple[asyncio.AbstractEventLoop, float], streams: set[JobStream]) -> None:
+        loop, period = key
+        try:
+            while streams:  # no await between the last check and the removal: a new stream starts a new timer
+                await asyncio.sleep(period / self.TICKS)
+                now = loop.time()
+                for stream in streams:
+                    if stream.queue.empty() and now - stream.quiet_since >= period:
+                        stream.queue.put_nowait(None)
+                        stream.quiet_since = now
+        finally:
+            if self._streams.get(key) is streams:
+                del self._streams[key]
+
+
 class JobStream:
     """One job's events: pushed from the engine thread into an asyncio queue, framed by `frames()`.
 
@@ -217,6 +255,7 @@ class JobStream:
     a disconnect, even if the generator never started); a job whose terminal event was not seen is cancelled."""
 
     relay = EventRelay()  # every stream's, in this process
+    keepalive = KeepAlive()
 
     def __init__(self, service: WorkerService, job_id: str, loop: asyncio.AbstractEventLoop):
         self.service, self.job_id, self.loop = service, job_id, loop
@@ -225,6 +264,7 @@ class JobStream:
         self.closed = False
         self.t0: float | None = None
         self.tokens = 0
+        self.quiet_since = 0.0  # the loop's time of the last event or keep-alive this stream took (KeepAlive)
         self._lock = threading.Lock()  # the engine thread and the shutdown thread may both end the stream
 
     def register(self) -> None:
@@ -276,22 +316,28 @@ class JobStream:
         """The job's engine events in order, in batches: each batch is what had queued up by the time this stream
         ran, so under load a stream's tokens go out in one write rather than one each (with hundreds of streams
         decoding a token a dispatch, the event loop's time went to those writes: bench/README.md). None every
-        keep-alive period while nothing comes (a job waiting in the queue). Ends after the terminal event."""
-        while True:
-            if self.queue.empty():
-                try:
-                    first = await asyncio.wait_for(self.queue.get(), self.service.keepalive_s)
-                except TimeoutError:
+        keep-alive period while nothing comes (a job waiting in the queue; `KeepAlive`). Ends after the terminal
+        event."""
+        period = self.service.keepalive_s
+        self.quiet_since = self.loop.time()
+        self.keepalive.watch(self, self.loop, period)
+        try:
+            while True:
+                first = self.queue.get_nowait() if not self.queue.empty() else await self.queue.get()
+                self.quiet_since = self.loop.time()
+                if first is None:
                     yield None
                     continue
-            else:  # no wait_for (a task per call) when an event is already there
-                first = self.queue.get_nowait()
-            batch = [first]
-            while not isinstance(batch[-1], End | ErrorEvent) and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            yield batch
-            if isinstance(batch[-1], End | ErrorEvent):
-                return
+                batch = [first]
+                while not isinstance(batch[-1], End | ErrorEvent) and not self.queue.empty():
+                    ev = self.queue.get_nowait()
+                    if ev is not None:  # a keep-alive with events behind it: the events speak for themselves
+                        batch.append(ev)
+                yield batch
+                if isinstance(batch[-1], End | ErrorEvent):
+                    return
+        finally:
+            self.keepalive.forget(self, self.loop, period)
 
     async def frames(self):
         try:

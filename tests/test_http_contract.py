@@ -315,6 +315,41 @@ def test_events_that_queued_up_go_out_in_one_write():
     asyncio.run(drain())
 
 
+def test_a_quiet_stream_gets_a_keep_alive_each_period_and_its_events_after_them():
+    """JobStream.frames with nothing queued: an SSE comment about every keep-alive period (one timer for all
+    streams: KeepAlive), none among events queued together, then the events; the timer task ends with the last
+    stream."""
+
+    async def drain() -> tuple[list[bytes], list[float]]:
+        loop = asyncio.get_running_loop()
+        service = SimpleNamespace(keepalive_s=0.2, open_streams={}, engine=SimpleNamespace(cancel=lambda _: False))
+        quiet, busy = JobStream(service, "q", loop), JobStream(service, "b", loop)
+        events = [TokenEvent("q", "a", 0), End("q", 1, 1.0, "max_tokens", 3, 1.0)]
+        chunks, at, t0 = [], [], loop.time()
+        busy_frames = busy.frames()
+        busy.queue.put_nowait(TokenEvent("b", "x", 0))
+        assert await anext(busy_frames) == frames_of(TokenEvent("b", "x", 0))  # a second stream on the same timer
+        async for chunk in quiet.frames():
+            chunks.append(chunk)
+            at.append(loop.time() - t0)
+            if len(chunks) == 3:
+                for ev in (events[0], None, events[1]):  # a keep-alive queued among events: dropped
+                    quiet.queue.put_nowait(ev)
+        busy.queue.put_nowait(End("b", 1, 1.0, "max_tokens", 3, 1.0))
+        rest = [c async for c in busy_frames]  # quiet while unread too: one keep-alive a period at most
+        assert rest[-1] == frames_of(End("b", 1, 1.0, "max_tokens", 3, 1.0)) and len(rest) <= 2
+        assert set(rest[:-1]) <= {b": keep-alive\n\n"}
+        await asyncio.sleep(0.2)
+        assert (loop, 0.2) not in JobStream.keepalive._streams  # the timer ended with its last stream
+        return chunks, at
+
+    chunks, at = asyncio.run(drain())
+    end = End("q", 1, 1.0, "max_tokens", 3, 1.0)
+    assert chunks == [b": keep-alive\n\n"] * 3 + [frames_of(TokenEvent("q", "a", 0)) + frames_of(end)]
+    gaps = [b - a for a, b in zip([0.0, *at[:2]], at[:3], strict=True)]
+    assert all(0.19 <= g <= 0.6 for g in gaps), gaps
+
+
 def test_the_relay_hands_events_over_in_order_with_one_wake_up_for_those_pending():
     """EventRelay: events put from the engine thread reach each stream's queue in order; the ones put before the loop
     ran take one wake-up (call_soon_threadsafe) together."""
