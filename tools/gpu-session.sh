@@ -26,8 +26,7 @@
 #                      most), HOST_ROUNDS rounds each (default 2); HOST_ARGS passed on (e.g. "--switch-ms 1
 #                      --prefill-tokens 4096,8192 --worker-arg=--dispatch-ms=70"); budget HOST_SECONDS (default 300)
 #           attn       the paged decode attention (bench.paged_attention at 64 and 512 rows, 256 and 2048 keys), then
-#                      its gpu tests; budget ATTN_SECONDS
-#                      (default 240)
+#                      its gpu tests; budget ATTN_SECONDS (default 240)
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py; qmatvec's rows in big calls and
 #                      its unquantized formats); PYTEST_K picks others (pytest -k) among those files and
 #                      tests/test_sampling.py (e.g. rows_filter); budget INVARIANCE_SECONDS (default 180)

@@ -80,8 +80,8 @@ def _exact_dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
     return out
 
 
-def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g_n, d, dp, bs,
-                  page_size, tiles_per_split, n_tiles, n_pages, pages, scale, window):  # fmt: skip
+def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, d, dp, bs, page_size,
+                  tiles_per_split, n_tiles, n_pages, pages, scale, window):  # fmt: skip
     """Program (b, kh, split): the online softmax of row b's G query heads of kv head kh over the visible tiles of
     its split, in logical order, the heads as one [MAX_GROUP, dp] block (rows past G are zeros, never read by the
     fold): a tile's scores and weighted values are matrix products on the tensor cores (`_exact_dot`). A row's
@@ -89,7 +89,6 @@ def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m
     writes nothing (the fold never reads it). Why a block: the G heads unrolled, each a vector product with
     cross-lane reductions a tile, took 18.6 ms of a 49.9 ms gpt-oss-20b step at 512 rows and 256 keys (tenth
     session); this form 4.8x less (docs/PERFORMANCE.md, eleventh session)."""
-    del g_n  # the block's rows past G are zeros (the caller pads q); the fold reads the first G
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     p, layer = pos_ref[b], layer_ref[0]
     lo, hi = _visible_tiles(p, bs, window, n_tiles)
@@ -226,7 +225,7 @@ def paged_decode_attention(
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, MAX_GROUP - g_n), (0, dp - d)))  # the split kernel's [MAX_GROUP, dp] block
     params = TritonParams(num_warps=num_warps, num_stages=num_stages)
     split_kernel = functools.partial(
-        _split_kernel, g_n=g_n, d=d, dp=dp, bs=bs, page_size=page_size,
+        _split_kernel, d=d, dp=dp, bs=bs, page_size=page_size,
         tiles_per_split=tiles_per_split, n_tiles=n_tiles, n_pages=n_pages, pages=pages, scale=float(scale),
         window=window,
     )  # fmt: skip
