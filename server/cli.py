@@ -28,6 +28,8 @@ from worker.errors import WorkerError
 from worker.narration import Narrator
 
 if TYPE_CHECKING:
+    from server.engine_link import RemoteEngine
+    from server.service import WorkerService
     from worker.chat import ChatTemplate
     from worker.engine import Engine
 
@@ -113,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also hold MoE experts widened to bf16 for decode steps (default: on a GPU with the tensor-core decode "
         "kernels, where the copy fits)",
+    )
+    p.add_argument(
+        "--http-process",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run the HTTP server in a process of its own, joined to the engine's by a pipe, so that the two do not "
+        "share Python's interpreter lock (hundreds of streams on a GPU; docs/batching.md)",
     )
     p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait for a free place (default 4)")
     p.add_argument("--shutdown-deadline", type=float, default=5.0, help="seconds to finish or cancel the running job")
@@ -266,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
+    if args.http_process:
+        return serve_split(args, sock, engine, narrator, started)
     return serve(args, sock, engine, chat_template, narrator, started)
 
 
@@ -367,6 +378,30 @@ def serve(
     narrator: Narrator,
     started: float,
 ) -> int:
+    """The HTTP server in this process, until it stops; then the engine's arrays are freed."""
+    reason = run_http(args, sock, engine, chat_template, narrator, started)
+    uptime = round(time.monotonic() - started, 3)
+    if engine.busy:
+        # The engine thread is stuck where it cannot see its cancel flag (an XLA compile): tearing down the
+        # interpreter under it can abort the process, and the deadline has passed, so leave now.
+        narrator.emit("shutdown", reason=reason, uptime_seconds=uptime, engine_stopped=False)
+        os._exit(0)
+    _free(engine)
+    narrator.emit("shutdown", reason=reason, uptime_seconds=uptime)
+    return 0
+
+
+def run_http(
+    args: argparse.Namespace,
+    sock: socket.socket,
+    engine: Engine | RemoteEngine,
+    chat_template: ChatTemplate | None,
+    narrator: Narrator,
+    started: float,
+    stop_requests: Callable[[_Server, WorkerService], None] | None = None,
+) -> str:
+    """Serve HTTP on `sock` until a shutdown (or uvicorn's own stop) has drained the engine; returns the reason.
+    `stop_requests`: where the server hears it should stop, when not from this process's signals."""
     from server.app import create_app
     from server.service import WorkerService
 
@@ -384,6 +419,9 @@ def serve(
     host, port = sock.getsockname()[:2]
     config = http_config(create_app(service))
     server = _Server(config, service, lambda: _ready(args, service, f"http://{_url_host(host)}:{port}", started))
+    server.own_signals = stop_requests is None
+    if stop_requests is not None:
+        stop_requests(server, service)
     service.on_stopped = server.stop
     service.start_monitor()
     server.run(sockets=[sock])
@@ -391,15 +429,85 @@ def serve(
         service.shutdown_reason = "server stopped"
         service.accepting = False
         engine.shutdown(args.shutdown_deadline)
-    uptime = round(time.monotonic() - started, 3)
-    if engine.busy:
-        # The engine thread is stuck where it cannot see its cancel flag (an XLA compile): tearing down the
-        # interpreter under it can abort the process, and the deadline has passed, so leave now.
-        narrator.emit("shutdown", reason=service.shutdown_reason, uptime_seconds=uptime, engine_stopped=False)
-        os._exit(0)
+    return service.shutdown_reason
+
+
+def serve_split(
+    args: argparse.Namespace, sock: socket.socket, engine: Engine, narrator: Narrator, started: float
+) -> int:
+    """`--http-process`: the HTTP server in a child process (`http_process`), this process's engine serving it over
+    a pipe (server/engine_link.py). Signals still come here: they are passed on as a request to stop. Exits when
+    the child does: 0 after its graceful shutdown."""
+    import multiprocessing
+
+    from server.engine_link import EngineHost
+
+    ctx = multiprocessing.get_context("spawn")  # not fork: this process runs JAX's threads
+    here, there = ctx.Pipe()
+    host = EngineHost(engine, here)
+    template = engine.model.gguf.get("tokenizer.chat_template")
+    child = ctx.Process(
+        target=http_process,
+        args=(args, sock, there, engine.facts(), template if isinstance(template, str) else None, started),
+        name=f"{PROG}-http",
+    )
+
+    signals: list[str] = []  # passed on by the loop below: a handler must not take the pipe's lock
+
+    def on_signal(sig: int, _frame: Any) -> None:
+        signals.append(signal.Signals(sig).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    child.start()
+    there.close()
+    sock.close()
+    threading.Thread(target=host.serve, name="engine-link", daemon=True).start()
+    while child.is_alive():
+        child.join(0.05)
+        while signals:
+            host.stop(signals.pop(0))
+    if child.exitcode != 0:
+        narrator.emit("error", level="error", code="INTERNAL", message=f"the HTTP process exited with {child.exitcode}")
+    engine.shutdown(args.shutdown_deadline)  # already done after a graceful shutdown
+    if engine.busy:  # stuck where it cannot see its cancel flag: see serve
+        os._exit(0 if child.exitcode == 0 else 1)
     _free(engine)
-    narrator.emit("shutdown", reason=service.shutdown_reason, uptime_seconds=uptime)
-    return 0
+    return 0 if child.exitcode == 0 else 1
+
+
+def http_process(
+    args: argparse.Namespace,
+    sock: socket.socket,
+    conn: Any,
+    facts: dict[str, Any],
+    template: str | None,
+    started: float,
+) -> None:
+    """The child process of `--http-process`: the app over a RemoteEngine. Its own signals are ignored: a Ctrl-C
+    reaches both processes, and the engine's passes it on as a request to stop."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    import worker
+    from server.engine_link import RemoteEngine
+    from worker.chat import load_chat_template
+
+    narrator = Narrator(args.worker_id, args.model or worker.default_model_path(), args.gpu_device)
+    _route_python_logging(narrator)
+    tokenizer = worker.load_tokenizer(narrator.model_ref, args.tokenizer_json)
+    engine = RemoteEngine(conn, facts, tokenizer)
+
+    def stop_requests(server: _Server, service: WorkerService) -> None:
+        engine.on_stop = server.stop_for
+        engine.on_lost = lambda: server.stop_for("the engine's process ended")
+
+    engine.start()
+    chat_template = load_chat_template(tokenizer, template, args.chat_template)
+    reason = run_http(args, sock, engine, chat_template, narrator, started, stop_requests)
+    uptime = round(time.monotonic() - started, 3)
+    stuck = {"engine_stopped": False} if engine.busy else {}
+    narrator.emit("shutdown", reason=reason, uptime_seconds=uptime, **stuck)
+    conn.close()
 
 
 def http_config(app: Any) -> uvicorn.Config:
@@ -434,10 +542,17 @@ class _Server(uvicorn.Server):
         if self.started and not self.should_exit:
             self.on_ready()
 
+    own_signals = True  # False in --http-process's child: the engine's process passes its signals on (stop_for)
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         # Not recorded in _captured_signals: uvicorn would re-raise it at exit, and the process would die of
         # SIGTERM instead of exiting 0.
-        if not self.service.begin_shutdown(signal.Signals(sig).name):
+        if self.own_signals:
+            self.stop_for(signal.Signals(sig).name)
+
+    def stop_for(self, reason: str) -> None:
+        """A graceful shutdown; the second request forces the exit."""
+        if not self.service.begin_shutdown(reason):
             self.should_exit = self.force_exit = True
 
     def stop(self) -> None:

@@ -104,7 +104,7 @@ def _chat_job(req: ChatRequest, service: WorkerService, job_id: str) -> JobReque
     if service.chat_template is None:
         raise invalid(
             "messages",
-            f"model {service.model.path.name} has no chat template (no tokenizer.chat_template in the file): "
+            f"model {service.model_name} has no chat template (no tokenizer.chat_template in the file): "
             "use /v1/completions with your own prompt format, or start the worker with --chat-template FILE",
         )
     if req.top_logprobs is not None and not req.logprobs:
@@ -193,8 +193,8 @@ class _Answer:
     harmony), log-probabilities, usage and the finish reason."""
 
     def __init__(self, service: WorkerService, job_id: str, harmony: bool):
-        self.tokenizer = service.model.tokenizer
-        self.id, self.model, self.created = job_id, service.model.path.name, int(time.time())
+        self.tokenizer = service.tokenizer
+        self.id, self.model, self.created = job_id, service.model_name, int(time.time())
         self.harmony = HarmonyStream() if harmony else None
         self.prompt_tokens = 0
         self.text_offset = 0
@@ -397,14 +397,14 @@ async def completions(request: Request) -> Response | Stream:
 async def models(request: Request) -> dict[str, Any]:
     service = _service(request)
     created = int(time.time() - service.uptime())
-    model = {"id": service.model.path.name, "object": "model", "created": created, "owned_by": "worker-orcd"}
+    model = {"id": service.model_name, "object": "model", "created": created, "owned_by": "worker-orcd"}
     return {"object": "list", "data": [model]}
 
 
 @post("/tokenize", status_code=200)
 async def tokenize(request: Request) -> dict[str, Any]:
     req = decode_body(await request.body(), TokenizeRequest)
-    tok = _service(request).model.tokenizer
+    tok = _service(request).tokenizer
     try:
         ids = await asyncio.to_thread(
             tok.encode, req.content, None if req.add_special else False, special=req.parse_special
@@ -426,7 +426,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
 @post("/detokenize", status_code=200)
 async def detokenize(request: Request) -> dict[str, Any]:
     req = decode_body(await request.body(), DetokenizeRequest)
-    tok = _service(request).model.tokenizer
+    tok = _service(request).tokenizer
     bad = next((i for i in req.tokens if not 0 <= i < tok.vocab_size), None)
     if bad is not None:
         raise invalid("tokens", f"tokens: {bad} is outside the vocabulary [0, {tok.vocab_size})")

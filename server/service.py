@@ -12,14 +12,23 @@ from collections.abc import Callable
 from typing import Any
 
 from server.metrics import WorkerMetrics
-from worker import device as devices
 from worker.chat import ChatTemplate
 from worker.engine import Engine
 from worker.errors import ErrorCode
 from worker.narration import Narrator
 
+# The engine's facts /health reports as they are (Engine.facts)
+STATIC_FACTS = (
+    "model", "architecture", "quant_kind", "tokenizer_kind", "vocab_size", "context_length", "max_tokens_in",
+    "max_tokens_out", "max_queue", "max_batch", "deterministic", "decode_steps", "bf16_experts", "kv_page_size",
+    "kv_pages_total", "device", "sm", "cuda_runtime_version",
+)  # fmt: skip
+
 
 class WorkerService:
+    """`engine`: the engine in this process (worker.engine.Engine), or its link to the engine's process
+    (server.engine_link.RemoteEngine): both answer the same calls."""
+
     def __init__(
         self,
         engine: Engine,
@@ -35,7 +44,7 @@ class WorkerService:
         chat_template: ChatTemplate | None = None,
     ):
         self.engine = engine
-        self.model = engine.model
+        self.tokenizer = engine.tokenizer
         self.narrator = narrator
         self.api_key = api_key or None
         self.shutdown_deadline_s = shutdown_deadline_s
@@ -51,43 +60,26 @@ class WorkerService:
         self._shutdown_lock = threading.Lock()
         # job_id -> a function that ends that job's stream with a terminal event of the server's own (see drain)
         self.open_streams: dict[str, Callable[[str], None]] = {}
-        model = self.model
-        info = devices.device_info(model.device)
+        facts = engine.facts()
+        self.model_name: str = facts["model"]
         self._static: dict[str, Any] = {
             "worker_id": worker_id,
-            "model": model.path.name,
-            "architecture": model.architecture,
-            "quant_kind": model.quant_kind,
-            "tokenizer_kind": model.tokenizer.kind,
-            "vocab_size": model.tokenizer.vocab_size,
-            "context_length": model.context_length,
-            "max_tokens_in": engine.max_tokens_in,
-            "max_tokens_out": engine.max_tokens_out,
-            "max_queue": engine.max_queue,
-            "max_batch": engine.max_batch,
-            "deterministic": model.runner.deterministic,
-            "decode_steps": model.decode_steps,
-            "bf16_experts": model.bf16_experts,
-            "kv_page_size": model.runner.page_size,
-            "kv_pages_total": model.batch.scheduler.pool.total,
-            "device": info["device"],
-            "sm": info["sm"],
-            "cuda_runtime_version": info["cuda_runtime_version"],
+            **{k: facts[k] for k in STATIC_FACTS},
         }
         self._dynamic: dict[str, Any] = {}
         self.refresh()
         self.metrics = WorkerMetrics(
-            model.quant_kind,
-            info["device"],
+            facts["quant_kind"],
+            facts["device"],
             vram_bytes=lambda: self._dynamic["vram_bytes_used"],
             uptime_seconds=self.uptime,
             queue_depth=lambda: engine.queue_depth,
             running_jobs=lambda: len(engine.running),
-            kv_pages_used=lambda: model.batch.scheduler.pool.used,
-            kv_pages_total=model.batch.scheduler.pool.total,
+            kv_pages_used=lambda: engine.kv_pages_used,
+            kv_pages_total=facts["kv_pages_total"],
             engine_cpu_seconds=lambda: engine.cpu_seconds,
         )
-        model.batch.on_decode = self.metrics.batch_size
+        engine.on_decode(self.metrics.batch_size)
 
     # -- health --------------------------------------------------------------------------------------------
 
@@ -104,16 +96,15 @@ class WorkerService:
             "busy": self.engine.busy,
             "queue_depth": self.engine.queue_depth,
             "running_jobs": len(self.engine.running),
-            "kv_pages_used": (used := self.model.batch.scheduler.pool.used),
+            "kv_pages_used": (used := self.engine.kv_pages_used),
             "kv_pages_free": self._static["kv_pages_total"] - used,
         }
 
     def refresh(self) -> None:
         """Re-check residency and device bytes. A weight that left the device makes the worker unhealthy, and
         that is logged as a critical error (M0-W-1012)."""
-        resident = self.model.resident()
+        resident, report = self.engine.device_report()  # per device: bytes in use and limit, residency
         was_resident = self._dynamic.get("resident", True)
-        report = self.model.device_report()  # per device: bytes in use and limit, residency
         self._dynamic = {
             "status": "healthy" if resident else "unhealthy",
             "resident": resident,
@@ -132,7 +123,7 @@ class WorkerService:
         """Device bytes only (the allocator's counter on a GPU); run at each job's end, on the engine thread. Not
         device_report: its residency check visits every weight array (the residency monitor's job), a cost on the
         engine thread at every job's end that grew with the model's arrays."""
-        used = self.model.device_bytes()
+        used = self.engine.device_bytes()
         report = [{**d, "bytes_in_use": used.get(d["id"], d["bytes_in_use"])} for d in self._dynamic["devices"]]
         self._dynamic = {**self._dynamic, "vram_bytes_used": sum(used.values()), "devices": report}
 

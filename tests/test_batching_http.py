@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from litestar.testing import TestClient
 
 from server.app import create_app
@@ -15,8 +16,9 @@ def events_of(text: str) -> list[str]:
     return [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("event:")]
 
 
-def test_concurrent_streams_end_on_their_own_and_a_cancel_ends_only_its_own():
-    with tiny_service(max_batch=4, max_queue=8) as service, TestClient(create_app(service)) as client:
+@pytest.mark.parametrize("link", [False, True], ids=["in-process", "engine-link"])
+def test_concurrent_streams_end_on_their_own_and_a_cancel_ends_only_its_own(link):
+    with tiny_service(max_batch=4, max_queue=8, link=link) as service, TestClient(create_app(service)) as client:
         engine, results = service.engine, {}
 
         def post(job_id: str, max_tokens: int) -> None:

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import functools
 import io
+import multiprocessing
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from litestar.testing import TestClient
 
 import worker
 from server.app import create_app
+from server.engine_link import EngineHost, RemoteEngine
 from server.service import WorkerService
 from tests.conftest import oracles_dir
 from worker.engine import Engine
@@ -38,15 +41,33 @@ def tiny_model(max_batch: int = 1) -> Model:
 
 @contextmanager
 def tiny_service(*, api_key: str | None = None, max_queue: int = 1, max_tokens_out: int = 2048,
-                 max_body_bytes: int = 1 << 20, max_batch: int = 1) -> Iterator[WorkerService]:  # fmt: skip
+                 max_body_bytes: int = 1 << 20, max_batch: int = 1, link: bool = False) -> Iterator[WorkerService]:  # fmt: skip
+    """`link`: the service talks to the engine over server.engine_link's pipe, as `--http-process`'s child does
+    (both ends in this process here)."""
     engine = Engine(tiny_model(max_batch), max_queue=max_queue, max_tokens_out=max_tokens_out)
     engine.start()
-    narrator = Narrator(WORKER_ID, model_path(), None, stream=io.StringIO())
-    service = WorkerService(engine, narrator, worker_id=WORKER_ID, api_key=api_key, max_body_bytes=max_body_bytes)
+    with linked(engine) if link else nullcontext(engine) as served:
+        narrator = Narrator(WORKER_ID, model_path(), None, stream=io.StringIO())
+        service = WorkerService(served, narrator, worker_id=WORKER_ID, api_key=api_key, max_body_bytes=max_body_bytes)
+        try:
+            yield service
+        finally:
+            served.shutdown(2.0)
+            engine.shutdown(2.0)
+
+
+@contextmanager
+def linked(engine: Engine) -> Iterator[RemoteEngine]:
+    """`engine` behind an EngineHost, and the RemoteEngine at the pipe's other end."""
+    here, there = multiprocessing.Pipe()
+    host = EngineHost(engine, here)
+    threading.Thread(target=host.serve, daemon=True).start()
+    remote = RemoteEngine(there, engine.facts(), engine.tokenizer)
+    remote.start()
     try:
-        yield service
+        yield remote
     finally:
-        engine.shutdown(2.0)
+        there.close()
 
 
 @contextmanager

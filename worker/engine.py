@@ -23,14 +23,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
+from worker import device as devices
 from worker.batch import Batch, Delivery
 from worker.errors import ErrorCode, WorkerError
 from worker.model import Model
 from worker.sampling import MAX_SEED, SamplingParams, TokenLogprobs, new_seed
 from worker.scheduler import Sequence
 from worker.step_trace import EVENTS, STEP, StepTracer, span
-from worker.tokenizer import StreamDecoder
+from worker.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +241,57 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._tracer = StepTracer.from_env(self.max_batch)
         self.cpu_seconds = 0.0  # the engine thread's CPU time so far (/metrics: the host side of serving)
+        # Called on the engine thread after each pass (the jobs that arrived taken, a step run and its events sent):
+        # where server/engine_link.py sends a pass's events on as one message.
+        self.after_pass: Callable[[], None] = lambda: None
 
     # -- public API (any thread) --------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
+
+    # -- what the serving layer reads (server/service.py; server/engine_link.py answers the same from afar) ----
+
+    def facts(self) -> dict[str, Any]:
+        """The model's and this engine's facts that do not change while it serves (/health)."""
+        model, runner = self.model, self.model.runner
+        return {
+            "model": model.path.name,
+            "architecture": model.architecture,
+            "quant_kind": model.quant_kind,
+            "tokenizer_kind": model.tokenizer.kind,
+            "vocab_size": model.tokenizer.vocab_size,
+            "context_length": model.context_length,
+            "max_tokens_in": self.max_tokens_in,
+            "max_tokens_out": self.max_tokens_out,
+            "max_queue": self.max_queue,
+            "max_batch": self.max_batch,
+            "deterministic": runner.deterministic,
+            "decode_steps": model.decode_steps,
+            "bf16_experts": model.bf16_experts,
+            "kv_page_size": runner.page_size,
+            "kv_pages_total": model.batch.scheduler.pool.total,
+            **devices.device_info(model.device),
+        }
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.model.tokenizer
+
+    @property
+    def kv_pages_used(self) -> int:
+        return self.model.batch.scheduler.pool.used
+
+    def device_report(self) -> tuple[bool, list[dict]]:
+        """Whether every weight is resident, and per device its bytes in use (Model.device_report)."""
+        return self.model.resident(), self.model.device_report()
+
+    def device_bytes(self) -> dict[int, int]:
+        return self.model.device_bytes()
+
+    def on_decode(self, told: Callable[[int], None]) -> None:
+        """`told` hears each decode dispatch's sequence count (the batch size histogram), on the engine thread."""
+        self.model.batch.on_decode = told
 
     @property
     def queue_depth(self) -> int:
@@ -357,13 +405,13 @@ class Engine:
                     self._take(job, batch)
             except queue.Empty:
                 pass
-            if not batch.busy:
-                continue
-            try:
-                self._iteration(batch)
-            except Exception as e:  # a defect of ours, or the device's: every job in the batch fails, we go on
-                self._fail_all(batch, map_runtime_error(e))
-            self.cpu_seconds = time.thread_time()
+            if batch.busy:
+                try:
+                    self._iteration(batch)
+                except Exception as e:  # a defect of ours, or the device's: every job in the batch fails, we go on
+                    self._fail_all(batch, map_runtime_error(e))
+                self.cpu_seconds = time.thread_time()
+            self.after_pass()
 
     def _iteration(self, batch: Batch) -> None:
         """Between dispatches: the running jobs' cancels and timeouts, a batch step, its events. Anything raised here

@@ -1,0 +1,145 @@
+"""`--http-process`: the HTTP server in one process, the engine in another, joined by server/engine_link.py's pipe.
+
+The link must not show: a job's events through it are the in-process engine's, refusals keep their codes and
+fields, a cancel ends the stream when it returns. If the engine's process goes, every live job still gets a
+terminal event. Last, the real command with `--http-process`: two processes, one log, SIGTERM ends both."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import pytest
+from litestar.testing import TestClient
+
+from server.app import create_app
+from server.engine_link import RemoteEngine
+from tests.tiny_worker import model_path, tiny_model, tiny_service, wait_until
+from tests.worker_process import WorkerProcess, assert_log_sequence, read_sse
+from worker.engine import ErrorEvent, JobRequest, Started, TokenEvent
+from worker.errors import ErrorCode, WorkerError
+
+
+def stream(client: TestClient, **body) -> str:
+    return client.post("/execute", json={"prompt": "Once upon a time", "max_tokens": 12, **body}).text
+
+
+def outcome(text: str) -> list[tuple]:
+    """A stream's events less what differs from run to run (started_at, timings)."""
+    kept = {"started": ("job_id", "seed"), "token": ("t", "i"), "end": ("tokens_out", "stop_reason")}
+    return [(name, *(data[k] for k in kept[name])) for name, data in read_sse(text.splitlines()) if name in kept]
+
+
+def test_a_seeded_job_through_the_link_streams_what_the_engine_streams_in_process():
+    jobs = {f"j{i}": {"temperature": 0.9, "seed": 11 + i, "max_tokens": 10 + 3 * i} for i in range(5)}
+    results: dict[bool, dict[str, list[tuple]]] = {}
+    for link in (False, True):
+        with tiny_service(max_batch=4, max_queue=4, link=link) as service, TestClient(create_app(service)) as client:
+            out: dict[str, str] = {}
+
+            def run(job_id: str, body: dict, out: dict = out, client: TestClient = client) -> None:
+                out[job_id] = stream(client, job_id=job_id, **body)
+
+            threads = [threading.Thread(target=run, args=item) for item in jobs.items()]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            results[link] = {j: outcome(text) for j, text in out.items()}
+    assert results[True] == results[False]
+    for j, events in results[True].items():
+        assert events[0] == ("started", j, jobs[j]["seed"])
+        assert events[-1] == ("end", jobs[j]["max_tokens"], "max_tokens")
+
+
+def test_refusals_through_the_link_keep_their_codes_and_fields():
+    with tiny_service(max_batch=1, max_queue=0, max_tokens_out=64, link=True) as service:
+        client = TestClient(create_app(service))
+        with client:
+            r = client.post("/execute", json={"job_id": "big", "prompt": "hi", "max_tokens": 65})
+            assert r.status_code == 400 and (r.json()["code"], r.json()["field"]) == ("INVALID_REQUEST", "max_tokens")
+            done = threading.Event()
+            threading.Thread(target=lambda: (stream(client, job_id="long", max_tokens=64), done.set())).start()
+            wait_until(lambda: "long" in service.engine.running)
+            r = client.post("/execute", json={"job_id": "long", "prompt": "hi", "max_tokens": 8})
+            assert r.status_code == 400 and r.json()["field"] == "job_id"
+            r = client.post("/execute", json={"job_id": "more", "prompt": "hi", "max_tokens": 8})
+            assert r.status_code == 503 and r.json()["code"] == "QUEUE_FULL"
+            assert client.post("/cancel", json={"job_id": "long"}).json()["cancelled"] is True
+            assert client.post("/cancel", json={"job_id": "long"}).json()["cancelled"] is False
+            assert done.wait(60)
+            wait_until(lambda: not service.engine.busy)
+            health = client.get("/health").json()
+            assert (health["running_jobs"], health["queue_depth"], health["status"]) == (0, 0, "healthy")
+
+
+def test_when_the_engines_process_goes_every_live_job_ends_and_calls_fail_clearly():
+    """The far end is played by hand here: it takes one job, starts it, and goes away."""
+    here, there = multiprocessing.Pipe()
+    model = tiny_model(1)
+    facts = {"max_tokens_in": 64, "max_tokens_out": 64, "max_queue": 1, "max_batch": 1}
+    remote = RemoteEngine(there, facts, model.tokenizer)
+    lost = threading.Event()
+    remote.on_lost = lost.set
+    remote.start()
+    events: list[object] = []
+    submitted = threading.Thread(target=remote.submit, args=(JobRequest("a", "hello", max_tokens=8), events.append))
+    submitted.start()
+    call_id, name, (req,) = here.recv()
+    assert name == "submit" and req.prompt_ids == tuple(model.tokenizer.encode("hello"))  # tokenized on this side
+    here.send(("events", [Started("a", "m", "t", 1, 2), TokenEvent("a", "x", 0)], {"cpu_seconds": 0.5,
+              "kv_pages_used": 3, "batch_sizes": [1]}))  # fmt: skip
+    here.send(("reply", call_id, True, None))
+    submitted.join(10)
+    wait_until(lambda: remote.running == ["a"])
+    assert (remote.cpu_seconds, remote.kv_pages_used, remote.queue_depth) == (0.5, 3, 0)
+    here.close()
+    assert lost.wait(10)
+    assert [type(e) for e in events] == [Started, TokenEvent, ErrorEvent] and events[-1].code == ErrorCode.INTERNAL
+    assert not remote.busy and remote.running == []
+    with pytest.raises(WorkerError) as refused:
+        remote.submit(JobRequest("b", "hello"), events.append)
+    assert refused.value.code == ErrorCode.INTERNAL and "engine's process ended" in refused.value.message
+    assert remote.device_report() == (False, [])
+    remote.shutdown(1.0)  # returns: nothing is left to stop
+
+
+def test_a_cancel_ends_the_stream_when_it_returns_and_the_engines_late_events_are_dropped():
+    here, there = multiprocessing.Pipe()
+    facts = {"max_tokens_in": 64, "max_tokens_out": 64, "max_queue": 1, "max_batch": 1}
+    remote = RemoteEngine(there, facts, tiny_model(1).tokenizer)
+    remote.start()
+    events: list[object] = []
+    submitted = threading.Thread(target=remote.submit, args=(JobRequest("a", "hello"), events.append))
+    submitted.start()
+    call_id, _, _ = here.recv()
+    here.send(("events", [Started("a", "m", "t", 1, 2)], {"cpu_seconds": 0, "kv_pages_used": 1, "batch_sizes": []}))
+    here.send(("reply", call_id, True, None))
+    submitted.join(10)
+    wait_until(lambda: remote.running == ["a"])
+    assert remote.cancel("a") is True
+    assert isinstance(events[-1], ErrorEvent) and events[-1].code == ErrorCode.CANCELLED
+    assert here.recv() == (-1, "cancel", ("a",))  # the engine is told, and answers with its own events:
+    late = [TokenEvent("a", "x", 0), ErrorEvent("a", ErrorCode.CANCELLED, "job a was cancelled", False)]
+    here.send(("events", late, {"cpu_seconds": 0, "kv_pages_used": 0, "batch_sizes": []}))
+    here.send(("stop", "SIGTERM"))  # ordered after those events: once it is heard, they were handled
+    heard = threading.Event()
+    remote.on_stop = lambda reason: heard.set()
+    assert heard.wait(10)
+    assert [type(e) for e in events] == [Started, ErrorEvent] and not remote.busy
+    here.close()
+
+
+def test_the_worker_with_http_process_serves_and_stops_on_sigterm():
+    w = WorkerProcess(model_path(), "--http-process", "--max-batch", "2")
+    try:
+        w.wait_ready()
+        status, events = w.execute(job_id="j1", prompt="Once upon a time", max_tokens=6, temperature=0.0)
+        assert status == 200 and [e for e, _ in events][0] == "started" and events[-1][0] == "end"
+        assert events[-1][1]["tokens_out"] == 6
+        health = w.client.get("/health").json()
+        assert health["status"] == "healthy" and health["max_batch"] == 2 and health["busy"] is False
+        assert w.stop() == 0
+    finally:
+        w.stop()
+    assert_log_sequence(w, "j1", "SIGTERM")
