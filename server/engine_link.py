@@ -73,10 +73,8 @@ class EngineHost:
     def _send(self, message: tuple) -> None:
         """With the lock held. A pipe whose other end is gone drops the message: the engine thread must live on to
         finish or cancel its jobs (serve_split shuts it down once the HTTP process has ended)."""
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self.conn.send(message)
-        except (OSError, ValueError):
-            pass
 
     def stop(self, reason: str) -> None:
         """Ask the HTTP process to shut down (a signal reached this process). Not from a signal handler: the lock

@@ -41,7 +41,8 @@ def tiny_model(max_batch: int = 1) -> Model:
 
 @contextmanager
 def tiny_service(*, api_key: str | None = None, max_queue: int = 1, max_tokens_out: int = 2048,
-                 max_body_bytes: int = 1 << 20, max_batch: int = 1, link: bool = False) -> Iterator[WorkerService]:  # fmt: skip
+                 max_body_bytes: int = 1 << 20, max_batch: int = 1,
+                 link: bool = False) -> Iterator[WorkerService]:  # fmt: skip
     """`link`: the service talks to the engine over server.engine_link's pipe, as `--http-process`'s child does
     (both ends in this process here)."""
     engine = Engine(tiny_model(max_batch), max_queue=max_queue, max_tokens_out=max_tokens_out)
