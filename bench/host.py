@@ -112,9 +112,10 @@ def engine_round(engine: Engine, prompts: list[tuple[int, ...]] | list[str], tok
     return {"tokens": out, "wall_s": wall, "tok_s": out / wall, "engine_us": cpu / out * 1e6, "decode_ms": decode_ms}
 
 
-def http_rounds(engine: Engine, args, path: str) -> None:
-    """The real app (uvicorn, as `worker-orcd` configures it) in this process, the load client (bench.load's) in
-    --client-procs processes; per round, the engine thread's and the event loop's CPU a token from /metrics."""
+def http_rounds(engine: Engine, args, path: str, split: bool = False) -> None:
+    """The real app (uvicorn, as `worker-orcd` configures it) in this process, or with `split` in a process of its
+    own (`worker-orcd --http-process`), the load client (bench.load's) in --client-procs processes; per round, the
+    engine thread's and the event loop's CPU a token from /metrics."""
     import multiprocessing
     import socket
 
@@ -122,19 +123,33 @@ def http_rounds(engine: Engine, args, path: str) -> None:
 
     from bench import load
     from server.app import create_app
-    from server.cli import http_config
+    from server.cli import build_parser, http_config, http_process
+    from server.engine_link import EngineHost
     from server.service import WorkerService
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    service = WorkerService(engine, Narrator("host-bench", path, None, stream=io.StringIO()), worker_id="host-bench")
-    server = uvicorn.Server(http_config(create_app(service)))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    texts = load.prompts(path, [FIXED_PROMPT_TOKENS] * args.streams)
     ctx = multiprocessing.get_context("spawn")  # not fork: this process runs JAX's and uvicorn's threads
+    if split:
+        here, there = ctx.Pipe()
+        host = EngineHost(engine, here)
+        argv = ["--model", path, "--worker-id", "host-bench", "--gpu-device", "0", "--port", "1"]
+        child = ctx.Process(target=http_process, args=(build_parser().parse_args(argv), sock, there, engine.facts(),
+                                                       None, time.monotonic()))  # fmt: skip
+        child.start()
+        threading.Thread(target=host.serve, name="engine-link", daemon=True).start()
+        wait_healthy(url, 300)
+        stop = lambda: (host.stop("bench done"), child.join(60))  # noqa: E731
+    else:
+        narrator = Narrator("host-bench", path, None, stream=io.StringIO())
+        server = uvicorn.Server(http_config(create_app(WorkerService(engine, narrator, worker_id="host-bench"))))
+        threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True).start()
+        while not server.started:
+            time.sleep(0.05)
+        stop = lambda: setattr(server, "should_exit", True)  # noqa: E731
+    texts = load.prompts(path, [FIXED_PROMPT_TOKENS] * args.streams)
+    form = "a process of its own" if split else "this process"
     with ProcessPoolExecutor(args.client_procs, mp_context=ctx) as pool:
         load.round_of(pool, args.client_procs, url, "worker", texts[:8], 4, 120)  # warm the client and buckets
         with step_trace.timed_spans() as walls:
@@ -147,14 +162,28 @@ def http_rounds(engine: Engine, args, path: str) -> None:
                     raise SystemExit(f"no tokens came back: {r['errors']}")
                 us = {k: (after[k] - before[k]) / r["output_tokens"] * 1e6 for k in after}
                 print(
-                    f"round {n}: {args.streams} streams x {args.tokens} tokens over HTTP, {args.steps} step(s) a "
-                    f"dispatch: {r['output_tok_s']:,.0f} tok/s, engine {us['engine']:.1f} / event loop "
+                    f"round {n}: {args.streams} streams x {args.tokens} tokens over HTTP ({form}), {args.steps} "
+                    f"step(s) a dispatch: {r['output_tok_s']:,.0f} tok/s, engine {us['engine']:.1f} / event loop "
                     f"{us['event_loop']:.1f} µs/token, TTFT p50 {load._ms(r.get('ttft_p50_s'))} ms, ITL p50 "
                     f"{load._ms(r.get('itl_p50_s'))} ms, "
                     f"errors {r['errors'] or 'none'}\n  {span_walls(walls, spans_before)}",
                     flush=True,
                 )
-    server.should_exit = True
+    stop()
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the HTTP process did not answer at {url} within {timeout_s:g} s")
 
 
 def span_walls(walls: dict[str, list], before: dict[str, tuple]) -> str:
@@ -189,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--http", action="store_true", help="then the same rounds through the HTTP server and SSE, with "
                     "bench.load's client")  # fmt: skip
+    ap.add_argument("--http-process", action="store_true", help="then the same rounds through the HTTP server in a "
+                    "process of its own (worker-orcd --http-process), after --http's")  # fmt: skip
     ap.add_argument("--client-procs", type=int, default=2, help="client processes (--http)")
     ap.add_argument("--switch-ms", type=float, default=None, help="Python's thread switch interval (default 5 ms): "
                     "how long a thread that wants the lock back waits for the one holding it")  # fmt: skip
@@ -247,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
     if args.http:
         http_rounds(engine, args, path)
+    if args.http_process:  # last: its end shuts the engine down
+        http_rounds(engine, args, path, split=True)
     engine.shutdown(2.0)
     return 0
 
