@@ -119,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--http-process",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=None,
         help="run the HTTP server in a process of its own, joined to the engine's by a pipe, so that the two do not "
-        "share Python's interpreter lock (hundreds of streams on a GPU; docs/batching.md)",
+        "share Python's interpreter lock (default: on a GPU, where hundreds of streams need it; docs/batching.md)",
     )
     p.add_argument("--max-queue", type=int, default=4, help="jobs that may wait for a free place (default 4)")
     p.add_argument("--shutdown-deadline", type=float, default=5.0, help="seconds to finish or cancel the running job")
@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
-    if args.http_process:
+    split = args.http_process if args.http_process is not None else engine.model.device_kind == "gpu"
+    if split:
         return serve_split(args, sock, engine, narrator, started)
     return serve(args, sock, engine, chat_template, narrator, started)
 
