@@ -7,7 +7,11 @@ terminal event. Last, the real command with `--http-process`: two processes, one
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import threading
+import time
+from pathlib import Path
 
 import pytest
 from litestar.testing import TestClient
@@ -143,3 +147,39 @@ def test_the_worker_with_http_process_serves_and_stops_on_sigterm():
     finally:
         w.stop()
     assert_log_sequence(w, "j1", "SIGTERM")
+
+
+def http_child(w: WorkerProcess) -> int:
+    """The pid of the worker's HTTP process (multiprocessing's spawned child; the other is its resource tracker)."""
+    for pid in Path(f"/proc/{w.proc.pid}/task/{w.proc.pid}/children").read_text().split():
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return int(pid)
+    raise AssertionError("the worker has no HTTP process")
+
+
+def test_when_the_http_process_dies_the_worker_exits_1_and_says_why():
+    w = WorkerProcess(model_path(), "--http-process")
+    try:
+        w.wait_ready()
+        os.kill(http_child(w), signal.SIGKILL)
+        assert w.proc.wait(60) == 1
+        w.wait_for_log(event="error", message=f"the HTTP process exited with {-signal.SIGKILL}")
+    finally:
+        w.stop()
+
+
+def test_when_the_engines_process_dies_the_http_process_ends_too():
+    """An HTTP process left behind would hold the port and answer nothing."""
+    w = WorkerProcess(model_path(), "--http-process")
+    try:
+        w.wait_ready()
+        child = http_child(w)
+        w.proc.kill()
+        w.proc.wait(10)
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{child}").exists() and b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the HTTP process outlived the engine's"
+            time.sleep(0.1)
+        w.wait_for_log(event="shutdown", reason="the engine's process ended")
+    finally:
+        w.stop()
