@@ -172,6 +172,11 @@ class RemoteEngine:
             with self._lock:
                 self._sinks.pop(req.job_id, None)
             raise
+        with self._lock:
+            if req.job_id not in self._sinks and self._lost is None:
+                # Cancelled while the submit was on its way (a /cancel from elsewhere): that cancel may have reached
+                # the engine before the job did. Tell it again (a job that had ended already is left alone).
+                self._send((-1, "cancel", (req.job_id,)))
 
     def cancel(self, job_id: str) -> bool:
         """As Engine.cancel: the job's stream ends with CANCELLED when this returns. The engine's process is told
@@ -180,7 +185,7 @@ class RemoteEngine:
             sink = self._sinks.pop(job_id, None)
             started = self._running.pop(job_id, 0) is None
             if sink is not None and self._lost is None:
-                self._conn.send((-1, "cancel", (job_id,)))
+                self._send((-1, "cancel", (job_id,)))
         if sink is None:
             return False
         message = f"job {job_id} was cancelled" if started else f"job {job_id} was cancelled before it started"
@@ -214,12 +219,22 @@ class RemoteEngine:
                 raise WorkerError(ErrorCode.INTERNAL, self._lost)
             call_id = next(self._call_ids)
             self._calls[call_id] = future
-            self._conn.send((call_id, name, args))
+            if not self._send((call_id, name, args)):
+                del self._calls[call_id]
+                raise WorkerError(ErrorCode.INTERNAL, "the engine's process ended")
         ok, value = future.result(timeout)
         if not ok:
             code, message, field = value
             raise WorkerError(ErrorCode(code), message, field)
         return value
+
+    def _send(self, message: tuple) -> bool:
+        """With the lock held; False if the engine's process is gone (the reader then ends every job)."""
+        try:
+            self._conn.send(message)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def _read(self) -> None:
         while True:

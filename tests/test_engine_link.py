@@ -183,3 +183,22 @@ def test_when_the_engines_process_dies_the_http_process_ends_too():
         w.wait_for_log(event="shutdown", reason="the engine's process ended")
     finally:
         w.stop()
+
+
+def test_a_job_cancelled_while_its_submit_is_on_the_way_is_cancelled_again_once_it_is_in():
+    """The first cancel may reach the engine before the job does; the second cannot."""
+    here, there = multiprocessing.Pipe()
+    facts = {"max_tokens_in": 64, "max_tokens_out": 64, "max_queue": 1, "max_batch": 1}
+    remote = RemoteEngine(there, facts, tiny_model(1).tokenizer)
+    remote.start()
+    events: list[object] = []
+    submitted = threading.Thread(target=remote.submit, args=(JobRequest("a", "hello"), events.append))
+    submitted.start()
+    call_id, name, _ = here.recv()
+    assert name == "submit" and remote.cancel("a") is True
+    assert here.recv() == (-1, "cancel", ("a",))
+    here.send(("reply", call_id, True, None))
+    submitted.join(10)
+    assert here.poll(10) and here.recv() == (-1, "cancel", ("a",))
+    assert [type(e) for e in events] == [ErrorEvent] and not remote.busy
+    here.close()
