@@ -29,7 +29,6 @@ from worker.narration import Narrator
 
 if TYPE_CHECKING:
     from server.engine_link import RemoteEngine
-    from server.service import WorkerService
     from worker.chat import ChatTemplate
     from worker.engine import Engine
 
@@ -399,7 +398,7 @@ def run_http(
     chat_template: ChatTemplate | None,
     narrator: Narrator,
     started: float,
-    stop_requests: Callable[[_Server, WorkerService], None] | None = None,
+    stop_requests: Callable[[_Server], None] | None = None,
 ) -> str:
     """Serve HTTP on `sock` until a shutdown (or uvicorn's own stop) has drained the engine; returns the reason.
     `stop_requests`: where the server hears it should stop, when not from this process's signals."""
@@ -422,7 +421,7 @@ def run_http(
     server = _Server(config, service, lambda: _ready(args, service, f"http://{_url_host(host)}:{port}", started))
     server.own_signals = stop_requests is None
     if stop_requests is not None:
-        stop_requests(server, service)
+        stop_requests(server)
     service.on_stopped = server.stop
     service.start_monitor()
     server.run(sockets=[sock])
@@ -498,7 +497,7 @@ def http_process(
     tokenizer = worker.load_tokenizer(narrator.model_ref, args.tokenizer_json)
     engine = RemoteEngine(conn, facts, tokenizer)
 
-    def stop_requests(server: _Server, service: WorkerService) -> None:
+    def stop_requests(server: _Server) -> None:
         engine.on_stop = server.stop_for
         engine.on_lost = lambda: server.stop_for("the engine's process ended")
 
