@@ -151,7 +151,17 @@ def test_client_disconnect_cancels_the_job(server):
 
 
 def test_second_job_waits_third_gets_queue_full(server):
-    """--max-queue 1: one job runs, one waits, the next is refused with 503 QUEUE_FULL (and nothing interleaves)."""
+    """--max-queue 1: one job runs, one waits, the next is refused with 503 QUEUE_FULL (and nothing interleaves).
+    The running job fills the tiny model's context in ~1.5 s: on a loaded machine it can end before the cancels,
+    and then the waiting one starts. That attempt says nothing of a waiting job's cancel, so it is tried again."""
+    for _ in range(3):
+        if queue_full_attempt(server):
+            return
+    raise AssertionError("in 3 attempts the running job always ended before it could be cancelled")
+
+
+def queue_full_attempt(server) -> bool:
+    """False if the running job ended before its cancel."""
     first, second = job("running", **LONG), job("waiting", **LONG)
     r1, ev1 = open_stream(server, first)
     try:
@@ -167,16 +177,19 @@ def test_second_job_waits_third_gets_queue_full(server):
         assert third.json()["code"] == "QUEUE_FULL" and third.headers["retry-after"] == "1"
         dup = server.client.post("/execute", json={**second, "prompt": "again"})
         assert dup.status_code == 400 and dup.json()["field"] == "job_id"
-        for b in (second, first):
-            assert server.client.post("/cancel", json={"job_id": b["job_id"]}).json()["cancelled"] is True
+        cancelled = [server.client.post("/cancel", json={"job_id": b["job_id"]}).json()["cancelled"]
+                     for b in (second, first)]  # fmt: skip
         rest = list(ev1)
     finally:
         r1.close()
     t.join(60)
+    if cancelled != [True, True]:
+        return False
     assert rest[-1][1]["code"] == "CANCELLED"
     status, ev2 = results["second"]
     # cancelled while it waited: it ends at once, never started
     assert status == 200 and [n for n, _ in ev2] == ["error"] and ev2[0][1]["code"] == "CANCELLED"
+    return True
 
 
 # -- metrics and the client ------------------------------------------------------------------------------------
