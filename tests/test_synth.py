@@ -23,7 +23,7 @@ from tokenizers import decoders
 
 from bench import synth
 from bench.synth import SPECS, TensorSpec, llama_quant_type, random_tensor, write_synthetic
-from worker.gguf import open_gguf
+from worker.gguf import GGUFFile, open_gguf
 
 
 def _pad(n: int) -> int:
@@ -151,33 +151,38 @@ def test_phi3_file(zero_files: ZeroFiles) -> None:
     assert sum(1 for x in r.fields["tokenizer.ggml.token_type"].contents() if x == 6) == 256  # <0x00>..<0xFF>
 
 
-@pytest.mark.slow  # GGUFReader takes ~10 s on a 151,936-token vocabulary
 def test_qwen_file(zero_files: ZeroFiles) -> None:
-    r = _read_back(zero_files["qwen2.5-0.5b"], "qwen2.5-0.5b")
-    assert r.fields["qwen2.rope.freq_base"].contents() == 1e6
-    assert r.fields["qwen2.attention.head_count_kv"].contents() == 2
-    tokens, types = r.fields["tokenizer.ggml.tokens"].contents(), r.fields["tokenizer.ggml.token_type"].contents()
-    assert len(tokens) == len(types) == 151936 and len(r.fields["tokenizer.ggml.merges"].contents()) == 151387
+    g = _read_back_own(zero_files["qwen2.5-0.5b"], "qwen2.5-0.5b")
+    assert g.get("qwen2.rope.freq_base") == 1e6
+    assert g.get("qwen2.attention.head_count_kv") == 2
+    tokens, types = g.get("tokenizer.ggml.tokens"), g.get("tokenizer.ggml.token_type")
+    assert len(tokens) == len(types) == 151936 and len(g.get("tokenizer.ggml.merges")) == 151387
     assert (tokens[151645], types[151645], tokens[151657], types[151657]) == ("<|im_end|>", 3, "<tool_call>", 4)
     assert (tokens[151664], types[151664], tokens[151665], types[151665]) == ("<|file_sep|>", 3, "[PAD151665]", 5)
-    assert r.fields["tokenizer.ggml.eos_token_id"].contents() == 151645
+    assert g.get("tokenizer.ggml.eos_token_id") == 151645
     for v in json.loads((oracles_dir() / "tokenizers" / "qwen2" / "vectors.json").read_text()):
         assert _byte_level_text(tokens, v["ids"]) == v["text"], v["name"]
 
 
-def test_gpt_oss_file(zero_files: ZeroFiles) -> None:
-    """Read back by the worker's own parser (worker/gguf.py), not gguf-py's GGUFReader, which wrote it and which
-    took 20-33 s here on the 201,088 tokens and 446,189 merges (the qwen and phi3 files above keep GGUFReader)."""
-    path, spec = zero_files["gpt-oss-20b"], SPECS["gpt-oss-20b"]
+def _read_back_own(path: Path, like: str) -> GGUFFile:
+    """As _read_back, by the worker's own parser (worker/gguf.py) rather than gguf-py's GGUFReader, which wrote
+    the file: GGUFReader took 10-15 s on qwen's 151,936 tokens and 20-33 s on gpt-oss's 201,088 tokens and 446,189
+    merges (a numpy view per string). The phi3 file keeps GGUFReader."""
+    spec = SPECS[like]
     assert path.stat().st_size == pytest.approx(spec.real_file_bytes, rel=0.03)
     assert path.stat().st_blocks * 512 < 16 << 20  # sparse: only the header is on disk
     g = open_gguf(path)
-    assert g.architecture == "gpt-oss"
+    assert g.architecture == spec.arch
     assert [(t.name, t.shape[::-1], t.qtype) for t in g.tensors.values()] == [
         (t.name, t.ne, t.qtype) for t in spec.tensors
     ]
     last = list(g.tensors.values())[-1]
     assert last.offset % 32 == 0 and last.offset + last.nbytes <= path.stat().st_size
+    return g
+
+
+def test_gpt_oss_file(zero_files: ZeroFiles) -> None:
+    g = _read_back_own(zero_files["gpt-oss-20b"], "gpt-oss-20b")
     assert sum(t.n_elements for t in g.tensors.values()) == pytest.approx(20.91e9, abs=0.005e9)
     keys = ("expert_count", "expert_used_count", "attention.sliding_window", "rope.scaling.factor", "rope.freq_base")
     assert [g.get(f"gpt-oss.{k}") for k in keys] == [32, 4, 128, 32.0, 150000.0]
