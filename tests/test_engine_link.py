@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -77,12 +78,17 @@ def test_refusals_through_the_link_keep_their_codes_and_fields():
             assert (health["running_jobs"], health["queue_depth"], health["status"]) == (0, 0, "healthy")
 
 
+def far_end_by_hand() -> tuple[Connection, RemoteEngine]:
+    """A RemoteEngine whose engine's end of the pipe the test plays itself (the first value)."""
+    here, there = multiprocessing.Pipe()
+    facts = {"max_tokens_in": 64, "max_tokens_out": 64, "max_queue": 1, "max_batch": 1}
+    return here, RemoteEngine(there, facts, tiny_model(1).tokenizer)
+
+
 def test_when_the_engines_process_goes_every_live_job_ends_and_calls_fail_clearly():
     """The far end is played by hand here: it takes one job, starts it, and goes away."""
-    here, there = multiprocessing.Pipe()
+    here, remote = far_end_by_hand()
     model = tiny_model(1)
-    facts = {"max_tokens_in": 64, "max_tokens_out": 64, "max_queue": 1, "max_batch": 1}
-    remote = RemoteEngine(there, facts, model.tokenizer)
     lost = threading.Event()
     remote.on_lost = lost.set
     remote.start()
@@ -109,9 +115,7 @@ def test_when_the_engines_process_goes_every_live_job_ends_and_calls_fail_clearl
 
 
 def test_a_cancel_ends_the_stream_when_it_returns_and_the_engines_late_events_are_dropped():
-    here, there = multiprocessing.Pipe()
-    facts = {"max_tokens_in": 64, "max_tokens_out": 64, "max_queue": 1, "max_batch": 1}
-    remote = RemoteEngine(there, facts, tiny_model(1).tokenizer)
+    here, remote = far_end_by_hand()
     remote.start()
     events: list[object] = []
     submitted = threading.Thread(target=remote.submit, args=(JobRequest("a", "hello"), events.append))
@@ -187,9 +191,7 @@ def test_when_the_engines_process_dies_the_http_process_ends_too():
 
 def test_a_job_cancelled_while_its_submit_is_on_the_way_is_cancelled_again_once_it_is_in():
     """The first cancel may reach the engine before the job does; the second cannot."""
-    here, there = multiprocessing.Pipe()
-    facts = {"max_tokens_in": 64, "max_tokens_out": 64, "max_queue": 1, "max_batch": 1}
-    remote = RemoteEngine(there, facts, tiny_model(1).tokenizer)
+    here, remote = far_end_by_hand()
     remote.start()
     events: list[object] = []
     submitted = threading.Thread(target=remote.submit, args=(JobRequest("a", "hello"), events.append))
