@@ -130,9 +130,9 @@ def test_a_cancel_ends_the_stream_when_it_returns_and_the_engines_late_events_ar
     assert here.recv() == (-1, "cancel", ("a",))  # the engine is told, and answers with its own events:
     late = [TokenEvent("a", "x", 0), ErrorEvent("a", ErrorCode.CANCELLED, "job a was cancelled", False)]
     here.send(("events", late, {"cpu_seconds": 0, "kv_pages_used": 0, "batch_sizes": []}))
-    here.send(("stop", "SIGTERM"))  # ordered after those events: once it is heard, they were handled
     heard = threading.Event()
     remote.on_stop = lambda reason: heard.set()
+    here.send(("stop", "SIGTERM"))  # ordered after those events: once it is heard, they were handled
     assert heard.wait(10)
     assert [type(e) for e in events] == [Started, ErrorEvent] and not remote.busy
     here.close()
