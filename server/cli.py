@@ -420,9 +420,9 @@ def run_http(
     config = http_config(create_app(service))
     server = _Server(config, service, lambda: _ready(args, service, f"http://{_url_host(host)}:{port}", started))
     server.own_signals = stop_requests is None
+    service.on_stopped = server.stop
     if stop_requests is not None:
         stop_requests(server)
-    service.on_stopped = server.stop
     service.start_monitor()
     server.run(sockets=[sock])
     if service.shutdown_reason is None:  # uvicorn stopped on its own
@@ -496,10 +496,15 @@ def http_process(
     _route_python_logging(narrator)
     tokenizer = worker.load_tokenizer(narrator.model_ref, args.tokenizer_json)
     engine = RemoteEngine(conn, facts, tokenizer)
+    early: list[str] = []  # requests to stop that came before the server existed (a SIGTERM during start-up)
+    engine.on_stop = early.append
+    engine.on_lost = lambda: early.append("the engine's process ended")
 
     def stop_requests(server: _Server) -> None:
         engine.on_stop = server.stop_for
         engine.on_lost = lambda: server.stop_for("the engine's process ended")
+        for reason in early:
+            server.stop_for(reason)
 
     engine.start()
     chat_template = load_chat_template(tokenizer, template, args.chat_template)

@@ -204,3 +204,22 @@ def test_a_job_cancelled_while_its_submit_is_on_the_way_is_cancelled_again_once_
     assert here.poll(10) and here.recv() == (-1, "cancel", ("a",))
     assert [type(e) for e in events] == [ErrorEvent] and not remote.busy
     here.close()
+
+
+def test_a_sigterm_while_the_http_process_starts_still_ends_both_with_exit_0():
+    """The stop request can reach the HTTP process before its server exists: it is kept until then."""
+    w = WorkerProcess(model_path(), "--http-process")
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # the moment the child exists, well before it is ready
+            assert time.monotonic() < deadline and w.proc.poll() is None, "\n".join(w.lines[-20:])
+            try:
+                http_child(w)
+                break
+            except (AssertionError, FileNotFoundError):
+                time.sleep(0.01)
+        assert w.stop() == 0
+        last = w.events()[-1]
+        assert last["event"] == "shutdown" and last["reason"] == "SIGTERM", last
+    finally:
+        w.stop()
