@@ -85,6 +85,14 @@ def far_end_by_hand() -> tuple[Connection, RemoteEngine]:
     return here, RemoteEngine(there, facts, tiny_model(1).tokenizer)
 
 
+def submitting(remote: RemoteEngine, req: JobRequest) -> tuple[list[object], threading.Thread]:
+    """`remote.submit(req)` on a thread of its own (it waits for the hand-played reply); the job's events."""
+    events: list[object] = []
+    submitted = threading.Thread(target=remote.submit, args=(req, events.append))
+    submitted.start()
+    return events, submitted
+
+
 def test_when_the_engines_process_goes_every_live_job_ends_and_calls_fail_clearly():
     """The far end is played by hand here: it takes one job, starts it, and goes away."""
     here, remote = far_end_by_hand()
@@ -92,9 +100,7 @@ def test_when_the_engines_process_goes_every_live_job_ends_and_calls_fail_clearl
     lost = threading.Event()
     remote.on_lost = lost.set
     remote.start()
-    events: list[object] = []
-    submitted = threading.Thread(target=remote.submit, args=(JobRequest("a", "hello", max_tokens=8), events.append))
-    submitted.start()
+    events, submitted = submitting(remote, JobRequest("a", "hello", max_tokens=8))
     call_id, name, (req,) = here.recv()
     assert name == "submit" and req.prompt_ids == tuple(model.tokenizer.encode("hello"))  # tokenized on this side
     here.send(("events", [Started("a", "m", "t", 1, 2), TokenEvent("a", "x", 0)], {"cpu_seconds": 0.5,
@@ -117,9 +123,7 @@ def test_when_the_engines_process_goes_every_live_job_ends_and_calls_fail_clearl
 def test_a_cancel_ends_the_stream_when_it_returns_and_the_engines_late_events_are_dropped():
     here, remote = far_end_by_hand()
     remote.start()
-    events: list[object] = []
-    submitted = threading.Thread(target=remote.submit, args=(JobRequest("a", "hello"), events.append))
-    submitted.start()
+    events, submitted = submitting(remote, JobRequest("a", "hello"))
     call_id, _, _ = here.recv()
     here.send(("events", [Started("a", "m", "t", 1, 2)], {"cpu_seconds": 0, "kv_pages_used": 1, "batch_sizes": []}))
     here.send(("reply", call_id, True, None))
@@ -193,9 +197,7 @@ def test_a_job_cancelled_while_its_submit_is_on_the_way_is_cancelled_again_once_
     """The first cancel may reach the engine before the job does; the second cannot."""
     here, remote = far_end_by_hand()
     remote.start()
-    events: list[object] = []
-    submitted = threading.Thread(target=remote.submit, args=(JobRequest("a", "hello"), events.append))
-    submitted.start()
+    events, submitted = submitting(remote, JobRequest("a", "hello"))
     call_id, name, _ = here.recv()
     assert name == "submit" and remote.cancel("a") is True
     assert here.recv() == (-1, "cancel", ("a",))
