@@ -44,6 +44,7 @@ class EngineHost:
         self._lock = threading.Lock()  # the outbox and the pipe's sending end
         self._outbox: list[Event] = []
         self._batch_sizes: list[int] = []
+        self._pages_sent = 0
         engine.after_pass = self.flush
         engine.on_decode(self._decoded)
 
@@ -60,11 +61,14 @@ class EngineHost:
             self._send_events()
 
     def _send_events(self) -> None:
-        """With the lock held."""
-        if not self._outbox and not self._batch_sizes:
+        """With the lock held. Also with no events when the KV pages in use changed: a cancelled job's pages are
+        freed a pass after its (already sent) terminal event, and the last job's must still reach /health."""
+        pages = self.engine.kv_pages_used
+        if not self._outbox and not self._batch_sizes and pages == self._pages_sent:
             return
-        state: dict[str, Any] = {"cpu_seconds": self.engine.cpu_seconds, "kv_pages_used": self.engine.kv_pages_used,
+        state: dict[str, Any] = {"cpu_seconds": self.engine.cpu_seconds, "kv_pages_used": pages,
                                  "batch_sizes": self._batch_sizes}  # fmt: skip
+        self._pages_sent = pages
         if any(isinstance(ev, End | ErrorEvent) for ev in self._outbox):  # a job's end: device bytes (/health)
             state["device_bytes"] = self.engine.device_bytes()
         self._send(("events", self._outbox, state))

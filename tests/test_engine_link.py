@@ -78,6 +78,17 @@ def test_refusals_through_the_link_keep_their_codes_and_fields():
             assert (health["running_jobs"], health["queue_depth"], health["status"]) == (0, 0, "healthy")
 
 
+def test_the_pages_of_a_cancelled_last_job_come_back_in_health():
+    """A cancelled job's pages are freed a pass after its terminal event; with no job left, no event follows."""
+    with tiny_service(max_batch=2, max_queue=2, link=True) as service, TestClient(create_app(service)) as client:
+        done = threading.Event()
+        threading.Thread(target=lambda: (stream(client, job_id="x", max_tokens=400), done.set())).start()
+        wait_until(lambda: "x" in service.engine.running and service.engine.kv_pages_used > 0)
+        assert client.post("/cancel", json={"job_id": "x"}).json()["cancelled"] is True
+        assert done.wait(30)
+        wait_until(lambda: client.get("/health").json()["kv_pages_used"] == 0, 10)
+
+
 def far_end_by_hand() -> tuple[Connection, RemoteEngine]:
     """A RemoteEngine whose engine's end of the pipe the test plays itself (the first value)."""
     here, there = multiprocessing.Pipe()
