@@ -122,9 +122,9 @@ def http_rounds(engine: Engine, args, path: str, split: bool = False) -> None:
     import uvicorn
 
     from bench import load
+    from bench.ttft import wait_ready
     from server.app import create_app
-    from server.cli import build_parser, http_config, http_process
-    from server.engine_link import EngineHost
+    from server.cli import build_parser, http_config, start_http_process
     from server.service import WorkerService
 
     sock = socket.socket()
@@ -132,14 +132,9 @@ def http_rounds(engine: Engine, args, path: str, split: bool = False) -> None:
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     ctx = multiprocessing.get_context("spawn")  # not fork: this process runs JAX's and uvicorn's threads
     if split:
-        here, there = ctx.Pipe()
-        host = EngineHost(engine, here)
         argv = ["--model", path, "--worker-id", "host-bench", "--gpu-device", "0", "--port", "1"]
-        child = ctx.Process(target=http_process, args=(build_parser().parse_args(argv), sock, there, engine.facts(),
-                                                       None, time.monotonic()))  # fmt: skip
-        child.start()
-        threading.Thread(target=host.serve, name="engine-link", daemon=True).start()
-        wait_healthy(url, 300)
+        host, child = start_http_process(build_parser().parse_args(argv), sock, engine, time.monotonic())
+        wait_ready(lambda: child.exitcode, url, time.monotonic() + 300, None)  # its output is this process's
         stop = lambda: (host.stop("bench done"), child.join(60))  # noqa: E731
     else:
         narrator = Narrator("host-bench", path, None, stream=io.StringIO())
@@ -170,20 +165,6 @@ def http_rounds(engine: Engine, args, path: str, split: bool = False) -> None:
                     flush=True,
                 )
     stop()
-
-
-def wait_healthy(url: str, timeout_s: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the HTTP process did not answer at {url} within {timeout_s:g} s")
 
 
 def span_walls(walls: dict[str, list], before: dict[str, tuple]) -> str:

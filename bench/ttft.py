@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -22,10 +23,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(proc: subprocess.Popen, url: str, deadline: float, log: Path) -> None:
+def wait_ready(exit_code: Callable[[], int | None], url: str, deadline: float, log: Path | None) -> None:
+    """Until /health answers 200; `exit_code`: the server process's, None while it runs (Popen.poll, or a
+    multiprocessing.Process's exitcode); `log`: its output, quoted in the error (None: it has none of its own)."""
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before ready: {tail(log)}")
+        if (code := exit_code()) is not None:
+            raise RuntimeError(f"server exited with {code} before ready: {tail(log)}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
@@ -35,7 +38,9 @@ def wait_ready(proc: subprocess.Popen, url: str, deadline: float, log: Path) -> 
     raise TimeoutError(f"server not ready in time: {tail(log)}")
 
 
-def tail(log: Path, n: int = 600) -> str:
+def tail(log: Path | None, n: int = 600) -> str:
+    if log is None:
+        return ""
     try:
         return log.read_text(errors="replace")[-n:].replace("\n", " | ")
     except OSError:
@@ -87,7 +92,7 @@ def start_server(
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_ready(proc, url, start + ready_timeout, log)
+        wait_ready(proc.poll, url, start + ready_timeout, log)
     except BaseException:
         stop(proc, url)
         raise

@@ -28,7 +28,9 @@ from worker.errors import WorkerError
 from worker.narration import Narrator
 
 if TYPE_CHECKING:
-    from server.engine_link import RemoteEngine
+    import multiprocessing.process
+
+    from server.engine_link import EngineHost, RemoteEngine
     from worker.chat import ChatTemplate
     from worker.engine import Engine
 
@@ -438,6 +440,32 @@ def serve_split(
     """`--http-process`: the HTTP server in a child process (`http_process`), this process's engine serving it over
     a pipe (server/engine_link.py). Signals still come here: they are passed on as a request to stop. Exits when
     the child does: 0 after its graceful shutdown."""
+    signals: list[str] = []  # passed on by the loop below: a handler must not take the pipe's lock
+
+    def on_signal(sig: int, _frame: Any) -> None:
+        signals.append(signal.Signals(sig).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    host, child = start_http_process(args, sock, engine, started)
+    while child.is_alive():
+        child.join(0.05)
+        while signals:
+            host.stop(signals.pop(0))
+    if child.exitcode != 0:
+        narrator.emit("error", level="error", code="INTERNAL", message=f"the HTTP process exited with {child.exitcode}")
+    engine.shutdown(args.shutdown_deadline)  # already done after a graceful shutdown
+    if engine.busy:  # stuck where it cannot see its cancel flag: see serve
+        os._exit(0 if child.exitcode == 0 else 1)
+    _free(engine)
+    return 0 if child.exitcode == 0 else 1
+
+
+def start_http_process(
+    args: argparse.Namespace, sock: socket.socket, engine: Engine, started: float
+) -> tuple[EngineHost, multiprocessing.process.BaseProcess]:
+    """Spawn `http_process` on `sock` (this process's copy is closed), `engine` behind an EngineHost that answers it
+    on a thread of its own."""
     import multiprocessing
 
     from server.engine_link import EngineHost
@@ -451,29 +479,11 @@ def serve_split(
         args=(args, sock, there, engine.facts(), template if isinstance(template, str) else None, started),
         name=f"{PROG}-http",
     )
-
-    signals: list[str] = []  # passed on by the loop below: a handler must not take the pipe's lock
-
-    def on_signal(sig: int, _frame: Any) -> None:
-        signals.append(signal.Signals(sig).name)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
     child.start()
     there.close()
     sock.close()
     threading.Thread(target=host.serve, name="engine-link", daemon=True).start()
-    while child.is_alive():
-        child.join(0.05)
-        while signals:
-            host.stop(signals.pop(0))
-    if child.exitcode != 0:
-        narrator.emit("error", level="error", code="INTERNAL", message=f"the HTTP process exited with {child.exitcode}")
-    engine.shutdown(args.shutdown_deadline)  # already done after a graceful shutdown
-    if engine.busy:  # stuck where it cannot see its cancel flag: see serve
-        os._exit(0 if child.exitcode == 0 else 1)
-    _free(engine)
-    return 0 if child.exitcode == 0 else 1
+    return host, child
 
 
 def http_process(
