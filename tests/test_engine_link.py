@@ -19,6 +19,7 @@ from litestar.testing import TestClient
 
 from server.app import create_app
 from server.engine_link import RemoteEngine
+from server.service import WorkerService
 from tests.tiny_worker import model_path, tiny_model, tiny_service, wait_until
 from tests.worker_process import WorkerProcess, assert_log_sequence, read_sse
 from worker.engine import ErrorEvent, JobRequest, Started, TokenEvent
@@ -58,24 +59,40 @@ def test_a_seeded_job_through_the_link_streams_what_the_engine_streams_in_proces
 
 
 def test_refusals_through_the_link_keep_their_codes_and_fields():
-    with tiny_service(max_batch=1, max_queue=0, max_tokens_out=64, link=True) as service:
+    with tiny_service(max_batch=1, max_queue=0, max_tokens_out=LONG_TOKENS, link=True) as service:
         client = TestClient(create_app(service))
         with client:
-            r = client.post("/execute", json={"job_id": "big", "prompt": "hi", "max_tokens": 65})
+            r = client.post("/execute", json={"job_id": "big", "prompt": "hi", "max_tokens": LONG_TOKENS + 1})
             assert r.status_code == 400 and (r.json()["code"], r.json()["field"]) == ("INVALID_REQUEST", "max_tokens")
-            done = threading.Event()
-            threading.Thread(target=lambda: (stream(client, job_id="long", max_tokens=64), done.set())).start()
-            wait_until(lambda: "long" in service.engine.running)
-            r = client.post("/execute", json={"job_id": "long", "prompt": "hi", "max_tokens": 8})
-            assert r.status_code == 400 and r.json()["field"] == "job_id"
-            r = client.post("/execute", json={"job_id": "more", "prompt": "hi", "max_tokens": 8})
-            assert r.status_code == 503 and r.json()["code"] == "QUEUE_FULL"
-            assert client.post("/cancel", json={"job_id": "long"}).json()["cancelled"] is True
-            assert client.post("/cancel", json={"job_id": "long"}).json()["cancelled"] is False
-            assert done.wait(60)
+            # the refusals need the long job still running; on a fast machine it may end first: try again
+            assert any(refusals_while_a_job_runs(client, service, f"long{n}") for n in range(3))
             wait_until(lambda: not service.engine.busy)
             health = client.get("/health").json()
             assert (health["running_jobs"], health["queue_depth"], health["status"]) == (0, 0, "healthy")
+
+
+LONG_TOKENS = 440  # the tiny model's 512 slots less the prompt
+
+
+def refusals_while_a_job_runs(client: TestClient, service: WorkerService, job_id: str) -> bool:
+    """False when the running job ended before its refusals could be seen."""
+    done = threading.Event()
+    long = {"job_id": job_id, "max_tokens": LONG_TOKENS, "temperature": 1.0, "seed": 11}
+    threading.Thread(target=lambda: (stream(client, **long), done.set())).start()
+    wait_until(lambda: job_id in service.engine.running or done.is_set())
+    r = client.post("/execute", json={"job_id": job_id, "prompt": "hi", "max_tokens": 8})
+    if r.status_code == 200:
+        return not done.wait(60)
+    assert r.status_code == 400 and r.json()["field"] == "job_id"
+    r = client.post("/execute", json={"job_id": f"{job_id}-more", "prompt": "hi", "max_tokens": 8})
+    if r.status_code == 200:
+        return not done.wait(60)
+    assert r.status_code == 503 and r.json()["code"] == "QUEUE_FULL"
+    if client.post("/cancel", json={"job_id": job_id}).json()["cancelled"] is not True:
+        return not done.wait(60)
+    assert client.post("/cancel", json={"job_id": job_id}).json()["cancelled"] is False
+    assert done.wait(60)
+    return True
 
 
 def test_the_pages_of_a_cancelled_last_job_come_back_in_health():
