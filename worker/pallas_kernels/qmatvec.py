@@ -355,7 +355,11 @@ def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks:
         return acc
 
     acc = jax.lax.fori_loop(0, p.steps, step, jnp.zeros((bm, bn), jnp.float32))
-    o_ref[split, pl.ds(r0, bm), pl.ds(row0, bn)] = acc
+    out = o_ref.at[split, pl.ds(r0, bm), pl.ds(row0, bn)]
+    if x_ok is None:
+        out[...] = acc
+    else:  # the output holds x's rows only (`_call`): a row tile's rows past them are not stored
+        plgpu.store(out, acc, mask=jax.lax.broadcast_in_dim(x_ok, (bm, bn), (0,)))
 
 
 def _mask(shape: tuple[int, ...], along0: jax.Array | None, along1: jax.Array | None) -> jax.Array | None:
@@ -416,7 +420,10 @@ def _call(
     common = dict(fmt=fmt, names=names, n=n, blocks=k // fmt.sb, p=p)
     scale = None
     if tensor_cores:
-        padded = pl.cdiv(t, row_tile) * row_tile  # the output's rows; x keeps its own (masked in the kernel)
+        # x and the output keep their own rows: a row tile's rows past them are masked loads of zeros and masked
+        # stores. Why not pad the output to whole row tiles: a decode step of two rows would then write and fold
+        # 64 rows of split-K partials a matvec, for phi3-mini a third again of the bytes its weights take.
+        out_rows = t
         if interpret:  # the CPU: float32 operands and sums
             xp, precision = x_parts(x, w.qtype, jnp.float32), jax.lax.Precision.HIGHEST  # [P, T, K / P]
         else:  # float16 operands (10-bit mantissas, as TF32's, at twice TF32's tensor-core rate), float32 sums
@@ -424,18 +431,18 @@ def _call(
             xp, precision = x_parts(x / scale, w.qtype, jnp.float16), None
         t_size = math.prod(parts_layout(w.qtype)[1])
         kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, bm=row_tile, precision=precision)
-        grid, args = (padded // row_tile, n_blocks, p.splits), (xp, *planes)
+        grid, args = (pl.cdiv(t, row_tile), n_blocks, p.splits), (xp, *planes)
     else:
         group = 1 if ids is not None else min(t, MAX_ROWS)
-        padded = pl.cdiv(t, group) * group
-        xv = jnp.pad(x.astype(jnp.float32), ((0, padded - t), (0, 0))).reshape(padded, k // fmt.sb, *fmt.x_inner)
+        out_rows = pl.cdiv(t, group) * group
+        xv = jnp.pad(x.astype(jnp.float32), ((0, out_rows - t), (0, 0))).reshape(out_rows, k // fmt.sb, *fmt.x_inner)
         kernel = functools.partial(_kernel, **common, rows=group, gathered=ids is not None)
-        grid, args = (padded // group, n_blocks, p.splits), (*([] if ids is None else [ids]), xv, *planes)
+        grid, args = (out_rows // group, n_blocks, p.splits), (*([] if ids is None else [ids]), xv, *planes)
     # The row tiles (gathered: the rows) vary fastest, so the programs that read one weight tile run together and
     # share it through L2.
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((p.splits, padded, n_blocks * p.block_n), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((p.splits, out_rows, n_blocks * p.block_n), jnp.float32),
         grid=grid,
         compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=interpret,
