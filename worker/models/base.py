@@ -231,10 +231,10 @@ jax.tree_util.register_dataclass(Fused, data_fields=["weight"], meta_fields=["na
 
 def fuse_projections(weights: dict) -> dict:
     """Each layer's projections of PROJECTION_GROUPS that share a block format (and K) stacked into one weight,
-    under the key "<name>+<name>..." (a `Fused`); the parts' planes are freed. A row's result is the same sums
-    over K as before, in a plan of the fused shape (qmatvec.plan: a function of the shape, so batch invariance
-    holds). Biases stay apart (`projections` adds them after the split). Not under tensor parallelism, whose
-    shards follow each tensor's own rows (worker/sharding.py)."""
+    under the key "<name>+<name>..." (a `Fused`); the parts' planes are freed. A row's products follow the fused
+    shape's plan (qmatvec.plan: a function of the shape, so batch invariance holds; its split of K may differ
+    from a part's own, and so may the bits). Biases stay apart (`projections` adds them after the split). Not
+    under tensor parallelism, whose shards follow each tensor's own rows (worker/sharding.py)."""
     for lw in weights["layers"]:
         for group in PROJECTION_GROUPS:
             by_format: dict[tuple, list[str]] = {}
