@@ -359,7 +359,7 @@ def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks:
     if x_ok is None:
         out[...] = acc
     else:  # the output holds x's rows only (`_call`): a row tile's rows past them are not stored
-        plgpu.store(out, acc, mask=jax.lax.broadcast_in_dim(x_ok, (bm, bn), (0,)))
+        plgpu.store(out, acc, mask=_mask((bm, bn), x_ok, None))
 
 
 def _mask(shape: tuple[int, ...], along0: jax.Array | None, along1: jax.Array | None) -> jax.Array | None:
