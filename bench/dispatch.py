@@ -235,21 +235,29 @@ def context_ids(m: worker.Model, context: int | None) -> list[int]:
 
 
 def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int, trace: str | None,
-             groups: list[int] | None = None, contexts: list[int] | None = None) -> dict:  # fmt: skip
+             groups: list[int] | None = None, contexts: list[int] | None = None, max_batch: int | None = None,
+             sweep_only: bool = False) -> dict:  # fmt: skip
     """--rows: the compile of the largest row bucket (lowering and XLA's compile apart), then the sweep (at each of
     `contexts` if given: the first one's is `rows`, the others' `rows_at_context`), the queued dispatches, and the
-    prefill groups."""
+    prefill groups; `sweep_only`: the sweep alone. `max_batch` (default the most rows) picks the decode kernels, as
+    the server's --max-batch does: per-row up to qmatvec.MAX_ROWS, tensor cores above."""
     t0 = time.perf_counter()
-    m = worker.load(path, device=device, max_batch=max(counts))
+    m = worker.load(path, device=device, max_batch=max_batch or max(counts))
+    fused = any("+" in name for name in m.runner.weights["layers"][0])  # worker.models.base.fuse_projections
     result: dict = {"model": path, "device": str(m.device), "load_s": time.perf_counter() - t0, "steps": steps,
+                    "decode_kernels": m.cfg.decode_kernels, "fused": fused,
                     "row_tile": qmatvec.ROW_TILE, "prefill_tiles": qmatvec.PREFILL_TILES,
                     "moe_prefill_tiles": moe_matmul.PREFILL_TILES}  # fmt: skip
-    result["compile"] = compile_times(m, m.runner.row_bucket(max(counts)), steps)
-    print(json.dumps(result["compile"]), flush=True)
+    print(f"{result['decode_kernels']} kernels, projections {'fused' if result['fused'] else 'apart'}", flush=True)
+    if not sweep_only:
+        result["compile"] = compile_times(m, m.runner.row_bucket(max(counts)), steps)
+        print(json.dumps(result["compile"]), flush=True)
     contexts = contexts or [None]
     ids = context_ids(m, contexts[0])
     print(f"context {len(ids)}", flush=True)
     result["rows"] = rows_sweep(m, ids, counts, steps, repeats, trace)
+    if sweep_only:
+        return result
     result["rows_at_context"] = {}
     for c in contexts[1:]:
         print(f"context {c}", flush=True)
@@ -276,6 +284,10 @@ def main() -> None:
     ap.add_argument("--context", default=None, help="with --rows: comma-separated prompt lengths of the rows (default: "
                     "a short prompt's); each gets its sweep")  # fmt: skip
     ap.add_argument("--row-tile", type=int, default=None, help="rows of x per dense matvec program (a sweep)")
+    ap.add_argument("--max-batch", type=int, default=None, help="with --rows: the load's max_batch, which picks the "
+                    "decode kernels (default: the most rows)")  # fmt: skip
+    ap.add_argument("--sweep-only", action="store_true", help="with --rows: the rows' dispatches alone (no compile "
+                    "timing, queued dispatches or prefill groups)")  # fmt: skip
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     path = args.model or str(worker.default_model_path())
@@ -285,7 +297,8 @@ def main() -> None:
         counts = [int(n) for n in args.rows.split(",")]
         groups = [int(g) for g in args.prefill_groups.split(",")] if args.prefill_groups else None
         contexts = [int(c) for c in args.context.split(",")] if args.context else None
-        result = run_rows(path, args.device, counts, args.steps, args.repeats, args.trace, groups, contexts)
+        result = run_rows(path, args.device, counts, args.steps, args.repeats, args.trace, groups, contexts,
+                          args.max_batch, args.sweep_only)  # fmt: skip
     else:
         result = run(path, args.device, args.repeats, args.trace)
     text = json.dumps(result, indent=1)

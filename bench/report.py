@@ -76,6 +76,27 @@ def peer_flags(peer: dict) -> str:
     return " ".join(args)
 
 
+def steps_lines(results: list[dict]) -> list[str]:
+    """The batch-1 decode rate at each steps-a-dispatch count, a table row per model (where the bench swept it)."""
+    sweeps = {r["label"]: w["decode_tok_s_by_steps"] for r in results if (w := r.get("worker") or {}).get(
+        "decode_tok_s_by_steps")}  # fmt: skip
+    if not sweeps:
+        return []
+    counts = sorted({int(c) for s in sweeps.values() for c in s})
+    lines = [
+        "",
+        "Batch-1 decode tok/s by steps a dispatch (the worker's own count: decode_steps_per_dispatch in summary.json):",
+        "",
+        "| model | " + " | ".join(f"{c} steps" for c in counts) + " | 8 vs 64 |",
+        "|---" * (len(counts) + 2) + "|",
+    ]
+    for label, s in sweeps.items():
+        s = {int(c): v for c, v in s.items()}  # JSON keys are strings
+        edge = f"{s[8] / s[64]:.2f}×" if 8 in s and 64 in s else "—"
+        lines.append(f"| {label} | " + " | ".join(_num(s.get(c)) for c in counts) + f" | {edge} |")
+    return lines
+
+
 def errors(result: dict) -> list[str]:
     return [f"- {result['label']}: {part}: {msg}" for part, msg in (result.get("errors") or {}).items()]
 
@@ -96,6 +117,7 @@ def markdown(results: list[dict]) -> str:
     lines = [device_line(results), "", HEADER]
     for res in results:
         lines += rows(res)
+    lines += steps_lines(results)
     peers = {(p["build_commit"], peer_flags(p)) for r in results if (p := r.get("llamacpp"))}
     for commit, flags in sorted(peers):
         lines += ["", f"llama.cpp commit {commit}: `llama-bench {flags}`."]

@@ -63,6 +63,20 @@ def time_decode(m, ids: list[int], n_tokens: int) -> tuple[float, float]:
     return stamps[0] - start, stamps[-1] - stamps[0]
 
 
+def steps_sweep(m, ids: list[int], n_tokens: int, counts: list[int], repeats: int) -> dict[int, float]:
+    """Batch-1 decode tok/s at each steps-a-dispatch count (issue 15: the count should barely matter, so that
+    cancel stays well inside its bound without costing speed); the model's own count is restored after."""
+    own, out = m.batch.steps, {}
+    try:
+        for steps in counts:
+            m.batch.steps = steps
+            time_decode(m, ids, n_tokens)  # compiles this count's dispatch
+            out[steps] = n_tokens / statistics.median(time_decode(m, ids, n_tokens)[1] for _ in range(repeats))
+    finally:
+        m.batch.steps = own
+    return out
+
+
 def copy_bandwidth(device: jax.Device, nbytes: int, repeats: int = 10, inner: int = 10) -> float:
     """Bytes per second (read + written) of an elementwise pass over a float32 buffer of `nbytes` on `device`:
     the practical ceiling for any memory-bound kernel there. Two buffers alternate and each timing covers
@@ -145,8 +159,8 @@ class LoadMemory:
         self.events += 1
 
 
-def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats: int, tensor_parallel: int = 1
-        ) -> dict:  # fmt: skip
+def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats: int, tensor_parallel: int = 1,
+        sweep: list[int] = ()) -> dict:  # fmt: skip
     start = time.perf_counter()
     memory = LoadMemory()
     m = worker.load(model, device=device, on_progress=memory, tensor_parallel=tensor_parallel)
@@ -166,7 +180,8 @@ def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats
 
     prefill = time_prefill(m, long, repeats)
     decode = [time_decode(m, short, decode_tokens) for _ in range(repeats)]
-    peak, peak_kind = peak_memory(m)
+    peak, peak_kind = peak_memory(m)  # before the sweep's compiles
+    by_steps = steps_sweep(m, short, decode_tokens, sweep, repeats)
     on_cpu = m.device.platform == "cpu"
     bandwidths = {"jax_elementwise": copy_bandwidth(m.device, (256 << 20) if on_cpu else (1 << 30))}
     if on_cpu:
@@ -200,6 +215,7 @@ def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats
         "decode_s": [d for _, d in decode],
         "decode_tok_s": decode_tok_s,
         "decode_steps_per_dispatch": m.decode_steps,
+        "decode_tok_s_by_steps": by_steps,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "weight_bytes": m.weight_bytes(),
@@ -223,8 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tensor-parallel", type=int, default=1, help="split the model over this many devices")
+    ap.add_argument("--steps-sweep", default=None, help="comma-separated steps-a-dispatch counts to time decode at "
+                    "as well (default on a GPU 8,16,32,64; none on the CPU, whose dispatch is one step)")  # fmt: skip
     args = ap.parse_args(argv)
-    result = run(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeats, args.tensor_parallel)
+    sweep = args.steps_sweep if args.steps_sweep is not None else "8,16,32,64" if args.device == "gpu" else ""
+    counts = [int(s) for s in sweep.split(",") if s]
+    result = run(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeats, args.tensor_parallel,
+                 counts)  # fmt: skip
     args.json.write_text(json.dumps(result, indent=1))
     print(
         f"worker {Path(args.model).name} on {result['device']['kind']}: decode {result['decode_tok_s']:.1f} tok/s, "

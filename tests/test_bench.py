@@ -158,6 +158,15 @@ def test_report_gives_ratios_and_floor_fractions():
     assert "llama.cpp commit 0c1e57098: `llama-bench -p 512 -n 128 -fa 1 -o json -ngl 99`." in text
 
 
+def test_report_tables_the_steps_sweep_from_its_json_keys():
+    res = result(200.0, 3000.0, None)
+    res["worker"]["decode_tok_s_by_steps"] = {"8": 180.0, "16": 190.0, "64": 200.0}  # as read back from JSON
+    lines = report.markdown([res]).splitlines()
+    assert "| model | 8 steps | 16 steps | 64 steps | 8 vs 64 |" in lines
+    assert "| m | 180.0 | 190.0 | 200.0 | 0.90× |" in lines
+    assert not report.steps_lines([result(200.0, 3000.0, None)])  # no sweep, no table
+
+
 def test_report_without_the_peer_lists_the_failure():
     res = result(200.0, 3000.0, None) | {"errors": {"llamacpp": "FileNotFoundError: llama-bench"}}
     assert report.ratios(res) == {"decode": None, "prefill": None}
@@ -170,8 +179,11 @@ def test_report_without_the_peer_lists_the_failure():
 def test_worker_bench_on_a_tiny_model():
     from bench import worker_bench
 
-    got = worker_bench.run(str(model("qwen2", "q4_k_m")), "cpu", prompt_tokens=32, decode_tokens=8, repeats=2)
+    got = worker_bench.run(str(model("qwen2", "q4_k_m")), "cpu", prompt_tokens=32, decode_tokens=8, repeats=2,
+                           sweep=[1, 2])  # fmt: skip
     assert len(got["decode_s"]) == 2 and min(got["decode_s"]) > 0
+    assert set(got["decode_tok_s_by_steps"]) == {1, 2} and min(got["decode_tok_s_by_steps"].values()) > 0
+    assert got["decode_steps_per_dispatch"] == 1  # the CPU's own count, restored after the sweep
     assert got["decode_tok_s"] == pytest.approx(8 / statistics.median(got["decode_s"]))
     assert got["prefill_tok_s"] > 0 and len(got["prefill_s"]) == 2
     assert got["peak_memory_bytes"] >= got["weight_bytes"] > 0

@@ -17,6 +17,10 @@
 #                      12,256: a sweep at each); profiler traces of the most rows' dispatch (at each context) and
 #                      of the largest prefill group (trace-M.json.gz, trace-M-prefill.json.gz in the call's logs
 #                      tarball), summed by kernel (bench.trace) in the stage's log
+#           ab:M       the decode step of model M at ROWS rows (default 1,2: one stream's bucket) four ways, a process
+#                      each: projections fused and apart (WORKER_FUSE_PROJECTIONS) x tensor-core and per-row kernels
+#                      (--max-batch 64 and 2); a profiler trace of the first (the server's default), summed by kernel
+#                      in the stage's log; budget AB_SECONDS (default 300)
 #           kbench     python -m bench.kernels $KBENCH_ARGS (default "--rows 0 --prefill 4096 --sweep": the prefill
 #                      tiles); budget KBENCH_SECONDS (default 240)
 #           host       python -m bench.host on this machine's CPU (the engine, then HTTP, at 256 streams of a model that
@@ -32,7 +36,9 @@
 #                      tests/test_sampling.py (e.g. rows_filter); budget INVARIANCE_SECONDS (default 180)
 #           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made);
 #                      synth:M only model M
-#           tests      just test-gpu
+#           tests      just test-gpu; TESTS_WORKERS=N runs the files on N processes side by side on the one GPU
+#                      (pytest-xdist, --dist loadfile; the compiles are the host's, 16 cores), then the test that fills
+#                      the device alone after them
 #           prep       info and env, then the build beside synth followed by tests (the tests need no llama-bench,
 #                      and a build is no time to benchmark)
 #           bench:M    python -m bench on model M (gemma3-270m, qwen2.5-0.5b, phi3-mini, gpt-oss-20b), both engines;
@@ -118,11 +124,13 @@ do_synth() {
 
 do_tests() {
     # `just test-gpu` where just is installed (rust-just among the carried wheels); else that recipe's command.
-    if bash tools/gpu-env.sh sh -c 'command -v just' > /dev/null; then
-        bash tools/gpu-env.sh just test-gpu -p no:cacheprovider
-    else
-        py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider --ignore=tests/test_fuzz.py
-    fi
+    local run=(py -m pytest -v -rA -m gpu -o addopts="" --ignore=tests/test_fuzz.py)
+    bash tools/gpu-env.sh sh -c 'command -v just' > /dev/null && run=(bash tools/gpu-env.sh just test-gpu)
+    [ "${TESTS_WORKERS:-1}" -gt 1 ] || { "${run[@]}" -p no:cacheprovider; return; }
+    local rc=0  # the OOM test fills the device: not beside other tests
+    "${run[@]}" -p no:cacheprovider -n "$TESTS_WORKERS" --dist loadfile -k "not vram_oom" || rc=1
+    "${run[@]}" -p no:cacheprovider -k vram_oom || rc=1
+    return $rc
 }
 
 do_kernels() {
@@ -154,6 +162,25 @@ do_rows() {  # in a folder of its own: bench.report reads every JSON directly in
         f=$(newest_trace "$t")
         [ -n "$f" ] && { echo "== $(basename "$t")"; py -m bench.trace "$f"; }
     done
+    return $rc
+}
+
+do_ab() {
+    local like=$1 rc=0 mb fuse trace f
+    mkdir -p "$results/rows"
+    for mb in 64 2; do
+        for fuse in 1 0; do
+            echo "== $like: max_batch $mb, WORKER_FUSE_PROJECTIONS=$fuse"
+            trace=()
+            [ "$mb$fuse" = 641 ] && trace=(--trace "$results/rows/trace-$like-ab")
+            WORKER_FUSE_PROJECTIONS=$fuse py -m bench.dispatch --model "$(model_path "$like")" --rows "${ROWS:-1,2}" \
+                --device "${BENCH_DEVICE:-gpu}" --steps 16 --max-batch $mb --sweep-only "${trace[@]}" \
+                --json "$results/rows/ab-$like-b$mb-f$fuse.json" |
+                grep -v '^[ {}"]' || rc=1
+        done
+    done
+    f=$(newest_trace "$results/rows/trace-$like-ab")
+    [ -n "$f" ] && { echo "== trace, max_batch 64, fused"; py -m bench.trace "$f"; }
     return $rc
 }
 
@@ -283,6 +310,7 @@ for s in "$@"; do
         invariance) stage invariance "${INVARIANCE_SECONDS:-180}" do_invariance ;;
         kbench) stage kbench "${KBENCH_SECONDS:-240}" do_kbench ;;
         attn) stage attn "${ATTN_SECONDS:-240}" do_attn ;;
+        ab:*) stage "ab-${s#ab:}" "${AB_SECONDS:-300}" do_ab "${s#ab:}" ;;
         host) stage host "${HOST_SECONDS:-150}" do_host ;;
         host-real:*) stage "host-real-${s#host-real:}" "${HOST_SECONDS:-300}" do_host_real "${s#host-real:}" ;;
         synth) stage synth 300 do_synth ;;
