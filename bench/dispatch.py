@@ -243,12 +243,11 @@ def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int
     the server's --max-batch does: per-row up to qmatvec.MAX_ROWS, tensor cores above."""
     t0 = time.perf_counter()
     m = worker.load(path, device=device, max_batch=max_batch or max(counts))
-    fused = any("+" in name for name in m.runner.weights["layers"][0])  # worker.models.base.fuse_projections
     result: dict = {"model": path, "device": str(m.device), "load_s": time.perf_counter() - t0, "steps": steps,
-                    "decode_kernels": m.cfg.decode_kernels, "fused": fused,
+                    "decode_kernels": m.cfg.decode_kernels,
                     "row_tile": qmatvec.ROW_TILE, "prefill_tiles": qmatvec.PREFILL_TILES,
                     "moe_prefill_tiles": moe_matmul.PREFILL_TILES}  # fmt: skip
-    print(f"{result['decode_kernels']} kernels, projections {'fused' if result['fused'] else 'apart'}", flush=True)
+    print(f"{result['decode_kernels']} kernels", flush=True)
     if not sweep_only:
         result["compile"] = compile_times(m, m.runner.row_bucket(max(counts)), steps)
         print(json.dumps(result["compile"]), flush=True)

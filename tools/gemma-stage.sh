@@ -6,7 +6,7 @@
 #   there: tools/gemma-stage.sh status     -> which chunks have arrived (the command of each staging call)
 #   there: tools/gemma-stage.sh unpack     -> .gemma/wheels/*.whl, checked against MANIFEST;
 #                                             tools/gpu-env.sh then installs them with the .whl/ wheels
-# Env: CHUNK_MB (default 58: a chunk plus the checkout stays under 64 MiB when shared/ is not in the checkout).
+# Env: CHUNK_MB (default 50: a chunk plus the checkout, 7 MB, stays under 64 MiB when shared/ is not in the checkout).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +19,7 @@ pack() {
     mkdir -p "$dir/src"
     python3 -m pip download -q --no-deps --only-binary=:all: -d "$dir/src" "${packages[@]/%/==$version}"
     rm -f "$dir"/chunk.*
-    tar -C "$dir/src" -cf - . | split -b "${CHUNK_MB:-58}M" -d -a 1 - "$dir/chunk."
+    tar -C "$dir/src" -cf - . | split -b "${CHUNK_MB:-50}M" -d -a 1 - "$dir/chunk."
     (cd "$dir" && sha256sum chunk.* > MANIFEST && cat chunk.* | sha256sum | sed 's/-$/whole/' >> MANIFEST)
     ls -l "$dir"/chunk.* && echo "carry one chunk per call, with .gemma/MANIFEST: see bench/README.md"
 }

@@ -17,10 +17,9 @@
 #                      12,256: a sweep at each); profiler traces of the most rows' dispatch (at each context) and
 #                      of the largest prefill group (trace-M.json.gz, trace-M-prefill.json.gz in the call's logs
 #                      tarball), summed by kernel (bench.trace) in the stage's log
-#           ab:M       the decode step of model M at ROWS rows (default 1,2: one stream's bucket) four ways, a process
-#                      each: projections fused and apart (WORKER_FUSE_PROJECTIONS) x tensor-core and per-row kernels
-#                      (--max-batch 64 and 2); a profiler trace of the first (the server's default), summed by kernel
-#                      in the stage's log; budget AB_SECONDS (default 300)
+#           ab:M       the decode step of model M at ROWS rows (default 1,2: one stream's bucket) on the tensor-core
+#                      and on the per-row kernels (--max-batch 64 and 2), a process each; a profiler trace of the first
+#                      (the server's default), summed by kernel in the stage's log; budget AB_SECONDS (default 200)
 #           kbench     python -m bench.kernels $KBENCH_ARGS (default "--rows 0 --prefill 4096 --sweep": the prefill
 #                      tiles); budget KBENCH_SECONDS (default 240)
 #           host       python -m bench.host on this machine's CPU (the engine, then HTTP, at 256 streams of a model that
@@ -166,21 +165,18 @@ do_rows() {  # in a folder of its own: bench.report reads every JSON directly in
 }
 
 do_ab() {
-    local like=$1 rc=0 mb fuse trace f
+    local like=$1 rc=0 mb trace f
     mkdir -p "$results/rows"
     for mb in 64 2; do
-        for fuse in 1 0; do
-            echo "== $like: max_batch $mb, WORKER_FUSE_PROJECTIONS=$fuse"
-            trace=()
-            [ "$mb$fuse" = 641 ] && trace=(--trace "$results/rows/trace-$like-ab")
-            WORKER_FUSE_PROJECTIONS=$fuse py -m bench.dispatch --model "$(model_path "$like")" --rows "${ROWS:-1,2}" \
-                --device "${BENCH_DEVICE:-gpu}" --steps 16 --max-batch $mb --sweep-only "${trace[@]}" \
-                --json "$results/rows/ab-$like-b$mb-f$fuse.json" |
-                grep -v '^[ {}"]' || rc=1
-        done
+        echo "== $like: max_batch $mb"
+        trace=()
+        [ "$mb" = 64 ] && trace=(--trace "$results/rows/trace-$like-ab")
+        py -m bench.dispatch --model "$(model_path "$like")" --rows "${ROWS:-1,2}" --device "${BENCH_DEVICE:-gpu}" \
+            --steps 16 --max-batch $mb --sweep-only "${trace[@]}" --json "$results/rows/ab-$like-b$mb.json" |
+            grep -v '^[ {}"]' || rc=1
     done
     f=$(newest_trace "$results/rows/trace-$like-ab")
-    [ -n "$f" ] && { echo "== trace, max_batch 64, fused"; py -m bench.trace "$f"; }
+    [ -n "$f" ] && { echo "== trace, max_batch 64"; py -m bench.trace "$f"; }
     return $rc
 }
 
@@ -310,7 +306,7 @@ for s in "$@"; do
         invariance) stage invariance "${INVARIANCE_SECONDS:-180}" do_invariance ;;
         kbench) stage kbench "${KBENCH_SECONDS:-240}" do_kbench ;;
         attn) stage attn "${ATTN_SECONDS:-240}" do_attn ;;
-        ab:*) stage "ab-${s#ab:}" "${AB_SECONDS:-300}" do_ab "${s#ab:}" ;;
+        ab:*) stage "ab-${s#ab:}" "${AB_SECONDS:-200}" do_ab "${s#ab:}" ;;
         host) stage host "${HOST_SECONDS:-150}" do_host ;;
         host-real:*) stage "host-real-${s#host-real:}" "${HOST_SECONDS:-300}" do_host_real "${s#host-real:}" ;;
         synth) stage synth 300 do_synth ;;

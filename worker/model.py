@@ -4,7 +4,6 @@ The Python API (`worker.load`) and the engine build on this."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,7 @@ from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, open_gguf
 from worker.kv_cache import bytes_per_slot, dtype_for, pages_for
 from worker.models import adapter_for
-from worker.models.base import fuse_projections, load_weights
+from worker.models.base import load_weights
 from worker.pallas_kernels import qmatvec
 from worker.quant import QuantArray, cpu_layout, quant_kind, widened
 from worker.runner import Runner
@@ -460,11 +459,6 @@ def load_model(
         building = pool.submit(load_tokenizer, gf if tokenizer_json is None else gf.path, tokenizer_json)
         place = sharding.placer(cfg, mesh) if mesh is not None else None
         weights = load_weights(gf, table, lambda a: jax.device_put(a, dev), progress, place)
-        if backend != "cpu" and mesh is None and os.environ.get("WORKER_FUSE_PROJECTIONS", "1") != "0":
-            # The kernel backends only: on the CPU, Gemma 3 270M's 18 layers took 11% longer fused (40 -> 44.5
-            # ms a token, bench.cpu_step), its int8 matmuls gaining nothing from fewer, larger products.
-            # WORKER_FUSE_PROJECTIONS=0: unfused, to measure one against the other (docs/kernels.md).
-            weights = fuse_projections(weights)
         if backend == "cpu":  # the layout XLA's CPU backend computes with well (quant.Int8Blocks); the gpu and
             weights = cpu_layout(weights)  # interpret backends' kernels read the block planes
         if copies:

@@ -5,8 +5,7 @@ description of a layer's weights, the one walk from GGUF tensor names to the wei
 A layer's weights are a dict keyed by the GGUF tensor name inside the block: `blk.3.attn_q.weight` is
 `layers[3]["attn_q"]`, `blk.3.attn_q.bias` is `layers[3]["attn_q_b"]`. The same tensor has the same name in every
 family; which optional tensors a layer holds (biases, fused q|k|v, q/k norms, sinks) is what the shared attention
-block switches on. On the kernel backends load then stacks a layer's projections of one format into one weight
-(`fuse_projections`: "attn_q+attn_k+attn_v"), which `projections` splits again.
+block switches on.
 """
 
 from __future__ import annotations
@@ -210,65 +209,6 @@ def check_names(gf: GGUFFile, table: dict[str, tuple[tuple, bool]]) -> None:
         raise load_error(gf, f"missing tensor(s) for {gf.architecture}: {', '.join(missing[:5])}")
 
 
-# Projections of one input that load fuses into one weight where their formats agree (`fuse_projections`): one
-# product a group, split after, in place of one a projection. Why: a decode step at batch 1 is bound by its number
-# of small kernels, not by bytes (docs/PERFORMANCE.md: ~500 a step for qwen2.5-0.5b, 1-5 us each), and each matvec
-# is a kernel plus its split-K sum. phi3's file fuses these already (attn_qkv, ffn_up = [gate | up]).
-PROJECTION_GROUPS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
-
-
-@dataclass(frozen=True)
-class Fused:
-    """Projections (`names`, in row order; `sizes`: their outputs) held as one weight, the parts' rows stacked."""
-
-    weight: Weight
-    names: tuple[str, ...]
-    sizes: tuple[int, ...]
-
-
-jax.tree_util.register_dataclass(Fused, data_fields=["weight"], meta_fields=["names", "sizes"])
-
-
-def fuse_projections(weights: dict) -> dict:
-    """Each layer's projections of PROJECTION_GROUPS that share a block format (and K) stacked into one weight,
-    under the key "<name>+<name>..." (a `Fused`); the parts' planes are freed. A row's products follow the fused
-    shape's plan (qmatvec.plan: a function of the shape, so batch invariance holds; its split of K may differ
-    from a part's own, and so may the bits). Biases stay apart (`projections` adds them after the split). Not
-    under tensor parallelism, whose shards follow each tensor's own rows (worker/sharding.py)."""
-    for lw in weights["layers"]:
-        for group in PROJECTION_GROUPS:
-            by_format: dict[tuple, list[str]] = {}
-            for name in group:
-                w = lw.get(name)
-                if isinstance(w, QuantArray) and len(w.shape) == 2 and w.sharding is None:
-                    by_format.setdefault((w.qtype, w.shape[1]), []).append(name)
-            for (qtype, k), names in by_format.items():
-                if len(names) < 2:
-                    continue
-                parts = [lw.pop(name) for name in names]
-                planes = {p: jnp.concatenate([w.planes[p] for w in parts]) for p in parts[0].planes}
-                sizes = tuple(w.shape[0] for w in parts)
-                for w in parts:
-                    for plane in w.planes.values():
-                        plane.delete()
-                lw["+".join(names)] = Fused(QuantArray(planes, qtype, (sum(sizes), k)), tuple(names), sizes)
-    return weights
-
-
-def projections(h: jax.Array, lw: LayerWeights, names: tuple[str, ...], backend: str) -> list[jax.Array]:
-    """h times each weight of `names`, with its bias where the layer has one: those that load fused
-    (`fuse_projections`) as one product, split after."""
-    out: dict[str, jax.Array] = {}
-    for w in lw.values():
-        if isinstance(w, Fused) and w.names[0] in names:
-            y = ops.qmatmul(h, w.weight, backend=backend)
-            out |= dict(zip(w.names, jnp.split(y, np.cumsum(w.sizes[:-1]).tolist(), axis=-1), strict=True))
-    for name in names:
-        if name not in out:
-            out[name] = ops.qmatmul(h, lw[name], backend=backend)
-    return [out[name] if lw.get(f"{name}_b") is None else out[name] + lw[f"{name}_b"] for name in names]
-
-
 def _lists(node):
     """{0: a, 1: b} -> [a, b] (per-layer dicts become lists so the pytree has a fixed order)."""
     if isinstance(node, dict):
@@ -294,7 +234,9 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
         qkv = ops.qmatmul(h, lw["attn_qkv"], lw.get("attn_qkv_b"), backend=be)
         q, k, v = jnp.split(qkv, [nh * hd, (nh + nk) * hd], axis=-1)
     else:
-        q, k, v = projections(h, lw, ("attn_q", "attn_k", "attn_v"), be)
+        q = ops.qmatmul(h, lw["attn_q"], lw.get("attn_q_b"), backend=be)
+        k = ops.qmatmul(h, lw["attn_k"], lw.get("attn_k_b"), backend=be)
+        v = ops.qmatmul(h, lw["attn_v"], lw.get("attn_v_b"), backend=be)
     q, k, v = q.reshape(b, t, nh, hd), k.reshape(b, t, nk, hd), v.reshape(b, t, nk, hd)
     if "attn_q_norm" in lw:
         q = ops.rms_norm(q, lw["attn_q_norm"], cfg.norm_eps)
