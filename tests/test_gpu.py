@@ -89,10 +89,14 @@ def test_gemma3_greedy_goldens_on_gpu(gemma_gpu, oracles):
         # Equal up to the first step whose exact margin is below MARGIN: there (e.g. "code" step 25, margin 0.001)
         # the GPU's ~1e-2 error may pick the other token, and every later step follows from that pick.
         upto = next((i for i, m in enumerate(ref["margins"]) if m < MARGIN), 32)
-        assert ours[:upto] == ref["ids"][:upto], p["name"]
         first = gemma_gpu.logits(ids)[-1]
         exact = np.load(oracles / "gemma3-270m" / f"exact_first_logits_{p['name']}.npy")
-        print(f"gemma3 {p['name']}: first-step relative error on GPU {rel_err(first, exact):.2e}")
+        err = f"first-step relative error on GPU {rel_err(first, exact):.2e}"
+        print(f"gemma3 {p['name']}: {err}")
+        step = next((i for i in range(upto) if ours[i] != ref["ids"][i]), None)
+        if step is not None:
+            pytest.fail(f"{p['name']}: step {step} gave id {ours[step]}, the exact greedy {ref['ids'][step]} "
+                        f"(exact margin {ref['margins'][step]:.3f}; {upto} steps compared); {err}")  # fmt: skip
 
 
 def test_residency_and_vram_accounting(gemma_gpu):

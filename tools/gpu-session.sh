@@ -35,9 +35,9 @@
 #                      tests/test_sampling.py (e.g. rows_filter); budget INVARIANCE_SECONDS (default 180)
 #           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made);
 #                      synth:M only model M
-#           tests      just test-gpu; TESTS_WORKERS=N runs the files on N processes side by side on the one GPU
-#                      (pytest-xdist, --dist loadfile; the compiles are the host's, 16 cores), then the test that fills
-#                      the device alone after them
+#           tests      just test-gpu, its files on TESTS_WORKERS processes side by side on the one GPU (default 8;
+#                      pytest-xdist, --dist loadfile: the compiles are the host's, 16 cores; 1 runs them one by one),
+#                      then the test that fills the device alone after them
 #           prep       info and env, then the build beside synth followed by tests (the tests need no llama-bench,
 #                      and a build is no time to benchmark)
 #           bench:M    python -m bench on model M (gemma3-270m, qwen2.5-0.5b, phi3-mini, gpt-oss-20b), both engines;
@@ -125,9 +125,9 @@ do_tests() {
     # `just test-gpu` where just is installed (rust-just among the carried wheels); else that recipe's command.
     local run=(py -m pytest -v -rA -m gpu -o addopts="" --ignore=tests/test_fuzz.py)
     bash tools/gpu-env.sh sh -c 'command -v just' > /dev/null && run=(bash tools/gpu-env.sh just test-gpu)
-    [ "${TESTS_WORKERS:-1}" -gt 1 ] || { "${run[@]}" -p no:cacheprovider; return; }
+    [ "${TESTS_WORKERS:-8}" -gt 1 ] || { "${run[@]}" -p no:cacheprovider; return; }
     local rc=0  # the OOM test fills the device: not beside other tests
-    "${run[@]}" -p no:cacheprovider -n "$TESTS_WORKERS" --dist loadfile -k "not vram_oom" || rc=1
+    "${run[@]}" -p no:cacheprovider -n "${TESTS_WORKERS:-8}" --dist loadfile -k "not vram_oom" || rc=1
     "${run[@]}" -p no:cacheprovider -k vram_oom || rc=1
     return $rc
 }
