@@ -17,9 +17,9 @@
 #                      12,256: a sweep at each); profiler traces of the most rows' dispatch (at each context) and
 #                      of the largest prefill group (trace-M.json.gz, trace-M-prefill.json.gz in the call's logs
 #                      tarball), summed by kernel (bench.trace) in the stage's log
-#           ab:M       the decode step of model M at ROWS rows (default 1,2: one stream's bucket) on the tensor-core
+#           kinds:M    the decode step of model M at ROWS rows (default 1,2: one stream's bucket) on the tensor-core
 #                      and on the per-row kernels (--max-batch 64 and 2), a process each; a profiler trace of the first
-#                      (the server's default), summed by kernel in the stage's log; budget AB_SECONDS (default 200)
+#                      (the server's default), summed by kernel in the stage's log; budget KINDS_SECONDS (default 200)
 #           kbench     python -m bench.kernels $KBENCH_ARGS (default "--rows 0 --prefill 4096 --sweep": the prefill
 #                      tiles); budget KBENCH_SECONDS (default 240)
 #           host       python -m bench.host on this machine's CPU (the engine, then HTTP, at 256 streams of a model that
@@ -164,18 +164,18 @@ do_rows() {  # in a folder of its own: bench.report reads every JSON directly in
     return $rc
 }
 
-do_ab() {
+do_kinds() {
     local like=$1 rc=0 mb trace f
     mkdir -p "$results/rows"
     for mb in 64 2; do
         echo "== $like: max_batch $mb"
         trace=()
-        [ "$mb" = 64 ] && trace=(--trace "$results/rows/trace-$like-ab")
+        [ "$mb" = 64 ] && trace=(--trace "$results/rows/trace-$like-kinds")
         py -m bench.dispatch --model "$(model_path "$like")" --rows "${ROWS:-1,2}" --device "${BENCH_DEVICE:-gpu}" \
-            --steps 16 --max-batch $mb --sweep-only "${trace[@]}" --json "$results/rows/ab-$like-b$mb.json" |
+            --steps 16 --max-batch $mb --sweep-only "${trace[@]}" --json "$results/rows/kinds-$like-b$mb.json" |
             grep -v '^[ {}"]' || rc=1
     done
-    f=$(newest_trace "$results/rows/trace-$like-ab")
+    f=$(newest_trace "$results/rows/trace-$like-kinds")
     [ -n "$f" ] && { echo "== trace, max_batch 64"; py -m bench.trace "$f"; }
     return $rc
 }
@@ -306,7 +306,7 @@ for s in "$@"; do
         invariance) stage invariance "${INVARIANCE_SECONDS:-180}" do_invariance ;;
         kbench) stage kbench "${KBENCH_SECONDS:-240}" do_kbench ;;
         attn) stage attn "${ATTN_SECONDS:-240}" do_attn ;;
-        ab:*) stage "ab-${s#ab:}" "${AB_SECONDS:-200}" do_ab "${s#ab:}" ;;
+        kinds:*) stage "kinds-${s#kinds:}" "${KINDS_SECONDS:-200}" do_kinds "${s#kinds:}" ;;
         host) stage host "${HOST_SECONDS:-150}" do_host ;;
         host-real:*) stage "host-real-${s#host-real:}" "${HOST_SECONDS:-300}" do_host_real "${s#host-real:}" ;;
         synth) stage synth 300 do_synth ;;
