@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
-from test_pallas_qmatvec import TOL, dense_tol, random_weight
+from test_pallas_qmatvec import DOT_TOL, TOL, dense_tol, random_weight
 
 from worker import ops
 from worker.pallas_kernels import paged_attention as pa
@@ -51,7 +51,8 @@ def check_dense(qtype: QT, n: int, k: int, interpret: bool, tiles: dict) -> None
     for rows in DENSE_ROWS:
         y = np.asarray(call(x[:rows], w))
         err = relative_error(y, ref[:rows], bound[:rows])
-        tol = dense_tol(interpret) if tiles.get("tensor_cores", True) else TOL  # the per-row kernel: float32
+        # the per-row kernel: float32; the tensor-core one: float16 operands on the GPU, or where `f16` asks
+        tol = TOL if not tiles.get("tensor_cores", True) else DOT_TOL if tiles.get("f16") else dense_tol(interpret)
         assert err <= tol, f"{qtype.name} [{n}, {k}] M={rows}: error {err:.3g} of sum|x||w|"
         for r, want in alone.items():
             if r < rows:
@@ -92,6 +93,18 @@ def check_moe(qtype: QT, e: int, n: int, k: int, sel: int, interpret: bool, tile
         for t, want in alone.items():
             if t < tokens:
                 np.testing.assert_array_equal(y[t], want, err_msg=f"token {t} of {tokens} differs from it alone")
+
+
+# The GPU's tensor-core arithmetic (each row over its power of two, float16 operands, float32 sums) in interpret
+# mode, so that the CPU tests the branch the GPU runs: row lengths of the real files, Gemma 3's 640 (Q5_0, 20
+# blocks: a masked K tail) and gpt-oss's 2880 (MXFP4), and a K-quant.
+F16_CASES = [(QT.Q5_0, 48, 640), (QT.MXFP4, 48, 2880), (QT.Q4_K, 48, 1024)]
+
+
+@pytest.mark.parametrize(("qtype", "n", "k"), F16_CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_qmatvec_gpu_arithmetic_against_float64_and_alone(qtype, n, k):
+    check_dense(qtype, n, k, True, {"tensor_cores": True, "f16": True})
+    check_dense_neighbours(qtype, n, k, True, {"tensor_cores": True, "f16": True})
 
 
 # Forced tiles: 3 row blocks with masked rows past N = 40, 3 K splits of 2 steps each, the last partly masked.

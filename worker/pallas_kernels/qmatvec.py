@@ -409,10 +409,11 @@ def _call(
     interpret: bool,
     tensor_cores: bool = False,
     row_tile: int = ROW_TILE,
+    f16: bool | None = None,
 ) -> jax.Array:
     """x [T, K]; returns the split-K partial sums summed: [T, N] float32. Dense with `tensor_cores`: rows in tiles
-    of `row_tile` (`_dot_kernel`); dense without: rows in groups of min(T, MAX_ROWS), the last padded with zero
-    rows; gathered: one program per row."""
+    of `row_tile` (`_dot_kernel`), float16 operands where `f16` (default: not in interpret mode); dense without:
+    rows in groups of min(T, MAX_ROWS), the last padded with zero rows; gathered: one program per row."""
     fmt = FORMATS[w.qtype]
     t, k = x.shape
     names, planes = plane_views(w, experts, n, k)
@@ -424,7 +425,7 @@ def _call(
         # stores. Why not pad the output to whole row tiles: a decode step of two rows would then write and fold
         # 64 rows of split-K partials a matvec, for phi3-mini a third again of the bytes its weights take.
         out_rows = t
-        if interpret:  # the CPU: float32 operands and sums
+        if not (f16 if f16 is not None else not interpret):  # float32 operands and sums
             xp, precision = x_parts(x, w.qtype, jnp.float32), jax.lax.Precision.HIGHEST  # [P, T, K / P]
         else:  # float16 operands (10-bit mantissas, as TF32's, at twice TF32's tensor-core rate), float32 sums
             scale = row_scale(x)
@@ -476,7 +477,7 @@ def _check(w: QuantArray, plane_ndim: int) -> None:
         raise ValueError(f"{w.qtype.name} weight: expected planes of rank {plane_ndim}")
 
 
-@kernel_entry("interpret", "tensor_cores", "row_tile", *TILE_ARGS)
+@kernel_entry("interpret", "tensor_cores", "row_tile", "f16", *TILE_ARGS)
 def qmatvec(
     x: jax.Array,
     w: QuantArray,
@@ -484,13 +485,16 @@ def qmatvec(
     interpret: bool = False,
     tensor_cores: bool = True,
     row_tile: int | None = None,
+    f16: bool | None = None,
     **tiles: int | None,
 ) -> jax.Array:
     """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for any number of rows of x; each row's result is
     the same bits in a call of any size with the same `tensor_cores` and tiles. `tensor_cores`: the dot of
     `row_tile` rows (default ROW_TILE; float16 operands, float32 sums on the GPU; one pass over the weights a row
-    tile), else the per-row multiply-add loop (float32; one pass per 8 rows, faster for a few). `tiles`: overrides
-    of `plan`'s arguments (block_n, chunk, splits, num_warps, num_stages); PREFILL_TILES are prefill's."""
+    tile), else the per-row multiply-add loop (float32; one pass per 8 rows, faster for a few). `f16`: the
+    tensor-core dot's float16 operands, by default on the GPU only; interpret mode takes float32 (the CPU's model
+    tests gate at float32's error) unless f16=True, which runs the GPU's arithmetic on the CPU (tests). `tiles`:
+    overrides of `plan`'s arguments (block_n, chunk, splits, num_warps, num_stages); PREFILL_TILES are prefill's."""
     _check(w, 2)
     n, k = next(iter(w.planes.values())).shape[0], w.shape[-1]
     lead = x.shape[:-1]
@@ -506,7 +510,7 @@ def qmatvec(
     row_tile = row_tile or ROW_TILE
     if row_tile < MIN_DOT or row_tile & (row_tile - 1):
         raise ValueError(f"row_tile must be a power of two >= {MIN_DOT}, got {row_tile}")
-    return _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile).reshape(*lead, n)
+    return _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16).reshape(*lead, n)
 
 
 def qmatvec_twin(x: jax.Array, w: QuantArray, *, interpret: bool = False, **_tiles) -> jax.Array:
