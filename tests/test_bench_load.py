@@ -153,6 +153,7 @@ def test_round_figures_from_token_times():
     assert got["ttft_p50_s"] == 1.5 and got["ttft_p99_s"] == pytest.approx(1.99)
     assert got["itl_p50_s"] == 1.0 and got["itl_p99_s"] == pytest.approx(1.98)  # gaps 1, 1, 2
     assert got["tokens_per_stream_min"] == 2 and got["errors"] == []
+    assert got["stream_decode_tok_s_p50"] == 0.75  # a: 2 tokens after its first in 2 s; b: 1 in 2 s
 
 
 def test_a_failed_stream_counts_no_tokens_and_is_listed():
@@ -185,7 +186,8 @@ def test_small_models_also_run_128_streams(monkeypatch):
 
 
 def test_markdown_puts_the_engines_side_by_side():
-    row = {"set": "fixed", "streams": 64, "ttft_p50_s": 0.1, "ttft_p99_s": 0.2, "itl_p50_s": 0.01, "itl_p99_s": 0.02}
+    row = {"set": "fixed", "streams": 64, "ttft_p50_s": 0.1, "ttft_p99_s": 0.2, "itl_p50_s": 0.01, "itl_p99_s": 0.02,
+           "stream_decode_tok_s_p50": 95.25}  # fmt: skip
     result = {
         "label": "m", "device": "gpu", "max_tokens": 128, "sets": {"fixed": [128]}, "worker_args": ["--max-queue", "9"],
         "rows": [row | {"engine": "worker", "output_tok_s": 300.0, "tokens_per_stream_min": 128, "errors": [],
@@ -196,7 +198,7 @@ def test_markdown_puts_the_engines_side_by_side():
         "errors": {"x": "boom"},
     }  # fmt: skip
     text = load.markdown(result)
-    assert "| fixed | 64 | worker | 300.0 | 100.0 | 200.0 | 10.0 | 20.0 | 128 | 2.00 | 41 / 130 | - |" in text
+    assert "| fixed | 64 | worker | 300.0 | 100.0 | 200.0 | 10.0 | 20.0 | 95.2 | 128 | 2.00 | 41 / 130 | - |" in text
     assert "| fixed | 64 | llama-server | 150.0 |" in text and "| 128 | - | - | - |" in text
     assert "| 64 | 128 | 128 | 9000.0 | 4000.0 | 5000.0 |" in text and "- x: boom" in text
 
