@@ -149,7 +149,7 @@ def ffn_block(lw: LayerWeights, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     h = ops.rms_norm(x, lw["ffn_norm"], cfg.norm_eps)
     if "ffn_gate" in lw:
         gate, up = ops.qmatmul(h, lw["ffn_gate"], backend=be), ops.qmatmul(h, lw["ffn_up"], backend=be)
-    else:
+    else:  # phi3: the file's ffn_up is [gate | up]
         gate, up = jnp.split(ops.qmatmul(h, lw["ffn_up"], backend=be), 2, axis=-1)
     act = ops.gelu_tanh(gate) if cfg.traits.geglu else jax.nn.silu(gate)
     out = ops.qmatmul(act * up, lw["ffn_down"], backend=be)
