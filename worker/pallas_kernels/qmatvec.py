@@ -425,11 +425,12 @@ def _call(
         # stores. Why not pad the output to whole row tiles: a decode step of two rows would then write and fold
         # 64 rows of split-K partials a matvec, for phi3-mini a third again of the bytes its weights take.
         out_rows = t
-        if not (f16 if f16 is not None else not interpret):  # float32 operands and sums
-            xp, precision = x_parts(x, w.qtype, jnp.float32), jax.lax.Precision.HIGHEST  # [P, T, K / P]
-        else:  # float16 operands (10-bit mantissas, as TF32's, at twice TF32's tensor-core rate), float32 sums
+        if f16 if f16 is not None else not interpret:
+            # float16 operands (10-bit mantissas, as TF32's, at twice TF32's tensor-core rate), float32 sums
             scale = row_scale(x)
             xp, precision = x_parts(x / scale, w.qtype, jnp.float16), None
+        else:  # float32 operands and sums
+            xp, precision = x_parts(x, w.qtype, jnp.float32), jax.lax.Precision.HIGHEST  # [P, T, K / P]
         t_size = math.prod(parts_layout(w.qtype)[1])
         kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, bm=row_tile, precision=precision)
         grid, args = (pl.cdiv(t, row_tile), n_blocks, p.splits), (xp, *planes)
