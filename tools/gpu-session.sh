@@ -125,10 +125,11 @@ do_tests() {
     # `just test-gpu` where just is installed (rust-just among the carried wheels); else that recipe's command.
     local run=(py -m pytest -v -rA -m gpu -o addopts="" --ignore=tests/test_fuzz.py)
     bash tools/gpu-env.sh sh -c 'command -v just' > /dev/null && run=(bash tools/gpu-env.sh just test-gpu)
-    [ "${TESTS_WORKERS:-8}" -gt 1 ] || { "${run[@]}" -p no:cacheprovider; return; }
+    run+=(-p no:cacheprovider)
+    [ "${TESTS_WORKERS:-8}" -gt 1 ] || { "${run[@]}"; return; }
     local rc=0  # the OOM test fills the device: not beside other tests
-    "${run[@]}" -p no:cacheprovider -n "${TESTS_WORKERS:-8}" --dist loadfile -k "not vram_oom" || rc=1
-    "${run[@]}" -p no:cacheprovider -k vram_oom || rc=1
+    "${run[@]}" -n "${TESTS_WORKERS:-8}" --dist loadfile -k "not vram_oom" || rc=1
+    "${run[@]}" -k vram_oom || rc=1
     return $rc
 }
 
