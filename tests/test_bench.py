@@ -8,12 +8,14 @@ import statistics
 
 import httpx
 import jax
+import numpy as np
 import pytest
 from conftest import oracles_dir
 from gguf import GGUFReader
 
-from bench import floor, llamacpp, load, report, ttft
+from bench import floor, goldens, llamacpp, load, report, ttft
 from worker.gguf import open_gguf
+from worker.sampling import TokenLogprobs
 
 
 def model(arch: str, variant: str):
@@ -314,3 +316,51 @@ def test_host_bench_real_engine_reports_the_workers_rate_and_decode_ms(capsys):
     assert host.main([*argv, "--worker-arg=--device=cpu", "--worker-arg=--dispatch-ms=40"]) == 0
     out = capsys.readouterr().out
     assert "2 streams x 4 tokens" in out and "ms/token p50" in out
+
+
+class _FakeGemma:
+    """A model whose logits at step s are `table[s]` (a [V] row), whatever the prefix: enough for bench.goldens,
+    which compares a decode's and a teacher-forced prefill's top-five gaps with the oracle's."""
+
+    def __init__(self, table, decode_shift=0.0):
+        self.table, self.decode_shift = np.asarray(table, np.float32), decode_shift
+
+    def generate_ids(self, ids, steps, params, seed, stop_at_eos, logprobs):
+        for s in range(steps):
+            row = self.table[s] + self.decode_shift * (np.arange(self.table.shape[1]) == 1)
+            lp = row - np.log(np.exp(row - row.max()).sum()) - row.max()
+            order = np.argsort(-lp)
+            logprobs.append(TokenLogprobs(float(lp[order[0]]), tuple((int(i), float(lp[i])) for i in order)))
+            yield int(order[0])
+
+    def logits(self, ids):
+        n = len(ids)
+        return np.concatenate([np.zeros((n - goldens.STEPS, self.table.shape[1]), np.float32), self.table])
+
+
+def _oracle_prompt(table, margins):
+    """exact_math.json's shape: greedy ids, margins and the top five of each step."""
+    top = [np.argsort(-row)[:5] for row in table]
+    return {"name": "p", "greedy_exact": {"ids": [int(t[0]) for t in top], "margins": margins,
+            "per_step_top5": [{"ids": [int(i) for i in t], "values": [float(row[i]) for i in t]}
+                              for t, row in zip(top, table, strict=True)]}}  # fmt: skip
+
+
+def test_goldens_finds_where_the_decode_leaves_exact_math():
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(goldens.STEPS, 16)).astype(np.float32) * 4
+    table[:, 0] += 20  # id 0 leads every step by a clear margin...
+    table[7, 1] = table[7, 0] + 0.01  # ...but at step 7, where id 1 leads by 0.01
+    margins = [1.0] * goldens.STEPS
+    margins[7] = 0.01
+    prompt, gold = _oracle_prompt(table, margins), {"p": {"ids": [3, 4]}}
+    exact = goldens.check(_FakeGemma(table), prompt, gold, margin=0.005)
+    assert exact["diverged_at"] is None and exact["compared_steps"] == goldens.STEPS
+    assert exact["decode_gap_err_max"] < 1e-4 and exact["prefill_gap_err_max"] < 1e-4
+    assert exact["prefill_argmax_differs_at"] == []
+    # id 1 raised by 0.05 in the decode: its gaps are 0.05 off, and at step 7 the decode no longer picks id 1...
+    off = goldens.check(_FakeGemma(table, decode_shift=-0.05), prompt, gold, margin=0.005)
+    assert off["diverged_at"] == 7 and off["at_divergence"]["ours"] == 0 and off["at_divergence"]["exact"] == 1
+    assert off["decode_gap_err_max"] == pytest.approx(0.05, abs=1e-4) and off["prefill_gap_err_max"] < 1e-4
+    # ...which is not compared when the margin there is below the threshold
+    assert goldens.check(_FakeGemma(table, -0.05), prompt, gold, margin=0.05)["diverged_at"] is None

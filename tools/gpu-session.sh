@@ -125,7 +125,9 @@ do_tests() {
     # `just test-gpu` where just is installed (rust-just among the carried wheels); else that recipe's command.
     local run=(py -m pytest -v -rA -m gpu -o addopts="" --ignore=tests/test_fuzz.py)
     bash tools/gpu-env.sh sh -c 'command -v just' > /dev/null && run=(bash tools/gpu-env.sh just test-gpu)
-    run+=(-p no:cacheprovider)
+    # A file that cannot be imported there (a test dependency missing from .whl/, as openai was on 2026-12-03) is
+    # one error in the report, not a run that collects nothing.
+    run+=(-p no:cacheprovider --continue-on-collection-errors)
     [ "${TESTS_WORKERS:-8}" -gt 1 ] || { "${run[@]}"; return; }
     local rc=0  # the OOM test fills the device: not beside other tests
     "${run[@]}" -n "${TESTS_WORKERS:-8}" --dist loadfile -k "not vram_oom" || rc=1
