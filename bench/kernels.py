@@ -12,6 +12,7 @@ at load (moe_matmul.DECODE_COPY_TILES), with the copy's bytes read per second.
     python -m bench.kernels [--rows 1,8] [--only Q4_K,MXFP4] [--prefill 512] [--sweep] [--smoke]
     python -m bench.kernels --rows 0 --prefill 4096 --sweep     # prefill only: tune the PREFILL_TILES
     python -m bench.kernels --rows 1,64,256 --prefill 0 --decode-moe --only MXFP4 --sweep   # tune DECODE_COPY_TILES
+    python -m bench.kernels --rows 1,2,8 --prefill 0 --sweep --sweep-kernel per-row --labels phi3   # the per-row tiles
 
 Each timed call cycles through enough copies of the weight to exceed the L2 cache (>= 512 MB in all), so the
 rate is DRAM's, not L2's. The copy bandwidth is (read + write bytes) / time of `a + 1` on 1 GiB of float32.
@@ -68,6 +69,15 @@ SWEEP = [
     dict(block_n=b, chunk=c, splits=s, num_warps=w)
     for b in (16, 32, 64)
     for c in (None, 1, 4)
+    for s in (None, 1)
+    for w in (4, 8)
+] + [dict(num_stages=2), dict(num_stages=4)]
+# --sweep-kernel per-row: the per-row kernel's tilings (at a few rows it reads each weight tile once a row group,
+# so wider tiles and more super-blocks a step put more bytes in flight a program).
+SWEEP_PER_ROW = [
+    dict(block_n=b, chunk=c, splits=s, num_warps=w)
+    for b in (32, 64, 128)
+    for c in (None, 2, 4)
     for s in (None, 1)
     for w in (4, 8)
 ] + [dict(num_stages=2), dict(num_stages=4)]
@@ -165,9 +175,13 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         line += f"  per-row {t_rows * 1e6:9.1f} us  row 0 alone: {'same bits' if same else 'OTHER BITS'}"
     print(line, flush=True)
     if args.sweep:
-        best = best_tiling(lambda **tiles: per_call(ops[0], weights, x, ids, args.repeat, **interp, **tiles),
-                           t_kernel, SWEEP)  # fmt: skip
-        print(f"    best {best[0] * 1e6:.1f} us {read / best[0] / 1e9:.1f} GB/s with {best[1]}", flush=True)
+        # the dense call's per-row kernel where asked (`t_rows` its default's time); the MoE call has only that one
+        per_row = args.sweep_kernel == "per-row" and not k_sel
+        kind, default_s = (dict(tensor_cores=False), t_rows) if per_row else ({}, t_kernel)
+        best = best_tiling(lambda **tiles: per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind, **tiles),
+                           default_s, SWEEP_PER_ROW if per_row else SWEEP)  # fmt: skip
+        print(f"    best{' per-row' if per_row else ''} {best[0] * 1e6:.1f} us {read / best[0] / 1e9:.1f} GB/s "
+              f"with {best[1]}", flush=True)  # fmt: skip
 
 
 def best_tiling(time_with: Callable[..., float], default_s: float, tilings: list[dict],
@@ -297,13 +311,18 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512,
                     help="prefill tokens (rows) of the MoE and dense prefill cases (0: skip)")  # fmt: skip
     ap.add_argument("--sweep", action="store_true", help="also try other tilings and print the best")
+    ap.add_argument("--sweep-kernel", default="tensor-cores", choices=("tensor-cores", "per-row"),
+                    help="the dense decode kernel --sweep tiles")  # fmt: skip
+    ap.add_argument("--labels", default="", help="cases whose label contains one of these, e.g. phi3,qwen2.5")
     ap.add_argument("--decode-moe", action="store_true",
                     help="only decode's grouped MoE matmul at --rows: in registers against the bf16 copy")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="two tiny cases in interpret mode (CPU)")
     args = ap.parse_args()
     rows_list = [r for r in map(int, args.rows.split(",")) if r > 0]  # --rows 0: no decode cases
     keep = {QT[f] for f in args.only.split(",") if f}
-    dense, moe, prefill_dense = DENSE, MOE, PREFILL_DENSE
+    labels = [part for part in args.labels.split(",") if part]
+    dense, moe, prefill_dense = ([c for c in cases if not labels or any(part in c[0] for part in labels)]
+                                 for cases in (DENSE, MOE, PREFILL_DENSE))  # fmt: skip
     if args.smoke:
         dense, moe, args.repeat = [("smoke", QT.Q4_K, 64, 512)], [("smoke moe", QT.MXFP4, 4, 64, 256, 2)], 2
         prefill_dense = dense
