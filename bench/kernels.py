@@ -24,6 +24,7 @@ interpret mode (checks the script, on CPU).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import time
@@ -65,22 +66,20 @@ PREFILL_DENSE = [
     ("qwen2.5-0.5b gate", QT.Q5_0, 4864, 896),
     ("phi3 gate_up", QT.Q4_K, 16384, 3072),
 ]
-SWEEP = [
-    dict(block_n=b, chunk=c, splits=s, num_warps=w)
-    for b in (16, 32, 64)
-    for c in (None, 1, 4)
-    for s in (None, 1)
-    for w in (4, 8)
-] + [dict(num_stages=2), dict(num_stages=4)]
+
+
+def matvec_tilings(block_ns: tuple[int, ...], chunks: tuple[int | None, ...]) -> list[dict]:
+    """--sweep's tilings of a matvec kernel: each block_n x chunk x splits (the plan's, 1) x warps (4, 8), then two
+    pipeline depths over the defaults."""
+    grid = itertools.product(block_ns, chunks, (None, 1), (4, 8))
+    tilings = [dict(block_n=b, chunk=c, splits=s, num_warps=w) for b, c, s, w in grid]
+    return tilings + [dict(num_stages=2), dict(num_stages=4)]
+
+
+SWEEP = matvec_tilings((16, 32, 64), (None, 1, 4))
 # --sweep-kernel per-row: the per-row kernel's tilings (at a few rows it reads each weight tile once a row group,
 # so wider tiles and more super-blocks a step put more bytes in flight a program).
-SWEEP_PER_ROW = [
-    dict(block_n=b, chunk=c, splits=s, num_warps=w)
-    for b in (32, 64, 128)
-    for c in (None, 2, 4)
-    for s in (None, 1)
-    for w in (4, 8)
-] + [dict(num_stages=2), dict(num_stages=4)]
+SWEEP_PER_ROW = matvec_tilings((32, 64, 128), (None, 2, 4))
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
 SWEEP_COPY = (
     [dict(block_m=m, block_n=b) for m in (16, 32, 64) for b in (64, 128)]
