@@ -20,6 +20,10 @@
 #           kinds:M    the decode step of model M at ROWS rows (default 1,2: one stream's bucket) on the tensor-core
 #                      and on the per-row kernels (--max-batch 64 and 2), a process each; a profiler trace of the first
 #                      (the server's default), summed by kernel in the stage's log; budget KINDS_SECONDS (default 200)
+#           goldens    python -m bench.goldens: the real Gemma 3 against exact math, step by step, for each of
+#                      GOLDENS_VARIANTS (default 64,2: the tensor-core and per-row decode kernels; e.g. 64j: attention
+#                      on jax.numpy); needs the staged Gemma wheels and shared/oracles/gemma3-270m; budget
+#                      GOLDENS_SECONDS (default 240)
 #           kbench     python -m bench.kernels $KBENCH_ARGS (default "--rows 0 --prefill 4096 --sweep": the prefill
 #                      tiles); budget KBENCH_SECONDS (default 240)
 #           host       python -m bench.host on this machine's CPU (the engine, then HTTP, at 256 streams of a model that
@@ -190,6 +194,12 @@ do_attn() {
     return $rc
 }
 
+do_goldens() {
+    mkdir -p "$results/goldens"
+    py -m bench.goldens --device "${BENCH_DEVICE:-gpu}" --variants "${GOLDENS_VARIANTS:-64,2}" \
+        --json "$results/goldens/goldens.json"
+}
+
 do_kbench() {
     # shellcheck disable=SC2086  # KBENCH_ARGS is a list of flags
     py -m bench.kernels ${KBENCH_ARGS:---rows 0 --prefill 4096 --sweep}
@@ -307,6 +317,7 @@ for s in "$@"; do
             [ $rc = 0 ] || [ $rc = 124 ] || { note "STOP: the kernel tests failed"; break; } ;;
         rows:*) stage "rows-${s#rows:}" "${ROWS_SECONDS:-150}" do_rows "${s#rows:}" ;;
         invariance) stage invariance "${INVARIANCE_SECONDS:-180}" do_invariance ;;
+        goldens) stage goldens "${GOLDENS_SECONDS:-240}" do_goldens ;;
         kbench) stage kbench "${KBENCH_SECONDS:-240}" do_kbench ;;
         attn) stage attn "${ATTN_SECONDS:-240}" do_attn ;;
         kinds:*) stage "kinds-${s#kinds:}" "${KINDS_SECONDS:-200}" do_kinds "${s#kinds:}" ;;
@@ -345,6 +356,7 @@ for t in "$results"/rows/trace-*; do  # each model's newest traces: the most row
 done
 cp -r "$results/logs" "$logs/bench-logs" 2>/dev/null
 cp -r "$results/tp" "$logs/tp" 2>/dev/null
+cp -r "$results/goldens" "$logs/goldens" 2>/dev/null
 # The load results so far (every model's tables, for docs/PERFORMANCE.md), their JSON and logs.
 if compgen -G "$results/load/load-*.md" > /dev/null; then
     cat "$results"/load/load-*.md > "$OUT/load-summary.md"
