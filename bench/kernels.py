@@ -76,7 +76,9 @@ def matvec_tilings(block_ns: tuple[int, ...], chunks: tuple[int | None, ...]) ->
     return tilings + [dict(num_stages=2), dict(num_stages=4)]
 
 
-SWEEP = matvec_tilings((16, 32, 64), (None, 1, 4))
+# The tensor-core kernel's also over smaller row tiles (qmatvec.ROW_TILE is 64): at one row a tile is mostly
+# masked rows. A row tile must be one for every call (a row's bits), so these inform that constant.
+SWEEP = matvec_tilings((16, 32, 64), (None, 1, 4)) + [dict(row_tile=r, block_n=b) for r in (16, 32) for b in (32, 64)]
 # --sweep-kernel per-row: the per-row kernel's tilings (at a few rows it reads each weight tile once a row group,
 # so wider tiles and more super-blocks a step put more bytes in flight a program).
 SWEEP_PER_ROW = matvec_tilings((32, 64, 128), (None, 2, 4))
