@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import worker
+from bench.synth import oracles_dir
 from worker import ops
 from worker.model import GREEDY
 from worker.sampling import TokenLogprobs
@@ -80,7 +81,7 @@ def check(model, prompt: dict, goldens: dict, margin: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-    ap.add_argument("--oracles", default="shared/oracles", help="the oracles folder (gemma3-270m/ inside)")
+    ap.add_argument("--oracles", help="the oracles folder (gemma3-270m/ inside; default: as bench.synth finds it)")
     ap.add_argument("--variants", default="64,2",
                     help="comma-separated --max-batch values; a 'j' after one keeps attention on jax.numpy, ':N' "
                     "decodes N steps a dispatch (e.g. 64j:1)")  # fmt: skip
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, default=1024)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    folder = Path(args.oracles) / "gemma3-270m"
+    folder = oracles_dir(args.oracles, "gemma3-270m") / "gemma3-270m"
     data = json.loads((folder / "exact_math.json").read_text())
     goldens = {p["name"]: p for p in json.loads((folder / "goldens.json").read_text())["prompts"]}
     results = []

@@ -183,16 +183,17 @@ def _tensors(a: Arch, rules: str) -> tuple[TensorSpec, ...]:
 # ---- tokenizer sources (the oracles, or the real Gemma file)
 
 
-def oracles_dir(oracles: Path | str | None = None) -> Path:
-    """--oracles, else $WORKER_ORACLES, else shared/oracles beside (or inside) the checkout."""
+def oracles_dir(oracles: Path | str | None = None, holds: str = "tokenizers") -> Path:
+    """--oracles, else $WORKER_ORACLES, else shared/oracles beside (or inside) the checkout: the first that holds
+    the folder `holds`."""
     env = os.environ.get("WORKER_ORACLES")
     candidates = [oracles] if oracles else [env, REPO.parent / "shared" / "oracles", REPO / "shared" / "oracles"]
     for c in candidates:
-        if c and Path(c, "tokenizers").is_dir():
+        if c and Path(c, holds).is_dir():
             return Path(c)
     raise FileNotFoundError(
         f"oracle data not found (tried {', '.join(str(c) for c in candidates if c)}): pass --oracles DIR or set "
-        "WORKER_ORACLES to the shared/oracles folder (it holds tokenizers/)"
+        f"WORKER_ORACLES to the shared/oracles folder (it holds {holds}/)"
     )
 
 
