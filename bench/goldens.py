@@ -30,11 +30,11 @@ from worker.sampling import TokenLogprobs
 STEPS = 32
 
 
-def _gap_error(top_ids: list[int], exact: dict) -> float:
-    """The largest |(ours[i] - ours[best]) - (exact[i] - exact[best])| over the exact top five; `top_ids` maps an
-    id to our value (a logit or log-probability: gaps are the same)."""
+def _gap_error(value_of, exact: dict) -> float:
+    """The largest |(ours[i] - ours[best]) - (exact[i] - exact[best])| over the exact top five; `value_of[id]` is
+    our value of an id (a logit or log-probability: gaps are the same)."""
     ids, vals = exact["ids"], exact["values"]
-    ours = [top_ids[i] for i in ids]
+    ours = [value_of[i] for i in ids]
     return float(max(abs((ours[k] - ours[0]) - (vals[k] - vals[0])) for k in range(1, len(ids))))
 
 
@@ -46,7 +46,9 @@ def check(model, prompt: dict, goldens: dict, margin: float) -> dict:
     logprobs: list[TokenLogprobs] = []
     ours = list(model.generate_ids(ids, STEPS, GREEDY, 0, stop_at_eos=False, logprobs=logprobs))
     diverged = next((i for i in range(upto) if ours[i] != ref["ids"][i]), None)
-    same = diverged if diverged is not None else len(ours)  # the steps whose prefix is the exact one
+    # The decode is compared while its prefix is the exact one: past a step where it picked another id (a compared
+    # one, or one of margin below `margin`), the oracle's top five belong to another sequence.
+    same = next((i for i, t in enumerate(ours) if t != ref["ids"][i]), len(ours))
     decode_err = []
     for step in range(same):
         top = dict(logprobs[step].top)

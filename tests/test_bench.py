@@ -362,5 +362,8 @@ def test_goldens_finds_where_the_decode_leaves_exact_math():
     off = goldens.check(_FakeGemma(table, decode_shift=-0.05), prompt, gold, margin=0.005)
     assert off["diverged_at"] == 7 and off["at_divergence"]["ours"] == 0 and off["at_divergence"]["exact"] == 1
     assert off["decode_gap_err_max"] == pytest.approx(0.05, abs=1e-4) and off["prefill_gap_err_max"] < 1e-4
-    # ...which is not compared when the margin there is below the threshold
-    assert goldens.check(_FakeGemma(table, -0.05), prompt, gold, margin=0.05)["diverged_at"] is None
+    # ...which is not compared when the margin there is below the threshold; the decode's gaps stop there all the
+    # same (past it, the oracle's top five are another sequence's)
+    low = goldens.check(_FakeGemma(table, -0.05), prompt, gold, margin=0.05)
+    assert low["diverged_at"] is None and low["compared_steps"] == 7 and len(low["decode_gap_err"]) == 7
+    assert len(low["prefill_gap_err"]) == goldens.STEPS
