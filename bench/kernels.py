@@ -68,20 +68,25 @@ PREFILL_DENSE = [
 ]
 
 
-def matvec_tilings(block_ns: tuple[int, ...], chunks: tuple[int | None, ...]) -> list[dict]:
-    """--sweep's tilings of a matvec kernel: each block_n x chunk x splits (the plan's, 1) x warps (4, 8), then two
-    pipeline depths over the defaults."""
-    grid = itertools.product(block_ns, chunks, (None, 1), (4, 8))
-    tilings = [dict(block_n=b, chunk=c, splits=s, num_warps=w) for b, c, s, w in grid]
+def matvec_tilings(block_ns: tuple[int, ...], chunks: tuple[int | None, ...], splits=(None, 1), **more) -> list[dict]:
+    """--sweep's tilings of a matvec kernel: each block_n x chunk x splits (the plan's, 1) x warps (4, 8) x each of
+    `more`'s values (name -> tuple), then two pipeline depths over the defaults."""
+    names = ("block_n", "chunk", "splits", "num_warps", *more)
+    grid = itertools.product(block_ns, chunks, splits, (4, 8), *more.values())
+    tilings = [{k: v for k, v in zip(names, values, strict=True) if v is not None} for values in grid]
     return tilings + [dict(num_stages=2), dict(num_stages=4)]
 
 
 # The tensor-core kernel's also over smaller row tiles (qmatvec.ROW_TILE is 64): at one row a tile is mostly
 # masked rows. A row tile must be one for every call (a row's bits), so these inform that constant.
-SWEEP = matvec_tilings((16, 32, 64), (None, 1, 4)) + [dict(row_tile=r, block_n=b) for r in (16, 32) for b in (32, 64)]
+# Each also with the weight tile as the dot's first operand (w_first).
+SWEEP = matvec_tilings((32, 64), (None, 4), (None, 1), w_first=(False, True)) + [
+    dict(row_tile=r, block_n=b) for r in (16, 32) for b in (32, 64)
+]
 # --sweep-kernel per-row: the per-row kernel's tilings (at a few rows it reads each weight tile once a row group,
-# so wider tiles and more super-blocks a step put more bytes in flight a program).
-SWEEP_PER_ROW = matvec_tilings((32, 64, 128), (None, 2, 4))
+# so wider tiles and more super-blocks a step put more bytes in flight a program), each summed every step and
+# once at the end (late_sum).
+SWEEP_PER_ROW = matvec_tilings((32, 64, 128), (None,), (None, 1), late_sum=(False, True))
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
 SWEEP_COPY = (
     [dict(block_m=m, block_n=b) for m in (16, 32, 64) for b in (64, 128)]
@@ -121,13 +126,16 @@ def random_planes(qtype: QT, shape: tuple[int, ...], seed: int):
 
 
 def timed(fn, *args, repeat: int) -> float:
-    """Median seconds of fn(*args), after a compile-and-warm call."""
+    """Seconds a call of fn(*args), after a compile-and-warm call: the median over three rounds of `repeat` calls
+    issued back to back (one wait at the end), so the host's work for a call (its arguments: ~4 us a weight plane
+    on the H200's host) overlaps the device's work for the previous one instead of adding to it."""
     jax.block_until_ready(fn(*args))
     times = []
-    for _ in range(repeat):
+    for _ in range(3):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        out = [fn(*args) for _ in range(repeat)]
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / repeat)
     return statistics.median(times)
 
 
@@ -137,14 +145,21 @@ def copy_bandwidth(repeat: int) -> float:
     return 2 * a.nbytes / t
 
 
+# Matvecs a timed call makes at least (passes over the weight copies): a small weight's matvec takes ~2 us on the
+# device, and a call's host work (~4 us a weight plane passed) must stay below its device work to time the device.
+MIN_MATVECS = 256
+
+
 def per_call(op, weights, x, ids, repeat: int, **tiles) -> float:
-    """Seconds per matvec: one jitted call applies `op` to each weight copy in turn."""
+    """Seconds per matvec on the device: one jitted call applies `op` to each weight copy in turn, in passes (each
+    on x scaled by its own factor, so that no two products are the same expression for XLA to share)."""
+    passes = 1 if tiles.get("interpret") else -(-MIN_MATVECS // len(weights))  # interpret mode: a check, not a time
 
     def run(ws, x, ids):
         args = (ids,) if ids is not None else ()
-        return sum(op(x, w, *args, **tiles) for w in ws)
+        return sum(op(x * (1 + p / 64), w, *args, **tiles) for p in range(passes) for w in ws)
 
-    return timed(jax.jit(run), weights, x, ids, repeat=repeat) / len(weights)
+    return timed(jax.jit(run), weights, x, ids, repeat=repeat) / (len(weights) * passes)
 
 
 def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
@@ -175,12 +190,14 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         same = bool(jnp.array_equal(one(x[:1], w)[0], one(x, w)[0]))
         line += f"  per-row {t_rows * 1e6:9.1f} us  row 0 alone: {'same bits' if same else 'OTHER BITS'}"
     print(line, flush=True)
-    if args.sweep:
-        # the dense call's per-row kernel where asked (`t_rows` its default's time); the MoE call has only that one
-        per_row = args.sweep_kernel == "per-row" and not k_sel
-        kind, default_s = (dict(tensor_cores=False), t_rows) if per_row else ({}, t_kernel)
-        best = best_tiling(lambda **tiles: per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind, **tiles),
-                           default_s, SWEEP_PER_ROW if per_row else SWEEP)  # fmt: skip
+    # the dense call's per-row kernel where asked (`t_rows` its default's time); the MoE call has only that one
+    kinds = {"tensor-cores": [False], "per-row": [True], "both": [False, True]}[args.sweep_kernel] if args.sweep else []
+    for per_row in kinds if not k_sel else kinds[:1]:
+        kind, default_s = (dict(tensor_cores=False), t_rows) if per_row and not k_sel else ({}, t_kernel)
+        best = best_tiling(lambda kind=kind, **tiles: per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind,
+                                                               **tiles),
+                           default_s, SWEEP_PER_ROW if per_row else SWEEP,
+                           lambda t: f"{read / t / 1e9:.1f} GB/s")  # fmt: skip
         print(f"    best{' per-row' if per_row else ''} {best[0] * 1e6:.1f} us {read / best[0] / 1e9:.1f} GB/s "
               f"with {best[1]}", flush=True)  # fmt: skip
 
@@ -312,7 +329,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512,
                     help="prefill tokens (rows) of the MoE and dense prefill cases (0: skip)")  # fmt: skip
     ap.add_argument("--sweep", action="store_true", help="also try other tilings and print the best")
-    ap.add_argument("--sweep-kernel", default="tensor-cores", choices=("tensor-cores", "per-row"),
+    ap.add_argument("--sweep-kernel", default="tensor-cores", choices=("tensor-cores", "per-row", "both"),
                     help="the dense decode kernel --sweep tiles")  # fmt: skip
     ap.add_argument("--labels", default="", help="cases whose label contains one of these, e.g. phi3,qwen2.5")
     ap.add_argument("--decode-moe", action="store_true",

@@ -18,14 +18,19 @@
 #                      of the largest prefill group (trace-M.json.gz, trace-M-prefill.json.gz in the call's logs
 #                      tarball), summed by kernel (bench.trace) in the stage's log
 #           kinds:M    the decode step of model M at ROWS rows (default 1,2: one stream's bucket) on the tensor-core
-#                      and on the per-row kernels (--max-batch 64 and 2), a process each; a profiler trace of the first
-#                      (the server's default), summed by kernel in the stage's log; budget KINDS_SECONDS (default 200)
+#                      and on the per-row kernels (--max-batch 64 and 2), a process each; a profiler trace of each,
+#                      summed by kernel in the stage's log; budget KINDS_SECONDS (default 200)
 #           goldens    python -m bench.goldens: the real Gemma 3 against exact math, step by step, for each of
 #                      GOLDENS_VARIANTS (default 64,2: the tensor-core and per-row decode kernels; e.g. 64j: attention
 #                      on jax.numpy); needs the staged Gemma wheels and shared/oracles/gemma3-270m; budget
 #                      GOLDENS_SECONDS (default 240)
 #           kbench     python -m bench.kernels $KBENCH_ARGS (default "--rows 0 --prefill 4096 --sweep": the prefill
 #                      tiles); budget KBENCH_SECONDS (default 240)
+#           ncu        Nsight Compute's counters (occupancy, registers, DRAM throughput, warp stalls) on one call of each
+#                      decode matvec variant of bench.kernel_profile, for NCU_CASES (default "phi3 gate_up:Q4_K") at
+#                      NCU_ROWS rows (default 1); budget NCU_SECONDS (default 180)
+#           ktrace     the same variants timed as bench.kernels times them (a call over weight copies), each call's
+#                      device kernels by name from a JAX profiler trace and its program's instructions by opcode
 #           host       python -m bench.host on this machine's CPU (the engine, then HTTP, at 256 streams of a model that
 #                      costs nothing: the host's µs a token); HOST_ARGS passed on; budget HOST_SECONDS (default 150)
 #           host-real:M  python -m bench.host --real on model M on the GPU: the worker's engine alone, then behind the
@@ -176,14 +181,15 @@ do_kinds() {
     mkdir -p "$results/rows"
     for mb in 64 2; do
         echo "== $like: max_batch $mb"
-        trace=()
-        [ "$mb" = 64 ] && trace=(--trace "$results/rows/trace-$like-kinds")
+        trace=(--trace "$results/rows/trace-$like-kinds-b$mb")
         py -m bench.dispatch --model "$(model_path "$like")" --rows "${ROWS:-1,2}" --device "${BENCH_DEVICE:-gpu}" \
             --steps 16 --max-batch $mb --sweep-only "${trace[@]}" --json "$results/rows/kinds-$like-b$mb.json" |
             grep -v '^[ {}"]' || rc=1
     done
-    f=$(newest_trace "$results/rows/trace-$like-kinds")
-    [ -n "$f" ] && { echo "== trace, max_batch 64"; py -m bench.trace "$f"; }
+    for mb in 64 2; do
+        f=$(newest_trace "$results/rows/trace-$like-kinds-b$mb")
+        [ -n "$f" ] && { echo "== trace, max_batch $mb"; py -m bench.trace "$f"; }
+    done
     return $rc
 }
 
@@ -203,6 +209,23 @@ do_goldens() {
 do_kbench() {
     # shellcheck disable=SC2086  # KBENCH_ARGS is a list of flags
     py -m bench.kernels ${KBENCH_ARGS:---rows 0 --prefill 4096 --sweep}
+}
+
+do_ncu() {
+    # Nsight Compute's counters on one call of each matvec variant (bench.kernel_profile); ncu is on PATH or under
+    # /opt/nvidia/nsight-compute on the GPU machine (its Firecracker runtime reads the counters; gVisor does not)
+    local ncu
+    ncu=$(command -v ncu || find /opt/nvidia -name ncu -type f -perm -u+x 2>/dev/null | head -n 1)
+    [ -n "$ncu" ] || { echo "no ncu on this machine"; return 1; }
+    bash tools/gpu-env.sh "$ncu" --clock-control none --profile-from-start off -k regex:qmatvec --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis python3 -m bench.kernel_profile --cases "${NCU_CASES:-phi3 gate_up:Q4_K}" \
+        --rows "${NCU_ROWS:-1}"
+}
+
+do_ktrace() {
+    # the same variants timed as bench.kernels times them, each call's device kernels from a profiler trace
+    py -m bench.kernel_profile --trace "$results/ktrace" --cases "${NCU_CASES:-phi3 gate_up:Q4_K}" --rows "${NCU_ROWS:-1}"
 }
 
 do_host() {
@@ -319,6 +342,8 @@ for s in "$@"; do
         invariance) stage invariance "${INVARIANCE_SECONDS:-180}" do_invariance ;;
         goldens) stage goldens "${GOLDENS_SECONDS:-240}" do_goldens ;;
         kbench) stage kbench "${KBENCH_SECONDS:-240}" do_kbench ;;
+        ncu) stage ncu "${NCU_SECONDS:-180}" do_ncu ;;
+        ktrace) stage ktrace "${NCU_SECONDS:-180}" do_ktrace ;;
         attn) stage attn "${ATTN_SECONDS:-240}" do_attn ;;
         kinds:*) stage "kinds-${s#kinds:}" "${KINDS_SECONDS:-200}" do_kinds "${s#kinds:}" ;;
         host) stage host "${HOST_SECONDS:-150}" do_host ;;

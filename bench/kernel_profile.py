@@ -1,0 +1,120 @@
+"""One call of each decode matvec variant on one weight, for a profiler that reads hardware counters (Nsight
+Compute) to say where a kernel's time goes: occupancy, registers, the bytes it moves against the card's bandwidth,
+and what its warps wait on. Each variant is compiled and warmed first; then the profiler is started
+(cuProfilerStart, for `ncu --profile-from-start off`) and each variant is called once after a marker on stdout,
+so the n-th qmatvec launch profiled is the n-th variant.
+
+    ncu --clock-control none --profile-from-start off -k regex:qmatvec --section SpeedOfLight \\
+        --section Occupancy --section LaunchStats --section WarpStateStats \\
+        python -m bench.kernel_profile --cases "phi3 gate_up:Q4_K,qwen2.5-0.5b q/o" --rows 1
+
+Variants: the tensor-core kernel (the server's default), then the per-row kernel at its defaults and with the
+whole-tile sum (`late_sum`), each also with 64-row weight tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import gzip
+import json
+import os
+import re
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+
+from bench.kernels import DENSE, L2_BYTES, random_planes, timed
+from bench.trace import device_busy, device_kernels
+from worker.pallas_kernels import qmatvec as qmv
+
+VARIANTS = {
+    "tensor-cores": dict(tensor_cores=True),
+    "tensor-cores bn64": dict(tensor_cores=True, block_n=64),
+    "per-row": dict(tensor_cores=False),
+    "per-row late_sum": dict(tensor_cores=False, late_sum=True),
+    "per-row bn64": dict(tensor_cores=False, block_n=64),
+    "per-row late_sum bn64": dict(tensor_cores=False, late_sum=True, block_n=64),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--cases",
+        default="phi3 gate_up:Q4_K",
+        help="comma-separated labels of bench.kernels.DENSE, each with :FORMAT where it has several",
+    )
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--interpret", action="store_true", help="interpret mode (checks the script on the CPU)")
+    ap.add_argument("--trace", metavar="DIR", help="no counters: time each variant as bench.kernels does (a jitted "
+                    "call over weight copies past L2) and trace it with the JAX profiler, to split the call's time "
+                    "into the kernel's and the rest's")  # fmt: skip
+    args = ap.parse_args()
+    cases = []
+    for case in args.cases.split(","):
+        label, _, fmt = case.partition(":")
+        found = [c for c in DENSE if c[0] == label.strip() and fmt in ("", c[1].name)]
+        if len(found) != 1:
+            raise SystemExit(f"{case!r}: {len(found)} cases of bench.kernels.DENSE match (name one with :FORMAT)")
+        cases += found
+    if args.trace:
+        for case in cases:
+            traced_calls(case, args.rows, args.trace, args.interpret)
+        return
+    calls = []
+    for label, qtype, n, k in cases:
+        w = random_planes(qtype, (n, k), seed=0)
+        x = jax.random.normal(jax.random.key(0), (args.rows, k), jnp.float32)
+        for name, tiles in VARIANTS.items():
+            fn = jax.jit(lambda x, w, tiles=tiles: qmv.qmatvec(x, w, interpret=args.interpret, **tiles))
+            jax.block_until_ready(fn(x, w))  # compile and warm
+            calls.append((f"{label} {qtype.name} {n}x{k} rows={args.rows}: {name}", fn, x, w))
+    try:  # the driver's, present wherever a GPU is; a profiler started with --profile-from-start off waits for it
+        ctypes.CDLL("libcuda.so.1").cuProfilerStart()
+    except OSError:
+        print("no libcuda.so.1: the profiler (if any) sees the warm-up calls too")
+    for i, (what, fn, x, w) in enumerate(calls):
+        print(f"=== profiled launch {i}: {what}", flush=True)
+        jax.block_until_ready(fn(x, w))
+
+
+def traced_calls(case: tuple, rows: int, trace_dir: str, interpret: bool) -> None:
+    """Each variant on `case` timed as bench.kernels times it, then one traced call: the device's kernels by name
+    (us a matvec), and the compiled program's instructions by opcode (a copy there is a copy a call)."""
+    label, qtype, n, k = case
+    w = random_planes(qtype, (n, k), seed=0)
+    ws = [w] + [random_planes(qtype, (n, k), seed=i) for i in range(1, max(2, min(32, -(-L2_BYTES // w.nbytes))))]
+    x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32)
+    for name, tiles in VARIANTS.items():
+        fn = jax.jit(lambda x, ws, tiles=tiles: sum(qmv.qmatvec(x, w, interpret=interpret, **tiles) for w in ws))
+        wall = timed(fn, x, ws, repeat=10) / len(ws)
+        ops = Counter(re.findall(r"= \S+ (\w[\w-]*)\(", entry_computation(fn.lower(x, ws).compile().as_text())))
+        out = os.path.join(trace_dir, re.sub(r"\W+", "-", f"{label} {qtype.name} {name}"))
+        jax.profiler.start_trace(out, create_perfetto_trace=True)
+        jax.block_until_ready(fn(x, ws))
+        jax.profiler.stop_trace()
+        files = sorted(glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+        kernels, window, busy = {}, 0.0, 0.0
+        if files:
+            with gzip.open(files[-1]) as f:
+                trace = json.load(f)
+            kernels, (window, busy) = device_kernels(trace), device_busy(trace)
+        per = {kn: sum(d) / len(ws) for kn, d in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))}
+        print(f"{label} {qtype.name} {n}x{k} rows={rows} {name}: {wall * 1e6:.1f} us a call (wall); kernels a call: "
+              + ", ".join(f"{kn} {t:.1f} us x{len(kernels[kn]) / len(ws):g}" for kn, t in list(per.items())[:6])
+              + f"; device window {window / len(ws):.1f} us a call, busy {busy / max(window, 1e-9):.0%}"
+              + f"; program: {dict(ops.most_common(8))}", flush=True)  # fmt: skip
+
+
+def entry_computation(hlo: str) -> str:
+    """The ENTRY computation of an HLO module's text: the program's top-level instructions (what runs as kernels,
+    copies and custom calls), without the fusions' bodies."""
+    start = hlo.find("\nENTRY ")
+    return hlo[start : hlo.find("\n}", start)] if start >= 0 else ""
+
+
+if __name__ == "__main__":
+    main()
