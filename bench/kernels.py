@@ -80,7 +80,7 @@ def matvec_tilings(block_ns: tuple[int, ...], chunks: tuple[int | None, ...], sp
 # The tensor-core kernel's also over smaller row tiles (qmatvec.ROW_TILE is 64): at one row a tile is mostly
 # masked rows. A row tile must be one for every call (a row's bits), so these inform that constant.
 # Each also with the weight tile as the dot's first operand (w_first).
-SWEEP = matvec_tilings((32, 64), (None, 4), (None, 1), w_first=(False, True)) + [
+SWEEP = matvec_tilings((32, 64), (None,), (None, 1), w_first=(False, True)) + [
     dict(row_tile=r, block_n=b) for r in (16, 32) for b in (32, 64)
 ]
 # --sweep-kernel per-row: the per-row kernel's tilings (at a few rows it reads each weight tile once a row group,
