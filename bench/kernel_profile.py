@@ -8,8 +8,9 @@ so the n-th qmatvec launch profiled is the n-th variant.
         --section Occupancy --section LaunchStats --section WarpStateStats \\
         python -m bench.kernel_profile --cases "phi3 gate_up:Q4_K,qwen2.5-0.5b q/o" --rows 1
 
-Variants: the tensor-core kernel (the server's default), then the per-row kernel at its defaults and with the
-whole-tile sum (`late_sum`), each also with 64-row weight tiles.
+Variants: the tensor-core kernel (the server's default) and its best tiling at one row on the H200 (16-row x
+tiles, 64-row weight tiles: docs/PERFORMANCE.md, sixteenth session), then the per-row kernel at its defaults and
+with four pipeline stages.
 """
 
 from __future__ import annotations
@@ -32,11 +33,9 @@ from worker.pallas_kernels import qmatvec as qmv
 
 VARIANTS = {
     "tensor-cores": dict(tensor_cores=True),
-    "tensor-cores bn64": dict(tensor_cores=True, block_n=64),
+    "tensor-cores row_tile 16, block_n 64": dict(tensor_cores=True, row_tile=16, block_n=64),
     "per-row": dict(tensor_cores=False),
-    "per-row late_sum": dict(tensor_cores=False, late_sum=True),
-    "per-row bn64": dict(tensor_cores=False, block_n=64),
-    "per-row late_sum bn64": dict(tensor_cores=False, late_sum=True, block_n=64),
+    "per-row 4 stages": dict(tensor_cores=False, num_stages=4),
 }
 
 

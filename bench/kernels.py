@@ -68,25 +68,20 @@ PREFILL_DENSE = [
 ]
 
 
-def matvec_tilings(block_ns: tuple[int, ...], chunks: tuple[int | None, ...], splits=(None, 1), **more) -> list[dict]:
-    """--sweep's tilings of a matvec kernel: each block_n x chunk x splits (the plan's, 1) x warps (4, 8) x each of
-    `more`'s values (name -> tuple), then two pipeline depths over the defaults."""
-    names = ("block_n", "chunk", "splits", "num_warps", *more)
-    grid = itertools.product(block_ns, chunks, splits, (4, 8), *more.values())
-    tilings = [{k: v for k, v in zip(names, values, strict=True) if v is not None} for values in grid]
+def matvec_tilings(block_ns: tuple[int, ...], chunks: tuple[int | None, ...]) -> list[dict]:
+    """--sweep's tilings of a matvec kernel: each block_n x chunk x splits (the plan's, 1) x warps (4, 8), then two
+    pipeline depths over the defaults."""
+    grid = itertools.product(block_ns, chunks, (None, 1), (4, 8))
+    tilings = [dict(block_n=b, chunk=c, splits=s, num_warps=w) for b, c, s, w in grid]
     return tilings + [dict(num_stages=2), dict(num_stages=4)]
 
 
 # The tensor-core kernel's also over smaller row tiles (qmatvec.ROW_TILE is 64): at one row a tile is mostly
 # masked rows. A row tile must be one for every call (a row's bits), so these inform that constant.
-# Each also with the weight tile as the dot's first operand (w_first).
-SWEEP = matvec_tilings((32, 64), (None,), (None, 1), w_first=(False, True)) + [
-    dict(row_tile=r, block_n=b) for r in (16, 32) for b in (32, 64)
-]
+SWEEP = matvec_tilings((32, 64), (None, 4)) + [dict(row_tile=r, block_n=b) for r in (16, 32) for b in (32, 64)]
 # --sweep-kernel per-row: the per-row kernel's tilings (at a few rows it reads each weight tile once a row group,
-# so wider tiles and more super-blocks a step put more bytes in flight a program), each summed every step and
-# once at the end (late_sum).
-SWEEP_PER_ROW = matvec_tilings((32, 64, 128), (None,), (None, 1), late_sum=(False, True))
+# so wider tiles and more super-blocks a step put more bytes in flight a program).
+SWEEP_PER_ROW = matvec_tilings((32, 64, 128), (None, 2))
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
 SWEEP_COPY = (
     [dict(block_m=m, block_n=b) for m in (16, 32, 64) for b in (64, 128)]
@@ -133,16 +128,25 @@ def timed(fn, *args, repeat: int) -> float:
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        out = [fn(*args) for _ in range(repeat)]
+        for _ in range(repeat):  # each result dropped as the next is issued: its memory serves a later call
+            out = fn(*args)
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / repeat)
     return statistics.median(times)
 
 
 def copy_bandwidth(repeat: int) -> float:
+    """(read + write bytes) / the median time of `a + 1` on 1 GiB of float32, one call at a time (issued back to
+    back, each call's 1 GiB result would be a fresh allocation while the others are alive)."""
     a = jnp.ones((1 << 28,), jnp.float32)
-    t = timed(jax.jit(lambda a: a + 1), a, repeat=repeat)
-    return 2 * a.nbytes / t
+    fn = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(fn(a))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(a))
+        times.append(time.perf_counter() - t0)
+    return 2 * a.nbytes / statistics.median(times)
 
 
 # Matvecs a timed call makes at least (passes over the weight copies): a small weight's matvec takes ~2 us on the
@@ -150,10 +154,12 @@ def copy_bandwidth(repeat: int) -> float:
 MIN_MATVECS = 256
 
 
-def per_call(op, weights, x, ids, repeat: int, **tiles) -> float:
-    """Seconds per matvec on the device: one jitted call applies `op` to each weight copy in turn, in passes (each
-    on x scaled by its own factor, so that no two products are the same expression for XLA to share)."""
-    passes = 1 if tiles.get("interpret") else -(-MIN_MATVECS // len(weights))  # interpret mode: a check, not a time
+def per_call(op, weights, x, ids, repeat: int, passes: int | None = None, **tiles) -> float:
+    """Seconds per matvec on the device: one jitted call applies `op` to each weight copy in turn, in `passes`
+    (default: MIN_MATVECS matvecs; each pass on x scaled by its own factor, so that no two products are the same
+    expression for XLA to share). A twin takes one pass: XLA would dequantize each copy once for all its passes."""
+    if passes is None:  # interpret mode: a check, not a time
+        passes = 1 if tiles.get("interpret") else -(-MIN_MATVECS // len(weights))
 
     def run(ws, x, ids):
         args = (ids,) if ids is not None else ()
@@ -177,7 +183,7 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         read = w.nbytes
     interp = dict(interpret=True) if args.smoke else {}
     t_kernel = per_call(ops[0], weights, x, ids, args.repeat, **interp)
-    t_twin = per_call(ops[1], weights, x, ids, args.repeat)
+    t_twin = per_call(ops[1], weights, x, ids, args.repeat, passes=1)
     p = qmv.plan(qtype, shape[-2], kdim, k_sel or 1)
     line = (
         f"{label:22s} {qtype.name:6s} {'x'.join(map(str, shape)):>16s} M={rows:<2d} "

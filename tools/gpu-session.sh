@@ -219,8 +219,13 @@ do_ncu() {
     [ -n "$ncu" ] || { echo "no ncu on this machine"; return 1; }
     bash tools/gpu-env.sh "$ncu" --clock-control none --profile-from-start off -k regex:qmatvec --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
-        --section MemoryWorkloadAnalysis python3 -m bench.kernel_profile --cases "${NCU_CASES:-phi3 gate_up:Q4_K}" \
-        --rows "${NCU_ROWS:-1}"
+        --section MemoryWorkloadAnalysis --section InstructionStats --section SourceCounters \
+        python3 -m bench.kernel_profile --cases "${NCU_CASES:-phi3 gate_up:Q4_K}" \
+        --rows "${NCU_ROWS:-1}" || return 1
+    echo "== the per-row kernels' executed instructions by opcode"
+    bash tools/gpu-env.sh "$ncu" --clock-control none --profile-from-start off -k 'regex:^qmatvec_[a-z0-9]+_[a-z0-9]+$' \
+        --metrics sass__inst_executed_per_opcode --print-metric-instances values \
+        python3 -m bench.kernel_profile --cases "${NCU_CASES:-phi3 gate_up:Q4_K}" --rows "${NCU_ROWS:-1}"
 }
 
 do_ktrace() {

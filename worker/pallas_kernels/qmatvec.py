@@ -32,7 +32,7 @@ MAX_BATCH = 1024  # the most rows of a decode dispatch (--max-batch) in the batc
 ROW_TILE = 64
 MIN_DOT = 16  # tl.dot's smallest tile dimension
 TARGET_VALUES = 8192  # weight values per program per loop step
-TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "late_sum", "w_first")  # `plan`'s overrides
+TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages")  # `plan`'s overrides
 # The tiles of prefill-shaped calls (ops.qmatmul: a prompt chunk's positions, or several sequences' chunks in one
 # dispatch: thousands of rows), which take the weight dequantized once into float16 (`quant.widened`): a plain
 # tensor-core product, with one split of K (no partial sums to write). A row's bits depend on these tiles, so every
@@ -60,7 +60,18 @@ class Format:
     parts: Callable[[Load], Parts]
 
 
+# An integer's float32 by bits, for the codes and 8-bit scales (|value| < 2^22): its sum with 1.5 * 2^23's bits is
+# the float 1.5 * 2^23 + value exactly (one unit in the last place is 1 there), and subtracting 1.5 * 2^23 leaves
+# the value, exactly as a conversion would. Why not a conversion: on an H200 (sm_90) I2F issues at 16 a cycle per
+# SM against 64-128 for an integer or float add, and Nsight Compute counted one I2F a weight value in the per-row
+# Q4_K kernel (docs/PERFORMANCE.md, sixteenth session).
+_MAGIC_BITS, _MAGIC = 0x4B400000, 12582912.0
+
+
 def _f32(a: jax.Array) -> jax.Array:
+    if jnp.issubdtype(a.dtype, jnp.integer):
+        bits = a.astype(jnp.int32) + jnp.int32(_MAGIC_BITS)
+        return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(_MAGIC)
     return a.astype(jnp.float32)
 
 
@@ -249,13 +260,6 @@ class Plan:
     steps: int  # loop steps per program
     num_warps: int = 4
     num_stages: int = 3
-    # The per-row kernel: keep each row's products as a whole tile across the loop's steps and sum the tile once at
-    # the end, rather than summing each step's tile to a column vector (a cross-thread reduction every step).
-    late_sum: bool = False
-    # The tensor-core kernel: the dequantized weight tile as the dot's first operand (the product's rows), x's as
-    # the second, the product transposed once at the end. Why try it: Hopper's wgmma reads its first operand from
-    # registers, where the weight tile is dequantized, and only its second from shared memory.
-    w_first: bool = False
 
 
 def plan(
@@ -268,8 +272,6 @@ def plan(
     splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
-    late_sum: bool = False,
-    w_first: bool = False,
 ) -> Plan:
     """The tiling for an [n, k] weight: a function of the weight's shape and format only, never of the number of
     rows of x or of (token, expert) pairs, so that every row is computed with the same tiles, K split and
@@ -291,11 +293,10 @@ def plan(
     if splits is None:
         splits = max(1, pl.cdiv(TARGET_PROGRAMS, pl.cdiv(n, block_n) * selections))
     steps = pl.cdiv(n_chunks, min(max(1, splits), n_chunks))
-    return Plan(block_n, chunk, pl.cdiv(n_chunks, steps), steps, num_warps, num_stages, late_sum, w_first)
+    return Plan(block_n, chunk, pl.cdiv(n_chunks, steps), steps, num_warps, num_stages)
 
 
-def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool,
-            part_shape: tuple[int, ...]):  # fmt: skip
+def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool):
     """The per-row kernel (a float32 multiply-add per value and row). Dense: program (r, i, j) computes output
     columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows). Gathered: program (t, i, j), for
     x row t only, with expert ids[t]."""
@@ -329,20 +330,14 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
                     xv = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(blocks_ok, w.shape[1:], (0,)), other=0)
                 term = w * jax.lax.expand_dims(xv, (0,))
                 prod = term if prod is None else prod + term
-            out.append(a + (prod if p.late_sum else _row_sums(prod)))
+            while prod.ndim > 1:  # Triton reduces one axis at a time
+                prod = jnp.sum(prod, axis=-1)
+            out.append(a + prod)
         return tuple(out)
 
-    acc_shape = (bn, c, *part_shape) if p.late_sum else (bn,)
-    acc = jax.lax.fori_loop(0, p.steps, step, tuple(jnp.zeros(acc_shape, jnp.float32) for _ in x_rows))
+    acc = jax.lax.fori_loop(0, p.steps, step, tuple(jnp.zeros((bn,), jnp.float32) for _ in x_rows))
     for a, m in zip(acc, x_rows, strict=True):
-        o_ref[split, static_index(m), pl.ds(row0, bn)] = _row_sums(a)
-
-
-def _row_sums(prod: jax.Array) -> jax.Array:
-    """[BN, ...] -> [BN]: the sum over every axis but the first."""
-    while prod.ndim > 1:  # Triton reduces one axis at a time
-        prod = jnp.sum(prod, axis=-1)
-    return prod
+        o_ref[split, static_index(m), pl.ds(row0, bn)] = a
 
 
 def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks: int, p: Plan, t_size: int,
@@ -366,14 +361,11 @@ def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks:
         for part, (w, _) in enumerate(fmt.parts(load)):
             xv = load_x_part(x_ref, part, r0, bm, b0, c, t_size, blocks, x_ok, blocks_ok)
             w = w.reshape(bn, c * t_size).astype(xv.dtype)
-            a, b = (w, xv) if p.w_first else (xv, w)
-            acc += jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+            acc += jax.lax.dot_general(xv, w, (((1,), (1,)), ((), ())), precision=precision,
                                        preferred_element_type=jnp.float32)  # fmt: skip
         return acc
 
-    acc = jax.lax.fori_loop(0, p.steps, step, jnp.zeros((bn, bm) if p.w_first else (bm, bn), jnp.float32))
-    if p.w_first:
-        acc = acc.T
+    acc = jax.lax.fori_loop(0, p.steps, step, jnp.zeros((bm, bn), jnp.float32))
     out = o_ref.at[split, pl.ds(r0, bm), pl.ds(row0, bn)]
     if x_ok is None:
         out[...] = acc
@@ -457,8 +449,7 @@ def _call(
         group = 1 if ids is not None else min(t, MAX_ROWS)
         out_rows = pl.cdiv(t, group) * group
         xv = jnp.pad(x.astype(jnp.float32), ((0, out_rows - t), (0, 0))).reshape(out_rows, k // fmt.sb, *fmt.x_inner)
-        kernel = functools.partial(_kernel, **common, rows=group, gathered=ids is not None,
-                                   part_shape=parts_layout(w.qtype)[1])  # fmt: skip
+        kernel = functools.partial(_kernel, **common, rows=group, gathered=ids is not None)
         grid, args = (out_rows // group, n_blocks, p.splits), (*([] if ids is None else [ids]), xv, *planes)
     # The row tiles (gathered: the rows) vary fastest, so the programs that read one weight tile run together and
     # share it through L2.
