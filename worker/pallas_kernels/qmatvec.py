@@ -60,18 +60,7 @@ class Format:
     parts: Callable[[Load], Parts]
 
 
-# An integer's float32 by bits, for the codes and 8-bit scales (|value| < 2^22): its sum with 1.5 * 2^23's bits is
-# the float 1.5 * 2^23 + value exactly (one unit in the last place is 1 there), and subtracting 1.5 * 2^23 leaves
-# the value, exactly as a conversion would. Why not a conversion: on an H200 (sm_90) I2F issues at 16 a cycle per
-# SM against 64-128 for an integer or float add, and Nsight Compute counted one I2F a weight value in the per-row
-# Q4_K kernel (docs/PERFORMANCE.md, sixteenth session).
-_MAGIC_BITS, _MAGIC = 0x4B400000, 12582912.0
-
-
 def _f32(a: jax.Array) -> jax.Array:
-    if jnp.issubdtype(a.dtype, jnp.integer):
-        bits = a.astype(jnp.int32) + jnp.int32(_MAGIC_BITS)
-        return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(_MAGIC)
     return a.astype(jnp.float32)
 
 
