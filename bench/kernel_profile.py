@@ -52,13 +52,7 @@ def main() -> None:
                     "call over weight copies past L2) and trace it with the JAX profiler, to split the call's time "
                     "into the kernel's and the rest's")  # fmt: skip
     args = ap.parse_args()
-    cases = []
-    for case in args.cases.split(","):
-        label, _, fmt = case.partition(":")
-        found = [c for c in DENSE if c[0] == label.strip() and fmt in ("", c[1].name)]
-        if len(found) != 1:
-            raise SystemExit(f"{case!r}: {len(found)} cases of bench.kernels.DENSE match (name one with :FORMAT)")
-        cases += found
+    cases = selected_cases(args.cases)
     if args.trace:
         for case in cases:
             traced_calls(case, args.rows, args.trace, args.interpret)
@@ -78,6 +72,18 @@ def main() -> None:
     for i, (what, fn, x, w) in enumerate(calls):
         print(f"=== profiled launch {i}: {what}", flush=True)
         jax.block_until_ready(fn(x, w))
+
+
+def selected_cases(spec: str) -> list[tuple]:
+    """The bench.kernels.DENSE cases named by "label[:FORMAT],...": exactly one each, or SystemExit saying which."""
+    cases = []
+    for case in spec.split(","):
+        label, _, fmt = case.partition(":")
+        found = [c for c in DENSE if c[0] == label.strip() and fmt in ("", c[1].name)]
+        if len(found) != 1:
+            raise SystemExit(f"{case!r}: {len(found)} cases of bench.kernels.DENSE match (name one with :FORMAT)")
+        cases += found
+    return cases
 
 
 def traced_calls(case: tuple, rows: int, trace_dir: str, interpret: bool) -> None:

@@ -367,3 +367,38 @@ def test_goldens_finds_where_the_decode_leaves_exact_math():
     low = goldens.check(_FakeGemma(table, -0.05), prompt, gold, margin=0.05)
     assert low["diverged_at"] is None and low["compared_steps"] == 7 and len(low["decode_gap_err"]) == 7
     assert len(low["prefill_gap_err"]) == goldens.STEPS
+
+
+def test_kernel_bench_times_at_least_min_matvecs_a_call_and_a_twin_once(monkeypatch):
+    # bench.kernels.per_call: enough matvecs a call that the device's work, not the host's argument handling,
+    # sets the time; each pass on its own x (XLA would otherwise compute one product once); the twin in one pass.
+    from bench import kernels
+
+    calls = []
+
+    def op(x, w):
+        calls.append(x)  # traced once a call site: the count is the call's matvecs
+        return x @ w
+
+    monkeypatch.setattr(kernels, "timed", lambda fn, *args, repeat: (fn(*args), 1.0)[1])
+    x, ws = np.ones((1, 4), np.float32), [np.eye(4, dtype=np.float32)] * 3
+    assert kernels.per_call(op, ws, x, None, repeat=1) == 1.0 / (3 * -(-kernels.MIN_MATVECS // 3))
+    assert len(calls) == 3 * -(-kernels.MIN_MATVECS // 3) >= kernels.MIN_MATVECS
+    calls.clear()
+    assert kernels.per_call(op, ws, x, None, repeat=1, passes=1) == 1.0 / 3
+    assert len(calls) == 3
+
+
+def test_kernel_profile_names_one_case_and_reads_the_programs_top_level():
+    from bench import kernel_profile
+
+    hlo = (
+        "HloModule m\n\n%fused (p: f32[4]) -> f32[4] {\n  %a = f32[4] add(p, p)\n}\n\n"
+        "ENTRY %main (x: f32[4]) -> f32[4] {\n  %x = f32[4] parameter(0)\n  %c = f32[4] custom-call(%x)\n"
+        "  ROOT %f = f32[4] fusion(%c), calls=%fused\n}\n"
+    )
+    top = kernel_profile.entry_computation(hlo)
+    assert "custom-call(" in top and "fusion(" in top and "add(" not in top
+    with pytest.raises(SystemExit, match="2 cases"):
+        kernel_profile.selected_cases("qwen2.5-0.5b down")
+    assert [c[1].name for c in kernel_profile.selected_cases("qwen2.5-0.5b down:Q6_K, phi3 qkv")] == ["Q6_K", "Q4_K"]

@@ -224,7 +224,7 @@ do_ncu() {
         --rows "${NCU_ROWS:-1}" || return 1
     echo "== the per-row kernels' executed instructions by opcode"
     bash tools/gpu-env.sh "$ncu" --clock-control none --profile-from-start off -k 'regex:^qmatvec_[a-z0-9]+_[a-z0-9]+$' \
-        --metrics sass__inst_executed_per_opcode --print-metric-instances values \
+        --metrics sass__inst_executed_per_opcode --print-metric-instances details \
         python3 -m bench.kernel_profile --cases "${NCU_CASES:-phi3 gate_up:Q4_K}" --rows "${NCU_ROWS:-1}"
 }
 
