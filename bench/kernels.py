@@ -15,7 +15,10 @@ at load (moe_matmul.DECODE_COPY_TILES), with the copy's bytes read per second.
     python -m bench.kernels --rows 1,2,8 --prefill 0 --sweep --sweep-kernel per-row --labels phi3   # the per-row tiles
 
 Each timed call cycles through enough copies of the weight to exceed the L2 cache (>= 512 MB in all), so the
-rate is DRAM's, not L2's. The copy bandwidth is (read + write bytes) / time of `a + 1` on 1 GiB of float32.
+rate is DRAM's, not L2's, in passes that make at least MIN_MATVECS matvecs; calls go back to back, one wait at the
+end. So the figures are the device's: the host's ~4 us a weight plane of a call's arguments overlaps the previous
+call (before 2026-12-04 it did not, and small weights' figures were mostly the host's; docs/PERFORMANCE.md,
+sixteenth session). The copy bandwidth is (read + write bytes) / time of `a + 1` on 1 GiB of float32.
 `--sweep` also times a few other tilings per case (block_n, chunk, splits, num_warps, num_stages; prefill: the
 row tile) and prints the best, to tune `qmatvec.plan` and the PREFILL_TILES. `--smoke` runs two tiny cases in
 interpret mode (checks the script, on CPU).
