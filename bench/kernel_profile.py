@@ -9,8 +9,8 @@ so the n-th qmatvec launch profiled is the n-th variant.
         python -m bench.kernel_profile --cases "phi3 gate_up:Q4_K,qwen2.5-0.5b q/o" --rows 1
 
 Variants: the tensor-core kernel (the server's default) and its best tiling at one row on the H200 (16-row x
-tiles, 64-row weight tiles: docs/PERFORMANCE.md, sixteenth session), then the per-row kernel at its defaults and
-with four pipeline stages.
+tiles, 64-row weight tiles: docs/PERFORMANCE.md, sixteenth session), then the per-row kernel at its defaults, with
+four pipeline stages, and with its scales factored out of the inner loop (qmatvec.Plan.factored).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ VARIANTS = {
     "tensor-cores row_tile 16, block_n 64": dict(tensor_cores=True, row_tile=16, block_n=64),
     "per-row": dict(tensor_cores=False),
     "per-row 4 stages": dict(tensor_cores=False, num_stages=4),
+    "per-row factored": dict(tensor_cores=False, factored=True),
 }
 
 

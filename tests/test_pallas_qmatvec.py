@@ -92,6 +92,36 @@ def test_qmatvec_at_tile_edges(qtype):
     assert_close(y, np.asarray(qmv.qmatvec_twin(x, w), np.float64), bound, "kernel vs twin")
 
 
+# The per-row kernel's arithmetic variants (qmatvec.Plan): the scales factored out of the inner loop, the next
+# step's planes loaded ahead, both. Every format factored; the prefetch on one format of each kind of layout.
+PER_ROW_VARIANTS = [(t, dict(factored=True)) for t in TYPES] + [
+    (t, dict(prefetch=True, factored=f)) for t in (QT.Q5_1, QT.Q4_K, QT.Q6_K) for f in (False, True)
+]
+
+
+@pytest.mark.parametrize(("qtype", "variant"), PER_ROW_VARIANTS, ids=lambda v: v.name if isinstance(v, QT) else
+                         "-".join(k for k, on in v.items() if on))  # fmt: skip
+def test_per_row_kernel_variants_at_tile_edges_and_alone(qtype, variant):
+    """Against float64's products at every tile edge (a K loop of several steps in several splits, rows and
+    super-blocks masked), dense and expert-gathered, and a row's bits the same alone as among others."""
+    sb = qmv.FORMATS[qtype].sb
+    blocks, tiles = EDGE_TILES[sb]
+    n, k = 40, blocks * sb
+    w, w64 = random_weight(qtype, (2, n, k), seed=5)
+    x = np.random.default_rng(9).standard_normal((3, k)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    dense = jax.jit(lambda x, w: qmv.qmatvec(x, w, interpret=True, tensor_cores=False, **variant, **tiles))
+    one = QuantArray({name: plane[1] for name, plane in w.planes.items()}, w.qtype, (n, k))
+    y = dense(x, one)
+    assert_close(y, x64 @ w64[1].T, np.abs(x64) @ np.abs(w64[1]).T, f"dense, {variant}, vs float64")
+    assert np.array_equal(np.asarray(dense(x[1:2], one))[0], np.asarray(y)[1]), "row 1 alone: other bits"
+    ids = np.array([[1], [0], [1]], np.int32)
+    g = jax.jit(lambda x, w, i: qmv.moe_matvec(x, w, i, interpret=True, **variant, **tiles))(x, w, ids)
+    picked = w64[ids[:, 0]]  # [M, N, K]
+    ref = np.einsum("mi,moi->mo", x64, picked)[:, None]
+    assert_close(g, ref, np.einsum("mi,moi->mo", np.abs(x64), np.abs(picked))[:, None], f"gathered, {variant}")
+
+
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.Q6_K, QT.MXFP4], ids=lambda t: t.name)
 def test_qmatvec_default_plan_without_masks(qtype):
     """The default tiles on a shape they divide: the unmasked code path, leading dims of x kept."""

@@ -32,7 +32,7 @@ MAX_BATCH = 1024  # the most rows of a decode dispatch (--max-batch) in the batc
 ROW_TILE = 64
 MIN_DOT = 16  # tl.dot's smallest tile dimension
 TARGET_VALUES = 8192  # weight values per program per loop step
-TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages")  # `plan`'s overrides
+TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch")  # `plan`'s overrides
 # The tiles of prefill-shaped calls (ops.qmatmul: a prompt chunk's positions, or several sequences' chunks in one
 # dispatch: thousands of rows), which take the weight dequantized once into float16 (`quant.widened`): a plain
 # tensor-core product, with one split of K (no partial sums to write). A row's bits depend on these tiles, so every
@@ -45,19 +45,33 @@ PREFILL_TILES = {"row_tile": 128, "block_n": 256, "splits": 1, "num_warps": 8, "
 
 Load = Callable[..., jax.Array]
 Parts = list[tuple[jax.Array, tuple]]
+# A format's values in factors: (code [BN, C, *g, S] float32, scale [BN, C, *g, 1] or None, offset [BN, C, *g, 1]
+# or None, index into x_inner), the value being scale * code + offset. The S values of a code tile's last axis
+# share their scale and offset (one sub-block's, or a part of one).
+Factors = list[tuple[jax.Array, jax.Array | None, jax.Array | None, tuple]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Format:
     """How one GGUF format is viewed and dequantized. `planes`: name -> inner view of one super-block's
-    elements. `x_inner`: x's view of one super-block. `parts(load)` returns (float32 tile [BN, C, *t] (a plain
-    format's in its own dtype), index into x_inner selecting the matching [C, *t] values) pairs; `load(name,
-    *index)` loads a masked plane tile [BN, C, *rest] with `index` applied to the plane's inner view."""
+    elements. `x_inner`: x's view of one super-block. `factors(load)` returns its values in factors (`Factors`),
+    each with the index into x_inner selecting the matching [C, *t] values of x; `load(name, *index)` loads a
+    masked plane tile [BN, C, *rest] with `index` applied to the plane's inner view."""
 
     sb: int
     planes: dict[str, tuple[int, ...]]
     x_inner: tuple[int, ...]
-    parts: Callable[[Load], Parts]
+    factors: Callable[[Load], Factors]
+
+    def parts(self, load: Load) -> Parts:
+        """(dequantized tile [BN, C, *t] (float32; a plain format's in its own dtype), index into x_inner) pairs."""
+        return [(_value(code, scale, offset), index) for code, scale, offset, index in self.factors(load)]
+
+
+def _value(code: jax.Array, scale: jax.Array | None, offset: jax.Array | None) -> jax.Array:
+    if scale is None:
+        return code
+    return scale * code if offset is None else scale * code + offset
 
 
 def _f32(a: jax.Array) -> jax.Array:
@@ -75,19 +89,19 @@ def _nibble_parts(qs: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q & 0xF, q >> 4
 
 
-def _q8_0(load: Load) -> Parts:
+def _q8_0(load: Load) -> Factors:
     qs, d = load("qs", ALL), load("d")  # [BN, C, 32], [BN, C]
-    return [(_lift(_f32(d), 3) * _f32(qs), (ALL,))]
+    return [(_f32(qs), _lift(_f32(d), 3), None, (ALL,))]
 
 
-def _q4_0(load: Load) -> Parts:
+def _q4_0(load: Load) -> Factors:
     d = _lift(_f32(load("d")), 3)
-    return [(d * _f32(q - 8), (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
+    return [(_f32(q - 8), d, None, (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
 
 
-def _q4_1(load: Load) -> Parts:
+def _q4_1(load: Load) -> Factors:
     d, m = _lift(_f32(load("d")), 3), _lift(_f32(load("m")), 3)
-    return [(d * _f32(q) + m, (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
+    return [(_f32(q), d, m, (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
 
 
 def _q5_codes(load: Load) -> list[jax.Array]:
@@ -101,14 +115,14 @@ def _q5_codes(load: Load) -> list[jax.Array]:
     return out
 
 
-def _q5_0(load: Load) -> Parts:
+def _q5_0(load: Load) -> Factors:
     d = _lift(_f32(load("d")), 3)
-    return [(d * _f32(q - 16), (p, ALL)) for p, q in enumerate(_q5_codes(load))]
+    return [(_f32(q - 16), d, None, (p, ALL)) for p, q in enumerate(_q5_codes(load))]
 
 
-def _q5_1(load: Load) -> Parts:
+def _q5_1(load: Load) -> Factors:
     d, m = _lift(_f32(load("d")), 3), _lift(_f32(load("m")), 3)
-    return [(d * _f32(q) + m, (p, ALL)) for p, q in enumerate(_q5_codes(load))]
+    return [(_f32(q), d, m, (p, ALL)) for p, q in enumerate(_q5_codes(load))]
 
 
 def _e2m1_doubled(code: jax.Array) -> jax.Array:
@@ -120,42 +134,41 @@ def _e2m1_doubled(code: jax.Array) -> jax.Array:
     return jnp.where(code >= 8, -v, v)
 
 
-def _mxfp4(load: Load) -> Parts:
+def _mxfp4(load: Load) -> Factors:
     # ggml_e8m0_to_fp32_half by bits: 2^(e - 128), a subnormal for e < 2 (as worker/quant.py).
     e = load("e").astype(jnp.uint32)
     bits = jnp.where(e < 2, jnp.uint32(0x00200000) << e, (e - 1) << 23)
     d = _lift(jax.lax.bitcast_convert_type(bits, jnp.float32), 3)
-    return [(d * _e2m1_doubled(q), (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
+    return [(_e2m1_doubled(q), d, None, (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
 
 
 def _k_scale_min(load: Load, p: int) -> tuple[jax.Array, jax.Array]:
-    """Q4_K/Q5_K: d*sc and dmin*mn of sub-block 2j + p for the 4 groups j of a super-block, [BN, C, 4, 1]."""
+    """Q4_K/Q5_K: d*sc and -(dmin*mn) of sub-block 2j + p for the 4 groups j of a super-block, [BN, C, 4, 1]
+    (x - y and x + (-y) are the same float, so the value is the dequantizer's d*sc*q - dmin*mn to the bit)."""
     d, dmin = _lift(_f32(load("d")), 3), _lift(_f32(load("dmin")), 3)
     dsc = d * _f32(load("scales", ALL, p))
     dmn = dmin * _f32(load("mins", ALL, p))
-    return _lift(dsc, 4), _lift(dmn, 4)
+    return _lift(dsc, 4), -_lift(dmn, 4)
 
 
-def _q4_k(load: Load) -> Parts:
+def _q4_k(load: Load) -> Factors:
     out = []
     for p, q in enumerate(_nibble_parts(load("qs", ALL, ALL))):  # [BN, C, 4, 32]
-        dsc, dmn = _k_scale_min(load, p)
-        out.append((dsc * _f32(q) - dmn, (ALL, p, ALL)))
+        out.append((_f32(q), *_k_scale_min(load, p), (ALL, p, ALL)))
     return out
 
 
-def _q5_k(load: Load) -> Parts:
+def _q5_k(load: Load) -> Factors:
     qh = jax.lax.expand_dims(load("qh", ALL).astype(jnp.int32), (2,))  # [BN, C, 1, 32]
     group = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 4, 1), 2)
     out = []
     for p, low in enumerate(_nibble_parts(load("qs", ALL, ALL))):
         high = (qh >> (2 * group + p)) & 1  # bit 2j + p of byte l: bit 4 of value 64j + 32p + l
-        dsc, dmn = _k_scale_min(load, p)
-        out.append((dsc * _f32(low | (high << 4)) - dmn, (ALL, p, ALL)))
+        out.append((_f32(low | (high << 4)), *_k_scale_min(load, p), (ALL, p, ALL)))
     return out
 
 
-def _q6_k(load: Load) -> Parts:
+def _q6_k(load: Load) -> Factors:
     # Value 128h + 64p + 32k + 16l + r: qs byte (h, k, l, r) nibble p, qh byte (h, l, r) bits 2(2p + k),
     # scale (h, p, k, l). Eight parts of [BN, C, 2(h), 16(r)].
     d = _lift(_f32(load("d")), 3)
@@ -166,7 +179,7 @@ def _q6_k(load: Load) -> Parts:
             for p, low in enumerate(_nibble_parts(load("qs", ALL, k, l, ALL))):
                 q = low | (((qh >> (2 * (2 * p + k))) & 3) << 4)
                 sc = _lift(d * _f32(load("scales", ALL, p, k, l)), 4)
-                out.append((sc * _f32(q - 32), (ALL, p, k, l, ALL)))
+                out.append((_f32(q - 32), sc, None, (ALL, p, k, l, ALL)))
     return out
 
 
@@ -191,10 +204,11 @@ FORMATS: dict[QT, Format] = {
 KERNEL_TYPES = frozenset(FORMATS)  # the quantized formats (the MoE kernels take these)
 
 
-def _plain(load: Load) -> Parts:
-    """Unlike the quantized formats' float32 parts, the values in their own dtype: every caller casts them to its
-    dot's operand type, and a float16 or bfloat16 tile loaded for a dot of that type then needs no conversion."""
-    return [(load("w"), (ALL,))]
+def _plain(load: Load) -> Factors:
+    """Unlike the quantized formats' float32 codes, the values in their own dtype and no scale: every caller casts
+    them to its dot's operand type, and a float16 or bfloat16 tile loaded for a dot of that type then needs no
+    conversion."""
+    return [(load("w"), None, None, (ALL,))]
 
 
 # Unquantized matrices (a tiny model's projections, an f16 output head, the MoE router's f32 weights), viewed in
@@ -249,6 +263,14 @@ class Plan:
     steps: int  # loop steps per program
     num_warps: int = 4
     num_stages: int = 3
+    # The per-row kernel: sum code * x over each run of values that share a scale, then scale that sum (and add
+    # offset * the run's sum of x), instead of dequantizing every value first: per value a multiply and an add
+    # fewer. Other bits than the dequantize-first order (another order of float32 operations). Not yet timed.
+    factored: bool = False
+    # The per-row kernel: load the next step's plane tiles before this step's arithmetic (carried in registers),
+    # so their latency overlaps it. Why by hand: Triton's pipeliner stages the loads that feed a dot, and these
+    # do not. Not yet timed.
+    prefetch: bool = False
 
 
 def plan(
@@ -261,6 +283,8 @@ def plan(
     splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    factored: bool = False,
+    prefetch: bool = False,
 ) -> Plan:
     """The tiling for an [n, k] weight: a function of the weight's shape and format only, never of the number of
     rows of x or of (token, expert) pairs, so that every row is computed with the same tiles, K split and
@@ -282,7 +306,7 @@ def plan(
     if splits is None:
         splits = max(1, pl.cdiv(TARGET_PROGRAMS, pl.cdiv(n, block_n) * selections))
     steps = pl.cdiv(n_chunks, min(max(1, splits), n_chunks))
-    return Plan(block_n, chunk, pl.cdiv(n_chunks, steps), steps, num_warps, num_stages)
+    return Plan(block_n, chunk, pl.cdiv(n_chunks, steps), steps, num_warps, num_stages, factored, prefetch)
 
 
 def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool):
@@ -304,27 +328,55 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
     rows_ok = (row0 + jnp.arange(bn)) < n if n % bn else None
     mask_k = p.splits * p.steps * c > blocks
 
-    def step(s, acc):
+    def blocks_at(s):
         b0 = (split * p.steps + s) * c
-        blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
-        parts = fmt.parts(tile_loader(planes, fmt, expert, row0, b0, bn, c, rows_ok, blocks_ok))
+        return b0, (b0 + jnp.arange(c)) < blocks if mask_k else None
+
+    def tiles_at(s) -> list[jax.Array]:
+        """Step s's plane tiles, in the order fmt.factors loads them (its arithmetic here is dead code)."""
+        tiles: list[jax.Array] = []
+        b0, blocks_ok = blocks_at(s)
+        load = tile_loader(planes, fmt, expert, row0, b0, bn, c, rows_ok, blocks_ok)
+        fmt.factors(lambda name, *index: tiles.append(load(name, *index)) or tiles[-1])
+        return tiles
+
+    def step(s, carry):
+        acc, tiles = carry if p.prefetch else (carry, None)
+        b0, blocks_ok = blocks_at(s)
+        if p.prefetch:  # the next step's loads first (the last step loads its own tiles again: in bounds, cached)
+            ahead = tiles_at(jnp.minimum(s + 1, p.steps - 1))
+            loaded = iter(tiles)
+            factors = fmt.factors(lambda *_: next(loaded))
+        else:
+            factors = fmt.factors(tile_loader(planes, fmt, expert, row0, b0, bn, c, rows_ok, blocks_ok))
+        if not p.factored:
+            factors = [(_value(code, scale, offset), None, None, x_index) for code, scale, offset, x_index in factors]
         out = []
         for a, m in zip(acc, x_rows, strict=True):
             prod = None
-            for w, x_index in parts:
+            for code, scale, offset, x_index in factors:
                 ref = x_ref.at[static_index(m), pl.ds(b0, c), *map(static_index, x_index)]
                 if blocks_ok is None:
                     xv = plgpu.load(ref)
                 else:
-                    xv = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(blocks_ok, w.shape[1:], (0,)), other=0)
-                term = w * jax.lax.expand_dims(xv, (0,))
+                    xv = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(blocks_ok, code.shape[1:], (0,)), other=0)
+                xv = jax.lax.expand_dims(xv, (0,))
+                if scale is None:  # dequantized first (or a plain format): value * x
+                    term = code * xv
+                else:  # scale * sum(code * x) + offset * sum(x) over each run sharing a scale
+                    term = scale * jnp.sum(code * xv, axis=-1, keepdims=True)
+                    if offset is not None:
+                        term = term + offset * jnp.sum(xv, axis=-1, keepdims=True)
                 prod = term if prod is None else prod + term
             while prod.ndim > 1:  # Triton reduces one axis at a time
                 prod = jnp.sum(prod, axis=-1)
             out.append(a + prod)
-        return tuple(out)
+        return (tuple(out), ahead) if p.prefetch else tuple(out)
 
-    acc = jax.lax.fori_loop(0, p.steps, step, tuple(jnp.zeros((bn,), jnp.float32) for _ in x_rows))
+    acc = tuple(jnp.zeros((bn,), jnp.float32) for _ in x_rows)
+    acc = jax.lax.fori_loop(0, p.steps, step, (acc, tiles_at(0)) if p.prefetch else acc)
+    if p.prefetch:
+        acc = acc[0]
     for a, m in zip(acc, x_rows, strict=True):
         o_ref[split, static_index(m), pl.ds(row0, bn)] = a
 
