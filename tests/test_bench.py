@@ -402,3 +402,34 @@ def test_kernel_profile_names_one_case_and_reads_the_programs_top_level():
     with pytest.raises(SystemExit, match="2 cases"):
         kernel_profile.selected_cases("qwen2.5-0.5b down")
     assert [c[1].name for c in kernel_profile.selected_cases("qwen2.5-0.5b down:Q6_K, phi3 qkv")] == ["Q6_K", "Q4_K"]
+
+
+def test_kernel_sass_finds_the_main_loop_of_a_disassembly(monkeypatch):
+    # tools/kernel_sass.py reads cuobjdump's SASS: the predicate guard is not the opcode, the trailing NOPs are
+    # dropped, and the main loop is the innermost backward branch's range
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "kernel_sass.py"
+    spec = importlib.util.spec_from_file_location("kernel_sass", path)
+    sass = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "kernel_sass", sass)  # its dataclasses look their module up
+    spec.loader.exec_module(sass)
+    text = "\n".join(
+        f"        /*{a:04x}*/                   {ins} ;   /* 0x0 */"
+        for a, ins in [
+            (0x00, "MOV R1, c[0x0][0x28]"),
+            (0x10, "LDG.E R2, desc[UR4][R4.64]"),  # the loop starts here
+            (0x20, "FMUL R3, R2, R2"),
+            (0x30, "@!P0 FADD R5, R5, R3"),
+            (0x40, "@P1 BRA `(.L_x_1)"),  # forward: not a loop
+            (0x50, "@P0 BRA 0x10"),  # backward, to 0x10
+            (0x60, "EXIT"),
+            (0x70, "NOP"),
+        ]
+    )
+    ins = sass.instructions(text)
+    assert [op for _, op, _ in ins] == ["MOV", "LDG", "FMUL", "FADD", "BRA", "BRA", "EXIT"]
+    (first, last), loops = sass.main_loop(ins)
+    assert (first, last, loops) == (1, 5, 1)
