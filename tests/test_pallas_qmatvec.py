@@ -342,6 +342,26 @@ def test_moe_matvec_compiled_on_gpt_oss_experts(n, rows):
     assert_close(y, np.asarray(twin, np.float64), bound, f"experts [32, {n}, 2880] M={rows}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [dict(factored=True), dict(prefetch=True), dict(factored=True, prefetch=True)],
+                         ids=lambda v: "-".join(v))  # fmt: skip
+@pytest.mark.parametrize(("qtype", "shape"), [(QT.Q4_K, (16384, 3072)), (QT.Q6_K, (3072, 8192)),
+                                              (QT.Q5_0, (4864, 896)), (QT.Q8_0, (896, 896))],
+                         ids=lambda v: v.name if isinstance(v, QT) else "x".join(map(str, v)))  # fmt: skip
+def test_per_row_variants_compiled_on_real_shapes(qtype, shape, variant):
+    """The per-row kernel's untimed variants (qmatvec.Plan.factored, .prefetch), compiled: float32 sums of float32
+    products in another order than the twin's, so within the per-row kernel's tolerance of it, at 1 and 3 rows,
+    and a row's bits the same alone."""
+    _gpu()
+    w = _on_device(qtype, shape, seed=2)
+    x = jax.random.normal(jax.random.key(3), (3, shape[1]), jnp.float32)
+    call = jax.jit(lambda x, w: qmv.qmatvec(x, w, tensor_cores=False, **variant))
+    y = call(x, w)
+    twin = jax.jit(qmv.qmatvec_twin)(x, w)
+    assert_close(y, np.asarray(twin, np.float64), _bound(x, w) + 1e-30, f"{qtype.name} {shape} {variant}")
+    assert np.array_equal(np.asarray(call(x[1:2], w))[0], np.asarray(y)[1]), "row 1 alone: other bits"
+
+
 def _abs_mxfp4(w):
     """The same experts with every value's sign cleared (E2M1 sign bit 3 of each nibble)."""
     return QuantArray({**w.planes, "qs": w.planes["qs"] & 0x77}, w.qtype, w.shape)
