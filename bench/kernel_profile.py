@@ -10,7 +10,8 @@ so the n-th qmatvec launch profiled is the n-th variant.
 
 Variants: the tensor-core kernel (the server's default) and its best tiling at one row on the H200 (16-row x
 tiles, 64-row weight tiles: docs/PERFORMANCE.md, sixteenth session), then the per-row kernel at its defaults, with
-four pipeline stages, and with its scales factored out of the inner loop (qmatvec.Plan.factored).
+four pipeline stages, with its scales factored out of the inner loop, and with fused multiply-adds
+(qmatvec.Plan.factored, .fma).
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ from worker.pallas_kernels import qmatvec as qmv
 VARIANTS = {
     "tensor-cores": dict(tensor_cores=True),
     "tensor-cores row_tile 16, block_n 64": dict(tensor_cores=True, row_tile=16, block_n=64),
+    "tensor-cores fma": dict(tensor_cores=True, fma=True),
     "per-row": dict(tensor_cores=False),
     "per-row 4 stages": dict(tensor_cores=False, num_stages=4),
     "per-row factored": dict(tensor_cores=False, factored=True),
+    "per-row fma": dict(tensor_cores=False, fma=True),
+    "per-row fma factored": dict(tensor_cores=False, fma=True, factored=True),
 }
 
 

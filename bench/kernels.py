@@ -81,13 +81,22 @@ def matvec_tilings(block_ns: tuple[int, ...], chunks: tuple[int | None, ...]) ->
 
 # The tensor-core kernel's also over smaller row tiles (qmatvec.ROW_TILE is 64): at one row a tile is mostly
 # masked rows. A row tile must be one for every call (a row's bits), so these inform that constant.
-SWEEP = matvec_tilings((32, 64), (None, 4)) + [dict(row_tile=r, block_n=b) for r in (16, 32) for b in (32, 64)]
+SWEEP = (
+    matvec_tilings((32, 64), (None, 4))
+    + [dict(row_tile=r, block_n=b) for r in (16, 32) for b in (32, 64)]
+    + [dict(fma=True), dict(fma=True, block_n=64)]  # the dequantization's fused multiply-adds (qmatvec.Plan.fma)
+)
 # --sweep-kernel per-row: the per-row kernel's tilings (at a few rows it reads each weight tile once a row group,
 # so wider tiles and more super-blocks a step put more bytes in flight a program), then a few with the scales
-# factored out of the inner loop (qmatvec.Plan.factored).
-SWEEP_PER_ROW = matvec_tilings((32, 64, 128), (None, 2)) + [
-    dict(factored=True, **t) for t in ({}, dict(num_stages=4), dict(block_n=64), dict(num_warps=8), dict(chunk=2))
-]
+# factored out of the inner loop and with fused multiply-adds (qmatvec.Plan.factored, .fma).
+SWEEP_PER_ROW = (
+    matvec_tilings((32, 64, 128), (None, 2))
+    + [dict(factored=True, **t) for t in ({}, dict(num_stages=4), dict(block_n=64), dict(num_warps=8), dict(chunk=2))]
+    + [
+        dict(fma=True, **t)
+        for t in ({}, dict(factored=True), dict(prefetch=True), dict(num_stages=4), dict(block_n=64))
+    ]
+)
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
 SWEEP_COPY = (
     [dict(block_m=m, block_n=b) for m in (16, 32, 64) for b in (64, 128)]

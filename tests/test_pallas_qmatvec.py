@@ -93,10 +93,12 @@ def test_qmatvec_at_tile_edges(qtype):
 
 
 # The per-row kernel's arithmetic variants (qmatvec.Plan): the scales factored out of the inner loop, the next
-# step's planes loaded ahead, both. Every format factored; the prefetch on one format of each kind of layout.
-PER_ROW_VARIANTS = [(t, dict(factored=True)) for t in TYPES] + [
-    (t, dict(prefetch=True, factored=f)) for t in (QT.Q5_1, QT.Q4_K, QT.Q6_K) for f in (False, True)
-]
+# step's planes loaded ahead, fused multiply-adds. Every format factored; the others on a format of each layout.
+PER_ROW_VARIANTS = (
+    [(t, dict(factored=True)) for t in TYPES]
+    + [(t, dict(prefetch=True, factored=f)) for t in (QT.Q5_1, QT.Q4_K, QT.Q6_K) for f in (False, True)]
+    + [(QT.Q4_K, dict(fma=True)), (QT.Q5_1, dict(fma=True, factored=True))]  # interpret mode: the unfused path
+)
 
 
 @pytest.mark.parametrize(("qtype", "variant"), PER_ROW_VARIANTS, ids=lambda v: v.name if isinstance(v, QT) else
@@ -343,13 +345,14 @@ def test_moe_matvec_compiled_on_gpt_oss_experts(n, rows):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [dict(factored=True), dict(prefetch=True), dict(factored=True, prefetch=True)],
+@pytest.mark.parametrize("variant", [dict(factored=True), dict(prefetch=True), dict(factored=True, prefetch=True),
+                                     dict(fma=True), dict(fma=True, factored=True)],
                          ids=lambda v: "-".join(v))  # fmt: skip
 @pytest.mark.parametrize(("qtype", "shape"), [(QT.Q4_K, (16384, 3072)), (QT.Q6_K, (3072, 8192)),
                                               (QT.Q5_0, (4864, 896)), (QT.Q8_0, (896, 896))],
                          ids=lambda v: v.name if isinstance(v, QT) else "x".join(map(str, v)))  # fmt: skip
 def test_per_row_variants_compiled_on_real_shapes(qtype, shape, variant):
-    """The per-row kernel's untimed variants (qmatvec.Plan.factored, .prefetch), compiled: float32 sums of float32
+    """The per-row kernel's untimed variants (qmatvec.Plan.factored, .prefetch, .fma), compiled: float32 sums of float32
     products in another order than the twin's, so within the per-row kernel's tolerance of it, at 1 and 3 rows,
     and a row's bits the same alone."""
     _gpu()
@@ -359,6 +362,21 @@ def test_per_row_variants_compiled_on_real_shapes(qtype, shape, variant):
     y = call(x, w)
     twin = jax.jit(qmv.qmatvec_twin)(x, w)
     assert_close(y, np.asarray(twin, np.float64), _bound(x, w) + 1e-30, f"{qtype.name} {shape} {variant}")
+    assert np.array_equal(np.asarray(call(x[1:2], w))[0], np.asarray(y)[1]), "row 1 alone: other bits"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("qtype", "shape"), [(QT.Q4_K, (16384, 3072)), (QT.Q8_0, (896, 896))], ids=["Q4_K", "Q8_0"])
+def test_tensor_core_fma_compiled_on_real_shapes(qtype, shape):
+    """The tensor-core kernel dequantizing with fused multiply-adds (qmatvec.Plan.fma): within the dot's tolerance
+    of the twin, and a row's bits the same alone as among 3."""
+    _gpu()
+    w = _on_device(qtype, shape, seed=4)
+    x = jax.random.normal(jax.random.key(5), (3, shape[1]), jnp.float32)
+    call = jax.jit(lambda x, w: qmv.qmatvec(x, w, fma=True))
+    y = call(x, w)
+    twin = jax.jit(qmv.qmatvec_twin)(x, w)
+    assert_close(y, np.asarray(twin, np.float64), _bound(x, w) + 1e-30, f"{qtype.name} {shape} fma", DOT_TOL)
     assert np.array_equal(np.asarray(call(x[1:2], w))[0], np.asarray(y)[1]), "row 1 alone: other bits"
 
 

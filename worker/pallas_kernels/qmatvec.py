@@ -32,7 +32,8 @@ MAX_BATCH = 1024  # the most rows of a decode dispatch (--max-batch) in the batc
 ROW_TILE = 64
 MIN_DOT = 16  # tl.dot's smallest tile dimension
 TARGET_VALUES = 8192  # weight values per program per loop step
-TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch")  # `plan`'s overrides
+# `plan`'s overrides
+TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch", "fma")
 # The tiles of prefill-shaped calls (ops.qmatmul: a prompt chunk's positions, or several sequences' chunks in one
 # dispatch: thousands of rows), which take the weight dequantized once into float16 (`quant.widened`): a plain
 # tensor-core product, with one split of K (no partial sums to write). A row's bits depend on these tiles, so every
@@ -68,10 +69,21 @@ class Format:
         return [(_value(code, scale, offset), index) for code, scale, offset, index in self.factors(load)]
 
 
-def _value(code: jax.Array, scale: jax.Array | None, offset: jax.Array | None) -> jax.Array:
+def _value(code: jax.Array, scale: jax.Array | None, offset: jax.Array | None, fused: bool = False) -> jax.Array:
     if scale is None:
         return code
-    return scale * code if offset is None else scale * code + offset
+    return scale * code if offset is None else _fma(scale, code, offset, fused)
+
+
+def _fma(a: jax.Array, b: jax.Array, c: jax.Array, fused: bool) -> jax.Array:
+    """a * b + c in float32, rounded once where `fused` (PTX fma.rn.f32; a Triton kernel only), else twice."""
+    if not fused:
+        return a * b + c
+    shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
+    args = [jnp.broadcast_to(v.astype(jnp.float32), shape) for v in (a, b, c)]
+    (out,) = plgpu.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=r,r,r,r", pack=1,
+                                          result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])  # fmt: skip
+    return out
 
 
 def _f32(a: jax.Array) -> jax.Array:
@@ -271,6 +283,11 @@ class Plan:
     # so their latency overlaps it. Why by hand: Triton's pipeliner stages the loads that feed a dot, and these
     # do not. Not yet timed.
     prefetch: bool = False
+    # Each value's scale * code + offset as one fused multiply-add (both kernels), and the per-row kernel's
+    # products' multiply-adds too (PTX fma.rn.f32 by inline assembly; interpret mode rounds twice). Why by hand:
+    # XLA builds the kernels' float multiplies and adds apart (no FFMA on the card, docs/PERFORMANCE.md, sixteenth
+    # session). Other bits (one rounding where there were two). Not yet timed.
+    fma: bool = False
 
 
 def plan(
@@ -285,6 +302,7 @@ def plan(
     num_stages: int = 3,
     factored: bool = False,
     prefetch: bool = False,
+    fma: bool = False,
 ) -> Plan:
     """The tiling for an [n, k] weight: a function of the weight's shape and format only, never of the number of
     rows of x or of (token, expert) pairs, so that every row is computed with the same tiles, K split and
@@ -306,10 +324,11 @@ def plan(
     if splits is None:
         splits = max(1, pl.cdiv(TARGET_PROGRAMS, pl.cdiv(n, block_n) * selections))
     steps = pl.cdiv(n_chunks, min(max(1, splits), n_chunks))
-    return Plan(block_n, chunk, pl.cdiv(n_chunks, steps), steps, num_warps, num_stages, factored, prefetch)
+    return Plan(block_n, chunk, pl.cdiv(n_chunks, steps), steps, num_warps, num_stages, factored, prefetch, fma)
 
 
-def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool):
+def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool,
+            interpret: bool):  # fmt: skip
     """The per-row kernel (a float32 multiply-add per value and row). Dense: program (r, i, j) computes output
     columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows). Gathered: program (t, i, j), for
     x row t only, with expert ids[t]."""
@@ -349,8 +368,10 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
             factors = fmt.factors(lambda *_: next(loaded))
         else:
             factors = fmt.factors(tile_loader(planes, fmt, expert, row0, b0, bn, c, rows_ok, blocks_ok))
+        fused = p.fma and not interpret
         if not p.factored:
-            factors = [(_value(code, scale, offset), None, None, x_index) for code, scale, offset, x_index in factors]
+            factors = [(_value(code, scale, offset, fused), None, None, x_index)
+                       for code, scale, offset, x_index in factors]  # fmt: skip
         out = []
         for a, m in zip(acc, x_rows, strict=True):
             prod = None
@@ -362,11 +383,12 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
                     xv = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(blocks_ok, code.shape[1:], (0,)), other=0)
                 xv = jax.lax.expand_dims(xv, (0,))
                 if scale is None:  # dequantized first (or a plain format): value * x
-                    term = code * xv
-                else:  # scale * sum(code * x) + offset * sum(x) over each run sharing a scale
-                    term = scale * jnp.sum(code * xv, axis=-1, keepdims=True)
-                    if offset is not None:
-                        term = term + offset * jnp.sum(xv, axis=-1, keepdims=True)
+                    prod = code * xv if prod is None else _fma(code, xv, prod, fused)
+                    continue
+                # scale * sum(code * x) + offset * sum(x) over each run sharing a scale
+                term = scale * jnp.sum(code * xv, axis=-1, keepdims=True)
+                if offset is not None:
+                    term = _fma(offset, jnp.sum(xv, axis=-1, keepdims=True), term, fused)
                 prod = term if prod is None else prod + term
             while prod.ndim > 1:  # Triton reduces one axis at a time
                 prod = jnp.sum(prod, axis=-1)
@@ -382,7 +404,7 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
 
 
 def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks: int, p: Plan, t_size: int,
-                x_rows: int, bm: int, precision):  # fmt: skip
+                x_rows: int, bm: int, precision, interpret: bool):  # fmt: skip
     """Dense: program (r, i, j) computes rows [r*BM, (r+1)*BM) of x (in parts, `x_parts`; `x_rows` rows) against
     output columns [i*BN, (i+1)*BN) over split j of K, one dot per dequantized part. Rows past x_rows are masked
     loads of zeros, not zeros in memory: one row reads one row of x, while its dot is the same BM-row product as in
@@ -399,7 +421,8 @@ def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks:
         b0 = (split * p.steps + s) * c
         blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
         load = tile_loader(planes, fmt, static_index(0), row0, b0, bn, c, rows_ok, blocks_ok)
-        for part, (w, _) in enumerate(fmt.parts(load)):
+        for part, (code, scale, offset, _) in enumerate(fmt.factors(load)):
+            w = _value(code, scale, offset, p.fma and not interpret)
             xv = load_x_part(x_ref, part, r0, bm, b0, c, t_size, blocks, x_ok, blocks_ok)
             w = w.reshape(bn, c * t_size).astype(xv.dtype)
             acc += jax.lax.dot_general(xv, w, (((1,), (1,)), ((), ())), precision=precision,
@@ -484,13 +507,14 @@ def _call(
         else:  # float32 operands and sums
             xp, precision = x_parts(x, w.qtype, jnp.float32), jax.lax.Precision.HIGHEST  # [P, T, K / P]
         t_size = math.prod(parts_layout(w.qtype)[1])
-        kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, bm=row_tile, precision=precision)
+        kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, bm=row_tile, precision=precision,
+                                   interpret=interpret)  # fmt: skip
         grid, args = (pl.cdiv(t, row_tile), n_blocks, p.splits), (xp, *planes)
     else:
         group = 1 if ids is not None else min(t, MAX_ROWS)
         out_rows = pl.cdiv(t, group) * group
         xv = jnp.pad(x.astype(jnp.float32), ((0, out_rows - t), (0, 0))).reshape(out_rows, k // fmt.sb, *fmt.x_inner)
-        kernel = functools.partial(_kernel, **common, rows=group, gathered=ids is not None)
+        kernel = functools.partial(_kernel, **common, rows=group, gathered=ids is not None, interpret=interpret)
         grid, args = (out_rows // group, n_blocks, p.splits), (*([] if ids is None else [ids]), xv, *planes)
     # The row tiles (gathered: the rows) vary fastest, so the programs that read one weight tile run together and
     # share it through L2.
