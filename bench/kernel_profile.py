@@ -28,7 +28,7 @@ from collections import Counter
 import jax
 import jax.numpy as jnp
 
-from bench.kernels import DENSE, L2_BYTES, random_planes, timed
+from bench.kernels import DENSE, matvec_program, random_planes, timed, weight_copies
 from bench.trace import device_busy, device_kernels
 from worker.pallas_kernels import qmatvec as qmv
 
@@ -95,16 +95,16 @@ def traced_calls(case: tuple, rows: int, trace_dir: str, interpret: bool) -> Non
     """Each variant on `case` timed as bench.kernels times it, then one traced call: the device's kernels by name
     (us a matvec), and the compiled program's instructions by opcode (a copy there is a copy a call)."""
     label, qtype, n, k = case
-    w = random_planes(qtype, (n, k), seed=0)
-    ws = [w] + [random_planes(qtype, (n, k), seed=i) for i in range(1, max(2, min(32, -(-L2_BYTES // w.nbytes))))]
+    ws = weight_copies(qtype, (n, k))
     x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32)
     for name, tiles in VARIANTS.items():
-        fn = jax.jit(lambda x, ws, tiles=tiles: sum(qmv.qmatvec(x, w, interpret=interpret, **tiles) for w in ws))
-        wall = timed(fn, x, ws, repeat=10) / len(ws)
-        ops = Counter(re.findall(r"= \S+ (\w[\w-]*)\(", entry_computation(fn.lower(x, ws).compile().as_text())))
+        fn, matvecs = matvec_program(qmv.qmatvec, len(ws), interpret=interpret, **tiles)
+        wall = timed(fn, ws, x, None, repeat=10) / matvecs
+        hlo = fn.lower(ws, x, None).compile().as_text()
+        ops = Counter(re.findall(r"= \S+ (\w[\w-]*)\(", entry_computation(hlo)))
         out = os.path.join(trace_dir, re.sub(r"\W+", "-", f"{label} {qtype.name} {name}"))
         jax.profiler.start_trace(out, create_perfetto_trace=True)
-        jax.block_until_ready(fn(x, ws))
+        jax.block_until_ready(fn(ws, x, None))
         jax.profiler.stop_trace()
         files = sorted(glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
         kernels, window, busy = {}, 0.0, 0.0
@@ -112,10 +112,10 @@ def traced_calls(case: tuple, rows: int, trace_dir: str, interpret: bool) -> Non
             with gzip.open(files[-1]) as f:
                 trace = json.load(f)
             kernels, (window, busy) = device_kernels(trace), device_busy(trace)
-        per = {kn: sum(d) / len(ws) for kn, d in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))}
-        print(f"{label} {qtype.name} {n}x{k} rows={rows} {name}: {wall * 1e6:.1f} us a call (wall); kernels a call: "
-              + ", ".join(f"{kn} {t:.1f} us x{len(kernels[kn]) / len(ws):g}" for kn, t in list(per.items())[:6])
-              + f"; device window {window / len(ws):.1f} us a call, busy {busy / max(window, 1e-9):.0%}"
+        per = {kn: sum(d) / matvecs for kn, d in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))}
+        print(f"{label} {qtype.name} {n}x{k} rows={rows} {name}: {wall * 1e6:.1f} us a matvec (wall); kernels: "
+              + ", ".join(f"{kn} {t:.1f} us x{len(kernels[kn]) / matvecs:g}" for kn, t in list(per.items())[:6])
+              + f"; device window {window / matvecs:.1f} us a matvec, busy {busy / max(window, 1e-9):.0%}"
               + f"; program: {dict(ops.most_common(8))}", flush=True)  # fmt: skip
 
 

@@ -169,24 +169,36 @@ def copy_bandwidth(repeat: int) -> float:
 MIN_MATVECS = 256
 
 
-def per_call(op, weights, x, ids, repeat: int, passes: int | None = None, **tiles) -> float:
-    """Seconds per matvec on the device: one jitted call applies `op` to each weight copy in turn, in `passes`
-    (default: MIN_MATVECS matvecs; each pass on x scaled by its own factor, so that no two products are the same
-    expression for XLA to share). A twin takes one pass: XLA would dequantize each copy once for all its passes."""
+def weight_copies(qtype: QT, shape: tuple[int, ...], smoke: bool = False) -> list:
+    """Random weights of one shape, enough together to exceed the L2 cache (one for a smoke run)."""
+    w = random_planes(qtype, shape, seed=0)
+    copies = max(2, min(32, -(-L2_BYTES // w.nbytes))) if not smoke else 1
+    return [w] + [random_planes(qtype, shape, seed=i) for i in range(1, copies)]
+
+
+def matvec_program(op, n_weights: int, passes: int | None = None, **tiles) -> tuple[Callable, int]:
+    """(jitted fn(weights, x, ids), matvecs a call): `op` applied to each weight copy in turn, in `passes` (default:
+    MIN_MATVECS matvecs; each pass on x scaled by its own factor, so that no two products are the same expression
+    for XLA to share). A twin takes one pass: XLA would dequantize each copy once for all its passes."""
     if passes is None:  # interpret mode: a check, not a time
-        passes = 1 if tiles.get("interpret") else -(-MIN_MATVECS // len(weights))
+        passes = 1 if tiles.get("interpret") else -(-MIN_MATVECS // n_weights)
 
     def run(ws, x, ids):
         args = (ids,) if ids is not None else ()
         return sum(op(x * (1 + p / 64), w, *args, **tiles) for p in range(passes) for w in ws)
 
-    return timed(jax.jit(run), weights, x, ids, repeat=repeat) / (len(weights) * passes)
+    return jax.jit(run), n_weights * passes
+
+
+def per_call(op, weights, x, ids, repeat: int, passes: int | None = None, **tiles) -> float:
+    """Seconds per matvec on the device (`matvec_program`'s calls, issued back to back)."""
+    fn, matvecs = matvec_program(op, len(weights), passes, **tiles)
+    return timed(fn, weights, x, ids, repeat=repeat) / matvecs
 
 
 def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
-    w = random_planes(qtype, shape, seed=0)
-    copies = max(2, min(32, -(-L2_BYTES // w.nbytes))) if not args.smoke else 1
-    weights = [w] + [random_planes(qtype, shape, seed=i) for i in range(1, copies)]
+    weights = weight_copies(qtype, shape, args.smoke)
+    w = weights[0]
     kdim = shape[-1]
     x = jax.random.normal(jax.random.key(0), (rows, kdim), jnp.float32)
     if k_sel:

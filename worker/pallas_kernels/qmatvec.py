@@ -330,7 +330,7 @@ def plan(
 
 
 def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool,
-            interpret: bool):  # fmt: skip
+            fused: bool):  # fmt: skip
     """The per-row kernel (a float32 multiply-add per value and row). Dense: program (r, i, j) computes output
     columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows). Gathered: program (t, i, j), for
     x row t only, with expert ids[t]."""
@@ -370,7 +370,6 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
             factors = fmt.factors(lambda *_: next(loaded))
         else:
             factors = fmt.factors(tile_loader(planes, fmt, expert, row0, b0, bn, c, rows_ok, blocks_ok))
-        fused = p.fma and not interpret
         if not p.factored:
             factors = [(_value(code, scale, offset, fused), None, None, x_index)
                        for code, scale, offset, x_index in factors]  # fmt: skip
@@ -384,8 +383,10 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
                 else:
                     xv = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(blocks_ok, code.shape[1:], (0,)), other=0)
                 xv = jax.lax.expand_dims(xv, (0,))
-                if scale is None:  # dequantized first (or a plain format): value * x
-                    prod = code * xv if prod is None else _fma(code, xv, prod, fused)
+                if scale is None:  # dequantized first (or a plain format): value * x, added to the parts before
+                    # Unfused: prod + value * x in that order, as before the option (interpret mode's XLA may
+                    # contract a product and an add, so the operands' order can change its bits).
+                    prod = code * xv if prod is None else _fma(code, xv, prod, True) if fused else prod + code * xv
                     continue
                 # scale * sum(code * x) + offset * sum(x) over each run sharing a scale
                 term = scale * jnp.sum(code * xv, axis=-1, keepdims=True)
@@ -406,7 +407,7 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
 
 
 def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks: int, p: Plan, t_size: int,
-                x_rows: int, bm: int, precision, interpret: bool):  # fmt: skip
+                x_rows: int, bm: int, precision, fused: bool):  # fmt: skip
     """Dense: program (r, i, j) computes rows [r*BM, (r+1)*BM) of x (in parts, `x_parts`; `x_rows` rows) against
     output columns [i*BN, (i+1)*BN) over split j of K, one dot per dequantized part. Rows past x_rows are masked
     loads of zeros, not zeros in memory: one row reads one row of x, while its dot is the same BM-row product as in
@@ -424,7 +425,7 @@ def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks:
         blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
         load = tile_loader(planes, fmt, static_index(0), row0, b0, bn, c, rows_ok, blocks_ok)
         for part, (code, scale, offset, _) in enumerate(fmt.factors(load)):
-            w = _value(code, scale, offset, p.fma and not interpret)
+            w = _value(code, scale, offset, fused)
             xv = load_x_part(x_ref, part, r0, bm, b0, c, t_size, blocks, x_ok, blocks_ok)
             w = w.reshape(bn, c * t_size).astype(xv.dtype)
             acc += jax.lax.dot_general(xv, w, (((1,), (1,)), ((), ())), precision=precision,
@@ -495,7 +496,8 @@ def _call(
     t, k = x.shape
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
-    common = dict(fmt=fmt, names=names, n=n, blocks=k // fmt.sb, p=p)
+    # `fused`: Plan.fma's inline assembly, which only a compiled kernel runs (interpret mode rounds twice)
+    common = dict(fmt=fmt, names=names, n=n, blocks=k // fmt.sb, p=p, fused=p.fma and not interpret)
     scale = None
     if tensor_cores:
         # x and the output keep their own rows: a row tile's rows past them are masked loads of zeros and masked
@@ -509,14 +511,13 @@ def _call(
         else:  # float32 operands and sums
             xp, precision = x_parts(x, w.qtype, jnp.float32), jax.lax.Precision.HIGHEST  # [P, T, K / P]
         t_size = math.prod(parts_layout(w.qtype)[1])
-        kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, bm=row_tile, precision=precision,
-                                   interpret=interpret)  # fmt: skip
+        kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, bm=row_tile, precision=precision)
         grid, args = (pl.cdiv(t, row_tile), n_blocks, p.splits), (xp, *planes)
     else:
         group = 1 if ids is not None else min(t, MAX_ROWS)
         out_rows = pl.cdiv(t, group) * group
         xv = jnp.pad(x.astype(jnp.float32), ((0, out_rows - t), (0, 0))).reshape(out_rows, k // fmt.sb, *fmt.x_inner)
-        kernel = functools.partial(_kernel, **common, rows=group, gathered=ids is not None, interpret=interpret)
+        kernel = functools.partial(_kernel, **common, rows=group, gathered=ids is not None)
         grid, args = (out_rows // group, n_blocks, p.splits), (*([] if ids is None else [ids]), xv, *planes)
     # The row tiles (gathered: the rows) vary fastest, so the programs that read one weight tile run together and
     # share it through L2.
