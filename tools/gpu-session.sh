@@ -30,7 +30,8 @@
 #                      decode matvec variant of bench.kernel_profile, for NCU_CASES (default "phi3 gate_up:Q4_K") at
 #                      NCU_ROWS rows (default 1); budget NCU_SECONDS (default 180)
 #           ktrace     the same variants timed as bench.kernels times them (a call over weight copies), each call's
-#                      device kernels by name from a JAX profiler trace and its program's instructions by opcode
+#                      device kernels by name from a JAX profiler trace and its program's instructions by opcode;
+#                      NCU_CASES, NCU_ROWS and the budget NCU_SECONDS as ncu's
 #           host       python -m bench.host on this machine's CPU (the engine, then HTTP, at 256 streams of a model that
 #                      costs nothing: the host's µs a token); HOST_ARGS passed on; budget HOST_SECONDS (default 150)
 #           host-real:M  python -m bench.host --real on model M on the GPU: the worker's engine alone, then behind the
@@ -222,8 +223,8 @@ do_ncu() {
         --section MemoryWorkloadAnalysis --section InstructionStats --section SourceCounters \
         python3 -m bench.kernel_profile --cases "${NCU_CASES:-phi3 gate_up:Q4_K}" \
         --rows "${NCU_ROWS:-1}" || return 1
-    echo "== the per-row kernels' executed instructions by opcode"
-    bash tools/gpu-env.sh "$ncu" --clock-control none --profile-from-start off -k 'regex:^qmatvec_[a-z0-9]+_[a-z0-9]+$' \
+    echo "== the per-row kernels' executed instructions by opcode"  # every qmatvec_<fmt> but the _dot ones
+    bash tools/gpu-env.sh "$ncu" --clock-control none --profile-from-start off -k 'regex:^qmatvec_(?!.*_dot$)' \
         --metrics sass__inst_executed_per_opcode --print-metric-instances details \
         python3 -m bench.kernel_profile --cases "${NCU_CASES:-phi3 gate_up:Q4_K}" --rows "${NCU_ROWS:-1}"
 }
