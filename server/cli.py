@@ -522,7 +522,7 @@ def http_process(
     uptime = round(time.monotonic() - started, 3)
     stuck = {"engine_stopped": False} if engine.busy else {}
     narrator.emit("shutdown", reason=reason, uptime_seconds=uptime, **stuck)
-    conn.close()
+    engine.close()
 
 
 def http_config(app: Any) -> uvicorn.Config:

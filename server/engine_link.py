@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -137,10 +138,24 @@ class RemoteEngine:
         self._calls: dict[int, Future] = {}
         self._call_ids = itertools.count()
         self._lost: str | None = None
+        self._closing = False
         self._reader = threading.Thread(target=self._read, name="engine-link", daemon=True)
 
     def start(self) -> None:
         self._reader.start()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """End the reader thread, then close this end of the pipe (the engine's process reads its end). Why not
+        just close it: a reader blocked in the pipe's read keeps reading after the close, and a read it starts next
+        takes the file descriptor by number, which the next file or socket this process opens reuses. A
+        `Connection` closed under its reader thread let that thread take bytes of the next pipe's messages."""
+        self._closing = True
+        with contextlib.suppress(OSError), socket.fromfd(self._conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.shutdown(socket.SHUT_RDWR)  # the reader reads the end of the pipe, and so does the engine's end
+        if self._reader.is_alive():
+            self._reader.join(timeout_s)
+        with self._lock:  # no send is under way
+            self._conn.close()
 
     # -- Engine's calls --------------------------------------------------------------------------------------
 
@@ -245,7 +260,8 @@ class RemoteEngine:
             try:
                 message = self._conn.recv()
             except (EOFError, OSError):
-                self._lose("the engine's process ended; the worker is shutting down")
+                if not self._closing:
+                    self._lose("the engine's process ended; the worker is shutting down")
                 return
             kind = message[0]
             if kind == "events":

@@ -170,6 +170,25 @@ def test_a_cancel_ends_the_stream_when_it_returns_and_the_engines_late_events_ar
     here.close()
 
 
+def test_close_ends_the_reader_first_and_the_engines_end_reads_the_end():
+    """A pipe end closed under its reader thread: that thread's next read takes the file descriptor's number, which
+    the next pipe opened in the process reuses, and a CI run lost the first bytes of the next test's pipe so."""
+    here, remote = far_end_by_hand()
+    lost = threading.Event()
+    remote.on_lost = lost.set
+    before = set(threading.enumerate())
+    remote.start()
+    (reader,) = [t for t in set(threading.enumerate()) - before if t.name == "engine-link"]
+    remote.close()
+    assert not reader.is_alive()  # ended before the close
+    with pytest.raises(EOFError):
+        here.recv()  # the engine's process reads the end of the pipe, as when the HTTP process exits
+    assert not lost.is_set()  # a close of ours is not the engine's process going
+    later, peer = multiprocessing.Pipe()  # reuses the closed end's descriptor: nothing else reads it
+    peer.send(("events", [], {}))
+    assert later.poll(5) and later.recv() == ("events", [], {})
+
+
 def test_the_worker_with_http_process_serves_and_stops_on_sigterm():
     w = WorkerProcess(model_path(), "--http-process", "--max-batch", "2")
     try:

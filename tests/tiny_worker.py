@@ -68,7 +68,7 @@ def linked(engine: Engine) -> Iterator[RemoteEngine]:
     try:
         yield remote
     finally:
-        there.close()
+        remote.close()
 
 
 @contextmanager
