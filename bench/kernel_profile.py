@@ -28,9 +28,10 @@ from collections import Counter
 import jax
 import jax.numpy as jnp
 
-from bench.kernels import DENSE, matvec_program, random_planes, timed, weight_copies
+from bench.kernels import DENSE, as_served, matvec_program, random_planes, timed, weight_copies
 from bench.trace import device_busy, device_kernels
 from worker.pallas_kernels import qmatvec as qmv
+from worker.pallas_kernels import qmatvec_int8
 
 VARIANTS = {
     "tensor-cores": dict(tensor_cores=True),
@@ -41,7 +42,12 @@ VARIANTS = {
     "per-row factored": dict(tensor_cores=False, factored=True),
     "per-row fma": dict(tensor_cores=False, fma=True),
     "per-row fma factored": dict(tensor_cores=False, fma=True, factored=True),
+    "per-row int8 x": dict(tensor_cores=False, int8_x=True),  # Q8_0, Q4_0, Q5_0, Q4_K, Q6_K (others skip it)
 }
+
+
+def applicable(qtype, tiles: dict) -> bool:
+    return not tiles.get("int8_x") or qtype in qmatvec_int8.INT8_TYPES
 
 
 def main() -> None:
@@ -67,9 +73,12 @@ def main() -> None:
         w = random_planes(qtype, (n, k), seed=0)
         x = jax.random.normal(jax.random.key(0), (args.rows, k), jnp.float32)
         for name, tiles in VARIANTS.items():
+            if not applicable(qtype, tiles):
+                continue
             fn = jax.jit(lambda x, w, tiles=tiles: qmv.qmatvec(x, w, interpret=args.interpret, **tiles))
-            jax.block_until_ready(fn(x, w))  # compile and warm
-            calls.append((f"{label} {qtype.name} {n}x{k} rows={args.rows}: {name}", fn, x, w))
+            (wv,) = as_served([w], tiles)
+            jax.block_until_ready(fn(x, wv))  # compile and warm
+            calls.append((f"{label} {qtype.name} {n}x{k} rows={args.rows}: {name}", fn, x, wv))
     try:  # the driver's, present wherever a GPU is; a profiler started with --profile-from-start off waits for it
         ctypes.CDLL("libcuda.so.1").cuProfilerStart()
     except OSError:
@@ -95,9 +104,12 @@ def traced_calls(case: tuple, rows: int, trace_dir: str, interpret: bool) -> Non
     """Each variant on `case` timed as bench.kernels times it, then one traced call: the device's kernels by name
     (us a matvec), and the compiled program's instructions by opcode (a copy there is a copy a call)."""
     label, qtype, n, k = case
-    ws = weight_copies(qtype, (n, k))
+    copies = weight_copies(qtype, (n, k))
     x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32)
     for name, tiles in VARIANTS.items():
+        if not applicable(qtype, tiles):
+            continue
+        ws = as_served(copies, tiles)
         fn, matvecs = matvec_program(qmv.qmatvec, len(ws), interpret=interpret, **tiles)
         wall = timed(fn, ws, x, None, repeat=10) / matvecs
         hlo = fn.lower(ws, x, None).compile().as_text()

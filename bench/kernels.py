@@ -41,6 +41,7 @@ from gguf import GGMLQuantizationType as QT
 
 from worker.pallas_kernels import moe_matmul as mm
 from worker.pallas_kernels import qmatvec as qmv
+from worker.pallas_kernels import qmatvec_int8
 from worker.quant import dequantize, quant_array, widened
 
 # (label, format, N, K) and, for MoE, (label, format, E, N, K, k): real-model decode shapes.
@@ -96,6 +97,9 @@ SWEEP_PER_ROW = (
         dict(fma=True, **t)
         for t in ({}, dict(factored=True), dict(prefetch=True), dict(num_stages=4), dict(block_n=64))
     ]
+    # x rounded to int8, integer dot products (qmatvec.Plan.int8_x; Q8_0, Q4_0, Q5_0, Q4_K, Q6_K; others are reported
+    # as refused): fewer registers and instructions a value, so wider tiles and more warps may pay
+    + [dict(int8_x=True, **t) for t in ({}, dict(num_stages=4), dict(block_n=64), dict(num_warps=8), dict(chunk=2))]
 )
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
 SWEEP_COPY = (
@@ -190,8 +194,15 @@ def matvec_program(op, n_weights: int, passes: int | None = None, **tiles) -> tu
     return jax.jit(run), n_weights * passes
 
 
+def as_served(weights: list, tiles: dict) -> list:
+    """The weights as a kernel variant reads them: with int8_x, their code planes made words once, as a weight
+    served that way would be stored (inside a timed call, the bitcast would be a copy of them each call)."""
+    return [qmatvec_int8.word_planes(w) for w in weights] if tiles.get("int8_x") else weights
+
+
 def per_call(op, weights, x, ids, repeat: int, passes: int | None = None, **tiles) -> float:
     """Seconds per matvec on the device (`matvec_program`'s calls, issued back to back)."""
+    weights = as_served(weights, tiles)
     fn, matvecs = matvec_program(op, len(weights), passes, **tiles)
     return timed(fn, weights, x, ids, repeat=repeat) / matvecs
 
@@ -222,6 +233,9 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         one = jax.jit(lambda x, w: ops[0](x, w, **interp))
         same = bool(jnp.array_equal(one(x[:1], w)[0], one(x, w)[0]))
         line += f"  per-row {t_rows * 1e6:9.1f} us  row 0 alone: {'same bits' if same else 'OTHER BITS'}"
+        if qtype in qmatvec_int8.INT8_TYPES:  # the per-row kernel on x rounded to int8 (another precision)
+            t_int8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, tensor_cores=False, int8_x=True)
+            line += f"  per-row int8 x {t_int8 * 1e6:9.1f} us"
     print(line, flush=True)
     # the dense call's per-row kernel where asked (`t_rows` its default's time); the MoE call has only that one
     kinds = {"tensor-cores": [False], "per-row": [True], "both": [False, True]}[args.sweep_kernel] if args.sweep else []

@@ -33,7 +33,7 @@ ROW_TILE = 64
 MIN_DOT = 16  # tl.dot's smallest tile dimension
 TARGET_VALUES = 8192  # weight values per program per loop step
 # `plan`'s overrides
-TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch", "fma")
+TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch", "fma", "int8_x")
 # The tiles of prefill-shaped calls (ops.qmatmul: a prompt chunk's positions, or several sequences' chunks in one
 # dispatch: thousands of rows), which take the weight dequantized once into float16 (`quant.widened`): a plain
 # tensor-core product, with one split of K (no partial sums to write). A row's bits depend on these tiles, so every
@@ -290,6 +290,9 @@ class Plan:
     # XLA builds the kernels' float multiplies and adds apart (no FFMA on the card, docs/PERFORMANCE.md, sixteenth
     # session). Other bits (one rounding where there were two). Not yet timed.
     fma: bool = False
+    # The per-row kernel on x rounded to int8 in blocks of 32 (worker/pallas_kernels/qmatvec_int8.py): integer dot
+    # products of four codes at once. Q8_0, Q4_0, Q5_0, Q4_K, Q6_K; dense weights. Another precision of x. Untimed.
+    int8_x: bool = False
 
 
 def plan(
@@ -305,6 +308,7 @@ def plan(
     factored: bool = False,
     prefetch: bool = False,
     fma: bool = False,
+    int8_x: bool = False,
 ) -> Plan:
     """The tiling for an [n, k] weight: a function of the weight's shape and format only, never of the number of
     rows of x or of (token, expert) pairs, so that every row is computed with the same tiles, K split and
@@ -326,7 +330,7 @@ def plan(
     if splits is None:
         splits = max(1, pl.cdiv(TARGET_PROGRAMS, pl.cdiv(n, block_n) * selections))
     steps = pl.cdiv(n_chunks, min(max(1, splits), n_chunks))
-    return Plan(block_n, chunk, pl.cdiv(n_chunks, steps), steps, num_warps, num_stages, factored, prefetch, fma)
+    return Plan(block_n, chunk, pl.cdiv(n_chunks, steps), steps, num_warps, num_stages, factored, prefetch, fma, int8_x)
 
 
 def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool,
@@ -494,6 +498,12 @@ def _call(
     rows in groups of min(T, MAX_ROWS), the last padded with zero rows; gathered: one program per row."""
     fmt = FORMATS[w.qtype]
     t, k = x.shape
+    if p.int8_x:
+        if tensor_cores or ids is not None:
+            raise ValueError("int8_x is an option of the dense per-row kernel (tensor_cores=False)")
+        from worker.pallas_kernels import qmatvec_int8  # it builds on this module's tiles
+
+        return fold_splits(qmatvec_int8.call(x, w, n, p, interpret, min(t, MAX_ROWS)))[:t, :n]
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
     # `fused`: Plan.fma's inline assembly, which only a compiled kernel runs (interpret mode rounds twice)

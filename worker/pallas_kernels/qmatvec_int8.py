@@ -1,0 +1,309 @@
+"""The per-row quantized matvec on an int8 x: x rounded to 8 bits in blocks of 32 values (a scale a block), and each
+weight code multiplied by it in integer dot products of four byte pairs (PTX dp4a), scaled once a block. An opt-in
+variant of qmatvec's per-row kernel (`Plan.int8_x`), not yet timed on the card.
+
+Why: the float per-row kernel is bound by its instructions, not by memory. On an H200 it spent 8.6 warp instructions
+a weight value on phi3-mini's Q4_K gate_up (ncu), where the bytes alone would take a third of its time
+(docs/kernels.md). Here four values take one dp4a, and a code plane is read as 32-bit words, so that extracting
+four 4-bit codes is one AND (two with the shift of a high nibble). llama.cpp's CUDA matvec (mmvq) rounds x the
+same way.
+
+Precision: each x value moves by at most half a step, 1/254 of its block's largest |value|. The integer sums are
+exact, so a row's result depends only on its own x and the weight (batch invariant), and interpret mode's integer
+arithmetic is the card's to the bit; only the float scaling after the sums may round differently there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from gguf import GGMLQuantizationType as QT
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from worker.pallas_kernels.qmatvec import tile_loader
+from worker.pallas_kernels.tiling import ALL, TritonParams, static_index
+from worker.quant import QuantArray
+
+X_BLOCK = 32  # x values that share one int8 scale
+SUM_BLOCK = 16  # x values per sum of codes (Q6_K's scale runs; Q4_K adds two)
+LOW_NIBBLES = 0x0F0F0F0F
+
+
+@dataclasses.dataclass(frozen=True)
+class IntPart:
+    """One part of a loop step's weight tile: `codes` int32 [BN, C, *g, W] (four 8-bit codes a word, W words a
+    group g of values sharing one weight scale), multiplied with x's words at `x_index`. The group's integer sum
+    s = sum(codes * x) (+ int_offset * sum(x) over the group) enters the result as dx * (scale * s + offset *
+    sum(x)), dx being x's block scale at `dx_index`; the sums of x are at `sum_index`. scale and offset [BN, C, *g,
+    1] float32."""
+
+    codes: jax.Array
+    signed: bool  # the codes' bytes: int8 (Q8_0) or uint8
+    x_index: tuple
+    dx_index: tuple
+    scale: jax.Array
+    offset: jax.Array | None = None
+    int_offset: int | None = None
+    sum_index: tuple | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class IntFormat:
+    """A GGUF format seen as words. `planes`: name -> inner view of one super-block, the code planes (`words`)
+    in 32-bit words. `x_inner`, `dx_inner`, `sum_inner`: the views of one super-block of x's words, block scales and
+    sums of `sum_block` values. `parts(load)`: the step's IntParts, `load` as qmatvec.tile_loader's."""
+
+    sb: int
+    planes: dict[str, tuple[int, ...]]
+    words: frozenset[str]
+    x_inner: tuple[int, ...]
+    dx_inner: tuple[int, ...]
+    sum_inner: tuple[int, ...]
+    sum_block: int
+    parts: Callable[[Callable[..., jax.Array]], list[IntPart]]
+
+
+def _f32(a: jax.Array) -> jax.Array:
+    return a.astype(jnp.float32)
+
+
+def _lift(a: jax.Array, ndim: int) -> jax.Array:
+    return jax.lax.expand_dims(a, tuple(range(a.ndim, ndim)))
+
+
+def _q8_0(load) -> list[IntPart]:
+    d = _lift(_f32(load("d")), 3)  # [BN, C, 1]
+    return [IntPart(load("qs", ALL).astype(jnp.int32), True, (ALL,), (), d)]
+
+
+def _q4_0(load) -> list[IntPart]:
+    words = load("qs", ALL).astype(jnp.int32)  # [BN, C, 4]: the low nibbles are values 4w + b, the high 16 + 4w + b
+    d = _lift(_f32(load("d")), 3)
+    return [IntPart((words >> (4 * p)) & LOW_NIBBLES, False, (p, ALL), (), d, None, -8, (p,)) for p in range(2)]
+
+
+# Four bits v spread to bit 0 of each byte: v * SPREAD adds copies of v shifted by 0, 7, 14 and 21 bits, which do not
+# overlap (no carries), so bit b of v lands at bit 8b in the copy shifted by 7b; the mask keeps bits 0, 8, 16, 24.
+SPREAD = 0x00204081
+
+
+def _q5_0(load) -> list[IntPart]:
+    words = load("qs", ALL).astype(jnp.int32)  # [BN, C, 4]
+    qh = _lift(load("qh").astype(jnp.int32), 3)  # bit j: bit 4 of value j
+    first = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 4), 2) * 4  # word w's values' first bit in qh
+    d = _lift(_f32(load("d")), 3)
+    out = []
+    for p in range(2):
+        high = ((((qh >> (first + 16 * p)) & 0xF) * SPREAD) & 0x01010101) << 4
+        codes = ((words >> (4 * p)) & LOW_NIBBLES) | high
+        out.append(IntPart(codes, False, (p, ALL), (), d, None, -16, (p,)))
+    return out
+
+
+def _q4_k(load) -> list[IntPart]:
+    words = load("qs", ALL, ALL).astype(jnp.int32)  # [BN, C, 4 groups of 64, 8]: bytes 4w.. of group j
+    d, dmin = _lift(_f32(load("d")), 3), _lift(_f32(load("dmin")), 3)
+    out = []
+    for p in range(2):  # the low nibbles are values 64j + 4w + b, the high ones 64j + 32 + 4w + b
+        codes = (words >> (4 * p)) & LOW_NIBBLES
+        scale = _lift(d * _f32(load("scales", ALL, p)), 4)
+        offset = -_lift(dmin * _f32(load("mins", ALL, p)), 4)
+        out.append(IntPart(codes, False, (ALL, p, ALL), (ALL, p), scale, offset, None, (ALL, p)))
+    return out
+
+
+def _q6_k(load) -> list[IntPart]:
+    # Value 128h + 64p + 32k + 16l + 4w + b: qs word (h, k, l, w) nibble p, qh word (h, l, w) bits 2(2p + k) of each
+    # byte, scale (h, p, k, l); code - 32. Eight parts of [BN, C, 2 (h), 4 (w)].
+    d = _lift(_f32(load("d")), 3)
+    out = []
+    for l in range(2):
+        qh = load("qh", ALL, l, ALL).astype(jnp.int32)
+        for k in range(2):
+            ql = load("qs", ALL, k, l, ALL).astype(jnp.int32)
+            for p in range(2):
+                codes = ((ql >> (4 * p)) & LOW_NIBBLES) | (((qh >> (2 * (2 * p + k))) & 0x03030303) << 4)
+                scale = _lift(d * _f32(load("scales", ALL, p, k, l)), 4)
+                out.append(IntPart(codes, False, (ALL, p, k, l, ALL), (ALL, p, k), scale, None, -32, (ALL, p, k, l)))
+    return out
+
+
+INT8_FORMATS: dict[QT, IntFormat] = {
+    QT.Q8_0: IntFormat(32, {"qs": (8,), "d": ()}, frozenset({"qs"}), (8,), (), (2,), 16, _q8_0),
+    QT.Q4_0: IntFormat(32, {"qs": (4,), "d": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _q4_0),
+    QT.Q5_0: IntFormat(32, {"qs": (4,), "qh": (), "d": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _q5_0),
+    QT.Q4_K: IntFormat(
+        256,
+        {"qs": (4, 8), "scales": (4, 2), "mins": (4, 2), "d": (), "dmin": ()},
+        frozenset({"qs"}),
+        (4, 2, 8),
+        (4, 2),
+        (4, 2),
+        32,
+        _q4_k,
+    ),
+    QT.Q6_K: IntFormat(
+        256,
+        {"qs": (2, 2, 2, 4), "qh": (2, 2, 4), "scales": (2, 2, 2, 2), "d": ()},
+        frozenset({"qs", "qh"}),
+        (2, 2, 2, 2, 4),
+        (2, 2, 2),
+        (2, 2, 2, 2),
+        16,
+        _q6_k,
+    ),
+}
+INT8_TYPES = frozenset(INT8_FORMATS)
+
+
+def quantize_x(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [T, K] -> (words int32 [T, K / 4], four int8 values each, the first in the lowest byte; dx float32
+    [T, K / 32]; sums int32 [T, K / 16] of 16 int8 values each). A block's dx is its largest |value| / 127 and its
+    values round to the nearest step, halves away from zero, as llama.cpp's quantize_q8_1 does."""
+    t, k = x.shape
+    blocks = x.astype(jnp.float32).reshape(t, k // X_BLOCK, X_BLOCK)
+    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    dx = amax / 127
+    inv = jnp.where(amax > 0, 1 / jnp.where(amax > 0, dx, 1), 0)
+    v = blocks * inv
+    q = (jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5)).astype(jnp.int8).reshape(t, k)
+    words = jax.lax.bitcast_convert_type(q.reshape(t, k // 4, 4), jnp.int32)
+    sums = jnp.sum(q.reshape(t, k // SUM_BLOCK, SUM_BLOCK).astype(jnp.int32), axis=-1)
+    return words, dx[..., 0], sums
+
+
+def dp4a(a: jax.Array, b: jax.Array, signed: bool, compiled: bool) -> jax.Array:
+    """The sum over the four bytes of int32 words a and b (one shape) of a's byte (int8 if `signed`, else uint8)
+    times b's (int8), int32. `compiled`: PTX dp4a by inline assembly (a Triton kernel only); else the same integers
+    by shifts (interpret mode): exact either way, so the bits are the same."""
+    if compiled:
+        (out,) = plgpu.elementwise_inline_asm(
+            f"dp4a.{'s32' if signed else 'u32'}.s32 $0, $1, $2, $3;",
+            args=[a, b, jnp.zeros(a.shape, jnp.int32)],
+            constraints="=r,r,r,r",
+            pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)],
+        )
+        return out
+    total = None
+    for k in range(4):
+        byte_a = (a << (24 - 8 * k)) >> 24 if signed else (a >> (8 * k)) & 0xFF
+        term = byte_a * ((b << (24 - 8 * k)) >> 24)
+        total = term if total is None else total + term
+    return total
+
+
+def _kernel(x_ref, dx_ref, sums_ref, *refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, rows: int,
+            p, compiled: bool):  # fmt: skip
+    """Program (r, i, j): output columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows), as
+    qmatvec's per-row kernel (its grid, masks and splits), with integer products."""
+    *plane_refs, o_ref = refs
+    planes = dict(zip(names, plane_refs, strict=True))
+    bn, c = p.block_n, p.chunk
+    first, row0, split = pl.program_id(0) * rows, pl.program_id(1) * bn, pl.program_id(2)
+    rows_ok = (row0 + jnp.arange(bn)) < n if n % bn else None
+    mask_k = p.splits * p.steps * c > blocks
+
+    def x_tile(ref, m, b0, index, blocks_ok):
+        ref = ref.at[static_index(m), pl.ds(b0, c), *map(static_index, index)]
+        if blocks_ok is None:
+            v = plgpu.load(ref)
+        else:
+            v = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(blocks_ok, ref.shape, (0,)), other=0)
+        return jax.lax.expand_dims(v, (0,))  # [1, C, ...] against the weight's [BN, C, ...]
+
+    def step(s, acc):
+        b0 = (split * p.steps + s) * c
+        blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
+        parts = fmt.parts(tile_loader(planes, fmt, static_index(0), row0, b0, bn, c, rows_ok, blocks_ok))
+        out = []
+        for r, a in enumerate(acc):
+            m = first + r
+            total = None
+            for part in parts:
+                xw = jnp.broadcast_to(x_tile(x_ref, m, b0, part.x_index, blocks_ok), part.codes.shape)
+                sums = jnp.sum(dp4a(part.codes, xw, part.signed, compiled), axis=-1, keepdims=True)
+                ndim = sums.ndim
+                dx = _lift(x_tile(dx_ref, m, b0, part.dx_index, blocks_ok), ndim)
+                if part.sum_index is not None:
+                    x_sums = _lift(x_tile(sums_ref, m, b0, part.sum_index, blocks_ok), ndim)
+                if part.int_offset is not None:
+                    sums = sums + part.int_offset * x_sums
+                group = part.scale * _f32(sums)
+                if part.offset is not None:
+                    group = group + part.offset * _f32(x_sums)
+                term = dx * group
+                total = term if total is None else total + term
+            while total.ndim > 1:  # Triton reduces one axis at a time
+                total = jnp.sum(total, axis=-1)
+            out.append(a + total)
+        return tuple(out)
+
+    acc = jax.lax.fori_loop(0, p.steps, step, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(rows)))
+    for r, a in enumerate(acc):
+        o_ref[split, first + r, pl.ds(row0, bn)] = a
+
+
+def _format(qtype: QT) -> IntFormat:
+    if qtype not in INT8_FORMATS:
+        supported = ", ".join(sorted(q.name for q in INT8_FORMATS))
+        raise NotImplementedError(f"no int8-x matvec kernel for {qtype.name} (int8_x takes {supported})")
+    return INT8_FORMATS[qtype]
+
+
+def word_planes(w: QuantArray) -> QuantArray:
+    """`w` with its code planes as int32 words (four codes' bytes each, the first in the lowest byte), for the
+    kernel only (the other paths read bytes). Why: the kernel reads words, and a bitcast of bytes to words inside a
+    call is a copy of the planes each call (XLA expands it into shifts), so a weight served this way is converted
+    once, as bench.kernels does before timing. `call` takes either."""
+    fmt = _format(w.qtype)
+    planes = {name: _words(a) if name in fmt.words else a for name, a in w.planes.items()}
+    return dataclasses.replace(w, planes=planes)
+
+
+def _words(plane: jax.Array) -> jax.Array:
+    if plane.dtype == jnp.int32:
+        return plane
+    return jax.lax.bitcast_convert_type(plane.reshape(*plane.shape[:-1], -1, 4), jnp.int32)
+
+
+def plane_views(w: QuantArray, n: int, k: int) -> tuple[list[str], list[jax.Array]]:
+    """Each plane of the dense weight `w` as [1, n, k / SB, *inner], the code planes as 32-bit words."""
+    fmt = _format(w.qtype)
+    names = sorted(fmt.planes)
+    views = []
+    for name in names:
+        plane = _words(w.planes[name]) if name in fmt.words else w.planes[name]
+        views.append(plane.reshape(1, n, k // fmt.sb, *fmt.planes[name]))
+    return names, views
+
+
+def call(x: jax.Array, w: QuantArray, n: int, p, interpret: bool, rows_per_program: int) -> jax.Array:
+    """x [T, K] -> the split-K partial sums [splits, T', N'] of qmatvec's per-row kernel on an int8 x (T' padded to
+    whole groups of `rows_per_program`, N' to whole column tiles); qmatvec folds them."""
+    fmt = _format(w.qtype)
+    t, k = x.shape
+    out_rows = pl.cdiv(t, rows_per_program) * rows_per_program
+    words, dx, sums = quantize_x(jnp.pad(x, ((0, out_rows - t), (0, 0))))
+    blocks = k // fmt.sb
+    if fmt.sum_block != SUM_BLOCK:  # Q4_K's scale runs are 32 values: two sums of 16 each (exact)
+        sums = jnp.sum(sums.reshape(out_rows, -1, fmt.sum_block // SUM_BLOCK), axis=-1)
+    x_args = [a.reshape(out_rows, blocks, *inner) for a, inner in
+              ((words, fmt.x_inner), (dx, fmt.dx_inner), (sums, fmt.sum_inner))]  # fmt: skip
+    names, planes = plane_views(w, n, k)
+    n_blocks = pl.cdiv(n, p.block_n)
+    kernel = functools.partial(_kernel, fmt=fmt, names=names, n=n, blocks=blocks, rows=rows_per_program, p=p,
+                               compiled=not interpret)  # fmt: skip
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((p.splits, out_rows, n_blocks * p.block_n), jnp.float32),
+        grid=(out_rows // rows_per_program, n_blocks, p.splits),
+        compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
+        interpret=interpret,
+        name=f"qmatvec_{w.qtype.name.lower()}_int8",
+    )(*x_args, *planes)
