@@ -236,13 +236,14 @@ def context_ids(m: worker.Model, context: int | None) -> list[int]:
 
 def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int, trace: str | None,
              groups: list[int] | None = None, contexts: list[int] | None = None, max_batch: int | None = None,
-             sweep_only: bool = False) -> dict:  # fmt: skip
+             sweep_only: bool = False, int8_x: bool = False) -> dict:  # fmt: skip
     """--rows: the compile of the largest row bucket (lowering and XLA's compile apart), then the sweep (at each of
     `contexts` if given: the first one's is `rows`, the others' `rows_at_context`), the queued dispatches, and the
     prefill groups; `sweep_only`: the sweep alone. `max_batch` (default the most rows) picks the decode kernels, as
-    the server's --max-batch does: per-row up to qmatvec.MAX_ROWS, tensor cores above."""
+    the server's --max-batch does: per-row up to qmatvec.MAX_ROWS, tensor cores above; `int8_x`: the per-row
+    kernels on x rounded to int8 (worker.load's int8_x)."""
     t0 = time.perf_counter()
-    m = worker.load(path, device=device, max_batch=max_batch or max(counts))
+    m = worker.load(path, device=device, max_batch=max_batch or max(counts), int8_x=int8_x)
     result: dict = {"model": path, "device": str(m.device), "load_s": time.perf_counter() - t0, "steps": steps,
                     "decode_kernels": m.cfg.decode_kernels,
                     "row_tile": qmatvec.ROW_TILE, "prefill_tiles": qmatvec.PREFILL_TILES,
@@ -287,6 +288,8 @@ def main() -> None:
                     "decode kernels (default: the most rows)")  # fmt: skip
     ap.add_argument("--sweep-only", action="store_true", help="with --rows: the rows' dispatches alone (no compile "
                     "timing, queued dispatches or prefill groups)")  # fmt: skip
+    ap.add_argument("--int8-x", action="store_true", help="with --rows: decode's matvecs on x rounded to int8 "
+                    "(worker.load's int8_x)")  # fmt: skip
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     path = args.model or str(worker.default_model_path())
@@ -297,7 +300,7 @@ def main() -> None:
         groups = [int(g) for g in args.prefill_groups.split(",")] if args.prefill_groups else None
         contexts = [int(c) for c in args.context.split(",")] if args.context else None
         result = run_rows(path, args.device, counts, args.steps, args.repeats, args.trace, groups, contexts,
-                          args.max_batch, args.sweep_only)  # fmt: skip
+                          args.max_batch, args.sweep_only, args.int8_x)  # fmt: skip
     else:
         result = run(path, args.device, args.repeats, args.trace)
     text = json.dumps(result, indent=1)

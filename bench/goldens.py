@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     ap.add_argument("--oracles", help="the oracles folder (gemma3-270m/ inside; default: as bench.synth finds it)")
     ap.add_argument("--variants", default="64,2",
-                    help="comma-separated --max-batch values; a 'j' after one keeps attention on jax.numpy, ':N' "
-                    "decodes N steps a dispatch (e.g. 64j:1)")  # fmt: skip
+                    help="comma-separated --max-batch values; a 'j' after one keeps attention on jax.numpy, an 'i' "
+                    "rounds decode's matvec x to int8 (int8_x), ':N' decodes N steps a dispatch (e.g. 64j:1, "
+                    "2i)")  # fmt: skip
     ap.add_argument("--margin", type=float, default=0.05, help="compare the steps before the first margin below this")
     ap.add_argument("--slots", type=int, default=1024)
     ap.add_argument("--json", help="write the results here")
@@ -97,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for variant in args.variants.split(","):
         batch, _, steps = variant.partition(":")
-        jnp_attention = batch.endswith("j")
+        jnp_attention, int8_x = "j" in batch, "i" in batch
         ops._attention_kernel = not jnp_attention  # read when a step is traced: this model's steps
         t0 = time.perf_counter()
         model = worker.load(worker.default_model_path(), device=args.device, slots=args.slots,
-                            max_batch=int(batch.rstrip("j")))  # fmt: skip
+                            max_batch=int(batch.rstrip("ji")), int8_x=int8_x)  # fmt: skip
         if steps:
             model.batch.steps = int(steps)
-        print(f"== {variant}: max_batch {batch.rstrip('j')}, decode kernels {model.cfg.decode_kernels}, attention "
+        print(f"== {variant}: max_batch {batch.rstrip('ji')}, decode kernels {model.cfg.decode_kernels}, attention "
               f"{'jax.numpy' if jnp_attention else 'kernels'}, {model.decode_steps} steps a dispatch")  # fmt: skip
         for p in data["prompts"]:
             r = {"variant": variant, **check(model, p, goldens, args.margin)}

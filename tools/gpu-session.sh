@@ -17,9 +17,10 @@
 #                      12,256: a sweep at each); profiler traces of the most rows' dispatch (at each context) and
 #                      of the largest prefill group (trace-M.json.gz, trace-M-prefill.json.gz in the call's logs
 #                      tarball), summed by kernel (bench.trace) in the stage's log
-#           kinds:M    the decode step of model M at ROWS rows (default 1,2: one stream's bucket) on the tensor-core
-#                      and on the per-row kernels (--max-batch 64 and 2), a process each; a profiler trace of each,
-#                      summed by kernel in the stage's log; budget KINDS_SECONDS (default 200)
+#           kinds:M    the decode step of model M at ROWS rows (default 1,2: one stream's bucket) on the tensor-core,
+#                      the per-row and the int8-x per-row kernels (--max-batch 64, 2, 2 --int8-x), a process each; a
+#                      profiler trace of each, summed by kernel in the stage's log; budget KINDS_SECONDS (default
+#                      300)
 #           goldens    python -m bench.goldens: the real Gemma 3 against exact math, step by step, for each of
 #                      GOLDENS_VARIANTS (default 64,2: the tensor-core and per-row decode kernels; e.g. 64j: attention
 #                      on jax.numpy); needs the staged Gemma wheels and shared/oracles/gemma3-270m; budget
@@ -178,18 +179,19 @@ do_rows() {  # in a folder of its own: bench.report reads every JSON directly in
 }
 
 do_kinds() {
-    local like=$1 rc=0 mb trace f
+    # max_batch 64: the tensor-core kernels; 2: the per-row ones; 2i: the per-row ones on an int8 x (--int8-x)
+    local like=$1 rc=0 v trace f
     mkdir -p "$results/rows"
-    for mb in 64 2; do
-        echo "== $like: max_batch $mb"
-        trace=(--trace "$results/rows/trace-$like-kinds-b$mb")
+    for v in 64 2 2i; do
+        echo "== $like: max_batch $v"
+        trace=(--trace "$results/rows/trace-$like-kinds-b$v")
         py -m bench.dispatch --model "$(model_path "$like")" --rows "${ROWS:-1,2}" --device "${BENCH_DEVICE:-gpu}" \
-            --steps 16 --max-batch $mb --sweep-only "${trace[@]}" --json "$results/rows/kinds-$like-b$mb.json" |
-            grep -v '^[ {}"]' || rc=1
+            --steps 16 --max-batch "${v%i}" $([[ $v == *i ]] && echo --int8-x) --sweep-only "${trace[@]}" \
+            --json "$results/rows/kinds-$like-b$v.json" | grep -v '^[ {}"]' || rc=1
     done
-    for mb in 64 2; do
-        f=$(newest_trace "$results/rows/trace-$like-kinds-b$mb")
-        [ -n "$f" ] && { echo "== trace, max_batch $mb"; py -m bench.trace "$f"; }
+    for v in 64 2 2i; do
+        f=$(newest_trace "$results/rows/trace-$like-kinds-b$v")
+        [ -n "$f" ] && { echo "== trace, max_batch $v"; py -m bench.trace "$f"; }
     done
     return $rc
 }
@@ -351,7 +353,7 @@ for s in "$@"; do
         ncu) stage ncu "${NCU_SECONDS:-180}" do_ncu ;;
         ktrace) stage ktrace "${NCU_SECONDS:-180}" do_ktrace ;;
         attn) stage attn "${ATTN_SECONDS:-240}" do_attn ;;
-        kinds:*) stage "kinds-${s#kinds:}" "${KINDS_SECONDS:-200}" do_kinds "${s#kinds:}" ;;
+        kinds:*) stage "kinds-${s#kinds:}" "${KINDS_SECONDS:-300}" do_kinds "${s#kinds:}" ;;
         host) stage host "${HOST_SECONDS:-150}" do_host ;;
         host-real:*) stage "host-real-${s#host-real:}" "${HOST_SECONDS:-300}" do_host_real "${s#host-real:}" ;;
         synth) stage synth 300 do_synth ;;

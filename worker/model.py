@@ -20,7 +20,7 @@ from worker.gguf import GGUFFile, open_gguf
 from worker.kv_cache import bytes_per_slot, dtype_for, pages_for
 from worker.models import adapter_for
 from worker.models.base import load_weights
-from worker.pallas_kernels import qmatvec
+from worker.pallas_kernels import qmatvec, qmatvec_int8
 from worker.quant import QuantArray, cpu_layout, quant_kind, widened
 from worker.runner import Runner
 from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs
@@ -56,6 +56,19 @@ def decode_kernels_for(max_batch: int, deterministic: bool) -> str:
     if not deterministic:
         return "by-rows"
     return "tensor-cores" if max_batch > qmatvec.MAX_ROWS else "per-row"
+
+
+def with_word_planes(weights: dict) -> dict:
+    """The dense weights the int8-x matvec takes (qmatvec_int8.INT8_TYPES) with their code planes as 32-bit words,
+    converted once here: the kernel reads words, and the bytes would be converted inside every step. Other readers
+    of these weights (prefill's dequantization, the embedding lookup) view them as bytes again (quant.as_bytes)."""
+    convert = jax.jit(qmatvec_int8.word_planes)
+
+    def one(a):
+        dense = isinstance(a, QuantArray) and all(p.ndim == 2 for p in a.planes.values())
+        return convert(a) if dense and a.qtype in qmatvec_int8.INT8_TYPES else a
+
+    return jax.tree.map(one, weights, is_leaf=lambda a: isinstance(a, QuantArray))
 
 
 def expert_copy_bytes(gf: GGUFFile) -> int:
@@ -361,6 +374,7 @@ def load_model(
     tensor_parallel: int = 1,
     bf16_experts: bool | None = None,
     prefill_tokens: int | None = None,
+    int8_x: bool = False,
 ) -> Model:
     """Open, validate and place a model. `device`: "cpu", "gpu" or "auto". `slots`: the most positions of one
     sequence (default: the file's context, capped at 4096 on the CPU). `max_batch`: sequences decoded together
@@ -378,7 +392,9 @@ def load_model(
     bf16, which decode steps read (`with_bf16_experts`); None: where it helps and fits (a GPU, the tensor-core
     decode kernels, one device, and room for the copy beside one whole context). `prefill_tokens`: prompt tokens
     prefilled an engine step, at least one chunk (default PREFILL_TOKENS_PER_STEP: 4096 on a GPU, one chunk on the
-    CPU): more finishes a burst of prompts sooner, and stalls the running streams longer each step."""
+    CPU): more finishes a burst of prompts sooner, and stalls the running streams longer each step. `int8_x`: decode's
+    dense matvecs on x rounded to int8 where the weight's format has that kernel (ops' "per-row-int8" decode
+    kernels: another precision of x, ~0.5% of a product; batch invariant; docs/kernels.md). Not yet timed."""
     gf = open_gguf(path)
     adapter = adapter_for(gf.architecture)
     cfg = adapter.config(gf)
@@ -402,7 +418,10 @@ def load_model(
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"max_batch {max_batch}: the batch-invariant kernels take "
                           f"at most {qmatvec.MAX_BATCH} decode rows; ask for that many or fewer, or turn determinism "
                           "off")  # fmt: skip
-    cfg = dataclasses.replace(cfg, decode_kernels=decode_kernels_for(max_batch, deterministic))
+    if int8_x and (backend == "cpu" or mesh is not None):
+        raise WorkerError(ErrorCode.INVALID_REQUEST, "int8_x needs a kernel backend (gpu or interpret) and one device")
+    kernels = "per-row-int8" if int8_x else decode_kernels_for(max_batch, deterministic)
+    cfg = dataclasses.replace(cfg, decode_kernels=kernels)
     table = adapter.weight_table(gf, cfg)  # checks the tensors' shapes against cfg before memory is sized from it
     per_token = bytes_per_slot(cfg, dtype_for(kind))
     if mesh is not None:  # each device holds its shards: the pre-flight counts those, on every device
@@ -463,6 +482,8 @@ def load_model(
             weights = cpu_layout(weights)  # interpret backends' kernels read the block planes
         if copies:
             weights = with_bf16_experts(weights)
+        if int8_x:
+            weights = with_word_planes(weights)
         tokenizer = building.result()
     runner = Runner(adapter, cfg, weights, targets[0], slots, pages_for(kv_tokens) + 1, max_batch,
                     deterministic=deterministic, mesh=mesh)  # fmt: skip

@@ -28,7 +28,7 @@ from worker import sharding
 from worker.kv_cache import KVCache, gather_layer
 from worker.pallas_kernels import moe_matmul as grouped_matmul
 from worker.pallas_kernels import paged_attention as paged
-from worker.pallas_kernels import prefill_attention, qmatvec
+from worker.pallas_kernels import prefill_attention, qmatvec, qmatvec_int8
 from worker.quant import Int8Blocks, QuantArray, dequantize, widened
 
 Weight = QuantArray | Int8Blocks | jax.Array
@@ -53,8 +53,11 @@ _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
 #                   8 rows (583 us for 64).
 #   "by-rows"       per-row up to qmatvec.MAX_ROWS rows, tensor cores above: the fastest, but a row's bits then
 #                   depend on how many rows share its call (not batch invariant).
-# A batch-invariant model uses one of the first two for every call (worker/model.py picks by --max-batch).
-DECODE_KERNELS = ("tensor-cores", "per-row", "by-rows")
+#   "per-row-int8"  "per-row", with the dense weights of qmatvec_int8's formats on x rounded to int8 (integer dot
+#                   products, `--int8-x`: another precision of x, docs/kernels.md); batch invariant. Untimed.
+# A batch-invariant model uses "tensor-cores" or "per-row" for every call (worker/model.py picks by --max-batch),
+# or "per-row-int8" where asked for.
+DECODE_KERNELS = ("tensor-cores", "per-row", "by-rows", "per-row-int8")
 _decode_kernels: ContextVar[str] = ContextVar("decode_kernels", default="by-rows")
 
 
@@ -265,7 +268,8 @@ def qmatmul(
             plain = widened(w, jnp.float32 if interpret else jnp.float16)
             y = qmatvec.qmatvec(x, plain, interpret=interpret, **qmatvec.PREFILL_TILES)
         else:
-            y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores)
+            int8_x = not exact and _decode_kernels.get() == "per-row-int8" and w.qtype in qmatvec_int8.INT8_TYPES
+            y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, int8_x=int8_x)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
         # accumulation). bf16 operands cost ~1e-2 relative on the logits (docs/gpu.md), not the CPU's 1e-6.

@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from worker.pallas_kernels.tiling import ALL, TARGET_PROGRAMS, TritonParams, kernel_entry, pow2_floor, static_index
-from worker.quant import QuantArray, dequantize
+from worker.quant import QuantArray, as_bytes, dequantize
 
 MAX_ROWS = 8  # the per-row kernel: rows of x per program (one accumulator and one x load per row, unrolled)
 MAX_BATCH = 1024  # the most rows of a decode dispatch (--max-batch) in the batch-invariant mode (worker/model.py)
@@ -475,7 +475,9 @@ def load_x_part(x_ref, part: int, r0, bm: int, b0, c: int, t_size: int, blocks: 
 
 
 def plane_views(w: QuantArray, experts: int, n: int, k: int) -> tuple[list[str], list[jax.Array]]:
-    """Each plane of `w` viewed (a free reshape) as [experts, n, k / SB, *inner] in its format's layout."""
+    """Each plane of `w` viewed (a free reshape) as [experts, n, k / SB, *inner] in its format's layout (planes
+    held as words for the int8-x kernel made bytes again: a copy, which only an `exact` call on such a weight pays)."""
+    w = as_bytes(w)
     fmt = FORMATS[w.qtype]
     names = sorted(fmt.planes)
     return names, [w.planes[name].reshape(experts, n, k // fmt.sb, *fmt.planes[name]) for name in names]
