@@ -67,6 +67,23 @@ def test_dp4a_by_shifts_is_the_integer_sum_of_byte_products(signed):
     np.testing.assert_array_equal(got, want)
 
 
+def test_prmt_by_shifts_selects_bytes_as_ptx_says():
+    """Interpret mode's prmt against PTX's definition written out per byte: output byte i is byte (s & 7) of a's four
+    then b's four, s being c's nibble i, or that byte's top bit replicated where s has bit 3 (every selector and
+    sign bit reached)."""
+    rng = np.random.default_rng(5)
+    a, b, c = (rng.integers(0, 2**32, 256, dtype=np.uint64).astype(np.uint32).view(np.int32) for _ in range(3))
+    got = np.asarray(jax.jit(lambda a, b, c: q8.prmt(a, b, c, compiled=False))(a, b, c)).view(np.uint32)
+    table = np.concatenate([a.view(np.uint8).reshape(-1, 4), b.view(np.uint8).reshape(-1, 4)], axis=1)
+    want = np.zeros(len(c), np.uint32)
+    for j, sel_word in enumerate(c.view(np.uint32)):
+        for i in range(4):
+            sel = (int(sel_word) >> (4 * i)) & 0xF
+            byte = int(table[j, sel & 7])
+            want[j] |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << (8 * i)
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_int8_x_matvec_at_tile_edges_equals_float64_on_the_rounded_x(qtype):
     """Every tile edge (a K loop of several steps in several splits, rows and super-blocks masked), 3 rows: the
@@ -88,6 +105,24 @@ def test_int8_x_matvec_at_tile_edges_equals_float64_on_the_rounded_x(qtype):
     assert (np.abs(np.asarray(y, np.float64) - exact) <= step_bound).all(), "outside the rounding's bound"
     assert np.array_equal(np.asarray(call(x[1:2], w))[0], np.asarray(y)[1]), "row 1 alone: other bits"
     assert np.array_equal(np.asarray(call(x, q8.word_planes(w))), np.asarray(y)), "word planes: other bits"
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_int8_x_moe_matvec_gathers_the_selected_experts(qtype):
+    """The gathered kernel (a program per (token, selection), its expert's planes): each selection's product with
+    the token's rounded x, at every tile edge, and a token's bits the same alone as among others."""
+    sb = qmv.FORMATS[qtype].sb
+    blocks, tiles = EDGE_TILES[sb]
+    n, k = 40, blocks * sb
+    w, w64 = random_weight(qtype, (3, n, k), seed=13)
+    x = np.random.default_rng(14).standard_normal((3, k)).astype(np.float32)
+    ids = np.array([[2, 0], [0, 1], [2, 2]], np.int32)
+    call = jax.jit(lambda x, w, i: qmv.moe_matvec(x, w, i, interpret=True, int8_x=True, **tiles))
+    y = call(x, w, ids)
+    xr, picked = rounded_x(x), w64[ids]  # [M, k, N, K]
+    ref = np.einsum("mi,mkoi->mko", xr, picked)
+    assert_close(y, ref, np.einsum("mi,mkoi->mko", np.abs(xr), np.abs(picked)), f"{qtype.name} gathered", TOL)
+    assert np.array_equal(np.asarray(call(x[2:], w, ids[2:]))[0], np.asarray(y)[2]), "token 2 alone: other bits"
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -118,31 +153,38 @@ def test_int8_x_is_refused_where_it_has_no_kernel():
         qmv.qmatvec(jnp.ones((1, 256), jnp.float32), q4k, interpret=True, int8_x=True)
 
 
-# Oracle models whose dense weights are int8-x formats: qwen2's Q8_0; llama's Q4_K_M (Q4_K, Q6_K, and Q5_0 or Q8_0
-# where a row is not a multiple of 256).
+# Oracle models with weights in int8-x formats: qwen2's Q8_0, llama's Q4_K_M (Q4_K, Q6_K), gpt-oss's MXFP4 experts.
 MODELS = [("qwen2", "model-q8_0.gguf", "logits-hf-f64-q8_0-dequant.npy"),
-          ("llama", "model-q4_k_m.gguf", "logits-hf-f64-q4_k_m-dequant.npy")]  # fmt: skip
+          ("llama", "model-q4_k_m.gguf", "logits-hf-f64-q4_k_m-dequant.npy"),
+          ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy")]  # fmt: skip
 
 
 # What int8 x costs these models: their decode's log-probabilities moved by up to 0.049 (qwen2) and 0.050 (llama)
 # from the float path's (measured in interpret mode; the float path's own: < 1e-4). The mode's contract here: 0.1.
+# Not for gpt-oss: where its router's top experts nearly tie, int8 x can flip a choice, and a probe's 12 sampled
+# steps moved by 0.03-0.09 but one by 1.48 (the float path's: 0.0085); its greedy ids are still checked.
 INT8_LOGIT_TOL = 0.1
 
 
 @pytest.mark.parametrize(("arch", "file", "logits"), MODELS, ids=[m[0] for m in MODELS])
 def test_a_model_loaded_with_int8_x_decodes_on_it_and_follows_the_oracle(oracles, monkeypatch, arch, file, logits):
-    """Every decode call on a weight of an int8-x format takes the int8-x kernel (its code planes held as words,
-    converted at load), other calls the float kernels; the teacher-forced greedy decode agrees with the float64 HF
-    oracle wherever its margin is clear of int8's error; a sampled decode's log-probabilities are within that error
-    of the full forward's (prefill, float)."""
+    """Every decode call on a weight of an int8-x format, dense or routed experts, takes the int8-x kernel (its code
+    planes held as words, converted at load), other calls the float kernels; the teacher-forced greedy decode
+    agrees with the float64 HF oracle wherever its margin is clear of int8's error; a dense model's sampled decode
+    has log-probabilities within that error of the full forward's (prefill, float)."""
     calls = []
-    dense = qmv.qmatvec
+    dense, routed = qmv.qmatvec, qmv.moe_matvec
 
     def spy(*args, **kwargs):
         calls.append((args[1].qtype, args[0].shape[-2] if args[0].ndim > 2 else 1, bool(kwargs.get("int8_x"))))
         return dense(*args, **kwargs)
 
+    def spy_routed(*args, **kwargs):
+        calls.append((args[1].qtype, 1, bool(kwargs.get("int8_x"))))  # decode's routed experts (prefill: grouped)
+        return routed(*args, **kwargs)
+
     monkeypatch.setattr(qmv, "qmatvec", spy)
+    monkeypatch.setattr(qmv, "moe_matvec", spy_routed)
     d = oracles / "models" / arch
     m = worker.load(d / file, device="cpu", backend="interpret", slots=256, max_batch=2, int8_x=True)
     assert m.cfg.decode_kernels == "per-row-int8"
@@ -158,6 +200,8 @@ def test_a_model_loaded_with_int8_x_decodes_on_it_and_follows_the_oracle(oracles
     clear = top2[:, 1] - top2[:, 0] > 2 * INT8_LOGIT_TOL
     assert clear.sum() >= len(ids) // 4
     assert (decoded == ref.argmax(-1))[clear].all()
+    if arch == "gpt-oss":
+        return  # routing flips (above)
     prompt, got = m.tokenizer.encode("The quick brown fox"), []
     out = list(m.generate_ids(prompt, 8, SamplingParams(temperature=0.8), seed=7, stop_at_eos=False, logprobs=got))
     full = np.asarray(m.logits(prompt + out[:-1]), np.float64)[len(prompt) - 1 :]

@@ -59,14 +59,14 @@ def decode_kernels_for(max_batch: int, deterministic: bool) -> str:
 
 
 def with_word_planes(weights: dict) -> dict:
-    """The dense weights the int8-x matvec takes (qmatvec_int8.INT8_TYPES) with their code planes as 32-bit words,
-    converted once here: the kernel reads words, and the bytes would be converted inside every step. Other readers
-    of these weights (prefill's dequantization, the embedding lookup) view them as bytes again (quant.as_bytes)."""
+    """The weights the int8-x matvec takes (qmatvec_int8.INT8_TYPES: dense, and MoE experts) with their code planes
+    as 32-bit words, converted once here: the kernel reads words, and the bytes would be converted inside every
+    step. Other readers of these weights (prefill's dequantization and grouped matmul, the embedding lookup) view
+    them as bytes again (quant.as_bytes)."""
     convert = jax.jit(qmatvec_int8.word_planes)
 
     def one(a):
-        dense = isinstance(a, QuantArray) and all(p.ndim == 2 for p in a.planes.values())
-        return convert(a) if dense and a.qtype in qmatvec_int8.INT8_TYPES else a
+        return convert(a) if isinstance(a, QuantArray) and a.qtype in qmatvec_int8.INT8_TYPES else a
 
     return jax.tree.map(one, weights, is_leaf=lambda a: isinstance(a, QuantArray))
 
@@ -393,8 +393,9 @@ def load_model(
     decode kernels, one device, and room for the copy beside one whole context). `prefill_tokens`: prompt tokens
     prefilled an engine step, at least one chunk (default PREFILL_TOKENS_PER_STEP: 4096 on a GPU, one chunk on the
     CPU): more finishes a burst of prompts sooner, and stalls the running streams longer each step. `int8_x`: decode's
-    dense matvecs on x rounded to int8 where the weight's format has that kernel (ops' "per-row-int8" decode
-    kernels: another precision of x, ~0.5% of a product; batch invariant; docs/kernels.md). Not yet timed."""
+    matvecs (dense and routed experts) on x rounded to int8 where the weight's format has that kernel (ops'
+    "per-row-int8" decode kernels: another precision of x, ~0.5% of a product; batch invariant; docs/kernels.md).
+    Not yet timed."""
     gf = open_gguf(path)
     adapter = adapter_for(gf.architecture)
     cfg = adapter.config(gf)

@@ -53,8 +53,9 @@ _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
 #                   8 rows (583 us for 64).
 #   "by-rows"       per-row up to qmatvec.MAX_ROWS rows, tensor cores above: the fastest, but a row's bits then
 #                   depend on how many rows share its call (not batch invariant).
-#   "per-row-int8"  "per-row", with the dense weights of qmatvec_int8's formats on x rounded to int8 (integer dot
-#                   products, `--int8-x`: another precision of x, docs/kernels.md); batch invariant. Untimed.
+#   "per-row-int8"  "per-row", with the weights of qmatvec_int8's formats (dense, and the routed experts) on x
+#                   rounded to int8 (integer dot products, worker.load's int8_x: another precision of x,
+#                   docs/kernels.md); batch invariant. Untimed.
 # A batch-invariant model uses "tensor-cores" or "per-row" for every call (worker/model.py picks by --max-batch),
 # or "per-row-int8" where asked for.
 DECODE_KERNELS = ("tensor-cores", "per-row", "by-rows", "per-row-int8")
@@ -507,7 +508,8 @@ def moe_matmul(
         tiles = {} if per_token else grouped_matmul.PREFILL_TILES
         return kernel(x, experts, expert_ids, live, interpret=interpret, **tiles)
     if kernel is not None:
-        return kernel(x, experts, expert_ids, interpret=interpret)
+        int8_x = _decode_kernels.get() == "per-row-int8" and experts.qtype in qmatvec_int8.INT8_TYPES
+        return kernel(x, experts, expert_ids, interpret=interpret, int8_x=int8_x)
     x = x.astype(jnp.float32)
     shared = x.ndim == expert_ids.ndim
     hi = jax.lax.Precision.HIGHEST

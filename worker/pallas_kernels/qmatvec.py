@@ -148,11 +148,16 @@ def _e2m1_doubled(code: jax.Array) -> jax.Array:
     return half.astype(jnp.float32) * jnp.float32(2.0**15)
 
 
-def _mxfp4(load: Load) -> Factors:
-    # ggml_e8m0_to_fp32_half by bits: 2^(e - 128), a subnormal for e < 2 (as worker/quant.py).
-    e = load("e").astype(jnp.uint32)
+def e8m0_half(e: jax.Array) -> jax.Array:
+    """ggml_e8m0_to_fp32_half of an MXFP4 block's exponent byte, by bits: 2^(e - 128) in float32, a subnormal for
+    e < 2 (as worker/quant.py)."""
+    e = e.astype(jnp.uint32)
     bits = jnp.where(e < 2, jnp.uint32(0x00200000) << e, (e - 1) << 23)
-    d = _lift(jax.lax.bitcast_convert_type(bits, jnp.float32), 3)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _mxfp4(load: Load) -> Factors:
+    d = _lift(e8m0_half(load("e")), 3)
     return [(_e2m1_doubled(q), d, None, (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
 
 
@@ -501,11 +506,12 @@ def _call(
     fmt = FORMATS[w.qtype]
     t, k = x.shape
     if p.int8_x:
-        if tensor_cores or ids is not None:
-            raise ValueError("int8_x is an option of the dense per-row kernel (tensor_cores=False)")
+        if tensor_cores:
+            raise ValueError("int8_x is an option of the per-row kernels (tensor_cores=False)")
         from worker.pallas_kernels import qmatvec_int8  # it builds on this module's tiles
 
-        return fold_splits(qmatvec_int8.call(x, w, n, p, interpret, min(t, MAX_ROWS)))[:t, :n]
+        rows = 1 if ids is not None else min(t, MAX_ROWS)
+        return fold_splits(qmatvec_int8.call(x, w, ids, experts, n, p, interpret, rows))[:t, :n]
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
     # `fused`: Plan.fma's inline assembly, which only a compiled kernel runs (interpret mode rounds twice)

@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType as QT
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.qmatvec import tile_loader
+from worker.pallas_kernels.qmatvec import e8m0_half, tile_loader
 from worker.pallas_kernels.tiling import ALL, TritonParams, static_index
 from worker.quant import QuantArray
 
@@ -38,9 +38,9 @@ LOW_NIBBLES = 0x0F0F0F0F
 class IntPart:
     """One part of a loop step's weight tile: `codes` int32 [BN, C, *g, W] (four 8-bit codes a word, W words a
     group g of values sharing one weight scale), multiplied with x's words at `x_index`. The group's integer sum
-    s = sum(codes * x) (+ int_offset * sum(x) over the group) enters the result as dx * (scale * s + offset *
-    sum(x)), dx being x's block scale at `dx_index`; the sums of x are at `sum_index`. scale and offset [BN, C, *g,
-    1] float32."""
+    s = sum(codes * x) - sum(minus * x) + int_offset * sum(x) (the terms that are there) enters the result as
+    dx * (scale * s + offset * sum(x)), dx being x's block scale at `dx_index`; the sums of x are at `sum_index`.
+    scale and offset [BN, C, *g, 1] float32."""
 
     codes: jax.Array
     signed: bool  # the codes' bytes: int8 (Q8_0) or uint8
@@ -50,13 +50,16 @@ class IntPart:
     offset: jax.Array | None = None
     int_offset: int | None = None
     sum_index: tuple | None = None
+    minus: jax.Array | None = None  # codes whose products are subtracted (MXFP4's negative values' magnitudes)
 
 
 @dataclasses.dataclass(frozen=True)
 class IntFormat:
     """A GGUF format seen as words. `planes`: name -> inner view of one super-block, the code planes (`words`)
     in 32-bit words. `x_inner`, `dx_inner`, `sum_inner`: the views of one super-block of x's words, block scales and
-    sums of `sum_block` values. `parts(load)`: the step's IntParts, `load` as qmatvec.tile_loader's."""
+    sums of `sum_block` values. `parts(load, compiled)`: the step's IntParts, `load` as qmatvec.tile_loader's.
+    `x_order`: where a format's codes come out of their words in another order than the values', x's words follow
+    it (None: in order)."""
 
     sb: int
     planes: dict[str, tuple[int, ...]]
@@ -65,7 +68,8 @@ class IntFormat:
     dx_inner: tuple[int, ...]
     sum_inner: tuple[int, ...]
     sum_block: int
-    parts: Callable[[Callable[..., jax.Array]], list[IntPart]]
+    parts: Callable[[Callable[..., jax.Array], bool], list[IntPart]]
+    x_order: tuple[int, ...] | None = None  # x's values of a 32-value block in the order its words hold them
 
 
 def _f32(a: jax.Array) -> jax.Array:
@@ -76,12 +80,12 @@ def _lift(a: jax.Array, ndim: int) -> jax.Array:
     return jax.lax.expand_dims(a, tuple(range(a.ndim, ndim)))
 
 
-def _q8_0(load) -> list[IntPart]:
+def _q8_0(load, compiled: bool) -> list[IntPart]:
     d = _lift(_f32(load("d")), 3)  # [BN, C, 1]
     return [IntPart(load("qs", ALL).astype(jnp.int32), True, (ALL,), (), d)]
 
 
-def _q4_0(load) -> list[IntPart]:
+def _q4_0(load, compiled: bool) -> list[IntPart]:
     words = load("qs", ALL).astype(jnp.int32)  # [BN, C, 4]: the low nibbles are values 4w + b, the high 16 + 4w + b
     d = _lift(_f32(load("d")), 3)
     return [IntPart((words >> (4 * p)) & LOW_NIBBLES, False, (p, ALL), (), d, None, -8, (p,)) for p in range(2)]
@@ -92,7 +96,7 @@ def _q4_0(load) -> list[IntPart]:
 SPREAD = 0x00204081
 
 
-def _q5_0(load) -> list[IntPart]:
+def _q5_0(load, compiled: bool) -> list[IntPart]:
     words = load("qs", ALL).astype(jnp.int32)  # [BN, C, 4]
     qh = _lift(load("qh").astype(jnp.int32), 3)  # bit j: bit 4 of value j
     first = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 4), 2) * 4  # word w's values' first bit in qh
@@ -105,7 +109,30 @@ def _q5_0(load) -> list[IntPart]:
     return out
 
 
-def _q4_k(load) -> list[IntPart]:
+# MXFP4: the E2M1 code's magnitude (its low three bits) -> ggml's doubled value (0, 1, 2, 3, 4, 6, 8, 12), as the
+# eight bytes that `prmt` selects from.
+E2M1_LOW, E2M1_HIGH = 0x03020100, 0x0C080604
+# prmt's selectors are the four nibbles of a 16-bit half of a qs word: byte 2j's low and high nibble, then byte
+# 2j + 1's, so the values come out as (l, 16 + l, l + 1, 17 + l), l = 4w + 2h for word w's half h; x follows.
+MXFP4_ORDER = tuple(v for h in range(2) for w in range(4) for l in [4 * w + 2 * h] for v in (l, 16 + l, l + 1, 17 + l))
+
+
+def _mxfp4(load, compiled: bool) -> list[IntPart]:
+    """Each half of a word's eight codes to four bytes by one `prmt` over the magnitudes' table: a code with its
+    sign bit set selects in prmt's sign-replicating mode, which gives 0 (the table's bytes are below 0x80); the same
+    selectors without sign bits give every magnitude, so their difference (an XOR) is the negative codes'."""
+    words = load("qs", ALL).astype(jnp.int32)  # [BN, C, 4]
+    d = _lift(e8m0_half(load("e")), 3)
+    out = []
+    for h in range(2):
+        sel = words >> (16 * h)
+        positive = prmt(E2M1_LOW, E2M1_HIGH, sel, compiled)
+        negative = prmt(E2M1_LOW, E2M1_HIGH, sel & 0x7777, compiled) ^ positive
+        out.append(IntPart(positive, False, (h, ALL), (), d, minus=negative))
+    return out
+
+
+def _q4_k(load, compiled: bool) -> list[IntPart]:
     words = load("qs", ALL, ALL).astype(jnp.int32)  # [BN, C, 4 groups of 64, 8]: bytes 4w.. of group j
     d, dmin = _lift(_f32(load("d")), 3), _lift(_f32(load("dmin")), 3)
     out = []
@@ -117,7 +144,7 @@ def _q4_k(load) -> list[IntPart]:
     return out
 
 
-def _q6_k(load) -> list[IntPart]:
+def _q6_k(load, compiled: bool) -> list[IntPart]:
     # Value 128h + 64p + 32k + 16l + 4w + b: qs word (h, k, l, w) nibble p, qh word (h, l, w) bits 2(2p + k) of each
     # byte, scale (h, p, k, l); code - 32. Eight parts of [BN, C, 2 (h), 4 (w)].
     d = _lift(_f32(load("d")), 3)
@@ -137,6 +164,7 @@ INT8_FORMATS: dict[QT, IntFormat] = {
     QT.Q8_0: IntFormat(32, {"qs": (8,), "d": ()}, frozenset({"qs"}), (8,), (), (2,), 16, _q8_0),
     QT.Q4_0: IntFormat(32, {"qs": (4,), "d": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _q4_0),
     QT.Q5_0: IntFormat(32, {"qs": (4,), "qh": (), "d": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _q5_0),
+    QT.MXFP4: IntFormat(32, {"qs": (4,), "e": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _mxfp4, MXFP4_ORDER),
     QT.Q4_K: IntFormat(
         256,
         {"qs": (4, 8), "scales": (4, 2), "mins": (4, 2), "d": (), "dmin": ()},
@@ -161,12 +189,15 @@ INT8_FORMATS: dict[QT, IntFormat] = {
 INT8_TYPES = frozenset(INT8_FORMATS)
 
 
-def quantize_x(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def quantize_x(x: jax.Array, order: Sequence[int] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [T, K] -> (words int32 [T, K / 4], four int8 values each, the first in the lowest byte; dx float32
     [T, K / 32]; sums int32 [T, K / 16] of 16 int8 values each). A block's dx is its largest |value| / 127 and its
-    values round to the nearest step, halves away from zero, as llama.cpp's quantize_q8_1 does."""
+    values round to the nearest step, halves away from zero, as llama.cpp's quantize_q8_1 does. `order`: each
+    32-value block's values in this order in the words and sums (a format's `x_order`)."""
     t, k = x.shape
     blocks = x.astype(jnp.float32).reshape(t, k // X_BLOCK, X_BLOCK)
+    if order is not None:
+        blocks = blocks[..., jnp.asarray(order)]
     amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
     dx = amax / 127
     inv = jnp.where(amax > 0, 1 / jnp.where(amax > 0, dx, 1), 0)
@@ -198,14 +229,43 @@ def dp4a(a: jax.Array, b: jax.Array, signed: bool, compiled: bool) -> jax.Array:
     return total
 
 
-def _kernel(x_ref, dx_ref, sums_ref, *refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, rows: int,
-            p, compiled: bool):  # fmt: skip
-    """Program (r, i, j): output columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows), as
-    qmatvec's per-row kernel (its grid, masks and splits), with integer products."""
-    *plane_refs, o_ref = refs
+def prmt(a: int | jax.Array, b: int | jax.Array, c: jax.Array, compiled: bool) -> jax.Array:
+    """PTX prmt.b32 (default mode) of int32 tiles: output byte i is byte (sel & 7) of the eight bytes a (0-3), b (4-7),
+    sel being c's nibble i; where sel's bit 3 is set, that byte's top bit replicated (0x00 or 0xFF) instead.
+    `compiled`: the instruction by inline assembly (a Triton kernel only); else the same bits by shifts."""
+    a, b = (jnp.broadcast_to(jnp.asarray(v, jnp.int32), c.shape) for v in (a, b))
+    if compiled:
+        (out,) = plgpu.elementwise_inline_asm(
+            "prmt.b32 $0, $1, $2, $3;",
+            args=[a, b, c],
+            constraints="=r,r,r,r",
+            pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.int32)],
+        )
+        return out
+    out = jnp.zeros(c.shape, jnp.int32)
+    for i in range(4):
+        sel = (c >> (4 * i)) & 0xF
+        index = sel & 7
+        byte = jnp.where(index < 4, a >> (8 * (index & 3)), b >> (8 * (index & 3))) & 0xFF
+        byte = jnp.where(sel & 8, jnp.where(byte & 0x80, 0xFF, 0), byte)
+        out = out | (byte << (8 * i))
+    return out
+
+
+def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, rows: int, p, gathered: bool,
+            compiled: bool):  # fmt: skip
+    """qmatvec's per-row kernel (its grid, masks and splits) with integer products. Dense: program (r, i, j)
+    computes output columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows). Gathered: program
+    (t, i, j), for x row t only, with expert ids[t]."""
+    if gathered:
+        ids_ref, x_ref, dx_ref, sums_ref, *plane_refs, o_ref = refs
+    else:
+        x_ref, dx_ref, sums_ref, *plane_refs, o_ref = refs
     planes = dict(zip(names, plane_refs, strict=True))
     bn, c = p.block_n, p.chunk
     first, row0, split = pl.program_id(0) * rows, pl.program_id(1) * bn, pl.program_id(2)
+    expert = ids_ref[first] if gathered else static_index(0)
     rows_ok = (row0 + jnp.arange(bn)) < n if n % bn else None
     mask_k = p.splits * p.steps * c > blocks
 
@@ -220,14 +280,17 @@ def _kernel(x_ref, dx_ref, sums_ref, *refs, fmt: IntFormat, names: Sequence[str]
     def step(s, acc):
         b0 = (split * p.steps + s) * c
         blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
-        parts = fmt.parts(tile_loader(planes, fmt, static_index(0), row0, b0, bn, c, rows_ok, blocks_ok))
+        parts = fmt.parts(tile_loader(planes, fmt, expert, row0, b0, bn, c, rows_ok, blocks_ok), compiled)
         out = []
         for r, a in enumerate(acc):
             m = first + r
             total = None
             for part in parts:
                 xw = jnp.broadcast_to(x_tile(x_ref, m, b0, part.x_index, blocks_ok), part.codes.shape)
-                sums = jnp.sum(dp4a(part.codes, xw, part.signed, compiled), axis=-1, keepdims=True)
+                products = dp4a(part.codes, xw, part.signed, compiled)
+                if part.minus is not None:
+                    products = products - dp4a(part.minus, xw, part.signed, compiled)
+                sums = jnp.sum(products, axis=-1, keepdims=True)
                 ndim = sums.ndim
                 dx = _lift(x_tile(dx_ref, m, b0, part.dx_index, blocks_ok), ndim)
                 if part.sum_index is not None:
@@ -272,33 +335,35 @@ def _words(plane: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(plane.reshape(*plane.shape[:-1], -1, 4), jnp.int32)
 
 
-def plane_views(w: QuantArray, n: int, k: int) -> tuple[list[str], list[jax.Array]]:
-    """Each plane of the dense weight `w` as [1, n, k / SB, *inner], the code planes as 32-bit words."""
+def plane_views(w: QuantArray, experts: int, n: int, k: int) -> tuple[list[str], list[jax.Array]]:
+    """Each plane of `w` as [experts, n, k / SB, *inner], the code planes as 32-bit words."""
     fmt = _format(w.qtype)
     names = sorted(fmt.planes)
     views = []
     for name in names:
         plane = _words(w.planes[name]) if name in fmt.words else w.planes[name]
-        views.append(plane.reshape(1, n, k // fmt.sb, *fmt.planes[name]))
+        views.append(plane.reshape(experts, n, k // fmt.sb, *fmt.planes[name]))
     return names, views
 
 
-def call(x: jax.Array, w: QuantArray, n: int, p, interpret: bool, rows_per_program: int) -> jax.Array:
+def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: int, p, interpret: bool,
+         rows_per_program: int) -> jax.Array:  # fmt: skip
     """x [T, K] -> the split-K partial sums [splits, T', N'] of qmatvec's per-row kernel on an int8 x (T' padded to
-    whole groups of `rows_per_program`, N' to whole column tiles); qmatvec folds them."""
+    whole groups of `rows_per_program`, N' to whole column tiles); qmatvec folds them. `ids` [T]: each row's expert
+    of `w` [experts, N, K] (gathered; one row a program)."""
     fmt = _format(w.qtype)
     t, k = x.shape
     out_rows = pl.cdiv(t, rows_per_program) * rows_per_program
-    words, dx, sums = quantize_x(jnp.pad(x, ((0, out_rows - t), (0, 0))))
+    words, dx, sums = quantize_x(jnp.pad(x, ((0, out_rows - t), (0, 0))), fmt.x_order)
     blocks = k // fmt.sb
     if fmt.sum_block != SUM_BLOCK:  # Q4_K's scale runs are 32 values: two sums of 16 each (exact)
         sums = jnp.sum(sums.reshape(out_rows, -1, fmt.sum_block // SUM_BLOCK), axis=-1)
     x_args = [a.reshape(out_rows, blocks, *inner) for a, inner in
               ((words, fmt.x_inner), (dx, fmt.dx_inner), (sums, fmt.sum_inner))]  # fmt: skip
-    names, planes = plane_views(w, n, k)
+    names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
     kernel = functools.partial(_kernel, fmt=fmt, names=names, n=n, blocks=blocks, rows=rows_per_program, p=p,
-                               compiled=not interpret)  # fmt: skip
+                               gathered=ids is not None, compiled=not interpret)  # fmt: skip
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((p.splits, out_rows, n_blocks * p.block_n), jnp.float32),
@@ -306,4 +371,4 @@ def call(x: jax.Array, w: QuantArray, n: int, p, interpret: bool, rows_per_progr
         compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=interpret,
         name=f"qmatvec_{w.qtype.name.lower()}_int8",
-    )(*x_args, *planes)
+    )(*([] if ids is None else [ids]), *x_args, *planes)
