@@ -13,7 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from model_oracles import manifest, teacher_forced_decode
 from test_batching import OTHERS, run_batch
-from test_pallas_qmatvec import EDGE_TILES, TOL, _bound, _gpu, _on_device, assert_close, random_weight
+from test_pallas_qmatvec import EDGE_TILES, TOL, _abs_mxfp4, _bound, _gpu, _on_device, assert_close, random_weight
 
 import worker
 from worker.errors import ErrorCode, WorkerError
@@ -227,26 +227,57 @@ def test_int8_x_is_refused_on_the_cpu_backend(oracles):
     assert e.value.code == ErrorCode.INVALID_REQUEST and "int8_x needs a kernel backend" in e.value.message
 
 
+def card_rounded_x(x: jax.Array, qtype: QT) -> jax.Array:
+    """x as the card's quantize_x rounds it for `qtype` (its words put back in the values' order), after checking
+    that it is llama.cpp's rounding but where the card's float32 division lands a value on the other side of a
+    half step."""
+    order = q8.INT8_FORMATS[qtype].x_order
+    words, dx, _ = jax.jit(q8.quantize_x, static_argnums=1)(x, order)
+    codes = np.asarray(words).view(np.int8).reshape(*dx.shape, 32)
+    if order is not None:
+        codes = codes[..., np.argsort(order)]
+    want, _ = llama_cpp_q8(np.asarray(x))
+    moved = np.abs(codes.reshape(x.shape).astype(np.int32) - want)
+    assert moved.max() <= 1 and moved.sum() <= 8, "the card's int8 x is not llama.cpp's"
+    return jnp.asarray((codes * np.asarray(dx)[..., None]).reshape(x.shape))
+
+
+GPU_DENSE = [(QT.Q4_K, (16384, 3072)), (QT.Q6_K, (3072, 8192)), (QT.Q8_0, (896, 896)), (QT.Q5_0, (4864, 896)),
+             (QT.Q4_0, (151936, 896)), (QT.MXFP4, (2880, 2880))]  # fmt: skip
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize(("qtype", "shape"), [(QT.Q4_K, (16384, 3072)), (QT.Q6_K, (3072, 8192)), (QT.Q8_0, (896, 896)),
-                                              (QT.Q5_0, (4864, 896)), (QT.Q4_0, (151936, 896))],
+@pytest.mark.parametrize(("qtype", "shape"), GPU_DENSE,
                          ids=lambda v: v.name if isinstance(v, QT) else "x".join(map(str, v)))  # fmt: skip
 def test_int8_x_compiled_on_real_shapes(qtype, shape):
-    """Compiled (PTX dp4a): the same integer sums as interpret mode, so within float32's rounding of the float64
-    product on the x the card rounded (its quantize_x: llama.cpp's codes, but where the card's float32 division
-    lands a value on the other side of a half step); a row's bits the same alone as among 3, with bytes or words."""
+    """Compiled (PTX dp4a, prmt): the same integer sums as interpret mode, so within float32's rounding of the
+    float64 product on the x the card rounded; a row's bits the same alone as among 3, with bytes or words."""
     _gpu()
     w = _on_device(qtype, shape, seed=6)
     x = jax.random.normal(jax.random.key(7), (3, shape[1]), jnp.float32)
     call = jax.jit(lambda x, w: qmv.qmatvec(x, w, tensor_cores=False, int8_x=True))
     y = call(x, w)
-    words, dx, _ = jax.jit(q8.quantize_x)(x)
-    codes = np.asarray(words).view(np.int8).reshape(x.shape)
-    want, _ = llama_cpp_q8(np.asarray(x))
-    moved = np.abs(codes.astype(np.int32) - want)
-    assert moved.max() <= 1 and moved.sum() <= 8, "the card's int8 x is not llama.cpp's"
-    xr = jnp.asarray(codes.reshape(*dx.shape, 32) * np.asarray(dx)[..., None]).reshape(x.shape)
+    xr = card_rounded_x(x, qtype)
     ref = jax.jit(qmv.qmatvec_twin)(xr, w)
     assert_close(y, np.asarray(ref, np.float64), _bound(xr, w) + 1e-30, f"{qtype.name} {shape} int8_x")
     assert np.array_equal(np.asarray(call(x[1:2], w))[0], np.asarray(y)[1]), "row 1 alone: other bits"
     assert np.array_equal(np.asarray(call(x, q8.word_planes(w))), np.asarray(y)), "word planes: other bits"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("n", [5760, 2880], ids=["gate_up", "down"])
+def test_int8_x_moe_matvec_compiled_on_gpt_oss_experts(n, rows):
+    """gpt-oss-20b's 32 MXFP4 experts, top-4 a token, gathered on the card's int8 x: within float32's rounding of
+    the twin on that x, and the first token's bits the same alone."""
+    _gpu()
+    experts = _on_device(QT.MXFP4, (32, n, 2880), seed=n)
+    ids = jax.random.permutation(jax.random.key(rows), 32)[: rows * 4].reshape(rows, 4)
+    x = jax.random.normal(jax.random.key(0), (rows, 2880), jnp.float32)
+    call = jax.jit(lambda x, w, i: qmv.moe_matvec(x, w, i, int8_x=True))
+    y = call(x, experts, ids)
+    xr = card_rounded_x(x, QT.MXFP4)
+    twin = jax.jit(qmv.moe_matvec_twin)(xr, experts, ids)
+    bound = np.asarray(jax.jit(qmv.moe_matvec_twin)(jnp.abs(xr), _abs_mxfp4(experts), ids)) + 1e-30
+    assert_close(y, np.asarray(twin, np.float64), bound, f"experts [32, {n}, 2880] M={rows} int8_x")
+    assert np.array_equal(np.asarray(call(x[:1], experts, ids[:1]))[0], np.asarray(y)[0]), "token 0 alone"
