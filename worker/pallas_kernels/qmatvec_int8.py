@@ -1,6 +1,7 @@
 """The per-row quantized matvec on an int8 x: x rounded to 8 bits in blocks of 32 values (a scale a block), and each
 weight code multiplied by it in integer dot products of four byte pairs (PTX dp4a), scaled once a block. An opt-in
-variant of qmatvec's per-row kernel (`Plan.int8_x`), not yet timed on the card.
+variant of qmatvec's per-row kernels, dense and expert-gathered (`Plan.int8_x`; a model's with worker.load's
+int8_x), not yet timed on the card.
 
 Why: the float per-row kernel is bound by its instructions, not by memory. On an H200 it spent 8.6 warp instructions
 a weight value on phi3-mini's Q4_K gate_up (ncu), where the bytes alone would take a third of its time
@@ -112,8 +113,8 @@ def _q5_0(load, compiled: bool) -> list[IntPart]:
 # MXFP4: the E2M1 code's magnitude (its low three bits) -> ggml's doubled value (0, 1, 2, 3, 4, 6, 8, 12), as the
 # eight bytes that `prmt` selects from.
 E2M1_LOW, E2M1_HIGH = 0x03020100, 0x0C080604
-# prmt's selectors are the four nibbles of a 16-bit half of a qs word: byte 2j's low and high nibble, then byte
-# 2j + 1's, so the values come out as (l, 16 + l, l + 1, 17 + l), l = 4w + 2h for word w's half h; x follows.
+# prmt's selectors are the four nibbles of a 16-bit half h of qs word w, its bytes 2h and 2h + 1, each one's low
+# nibble then its high one, so the values come out as (l, 16 + l, l + 1, 17 + l), l = 4w + 2h; x's words follow.
 MXFP4_ORDER = tuple(v for h in range(2) for w in range(4) for l in [4 * w + 2 * h] for v in (l, 16 + l, l + 1, 17 + l))
 
 
