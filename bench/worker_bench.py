@@ -160,10 +160,13 @@ class LoadMemory:
 
 
 def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats: int, tensor_parallel: int = 1,
-        sweep: list[int] = ()) -> dict:  # fmt: skip
+        sweep: list[int] = (), max_batch: int | None = None, int8_x: bool = False) -> dict:  # fmt: skip
+    """`max_batch` (default the server's) picks the decode kernels as --max-batch does; `int8_x`: worker.load's."""
     start = time.perf_counter()
     memory = LoadMemory()
-    m = worker.load(model, device=device, on_progress=memory, tensor_parallel=tensor_parallel)
+    options = {} if max_batch is None else {"max_batch": max_batch}
+    m = worker.load(model, device=device, on_progress=memory, tensor_parallel=tensor_parallel, int8_x=int8_x,
+                    **options)  # fmt: skip
     jax.block_until_ready(m.runner.weights)
     load_s = time.perf_counter() - start
     memory(0, 0)  # after the last copy has finished
@@ -204,6 +207,8 @@ def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats
         "load_progress_events": memory.events - 1,
         "loaded_device_bytes": loaded_bytes,
         "tensor_parallel": tensor_parallel,
+        "max_batch": m.runner.max_batch,
+        "decode_kernels": m.cfg.decode_kernels,
         "loaded_bytes_per_device": [d["bytes_in_use"] for d in per_device],
         "warmup_compile_s": warmup_s,
         "prompt_tokens": prompt_tokens,
@@ -239,16 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tensor-parallel", type=int, default=1, help="split the model over this many devices")
+    ap.add_argument("--max-batch", type=int, default=None, help="the load's max_batch, which picks the decode "
+                    "kernels (default: the server's; 8 or fewer: the per-row kernels)")  # fmt: skip
+    ap.add_argument("--int8-x", action="store_true", help="decode's matvecs on x rounded to int8 (worker.load's "
+                    "int8_x; another precision, docs/kernels.md)")  # fmt: skip
     ap.add_argument("--steps-sweep", default=None, help="comma-separated steps-a-dispatch counts to time decode at "
                     "as well (default on a GPU 8,16,32,64; none on the CPU, whose dispatch is one step)")  # fmt: skip
     args = ap.parse_args(argv)
     sweep = args.steps_sweep if args.steps_sweep is not None else "8,16,32,64" if args.device == "gpu" else ""
     counts = [int(s) for s in sweep.split(",") if s]
     result = run(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeats, args.tensor_parallel,
-                 counts)  # fmt: skip
+                 counts, args.max_batch, args.int8_x)  # fmt: skip
     args.json.write_text(json.dumps(result, indent=1))
     print(
-        f"worker {Path(args.model).name} on {result['device']['kind']}: decode {result['decode_tok_s']:.1f} tok/s, "
+        f"worker {Path(args.model).name} on {result['device']['kind']} ({result['decode_kernels']} decode kernels): "
+        f"decode {result['decode_tok_s']:.1f} tok/s, "
         f"prefill {result['prefill_tok_s']:.1f} tok/s, load {result['load_s']:.1f} s",
         file=sys.stderr,
     )

@@ -21,6 +21,9 @@
 #                      the per-row and the int8-x per-row kernels (--max-batch 64, 2, 2 --int8-x), a process each; a
 #                      profiler trace of each, summed by kernel in the stage's log; budget KINDS_SECONDS (default
 #                      300)
+#           wbench:M   python -m bench.worker_bench on model M (batch-1 decode and prefill, the worker alone) at
+#                      --max-batch 64, 2 and 2 --int8-x: the tensor-core, per-row and int8-x per-row kernels;
+#                      results in $GPU_STATE/results/wbench/; budget WBENCH_SECONDS (default 300)
 #           goldens    python -m bench.goldens: the real Gemma 3 against exact math, step by step, for each of
 #                      GOLDENS_VARIANTS (default 64,2: the tensor-core and per-row decode kernels; e.g. 64j: attention
 #                      on jax.numpy); needs the staged Gemma wheels and shared/oracles/gemma3-270m; budget
@@ -261,6 +264,17 @@ do_bench() {
         --budget $((STAGE_BUDGET - 20))
 }
 
+do_wbench() {
+    # the worker alone (bench.worker_bench, no steps sweep) on model M with each decode kernel kind at batch 1
+    local like=$1 rc=0 v
+    mkdir -p "$results/wbench"
+    for v in 64 2 2i; do
+        py -m bench.worker_bench --model "$(model_path "$like")" --device "${BENCH_DEVICE:-gpu}" --steps-sweep "" \
+            --max-batch "${v%i}" $([[ $v == *i ]] && echo --int8-x) --json "$results/wbench/$like-b$v.json" || rc=1
+    done
+    return $rc
+}
+
 do_tp() {
     local n=$1 like rc=0
     mkdir -p "$results/tp"
@@ -354,6 +368,7 @@ for s in "$@"; do
         ktrace) stage ktrace "${NCU_SECONDS:-180}" do_ktrace ;;
         attn) stage attn "${ATTN_SECONDS:-240}" do_attn ;;
         kinds:*) stage "kinds-${s#kinds:}" "${KINDS_SECONDS:-300}" do_kinds "${s#kinds:}" ;;
+        wbench:*) stage "wbench-${s#wbench:}" "${WBENCH_SECONDS:-300}" do_wbench "${s#wbench:}" ;;
         host) stage host "${HOST_SECONDS:-150}" do_host ;;
         host-real:*) stage "host-real-${s#host-real:}" "${HOST_SECONDS:-300}" do_host_real "${s#host-real:}" ;;
         synth) stage synth 300 do_synth ;;
