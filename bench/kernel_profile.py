@@ -42,7 +42,7 @@ VARIANTS = {
     "per-row factored": dict(tensor_cores=False, factored=True),
     "per-row fma": dict(tensor_cores=False, fma=True),
     "per-row fma factored": dict(tensor_cores=False, fma=True, factored=True),
-    "per-row int8 x": dict(tensor_cores=False, int8_x=True),  # Q8_0, Q4_0, Q5_0, Q4_K, Q6_K (others skip it)
+    "per-row int8 x": dict(tensor_cores=False, int8_x=True),  # the quantized formats (others skip it)
 }
 
 

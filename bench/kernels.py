@@ -97,7 +97,7 @@ SWEEP_PER_ROW = (
         dict(fma=True, **t)
         for t in ({}, dict(factored=True), dict(prefetch=True), dict(num_stages=4), dict(block_n=64))
     ]
-    # x rounded to int8, integer dot products (qmatvec.Plan.int8_x; Q8_0, Q4_0, Q5_0, Q4_K, Q6_K; others are reported
+    # x rounded to int8, integer dot products (qmatvec.Plan.int8_x; the quantized formats; others are reported
     # as refused): fewer registers and instructions a value, so wider tiles and more warps may pay
     + [dict(int8_x=True, **t) for t in ({}, dict(num_stages=4), dict(block_n=64), dict(num_warps=8), dict(chunk=2))]
 )

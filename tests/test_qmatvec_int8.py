@@ -19,7 +19,7 @@ import worker
 from worker.errors import ErrorCode, WorkerError
 from worker.pallas_kernels import qmatvec as qmv
 from worker.pallas_kernels import qmatvec_int8 as q8
-from worker.quant import QuantArray, as_bytes, dequantize
+from worker.quant import QuantArray, as_bytes, dequantize, quant_array
 from worker.sampling import SamplingParams
 
 TYPES = sorted(q8.INT8_TYPES, key=lambda t: t.name)
@@ -144,9 +144,9 @@ def test_word_planes_are_bytes_again_for_every_other_reader(qtype):
 
 
 def test_int8_x_is_refused_where_it_has_no_kernel():
-    w, _ = random_weight(QT.Q4_1, (16, 64), seed=0)
+    w = quant_array(np.ones((16, 64), np.float16), QT.F16, (16, 64))
     x = jnp.ones((1, 64), jnp.float32)
-    with pytest.raises(NotImplementedError, match="int8-x matvec kernel for Q4_1.*Q5_0"):
+    with pytest.raises(NotImplementedError, match="int8-x matvec kernel for F16.*Q5_K"):
         qmv.qmatvec(x, w, interpret=True, tensor_cores=False, int8_x=True)
     q4k, _ = random_weight(QT.Q4_K, (16, 256), seed=0)
     with pytest.raises(ValueError, match="per-row kernel"):

@@ -296,7 +296,7 @@ class Plan:
     # session). Other bits (one rounding where there were two). Not yet timed.
     fma: bool = False
     # The per-row kernel on x rounded to int8 in blocks of 32 (worker/pallas_kernels/qmatvec_int8.py): integer dot
-    # products of four codes at once. Q8_0, Q4_0, Q5_0, Q4_K, Q6_K; dense weights. Another precision of x. Untimed.
+    # products of four codes at once. Every quantized format, dense and gathered. Another precision of x. Untimed.
     int8_x: bool = False
 
 

@@ -92,22 +92,37 @@ def _q4_0(load, compiled: bool) -> list[IntPart]:
     return [IntPart((words >> (4 * p)) & LOW_NIBBLES, False, (p, ALL), (), d, None, -8, (p,)) for p in range(2)]
 
 
+def _q4_1(load, compiled: bool) -> list[IntPart]:
+    words = load("qs", ALL).astype(jnp.int32)  # [BN, C, 4], as Q4_0's; value d * code + m
+    d, m = _lift(_f32(load("d")), 3), _lift(_f32(load("m")), 3)
+    return [IntPart((words >> (4 * p)) & LOW_NIBBLES, False, (p, ALL), (), d, m, None, (p,)) for p in range(2)]
+
+
 # Four bits v spread to bit 0 of each byte: v * SPREAD adds copies of v shifted by 0, 7, 14 and 21 bits, which do not
 # overlap (no carries), so bit b of v lands at bit 8b in the copy shifted by 7b; the mask keeps bits 0, 8, 16, 24.
 SPREAD = 0x00204081
 
 
-def _q5_0(load, compiled: bool) -> list[IntPart]:
+def _q5_codes(load) -> list[jax.Array]:
+    """Q5_0/Q5_1: the 5-bit codes of a block's two halves, as words [BN, C, 4]."""
     words = load("qs", ALL).astype(jnp.int32)  # [BN, C, 4]
     qh = _lift(load("qh").astype(jnp.int32), 3)  # bit j: bit 4 of value j
     first = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 4), 2) * 4  # word w's values' first bit in qh
-    d = _lift(_f32(load("d")), 3)
     out = []
     for p in range(2):
         high = ((((qh >> (first + 16 * p)) & 0xF) * SPREAD) & 0x01010101) << 4
-        codes = ((words >> (4 * p)) & LOW_NIBBLES) | high
-        out.append(IntPart(codes, False, (p, ALL), (), d, None, -16, (p,)))
+        out.append(((words >> (4 * p)) & LOW_NIBBLES) | high)
     return out
+
+
+def _q5_0(load, compiled: bool) -> list[IntPart]:
+    d = _lift(_f32(load("d")), 3)
+    return [IntPart(codes, False, (p, ALL), (), d, None, -16, (p,)) for p, codes in enumerate(_q5_codes(load))]
+
+
+def _q5_1(load, compiled: bool) -> list[IntPart]:
+    d, m = _lift(_f32(load("d")), 3), _lift(_f32(load("m")), 3)
+    return [IntPart(codes, False, (p, ALL), (), d, m, None, (p,)) for p, codes in enumerate(_q5_codes(load))]
 
 
 # MXFP4: the E2M1 code's magnitude (its low three bits) -> ggml's doubled value (0, 1, 2, 3, 4, 6, 8, 12), as the
@@ -133,16 +148,31 @@ def _mxfp4(load, compiled: bool) -> list[IntPart]:
     return out
 
 
-def _q4_k(load, compiled: bool) -> list[IntPart]:
-    words = load("qs", ALL, ALL).astype(jnp.int32)  # [BN, C, 4 groups of 64, 8]: bytes 4w.. of group j
+def _k_parts(load, high: Callable[[int], jax.Array] | None) -> list[IntPart]:
+    """Q4_K/Q5_K: qs words [BN, C, 4 groups of 64, 8], bytes 4w.. of group j: the low nibbles are values
+    64j + 4w + b, the high ones 64j + 32 + 4w + b; `high(p)`, Q5_K's fifth bits of part p's codes."""
+    words = load("qs", ALL, ALL).astype(jnp.int32)
     d, dmin = _lift(_f32(load("d")), 3), _lift(_f32(load("dmin")), 3)
     out = []
-    for p in range(2):  # the low nibbles are values 64j + 4w + b, the high ones 64j + 32 + 4w + b
+    for p in range(2):
         codes = (words >> (4 * p)) & LOW_NIBBLES
+        if high is not None:
+            codes = codes | high(p)
         scale = _lift(d * _f32(load("scales", ALL, p)), 4)
         offset = -_lift(dmin * _f32(load("mins", ALL, p)), 4)
         out.append(IntPart(codes, False, (ALL, p, ALL), (ALL, p), scale, offset, None, (ALL, p)))
     return out
+
+
+def _q4_k(load, compiled: bool) -> list[IntPart]:
+    return _k_parts(load, None)
+
+
+def _q5_k(load, compiled: bool) -> list[IntPart]:
+    # qh byte l's bit 2j + p: bit 4 of value 64j + 32p + l; as words [BN, C, 1, 8] against the groups' axis
+    qh = jax.lax.expand_dims(load("qh", ALL).astype(jnp.int32), (2,))
+    group = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 4, 1), 2)
+    return _k_parts(load, lambda p: ((qh >> (2 * group + p)) & 0x01010101) << 4)
 
 
 def _q6_k(load, compiled: bool) -> list[IntPart]:
@@ -165,6 +195,8 @@ INT8_FORMATS: dict[QT, IntFormat] = {
     QT.Q8_0: IntFormat(32, {"qs": (8,), "d": ()}, frozenset({"qs"}), (8,), (), (2,), 16, _q8_0),
     QT.Q4_0: IntFormat(32, {"qs": (4,), "d": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _q4_0),
     QT.Q5_0: IntFormat(32, {"qs": (4,), "qh": (), "d": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _q5_0),
+    QT.Q4_1: IntFormat(32, {"qs": (4,), "d": (), "m": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _q4_1),
+    QT.Q5_1: IntFormat(32, {"qs": (4,), "qh": (), "d": (), "m": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _q5_1),
     QT.MXFP4: IntFormat(32, {"qs": (4,), "e": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _mxfp4, MXFP4_ORDER),
     QT.Q4_K: IntFormat(
         256,
@@ -175,6 +207,16 @@ INT8_FORMATS: dict[QT, IntFormat] = {
         (4, 2),
         32,
         _q4_k,
+    ),
+    QT.Q5_K: IntFormat(
+        256,
+        {"qs": (4, 8), "qh": (8,), "scales": (4, 2), "mins": (4, 2), "d": (), "dmin": ()},
+        frozenset({"qs", "qh"}),
+        (4, 2, 8),
+        (4, 2),
+        (4, 2),
+        32,
+        _q5_k,
     ),
     QT.Q6_K: IntFormat(
         256,
