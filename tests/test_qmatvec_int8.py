@@ -243,7 +243,8 @@ def card_rounded_x(x: jax.Array, qtype: QT) -> jax.Array:
 
 
 GPU_DENSE = [(QT.Q4_K, (16384, 3072)), (QT.Q6_K, (3072, 8192)), (QT.Q8_0, (896, 896)), (QT.Q5_0, (4864, 896)),
-             (QT.Q4_0, (151936, 896)), (QT.MXFP4, (2880, 2880))]  # fmt: skip
+             (QT.Q4_0, (151936, 896)), (QT.MXFP4, (2880, 2880)), (QT.Q5_K, (3072, 8192)), (QT.Q4_1, (4096, 2880)),
+             (QT.Q5_1, (4096, 2880))]  # fmt: skip
 
 
 @pytest.mark.gpu
