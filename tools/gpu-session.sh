@@ -29,7 +29,8 @@
 #                      on jax.numpy); needs the staged Gemma wheels and shared/oracles/gemma3-270m; budget
 #                      GOLDENS_SECONDS (default 240)
 #           kbench     python -m bench.kernels $KBENCH_ARGS (default "--rows 0 --prefill 4096 --sweep": the prefill
-#                      tiles); budget KBENCH_SECONDS (default 240)
+#                      tiles), and --labels "$KBENCH_LABELS" where set (comma-separated, spaces kept; KBENCH_ARGS is
+#                      split on spaces); budget KBENCH_SECONDS (default 240)
 #           ncu        Nsight Compute's counters (occupancy, registers, DRAM throughput, warp stalls) on one call of each
 #                      decode matvec variant of bench.kernel_profile, for NCU_CASES (default "phi3 gate_up:Q4_K") at
 #                      NCU_ROWS rows (default 1); budget NCU_SECONDS (default 180)
@@ -213,8 +214,11 @@ do_goldens() {
 }
 
 do_kbench() {
+    # KBENCH_LABELS goes in whole (labels have spaces; KBENCH_ARGS is split on them)
+    local labels=()
+    [ -n "${KBENCH_LABELS:-}" ] && labels=(--labels "$KBENCH_LABELS")
     # shellcheck disable=SC2086  # KBENCH_ARGS is a list of flags
-    py -m bench.kernels ${KBENCH_ARGS:---rows 0 --prefill 4096 --sweep}
+    py -m bench.kernels ${KBENCH_ARGS:---rows 0 --prefill 4096 --sweep} "${labels[@]}"
 }
 
 do_ncu() {
