@@ -6,7 +6,8 @@
 Why: CI has no GPU and a session has 30 minutes of device time, so a kernel variant's instructions are counted
 here first (its main loop's body, per weight value, registers, spills) and only the variants worth it are timed on
 the card (bench/kernels.py, bench/kernel_profile.py). An --expr is `qmatvec FORMAT NxK [rows=R] [key=value ...]`:
-the keys other than rows are qmatvec's (tensor_cores, row_tile and plan's tiles: block_n, factored, ...).
+the keys other than rows are qmatvec's (tensor_cores, row_tile and plan's tiles: block_n, factored, ...). A
+`moe_matvec FORMAT ExNxK [rows=R] [k=S]` counts the gathered kernel: R tokens of S selections each.
 
 How: jax lowers the call for "cuda" (no device needed); Pallas' custom call __gpu$xla.gpu.triton carries each
 kernel's TTIR with its num_warps, num_stages and grid. The pip triton of TRITON_VENV (default /tmp/kernel-sass/venv)
@@ -212,8 +213,8 @@ def qmatvec_call(expr: str) -> tuple[list[Kernel], Any, int]:
     from worker.quant import quant_array
 
     name, fmt, shape, *options = expr.split()
-    if name != "qmatvec":
-        raise SystemExit(f"--expr {expr!r}: only qmatvec's kernels are counted")
+    if name not in ("qmatvec", "moe_matvec"):
+        raise SystemExit(f"--expr {expr!r}: only qmatvec's and moe_matvec's kernels are counted")
     qtype, shape = QT[fmt], tuple(int(d) for d in shape.lower().split("x"))
     kwargs = {}
     for option in options:
@@ -223,6 +224,7 @@ def qmatvec_call(expr: str) -> tuple[list[Kernel], Any, int]:
         except (ValueError, SyntaxError):
             kwargs[key] = value
     rows = kwargs.pop("rows", 1)
+    selections = kwargs.pop("k", 4)  # moe_matvec: the experts each token selects
     # The planes' shapes and dtypes from an all-zero tensor: lowering needs no values.
     block, size = GGML_QUANT_SIZES[qtype]
     raw = np.zeros((*shape[:-1], shape[-1] // block * size), np.uint8)
@@ -239,7 +241,11 @@ def qmatvec_call(expr: str) -> tuple[list[Kernel], Any, int]:
 
     qmv.plan = recorded_plan
     try:
-        kernels = captured_kernels(lambda x, w: qmv.qmatvec(x, w, **kwargs), x, w)
+        if name == "moe_matvec":
+            ids = jax.ShapeDtypeStruct((rows, selections), jnp.int32)
+            kernels = captured_kernels(lambda x, w, ids: qmv.moe_matvec(x, w, ids, **kwargs), x, w, ids)
+        else:
+            kernels = captured_kernels(lambda x, w: qmv.qmatvec(x, w, **kwargs), x, w)
     finally:
         qmv.plan = plan
     return kernels, plans[-1], qmv.FORMATS[qtype].sb
