@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -214,6 +215,20 @@ async def _streams(url: str, protocol: str, jobs: list[tuple[str, int, int]], st
 def client_share(url: str, protocol: str, jobs: list[tuple[str, int, int]], start_at: float, limit: float):
     """One client process's streams (runs in a pool process; perf_counter is system-wide on Linux)."""
     return asyncio.run(_streams(url, protocol, jobs, start_at, limit))
+
+
+def _ready(_: int) -> None:
+    time.sleep(0.2)  # long enough that each warm-up task takes a process of its own
+
+
+def client_pool(procs: int) -> ProcessPoolExecutor:
+    """`procs` client processes, started before the first round. Spawned, not forked: this process runs JAX's
+    threads (the worker's, in a test), and a fork of a multithreaded process can deadlock in the child (Python
+    warned so in CI). A spawned process imports this module first (~2 s), so the processes are started and waited
+    for here, not inside a round's 0.3 s start margin."""
+    pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
+    list(pool.map(_ready, range(procs)))
+    return pool
 
 
 def round_of(pool, procs: int, url: str, protocol: str, texts: list[str], max_tokens: int, limit: float) -> dict:
@@ -535,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         "batched_bench": None,
         "errors": {},
     }
-    pool = ProcessPoolExecutor(args.client_procs)
+    pool = client_pool(args.client_procs)
     try:
         for i, engine in enumerate(engines):
             # Each engine gets an equal share of the time left: one that hangs does not starve the next, and
