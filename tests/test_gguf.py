@@ -7,7 +7,6 @@ located by gguf-py's GGUFReader (tests/gguf_factory.py).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -36,15 +35,15 @@ PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2  # <linux/prct
 U64_MAX = 2**64 - 1
 
 
-def run_cli(path: Path, *extra: str, preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(path: Path, *extra: str, wrap: Callable[[list[str]], list[str]] = list) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker", "inspect", str(path), *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=60, preexec_fn=preexec,
+        wrap([sys.executable, "-m", "worker", "inspect", str(path), *extra]),
+        cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
 
-def assert_cli_rejects(path: Path, reason: str, preexec: Callable[[], None] | None = None) -> None:
-    r = run_cli(path, preexec=preexec)
+def assert_cli_rejects(path: Path, reason: str, wrap: Callable[[list[str]], list[str]] = list) -> None:
+    r = run_cli(path, wrap=wrap)
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     lines = r.stderr.splitlines()
@@ -386,13 +385,24 @@ def test_unknown_architecture_message_lists_every_supported_one(tmp_path: Path) 
     assert all(a in info.value.message for a in ARCHITECTURES)
 
 
-def _without_file_permission_override() -> None:
-    """Run in a root child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set,
-    so that the exec'd process is root but no longer reads files whatever their mode."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
-        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+# Exit status of the wrapper below when it may not drop the capabilities (a container without CAP_SETPCAP).
+NO_CAP_DROP = 77
+# Drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, then exec the command: it runs as root but no
+# longer reads files whatever their mode. Why a wrapper process and not subprocess's preexec_fn: that runs Python in
+# a fork of this multithreaded process (JAX's threads), where a lock another thread held (dlopen's, for ctypes) can
+# deadlock the child; Python warned so in CI.
+DROP_CAPS_THEN_EXEC = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    f"caps = ({CAP_DAC_OVERRIDE}, {CAP_DAC_READ_SEARCH})\n"
+    f"if any(libc.prctl({PR_CAPBSET_DROP}, cap, 0, 0, 0) != 0 for cap in caps):\n"
+    f"    sys.exit({NO_CAP_DROP})\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+def without_file_permission_override(cmd: list[str]) -> list[str]:
+    return [sys.executable, "-c", DROP_CAPS_THEN_EXEC, *cmd]
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
@@ -400,19 +410,18 @@ def test_unreadable_file(tmp_path: Path) -> None:
     # processes that lost the capabilities that let root ignore file modes.
     path = write_model(tmp_path / "secret.gguf")
     os.chmod(path, 0)
-    preexec = _without_file_permission_override if os.geteuid() == 0 else None
+    wrap = without_file_permission_override if os.geteuid() == 0 else list
     probe = (
         "import sys; from worker.gguf import open_gguf; from worker.errors import WorkerError\n"
         "try:\n    open_gguf(sys.argv[1])\nexcept WorkerError as e:\n    print(e.code, e.message)\n"
     )
-    try:
-        r = subprocess.run([sys.executable, "-c", probe, str(path)], cwd=REPO, capture_output=True, text=True,
-                           timeout=60, preexec_fn=preexec)  # fmt: skip
-    except subprocess.SubprocessError as e:  # preexec_fn failed: a container without CAP_SETPCAP
-        pytest.skip(f"running as root and cannot drop CAP_DAC_OVERRIDE to make a file unreadable: {e}")
+    r = subprocess.run(wrap([sys.executable, "-c", probe, str(path)]), cwd=REPO, capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    if r.returncode == NO_CAP_DROP:
+        pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE to make a file unreadable")
     assert r.stdout.startswith("MODEL_LOAD_FAILED ") and str(path) in r.stdout, (r.stdout, r.stderr)
     assert "permission denied" in r.stdout
-    assert_cli_rejects(path, "permission denied", preexec=preexec)
+    assert_cli_rejects(path, "permission denied", wrap=wrap)
 
 
 @pytest.mark.parametrize("version", [2, 3])
