@@ -83,6 +83,9 @@ def check(model, prompt: dict, goldens: dict, margin: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    ap.add_argument("--backend", choices=("cpu", "gpu", "interpret"),
+                    help="the ops backend (default: the device's); interpret runs the GPU's kernels on the CPU "
+                    "(int8-x variants need a kernel backend)")  # fmt: skip
     ap.add_argument("--oracles", help="the oracles folder (gemma3-270m/ inside; default: as bench.synth finds it)")
     ap.add_argument("--variants", default="64,2",
                     help="comma-separated --max-batch values; a 'j' after one keeps attention on jax.numpy, an 'i' "
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         ops._attention_kernel = not jnp_attention  # read when a step is traced: this model's steps
         t0 = time.perf_counter()
         model = worker.load(worker.default_model_path(), device=args.device, slots=args.slots,
-                            max_batch=int(batch.rstrip("ji")), int8_x=int8_x)  # fmt: skip
+                            max_batch=int(batch.rstrip("ji")), int8_x=int8_x,
+                            **({"backend": args.backend} if args.backend else {}))  # fmt: skip
         if steps:
             model.batch.steps = int(steps)
         print(f"== {variant}: max_batch {batch.rstrip('ji')}, decode kernels {model.cfg.decode_kernels}, attention "
