@@ -45,9 +45,10 @@ def test_quantize_x_rounds_as_llama_cpp_does_and_packs_bytes_in_order():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 128)).astype(np.float32)
     x[1, :32] = 0  # a zero block: scale 0, codes 0
-    x[2, 32:64] = np.arange(32) - 15.5  # amax 15.5: halves land exactly on steps' midpoints
+    x[2, 32:64] = np.concatenate([[127.0], np.arange(31) % 8 - 3.5])  # amax 127: step 1, values on midpoints
     words, dx, sums = jax.jit(q8.quantize_x)(x)
     q, d = llama_cpp_q8(x)
+    np.testing.assert_array_equal(q[2, 33:41], [-4, -3, -2, -1, 1, 2, 3, 4])  # halves away from zero (roundf)
     np.testing.assert_array_equal(np.asarray(dx), d)
     np.testing.assert_array_equal(np.asarray(words).view(np.int8).reshape(q.shape), q)  # little-endian bytes
     np.testing.assert_array_equal(np.asarray(sums), q.reshape(3, -1, 16).astype(np.int32).sum(-1))
