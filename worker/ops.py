@@ -79,6 +79,11 @@ def _tensor_cores(rows: int) -> bool:
     return mode == "tensor-cores" or (mode == "by-rows" and rows > qmatvec.MAX_ROWS)
 
 
+def _int8_x(w: QuantArray) -> bool:
+    """Whether a decode-shaped call on `w` takes x rounded to int8 ("per-row-int8" and a format with that kernel)."""
+    return _decode_kernels.get() == "per-row-int8" and w.qtype in qmatvec_int8.INT8_TYPES
+
+
 def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown ops backend {name!r} (one of {', '.join(BACKENDS)})")
@@ -269,7 +274,7 @@ def qmatmul(
             plain = widened(w, jnp.float32 if interpret else jnp.float16)
             y = qmatvec.qmatvec(x, plain, interpret=interpret, **qmatvec.PREFILL_TILES)
         else:
-            int8_x = not exact and _decode_kernels.get() == "per-row-int8" and w.qtype in qmatvec_int8.INT8_TYPES
+            int8_x = not exact and _int8_x(w)
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, int8_x=int8_x)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
@@ -508,8 +513,7 @@ def moe_matmul(
         tiles = {} if per_token else grouped_matmul.PREFILL_TILES
         return kernel(x, experts, expert_ids, live, interpret=interpret, **tiles)
     if kernel is not None:
-        int8_x = _decode_kernels.get() == "per-row-int8" and experts.qtype in qmatvec_int8.INT8_TYPES
-        return kernel(x, experts, expert_ids, interpret=interpret, int8_x=int8_x)
+        return kernel(x, experts, expert_ids, interpret=interpret, int8_x=_int8_x(experts))
     x = x.astype(jnp.float32)
     shared = x.ndim == expert_ids.ndim
     hi = jax.lax.Precision.HIGHEST

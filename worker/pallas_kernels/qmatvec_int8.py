@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType as QT
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.qmatvec import e8m0_half, tile_loader
+from worker.pallas_kernels.qmatvec import _f32, _lift, e8m0_half, tile_loader
 from worker.pallas_kernels.tiling import ALL, TritonParams, static_index
 from worker.quant import QuantArray
 
@@ -71,14 +71,6 @@ class IntFormat:
     sum_block: int
     parts: Callable[[Callable[..., jax.Array], bool], list[IntPart]]
     x_order: tuple[int, ...] | None = None  # x's values of a 32-value block in the order its words hold them
-
-
-def _f32(a: jax.Array) -> jax.Array:
-    return a.astype(jnp.float32)
-
-
-def _lift(a: jax.Array, ndim: int) -> jax.Array:
-    return jax.lax.expand_dims(a, tuple(range(a.ndim, ndim)))
 
 
 def _q8_0(load, compiled: bool) -> list[IntPart]:
