@@ -182,6 +182,11 @@ do_rows() {  # in a folder of its own: bench.report reads every JSON directly in
     return $rc
 }
 
+kind_args() {
+    # a decode kernel kind as load options: 64 (tensor cores), 2 (per-row), 2i (per-row on an int8 x)
+    echo "--max-batch ${1%i}$([[ $1 == *i ]] && echo " --int8-x")"
+}
+
 do_kinds() {
     # max_batch 64: the tensor-core kernels; 2: the per-row ones; 2i: the per-row ones on an int8 x (--int8-x)
     local like=$1 rc=0 v trace f
@@ -190,7 +195,7 @@ do_kinds() {
         echo "== $like: max_batch $v"
         trace=(--trace "$results/rows/trace-$like-kinds-b$v")
         py -m bench.dispatch --model "$(model_path "$like")" --rows "${ROWS:-1,2}" --device "${BENCH_DEVICE:-gpu}" \
-            --steps 16 --max-batch "${v%i}" $([[ $v == *i ]] && echo --int8-x) --sweep-only "${trace[@]}" \
+            --steps 16 $(kind_args "$v") --sweep-only "${trace[@]}" \
             --json "$results/rows/kinds-$like-b$v.json" | grep -v '^[ {}"]' || rc=1
     done
     for v in 64 2 2i; do
@@ -274,7 +279,7 @@ do_wbench() {
     mkdir -p "$results/wbench"
     for v in 64 2 2i; do
         py -m bench.worker_bench --model "$(model_path "$like")" --device "${BENCH_DEVICE:-gpu}" --steps-sweep "" \
-            --max-batch "${v%i}" $([[ $v == *i ]] && echo --int8-x) --json "$results/wbench/$like-b$v.json" || rc=1
+            $(kind_args "$v") --json "$results/wbench/$like-b$v.json" || rc=1
     done
     return $rc
 }
