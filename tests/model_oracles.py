@@ -24,6 +24,13 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(ours.astype(np.float64) - ref) / np.linalg.norm(ref))
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the last axis, in float64."""
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
 def check_logits(ours: np.ndarray, ref: np.ndarray, tol: float, margin: float) -> tuple[float, int]:
     """Relative Frobenius error <= tol, and equal argmax wherever the reference's top-2 margin exceeds `margin`.
     Returns (error, positions compared)."""

@@ -25,6 +25,7 @@ import worker
 from server.app import create_app
 from server.service import WorkerService
 from tests.conftest import REPO, oracles_dir
+from tests.model_oracles import log_softmax
 from worker.chat import ChatTemplate
 from worker.engine import Engine
 from worker.harmony import HarmonyStream
@@ -195,12 +196,6 @@ def test_logprobs_match_the_tokens(srv):
     assert all(len(top) == 2 for top in lp.top_logprobs)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
 def check_logprobs_against_full_forward(model, atol: float) -> None:
     """Log-probabilities from the compiled sampling step against an independent path: the full-sequence forward
     (Model.logits) of the prompt and the generated ids, log-softmaxed on the host."""
@@ -210,7 +205,7 @@ def check_logprobs_against_full_forward(model, atol: float) -> None:
     ids = list(model.generate_ids(prompt, 7, params, seed=7, stop_at_eos=False, logprobs=got))
     assert len(got) == len(ids) == 7
     assert ids == list(model.generate_ids(prompt, 7, params, seed=7, stop_at_eos=False))  # asking changes no id
-    expected = _log_softmax(model.logits(prompt + ids[:-1]))[len(prompt) - 1 :]
+    expected = log_softmax(model.logits(prompt + ids[:-1]))[len(prompt) - 1 :]
     for n, (tok, lp) in enumerate(zip(ids, got, strict=True)):
         assert lp.logprob == pytest.approx(expected[n, tok], abs=atol)
         top_ids = [i for i, _ in lp.top]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
-from model_oracles import manifest, teacher_forced_decode
+from model_oracles import log_softmax, manifest, teacher_forced_decode
 from test_batching import OTHERS, run_batch
 from test_pallas_qmatvec import EDGE_TILES, TOL, _abs_mxfp4, _bound, _gpu, _on_device, assert_close, random_weight
 
@@ -205,9 +205,7 @@ def test_a_model_loaded_with_int8_x_decodes_on_it_and_follows_the_oracle(oracles
         return  # routing flips (above)
     prompt, got = m.tokenizer.encode("The quick brown fox"), []
     out = list(m.generate_ids(prompt, 8, SamplingParams(temperature=0.8), seed=7, stop_at_eos=False, logprobs=got))
-    full = np.asarray(m.logits(prompt + out[:-1]), np.float64)[len(prompt) - 1 :]
-    full = full - full.max(-1, keepdims=True)
-    full -= np.log(np.exp(full).sum(-1, keepdims=True))
+    full = log_softmax(np.asarray(m.logits(prompt + out[:-1])))[len(prompt) - 1 :]
     err = max(abs(lp - full[n, tok]) for n, tp in enumerate(got) for tok, lp in tp.top)
     assert err <= INT8_LOGIT_TOL, f"log-probabilities {err:.3g} from the full forward's"
 
