@@ -28,7 +28,7 @@ from collections import Counter
 import jax
 import jax.numpy as jnp
 
-from bench.kernels import DENSE, as_served, matvec_program, random_planes, timed, weight_copies
+from bench.kernels import DENSE, matvec_program, random_planes, timed, weight_copies
 from bench.trace import device_busy, device_kernels
 from worker.pallas_kernels import qmatvec as qmv
 from worker.pallas_kernels import qmatvec_int8
@@ -76,9 +76,8 @@ def main() -> None:
             if not applicable(qtype, tiles):
                 continue
             fn = jax.jit(lambda x, w, tiles=tiles: qmv.qmatvec(x, w, interpret=args.interpret, **tiles))
-            (wv,) = as_served([w], tiles)
-            jax.block_until_ready(fn(x, wv))  # compile and warm
-            calls.append((f"{label} {qtype.name} {n}x{k} rows={args.rows}: {name}", fn, x, wv))
+            jax.block_until_ready(fn(x, w))  # compile and warm
+            calls.append((f"{label} {qtype.name} {n}x{k} rows={args.rows}: {name}", fn, x, w))
     try:  # the driver's, present wherever a GPU is; a profiler started with --profile-from-start off waits for it
         ctypes.CDLL("libcuda.so.1").cuProfilerStart()
     except OSError:
@@ -109,7 +108,7 @@ def traced_calls(case: tuple, rows: int, trace_dir: str, interpret: bool) -> Non
     for name, tiles in VARIANTS.items():
         if not applicable(qtype, tiles):
             continue
-        ws = as_served(copies, tiles)
+        ws = copies
         fn, matvecs = matvec_program(qmv.qmatvec, len(ws), interpret=interpret, **tiles)
         wall = timed(fn, ws, x, None, repeat=10) / matvecs
         hlo = fn.lower(ws, x, None).compile().as_text()

@@ -194,16 +194,8 @@ def matvec_program(op, n_weights: int, passes: int | None = None, **tiles) -> tu
     return jax.jit(run), n_weights * passes
 
 
-def as_served(weights: list, tiles: dict) -> list:
-    """The weights as a kernel variant reads them: with int8_x, their code planes made words once, as a weight
-    served that way would be stored (inside a timed call, the bitcast would be a copy of them each call)."""
-    return [qmatvec_int8.word_planes(w) for w in weights] if tiles.get("int8_x") else weights
-
-
-def per_call(op, weights, x, ids, repeat: int, passes: int | None = None, words: bool = True, **tiles) -> float:
-    """Seconds per matvec on the device (`matvec_program`'s calls, issued back to back). `words` False: an int8_x
-    call given the byte planes, converting them inside (whether XLA makes that bitcast a copy on this device)."""
-    weights = as_served(weights, tiles) if words else weights
+def per_call(op, weights, x, ids, repeat: int, passes: int | None = None, **tiles) -> float:
+    """Seconds per matvec on the device (`matvec_program`'s calls, issued back to back)."""
     fn, matvecs = matvec_program(op, len(weights), passes, **tiles)
     return timed(fn, weights, x, ids, repeat=repeat) / matvecs
 
@@ -234,12 +226,10 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         one = jax.jit(lambda x, w: ops[0](x, w, **interp))
         same = bool(jnp.array_equal(one(x[:1], w)[0], one(x, w)[0]))
         line += f"  per-row {t_rows * 1e6:9.1f} us  row 0 alone: {'same bits' if same else 'OTHER BITS'}"
-    if qtype in qmatvec_int8.INT8_TYPES:  # the per-row kernel on x rounded to int8 (another precision), on the
-        # planes as words (as a model loaded with int8_x holds them) and on the byte planes (converted in the call)
+    if qtype in qmatvec_int8.INT8_TYPES:  # the per-row kernel on x rounded to int8 (another precision)
         kind = {} if k_sel else dict(tensor_cores=False)
         t_int8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind, int8_x=True)
-        t_bytes = per_call(ops[0], weights, x, ids, args.repeat, words=False, **interp, **kind, int8_x=True)
-        line += f"  per-row int8 x {t_int8 * 1e6:9.1f} us (bytes in: {t_bytes * 1e6:.1f})"
+        line += f"  per-row int8 x {t_int8 * 1e6:9.1f} us"
     print(line, flush=True)
     # the dense call's per-row kernel where asked (`t_rows` its default's time); the MoE call has only that one
     kinds = {"tensor-cores": [False], "per-row": [True], "both": [False, True]}[args.sweep_kernel] if args.sweep else []

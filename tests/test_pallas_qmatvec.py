@@ -124,6 +124,35 @@ def test_per_row_kernel_variants_at_tile_edges_and_alone(qtype, variant):
     assert_close(g, ref, np.einsum("mi,moi->mo", np.abs(x64), np.abs(picked))[:, None], f"gathered, {variant}")
 
 
+LIVE_CASES = [(2, [True, False]), (2, [False, True]), (2, [False, False]), (1, [True]), (3, [False, True, False]),
+              (3, [False, False, False])]  # fmt: skip
+
+
+@pytest.mark.parametrize("int8_x", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize(("t", "live"), LIVE_CASES, ids=lambda v: "".join("LD"[not a] for a in v) if isinstance(v, list)
+                         else f"T{v}")  # fmt: skip
+def test_live_rows_have_their_bits_and_dead_groups_are_zeros(t, live, int8_x):
+    """`live` (a decode step's rows with a sequence): a live row's bits are those it has without the mask; a
+    program whose rows are all dead writes zeros (up to 2 rows, each its own program; 3 rows share one, which a
+    live row keeps computing)."""
+    sb = qmv.FORMATS[QT.Q4_K].sb
+    blocks, tiles = EDGE_TILES[sb]
+    w, _ = random_weight(QT.Q4_K, (40, blocks * sb), seed=21)
+    x = np.random.default_rng(t).standard_normal((t, blocks * sb)).astype(np.float32)
+    call = jax.jit(lambda x, w, live: qmv.qmatvec(x, w, interpret=True, tensor_cores=False, int8_x=int8_x,
+                                                  live=live, **tiles))  # fmt: skip
+    y = np.asarray(call(x, w, jnp.asarray(live)))
+    full = np.asarray(call(x, w, None))
+    group = qmv.row_group(t, True)
+    for r in range(t):
+        if any(live[r - r % group : r - r % group + group]):
+            assert np.array_equal(y[r], full[r]), f"row {r}: other bits with the mask"
+        else:
+            assert not y[r].any(), f"row {r}: a dead group's row is not zeros"
+    with pytest.raises(ValueError, match="live rows"):
+        qmv.qmatvec(x, w, interpret=True, live=jnp.asarray(live))  # the tensor-core kernel has no live rows
+
+
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.Q6_K, QT.MXFP4], ids=lambda t: t.name)
 def test_qmatvec_default_plan_without_masks(qtype):
     """The default tiles on a shape they divide: the unmasked code path, leading dims of x kept."""
@@ -393,3 +422,18 @@ def test_row_scale_is_each_rows_power_of_two_above_its_largest_value():
     np.testing.assert_array_equal(scale, [1.0, 2.0, 4.0, 2.0**17, 2.0**-99, 1.0])
     assert np.all(np.abs(x / scale[:, None]) < 1)
     np.testing.assert_array_equal(np.asarray(qmv.row_scale(jnp.asarray(x[3:4])))[:, 0], scale[3:4])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("int8_x", [False, True], ids=["float", "int8"])
+def test_live_rows_compiled_on_a_real_shape(int8_x):
+    """One stream's decode bucket (2 rows, the second dead) on phi3-mini's gate_up, compiled: the live row's bits
+    as without the mask, the dead row zeros; both live, both rows' bits."""
+    _gpu()
+    w = _on_device(QT.Q4_K, (16384, 3072), seed=4)
+    x = jax.random.normal(jax.random.key(5), (2, 3072), jnp.float32)
+    call = jax.jit(lambda x, w, live: qmv.qmatvec(x, w, tensor_cores=False, int8_x=int8_x, live=live))
+    full = np.asarray(call(x, w, None))
+    y = np.asarray(call(x, w, jnp.asarray([True, False])))
+    assert np.array_equal(y[0], full[0]) and not y[1].any()
+    assert np.array_equal(np.asarray(call(x, w, jnp.asarray([True, True]))), full)

@@ -19,7 +19,7 @@ import worker
 from worker.errors import ErrorCode, WorkerError
 from worker.pallas_kernels import qmatvec as qmv
 from worker.pallas_kernels import qmatvec_int8 as q8
-from worker.quant import QuantArray, as_bytes, dequantize, quant_array
+from worker.quant import quant_array
 from worker.sampling import SamplingParams
 
 TYPES = sorted(q8.INT8_TYPES, key=lambda t: t.name)
@@ -46,13 +46,28 @@ def test_quantize_x_rounds_as_llama_cpp_does_and_packs_bytes_in_order():
     x = rng.standard_normal((3, 128)).astype(np.float32)
     x[1, :32] = 0  # a zero block: scale 0, codes 0
     x[2, 32:64] = np.concatenate([[127.0], np.arange(31) % 8 - 3.5])  # amax 127: step 1, values on midpoints
-    words, dx, sums = jax.jit(q8.quantize_x)(x)
+    words, dx, sums = jax.jit(q8.quantize_x, static_argnames="interpret")(x, interpret=True)
     q, d = llama_cpp_q8(x)
     np.testing.assert_array_equal(q[2, 33:41], [-4, -3, -2, -1, 1, 2, 3, 4])  # halves away from zero (roundf)
     np.testing.assert_array_equal(np.asarray(dx), d)
     np.testing.assert_array_equal(np.asarray(words).view(np.int8).reshape(q.shape), q)  # little-endian bytes
     np.testing.assert_array_equal(np.asarray(sums), q.reshape(3, -1, 16).astype(np.int32).sum(-1))
     assert np.asarray(dx)[1, 0] == 0 and not np.asarray(words)[1, :8].any()
+
+
+@pytest.mark.parametrize("k", [64, 896, 2880, 8192])
+def test_quantize_x_in_other_orders_and_sum_blocks(k):
+    """A row of k values (k / 32 blocks: odd, even, a power of two), MXFP4's order of a block's values and sums
+    of 32: the same codes, moved, and the sums of their runs."""
+    x = np.random.default_rng(k).standard_normal((2, k)).astype(np.float32) * np.float32(3)
+    order = q8.MXFP4_ORDER
+    quantize = jax.jit(q8.quantize_x, static_argnums=(1, 2), static_argnames="interpret")
+    words, dx, sums = quantize(x, order, 32, interpret=True)
+    q, d = llama_cpp_q8(x)
+    moved = q.reshape(2, -1, 32)[..., list(order)]
+    np.testing.assert_array_equal(np.asarray(dx), d)
+    np.testing.assert_array_equal(np.asarray(words).view(np.int8).reshape(moved.shape), moved)
+    np.testing.assert_array_equal(np.asarray(sums), moved.astype(np.int32).sum(-1))
 
 
 @pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
@@ -89,8 +104,7 @@ def test_prmt_by_shifts_selects_bytes_as_ptx_says():
 def test_int8_x_matvec_at_tile_edges_equals_float64_on_the_rounded_x(qtype):
     """Every tile edge (a K loop of several steps in several splits, rows and super-blocks masked), 3 rows: the
     float64 product of the rounded x to float32's rounding; the exact x's within the rounding's bound (each x
-    value moves at most half a step, amax / 254 of its block); a row's bits the same alone, and with the code planes
-    given as words."""
+    value moves at most half a step, amax / 254 of its block); a row's bits the same alone."""
     sb = qmv.FORMATS[qtype].sb
     blocks, tiles = EDGE_TILES[sb]
     n, k = 40, blocks * sb
@@ -105,7 +119,6 @@ def test_int8_x_matvec_at_tile_edges_equals_float64_on_the_rounded_x(qtype):
     step_bound = np.repeat(d / 2, 32, axis=-1) @ np.abs(w64).T + TOL * (np.abs(x) @ np.abs(w64).T)
     assert (np.abs(np.asarray(y, np.float64) - exact) <= step_bound).all(), "outside the rounding's bound"
     assert np.array_equal(np.asarray(call(x[1:2], w))[0], np.asarray(y)[1]), "row 1 alone: other bits"
-    assert np.array_equal(np.asarray(call(x, q8.word_planes(w))), np.asarray(y)), "word planes: other bits"
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -124,24 +137,6 @@ def test_int8_x_moe_matvec_gathers_the_selected_experts(qtype):
     ref = np.einsum("mi,mkoi->mko", xr, picked)
     assert_close(y, ref, np.einsum("mi,mkoi->mko", np.abs(xr), np.abs(picked)), f"{qtype.name} gathered", TOL)
     assert np.array_equal(np.asarray(call(x[2:], w, ids[2:]))[0], np.asarray(y)[2]), "token 2 alone: other bits"
-
-
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_word_planes_are_bytes_again_for_every_other_reader(qtype):
-    """A weight held as words (qmatvec_int8.word_planes) reads as the same bytes (quant.as_bytes), dequantizes to the
-    same values, and the float per-row kernel takes it (within float32 rounding: in interpret mode the bitcast joins
-    the kernel's XLA program, whose float code XLA may then contract otherwise)."""
-    w, w64 = random_weight(qtype, (16, qmv.FORMATS[qtype].sb * 2), seed=3)
-    words = q8.word_planes(w)
-    assert any(p.dtype == jnp.int32 for p in words.planes.values())
-    back = as_bytes(words)
-    for name, plane in w.planes.items():
-        assert back.planes[name].dtype == plane.dtype and np.array_equal(back.planes[name], plane), name
-    np.testing.assert_array_equal(dequantize(words), dequantize(w))
-    x = np.random.default_rng(4).standard_normal((2, w.shape[-1])).astype(np.float32)
-    per_row = jax.jit(lambda x, w: qmv.qmatvec(x, w, interpret=True, tensor_cores=False))
-    x64 = x.astype(np.float64)
-    assert_close(per_row(x, words), x64 @ w64.T, np.abs(x64) @ np.abs(w64).T, "float per-row kernel on words")
 
 
 def test_int8_x_is_refused_where_it_has_no_kernel():
@@ -169,9 +164,9 @@ INT8_LOGIT_TOL = 0.1
 
 @pytest.mark.parametrize(("arch", "file", "logits"), MODELS, ids=[m[0] for m in MODELS])
 def test_a_model_loaded_with_int8_x_decodes_on_it_and_follows_the_oracle(oracles, monkeypatch, arch, file, logits):
-    """Every decode call on a weight of an int8-x format, dense or routed experts, takes the int8-x kernel (its code
-    planes held as words, converted at load), other calls the float kernels; the teacher-forced greedy decode
-    agrees with the float64 HF oracle wherever its margin is clear of int8's error; a dense model's sampled decode
+    """Every decode call on a weight of an int8-x format, dense or routed experts, takes the int8-x kernel, other
+    calls the float kernels; the teacher-forced greedy decode agrees with the float64 HF oracle wherever its margin
+    is clear of int8's error; a dense model's sampled decode
     has log-probabilities within that error of the full forward's (prefill, float)."""
     calls = []
     dense, routed = qmv.qmatvec, qmv.moe_matvec
@@ -189,9 +184,6 @@ def test_a_model_loaded_with_int8_x_decodes_on_it_and_follows_the_oracle(oracles
     d = oracles / "models" / arch
     m = worker.load(d / file, device="cpu", backend="interpret", slots=256, max_batch=2, int8_x=True)
     assert m.cfg.decode_kernels == "per-row-int8"
-    held = [w for w in jax.tree.leaves(m.runner.weights, is_leaf=lambda a: isinstance(a, QuantArray))
-            if isinstance(w, QuantArray) and w.qtype in q8.INT8_TYPES]  # fmt: skip
-    assert held and all(w.planes["qs"].dtype == jnp.int32 for w in held)
     ids = manifest(d)["input"]["ids"]
     ref = np.load(d / logits)
     decoded = teacher_forced_decode(m, ids)
@@ -231,7 +223,7 @@ def card_rounded_x(x: jax.Array, qtype: QT) -> jax.Array:
     that it is llama.cpp's rounding but where the card's float32 division lands a value on the other side of a
     half step."""
     order = q8.INT8_FORMATS[qtype].x_order
-    words, dx, _ = jax.jit(q8.quantize_x, static_argnums=1)(x, order)
+    words, dx, _ = jax.jit(q8.quantize_x, static_argnums=1)(x, order)  # compiled: the card's own kernel
     codes = np.asarray(words).view(np.int8).reshape(*dx.shape, 32)
     if order is not None:
         codes = codes[..., np.argsort(order)]
@@ -251,7 +243,7 @@ GPU_DENSE = [(QT.Q4_K, (16384, 3072)), (QT.Q6_K, (3072, 8192)), (QT.Q8_0, (896, 
                          ids=lambda v: v.name if isinstance(v, QT) else "x".join(map(str, v)))  # fmt: skip
 def test_int8_x_compiled_on_real_shapes(qtype, shape):
     """Compiled (PTX dp4a, prmt): the same integer sums as interpret mode, so within float32's rounding of the
-    float64 product on the x the card rounded; a row's bits the same alone as among 3, with bytes or words."""
+    float64 product on the x the card rounded; a row's bits the same alone as among 3."""
     _gpu()
     w = _on_device(qtype, shape, seed=6)
     x = jax.random.normal(jax.random.key(7), (3, shape[1]), jnp.float32)
@@ -261,7 +253,6 @@ def test_int8_x_compiled_on_real_shapes(qtype, shape):
     ref = jax.jit(qmv.qmatvec_twin)(xr, w)
     assert_close(y, np.asarray(ref, np.float64), _bound(xr, w) + 1e-30, f"{qtype.name} {shape} int8_x")
     assert np.array_equal(np.asarray(call(x[1:2], w))[0], np.asarray(y)[1]), "row 1 alone: other bits"
-    assert np.array_equal(np.asarray(call(x, q8.word_planes(w))), np.asarray(y)), "word planes: other bits"
 
 
 @pytest.mark.gpu

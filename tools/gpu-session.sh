@@ -20,10 +20,11 @@
 #           kinds:M    the decode step of model M at ROWS rows (default 1,2: one stream's bucket) on the tensor-core,
 #                      the per-row and the int8-x per-row kernels (--max-batch 64, 2, 2 --int8-x), a process each; a
 #                      profiler trace of each, summed by kernel in the stage's log; budget KINDS_SECONDS (default
-#                      300)
+#                      300); KINDS picks some (e.g. 2i)
 #           wbench:M   python -m bench.worker_bench on model M (batch-1 decode and prefill, the worker alone) at
 #                      --max-batch 64, 2 and 2 --int8-x: the tensor-core, per-row and int8-x per-row kernels;
-#                      results in $GPU_STATE/results/wbench/; budget WBENCH_SECONDS (default 300)
+#                      results in $GPU_STATE/results/wbench/; WBENCH_KINDS picks some (e.g. "2 2i"); budget
+#                      WBENCH_SECONDS (default 300)
 #           goldens    python -m bench.goldens: the real Gemma 3 against exact math, step by step, for each of
 #                      GOLDENS_VARIANTS (default 64,2: the tensor-core and per-row decode kernels; e.g. 64j: attention
 #                      on jax.numpy); needs the staged Gemma wheels and shared/oracles/gemma3-270m; budget
@@ -191,14 +192,14 @@ do_kinds() {
     # max_batch 64: the tensor-core kernels; 2: the per-row ones; 2i: the per-row ones on an int8 x (--int8-x)
     local like=$1 rc=0 v trace f
     mkdir -p "$results/rows"
-    for v in 64 2 2i; do
+    for v in ${KINDS:-64 2 2i}; do
         echo "== $like: max_batch $v"
         trace=(--trace "$results/rows/trace-$like-kinds-b$v")
         py -m bench.dispatch --model "$(model_path "$like")" --rows "${ROWS:-1,2}" --device "${BENCH_DEVICE:-gpu}" \
             --steps 16 $(kind_args "$v") --sweep-only "${trace[@]}" \
             --json "$results/rows/kinds-$like-b$v.json" | grep -v '^[ {}"]' || rc=1
     done
-    for v in 64 2 2i; do
+    for v in ${KINDS:-64 2 2i}; do
         f=$(newest_trace "$results/rows/trace-$like-kinds-b$v")
         [ -n "$f" ] && { echo "== trace, max_batch $v"; py -m bench.trace "$f"; }
     done
@@ -277,7 +278,7 @@ do_wbench() {
     # the worker alone (bench.worker_bench, no steps sweep) on model M with each decode kernel kind at batch 1
     local like=$1 rc=0 v
     mkdir -p "$results/wbench"
-    for v in 64 2 2i; do
+    for v in ${WBENCH_KINDS:-64 2 2i}; do
         py -m bench.worker_bench --model "$(model_path "$like")" --device "${BENCH_DEVICE:-gpu}" --steps-sweep "" \
             $(kind_args "$v") --json "$results/wbench/$like-b$v.json" || rc=1
     done

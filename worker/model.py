@@ -20,7 +20,7 @@ from worker.gguf import GGUFFile, open_gguf
 from worker.kv_cache import bytes_per_slot, dtype_for, pages_for
 from worker.models import adapter_for
 from worker.models.base import load_weights
-from worker.pallas_kernels import qmatvec, qmatvec_int8
+from worker.pallas_kernels import qmatvec
 from worker.quant import QuantArray, cpu_layout, quant_kind, widened
 from worker.runner import Runner
 from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs
@@ -56,19 +56,6 @@ def decode_kernels_for(max_batch: int, deterministic: bool) -> str:
     if not deterministic:
         return "by-rows"
     return "tensor-cores" if max_batch > qmatvec.MAX_ROWS else "per-row"
-
-
-def with_word_planes(weights: dict) -> dict:
-    """The weights the int8-x matvec takes (qmatvec_int8.INT8_TYPES: dense, and MoE experts) with their code planes
-    as 32-bit words, converted once here: the kernel reads words, and the bytes would be converted inside every
-    step. Other readers of these weights (prefill's dequantization and grouped matmul, the embedding lookup) view
-    them as bytes again (quant.as_bytes)."""
-    convert = jax.jit(qmatvec_int8.word_planes)
-
-    def one(a):
-        return convert(a) if isinstance(a, QuantArray) and a.qtype in qmatvec_int8.INT8_TYPES else a
-
-    return jax.tree.map(one, weights, is_leaf=lambda a: isinstance(a, QuantArray))
 
 
 def expert_copy_bytes(gf: GGUFFile) -> int:
@@ -483,8 +470,6 @@ def load_model(
             weights = cpu_layout(weights)  # interpret backends' kernels read the block planes
         if copies:
             weights = with_bf16_experts(weights)
-        if int8_x:
-            weights = with_word_planes(weights)
         tokenizer = building.result()
     runner = Runner(adapter, cfg, weights, targets[0], slots, pages_for(kv_tokens) + 1, max_batch,
                     deterministic=deterministic, mesh=mesh)  # fmt: skip

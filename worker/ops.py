@@ -60,6 +60,8 @@ _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
 # or "per-row-int8" where asked for.
 DECODE_KERNELS = ("tensor-cores", "per-row", "by-rows", "per-row-int8")
 _decode_kernels: ContextVar[str] = ContextVar("decode_kernels", default="by-rows")
+# A decode step's live rows ([B] bool, runner: rows with a sequence), for the per-row kernels to skip the others.
+_live_rows: ContextVar[jax.Array | None] = ContextVar("live_rows", default=None)
 
 
 @contextmanager
@@ -72,6 +74,17 @@ def decode_kernels(mode: str) -> Iterator[None]:
         yield
     finally:
         _decode_kernels.reset(token)
+
+
+@contextmanager
+def live_rows(live: jax.Array) -> Iterator[None]:
+    """The ops traced inside are one decode step's ([B, 1, D] rows) whose `live` [B] rows alone are used: a dense
+    per-row matvec computes no group of dead rows (qmatvec.when_live; their results are zeros)."""
+    token = _live_rows.set(live)
+    try:
+        yield
+    finally:
+        _live_rows.reset(token)
 
 
 def _tensor_cores(rows: int) -> bool:
@@ -275,7 +288,9 @@ def qmatmul(
             y = qmatvec.qmatvec(x, plain, interpret=interpret, **qmatvec.PREFILL_TILES)
         else:
             int8_x = not exact and _int8_x(w)
-            y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, int8_x=int8_x)
+            live = _live_rows.get()
+            live = live if live is not None and live.size == rows and not tensor_cores else None
+            y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, int8_x=int8_x, live=live)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
         # accumulation). bf16 operands cost ~1e-2 relative on the logits (docs/gpu.md), not the CPU's 1e-6.

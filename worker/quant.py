@@ -172,21 +172,6 @@ def quant_array(
     return QuantArray(planes, QT(qtype), tuple(int(d) for d in shape))
 
 
-def as_bytes(q: QuantArray) -> QuantArray:
-    """`q` with any code plane held as int32 words (qmatvec_int8.word_planes: a weight served to the int8-x matvec,
-    docs/kernels.md) viewed again in its field's dtype, as every other reader takes it. A bitcast: inside a call,
-    XLA makes it a copy (fused into a dequantization that reads the plane anyway)."""
-    fields = {name: dtype for name, _, _, dtype in _FIELDS.get(q.qtype, ())}
-    if all(p.dtype != jnp.int32 for p in q.planes.values()):
-        return q
-    planes = {}
-    for name, p in q.planes.items():
-        if p.dtype == jnp.int32 and fields.get(name, np.int32) != np.int32:
-            p = jax.lax.bitcast_convert_type(p, fields[name]).reshape(*p.shape[:-1], -1)
-        planes[name] = p
-    return dataclasses.replace(q, planes=planes)
-
-
 def _nibbles(qs: jax.Array, group: int) -> jax.Array:
     """uint8 [..., K/2] nibble plane with groups of `group` values -> uint8 [..., K/group, group] values."""
     qs = qs.reshape(*qs.shape[:-1], -1, group // 2)
@@ -367,7 +352,6 @@ def dequantize(q: QuantArray | Int8Blocks, dtype: DTypeLike = jnp.float32) -> ja
         return w.reshape(*lead, -1).astype(dtype)
     if q.qtype in PLAIN_TYPES and q.planes["w"].dtype == jnp.dtype(dtype):
         return q.planes["w"]
-    q = as_bytes(q)
     out = _PLAIN[q.qtype](q.planes) if q.qtype in _PLAIN else _combine(*_PARTS[q.qtype](q.planes))
     lead = next(iter(q.planes.values())).shape[:-1]
     return out.reshape(*lead, q.shape[-1]).astype(dtype)

@@ -31,6 +31,7 @@ import numpy as np
 
 from worker import ops, sharding
 from worker.kv_cache import PAGE_SIZE, KVCache, bytes_per_slot, dtype_for, init_cache, pages_for, table_row
+from worker.models.base import live_tokens
 from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample, token_logprobs
 
 # (token log-probability, top ids, top log-probabilities) of sampled rows, on the device; None when not asked for
@@ -429,9 +430,12 @@ def _decode(adapter, cfg, rows_step, weights, tokens, seen_all, position, table,
 
 
 def _all_rows_at_once(adapter, cfg, weights, tok, pos, table, cache, seen, sp, keys, index, plan):
-    """One decode step of every row in one batched forward pass (the GPU kernels are batch invariant)."""
-    hidden, cache = adapter.forward(weights, cfg, tok[:, None], pos[:, None], cache, table)
-    nxt, seen, scores = _sample_rows(adapter.logits(weights, cfg, hidden)[:, 0], sp, keys, index, seen, plan)
+    """One decode step of every row in one batched forward pass (the GPU kernels are batch invariant). Rows
+    without a sequence are dead (live_tokens); the per-row kernels skip them (ops.live_rows)."""
+    with ops.live_rows(live_tokens(cache, table, pos[:, None])[:, 0]):
+        hidden, cache = adapter.forward(weights, cfg, tok[:, None], pos[:, None], cache, table)
+        logits = adapter.logits(weights, cfg, hidden)[:, 0]
+    nxt, seen, scores = _sample_rows(logits, sp, keys, index, seen, plan)
     return nxt, cache, seen, scores
 
 

@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from worker.pallas_kernels.tiling import ALL, TARGET_PROGRAMS, TritonParams, kernel_entry, pow2_floor, static_index
-from worker.quant import QuantArray, as_bytes, dequantize
+from worker.quant import QuantArray, dequantize
 
 MAX_ROWS = 8  # the per-row kernel: rows of x per program (one accumulator and one x load per row, unrolled)
 MAX_BATCH = 1024  # the most rows of a decode dispatch (--max-batch) in the batch-invariant mode (worker/model.py)
@@ -339,10 +339,11 @@ def plan(
 
 
 def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool,
-            fused: bool):  # fmt: skip
+            fused: bool, has_live: bool = False):  # fmt: skip
     """The per-row kernel (a float32 multiply-add per value and row). Dense: program (r, i, j) computes output
     columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows). Gathered: program (t, i, j), for
-    x row t only, with expert ids[t]."""
+    x row t only, with expert ids[t]. `has_live`: the first operand says which rows are live (`when_live`)."""
+    live_ref, *refs = refs if has_live else (None, *refs)
     if gathered:
         ids_ref, x_ref, *plane_refs, o_ref = refs
     else:
@@ -407,12 +408,31 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
             out.append(a + prod)
         return (tuple(out), ahead) if p.prefetch else tuple(out)
 
-    acc = tuple(jnp.zeros((bn,), jnp.float32) for _ in x_rows)
-    acc = jax.lax.fori_loop(0, p.steps, step, (acc, tiles_at(0)) if p.prefetch else acc)
-    if p.prefetch:
-        acc = acc[0]
-    for a, m in zip(acc, x_rows, strict=True):
-        o_ref[split, static_index(m), pl.ds(row0, bn)] = a
+    def store(acc) -> None:
+        for a, m in zip(acc, x_rows, strict=True):
+            o_ref[split, static_index(m), pl.ds(row0, bn)] = a
+
+    def compute() -> None:
+        acc = tuple(jnp.zeros((bn,), jnp.float32) for _ in x_rows)
+        acc = jax.lax.fori_loop(0, p.steps, step, (acc, tiles_at(0)) if p.prefetch else acc)
+        store(acc[0] if p.prefetch else acc)
+
+    when_live(live_ref, x_rows, compute, lambda: store([jnp.zeros((bn,), jnp.float32)] * len(x_rows)))
+
+
+def when_live(live_ref, x_rows: Sequence, compute: Callable[[], None], store_zeros: Callable[[], None]) -> None:
+    """compute() where any of the program's `x_rows` is live (live_ref: int32 a row, nonzero for live; None: all
+    are), else store_zeros(). Why: a one-stream decode step runs a bucket of 2 rows (runner.MIN_ROWS), and the
+    per-row kernels are bound by their instructions, so the padding row cost ~65% more on phi3-mini's gate_up
+    (ncu on an H200, int8 x: 28.0 us against 16.9 for one row); its program now reads nothing."""
+    if live_ref is None:
+        compute()
+        return
+    alive = live_ref[static_index(x_rows[0])] != 0
+    for m in x_rows[1:]:
+        alive = alive | (live_ref[static_index(m)] != 0)
+    pl.when(alive)(compute)
+    pl.when(jnp.logical_not(alive))(store_zeros)
 
 
 def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks: int, p: Plan, t_size: int,
@@ -480,9 +500,7 @@ def load_x_part(x_ref, part: int, r0, bm: int, b0, c: int, t_size: int, blocks: 
 
 
 def plane_views(w: QuantArray, experts: int, n: int, k: int) -> tuple[list[str], list[jax.Array]]:
-    """Each plane of `w` viewed (a free reshape) as [experts, n, k / SB, *inner] in its format's layout (planes
-    held as words for the int8-x kernel made bytes again: a copy, which only an `exact` call on such a weight pays)."""
-    w = as_bytes(w)
+    """Each plane of `w` viewed (a free reshape) as [experts, n, k / SB, *inner] in its format's layout."""
     fmt = FORMATS[w.qtype]
     names = sorted(fmt.planes)
     return names, [w.planes[name].reshape(experts, n, k // fmt.sb, *fmt.planes[name]) for name in names]
@@ -499,19 +517,25 @@ def _call(
     tensor_cores: bool = False,
     row_tile: int = ROW_TILE,
     f16: bool | None = None,
+    live: jax.Array | None = None,
 ) -> jax.Array:
     """x [T, K]; returns the split-K partial sums summed: [T, N] float32. Dense with `tensor_cores`: rows in tiles
     of `row_tile` (`_dot_kernel`), float16 operands where `f16` (default: not in interpret mode); dense without:
-    rows in groups of min(T, MAX_ROWS), the last padded with zero rows; gathered: one program per row."""
+    rows in groups of `row_group`, the last padded with zero rows; gathered: one program per row. `live` [T]
+    (dense per-row only): a group of rows none of which is live is zeros, computed by nobody."""
     fmt = FORMATS[w.qtype]
     t, k = x.shape
+    if live is not None and (tensor_cores or ids is not None):
+        raise ValueError("live rows are an option of the dense per-row kernels")
+    group = 1 if ids is not None else row_group(t, live is not None)
+    out_rows = pl.cdiv(t, group) * group
+    live_arg = [] if live is None else [jnp.pad(live.reshape(t).astype(jnp.int32), (0, out_rows - t))]
     if p.int8_x:
         if tensor_cores:
             raise ValueError("int8_x is an option of the per-row kernels (tensor_cores=False)")
         from worker.pallas_kernels import qmatvec_int8  # it builds on this module's tiles
 
-        rows = 1 if ids is not None else min(t, MAX_ROWS)
-        return fold_splits(qmatvec_int8.call(x, w, ids, experts, n, p, interpret, rows))[:t, :n]
+        return fold_splits(qmatvec_int8.call(x, w, ids, experts, n, p, interpret, group, *live_arg))[:t, :n]
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
     # `fused`: Plan.fma's inline assembly, which only a compiled kernel runs (interpret mode rounds twice)
@@ -532,11 +556,9 @@ def _call(
         kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, bm=row_tile, precision=precision)
         grid, args = (pl.cdiv(t, row_tile), n_blocks, p.splits), (xp, *planes)
     else:
-        group = 1 if ids is not None else min(t, MAX_ROWS)
-        out_rows = pl.cdiv(t, group) * group
         xv = jnp.pad(x.astype(jnp.float32), ((0, out_rows - t), (0, 0))).reshape(out_rows, k // fmt.sb, *fmt.x_inner)
-        kernel = functools.partial(_kernel, **common, rows=group, gathered=ids is not None)
-        grid, args = (out_rows // group, n_blocks, p.splits), (*([] if ids is None else [ids]), xv, *planes)
+        kernel = functools.partial(_kernel, **common, rows=group, gathered=ids is not None, has_live=bool(live_arg))
+        grid, args = (out_rows // group, n_blocks, p.splits), (*live_arg, *([] if ids is None else [ids]), xv, *planes)
     # The row tiles (gathered: the rows) vary fastest, so the programs that read one weight tile run together and
     # share it through L2.
     out = pl.pallas_call(
@@ -549,6 +571,12 @@ def _call(
     )(*args)
     y = fold_splits(out)[:t, :n]
     return y if scale is None else y * scale
+
+
+def row_group(t: int, live: bool) -> int:
+    """Rows a dense per-row program computes (weight tiles decoded once for them all): min(T, MAX_ROWS); with live
+    rows known, one a program up to 2 rows (one stream's bucket, whose padding row's program then skips)."""
+    return 1 if live and t <= 2 else min(t, MAX_ROWS)
 
 
 def row_scale(x: jax.Array) -> jax.Array:
@@ -584,10 +612,12 @@ def qmatvec(
     tensor_cores: bool = True,
     row_tile: int | None = None,
     f16: bool | None = None,
+    live: jax.Array | None = None,
     **tiles: int | None,
 ) -> jax.Array:
     """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for any number of rows of x; each row's result is
-    the same bits in a call of any size with the same `tensor_cores` and tiles. `tensor_cores`: the dot of
+    the same bits in a call of any size with the same `tensor_cores` and tiles. `live` [...] (bool, per-row kernels
+    only): the rows whose results are used; the others may come out as zeros, uncomputed. `tensor_cores`: the dot of
     `row_tile` rows (default ROW_TILE; float16 operands, float32 sums on the GPU; one pass over the weights a row
     tile), else the per-row multiply-add loop (float32; one pass per 8 rows, faster for a few). `f16`: the
     tensor-core dot's float16 operands, by default on the GPU only; interpret mode takes float32 (the CPU's model
@@ -608,7 +638,7 @@ def qmatvec(
     row_tile = row_tile or ROW_TILE
     if row_tile < MIN_DOT or row_tile & (row_tile - 1):
         raise ValueError(f"row_tile must be a power of two >= {MIN_DOT}, got {row_tile}")
-    return _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16).reshape(*lead, n)
+    return _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16, live).reshape(*lead, n)
 
 
 def qmatvec_twin(x: jax.Array, w: QuantArray, *, interpret: bool = False, **_tiles) -> jax.Array:

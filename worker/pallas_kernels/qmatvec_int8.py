@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -26,7 +27,7 @@ from gguf import GGMLQuantizationType as QT
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.qmatvec import _f32, _lift, e8m0_half, tile_loader
+from worker.pallas_kernels.qmatvec import _f32, _lift, e8m0_half, tile_loader, when_live
 from worker.pallas_kernels.tiling import ALL, TritonParams, static_index
 from worker.quant import QuantArray
 
@@ -224,23 +225,68 @@ INT8_FORMATS: dict[QT, IntFormat] = {
 INT8_TYPES = frozenset(INT8_FORMATS)
 
 
-def quantize_x(x: jax.Array, order: Sequence[int] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def quantize_x(x: jax.Array, order: Sequence[int] | None = None, sum_block: int = SUM_BLOCK,
+               interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """x [T, K] -> (words int32 [T, K / 4], four int8 values each, the first in the lowest byte; dx float32
-    [T, K / 32]; sums int32 [T, K / 16] of 16 int8 values each). A block's dx is its largest |value| / 127 and its
-    values round to the nearest step, halves away from zero, as llama.cpp's quantize_q8_1 does. `order`: each
-    32-value block's values in this order in the words and sums (a format's `x_order`)."""
+    [T, K / 32]; sums int32 [T, K / sum_block] of `sum_block` (16 or 32) int8 values each). A block's dx is its
+    largest |value| / 127 and its values round to the nearest step, halves away from zero, as llama.cpp's
+    quantize_q8_1 does. `order`: each 32-value block's values in this order in the words and sums (a format's
+    `x_order`). One Pallas kernel (interpret mode on the CPU). Why not XLA: there it takes three kernels (the
+    blocks' maxima, the rounding, the packing), ~3.5 us a matvec on the card, a third of an int8-x matvec's time."""
     t, k = x.shape
-    blocks = x.astype(jnp.float32).reshape(t, k // X_BLOCK, X_BLOCK)
+    blocks = x.reshape(t, k // X_BLOCK, X_BLOCK)
     if order is not None:
         blocks = blocks[..., jnp.asarray(order)]
-    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
-    dx = amax / 127
-    inv = jnp.where(amax > 0, 1 / jnp.where(amax > 0, dx, 1), 0)
-    v = blocks * inv
-    q = (jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5)).astype(jnp.int8).reshape(t, k)
-    words = jax.lax.bitcast_convert_type(q.reshape(t, k // 4, 4), jnp.int32)
-    sums = jnp.sum(q.reshape(t, k // SUM_BLOCK, SUM_BLOCK).astype(jnp.int32), axis=-1)
-    return words, dx[..., 0], sums
+    n = k // X_BLOCK
+    nb = math.gcd(n, 32)  # blocks a program: a power of two (Triton's tiles) that divides the row
+    kernel = functools.partial(_quantize_kernel, nb=nb, sum_block=sum_block, compiled=not interpret)
+    words, dx, sums = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((t, n, 2, 4), jnp.int32),
+            jax.ShapeDtypeStruct((t, n), jnp.float32),
+            jax.ShapeDtypeStruct((t, n, 2 if sum_block == SUM_BLOCK else 1), jnp.int32),
+        ),  # fmt: skip
+        grid=(t, n // nb),
+        compiler_params=TritonParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="quantize_x_int8",
+    )(blocks.reshape(t, n, 2, 4, 4))
+    return words.reshape(t, k // 4), dx, sums.reshape(t, -1)
+
+
+def _quantize_kernel(x_ref, words_ref, dx_ref, sums_ref, *, nb: int, sum_block: int, compiled: bool):
+    """Program (r, j): x row r's blocks [j*nb, (j+1)*nb), each as [2 halves, 4 words, 4 bytes]."""
+    at = (static_index(pl.program_id(0)), pl.ds(pl.program_id(1) * nb, nb))
+    x = _f32(plgpu.load(x_ref.at[at]))  # [nb, 2, 4, 4]
+    amax = jnp.abs(x)
+    for _ in range(3):  # Triton reduces one axis at a time
+        amax = jnp.max(amax, axis=-1)
+    dx = _div_rn(amax, jnp.full(amax.shape, 127, jnp.float32), compiled)
+    inv = jnp.where(amax > 0, _div_rn(jnp.ones_like(dx), jnp.where(amax > 0, dx, 1), compiled), 0)
+    v = x * _lift(inv, 4)
+    steps = jnp.floor(jnp.abs(v) + 0.5)
+    q = jnp.where(v < 0, -steps, steps).astype(jnp.int32)
+    shifts = 8 * jax.lax.broadcasted_iota(jnp.int32, (1, 1, 1, 4), 3)
+    words = jnp.sum((q & 0xFF) << shifts, axis=-1)  # disjoint bytes: the sum is their OR
+    sums = jnp.sum(jnp.sum(q, axis=-1), axis=-1)  # [nb, 2]: 16 values each
+    if sum_block != SUM_BLOCK:
+        sums = jnp.sum(sums, axis=-1, keepdims=True)
+    plgpu.store(words_ref.at[at], words)
+    plgpu.store(dx_ref.at[at], dx)
+    plgpu.store(sums_ref.at[at], sums)
+
+
+def _div_rn(a: jax.Array, b: jax.Array, compiled: bool) -> jax.Array:
+    """a / b in float32, rounded to nearest (IEEE), as XLA and numpy divide. Why by hand: Triton's `/` is PTX
+    div.full.f32, up to 2 ulp off, which would move a rounded x value across a half step now and then; and XLA
+    turns a division by a constant into a product with its reciprocal (not the same bits), which the barrier
+    stops."""
+    if not compiled:
+        return a / jax.lax.optimization_barrier(b)
+    (out,) = plgpu.elementwise_inline_asm("div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
+                                          result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])  # fmt: skip
+    return out
 
 
 def dp4a(a: jax.Array, b: jax.Array, signed: bool, compiled: bool) -> jax.Array:
@@ -289,10 +335,11 @@ def prmt(a: int | jax.Array, b: int | jax.Array, c: jax.Array, compiled: bool) -
 
 
 def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, rows: int, p, gathered: bool,
-            compiled: bool):  # fmt: skip
-    """qmatvec's per-row kernel (its grid, masks and splits) with integer products. Dense: program (r, i, j)
-    computes output columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows). Gathered: program
-    (t, i, j), for x row t only, with expert ids[t]."""
+            compiled: bool, has_live: bool):  # fmt: skip
+    """qmatvec's per-row kernel (its grid, masks, splits and live rows) with integer products. Dense: program
+    (r, i, j) computes output columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows).
+    Gathered: program (t, i, j), for x row t only, with expert ids[t]."""
+    live_ref, *refs = refs if has_live else (None, *refs)
     if gathered:
         ids_ref, x_ref, dx_ref, sums_ref, *plane_refs, o_ref = refs
     else:
@@ -342,9 +389,13 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
             out.append(a + total)
         return tuple(out)
 
-    acc = jax.lax.fori_loop(0, p.steps, step, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(rows)))
-    for r, a in enumerate(acc):
-        o_ref[split, first + r, pl.ds(row0, bn)] = a
+    def store(acc) -> None:
+        for r, a in enumerate(acc):
+            o_ref[split, first + r, pl.ds(row0, bn)] = a
+
+    zeros = [jnp.zeros((bn,), jnp.float32)] * rows
+    when_live(live_ref, [first + r for r in range(rows)],
+              lambda: store(jax.lax.fori_loop(0, p.steps, step, tuple(zeros))), lambda: store(zeros))  # fmt: skip
 
 
 def _format(qtype: QT) -> IntFormat:
@@ -354,19 +405,10 @@ def _format(qtype: QT) -> IntFormat:
     return INT8_FORMATS[qtype]
 
 
-def word_planes(w: QuantArray) -> QuantArray:
-    """`w` with its code planes as int32 words (four codes' bytes each, the first in the lowest byte), for the
-    kernel only (the other paths read bytes). Why: the kernel reads words, and a bitcast of bytes to words inside a
-    call is a copy of the planes each call (XLA expands it into shifts), so a weight served this way is converted
-    once, as bench.kernels does before timing. `call` takes either."""
-    fmt = _format(w.qtype)
-    planes = {name: _words(a) if name in fmt.words else a for name, a in w.planes.items()}
-    return dataclasses.replace(w, planes=planes)
-
-
 def _words(plane: jax.Array) -> jax.Array:
-    if plane.dtype == jnp.int32:
-        return plane
+    """A code plane's bytes as int32 words, four codes each (the first in the lowest byte). On the card this bitcast
+    costs nothing (bench.kernels timed byte and word planes the same, 2026-12-04), so weights stay bytes; XLA:CPU
+    copies it (interpret mode only)."""
     return jax.lax.bitcast_convert_type(plane.reshape(*plane.shape[:-1], -1, 4), jnp.int32)
 
 
@@ -382,23 +424,21 @@ def plane_views(w: QuantArray, experts: int, n: int, k: int) -> tuple[list[str],
 
 
 def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: int, p, interpret: bool,
-         rows_per_program: int) -> jax.Array:  # fmt: skip
+         rows_per_program: int, live: jax.Array | None = None) -> jax.Array:  # fmt: skip
     """x [T, K] -> the split-K partial sums [splits, T', N'] of qmatvec's per-row kernel on an int8 x (T' padded to
     whole groups of `rows_per_program`, N' to whole column tiles); qmatvec folds them. `ids` [T]: each row's expert
-    of `w` [experts, N, K] (gathered; one row a program)."""
+    of `w` [experts, N, K] (gathered; one row a program). `live` int32 [T'] (dense): qmatvec.when_live's."""
     fmt = _format(w.qtype)
     t, k = x.shape
     out_rows = pl.cdiv(t, rows_per_program) * rows_per_program
-    words, dx, sums = quantize_x(jnp.pad(x, ((0, out_rows - t), (0, 0))), fmt.x_order)
+    words, dx, sums = quantize_x(jnp.pad(x, ((0, out_rows - t), (0, 0))), fmt.x_order, fmt.sum_block, interpret)
     blocks = k // fmt.sb
-    if fmt.sum_block != SUM_BLOCK:  # Q4_K's scale runs are 32 values: two sums of 16 each (exact)
-        sums = jnp.sum(sums.reshape(out_rows, -1, fmt.sum_block // SUM_BLOCK), axis=-1)
     x_args = [a.reshape(out_rows, blocks, *inner) for a, inner in
               ((words, fmt.x_inner), (dx, fmt.dx_inner), (sums, fmt.sum_inner))]  # fmt: skip
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
     kernel = functools.partial(_kernel, fmt=fmt, names=names, n=n, blocks=blocks, rows=rows_per_program, p=p,
-                               gathered=ids is not None, compiled=not interpret)  # fmt: skip
+                               gathered=ids is not None, compiled=not interpret, has_live=live is not None)  # fmt: skip
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((p.splits, out_rows, n_blocks * p.block_n), jnp.float32),
@@ -406,4 +446,4 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
         compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=interpret,
         name=f"qmatvec_{w.qtype.name.lower()}_int8",
-    )(*([] if ids is None else [ids]), *x_args, *planes)
+    )(*([] if live is None else [live]), *([] if ids is None else [ids]), *x_args, *planes)
