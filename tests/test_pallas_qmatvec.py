@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as QT
-from model_oracles import manifest
+from model_oracles import manifest, teacher_forced_decode
 
 import worker
 from worker import ops
@@ -151,6 +151,31 @@ def test_live_rows_have_their_bits_and_dead_groups_are_zeros(t, live, int8_x):
             assert not y[r].any(), f"row {r}: a dead group's row is not zeros"
     with pytest.raises(ValueError, match="live rows"):
         qmv.qmatvec(x, w, interpret=True, live=jnp.asarray(live))  # the tensor-core kernel has no live rows
+
+
+def test_a_decode_steps_dense_per_row_calls_skip_its_dead_rows(oracles, monkeypatch):
+    """A one-stream decode step (a bucket of 2 rows, runner.MIN_ROWS) on the per-row kernels: each dense call gets
+    the step's live rows (ops.live_rows), so the padding row's programs compute nothing, and the greedy ids still
+    follow the float64 HF oracle where its margin is clear."""
+    seen = []
+    dense = qmv.qmatvec
+
+    def spy(x, w, **kwargs):
+        if x.ndim > 2 and x.shape[-2] == 1:  # decode-shaped: [B, 1, D]
+            seen.append(None if kwargs.get("live") is None else kwargs["live"].shape)
+        return dense(x, w, **kwargs)
+
+    monkeypatch.setattr(qmv, "qmatvec", spy)
+    d = oracles / "models" / "qwen2"
+    m = worker.load(d / "model-q8_0.gguf", device="cpu", backend="interpret", slots=256, max_batch=2)
+    assert m.cfg.decode_kernels == "per-row" and m.runner.min_rows == 2
+    ids = manifest(d)["input"]["ids"][:8]
+    decoded = teacher_forced_decode(m, ids)
+    assert seen and all(shape == (2,) for shape in seen), seen
+    ref = np.load(d / "logits-hf-f64-q8_0-dequant.npy")[: len(ids)]
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-3
+    assert clear.any() and (decoded == ref.argmax(-1))[clear].all()
 
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.Q6_K, QT.MXFP4], ids=lambda t: t.name)

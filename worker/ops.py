@@ -288,8 +288,11 @@ def qmatmul(
             y = qmatvec.qmatvec(x, plain, interpret=interpret, **qmatvec.PREFILL_TILES)
         else:
             int8_x = not exact and _int8_x(w)
+            # The dead rows skipped on the float per-row kernel only. Measured on an H200 (2026-12-04, one stream,
+            # bench.worker_bench): float phi3-mini 252.7 -> 277.0 tok/s, qwen2.5-0.5b 821.0 -> 814.2; int8 x
+            # 325.9 -> 315.5 and 905.9 -> 840.3, so its calls keep their two-row programs (docs/kernels.md).
             live = _live_rows.get()
-            live = live if live is not None and live.size == rows and not tensor_cores else None
+            live = live if live is not None and live.size == rows and not tensor_cores and not int8_x else None
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, int8_x=int8_x, live=live)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
