@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         "chunk on the CPU): more finishes a burst of prompts sooner and stalls the running streams longer",
     )
     p.add_argument(
+        "--int8-x",
+        action="store_true",
+        help="decode's quantized matvecs on activations rounded to int8 per block of 32, as llama.cpp does: the "
+        "fastest single stream on a GPU (~1.3x), at another precision (docs/kernels.md); --max-batch then defaults "
+        "to 8; not on the CPU",
+    )
+    p.add_argument(
         "--bf16-experts",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -323,6 +330,7 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
         **({} if args.kv_memory is None else {"kv_memory": args.kv_memory}),
         deterministic=args.deterministic,
         bf16_experts=args.bf16_experts,
+        int8_x=args.int8_x,
         prefill_tokens=args.prefill_tokens,
         tokenizer_json=args.tokenizer_json,
         tensor_parallel=args.tensor_parallel,

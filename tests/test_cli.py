@@ -119,6 +119,14 @@ def test_corrupt_model_fails_start_up_with_its_code(tmp_path):
     assert [e["event"] for e in events if e["event"] != "log"][0] == "startup"
 
 
+def test_int8_x_on_the_cpu_fails_start_up_naming_the_flag():
+    model = oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf"
+    out = cli(*base(**{"--model": str(model)}), "--int8-x")
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("worker-orcd: error: INVALID_REQUEST:") and "--int8-x" in last
+
+
 def test_gpu_index_out_of_range_or_no_gpu_fails_start_up(tmp_path):
     model = oracles_dir() / "models" / "qwen2" / "model-q4_k_m.gguf"
     out = cli(*base(**{"--device": "gpu", "--gpu-device": "99", "--model": str(model)}))

@@ -214,10 +214,19 @@ def test_with_int8_x_a_seeded_job_gives_the_same_ids_whoever_shares_its_batch(or
     assert run_batch(m, [target, *others], [2, 0, 1, 0, 3, 1])[0] == alone
 
 
+def test_int8_x_decodes_up_to_the_per_row_kernels_rows_by_default(oracles):
+    """Beyond qmatvec.MAX_ROWS rows the tensor cores are faster, so int8_x's default max_batch is that."""
+    path = oracles / "models" / "qwen2" / "model-q8_0.gguf"
+    assert worker.load(path, device="cpu", backend="interpret", slots=64, int8_x=True).runner.max_batch == qmv.MAX_ROWS
+    assert (
+        worker.load(path, device="cpu", backend="interpret", slots=64, max_batch=3, int8_x=True).runner.max_batch == 3
+    )
+
+
 def test_int8_x_is_refused_on_the_cpu_backend(oracles):
     with pytest.raises(WorkerError) as e:
         worker.load(oracles / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", int8_x=True)
-    assert e.value.code == ErrorCode.INVALID_REQUEST and "int8_x needs a kernel backend" in e.value.message
+    assert e.value.code == ErrorCode.INVALID_REQUEST and "int8_x (--int8-x) needs a kernel backend" in e.value.message
 
 
 def card_rounded_x(x: jax.Array, qtype: QT) -> jax.Array:

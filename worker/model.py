@@ -381,8 +381,8 @@ def load_model(
     prefilled an engine step, at least one chunk (default PREFILL_TOKENS_PER_STEP: 4096 on a GPU, one chunk on the
     CPU): more finishes a burst of prompts sooner, and stalls the running streams longer each step. `int8_x`: decode's
     matvecs (dense and routed experts) on x rounded to int8 where the weight's format has that kernel (ops'
-    "per-row-int8" decode kernels: another precision of x, ~0.5% of a product; batch invariant; docs/kernels.md).
-    Not yet timed."""
+    "per-row-int8" decode kernels: another precision of x, ~0.5% of a product; batch invariant; docs/kernels.md),
+    with max_batch by default qmatvec.MAX_ROWS (8): one stream's fastest decode on a GPU (docs/PERFORMANCE.md)."""
     gf = open_gguf(path)
     adapter = adapter_for(gf.architecture)
     cfg = adapter.config(gf)
@@ -399,6 +399,8 @@ def load_model(
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"kv_memory must lie in (0, 1], got {kv_memory}")
     if prefill_tokens is not None and prefill_tokens < 1:
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"prefill_tokens must be at least 1, got {prefill_tokens}")
+    if max_batch is None and int8_x:  # the per-row kernels' range: beyond it the tensor cores are faster
+        max_batch = qmatvec.MAX_ROWS
     max_batch = max_batch or DEFAULT_MAX_BATCH["cpu" if kind == "cpu" else "gpu"]
     if max_batch < 1:
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"max_batch must be at least 1, got {max_batch}")
@@ -407,7 +409,8 @@ def load_model(
                           f"at most {qmatvec.MAX_BATCH} decode rows; ask for that many or fewer, or turn determinism "
                           "off")  # fmt: skip
     if int8_x and (backend == "cpu" or mesh is not None):
-        raise WorkerError(ErrorCode.INVALID_REQUEST, "int8_x needs a kernel backend (gpu or interpret) and one device")
+        raise WorkerError(ErrorCode.INVALID_REQUEST, "int8_x (--int8-x) needs a kernel backend (a GPU, or interpret) "
+                          "and one device (no --tensor-parallel)")  # fmt: skip
     kernels = "per-row-int8" if int8_x else decode_kernels_for(max_batch, deterministic)
     cfg = dataclasses.replace(cfg, decode_kernels=kernels)
     table = adapter.weight_table(gf, cfg)  # checks the tensors' shapes against cfg before memory is sized from it

@@ -55,7 +55,7 @@ _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
 #                   depend on how many rows share its call (not batch invariant).
 #   "per-row-int8"  "per-row", with the weights of qmatvec_int8's formats (dense, and the routed experts) on x
 #                   rounded to int8 (integer dot products, worker.load's int8_x: another precision of x,
-#                   docs/kernels.md); batch invariant. Untimed.
+#                   docs/kernels.md); batch invariant. One stream's fastest decode (docs/PERFORMANCE.md).
 # A batch-invariant model uses "tensor-cores" or "per-row" for every call (worker/model.py picks by --max-batch),
 # or "per-row-int8" where asked for.
 DECODE_KERNELS = ("tensor-cores", "per-row", "by-rows", "per-row-int8")

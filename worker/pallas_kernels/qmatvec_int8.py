@@ -1,7 +1,8 @@
 """The per-row quantized matvec on an int8 x: x rounded to 8 bits in blocks of 32 values (a scale a block), and each
 weight code multiplied by it in integer dot products of four byte pairs (PTX dp4a), scaled once a block. An opt-in
 variant of qmatvec's per-row kernels, dense and expert-gathered (`Plan.int8_x`; a model's with worker.load's
-int8_x), not yet timed on the card.
+int8_x). On an H200 it made one stream's decode 1.29x (phi3-mini) to 1.34x (gpt-oss-20b) the float per-row
+kernels' rate (docs/PERFORMANCE.md).
 
 Why: the float per-row kernel is bound by its instructions, not by memory. On an H200 it spent 8.6 warp instructions
 a weight value on phi3-mini's Q4_K gate_up (ncu), where the bytes alone would take a third of its time
