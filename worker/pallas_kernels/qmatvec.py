@@ -424,7 +424,8 @@ def when_live(live_ref, x_rows: Sequence, compute: Callable[[], None], store_zer
     """compute() where any of the program's `x_rows` is live (live_ref: int32 a row, nonzero for live; None: all
     are), else store_zeros(). Why: a one-stream decode step runs a bucket of 2 rows (runner.MIN_ROWS), and the
     per-row kernels are bound by their instructions, so the padding row cost ~65% more on phi3-mini's gate_up
-    (ncu on an H200, int8 x: 28.0 us against 16.9 for one row); its program now reads nothing."""
+    (ncu on an H200, int8 x: 28.0 us against 16.9 for one row); its program now reads nothing. ops.qmatmul asks it
+    of the float kernel only: with the int8-x kernel the decode measured slower (docs/kernels.md)."""
     if live_ref is None:
         compute()
         return
