@@ -28,13 +28,18 @@ def worker_part(args, model: str, label: str, logs: Path, timeout: float) -> dic
     out = logs / f"{label}-worker.json"
     cmd = [sys.executable, "-m", "bench.worker_bench", "--model", model, "--device", args.device, "--json", str(out)]
     cmd += ["--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
-    cmd += ["--repeats", str(args.repeats)]
+    cmd += ["--repeats", str(args.repeats), *worker_flags(args)]
     with (logs / f"{label}-worker.log").open("wb") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     if proc.returncode != 0:
         text = (logs / f"{label}-worker.log").read_text(errors="replace")
         raise RuntimeError(f"worker bench exited with {proc.returncode}: {text[-800:]}")
     return json.loads(out.read_text())
+
+
+def worker_flags(args) -> list[str]:
+    """The worker's own options, the same for its engine (bench.worker_bench) and its server (bench.ttft)."""
+    return ["--int8-x"] if args.int8_x else []
 
 
 def bench_model(args, model: str, label: str, logs: Path, deadline: float) -> dict:
@@ -56,7 +61,8 @@ def bench_model(args, model: str, label: str, logs: Path, deadline: float) -> di
     parts.append(("worker", lambda t: worker_part(args, model, label, logs, t), 0.7 if not args.skip_http else 1.0))
     if not args.skip_http:
         server_log = logs / f"{label}-server.log"
-        parts.append(("http", lambda t: ttft.measure(model, args.device, server_log, args.requests, t), 1.0))
+        http = lambda t: ttft.measure(model, args.device, server_log, args.requests, t, worker_flags(args))  # noqa: E731
+        parts.append(("http", http, 1.0))
     for name, part, share in parts:
         start = time.monotonic()
         timeout = min(args.timeout, (deadline - start) * share)
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each worker measurement")
     ap.add_argument("--requests", type=int, default=5, help="HTTP requests for time to first token")
     ap.add_argument("--skip-http", action="store_true", help="leave out time to first token through HTTP")
+    ap.add_argument("--int8-x", action="store_true", help="the worker with --int8-x (decode on x rounded to int8, "
+                    "as llama.cpp does; GPU only; --max-batch then 8)")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=1800, help="seconds each part (engine or HTTP run) may take")
     ap.add_argument("--budget", type=float, help="seconds for the whole run: parts that would start later are skipped")
     args = ap.parse_args(argv)

@@ -99,10 +99,11 @@ def start_server(
     return proc, url, time.monotonic() - start
 
 
-def measure(model: str, device: str, log: Path, requests: int = 5, ready_timeout: float = 600) -> dict:
-    """Start the server, time ready and `requests` first tokens; the first request is reported on its own (it
-    may include a compile the server did not do at start-up)."""
-    proc, url, ready_s = start_server(model, device, log, ready_timeout=ready_timeout)
+def measure(model: str, device: str, log: Path, requests: int = 5, ready_timeout: float = 600,
+            extra: tuple[str, ...] | list[str] = ()) -> dict:  # fmt: skip
+    """Start the server (`extra`: more of its arguments), time ready and `requests` first tokens; the first request
+    is reported on its own (it may include a compile the server did not do at start-up)."""
+    proc, url, ready_s = start_server(model, device, log, extra, ready_timeout=ready_timeout)
     try:
         with httpx.Client(timeout=httpx.Timeout(300, connect=10)) as client:
             runs = [first_token(client, url, f"bench-{i}", 16) for i in range(requests)]

@@ -433,3 +433,13 @@ def test_kernel_sass_finds_the_main_loop_of_a_disassembly(monkeypatch):
     assert [op for _, op, _ in ins] == ["MOV", "LDG", "FMUL", "FADD", "BRA", "BRA", "EXIT"]
     (first, last), loops = sass.main_loop(ins)
     assert (first, last, loops) == (1, 5, 1)
+
+
+def test_int8_x_reaches_the_worker_and_its_server(tmp_path):
+    """`python -m bench --int8-x`: both worker parts run with it; on the CPU each records the worker's refusal."""
+    from bench.__main__ import main
+
+    assert main(["--device", "cpu", "--int8-x", "--model", str(model("qwen2", "q8_0")), "--label", "tiny",
+                 "--out", str(tmp_path), "--requests", "1", "--timeout", "120"]) == 0  # fmt: skip
+    errors = json.loads((tmp_path / "tiny-cpu.json").read_text())["errors"]
+    assert "--int8-x" in errors["worker"] and "--int8-x" in errors["http"], errors
