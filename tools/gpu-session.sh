@@ -57,7 +57,8 @@
 #           prep       info and env, then the build beside synth followed by tests (the tests need no llama-bench,
 #                      and a build is no time to benchmark)
 #           bench:M    python -m bench on model M (gemma3-270m, qwen2.5-0.5b, phi3-mini, gpt-oss-20b), both engines;
-#                      skipped when an earlier call already has M's result without errors (FORCE=1 redoes it)
+#                      skipped when an earlier call already has M's result without errors (FORCE=1 redoes it);
+#                      BENCH_ARGS are passed on (e.g. --int8-x)
 #           bench-all  bench: on the four models in that order
 #           tp:N       tensor parallelism over N GPUs (docs/tensor-parallel.md): its gpu tests, then bench.worker_bench
 #                      on phi3-mini and gpt-oss-20b at 1 and N GPUs (results in $GPU_STATE/results/tp/)
@@ -270,8 +271,9 @@ do_bench() {
         return 0
     fi
     path=$(model_path "$like")
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
     py -m bench --model "$path" --label "$like" --device "${BENCH_DEVICE:-gpu}" --out "$results" --llamacpp "$llama_bench" \
-        --budget $((STAGE_BUDGET - 20))
+        --budget $((STAGE_BUDGET - 20)) ${BENCH_ARGS:-}
 }
 
 do_wbench() {
