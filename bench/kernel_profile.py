@@ -103,12 +103,11 @@ def traced_calls(case: tuple, rows: int, trace_dir: str, interpret: bool) -> Non
     """Each variant on `case` timed as bench.kernels times it, then one traced call: the device's kernels by name
     (us a matvec), and the compiled program's instructions by opcode (a copy there is a copy a call)."""
     label, qtype, n, k = case
-    copies = weight_copies(qtype, (n, k))
+    ws = weight_copies(qtype, (n, k))
     x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32)
     for name, tiles in VARIANTS.items():
         if not applicable(qtype, tiles):
             continue
-        ws = copies
         fn, matvecs = matvec_program(qmv.qmatvec, len(ws), interpret=interpret, **tiles)
         wall = timed(fn, ws, x, None, repeat=10) / matvecs
         hlo = fn.lower(ws, x, None).compile().as_text()
