@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         ops._attention_kernel = not jnp_attention  # read when a step is traced: this model's steps
         t0 = time.perf_counter()
         model = worker.load(worker.default_model_path(), device=args.device, slots=args.slots,
-                            max_batch=int(batch.rstrip("ji")), int8_x=int8_x,
-                            **({"backend": args.backend} if args.backend else {}))  # fmt: skip
+                            max_batch=int(batch.rstrip("ji")), int8_x=int8_x, backend=args.backend)  # fmt: skip
         if steps:
             model.batch.steps = int(steps)
         print(f"== {variant}: max_batch {batch.rstrip('ji')}, decode kernels {model.cfg.decode_kernels}, attention "

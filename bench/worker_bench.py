@@ -164,9 +164,8 @@ def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats
     """`max_batch` (default the server's) picks the decode kernels as --max-batch does; `int8_x`: worker.load's."""
     start = time.perf_counter()
     memory = LoadMemory()
-    options = {} if max_batch is None else {"max_batch": max_batch}
     m = worker.load(model, device=device, on_progress=memory, tensor_parallel=tensor_parallel, int8_x=int8_x,
-                    **options)  # fmt: skip
+                    max_batch=max_batch)  # fmt: skip
     jax.block_until_ready(m.runner.weights)
     load_s = time.perf_counter() - start
     memory(0, 0)  # after the last copy has finished
