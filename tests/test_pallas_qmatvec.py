@@ -153,10 +153,11 @@ def test_live_rows_have_their_bits_and_dead_groups_are_zeros(t, live, int8_x):
         qmv.qmatvec(x, w, interpret=True, live=jnp.asarray(live))  # the tensor-core kernel has no live rows
 
 
-def test_a_decode_steps_dense_per_row_calls_skip_its_dead_rows(oracles, monkeypatch):
-    """A one-stream decode step (a bucket of 2 rows, runner.MIN_ROWS) on the per-row kernels: each dense call gets
-    the step's live rows (ops.live_rows), so the padding row's programs compute nothing, and the greedy ids still
-    follow the float64 HF oracle where its margin is clear."""
+@pytest.mark.parametrize("int8_x", [False, True], ids=["float", "int8"])
+def test_a_decode_steps_dense_per_row_calls_skip_its_dead_rows(oracles, monkeypatch, int8_x):
+    """A one-stream decode step (a bucket of 2 rows, runner.MIN_ROWS) on the per-row kernels, float or int8 x: each
+    dense call gets the step's live rows (ops.live_rows), so the padding row's programs compute nothing, and the
+    greedy ids still follow the float64 HF oracle where its margin is clear."""
     seen = []
     dense = qmv.qmatvec
 
@@ -167,8 +168,8 @@ def test_a_decode_steps_dense_per_row_calls_skip_its_dead_rows(oracles, monkeypa
 
     monkeypatch.setattr(qmv, "qmatvec", spy)
     d = oracles / "models" / "qwen2"
-    m = worker.load(d / "model-q8_0.gguf", device="cpu", backend="interpret", slots=256, max_batch=2)
-    assert m.cfg.decode_kernels == "per-row" and m.runner.min_rows == 2
+    m = worker.load(d / "model-q8_0.gguf", device="cpu", backend="interpret", slots=256, max_batch=2, int8_x=int8_x)
+    assert m.cfg.decode_kernels == ("per-row-int8" if int8_x else "per-row") and m.runner.min_rows == 2
     ids = manifest(d)["input"]["ids"][:8]
     decoded = teacher_forced_decode(m, ids)
     assert seen and all(shape == (2,) for shape in seen), seen

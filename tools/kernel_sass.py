@@ -6,8 +6,9 @@
 Why: CI has no GPU and a session has 30 minutes of device time, so a kernel variant's instructions are counted
 here first (its main loop's body, per weight value, registers, spills) and only the variants worth it are timed on
 the card (bench/kernels.py, bench/kernel_profile.py). An --expr is `qmatvec FORMAT NxK [rows=R] [key=value ...]`:
-the keys other than rows are qmatvec's (tensor_cores, row_tile and plan's tiles: block_n, factored, ...). A
-`moe_matvec FORMAT ExNxK [rows=R] [k=S]` counts the gathered kernel: R tokens of S selections each.
+the keys other than rows and live (True: a decode step's live rows given) are qmatvec's (tensor_cores, row_tile
+and plan's tiles: block_n, factored, ...). A `moe_matvec FORMAT ExNxK [rows=R] [k=S]` counts the gathered kernel:
+R tokens of S selections each.
 
 How: jax lowers the call for "cuda" (no device needed); Pallas' custom call __gpu$xla.gpu.triton carries each
 kernel's TTIR with its num_warps, num_stages and grid. The pip triton of TRITON_VENV (default /tmp/kernel-sass/venv)
@@ -225,6 +226,7 @@ def qmatvec_call(expr: str) -> tuple[list[Kernel], Any, int]:
             kwargs[key] = value
     rows = kwargs.pop("rows", 1)
     selections = kwargs.pop("k", 4)  # moe_matvec: the experts each token selects
+    live = kwargs.pop("live", False)  # qmatvec: a decode step's live rows given (the dead-row skip's code)
     # The planes' shapes and dtypes from an all-zero tensor: lowering needs no values.
     block, size = GGML_QUANT_SIZES[qtype]
     raw = np.zeros((*shape[:-1], shape[-1] // block * size), np.uint8)
@@ -245,7 +247,8 @@ def qmatvec_call(expr: str) -> tuple[list[Kernel], Any, int]:
             ids = jax.ShapeDtypeStruct((rows, selections), jnp.int32)
             kernels = captured_kernels(lambda x, w, ids: qmv.moe_matvec(x, w, ids, **kwargs), x, w, ids)
         else:
-            kernels = captured_kernels(lambda x, w: qmv.qmatvec(x, w, **kwargs), x, w)
+            alive = jax.ShapeDtypeStruct((rows,), jnp.bool_) if live else None
+            kernels = captured_kernels(lambda x, w, alive: qmv.qmatvec(x, w, live=alive, **kwargs), x, w, alive)
     finally:
         qmv.plan = plan
     return kernels, plans[-1], qmv.FORMATS[qtype].sb

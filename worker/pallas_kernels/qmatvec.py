@@ -425,16 +425,31 @@ def when_live(live_ref, x_rows: Sequence, compute: Callable[[], None], store_zer
     """compute() where any of the program's `x_rows` is live (live_ref: int32 a row, nonzero for live; None: all
     are), else store_zeros(). Why: a one-stream decode step runs a bucket of 2 rows (runner.MIN_ROWS), and the
     per-row kernels are bound by their instructions, so the padding row cost ~65% more on phi3-mini's gate_up
-    (ncu on an H200, int8 x: 28.0 us against 16.9 for one row); its program now reads nothing. ops.qmatmul asks it
-    of the float kernel only: with the int8-x kernel the decode measured slower (docs/kernels.md)."""
+    (ncu on an H200, int8 x: 28.0 us against 16.9 for one row); its program now reads nothing. The float kernel's
+    form; the int8-x kernel's is `live_steps` (docs/kernels.md)."""
     if live_ref is None:
         compute()
         return
+    alive = _any_live(live_ref, x_rows)
+    pl.when(alive)(compute)
+    pl.when(jnp.logical_not(alive))(store_zeros)
+
+
+def live_steps(live_ref, x_rows: Sequence, steps: int) -> int | jax.Array:
+    """A program's K-loop trip count: `steps` where any of its `x_rows` is live (live_ref as `when_live`'s; None:
+    all are), else 0, so a dead program stores the loop's zeros without reading the weights. The same skip as
+    `when_live` with one straight path: on an H200 the int8-x kernel inside `pl.when` made one stream's decode
+    slower (phi3-mini 325.9 -> 315.5 tok/s, 2026-12-04), maybe by a branch around the loop that Triton pipelines."""
+    if live_ref is None:
+        return steps
+    return jnp.where(_any_live(live_ref, x_rows), jnp.int32(steps), jnp.int32(0))
+
+
+def _any_live(live_ref, x_rows: Sequence) -> jax.Array:
     alive = live_ref[static_index(x_rows[0])] != 0
     for m in x_rows[1:]:
         alive = alive | (live_ref[static_index(m)] != 0)
-    pl.when(alive)(compute)
-    pl.when(jnp.logical_not(alive))(store_zeros)
+    return alive
 
 
 def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks: int, p: Plan, t_size: int,

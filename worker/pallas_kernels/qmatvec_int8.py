@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType as QT
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.qmatvec import _f32, _lift, e8m0_half, tile_loader, when_live
+from worker.pallas_kernels.qmatvec import _f32, _lift, e8m0_half, live_steps, tile_loader
 from worker.pallas_kernels.tiling import ALL, TritonParams, static_index
 from worker.quant import QuantArray
 
@@ -394,9 +394,8 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
         for r, a in enumerate(acc):
             o_ref[split, first + r, pl.ds(row0, bn)] = a
 
-    zeros = [jnp.zeros((bn,), jnp.float32)] * rows
-    when_live(live_ref, [first + r for r in range(rows)],
-              lambda: store(jax.lax.fori_loop(0, p.steps, step, tuple(zeros))), lambda: store(zeros))  # fmt: skip
+    steps = live_steps(live_ref, [first + r for r in range(rows)], p.steps)  # 0 for a program of dead rows
+    store(jax.lax.fori_loop(0, steps, step, (jnp.zeros((bn,), jnp.float32),) * rows))
 
 
 def _format(qtype: QT) -> IntFormat:
@@ -428,7 +427,7 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
          rows_per_program: int, live: jax.Array | None = None) -> jax.Array:  # fmt: skip
     """x [T, K] -> the split-K partial sums [splits, T', N'] of qmatvec's per-row kernel on an int8 x (T' padded to
     whole groups of `rows_per_program`, N' to whole column tiles); qmatvec folds them. `ids` [T]: each row's expert
-    of `w` [experts, N, K] (gathered; one row a program). `live` int32 [T'] (dense): qmatvec.when_live's."""
+    of `w` [experts, N, K] (gathered; one row a program). `live` int32 [T'] (dense): qmatvec.live_steps'."""
     fmt = _format(w.qtype)
     t, k = x.shape
     out_rows = pl.cdiv(t, rows_per_program) * rows_per_program
