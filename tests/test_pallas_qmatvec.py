@@ -153,11 +153,12 @@ def test_live_rows_have_their_bits_and_dead_groups_are_zeros(t, live, int8_x):
         qmv.qmatvec(x, w, interpret=True, live=jnp.asarray(live))  # the tensor-core kernel has no live rows
 
 
-@pytest.mark.parametrize("int8_x", [False, True], ids=["float", "int8"])
-def test_a_decode_steps_dense_per_row_calls_skip_its_dead_rows(oracles, monkeypatch, int8_x):
-    """A one-stream decode step (a bucket of 2 rows, runner.MIN_ROWS) on the per-row kernels, float or int8 x: each
-    dense call gets the step's live rows (ops.live_rows), so the padding row's programs compute nothing, and the
-    greedy ids still follow the float64 HF oracle where its margin is clear."""
+@pytest.mark.parametrize(("int8_x", "int8_live"), [(False, False), (True, False), (True, True)],
+                         ids=["float", "int8", "int8-live"])  # fmt: skip
+def test_a_decode_steps_dense_per_row_calls_skip_its_dead_rows(oracles, monkeypatch, int8_x, int8_live):
+    """A one-stream decode step (a bucket of 2 rows, runner.MIN_ROWS) on the per-row kernels: each dense float call
+    gets the step's live rows (ops.live_rows), so the padding row's programs compute nothing; int8-x calls get them
+    with WORKER_INT8_LIVE=1 only. The greedy ids still follow the float64 HF oracle where its margin is clear."""
     seen = []
     dense = qmv.qmatvec
 
@@ -167,12 +168,14 @@ def test_a_decode_steps_dense_per_row_calls_skip_its_dead_rows(oracles, monkeypa
         return dense(x, w, **kwargs)
 
     monkeypatch.setattr(qmv, "qmatvec", spy)
+    monkeypatch.setattr(ops, "_int8_live", int8_live)  # WORKER_INT8_LIVE (off by default: untimed)
     d = oracles / "models" / "qwen2"
     m = worker.load(d / "model-q8_0.gguf", device="cpu", backend="interpret", slots=256, max_batch=2, int8_x=int8_x)
     assert m.cfg.decode_kernels == ("per-row-int8" if int8_x else "per-row") and m.runner.min_rows == 2
     ids = manifest(d)["input"]["ids"][:8]
     decoded = teacher_forced_decode(m, ids)
-    assert seen and all(shape == (2,) for shape in seen), seen
+    skipped = (2,) if not int8_x or int8_live else None
+    assert seen and all(shape == skipped for shape in seen), seen
     ref = np.load(d / "logits-hf-f64-q8_0-dequant.npy")[: len(ids)]
     top2 = np.sort(ref, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 1e-3

@@ -42,7 +42,9 @@ CPU_TILE_BYTES = 8 << 20
 BACKENDS = ("cpu", "gpu", "interpret")
 # The attention kernels on the non-CPU backends; WORKER_ATTENTION_KERNEL=0 keeps attention on jax.numpy.
 _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
-_int8_live = os.environ.get("WORKER_INT8_LIVE", "1") != "0"  # temporary: an A/B of the int8-x dead-row skip
+# WORKER_INT8_LIVE=1: the int8-x kernel skips a decode step's dead rows too (qmatvec.live_steps), untimed: an A/B
+# for the card (bench/README.md's plan); off by default, as the measured faster.
+_int8_live = os.environ.get("WORKER_INT8_LIVE", "0") == "1"
 # Which kernels the decode-sized products use on the kernel backends (ModelConfig.decode_kernels, set while a
 # model's step is traced: `decode_kernels`):
 #   "tensor-cores"  the tensor-core kernels for every call: qmatvec's ROW_TILE-row dot, the grouped MoE matmul. One
@@ -289,10 +291,10 @@ def qmatmul(
             y = qmatvec.qmatvec(x, plain, interpret=interpret, **qmatvec.PREFILL_TILES)
         else:
             int8_x = not exact and _int8_x(w)
-            # The dead rows skipped on the per-row kernels. Measured on an H200 (2026-12-04, one stream,
+            # The dead rows skipped on the float per-row kernel. Measured on an H200 (2026-12-04, one stream,
             # bench.worker_bench): float phi3-mini 252.7 -> 277.0 tok/s, qwen2.5-0.5b 821.0 -> 814.2; int8 x
-            # 325.9 -> 315.5 and 905.9 -> 840.3 with the float kernel's `pl.when`, hence its trip count of 0
-            # (qmatvec.live_steps). WORKER_INT8_LIVE=0: int8-x calls keep their two-row programs (A/B on the card).
+            # 325.9 -> 315.5 and 905.9 -> 840.3 with the float kernel's `pl.when`, so int8-x calls keep their
+            # two-row programs unless WORKER_INT8_LIVE=1 (its kernel's trip count of 0, qmatvec.live_steps: untimed).
             live = _live_rows.get()
             skip = not tensor_cores and (not int8_x or _int8_live)
             live = live if live is not None and live.size == rows and skip else None
