@@ -230,6 +230,13 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         kind = {} if k_sel else dict(tensor_cores=False)
         t_int8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind, int8_x=True)
         line += f"  per-row int8 x {t_int8 * 1e6:9.1f} us"
+    if not k_sel and rows == 2:  # one stream's bucket: its second row dead, skipped (qmatvec.live_steps, when_live)
+        one_live = dict(tensor_cores=False, live=jnp.array([True, False]))
+        t_live = per_call(ops[0], weights, x, ids, args.repeat, **interp, **one_live)
+        line += f"  one live row: per-row {t_live * 1e6:9.1f} us"
+        if qtype in qmatvec_int8.INT8_TYPES:
+            t_live8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, **one_live, int8_x=True)
+            line += f", int8 x {t_live8 * 1e6:9.1f} us"
     print(line, flush=True)
     # the dense call's per-row kernel where asked (`t_rows` its default's time); the MoE call has only that one
     kinds = {"tensor-cores": [False], "per-row": [True], "both": [False, True]}[args.sweep_kernel] if args.sweep else []

@@ -389,6 +389,22 @@ def test_kernel_bench_times_at_least_min_matvecs_a_call_and_a_twin_once(monkeypa
     assert len(calls) == 3
 
 
+def test_kernel_bench_at_two_rows_times_one_live_row_on_both_per_row_kernels(monkeypatch, capsys):
+    # one stream's bucket (2 rows, runner.MIN_ROWS) with its padding row dead: the skip's own column, float and
+    # int8 x (interpret mode: a check that each call runs, not a time)
+    from bench import kernels
+
+    seen = []
+    real = kernels.per_call
+    monkeypatch.setattr(kernels, "per_call", lambda *a, **k: (seen.append(k), real(*a, **k))[1])
+    monkeypatch.setattr("sys.argv", ["bench.kernels", "--smoke", "--rows", "2", "--prefill", "0"])
+    kernels.main()
+    assert "one live row: per-row" in capsys.readouterr().out
+    live = [k for k in seen if k.get("live") is not None]
+    assert [bool(k.get("int8_x")) for k in live] == [False, True]
+    assert all(k["live"].tolist() == [True, False] and k["tensor_cores"] is False for k in live)
+
+
 def test_kernel_profile_names_one_case_and_reads_the_programs_top_level():
     from bench import kernel_profile
 
