@@ -230,6 +230,9 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         kind = {} if k_sel else dict(tensor_cores=False)
         t_int8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind, int8_x=True)
         line += f"  per-row int8 x {t_int8 * 1e6:9.1f} us"
+        if not k_sel:  # the int8-x dot (IMMA), a row's bits the per-row kernel's: what takes more than 8 rows
+            t_dot8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, int8_x=True)
+            line += f"  int8 x dot {t_dot8 * 1e6:9.1f} us"
     if not k_sel and rows == 2:  # one stream's bucket: its second row dead, skipped (qmatvec.live_steps, when_live)
         one_live = dict(tensor_cores=False, live=jnp.array([True, False]))
         t_live = per_call(ops[0], weights, x, ids, args.repeat, **interp, **one_live)

@@ -119,6 +119,24 @@ def test_int8_x_matvec_at_tile_edges_equals_float64_on_the_rounded_x(qtype):
     step_bound = np.repeat(d / 2, 32, axis=-1) @ np.abs(w64).T + TOL * (np.abs(x) @ np.abs(w64).T)
     assert (np.abs(np.asarray(y, np.float64) - exact) <= step_bound).all(), "outside the rounding's bound"
     assert np.array_equal(np.asarray(call(x[1:2], w))[0], np.asarray(y)[1]), "row 1 alone: other bits"
+    dot = jax.jit(lambda x, w: qmv.qmatvec(x, w, interpret=True, tensor_cores=True, int8_x=True, **tiles))
+    assert np.array_equal(np.asarray(dot(x, w)), np.asarray(y)), "the int8-x dot: other bits than the per-row kernel"
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.MXFP4], ids=lambda t: t.name)
+def test_the_int8_x_dot_gives_a_row_the_per_row_kernels_bits_in_any_row_tile(qtype):
+    """19 rows (the dot's row tiles of 16 and 64 past x's rows, masked) against the per-row kernel's groups of
+    8: the same bits in every row, as the two sum each group exactly and add the groups in one order (ops switches
+    between them by a call's rows, so a job's ids must not depend on the switch)."""
+    sb = qmv.FORMATS[qtype].sb
+    blocks, tiles = EDGE_TILES[sb]
+    w, _ = random_weight(qtype, (40, blocks * sb), seed=15)
+    x = np.random.default_rng(16).standard_normal((19, blocks * sb)).astype(np.float32)
+    call = jax.jit(lambda x, w, tc, rt: qmv.qmatvec(x, w, interpret=True, tensor_cores=tc, row_tile=rt, int8_x=True,
+                                                    **tiles), static_argnums=(2, 3))  # fmt: skip
+    per_row = np.asarray(call(x, w, False, None))
+    for tile in (16, 64):
+        assert np.array_equal(np.asarray(call(x, w, True, tile)), per_row), f"row tile {tile}: other bits"
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -145,8 +163,9 @@ def test_int8_x_is_refused_where_it_has_no_kernel():
     with pytest.raises(NotImplementedError, match="int8-x matvec kernel for F16.*Q5_K"):
         qmv.qmatvec(x, w, interpret=True, tensor_cores=False, int8_x=True)
     q4k, _ = random_weight(QT.Q4_K, (16, 256), seed=0)
-    with pytest.raises(ValueError, match="per-row kernel"):
-        qmv.qmatvec(jnp.ones((1, 256), jnp.float32), q4k, interpret=True, int8_x=True)
+    with pytest.raises(ValueError, match="dense"):  # the dot has no gathered (MoE) form
+        q8.call(jnp.ones((1, 256), jnp.float32), q4k, jnp.zeros((1,), jnp.int32), 1, 16, qmv.plan(QT.Q4_K, 16, 256),
+                True, 1, row_tile=16)  # fmt: skip
 
 
 # Oracle models with weights in int8-x formats: qwen2's Q8_0, llama's Q4_K_M (Q4_K, Q6_K), gpt-oss's MXFP4 experts.
@@ -202,18 +221,24 @@ def test_a_model_loaded_with_int8_x_decodes_on_it_and_follows_the_oracle(oracles
     assert err <= INT8_LOGIT_TOL, f"log-probabilities {err:.3g} from the full forward's"
 
 
-def test_with_int8_x_a_seeded_job_gives_the_same_ids_whoever_shares_its_batch(oracles):
-    m = worker.load(oracles / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", backend="interpret", slots=256,
-                    max_batch=8, int8_x=True)  # fmt: skip
+@pytest.mark.parametrize("max_batch", [8, 16])
+def test_with_int8_x_a_seeded_job_gives_the_same_ids_whoever_shares_its_batch(oracles, max_batch):
+    """Alone (a bucket of 2 rows: the per-row kernel) and among others; at max_batch 16, 11 jobs take a bucket of 16
+    rows, past a per-row program's 8, so their matvecs take the int8-x dot (ops.qmatmul)."""
+    m = worker.load(oracles / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", backend="interpret", slots=512,
+                    max_batch=max_batch, int8_x=True)  # fmt: skip
     prompt = list(range(3, 24))
     target = (prompt, SamplingParams(temperature=0.8, top_p=0.9), 1234, 12)
     alone = run_batch(m, [target], [0])[0]
-    others = [(list(range(5, 5 + 3 * i)), OTHERS[i % len(OTHERS)], 77 + i, 4 + 2 * i) for i in range(1, 6)]
-    assert run_batch(m, [target, *others], [2, 0, 1, 0, 3, 1])[0] == alone
+    n = 5 if max_batch == 8 else 10
+    others = [(list(range(5, 5 + 3 * i)), OTHERS[i % len(OTHERS)], 77 + i, 4 + 2 * i) for i in range(1, n + 1)]
+    arrivals = [2, 0, 1, 0, 3, 1] if max_batch == 8 else [0] * (n + 1)
+    assert run_batch(m, [target, *others], arrivals)[0] == alone
 
 
 def test_int8_x_decodes_up_to_the_per_row_kernels_rows_by_default(oracles):
-    """Beyond qmatvec.MAX_ROWS rows the tensor cores are faster, so int8_x's default max_batch is that."""
+    """int8_x's default max_batch is qmatvec.MAX_ROWS (the per-row kernel's rows, timed on the card; beyond them its
+    calls take the int8-x dot, untimed)."""
     path = oracles / "models" / "qwen2" / "model-q8_0.gguf"
     assert worker.load(path, device="cpu", backend="interpret", slots=64, int8_x=True).runner.max_batch == qmv.MAX_ROWS
     assert (
@@ -262,6 +287,19 @@ def test_int8_x_compiled_on_real_shapes(qtype, shape):
     ref = jax.jit(qmv.qmatvec_twin)(xr, w)
     assert_close(y, np.asarray(ref, np.float64), _bound(xr, w) + 1e-30, f"{qtype.name} {shape} int8_x")
     assert np.array_equal(np.asarray(call(x[1:2], w))[0], np.asarray(y)[1]), "row 1 alone: other bits"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [9, 64])
+@pytest.mark.parametrize(("qtype", "shape"), GPU_DENSE[:6], ids=lambda v: v.name if isinstance(v, QT) else
+                         "x".join(map(str, v)))  # fmt: skip
+def test_the_int8_x_dot_compiled_gives_the_per_row_kernels_bits(qtype, shape, rows):
+    """On the card (IMMA, PTX fma.rn in both): every row the per-row kernel's bits, at 9 and 64 rows."""
+    _gpu()
+    w = _on_device(qtype, shape, seed=8)
+    x = jax.random.normal(jax.random.key(rows), (rows, shape[1]), jnp.float32)
+    call = jax.jit(lambda x, w, tc: qmv.qmatvec(x, w, tensor_cores=tc, int8_x=True), static_argnums=2)
+    assert np.array_equal(np.asarray(call(x, w, True)), np.asarray(call(x, w, False))), "the dot: other bits"
 
 
 @pytest.mark.gpu

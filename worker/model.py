@@ -399,7 +399,7 @@ def load_model(
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"kv_memory must lie in (0, 1], got {kv_memory}")
     if prefill_tokens is not None and prefill_tokens < 1:
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"prefill_tokens must be at least 1, got {prefill_tokens}")
-    if max_batch is None and int8_x:  # the per-row kernels' range: beyond it the tensor cores are faster
+    if max_batch is None and int8_x:  # the per-row kernel's rows (timed); beyond them the int8-x dot (untimed)
         max_batch = qmatvec.MAX_ROWS
     max_batch = max_batch or DEFAULT_MAX_BATCH["cpu" if kind == "cpu" else "gpu"]
     if max_batch < 1:

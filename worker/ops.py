@@ -291,6 +291,9 @@ def qmatmul(
             y = qmatvec.qmatvec(x, plain, interpret=interpret, **qmatvec.PREFILL_TILES)
         else:
             int8_x = not exact and _int8_x(w)
+            # More rows than a per-row program takes: the int8-x dot, whose rows have the per-row kernel's bits
+            # (exact integer sums, one float order: qmatvec_int8._mma_kernel), so the switch keeps batch invariance.
+            tensor_cores = tensor_cores or (int8_x and rows > qmatvec.MAX_ROWS)
             # The dead rows skipped on the float per-row kernel. Measured on an H200 (2026-12-04, one stream,
             # bench.worker_bench): float phi3-mini 252.7 -> 277.0 tok/s, qwen2.5-0.5b 821.0 -> 814.2; int8 x
             # 325.9 -> 315.5 and 905.9 -> 840.3 with the float kernel's `pl.when`, so int8-x calls keep their

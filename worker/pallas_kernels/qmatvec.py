@@ -548,11 +548,10 @@ def _call(
     out_rows = t if tensor_cores else pl.cdiv(t, group) * group  # the per-row kernels' rows: whole groups
     live_arg = [] if live is None else [jnp.pad(live.reshape(t).astype(jnp.int32), (0, out_rows - t))]
     if p.int8_x:
-        if tensor_cores:
-            raise ValueError("int8_x is an option of the per-row kernels (tensor_cores=False)")
         from worker.pallas_kernels import qmatvec_int8  # it builds on this module's tiles
 
-        return fold_splits(qmatvec_int8.call(x, w, ids, experts, n, p, interpret, group, *live_arg))[:t, :n]
+        tile = {"row_tile": row_tile} if tensor_cores else {}
+        return fold_splits(qmatvec_int8.call(x, w, ids, experts, n, p, interpret, group, *live_arg, **tile))[:t, :n]
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
     # `fused`: Plan.fma's inline assembly, which only a compiled kernel runs (interpret mode rounds twice)
@@ -649,9 +648,12 @@ def qmatvec(
     # more of it. Timed on an H200 (docs/PERFORMANCE.md; bench/kernels.py --sweep): block_n 64, 8 warps, two stages or
     # two super-blocks a step each win on some formats and lose on others, by at most ~20%; these defaults are
     # within that of the best everywhere. The arithmetic, and so each row's bits, do not depend on these.
-    dense = {"block_n": max(MIN_DOT, min(32, pl.next_power_of_2(n))), "num_stages": 1} if tensor_cores else {}
-    p = plan(w.qtype, n, k, 1, **(dense | tiles))
-    row_tile = row_tile or ROW_TILE
+    # int8 x: the per-row kernel's plan for either kernel (the same K splits, so the same bits a row).
+    int8_x = bool(tiles.get("int8_x"))
+    dense = {"block_n": max(MIN_DOT, min(32, pl.next_power_of_2(n))), "num_stages": 1}
+    p = plan(w.qtype, n, k, 1, **((dense if tensor_cores and not int8_x else {}) | tiles))
+    # The int8-x dot sums rows exactly, so its tile can follow the rows (the float dot's cannot: docs/kernels.md)
+    row_tile = row_tile or (min(ROW_TILE, max(MIN_DOT, pl.next_power_of_2(rows))) if int8_x else ROW_TILE)
     if row_tile < MIN_DOT or row_tile & (row_tile - 1):
         raise ValueError(f"row_tile must be a power of two >= {MIN_DOT}, got {row_tile}")
     return _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16, live).reshape(*lead, n)

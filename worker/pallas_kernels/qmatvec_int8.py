@@ -28,7 +28,8 @@ from gguf import GGMLQuantizationType as QT
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.qmatvec import _f32, _lift, e8m0_half, live_steps, tile_loader
+from worker.pallas_kernels import qmatvec
+from worker.pallas_kernels.qmatvec import MIN_DOT, _f32, _lift, e8m0_half, live_steps, tile_loader
 from worker.pallas_kernels.tiling import ALL, TritonParams, static_index
 from worker.quant import QuantArray
 
@@ -39,11 +40,10 @@ LOW_NIBBLES = 0x0F0F0F0F
 
 @dataclasses.dataclass(frozen=True)
 class IntPart:
-    """One part of a loop step's weight tile: `codes` int32 [BN, C, *g, W] (four 8-bit codes a word, W words a
-    group g of values sharing one weight scale), multiplied with x's words at `x_index`. The group's integer sum
-    s = sum(codes * x) - sum(minus * x) + int_offset * sum(x) (the terms that are there) enters the result as
-    dx * (scale * s + offset * sum(x)), dx being x's block scale at `dx_index`; the sums of x are at `sum_index`.
-    scale and offset [BN, C, *g, 1] float32."""
+    """One group of a super-block's values that share one weight scale: `codes` int32 [BN, 1, W] (four 8-bit codes a
+    word), multiplied with x's words at `x_index`. The group's integer sum s = sum(codes * x) - sum(minus * x) +
+    int_offset * sum(x) (the terms that are there) enters the result as dx * (scale * s + offset * sum(x)), dx
+    being x's block scale at `dx_index`; the sums of x are at `sum_index`. scale and offset [BN, 1, 1] float32."""
 
     codes: jax.Array
     signed: bool  # the codes' bytes: int8 (Q8_0) or uint8
@@ -60,7 +60,8 @@ class IntPart:
 class IntFormat:
     """A GGUF format seen as words. `planes`: name -> inner view of one super-block, the code planes (`words`)
     in 32-bit words. `x_inner`, `dx_inner`, `sum_inner`: the views of one super-block of x's words, block scales and
-    sums of `sum_block` values. `parts(load, compiled)`: the step's IntParts, `load` as qmatvec.tile_loader's.
+    sums of `sum_block` values. `parts(load, compiled, g)`: the IntParts of a super-block's g-th of `groups`
+    slices (`load` as qmatvec.tile_loader's), in the order both kernels add them.
     `x_order`: where a format's codes come out of their words in another order than the values', x's words follow
     it (None: in order)."""
 
@@ -71,22 +72,23 @@ class IntFormat:
     dx_inner: tuple[int, ...]
     sum_inner: tuple[int, ...]
     sum_block: int
-    parts: Callable[[Callable[..., jax.Array], bool], list[IntPart]]
+    parts: Callable[[Callable[..., jax.Array], bool, int], list[IntPart]]
     x_order: tuple[int, ...] | None = None  # x's values of a 32-value block in the order its words hold them
+    groups: int = 1  # slices of a super-block that `parts` takes one at a time (the K formats' scale groups)
 
 
-def _q8_0(load, compiled: bool) -> list[IntPart]:
+def _q8_0(load, compiled: bool, g: int) -> list[IntPart]:
     d = _lift(_f32(load("d")), 3)  # [BN, C, 1]
     return [IntPart(load("qs", ALL).astype(jnp.int32), True, (ALL,), (), d)]
 
 
-def _q4_0(load, compiled: bool) -> list[IntPart]:
+def _q4_0(load, compiled: bool, g: int) -> list[IntPart]:
     words = load("qs", ALL).astype(jnp.int32)  # [BN, C, 4]: the low nibbles are values 4w + b, the high 16 + 4w + b
     d = _lift(_f32(load("d")), 3)
     return [IntPart((words >> (4 * p)) & LOW_NIBBLES, False, (p, ALL), (), d, None, -8, (p,)) for p in range(2)]
 
 
-def _q4_1(load, compiled: bool) -> list[IntPart]:
+def _q4_1(load, compiled: bool, g: int) -> list[IntPart]:
     words = load("qs", ALL).astype(jnp.int32)  # [BN, C, 4], as Q4_0's; value d * code + m
     d, m = _lift(_f32(load("d")), 3), _lift(_f32(load("m")), 3)
     return [IntPart((words >> (4 * p)) & LOW_NIBBLES, False, (p, ALL), (), d, m, None, (p,)) for p in range(2)]
@@ -109,12 +111,12 @@ def _q5_codes(load) -> list[jax.Array]:
     return out
 
 
-def _q5_0(load, compiled: bool) -> list[IntPart]:
+def _q5_0(load, compiled: bool, g: int) -> list[IntPart]:
     d = _lift(_f32(load("d")), 3)
     return [IntPart(codes, False, (p, ALL), (), d, None, -16, (p,)) for p, codes in enumerate(_q5_codes(load))]
 
 
-def _q5_1(load, compiled: bool) -> list[IntPart]:
+def _q5_1(load, compiled: bool, g: int) -> list[IntPart]:
     d, m = _lift(_f32(load("d")), 3), _lift(_f32(load("m")), 3)
     return [IntPart(codes, False, (p, ALL), (), d, m, None, (p,)) for p, codes in enumerate(_q5_codes(load))]
 
@@ -127,7 +129,7 @@ E2M1_LOW, E2M1_HIGH = 0x03020100, 0x0C080604
 MXFP4_ORDER = tuple(v for h in range(2) for w in range(4) for l in [4 * w + 2 * h] for v in (l, 16 + l, l + 1, 17 + l))
 
 
-def _mxfp4(load, compiled: bool) -> list[IntPart]:
+def _mxfp4(load, compiled: bool, g: int) -> list[IntPart]:
     """Each half of a word's eight codes to four bytes by one `prmt` over the magnitudes' table: a code with its
     sign bit set selects in prmt's sign-replicating mode, which gives 0 (the table's bytes are below 0x80); the same
     selectors without sign bits give every magnitude, so their difference (an XOR) is the negative codes'."""
@@ -142,46 +144,44 @@ def _mxfp4(load, compiled: bool) -> list[IntPart]:
     return out
 
 
-def _k_parts(load, high: Callable[[int], jax.Array] | None) -> list[IntPart]:
-    """Q4_K/Q5_K: qs words [BN, C, 4 groups of 64, 8], bytes 4w.. of group j: the low nibbles are values
-    64j + 4w + b, the high ones 64j + 32 + 4w + b; `high(p)`, Q5_K's fifth bits of part p's codes."""
-    words = load("qs", ALL, ALL).astype(jnp.int32)
-    d, dmin = _lift(_f32(load("d")), 3), _lift(_f32(load("dmin")), 3)
+def _k_parts(load, g: int, high: Callable[[int], jax.Array] | None) -> list[IntPart]:
+    """Q4_K/Q5_K, group g of 64 values: qs words [BN, C, 8], bytes 4w.. hold values 64g + 4w + b in their low
+    nibbles, 64g + 32 + 4w + b in their high ones; `high(p)`, Q5_K's fifth bits of part p's codes."""
+    words = load("qs", g, ALL).astype(jnp.int32)
+    d, dmin = _f32(load("d")), _f32(load("dmin"))
     out = []
     for p in range(2):
         codes = (words >> (4 * p)) & LOW_NIBBLES
         if high is not None:
             codes = codes | high(p)
-        scale = _lift(d * _f32(load("scales", ALL, p)), 4)
-        offset = -_lift(dmin * _f32(load("mins", ALL, p)), 4)
-        out.append(IntPart(codes, False, (ALL, p, ALL), (ALL, p), scale, offset, None, (ALL, p)))
+        scale = _lift(d * _f32(load("scales", g, p)), 3)
+        offset = -_lift(dmin * _f32(load("mins", g, p)), 3)
+        out.append(IntPart(codes, False, (g, p, ALL), (g, p), scale, offset, None, (g, p)))
     return out
 
 
-def _q4_k(load, compiled: bool) -> list[IntPart]:
-    return _k_parts(load, None)
+def _q4_k(load, compiled: bool, g: int) -> list[IntPart]:
+    return _k_parts(load, g, None)
 
 
-def _q5_k(load, compiled: bool) -> list[IntPart]:
-    # qh byte l's bit 2j + p: bit 4 of value 64j + 32p + l; as words [BN, C, 1, 8] against the groups' axis
-    qh = jax.lax.expand_dims(load("qh", ALL).astype(jnp.int32), (2,))
-    group = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 4, 1), 2)
-    return _k_parts(load, lambda p: ((qh >> (2 * group + p)) & 0x01010101) << 4)
+def _q5_k(load, compiled: bool, g: int) -> list[IntPart]:
+    qh = load("qh", ALL).astype(jnp.int32)  # byte l's bit 2g + p: bit 4 of value 64g + 32p + l
+    return _k_parts(load, g, lambda p: ((qh >> (2 * g + p)) & 0x01010101) << 4)
 
 
-def _q6_k(load, compiled: bool) -> list[IntPart]:
-    # Value 128h + 64p + 32k + 16l + 4w + b: qs word (h, k, l, w) nibble p, qh word (h, l, w) bits 2(2p + k) of each
-    # byte, scale (h, p, k, l); code - 32. Eight parts of [BN, C, 2 (h), 4 (w)].
-    d = _lift(_f32(load("d")), 3)
+def _q6_k(load, compiled: bool, g: int) -> list[IntPart]:
+    # Value 128h + 64p + 32k + 16l + 4w + b (h = g): qs word (h, k, l, w) nibble p, qh word (h, l, w) bits
+    # 2(2p + k) of each byte, scale (h, p, k, l); code - 32. Eight parts of 16 values, [BN, C, 4 (w)].
+    d = _f32(load("d"))
     out = []
     for l in range(2):
-        qh = load("qh", ALL, l, ALL).astype(jnp.int32)
+        qh = load("qh", g, l, ALL).astype(jnp.int32)
         for k in range(2):
-            ql = load("qs", ALL, k, l, ALL).astype(jnp.int32)
+            ql = load("qs", g, k, l, ALL).astype(jnp.int32)
             for p in range(2):
                 codes = ((ql >> (4 * p)) & LOW_NIBBLES) | (((qh >> (2 * (2 * p + k))) & 0x03030303) << 4)
-                scale = _lift(d * _f32(load("scales", ALL, p, k, l)), 4)
-                out.append(IntPart(codes, False, (ALL, p, k, l, ALL), (ALL, p, k), scale, None, -32, (ALL, p, k, l)))
+                scale = _lift(d * _f32(load("scales", g, p, k, l)), 3)
+                out.append(IntPart(codes, False, (g, p, k, l, ALL), (g, p, k), scale, None, -32, (g, p, k, l)))
     return out
 
 
@@ -201,6 +201,7 @@ INT8_FORMATS: dict[QT, IntFormat] = {
         (4, 2),
         32,
         _q4_k,
+        groups=4,
     ),
     QT.Q5_K: IntFormat(
         256,
@@ -211,6 +212,7 @@ INT8_FORMATS: dict[QT, IntFormat] = {
         (4, 2),
         32,
         _q5_k,
+        groups=4,
     ),
     QT.Q6_K: IntFormat(
         256,
@@ -221,6 +223,7 @@ INT8_FORMATS: dict[QT, IntFormat] = {
         (2, 2, 2, 2),
         16,
         _q6_k,
+        groups=2,
     ),
 }
 INT8_TYPES = frozenset(INT8_FORMATS)
@@ -335,11 +338,60 @@ def prmt(a: int | jax.Array, b: int | jax.Array, c: jax.Array, compiled: bool) -
     return out
 
 
+def _once(load: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """`load` that loads each tile once (a super-block's scales and high bits serve all its groups)."""
+    tiles: dict[tuple, jax.Array] = {}
+
+    def cached(name: str, *index) -> jax.Array:
+        key = (name, *(i if isinstance(i, int) else repr(i) for i in index))
+        if key not in tiles:
+            tiles[key] = load(name, *index)
+        return tiles[key]
+
+    return cached
+
+
+def _flat(v: jax.Array) -> jax.Array:
+    """[B, 1, L] -> [B, L], or [B] where L = 1: a group's tile without its unit axes."""
+    return v.reshape(v.shape[0], -1) if v.shape[-1] > 1 else v.reshape(v.shape[0])
+
+
+def _group(part: IntPart, sums: jax.Array, x_sums: jax.Array | None, compiled: bool) -> jax.Array:
+    """A group's scaled sum from its exact integer sum of codes * x: scale * sum + offset * sum(x), one rounding
+    for the multiply-add. The result then gains dx * group, another (`_fma`): both kernels' one float arithmetic."""
+    if part.int_offset is not None:
+        sums = sums + part.int_offset * x_sums
+    if part.offset is None:
+        return _mul(part.scale, _f32(sums), compiled)
+    return _fma(part.scale, _f32(sums), _mul(part.offset, _f32(x_sums), compiled), compiled)
+
+
+def _fma(a: jax.Array, b: jax.Array, c: jax.Array, compiled: bool) -> jax.Array:
+    """a * b + c in float32 with one rounding: PTX fma.rn.f32 on the card; in interpret mode in float64 (the product
+    exact there), rounded to float64 and then float32 (that double rounding differs from one only on rare ties).
+    Why by hand: the two kernels must round the same way, and XLA:CPU fuses a multiply with an add where its
+    fusions happen to put them together, which differs between them (1 ulp here and there)."""
+    if compiled:
+        return qmatvec._fma(a, b, c, True)
+    with jax.enable_x64(True):
+        return (a.astype(jnp.float64) * b.astype(jnp.float64) + c.astype(jnp.float64)).astype(jnp.float32)
+
+
+def _mul(a: jax.Array, b: jax.Array, compiled: bool) -> jax.Array:
+    """a * b in float32, never fused with an add that follows (see `_fma`): exact in float64, then rounded once."""
+    if compiled:
+        return a * b
+    with jax.enable_x64(True):
+        return (a.astype(jnp.float64) * b.astype(jnp.float64)).astype(jnp.float32)
+
+
 def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, rows: int, p, gathered: bool,
             compiled: bool, has_live: bool):  # fmt: skip
     """qmatvec's per-row kernel (its grid, masks, splits and live rows) with integer products. Dense: program
     (r, i, j) computes output columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows).
-    Gathered: program (t, i, j), for x row t only, with expert ids[t]."""
+    Gathered: program (t, i, j), for x row t only, with expert ids[t]. Each part's term is added on its own, in
+    the order of the format's groups and parts, super-blocks in K order: `_mma_kernel`'s order, so the two give a
+    row the same bits."""
     live_ref, *refs = refs if has_live else (None, *refs)
     if gathered:
         ids_ref, x_ref, dx_ref, sums_ref, *plane_refs, o_ref = refs
@@ -352,43 +404,37 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
     rows_ok = (row0 + jnp.arange(bn)) < n if n % bn else None
     mask_k = p.splits * p.steps * c > blocks
 
-    def x_tile(ref, m, b0, index, blocks_ok):
-        ref = ref.at[static_index(m), pl.ds(b0, c), *map(static_index, index)]
-        if blocks_ok is None:
+    def x_tile(ref, m, b, index, block_ok):
+        ref = ref.at[static_index(m), pl.ds(b, 1), *map(static_index, index)]
+        if block_ok is None:
             v = plgpu.load(ref)
         else:
-            v = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(blocks_ok, ref.shape, (0,)), other=0)
-        return jax.lax.expand_dims(v, (0,))  # [1, C, ...] against the weight's [BN, C, ...]
+            v = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(block_ok, ref.shape, (0,)), other=0)
+        return jax.lax.expand_dims(v, (0,))  # [1, 1, ...] against the weight's [BN, 1, ...]
 
     def step(s, acc):
-        b0 = (split * p.steps + s) * c
-        blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
-        parts = fmt.parts(tile_loader(planes, fmt, expert, row0, b0, bn, c, rows_ok, blocks_ok), compiled)
-        out = []
-        for r, a in enumerate(acc):
-            m = first + r
-            total = None
-            for part in parts:
-                xw = jnp.broadcast_to(x_tile(x_ref, m, b0, part.x_index, blocks_ok), part.codes.shape)
-                products = dp4a(part.codes, xw, part.signed, compiled)
-                if part.minus is not None:
-                    products = products - dp4a(part.minus, xw, part.signed, compiled)
-                sums = jnp.sum(products, axis=-1, keepdims=True)
-                ndim = sums.ndim
-                dx = _lift(x_tile(dx_ref, m, b0, part.dx_index, blocks_ok), ndim)
-                if part.sum_index is not None:
-                    x_sums = _lift(x_tile(sums_ref, m, b0, part.sum_index, blocks_ok), ndim)
-                if part.int_offset is not None:
-                    sums = sums + part.int_offset * x_sums
-                group = part.scale * _f32(sums)
-                if part.offset is not None:
-                    group = group + part.offset * _f32(x_sums)
-                term = dx * group
-                total = term if total is None else total + term
-            while total.ndim > 1:  # Triton reduces one axis at a time
-                total = jnp.sum(total, axis=-1)
-            out.append(a + total)
-        return tuple(out)
+        acc = list(acc)
+        for i in range(c):  # one super-block at a time, its groups in order
+            b = (split * p.steps + s) * c + i
+            block_ok = (b + jnp.arange(1)) < blocks if mask_k else None
+            load = _once(tile_loader(planes, fmt, expert, row0, b, bn, 1, rows_ok, block_ok))
+            for g in range(fmt.groups):
+                parts = fmt.parts(load, compiled, g)
+                for r in range(rows):
+                    m = first + r
+                    for part in parts:
+                        xw = jnp.broadcast_to(x_tile(x_ref, m, b, part.x_index, block_ok), part.codes.shape)
+                        products = dp4a(part.codes, xw, part.signed, compiled)
+                        if part.minus is not None:
+                            products = products - dp4a(part.minus, xw, part.signed, compiled)
+                        sums = jnp.sum(products, axis=-1, keepdims=True)  # [BN, 1, 1]
+                        dx = _lift(x_tile(dx_ref, m, b, part.dx_index, block_ok), 3)
+                        x_sums = None
+                        if part.sum_index is not None:
+                            x_sums = _lift(x_tile(sums_ref, m, b, part.sum_index, block_ok), 3)
+                        group = _group(part, sums, x_sums, compiled)
+                        acc[r] = _fma(_flat(dx), _flat(group), acc[r], compiled)
+        return tuple(acc)
 
     def store(acc) -> None:
         for r, a in enumerate(acc):
@@ -396,6 +442,56 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
 
     steps = live_steps(live_ref, [first + r for r in range(rows)], p.steps)  # 0 for a program of dead rows
     store(jax.lax.fori_loop(0, steps, step, (jnp.zeros((bn,), jnp.float32),) * rows))
+
+
+def _bytes(words: jax.Array) -> jax.Array:
+    """int32 words [B, W] -> their bytes [B, 4W] (int32, each in -128..127 as int8 reads it; byte k of word w at
+    4w + k). Why stacks: Triton joins two tensors along a new last axis and nothing wider."""
+    b = [(words << (24 - 8 * k)) >> 24 for k in range(4)]  # sign-extended bytes
+    pairs = jnp.stack([jnp.stack([b[0], b[2]], axis=-1), jnp.stack([b[1], b[3]], axis=-1)], axis=-1)
+    return pairs.reshape(words.shape[0], 4 * words.shape[1])  # [B, W, 2 (i), 2 (j)]: byte 2i + j
+
+
+def _mma_kernel(x_ref, dx_ref, sums_ref, *refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, bm: int,
+                p, compiled: bool):  # fmt: skip
+    """The int8-x matvec for many rows: program (r, i, j) computes x rows [r*BM, (r+1)*BM) against output columns
+    [i*BN, (i+1)*BN) over split j of K, each group's integer sums as one int8 tensor-core dot [BM, group] x [group,
+    BN] (exact int32), then the group's term as `_kernel` forms it, added in `_kernel`'s order: a row's bits are the
+    per-row kernel's, whatever BM and the rows around it."""
+    *plane_refs, o_ref = refs
+    planes = dict(zip(names, plane_refs, strict=True))
+    bn, c = p.block_n, p.chunk
+    r0, row0, split = pl.program_id(0) * bm, pl.program_id(1) * bn, pl.program_id(2)
+    rows_ok = (row0 + jnp.arange(bn)) < n if n % bn else None
+    mask_k = p.splits * p.steps * c > blocks
+
+    def x_tile(ref, b, index, block_ok):
+        ref = ref.at[pl.ds(r0, bm), pl.ds(b, 1), *map(static_index, index)]
+        if block_ok is None:
+            return plgpu.load(ref)
+        return plgpu.load(ref, mask=jax.lax.broadcast_in_dim(block_ok, ref.shape, (1,)), other=0)
+
+    def step(s, acc):
+        for i in range(c):
+            b = (split * p.steps + s) * c + i
+            block_ok = (b + jnp.arange(1)) < blocks if mask_k else None
+            load = _once(tile_loader(planes, fmt, static_index(0), row0, b, bn, 1, rows_ok, block_ok))
+            for g in range(fmt.groups):
+                for part in fmt.parts(load, compiled, g):
+                    codes = _bytes(_flat(part.codes))
+                    if part.minus is not None:
+                        codes = codes - _bytes(_flat(part.minus))
+                    xb = _bytes(_flat(x_tile(x_ref, b, part.x_index, block_ok)))
+                    sums = jnp.dot(xb.astype(jnp.int8), codes.astype(jnp.int8).T, preferred_element_type=jnp.int32)
+                    x_sums = None if part.sum_index is None else x_tile(sums_ref, b, part.sum_index, block_ok)
+                    column = {name: _flat(getattr(part, name))[None, :] for name in ("scale", "offset")
+                              if getattr(part, name) is not None}  # fmt: skip
+                    group = _group(dataclasses.replace(part, **column), sums, x_sums, compiled)
+                    acc = _fma(x_tile(dx_ref, b, part.dx_index, block_ok), group, acc, compiled)
+        return acc
+
+    o_ref[split, pl.ds(r0, bm), pl.ds(row0, bn)] = jax.lax.fori_loop(0, p.steps, step,
+                                                                    jnp.zeros((bm, bn), jnp.float32))  # fmt: skip
 
 
 def _format(qtype: QT) -> IntFormat:
@@ -424,12 +520,18 @@ def plane_views(w: QuantArray, experts: int, n: int, k: int) -> tuple[list[str],
 
 
 def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: int, p, interpret: bool,
-         rows_per_program: int, live: jax.Array | None = None) -> jax.Array:  # fmt: skip
+         rows_per_program: int, live: jax.Array | None = None, row_tile: int | None = None) -> jax.Array:  # fmt: skip
     """x [T, K] -> the split-K partial sums [splits, T', N'] of qmatvec's per-row kernel on an int8 x (T' padded to
     whole groups of `rows_per_program`, N' to whole column tiles); qmatvec folds them. `ids` [T]: each row's expert
-    of `w` [experts, N, K] (gathered; one row a program). `live` int32 [T'] (dense): qmatvec.live_steps'."""
+    of `w` [experts, N, K] (gathered; one row a program). `live` int32 [T'] (dense): qmatvec.live_steps'.
+    `row_tile` (dense): `_mma_kernel` on tiles of that many rows instead (T' whole tiles; columns in tiles of at
+    least MIN_DOT, the dot's smallest), with the same bits a row."""
     fmt = _format(w.qtype)
     t, k = x.shape
+    if row_tile is not None:
+        if ids is not None or live is not None:
+            raise ValueError("the int8-x tensor-core matvec is dense, and computes every row")
+        rows_per_program, p = row_tile, dataclasses.replace(p, block_n=max(MIN_DOT, p.block_n))
     out_rows = pl.cdiv(t, rows_per_program) * rows_per_program
     words, dx, sums = quantize_x(jnp.pad(x, ((0, out_rows - t), (0, 0))), fmt.x_order, fmt.sum_block, interpret)
     blocks = k // fmt.sb
@@ -437,13 +539,17 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
               ((words, fmt.x_inner), (dx, fmt.dx_inner), (sums, fmt.sum_inner))]  # fmt: skip
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
-    kernel = functools.partial(_kernel, fmt=fmt, names=names, n=n, blocks=blocks, rows=rows_per_program, p=p,
-                               gathered=ids is not None, compiled=not interpret, has_live=live is not None)  # fmt: skip
+    common = dict(fmt=fmt, names=names, n=n, blocks=blocks, p=p, compiled=not interpret)
+    if row_tile is not None:
+        kernel = functools.partial(_mma_kernel, **common, bm=row_tile)
+    else:
+        kernel = functools.partial(_kernel, **common, rows=rows_per_program, gathered=ids is not None,
+                                   has_live=live is not None)  # fmt: skip
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((p.splits, out_rows, n_blocks * p.block_n), jnp.float32),
         grid=(out_rows // rows_per_program, n_blocks, p.splits),
         compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=interpret,
-        name=f"qmatvec_{w.qtype.name.lower()}_int8",
+        name=f"qmatvec_{w.qtype.name.lower()}_int8{'_dot' if row_tile is not None else ''}",
     )(*([] if live is None else [live]), *([] if ids is None else [ids]), *x_args, *planes)
