@@ -32,6 +32,11 @@ MAX_BATCH = 1024  # the most rows of a decode dispatch (--max-batch) in the batc
 ROW_TILE = 64
 MIN_DOT = 16  # tl.dot's smallest tile dimension
 TARGET_VALUES = 8192  # weight values per program per loop step
+# The int8-x kernels' output rows a program (one a thread: 2 warps). They add a group's term to each output row on
+# its own (qmatvec_int8), so a tile of 32 rows on 4 warps computed each one four times: counted offline for sm_90a
+# (tools/kernel_sass.py, one row), phi3's Q4_K gate_up 3.72 instructions a value at 32 rows and 4 warps, 2.00 here;
+# Q6_K 6.44 and 2.45; MXFP4 7.03 and 3.35 (the timed kernel before the one order: 2.75, 4.02, 3.64). Untimed.
+INT8_BLOCK_N = 64
 # `plan`'s overrides
 TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch", "fma", "int8_x")
 # The tiles of prefill-shaped calls (ops.qmatmul: a prompt chunk's positions, or several sequences' chunks in one
@@ -309,7 +314,7 @@ def plan(
     block_n: int | None = None,
     chunk: int | None = None,
     splits: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 3,
     factored: bool = False,
     prefetch: bool = False,
@@ -323,7 +328,9 @@ def plan(
     defaults of docs/kernels.md; bench/kernels.py --sweep tries others."""
     fmt = FORMATS[qtype]
     blocks = k // fmt.sb
-    if block_n is None:
+    if block_n is None and int8_x:  # one output row a thread, two warps (`INT8_BLOCK_N`)
+        block_n = min(INT8_BLOCK_N, pl.next_power_of_2(n))
+    elif block_n is None:
         block_n = min(32, pow2_floor(TARGET_VALUES // fmt.sb), pl.next_power_of_2(n))
     else:  # never wider than the weight (a function of its shape still)
         block_n = min(block_n, max(MIN_DOT, pl.next_power_of_2(n)))
@@ -336,6 +343,8 @@ def plan(
     if splits is None:
         splits = max(1, pl.cdiv(TARGET_PROGRAMS, pl.cdiv(n, block_n) * selections))
     steps = pl.cdiv(n_chunks, min(max(1, splits), n_chunks))
+    if num_warps is None:
+        num_warps = max(1, block_n // 32) if int8_x else 4
     return Plan(block_n, chunk, pl.cdiv(n_chunks, steps), steps, num_warps, num_stages, factored, prefetch, fma, int8_x)
 
 

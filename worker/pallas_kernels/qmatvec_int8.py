@@ -531,7 +531,8 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
     if row_tile is not None:
         if ids is not None or live is not None:
             raise ValueError("the int8-x tensor-core matvec is dense, and computes every row")
-        rows_per_program, p = row_tile, dataclasses.replace(p, block_n=max(MIN_DOT, p.block_n))
+        # 32 columns on 4 warps: at 64 columns a 64-row tile's accumulators spill (tools/kernel_sass.py)
+        rows_per_program, p = row_tile, dataclasses.replace(p, block_n=max(MIN_DOT, min(32, p.block_n)), num_warps=4)
     out_rows = pl.cdiv(t, rows_per_program) * rows_per_program
     words, dx, sums = quantize_x(jnp.pad(x, ((0, out_rows - t), (0, 0))), fmt.x_order, fmt.sum_block, interpret)
     blocks = k // fmt.sb
