@@ -302,7 +302,9 @@ class Plan:
     fma: bool = False
     # The per-row kernel on x rounded to int8 in blocks of 32 (worker/pallas_kernels/qmatvec_int8.py): integer dot
     # products of four codes at once. Every quantized format, dense and gathered. Another precision of x. Timed on
-    # an H200: 16.4 us against 25.9 float on phi3-mini's Q4_K gate_up (docs/kernels.md).
+    # an H200: 16.4 us against 25.9 float on phi3-mini's Q4_K gate_up (docs/kernels.md), before the nineteenth
+    # session's one float order and INT8_BLOCK_N (untimed). With tensor_cores, qmatvec's dense call takes the
+    # int8-x dot instead, with the same bits a row.
     int8_x: bool = False
 
 

@@ -13,6 +13,11 @@ same way.
 Precision: each x value moves by at most half a step, 1/254 of its block's largest |value|. The integer sums are
 exact, so a row's result depends only on its own x and the weight (batch invariant), and interpret mode's integer
 arithmetic is the card's to the bit; only the float scaling after the sums may round differently there.
+
+Two kernels, one arithmetic: the per-row one (`_kernel`, dp4a) and the dot (`_mma_kernel`, int8 tensor cores, for
+more rows than a per-row program takes) sum each group exactly and then apply the same float operations in the same
+order (`_group`, `_fma`), so a row has the same bits from either, and a model may switch between them by a call's
+rows without losing batch invariance (docs/kernels.md).
 """
 
 from __future__ import annotations
