@@ -460,9 +460,10 @@ def _bytes(words: jax.Array) -> jax.Array:
 def _mma_kernel(x_ref, dx_ref, sums_ref, *refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, bm: int,
                 p, compiled: bool):  # fmt: skip
     """The int8-x matvec for many rows: program (r, i, j) computes x rows [r*BM, (r+1)*BM) against output columns
-    [i*BN, (i+1)*BN) over split j of K, each group's integer sums as one int8 tensor-core dot [BM, group] x [group,
-    BN] (exact int32), then the group's term as `_kernel` forms it, added in `_kernel`'s order: a row's bits are the
-    per-row kernel's, whatever BM and the rows around it."""
+    [i*BN, (i+1)*BN) over split j of K, each part's integer sums as one int8 tensor-core dot [BM, values] x [values,
+    BN] (exact int32), then the part's term as `_kernel` forms it, added in `_kernel`'s order: a row's bits are the
+    per-row kernel's, whatever BM and the rows around it. x_ref holds x's bytes (int8: the words' last axis four
+    times as long)."""
     *plane_refs, o_ref = refs
     planes = dict(zip(names, plane_refs, strict=True))
     bn, c = p.block_n, p.chunk
@@ -486,8 +487,8 @@ def _mma_kernel(x_ref, dx_ref, sums_ref, *refs, fmt: IntFormat, names: Sequence[
                     codes = _bytes(_flat(part.codes))
                     if part.minus is not None:
                         codes = codes - _bytes(_flat(part.minus))
-                    xb = _bytes(_flat(x_tile(x_ref, b, part.x_index, block_ok)))
-                    sums = jnp.dot(xb.astype(jnp.int8), codes.astype(jnp.int8).T, preferred_element_type=jnp.int32)
+                    xb = _flat(x_tile(x_ref, b, part.x_index, block_ok))  # int8 [BM, 4W], x's bytes in order
+                    sums = jnp.dot(xb, codes.astype(jnp.int8).T, preferred_element_type=jnp.int32)
                     x_sums = None if part.sum_index is None else x_tile(sums_ref, b, part.sum_index, block_ok)
                     column = {name: _flat(getattr(part, name))[None, :] for name in ("scale", "offset")
                               if getattr(part, name) is not None}  # fmt: skip
@@ -543,6 +544,9 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
     blocks = k // fmt.sb
     x_args = [a.reshape(out_rows, blocks, *inner) for a, inner in
               ((words, fmt.x_inner), (dx, fmt.dx_inner), (sums, fmt.sum_inner))]  # fmt: skip
+    if row_tile is not None:  # the dot reads x's bytes as int8 (a free view here; in the kernel, 4 shifts a word)
+        *inner, n_words = fmt.x_inner
+        x_args[0] = jax.lax.bitcast_convert_type(x_args[0], jnp.int8).reshape(out_rows, blocks, *inner, 4 * n_words)
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
     common = dict(fmt=fmt, names=names, n=n, blocks=blocks, p=p, compiled=not interpret)
