@@ -648,7 +648,9 @@ def qmatvec(
     tile), else the per-row multiply-add loop (float32; one pass per 8 rows, faster for a few). `f16`: the
     tensor-core dot's float16 operands, by default on the GPU only; interpret mode takes float32 (the CPU's model
     tests gate at float32's error) unless f16=True, which runs the GPU's arithmetic on the CPU (tests). `tiles`:
-    overrides of `plan`'s arguments (block_n, chunk, splits, num_warps, num_stages); PREFILL_TILES are prefill's."""
+    overrides of `plan`'s arguments (block_n, chunk, splits, num_warps, num_stages, int8_x); PREFILL_TILES are
+    prefill's. With int8_x, `tensor_cores` takes the int8-x dot (its row tile by the rows unless given), whose rows
+    have the per-row int8-x kernel's bits (qmatvec_int8)."""
     _check(w, 2)
     n, k = next(iter(w.planes.values())).shape[0], w.shape[-1]
     lead = x.shape[:-1]
