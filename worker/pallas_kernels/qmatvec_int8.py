@@ -451,7 +451,8 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
 
 def _bytes(words: jax.Array) -> jax.Array:
     """int32 words [B, W] -> their bytes [B, 4W] (int32, each in -128..127 as int8 reads it; byte k of word w at
-    4w + k). Why stacks: Triton joins two tensors along a new last axis and nothing wider."""
+    4w + k, as x's bytes lie in memory). The dot takes codes as int8, which holds every format's: Q8_0's are int8,
+    the unsigned ones at most 63 (Q6_K). Why stacks: Triton joins two tensors along a new last axis, nothing wider."""
     b = [(words << (24 - 8 * k)) >> 24 for k in range(4)]  # sign-extended bytes
     pairs = jnp.stack([jnp.stack([b[0], b[2]], axis=-1), jnp.stack([b[1], b[3]], axis=-1)], axis=-1)
     return pairs.reshape(words.shape[0], 4 * words.shape[1])  # [B, W, 2 (i), 2 (j)]: byte 2i + j
