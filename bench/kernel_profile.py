@@ -43,6 +43,7 @@ VARIANTS = {
     "per-row fma": dict(tensor_cores=False, fma=True),
     "per-row fma factored": dict(tensor_cores=False, fma=True, factored=True),
     "per-row int8 x": dict(tensor_cores=False, int8_x=True),  # the quantized formats (others skip it)
+    "int8 x dot": dict(tensor_cores=True, int8_x=True),  # its rows the per-row int8 kernel's bits
 }
 
 
