@@ -240,8 +240,8 @@ def run_rows(path: str, device: str, counts: list[int], steps: int, repeats: int
     """--rows: the compile of the largest row bucket (lowering and XLA's compile apart), then the sweep (at each of
     `contexts` if given: the first one's is `rows`, the others' `rows_at_context`), the queued dispatches, and the
     prefill groups; `sweep_only`: the sweep alone. `max_batch` (default the most rows) picks the decode kernels, as
-    the server's --max-batch does: per-row up to qmatvec.MAX_ROWS, tensor cores above; `int8_x`: the per-row
-    kernels on x rounded to int8 (worker.load's int8_x)."""
+    the server's --max-batch does: per-row up to qmatvec.MAX_ROWS, tensor cores above; `int8_x`: the int8-x
+    kernels, x rounded to int8 (worker.load's int8_x: per-row up to MAX_ROWS rows, the int8-x dot above)."""
     t0 = time.perf_counter()
     m = worker.load(path, device=device, max_batch=max_batch or max(counts), int8_x=int8_x)
     result: dict = {"model": path, "device": str(m.device), "load_s": time.perf_counter() - t0, "steps": steps,
