@@ -343,19 +343,6 @@ def prmt(a: int | jax.Array, b: int | jax.Array, c: jax.Array, compiled: bool) -
     return out
 
 
-def _once(load: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """`load` that loads each tile once (a super-block's scales and high bits serve all its groups)."""
-    tiles: dict[tuple, jax.Array] = {}
-
-    def cached(name: str, *index) -> jax.Array:
-        key = (name, *(i if isinstance(i, int) else repr(i) for i in index))
-        if key not in tiles:
-            tiles[key] = load(name, *index)
-        return tiles[key]
-
-    return cached
-
-
 def _flat(v: jax.Array) -> jax.Array:
     """[B, 1, L] -> [B, L], or [B] where L = 1: a group's tile without its unit axes."""
     return v.reshape(v.shape[0], -1) if v.shape[-1] > 1 else v.reshape(v.shape[0])
@@ -422,7 +409,7 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
         for i in range(c):  # one super-block at a time, its groups in order
             b = (split * p.steps + s) * c + i
             block_ok = (b + jnp.arange(1)) < blocks if mask_k else None
-            load = _once(tile_loader(planes, fmt, expert, row0, b, bn, 1, rows_ok, block_ok))
+            load = tile_loader(planes, fmt, expert, row0, b, bn, 1, rows_ok, block_ok)
             for g in range(fmt.groups):
                 parts = fmt.parts(load, compiled, g)
                 for r in range(rows):
@@ -482,7 +469,7 @@ def _mma_kernel(x_ref, dx_ref, sums_ref, *refs, fmt: IntFormat, names: Sequence[
         for i in range(c):
             b = (split * p.steps + s) * c + i
             block_ok = (b + jnp.arange(1)) < blocks if mask_k else None
-            load = _once(tile_loader(planes, fmt, static_index(0), row0, b, bn, 1, rows_ok, block_ok))
+            load = tile_loader(planes, fmt, static_index(0), row0, b, bn, 1, rows_ok, block_ok)
             for g in range(fmt.groups):
                 for part in fmt.parts(load, compiled, g):
                     codes = _bytes(_flat(part.codes))
