@@ -49,6 +49,10 @@
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py; qmatvec's rows in big calls and
 #                      its unquantized formats); PYTEST_K picks others (pytest -k) among those files and
 #                      tests/test_sampling.py (e.g. rows_filter); budget INVARIANCE_SECONDS (default 180)
+#           backend    #15's backend question: tests/test_triton_port.py (the jax-triton port of the per-row int8-x Q4_K
+#                      matvec gives the Pallas kernel's bits; needs jax-triton's wheel in .whl), then python -m
+#                      bench.backend $BACKEND_ARGS (both timed alone and in a chain of 64); budget BACKEND_SECONDS
+#                      (default 180)
 #           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made);
 #                      synth:M only model M
 #           tests      just test-gpu, its files on TESTS_WORKERS processes side by side on the one GPU (default 8;
@@ -156,6 +160,12 @@ do_kernels() {
     local files=("$@")
     [ ${#files[@]} -gt 0 ] || files=(tests/test_pallas_qmatvec.py tests/test_pallas_moe_matmul.py tests/test_batched_kernels.py)
     py -m pytest -x -v -rA -m gpu -o addopts="" -p no:cacheprovider "${files[@]}"
+}
+
+do_backend() {  # #15's backend question: the jax-triton port's bits, then its times beside the Pallas kernel's
+    py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider tests/test_triton_port.py
+    # shellcheck disable=SC2086  # BACKEND_ARGS is a list of flags
+    py -m bench.backend ${BACKEND_ARGS:-}
 }
 
 do_invariance() {  # PYTEST_K: only the tests it selects (pytest -k)
@@ -374,6 +384,7 @@ for s in "$@"; do
             [ $rc = 0 ] || [ $rc = 124 ] || { note "STOP: the kernel tests failed"; break; } ;;
         rows:*) stage "rows-${s#rows:}" "${ROWS_SECONDS:-150}" do_rows "${s#rows:}" ;;
         invariance) stage invariance "${INVARIANCE_SECONDS:-180}" do_invariance ;;
+        backend) stage backend "${BACKEND_SECONDS:-180}" do_backend ;;
         goldens) stage goldens "${GOLDENS_SECONDS:-240}" do_goldens ;;
         kbench) stage kbench "${KBENCH_SECONDS:-240}" do_kbench ;;
         ncu) stage ncu "${NCU_SECONDS:-180}" do_ncu ;;

@@ -8,7 +8,8 @@ here first (its main loop's body, per weight value, registers, spills) and only 
 the card (bench/kernels.py, bench/kernel_profile.py). An --expr is `qmatvec FORMAT NxK [rows=R] [key=value ...]`:
 the keys other than rows and live (True: a decode step's live rows given) are qmatvec's (tensor_cores, row_tile
 and plan's tiles: block_n, factored, ...). A `moe_matvec FORMAT ExNxK [rows=R] [k=S]` counts the gathered kernel:
-R tokens of S selections each.
+R tokens of S selections each; `triton_port Q4_K NxK [rows=R]` the jax-triton port of the per-row int8-x kernel
+(bench/triton_matvec.py), which `qmatvec Q4_K NxK rows=R tensor_cores=False int8_x=True` is the Pallas side of.
 
 How: jax lowers the call for "cuda" (no device needed); Pallas' custom call __gpu$xla.gpu.triton carries each
 kernel's TTIR with its num_warps, num_stages and grid. The pip triton of TRITON_VENV (default /tmp/kernel-sass/venv)
@@ -102,7 +103,7 @@ def triton_tool(name: str) -> str:
     if not found:
         raise SystemExit(
             f"no pip triton at TRITON_VENV={TRITON_VENV}; make it with: python3.11 -m venv {TRITON_VENV} && "
-            f"{TRITON_VENV}/bin/pip install triton==3.9.0"
+            f"{TRITON_VENV}/bin/pip install triton==3.9.0 numpy"
         )
     return str(found[0])
 
@@ -254,6 +255,34 @@ def qmatvec_call(expr: str) -> tuple[list[Kernel], Any, int]:
     return kernels, plans[-1], qmv.FORMATS[qtype].sb
 
 
+def port_call(expr: str, workdir: Path) -> tuple[list[Kernel], Any, int]:
+    """`triton_port Q4_K NxK [rows=R] [tiles]`: bench/triton_matvec.py's kernel (the jax-triton port of the per-row
+    int8-x Q4_K matvec) with the plan qmatvec gives the Pallas one, its TTIR made by TRITON_VENV's triton."""
+    from gguf import GGMLQuantizationType as QT
+
+    from worker.pallas_kernels import qmatvec as qmv
+
+    name, fmt, shape, *options = expr.split()
+    if fmt != "Q4_K":
+        raise SystemExit(f"--expr {expr!r}: the port is of the Q4_K kernel only")
+    kwargs = {key: ast.literal_eval(value) for key, _, value in (o.partition("=") for o in options)}
+    rows = kwargs.pop("rows", 1)
+    n, k = (int(d) for d in shape.lower().split("x"))
+    p = qmv.plan(QT.Q4_K, n, k, int8_x=True, **kwargs)
+    workdir.mkdir(parents=True, exist_ok=True)
+    call = workdir / "call.json"
+    call.write_text(json.dumps({"t_rows": rows, "n": n, "k": k, "rows": rows, "plan": dataclasses.asdict(p)}))
+    cmd = [str(TRITON_VENV / "bin/python"), str(Path(__file__).with_name("kernel_sass_port.py")), str(call),
+           str(workdir / "port.ttir"), re.sub(r"\D", "", ARCH)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"the port's TTIR failed:\n{r.stderr[-4000:]}")
+    grid = tuple(json.loads(r.stdout)["grid"])
+    kernel = Kernel("q4_k_int8_kernel (jax-triton port)", (workdir / "port.ttir").read_text(), p.num_warps,
+                    p.num_stages, grid)  # fmt: skip
+    return [kernel], p, qmv.FORMATS[QT.Q4_K].sb
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--expr", action="append", required=True, help="a qmatvec call; repeat to compare variants")
@@ -267,7 +296,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kernel-sass-") as scratch:
         os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(scratch, "triton-cache"))  # for the compile step
         for j, expr in enumerate(args.expr):
-            kernels, p, sb = qmatvec_call(expr)
+            if expr.startswith("triton_port"):
+                kernels, p, sb = port_call(expr, (args.keep or Path(scratch)) / str(j) / "port")
+            else:
+                kernels, p, sb = qmatvec_call(expr)
             values_per_step = p.block_n * p.chunk * sb
             print(f"# {p}: weight values per program per loop step = block_n {p.block_n} x chunk {p.chunk} x {sb}")
             for i, k in enumerate(kernels):
