@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,28 +46,32 @@ LOW_NIBBLES = 0x0F0F0F0F
 
 @dataclasses.dataclass(frozen=True)
 class IntPart:
-    """One group of a super-block's values that share one weight scale: `codes` int32 [BN, 1, W] (four 8-bit codes a
-    word), multiplied with x's words at `x_index`. The group's integer sum s = sum(codes * x) - sum(minus * x) +
+    """One group of a super-block's values that share one weight scale: `codes`, its pieces, int32 [BN, 1, W] each
+    (four 8-bit codes a word), multiplied with x's words at the matching `x_index`. Why pieces: a thread loads at
+    most 16 bytes at once, and a tile of 8 words a row is spread over two threads, whose products then meet through
+    warp shuffles and shared memory (counted for sm_90a: phi3's Q4_K gate_up 2.00 instructions a value and 59
+    registers in one piece, 1.62 and 34 in two). The group's integer sum s = sum(codes * x) - sum(minus * x) +
     int_offset * sum(x) (the terms that are there) enters the result as dx * (scale * s + offset * sum(x)), dx
     being x's block scale at `dx_index`; the sums of x are at `sum_index`. scale and offset [BN, 1, 1] float32."""
 
-    codes: jax.Array
+    codes: tuple[jax.Array, ...]
     signed: bool  # the codes' bytes: int8 (Q8_0) or uint8
-    x_index: tuple
+    x_index: tuple[tuple, ...]
     dx_index: tuple
     scale: jax.Array
     offset: jax.Array | None = None
     int_offset: int | None = None
     sum_index: tuple | None = None
-    minus: jax.Array | None = None  # codes whose products are subtracted (MXFP4's negative values' magnitudes)
+    minus: jax.Array | None = None  # one piece's codes whose products are subtracted (MXFP4's negative values)
 
 
 @dataclasses.dataclass(frozen=True)
 class IntFormat:
     """A GGUF format seen as words. `planes`: name -> inner view of one super-block, the code planes (`words`)
     in 32-bit words. `x_inner`, `dx_inner`, `sum_inner`: the views of one super-block of x's words, block scales and
-    sums of `sum_block` values. `parts(load, compiled, g)`: the IntParts of a super-block's g-th of `groups`
-    slices (`load` as qmatvec.tile_loader's), in the order both kernels add them.
+    sums of `sum_block` values. `parts(load, compiled, g, pieces)`: the IntParts of a super-block's g-th of `groups`
+    slices (`load` as qmatvec.tile_loader's), in the order both kernels add them, each part's codes in pieces of at
+    most 4 words where `pieces` (the per-row kernel), else in one piece (the dot, whose operand is one tile).
     `x_order`: where a format's codes come out of their words in another order than the values', x's words follow
     it (None: in order)."""
 
@@ -77,26 +82,26 @@ class IntFormat:
     dx_inner: tuple[int, ...]
     sum_inner: tuple[int, ...]
     sum_block: int
-    parts: Callable[[Callable[..., jax.Array], bool, int], list[IntPart]]
+    parts: Callable[[Callable[..., jax.Array], bool, int, bool], list[IntPart]]
     x_order: tuple[int, ...] | None = None  # x's values of a 32-value block in the order its words hold them
     groups: int = 1  # slices of a super-block that `parts` takes one at a time (the K formats' scale groups)
 
 
-def _q8_0(load, compiled: bool, g: int) -> list[IntPart]:
+def _q8_0(load, compiled: bool, g: int, pieces: bool) -> list[IntPart]:
     d = _lift(_f32(load("d")), 3)  # [BN, C, 1]
-    return [IntPart(load("qs", ALL).astype(jnp.int32), True, (ALL,), (), d)]
+    return [IntPart((load("qs", ALL).astype(jnp.int32),), True, ((ALL,),), (), d)]
 
 
-def _q4_0(load, compiled: bool, g: int) -> list[IntPart]:
+def _q4_0(load, compiled: bool, g: int, pieces: bool) -> list[IntPart]:
     words = load("qs", ALL).astype(jnp.int32)  # [BN, C, 4]: the low nibbles are values 4w + b, the high 16 + 4w + b
     d = _lift(_f32(load("d")), 3)
-    return [IntPart((words >> (4 * p)) & LOW_NIBBLES, False, (p, ALL), (), d, None, -8, (p,)) for p in range(2)]
+    return [IntPart(((words >> (4 * p)) & LOW_NIBBLES,), False, ((p, ALL),), (), d, None, -8, (p,)) for p in range(2)]
 
 
-def _q4_1(load, compiled: bool, g: int) -> list[IntPart]:
+def _q4_1(load, compiled: bool, g: int, pieces: bool) -> list[IntPart]:
     words = load("qs", ALL).astype(jnp.int32)  # [BN, C, 4], as Q4_0's; value d * code + m
     d, m = _lift(_f32(load("d")), 3), _lift(_f32(load("m")), 3)
-    return [IntPart((words >> (4 * p)) & LOW_NIBBLES, False, (p, ALL), (), d, m, None, (p,)) for p in range(2)]
+    return [IntPart(((words >> (4 * p)) & LOW_NIBBLES,), False, ((p, ALL),), (), d, m, None, (p,)) for p in range(2)]
 
 
 # Four bits v spread to bit 0 of each byte: v * SPREAD adds copies of v shifted by 0, 7, 14 and 21 bits, which do not
@@ -116,14 +121,14 @@ def _q5_codes(load) -> list[jax.Array]:
     return out
 
 
-def _q5_0(load, compiled: bool, g: int) -> list[IntPart]:
+def _q5_0(load, compiled: bool, g: int, pieces: bool) -> list[IntPart]:
     d = _lift(_f32(load("d")), 3)
-    return [IntPart(codes, False, (p, ALL), (), d, None, -16, (p,)) for p, codes in enumerate(_q5_codes(load))]
+    return [IntPart((codes,), False, ((p, ALL),), (), d, None, -16, (p,)) for p, codes in enumerate(_q5_codes(load))]
 
 
-def _q5_1(load, compiled: bool, g: int) -> list[IntPart]:
+def _q5_1(load, compiled: bool, g: int, pieces: bool) -> list[IntPart]:
     d, m = _lift(_f32(load("d")), 3), _lift(_f32(load("m")), 3)
-    return [IntPart(codes, False, (p, ALL), (), d, m, None, (p,)) for p, codes in enumerate(_q5_codes(load))]
+    return [IntPart((codes,), False, ((p, ALL),), (), d, m, None, (p,)) for p, codes in enumerate(_q5_codes(load))]
 
 
 # MXFP4: the E2M1 code's magnitude (its low three bits) -> ggml's doubled value (0, 1, 2, 3, 4, 6, 8, 12), as the
@@ -134,7 +139,7 @@ E2M1_LOW, E2M1_HIGH = 0x03020100, 0x0C080604
 MXFP4_ORDER = tuple(v for h in range(2) for w in range(4) for l in [4 * w + 2 * h] for v in (l, 16 + l, l + 1, 17 + l))
 
 
-def _mxfp4(load, compiled: bool, g: int) -> list[IntPart]:
+def _mxfp4(load, compiled: bool, g: int, pieces: bool) -> list[IntPart]:
     """Each half of a word's eight codes to four bytes by one `prmt` over the magnitudes' table: a code with its
     sign bit set selects in prmt's sign-replicating mode, which gives 0 (the table's bytes are below 0x80); the same
     selectors without sign bits give every magnitude, so their difference (an XOR) is the negative codes'."""
@@ -145,36 +150,41 @@ def _mxfp4(load, compiled: bool, g: int) -> list[IntPart]:
         sel = words >> (16 * h)
         positive = prmt(E2M1_LOW, E2M1_HIGH, sel, compiled)
         negative = prmt(E2M1_LOW, E2M1_HIGH, sel & 0x7777, compiled) ^ positive
-        out.append(IntPart(positive, False, (h, ALL), (), d, minus=negative))
+        out.append(IntPart((positive,), False, ((h, ALL),), (), d, minus=negative))
     return out
 
 
-def _k_parts(load, g: int, high: Callable[[int], jax.Array] | None) -> list[IntPart]:
-    """Q4_K/Q5_K, group g of 64 values: qs words [BN, C, 8], bytes 4w.. hold values 64g + 4w + b in their low
-    nibbles, 64g + 32 + 4w + b in their high ones; `high(p)`, Q5_K's fifth bits of part p's codes."""
-    words = load("qs", g, ALL).astype(jnp.int32)
+def _k_parts(load, g: int, pieces: bool, high: Callable[[Any], jax.Array] | None) -> list[IntPart]:
+    """Q4_K/Q5_K, group g of 64 values: 8 qs words in halves h of 4, whose bytes 4w.. hold values 64g + 16h + 4w + b
+    in their low nibbles, 64g + 32 + 16h + 4w + b in their high ones. `pieces`: a half a piece, [BN, C, 4] (the
+    per-row kernel); else one piece [BN, C, 2, 4] (the dot, which flattens it). `high(h)`: Q5_K's fifth bits of
+    both parts' codes in half h (ALL: both halves), bit p of each byte part p's."""
+    halves = list(range(2)) if pieces else [ALL]
+    words = [load("qs", g, h, ALL).astype(jnp.int32) for h in halves]
+    fifth = [high(h) for h in halves] if high is not None else None
     d, dmin = _f32(load("d")), _f32(load("dmin"))
     out = []
     for p in range(2):
-        codes = (words >> (4 * p)) & LOW_NIBBLES
-        if high is not None:
-            codes = codes | high(p)
+        codes = [(w >> (4 * p)) & LOW_NIBBLES for w in words]
+        if fifth is not None:
+            codes = [c | (((f >> p) & 0x01010101) << 4) for c, f in zip(codes, fifth, strict=True)]
         scale = _lift(d * _f32(load("scales", g, p)), 3)
         offset = -_lift(dmin * _f32(load("mins", g, p)), 3)
-        out.append(IntPart(codes, False, (g, p, ALL), (g, p), scale, offset, None, (g, p)))
+        x_index = tuple((g, p, h, ALL) for h in halves)
+        out.append(IntPart(tuple(codes), False, x_index, (g, p), scale, offset, None, (g, p)))
     return out
 
 
-def _q4_k(load, compiled: bool, g: int) -> list[IntPart]:
-    return _k_parts(load, g, None)
+def _q4_k(load, compiled: bool, g: int, pieces: bool) -> list[IntPart]:
+    return _k_parts(load, g, pieces, None)
 
 
-def _q5_k(load, compiled: bool, g: int) -> list[IntPart]:
-    qh = load("qh", ALL).astype(jnp.int32)  # byte l's bit 2g + p: bit 4 of value 64g + 32p + l
-    return _k_parts(load, g, lambda p: ((qh >> (2 * g + p)) & 0x01010101) << 4)
+def _q5_k(load, compiled: bool, g: int, pieces: bool) -> list[IntPart]:
+    # qh byte l's bit 2g + p: bit 4 of value 64g + 32p + l
+    return _k_parts(load, g, pieces, lambda h: load("qh", h, ALL).astype(jnp.int32) >> (2 * g))
 
 
-def _q6_k(load, compiled: bool, g: int) -> list[IntPart]:
+def _q6_k(load, compiled: bool, g: int, pieces: bool) -> list[IntPart]:
     # Value 128h + 64p + 32k + 16l + 4w + b (h = g): qs word (h, k, l, w) nibble p, qh word (h, l, w) bits
     # 2(2p + k) of each byte, scale (h, p, k, l); code - 32. Eight parts of 16 values, [BN, C, 4 (w)].
     d = _f32(load("d"))
@@ -186,7 +196,7 @@ def _q6_k(load, compiled: bool, g: int) -> list[IntPart]:
             for p in range(2):
                 codes = ((ql >> (4 * p)) & LOW_NIBBLES) | (((qh >> (2 * (2 * p + k))) & 0x03030303) << 4)
                 scale = _lift(d * _f32(load("scales", g, p, k, l)), 3)
-                out.append(IntPart(codes, False, (g, p, k, l, ALL), (g, p, k), scale, None, -32, (g, p, k, l)))
+                out.append(IntPart((codes,), False, ((g, p, k, l, ALL),), (g, p, k), scale, None, -32, (g, p, k, l)))
     return out
 
 
@@ -199,9 +209,9 @@ INT8_FORMATS: dict[QT, IntFormat] = {
     QT.MXFP4: IntFormat(32, {"qs": (4,), "e": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _mxfp4, MXFP4_ORDER),
     QT.Q4_K: IntFormat(
         256,
-        {"qs": (4, 8), "scales": (4, 2), "mins": (4, 2), "d": (), "dmin": ()},
+        {"qs": (4, 2, 4), "scales": (4, 2), "mins": (4, 2), "d": (), "dmin": ()},
         frozenset({"qs"}),
-        (4, 2, 8),
+        (4, 2, 2, 4),
         (4, 2),
         (4, 2),
         32,
@@ -210,9 +220,9 @@ INT8_FORMATS: dict[QT, IntFormat] = {
     ),
     QT.Q5_K: IntFormat(
         256,
-        {"qs": (4, 8), "qh": (8,), "scales": (4, 2), "mins": (4, 2), "d": (), "dmin": ()},
+        {"qs": (4, 2, 4), "qh": (2, 4), "scales": (4, 2), "mins": (4, 2), "d": (), "dmin": ()},
         frozenset({"qs", "qh"}),
-        (4, 2, 8),
+        (4, 2, 2, 4),
         (4, 2),
         (4, 2),
         32,
@@ -411,15 +421,18 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
             block_ok = (b + jnp.arange(1)) < blocks if mask_k else None
             load = tile_loader(planes, fmt, expert, row0, b, bn, 1, rows_ok, block_ok)
             for g in range(fmt.groups):
-                parts = fmt.parts(load, compiled, g)
+                parts = fmt.parts(load, compiled, g, True)
                 for r in range(rows):
                     m = first + r
                     for part in parts:
-                        xw = jnp.broadcast_to(x_tile(x_ref, m, b, part.x_index, block_ok), part.codes.shape)
-                        products = dp4a(part.codes, xw, part.signed, compiled)
-                        if part.minus is not None:
-                            products = products - dp4a(part.minus, xw, part.signed, compiled)
-                        sums = jnp.sum(products, axis=-1, keepdims=True)  # [BN, 1, 1]
+                        sums = None
+                        for codes, index in zip(part.codes, part.x_index, strict=True):
+                            xw = jnp.broadcast_to(x_tile(x_ref, m, b, index, block_ok), codes.shape)
+                            products = dp4a(codes, xw, part.signed, compiled)
+                            if part.minus is not None:
+                                products = products - dp4a(part.minus, xw, part.signed, compiled)
+                            piece = jnp.sum(products, axis=-1, keepdims=True)  # [BN, 1, 1]
+                            sums = piece if sums is None else sums + piece
                         dx = _lift(x_tile(dx_ref, m, b, part.dx_index, block_ok), 3)
                         x_sums = None
                         if part.sum_index is not None:
@@ -471,11 +484,12 @@ def _mma_kernel(x_ref, dx_ref, sums_ref, *refs, fmt: IntFormat, names: Sequence[
             block_ok = (b + jnp.arange(1)) < blocks if mask_k else None
             load = tile_loader(planes, fmt, static_index(0), row0, b, bn, 1, rows_ok, block_ok)
             for g in range(fmt.groups):
-                for part in fmt.parts(load, compiled, g):
-                    codes = _bytes(_flat(part.codes))
+                for part in fmt.parts(load, compiled, g, False):
+                    (codes,), (index,) = part.codes, part.x_index  # one piece each
+                    codes = _bytes(_flat(codes))
                     if part.minus is not None:
                         codes = codes - _bytes(_flat(part.minus))
-                    xb = _flat(x_tile(x_ref, b, part.x_index, block_ok))  # int8 [BM, 4W], x's bytes in order
+                    xb = _flat(x_tile(x_ref, b, index, block_ok))  # int8 [BM, 4W], x's bytes in order
                     sums = jnp.dot(xb, codes.astype(jnp.int8).T, preferred_element_type=jnp.int32)
                     x_sums = None if part.sum_index is None else x_tile(sums_ref, b, part.sum_index, block_ok)
                     column = {name: _flat(getattr(part, name))[None, :] for name in ("scale", "offset")
