@@ -1,7 +1,8 @@
 """#15's backend question on the card: the same per-row int8-x Q4_K matvec as a Pallas Triton kernel (the worker's,
 worker/pallas_kernels/qmatvec_int8.py) and as a Triton kernel called through jax-triton (bench/triton_matvec.py),
 on the same planes, x and plan. Per shape and rows: whether the two give the same split-K partials bit for bit,
-and the device time of a matvec on each
+and the device time of a matvec on each, as the worker calls it (x's rounding by the same Pallas quantizer, the
+kernel, the fold of its splits)
 
 - alone: bench.kernels' method (weight copies past L2, calls issued back to back, one wait), and
 - in a chain: 64 dependent matvecs on one square weight in one jitted program, as a decode step strings its
@@ -117,13 +118,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.interpret:
         raise SystemExit(0 if check_interpret() else 1)
+    from bench import triton_matvec
+
     print(f"device: {jax.devices()[0].device_kind}", flush=True)
     for label, n, k in SHAPES:
         weights = weight_copies(QT.Q4_K, (n, k))
         for rows in map(int, args.rows.split(",")):
             x = jax.random.normal(jax.random.key(rows), (rows, k), jnp.float32)
-            from bench import triton_matvec
-
             p = plan(n, k)
             x_args, planes = inputs(x, weights[0], rows, False)
             mine = triton_matvec.partials(x_args, planes, n, k, p, rows, p.num_warps, p.num_stages)
