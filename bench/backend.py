@@ -41,12 +41,8 @@ CHAIN = 64
 
 def inputs(x: jax.Array, w, rows: int, interpret: bool) -> tuple[list, list]:
     """The kernel's inputs as the Pallas call builds them: x padded to whole groups of `rows` and rounded
-    (quantize_x: words, dx, sums), the weight's planes (qs as int32 words)."""
-    fmt = qmatvec_int8.INT8_FORMATS[QT.Q4_K]
-    t = x.shape[0]
-    t_rows = -(-t // rows) * rows
-    x_args = list(qmatvec_int8.quantize_x(jnp.pad(x, ((0, t_rows - t), (0, 0))), fmt.x_order, fmt.sum_block,
-                                          interpret))  # fmt: skip
+    (qmatvec_int8.padded_x: words, dx, sums), the weight's planes (qs as int32 words)."""
+    x_args = list(qmatvec_int8.padded_x(x, QT.Q4_K, rows, interpret))
     planes = [qmatvec_int8._words(w.planes["qs"])] + [w.planes[name] for name in ("scales", "mins", "d", "dmin")]
     return x_args, planes
 

@@ -527,6 +527,14 @@ def plane_views(w: QuantArray, experts: int, n: int, k: int) -> tuple[list[str],
     return names, views
 
 
+def padded_x(x: jax.Array, qtype: QT, rows: int, interpret: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [T, K] padded with zero rows to whole groups of `rows` and rounded for a weight of `qtype` (`quantize_x`
+    in the format's x order and sum run): what `call`'s kernels read (bench/backend.py's port too)."""
+    fmt = _format(qtype)
+    t = x.shape[0]
+    return quantize_x(jnp.pad(x, ((0, pl.cdiv(t, rows) * rows - t), (0, 0))), fmt.x_order, fmt.sum_block, interpret)
+
+
 def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: int, p, interpret: bool,
          rows_per_program: int, live: jax.Array | None = None, row_tile: int | None = None) -> jax.Array:  # fmt: skip
     """x [T, K] -> the split-K partial sums [splits, T', N'] of qmatvec's per-row kernel on an int8 x (T' padded to
@@ -535,14 +543,14 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
     `row_tile` (dense): `_mma_kernel` on tiles of that many rows instead (T' whole tiles; columns in tiles of at
     least MIN_DOT, the dot's smallest), with the same bits a row."""
     fmt = _format(w.qtype)
-    t, k = x.shape
+    k = x.shape[1]
     if row_tile is not None:
         if ids is not None or live is not None:
             raise ValueError("the int8-x tensor-core matvec is dense, and computes every row")
         # 32 columns on 4 warps: at 64 columns a 64-row tile's accumulators spill (tools/kernel_sass.py)
         rows_per_program, p = row_tile, dataclasses.replace(p, block_n=max(MIN_DOT, min(32, p.block_n)), num_warps=4)
-    out_rows = pl.cdiv(t, rows_per_program) * rows_per_program
-    words, dx, sums = quantize_x(jnp.pad(x, ((0, out_rows - t), (0, 0))), fmt.x_order, fmt.sum_block, interpret)
+    words, dx, sums = padded_x(x, w.qtype, rows_per_program, interpret)
+    out_rows = words.shape[0]
     blocks = k // fmt.sb
     x_args = [a.reshape(out_rows, blocks, *inner) for a, inner in
               ((words, fmt.x_inner), (dx, fmt.dx_inner), (sums, fmt.sum_inner))]  # fmt: skip
