@@ -100,6 +100,7 @@ SWEEP_PER_ROW = (
     # x rounded to int8, integer dot products (qmatvec.Plan.int8_x; the quantized formats; others are reported
     # as refused): fewer registers and instructions a value, so wider tiles and more warps may pay
     + [dict(int8_x=True, **t) for t in ({}, dict(num_stages=4), dict(block_n=64), dict(num_warps=8), dict(chunk=2))]
+    + [dict(int8_x=True, unroll=True), dict(int8_x=True, unroll=True, chunk=2)]  # the K loop written out
 )
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
 SWEEP_COPY = (
@@ -230,6 +231,8 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         kind = {} if k_sel else dict(tensor_cores=False)
         t_int8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind, int8_x=True)
         line += f"  per-row int8 x {t_int8 * 1e6:9.1f} us"
+        t_unrolled = per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind, int8_x=True, unroll=True)
+        line += f" (unrolled {t_unrolled * 1e6:9.1f} us)"  # its K loop written out (qmatvec.Plan.unroll)
         if not k_sel:  # the int8-x dot (IMMA), a row's bits the per-row kernel's: what takes more than 8 rows
             t_dot8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, int8_x=True)
             line += f"  int8 x dot {t_dot8 * 1e6:9.1f} us"

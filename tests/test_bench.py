@@ -399,7 +399,9 @@ def test_kernel_bench_at_two_rows_times_one_live_row_on_both_per_row_kernels(mon
     monkeypatch.setattr(kernels, "per_call", lambda *a, **k: (seen.append(k), real(*a, **k))[1])
     monkeypatch.setattr("sys.argv", ["bench.kernels", "--smoke", "--rows", "2", "--prefill", "0"])
     kernels.main()
-    assert "one live row: per-row" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "one live row: per-row" in out and "(unrolled" in out  # the int8-x kernel with its K loop written out
+    assert any(k.get("unroll") and k.get("int8_x") for k in seen)
     live = [k for k in seen if k.get("live") is not None]
     assert [bool(k.get("int8_x")) for k in live] == [False, True]
     assert all(k["live"].tolist() == [True, False] and k["tensor_cores"] is False for k in live)

@@ -139,6 +139,19 @@ def test_the_int8_x_dot_gives_a_row_the_per_row_kernels_bits_in_any_row_tile(qty
         assert np.array_equal(np.asarray(call(x, w, True, tile)), per_row), f"row tile {tile}: other bits"
 
 
+def test_the_k_loop_written_out_gives_the_loops_bits():
+    """`Plan.unroll` (the K steps one after the other, no loop; Q4_K: two pieces a group) across two steps, two splits
+    and rows masked past the tile: the per-row kernel and the dot the loop's bits."""
+    blocks, tiles = EDGE_TILES[256]
+    assert qmv.plan(QT.Q4_K, 40, blocks * 256, **tiles).steps > 1, "a loop of one step would test nothing"
+    w, _ = random_weight(QT.Q4_K, (40, blocks * 256), seed=17)
+    x = np.random.default_rng(19).standard_normal((3, blocks * 256)).astype(np.float32)
+    call = jax.jit(lambda x, w, tc, unroll: qmv.qmatvec(x, w, interpret=True, tensor_cores=tc, int8_x=True,
+                                                        unroll=unroll, **tiles), static_argnums=(2, 3))  # fmt: skip
+    for tc in (False, True):
+        assert np.array_equal(np.asarray(call(x, w, tc, True)), np.asarray(call(x, w, tc, False))), f"dot: {tc}"
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_int8_x_moe_matvec_gathers_the_selected_experts(qtype):
     """The gathered kernel (a program per (token, selection), its expert's planes): each selection's product with
@@ -166,6 +179,8 @@ def test_int8_x_is_refused_where_it_has_no_kernel():
     with pytest.raises(ValueError, match="dense"):  # the dot has no gathered (MoE) form
         q8.call(jnp.ones((1, 256), jnp.float32), q4k, jnp.zeros((1,), jnp.int32), 1, 16, qmv.plan(QT.Q4_K, 16, 256),
                 True, 1, row_tile=16)  # fmt: skip
+    with pytest.raises(ValueError, match="unroll is the int8-x kernels'"):  # not silently ignored by the float ones
+        qmv.qmatvec(x[:, :64].repeat(4, axis=1), q4k, interpret=True, tensor_cores=False, unroll=True)
 
 
 # Oracle models with weights in int8-x formats: qwen2's Q8_0, llama's Q4_K_M (Q4_K, Q6_K), gpt-oss's MXFP4 experts.
@@ -300,6 +315,20 @@ def test_the_int8_x_dot_compiled_gives_the_per_row_kernels_bits(qtype, shape, ro
     x = jax.random.normal(jax.random.key(rows), (rows, shape[1]), jnp.float32)
     call = jax.jit(lambda x, w, tc: qmv.qmatvec(x, w, tensor_cores=tc, int8_x=True), static_argnums=2)
     assert np.array_equal(np.asarray(call(x, w, True)), np.asarray(call(x, w, False))), "the dot: other bits"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [2, 16])
+@pytest.mark.parametrize(("qtype", "shape"), GPU_DENSE[:6], ids=lambda v: v.name if isinstance(v, QT) else
+                         "x".join(map(str, v)))  # fmt: skip
+def test_the_k_loop_written_out_compiled_gives_the_loops_bits(qtype, shape, rows):
+    """On the card: `Plan.unroll` (the K steps written out) the loop's bits, the per-row kernel at 2 rows and the
+    dot at 16."""
+    _gpu()
+    w = _on_device(qtype, shape, seed=9)
+    x = jax.random.normal(jax.random.key(rows), (rows, shape[1]), jnp.float32)
+    call = jax.jit(lambda x, w, u: qmv.qmatvec(x, w, tensor_cores=rows > 8, int8_x=True, unroll=u), static_argnums=2)
+    assert np.array_equal(np.asarray(call(x, w, True)), np.asarray(call(x, w, False))), "written out: other bits"
 
 
 @pytest.mark.gpu

@@ -45,6 +45,9 @@ _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
 # WORKER_INT8_LIVE=1: the int8-x kernel skips a decode step's dead rows too (qmatvec.live_steps), untimed: an A/B
 # for the card (bench/README.md's plan); off by default, as the measured faster.
 _int8_live = os.environ.get("WORKER_INT8_LIVE", "0") == "1"
+# WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits),
+# untimed: an A/B for the card like the one above.
+_int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
 # Which kernels the decode-sized products use on the kernel backends (ModelConfig.decode_kernels, set while a
 # model's step is traced: `decode_kernels`):
 #   "tensor-cores"  the tensor-core kernels for every call: qmatvec's ROW_TILE-row dot, the grouped MoE matmul. One
@@ -301,7 +304,8 @@ def qmatmul(
             live = _live_rows.get()
             skip = not tensor_cores and (not int8_x or _int8_live)
             live = live if live is not None and live.size == rows and skip else None
-            y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, int8_x=int8_x, live=live)
+            tiles = dict(int8_x=int8_x, unroll=int8_x and _int8_unroll)
+            y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
         # accumulation). bf16 operands cost ~1e-2 relative on the logits (docs/gpu.md), not the CPU's 1e-6.
@@ -539,7 +543,8 @@ def moe_matmul(
         tiles = {} if per_token else grouped_matmul.PREFILL_TILES
         return kernel(x, experts, expert_ids, live, interpret=interpret, **tiles)
     if kernel is not None:
-        return kernel(x, experts, expert_ids, interpret=interpret, int8_x=_int8_x(experts))
+        int8_x = _int8_x(experts)
+        return kernel(x, experts, expert_ids, interpret=interpret, int8_x=int8_x, unroll=int8_x and _int8_unroll)
     x = x.astype(jnp.float32)
     shared = x.ndim == expert_ids.ndim
     hi = jax.lax.Precision.HIGHEST

@@ -38,7 +38,7 @@ TARGET_VALUES = 8192  # weight values per program per loop step
 # Q6_K 6.44 and 2.45; MXFP4 7.03 and 3.35 (the timed kernel before the one order: 2.75, 4.02, 3.64). Untimed.
 INT8_BLOCK_N = 64
 # `plan`'s overrides
-TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch", "fma", "int8_x")
+TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch", "fma", "int8_x", "unroll")
 # The tiles of prefill-shaped calls (ops.qmatmul: a prompt chunk's positions, or several sequences' chunks in one
 # dispatch: thousands of rows), which take the weight dequantized once into float16 (`quant.widened`): a plain
 # tensor-core product, with one split of K (no partial sums to write). A row's bits depend on these tiles, so every
@@ -306,6 +306,13 @@ class Plan:
     # session's one float order and INT8_BLOCK_N (untimed). With tensor_cores, qmatvec's dense call takes the
     # int8-x dot instead, with the same bits a row.
     int8_x: bool = False
+    # The int8-x kernels' K loop written out step by step (qmatvec_int8._k_loop), as a Triton kernel whose sizes are
+    # constants gets it: every step's loads can be issued before the first step's arithmetic, and their addresses
+    # are constant offsets. The same operations in the same order, so the same bits. Counted for sm_90a (one row,
+    # tools/kernel_sass.py): phi3's Q4_K gate_up 1,714 -> 1,416 instructions a program (4 steps; 34 -> 76
+    # registers), its qkv -15%, Q6_K down -5%, MXFP4 and Q8_0 the same; the dot loses Triton's software pipeline
+    # (shared memory 16 -> 2 KiB at 16 rows). Off until timed (bench.kernels' `unrolled` column, WORKER_INT8_UNROLL).
+    unroll: bool = False
 
 
 def plan(
@@ -322,6 +329,7 @@ def plan(
     prefetch: bool = False,
     fma: bool = False,
     int8_x: bool = False,
+    unroll: bool = False,
 ) -> Plan:
     """The tiling for an [n, k] weight: a function of the weight's shape and format only, never of the number of
     rows of x or of (token, expert) pairs, so that every row is computed with the same tiles, K split and
@@ -338,6 +346,8 @@ def plan(
         block_n = min(block_n, max(MIN_DOT, pl.next_power_of_2(n)))
     if chunk is None:
         chunk = min(pow2_floor(TARGET_VALUES // (block_n * fmt.sb)), pl.next_power_of_2(blocks))
+    if unroll and not int8_x:
+        raise ValueError("unroll is the int8-x kernels' (int8_x=True); the float kernels keep their loop")
     for name, v in (("block_n", block_n), ("chunk", chunk)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two (a Triton tile dimension), got {v}")
@@ -347,7 +357,8 @@ def plan(
     steps = pl.cdiv(n_chunks, min(max(1, splits), n_chunks))
     if num_warps is None:
         num_warps = max(1, block_n // 32) if int8_x else 4
-    return Plan(block_n, chunk, pl.cdiv(n_chunks, steps), steps, num_warps, num_stages, factored, prefetch, fma, int8_x)
+    splits = pl.cdiv(n_chunks, steps)
+    return Plan(block_n, chunk, splits, steps, num_warps, num_stages, factored, prefetch, fma, int8_x, unroll)
 
 
 def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool,

@@ -71,7 +71,8 @@ class IntFormat:
     in 32-bit words. `x_inner`, `dx_inner`, `sum_inner`: the views of one super-block of x's words, block scales and
     sums of `sum_block` values. `parts(load, compiled, g, pieces)`: the IntParts of a super-block's g-th of `groups`
     slices (`load` as qmatvec.tile_loader's), in the order both kernels add them, each part's codes in pieces of at
-    most 4 words where `pieces` (the per-row kernel), else in one piece (the dot, whose operand is one tile).
+    most 4 words where `pieces` (the per-row kernel; Q8_0's compiled only), else in one piece (the dot, whose
+    operand is one tile).
     `x_order`: where a format's codes come out of their words in another order than the values', x's words follow
     it (None: in order)."""
 
@@ -89,7 +90,11 @@ class IntFormat:
 
 def _q8_0(load, compiled: bool, g: int, pieces: bool) -> list[IntPart]:
     d = _lift(_f32(load("d")), 3)  # [BN, C, 1]
-    return [IntPart((load("qs", ALL).astype(jnp.int32),), True, ((ALL,),), (), d)]
+    # 16 bytes a piece on the card; the block's 32 as one in the dot and in interpret mode (where two pieces made a
+    # Q8_0 model's tests 40% slower to compile; the same integers either way)
+    halves = list(range(2)) if pieces and compiled else [ALL]
+    codes = tuple(load("qs", h, ALL).astype(jnp.int32) for h in halves)
+    return [IntPart(codes, True, tuple((h, ALL) for h in halves), (), d)]
 
 
 def _q4_0(load, compiled: bool, g: int, pieces: bool) -> list[IntPart]:
@@ -162,14 +167,16 @@ def _k_parts(load, g: int, pieces: bool, high: Callable[[Any], jax.Array] | None
     halves = list(range(2)) if pieces else [ALL]
     words = [load("qs", g, h, ALL).astype(jnp.int32) for h in halves]
     fifth = [high(h) for h in halves] if high is not None else None
-    d, dmin = _f32(load("d")), _f32(load("dmin"))
+    # offset = (-dmin) * min: the product's negation exact, and one per super-block (Triton negates by 0 - x, which
+    # ptxas keeps as an add: -(dmin * min) cost one a part)
+    d, minus_dmin = _f32(load("d")), -_f32(load("dmin"))
     out = []
     for p in range(2):
         codes = [(w >> (4 * p)) & LOW_NIBBLES for w in words]
         if fifth is not None:
             codes = [c | (((f >> p) & 0x01010101) << 4) for c, f in zip(codes, fifth, strict=True)]
         scale = _lift(d * _f32(load("scales", g, p)), 3)
-        offset = -_lift(dmin * _f32(load("mins", g, p)), 3)
+        offset = _lift(minus_dmin * _f32(load("mins", g, p)), 3)
         x_index = tuple((g, p, h, ALL) for h in halves)
         out.append(IntPart(tuple(codes), False, x_index, (g, p), scale, offset, None, (g, p)))
     return out
@@ -201,7 +208,7 @@ def _q6_k(load, compiled: bool, g: int, pieces: bool) -> list[IntPart]:
 
 
 INT8_FORMATS: dict[QT, IntFormat] = {
-    QT.Q8_0: IntFormat(32, {"qs": (8,), "d": ()}, frozenset({"qs"}), (8,), (), (2,), 16, _q8_0),
+    QT.Q8_0: IntFormat(32, {"qs": (2, 4), "d": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _q8_0),
     QT.Q4_0: IntFormat(32, {"qs": (4,), "d": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _q4_0),
     QT.Q5_0: IntFormat(32, {"qs": (4,), "qh": (), "d": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _q5_0),
     QT.Q4_1: IntFormat(32, {"qs": (4,), "d": (), "m": ()}, frozenset({"qs"}), (2, 4), (), (2,), 16, _q4_1),
@@ -308,14 +315,14 @@ def _div_rn(a: jax.Array, b: jax.Array, compiled: bool) -> jax.Array:
     return out
 
 
-def dp4a(a: jax.Array, b: jax.Array, signed: bool, compiled: bool) -> jax.Array:
-    """The sum over the four bytes of int32 words a and b (one shape) of a's byte (int8 if `signed`, else uint8)
-    times b's (int8), int32. `compiled`: PTX dp4a by inline assembly (a Triton kernel only); else the same integers
-    by shifts (interpret mode): exact either way, so the bits are the same."""
+def dp4a(a: jax.Array, b: jax.Array, signed: bool, compiled: bool, acc: jax.Array | None = None) -> jax.Array:
+    """acc (default 0) plus the sum over the four bytes of int32 words a and b (one shape) of a's byte (int8 if
+    `signed`, else uint8) times b's (int8), int32. `compiled`: PTX dp4a by inline assembly (a Triton kernel only);
+    else the same integers by shifts (interpret mode): exact either way, so the bits are the same."""
     if compiled:
         (out,) = plgpu.elementwise_inline_asm(
             f"dp4a.{'s32' if signed else 'u32'}.s32 $0, $1, $2, $3;",
-            args=[a, b, jnp.zeros(a.shape, jnp.int32)],
+            args=[a, b, jnp.zeros(a.shape, jnp.int32) if acc is None else acc],
             constraints="=r,r,r,r",
             pack=1,
             result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)],
@@ -326,7 +333,21 @@ def dp4a(a: jax.Array, b: jax.Array, signed: bool, compiled: bool) -> jax.Array:
         byte_a = (a << (24 - 8 * k)) >> 24 if signed else (a >> (8 * k)) & 0xFF
         term = byte_a * ((b << (24 - 8 * k)) >> 24)
         total = term if total is None else total + term
-    return total
+    return total if acc is None else acc + total
+
+
+def _word_chain(codes: jax.Array, x: jax.Array, signed: bool, compiled: bool, acc: jax.Array | None) -> jax.Array:
+    """acc [BN, 1, 1] (None: 0) plus the dp4a sums of codes and x [BN, 1, W] over their W words, as one chain of
+    dp4a whose accumulator carries the sum (the words taken apart by Triton's split, in registers): no separate
+    integer adds, which a sum over the last axis leaves (ptxas does not fold them into the dp4a). Interpret mode
+    sums the products instead (the same integers, fewer operations to compile), of pieces of any shape."""
+    if not compiled:
+        piece = jnp.sum(dp4a(codes, x, signed, compiled).reshape(codes.shape[0], 1, -1), axis=-1, keepdims=True)
+        return piece if acc is None else acc + piece
+    words = codes.shape[-1]
+    for c, xw in zip(jnp.split(codes, words, axis=-1), jnp.split(x, words, axis=-1), strict=True):
+        acc = dp4a(c, xw, signed, compiled, acc)
+    return acc
 
 
 def prmt(a: int | jax.Array, b: int | jax.Array, c: jax.Array, compiled: bool) -> jax.Array:
@@ -425,14 +446,12 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
                 for r in range(rows):
                     m = first + r
                     for part in parts:
-                        sums = None
+                        sums = None  # [BN, 1, 1]: one dp4a chain over the pieces' words (`_word_chain`)
                         for codes, index in zip(part.codes, part.x_index, strict=True):
                             xw = jnp.broadcast_to(x_tile(x_ref, m, b, index, block_ok), codes.shape)
-                            products = dp4a(codes, xw, part.signed, compiled)
-                            if part.minus is not None:
-                                products = products - dp4a(part.minus, xw, part.signed, compiled)
-                            piece = jnp.sum(products, axis=-1, keepdims=True)  # [BN, 1, 1]
-                            sums = piece if sums is None else sums + piece
+                            sums = _word_chain(codes, xw, part.signed, compiled, sums)
+                            if part.minus is not None:  # a chain of its own, subtracted once
+                                sums = sums - _word_chain(part.minus, xw, part.signed, compiled, None)
                         dx = _lift(x_tile(dx_ref, m, b, part.dx_index, block_ok), 3)
                         x_sums = None
                         if part.sum_index is not None:
@@ -446,7 +465,7 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
             o_ref[split, first + r, pl.ds(row0, bn)] = a
 
     steps = live_steps(live_ref, [first + r for r in range(rows)], p.steps)  # 0 for a program of dead rows
-    store(jax.lax.fori_loop(0, steps, step, (jnp.zeros((bn,), jnp.float32),) * rows))
+    store(_k_loop(steps, step, (jnp.zeros((bn,), jnp.float32),) * rows, p.unroll))
 
 
 def _bytes(words: jax.Array) -> jax.Array:
@@ -498,8 +517,18 @@ def _mma_kernel(x_ref, dx_ref, sums_ref, *refs, fmt: IntFormat, names: Sequence[
                     acc = _fma(x_tile(dx_ref, b, part.dx_index, block_ok), group, acc, compiled)
         return acc
 
-    o_ref[split, pl.ds(r0, bm), pl.ds(row0, bn)] = jax.lax.fori_loop(0, p.steps, step,
-                                                                    jnp.zeros((bm, bn), jnp.float32))  # fmt: skip
+    acc = _k_loop(p.steps, step, jnp.zeros((bm, bn), jnp.float32), p.unroll)
+    o_ref[split, pl.ds(r0, bm), pl.ds(row0, bn)] = acc
+
+
+def _k_loop(steps: int | jax.Array, step, acc, unroll: bool):
+    """`step` over the K steps 0..steps-1: a loop, or with `unroll` (and a trip count known when tracing) the
+    steps written out one after the other (`Plan.unroll`). The same operations in the same order either way."""
+    if not unroll or not isinstance(steps, int):
+        return jax.lax.fori_loop(0, steps, step, acc)
+    for s in range(steps):
+        acc = step(s, acc)
+    return acc
 
 
 def _format(qtype: QT) -> IntFormat:
