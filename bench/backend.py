@@ -67,9 +67,14 @@ def triton_op(x: jax.Array, w, rows: int) -> jax.Array:
     return qmv.fold_splits(out)[: x.shape[0], :n]
 
 
-def pallas_op(x: jax.Array, w, rows: int) -> jax.Array:
+def pallas_op(x: jax.Array, w, rows: int, unroll: bool = False) -> jax.Array:
+    """`unroll`: the K loop written out (qmatvec.Plan.unroll), as the port's build writes its own out."""
     n = w.shape[0]
-    return qmv.fold_splits(pallas_partials(x, w, rows, False))[: x.shape[0], :n]
+    return qmv.fold_splits(pallas_partials(x, w, rows, False, unroll=unroll))[: x.shape[0], :n]
+
+
+def pallas_unrolled_op(x: jax.Array, w, rows: int) -> jax.Array:
+    return pallas_op(x, w, rows, unroll=True)
 
 
 def check_interpret() -> bool:
@@ -127,13 +132,15 @@ def main() -> None:
             same = bool(jnp.array_equal(jax.lax.bitcast_convert_type(mine, jnp.uint32),
                                         jax.lax.bitcast_convert_type(pallas_partials(x, weights[0], rows, False),
                                                                      jnp.uint32)))  # fmt: skip
-            alone = [per_call(op, weights, x, None, args.repeat, rows=rows) for op in (pallas_op, triton_op)]
+            ops = (pallas_op, pallas_unrolled_op, triton_op)
+            alone = [per_call(op, weights, x, None, args.repeat, rows=rows) for op in ops]
             line = (f"{label:13s} [{n}, {k}] rows {rows}: {'same bits' if same else 'OTHER BITS'}  alone: "
-                    f"pallas {alone[0] * 1e6:7.1f} us, jax-triton {alone[1] * 1e6:7.1f} us "
-                    f"({weights[0].nbytes / alone[1] / 1e9:.0f} GB/s)")  # fmt: skip
+                    f"pallas {alone[0] * 1e6:7.1f} us (unrolled {alone[1] * 1e6:7.1f}), jax-triton "
+                    f"{alone[2] * 1e6:7.1f} us ({weights[0].nbytes / alone[2] / 1e9:.0f} GB/s)")  # fmt: skip
             if n == k:
-                chained = [chain_s(op, weights[0], rows, args.repeat) for op in (pallas_op, triton_op)]
-                line += f"  chain: pallas {chained[0] * 1e6:7.1f} us, jax-triton {chained[1] * 1e6:7.1f} us"
+                chained = [chain_s(op, weights[0], rows, args.repeat) for op in ops]
+                line += (f"  chain: pallas {chained[0] * 1e6:7.1f} us (unrolled {chained[1] * 1e6:7.1f}), "
+                         f"jax-triton {chained[2] * 1e6:7.1f} us")  # fmt: skip
             print(line, flush=True)
 
 
