@@ -309,9 +309,10 @@ class Plan:
     # The int8-x kernels' K loop written out step by step (qmatvec_int8._k_loop), as a Triton kernel whose sizes are
     # constants gets it: every step's loads can be issued before the first step's arithmetic, and their addresses
     # are constant offsets. The same operations in the same order, so the same bits. Counted for sm_90a (one row,
-    # tools/kernel_sass.py): phi3's Q4_K gate_up 1,714 -> 1,416 instructions a program (4 steps; 34 -> 76
-    # registers), its qkv -15%, Q6_K down -5%, MXFP4 and Q8_0 the same; the dot loses Triton's software pipeline
-    # (shared memory 16 -> 2 KiB at 16 rows). Off until timed (bench.kernels' `unrolled` column, WORKER_INT8_UNROLL).
+    # tools/kernel_sass.py, instructions a program): phi3's Q4_K gate_up 1,526 -> 1,260 (4 steps; 43 -> 46
+    # registers), its qkv -14%, Q6_K down -8%, gpt-oss's Q8_0 -10%, MXFP4 -2%, its gathered experts -11%; the dot
+    # loses Triton's software pipeline (shared memory 16 -> 2 KiB at 16 rows). Off until timed (bench.kernels'
+    # `unrolled` column, WORKER_INT8_UNROLL).
     unroll: bool = False
 
 
