@@ -311,8 +311,9 @@ class Plan:
     # are constant offsets. The same operations in the same order, so the same bits. Counted for sm_90a (one row,
     # tools/kernel_sass.py, instructions a program): phi3's Q4_K gate_up 1,526 -> 1,260 (4 steps; 43 -> 46
     # registers), its qkv -14%, Q6_K down -8%, gpt-oss's Q8_0 -10%, MXFP4 -2%, its gathered experts -11%; the dot
-    # loses Triton's software pipeline (shared memory 16 -> 2 KiB at 16 rows). Off until timed (bench.kernels'
-    # `unrolled` column, WORKER_INT8_UNROLL).
+    # loses Triton's software pipeline (shared memory 16 -> 2 KiB at 16 rows). Timed alone on an H200 (2026-12-05,
+    # bench.kernels' `unrolled` column): no faster (phi3's gate_up 19.7 against 19.2 us, qwen2.5's gate 3.8 against
+    # 3.9). Off; WORKER_INT8_UNROLL=1 turns it on for the step's A/B, not yet run.
     unroll: bool = False
 
 
