@@ -35,7 +35,8 @@ def main() -> None:
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(POINTERS))}
     source = ASTSource(q4_k_int8_kernel, signature, {(q4_k_int8_kernel.arg_names.index(k),): v
                                                      for k, v in constexprs.items()}, aligned)  # fmt: skip
-    kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": 4})
+    options = {"num_warps": call["plan"]["num_warps"]}  # as the card launches it (the TTIR is the same)
+    kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     out.write_text(kernel.asm["ttir"])
     print(json.dumps({"grid": grid}))
 
