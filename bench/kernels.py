@@ -13,6 +13,7 @@ at load (moe_matmul.DECODE_COPY_TILES), with the copy's bytes read per second.
     python -m bench.kernels --rows 0 --prefill 4096 --sweep     # prefill only: tune the PREFILL_TILES
     python -m bench.kernels --rows 1,64,256 --prefill 0 --decode-moe --only MXFP4 --sweep   # tune DECODE_COPY_TILES
     python -m bench.kernels --rows 1,2,8 --prefill 0 --sweep --sweep-kernel per-row --labels phi3   # the per-row tiles
+    python -m bench.kernels --rows 2 --prefill 0 --sweep --sweep-kernel int8 --labels phi3   # the int8-x kernel's
 
 Each timed call cycles through enough copies of the weight to exceed the L2 cache (>= 512 MB in all), so the
 rate is DRAM's, not L2's, in passes that make at least MIN_MATVECS matvecs; calls go back to back, one wait at the
@@ -101,6 +102,17 @@ SWEEP_PER_ROW = (
     # as refused): fewer registers and instructions a value, so wider tiles and more warps may pay
     + [dict(int8_x=True, **t) for t in ({}, dict(num_stages=4), dict(block_n=64), dict(num_warps=8), dict(chunk=2))]
     + [dict(int8_x=True, unroll=True), dict(int8_x=True, unroll=True, chunk=2)]  # the K loop written out
+)
+# --sweep-kernel int8: the int8-x per-row kernel's tilings over its plan (qmatvec.INT8_BLOCK_N's 64 output rows on
+# 2 warps): other rows and warps a program, more K splits (more programs, fewer steps each), two super-blocks a step,
+# pipeline depths.
+SWEEP_INT8 = (
+    [
+        dict(block_n=b, num_warps=w)
+        for b, w in ((16, 1), (32, 1), (32, 2), (32, 4), (64, 1), (64, 4), (128, 2), (128, 4), (256, 8))
+    ]
+    + [dict(splits=s) for s in (6, 12, 24)]
+    + [dict(chunk=2), dict(num_stages=1), dict(num_stages=4)]
 )
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
 SWEEP_COPY = (
@@ -244,8 +256,14 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
             t_live8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, **one_live, int8_x=True)
             line += f", int8 x {t_live8 * 1e6:9.1f} us"
     print(line, flush=True)
+    if args.sweep and args.sweep_kernel == "int8" and qtype in qmatvec_int8.INT8_TYPES:
+        best = best_tiling(lambda **tiles: per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind, int8_x=True,
+                                                    **tiles),
+                           t_int8, SWEEP_INT8, lambda t: f"{read / t / 1e9:.1f} GB/s")  # fmt: skip
+        print(f"    best int8 x {best[0] * 1e6:.1f} us {read / best[0] / 1e9:.1f} GB/s with {best[1]}", flush=True)
     # the dense call's per-row kernel where asked (`t_rows` its default's time); the MoE call has only that one
-    kinds = {"tensor-cores": [False], "per-row": [True], "both": [False, True]}[args.sweep_kernel] if args.sweep else []
+    kinds = {"tensor-cores": [False], "per-row": [True], "both": [False, True], "int8": []}[args.sweep_kernel]
+    kinds = kinds if args.sweep else []
     for per_row in kinds if not k_sel else kinds[:1]:
         kind, default_s = (dict(tensor_cores=False), t_rows) if per_row and not k_sel else ({}, t_kernel)
         best = best_tiling(lambda kind=kind, **tiles: per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind,
@@ -383,8 +401,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512,
                     help="prefill tokens (rows) of the MoE and dense prefill cases (0: skip)")  # fmt: skip
     ap.add_argument("--sweep", action="store_true", help="also try other tilings and print the best")
-    ap.add_argument("--sweep-kernel", default="tensor-cores", choices=("tensor-cores", "per-row", "both"),
-                    help="the dense decode kernel --sweep tiles")  # fmt: skip
+    ap.add_argument("--sweep-kernel", default="tensor-cores", choices=("tensor-cores", "per-row", "both", "int8"),
+                    help="the decode kernel --sweep tiles (int8: the int8-x per-row one)")  # fmt: skip
     ap.add_argument("--labels", default="", help="cases whose label contains one of these, e.g. phi3,qwen2.5")
     ap.add_argument("--decode-moe", action="store_true",
                     help="only decode's grouped MoE matmul at --rows: in registers against the bf16 copy")  # fmt: skip
