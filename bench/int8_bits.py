@@ -5,16 +5,20 @@ says that they do; on 2026-12-05 they did for Q6_K [3072, 8192] at 9 rows).
     python -m bench.int8_bits --interpret --small   # the script itself on the CPU (every kernel in interpret mode)
 
 Per real shape: both compiled kernels' split-K partials (qmatvec_int8.call, before qmatvec folds them), value by
-value: how many differ, by how many float32 ulps, in which splits, rows and column positions; then each kernel
-against interpret mode (the two kernels' one defined arithmetic: exact integer sums, the float steps in float64
-rounded once) on the first column tile, which says which of the two departs from it. Interpret mode rounds the
-multiply-adds twice (float64, then float32), which differs from one rounding only on rare ties, so a kernel that
-keeps the arithmetic shows none or a stray one there.
+value: how many differ, by how many float32 ulps, in which splits, rows and column positions (x normal, as the gpu
+test's); then on an x that every quantizer rounds alike (integers of at most 127 times 2^-7, each block's largest
+127: a block scale of exactly 2^-7; the card's float32 division otherwise moves a rare value by a step, and then a
+row's every output) each kernel against interpret mode, the two kernels' one defined arithmetic (exact integer sums,
+the float steps in float64 rounded once), on the first column tile: which of the two departs from it. Interpret mode
+rounds the multiply-adds twice (float64, then float32), which differs from one rounding only on rare ties, so a
+kernel that keeps the arithmetic shows none or a stray one there. Each compiled call's seconds (its compile the
+most of them) are printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +74,22 @@ def describe(name: str, a: np.ndarray, b: np.ndarray, block_n: int) -> None:
         print(f"    [{s}, {r}, {c}] {a[s, r, c]!r} against {b[s, r, c]!r}")
 
 
+def exact_x(rows: int, k: int) -> jax.Array:
+    """[rows, k]: integers in [-127, 127] times 2^-7, each 32-value block's first 127 times it: every quantizer's
+    block scale is 2^-7 exactly and every value a whole step, so the card's and interpret mode's int8 x agree."""
+    codes = np.random.default_rng(rows).integers(-127, 128, (rows, k // 32, 32))
+    codes[..., 0] = 127
+    return jnp.asarray(codes.reshape(rows, k) * 2.0**-7, jnp.float32)
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    print(f"    ({fn.__name__}{'' if args[-1] else ' compiled'}, {'dot' if args[-2] else 'per-row'}: "
+          f"{time.perf_counter() - start:.1f} s)", flush=True)  # fmt: skip
+    return out
+
+
 def sliced(w: QuantArray, n: int) -> QuantArray:
     """The weight's first n rows (its planes' leading axis)."""
     return QuantArray({k: v[:n] for k, v in w.planes.items()}, w.qtype, (n, *w.shape[1:]))
@@ -92,8 +112,11 @@ def main(argv=None) -> None:
         x = jax.random.normal(jax.random.key(args.rows), (args.rows, k), jnp.float32)
         p = qmv.plan(qtype, n, k, int8_x=True)
         print(f"{qtype.name} {n}x{k} at {args.rows} rows: {p}", flush=True)
-        per_row, dot = (partials(x, w, p, d, args.interpret) for d in (False, True))
+        per_row, dot = (timed(partials, x, w, p, d, args.interpret) for d in (False, True))
         describe("the dot against the per-row kernel", dot, per_row, p.block_n)
+        x = exact_x(args.rows, k)
+        per_row, dot = (timed(partials, x, w, p, d, args.interpret) for d in (False, True))
+        describe("the dot against the per-row kernel, x exact", dot, per_row, p.block_n)
         cols = p.block_n  # the first column tile in interpret mode, on the full shape's plan
         head = sliced(w, cols)
         for d, compiled in ((False, per_row), (True, dot)):

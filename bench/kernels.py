@@ -104,16 +104,12 @@ SWEEP_PER_ROW = (
     + [dict(int8_x=True, unroll=True), dict(int8_x=True, unroll=True, chunk=2)]  # the K loop written out
 )
 # --sweep-kernel int8: the int8-x per-row kernel's tilings over its plan (qmatvec.INT8_BLOCK_N's 64 output rows on
-# 2 warps): other rows and warps a program, more K splits (more programs, fewer steps each), two super-blocks a step,
-# pipeline depths.
-SWEEP_INT8 = (
-    [
-        dict(block_n=b, num_warps=w)
-        for b, w in ((16, 1), (32, 1), (32, 2), (32, 4), (64, 1), (64, 4), (128, 2), (128, 4), (256, 8))
-    ]
-    + [dict(splits=s) for s in (6, 12, 24)]
-    + [dict(chunk=2), dict(num_stages=1), dict(num_stages=4)]
-)
+# 2 warps): other rows and warps a program, two super-blocks a step. Timed on an H200 (2026-12-05) on qwen2.5's gate
+# at 2 rows, more K splits and other pipeline depths gained nothing, and fewer warps than rows/32 (a row's terms
+# computed by several threads) lost up to 2x.
+SWEEP_INT8 = [dict(block_n=b, num_warps=w) for b, w in ((32, 1), (64, 1), (64, 4), (128, 2), (128, 4), (256, 8))] + [
+    dict(chunk=2)
+]
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
 SWEEP_COPY = (
     [dict(block_m=m, block_n=b) for m in (16, 32, 64) for b in (64, 128)]
@@ -226,6 +222,19 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         ids, ops = None, (qmv.qmatvec, qmv.qmatvec_twin)
         read = w.nbytes
     interp = dict(interpret=True) if args.smoke else {}
+    if args.sweep and args.sweep_kernel == "int8":  # the int8-x per-row kernel alone, then its tilings
+        if qtype in qmatvec_int8.INT8_TYPES:
+            kind = dict(int8_x=True) | ({} if k_sel else dict(tensor_cores=False))
+            t_int8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind)
+            p = qmv.plan(qtype, shape[-2], kdim, k_sel or 1, int8_x=True)
+            print(f"{label:22s} {qtype.name:6s} {'x'.join(map(str, shape)):>16s} M={rows:<2d} per-row int8 x "
+                  f"{t_int8 * 1e6:9.1f} us {read / t_int8 / 1e9:7.1f} GB/s  bn={p.block_n} w={p.num_warps} "
+                  f"c={p.chunk} s={p.splits}", flush=True)  # fmt: skip
+            best = best_tiling(lambda **tiles: per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind,
+                                                        **tiles),
+                               t_int8, SWEEP_INT8, lambda t: f"{read / t / 1e9:.1f} GB/s")  # fmt: skip
+            print(f"    best int8 x {best[0] * 1e6:.1f} us {read / best[0] / 1e9:.1f} GB/s with {best[1]}", flush=True)
+        return
     t_kernel = per_call(ops[0], weights, x, ids, args.repeat, **interp)
     t_twin = per_call(ops[1], weights, x, ids, args.repeat, passes=1)
     p = qmv.plan(qtype, shape[-2], kdim, k_sel or 1)
@@ -256,11 +265,6 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
             t_live8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, **one_live, int8_x=True)
             line += f", int8 x {t_live8 * 1e6:9.1f} us"
     print(line, flush=True)
-    if args.sweep and args.sweep_kernel == "int8" and qtype in qmatvec_int8.INT8_TYPES:
-        best = best_tiling(lambda **tiles: per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind, int8_x=True,
-                                                    **tiles),
-                           t_int8, SWEEP_INT8, lambda t: f"{read / t / 1e9:.1f} GB/s")  # fmt: skip
-        print(f"    best int8 x {best[0] * 1e6:.1f} us {read / best[0] / 1e9:.1f} GB/s with {best[1]}", flush=True)
     # the dense call's per-row kernel where asked (`t_rows` its default's time); the MoE call has only that one
     kinds = {"tensor-cores": [False], "per-row": [True], "both": [False, True], "int8": []}[args.sweep_kernel]
     kinds = kinds if args.sweep else []

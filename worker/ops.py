@@ -48,6 +48,23 @@ _int8_live = os.environ.get("WORKER_INT8_LIVE", "0") == "1"
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits),
 # untimed: an A/B for the card like the one above.
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
+
+
+def _tiles_from_env(name: str) -> dict[str, int]:
+    """`NAME=block_n=128,num_warps=4` -> {"block_n": 128, "num_warps": 4}: qmatvec.plan's tile arguments."""
+    tiles = {}
+    for item in filter(None, os.environ.get(name, "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("block_n", "chunk", "splits", "num_warps", "num_stages") or not value.isdigit():
+            raise ValueError(f"{name}: {item!r} is not block_n, chunk, splits, num_warps or num_stages = an integer")
+        tiles[key] = int(value)
+    return tiles
+
+
+# WORKER_INT8_TILES="block_n=128,num_warps=4": the int8-x kernels' plan with these overrides (a model's every int8-x
+# call, dense and routed experts; other splits give other bits): the A/B of a tiling in a real step on the card,
+# after bench.kernels --sweep-kernel int8 has timed it alone.
+_int8_tiles = _tiles_from_env("WORKER_INT8_TILES")
 # Which kernels the decode-sized products use on the kernel backends (ModelConfig.decode_kernels, set while a
 # model's step is traced: `decode_kernels`):
 #   "tensor-cores"  the tensor-core kernels for every call: qmatvec's ROW_TILE-row dot, the grouped MoE matmul. One
@@ -304,7 +321,7 @@ def qmatmul(
             live = _live_rows.get()
             skip = not tensor_cores and (not int8_x or _int8_live)
             live = live if live is not None and live.size == rows and skip else None
-            tiles = dict(int8_x=int8_x, unroll=int8_x and _int8_unroll)
+            tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles) if int8_x else {}
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
@@ -544,7 +561,8 @@ def moe_matmul(
         return kernel(x, experts, expert_ids, live, interpret=interpret, **tiles)
     if kernel is not None:
         int8_x = _int8_x(experts)
-        return kernel(x, experts, expert_ids, interpret=interpret, int8_x=int8_x, unroll=int8_x and _int8_unroll)
+        tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles) if int8_x else {}
+        return kernel(x, experts, expert_ids, interpret=interpret, **tiles)
     x = x.astype(jnp.float32)
     shared = x.ndim == expert_ids.ndim
     hi = jax.lax.Precision.HIGHEST
