@@ -16,6 +16,7 @@ from test_batching import OTHERS, run_batch
 from test_pallas_qmatvec import EDGE_TILES, TOL, _abs_mxfp4, _bound, _gpu, _on_device, assert_close, random_weight
 
 import worker
+from worker import ops
 from worker.errors import ErrorCode, WorkerError
 from worker.pallas_kernels import qmatvec as qmv
 from worker.pallas_kernels import qmatvec_int8 as q8
@@ -182,6 +183,17 @@ def test_int8_x_is_refused_where_it_has_no_kernel():
                 True, 1, row_tile=16)  # fmt: skip
     with pytest.raises(ValueError, match="unroll is the int8-x kernels'"):  # not silently ignored by the float ones
         qmv.qmatvec(jnp.ones((1, 256), jnp.float32), q4k, interpret=True, tensor_cores=False, unroll=True)
+
+
+def test_the_int8_x_tiles_of_the_environment_are_plan_arguments_or_refused(monkeypatch):
+    """WORKER_INT8_TILES (ops: a step's A/B of an int8-x tiling on the card): plan's tile arguments as integers;
+    anything else is refused by name, not ignored."""
+    monkeypatch.setenv("WORKER_INT8_TILES", "block_n=128,num_warps=4")
+    assert ops._tiles_from_env("WORKER_INT8_TILES") == {"block_n": 128, "num_warps": 4}
+    for bad in ("block_n=12a", "unroll=1", "block_n"):
+        monkeypatch.setenv("WORKER_INT8_TILES", bad)
+        with pytest.raises(ValueError, match=f"WORKER_INT8_TILES: '{bad}'"):
+            ops._tiles_from_env("WORKER_INT8_TILES")
 
 
 # Oracle models with weights in int8-x formats: qwen2's Q8_0, llama's Q4_K_M (Q4_K, Q6_K), gpt-oss's MXFP4 experts.
