@@ -351,8 +351,11 @@ class JobStream:
         if self.closed or self.finished:
             return
         self.closed = True
-        if self.service.engine.cancel(self.job_id):
-            self.service.metrics.client_disconnected()
+        # Counted before the cancel: the job's CANCELLED event, and with it the execute_end log line, goes out inside
+        # engine.cancel, so a reader of the log could read /metrics before a count that followed it (it did, in a
+        # test, once). A job that ends as its client leaves still counts: its end reached nobody.
+        self.service.metrics.client_disconnected()
+        self.service.engine.cancel(self.job_id)
         # the engine's CANCELLED event still arrives (and is counted); nobody reads the stream any more
         self._unregister()
 
