@@ -306,6 +306,9 @@ class JobStream:
             self.finished = True
             self._unregister()
             duration = (time.monotonic() - self.t0) * 1000.0 if self.t0 is not None else 0.0
+            if self.closed:  # the client left first: its end reaches nobody. Counted before the job's end (and so
+                # before its execute_end log line), so a reader of that line finds the disconnect in /metrics.
+                self.service.metrics.client_disconnected()
             if isinstance(ev, End):
                 self.service.metrics.job_finished("ok", ev.tokens_out, duration, ev.ttft_ms)
             else:
@@ -350,11 +353,7 @@ class JobStream:
     def close(self) -> None:
         if self.closed or self.finished:
             return
-        self.closed = True
-        # Counted before the cancel: the job's CANCELLED event, and with it the execute_end log line, goes out inside
-        # engine.cancel, so a reader of the log could read /metrics before a count that followed it (it did, in a
-        # test, once). A job that ends as its client leaves still counts: its end reached nobody.
-        self.service.metrics.client_disconnected()
+        self.closed = True  # before the cancel: `_observe` counts the disconnect when the job's end arrives
         self.service.engine.cancel(self.job_id)
         # the engine's CANCELLED event still arrives (and is counted); nobody reads the stream any more
         self._unregister()
