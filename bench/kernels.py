@@ -103,11 +103,11 @@ SWEEP_PER_ROW = (
     + [dict(int8_x=True, **t) for t in ({}, dict(num_stages=4), dict(block_n=64), dict(num_warps=8), dict(chunk=2))]
     + [dict(int8_x=True, unroll=True), dict(int8_x=True, unroll=True, chunk=2)]  # the K loop written out
 )
-# --sweep-kernel int8: the int8-x per-row kernel's tilings over its plan (qmatvec.INT8_BLOCK_N's 64 output rows on
-# 2 warps): other rows and warps a program, two super-blocks a step. Timed on an H200 (2026-12-05) on qwen2.5's gate
+# --sweep-kernel int8: the int8-x per-row kernel's tilings over its plan (qmatvec.INT8_BLOCK_N's 128 output rows on
+# 4 warps): other rows and warps a program, two super-blocks a step. Timed on an H200 (2026-12-05) on qwen2.5's gate
 # at 2 rows, more K splits and other pipeline depths gained nothing, and fewer warps than rows/32 (a row's terms
 # computed by several threads) lost up to 2x.
-SWEEP_INT8 = [dict(block_n=b, num_warps=w) for b, w in ((32, 1), (64, 1), (64, 4), (128, 2), (128, 4), (256, 8))] + [
+SWEEP_INT8 = [dict(block_n=b, num_warps=w) for b, w in ((32, 1), (64, 1), (64, 2), (64, 4), (128, 2), (256, 8))] + [
     dict(chunk=2)
 ]
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.

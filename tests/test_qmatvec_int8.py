@@ -140,6 +140,34 @@ def test_the_int8_x_dot_gives_a_row_the_per_row_kernels_bits_in_any_row_tile(qty
         assert np.array_equal(np.asarray(call(x, w, True, tile)), per_row), f"row tile {tile}: other bits"
 
 
+def _dots(jaxpr):
+    """Every dot_general of a jaxpr, the kernels' bodies and loops inside it included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _dots(inner)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_the_int8_x_dot_takes_at_least_32_values_a_product(qtype):
+    """Triton's NVIDIA backend takes 8-bit dots of K >= 32 only (its min_dot_size); Pallas builds them below that
+    check, and the card computed a K = 16 dot wrong (Q6_K, an H100, 2026-12-05) while interpret mode, which has no
+    such limit, gave the right sums. So the kernel's every int8 dot is checked here, where no card is."""
+    sb = qmv.FORMATS[qtype].sb
+    w, _ = random_weight(qtype, (32, sb), seed=0)
+    x = jnp.ones((16, sb), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda x, w: qmv.qmatvec(x, w, interpret=True, tensor_cores=True, int8_x=True))(x, w)
+    dots = list(_dots(jaxpr.jaxpr))
+    assert dots, "no dot found: the walk no longer reaches the kernel's body"
+    for eqn in dots:
+        lhs, (contracting, _) = eqn.invars[0].aval, eqn.params["dimension_numbers"][0]
+        assert lhs.dtype == jnp.int8 and lhs.shape[contracting[0]] >= q8.MIN_INT8_DOT_K, (lhs, contracting)
+
+
 def test_the_k_loop_written_out_gives_the_loops_bits():
     """`Plan.unroll` (the K steps one after the other, no loop; Q4_K: two pieces a group) across two steps, two splits
     and rows masked past the tile: the per-row kernel and the dot the loop's bits."""

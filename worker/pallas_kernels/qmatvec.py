@@ -32,11 +32,14 @@ MAX_BATCH = 1024  # the most rows of a decode dispatch (--max-batch) in the batc
 ROW_TILE = 64
 MIN_DOT = 16  # tl.dot's smallest tile dimension
 TARGET_VALUES = 8192  # weight values per program per loop step
-# The int8-x kernels' output rows a program (one a thread: 2 warps). They add a group's term to each output row on
-# its own (qmatvec_int8), so a tile of 32 rows on 4 warps computed each one four times: counted offline for sm_90a
-# (tools/kernel_sass.py, one row), phi3's Q4_K gate_up 3.72 instructions a value at 32 rows and 4 warps, 2.00 here;
-# Q6_K 6.44 and 2.45; MXFP4 7.03 and 3.35 (the timed kernel before the one order: 2.75, 4.02, 3.64). Untimed.
-INT8_BLOCK_N = 64
+# The int8-x kernels' output rows a program, one a thread (num_warps = block_n // 32). They add a group's term to each
+# output row on its own (qmatvec_int8), so fewer warps than rows / 32 compute each term several times over (counted
+# for sm_90a, tools/kernel_sass.py: phi3's Q4_K gate_up 3.72 instructions a value at 32 rows on 4 warps, 2.00 at 64
+# on 2). Between 64 on 2 warps and 128 on 4, the count is alike and the warps in flight double: timed on an H100
+# (2026-12-05, bench.worker_bench --max-batch 2 --int8-x, one run each) one stream of qwen2.5-0.5b 747 -> 877 tok/s,
+# phi3-mini 324 -> 332; alone (bench.kernels --sweep-kernel int8, 2 rows) qwen2.5's gate on an H200 5.0 -> 4.1 us,
+# phi3's gate_up on the H100 22.7 -> 23.7 us.
+INT8_BLOCK_N = 128
 # `plan`'s overrides
 TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch", "fma", "int8_x", "unroll")
 # The tiles of prefill-shaped calls (ops.qmatmul: a prompt chunk's positions, or several sequences' chunks in one
@@ -303,7 +306,7 @@ class Plan:
     # The per-row kernel on x rounded to int8 in blocks of 32 (worker/pallas_kernels/qmatvec_int8.py): integer dot
     # products of four codes at once. Every quantized format, dense and gathered. Another precision of x. Timed on
     # an H200: 16.4 us against 25.9 float on phi3-mini's Q4_K gate_up (docs/kernels.md), before the nineteenth
-    # session's one float order and INT8_BLOCK_N (untimed). With tensor_cores, qmatvec's dense call takes the
+    # session's one float order and INT8_BLOCK_N. With tensor_cores, qmatvec's dense call takes the
     # int8-x dot instead, with the same bits a row.
     int8_x: bool = False
     # The int8-x kernels' K loop written out step by step (qmatvec_int8._k_loop), as a Triton kernel whose sizes are
@@ -340,7 +343,7 @@ def plan(
     defaults of docs/kernels.md; bench/kernels.py --sweep tries others."""
     fmt = FORMATS[qtype]
     blocks = k // fmt.sb
-    if block_n is None and int8_x:  # one output row a thread, two warps (`INT8_BLOCK_N`)
+    if block_n is None and int8_x:  # one output row a thread (`INT8_BLOCK_N`)
         block_n = min(INT8_BLOCK_N, pl.next_power_of_2(n))
     elif block_n is None:
         block_n = min(32, pow2_floor(TARGET_VALUES // fmt.sb), pl.next_power_of_2(n))

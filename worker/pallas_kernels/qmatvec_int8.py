@@ -477,6 +477,20 @@ def _bytes(words: jax.Array) -> jax.Array:
     return pairs.reshape(words.shape[0], 4 * words.shape[1])  # [B, W, 2 (i), 2 (j)]: byte 2i + j
 
 
+# The int8 dot's smallest K: Triton's NVIDIA backend refuses a tl.dot of 8-bit operands with K < 32 (its
+# min_dot_size); Pallas builds the dot below that check, and the card computed a K = 16 dot wrong (a Q6_K part's 16
+# values: every output of the int8-x dot off, 2026-12-05, bench.int8_bits on an H100).
+MIN_INT8_DOT_K = 32
+
+
+def _widened(v: jax.Array) -> jax.Array:
+    """[B, K] -> [B, MIN_INT8_DOT_K] with zeros between its values (the same sums of products: the codes' zeros
+    multiply whatever x has there). Why interleaved: Triton joins tensors along a new last axis, nothing wider."""
+    while v.shape[-1] < MIN_INT8_DOT_K:
+        v = jnp.stack([v, jnp.zeros_like(v)], axis=-1).reshape(v.shape[0], 2 * v.shape[-1])
+    return v
+
+
 def _mma_kernel(x_ref, dx_ref, sums_ref, *refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, bm: int,
                 p, compiled: bool):  # fmt: skip
     """The int8-x matvec for many rows: program (r, i, j) computes x rows [r*BM, (r+1)*BM) against output columns
@@ -509,7 +523,8 @@ def _mma_kernel(x_ref, dx_ref, sums_ref, *refs, fmt: IntFormat, names: Sequence[
                     if part.minus is not None:
                         codes = codes - _bytes(_flat(part.minus))
                     xb = _flat(x_tile(x_ref, b, index, block_ok))  # int8 [BM, 4W], x's bytes in order
-                    sums = jnp.dot(xb, codes.astype(jnp.int8).T, preferred_element_type=jnp.int32)
+                    xb, codes = _widened(xb), _widened(codes.astype(jnp.int8))  # 16-value parts: K 16 -> 32
+                    sums = jnp.dot(xb, codes.T, preferred_element_type=jnp.int32)
                     x_sums = None if part.sum_index is None else x_tile(sums_ref, b, part.sum_index, block_ok)
                     column = {name: _flat(getattr(part, name))[None, :] for name in ("scale", "offset")
                               if getattr(part, name) is not None}  # fmt: skip
