@@ -477,14 +477,14 @@ def _bytes(words: jax.Array) -> jax.Array:
     return pairs.reshape(words.shape[0], 4 * words.shape[1])  # [B, W, 2 (i), 2 (j)]: byte 2i + j
 
 
-# The int8 dot's smallest K: Triton's NVIDIA backend refuses a tl.dot of 8-bit operands with K < 32 (its
-# min_dot_size); Pallas builds the dot below that check, and the card computed a K = 16 dot wrong (a Q6_K part's 16
-# values: every output of the int8-x dot off, 2026-12-05, bench.int8_bits on an H100).
+# The int8 dot's smallest K: Triton's front end refuses a tl.dot of 8-bit operands with K < 32 on NVIDIA (its
+# backend's min_dot_size); Pallas builds the dot below that check, and the card computed a K = 16 dot wrong (a Q6_K
+# part's 16 values: every output of the int8-x dot off, 2026-12-05, bench.int8_bits on an H100).
 MIN_INT8_DOT_K = 32
 
 
 def _widened(v: jax.Array) -> jax.Array:
-    """[B, K] -> [B, MIN_INT8_DOT_K] with zeros between its values (the same sums of products: the codes' zeros
+    """[B, K] -> [B, max(K, MIN_INT8_DOT_K)] with zeros between its values (the same sums of products: the codes' zeros
     multiply whatever x has there). Why interleaved: Triton joins tensors along a new last axis, nothing wider."""
     while v.shape[-1] < MIN_INT8_DOT_K:
         v = jnp.stack([v, jnp.zeros_like(v)], axis=-1).reshape(v.shape[0], 2 * v.shape[-1])
