@@ -346,12 +346,13 @@ def test_int8_x_compiled_on_real_shapes(qtype, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [9, 64])
-@pytest.mark.parametrize(("qtype", "shape"), GPU_DENSE[:6], ids=lambda v: v.name if isinstance(v, QT) else
-                         "x".join(map(str, v)))  # fmt: skip
+@pytest.mark.parametrize(("qtype", "shape", "rows"), [(*c, 9) for c in GPU_DENSE] + [(*c, 64) for c in GPU_DENSE[:6]],
+                         ids=lambda v: v.name if isinstance(v, QT) else "x".join(map(str, v)) if isinstance(v, tuple)
+                         else str(v))  # fmt: skip
 def test_the_int8_x_dot_compiled_gives_the_per_row_kernels_bits(qtype, shape, rows):
     """On the card (IMMA, PTX fma.rn in both): within float32's rounding of the twin on the x the card rounded, and
-    every row the per-row kernel's bits, at 9 and 64 rows (python -m bench.int8_bits says where they part)."""
+    every row the per-row kernel's bits, every format at 9 rows (both kinds of part: 16 values, widened to the
+    dot's 32, and 32), six at 64 (python -m bench.int8_bits says where they part)."""
     _gpu()
     w = _on_device(qtype, shape, seed=8)
     x = jax.random.normal(jax.random.key(rows), (rows, shape[1]), jnp.float32)
