@@ -154,7 +154,7 @@ def _dots(jaxpr):
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_the_int8_x_dot_takes_at_least_32_values_a_product(qtype):
-    """Triton's NVIDIA backend takes 8-bit dots of K >= 32 only (its min_dot_size); Pallas builds them below that
+    """Triton's front end takes 8-bit dots of K >= 32 only on NVIDIA (min_dot_size); Pallas builds them below that
     check, and the card computed a K = 16 dot wrong (Q6_K, an H100, 2026-12-05) while interpret mode, which has no
     such limit, gave the right sums. So the kernel's every int8 dot is checked here, where no card is."""
     sb = qmv.FORMATS[qtype].sb
@@ -345,10 +345,13 @@ def test_int8_x_compiled_on_real_shapes(qtype, shape):
     assert np.array_equal(np.asarray(call(x[1:2], w))[0], np.asarray(y)[1]), "row 1 alone: other bits"
 
 
+DOT_CASES = [(*c, 9) for c in GPU_DENSE] + [(*c, 64) for c in GPU_DENSE[:6]]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize(("qtype", "shape", "rows"), [(*c, 9) for c in GPU_DENSE] + [(*c, 64) for c in GPU_DENSE[:6]],
-                         ids=lambda v: v.name if isinstance(v, QT) else "x".join(map(str, v)) if isinstance(v, tuple)
-                         else str(v))  # fmt: skip
+@pytest.mark.parametrize(
+    ("qtype", "shape", "rows"), DOT_CASES, ids=[f"{q.name}-{n}x{k}-{r}" for q, (n, k), r in DOT_CASES]
+)
 def test_the_int8_x_dot_compiled_gives_the_per_row_kernels_bits(qtype, shape, rows):
     """On the card (IMMA, PTX fma.rn in both): within float32's rounding of the twin on the x the card rounded, and
     every row the per-row kernel's bits, every format at 9 rows (both kinds of part: 16 values, widened to the
