@@ -468,7 +468,8 @@ def load_model(
     with ThreadPoolExecutor(1) as pool:
         building = pool.submit(load_tokenizer, gf if tokenizer_json is None else gf.path, tokenizer_json)
         place = sharding.placer(cfg, mesh) if mesh is not None else None
-        weights = load_weights(gf, table, lambda a: jax.device_put(a, dev), progress, place)
+        fuse = backend != "cpu" and place is None
+        weights = load_weights(gf, table, lambda a: jax.device_put(a, dev), progress, place, fuse)
         if backend == "cpu":  # the layout XLA's CPU backend computes with well (quant.Int8Blocks); the gpu and
             weights = cpu_layout(weights)  # interpret backends' kernels read the block planes
         if copies:

@@ -10,6 +10,7 @@ block switches on.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -176,20 +177,72 @@ def to_weight(t: TensorInfo, put: Put, matrix: bool) -> QuantArray | jax.Array:
     return put(np.asarray(gguf.quants.dequantize(t.data, t.qtype), np.float32).reshape(t.shape))
 
 
+# Projections that read the same input, fused at load into one matrix of their rows where their formats agree, on
+# the kernel backends: the forward's fused paths (phi3's file has them so) then take one matvec launch, one rounding
+# of x (int8 x) and one split-K fold where two or three took theirs. A small model's one-stream decode step is
+# bound by its number of small kernels (docs/PERFORMANCE.md). Not on the CPU, where XLA's dots of the parts measured
+# faster (docs/kernels.md, "Fused projections"). The fused name's rows are the parts' in this order.
+FUSIONS = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_up": ("ffn_gate", "ffn_up")}
+# WORKER_FUSE_PROJECTIONS=0 loads the parts as the file has them: an A/B for the benchmarks.
+_fuse_projections = os.environ.get("WORKER_FUSE_PROJECTIONS", "1") != "0"
+
+
+def fused_tensors(gf: GGUFFile, table: dict[str, tuple[tuple, bool]]) -> dict[str, tuple[tuple, TensorInfo]]:
+    """The FUSIONS this file's layers allow: the name of each fused part's tensor -> (the fused field's path, the
+    fused tensor), the tensor given under its first part's name only. A group fuses when every part is a matrix of
+    one format and one input width, and the parts have biases all or none; otherwise its parts load as they are."""
+    out: dict[str, tuple[tuple, TensorInfo]] = {}
+    for name, (path, _) in table.items():
+        if path[0] != "layers" or not name.endswith(".weight"):
+            continue
+        prefix = name.rsplit(".", 2)[0]  # blk.N
+        for fused, parts in FUSIONS.items():
+            if path[-1] != parts[0]:
+                continue
+            weights = [gf.tensors.get(f"{prefix}.{p}.weight") for p in parts]
+            biases = [gf.tensors.get(f"{prefix}.{p}.bias") for p in parts]
+            if any(w is None or len(w.shape) != 2 for w in weights):
+                continue
+            if len({(w.qtype, w.shape[-1]) for w in weights}) > 1 or len({b is None for b in biases}) > 1:
+                continue
+            groups = [(weights, "weight", path[:-1] + (fused,))]
+            if biases[0] is not None:
+                if len({b.qtype for b in biases}) > 1:
+                    continue
+                groups.append((biases, "bias", path[:-1] + (f"{fused}_b",)))
+            for ts, kind, fused_path in groups:
+                rows = sum(t.shape[0] for t in ts)
+                data = np.concatenate([t.data.reshape(-1) for t in ts])
+                t = TensorInfo(f"{prefix}.{fused}.{kind}", ts[0].qtype, (rows, *ts[0].shape[1:]), -1,
+                               sum(t.nbytes for t in ts), data)  # fmt: skip
+                out[ts[0].name] = (fused_path, t)
+                out.update({other.name: (fused_path, None) for other in ts[1:]})
+    return out
+
+
 def load_weights(
     gf: GGUFFile,
     table: dict[str, tuple[tuple, bool]],
     put: Put,
     on_tensor: Callable[[int], None] | None = None,
     place: Callable[[TensorInfo, str], dict[str, Any]] | None = None,
+    fuse: bool = False,
 ) -> dict:
     """Build the nested weights dict from `table`; path elements are dict keys or list indices. `place(tensor,
     field)`: the fields a tensor becomes, instead of {field: to_weight(tensor, put)} (tensor parallelism places
-    shards through it: worker/sharding.py)."""
+    shards through it: worker/sharding.py; it splits fused matrices into their parts, so `fuse` is refused with it).
+    `fuse`: the FUSIONS the file allows (WORKER_FUSE_PROJECTIONS=0 turns them off)."""
+    if fuse and place is not None:
+        raise ValueError("fused projections are a one-device layout; tensor parallelism places the parts")
     check_names(gf, table)
+    fusing = fused_tensors(gf, table) if fuse and _fuse_projections else {}
     root: dict = {}
     for name, t in gf.tensors.items():
         path, _ = table[name]
+        if name in fusing:
+            path, t = fusing[name]
+            if t is None:  # a part of a fused tensor, loaded (and counted) under its first part's name
+                continue
         node = root
         for key in path[:-1]:
             node = node.setdefault(key, {})
