@@ -187,11 +187,12 @@ FUSIONS = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_up": ("ffn_gate", "f
 _fuse_projections = os.environ.get("WORKER_FUSE_PROJECTIONS", "1") != "0"
 
 
-def fused_tensors(gf: GGUFFile, table: dict[str, tuple[tuple, bool]]) -> dict[str, tuple[tuple, TensorInfo]]:
+def fused_tensors(gf: GGUFFile, table: dict[str, tuple[tuple, bool]]) -> dict[str, tuple[tuple, list[TensorInfo]]]:
     """The FUSIONS this file's layers allow: the name of each fused part's tensor -> (the fused field's path, the
-    fused tensor), the tensor given under its first part's name only. A group fuses when every part is a matrix of
-    one format and one input width, and the parts have biases all or none; otherwise its parts load as they are."""
-    out: dict[str, tuple[tuple, TensorInfo]] = {}
+    parts in row order), the parts given under the first part's name only (an empty list under the others). A group
+    fuses when every part is a matrix of one format and one input width, and the parts have biases all or none;
+    otherwise its parts load as they are."""
+    out: dict[str, tuple[tuple, list[TensorInfo]]] = {}
     for name, (path, _) in table.items():
         if path[0] != "layers" or not name.endswith(".weight"):
             continue
@@ -205,19 +206,24 @@ def fused_tensors(gf: GGUFFile, table: dict[str, tuple[tuple, bool]]) -> dict[st
                 continue
             if len({(w.qtype, w.shape[-1]) for w in weights}) > 1 or len({b is None for b in biases}) > 1:
                 continue
-            groups = [(weights, "weight", path[:-1] + (fused,))]
+            groups = [(weights, path[:-1] + (fused,))]
             if biases[0] is not None:
                 if len({b.qtype for b in biases}) > 1:
                     continue
-                groups.append((biases, "bias", path[:-1] + (f"{fused}_b",)))
-            for ts, kind, fused_path in groups:
-                rows = sum(t.shape[0] for t in ts)
-                data = np.concatenate([t.data.reshape(-1) for t in ts])
-                t = TensorInfo(f"{prefix}.{fused}.{kind}", ts[0].qtype, (rows, *ts[0].shape[1:]), -1,
-                               sum(t.nbytes for t in ts), data)  # fmt: skip
-                out[ts[0].name] = (fused_path, t)
-                out.update({other.name: (fused_path, None) for other in ts[1:]})
+                groups.append((biases, path[:-1] + (f"{fused}_b",)))
+            for ts, fused_path in groups:
+                out[ts[0].name] = (fused_path, ts)
+                out.update({other.name: (fused_path, []) for other in ts[1:]})
     return out
+
+
+def joined(parts: list[TensorInfo]) -> TensorInfo:
+    """One tensor of the parts' rows, in order: GGUF rows are whole blocks, so its bytes are the parts' one after
+    another. Made as it is loaded, so that the host holds one fused tensor's copy at a time."""
+    first, name = parts[0], "|".join(t.name for t in parts)
+    rows = sum(t.shape[0] for t in parts)
+    data = np.concatenate([t.data.reshape(-1) for t in parts])
+    return TensorInfo(name, first.qtype, (rows, *first.shape[1:]), -1, sum(t.nbytes for t in parts), data)
 
 
 def load_weights(
@@ -240,9 +246,10 @@ def load_weights(
     for name, t in gf.tensors.items():
         path, _ = table[name]
         if name in fusing:
-            path, t = fusing[name]
-            if t is None:  # a part of a fused tensor, loaded (and counted) under its first part's name
+            path, parts = fusing[name]
+            if not parts:  # a part of a fused tensor, loaded (and counted) under its first part's name
                 continue
+            t = joined(parts)
         node = root
         for key in path[:-1]:
             node = node.setdefault(key, {})
