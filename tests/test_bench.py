@@ -13,7 +13,7 @@ import pytest
 from conftest import oracles_dir
 from gguf import GGUFReader
 
-from bench import floor, goldens, llamacpp, load, report, ttft
+from bench import ab, floor, goldens, llamacpp, load, report, ttft
 from worker.gguf import open_gguf
 from worker.sampling import TokenLogprobs
 
@@ -461,3 +461,21 @@ def test_int8_x_reaches_the_worker_and_its_server(tmp_path):
                  "--out", str(tmp_path), "--requests", "1", "--timeout", "120"]) == 0  # fmt: skip
     errors = json.loads((tmp_path / "tiny-cpu.json").read_text())["errors"]
     assert "--int8-x" in errors["worker"] and "--int8-x" in errors["http"], errors
+
+
+def test_ab_table_takes_each_variants_runs_in_round_order(tmp_path):
+    def run(variant: int, rnd: int, tok_s: float, model: str = "m"):
+        result = {"device": {"kind": "H100"}, "decode_tok_s": tok_s, "prefill_tok_s": 10 * tok_s,
+                  "decode_s": [1.0, 1.1, 1.05]}  # fmt: skip
+        (tmp_path / f"{model}-v{variant}-r{rnd}.json").write_text(json.dumps(result))
+
+    run(0, 1, 100.0), run(1, 1, 90.0), run(1, 2, 110.0), run(0, 2, 104.0), run(0, 10, 102.0)
+    run(0, 1, 5.0, model="other")  # another model's run, and a variant past the list, are not read
+    run(2, 1, 5.0)
+    runs = ab.collect(tmp_path, "m", 2)
+    assert [[r["decode_tok_s"] for r in v] for v in runs] == [[100.0, 104.0, 102.0], [90.0, 110.0]]
+    text, rows = ab.table("m", ["A=1", "A=0"], runs)
+    assert [r["decode_median"] for r in rows] == [102.0, 100.0]
+    assert rows[1]["vs_first"] == pytest.approx(100.0 / 102.0)
+    assert "| A=0 | 90.0 (1.100), 110.0 (1.100) | 100.0 | 1000.0 | 0.980× |" in text
+    assert "(H100)" in text

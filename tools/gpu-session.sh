@@ -10,7 +10,8 @@
 #                      the machine stays warm; the stages that need llama.cpp wait for it
 #           kernels    the gpu-marked quantized-matvec, MoE matmul and batched-kernel tests; when one fails the call
 #                      stops there (a broken kernel would waste the benchmarks after it; -x stops at the first);
-#                      kernels:F only tests/F
+#                      kernels:F only tests/F; KERNELS_K selects tests (pytest -k), KERNELS_WORKERS runs them on that
+#                      many processes (pytest-xdist: the compiles are the host's)
 #           rows:M     python -m bench.dispatch --rows $ROWS (default 1,8,64; budget ROWS_SECONDS, default 150) on
 #                      model M: a decode dispatch of that many rows, the largest bucket's compile timed, the prefill
 #                      groups (PREFILL_GROUPS: their sizes, e.g. 32); ROWS_CONTEXT: the rows' prompt lengths (e.g.
@@ -25,6 +26,13 @@
 #                      --max-batch 64, 2 and 2 --int8-x: the tensor-core, per-row and int8-x per-row kernels;
 #                      results in $GPU_STATE/results/wbench/; WBENCH_KINDS picks some (e.g. "2 2i"); budget
 #                      WBENCH_SECONDS (default 300)
+#           ab:M       an A/B of environment settings on bench.worker_bench (batch-1 decode, the worker alone) on
+#                      model M: AB lists the variants, space-separated, each a comma-joined list of VAR=VALUE (default
+#                      "WORKER_FUSE_PROJECTIONS=1 WORKER_FUSE_PROJECTIONS=0"); AB_ROUNDS rounds (default 2), the
+#                      variants in the given order, then reversed, and so on (ABBA: a drift of the card or the host
+#                      falls on both); AB_KIND the decode kernels (default 2i, as wbench's kinds); a process a run;
+#                      AB_ARGS passed on to worker_bench (e.g. "--repeats 5"); results in $GPU_STATE/results/ab/,
+#                      each variant's decode tok/s (bench.ab) in the stage's log; budget AB_SECONDS (default 300)
 #           goldens    python -m bench.goldens: the real Gemma 3 against exact math, step by step, for each of
 #                      GOLDENS_VARIANTS (default 64,2: the tensor-core and per-row decode kernels; e.g. 64j: attention
 #                      on jax.numpy); needs the staged Gemma wheels and shared/oracles/gemma3-270m; budget
@@ -159,7 +167,10 @@ do_tests() {
 do_kernels() {
     local files=("$@")
     [ ${#files[@]} -gt 0 ] || files=(tests/test_pallas_qmatvec.py tests/test_pallas_moe_matmul.py tests/test_batched_kernels.py)
-    py -m pytest -x -v -rA -m gpu -o addopts="" -p no:cacheprovider "${files[@]}"
+    local opts=()  # KERNELS_K: only the tests it selects; KERNELS_WORKERS: that many pytest-xdist processes
+    [ -n "${KERNELS_K:-}" ] && opts+=(-k "$KERNELS_K")
+    [ -n "${KERNELS_WORKERS:-}" ] && opts+=(-n "$KERNELS_WORKERS")
+    py -m pytest -x -v -rA -m gpu -o addopts="" -p no:cacheprovider "${opts[@]}" "${files[@]}"
 }
 
 do_backend() {  # #15's backend question: the jax-triton port's bits, then its times beside the Pallas kernel's
@@ -297,6 +308,27 @@ do_wbench() {
     return $rc
 }
 
+do_ab() {
+    # variants of environment settings, interleaved ABBA, one worker_bench process a run (the table: bench.ab)
+    local like=$1 rc=0 r v i order
+    local variants=(${AB:-WORKER_FUSE_PROJECTIONS=1 WORKER_FUSE_PROJECTIONS=0})
+    mkdir -p "$results/ab"
+    for r in $(seq 1 "${AB_ROUNDS:-2}"); do
+        order=$(seq 0 $((${#variants[@]} - 1)))
+        [ $((r % 2)) = 0 ] && order=$(echo "$order" | tac)
+        for i in $order; do
+            v=${variants[$i]}
+            echo "== $like round $r: $v"
+            # shellcheck disable=SC2046  # the variant's settings and the kind's flags are lists
+            env $(echo "$v" | tr ',' ' ') bash tools/gpu-env.sh python3 -m bench.worker_bench \
+                --model "$(model_path "$like")" --device "${BENCH_DEVICE:-gpu}" --steps-sweep "" \
+                $(kind_args "${AB_KIND:-2i}") ${AB_ARGS:-} --json "$results/ab/$like-v$i-r$r.json" || rc=1
+        done
+    done
+    py -m bench.ab "$results/ab" --model "$like" --variants "${variants[@]}" || rc=1
+    return $rc
+}
+
 do_tp() {
     local n=$1 like rc=0
     mkdir -p "$results/tp"
@@ -385,6 +417,7 @@ for s in "$@"; do
         rows:*) stage "rows-${s#rows:}" "${ROWS_SECONDS:-150}" do_rows "${s#rows:}" ;;
         invariance) stage invariance "${INVARIANCE_SECONDS:-180}" do_invariance ;;
         backend) stage backend "${BACKEND_SECONDS:-180}" do_backend ;;
+        ab:*) stage "ab-${s#ab:}" "${AB_SECONDS:-300}" do_ab "${s#ab:}" ;;
         goldens) stage goldens "${GOLDENS_SECONDS:-240}" do_goldens ;;
         kbench) stage kbench "${KBENCH_SECONDS:-240}" do_kbench ;;
         ncu) stage ncu "${NCU_SECONDS:-180}" do_ncu ;;
@@ -427,6 +460,7 @@ for t in "$results"/rows/trace-*; do  # each model's newest traces: the most row
 done
 cp -r "$results/logs" "$logs/bench-logs" 2>/dev/null
 cp -r "$results/tp" "$logs/tp" 2>/dev/null
+cp -r "$results/ab" "$logs/ab" 2>/dev/null
 cp -r "$results/goldens" "$logs/goldens" 2>/dev/null
 # The load results so far (every model's tables, for docs/PERFORMANCE.md), their JSON and logs.
 if compgen -G "$results/load/load-*.md" > /dev/null; then
