@@ -313,6 +313,7 @@ do_ab() {
     local like=$1 rc=0 r v i order
     local variants=(${AB:-WORKER_FUSE_PROJECTIONS=1 WORKER_FUSE_PROJECTIONS=0})
     mkdir -p "$results/ab"
+    rm -f "$results/ab/$like"-v*-r*.json  # an earlier A/B's runs of this model would be read as this one's
     for r in $(seq 1 "${AB_ROUNDS:-2}"); do
         order=$(seq 0 $((${#variants[@]} - 1)))
         [ $((r % 2)) = 0 ] && order=$(echo "$order" | tac)
