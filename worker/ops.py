@@ -45,8 +45,8 @@ _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
 # WORKER_INT8_LIVE=1: the int8-x kernel skips a decode step's dead rows too (qmatvec.live_steps), untimed: an A/B
 # for the card (bench/README.md's plan); off by default, as the measured faster.
 _int8_live = os.environ.get("WORKER_INT8_LIVE", "0") == "1"
-# WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits),
-# untimed: an A/B for the card like the one above.
+# WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
+# +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
 
 

@@ -316,7 +316,8 @@ class Plan:
     # registers), its qkv -14%, Q6_K down -8%, gpt-oss's Q8_0 -10%, MXFP4 -2%, its gathered experts -11%; the dot
     # loses Triton's software pipeline (shared memory 16 -> 2 KiB at 16 rows). Timed alone on an H200 (2026-12-05,
     # bench.kernels' `unrolled` column): no faster (phi3's gate_up 19.7 against 19.2 us, qwen2.5's gate 3.8 against
-    # 3.9). Off; WORKER_INT8_UNROLL=1 turns it on for the step's A/B, not yet run.
+    # 3.9). In the whole step (qwen2.5-0.5b one stream, H100, 2026-12-06): +0.6%, with a first compile of 109 s
+    # against 10 s. Off; WORKER_INT8_UNROLL=1 turns it on.
     unroll: bool = False
 
 
