@@ -297,13 +297,20 @@ do_bench() {
         --budget $((STAGE_BUDGET - 20)) ${BENCH_ARGS:-}
 }
 
+worker_bench() {  # worker_bench MODEL KIND JSON [ARGS...]: bench.worker_bench at one kernel kind, no steps sweep
+    local like=$1 kind=$2 json=$3
+    shift 3
+    # shellcheck disable=SC2046  # the kind's flags are a list
+    py -m bench.worker_bench --model "$(model_path "$like")" --device "${BENCH_DEVICE:-gpu}" --steps-sweep "" \
+        $(kind_args "$kind") "$@" --json "$json"
+}
+
 do_wbench() {
     # the worker alone (bench.worker_bench, no steps sweep) on model M with each decode kernel kind at batch 1
     local like=$1 rc=0 v
     mkdir -p "$results/wbench"
     for v in ${WBENCH_KINDS:-64 2 2i}; do
-        py -m bench.worker_bench --model "$(model_path "$like")" --device "${BENCH_DEVICE:-gpu}" --steps-sweep "" \
-            $(kind_args "$v") --json "$results/wbench/$like-b$v.json" || rc=1
+        worker_bench "$like" "$v" "$results/wbench/$like-b$v.json" || rc=1
     done
     return $rc
 }
@@ -320,10 +327,9 @@ do_ab() {
         for i in $order; do
             v=${variants[$i]}
             echo "== $like round $r: $v"
-            # shellcheck disable=SC2046  # the variant's settings and the kind's flags are lists
-            env $(echo "$v" | tr ',' ' ') bash tools/gpu-env.sh python3 -m bench.worker_bench \
-                --model "$(model_path "$like")" --device "${BENCH_DEVICE:-gpu}" --steps-sweep "" \
-                $(kind_args "${AB_KIND:-2i}") ${AB_ARGS:-} --json "$results/ab/$like-v$i-r$r.json" || rc=1
+            # shellcheck disable=SC2046,SC2086  # the variant's settings and AB_ARGS are lists
+            (export $(echo "$v" | tr ',' ' ') && worker_bench "$like" "${AB_KIND:-2i}" \
+                "$results/ab/$like-v$i-r$r.json" ${AB_ARGS:-}) || rc=1
         done
     done
     py -m bench.ab "$results/ab" --model "$like" --variants "${variants[@]}" || rc=1
