@@ -212,6 +212,59 @@ def test_moe_matvec_gathers_the_selected_experts(qtype, shared):
     assert_close(y, np.asarray(qmv.moe_matvec_twin(x, experts, ids), np.float64), bound, "kernel vs twin")
 
 
+@pytest.mark.parametrize("int8_x", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("live", [[True], [False], [True, False], [False, True], [False, True, False]],
+                         ids=lambda v: "".join("LD"[not a] for a in v))  # fmt: skip
+def test_moe_matvec_live_tokens_have_their_bits_and_dead_ones_are_zeros(live, int8_x):
+    """`live` on the routed matvec (one stream's padding row, worker.ops.moe_matmul): a live token's k pairs have
+    the bits they have without the mask, a dead token's are zeros, for one token (no sort) and several (the pairs
+    sorted by expert, their liveness with them)."""
+    e, n, k = 5, 40, 2 * qmv.FORMATS[QT.Q4_K].sb
+    experts, _ = random_weight(QT.Q4_K, (e, n, k), seed=31)
+    m = len(live)
+    ids = np.array([[4, 0, 2], [1, 4, 4], [0, 3, 1]], np.int32)[:m]  # repeats: pairs of one expert sort together
+    x = np.random.default_rng(32).standard_normal((m, k)).astype(np.float32)
+    call = jax.jit(lambda x, w, i, live: qmv.moe_matvec(x, w, i, interpret=True, live=live, block_n=16, splits=2,
+                                                        int8_x=int8_x))  # fmt: skip
+    full = np.asarray(call(x, experts, ids, None))
+    y = np.asarray(call(x, experts, ids, jnp.asarray(live)))
+    for t, alive in enumerate(live):
+        if alive:
+            assert np.array_equal(y[t], full[t]), f"token {t}: other bits with the mask"
+        else:
+            assert not y[t].any(), f"token {t}: a dead token's pairs are not zeros"
+
+
+@pytest.mark.parametrize(("int8_x", "int8_live"), [(False, False), (True, False), (True, True)],
+                         ids=["float", "int8", "int8-live"])  # fmt: skip
+def test_a_decode_steps_routed_experts_skip_its_dead_rows(oracles, monkeypatch, int8_x, int8_live):
+    """A one-stream decode step of the tiny gpt-oss on the per-row kernels: its routed-expert calls get the step's
+    live tokens, so the padding row's experts are not computed (float; int8 x with WORKER_INT8_LIVE=1 only), and
+    the greedy ids still follow the float64 HF oracle where its margin is clear."""
+    seen = []
+    routed = qmv.moe_matvec
+
+    def spy(x, w, ids, **kwargs):
+        if ids.shape[0] == 2:  # a decode step's two rows (prefill's calls take the grouped kernel)
+            seen.append(None if kwargs.get("live") is None else kwargs["live"].shape)
+        return routed(x, w, ids, **kwargs)
+
+    monkeypatch.setattr(qmv, "moe_matvec", spy)
+    monkeypatch.setattr(ops, "_int8_live", int8_live)
+    d = oracles / "models" / "gpt-oss"
+    m = worker.load(d / "model-mxfp4_moe.gguf", device="cpu", backend="interpret", slots=256, max_batch=2,
+                    int8_x=int8_x)  # fmt: skip
+    assert m.cfg.decode_kernels == ("per-row-int8" if int8_x else "per-row") and m.runner.min_rows == 2
+    ids = manifest(d)["input"]["ids"][:6]
+    decoded = teacher_forced_decode(m, ids)
+    skipped = (2,) if not int8_x or int8_live else None
+    assert seen and all(shape == skipped for shape in seen), seen
+    ref = np.load(d / "logits-hf-f64-mxfp4_moe-dequant.npy")[: len(ids)]
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-3
+    assert clear.any() and (decoded == ref.argmax(-1))[clear].all()
+
+
 REAL_SHAPES = [(896, 896), (151936, 896), (896, 4864), (16384, 3072), (3072, 8192), (262144, 640), (2880, 2880)]
 
 

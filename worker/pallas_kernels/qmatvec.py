@@ -567,11 +567,11 @@ def _call(
     """x [T, K]; returns the split-K partial sums summed: [T, N] float32. Dense with `tensor_cores`: rows in tiles
     of `row_tile` (`_dot_kernel`), float16 operands where `f16` (default: not in interpret mode); dense without:
     rows in groups of `row_group`, the last padded with zero rows; gathered: one program per row. `live` [T]
-    (dense per-row only): a group of rows none of which is live is zeros, computed by nobody."""
+    (per-row only): a group of rows none of which is live is zeros, computed by nobody."""
     fmt = FORMATS[w.qtype]
     t, k = x.shape
-    if live is not None and (tensor_cores or ids is not None):
-        raise ValueError("live rows are an option of the dense per-row kernels")
+    if live is not None and tensor_cores:
+        raise ValueError("live rows are an option of the per-row kernels")
     group = 1 if ids is not None else row_group(t, live is not None)
     out_rows = t if tensor_cores else pl.cdiv(t, group) * group  # the per-row kernels' rows: whole groups
     live_arg = [] if live is None else [jnp.pad(live.reshape(t).astype(jnp.int32), (0, out_rows - t))]
@@ -706,11 +706,19 @@ def _selected_rows(x: jax.Array, expert_ids: jax.Array) -> jax.Array:
 
 @kernel_entry("interpret", *TILE_ARGS)
 def moe_matvec(
-    x: jax.Array, experts: QuantArray, expert_ids: jax.Array, *, interpret: bool = False, **tiles: int | None
+    x: jax.Array,
+    experts: QuantArray,
+    expert_ids: jax.Array,
+    *,
+    interpret: bool = False,
+    live: jax.Array | None = None,
+    **tiles: int | None,
 ) -> jax.Array:
     """The selected experts' products, as worker.ops.moe_matmul: x [M, In] or [M, k, In], experts [E, Out, In],
     expert_ids [M, k] -> float32 [M, k, Out], for any number of tokens. Each (token, selection) pair reads its
-    expert's planes once and is computed the same way in a call of any size (the plan depends on k, not M)."""
+    expert's planes once and is computed the same way in a call of any size (the plan depends on k, not M).
+    `live` [M] (bool): the tokens whose results are used; the others' pairs read nothing and come out as zeros
+    (`when_live` / qmatvec_int8's trip count of 0), a live pair's bits unchanged."""
     _check(experts, 3)
     e, n = next(iter(experts.planes.values())).shape[:2]
     k = experts.shape[-1]
@@ -718,14 +726,18 @@ def moe_matvec(
     if xs.shape[-1] != k:
         raise ValueError(f"moe_matvec: x {x.shape} against experts [{e}, {n}, {k}]")
     ids = jnp.clip(expert_ids.reshape(-1).astype(jnp.int32), 0, e - 1)  # an id out of range must not read OOB
+    pairs_live = None
+    if live is not None:  # a token's liveness for each of its k pairs, in the pairs' order
+        pairs_live = jnp.broadcast_to(live.reshape(-1, 1), expert_ids.shape).reshape(-1)
     p = plan(experts.qtype, n, k, expert_ids.shape[-1], **tiles)
     if expert_ids.shape[0] == 1:
-        return _call(xs, experts, ids, e, n, p, interpret).reshape(*expert_ids.shape, n)
+        return _call(xs, experts, ids, e, n, p, interpret, live=pairs_live).reshape(*expert_ids.shape, n)
     # Several tokens: the pairs sorted by expert (a stable sort), so that the pairs of one expert are neighbours on
     # the grid's fastest axis and read its tiles from L2, not each from memory. A pair's arithmetic is the same
     # wherever it sits, so the sort (and skipping it for one token) keeps batch invariance.
     order = jnp.argsort(ids, stable=True)
-    y = _call(xs[order], experts, ids[order], e, n, p, interpret)
+    sorted_live = None if pairs_live is None else pairs_live[order]
+    y = _call(xs[order], experts, ids[order], e, n, p, interpret, live=sorted_live)
     return y[jnp.argsort(order)].reshape(*expert_ids.shape, n)
 
 

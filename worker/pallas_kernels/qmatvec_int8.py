@@ -583,7 +583,7 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
          rows_per_program: int, live: jax.Array | None = None, row_tile: int | None = None) -> jax.Array:  # fmt: skip
     """x [T, K] -> the split-K partial sums [splits, T', N'] of qmatvec's per-row kernel on an int8 x (T' padded to
     whole groups of `rows_per_program`, N' to whole column tiles); qmatvec folds them. `ids` [T]: each row's expert
-    of `w` [experts, N, K] (gathered; one row a program). `live` int32 [T'] (dense): qmatvec.live_steps'.
+    of `w` [experts, N, K] (gathered; one row a program). `live` int32 [T']: qmatvec.live_steps'.
     `row_tile` (dense): `_mma_kernel` on tiles of that many rows instead (T' whole tiles; columns in tiles of at
     least MIN_DOT, the dot's smallest), with the same bits a row."""
     fmt = _format(w.qtype)
