@@ -1,6 +1,6 @@
-"""Projections fused at load on the kernel backends (models/base.py FUSIONS): q|k|v into attn_qkv and gate|up into
-ffn_up where a layer's parts share one format, each part's rows exactly the file's, and the forward on either layout
-at the float64 oracle's gate (the interpret backend: the kernels, run on this CPU)."""
+"""Projections fused at load on the kernel backends (models/base.py FUSIONS): q|k|v into attn_qkv (else q|k into
+attn_qk) and gate|up into ffn_up where a layer's parts share one format, each part's rows exactly the file's, and
+the forward on either layout at the float64 oracle's gate (the interpret backend: the kernels, run on this CPU)."""
 
 from __future__ import annotations
 
@@ -37,13 +37,16 @@ def test_a_layer_of_one_format_holds_the_fused_projections(oracles):
 
 
 @pytest.mark.parametrize("path", ["qwen2 q4_k_m", "mixed_gpt_oss d128"])
-def test_a_layer_of_mixed_formats_keeps_its_parts(oracles, path):
-    """Layer 1 of both files has a v of another format than q and k (Q6_K beside Q4_K; Q8_0 beside Q5_0)."""
+def test_a_layer_of_mixed_formats_fuses_what_agrees(oracles, path):
+    """Layer 1 of both files has a v of another format than q and k (Q6_K beside Q4_K; Q8_0 beside Q5_0): q|k fuse
+    (with their biases), v keeps its own."""
     name, variant = path.split()
     file = mixed_oracle(variant)[0] if name == "mixed_gpt_oss" else oracles / "models" / name / f"model-{variant}.gguf"
     first, second = layers(on_kernels(file))
-    assert "attn_qkv" in first and "attn_qkv_b" in first and "attn_q" not in first
-    assert {"attn_q", "attn_k", "attn_v", "attn_q_b"} <= set(second) and "attn_qkv" not in second
+    assert "attn_qkv" in first and "attn_qkv_b" in first and not {"attn_q", "attn_qk"} & set(first)
+    assert {"attn_qk", "attn_qk_b", "attn_v", "attn_v_b"} <= set(second)
+    assert not {"attn_qkv", "attn_q", "attn_k", "attn_q_b", "attn_k_b"} & set(second)
+    assert second["attn_qk"].qtype != second["attn_v"].qtype
 
 
 @pytest.mark.parametrize("arch,variant", [("qwen2", "q4_k_m"), ("gemma3", "q8_0"), ("gpt-oss", "mxfp4_moe")])
@@ -55,16 +58,19 @@ def test_fused_rows_are_the_files_parts(oracles, arch, variant):
     weights = base.load_weights(gf, table, np.asarray, fuse=True)
     checked = 0
     for i, lw in enumerate(weights["layers"]):
+        taken: set[str] = set()  # first parts already fused: a later fusion of the same part is not tried
         for fused, parts in base.FUSIONS.items():
             if f"blk.{i}.{parts[0]}.weight" not in gf.tensors:
                 continue
             one_format = len({gf.tensors[f"blk.{i}.{p}.weight"].qtype for p in parts}) == 1
+            expected = one_format and parts[0] not in taken
+            taken |= {parts[0]} if expected else set()
             for suffix, field in (("weight", fused), ("bias", f"{fused}_b")):
                 ts = [gf.tensors.get(f"blk.{i}.{p}.{suffix}") for p in parts]
                 if ts[0] is None:
                     continue
-                assert (field in lw) == one_format, (i, field)
-                if not one_format:
+                assert (field in lw) == expected, (i, field)
+                if not expected:
                     continue
                 want = np.concatenate([gguf.quants.dequantize(t.data, t.qtype).reshape(t.shape) for t in ts])
                 got = np.asarray(dequantize(lw[field]) if suffix == "weight" else lw[field])
@@ -75,12 +81,13 @@ def test_fused_rows_are_the_files_parts(oracles, arch, variant):
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "parts"])
 def test_prefill_and_decode_match_hf_f64_on_either_layout(oracles, monkeypatch, fuse):
-    """qwen2's Q4_K_M: layer 0 fused, layer 1 in parts (its v is Q6_K); WORKER_FUSE_PROJECTIONS=0 (the A/B's other
-    side) all in parts. Decode teacher-forced, so every position goes through the decode matvecs."""
+    """qwen2's Q4_K_M: layer 0 fused, layer 1 q|k fused beside its v (Q6_K); WORKER_FUSE_PROJECTIONS=0 (the A/B's
+    other side) all in parts. Decode teacher-forced, so every position goes through the decode matvecs."""
     monkeypatch.setattr(base, "_fuse_projections", fuse)
     d = oracles / "models" / "qwen2"
     m = on_kernels(d / "model-q4_k_m.gguf")
     assert ("attn_qkv" in layers(m)[0]) == fuse and ("ffn_gate" in layers(m)[0]) != fuse
+    assert ("attn_qk" in layers(m)[1]) == fuse and ("attn_q" in layers(m)[1]) != fuse
     ids, ref = manifest(d)["input"]["ids"], np.load(d / "logits-hf-f64-q4_k_m-dequant.npy")
     check_logits(m.logits(ids), ref, TOL, MARGIN)
     top2 = np.sort(ref, axis=-1)[:, -2:]

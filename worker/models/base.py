@@ -81,8 +81,10 @@ class LayerWeights(TypedDict, total=False):
     attn_k_b: jax.Array
     attn_v: Weight
     attn_v_b: jax.Array
-    attn_qkv: Weight  # fused rows [q | k | v] (phi3, gpt2)
+    attn_qkv: Weight  # fused rows [q | k | v] (phi3, gpt2; FUSIONS)
     attn_qkv_b: jax.Array
+    attn_qk: Weight  # fused rows [q | k] beside a v of another format (FUSIONS)
+    attn_qk_b: jax.Array
     attn_q_norm: jax.Array  # per-head RMS norms of q and k before RoPE (gemma3, qwen3)
     attn_k_norm: jax.Array
     attn_output: Weight
@@ -182,8 +184,14 @@ def to_weight(t: TensorInfo, put: Put, matrix: bool) -> QuantArray | jax.Array:
 # of x (int8 x) and one split-K fold where two or three took theirs. A small model's one-stream decode step is
 # bound by its number of small kernels: one stream on int8 x measured 7.2% faster fused on qwen2.5-0.5b, 2.3% on
 # gpt-oss-20b (an H100, 2026-12-06; docs/PERFORMANCE.md). Not on the CPU, where XLA's dots of the parts measured
-# faster (docs/kernels.md, "Fused projections"). The fused name's rows are the parts' in this order.
-FUSIONS = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_up": ("ffn_gate", "ffn_up")}
+# faster (docs/kernels.md, "Fused projections"). The fused name's rows are the parts' in this order. Where a layer's
+# q, k and v do not share a format (llama-quantize gives v more bits in some layers: qwen2.5-0.5b's Q4_K_M has a
+# Q8_0 v beside Q5_0 q and k in half its layers), q|k fuse and v stays apart: the first fusion of a part that fits.
+FUSIONS = {
+    "attn_qkv": ("attn_q", "attn_k", "attn_v"),
+    "attn_qk": ("attn_q", "attn_k"),
+    "ffn_up": ("ffn_gate", "ffn_up"),
+}
 # WORKER_FUSE_PROJECTIONS=0 loads the parts as the file has them: an A/B for the benchmarks.
 _fuse_projections = os.environ.get("WORKER_FUSE_PROJECTIONS", "1") != "0"
 
@@ -191,8 +199,9 @@ _fuse_projections = os.environ.get("WORKER_FUSE_PROJECTIONS", "1") != "0"
 def fused_tensors(gf: GGUFFile, table: dict[str, tuple[tuple, bool]]) -> dict[str, tuple[tuple, list[TensorInfo]]]:
     """The FUSIONS this file's layers allow: the name of each fused part's tensor -> (the fused field's path, the
     parts in row order), the parts given under the first part's name only (an empty list under the others). A group
-    fuses when every part is a matrix of one format and one input width, and the parts have biases all or none;
-    otherwise its parts load as they are."""
+    fuses when every part is a matrix of one format and one input width, and the parts have biases all or none
+    (of one type); otherwise the next fusion of its first part is tried (FUSIONS' order), and the parts of none
+    load as they are."""
     out: dict[str, tuple[tuple, list[TensorInfo]]] = {}
     for name, (path, _) in table.items():
         if path[0] != "layers" or not name.endswith(".weight"):
@@ -207,14 +216,15 @@ def fused_tensors(gf: GGUFFile, table: dict[str, tuple[tuple, bool]]) -> dict[st
                 continue
             if len({(w.qtype, w.shape[-1]) for w in weights}) > 1 or len({b is None for b in biases}) > 1:
                 continue
+            if biases[0] is not None and len({b.qtype for b in biases}) > 1:
+                continue
             groups = [(weights, path[:-1] + (fused,))]
             if biases[0] is not None:
-                if len({b.qtype for b in biases}) > 1:
-                    continue
                 groups.append((biases, path[:-1] + (f"{fused}_b",)))
             for ts, fused_path in groups:
                 out[ts[0].name] = (fused_path, ts)
                 out.update({other.name: (fused_path, []) for other in ts[1:]})
+            break
     return out
 
 
@@ -294,6 +304,9 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
     if "attn_qkv" in lw:
         qkv = ops.qmatmul(h, lw["attn_qkv"], lw.get("attn_qkv_b"), backend=be)
         q, k, v = jnp.split(qkv, [nh * hd, (nh + nk) * hd], axis=-1)
+    elif "attn_qk" in lw:
+        q, k = jnp.split(ops.qmatmul(h, lw["attn_qk"], lw.get("attn_qk_b"), backend=be), [nh * hd], axis=-1)
+        v = ops.qmatmul(h, lw["attn_v"], lw.get("attn_v_b"), backend=be)
     else:
         q = ops.qmatmul(h, lw["attn_q"], lw.get("attn_q_b"), backend=be)
         k = ops.qmatmul(h, lw["attn_k"], lw.get("attn_k_b"), backend=be)
