@@ -456,6 +456,22 @@ def test_moe_matvec_compiled_on_gpt_oss_experts(n, rows):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("int8_x", [False, True], ids=["float", "int8"])
+def test_moe_matvec_live_tokens_compiled_on_gpt_oss_experts(int8_x):
+    """One stream's decode bucket on gpt-oss-20b's gate_up experts (2 tokens, the second dead), compiled: the live
+    token's four pairs have their bits without the mask, the dead token's are zeros; both live, both tokens' bits."""
+    _gpu()
+    experts = _on_device(QT.MXFP4, (32, 5760, 2880), seed=7)
+    ids = jnp.asarray([[3, 17, 30, 8], [3, 5, 22, 31]], jnp.int32)  # a shared expert: the pairs sort together
+    x = jax.random.normal(jax.random.key(8), (2, 2880), jnp.float32)
+    call = jax.jit(lambda x, w, i, live: qmv.moe_matvec(x, w, i, int8_x=int8_x, live=live))
+    full = np.asarray(call(x, experts, ids, None))
+    y = np.asarray(call(x, experts, ids, jnp.asarray([True, False])))
+    assert np.array_equal(y[0], full[0]) and not y[1].any()
+    assert np.array_equal(np.asarray(call(x, experts, ids, jnp.asarray([True, True]))), full)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", [dict(factored=True), dict(prefetch=True), dict(factored=True, prefetch=True),
                                      dict(fma=True), dict(fma=True, factored=True)],
                          ids=lambda v: "-".join(v))  # fmt: skip
