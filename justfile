@@ -18,8 +18,9 @@ fuzz *ARGS:
 # Run the GPU-marked tests (on the GPU machine; installs carried wheels from .whl/ first if present)
 # The gpu-marked tests (on the GPU machine). test_fuzz.py holds none and imports schemathesis, which that machine
 # lacks; -rA lists every outcome, so a run cut short by a timeout still says which tests passed.
+[positional-arguments]
 test-gpu *ARGS:
-    bash tools/gpu-env.sh {{python}} -m pytest -v -rA -m gpu -o addopts="" --ignore=tests/test_fuzz.py {{ARGS}}
+    bash tools/gpu-env.sh {{python}} -m pytest -v -rA -m gpu -o addopts="" --ignore=tests/test_fuzz.py "$@"
 
 # Benchmarks: worker vs llama.cpp on the same file and device (see bench/README.md); `just bench load ...` is the
 # load mode (N concurrent streams through the real server against llama-server and llama-batched-bench)

@@ -153,12 +153,12 @@ def test_live_rows_have_their_bits_and_dead_groups_are_zeros(t, live, int8_x):
         qmv.qmatvec(x, w, interpret=True, live=jnp.asarray(live))  # the tensor-core kernel has no live rows
 
 
-@pytest.mark.parametrize(("int8_x", "int8_live"), [(False, False), (True, False), (True, True)],
-                         ids=["float", "int8", "int8-live"])  # fmt: skip
-def test_a_decode_steps_dense_per_row_calls_skip_its_dead_rows(oracles, monkeypatch, int8_x, int8_live):
+@pytest.mark.parametrize("int8_x", [False, True], ids=["float", "int8"])
+def test_a_decode_steps_dense_per_row_calls_skip_its_dead_rows(oracles, monkeypatch, int8_x):
     """A one-stream decode step (a bucket of 2 rows, runner.MIN_ROWS) on the per-row kernels: each dense float call
-    gets the step's live rows (ops.live_rows), so the padding row's programs compute nothing; int8-x calls get them
-    with WORKER_INT8_LIVE=1 only. The greedy ids still follow the float64 HF oracle where its margin is clear."""
+    gets the step's live rows (ops.live_rows), so the padding row's programs compute nothing; int8-x calls keep
+    their two-row programs (measured faster on the card). The greedy ids still follow the float64 HF oracle where
+    its margin is clear."""
     seen = []
     dense = qmv.qmatvec
 
@@ -168,13 +168,12 @@ def test_a_decode_steps_dense_per_row_calls_skip_its_dead_rows(oracles, monkeypa
         return dense(x, w, **kwargs)
 
     monkeypatch.setattr(qmv, "qmatvec", spy)
-    monkeypatch.setattr(ops, "_int8_live", int8_live)  # WORKER_INT8_LIVE (off by default: untimed)
     d = oracles / "models" / "qwen2"
     m = worker.load(d / "model-q8_0.gguf", device="cpu", backend="interpret", slots=256, max_batch=2, int8_x=int8_x)
     assert m.cfg.decode_kernels == ("per-row-int8" if int8_x else "per-row") and m.runner.min_rows == 2
     ids = manifest(d)["input"]["ids"][:8]
     decoded = teacher_forced_decode(m, ids)
-    skipped = (2,) if not int8_x or int8_live else None
+    skipped = None if int8_x else (2,)
     assert seen and all(shape == skipped for shape in seen), seen
     ref = np.load(d / "logits-hf-f64-q8_0-dequant.npy")[: len(ids)]
     top2 = np.sort(ref, axis=-1)[:, -2:]
@@ -235,12 +234,11 @@ def test_moe_matvec_live_tokens_have_their_bits_and_dead_ones_are_zeros(live, in
             assert not y[t].any(), f"token {t}: a dead token's pairs are not zeros"
 
 
-@pytest.mark.parametrize(("int8_x", "int8_live"), [(False, False), (True, False), (True, True)],
-                         ids=["float", "int8", "int8-live"])  # fmt: skip
-def test_a_decode_steps_routed_experts_skip_its_dead_rows(oracles, monkeypatch, int8_x, int8_live):
+@pytest.mark.parametrize("int8_x", [False, True], ids=["float", "int8"])
+def test_a_decode_steps_routed_experts_skip_its_dead_rows(oracles, monkeypatch, int8_x):
     """A one-stream decode step of the tiny gpt-oss on the per-row kernels: its routed-expert calls get the step's
-    live tokens, so the padding row's experts are not computed (float; int8 x with WORKER_INT8_LIVE=1 only), and
-    the greedy ids still follow the float64 HF oracle where its margin is clear."""
+    live tokens, so the padding row's experts are not computed (float and int8 x), and the greedy ids still follow
+    the float64 HF oracle where its margin is clear."""
     seen = []
     routed = qmv.moe_matvec
 
@@ -250,15 +248,13 @@ def test_a_decode_steps_routed_experts_skip_its_dead_rows(oracles, monkeypatch, 
         return routed(x, w, ids, **kwargs)
 
     monkeypatch.setattr(qmv, "moe_matvec", spy)
-    monkeypatch.setattr(ops, "_int8_live", int8_live)
     d = oracles / "models" / "gpt-oss"
     m = worker.load(d / "model-mxfp4_moe.gguf", device="cpu", backend="interpret", slots=256, max_batch=2,
                     int8_x=int8_x)  # fmt: skip
     assert m.cfg.decode_kernels == ("per-row-int8" if int8_x else "per-row") and m.runner.min_rows == 2
     ids = manifest(d)["input"]["ids"][:6]
     decoded = teacher_forced_decode(m, ids)
-    skipped = (2,) if not int8_x or int8_live else None
-    assert seen and all(shape == skipped for shape in seen), seen
+    assert seen and all(shape == (2,) for shape in seen), seen
     ref = np.load(d / "logits-hf-f64-mxfp4_moe-dequant.npy")[: len(ids)]
     top2 = np.sort(ref, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 1e-3

@@ -42,9 +42,6 @@ CPU_TILE_BYTES = 8 << 20
 BACKENDS = ("cpu", "gpu", "interpret")
 # The attention kernels on the non-CPU backends; WORKER_ATTENTION_KERNEL=0 keeps attention on jax.numpy.
 _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
-# WORKER_INT8_LIVE=1: the int8-x kernels skip a decode step's dead rows too (qmatvec.live_steps; dense calls and the
-# routed experts), untimed: an A/B for the card (bench/README.md's plan); off by default, as the measured faster.
-_int8_live = os.environ.get("WORKER_INT8_LIVE", "0") == "1"
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
@@ -113,12 +110,6 @@ def live_rows(live: jax.Array) -> Iterator[None]:
 def _tensor_cores(rows: int) -> bool:
     mode = _decode_kernels.get()
     return mode == "tensor-cores" or (mode == "by-rows" and rows > qmatvec.MAX_ROWS)
-
-
-def _skips_dead_rows(int8_x: bool) -> bool:
-    """Whether a per-row kernel's call is given the dead rows to skip: the float kernels always; the int8-x ones with
-    WORKER_INT8_LIVE=1 (see qmatmul)."""
-    return not int8_x or _int8_live
 
 
 def _int8_x(w: QuantArray) -> bool:
@@ -321,11 +312,12 @@ def qmatmul(
             # (exact integer sums, one float order: qmatvec_int8._mma_kernel), so the switch keeps batch invariance.
             tensor_cores = tensor_cores or (int8_x and rows > qmatvec.MAX_ROWS)
             # The dead rows skipped on the float per-row kernel. Measured on an H200 (2026-12-04, one stream,
-            # bench.worker_bench): float phi3-mini 252.7 -> 277.0 tok/s, qwen2.5-0.5b 821.0 -> 814.2; int8 x
-            # 325.9 -> 315.5 and 905.9 -> 840.3 with the float kernel's `pl.when`, so int8-x calls keep their
-            # two-row programs unless WORKER_INT8_LIVE=1 (its kernel's trip count of 0, qmatvec.live_steps: untimed).
+            # bench.worker_bench): float phi3-mini 252.7 -> 277.0 tok/s, qwen2.5-0.5b 821.0 -> 814.2. Not on int8 x,
+            # whose two-row programs are faster than one row a program with the dead one's skipped: measured twice,
+            # with `pl.when` (H200, 2026-12-04: phi3-mini 325.9 -> 315.5, qwen2.5 905.9 -> 840.3) and with a trip count
+            # of 0 (qmatvec.live_steps; H200, 2026-12-06: phi3-mini 340.0 -> 262.4, qwen2.5 974.8 -> 917.2).
             live = _live_rows.get()
-            skip = not tensor_cores and _skips_dead_rows(int8_x)
+            skip = not tensor_cores and not int8_x
             live = live if live is not None and live.size == rows and skip else None
             tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles) if int8_x else {}
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
@@ -539,9 +531,8 @@ def moe_matmul(
     `per_token` or few selections gather only the selected experts' planes and dequantize those, each token on its
     own; many walk the experts one at a time, each dequantized once and applied to every token, keeping the rows
     that selected it: E / k times the needed arithmetic, but never more than one expert in float32.
-    `live` [M] (bool, optional): tokens whose results are used. The grouped kernel and the routed matvec (the
-    int8-x one with WORKER_INT8_LIVE=1) skip the others' pairs (their results are zeros); the CPU path computes
-    them as any token.
+    `live` [M] (bool, optional): tokens whose results are used. The grouped kernel and the routed matvec skip the
+    others' pairs (their results are zeros); the CPU path computes them as any token.
     `decode_copy`: the experts widened to bf16 at load (worker/model.py, `bf16_experts`), which a decode step's
     grouped kernel reads instead of dequantizing every expert's tiles again each step (the same bf16 values).
     """
@@ -569,9 +560,10 @@ def moe_matmul(
     if kernel is not None:
         int8_x = _int8_x(experts)
         tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles) if int8_x else {}
-        # The routed matvec skips dead tokens' pairs as the dense per-row calls skip dead rows: one stream's bucket
-        # of 2 rows otherwise computes the padding row's k experts too (twice a gpt-oss-20b step's expert work).
-        live = live if live is not None and _skips_dead_rows(int8_x) else None
+        # The routed matvec skips dead tokens' pairs (a program a pair either way, so nothing else changes): one
+        # stream's bucket of 2 rows otherwise computes the padding row's k experts too, twice a gpt-oss-20b step's
+        # expert work. Measured on int8 x (H200, 2026-12-06, with the dense calls' skip too, which alone is slower):
+        # 274.5 -> 315.2 tok/s.
         return kernel(x, experts, expert_ids, interpret=interpret, live=live, **tiles)
     x = x.astype(jnp.float32)
     shared = x.ndim == expert_ids.ndim
