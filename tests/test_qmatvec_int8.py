@@ -224,6 +224,29 @@ def test_the_int8_x_tiles_of_the_environment_are_plan_arguments_or_refused(monke
             ops._tiles_from_env("WORKER_INT8_TILES")
 
 
+def test_the_expert_tiles_reach_the_routed_experts_only(oracles, monkeypatch):
+    """WORKER_INT8_EXPERT_TILES (ops._int8_expert_tiles): the tiny gpt-oss's routed-expert int8-x calls take them, its
+    dense int8-x calls do not."""
+    seen: dict[str, set] = {"dense": set(), "routed": set()}
+    dense, routed = qmv.qmatvec, qmv.moe_matvec
+
+    def spy_dense(x, w, **kw):
+        seen["dense"].add(kw.get("block_n")) if kw.get("int8_x") else None
+        return dense(x, w, **kw)
+
+    def spy_routed(x, w, ids, **kw):
+        seen["routed"].add(kw.get("block_n")) if kw.get("int8_x") else None
+        return routed(x, w, ids, **kw)
+
+    monkeypatch.setattr(qmv, "qmatvec", spy_dense)
+    monkeypatch.setattr(qmv, "moe_matvec", spy_routed)
+    monkeypatch.setattr(ops, "_int8_expert_tiles", {"block_n": 16})
+    d = oracles / "models" / "gpt-oss"
+    m = worker.load(d / "model-mxfp4_moe.gguf", device="cpu", backend="interpret", slots=256, max_batch=2, int8_x=True)
+    m.generate(manifest(d)["input"]["ids"][:4], max_tokens=2)
+    assert seen == {"dense": {None}, "routed": {16}}, seen
+
+
 # Oracle models with weights in int8-x formats: qwen2's Q8_0, llama's Q4_K_M (Q4_K, Q6_K), gpt-oss's MXFP4 experts.
 MODELS = [("qwen2", "model-q8_0.gguf", "logits-hf-f64-q8_0-dequant.npy"),
           ("llama", "model-q4_k_m.gguf", "logits-hf-f64-q4_k_m-dequant.npy"),

@@ -62,6 +62,10 @@ def _tiles_from_env(name: str) -> dict[str, int]:
 # call, dense and routed experts; other splits give other bits): the A/B of a tiling in a real step on the card,
 # after bench.kernels --sweep-kernel int8 has timed it alone.
 _int8_tiles = _tiles_from_env("WORKER_INT8_TILES")
+# WORKER_INT8_EXPERT_TILES: the same, for the routed experts' int8-x matvec only (on top of WORKER_INT8_TILES): their
+# plan is the dense calls' (128 output rows on 4 warps, timed on qwen2.5 and phi3 only), and gpt-oss-20b's one-stream
+# decode fell from 319.5 to 274.5 tok/s on an H200 between the eighteenth and twenty-sixth sessions.
+_int8_expert_tiles = _int8_tiles | _tiles_from_env("WORKER_INT8_EXPERT_TILES")
 # Which kernels the decode-sized products use on the kernel backends (ModelConfig.decode_kernels, set while a
 # model's step is traced: `decode_kernels`):
 #   "tensor-cores"  the tensor-core kernels for every call: qmatvec's ROW_TILE-row dot, the grouped MoE matmul. One
@@ -559,7 +563,7 @@ def moe_matmul(
         return kernel(x, experts, expert_ids, live, interpret=interpret, **tiles)
     if kernel is not None:
         int8_x = _int8_x(experts)
-        tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles) if int8_x else {}
+        tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_expert_tiles) if int8_x else {}
         # The routed matvec skips dead tokens' pairs (a program a pair either way, so nothing else changes): one
         # stream's bucket of 2 rows otherwise computes the padding row's k experts too, twice a gpt-oss-20b step's
         # expert work. Measured on int8 x (H200, 2026-12-06, with the dense calls' skip too, which alone is slower):
