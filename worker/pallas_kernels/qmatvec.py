@@ -466,8 +466,10 @@ def when_live(live_ref, x_rows: Sequence, compute: Callable[[], None], store_zer
 def live_steps(live_ref, x_rows: Sequence, steps: int) -> int | jax.Array:
     """A program's K-loop trip count: `steps` where any of its `x_rows` is live (live_ref as `when_live`'s; None:
     all are), else 0, so a dead program stores the loop's zeros without reading the weights. The same skip as
-    `when_live` with one straight path: on an H200 the int8-x kernel inside `pl.when` made one stream's decode
-    slower (phi3-mini 325.9 -> 315.5 tok/s, 2026-12-04), maybe by a branch around the loop that Triton pipelines."""
+    `when_live` with one straight path (the int8-x kernel inside `pl.when` was slower on an H200). A model passes it
+    only to the routed experts' calls, a program a pair either way: on dense calls, one row a program with the
+    padding row's skipped was slower than two rows a program (H200, 2026-12-06: phi3-mini 340.0 -> 262.4 tok/s;
+    worker.ops.qmatmul)."""
     if live_ref is None:
         return steps
     return jnp.where(_any_live(live_ref, x_rows), jnp.int32(steps), jnp.int32(0))
