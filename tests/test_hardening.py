@@ -111,6 +111,33 @@ def test_cancelled_waiting_job_ends_at_once_and_frees_its_place():
         engine.shutdown(2.0)
 
 
+def test_a_cancel_that_ends_a_running_job_says_so_whoever_acts_on_the_flag_first():
+    """Engine.cancel sets the running job's flag, which the engine thread checks between dispatches. Here the flag's
+    set() returns only once the job has had its terminal event (what a loaded machine did at random): if the flag
+    came first, the engine thread ended the job and the cancel that caused it answered False (/cancel's
+    `cancelled: false`, seen with the suite on two processes)."""
+    engine = Engine(tiny_model(), max_queue=1)
+    engine.start()
+    try:
+        running = Events()
+        engine.submit(JobRequest("running", **LONG), running)
+        wait_until(lambda: engine.running == ["running"])
+        job = engine._running["running"]
+
+        class ActedOnFirst(threading.Event):
+            def set(self) -> None:
+                super().set()
+                wait_until(lambda: job.ended, timeout_s=10)
+
+        job.cancelled = ActedOnFirst()
+        assert engine.cancel("running") is True
+        t, ev = running.terminal(timeout=5)
+        assert isinstance(ev, ErrorEvent) and ev.code == ErrorCode.CANCELLED
+        assert engine.cancel("running") is False  # idempotent
+    finally:
+        engine.shutdown(2.0)
+
+
 def test_shutdown_cancels_waiting_jobs_at_once():
     engine = Engine(tiny_model(), max_queue=1)
     engine.start()

@@ -80,8 +80,15 @@ class WorkerProcess:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def events(self) -> list[dict[str, Any]]:
-        """The log lines so far, parsed (every line must be one JSON object)."""
-        return [json.loads(line) for line in list(self.lines)]
+        """The log lines so far, parsed (every line must be one JSON object; a CLI refusal is plain text, so the
+        failure quotes the line rather than json's "Expecting value")."""
+        events = []
+        for line in list(self.lines):
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise AssertionError(f"a log line is not JSON: {line!r}") from None
+        return events
 
     def wait_for_log(self, timeout: float = READY_TIMEOUT_S, **match: Any) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

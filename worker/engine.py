@@ -375,8 +375,12 @@ class Engine:
             self._fail(job, WorkerError(ErrorCode.CANCELLED, f"job {job_id} was cancelled before it started"))
             return True
         if running is not None:
-            running.cancelled.set()
-            return self._fail(running, WorkerError(ErrorCode.CANCELLED, f"job {job_id} was cancelled"))
+            # The terminal event first, then the flag: with the flag first, the engine thread's check between
+            # dispatches could end the job itself before this call did, and a /cancel that ended the job answered
+            # `cancelled: false` (seen with the suite on two processes).
+            ended_here = self._fail(running, WorkerError(ErrorCode.CANCELLED, f"job {job_id} was cancelled"))
+            running.cancelled.set()  # the engine thread frees the job's row at its next check
+            return ended_here
         return False
 
     def shutdown(self, deadline_s: float = 5.0) -> None:
