@@ -179,12 +179,16 @@ do_tests() {
     run+=("${files[@]}")
     # pytest interrupted (SIGINT) before the stage's own limit still prints its report, each failure with its message:
     # the twenty-seventh session's suite was killed at 96% and its one unexplained failure's message was lost.
-    local end=$(($(date +%s) + ${STAGE_BUDGET:-480} - 20)) oom=0
+    local budget=${STAGE_BUDGET:-480} oom=0
+    local end=$(($(date +%s) + budget - 20))
     [ "${TESTS_WORKERS:-8}" -gt 1 ] || { timeout -s INT -k 15 "$(secs_until $end)" "${run[@]}"; return; }
-    # The OOM test fills the device: not beside other tests, after them, in the share that holds it (~60 s)
-    if [ ${#files[@]} = 0 ] || printf '%s\n' "${files[@]}" | grep -q test_gpu.py; then oom=1; fi
+    # The OOM test fills the device: not beside other tests, after them, in the share that holds it (~60 s; a third
+    # of a short budget)
+    if [ ${#files[@]} = 0 ] || printf '%s\n' "${files[@]}" | grep -q test_gpu.py; then
+        oom=$((budget / 3 < 80 ? budget / 3 : 80))
+    fi
     local rc=0
-    timeout -s INT -k 15 "$(secs_until $((end - oom * 80)))" "${run[@]}" -n "${TESTS_WORKERS:-8}" --dist loadfile \
+    timeout -s INT -k 15 "$(secs_until $((end - oom)))" "${run[@]}" -n "${TESTS_WORKERS:-8}" --dist loadfile \
         -k "not vram_oom" || rc=1
     [ $oom = 0 ] || timeout -s INT -k 15 "$(secs_until $end)" "${run[@]}" -k vram_oom || rc=1
     return $rc
