@@ -1,8 +1,8 @@
 """End-to-end HTTP tests of the worker on a tiny random qwen2 model (the oracle's Q4_K_M file, its context patched
-from 512 to 4096: see `long_context_model`): the
-real `python -m server.cli` process on a free port, spoken to over HTTP with httpx, for what needs a real process
-and socket: the ready callback, mid-stream cancel and client disconnect, the queue under load, the Python client,
-SIGTERM. The rest of the HTTP contract is tested in process (test_http_contract.py).
+from 512 to 4096: `long_context_model`): the real `python -m server.cli` process on a free port, spoken to over HTTP
+with httpx, for what needs a real process and socket: the ready callback, mid-stream cancel and client disconnect,
+the queue under load, the Python client, SIGTERM. The rest of the HTTP contract is tested in process
+(test_http_contract.py).
 
 One server serves the whole module (with an API key, a queue of 1, --max-tokens-in 256, --max-tokens-out 2048
 and a ready callback); the last test sends it SIGTERM mid-job and then checks its whole log. Text-quality tests
