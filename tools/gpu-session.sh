@@ -170,7 +170,8 @@ do_tests() {
     done
     local files=()
     [ -n "${1:-}" ] && mapfile -t files < <(gpu_test_files "${1%/*}" "${1#*/}")
-    # `just test-gpu` where just is installed (rust-just among the carried wheels); else that recipe's command.
+    # `just test-gpu` where just is installed (rust-just among the carried wheels); else that recipe's command (`py`
+    # spelled out: `timeout` below runs programs, not shell functions).
     local run=(bash tools/gpu-env.sh python3 -m pytest -v -rA -m gpu -o addopts="" --ignore=tests/test_fuzz.py)
     bash tools/gpu-env.sh sh -c 'command -v just' > /dev/null && run=(bash tools/gpu-env.sh just test-gpu)
     # A file that cannot be imported there (a test dependency missing from .whl/, as openai was on 2026-12-03) is
@@ -474,7 +475,7 @@ for s in "$@"; do
             stage build 540 do_build
             wait "$side" ;;
         tests) stage tests 480 do_tests ;;
-        tests:*) k=${s#tests:}; stage "tests-${k/\//of}" 480 do_tests "${s#tests:}" ;;
+        tests:*) k=${s#tests:}; stage "tests-${k/\//of}" 480 do_tests "$k" ;;
         bench:*) stage "bench-${s#bench:}" 600 do_bench "${s#bench:}" ;;
         tp:*) stage "tp-${s#tp:}" 540 do_tp "${s#tp:}" ;;
         bench-all) for m in gemma3-270m qwen2.5-0.5b phi3-mini gpt-oss-20b; do stage "bench-$m" 600 do_bench "$m"; done ;;
