@@ -9,8 +9,8 @@ kernel, the fold of its splits)
   kernels: a kernel that XLA cannot put in its command buffers (CUDA graphs) is launched from the host one by one
   there, which shows as a longer time a matvec in the chain than alone.
 
-    python -m bench.backend [--rows 1,2,8] [--repeat 10]          # on the card (jax-triton, the wheels staged)
-    python -m bench.backend --interpret                            # on the CPU: bits only, Triton's interpreter
+    python -m bench.backend [--rows 1,2,8] [--repeat 10] [--unrolled]  # on the card (jax-triton's wheel staged)
+    python -m bench.backend --interpret                                # on the CPU: bits only, Triton's interpreter
 
 `--interpret` runs the Triton kernel in Triton's interpreter (needs the `triton` package, not a dependency of the
 worker) against the Pallas kernel in interpret mode, on small shapes with masked tails. docs/kernels.md has the
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,9 @@ from bench.kernels import per_call, random_planes, timed, weight_copies
 from worker.pallas_kernels import qmatvec as qmv
 from worker.pallas_kernels import qmatvec_int8
 
-# (label, N, K): Q4_K decode shapes (phi3-mini's attention output is the square one the chain takes)
-SHAPES = [("phi3 gate_up", 16384, 3072), ("phi3 qkv", 9216, 3072), ("phi3 o", 3072, 3072)]
+# (label, N, K): Q4_K decode shapes; phi3-mini's attention output, the square one the chain takes, first (the chain
+# answers whether XLA's command buffers take the port's call)
+SHAPES = [("phi3 o", 3072, 3072), ("phi3 gate_up", 16384, 3072), ("phi3 qkv", 9216, 3072)]
 # CPU (interpreter) cases, (label, N, K, plan overrides): N not a multiple of the 64-column tile; K's 5
 # super-blocks in 2 splits of 2 steps of 2 (the last 3 masked); the default plan's 5 splits
 SMALL = [("N tail", 72, 512, {}), ("K tail", 64, 1280, dict(chunk=2, splits=2)), ("K splits", 64, 1280, {})]
@@ -113,8 +115,9 @@ def chain_s(op, w, rows: int, repeat: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1,2,8", help="x rows a call (the per-row kernels' range: 1-8)")
+    ap.add_argument("--rows", default="2", help="x rows a call (the per-row kernels' range: 1-8; 2 is one stream's)")
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--unrolled", action="store_true", help="also the Pallas kernel with its K loop written out")
     ap.add_argument("--interpret", action="store_true", help="CPU: the bits in Triton's interpreter only")
     args = ap.parse_args()
     if args.interpret:
@@ -122,9 +125,17 @@ def main() -> None:
     from bench import triton_matvec
 
     print(f"device: {jax.devices()[0].device_kind}", flush=True)
+    ops = {"pallas": pallas_op, "jax-triton": triton_op} | ({"pallas unrolled": pallas_unrolled_op}
+                                                             if args.unrolled else {})  # fmt: skip
+    t0 = time.perf_counter()
+
+    def say(what: str) -> None:  # each number as it comes, with the seconds so far: a cut run still tells
+        print(f"[{time.perf_counter() - t0:6.1f} s] {what}", flush=True)
+
     for label, n, k in SHAPES:
         weights = weight_copies(QT.Q4_K, (n, k))
         for rows in map(int, args.rows.split(",")):
+            case = f"{label:13s} [{n}, {k}] rows {rows}:"
             x = jax.random.normal(jax.random.key(rows), (rows, k), jnp.float32)
             p = plan(n, k)
             x_args, planes = inputs(x, weights[0], rows, False)
@@ -132,16 +143,12 @@ def main() -> None:
             same = bool(jnp.array_equal(jax.lax.bitcast_convert_type(mine, jnp.uint32),
                                         jax.lax.bitcast_convert_type(pallas_partials(x, weights[0], rows, False),
                                                                      jnp.uint32)))  # fmt: skip
-            ops = (pallas_op, pallas_unrolled_op, triton_op)
-            alone = [per_call(op, weights, x, None, args.repeat, rows=rows) for op in ops]
-            line = (f"{label:13s} [{n}, {k}] rows {rows}: {'same bits' if same else 'OTHER BITS'}  alone: "
-                    f"pallas {alone[0] * 1e6:7.1f} us (unrolled {alone[1] * 1e6:7.1f}), jax-triton "
-                    f"{alone[2] * 1e6:7.1f} us ({weights[0].nbytes / alone[2] / 1e9:.0f} GB/s)")  # fmt: skip
-            if n == k:
-                chained = [chain_s(op, weights[0], rows, args.repeat) for op in ops]
-                line += (f"  chain: pallas {chained[0] * 1e6:7.1f} us (unrolled {chained[1] * 1e6:7.1f}), "
-                         f"jax-triton {chained[2] * 1e6:7.1f} us")  # fmt: skip
-            print(line, flush=True)
+            say(f"{case} {'same bits' if same else 'OTHER BITS'}")
+            for name, op in ops.items():
+                secs = per_call(op, weights, x, None, args.repeat, rows=rows)
+                say(f"{case} alone: {name} {secs * 1e6:7.1f} us ({weights[0].nbytes / secs / 1e9:.0f} GB/s)")
+                if n == k:
+                    say(f"{case} chain of {CHAIN}: {name} {chain_s(op, weights[0], rows, args.repeat) * 1e6:7.1f} us")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ from worker.quant import quant_array
 from worker.sampling import SamplingParams
 
 TYPES = sorted(q8.INT8_TYPES, key=lambda t: t.name)
+# Each test builds its own weights and compiles its own kernels: spread one by one over the gpu suite's processes
+# (conftest.py; ~19 s a test on the card)
+SPREAD_TESTS = True
 
 
 def llama_cpp_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -57,14 +57,15 @@
 #           invariance the gpu-marked batch-invariance tests (tests/test_batching.py; qmatvec's rows in big calls and
 #                      its unquantized formats); PYTEST_K picks others (pytest -k) among those files and
 #                      tests/test_sampling.py (e.g. rows_filter); budget INVARIANCE_SECONDS (default 180)
-#           backend    #15's backend question: tests/test_triton_port.py (the jax-triton port of the per-row int8-x Q4_K
-#                      matvec gives the Pallas kernel's bits; needs jax-triton's wheel in .whl), then python -m
-#                      bench.backend $BACKEND_ARGS (both timed alone and in a chain of 64); budget BACKEND_SECONDS
-#                      (default 180)
+#           backend    #15's backend question: python -m bench.backend $BACKEND_ARGS, the jax-triton port of the
+#                      per-row int8-x Q4_K matvec beside the Pallas kernel (their bits compared, both timed alone and
+#                      in a chain of 64, each number printed as it comes; needs jax-triton's wheel in .whl; its bits
+#                      tests, tests/test_triton_port.py, run with `tests`); budget BACKEND_SECONDS (default 180)
 #           synth      the synthetic qwen2.5-0.5b, phi3-mini and gpt-oss-20b files (skips those already made);
 #                      synth:M only model M
 #           tests      just test-gpu, its files on TESTS_WORKERS processes side by side on the one GPU (default 8;
-#                      pytest-xdist, --dist loadfile: the compiles are the host's, 16 cores; 1 runs them one by one),
+#                      pytest-xdist, --dist loadgroup: a file on one process unless it spreads its tests, conftest.py; the
+#                      compiles are the host's, 16 cores; 1 runs them one by one; the 30 slowest tests listed),
 #                      then the test that fills the device alone after them; tests:K/N only the K-th of N shares of the
 #                      gpu-marked files (sorted, dealt round-robin: the whole suite outgrew one call's 480 s on
 #                      2026-12-06); stops first when shared/oracles lacks the models the tests read; pytest gets a
@@ -189,8 +190,9 @@ do_tests() {
         oom=$((budget / 3 < 80 ? budget / 3 : 80))
     fi
     local rc=0
-    timeout -s INT -k 15 "$(secs_until $((end - oom)))" "${run[@]}" -n "${TESTS_WORKERS:-8}" --dist loadfile \
-        -k "not vram_oom" || rc=1
+    # loadgroup: a file's tests on one process as loadfile does, but a SPREAD_TESTS file's one by one (conftest.py)
+    timeout -s INT -k 15 "$(secs_until $((end - oom)))" "${run[@]}" -n "${TESTS_WORKERS:-8}" --dist loadgroup \
+        --durations=30 -k "not vram_oom" || rc=1
     [ $oom = 0 ] || timeout -s INT -k 15 "$(secs_until $end)" "${run[@]}" -k vram_oom || rc=1
     return $rc
 }
@@ -204,8 +206,9 @@ do_kernels() {
     py -m pytest -x -v -rA -m gpu -o addopts="" -p no:cacheprovider "${opts[@]}" "${files[@]}"
 }
 
-do_backend() {  # #15's backend question: the jax-triton port's bits, then its times beside the Pallas kernel's
-    py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider tests/test_triton_port.py
+do_backend() {  # #15's backend question: the jax-triton port's times beside the Pallas kernel's (each line says
+    # whether the two gave the same bits; tests/test_triton_port.py runs with the gpu suite: here its 160 s of
+    # compiles left the bench 20 s of 180, H100 2026-12-06)
     # shellcheck disable=SC2086  # BACKEND_ARGS is a list of flags
     py -m bench.backend ${BACKEND_ARGS:-}
 }
