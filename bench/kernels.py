@@ -63,6 +63,7 @@ DENSE = [
     ("gpt-oss q", QT.Q8_0, 4096, 2880),
     ("gpt-oss q", QT.Q4_1, 4096, 2880),
     ("gpt-oss q", QT.Q5_1, 4096, 2880),
+    ("gpt-oss output", QT.Q8_0, 201088, 2880),
 ]
 MOE = [("gpt-oss gate_up", QT.MXFP4, 32, 5760, 2880, 4), ("gpt-oss down", QT.MXFP4, 32, 2880, 2880, 4)]
 # Prefill-shaped dense products (--prefill rows): a weight of each model, in a format it has.
@@ -106,9 +107,11 @@ SWEEP_PER_ROW = (
 # --sweep-kernel int8: the int8-x per-row kernel's tilings over its plan (qmatvec.INT8_BLOCK_N's 128 output rows on
 # 4 warps): other rows and warps a program, two super-blocks a step. Timed on an H200 (2026-12-05) on qwen2.5's gate
 # at 2 rows, more K splits and other pipeline depths gained nothing, and fewer warps than rows/32 (a row's terms
-# computed by several threads) lost up to 2x.
+# computed by several threads) lost up to 2x. More super-blocks a step: a thread reads its own row, 64 bytes of it a
+# step at Q8_0's plan (34 at MXFP4's), and gpt-oss-20b's 201k-row Q8_0 head ran at 0.73 TB/s in the step against 1.45
+# for its 5k-row q/k/v (H100, 2026-12-06), so longer runs of a row a step may read DRAM better.
 SWEEP_INT8 = [dict(block_n=b, num_warps=w) for b, w in ((32, 1), (64, 1), (64, 2), (64, 4), (128, 2), (256, 8))] + [
-    dict(chunk=2)
+    dict(chunk=c) for c in (2, 4, 8)
 ]
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
 SWEEP_COPY = (
