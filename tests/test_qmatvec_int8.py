@@ -185,6 +185,40 @@ def test_the_k_loop_written_out_gives_the_loops_bits():
         assert np.array_equal(written_out, loop), f"{'the dot' if tc else 'per-row'}: other bits than the loop's"
 
 
+@pytest.mark.parametrize("programs", [1, 2])
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
+def test_fewer_programs_than_column_tiles_give_each_row_the_same_bits(qtype, programs):
+    """`Plan.programs` (a program takes the column tiles `programs` apart, one after another): 40 output columns in
+    tiles of 16, the last one masked, over several K splits and steps; dense and gathered, a row or token dead:
+    the bits of a program a tile."""
+    sb = qmv.FORMATS[qtype].sb
+    blocks, tiles = EDGE_TILES[sb]
+    n, k = 40, blocks * sb
+    assert -(-n // tiles["block_n"]) > programs, "as many programs as tiles would test nothing"
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    live = jnp.array([True, False, True])
+    dense, _ = random_weight(qtype, (n, k), seed=29)
+    call = jax.jit(lambda x, w, p: qmv.qmatvec(x, w, interpret=True, tensor_cores=False, int8_x=True, live=live,
+                                               programs=p, **tiles), static_argnums=2)  # fmt: skip
+    one_each, taking_turns = (np.asarray(call(x, dense, p)) for p in (0, programs))
+    assert np.array_equal(taking_turns, one_each), "dense: other bits"
+    experts, _ = random_weight(qtype, (3, n, k), seed=30)
+    ids = np.array([[2, 0], [0, 1], [1, 2]], np.int32)
+    gathered = jax.jit(lambda x, w, i, p: qmv.moe_matvec(x, w, i, interpret=True, int8_x=True, live=live, programs=p,
+                                                         **tiles), static_argnums=3)  # fmt: skip
+    one_each, taking_turns = (np.asarray(gathered(x, experts, ids, p)) for p in (0, programs))
+    assert np.array_equal(taking_turns, one_each), "gathered: other bits"
+    assert not taking_turns[1].any() and taking_turns[[0, 2]].all(), "the dead token's pairs: zeros, the others not"
+
+
+def test_programs_are_the_int8_x_kernels_and_come_from_the_environment(monkeypatch):
+    with pytest.raises(ValueError, match="programs is the int8-x per-row kernel's"):
+        qmv.plan(QT.Q4_K, 64, 256, programs=2)
+    monkeypatch.setenv("WORKER_INT8_TILES", "programs=264,chunk=8")
+    assert ops._tiles_from_env("WORKER_INT8_TILES") == {"programs": 264, "chunk": 8}
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_int8_x_moe_matvec_gathers_the_selected_experts(qtype):
     """The gathered kernel (a program per (token, selection), its expert's planes): each selection's product with

@@ -52,8 +52,9 @@ def _tiles_from_env(name: str) -> dict[str, int]:
     tiles = {}
     for item in filter(None, os.environ.get(name, "").split(",")):
         key, _, value = item.partition("=")
-        if key not in ("block_n", "chunk", "splits", "num_warps", "num_stages") or not value.isdigit():
-            raise ValueError(f"{name}: {item!r} is not block_n, chunk, splits, num_warps or num_stages = an integer")
+        if key not in ("block_n", "chunk", "splits", "num_warps", "num_stages", "programs") or not value.isdigit():
+            raise ValueError(f"{name}: {item!r} is not block_n, chunk, splits, num_warps, num_stages or programs = "
+                             "an integer")  # fmt: skip
         tiles[key] = int(value)
     return tiles
 

@@ -41,7 +41,8 @@ TARGET_VALUES = 8192  # weight values per program per loop step
 # phi3's gate_up on the H100 22.7 -> 23.7 us.
 INT8_BLOCK_N = 128
 # `plan`'s overrides
-TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch", "fma", "int8_x", "unroll")
+TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch", "fma", "int8_x", "unroll",
+             "programs")  # fmt: skip
 # The tiles of prefill-shaped calls (ops.qmatmul: a prompt chunk's positions, or several sequences' chunks in one
 # dispatch: thousands of rows), which take the weight dequantized once into float16 (`quant.widened`): a plain
 # tensor-core product, with one split of K (no partial sums to write). A row's bits depend on these tiles, so every
@@ -319,6 +320,12 @@ class Plan:
     # 3.9). In the whole step (qwen2.5-0.5b one stream, H100, 2026-12-06): +0.6%, with a first compile of 109 s
     # against 10 s. Off; WORKER_INT8_UNROLL=1 turns it on.
     unroll: bool = False
+    # The int8-x per-row kernel: at most this many programs along the output rows, each taking the column tiles
+    # `programs` apart one after another (0: a program a tile). Fewer rows in flight at once, each read for longer:
+    # gpt-oss-20b's 201k-row Q8_0 head had every one of its 1,571 tiles in flight (occupancy 100%) and read at 0.73
+    # TB/s, a quarter of the copy bandwidth, where its 5k-row q|k|v read at 1.38 (H100, 2026-12-06). The same
+    # operations a row, so the same bits. Not yet timed (bench.kernels --sweep-kernel int8).
+    programs: int = 0
 
 
 def plan(
@@ -336,6 +343,7 @@ def plan(
     fma: bool = False,
     int8_x: bool = False,
     unroll: bool = False,
+    programs: int = 0,
 ) -> Plan:
     """The tiling for an [n, k] weight: a function of the weight's shape and format only, never of the number of
     rows of x or of (token, expert) pairs, so that every row is computed with the same tiles, K split and
@@ -354,6 +362,8 @@ def plan(
         chunk = min(pow2_floor(TARGET_VALUES // (block_n * fmt.sb)), pl.next_power_of_2(blocks))
     if unroll and not int8_x:
         raise ValueError("unroll is the int8-x kernels' (int8_x=True); the float kernels keep their loop")
+    if programs and not int8_x or programs < 0:
+        raise ValueError(f"programs is the int8-x per-row kernel's (int8_x=True), 0 or more; got {programs}")
     for name, v in (("block_n", block_n), ("chunk", chunk)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two (a Triton tile dimension), got {v}")
@@ -364,7 +374,7 @@ def plan(
     if num_warps is None:
         num_warps = max(1, block_n // 32) if int8_x else 4
     splits = pl.cdiv(n_chunks, steps)
-    return Plan(block_n, chunk, splits, steps, num_warps, num_stages, factored, prefetch, fma, int8_x, unroll)
+    return Plan(block_n, chunk, splits, steps, num_warps, num_stages, factored, prefetch, fma, int8_x, unroll, programs)
 
 
 def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool,

@@ -409,12 +409,13 @@ def _mul(a: jax.Array, b: jax.Array, compiled: bool) -> jax.Array:
 
 
 def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, rows: int, p, gathered: bool,
-            compiled: bool, has_live: bool):  # fmt: skip
+            compiled: bool, has_live: bool, tiles: int):  # fmt: skip
     """qmatvec's per-row kernel (its grid, masks, splits and live rows) with integer products. Dense: program
     (r, i, j) computes output columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows).
-    Gathered: program (t, i, j), for x row t only, with expert ids[t]. Each part's term is added on its own, in
-    the order of the format's groups and parts, super-blocks in K order: `_mma_kernel`'s order, so the two give a
-    row the same bits."""
+    Gathered: program (t, i, j), for x row t only, with expert ids[t]. With `Plan.programs` below `tiles` (the
+    column tiles), program i takes tiles i, i + programs, ... one after another. Each part's term is added on its
+    own, in the order of the format's groups and parts, super-blocks in K order: `_mma_kernel`'s order, so the two
+    give a row the same bits."""
     live_ref, *refs = refs if has_live else (None, *refs)
     if gathered:
         ids_ref, x_ref, dx_ref, sums_ref, *plane_refs, o_ref = refs
@@ -422,9 +423,8 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
         x_ref, dx_ref, sums_ref, *plane_refs, o_ref = refs
     planes = dict(zip(names, plane_refs, strict=True))
     bn, c = p.block_n, p.chunk
-    first, row0, split = pl.program_id(0) * rows, pl.program_id(1) * bn, pl.program_id(2)
+    first, tile, split = pl.program_id(0) * rows, pl.program_id(1), pl.program_id(2)
     expert = ids_ref[first] if gathered else static_index(0)
-    rows_ok = (row0 + jnp.arange(bn)) < n if n % bn else None
     mask_k = p.splits * p.steps * c > blocks
 
     def x_tile(ref, m, b, index, block_ok):
@@ -435,7 +435,7 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
             v = plgpu.load(ref, mask=jax.lax.broadcast_in_dim(block_ok, ref.shape, (0,)), other=0)
         return jax.lax.expand_dims(v, (0,))  # [1, 1, ...] against the weight's [BN, 1, ...]
 
-    def step(s, acc):
+    def step(row0, rows_ok, s, acc):  # the K loop's step s for the output columns row0..
         acc = list(acc)
         for i in range(c):  # one super-block at a time, its groups in order
             b = (split * p.steps + s) * c + i
@@ -460,12 +460,24 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
                         acc[r] = _fma(_flat(dx), _flat(group), acc[r], compiled)
         return tuple(acc)
 
-    def store(acc) -> None:
+    steps = live_steps(live_ref, [first + r for r in range(rows)], p.steps)  # 0 for a program of dead rows
+
+    def column_tile(i) -> None:  # the output columns of tile i: the K loop, then each x row's sums stored
+        row0 = i * bn
+        rows_ok = (row0 + jnp.arange(bn)) < n if n % bn else None
+        acc = _k_loop(steps, functools.partial(step, row0, rows_ok), (jnp.zeros((bn,), jnp.float32),) * rows,
+                      p.unroll)  # fmt: skip
         for r, a in enumerate(acc):
             o_ref[split, first + r, pl.ds(row0, bn)] = a
 
-    steps = live_steps(live_ref, [first + r for r in range(rows)], p.steps)  # 0 for a program of dead rows
-    store(_k_loop(steps, step, (jnp.zeros((bn,), jnp.float32),) * rows, p.unroll))
+    def next_tile(t, carry):
+        column_tile(tile + t * p.programs)
+        return carry
+
+    if not p.programs or p.programs >= tiles:
+        column_tile(tile)
+    else:  # this program's tiles: tile, tile + programs, ... below `tiles`
+        jax.lax.fori_loop(0, (tiles - tile + p.programs - 1) // p.programs, next_tile, 0)
 
 
 def _bytes(words: jax.Array) -> jax.Array:
@@ -592,7 +604,8 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
         if ids is not None or live is not None:
             raise ValueError("the int8-x tensor-core matvec is dense, and computes every row")
         # 32 columns on 4 warps: at 64 columns a 64-row tile's accumulators spill (tools/kernel_sass.py)
-        rows_per_program, p = row_tile, dataclasses.replace(p, block_n=max(MIN_DOT, min(32, p.block_n)), num_warps=4)
+        rows_per_program, p = row_tile, dataclasses.replace(p, block_n=max(MIN_DOT, min(32, p.block_n)), num_warps=4,
+                                                            programs=0)  # fmt: skip
     words, dx, sums = padded_x(x, w.qtype, rows_per_program, interpret)
     out_rows = words.shape[0]
     blocks = k // fmt.sb
@@ -608,11 +621,12 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
         kernel = functools.partial(_mma_kernel, **common, bm=row_tile)
     else:
         kernel = functools.partial(_kernel, **common, rows=rows_per_program, gathered=ids is not None,
-                                   has_live=live is not None)  # fmt: skip
+                                   has_live=live is not None, tiles=n_blocks)  # fmt: skip
+    column_programs = min(n_blocks, p.programs) if p.programs else n_blocks
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((p.splits, out_rows, n_blocks * p.block_n), jnp.float32),
-        grid=(out_rows // rows_per_program, n_blocks, p.splits),
+        grid=(out_rows // rows_per_program, column_programs, p.splits),
         compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=interpret,
         name=f"qmatvec_{w.qtype.name.lower()}_int8{'_dot' if row_tile is not None else ''}",
