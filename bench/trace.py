@@ -7,6 +7,10 @@ fusions theirs. Then how much of the traced window the device was busy (the unio
 the engine's host spans where the trace has them (worker/step_trace.py: a server under load traced with
 WORKER_TRACE_DIR): an engine step, its prefill, decode dispatch and read back, and the events' handling. Why not
 perfetto's UI: the numbers have to go into docs/PERFORMANCE.md, and the device machine has no browser.
+
+`--hlo FILE`: XLA's optimized HLO of the traced program (XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text", the
+`*after_optimizations.txt` of its module; gpu-session.sh's kinds:M with KINDS_HLO=1) names where each of XLA's
+fusions came from: the op and the innermost line of Python that made it (the trace has only `loop_add_fusion_96`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 from collections import defaultdict
+from pathlib import Path
 
 from worker.step_trace import SPANS
 
@@ -68,20 +74,74 @@ def host_spans(trace: dict, names: tuple[str, ...]) -> dict[str, list[float]]:
     return out
 
 
-def summary(kernels: dict[str, list[float]], top: int) -> list[str]:
+def summary(kernels: dict[str, list[float]], top: int, sources: dict[str, str] | None = None) -> list[str]:
+    """The `top` kernels by total time; `sources` (`hlo_sources`) adds where an XLA fusion came from."""
     total = sum(sum(d) for d in kernels.values()) or 1.0
     rows = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))
     lines = [f"all kernels: {total / 1e3:.2f} ms in {sum(len(d) for d in kernels.values())} launches"]
     for name, d in rows[:top]:
-        lines.append(f"{sum(d) / 1e3:9.3f} ms {100 * sum(d) / total:5.1f}% {len(d):6d}x  {name[:100]}")
+        source = (sources or {}).get(name)
+        lines.append(f"{sum(d) / 1e3:9.3f} ms {100 * sum(d) / total:5.1f}% {len(d):6d}x  {name[:100]}"
+                     + (f"  <- {source}" if source else ""))  # fmt: skip
     return lines
+
+
+_TABLE_ROW = re.compile(r'^(\d+) (?:"(.*)"|\{(.*)\})$')  # the module's FileNames .. StackFrames tables
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*\bmetadata=\{([^}]*)\}")
+
+
+def hlo_sources(text: str) -> dict[str, str]:
+    """Kernel name -> "op (file:line function)" for each instruction of an HLO module's text that has metadata: the
+    kernel is the instruction's name with '.' and '-' as '_' (how XLA names a fusion's kernel), the op the last
+    two parts of its op_name, the line its stack frame's (XLA's FileNames / FunctionNames / FileLocations /
+    StackFrames tables) or its source_file / source_line (older dumps)."""
+    tables: dict[str, dict[int, str]] = defaultdict(dict)
+    section = ""
+    for line in text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = line
+        elif m := _TABLE_ROW.match(line):
+            tables[section][int(m[1])] = m[2] if m[2] is not None else m[3]
+        elif line.startswith(("HloModule", "ENTRY", "%", " ")) or not line:
+            section = ""
+
+    def field(row: str, key: str) -> str | None:
+        m = re.search(rf"\b{key}=(\S+)", row)
+        return m[1] if m else None
+
+    def frame(frame_id: str) -> str | None:
+        location = tables["FileLocations"].get(int(field(tables["StackFrames"].get(int(frame_id), ""),
+                                                             "file_location_id") or 0), "")  # fmt: skip
+        if not location:
+            return None
+        file = tables["FileNames"].get(int(field(location, "file_name_id") or 0), "?")
+        function = tables["FunctionNames"].get(int(field(location, "function_name_id") or 0), "?")
+        return f"{Path(file).name}:{field(location, 'line')} {function}"
+
+    out = {}
+    for line in text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        meta = m[2]
+        op = re.search(r'op_name="([^"]*)"', meta)
+        where = None
+        if stack := re.search(r"stack_frame_id=(\d+)", meta):
+            where = frame(stack[1])
+        elif (file := re.search(r'source_file="([^"]*)"', meta)) and (at := re.search(r"source_line=(\d+)", meta)):
+            where = f"{Path(file[1]).name}:{at[1]}"
+        op_tail = "/".join(op[1].split("/")[-2:]) if op else "?"
+        out[re.sub(r"[.\-]", "_", m[1])] = op_tail + (f" ({where})" if where else "")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--hlo", help="the traced program's optimized HLO text: where each XLA fusion came from")
     args = ap.parse_args()
+    sources = hlo_sources(Path(args.hlo).read_text()) if args.hlo else None
     opener = gzip.open if args.trace.endswith(".gz") else open
     with opener(args.trace, "rt") as f:
         trace = json.load(f)
@@ -91,7 +151,7 @@ def main() -> None:
         names = sorted({str(e.get("args", {}).get("name")) for e in trace.get("traceEvents", []) if e.get("ph") == "M"})
         raise SystemExit(f"{args.trace}: no GPU process among {', '.join(names[:20])}, and no engine spans")
     if kernels:
-        print("\n".join(summary(kernels, args.top)))
+        print("\n".join(summary(kernels, args.top, sources)))
         window, busy = device_busy(trace)
         print(f"device busy {busy / 1e3:.2f} of {window / 1e3:.2f} ms ({busy / max(window, 1.0):.1%}: kernel union)")
     for name in SPANS:

@@ -264,6 +264,33 @@ def test_trace_summary_counts_only_the_gpu_kernels():
     assert lines[1].split()[:4] == ["0.400", "ms", "80.0%", "2x"] and lines[1].endswith("moe_matmul_mxfp4")
 
 
+def test_trace_names_where_each_xla_fusion_came_from():
+    """bench.trace --hlo: an optimized HLO module's text (the stack-frame tables of XLA's dumps, and an older dump's
+    source_file / source_line) gives each fusion's kernel (its name with '.' as '_') the op and the Python line."""
+    from bench import trace
+
+    hlo = "\n".join([
+        "HloModule jit__decode, is_scheduled=true", "", "FileNames", '1 "/work/main/worker/ops.py"', "",
+        "FunctionNames", '1 "rms_norm"', "", "FileLocations",
+        "1 {file_name_id=1 function_name_id=1 line=42 end_line=42 column=5 end_column=9}", "", "StackFrames",
+        "1 {file_location_id=1 parent_frame_id=1}", "",
+        "%fused_computation.96 (p: f32[2,8]) -> f32[2,8] {",
+        '  ROOT %add.3 = f32[2,8]{1,0} add(%p, %p), metadata={op_name="jit(_decode)/while/body/add"}', "}", "",
+        "ENTRY %main (x: f32[2,8]) -> f32[2,8] {",
+        "  %loop_add_fusion.96 = f32[2,8]{1,0} fusion(%x), kind=kLoop, calls=%fused_computation.96, "
+        'metadata={op_name="jit(_decode)/while/body/rms_norm/add" stack_frame_id=1}',
+        "  ROOT %input-scatter-fusion.2 = f32[2,8]{1,0} fusion(%x), kind=kInput, "
+        'metadata={op_name="jit(_decode)/scatter" source_file="/w/worker/kv_cache.py" source_line=77}', "}",
+    ])  # fmt: skip
+    sources = trace.hlo_sources(hlo)
+    assert sources["loop_add_fusion_96"] == "rms_norm/add (ops.py:42 rms_norm)"
+    assert sources["input_scatter_fusion_2"] == "jit(_decode)/scatter (kv_cache.py:77)"
+    assert sources["add_3"] == "body/add"
+    lines = trace.summary({"loop_add_fusion_96": [30.0], "qmatvec_q8_0": [70.0]}, 5, sources)
+    assert lines[1].endswith("qmatvec_q8_0")
+    assert lines[2].endswith("loop_add_fusion_96  <- rms_norm/add (ops.py:42 rms_norm)")
+
+
 def test_trace_busy_share_and_host_spans():
     """bench.trace: the device's busy time is the union of its events (overlaps once, gaps out), over the window
     from the first kernel to the last; the host's engine spans are summed by name."""

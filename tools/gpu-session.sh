@@ -21,7 +21,8 @@
 #           kinds:M    the decode step of model M at ROWS rows (default 1,2: one stream's bucket) on the tensor-core,
 #                      the per-row and the int8-x per-row kernels (--max-batch 64, 2, 2 --int8-x), a process each; a
 #                      profiler trace of each, summed by kernel in the stage's log; budget KINDS_SECONDS (default
-#                      300); KINDS picks some (e.g. 2i)
+#                      300); KINDS picks some (e.g. 2i); KINDS_HLO=1 also dumps XLA's optimized decode program and
+#                      names each fusion's source line in the summary (TRACE_TOP: its lines, default 25)
 #           wbench:M   python -m bench.worker_bench on model M (batch-1 decode and prefill, the worker alone) at
 #                      --max-batch 64, 2 and 2 --int8-x: the tensor-core, per-row and int8-x per-row kernels;
 #                      results in $GPU_STATE/results/wbench/; WBENCH_KINDS picks some (e.g. "2 2i"); budget
@@ -249,19 +250,30 @@ kind_args() {
 }
 
 do_kinds() {
-    # max_batch 64: the tensor-core kernels; 2: the per-row ones; 2i: the per-row ones on an int8 x (--int8-x)
-    local like=$1 rc=0 v trace f
+    # max_batch 64: the tensor-core kernels; 2: the per-row ones; 2i: the per-row ones on an int8 x (--int8-x).
+    # KINDS_HLO=1: XLA's optimized HLO of each decode program dumped beside its trace, so that bench.trace names
+    # where each fusion came from (kept in the logs tarball, gzipped).
+    local like=$1 rc=0 v trace f dump hlo hlo_args
     mkdir -p "$results/rows"
     for v in ${KINDS:-64 2 2i}; do
         echo "== $like: max_batch $v"
         trace=(--trace "$results/rows/trace-$like-kinds-b$v")
-        py -m bench.dispatch --model "$(model_path "$like")" --rows "${ROWS:-1,2}" --device "${BENCH_DEVICE:-gpu}" \
+        dump="$results/rows/hlo-$like-b$v"
+        rm -rf "$dump"
+        # shellcheck disable=SC2046  # kind_args is a list of flags
+        XLA_FLAGS="${XLA_FLAGS:-}${KINDS_HLO:+ --xla_dump_to=$dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*decode.*}" \
+            py -m bench.dispatch --model "$(model_path "$like")" --rows "${ROWS:-1,2}" --device "${BENCH_DEVICE:-gpu}" \
             --steps 16 $(kind_args "$v") --sweep-only "${trace[@]}" \
             --json "$results/rows/kinds-$like-b$v.json" | grep -v '^[ {}"]' || rc=1
     done
     for v in ${KINDS:-64 2 2i}; do
         f=$(newest_trace "$results/rows/trace-$like-kinds-b$v")
-        [ -n "$f" ] && { echo "== trace, max_batch $v"; py -m bench.trace "$f"; }
+        # the largest optimized decode module: the traced dispatch's (one stream's rows share one bucket)
+        hlo=$(ls -S "$results/rows/hlo-$like-b$v"/*after_optimizations.txt 2>/dev/null | head -n 1)
+        hlo_args=()
+        # gzipped beside the traces, which the call's end copies into its logs tarball
+        [ -n "$hlo" ] && { gzip -c "$hlo" > "$results/rows/hlo-$like-b$v.txt.gz"; hlo_args=(--hlo "$hlo"); }
+        [ -n "$f" ] && { echo "== trace, max_batch $v"; py -m bench.trace "$f" "${hlo_args[@]}" --top "${TRACE_TOP:-25}"; }
     done
     return $rc
 }
@@ -504,6 +516,7 @@ for t in "$results"/rows/trace-*; do  # each model's newest traces: the most row
     f=$(newest_trace "$t")
     [ -n "$f" ] && cp "$f" "$logs/$(basename "$t").json.gz"  # in the logs tarball: $OUT keeps at most 8 files
 done
+cp "$results"/rows/hlo-*.txt.gz "$logs/" 2>/dev/null  # kinds:M's optimized decode programs (KINDS_HLO=1)
 cp -r "$results/logs" "$logs/bench-logs" 2>/dev/null
 cp -r "$results/tp" "$logs/tp" 2>/dev/null
 cp -r "$results/ab" "$logs/ab" 2>/dev/null
