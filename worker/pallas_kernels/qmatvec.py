@@ -320,11 +320,11 @@ class Plan:
     # 3.9). In the whole step (qwen2.5-0.5b one stream, H100, 2026-12-06): +0.6%, with a first compile of 109 s
     # against 10 s. Off; WORKER_INT8_UNROLL=1 turns it on.
     unroll: bool = False
-    # The int8-x per-row kernel: at most this many programs along the output rows, each taking the column tiles
-    # `programs` apart one after another (0: a program a tile). Fewer rows in flight at once, each read for longer:
-    # gpt-oss-20b's 201k-row Q8_0 head had every one of its 1,571 tiles in flight (occupancy 100%) and read at 0.73
-    # TB/s, a quarter of the copy bandwidth, where its 5k-row q|k|v read at 1.38 (H100, 2026-12-06). The same
-    # operations a row, so the same bits. Not yet timed (bench.kernels --sweep-kernel int8).
+    # The int8-x per-row kernel: at most this many programs along N (the output's columns), each taking the column
+    # tiles `programs` apart one after another (0: a program a tile). Fewer weight rows in flight at once, each read
+    # for longer: gpt-oss-20b's 201k-row Q8_0 head had every one of its 1,571 tiles in flight (occupancy 100%) and
+    # read at 0.73 TB/s, a quarter of the copy bandwidth, where its 5k-row q|k|v read at 1.38 (H100, 2026-12-06).
+    # The same operations a row, so the same bits. Not yet timed (bench.kernels --sweep-kernel int8).
     programs: int = 0
 
 
