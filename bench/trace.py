@@ -135,6 +135,21 @@ def hlo_sources(text: str) -> dict[str, str]:
     return out
 
 
+def by_source(kernels: dict[str, list[float]], sources: dict[str, str], top: int) -> list[str]:
+    """The kernels that `sources` knows (XLA's own: fusions, copies, scatters) summed by their line of Python, the
+    most time first: where the small kernels between the Pallas ones come from, launches included."""
+    total: dict[str, list[float]] = defaultdict(list)
+    for name, d in kernels.items():
+        if name in sources:
+            where = sources[name]  # "op (file:line function)": the part in parentheses, where there is one
+            total[where[where.rfind(" (") + 2 : -1] if where.endswith(")") and " (" in where else where] += d
+    rows = sorted(total.items(), key=lambda kv: -sum(kv[1]))
+    lines = [f"XLA's kernels by line: {sum(sum(d) for d in total.values()) / 1e3:.2f} ms in "
+             f"{sum(len(d) for d in total.values())} launches"]  # fmt: skip
+    lines += [f"{sum(d) / 1e3:9.3f} ms {len(d):6d}x  {where}" for where, d in rows[:top]]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace")
@@ -152,6 +167,8 @@ def main() -> None:
         raise SystemExit(f"{args.trace}: no GPU process among {', '.join(names[:20])}, and no engine spans")
     if kernels:
         print("\n".join(summary(kernels, args.top, sources)))
+        if sources:
+            print("\n".join(by_source(kernels, sources, args.top)))
         window, busy = device_busy(trace)
         print(f"device busy {busy / 1e3:.2f} of {window / 1e3:.2f} ms ({busy / max(window, 1.0):.1%}: kernel union)")
     for name in SPANS:

@@ -289,6 +289,11 @@ def test_trace_names_where_each_xla_fusion_came_from():
     lines = trace.summary({"loop_add_fusion_96": [30.0], "qmatvec_q8_0": [70.0]}, 5, sources)
     assert lines[1].endswith("qmatvec_q8_0")
     assert lines[2].endswith("loop_add_fusion_96  <- rms_norm/add (ops.py:42 rms_norm)")
+    kernels = {"loop_add_fusion_96": [30.0, 30.0], "add_3": [5.0], "input_scatter_fusion_2": [1.0], "qmatvec": [9.0]}
+    lines = trace.by_source(kernels, sources, 5)
+    assert lines[0] == "XLA's kernels by line: 0.07 ms in 4 launches"
+    assert lines[1].split() == ["0.060", "ms", "2x", "ops.py:42", "rms_norm"]
+    assert lines[2].split() == ["0.005", "ms", "1x", "body/add"] and lines[3].endswith("1x  kv_cache.py:77")
 
 
 def test_trace_busy_share_and_host_spans():
