@@ -46,8 +46,9 @@ def products(rows: int, n: int, k: int, qtype: QT, seed: int) -> tuple[jax.Array
     ],
 )
 def test_tiled_matmul_matches_float64(rows: int, n: int, k: int, qtype: QT, monkeypatch):
-    monkeypatch.setattr(ops, "CPU_TILE_BYTES", 64 * 4 * k)  # at most 64 rows a tile: every path runs at small size
-    ops.int8_matmul.clear_cache()  # CPU_TILE_BYTES is read while tracing
+    for limit in ("CPU_TILE_BYTES", "CPU_DECODE_TILE_BYTES"):  # at most 64 rows a tile: every path at small size
+        monkeypatch.setattr(ops, limit, 64 * 4 * k)
+    ops.int8_matmul.clear_cache()  # the tile bytes are read while tracing
     try:
         ours, ref = products(rows, n, k, qtype, seed=n + k)
     finally:
@@ -55,6 +56,24 @@ def test_tiled_matmul_matches_float64(rows: int, n: int, k: int, qtype: QT, monk
     assert ours.shape == (rows, n)
     err = np.linalg.norm(np.asarray(ours, np.float64) - ref) / np.linalg.norm(ref)
     assert err < 1e-5, err  # float32 accumulation
+
+
+def test_few_rows_take_the_smaller_tile_and_the_tile_changes_no_bits(monkeypatch):
+    """Decode-sized calls (up to CPU_DECODE_ROWS rows of x) walk tiles of CPU_DECODE_TILE_BYTES, prefill-sized ones
+    the larger CPU_TILE_BYTES; a tile splits w's rows, never the sum over K, so either gives a row the same bits."""
+    n, k = 4096, 640
+    small, large = (ops._tile_rows(n, k, r) for r in (1, ops.CPU_DECODE_ROWS + 1))
+    assert small * 4 * k <= ops.CPU_DECODE_TILE_BYTES < large * 4 * k <= ops.CPU_TILE_BYTES
+    raw = random_raw(QT.Q8_0, (n, k), seed=5)
+    w = to_int8_blocks(quant_array(raw, QT.Q8_0, (n, k)))
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((4, k)).astype(np.float32))
+    outs = []
+    for rows_limit in (0, 8):  # 4 rows: the large tile, then the small one
+        monkeypatch.setattr(ops, "CPU_DECODE_ROWS", rows_limit)
+        ops.int8_matmul.clear_cache()
+        outs.append(np.asarray(ops.int8_matmul(x, w)))
+    ops.int8_matmul.clear_cache()
+    assert np.array_equal(outs[0], outs[1])
 
 
 def test_cpu_layout_converts_matrices_only():
