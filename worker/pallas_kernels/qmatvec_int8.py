@@ -412,10 +412,10 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
             compiled: bool, has_live: bool, tiles: int):  # fmt: skip
     """qmatvec's per-row kernel (its grid, masks, splits and live rows) with integer products. Dense: program
     (r, i, j) computes output columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows).
-    Gathered: program (t, i, j), for x row t only, with expert ids[t]. With `Plan.programs` below `tiles` (the
-    column tiles), program i takes tiles i, i + programs, ... one after another. Each part's term is added on its
-    own, in the order of the format's groups and parts, super-blocks in K order: `_mma_kernel`'s order, so the two
-    give a row the same bits."""
+    Gathered: program (t, i, j), for x row t only, with expert ids[t]. With `Plan.programs` (`call` keeps it only
+    below `tiles`, the column tiles), program i takes tiles i, i + programs, ... one after another. Each part's
+    term is added on its own, in the order of the format's groups and parts, super-blocks in K order:
+    `_mma_kernel`'s order, so the two give a row the same bits."""
     live_ref, *refs = refs if has_live else (None, *refs)
     if gathered:
         ids_ref, x_ref, dx_ref, sums_ref, *plane_refs, o_ref = refs
@@ -474,7 +474,7 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
         column_tile(tile + t * p.programs)
         return carry
 
-    if not p.programs or p.programs >= tiles:
+    if not p.programs:
         column_tile(tile)
     else:  # this program's tiles: tile, tile + programs, ... below `tiles`
         jax.lax.fori_loop(0, (tiles - tile + p.programs - 1) // p.programs, next_tile, 0)
@@ -606,6 +606,9 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
         # 32 columns on 4 warps: at 64 columns a 64-row tile's accumulators spill (tools/kernel_sass.py)
         rows_per_program, p = row_tile, dataclasses.replace(p, block_n=max(MIN_DOT, min(32, p.block_n)), num_warps=4,
                                                             programs=0)  # fmt: skip
+    n_blocks = pl.cdiv(n, p.block_n)
+    if p.programs >= n_blocks:  # no fewer programs than column tiles: a program a tile
+        p = dataclasses.replace(p, programs=0)
     words, dx, sums = padded_x(x, w.qtype, rows_per_program, interpret)
     out_rows = words.shape[0]
     blocks = k // fmt.sb
@@ -615,18 +618,16 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
         *inner, n_words = fmt.x_inner
         x_args[0] = jax.lax.bitcast_convert_type(x_args[0], jnp.int8).reshape(out_rows, blocks, *inner, 4 * n_words)
     names, planes = plane_views(w, experts, n, k)
-    n_blocks = pl.cdiv(n, p.block_n)
     common = dict(fmt=fmt, names=names, n=n, blocks=blocks, p=p, compiled=not interpret)
     if row_tile is not None:
         kernel = functools.partial(_mma_kernel, **common, bm=row_tile)
     else:
         kernel = functools.partial(_kernel, **common, rows=rows_per_program, gathered=ids is not None,
                                    has_live=live is not None, tiles=n_blocks)  # fmt: skip
-    column_programs = min(n_blocks, p.programs) if p.programs else n_blocks
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((p.splits, out_rows, n_blocks * p.block_n), jnp.float32),
-        grid=(out_rows // rows_per_program, column_programs, p.splits),
+        grid=(out_rows // rows_per_program, p.programs or n_blocks, p.splits),
         compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=interpret,
         name=f"qmatvec_{w.qtype.name.lower()}_int8{'_dot' if row_tile is not None else ''}",
