@@ -56,14 +56,17 @@ _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
 
 
+_ENV_TILES = ("block_n", "chunk", "splits", "num_warps", "num_stages", "programs")  # qmatvec.plan's integer ones
+
+
 def _tiles_from_env(name: str) -> dict[str, int]:
     """`NAME=block_n=128,num_warps=4` -> {"block_n": 128, "num_warps": 4}: qmatvec.plan's tile arguments."""
     tiles = {}
     for item in filter(None, os.environ.get(name, "").split(",")):
         key, _, value = item.partition("=")
-        if key not in ("block_n", "chunk", "splits", "num_warps", "num_stages", "programs") or not value.isdigit():
-            raise ValueError(f"{name}: {item!r} is not block_n, chunk, splits, num_warps, num_stages or programs = "
-                             "an integer")  # fmt: skip
+        if key not in _ENV_TILES or not value.isdigit():
+            names = f"{', '.join(_ENV_TILES[:-1])} or {_ENV_TILES[-1]}"
+            raise ValueError(f"{name}: {item!r} is not {names} = an integer")
         tiles[key] = int(value)
     return tiles
 
