@@ -74,7 +74,10 @@ def host_spans(trace: dict, names: tuple[str, ...]) -> dict[str, list[float]]:
     return out
 
 
-def summary(kernels: dict[str, list[float]], top: int, sources: dict[str, str] | None = None) -> list[str]:
+Source = tuple[str, str | None]  # (op, "file:line function" or None): where an XLA kernel came from
+
+
+def summary(kernels: dict[str, list[float]], top: int, sources: dict[str, Source] | None = None) -> list[str]:
     """The `top` kernels by total time; `sources` (`hlo_sources`) adds where an XLA fusion came from."""
     total = sum(sum(d) for d in kernels.values()) or 1.0
     rows = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))
@@ -82,18 +85,23 @@ def summary(kernels: dict[str, list[float]], top: int, sources: dict[str, str] |
     for name, d in rows[:top]:
         source = (sources or {}).get(name)
         lines.append(f"{sum(d) / 1e3:9.3f} ms {100 * sum(d) / total:5.1f}% {len(d):6d}x  {name[:100]}"
-                     + (f"  <- {source}" if source else ""))  # fmt: skip
+                     + (f"  <- {_said(source)}" if source else ""))  # fmt: skip
     return lines
+
+
+def _said(source: Source) -> str:
+    op, where = source
+    return op + (f" ({where})" if where else "")
 
 
 _TABLE_ROW = re.compile(r'^(\d+) (?:"(.*)"|\{(.*)\})$')  # the module's FileNames .. StackFrames tables
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*\bmetadata=\{([^}]*)\}")
 
 
-def hlo_sources(text: str) -> dict[str, str]:
-    """Kernel name -> "op (file:line function)" for each instruction of an HLO module's text that has metadata: the
-    kernel is the instruction's name with '.' and '-' as '_' (how XLA names a fusion's kernel), the op the last
-    two parts of its op_name, the line its stack frame's (XLA's FileNames / FunctionNames / FileLocations /
+def hlo_sources(text: str) -> dict[str, Source]:
+    """Kernel name -> (op, "file:line function" or None) for each instruction of an HLO module's text that has
+    metadata: the kernel is the instruction's name with '.' and '-' as '_' (how XLA names a fusion's kernel), the op
+    the last two parts of its op_name, the line its stack frame's (XLA's FileNames / FunctionNames / FileLocations /
     StackFrames tables) or its source_file / source_line (older dumps)."""
     tables: dict[str, dict[int, str]] = defaultdict(dict)
     section = ""
@@ -130,19 +138,19 @@ def hlo_sources(text: str) -> dict[str, str]:
             where = frame(stack[1])
         elif (file := re.search(r'source_file="([^"]*)"', meta)) and (at := re.search(r"source_line=(\d+)", meta)):
             where = f"{Path(file[1]).name}:{at[1]}"
-        op_tail = "/".join(op[1].split("/")[-2:]) if op else "?"
-        out[re.sub(r"[.\-]", "_", m[1])] = op_tail + (f" ({where})" if where else "")
+        out[re.sub(r"[.\-]", "_", m[1])] = ("/".join(op[1].split("/")[-2:]) if op else "?", where)
     return out
 
 
-def by_source(kernels: dict[str, list[float]], sources: dict[str, str], top: int) -> list[str]:
-    """The kernels that `sources` knows (XLA's own: fusions, copies, scatters) summed by their line of Python, the
-    most time first: where the small kernels between the Pallas ones come from, launches included."""
+def by_source(kernels: dict[str, list[float]], sources: dict[str, Source], top: int) -> list[str]:
+    """The kernels that `sources` knows (XLA's own: fusions, copies, scatters) summed by their line of Python (the
+    op where no line is known), the most time first: where the small kernels between the Pallas ones come from,
+    launches included."""
     total: dict[str, list[float]] = defaultdict(list)
     for name, d in kernels.items():
         if name in sources:
-            where = sources[name]  # "op (file:line function)": the part in parentheses, where there is one
-            total[where[where.rfind(" (") + 2 : -1] if where.endswith(")") and " (" in where else where] += d
+            op, where = sources[name]
+            total[where or op] += d
     rows = sorted(total.items(), key=lambda kv: -sum(kv[1]))
     lines = [f"XLA's kernels by line: {sum(sum(d) for d in total.values()) / 1e3:.2f} ms in "
              f"{sum(len(d) for d in total.values())} launches"]  # fmt: skip

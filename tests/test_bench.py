@@ -283,9 +283,9 @@ def test_trace_names_where_each_xla_fusion_came_from():
         'metadata={op_name="jit(_decode)/scatter" source_file="/w/worker/kv_cache.py" source_line=77}', "}",
     ])  # fmt: skip
     sources = trace.hlo_sources(hlo)
-    assert sources["loop_add_fusion_96"] == "rms_norm/add (ops.py:42 rms_norm)"
-    assert sources["input_scatter_fusion_2"] == "jit(_decode)/scatter (kv_cache.py:77)"
-    assert sources["add_3"] == "body/add"
+    assert sources["loop_add_fusion_96"] == ("rms_norm/add", "ops.py:42 rms_norm")
+    assert sources["input_scatter_fusion_2"] == ("jit(_decode)/scatter", "kv_cache.py:77")
+    assert sources["add_3"] == ("body/add", None)
     lines = trace.summary({"loop_add_fusion_96": [30.0], "qmatvec_q8_0": [70.0]}, 5, sources)
     assert lines[1].endswith("qmatvec_q8_0")
     assert lines[2].endswith("loop_add_fusion_96  <- rms_norm/add (ops.py:42 rms_norm)")
