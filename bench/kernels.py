@@ -108,15 +108,14 @@ SWEEP_PER_ROW = (
 # 4 warps): other rows and warps a program, two super-blocks a step. Timed on an H200 (2026-12-05) on qwen2.5's gate
 # at 2 rows, more K splits and other pipeline depths gained nothing, and fewer warps than rows/32 (a row's terms
 # computed by several threads) lost up to 2x. More super-blocks a step: a thread reads its own row, 64 bytes of it a
-# step at Q8_0's plan (34 at MXFP4's), and gpt-oss-20b's 201k-row Q8_0 head ran at 0.73 TB/s in the step against 1.45
-# for its 5k-row q/k/v (H100, 2026-12-06), so longer runs of a row a step may read DRAM better; and fewer programs
-# than column tiles, each taking several in turn (qmatvec.Plan.programs: 2, 4 and 8 a multiprocessor on a 132-SM
-# card), fewer rows in flight at once.
+# step at Q8_0's plan (34 at MXFP4's); and fewer programs than column tiles, each taking several in turn
+# (qmatvec.Plan.programs: 2, 4 and 8 a multiprocessor on a 132-SM card). On an H100 (2026-12-06, 2 rows) gpt-oss-20b's
+# 201k-row Q8_0 head read at 0.74 TB/s on a program a tile, 0.78 on 8 super-blocks a step, 1.78 on 528 programs:
+# qmatvec.INT8_PROGRAMS, the plan's default since (`programs=0` here is a program a tile again).
 SWEEP_INT8 = (
     [dict(block_n=b, num_warps=w) for b, w in ((32, 1), (64, 1), (64, 2), (64, 4), (128, 2), (256, 8))]
     + [dict(chunk=c) for c in (2, 4, 8)]
-    + [dict(programs=p) for p in (264, 528, 1056)]
-    + [dict(programs=528, chunk=8)]
+    + [dict(programs=p) for p in (0, 264, 1056)]
 )
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
 SWEEP_COPY = (

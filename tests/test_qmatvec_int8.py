@@ -215,6 +215,8 @@ def test_fewer_programs_than_column_tiles_give_each_row_the_same_bits(qtype, pro
 def test_programs_are_the_int8_x_kernels_and_come_from_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="programs is the int8-x per-row kernel's"):
         qmv.plan(QT.Q4_K, 64, 256, programs=2)
+    assert qmv.plan(QT.Q4_K, 64, 256).programs == 0 and qmv.plan(QT.Q4_K, 64, 256, int8_x=True).programs > 0
+    assert qmv.plan(QT.Q4_K, 64, 256, int8_x=True, programs=0).programs == 0  # "programs=0": a program a tile
     monkeypatch.setenv("WORKER_INT8_TILES", "programs=264,chunk=8")
     assert ops._tiles_from_env("WORKER_INT8_TILES") == {"programs": 264, "chunk": 8}
 
@@ -458,3 +460,22 @@ def test_int8_x_moe_matvec_compiled_on_gpt_oss_experts(n, rows):
     bound = np.asarray(jax.jit(qmv.moe_matvec_twin)(jnp.abs(xr), _abs_mxfp4(experts), ids)) + 1e-30
     assert_close(y, np.asarray(twin, np.float64), bound, f"experts [32, {n}, 2880] M={rows} int8_x")
     assert np.array_equal(np.asarray(call(x[:1], experts, ids[:1]))[0], np.asarray(y)[0]), "token 0 alone"
+
+
+@pytest.mark.gpu
+def test_fewer_programs_than_column_tiles_compiled_give_the_same_bits():
+    """On the card: gpt-oss-20b's Q8_0 head (201,088 rows: 1,571 column tiles, more than qmatvec.INT8_PROGRAMS) on
+    the default plan, on 264 programs and on a program a tile; and its experts gathered on 8 programs (23 tiles) and
+    on a program a tile: the same bits."""
+    _gpu()
+    assert qmv.plan(QT.Q8_0, 201088, 2880, int8_x=True).programs == qmv.INT8_PROGRAMS < 201088 // qmv.INT8_BLOCK_N
+    head = _on_device(QT.Q8_0, (201088, 2880), seed=10)
+    x = jax.random.normal(jax.random.key(10), (2, 2880), jnp.float32)
+    call = jax.jit(lambda x, w, p: qmv.qmatvec(x, w, tensor_cores=False, int8_x=True, programs=p), static_argnums=2)
+    default, fewer, one_each = (np.asarray(call(x, head, p)) for p in (None, 264, 0))
+    assert np.array_equal(default, one_each) and np.array_equal(fewer, one_each), "the head: other bits"
+    experts = _on_device(QT.MXFP4, (32, 2880, 2880), seed=11)
+    ids = jax.random.permutation(jax.random.key(11), 32)[:8].reshape(2, 4)
+    gathered = jax.jit(lambda x, w, i, p: qmv.moe_matvec(x, w, i, int8_x=True, programs=p), static_argnums=3)
+    taking_turns, one_each = (np.asarray(gathered(x, experts, ids, p)) for p in (8, 0))
+    assert np.array_equal(taking_turns, one_each), "the experts: other bits"

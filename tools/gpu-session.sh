@@ -28,7 +28,8 @@
 #                      results in $GPU_STATE/results/wbench/; WBENCH_KINDS picks some (e.g. "2 2i"); budget
 #                      WBENCH_SECONDS (default 300)
 #           ab:M       an A/B of environment settings on bench.worker_bench (batch-1 decode, the worker alone) on
-#                      model M: AB lists the variants, space-separated, each a comma-joined list of VAR=VALUE (default
+#                      model M: AB lists the variants, space-separated, each a comma-joined list of VAR=VALUE (a comma
+#                      before a lower-case word stays in the value: WORKER_INT8_TILES=block_n=64,num_warps=1) (default
 #                      "WORKER_FUSE_PROJECTIONS=1 WORKER_FUSE_PROJECTIONS=0"); AB_ROUNDS rounds (default 2), the
 #                      variants in the given order, then reversed, and so on (ABBA: a drift of the card or the host
 #                      falls on both); AB_KIND the decode kernels (default 2i, as wbench's kinds); a process a run;
@@ -378,7 +379,7 @@ do_ab() {
             v=${variants[$i]}
             echo "== $like round $r: $v"
             # shellcheck disable=SC2046,SC2086  # the variant's settings and AB_ARGS are lists
-            (export $(echo "$v" | tr ',' ' ') && worker_bench "$like" "${AB_KIND:-2i}" \
+            (export $(echo "$v" | sed -E 's/,([A-Z_][A-Z0-9_]*=)/ \1/g') && worker_bench "$like" "${AB_KIND:-2i}" \
                 "$results/ab/$like-v$i-r$r.json" ${AB_ARGS:-}) || rc=1
         done
     done

@@ -40,6 +40,12 @@ TARGET_VALUES = 8192  # weight values per program per loop step
 # phi3-mini 324 -> 332; alone (bench.kernels --sweep-kernel int8, 2 rows) qwen2.5's gate on an H200 5.0 -> 4.1 us,
 # phi3's gate_up on the H100 22.7 -> 23.7 us.
 INT8_BLOCK_N = 128
+# The int8-x per-row kernel's programs along N at most (`Plan.programs`; 4 a multiprocessor of a 132-SM H100/H200):
+# only a weight of more than 528 column tiles (67,584 rows: an output head) has fewer programs than tiles. Timed on
+# an H100 (2026-12-06, bench.kernels --sweep-kernel int8, 2 rows): gpt-oss-20b's 201k-row Q8_0 head 832 us with a
+# program a tile (0.74 TB/s), 412 / 346 / 419 us with 264 / 528 / 1,056 programs (1.78 TB/s at 528); its decode,
+# one stream, 278.6 -> 322.0 tok/s (bench.worker_bench --max-batch 2 --int8-x, two runs each).
+INT8_PROGRAMS = 528
 # `plan`'s overrides
 TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch", "fma", "int8_x", "unroll",
              "programs")  # fmt: skip
@@ -324,7 +330,7 @@ class Plan:
     # tiles `programs` apart one after another (0: a program a tile). Fewer weight rows in flight at once, each read
     # for longer: gpt-oss-20b's 201k-row Q8_0 head had every one of its 1,571 tiles in flight (occupancy 100%) and
     # read at 0.73 TB/s, a quarter of the copy bandwidth, where its 5k-row q|k|v read at 1.38 (H100, 2026-12-06).
-    # The same operations a row, so the same bits. Not yet timed (bench.kernels --sweep-kernel int8).
+    # The same operations a row, so the same bits. `plan`'s default: INT8_PROGRAMS (timed there).
     programs: int = 0
 
 
@@ -343,7 +349,7 @@ def plan(
     fma: bool = False,
     int8_x: bool = False,
     unroll: bool = False,
-    programs: int = 0,
+    programs: int | None = None,
 ) -> Plan:
     """The tiling for an [n, k] weight: a function of the weight's shape and format only, never of the number of
     rows of x or of (token, expert) pairs, so that every row is computed with the same tiles, K split and
@@ -362,6 +368,8 @@ def plan(
         chunk = min(pow2_floor(TARGET_VALUES // (block_n * fmt.sb)), pl.next_power_of_2(blocks))
     if unroll and not int8_x:
         raise ValueError("unroll is the int8-x kernels' (int8_x=True); the float kernels keep their loop")
+    if programs is None:
+        programs = INT8_PROGRAMS if int8_x else 0
     if programs and not int8_x or programs < 0:
         raise ValueError(f"programs is the int8-x per-row kernel's (int8_x=True), 0 or more; got {programs}")
     for name, v in (("block_n", block_n), ("chunk", chunk)):
