@@ -40,11 +40,19 @@ def prompt_of(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def time_prefill(m, ids: list[int], repeats: int) -> list[float]:
-    """Seconds per prefill of `ids` until its first sampled id is on the host. Through `generate_ids`, so the
-    model's own KV cache is used: a second cache would inflate the peak memory reported."""
-    times = []
-    for _ in range(repeats):
+# Prefill runs at least this long in all (and `repeats` runs at least): a 512-token prompt takes 7-20 ms on a GPU,
+# where the median of three runs moved by 1.4x between calls (qwen2.5-0.5b on an H100, 2026-12-06: runs of 20.2,
+# 7.3 and 10.3 ms); llama-bench averages five.
+PREFILL_SECONDS = 1.0
+PREFILL_MAX_RUNS = 100
+
+
+def time_prefill(m, ids: list[int], repeats: int, seconds: float = 0.0) -> list[float]:
+    """Seconds per prefill of `ids` until its first sampled id is on the host, `repeats` runs and then more until
+    `seconds` in all (at most PREFILL_MAX_RUNS). Through `generate_ids`, so the model's own KV cache is used: a
+    second cache would inflate the peak memory reported."""
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < seconds and len(times) < PREFILL_MAX_RUNS):
         start = time.perf_counter()
         produced = list(m.generate_ids(ids, max_tokens=1, stop_at_eos=False))
         times.append(time.perf_counter() - start)
@@ -180,7 +188,7 @@ def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats
     time_decode(m, short, decode_tokens)
     warmup_s = time.perf_counter() - start
 
-    prefill = time_prefill(m, long, repeats)
+    prefill = time_prefill(m, long, repeats, PREFILL_SECONDS)
     decode = [time_decode(m, short, decode_tokens) for _ in range(repeats)]
     peak, peak_kind = peak_memory(m)  # before the sweep's compiles
     by_steps = steps_sweep(m, short, decode_tokens, sweep, repeats)
