@@ -638,10 +638,13 @@ def _free(engine: Engine) -> None:
 
 
 def _route_python_logging(narrator: Narrator) -> None:
-    """Warnings and errors of Python loggers (uvicorn, Litestar, JAX, the engine) become narration lines."""
+    """Warnings and errors of Python loggers (uvicorn, Litestar, JAX, the engine) become narration lines, and so do
+    Python's `warnings` (logger "py.warnings"): JAX reports a persistent compile cache entry it could not read or
+    write (its folder's lock not acquired within 10 s, seen on a GPU start) as one, which went out as bare text."""
     root = logging.getLogger()
     root.handlers[:] = [narrator.log_handler()]
     root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
 
 
 if __name__ == "__main__":

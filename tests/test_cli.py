@@ -155,3 +155,31 @@ def test_sigterm_while_starting_exits_0():
             proc.kill()
     last = json.loads(rest.strip().splitlines()[-1])
     assert last["event"] == "shutdown" and last["reason"] == "SIGTERM during start-up"
+
+
+def test_python_warnings_become_narration_lines():
+    """A `warnings.warn` (JAX's compile cache reports a lock it could not take so) comes out as a JSON log event,
+    not bare text among the narration."""
+    import io
+    import logging
+    import warnings
+
+    from server import cli as server_cli
+    from worker.narration import Narrator
+
+    out, root = io.StringIO(), logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        server_cli._route_python_logging(Narrator(WORKER_ID, None, None, stream=out))
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn(
+                "Error writing persistent compilation cache entry: lock not acquired", UserWarning, stacklevel=1
+            )
+    finally:
+        logging.captureWarnings(False)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(e["event"], e["level"], e["logger"]) for e in events] == [("log", "warning", "py.warnings")]
+    assert "persistent compilation cache entry: lock not acquired" in events[0]["message"]

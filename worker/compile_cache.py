@@ -16,7 +16,12 @@ import jax
 import platformdirs
 
 # Bound on the folder (JAX evicts the least recently used entries beyond it). The embedded Gemma 3 on the CPU
-# takes ~20 MB; a GPU model a few MB more per prompt bucket.
+# takes ~20 MB; a GPU model a few MB more per prompt bucket. A bounded folder has one lock file that every read
+# and write takes, and each write lists the folder under it: with the warm-up's compiles side by side
+# (Model.warm_up), a thread can wait past JAX's 10 s and then compiles without the cache (an H100, 2026-12-06:
+# one entry, `jit__sample_rows`, in each of two GPU server starts; 16 threads reading and writing a full 1 GB
+# folder on this 2-core machine waited up to 5 s an entry). Left so: without a bound there is no lock, but the
+# folder grows without end and JAX's writes are not atomic between processes.
 MAX_BYTES = 1 << 30
 
 
