@@ -169,6 +169,7 @@ def test_python_warnings_become_narration_lines():
 
     out, root = io.StringIO(), logging.getLogger()
     saved = root.handlers[:], root.level
+    logging.captureWarnings(False)  # a worker run in-process earlier may have left it on; then True does nothing
     try:
         server_cli._route_python_logging(Narrator(WORKER_ID, None, None, stream=out))
         with warnings.catch_warnings():
