@@ -109,9 +109,10 @@ SWEEP_PER_ROW = (
 # at 2 rows, more K splits and other pipeline depths gained nothing, and fewer warps than rows/32 (a row's terms
 # computed by several threads) lost up to 2x. More super-blocks a step: a thread reads its own row, 64 bytes of it a
 # step at Q8_0's plan (34 at MXFP4's); and fewer programs than column tiles, each taking several in turn
-# (qmatvec.Plan.programs: 2, 4 and 8 a multiprocessor on a 132-SM card). On an H100 (2026-12-06, 2 rows) gpt-oss-20b's
-# 201k-row Q8_0 head read at 0.74 TB/s on a program a tile, 0.78 on 8 super-blocks a step, 1.78 on 528 programs:
-# qmatvec.INT8_PROGRAMS, the plan's default since (`programs=0` here is a program a tile again).
+# (qmatvec.Plan.programs). On an H100 (2026-12-06, 2 rows) gpt-oss-20b's 201k-row Q8_0 head read at 0.74 TB/s on a
+# program a tile, 0.78 on 8 super-blocks a step, 1.78 on 528 programs (4 a multiprocessor of a 132-SM card):
+# qmatvec.INT8_PROGRAMS, the plan's default since. The sweep tries around it: a program a tile (`programs=0`), 2 and
+# 8 a multiprocessor.
 SWEEP_INT8 = (
     [dict(block_n=b, num_warps=w) for b, w in ((32, 1), (64, 1), (64, 2), (64, 4), (128, 2), (256, 8))]
     + [dict(chunk=c) for c in (2, 4, 8)]
