@@ -112,11 +112,14 @@ SWEEP_PER_ROW = (
 # (qmatvec.Plan.programs). On an H100 (2026-12-06, 2 rows) gpt-oss-20b's 201k-row Q8_0 head read at 0.74 TB/s on a
 # program a tile, 0.78 on 8 super-blocks a step, 1.78 on 528 programs (4 a multiprocessor of a 132-SM card):
 # qmatvec.INT8_PROGRAMS, the plan's default since. The sweep tries around it: a program a tile (`programs=0`), 2 and
-# 8 a multiprocessor.
+# 8 a multiprocessor. 32 rows on one warp read the head at 1.66 TB/s on a program a tile (6,284 programs of 32
+# threads): with fewer programs, 4, 8 and 16 a multiprocessor (the warps in flight those of 528 programs of 4 warps
+# at 16).
 SWEEP_INT8 = (
     [dict(block_n=b, num_warps=w) for b, w in ((32, 1), (64, 1), (64, 2), (64, 4), (128, 2), (256, 8))]
     + [dict(chunk=c) for c in (2, 4, 8)]
     + [dict(programs=p) for p in (0, 264, 1056)]
+    + [dict(block_n=32, num_warps=1, programs=p) for p in (528, 1056, 2112)]
 )
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
 SWEEP_COPY = (
