@@ -20,6 +20,7 @@ from worker.engine import End, Engine, ErrorEvent, JobRequest, TokenEvent
 from worker.errors import ErrorCode
 from worker.kv_cache import KVCache, pages_for, table_row
 from worker.models.base import live_tokens
+from worker.pallas_kernels import rms_norm as rms_norm_kernel
 from worker.sampling import SamplingParams
 from worker.scheduler import PagePool, Scheduler, Sequence
 
@@ -330,14 +331,16 @@ def test_a_prefill_dispatch_of_several_sequences_gives_each_the_bits_it_gets_alo
 @pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("d", [64, 896, 2880])
 def test_a_norm_gives_a_row_its_bits_whatever_the_rows_around_it(device, d):
-    """ops.rms_norm and ops.layer_norm (ops.row_sum's fixed order) on rows alone and among 512: the same bits.
-    Printed beside: whether XLA's own mean (jnp.mean) would have kept them (it did not on an H200, 2026-12-02)."""
+    """ops.rms_norm (jax.numpy's fixed order, and its kernel) and ops.layer_norm on rows alone and among 512: the
+    same bits. Printed beside: whether XLA's own mean (jnp.mean) would have kept them (it did not on an H200,
+    2026-12-02)."""
     dev = jax.devices(device)[0]
     rng = np.random.default_rng(d)
     x = jax.device_put(rng.standard_normal((512, d)).astype(np.float32), dev)
     w, b = (jax.device_put(rng.standard_normal(d).astype(np.float32), dev) for _ in range(2))
     norms = {
         "rms": jax.jit(lambda x: ops.rms_norm(x, w, 1e-6)),
+        "rms kernel": jax.jit(lambda x: rms_norm_kernel.rms_norm(x, w, 1e-6, interpret=device != "gpu")),
         "layer": jax.jit(lambda x: ops.layer_norm(x, w, b, 1e-5)),
         "xla mean": jax.jit(lambda x: x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)),
     }
@@ -347,7 +350,9 @@ def test_a_norm_gives_a_row_its_bits_whatever_the_rows_around_it(device, d):
                    for a, n in ((0, 1), (0, 16), (0, 64), (384, 64), (256, 128)))  # fmt: skip
         print(f"{device} d={d} {name}: rows alone {'equal' if same else 'DIFFER'} among 512")
         assert same or name == "xla mean"
-    np.testing.assert_allclose(np.asarray(norms["rms"](x)), np.asarray(norms["xla mean"](x)) * np.asarray(w), rtol=1e-5)
+    for name in ("rms", "rms kernel"):
+        np.testing.assert_allclose(np.asarray(norms[name](x)), np.asarray(norms["xla mean"](x)) * np.asarray(w),
+                                   rtol=1e-5)  # fmt: skip
 
 
 def test_prefill_groups_follow_the_token_budget_and_can_be_switched_off(monkeypatch):

@@ -29,6 +29,7 @@ from worker.kv_cache import KVCache, gather_layer
 from worker.pallas_kernels import moe_matmul as grouped_matmul
 from worker.pallas_kernels import paged_attention as paged
 from worker.pallas_kernels import prefill_attention, qmatvec, qmatvec_int8
+from worker.pallas_kernels import rms_norm as rms_norm_kernel
 from worker.quant import Int8Blocks, QuantArray, dequantize, widened
 
 Weight = QuantArray | Int8Blocks | jax.Array
@@ -46,11 +47,15 @@ CPU_DECODE_ROWS = 16  # rows of x up to which a call takes CPU_DECODE_TILE_BYTES
 
 # Which implementation the quantized matmuls, attention and MoE trace to: "cpu" (the jax.numpy path below, exact
 # float32), "gpu" (Pallas kernels for decode-sized matmuls and short prefill chunks: `_on_kernels`;
-# attention (decode and prefill) unless WORKER_ATTENTION_KERNEL=0; the grouped MoE matmul) or "interpret" (those
-# kernels in Pallas interpret mode, for CPU tests).
+# attention (decode and prefill) unless WORKER_ATTENTION_KERNEL=0; the grouped MoE matmul; RMSNorm with
+# WORKER_NORM_KERNEL=1) or "interpret" (those kernels in Pallas interpret mode, for CPU tests).
 BACKENDS = ("cpu", "gpu", "interpret")
 # The attention kernels on the non-CPU backends; WORKER_ATTENTION_KERNEL=0 keeps attention on jax.numpy.
 _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
+# WORKER_NORM_KERNEL=1: RMSNorm's kernel (worker/pallas_kernels/rms_norm.py) on the non-CPU backends with one device,
+# one launch a norm where XLA takes ~2.5. Off until its A/B on the card (built 2026-12-06, after that session's
+# device time; docs/kernels.md); other bits than jax.numpy's (another order of the sum of squares).
+_norm_kernel = os.environ.get("WORKER_NORM_KERNEL", "0") == "1"
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
@@ -373,7 +378,12 @@ def row_sum(x: jax.Array) -> jax.Array:
     return x
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, backend: str = "cpu", mesh: Mesh | None = None) -> jax.Array:
+    """x [..., D] * rsqrt(mean(x^2) + eps) * w, float32. On the kernel backends with one device and
+    WORKER_NORM_KERNEL=1, one Pallas kernel (a row a program: its launches, not its arithmetic, are what XLA's
+    version costs); else here, a fixed tree of adds."""
+    if backend != "cpu" and mesh is None and _norm_kernel:
+        return rms_norm_kernel.rms_norm(x, w, eps, interpret=backend == "interpret")
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(row_sum(x * x) / x.shape[-1] + eps) * w
 

@@ -289,9 +289,14 @@ def _lists(node):
     return node
 
 
-def norm(x: jax.Array, w: jax.Array, b: jax.Array | None, eps: float) -> jax.Array:
+def norm(x: jax.Array, w: jax.Array, b: jax.Array | None, cfg: ModelConfig) -> jax.Array:
     """LayerNorm where the file has a bias for the norm (gpt2), RMSNorm otherwise."""
-    return ops.rms_norm(x, w, eps) if b is None else ops.layer_norm(x, w, b, eps)
+    return rms_norm(x, w, cfg) if b is None else ops.layer_norm(x, w, b, cfg.norm_eps)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """RMSNorm on the model's backend (its kernel on one device of a kernel backend: ops.rms_norm)."""
+    return ops.rms_norm(x, w, cfg.norm_eps, cfg.backend, cfg.mesh)
 
 
 def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array, positions: jax.Array,
@@ -300,7 +305,7 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
     positions [B, T] of the sequences whose page tables are the rows of `table` [B, n]."""
     b, t, _ = x.shape
     hd, nh, nk, be = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.backend
-    h = norm(x, lw["attn_norm"], lw.get("attn_norm_b"), cfg.norm_eps)
+    h = norm(x, lw["attn_norm"], lw.get("attn_norm_b"), cfg)
     if "attn_qkv" in lw:
         qkv = ops.qmatmul(h, lw["attn_qkv"], lw.get("attn_qkv_b"), backend=be)
         q, k, v = jnp.split(qkv, [nh * hd, (nh + nk) * hd], axis=-1)
@@ -313,8 +318,8 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
         v = ops.qmatmul(h, lw["attn_v"], lw.get("attn_v_b"), backend=be)
     q, k, v = q.reshape(b, t, nh, hd), k.reshape(b, t, nk, hd), v.reshape(b, t, nk, hd)
     if "attn_q_norm" in lw:
-        q = ops.rms_norm(q, lw["attn_q_norm"], cfg.norm_eps)
-        k = ops.rms_norm(k, lw["attn_k_norm"], cfg.norm_eps)
+        q = rms_norm(q, lw["attn_q_norm"], cfg)
+        k = rms_norm(k, lw["attn_k_norm"], cfg)
     rope = cfg.rope(layer)
     if rope is not None:
         q = ops.rope(q, positions, rope.inv_freq, rope.neox, rope.mscale)
@@ -324,7 +329,7 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
                               lw.get("attn_sinks"), backend=be, mesh=cfg.mesh)  # fmt: skip
     out = ops.qmatmul(att.reshape(b, t, nh * hd), lw["attn_output"], lw.get("attn_output_b"), backend=be)
     if cfg.post_norms:
-        out = ops.rms_norm(out, lw["post_attention_norm"], cfg.norm_eps)
+        out = rms_norm(out, lw["post_attention_norm"], cfg)
     return x + out, cache
 
 
@@ -350,7 +355,7 @@ def run_layers(weights: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Arr
 
 def logits(weights: dict, cfg: ModelConfig, hidden: jax.Array, softcap: float | None = None) -> jax.Array:
     """Output norm + projection (the token embeddings when the file has no `output`): [B, T, D] -> [B, T, V]."""
-    h = norm(hidden, weights["output_norm"], weights.get("output_norm_b"), cfg.norm_eps)
+    h = norm(hidden, weights["output_norm"], weights.get("output_norm_b"), cfg)
     with ops.decode_kernels(cfg.decode_kernels):
         out = ops.qmatmul(h, weights.get("output", weights["token_embd"]), backend=cfg.backend)
     if softcap:

@@ -138,7 +138,7 @@ def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array, live: jax.Array
     """The routed experts with the residual. `live` [B, T]: the tokens whose output is used (`base.live_tokens`);
     the grouped kernel skips the others' experts."""
     b, t, d = x.shape
-    h = ops.rms_norm(x, lw["post_attention_norm"], cfg.norm_eps)
+    h = base.rms_norm(x, lw["post_attention_norm"], cfg)
     # On [B, T, D]: the router's kernel route then follows each sequence's T, not the tokens of the whole dispatch.
     router = ops.qmatmul(h, lw["ffn_gate_inp"], lw["ffn_gate_inp_b"], backend=cfg.backend, exact=True)
     h, router = h.reshape(b * t, d), router.reshape(b * t, -1)  # [M, D], [M, E]

@@ -146,7 +146,7 @@ def weight_table(gf: GGUFFile, cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]
 
 def ffn_block(lw: LayerWeights, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     be = cfg.backend
-    h = ops.rms_norm(x, lw["ffn_norm"], cfg.norm_eps)
+    h = base.rms_norm(x, lw["ffn_norm"], cfg)
     if "ffn_gate" in lw:
         gate, up = ops.qmatmul(h, lw["ffn_gate"], backend=be), ops.qmatmul(h, lw["ffn_up"], backend=be)
     else:  # phi3: the file's ffn_up is [gate | up]
@@ -154,7 +154,7 @@ def ffn_block(lw: LayerWeights, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     act = ops.gelu_tanh(gate) if cfg.traits.geglu else jax.nn.silu(gate)
     out = ops.qmatmul(act * up, lw["ffn_down"], backend=be)
     if cfg.post_norms:
-        out = ops.rms_norm(out, lw["post_ffw_norm"], cfg.norm_eps)
+        out = base.rms_norm(out, lw["post_ffw_norm"], cfg)
     return x + out
 
 

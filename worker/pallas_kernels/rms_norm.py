@@ -1,0 +1,61 @@
+"""RMSNorm as one kernel: x [..., D] * rsqrt(mean(x^2) + eps) * w, a row a program; its twin and the CPU's path
+is ops.rms_norm (jax.numpy).
+
+Why a kernel: XLA builds the norm's fixed-order sum of squares (ops.row_sum, a tree of elementwise adds, for batch
+invariance) and the scaling as two to three kernels of ~1.5 us each, twice a layer: in gpt-oss-20b's decode step on
+an H100, 123 of XLA's 466 launches and 0.19 ms of a 3.88 ms step (docs/PERFORMANCE.md, twenty-ninth session). Here
+a program reads its row once and writes it once. Batch invariance: a row's sum is one Triton reduction over a block
+of the same shape in a call of any size, never touching another row. Opt-in (WORKER_NORM_KERNEL=1, worker/ops.py)
+until it has been timed on the card (docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from worker.pallas_kernels.tiling import TritonParams, kernel_entry, pow2_at_least
+
+# Rows a program: one on the card (a row's values across the threads of a program); in interpret mode 32, padded,
+# because the interpreter copies the whole output per program (a 512-row prefill's norm took 167 ms on a row a
+# program against 0.7 ms on jax.numpy). Either way a row's sum is over a block of one shape in every call.
+INTERPRET_ROWS = 32
+
+
+def _kernel(x_ref, w_ref, o_ref, *, d: int, rows: int, eps: float):
+    """Program r: rows [r * rows, (r + 1) * rows) of x [R, D] (D rounded up to a power of two, the tail masked)."""
+    dp = pow2_at_least(d)
+    at = (pl.ds(pl.program_id(0) * rows, rows), pl.ds(0, dp))
+    cols_ok = None if dp == d else jnp.arange(dp) < d
+    ok = None if cols_ok is None else jax.lax.broadcast_in_dim(cols_ok, (rows, dp), (1,))
+    x, w = _load(x_ref.at[at], ok), _load(w_ref.at[at[1]], cols_ok)
+    inv = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) / d + eps)
+    plgpu.store(o_ref.at[at], x * inv * w, mask=ok)
+
+
+def _load(ref, mask: jax.Array | None) -> jax.Array:
+    return (plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)).astype(jnp.float32)
+
+
+@kernel_entry("eps", "interpret")
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, interpret: bool = False) -> jax.Array:
+    """x [..., D] normalized over its last axis and scaled by w [D]: float32 [..., D]."""
+    d = x.shape[-1]
+    flat = x.reshape(-1, d)
+    n = flat.shape[0]
+    rows = INTERPRET_ROWS if interpret else 1
+    flat = jnp.pad(flat, ((0, pl.cdiv(n, rows) * rows - n), (0, 0)))
+    warps = min(8, max(1, pow2_at_least(d) // 512))  # 16 values a thread at most up to 4,096
+    out = pl.pallas_call(
+        functools.partial(_kernel, d=d, rows=rows, eps=float(eps)),
+        out_shape=jax.ShapeDtypeStruct(flat.shape, jnp.float32),
+        grid=(flat.shape[0] // rows,),
+        compiler_params=TritonParams(num_warps=warps, num_stages=1),
+        interpret=interpret,
+        name="rms_norm",
+    )(flat, w.reshape(d))
+    return out[:n].reshape(x.shape)
