@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_oracles import check_logits, manifest
+from model_oracles import check_logits, manifest, rel_err, teacher_forced_decode
 from test_backends import MARGIN, TOL
 
 import worker
@@ -84,3 +84,22 @@ def test_a_model_on_the_norm_kernel_follows_its_oracle(oracles, monkeypatch, arc
     ours = m.logits(manifest(d)["input"]["ids"])
     assert len(calls) == per_layer * m.cfg.n_layers + 1, calls  # traced once a site: a layer's, and the output's
     check_logits(ours, np.load(d / logits), tol, MARGIN)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("arch", "file", "logits"), [n[:3] for n in NORMS], ids=[n[0] for n in NORMS])
+def test_a_model_on_the_norm_kernel_compiled_keeps_its_greedy_ids(oracles, monkeypatch, arch, file, logits):
+    """WORKER_NORM_KERNEL=1 on the card: prefill's logits and the teacher-forced decode's greedy ids equal the float64
+    argmax wherever its top-2 margin exceeds 0.05 (the GPU gate, tests/test_gpu.py)."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("no GPU visible to JAX")
+    monkeypatch.setattr(ops, "_norm_kernel", True)
+    d = oracles / "models" / arch
+    m = worker.load(d / file, device="gpu")
+    ids, ref = manifest(d)["input"]["ids"], np.load(d / logits)
+    ours = m.logits(ids)
+    print(f"{arch}: relative error on the norm kernel {rel_err(ours, ref):.2e}")
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05
+    assert (ours.argmax(-1) == ref.argmax(-1))[clear].all()
+    assert (teacher_forced_decode(m, ids) == ref.argmax(-1))[clear].all()
