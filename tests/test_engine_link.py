@@ -99,7 +99,10 @@ def test_the_pages_of_a_cancelled_last_job_come_back_in_health():
     """A cancelled job's pages are freed a pass after its terminal event; with no job left, no event follows."""
     with tiny_service(max_batch=2, max_queue=2, link=True) as service, TestClient(create_app(service)) as client:
         done = threading.Event()
-        threading.Thread(target=lambda: (stream(client, job_id="x", max_tokens=400), done.set())).start()
+        # Greedy on a counting prompt: no end-of-sequence within 400 tokens (test_server.LONG), where a sampled job
+        # could meet one within a few tokens and end before it was seen running (CI, 2026-12-06: 30 s unseen)
+        job = {"job_id": "x", "prompt": "Count: one two three", "max_tokens": 400, "temperature": 0.0}
+        threading.Thread(target=lambda: (stream(client, **job), done.set())).start()
         wait_until(lambda: "x" in service.engine.running and service.engine.kv_pages_used > 0)
         assert client.post("/cancel", json={"job_id": "x"}).json()["cancelled"] is True
         assert done.wait(30)
