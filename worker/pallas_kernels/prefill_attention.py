@@ -10,9 +10,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.tiling import NEG, TritonParams, kernel_entry, key_tile, padded_dim
+from worker.pallas_kernels.tiling import NEG, TritonParams, kernel_entry, key_tile, masked_load, padded_dim
 
 BLOCK_M = 64  # query rows (positions x heads of a group) per program
 MIN_BLOCK = 16  # tl.dot's smallest tile dimension
@@ -66,8 +65,7 @@ def _kernel(pos_ref, q_ref, k_ref, v_ref, *refs, d, dp, bm, bk, slots, window, s
     q = q_ref[b, kh, pl.ds(r0, bm), :]  # [BM, Dp], scaled, the cache dtype
 
     def load(ref, s0):
-        at = ref.at[b, pl.ds(s0, bk), kh, pl.ds(0, dp)]
-        return plgpu.load(at) if d_ok is None else plgpu.load(at, mask=d_ok, other=0)
+        return masked_load(ref.at[b, pl.ds(s0, bk), kh, pl.ds(0, dp)], d_ok)
 
     def step(tile, carry):
         m, l_, acc = carry

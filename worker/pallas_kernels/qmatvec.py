@@ -17,7 +17,15 @@ from gguf import GGMLQuantizationType as QT
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.tiling import ALL, TARGET_PROGRAMS, TritonParams, kernel_entry, pow2_floor, static_index
+from worker.pallas_kernels.tiling import (
+    ALL,
+    TARGET_PROGRAMS,
+    TritonParams,
+    kernel_entry,
+    masked_load,
+    pow2_floor,
+    static_index,
+)
 from worker.quant import QuantArray, dequantize
 
 MAX_ROWS = 8  # the per-row kernel: rows of x per program (one accumulator and one x load per row, unrolled)
@@ -40,12 +48,12 @@ TARGET_VALUES = 8192  # weight values per program per loop step
 # phi3-mini 324 -> 332; alone (bench.kernels --sweep-kernel int8, 2 rows) qwen2.5's gate on an H200 5.0 -> 4.1 us,
 # phi3's gate_up on the H100 22.7 -> 23.7 us.
 INT8_BLOCK_N = 128
-# The int8-x per-row kernel's programs along N at most (`Plan.programs`; 4 a multiprocessor of a 132-SM H100/H200):
+# The int8-x per-row kernel's programs along N at most (`Plan.programs`; TARGET_PROGRAMS, 4 a multiprocessor):
 # only a weight of more than 528 column tiles (67,584 rows: an output head) has fewer programs than tiles. Timed on
 # an H100 (2026-12-06, bench.kernels --sweep-kernel int8, 2 rows): gpt-oss-20b's 201k-row Q8_0 head 832 us with a
 # program a tile (0.74 TB/s), 412 / 346 / 419 us with 264 / 528 / 1,056 programs (1.78 TB/s at 528); its decode,
 # one stream, 278.6 -> 322.0 tok/s (bench.worker_bench --max-batch 2 --int8-x, two runs each).
-INT8_PROGRAMS = 528
+INT8_PROGRAMS = TARGET_PROGRAMS
 # `plan`'s overrides
 TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch", "fma", "int8_x", "unroll",
              "programs")  # fmt: skip
@@ -549,8 +557,7 @@ def tile_loader(planes, fmt: Format, expert, row0, b0, bn: int, c: int, rows_ok,
         index = index + (ALL,) * (len(inner) - len(index))
         shape = (bn, c, *(d for d, i in zip(inner, index, strict=True) if i == ALL))
         ref = planes[name].at[expert, pl.ds(row0, bn), pl.ds(b0, c), *map(static_index, index)]
-        mask = _mask(shape, rows_ok, blocks_ok)
-        return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
+        return masked_load(ref, _mask(shape, rows_ok, blocks_ok))
 
     return load
 
@@ -560,8 +567,7 @@ def load_x_part(x_ref, part: int, r0, bm: int, b0, c: int, t_size: int, blocks: 
     super-blocks b0..: rows where rows_ok is false and super-blocks past `blocks` load as zeros."""
     ref = x_ref.at[static_index(part), pl.ds(r0, bm), pl.ds(b0 * t_size, c * t_size)]
     cols_ok = None if blocks_ok is None else (b0 * t_size + jnp.arange(c * t_size)) < blocks * t_size
-    mask = _mask((bm, c * t_size), rows_ok, cols_ok)
-    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
+    return masked_load(ref, _mask((bm, c * t_size), rows_ok, cols_ok))
 
 
 def plane_views(w: QuantArray, experts: int, n: int, k: int) -> tuple[list[str], list[jax.Array]]:

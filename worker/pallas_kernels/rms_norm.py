@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels.tiling import TritonParams, kernel_entry, pow2_at_least
+from worker.pallas_kernels.tiling import TritonParams, kernel_entry, masked_load, pow2_at_least
 
 # Rows a program: one on the card (a row's values across the threads of a program); in interpret mode 32, padded,
 # because the interpreter copies the whole output per program (a 512-row prefill's norm took 167 ms on a row a
@@ -32,13 +32,9 @@ def _kernel(x_ref, w_ref, o_ref, *, d: int, rows: int, eps: float):
     at = (pl.ds(pl.program_id(0) * rows, rows), pl.ds(0, dp))
     cols_ok = None if dp == d else jnp.arange(dp) < d
     ok = None if cols_ok is None else jax.lax.broadcast_in_dim(cols_ok, (rows, dp), (1,))
-    x, w = _load(x_ref.at[at], ok), _load(w_ref.at[at[1]], cols_ok)
+    x, w = masked_load(x_ref.at[at], ok).astype(jnp.float32), masked_load(w_ref.at[at[1]], cols_ok).astype(jnp.float32)
     inv = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) / d + eps)
     plgpu.store(o_ref.at[at], x * inv * w, mask=ok)
-
-
-def _load(ref, mask: jax.Array | None) -> jax.Array:
-    return (plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)).astype(jnp.float32)
 
 
 @kernel_entry("eps", "interpret")

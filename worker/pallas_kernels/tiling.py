@@ -39,6 +39,12 @@ def static_index(i):
     return jnp.int32(i) if isinstance(i, int) else i
 
 
+def masked_load(ref, mask: jax.Array | None) -> jax.Array:
+    """`ref`'s block, zeros where `mask` is false; None: every element (Triton's load takes no `other` without a
+    mask)."""
+    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
+
+
 def pow2_floor(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
