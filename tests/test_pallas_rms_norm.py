@@ -1,6 +1,6 @@
 """RMSNorm's kernel (worker/pallas_kernels/rms_norm.py) against float64: in interpret mode here, compiled on the
 card (`gpu`), on the real models' widths (a power of two and not), the q/k norms' [B, T, H, hd] rows, a masked tail;
-and models on a kernel backend with WORKER_NORM_KERNEL=1 take it at every norm and follow their float64 oracles.
+and models on a kernel backend with the kernel on (the GPU's default; WORKER_NORM_KERNEL=1 on "interpret") take it at every norm and follow their float64 oracles.
 Rows alone and among others: the test_batching norm test."""
 
 from __future__ import annotations
@@ -50,9 +50,18 @@ def test_the_norm_kernel_compiled_follows_float64(shape):
     check(shape, interpret=False)
 
 
+ON = ops.norm_kernel_backends("1")  # WORKER_NORM_KERNEL=1
+
+
+def test_the_kernel_is_on_by_default_on_the_gpu_only_and_the_setting_turns_it_on_or_off():
+    assert ops.norm_kernel_backends("") == {"gpu": True, "interpret": False}
+    assert ops.norm_kernel_backends("0") == {"gpu": False, "interpret": False}
+    assert ops.norm_kernel_backends("1") == {"gpu": True, "interpret": True}
+
+
 def test_the_kernel_backends_take_the_kernel_and_the_cpu_and_meshes_do_not(monkeypatch):
     calls = []
-    monkeypatch.setattr(ops, "_norm_kernel", True)  # WORKER_NORM_KERNEL=1
+    monkeypatch.setattr(ops, "_norm_kernel", ON)
     monkeypatch.setattr(kernel, "rms_norm", lambda *a, **k: calls.append(k["interpret"]) or a[0])
     x, w = jnp.ones((2, 8)), jnp.ones(8)
     ops.rms_norm(x, w, 1e-6, "interpret")
@@ -60,7 +69,7 @@ def test_the_kernel_backends_take_the_kernel_and_the_cpu_and_meshes_do_not(monke
     assert calls == [True, False]
     ops.rms_norm(x, w, 1e-6)
     ops.rms_norm(x, w, 1e-6, "gpu", mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("tp",)))
-    monkeypatch.setattr(ops, "_norm_kernel", False)  # WORKER_NORM_KERNEL=0
+    monkeypatch.setattr(ops, "_norm_kernel", ops.norm_kernel_backends("0"))
     ops.rms_norm(x, w, 1e-6, "gpu")
     assert calls == [True, False]
 
@@ -76,7 +85,7 @@ NORMS = [("gemma3", "model-q8_0.gguf", "logits-hf-f64-q8_0-dequant.npy", 6, TOL)
 def test_a_model_on_the_norm_kernel_follows_its_oracle(oracles, monkeypatch, arch, file, logits, per_layer, tol):
     """WORKER_NORM_KERNEL=1 on the interpret backend: a prompt's logits through every norm site on the kernel, within
     the backend's gate of the float64 HF oracle."""
-    monkeypatch.setattr(ops, "_norm_kernel", True)
+    monkeypatch.setattr(ops, "_norm_kernel", ON)
     calls, real = [], kernel.rms_norm
     monkeypatch.setattr(kernel, "rms_norm", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     d = oracles / "models" / arch
@@ -89,11 +98,11 @@ def test_a_model_on_the_norm_kernel_follows_its_oracle(oracles, monkeypatch, arc
 @pytest.mark.gpu
 @pytest.mark.parametrize(("arch", "file", "logits"), [n[:3] for n in NORMS], ids=[n[0] for n in NORMS])
 def test_a_model_on_the_norm_kernel_compiled_keeps_its_greedy_ids(oracles, monkeypatch, arch, file, logits):
-    """WORKER_NORM_KERNEL=1 on the card: prefill's logits and the teacher-forced decode's greedy ids equal the float64
+    """The kernel on the card (its default there): prefill's logits and the teacher-forced decode's greedy ids equal the float64
     argmax wherever its top-2 margin exceeds 0.05 (the GPU gate, tests/test_gpu.py)."""
     if jax.default_backend() != "gpu":
         pytest.skip("no GPU visible to JAX")
-    monkeypatch.setattr(ops, "_norm_kernel", True)
+    monkeypatch.setattr(ops, "_norm_kernel", ON)
     d = oracles / "models" / arch
     m = worker.load(d / file, device="gpu")
     ids, ref = manifest(d)["input"]["ids"], np.load(d / logits)

@@ -47,15 +47,23 @@ CPU_DECODE_ROWS = 16  # rows of x up to which a call takes CPU_DECODE_TILE_BYTES
 
 # Which implementation the quantized matmuls, attention and MoE trace to: "cpu" (the jax.numpy path below, exact
 # float32), "gpu" (Pallas kernels for decode-sized matmuls and short prefill chunks: `_on_kernels`;
-# attention (decode and prefill) unless WORKER_ATTENTION_KERNEL=0; the grouped MoE matmul; RMSNorm with
-# WORKER_NORM_KERNEL=1) or "interpret" (those kernels in Pallas interpret mode, for CPU tests).
+# attention (decode and prefill) unless WORKER_ATTENTION_KERNEL=0; the grouped MoE matmul; RMSNorm unless
+# WORKER_NORM_KERNEL=0) or "interpret" (those kernels in Pallas interpret mode, for CPU tests).
 BACKENDS = ("cpu", "gpu", "interpret")
 # The attention kernels on the non-CPU backends; WORKER_ATTENTION_KERNEL=0 keeps attention on jax.numpy.
 _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
-# WORKER_NORM_KERNEL=1: RMSNorm's kernel (worker/pallas_kernels/rms_norm.py) on the non-CPU backends with one device,
-# one launch a norm where XLA takes ~2.5. Off until its A/B on the card (built 2026-12-06, after that session's
-# device time; docs/kernels.md); other bits than jax.numpy's (another order of the sum of squares).
-_norm_kernel = os.environ.get("WORKER_NORM_KERNEL", "0") == "1"
+# RMSNorm's kernel (worker/pallas_kernels/rms_norm.py), one launch a norm where XLA takes ~2.5: on by default on the
+# "gpu" backend with one device (an H100, 2026-12-06: qwen2.5-0.5b decode 980.0 against 951.0 tok/s, 1.030x;
+# gpt-oss-20b 324.6-326.5 against 323.3; docs/PERFORMANCE.md, thirtieth session); WORKER_NORM_KERNEL=0 turns it off,
+# =1 also turns it on on "interpret" (off there by default: its interpreted launches would cost the CPU suite
+# minutes, and tests/test_pallas_rms_norm.py runs it there on purpose). Other bits than jax.numpy's (another order of
+# the sum of squares), the same bits for a row whatever its batch.
+def norm_kernel_backends(setting: str) -> dict[str, bool]:
+    """WORKER_NORM_KERNEL's value -> whether each kernel backend takes RMSNorm's kernel."""
+    return {"gpu": setting != "0", "interpret": setting == "1"}
+
+
+_norm_kernel = norm_kernel_backends(os.environ.get("WORKER_NORM_KERNEL", ""))
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
@@ -379,10 +387,10 @@ def row_sum(x: jax.Array) -> jax.Array:
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, backend: str = "cpu", mesh: Mesh | None = None) -> jax.Array:
-    """x [..., D] * rsqrt(mean(x^2) + eps) * w, float32. On the kernel backends with one device and
-    WORKER_NORM_KERNEL=1, one Pallas kernel (a row a program: its launches, not its arithmetic, are what XLA's
-    version costs); else here, a fixed tree of adds."""
-    if backend != "cpu" and mesh is None and _norm_kernel:
+    """x [..., D] * rsqrt(mean(x^2) + eps) * w, float32. On the GPU with one device (and on "interpret" with
+    WORKER_NORM_KERNEL=1: `_norm_kernel`), one Pallas kernel (a row a program: its launches, not its arithmetic, are
+    what XLA's version costs); else here, a fixed tree of adds."""
+    if mesh is None and _norm_kernel.get(backend, False):
         return rms_norm_kernel.rms_norm(x, w, eps, interpret=backend == "interpret")
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(row_sum(x * x) / x.shape[-1] + eps) * w

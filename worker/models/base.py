@@ -295,7 +295,7 @@ def norm(x: jax.Array, w: jax.Array, b: jax.Array | None, cfg: ModelConfig) -> j
 
 
 def rms_norm(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """RMSNorm on the model's backend and devices (ops.rms_norm: its kernel with WORKER_NORM_KERNEL=1)."""
+    """RMSNorm on the model's backend and devices (ops.rms_norm: its kernel on the GPU)."""
     return ops.rms_norm(x, w, cfg.norm_eps, cfg.backend, cfg.mesh)
 
 
