@@ -1,6 +1,7 @@
 """RMSNorm's kernel (worker/pallas_kernels/rms_norm.py) against float64: in interpret mode here, compiled on the
 card (`gpu`), on the real models' widths (a power of two and not), the q/k norms' [B, T, H, hd] rows, a masked tail;
-and models on a kernel backend with the kernel on (the GPU's default; WORKER_NORM_KERNEL=1 on "interpret") take it at every norm and follow their float64 oracles.
+and models on a kernel backend with the kernel on (the GPU's default; WORKER_NORM_KERNEL=1 on "interpret") take it
+at every norm and follow their float64 oracles.
 Rows alone and among others: the test_batching norm test."""
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ def test_a_model_on_the_norm_kernel_follows_its_oracle(oracles, monkeypatch, arc
 @pytest.mark.gpu
 @pytest.mark.parametrize(("arch", "file", "logits"), [n[:3] for n in NORMS], ids=[n[0] for n in NORMS])
 def test_a_model_on_the_norm_kernel_compiled_keeps_its_greedy_ids(oracles, monkeypatch, arch, file, logits):
-    """The kernel on the card (its default there): prefill's logits and the teacher-forced decode's greedy ids equal the float64
-    argmax wherever its top-2 margin exceeds 0.05 (the GPU gate, tests/test_gpu.py)."""
+    """The kernel on the card (its default there): prefill's logits and the teacher-forced decode's greedy ids equal
+    the float64 argmax wherever its top-2 margin exceeds 0.05 (the GPU gate, tests/test_gpu.py)."""
     if jax.default_backend() != "gpu":
         pytest.skip("no GPU visible to JAX")
     monkeypatch.setattr(ops, "_norm_kernel", ON)

@@ -52,6 +52,8 @@ CPU_DECODE_ROWS = 16  # rows of x up to which a call takes CPU_DECODE_TILE_BYTES
 BACKENDS = ("cpu", "gpu", "interpret")
 # The attention kernels on the non-CPU backends; WORKER_ATTENTION_KERNEL=0 keeps attention on jax.numpy.
 _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
+
+
 # RMSNorm's kernel (worker/pallas_kernels/rms_norm.py), one launch a norm where XLA takes ~2.5: on by default on the
 # "gpu" backend with one device (an H100, 2026-12-06: qwen2.5-0.5b decode 980.0 against 951.0 tok/s, 1.030x;
 # gpt-oss-20b 324.6-326.5 against 323.3; docs/PERFORMANCE.md, thirtieth session); WORKER_NORM_KERNEL=0 turns it off,

@@ -5,8 +5,8 @@ Why a kernel: XLA builds the norm's fixed-order sum of squares (ops.row_sum, a t
 invariance) and the scaling as two to three kernels of ~1.5 us each, twice a layer: in gpt-oss-20b's decode step on
 an H100, 123 of XLA's 466 launches and 0.19 ms of a 3.88 ms step (docs/PERFORMANCE.md, twenty-ninth session). Here
 a program reads its row once and writes it once. Batch invariance: a row's sum is one Triton reduction over a block
-of the same shape in a call of any size, never touching another row. On by default on the GPU (WORKER_NORM_KERNEL=0 turns
-it off, worker/ops.py): +3.0% decode on qwen2.5-0.5b on an H100 (docs/kernels.md).
+of the same shape in a call of any size, never touching another row. On by default on the GPU
+(WORKER_NORM_KERNEL=0 turns it off, worker/ops.py): +3.0% decode on qwen2.5-0.5b on an H100 (docs/kernels.md).
 """
 
 from __future__ import annotations
