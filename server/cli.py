@@ -593,7 +593,9 @@ def _ready(args: argparse.Namespace, service, url: str, started: float) -> None:
         "device": health["device"],
         "quant_kind": health["quant_kind"],
     }
-    service.narrator.emit("ready", **message, startup_ms=round((time.monotonic() - started) * 1000.0, 1))
+    warmed = service.engine.facts().get("warm_up")  # where the start's compiles went (minutes, cold, on a GPU)
+    warm_up = {"warm_up": warmed} if warmed is not None else {}
+    service.narrator.emit("ready", **message, startup_ms=round((time.monotonic() - started) * 1000.0, 1), **warm_up)
     if args.callback_url:
         threading.Thread(target=_callback, args=(args.callback_url, message, service.narrator), daemon=True).start()
 

@@ -9,7 +9,7 @@ from conftest import oracles_dir
 
 import worker
 from worker.model import GREEDY, decode_kernels_for, steps_within
-from worker.runner import bucket
+from worker.runner import MIN_BUCKET, bucket
 from worker.sampling import SamplingParams
 
 
@@ -70,7 +70,7 @@ def test_a_calibrating_warm_up_compiles_each_program_once(monkeypatch, steps_aft
     calls = []
     monkeypatch.setattr(m.runner, "compile_first_steps",
                         lambda inputs, plans, steps, rows, prefill=True, groups=(), lone=():
-                        calls.append((plans, steps, tuple(rows), prefill, groups, lone)))  # fmt: skip
+                        calls.append((plans, steps, tuple(rows), prefill, groups, lone)) or [])  # fmt: skip
     monkeypatch.setattr(m, "calibrate_steps",
                         lambda plan, _target: setattr(m.batch, "steps", steps_after) or steps_after)  # fmt: skip
     monkeypatch.setattr(m, "device_kind", "gpu")
@@ -84,6 +84,22 @@ def test_a_calibrating_warm_up_compiles_each_program_once(monkeypatch, steps_aft
     # A prompt alone in its dispatch, at every chunk bucket past the first (compiled with it in the first call).
     lone = tuple(m.runner.chunk_buckets()[1:])
     assert calls == [(plans, 1, buckets[-1:], True, (), ()), (plans, steps_after, again, False, groups, lone)]
+
+
+def test_a_warm_up_says_what_it_compiled_and_how_long_each_took():
+    m = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", max_batch=4)
+    warmed = m.warm_up(SamplingParams(temperature=1.0), all_rows=True)
+    assert warmed is m.warmed
+    names = [name for name, _ in warmed.compiles]
+    steps = m.decode_steps
+    # the CPU: every row bucket's decode, the first prefill chunk and its first sample
+    want = [f"decode {r} rows {steps} steps sampled" for r in m.runner.row_buckets()]
+    want += [f"prefill {min(MIN_BUCKET, m.runner.chunk)} tokens", "prefill first sample sampled"]
+    assert sorted(names) == sorted(want)
+    assert all(s > 0 for _, s in warmed.compiles) and 0 < warmed.compile_s <= warmed.total_s
+    fields = warmed.fields(slowest=2)
+    assert fields["programs"] == len(want) and len(fields["slowest"]) == 2
+    assert fields["compile_sum_ms"] >= max(fields["slowest"].values())
 
 
 def test_chunk_buckets_are_every_bucket_a_prompt_chunk_takes():

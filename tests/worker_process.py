@@ -164,6 +164,10 @@ def assert_log_sequence(w: WorkerProcess, job_id: str, reason: str) -> None:
     assert job_events == ["execute_start", "execute_end"]
     assert seq[-1] == "shutdown" and events[-1]["reason"] == reason
     assert seq.count("ready") == 1 and seq.count("shutdown") == 1
+    # where the start's compiles went: at least the decode step, the first prefill and its first sample, by name
+    warm_up = next(e for e in events if e["event"] == "ready")["warm_up"]
+    assert warm_up["programs"] >= 3 and 0 < warm_up["compile_ms"] <= warm_up["warm_up_ms"], warm_up
+    assert any(name.startswith("decode ") for name in warm_up["slowest"]), warm_up
 
 
 def metric_values(client: httpx.Client) -> dict[tuple, float]:

@@ -258,7 +258,8 @@ class Engine:
     # -- what the serving layer reads (server/service.py; server/engine_link.py answers the same from afar) ----
 
     def facts(self) -> dict[str, Any]:
-        """The model's and this engine's facts that do not change while it serves (/health)."""
+        """The model's and this engine's facts that do not change while it serves (/health), and where its warm-up's
+        time went (`ready`'s log event)."""
         model, runner = self.model, self.model.runner
         return {
             "model": model.path.name,
@@ -277,6 +278,7 @@ class Engine:
             "kv_page_size": runner.page_size,
             "kv_pages_total": model.batch.scheduler.pool.total,
             **devices.device_info(model.device),
+            "warm_up": model.warmed.fields() if model.warmed is not None else None,
         }
 
     @property

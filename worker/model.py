@@ -4,6 +4,7 @@ The Python API (`worker.load`) and the engine build on this."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -107,6 +108,31 @@ PREFILL_TOKENS_PER_STEP = {"gpu": 4096}
 GREEDY = SamplingParams()
 
 
+@dataclasses.dataclass
+class WarmUp:
+    """Where a warm-up's time went: each program's name and seconds to compile (side by side: their sum exceeds
+    `compile_s`, the wall time of the compiles, by as much as they overlapped; a program the persistent cache held
+    takes well under a second), and the whole warm-up's seconds (the compiles, the dispatch that sizes the steps,
+    a first request)."""
+
+    compiles: list[tuple[str, float]]
+    compile_s: float
+    total_s: float
+    decode_steps: int
+
+    def fields(self, slowest: int = 5) -> dict:
+        """For the server's `ready` log event."""
+        top = sorted(self.compiles, key=lambda c: -c[1])[:slowest]
+        return {
+            "programs": len(self.compiles),
+            "compile_ms": round(self.compile_s * 1000.0, 1),
+            "compile_sum_ms": round(sum(s for _, s in self.compiles) * 1000.0, 1),
+            "slowest": {name: round(s * 1000.0, 1) for name, s in top},
+            "warm_up_ms": round(self.total_s * 1000.0, 1),
+            "decode_steps_per_dispatch": self.decode_steps,
+        }
+
+
 class Generation:
     """The ids of one generation, as an iterator; once exhausted, `stop_reason` is "eos", "max_tokens" or "context"
     (the budget was the room left in the context)."""
@@ -143,6 +169,7 @@ class Model:
         steps = decode_steps_for(device_kind, gf.decode_weight_bytes)
         self.batch = Batch(runner, tokenizer, steps, prefill_tokens or PREFILL_TOKENS_PER_STEP.get(device_kind))
         self.quant_kind = quant_kind(gf.get("general.file_type"), (t.qtype for t in gf.tensors.values()))
+        self.warmed: WarmUp | None = None  # the last warm_up's times
 
     @property
     def bf16_experts(self) -> bool:
@@ -285,20 +312,27 @@ class Model:
         return self.batch.steps
 
     def warm_up(self, params: SamplingParams = GREEDY, all_rows: bool = False,
-                dispatch_s: float = DISPATCH_TARGET_S) -> None:  # fmt: skip
+                dispatch_s: float = DISPATCH_TARGET_S) -> WarmUp:  # fmt: skip
         """Compile what a first request with a short prompt and `params`' sampling stages runs (the model-sized
         compiles side by side), with `all_rows` the decode at every row bucket and the prefill of every group size
         (what a growing load reaches), then run one such request of two tokens. With `all_rows` on a GPU, the steps
         of a dispatch are first sized from a timed dispatch of the largest bucket (`calibrate_steps`, to
         `dispatch_s` seconds), and greedy decoding's stages are compiled beside `params`': a program is compiled per
         set of stages, and on an H200 each compile of gpt-oss-20b's took ~15 s, which a greedy load's streams waited
-        through on every row bucket's first use (docs/PERFORMANCE.md, sixth session)."""
+        through on every row bucket's first use (docs/PERFORMANCE.md, sixth session). Returns where its time went."""
+        t0, compiles, walls = time.perf_counter(), [], []
+
+        def compile_steps(*args, **kwargs) -> None:
+            t = time.perf_counter()
+            compiles.extend(self.runner.compile_first_steps(*args, **kwargs))
+            walls.append(time.perf_counter() - t)
+
         seq = self.sequence([0], 1, params, 0)
         inputs, plan, rows = self.batch.row_inputs([(0, seq)], 1, 1), params.plan(), self.runner.row_buckets()
         rows, compiled, plans = rows if all_rows else rows[:1], False, (plan,)
         if all_rows and self.device_kind != "cpu":
             plans = tuple(dict.fromkeys((plan, GREEDY.plan())))
-            self.runner.compile_first_steps(inputs, plans, self.decode_steps, rows[-1:])
+            compile_steps(inputs, plans, self.decode_steps, rows[-1:])
             before, compiled = self.decode_steps, True
             if self.calibrate_steps(plan, dispatch_s) == before:
                 rows = rows[:-1]  # compiled at these steps already
@@ -306,10 +340,11 @@ class Model:
         # A prompt alone in its dispatch, at every chunk bucket above the first (compiled beside the decode): on a
         # GPU only, where each is one more compile in parallel; on the 2-core CPU each would add ~15 s to the start.
         lone = tuple(self.runner.chunk_buckets()[1:]) if compiled else ()
-        self.runner.compile_first_steps(inputs, plans, self.decode_steps, tuple(rows), prefill=not compiled,
-                                        groups=groups, lone=lone)  # fmt: skip
+        compile_steps(inputs, plans, self.decode_steps, tuple(rows), prefill=not compiled, groups=groups, lone=lone)
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass
+        self.warmed = WarmUp(compiles, sum(walls), time.perf_counter() - t0, self.decode_steps)
+        return self.warmed
 
     def calibrate_steps(self, plan: SamplingPlan, target_s: float = DISPATCH_TARGET_S) -> int:
         """Set the decode steps of a dispatch from a timed dispatch of the largest row bucket: the most (a power of

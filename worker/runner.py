@@ -19,6 +19,7 @@ computed on its own (_one_row_at_a_time).
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -328,7 +329,7 @@ class Runner:
         prefill: bool = True,
         groups: tuple[int, ...] = (),
         lone: tuple[int, ...] = (),
-    ) -> None:
+    ) -> list[tuple[str, float]]:
         """Compile, side by side, what a request with a prompt of at most MIN_BUCKET tokens runs first: the
         prefill and the first sample (unless `prefill` is False: compiled already), a decode dispatch of `steps`
         steps with each of `plans` at each of the row buckets `rows`, and the prefill and first samples of several
@@ -337,7 +338,8 @@ class Runner:
         dispatch at each of the chunk buckets `lone` (under load a prompt can arrive alone between groups: its
         bucket's compile, ~13 s for gpt-oss-20b on an H200, stalled every running stream). Each is a whole-model
         XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so threads overlap them.
-        Lowered from shapes only: no KV cache or input is allocated."""
+        Lowered from shapes only: no KV cache or input is allocated. Returns each program's name and seconds to
+        compile (a compile that found its program in the persistent cache takes well under one)."""
         c = self.cfg
 
         def spec(shape: tuple[int, ...], dtype, on: jax.sharding.Sharding = self.input_sharding):
@@ -356,29 +358,42 @@ class Runner:
             sp, keys, rindex = self._row_arrays(_take(inputs, r))
             pos, table = spec((r,), jnp.int32), spec((r, width), jnp.int32)
             args = (self.weights, state.tokens, state.seen, pos, table, rindex, cache, sp, keys, steps, plan)
-            return lambda: self._decode.lower(*args)
+            return f"decode {r} rows {steps} steps {_plan_name(plan)}", lambda: self._decode.lower(*args)
+
+        def first(label: str, args: tuple) -> list:
+            return [(f"{label} first sample {_plan_name(p)}", lambda p=p: self._first.lower(*args, p)) for p in plans]
 
         def group(g: int):
             sp, keys, gindex = self._row_arrays(_take(inputs, g))
             tokens, t = spec((g, ops.PREFILL_KERNEL_ROWS), jnp.int32), self.table_width(ops.PREFILL_KERNEL_ROWS)
             args = (self.weights, tokens, tokens, spec((g, t), jnp.int32), spec((g,), jnp.int32), cache)
-            first = (spec((g, c.vocab_size), jnp.float32), sp, keys, gindex, spec((g, c.vocab_size), jnp.bool_))
-            return [lambda: self._prefill.lower(*args)] + [lambda p=p: self._first.lower(*first, p) for p in plans]
+            sample = (spec((g, c.vocab_size), jnp.float32), sp, keys, gindex, spec((g, c.vocab_size), jnp.bool_))
+            label = f"prefill {g} chunks"
+            return [(label, lambda: self._prefill.lower(*args))] + first(label, sample)
 
         jobs = [decode(r, p) for p in plans for r in rows] + [job for g in groups for job in group(g)]
 
         def alone(b: int):
             tokens, table = spec((1, b), jnp.int32), spec((1, self.table_width(b)), jnp.int32)
-            return lambda: self._prefill.lower(self.weights, tokens, tokens, table, index, cache)
+            return f"prefill {b} tokens", lambda: self._prefill.lower(self.weights, tokens, tokens, table, index, cache)
 
         jobs += [alone(b) for b in ((n,) if prefill else ()) + lone]
         if prefill:
-            jobs += [lambda p=p: self._first.lower(logits, sp1, keys1, index1, seen1, p) for p in plans]
+            jobs += first("prefill", (logits, sp1, keys1, index1, seen1))
         if not jobs:
-            return
+            return []
+
+        def timed(job) -> tuple[str, float]:
+            t0 = time.perf_counter()
+            job[1]().compile()
+            return job[0], time.perf_counter() - t0
+
         with ThreadPoolExecutor(len(jobs)) as pool:
-            for done in [pool.submit(lambda job=job: job().compile()) for job in jobs]:
-                done.result()
+            return [done.result() for done in [pool.submit(timed, job) for job in jobs]]
+
+
+def _plan_name(plan: SamplingPlan) -> str:
+    return "sampled" if plan.draw else "greedy"
 
 
 def _take(inputs: RowInputs, n: int) -> RowInputs:
