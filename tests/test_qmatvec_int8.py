@@ -59,12 +59,24 @@ def test_quantize_x_rounds_as_llama_cpp_does_and_packs_bytes_in_order():
     assert np.asarray(dx)[1, 0] == 0 and not np.asarray(words)[1, :8].any()
 
 
+# MXFP4's (a transpose of a block's five binary digits: moved inside the kernel), and one that is no transpose
+# (an XLA gather first)
+SHUFFLED = tuple(int(v) for v in np.random.default_rng(5).permutation(32))
+ORDERS = {"mxfp4": q8.MXFP4_ORDER, "shuffled": SHUFFLED}
+
+
+def test_mxfp4s_order_is_a_transpose_and_a_shuffle_is_not():
+    assert q8._digit_axes(q8.MXFP4_ORDER) == (3, 1, 2, 4, 0)  # (a, w1, w0, h, c) -> (h, w1, w0, c, a)
+    assert q8._digit_axes(SHUFFLED) is None
+
+
+@pytest.mark.parametrize("order", ORDERS, ids=ORDERS)
 @pytest.mark.parametrize("k", [64, 896, 2880, 8192])
-def test_quantize_x_in_other_orders_and_sum_blocks(k):
-    """A row of k values (k / 32 blocks: odd, even, a power of two), MXFP4's order of a block's values and sums
+def test_quantize_x_in_other_orders_and_sum_blocks(k, order):
+    """A row of k values (k / 32 blocks: odd, even, a power of two), a block's values in another order and sums
     of 32: the same codes, moved, and the sums of their runs."""
     x = np.random.default_rng(k).standard_normal((2, k)).astype(np.float32) * np.float32(3)
-    order = q8.MXFP4_ORDER
+    order = ORDERS[order]
     quantize = jax.jit(q8.quantize_x, static_argnums=(1, 2), static_argnames="interpret")
     words, dx, sums = quantize(x, order, 32, interpret=True)
     q, d = llama_cpp_q8(x)

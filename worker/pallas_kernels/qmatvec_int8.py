@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from gguf import GGMLQuantizationType as QT
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -257,15 +259,19 @@ def quantize_x(x: jax.Array, order: Sequence[int] | None = None, sum_block: int 
     [T, K / 32]; sums int32 [T, K / sum_block] of `sum_block` (16 or 32) int8 values each). A block's dx is its
     largest |value| / 127 and its values round to the nearest step, halves away from zero, as llama.cpp's
     quantize_q8_1 does. `order`: each 32-value block's values in this order in the words and sums (a format's
-    `x_order`). One Pallas kernel (interpret mode on the CPU). Why not XLA: there it takes three kernels (the
-    blocks' maxima, the rounding, the packing), ~3.5 us a matvec on the card, a third of an int8-x matvec's time."""
+    `x_order`): inside the kernel where it is a transpose of the block's five binary digits (MXFP4's is), else an
+    XLA gather first. One Pallas kernel (interpret mode on the CPU). Why not XLA: there it takes three kernels (the
+    blocks' maxima, the rounding, the packing), ~3.5 us a matvec on the card, a third of an int8-x matvec's time;
+    and the gather of MXFP4's order alone was one more, 2.1 us each of gpt-oss-20b's 48 a step (an H100,
+    docs/PERFORMANCE.md, twenty-ninth session)."""
     t, k = x.shape
-    blocks = x.reshape(t, k // X_BLOCK, X_BLOCK)
-    if order is not None:
-        blocks = blocks[..., jnp.asarray(order)]
     n = k // X_BLOCK
+    axes = _digit_axes(tuple(order)) if order is not None else None
+    blocks = x.reshape(t, n, X_BLOCK)
+    if order is not None and axes is None:
+        blocks = blocks[..., jnp.asarray(order)]
     nb = math.gcd(n, 32)  # blocks a program: a power of two (Triton's tiles) that divides the row
-    kernel = functools.partial(_quantize_kernel, nb=nb, sum_block=sum_block, compiled=not interpret)
+    kernel = functools.partial(_quantize_kernel, nb=nb, sum_block=sum_block, axes=axes, compiled=not interpret)
     words, dx, sums = pl.pallas_call(
         kernel,
         out_shape=(
@@ -277,14 +283,28 @@ def quantize_x(x: jax.Array, order: Sequence[int] | None = None, sum_block: int 
         compiler_params=TritonParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="quantize_x_int8",
-    )(blocks.reshape(t, n, 2, 4, 4))
+    )(blocks.reshape(t, n, *((2,) * 5 if axes else (2, 4, 4))))
     return words.reshape(t, k // 4), dx, sums.reshape(t, -1)
 
 
-def _quantize_kernel(x_ref, words_ref, dx_ref, sums_ref, *, nb: int, sum_block: int, compiled: bool):
-    """Program (r, j): x row r's blocks [j*nb, (j+1)*nb), each as [2 halves, 4 words, 4 bytes]."""
+@functools.cache
+def _digit_axes(order: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The permutation of a 32-value block's five binary digits (as axes of [2, 2, 2, 2, 2]) whose transpose puts
+    its values in `order`, or None where no such transpose does."""
+    digits = np.arange(X_BLOCK).reshape((2,) * 5)  # numpy: called while a kernel is traced
+    for axes in itertools.permutations(range(5)):
+        if tuple(int(v) for v in digits.transpose(axes).ravel()) == order:
+            return axes
+    return None
+
+
+def _quantize_kernel(x_ref, words_ref, dx_ref, sums_ref, *, nb: int, sum_block: int, axes, compiled: bool):
+    """Program (r, j): x row r's blocks [j*nb, (j+1)*nb), each as [2 halves, 4 words, 4 bytes] (with `axes`, as
+    five binary digits put in order by that transpose first)."""
     at = (static_index(pl.program_id(0)), pl.ds(pl.program_id(1) * nb, nb))
-    x = _f32(plgpu.load(x_ref.at[at]))  # [nb, 2, 4, 4]
+    x = _f32(plgpu.load(x_ref.at[at]))  # [nb, 2, 4, 4] or [nb, 2, 2, 2, 2, 2]
+    if axes is not None:
+        x = jnp.transpose(x, (0, *(a + 1 for a in axes))).reshape(nb, 2, 4, 4)
     amax = jnp.abs(x)
     for _ in range(3):  # Triton reduces one axis at a time
         amax = jnp.max(amax, axis=-1)
