@@ -329,7 +329,7 @@ class Runner:
         prefill: bool = True,
         groups: tuple[int, ...] = (),
         lone: tuple[int, ...] = (),
-    ) -> list[tuple[str, float]]:
+    ) -> list[tuple[str, float, int | None]]:
         """Compile, side by side, what a request with a prompt of at most MIN_BUCKET tokens runs first: the
         prefill and the first sample (unless `prefill` is False: compiled already), a decode dispatch of `steps`
         steps with each of `plans` at each of the row buckets `rows`, and the prefill and first samples of several
@@ -338,8 +338,9 @@ class Runner:
         dispatch at each of the chunk buckets `lone` (under load a prompt can arrive alone between groups: its
         bucket's compile, ~13 s for gpt-oss-20b on an H200, stalled every running stream). Each is a whole-model
         XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so threads overlap them.
-        Lowered from shapes only: no KV cache or input is allocated. Returns each program's name and seconds to
-        compile (a compile that found its program in the persistent cache takes well under one)."""
+        Lowered from shapes only: no KV cache or input is allocated. Returns each program's name, seconds to compile
+        (a compile that found its program in the persistent cache takes well under one) and the device memory it
+        needs beside its arguments and outputs (XLA's temporaries; None where XLA does not say)."""
         c = self.cfg
 
         def spec(shape: tuple[int, ...], dtype, on: jax.sharding.Sharding = self.input_sharding):
@@ -383,10 +384,11 @@ class Runner:
         if not jobs:
             return []
 
-        def timed(job) -> tuple[str, float]:
+        def timed(job) -> tuple[str, float, int | None]:
             t0 = time.perf_counter()
-            job[1]().compile()
-            return job[0], time.perf_counter() - t0
+            compiled = job[1]().compile()
+            seconds, memory = time.perf_counter() - t0, compiled.memory_analysis()
+            return job[0], seconds, None if memory is None else memory.temp_size_in_bytes
 
         with ThreadPoolExecutor(len(jobs)) as pool:
             return [done.result() for done in [pool.submit(timed, job) for job in jobs]]
