@@ -212,12 +212,25 @@ def test_moe_matvec_gathers_the_selected_experts(qtype, shared):
 
 
 @pytest.mark.parametrize("int8_x", [False, True], ids=["float", "int8"])
+def test_moe_matvec_clamps_expert_ids_to_the_experts(int8_x):
+    """An id out of range reads the nearest expert's planes, never out of bounds (the kernels clamp it)."""
+    e, n, k = 5, 40, 2 * qmv.FORMATS[QT.Q4_K].sb
+    experts, _ = random_weight(QT.Q4_K, (e, n, k), seed=33)
+    x = np.random.default_rng(34).standard_normal((2, k)).astype(np.float32)
+    call = jax.jit(lambda i: qmv.moe_matvec(x, experts, i, interpret=True, block_n=16, splits=2, int8_x=int8_x))
+    y = np.asarray(call(np.array([[-3, 9], [5, 2]], np.int32)))
+    np.testing.assert_array_equal(y, np.asarray(call(np.array([[0, 4], [4, 2]], np.int32))))
+
+
+@pytest.mark.parametrize("sorted_pairs", [qmv.SORTED_PAIRS, 1], ids=["unsorted", "sorted"])
+@pytest.mark.parametrize("int8_x", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("live", [[True], [False], [True, False], [False, True], [False, True, False]],
                          ids=lambda v: "".join("LD"[not a] for a in v))  # fmt: skip
-def test_moe_matvec_live_tokens_have_their_bits_and_dead_ones_are_zeros(live, int8_x):
+def test_moe_matvec_live_tokens_have_their_bits_and_dead_ones_are_zeros(monkeypatch, live, int8_x, sorted_pairs):
     """`live` on the routed matvec (one stream's padding row, worker.ops.moe_matmul): a live token's k pairs have
-    the bits they have without the mask, a dead token's are zeros, for one token (no sort) and several (the pairs
-    sorted by expert, their liveness with them)."""
+    the bits they have without the mask, a dead token's are zeros, with the pairs in the tokens' order (fewer than
+    SORTED_PAIRS) and sorted by expert (their liveness with them)."""
+    monkeypatch.setattr(qmv, "SORTED_PAIRS", sorted_pairs)
     e, n, k = 5, 40, 2 * qmv.FORMATS[QT.Q4_K].sb
     experts, _ = random_weight(QT.Q4_K, (e, n, k), seed=31)
     m = len(live)

@@ -38,6 +38,12 @@ MAX_BATCH = 1024  # the most rows of a decode dispatch (--max-batch) in the batc
 # twice TF32's tensor-core rate. On an H200 (phi3-mini's Q4_K gate_up, one call): per-row kernel 50 us for one row,
 # 583 us for 64; this kernel 65 us for one, 90 us for 64 (with TF32 operands: 139 and 145; docs/PERFORMANCE.md).
 ROW_TILE = 64
+# moe_matvec sorts its (token, selection) pairs by expert from this many on. The pairs are the grid's fastest axis,
+# so a column tile's pairs are consecutive programs: fewer than 64 run in one wave of the card's 132 multiprocessors
+# and meet in L2 in any order, and the sort would only add its XLA kernels (the argsort and the gathers around the
+# call: with the clamp of the ids, 0.093 ms of gpt-oss-20b's 3.37 ms step at one stream on an H100, twenty-ninth
+# session).
+SORTED_PAIRS = 64
 MIN_DOT = 16  # tl.dot's smallest tile dimension
 TARGET_VALUES = 8192  # weight values per program per loop step
 # The int8-x kernels' output rows a program, one a thread (num_warps = block_n // 32). They add a group's term to each
@@ -394,10 +400,11 @@ def plan(
 
 
 def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool,
-            fused: bool, has_live: bool = False):  # fmt: skip
+            fused: bool, has_live: bool = False, x_share: int = 1):  # fmt: skip
     """The per-row kernel (a float32 multiply-add per value and row). Dense: program (r, i, j) computes output
     columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows). Gathered: program (t, i, j), for
-    x row t only, with expert ids[t]. `has_live`: the first operand says which rows are live (`when_live`)."""
+    output row t only, with expert ids[t] and x row t // x_share. `has_live`: the first operand says which rows are
+    live (`when_live`)."""
     live_ref, *refs = refs if has_live else (None, *refs)
     if gathered:
         ids_ref, x_ref, *plane_refs, o_ref = refs
@@ -407,7 +414,7 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
     bn, c = p.block_n, p.chunk
     if gathered:
         t, row0, split = pl.program_id(0), pl.program_id(1) * bn, pl.program_id(2)
-        expert, x_rows = ids_ref[t], [t]
+        expert, x_rows = expert_at(ids_ref, t, plane_refs[0]), [t]
     else:
         first, row0, split = pl.program_id(0) * rows, pl.program_id(1) * bn, pl.program_id(2)
         expert, x_rows = static_index(0), [first + m for m in range(rows)]
@@ -442,7 +449,8 @@ def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows:
         for a, m in zip(acc, x_rows, strict=True):
             prod = None
             for code, scale, offset, x_index in factors:
-                ref = x_ref.at[static_index(m), pl.ds(b0, c), *map(static_index, x_index)]
+                ref = x_ref.at[static_index(m // x_share if x_share > 1 else m), pl.ds(b0, c),
+                               *map(static_index, x_index)]  # fmt: skip
                 if blocks_ok is None:
                     xv = plgpu.load(ref)
                 else:
@@ -589,13 +597,16 @@ def _call(
     row_tile: int = ROW_TILE,
     f16: bool | None = None,
     live: jax.Array | None = None,
+    x_share: int = 1,
 ) -> jax.Array:
     """x [T, K]; returns the split-K partial sums summed: [T, N] float32. Dense with `tensor_cores`: rows in tiles
     of `row_tile` (`_dot_kernel`), float16 operands where `f16` (default: not in interpret mode); dense without:
-    rows in groups of `row_group`, the last padded with zero rows; gathered: one program per row. `live` [T]
-    (per-row only): a group of rows none of which is live is zeros, computed by nobody."""
+    rows in groups of `row_group`, the last padded with zero rows; gathered: one program per row, or with `x_share`
+    a program per (row, selection) pair: x [M, K] and ids [M * x_share], output row i reading x row i // x_share
+    (the k selections of a token share its x: neither broadcast by XLA nor rounded k times). `live` [T] (per-row
+    only): a group of rows none of which is live is zeros, computed by nobody."""
     fmt = FORMATS[w.qtype]
-    t, k = x.shape
+    t, k = x.shape[0] * x_share, x.shape[1]
     if live is not None and tensor_cores:
         raise ValueError("live rows are an option of the per-row kernels")
     group = 1 if ids is not None else row_group(t, live is not None)
@@ -605,7 +616,8 @@ def _call(
         from worker.pallas_kernels import qmatvec_int8  # it builds on this module's tiles
 
         tile = {"row_tile": row_tile} if tensor_cores else {}
-        return fold_splits(qmatvec_int8.call(x, w, ids, experts, n, p, interpret, group, *live_arg, **tile))[:t, :n]
+        out = qmatvec_int8.call(x, w, ids, experts, n, p, interpret, group, *live_arg, **tile, x_share=x_share)
+        return fold_splits(out)[:t, :n]
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
     # `fused`: Plan.fma's inline assembly, which only a compiled kernel runs (interpret mode rounds twice)
@@ -625,8 +637,10 @@ def _call(
         kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, bm=row_tile, precision=precision)
         grid, args = (pl.cdiv(t, row_tile), n_blocks, p.splits), (xp, *planes)
     else:
-        xv = jnp.pad(x.astype(jnp.float32), ((0, out_rows - t), (0, 0))).reshape(out_rows, k // fmt.sb, *fmt.x_inner)
-        kernel = functools.partial(_kernel, **common, rows=group, gathered=ids is not None, has_live=bool(live_arg))
+        xv = jnp.pad(x.astype(jnp.float32), ((0, (out_rows - t) // x_share), (0, 0)))
+        xv = xv.reshape(out_rows // x_share, k // fmt.sb, *fmt.x_inner)
+        kernel = functools.partial(_kernel, **common, rows=group, gathered=ids is not None, has_live=bool(live_arg),
+                                   x_share=x_share)  # fmt: skip
         grid, args = (out_rows // group, n_blocks, p.splits), (*live_arg, *([] if ids is None else [ids]), xv, *planes)
     # The row tiles (gathered: the rows) vary fastest, so the programs that read one weight tile run together and
     # share it through L2.
@@ -723,6 +737,12 @@ def qmatvec_twin(x: jax.Array, w: QuantArray, *, interpret: bool = False, **_til
     )
 
 
+def expert_at(ids_ref, i, plane_ref) -> jax.Array:
+    """Expert id i of `ids_ref`, clamped to the experts of `plane_ref` [E, ...]: an id out of range must not read
+    out of bounds. Clamped here, not by XLA before the call: there it was a kernel launch of its own, one a layer."""
+    return jnp.clip(ids_ref[i], 0, plane_ref.shape[0] - 1)
+
+
 def _selected_rows(x: jax.Array, expert_ids: jax.Array) -> jax.Array:
     """x [M, In] (shared by the k selections) or [M, k, In] -> [M * k, In]."""
     if x.ndim == expert_ids.ndim:
@@ -748,22 +768,23 @@ def moe_matvec(
     _check(experts, 3)
     e, n = next(iter(experts.planes.values())).shape[:2]
     k = experts.shape[-1]
-    xs = _selected_rows(x, expert_ids)
-    if xs.shape[-1] != k:
+    if x.shape[-1] != k:
         raise ValueError(f"moe_matvec: x {x.shape} against experts [{e}, {n}, {k}]")
-    ids = jnp.clip(expert_ids.reshape(-1).astype(jnp.int32), 0, e - 1)  # an id out of range must not read OOB
+    ids = expert_ids.reshape(-1).astype(jnp.int32)  # clamped in the kernels (`expert_at`)
     pairs_live = None
     if live is not None:  # a token's liveness for each of its k pairs, in the pairs' order
         pairs_live = jnp.broadcast_to(live.reshape(-1, 1), expert_ids.shape).reshape(-1)
     p = plan(experts.qtype, n, k, expert_ids.shape[-1], **tiles)
-    if expert_ids.shape[0] == 1:
-        return _call(xs, experts, ids, e, n, p, interpret, live=pairs_live).reshape(*expert_ids.shape, n)
-    # Several tokens: the pairs sorted by expert (a stable sort), so that the pairs of one expert are neighbours on
-    # the grid's fastest axis and read its tiles from L2, not each from memory. A pair's arithmetic is the same
-    # wherever it sits, so the sort (and skipping it for one token) keeps batch invariance.
+    if ids.size < SORTED_PAIRS:  # the pairs in the tokens' order, a token's shared x read where it is
+        x_share = expert_ids.shape[-1] if x.ndim == expert_ids.ndim else 1
+        y = _call(x.reshape(-1, k), experts, ids, e, n, p, interpret, live=pairs_live, x_share=x_share)
+        return y.reshape(*expert_ids.shape, n)
+    # Many pairs: sorted by expert (a stable sort), so that the pairs of one expert are neighbours on the grid's
+    # fastest axis and read its tiles from L2, not each from memory. A pair's arithmetic is the same wherever it
+    # sits, so the sort (and skipping it for few pairs) keeps batch invariance.
     order = jnp.argsort(ids, stable=True)
     sorted_live = None if pairs_live is None else pairs_live[order]
-    y = _call(xs[order], experts, ids[order], e, n, p, interpret, live=sorted_live)
+    y = _call(_selected_rows(x, expert_ids)[order], experts, ids[order], e, n, p, interpret, live=sorted_live)
     return y[jnp.argsort(order)].reshape(*expert_ids.shape, n)
 
 

@@ -429,13 +429,13 @@ def _mul(a: jax.Array, b: jax.Array, compiled: bool) -> jax.Array:
 
 
 def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, rows: int, p, gathered: bool,
-            compiled: bool, has_live: bool, tiles: int):  # fmt: skip
+            compiled: bool, has_live: bool, tiles: int, x_share: int = 1):  # fmt: skip
     """qmatvec's per-row kernel (its grid, masks, splits and live rows) with integer products. Dense: program
     (r, i, j) computes output columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows).
-    Gathered: program (t, i, j), for x row t only, with expert ids[t]. With `Plan.programs` (`call` keeps it only
-    below `tiles`, the column tiles), program i takes tiles i, i + programs, ... one after another. Each part's
-    term is added on its own, in the order of the format's groups and parts, super-blocks in K order:
-    `_mma_kernel`'s order, so the two give a row the same bits."""
+    Gathered: program (t, i, j), for output row t only, with expert ids[t] and x row t // x_share. With
+    `Plan.programs` (`call` keeps it only below `tiles`, the column tiles), program i takes tiles i, i + programs,
+    ... one after another. Each part's term is added on its own, in the order of the format's groups and parts,
+    super-blocks in K order: `_mma_kernel`'s order, so the two give a row the same bits."""
     live_ref, *refs = refs if has_live else (None, *refs)
     if gathered:
         ids_ref, x_ref, dx_ref, sums_ref, *plane_refs, o_ref = refs
@@ -444,7 +444,7 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
     planes = dict(zip(names, plane_refs, strict=True))
     bn, c = p.block_n, p.chunk
     first, tile, split = pl.program_id(0) * rows, pl.program_id(1), pl.program_id(2)
-    expert = ids_ref[first] if gathered else static_index(0)
+    expert = qmatvec.expert_at(ids_ref, first, plane_refs[0]) if gathered else static_index(0)
     mask_k = p.splits * p.steps * c > blocks
 
     def x_tile(ref, m, b, index, block_ok):
@@ -464,7 +464,7 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
             for g in range(fmt.groups):
                 parts = fmt.parts(load, compiled, g, True)
                 for r in range(rows):
-                    m = first + r
+                    m = first + r if x_share == 1 else first // x_share  # x's row (gathered: one row a program)
                     for part in parts:
                         sums = None  # [BN, 1, 1]: one dp4a chain over the pieces' words (`_word_chain`)
                         for codes, index in zip(part.codes, part.x_index, strict=True):
@@ -612,10 +612,12 @@ def padded_x(x: jax.Array, qtype: QT, rows: int, interpret: bool) -> tuple[jax.A
 
 
 def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: int, p, interpret: bool,
-         rows_per_program: int, live: jax.Array | None = None, row_tile: int | None = None) -> jax.Array:  # fmt: skip
+         rows_per_program: int, live: jax.Array | None = None, row_tile: int | None = None,
+         x_share: int = 1) -> jax.Array:  # fmt: skip
     """x [T, K] -> the split-K partial sums [splits, T', N'] of qmatvec's per-row kernel on an int8 x (T' padded to
-    whole groups of `rows_per_program`, N' to whole column tiles); qmatvec folds them. `ids` [T]: each row's expert
-    of `w` [experts, N, K] (gathered; one row a program). `live` int32 [T']: qmatvec.live_steps'.
+    whole groups of `rows_per_program`, N' to whole column tiles); qmatvec folds them. `ids` [T * x_share]: each
+    output row's expert of `w` [experts, N, K] (gathered; one row a program, reading x row i // x_share: qmatvec's
+    `_call`). `live` int32 [T']: qmatvec.live_steps'.
     `row_tile` (dense): `_mma_kernel` on tiles of that many rows instead (T' whole tiles; columns in tiles of at
     least MIN_DOT, the dot's smallest), with the same bits a row."""
     fmt = _format(w.qtype)
@@ -630,19 +632,20 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
     if p.programs >= n_blocks:  # no fewer programs than column tiles: a program a tile
         p = dataclasses.replace(p, programs=0)
     words, dx, sums = padded_x(x, w.qtype, rows_per_program, interpret)
-    out_rows = words.shape[0]
+    x_rows = words.shape[0]
+    out_rows = x_rows * x_share
     blocks = k // fmt.sb
-    x_args = [a.reshape(out_rows, blocks, *inner) for a, inner in
+    x_args = [a.reshape(x_rows, blocks, *inner) for a, inner in
               ((words, fmt.x_inner), (dx, fmt.dx_inner), (sums, fmt.sum_inner))]  # fmt: skip
     if row_tile is not None:  # the dot reads x's bytes as int8 (a free view here; in the kernel, 4 shifts a word)
         *inner, n_words = fmt.x_inner
-        x_args[0] = jax.lax.bitcast_convert_type(x_args[0], jnp.int8).reshape(out_rows, blocks, *inner, 4 * n_words)
+        x_args[0] = jax.lax.bitcast_convert_type(x_args[0], jnp.int8).reshape(x_rows, blocks, *inner, 4 * n_words)
     names, planes = plane_views(w, experts, n, k)
     common = dict(fmt=fmt, names=names, n=n, blocks=blocks, p=p, compiled=not interpret)
     if row_tile is not None:
         kernel = functools.partial(_mma_kernel, **common, bm=row_tile)
     else:
-        kernel = functools.partial(_kernel, **common, rows=rows_per_program, gathered=ids is not None,
+        kernel = functools.partial(_kernel, **common, rows=rows_per_program, gathered=ids is not None, x_share=x_share,
                                    has_live=live is not None, tiles=n_blocks)  # fmt: skip
     return pl.pallas_call(
         kernel,
