@@ -16,6 +16,7 @@ from worker.pallas_kernels.tiling import (
     NEG,
     TritonParams,
     kernel_entry,
+    masked_load,
     padded_dim,
     pow2_at_least,
 )
@@ -117,7 +118,12 @@ def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m
 
     @pl.when(lo < hi)
     def _():
-        q = q_ref[b, kh, pl.ds(0, MAX_GROUP), pl.ds(0, dp)] * jnp.float32(scale)  # zero-padded by the caller
+        # q [B, K, G, D] unpadded: rows past G and lanes past D load as zeros (an XLA pad before the call was a
+        # launch a layer)
+        q_ok = jax.lax.broadcast_in_dim(jnp.arange(MAX_GROUP) < q_ref.shape[2], (MAX_GROUP, dp), (0,))
+        if d_ok is not None:
+            q_ok &= jax.lax.broadcast_in_dim(d_ok, (MAX_GROUP, dp), (1,))
+        q = masked_load(q_ref.at[b, kh, pl.ds(0, MAX_GROUP), pl.ds(0, dp)], q_ok) * jnp.float32(scale)
 
         def step(tile, carry):
             m, l_, acc = carry  # [MAX_GROUP], [MAX_GROUP], [MAX_GROUP, dp]
@@ -155,8 +161,8 @@ def _fold_kernel(pos_ref, *refs, g_n, d, dp, bs, tiles_per_split, n_tiles, windo
         s_lo, s_hi, lambda s, t: jnp.maximum(t, m_ref[b, kh, s, pl.ds(0, MAX_GROUP)]),
         jnp.full((MAX_GROUP,), NEG, jnp.float32),
     )  # fmt: skip
-    if has_sinks:
-        sink = sink_ref[kh, pl.ds(0, MAX_GROUP)]
+    if has_sinks:  # sinks [K, G] unpadded: the rows past G load as NEG
+        sink = plgpu.load(sink_ref.at[kh, pl.ds(0, MAX_GROUP)], mask=g_ok, other=NEG)
         top = jnp.maximum(top, sink)
     tile_mask = jax.lax.broadcast_in_dim(g_ok, (MAX_GROUP, dp), (0,))
     if dp != d:
@@ -221,8 +227,7 @@ def paged_decode_attention(
     n_splits = pl.cdiv(n_tiles, tiles_per_split)
     pos = positions.reshape(b).astype(jnp.int32)
     table = page_table.astype(jnp.int32)
-    qg = q.reshape(b, kh, g_n, d).astype(jnp.float32)
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, MAX_GROUP - g_n), (0, dp - d)))  # the split kernel's [MAX_GROUP, dp] block
+    qg = q.reshape(b, kh, g_n, d).astype(jnp.float32)  # the split kernel loads its [MAX_GROUP, dp] block masked
     params = TritonParams(num_warps=num_warps, num_stages=num_stages)
     split_kernel = functools.partial(
         _split_kernel, d=d, dp=dp, bs=bs, page_size=page_size,
@@ -244,8 +249,7 @@ def paged_decode_attention(
     has_sinks = sinks is not None
     sink_args = []
     if has_sinks:
-        sink = sinks.astype(jnp.float32).reshape(kh, g_n)
-        sink_args = [jnp.pad(sink, ((0, 0), (0, MAX_GROUP - g_n)), constant_values=NEG)]
+        sink_args = [sinks.astype(jnp.float32).reshape(kh, g_n)]
     fold_kernel = functools.partial(
         _fold_kernel, g_n=g_n, d=d, dp=dp, bs=bs, tiles_per_split=tiles_per_split, n_tiles=n_tiles, window=window,
         has_sinks=has_sinks,
