@@ -226,18 +226,17 @@ def test_moe_matvec_clamps_expert_ids_to_the_experts(int8_x):
 @pytest.mark.parametrize("int8_x", [False, True], ids=["float", "int8"])
 @pytest.mark.parametrize("live", [[True], [False], [True, False], [False, True], [False, True, False]],
                          ids=lambda v: "".join("LD"[not a] for a in v))  # fmt: skip
-def test_moe_matvec_live_tokens_have_their_bits_and_dead_ones_are_zeros(monkeypatch, live, int8_x, sorted_pairs):
+def test_moe_matvec_live_tokens_have_their_bits_and_dead_ones_are_zeros(live, int8_x, sorted_pairs):
     """`live` on the routed matvec (one stream's padding row, worker.ops.moe_matmul): a live token's k pairs have
     the bits they have without the mask, a dead token's are zeros, with the pairs in the tokens' order (fewer than
     SORTED_PAIRS) and sorted by expert (their liveness with them)."""
-    monkeypatch.setattr(qmv, "SORTED_PAIRS", sorted_pairs)
     e, n, k = 5, 40, 2 * qmv.FORMATS[QT.Q4_K].sb
     experts, _ = random_weight(QT.Q4_K, (e, n, k), seed=31)
     m = len(live)
     ids = np.array([[4, 0, 2], [1, 4, 4], [0, 3, 1]], np.int32)[:m]  # repeats: pairs of one expert sort together
     x = np.random.default_rng(32).standard_normal((m, k)).astype(np.float32)
     call = jax.jit(lambda x, w, i, live: qmv.moe_matvec(x, w, i, interpret=True, live=live, block_n=16, splits=2,
-                                                        int8_x=int8_x))  # fmt: skip
+                                                        int8_x=int8_x, sorted_pairs=sorted_pairs))  # fmt: skip
     full = np.asarray(call(x, experts, ids, None))
     y = np.asarray(call(x, experts, ids, jnp.asarray(live)))
     for t, alive in enumerate(live):

@@ -66,6 +66,10 @@ def norm_kernel_backends(setting: str) -> dict[str, bool]:
 
 
 _norm_kernel = norm_kernel_backends(os.environ.get("WORKER_NORM_KERNEL", ""))
+# WORKER_MOE_SORTED_PAIRS=N: the routed matvec sorts its (token, selection) pairs by expert from N pairs on (default
+# qmatvec.SORTED_PAIRS; 0 sorts always, as all but one token did before the thirtieth session): an A/B switch, the
+# same bits either way.
+_moe_sorted_pairs = int(os.environ.get("WORKER_MOE_SORTED_PAIRS", str(qmatvec.SORTED_PAIRS)))
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
@@ -603,7 +607,7 @@ def moe_matmul(
         # stream's bucket of 2 rows otherwise computes the padding row's k experts too, twice a gpt-oss-20b step's
         # expert work. Measured on int8 x (H200, 2026-12-06, with the dense calls' skip too, which alone is slower):
         # 274.5 -> 315.2 tok/s.
-        return kernel(x, experts, expert_ids, interpret=interpret, live=live, **tiles)
+        return kernel(x, experts, expert_ids, interpret=interpret, live=live, sorted_pairs=_moe_sorted_pairs, **tiles)
     x = x.astype(jnp.float32)
     shared = x.ndim == expert_ids.ndim
     hi = jax.lax.Precision.HIGHEST

@@ -750,7 +750,7 @@ def _selected_rows(x: jax.Array, expert_ids: jax.Array) -> jax.Array:
     return x.reshape(-1, x.shape[-1])
 
 
-@kernel_entry("interpret", *TILE_ARGS)
+@kernel_entry("interpret", "sorted_pairs", *TILE_ARGS)
 def moe_matvec(
     x: jax.Array,
     experts: QuantArray,
@@ -758,13 +758,15 @@ def moe_matvec(
     *,
     interpret: bool = False,
     live: jax.Array | None = None,
+    sorted_pairs: int | None = None,
     **tiles: int | None,
 ) -> jax.Array:
     """The selected experts' products, as worker.ops.moe_matmul: x [M, In] or [M, k, In], experts [E, Out, In],
     expert_ids [M, k] -> float32 [M, k, Out], for any number of tokens. Each (token, selection) pair reads its
     expert's planes once and is computed the same way in a call of any size (the plan depends on k, not M).
     `live` [M] (bool): the tokens whose results are used; the others' pairs read nothing and come out as zeros
-    (`when_live` / qmatvec_int8's trip count of 0), a live pair's bits unchanged."""
+    (`when_live` / qmatvec_int8's trip count of 0), a live pair's bits unchanged. `sorted_pairs`: the pairs are
+    sorted by expert from this many on (default SORTED_PAIRS; 0: always)."""
     _check(experts, 3)
     e, n = next(iter(experts.planes.values())).shape[:2]
     k = experts.shape[-1]
@@ -775,7 +777,9 @@ def moe_matvec(
     if live is not None:  # a token's liveness for each of its k pairs, in the pairs' order
         pairs_live = jnp.broadcast_to(live.reshape(-1, 1), expert_ids.shape).reshape(-1)
     p = plan(experts.qtype, n, k, expert_ids.shape[-1], **tiles)
-    if ids.size < SORTED_PAIRS:  # the pairs in the tokens' order, a token's shared x read where it is
+    if ids.size < (
+        SORTED_PAIRS if sorted_pairs is None else sorted_pairs
+    ):  # the pairs in the tokens' order, a token's shared x read where it is
         x_share = expert_ids.shape[-1] if x.ndim == expert_ids.ndim else 1
         y = _call(x.reshape(-1, k), experts, ids, e, n, p, interpret, live=pairs_live, x_share=x_share)
         return y.reshape(*expert_ids.shape, n)
