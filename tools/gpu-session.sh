@@ -10,7 +10,7 @@
 #                      the machine stays warm; the stages that need llama.cpp wait for it
 #           kernels    the gpu-marked quantized-matvec, MoE matmul and batched-kernel tests; when one fails the call
 #                      stops there (a broken kernel would waste the benchmarks after it; -x stops at the first);
-#                      kernels:F only tests/F; KERNELS_K selects tests (pytest -k), KERNELS_WORKERS runs them on that
+#                      kernels:F only tests/F (kernels:F,G,... those files); KERNELS_K selects tests (pytest -k), KERNELS_WORKERS runs them on that
 #                      many processes (pytest-xdist: the compiles are the host's)
 #           rows:M     python -m bench.dispatch --rows $ROWS (default 1,8,64; budget ROWS_SECONDS, default 150) on
 #                      model M: a decode dispatch of that many rows, the largest bucket's compile timed, the prefill
@@ -469,7 +469,10 @@ for s in "$@"; do
             setsid -w bash "$0" --run do_build > "$logs/build.log" 2>&1 < /dev/null &
             echo $! > "$build_pid" ;;
         kernels|kernels:*)  # a failure stops the call; running out of time (rc 124) does not
-            if [ "$s" = kernels ]; then stage kernels 240 do_kernels; else stage kernels 240 do_kernels "tests/${s#kernels:}"; fi
+            if [ "$s" = kernels ]; then stage kernels 240 do_kernels; else
+                IFS=, read -ra kfiles <<< "${s#kernels:}"
+                stage kernels 240 do_kernels "${kfiles[@]/#/tests/}"
+            fi
             rc=$?
             [ $rc = 0 ] || [ $rc = 124 ] || { note "STOP: the kernel tests failed"; break; } ;;
         rows:*) stage "rows-${s#rows:}" "${ROWS_SECONDS:-150}" do_rows "${s#rows:}" ;;
