@@ -112,7 +112,7 @@ GREEDY = SamplingParams()
 class WarmUp:
     """Where a warm-up's time went: each program's name, seconds to compile (side by side: their sum exceeds
     `compile_s`, the wall time of the compiles, by as much as they overlapped; a program the persistent cache held
-    takes well under a second) and temporary device memory (bytes beside its arguments and outputs, or None), and
+    takes well under a second) and device memory it allocates beside its arguments (bytes, or None), and
     the whole warm-up's seconds (the compiles, the dispatch that sizes the steps, a first request)."""
 
     compiles: list[tuple[str, float, int | None]]
@@ -123,15 +123,16 @@ class WarmUp:
     def fields(self, slowest: int = 5) -> dict:
         """For the server's `ready` log event."""
         top = sorted(self.compiles, key=lambda c: -c[1])[:slowest]
-        # the most temporary memory a program needs: a copy of the KV pool would show here (a pool of 22 GiB beside
-        # gpt-oss-20b's weights, where XLA's rematerialization warned of 55.6 GiB a program on an H100)
-        temp = max(self.compiles, key=lambda c: c[2] or 0, default=None)
+        # the most memory a program allocates beside its arguments: a copy of the KV pool, or a pool not updated in
+        # place, would show here (a pool of 22 GiB beside gpt-oss-20b's weights, where XLA's rematerialization
+        # warned of 55.6 GiB a program on an H100)
+        extra = max(self.compiles, key=lambda c: c[2] or 0, default=None)
         return {
             "programs": len(self.compiles),
             "compile_ms": round(self.compile_s * 1000.0, 1),
             "compile_sum_ms": round(sum(c[1] for c in self.compiles) * 1000.0, 1),
             "slowest": {name: round(s * 1000.0, 1) for name, s, _ in top},
-            "most_temp_bytes": {temp[0]: temp[2]} if temp is not None and temp[2] is not None else None,
+            "most_extra_bytes": {extra[0]: extra[2]} if extra is not None and extra[2] is not None else None,
             "warm_up_ms": round(self.total_s * 1000.0, 1),
             "decode_steps_per_dispatch": self.decode_steps,
         }

@@ -339,8 +339,9 @@ class Runner:
         bucket's compile, ~13 s for gpt-oss-20b on an H200, stalled every running stream). Each is a whole-model
         XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so threads overlap them.
         Lowered from shapes only: no KV cache or input is allocated. Returns each program's name, seconds to compile
-        (a compile that found its program in the persistent cache takes well under one) and the device memory it
-        needs beside its arguments and outputs (XLA's temporaries; None where XLA does not say)."""
+        (a compile that found its program in the persistent cache takes well under one) and the device memory a call
+        allocates beside its arguments (XLA's temporaries and the outputs not aliased to a donated argument; None
+        where XLA does not say)."""
         c = self.cfg
 
         def spec(shape: tuple[int, ...], dtype, on: jax.sharding.Sharding = self.input_sharding):
@@ -388,7 +389,9 @@ class Runner:
             t0 = time.perf_counter()
             compiled = job[1]().compile()
             seconds, memory = time.perf_counter() - t0, compiled.memory_analysis()
-            return job[0], seconds, None if memory is None else memory.temp_size_in_bytes
+            # what a call allocates beside its arguments: temporaries, and outputs not updated in place
+            extra = None if memory is None else memory.temp_size_in_bytes + memory.output_size_in_bytes
+            return job[0], seconds, None if memory is None else extra - memory.alias_size_in_bytes
 
         with ThreadPoolExecutor(len(jobs)) as pool:
             return [done.result() for done in [pool.submit(timed, job) for job in jobs]]
