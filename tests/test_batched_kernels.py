@@ -14,11 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
+from model_oracles import manifest
 from test_pallas_qmatvec import TOL, dense_tol, random_weight
 
+import worker
 from worker import ops
+from worker.kv_cache import KVCache, write_layer
 from worker.pallas_kernels import paged_attention as pa
 from worker.pallas_kernels import qmatvec as qmv
+from worker.sampling import SamplingParams
 
 ROWS = (1, 3, 8, 9, 64)
 DENSE_ROWS = (*ROWS, 70)  # 70: two of the tensor-core kernel's 64-row tiles
@@ -233,6 +237,65 @@ def test_paged_attention_on_a_half_precision_pool_matches_float32(case, dtype):
                                   None if sink is None else jnp.asarray(sink), interpret=True,
                                   pages_per_split=per_split)  # fmt: skip
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize(("h", "kh", "d", "page_size", "positions", "window", "sinks", "per_split"), PAGED_CASES)
+def test_paged_attention_writing_the_new_key_gives_the_bits_of_a_write_first(
+    h, kh, d, page_size, positions, window, sinks, per_split, dtype
+):
+    """`new_kv`: the kernel stores each row's new key and value at its position and attends with them, against
+    kv_cache.write_layer's scatter then the kernel: the same pages (the null page aside: nothing reads it) and the
+    same bits of every live row, the slot at a row's position holding stale NaN before (the kernel must not read
+    it), beside a row without pages (all null) and a padding row (position -1)."""
+    rng = np.random.default_rng(h * d + page_size + 1)
+    pages, layer = 40, 1
+    k_pages, v_pages = pool(rng, 2, pages, page_size, kh, d, dtype)
+    width = max(p // page_size + 1 for p in positions) + 2
+    table = assign_pages(rng, positions, page_size, pages, width, k_pages, v_pages)
+    for b, p in enumerate(positions):  # the slot the new key goes to: stale, not finite
+        k_pages[:, table[b, p // page_size], p % page_size] = np.nan
+        v_pages[:, table[b, p // page_size], p % page_size] = np.nan
+    table = np.concatenate([table, np.zeros((2, width), np.int32)])  # a row without pages, a padding row
+    pos = np.array([*positions, 5, -1], np.int32)
+    b = len(pos)
+    q = rng.standard_normal((b, 1, h, d)).astype(np.float32)
+    k_new, v_new = (rng.standard_normal((b, 1, kh, d)).astype(np.float32) for _ in range(2))
+    sink = jnp.asarray(rng.standard_normal(h).astype(np.float32)) if sinks else None
+    scale, tiles = d**-0.5, dict(interpret=True, pages_per_split=per_split)
+    cache = KVCache(jnp.asarray(k_pages), jnp.asarray(v_pages))
+    written = write_layer(cache, layer, jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(table),
+                          jnp.asarray(pos[:, None]))  # fmt: skip
+    want = pa.paged_decode_attention(q, written.k, written.v, table, pos, layer, scale, window, sink, **tiles)
+    got, k_out, v_out = jax.jit(
+        lambda kp, vp: pa.paged_decode_attention(q, kp, vp, table, pos, jnp.int32(layer), scale, window, sink,
+                                                 new_kv=(k_new, v_new), **tiles),
+        donate_argnums=(0, 1),
+    )(jnp.asarray(k_pages), jnp.asarray(v_pages))  # fmt: skip
+    live = len(positions)
+    np.testing.assert_array_equal(np.asarray(got)[:live], np.asarray(want)[:live])
+    assert np.isfinite(np.asarray(got)[:live]).all()
+    for out, ref in ((k_out, written.k), (v_out, written.v)):
+        np.testing.assert_array_equal(np.asarray(out)[:, 1:], np.asarray(ref)[:, 1:])  # page 0: the null page
+
+
+@pytest.mark.parametrize(("arch", "file"), [("qwen2", "model-q8_0.gguf"), ("gpt-oss", "model-mxfp4_moe.gguf")])
+def test_a_model_storing_its_keys_in_the_attention_kernel_decodes_the_same_bits(oracles, monkeypatch, arch, file):
+    """WORKER_KV_WRITE_KERNEL=1 on the interpret backend: a greedy generation's ids and log-probabilities, every decode
+    step's cache writes in the attention kernel, are those of the scatters (sinks and sliding windows: gpt-oss)."""
+    ids = manifest(oracles / "models" / arch)["input"]["ids"]
+
+    def generate(on: bool) -> tuple[list[int], list]:
+        monkeypatch.setattr(ops, "_kv_write_kernel", on)
+        calls, real = [], pa.paged_decode_attention
+        monkeypatch.setattr(pa, "paged_decode_attention", lambda *a, **k: calls.append("new_kv" in k) or real(*a, **k))
+        m = worker.load(oracles / "models" / arch / file, device="cpu", backend="interpret", slots=256, max_batch=2)
+        logprobs: list = []
+        out = list(m.generate_ids(ids, 6, SamplingParams(logprobs=True), stop_at_eos=False, logprobs=logprobs))
+        assert calls and all(c == on for c in calls), calls  # every decode step's layers took the route asked
+        return out, logprobs
+
+    assert generate(True) == generate(False)
 
 
 def invariance_case(rng, d=32, page_size=16):

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from worker import sharding
-from worker.kv_cache import KVCache, gather_layer
+from worker.kv_cache import KVCache, gather_layer, write_layer
 from worker.pallas_kernels import moe_matmul as grouped_matmul
 from worker.pallas_kernels import paged_attention as paged
 from worker.pallas_kernels import prefill_attention, qmatvec, qmatvec_int8
@@ -66,6 +66,10 @@ def norm_kernel_backends(setting: str) -> dict[str, bool]:
 
 
 _norm_kernel = norm_kernel_backends(os.environ.get("WORKER_NORM_KERNEL", ""))
+# WORKER_KV_WRITE_KERNEL=1: a decode step's new keys and values stored by the paged attention kernel that reads them
+# (`write_and_attend`) instead of kv_cache.write_layer's two XLA scatters a layer, on the kernel backends with one
+# device. Off until timed on the card (built in the thirtieth session after its device time): the same bits.
+_kv_write_kernel = os.environ.get("WORKER_KV_WRITE_KERNEL", "0") == "1"
 # WORKER_MOE_SORTED_PAIRS=N: the routed matvec sorts its (token, selection) pairs by expert from N pairs on (default
 # qmatvec.SORTED_PAIRS; 0 sorts always, as all but one token did before the thirtieth session): an A/B switch, the
 # same bits either way.
@@ -514,6 +518,35 @@ def attention(
         probs = probs[..., :s]
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return out.reshape(b, t, h, d)
+
+
+def write_and_attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache: KVCache,
+    layer: int,
+    table: jax.Array,
+    q_positions: jax.Array,
+    scale: float,
+    window: int | None = None,
+    sinks: jax.Array | None = None,
+    *,
+    backend: str = "cpu",
+    mesh: Mesh | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """Store k, v [B, T, K, D] at positions [B, T] of the rows of `table` in layer `layer` of the cache, then
+    `paged_attention` of q over it: (its output, the cache). A decode step (T = 1) on the kernels with one device and
+    WORKER_KV_WRITE_KERNEL=1 does both in the attention kernel (paged_decode_attention's `new_kv`)."""
+    one_device_kernel = _attention_kernels_on(backend) and mesh is None and paged.fits(q.shape, cache.k.shape)
+    if _kv_write_kernel and q.shape[1] == 1 and one_device_kernel:
+        out, k_pages, v_pages = paged.paged_decode_attention(
+            q, cache.k, cache.v, table, q_positions[:, 0], layer, scale, window, sinks,
+            interpret=backend == "interpret", new_kv=(k, v),
+        )  # fmt: skip
+        return out, KVCache(k_pages, v_pages)
+    cache = write_layer(cache, layer, k, v, table, q_positions)
+    return paged_attention(q, cache, layer, table, q_positions, scale, window, sinks, backend=backend, mesh=mesh), cache
 
 
 def paged_attention(

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from worker import ops
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, TensorInfo
-from worker.kv_cache import NULL_PAGE, KVCache, slots_of, write_layer
+from worker.kv_cache import NULL_PAGE, KVCache, slots_of
 from worker.ops import Weight
 from worker.quant import QuantArray, quant_array
 
@@ -324,9 +324,8 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
     if rope is not None:
         q = ops.rope(q, positions, rope.inv_freq, rope.neox, rope.mscale)
         k = ops.rope(k, positions, rope.inv_freq, rope.neox, rope.mscale)
-    cache = write_layer(cache, layer, k, v, table, positions)
-    att = ops.paged_attention(q, cache, layer, table, positions, cfg.attn_scale, cfg.window(layer),
-                              lw.get("attn_sinks"), backend=be, mesh=cfg.mesh)  # fmt: skip
+    att, cache = ops.write_and_attend(q, k, v, cache, layer, table, positions, cfg.attn_scale, cfg.window(layer),
+                                      lw.get("attn_sinks"), backend=be, mesh=cfg.mesh)  # fmt: skip
     out = ops.qmatmul(att.reshape(b, t, nh * hd), lw["attn_output"], lw.get("attn_output_b"), backend=be)
     if cfg.post_norms:
         out = rms_norm(out, lw["post_attention_norm"], cfg)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from worker.kv_cache import NULL_PAGE
 from worker.pallas_kernels.tiling import (
     NEG,
     TritonParams,
@@ -81,21 +82,42 @@ def _exact_dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
     return out
 
 
-def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, d, dp, bs, page_size,
-                  tiles_per_split, n_tiles, n_pages, pages, scale, window):  # fmt: skip
+def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, *refs, d, dp, bs, page_size, tiles_per_split,
+                  n_tiles, n_pages, pages, scale, window, writes):  # fmt: skip
     """Program (b, kh, split): the online softmax of row b's G query heads of kv head kh over the visible tiles of
     its split, in logical order, the heads as one [MAX_GROUP, dp] block (rows past G are zeros, never read by the
     fold): a tile's scores and weighted values are matrix products on the tensor cores (`_exact_dot`). A row's
     bits do not depend on the others: the block holds one batch row's heads only. A split holding no visible key
     writes nothing (the fold never reads it). Why a block: the G heads unrolled, each a vector product with
     cross-lane reductions a tile, took 18.6 ms of a 49.9 ms gpt-oss-20b step at 512 rows and 256 keys (tenth
-    session); this form 4.8x less (docs/PERFORMANCE.md, eleventh session)."""
+    session); this form 4.8x less (docs/PERFORMANCE.md, eleventh session).
+    `writes`: refs holds the row's new key and value first (k_new, v_new [B, K, D] float32) and the pages' aliases
+    last: the program whose split holds position p stores kv head kh's new key and value at p (none past the table
+    or on the null page: nothing reads them there), and every tile holding p takes them from registers, rounded to
+    the cache's dtype as the store rounds them: the bits of a write before the call."""
+    if writes:
+        k_new_ref, v_new_ref, acc_ref, m_ref, l_ref, k_out_ref, v_out_ref = refs
+    else:
+        acc_ref, m_ref, l_ref = refs
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     p, layer = pos_ref[b], layer_ref[0]
     lo, hi = _visible_tiles(p, bs, window, n_tiles)
     first = split * tiles_per_split
     lo, hi = jnp.maximum(lo, first), jnp.minimum(hi, first + tiles_per_split)
     d_ok = jnp.arange(dp) < d if dp != d else None  # None: no lane mask, so the loads stay vectorized
+    if writes:
+        new_k, new_v = (masked_load(ref.at[b, kh, pl.ds(0, dp)], d_ok).astype(k_ref.dtype)
+                        for ref in (k_new_ref, v_new_ref))  # fmt: skip
+        own = (p >= 0) & (p // (bs * tiles_per_split) == split)
+        page_at = jnp.minimum(jnp.maximum(p, 0) // page_size, n_pages - 1)
+        page = table_ref[b, page_at]
+        slot = jnp.maximum(p, 0) % page_size
+
+        @pl.when(own & (p // page_size < n_pages) & (page != NULL_PAGE))
+        def _():
+            for ref, new in ((k_out_ref, new_k), (v_out_ref, new_v)):
+                at = ref.at[layer, jnp.clip(page, 0, pages - 1), slot, kh, pl.ds(0, dp)]
+                plgpu.store(at, new, mask=d_ok)
 
     def read(tile):
         """Logical tile `tile` (keys tile * bs ...) of row b's keys of kv head kh: k, v [bs, dp] in the cache's
@@ -114,7 +136,12 @@ def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m
             mask &= jax.lax.broadcast_in_dim(d_ok, (bs, dp), (1,))
         # All indices as arrays broadcasting to [bs, dp] (a gather; interpret mode takes no slice beside them).
         index = (layer, page[:, None], (j % page_size)[:, None], kh, jnp.arange(dp)[None, :])
-        return plgpu.load(k_ref.at[index], mask=mask, other=0), plgpu.load(v_ref.at[index], mask=mask, other=0), visible
+        k, v = plgpu.load(k_ref.at[index], mask=mask, other=0), plgpu.load(v_ref.at[index], mask=mask, other=0)
+        if writes:  # position p's key and value from registers (its slot in memory is the old one)
+            at_p = jax.lax.broadcast_in_dim(j == p, (bs, dp), (0,))
+            k = jnp.where(at_p, jax.lax.broadcast_in_dim(new_k, (bs, dp), (1,)), k)
+            v = jnp.where(at_p, jax.lax.broadcast_in_dim(new_v, (bs, dp), (1,)), v)
+        return k, v, visible
 
     @pl.when(lo < hi)
     def _():
@@ -209,12 +236,16 @@ def paged_decode_attention(
     pages_per_split: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-) -> jax.Array:
+    new_kv: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Attention of q [B, 1, H, D] (H = K * G) over layer `layer` of the paged cache k/v_pages [L, P, page_size,
     K, D] -> float32 [B, 1, H, D]. Row b's key j lives at page page_table[b, j // page_size], slot j % page_size;
     keys j <= positions[b] are visible (and positions[b] - j < window on sliding layers); `sinks` [H]: a logit
     per head joining the softmax denominator only. A row at a negative position (padding) gives zeros.
-    `pages_per_split` overrides SPLIT_KEYS / page_size (tests, sweeps); a row's bits depend on it."""
+    `pages_per_split` overrides SPLIT_KEYS / page_size (tests, sweeps); a row's bits depend on it.
+    `new_kv` (k, v [B, 1, K, D]): each row's key and value at its position, written into the pages by the kernel
+    that reads them (kv_cache.write_layer's scatters were two XLA launches a layer): returns (out, k_pages,
+    v_pages), the pages updated in place where the caller donates them."""
     _check(q, k_pages, v_pages, page_table, positions)
     b, _, h, d = q.shape
     _, pages, page_size, kh, _ = k_pages.shape
@@ -232,20 +263,28 @@ def paged_decode_attention(
     split_kernel = functools.partial(
         _split_kernel, d=d, dp=dp, bs=bs, page_size=page_size,
         tiles_per_split=tiles_per_split, n_tiles=n_tiles, n_pages=n_pages, pages=pages, scale=float(scale),
-        window=window,
+        window=window, writes=new_kv is not None,
     )  # fmt: skip
-    acc, m, l_ = pl.pallas_call(
+    out_shape = [
+        jax.ShapeDtypeStruct((b, kh, n_splits, MAX_GROUP, dp), jnp.float32),
+        jax.ShapeDtypeStruct((b, kh, n_splits, MAX_GROUP), jnp.float32),
+        jax.ShapeDtypeStruct((b, kh, n_splits, MAX_GROUP), jnp.float32),
+    ]
+    args = [pos, jnp.asarray(layer, jnp.int32).reshape(1), table, qg, k_pages, v_pages]
+    aliases = {}
+    if new_kv is not None:
+        args += [a.reshape(b, kh, d).astype(jnp.float32) for a in new_kv]
+        out_shape += [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype)] * 2
+        aliases = {4: 3, 5: 4}  # the pages in, the pages out
+    acc, m, l_, *pages_out = pl.pallas_call(
         split_kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((b, kh, n_splits, MAX_GROUP, dp), jnp.float32),
-            jax.ShapeDtypeStruct((b, kh, n_splits, MAX_GROUP), jnp.float32),
-            jax.ShapeDtypeStruct((b, kh, n_splits, MAX_GROUP), jnp.float32),
-        ),
+        out_shape=tuple(out_shape),
         grid=(b, kh, n_splits),
         compiler_params=params,
+        input_output_aliases=aliases,
         interpret=interpret,
         name="paged_decode_attention",
-    )(pos, jnp.asarray(layer, jnp.int32).reshape(1), table, qg, k_pages, v_pages)
+    )(*args)
     has_sinks = sinks is not None
     sink_args = []
     if has_sinks:
@@ -262,7 +301,8 @@ def paged_decode_attention(
         interpret=interpret,
         name="paged_decode_attention_fold",
     )(pos, *sink_args, acc, m, l_)
-    return out.reshape(b, 1, h, d)
+    out = out.reshape(b, 1, h, d)
+    return out if new_kv is None else (out, *pages_out)
 
 
 def _halving_sum(x: jax.Array, axis: int) -> jax.Array:
