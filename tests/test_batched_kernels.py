@@ -240,10 +240,12 @@ def test_paged_attention_on_a_half_precision_pool_matches_float32(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
-@pytest.mark.parametrize(("h", "kh", "d", "page_size", "positions", "window", "sinks", "per_split"), PAGED_CASES)
-def test_paged_attention_writing_the_new_key_gives_the_bits_of_a_write_first(
-    h, kh, d, page_size, positions, window, sinks, per_split, dtype
-):
+@pytest.mark.parametrize("case", PAGED_CASES)
+def test_paged_attention_writing_the_new_key_gives_the_bits_of_a_write_first(case, dtype):
+    check_writing(*case, dtype, interpret=True)
+
+
+def check_writing(h, kh, d, page_size, positions, window, sinks, per_split, dtype, interpret: bool) -> None:
     """`new_kv`: the kernel stores each row's new key and value at its position and attends with them, against
     kv_cache.write_layer's scatter then the kernel: the same pages (the null page aside: nothing reads it) and the
     same bits of every live row, the slot at a row's position holding stale NaN before (the kernel must not read
@@ -262,7 +264,7 @@ def test_paged_attention_writing_the_new_key_gives_the_bits_of_a_write_first(
     q = rng.standard_normal((b, 1, h, d)).astype(np.float32)
     k_new, v_new = (rng.standard_normal((b, 1, kh, d)).astype(np.float32) for _ in range(2))
     sink = jnp.asarray(rng.standard_normal(h).astype(np.float32)) if sinks else None
-    scale, tiles = d**-0.5, dict(interpret=True, pages_per_split=per_split)
+    scale, tiles = d**-0.5, dict(interpret=interpret, pages_per_split=per_split)
     cache = KVCache(jnp.asarray(k_pages), jnp.asarray(v_pages))
     written = write_layer(cache, layer, jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(table),
                           jnp.asarray(pos[:, None]))  # fmt: skip
@@ -283,13 +285,20 @@ def test_paged_attention_writing_the_new_key_gives_the_bits_of_a_write_first(
 def test_a_model_storing_its_keys_in_the_attention_kernel_decodes_the_same_bits(oracles, monkeypatch, arch, file):
     """WORKER_KV_WRITE_KERNEL=1 on the interpret backend: a greedy generation's ids and log-probabilities, every decode
     step's cache writes in the attention kernel, are those of the scatters (sinks and sliding windows: gpt-oss)."""
-    ids = manifest(oracles / "models" / arch)["input"]["ids"]
+    check_storing_model(oracles / "models" / arch, file, monkeypatch, dict(device="cpu", backend="interpret"))
+
+
+def check_storing_model(d, file: str, monkeypatch, where: dict) -> None:
+    ids = manifest(d)["input"]["ids"]
 
     def generate(on: bool) -> tuple[list[int], list]:
         monkeypatch.setattr(ops, "_kv_write_kernel", on)
         calls, real = [], pa.paged_decode_attention
         monkeypatch.setattr(pa, "paged_decode_attention", lambda *a, **k: calls.append("new_kv" in k) or real(*a, **k))
-        m = worker.load(oracles / "models" / arch / file, device="cpu", backend="interpret", slots=256, max_batch=2)
+        m = worker.load(d / file, **where, slots=256, max_batch=2)
+        if on and where["device"] == "gpu":  # the pool updated in place by the kernels: no program copies it
+            warmed = m.warm_up().fields()["most_extra_bytes"]
+            assert max(warmed.values()) < m.runner.cache_bytes(), warmed
         logprobs: list = []
         out = list(m.generate_ids(ids, 6, SamplingParams(logprobs=True), stop_at_eos=False, logprobs=logprobs))
         assert calls and all(c == on for c in calls), calls  # every decode step's layers took the route asked
@@ -361,6 +370,20 @@ def test_paged_attention_padding_rows_and_shapes():
 def gpu_backend():
     if jax.default_backend() != "gpu":
         pytest.fail("gpu-marked tests need a GPU visible to JAX (run them with `just test-gpu`)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", PAGED_CASES)
+def test_gpu_paged_attention_writing_the_new_key_gives_the_bits_of_a_write_first(gpu_backend, case):
+    check_writing(*case, np.float16, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("arch", "file"), [("qwen2", "model-q8_0.gguf"), ("gpt-oss", "model-mxfp4_moe.gguf")])
+def test_gpu_model_storing_its_keys_in_the_attention_kernel_decodes_the_same_bits(
+    gpu_backend, oracles, monkeypatch, arch, file
+):
+    check_storing_model(oracles / "models" / arch, file, monkeypatch, dict(device="gpu"))
 
 
 # Real decode shapes: qwen2.5-0.5b q/o, phi3 down (K-quant), gpt-oss q (Q8_0, K = 2880: masked K tail).
