@@ -222,10 +222,18 @@ def test_moe_matvec_clamps_expert_ids_to_the_experts(int8_x):
     np.testing.assert_array_equal(y, np.asarray(call(np.array([[0, 4], [4, 2]], np.int32))))
 
 
-@pytest.mark.parametrize("sorted_pairs", [qmv.SORTED_PAIRS, 1], ids=["unsorted", "sorted"])
-@pytest.mark.parametrize("int8_x", [False, True], ids=["float", "int8"])
-@pytest.mark.parametrize("live", [[True], [False], [True, False], [False, True], [False, True, False]],
-                         ids=lambda v: "".join("LD"[not a] for a in v))  # fmt: skip
+LIVE = [[True], [False], [True, False], [False, True], [False, True, False]]
+# the pairs in the tokens' order (a shared x read in place) on both kernels; sorted by expert (x broadcast to the
+# pairs first) where there are several tokens, on one
+LIVE_CASES = [(live, int8_x, qmv.SORTED_PAIRS) for live in LIVE for int8_x in (False, True)]
+LIVE_CASES += [(live, True, 1) for live in LIVE if len(live) > 1]
+
+
+LIVE_IDS = ["".join("LD"[not a] for a in live) + ("-int8" if i8 else "-float") + ("-sorted" if sp == 1 else "")
+            for live, i8, sp in LIVE_CASES]  # fmt: skip
+
+
+@pytest.mark.parametrize(("live", "int8_x", "sorted_pairs"), LIVE_CASES, ids=LIVE_IDS)
 def test_moe_matvec_live_tokens_have_their_bits_and_dead_ones_are_zeros(live, int8_x, sorted_pairs):
     """`live` on the routed matvec (one stream's padding row, worker.ops.moe_matmul): a live token's k pairs have
     the bits they have without the mask, a dead token's are zeros, with the pairs in the tokens' order (fewer than
