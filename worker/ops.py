@@ -30,6 +30,7 @@ from worker.pallas_kernels import moe_matmul as grouped_matmul
 from worker.pallas_kernels import paged_attention as paged
 from worker.pallas_kernels import prefill_attention, qmatvec, qmatvec_int8
 from worker.pallas_kernels import rms_norm as rms_norm_kernel
+from worker.pallas_kernels import top_k as top_k_kernel
 from worker.quant import Int8Blocks, QuantArray, dequantize, widened
 
 Weight = QuantArray | Int8Blocks | jax.Array
@@ -70,6 +71,9 @@ _norm_kernel = norm_kernel_backends(os.environ.get("WORKER_NORM_KERNEL", ""))
 # (`write_and_attend`) instead of kv_cache.write_layer's two XLA scatters a layer, on the kernel backends with one
 # device. Off until timed on the card (built in the thirtieth session after its device time): the same bits.
 _kv_write_kernel = os.environ.get("WORKER_KV_WRITE_KERNEL", "0") == "1"
+# WORKER_TOPK_KERNEL=1: a MoE layer's routing (`top_k`) as one Pallas kernel on the kernel backends, the same bits as
+# lax.top_k; off until timed on the card (built in the thirtieth session after its device time).
+_topk_kernel = os.environ.get("WORKER_TOPK_KERNEL", "0") == "1"
 # WORKER_MOE_SORTED_PAIRS=N: the routed matvec sorts its (token, selection) pairs by expert from N pairs on (default
 # qmatvec.SORTED_PAIRS; 0 sorts always, as all but one token did before the thirtieth session): an A/B switch, the
 # same bits either way.
@@ -585,6 +589,16 @@ def paged_attention(
         return paged.paged_decode_attention_twin(*args)
     k, v = gather_layer(cache, layer, table)
     return attention(q, k, v, q_positions, scale, window, sinks, backend=backend, mesh=mesh)
+
+
+def top_k(x: jax.Array, k: int, backend: str = "cpu") -> tuple[jax.Array, jax.Array]:
+    """x [M, N] -> (the k largest values of each row, largest first, float32 [M, k]; their indices int32 [M, k]),
+    the lower index first among equal values: lax.top_k, or its kernel (worker/pallas_kernels/top_k.py, the same
+    bits) on the kernel backends with WORKER_TOPK_KERNEL=1."""
+    if backend != "cpu" and _topk_kernel:
+        return top_k_kernel.top_k(x, k, interpret=backend == "interpret")
+    values, indices = jax.lax.top_k(x.astype(jnp.float32), k)
+    return values, indices.astype(jnp.int32)
 
 
 def moe_matmul(
