@@ -23,7 +23,7 @@ from worker.models import adapter_for
 from worker.models.base import load_weights
 from worker.pallas_kernels import qmatvec
 from worker.quant import QuantArray, cpu_layout, quant_kind, widened
-from worker.runner import Runner
+from worker.runner import Compile, Runner
 from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs
 from worker.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
@@ -110,29 +110,29 @@ GREEDY = SamplingParams()
 
 @dataclasses.dataclass
 class WarmUp:
-    """Where a warm-up's time went: each program's name, seconds to compile (side by side: their sum exceeds
-    `compile_s`, the wall time of the compiles, by as much as they overlapped; a program the persistent cache held
-    takes well under a second) and device memory it allocates beside its arguments (bytes, or None), and
-    the whole warm-up's seconds (the compiles, the dispatch that sizes the steps, a first request)."""
+    """Where a warm-up's time went: each program's `Compile` (lowered in turn, compiled side by side: their sum
+    exceeds `compile_s`, the wall time of the compiles, by as much as they overlapped), and the whole warm-up's
+    seconds (the compiles, the dispatch that sizes the steps, a first request)."""
 
-    compiles: list[tuple[str, float, int | None]]
+    compiles: list[Compile]
     compile_s: float
     total_s: float
     decode_steps: int
 
     def fields(self, slowest: int = 5) -> dict:
         """For the server's `ready` log event."""
-        top = sorted(self.compiles, key=lambda c: -c[1])[:slowest]
+        top = sorted(self.compiles, key=lambda c: -(c.lower_s + c.compile_s))[:slowest]
         # the most memory a program allocates beside its arguments: a copy of the KV pool, or a pool not updated in
         # place, would show here (a pool of 22 GiB beside gpt-oss-20b's weights, where XLA's rematerialization
         # warned of 55.6 GiB a program on an H100)
-        extra = max(self.compiles, key=lambda c: c[2] or 0, default=None)
+        extra = max(self.compiles, key=lambda c: c.extra_bytes or 0, default=None)
         return {
             "programs": len(self.compiles),
             "compile_ms": round(self.compile_s * 1000.0, 1),
-            "compile_sum_ms": round(sum(c[1] for c in self.compiles) * 1000.0, 1),
-            "slowest": {name: round(s * 1000.0, 1) for name, s, _ in top},
-            "most_extra_bytes": {extra[0]: extra[2]} if extra is not None and extra[2] is not None else None,
+            "lower_sum_ms": round(sum(c.lower_s for c in self.compiles) * 1000.0, 1),
+            "compile_sum_ms": round(sum(c.compile_s for c in self.compiles) * 1000.0, 1),
+            "slowest": {c.name: [round(c.lower_s * 1000.0, 1), round(c.compile_s * 1000.0, 1)] for c in top},
+            "most_extra_bytes": {extra.name: extra.extra_bytes} if extra and extra.extra_bytes is not None else None,
             "warm_up_ms": round(self.total_s * 1000.0, 1),
             "decode_steps_per_dispatch": self.decode_steps,
         }

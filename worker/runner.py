@@ -329,7 +329,7 @@ class Runner:
         prefill: bool = True,
         groups: tuple[int, ...] = (),
         lone: tuple[int, ...] = (),
-    ) -> list[tuple[str, float, int | None]]:
+    ) -> list[Compile]:
         """Compile, side by side, what a request with a prompt of at most MIN_BUCKET tokens runs first: the
         prefill and the first sample (unless `prefill` is False: compiled already), a decode dispatch of `steps`
         steps with each of `plans` at each of the row buckets `rows`, and the prefill and first samples of several
@@ -338,10 +338,7 @@ class Runner:
         dispatch at each of the chunk buckets `lone` (under load a prompt can arrive alone between groups: its
         bucket's compile, ~13 s for gpt-oss-20b on an H200, stalled every running stream). Each is a whole-model
         XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so threads overlap them.
-        Lowered from shapes only: no KV cache or input is allocated. Returns each program's name, seconds to compile
-        (a compile that found its program in the persistent cache takes well under one) and the device memory a call
-        allocates beside its arguments (XLA's temporaries and the outputs not aliased to a donated argument; None
-        where XLA does not say)."""
+        Lowered from shapes only: no KV cache or input is allocated. Returns what each took (`Compile`)."""
         c = self.cfg
 
         def spec(shape: tuple[int, ...], dtype, on: jax.sharding.Sharding = self.input_sharding):
@@ -385,13 +382,17 @@ class Runner:
         if not jobs:
             return []
 
-        def timed(job) -> tuple[str, float, int | None]:
+        def timed(job) -> Compile:
             t0 = time.perf_counter()
-            compiled = job[1]().compile()
-            seconds, memory = time.perf_counter() - t0, compiled.memory_analysis()
+            lowered = job[1]()  # Python (the GIL): the threads take turns
+            t1 = time.perf_counter()
+            compiled = lowered.compile()  # XLA: side by side
+            t2, memory = time.perf_counter(), compiled.memory_analysis()
             # what a call allocates beside its arguments: temporaries, and outputs not updated in place
-            extra = None if memory is None else memory.temp_size_in_bytes + memory.output_size_in_bytes
-            return job[0], seconds, None if memory is None else extra - memory.alias_size_in_bytes
+            extra = None
+            if memory is not None:
+                extra = memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            return Compile(job[0], t1 - t0, t2 - t1, extra)
 
         with ThreadPoolExecutor(len(jobs)) as pool:
             return [done.result() for done in [pool.submit(timed, job) for job in jobs]]
@@ -399,6 +400,19 @@ class Runner:
 
 def _plan_name(plan: SamplingPlan) -> str:
     return "sampled" if plan.draw else "greedy"
+
+
+@dataclass(frozen=True)
+class Compile:
+    """One program of a warm-up: its name, seconds to trace and lower it (Python, under the GIL: the warm-up's
+    threads take turns) and to compile it (XLA, side by side; a program the persistent cache holds takes well under
+    a second), and the device memory a call allocates beside its arguments (XLA's temporaries and the outputs not
+    aliased to a donated argument; None where XLA does not say)."""
+
+    name: str
+    lower_s: float
+    compile_s: float
+    extra_bytes: int | None
 
 
 def _take(inputs: RowInputs, n: int) -> RowInputs:
