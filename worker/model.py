@@ -110,12 +110,14 @@ GREEDY = SamplingParams()
 
 @dataclasses.dataclass
 class WarmUp:
-    """Where a warm-up's time went: each program's `Compile` (lowered in turn, compiled side by side: their sum
-    exceeds `compile_s`, the wall time of the compiles, by as much as they overlapped), and the whole warm-up's
-    seconds (the compiles, the dispatch that sizes the steps, a first request)."""
+    """Where a warm-up's time went: each program's `Compile`; `compile_s`, the wall time of the compiles (side by
+    side), and `lowering_s`, of that the time until every program was lowered (Python's part: where it is most of
+    compile_s, the tracing is what a start waits for, not XLA); and the whole warm-up's seconds (the compiles, the
+    dispatch that sizes the steps, a first request)."""
 
     compiles: list[Compile]
     compile_s: float
+    lowering_s: float
     total_s: float
     decode_steps: int
 
@@ -129,7 +131,7 @@ class WarmUp:
         return {
             "programs": len(self.compiles),
             "compile_ms": round(self.compile_s * 1000.0, 1),
-            "lower_sum_ms": round(sum(c.lower_s for c in self.compiles) * 1000.0, 1),
+            "lowering_ms": round(self.lowering_s * 1000.0, 1),
             "compile_sum_ms": round(sum(c.compile_s for c in self.compiles) * 1000.0, 1),
             "slowest": {c.name: [round(c.lower_s * 1000.0, 1), round(c.compile_s * 1000.0, 1)] for c in top},
             "most_extra_bytes": {extra.name: extra.extra_bytes} if extra and extra.extra_bytes is not None else None,
@@ -325,12 +327,14 @@ class Model:
         `dispatch_s` seconds), and greedy decoding's stages are compiled beside `params`': a program is compiled per
         set of stages, and on an H200 each compile of gpt-oss-20b's took ~15 s, which a greedy load's streams waited
         through on every row bucket's first use (docs/PERFORMANCE.md, sixth session). Returns where its time went."""
-        t0, compiles, walls = time.perf_counter(), [], []
+        t0, compiles, walls, lowering = time.perf_counter(), [], [], []
 
         def compile_steps(*args, **kwargs) -> None:
             t = time.perf_counter()
-            compiles.extend(self.runner.compile_first_steps(*args, **kwargs))
+            done = self.runner.compile_first_steps(*args, **kwargs)
+            compiles.extend(done)
             walls.append(time.perf_counter() - t)
+            lowering.append(max((c.lowered for c in done), default=t) - t)  # until every program was lowered
 
         seq = self.sequence([0], 1, params, 0)
         inputs, plan, rows = self.batch.row_inputs([(0, seq)], 1, 1), params.plan(), self.runner.row_buckets()
@@ -348,7 +352,7 @@ class Model:
         compile_steps(inputs, plans, self.decode_steps, tuple(rows), prefill=not compiled, groups=groups, lone=lone)
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass
-        self.warmed = WarmUp(compiles, sum(walls), time.perf_counter() - t0, self.decode_steps)
+        self.warmed = WarmUp(compiles, sum(walls), sum(lowering), time.perf_counter() - t0, self.decode_steps)
         return self.warmed
 
     def calibrate_steps(self, plan: SamplingPlan, target_s: float = DISPATCH_TARGET_S) -> int:

@@ -392,7 +392,7 @@ class Runner:
             extra = None
             if memory is not None:
                 extra = memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            return Compile(job[0], t1 - t0, t2 - t1, extra)
+            return Compile(job[0], t0, t1, t2, extra)
 
         with ThreadPoolExecutor(len(jobs)) as pool:
             return [done.result() for done in [pool.submit(timed, job) for job in jobs]]
@@ -404,15 +404,25 @@ def _plan_name(plan: SamplingPlan) -> str:
 
 @dataclass(frozen=True)
 class Compile:
-    """One program of a warm-up: its name, seconds to trace and lower it (Python, under the GIL: the warm-up's
-    threads take turns) and to compile it (XLA, side by side; a program the persistent cache holds takes well under
-    a second), and the device memory a call allocates beside its arguments (XLA's temporaries and the outputs not
-    aliased to a donated argument; None where XLA does not say)."""
+    """One program of a warm-up: its name, when (time.perf_counter) its tracing and lowering began, when it was
+    lowered (Python, under the GIL: the warm-up's threads take turns, so a program's own lower_s includes its waits)
+    and when compiled (XLA, side by side; a program the persistent cache holds takes well under a second), and the
+    device memory a call allocates beside its arguments (XLA's temporaries and the outputs not aliased to a donated
+    argument; None where XLA does not say)."""
 
     name: str
-    lower_s: float
-    compile_s: float
+    start: float
+    lowered: float
+    done: float
     extra_bytes: int | None
+
+    @property
+    def lower_s(self) -> float:
+        return self.lowered - self.start
+
+    @property
+    def compile_s(self) -> float:
+        return self.done - self.lowered
 
 
 def _take(inputs: RowInputs, n: int) -> RowInputs:
