@@ -777,9 +777,8 @@ def moe_matvec(
     if live is not None:  # a token's liveness for each of its k pairs, in the pairs' order
         pairs_live = jnp.broadcast_to(live.reshape(-1, 1), expert_ids.shape).reshape(-1)
     p = plan(experts.qtype, n, k, expert_ids.shape[-1], **tiles)
-    if ids.size < (
-        SORTED_PAIRS if sorted_pairs is None else sorted_pairs
-    ):  # the pairs in the tokens' order, a token's shared x read where it is
+    sorted_from = SORTED_PAIRS if sorted_pairs is None else sorted_pairs
+    if ids.size < sorted_from:  # the pairs in the tokens' order, a token's shared x read where it is
         x_share = expert_ids.shape[-1] if x.ndim == expert_ids.ndim else 1
         y = _call(x.reshape(-1, k), experts, ids, e, n, p, interpret, live=pairs_live, x_share=x_share)
         return y.reshape(*expert_ids.shape, n)
