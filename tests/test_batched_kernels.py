@@ -281,10 +281,14 @@ def check_writing(h, kh, d, page_size, positions, window, sinks, per_split, dtyp
         np.testing.assert_array_equal(np.asarray(out)[:, 1:], np.asarray(ref)[:, 1:])  # page 0: the null page
 
 
-@pytest.mark.parametrize(("arch", "file"), [("qwen2", "model-q8_0.gguf"), ("gpt-oss", "model-mxfp4_moe.gguf")])
+STORING = [("qwen2", "model-q8_0.gguf"), ("gpt-oss", "model-mxfp4_moe.gguf"), ("gemma3", "model-q8_0.gguf")]
+
+
+@pytest.mark.parametrize(("arch", "file"), STORING)
 def test_a_model_storing_its_keys_in_the_attention_kernel_decodes_the_same_bits(oracles, monkeypatch, arch, file):
     """WORKER_KV_WRITE_KERNEL=1 on the interpret backend: a greedy generation's ids and log-probabilities, every decode
-    step's cache writes in the attention kernel, are those of the scatters (sinks and sliding windows: gpt-oss)."""
+    step's cache writes in the attention kernel, are those of the scatters (sinks and sliding windows: gpt-oss;
+    sliding windows and a head dim of 256: gemma3)."""
     check_storing_model(oracles / "models" / arch, file, monkeypatch, dict(device="cpu", backend="interpret"))
 
 
@@ -379,7 +383,7 @@ def test_gpu_paged_attention_writing_the_new_key_gives_the_bits_of_a_write_first
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("arch", "file"), [("qwen2", "model-q8_0.gguf"), ("gpt-oss", "model-mxfp4_moe.gguf")])
+@pytest.mark.parametrize(("arch", "file"), STORING)
 def test_gpu_model_storing_its_keys_in_the_attention_kernel_decodes_the_same_bits(
     gpu_backend, oracles, monkeypatch, arch, file
 ):

@@ -22,7 +22,9 @@ from worker.pallas_kernels.tiling import TritonParams, kernel_entry, pow2_at_lea
 
 @kernel_entry("k", "interpret")
 def top_k(x: jax.Array, k: int, *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """x [M, N] float32 -> (values float32 [M, k], indices int32 [M, k]), each row's largest first."""
+    """x [M, N] float32 -> (values float32 [M, k], indices int32 [M, k]), each row's largest first. Rows holding a
+    NaN are not lax.top_k's (which takes a NaN as the largest): a NaN's index is never chosen, and its place may
+    come out with the index N (the routed matvec clamps an id to the experts)."""
     m, n = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"top_k: k = {k} of rows of {n}")
