@@ -49,7 +49,10 @@ def rows(result: dict) -> list[str]:
     ttft = f"{h['ttft_s'] * 1000:,.0f} ms" if h.get("ttft_s") is not None else "—"
     ready = f"{w['load_s']:.1f} s" if w.get("load_s") is not None else "—"
     if h.get("server_ready_s") is not None:
-        ready += f" (server: {h['server_ready_s']:.1f} s)"
+        ready += f" (server: {h['server_ready_s']:.1f} s"
+        if warm := h.get("server_warm_up"):  # the compiles' wall time, and the part until all were lowered
+            ready += f"; compiles {warm['compile_ms'] / 1000:.1f} s, lowered by {warm['lowering_ms'] / 1000:.1f} s"
+        ready += ")"
     worker_row = (
         f"| {label} | worker | {_num(w.get('decode_tok_s'))} | {_num(w.get('prefill_tok_s'))} "
         f"| {_num(r['decode'], '{:.2f}×')} | {_num(r['prefill'], '{:.2f}×')} "

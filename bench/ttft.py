@@ -3,6 +3,7 @@ to ready (/health answers 200), then time POST /execute to the first `token` SSE
 
 from __future__ import annotations
 
+import json
 import socket
 import statistics
 import subprocess
@@ -99,6 +100,18 @@ def start_server(
     return proc, url, time.monotonic() - start
 
 
+def warm_up_of(log: Path) -> dict | None:
+    """The `warm_up` of the server's `ready` log event (where its start's compiles went), or None."""
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "ready":
+            return event.get("warm_up")
+    return None
+
+
 def measure(model: str, device: str, log: Path, requests: int = 5, ready_timeout: float = 600,
             extra: tuple[str, ...] | list[str] = ()) -> dict:  # fmt: skip
     """Start the server (`extra`: more of its arguments), time ready and `requests` first tokens; the first request
@@ -112,6 +125,7 @@ def measure(model: str, device: str, log: Path, requests: int = 5, ready_timeout
     times = [t for t, _ in runs]
     return {
         "server_ready_s": ready_s,
+        "server_warm_up": warm_up_of(log),
         "ttft_first_s": times[0],
         "ttft_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
         "ttft_runs_s": times,

@@ -160,6 +160,19 @@ def test_report_gives_ratios_and_floor_fractions():
     assert "llama.cpp commit 0c1e57098: `llama-bench -p 512 -n 128 -fa 1 -o json -ngl 99`." in text
 
 
+def test_report_says_where_the_servers_start_went():
+    res = result(200.0, 3000.0, None)
+    res["http"]["server_warm_up"] = {"compile_ms": 7400.0, "lowering_ms": 5250.0}
+    assert "| 1.0 s (server: 9.0 s; compiles 7.4 s, lowered by 5.2 s) |" in report.markdown([res])
+
+
+def test_the_warm_up_is_read_from_the_servers_ready_event(tmp_path):
+    log = tmp_path / "server.log"
+    assert ttft.warm_up_of(log) is None  # no log
+    log.write_text('not json\n{"event": "startup"}\n{"event": "ready", "warm_up": {"programs": 5}}\n')
+    assert ttft.warm_up_of(log) == {"programs": 5}
+
+
 def test_report_tables_the_steps_sweep_from_its_json_keys():
     res = result(200.0, 3000.0, None)
     res["worker"]["decode_tok_s_by_steps"] = {"8": 180.0, "16": 190.0, "64": 200.0}  # as read back from JSON
@@ -221,6 +234,8 @@ def test_time_to_first_token_through_the_real_server(tmp_path):
     assert got["terminal_events"] == ["end"]
     assert 0 < got["ttft_first_s"] < 300 and got["ttft_s"] == got["ttft_runs_s"][1]
     assert got["server_ready_s"] > 0
+    warm = got["server_warm_up"]  # the ready event's, from the server's log
+    assert warm["programs"] >= 3 and 0 < warm["lowering_ms"] < warm["compile_ms"], warm
 
 
 def test_percentiles_interpolate():
