@@ -4,7 +4,12 @@ token, the markdown report, and a short worker run on a tiny oracle model."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import jax
@@ -545,3 +550,20 @@ def test_ab_table_takes_each_variants_runs_in_round_order(tmp_path):
     assert rows[1]["vs_first"] == pytest.approx(100.0 / 102.0)
     assert "| A=0 | 90.0 (1.100), 110.0 (1.100) | 100.0 | 1000.0 | 0.980× |" in text
     assert "(H100)" in text
+
+
+def test_an_ab_tree_of_a_commit_is_the_code_a_worker_tree_run_imports(tmp_path):
+    """tools/ab-tree.sh REV copies REV's code under .ab/REV; tools/gpu-env.sh with WORKER_TREE (and PYTHONSAFEPATH)
+    imports the worker from there, not from the checkout (an A/B of code against its base in one GPU call)."""
+    repo = Path(__file__).resolve().parent.parent
+    made = subprocess.run(["bash", "tools/ab-tree.sh", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+    tree = repo / ".ab" / "HEAD"
+    try:
+        assert str(tree) in made.stdout and (tree / "worker" / "ops.py").is_file()
+        env = os.environ | {"WORKER_TREE": str(tree), "PYTHONSAFEPATH": "1", "WORKER_WHEELS": "none"}
+        show = [sys.executable, "-c", "import worker; print(worker.__file__)"]
+        where = subprocess.run(["bash", "tools/gpu-env.sh", *show], cwd=repo, env=env, capture_output=True, text=True,
+                               check=True)  # fmt: skip
+        assert where.stdout.strip() == str(tree / "worker" / "__init__.py")
+    finally:
+        shutil.rmtree(tree)
