@@ -30,7 +30,8 @@
 #           ab:M       an A/B of environment settings on bench.worker_bench (batch-1 decode, the worker alone) on
 #                      model M: AB lists the variants, space-separated, each a comma-joined list of VAR=VALUE (a comma
 #                      before a lower-case word stays in the value: WORKER_INT8_TILES=block_n=64,num_warps=1) (default
-#                      "WORKER_FUSE_PROJECTIONS=1 WORKER_FUSE_PROJECTIONS=0"); AB_ROUNDS rounds (default 2), the
+#                      "WORKER_FUSE_PROJECTIONS=1 WORKER_FUSE_PROJECTIONS=0"; a variant
+#                      WORKER_TREE=.ab/REV,PYTHONSAFEPATH=1 runs REV's code, tools/ab-tree.sh); AB_ROUNDS rounds (default 2), the
 #                      variants in the given order, then reversed, and so on (ABBA: a drift of the card or the host
 #                      falls on both); AB_KIND the decode kernels (default 2i, as wbench's kinds); a process a run;
 #                      AB_ARGS passed on to worker_bench (e.g. "--repeats 5"); results in $GPU_STATE/results/ab/,
