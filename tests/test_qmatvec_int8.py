@@ -491,3 +491,83 @@ def test_fewer_programs_than_column_tiles_compiled_give_the_same_bits():
     gathered = jax.jit(lambda x, w, i, p: qmv.moe_matvec(x, w, i, int8_x=True, programs=p), static_argnums=3)
     taking_turns, one_each = (np.asarray(gathered(x, experts, ids, p)) for p in (8, 0))
     assert np.array_equal(taking_turns, one_each), "the experts: other bits"
+
+
+# ---- RMSNorm in the rounding kernel (qmatvec_int8.quantize_x's `norm`; WORKER_NORM_ROUNDING=1) ----
+
+NORMED = [(3, 896, None, 16), (2, 2880, q8.MXFP4_ORDER, 32), (2, 640, None, 16), (1, 3072, None, 16)]
+
+
+def rounded_after_norm(x: np.ndarray, w: np.ndarray, order, sum_block: int, interpret: bool):
+    """(fused: quantize_x with the norm; apart: the norm kernel, then quantize_x) for x [T, K]."""
+    from worker.pallas_kernels import rms_norm
+
+    fused = q8.quantize_x(jnp.asarray(x), order, sum_block, interpret, norm=(jnp.asarray(w), 1e-6))
+    h = rms_norm.rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-6, interpret=interpret)
+    return [np.asarray(a) for a in fused], [np.asarray(a) for a in q8.quantize_x(h, order, sum_block, interpret)]
+
+
+def normed_case(t: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(k + t)
+    x = (rng.standard_normal((t, k)) * rng.uniform(0.1, 30, (t, 1))).astype(np.float32)
+    return x, rng.standard_normal(k).astype(np.float32)
+
+
+@pytest.mark.parametrize(("t", "k", "order", "sum_block"), NORMED, ids=lambda v: str(v) if isinstance(v, int) else "")
+def test_quantize_x_after_a_norm_rounds_what_the_norm_kernel_gives(t, k, order, sum_block):
+    """In interpret mode the norm's sum of squares runs over one row here and 32 in the norm kernel (XLA's order
+    differs with the shape), so a block scale may move by an ulp, and a code by one step at a half; on the card
+    the two are one block shape (`test_..._compiled_gives_the_norm_kernels_bits`)."""
+    x, w = normed_case(t, k)
+    (words, dx, sums), (words0, dx0, sums0) = rounded_after_norm(x, w, order, sum_block, interpret=True)
+    np.testing.assert_allclose(dx, dx0, rtol=1e-6)
+    moved = np.abs(words.view(np.int8).astype(np.int32) - words0.view(np.int8))
+    assert moved.max() <= 1 and moved.sum() <= 2
+    assert np.abs(sums - sums0).max() <= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("t", "k", "order", "sum_block"), NORMED, ids=lambda v: str(v) if isinstance(v, int) else "")
+def test_quantize_x_after_a_norm_compiled_gives_the_norm_kernels_bits(t, k, order, sum_block):
+    _gpu()
+    fused, apart = rounded_after_norm(*normed_case(t, k), order, sum_block, interpret=False)
+    for a, b in zip(fused, apart, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_norm_first_takes_no_order_that_is_a_gather():
+    with pytest.raises(ValueError, match="transpose"):
+        q8.quantize_x(jnp.zeros((1, 64)), tuple(range(31, -1, -1)), norm=(jnp.ones(64), 1e-6), interpret=True)
+
+
+@pytest.mark.parametrize(("arch", "file", "logits"), MODELS[:2], ids=[m[0] for m in MODELS[:2]])
+def test_with_the_norm_in_the_rounding_kernel_a_model_follows_its_oracle(oracles, monkeypatch, arch, file, logits):
+    """WORKER_NORM_ROUNDING=1 with int8 x: the norms before one product (qwen2's fused q|k|v and gate|up, llama's
+    gate|up) are done by the kernel that rounds x, and the teacher-forced greedy decode still agrees with the
+    float64 HF oracle wherever its margin is clear of int8's error."""
+    monkeypatch.setattr(ops, "_norm_rounding", {"gpu": True, "interpret": True})
+    calls, real = [], q8.quantize_x
+    monkeypatch.setattr(q8, "quantize_x", lambda *a, **k: calls.append(k.get("norm") is not None) or real(*a, **k))
+    d = oracles / "models" / arch
+    m = worker.load(d / file, device="cpu", backend="interpret", slots=256, max_batch=2, int8_x=True)
+    ids, ref = manifest(d)["input"]["ids"], np.load(d / logits)
+    decoded = teacher_forced_decode(m, ids)
+    fused = sum(calls)
+    assert fused >= m.cfg.n_layers, calls  # traced once a decode program: a norm or two a layer
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * INT8_LOGIT_TOL
+    assert clear.sum() >= len(ids) // 4 and (decoded == ref.argmax(-1))[clear].all()
+
+
+def test_with_the_norm_in_the_rounding_kernel_a_seeded_job_gives_the_same_ids_whoever_shares_its_batch(
+    oracles, monkeypatch
+):
+    """Alone (the per-row kernel) and among 10 others (a bucket of 16 rows: the int8-x dot), both normalizing x as
+    they round it."""
+    monkeypatch.setattr(ops, "_norm_rounding", {"gpu": True, "interpret": True})
+    m = worker.load(oracles / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", backend="interpret", slots=512,
+                    max_batch=16, int8_x=True)  # fmt: skip
+    target = (list(range(3, 24)), SamplingParams(temperature=0.8, top_p=0.9), 1234, 12)
+    alone = run_batch(m, [target], [0])[0]
+    others = [(list(range(5, 5 + 3 * i)), OTHERS[i % len(OTHERS)], 77 + i, 4 + 2 * i) for i in range(1, 11)]
+    assert run_batch(m, [target, *others], [0] * 11)[0] == alone

@@ -67,6 +67,10 @@ def norm_kernel_backends(setting: str) -> dict[str, bool]:
 
 
 _norm_kernel = norm_kernel_backends(os.environ.get("WORKER_NORM_KERNEL", ""))
+# WORKER_NORM_ROUNDING=1: RMSNorm done by the kernel that rounds x to int8 for the matvec after it (`qmatmul`'s
+# `norm`), on the gpu (and interpret) backend: one launch where there are two; off until timed on the card (built in
+# the thirtieth session after its device time). The same values as the norm kernel's on the card.
+_norm_rounding = dict.fromkeys(("gpu", "interpret"), os.environ.get("WORKER_NORM_ROUNDING", "0") == "1")
 # WORKER_KV_WRITE_KERNEL=1: a decode step's new keys and values stored by the paged attention kernel that reads them
 # (`write_and_attend`) instead of kv_cache.write_layer's two XLA scatters a layer, on the kernel backends with one
 # device. Off until timed on the card (built in the thirtieth session after its device time): the same bits.
@@ -327,7 +331,13 @@ def _int8_rows(x2: jax.Array, w: Int8Blocks) -> jax.Array:
 
 
 def qmatmul(
-    x: jax.Array, w: Weight, bias: jax.Array | None = None, *, backend: str = "cpu", exact: bool = False
+    x: jax.Array,
+    w: Weight,
+    bias: jax.Array | None = None,
+    *,
+    backend: str = "cpu",
+    exact: bool = False,
+    norm: tuple[jax.Array, float] | None = None,
 ) -> jax.Array:
     """x [..., In] @ w[Out, In].T (+ bias) -> [..., Out]; w stays quantized in memory, dequantized per call.
     On the GPU backend decode-shaped calls and prefill chunks of up to PREFILL_KERNEL_ROWS positions a sequence go
@@ -335,7 +345,11 @@ def qmatmul(
     `exact`: float32 operands on every backend, for a product whose result picks something discrete (the MoE
     router: bf16 operands flipped near-tied experts, 1.1 relative error at one position of a gpt-oss oracle); on
     the kernel backends the per-row kernel, whose rows never depend on each other.
-    A weight in the CPU layout (Int8Blocks) goes to `int8_matmul` (float32, exact like the CPU path)."""
+    A weight in the CPU layout (Int8Blocks) goes to `int8_matmul` (float32, exact like the CPU path).
+    `norm` (w [In], eps): x is RMSNorm's input, normalized first (`rms_norm` on one device); with
+    WORKER_NORM_ROUNDING=1, on the int8-x kernels by the kernel that rounds x (one launch where there are two)."""
+    if norm is not None and not (_norm_rounding.get(backend) and _on_int8_x_kernels(x, w, backend, exact)):
+        x, norm = rms_norm(x, *norm, backend), None
     rows = x.size // max(1, x.shape[-1])
     if isinstance(w, Int8Blocks):
         y = int8_matmul(x, w)
@@ -366,6 +380,8 @@ def qmatmul(
             skip = not tensor_cores and not int8_x
             live = live if live is not None and live.size == rows and skip else None
             tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles) if int8_x else {}
+            if norm is not None:  # `_on_int8_x_kernels`: the int8-x kernels, which normalize x as they round it
+                tiles |= dict(norm_w=norm[0], norm_eps=float(norm[1]))
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
@@ -375,6 +391,15 @@ def qmatmul(
     else:
         y = jnp.einsum("...i,oi->...o", x.astype(jnp.float32), as_f32(w), precision=jax.lax.Precision.HIGHEST)
     return y if bias is None else y + bias
+
+
+def _on_int8_x_kernels(x: jax.Array, w: Weight, backend: str, exact: bool) -> bool:
+    """Whether `qmatmul` takes the int8-x kernels (per-row or dot) for x @ w.T: its branch of decode-shaped rows
+    on the kernels, an unsharded weight of an int8-x format, not `exact`."""
+    if isinstance(w, Int8Blocks) or exact or not (_kernel_fits(w, 2, backend, types=qmatvec.MATVEC_TYPES)):
+        return False
+    prefill = x.ndim >= 3 and x.shape[-2] > 1
+    return _on_kernels(x) and w.sharding is None and not prefill and _int8_x(w)
 
 
 def embed(table: Weight, ids: jax.Array) -> jax.Array:

@@ -299,23 +299,34 @@ def rms_norm(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
     return ops.rms_norm(x, w, cfg.norm_eps, cfg.backend, cfg.mesh)
 
 
+def normed_matmul(x: jax.Array, lw: LayerWeights, norm_name: str, weight_name: str, cfg: ModelConfig) -> jax.Array:
+    """norm(x) @ lw[weight_name].T (+ its bias), where the normalized x feeds this one product: an RMSNorm on one
+    device is handed to ops.qmatmul (`norm`: on the int8-x kernels it may be done by the kernel that rounds x);
+    LayerNorm, or a norm over a mesh, is done here first."""
+    bias, weight = lw.get(f"{weight_name}_b"), lw[weight_name]
+    if lw.get(f"{norm_name}_b") is not None or cfg.mesh is not None:
+        h = norm(x, lw[norm_name], lw.get(f"{norm_name}_b"), cfg)
+        return ops.qmatmul(h, weight, bias, backend=cfg.backend)
+    return ops.qmatmul(x, weight, bias, backend=cfg.backend, norm=(lw[norm_name], cfg.norm_eps))
+
+
 def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array, positions: jax.Array,
                     cache: KVCache, table: jax.Array) -> tuple[jax.Array, KVCache]:  # fmt: skip
     """Pre-norm attention with its residual: x [B, T, D] -> x + attention(norm(x)), writing the layer's k/v at
     positions [B, T] of the sequences whose page tables are the rows of `table` [B, n]."""
     b, t, _ = x.shape
     hd, nh, nk, be = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.backend
-    h = norm(x, lw["attn_norm"], lw.get("attn_norm_b"), cfg)
     if "attn_qkv" in lw:
-        qkv = ops.qmatmul(h, lw["attn_qkv"], lw.get("attn_qkv_b"), backend=be)
-        q, k, v = jnp.split(qkv, [nh * hd, (nh + nk) * hd], axis=-1)
-    elif "attn_qk" in lw:
-        q, k = jnp.split(ops.qmatmul(h, lw["attn_qk"], lw.get("attn_qk_b"), backend=be), [nh * hd], axis=-1)
-        v = ops.qmatmul(h, lw["attn_v"], lw.get("attn_v_b"), backend=be)
+        q, k, v = jnp.split(normed_matmul(x, lw, "attn_norm", "attn_qkv", cfg), [nh * hd, (nh + nk) * hd], axis=-1)
     else:
-        q = ops.qmatmul(h, lw["attn_q"], lw.get("attn_q_b"), backend=be)
-        k = ops.qmatmul(h, lw["attn_k"], lw.get("attn_k_b"), backend=be)
-        v = ops.qmatmul(h, lw["attn_v"], lw.get("attn_v_b"), backend=be)
+        h = norm(x, lw["attn_norm"], lw.get("attn_norm_b"), cfg)
+        if "attn_qk" in lw:
+            q, k = jnp.split(ops.qmatmul(h, lw["attn_qk"], lw.get("attn_qk_b"), backend=be), [nh * hd], axis=-1)
+            v = ops.qmatmul(h, lw["attn_v"], lw.get("attn_v_b"), backend=be)
+        else:
+            q = ops.qmatmul(h, lw["attn_q"], lw.get("attn_q_b"), backend=be)
+            k = ops.qmatmul(h, lw["attn_k"], lw.get("attn_k_b"), backend=be)
+            v = ops.qmatmul(h, lw["attn_v"], lw.get("attn_v_b"), backend=be)
     q, k, v = q.reshape(b, t, nh, hd), k.reshape(b, t, nk, hd), v.reshape(b, t, nk, hd)
     if "attn_q_norm" in lw:
         q = rms_norm(q, lw["attn_q_norm"], cfg)

@@ -146,11 +146,11 @@ def weight_table(gf: GGUFFile, cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]
 
 def ffn_block(lw: LayerWeights, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     be = cfg.backend
-    h = base.rms_norm(x, lw["ffn_norm"], cfg)
     if "ffn_gate" in lw:
+        h = base.rms_norm(x, lw["ffn_norm"], cfg)
         gate, up = ops.qmatmul(h, lw["ffn_gate"], backend=be), ops.qmatmul(h, lw["ffn_up"], backend=be)
-    else:  # phi3: the file's ffn_up is [gate | up]
-        gate, up = jnp.split(ops.qmatmul(h, lw["ffn_up"], backend=be), 2, axis=-1)
+    else:  # ffn_up is [gate | up] (phi3's file, or fused at load): one product after the norm
+        gate, up = jnp.split(base.normed_matmul(x, lw, "ffn_norm", "ffn_up", cfg), 2, axis=-1)
     act = ops.gelu_tanh(gate) if cfg.traits.geglu else jax.nn.silu(gate)
     out = ops.qmatmul(act * up, lw["ffn_down"], backend=be)
     if cfg.post_norms:

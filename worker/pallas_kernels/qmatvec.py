@@ -598,6 +598,7 @@ def _call(
     f16: bool | None = None,
     live: jax.Array | None = None,
     x_share: int = 1,
+    norm: tuple[jax.Array, float] | None = None,
 ) -> jax.Array:
     """x [T, K]; returns the split-K partial sums summed: [T, N] float32. Dense with `tensor_cores`: rows in tiles
     of `row_tile` (`_dot_kernel`), float16 operands where `f16` (default: not in interpret mode); dense without:
@@ -616,7 +617,8 @@ def _call(
         from worker.pallas_kernels import qmatvec_int8  # it builds on this module's tiles
 
         tile = {"row_tile": row_tile} if tensor_cores else {}
-        out = qmatvec_int8.call(x, w, ids, experts, n, p, interpret, group, *live_arg, **tile, x_share=x_share)
+        out = qmatvec_int8.call(x, w, ids, experts, n, p, interpret, group, *live_arg, **tile, x_share=x_share,
+                                norm=norm)  # fmt: skip
         return fold_splits(out)[:t, :n]
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
@@ -686,7 +688,7 @@ def _check(w: QuantArray, plane_ndim: int) -> None:
         raise ValueError(f"{w.qtype.name} weight: expected planes of rank {plane_ndim}")
 
 
-@kernel_entry("interpret", "tensor_cores", "row_tile", "f16", *TILE_ARGS)
+@kernel_entry("interpret", "tensor_cores", "row_tile", "f16", "norm_eps", *TILE_ARGS)
 def qmatvec(
     x: jax.Array,
     w: QuantArray,
@@ -696,6 +698,8 @@ def qmatvec(
     row_tile: int | None = None,
     f16: bool | None = None,
     live: jax.Array | None = None,
+    norm_w: jax.Array | None = None,
+    norm_eps: float = 0.0,
     **tiles: int | None,
 ) -> jax.Array:
     """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for any number of rows of x; each row's result is
@@ -707,7 +711,8 @@ def qmatvec(
     tests gate at float32's error) unless f16=True, which runs the GPU's arithmetic on the CPU (tests). `tiles`:
     overrides of `plan`'s arguments (block_n, chunk, splits, num_warps, num_stages, int8_x); PREFILL_TILES are
     prefill's. With int8_x, `tensor_cores` takes the int8-x dot (its row tile by the rows unless given), whose rows
-    have the per-row int8-x kernel's bits (qmatvec_int8)."""
+    have the per-row int8-x kernel's bits (qmatvec_int8). `norm_w` (int8_x only): x is RMSNorm's input (weight
+    norm_w, epsilon norm_eps), normalized by the kernel that rounds it (qmatvec_int8.quantize_x's `norm`)."""
     _check(w, 2)
     n, k = next(iter(w.planes.values())).shape[0], w.shape[-1]
     lead = x.shape[:-1]
@@ -726,7 +731,11 @@ def qmatvec(
     row_tile = row_tile or (min(ROW_TILE, max(MIN_DOT, pl.next_power_of_2(rows))) if int8_x else ROW_TILE)
     if row_tile < MIN_DOT or row_tile & (row_tile - 1):
         raise ValueError(f"row_tile must be a power of two >= {MIN_DOT}, got {row_tile}")
-    return _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16, live).reshape(*lead, n)
+    if norm_w is not None and not int8_x:
+        raise ValueError("qmatvec: a norm first is an option of the int8-x kernels")
+    norm = None if norm_w is None else (norm_w, norm_eps)
+    y = _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16, live, norm=norm)
+    return y.reshape(*lead, n)
 
 
 def qmatvec_twin(x: jax.Array, w: QuantArray, *, interpret: bool = False, **_tiles) -> jax.Array:

@@ -36,7 +36,7 @@ from gguf import GGMLQuantizationType as QT
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from worker.pallas_kernels import qmatvec
+from worker.pallas_kernels import qmatvec, rms_norm
 from worker.pallas_kernels.qmatvec import MIN_DOT, _f32, _lift, e8m0_half, live_steps, tile_loader
 from worker.pallas_kernels.tiling import ALL, TritonParams, static_index
 from worker.quant import QuantArray
@@ -254,7 +254,8 @@ INT8_TYPES = frozenset(INT8_FORMATS)
 
 
 def quantize_x(x: jax.Array, order: Sequence[int] | None = None, sum_block: int = SUM_BLOCK,
-               interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+               interpret: bool = False, norm: tuple[jax.Array, float] | None = None,
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """x [T, K] -> (words int32 [T, K / 4], four int8 values each, the first in the lowest byte; dx float32
     [T, K / 32]; sums int32 [T, K / sum_block] of `sum_block` (16 or 32) int8 values each). A block's dx is its
     largest |value| / 127 and its values round to the nearest step, halves away from zero, as llama.cpp's
@@ -263,10 +264,31 @@ def quantize_x(x: jax.Array, order: Sequence[int] | None = None, sum_block: int 
     XLA gather first. One Pallas kernel (interpret mode on the CPU). Why not XLA: there it takes three kernels (the
     blocks' maxima, the rounding, the packing), ~3.5 us a matvec on the card, a third of an int8-x matvec's time;
     and the gather of MXFP4's order alone was one more, 2.1 us each of gpt-oss-20b's 48 a step (an H100,
-    docs/PERFORMANCE.md, twenty-ninth session)."""
+    docs/PERFORMANCE.md, twenty-ninth session). `norm` (w [K], eps): x is RMSNorm's input, normalized first in the
+    same kernel (`_norm_quantize_kernel`: a row a program, RMSNorm's kernel's arithmetic)."""
     t, k = x.shape
     n = k // X_BLOCK
     axes = _digit_axes(tuple(order)) if order is not None else None
+    out_shape = (
+        jax.ShapeDtypeStruct((t, n, 2, 4), jnp.int32),
+        jax.ShapeDtypeStruct((t, n), jnp.float32),
+        jax.ShapeDtypeStruct((t, n, 2 if sum_block == SUM_BLOCK else 1), jnp.int32),
+    )
+    if norm is not None:
+        if order is not None and axes is None:
+            raise ValueError("quantize_x: a norm first takes an order that is a transpose of a block's digits")
+        w, eps = norm
+        kernel = functools.partial(_norm_quantize_kernel, d=k, sum_block=sum_block, axes=axes, compiled=not interpret,
+                                   eps=float(eps))  # fmt: skip
+        words, dx, sums = pl.pallas_call(
+            kernel,
+            out_shape=out_shape,
+            grid=(t,),
+            compiler_params=TritonParams(num_warps=rms_norm.warps(k), num_stages=1),
+            interpret=interpret,
+            name="rms_norm_quantize_x_int8",
+        )(x, w.reshape(k))
+        return words.reshape(t, k // 4), dx, sums.reshape(t, -1)
     blocks = x.reshape(t, n, X_BLOCK)
     if order is not None and axes is None:
         blocks = blocks[..., jnp.asarray(order)]
@@ -274,11 +296,7 @@ def quantize_x(x: jax.Array, order: Sequence[int] | None = None, sum_block: int 
     kernel = functools.partial(_quantize_kernel, nb=nb, sum_block=sum_block, axes=axes, compiled=not interpret)
     words, dx, sums = pl.pallas_call(
         kernel,
-        out_shape=(
-            jax.ShapeDtypeStruct((t, n, 2, 4), jnp.int32),
-            jax.ShapeDtypeStruct((t, n), jnp.float32),
-            jax.ShapeDtypeStruct((t, n, 2 if sum_block == SUM_BLOCK else 1), jnp.int32),
-        ),  # fmt: skip
+        out_shape=out_shape,
         grid=(t, n // nb),
         compiler_params=TritonParams(num_warps=4, num_stages=1),
         interpret=interpret,
@@ -303,8 +321,38 @@ def _quantize_kernel(x_ref, words_ref, dx_ref, sums_ref, *, nb: int, sum_block: 
     five binary digits put in order by that transpose first)."""
     at = (static_index(pl.program_id(0)), pl.ds(pl.program_id(1) * nb, nb))
     x = _f32(plgpu.load(x_ref.at[at]))  # [nb, 2, 4, 4] or [nb, 2, 2, 2, 2, 2]
-    if axes is not None:
-        x = jnp.transpose(x, (0, *(a + 1 for a in axes))).reshape(nb, 2, 4, 4)
+    words, dx, sums = _round_blocks(_in_order(x, axes), sum_block, compiled)
+    plgpu.store(words_ref.at[at], words)
+    plgpu.store(dx_ref.at[at], dx)
+    plgpu.store(sums_ref.at[at], sums)
+
+
+def _norm_quantize_kernel(x_ref, w_ref, words_ref, dx_ref, sums_ref, *, d: int, sum_block: int, axes,
+                          compiled: bool, eps: float):  # fmt: skip
+    """Program r: x row r [D] normalized as RMSNorm's kernel does a row (worker/pallas_kernels/rms_norm.py: the same
+    block, warps and operations, so the same values on the card), then its blocks rounded as `_quantize_kernel`
+    rounds them: one launch where there were two."""
+    row, dp = pl.program_id(0), rms_norm.pow2_at_least(d)
+    h = rms_norm.normalized(x_ref.at[pl.ds(row, 1), pl.ds(0, dp)], w_ref.at[pl.ds(0, dp)], d, eps)  # [1, dp]
+    nbp, n = dp // X_BLOCK, d // X_BLOCK
+    words, dx, sums = _round_blocks(_in_order(h.reshape(nbp, *((2,) * 5 if axes else (2, 4, 4))), axes), sum_block,
+                                    compiled)  # fmt: skip
+    ok = None if nbp == n else jnp.arange(nbp) < n  # the blocks of the row (past them: the power of two's padding)
+    at = (static_index(row), pl.ds(0, nbp))
+    for ref, value in ((words_ref, words), (dx_ref, dx), (sums_ref, sums)):
+        mask = None if ok is None else jax.lax.broadcast_in_dim(ok, value.shape, (0,))
+        plgpu.store(ref.at[at], value, mask=mask)
+
+
+def _in_order(x: jax.Array, axes) -> jax.Array:
+    """Blocks [nb, 2, 4, 4], or [nb, 2, 2, 2, 2, 2] put in order by the transpose of their digits `axes`."""
+    if axes is None:
+        return x
+    return jnp.transpose(x, (0, *(a + 1 for a in axes))).reshape(x.shape[0], 2, 4, 4)
+
+
+def _round_blocks(x: jax.Array, sum_block: int, compiled: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Blocks x [nb, 2, 4, 4] float32 -> their words [nb, 2, 4], dx [nb] and sums [nb, 2 or 1] (`quantize_x`)."""
     amax = jnp.abs(x)
     for _ in range(3):  # Triton reduces one axis at a time
         amax = jnp.max(amax, axis=-1)
@@ -318,9 +366,7 @@ def _quantize_kernel(x_ref, words_ref, dx_ref, sums_ref, *, nb: int, sum_block: 
     sums = jnp.sum(jnp.sum(q, axis=-1), axis=-1)  # [nb, 2]: 16 values each
     if sum_block != SUM_BLOCK:
         sums = jnp.sum(sums, axis=-1, keepdims=True)
-    plgpu.store(words_ref.at[at], words)
-    plgpu.store(dx_ref.at[at], dx)
-    plgpu.store(sums_ref.at[at], sums)
+    return words, dx, sums
 
 
 def _div_rn(a: jax.Array, b: jax.Array, compiled: bool) -> jax.Array:
@@ -603,17 +649,20 @@ def plane_views(w: QuantArray, experts: int, n: int, k: int) -> tuple[list[str],
     return names, views
 
 
-def padded_x(x: jax.Array, qtype: QT, rows: int, interpret: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+def padded_x(x: jax.Array, qtype: QT, rows: int, interpret: bool, norm: tuple[jax.Array, float] | None = None,
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """x [T, K] padded with zero rows to whole groups of `rows` and rounded for a weight of `qtype` (`quantize_x`
-    in the format's x order and sum run): what `call`'s kernels read (bench/backend.py's port too)."""
+    in the format's x order and sum run, after `norm` where given): what `call`'s kernels read (bench/backend.py's
+    port too)."""
     fmt = _format(qtype)
     t = x.shape[0]
-    return quantize_x(jnp.pad(x, ((0, pl.cdiv(t, rows) * rows - t), (0, 0))), fmt.x_order, fmt.sum_block, interpret)
+    x = jnp.pad(x, ((0, pl.cdiv(t, rows) * rows - t), (0, 0)))
+    return quantize_x(x, fmt.x_order, fmt.sum_block, interpret, norm=norm)
 
 
 def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: int, p, interpret: bool,
          rows_per_program: int, live: jax.Array | None = None, row_tile: int | None = None,
-         x_share: int = 1) -> jax.Array:  # fmt: skip
+         x_share: int = 1, norm: tuple[jax.Array, float] | None = None) -> jax.Array:  # fmt: skip
     """x [T, K] -> the split-K partial sums [splits, T', N'] of qmatvec's per-row kernel on an int8 x (T' padded to
     whole groups of `rows_per_program`, N' to whole column tiles); qmatvec folds them. `ids` [T * x_share]: each
     output row's expert of `w` [experts, N, K] (gathered; one row a program, reading x row i // x_share: qmatvec's
@@ -631,7 +680,7 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
     n_blocks = pl.cdiv(n, p.block_n)
     if p.programs >= n_blocks:  # no fewer programs than column tiles: a program a tile
         p = dataclasses.replace(p, programs=0)
-    words, dx, sums = padded_x(x, w.qtype, rows_per_program, interpret)
+    words, dx, sums = padded_x(x, w.qtype, rows_per_program, interpret, norm)
     x_rows = words.shape[0]
     out_rows = x_rows * x_share
     blocks = k // fmt.sb

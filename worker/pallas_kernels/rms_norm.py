@@ -30,11 +30,25 @@ def _kernel(x_ref, w_ref, o_ref, *, d: int, rows: int, eps: float):
     """Program r: rows [r * rows, (r + 1) * rows) of x [R, D] (D rounded up to a power of two, the tail masked)."""
     dp = pow2_at_least(d)
     at = (pl.ds(pl.program_id(0) * rows, rows), pl.ds(0, dp))
+    ok = None if dp == d else jax.lax.broadcast_in_dim(jnp.arange(dp) < d, (rows, dp), (1,))
+    plgpu.store(o_ref.at[at], normalized(x_ref.at[at], w_ref.at[at[1]], d, eps), mask=ok)
+
+
+def normalized(x_ref, w_ref, d: int, eps: float) -> jax.Array:
+    """The rows of block x_ref [rows, dp] (dp: d rounded up to a power of two, the tail masked to zeros) normalized
+    and scaled by w_ref [dp]: float32 [rows, dp]. Also the start of qmatvec_int8's norm-and-round kernel (the same
+    values)."""
+    rows, dp = x_ref.shape
     cols_ok = None if dp == d else jnp.arange(dp) < d
     ok = None if cols_ok is None else jax.lax.broadcast_in_dim(cols_ok, (rows, dp), (1,))
-    x, w = masked_load(x_ref.at[at], ok).astype(jnp.float32), masked_load(w_ref.at[at[1]], cols_ok).astype(jnp.float32)
+    x, w = masked_load(x_ref, ok).astype(jnp.float32), masked_load(w_ref, cols_ok).astype(jnp.float32)
     inv = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) / d + eps)
-    plgpu.store(o_ref.at[at], x * inv * w, mask=ok)
+    return x * inv * w
+
+
+def warps(d: int) -> int:
+    """A program's warps for rows of d values: 16 values a thread at most up to 4,096."""
+    return min(8, max(1, pow2_at_least(d) // 512))
 
 
 @kernel_entry("eps", "interpret")
@@ -45,12 +59,11 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float, interpret: bool = False) ->
     n = flat.shape[0]
     rows = INTERPRET_ROWS if interpret else 1
     flat = jnp.pad(flat, ((0, pl.cdiv(n, rows) * rows - n), (0, 0)))
-    warps = min(8, max(1, pow2_at_least(d) // 512))  # 16 values a thread at most up to 4,096
     out = pl.pallas_call(
         functools.partial(_kernel, d=d, rows=rows, eps=float(eps)),
         out_shape=jax.ShapeDtypeStruct(flat.shape, jnp.float32),
         grid=(flat.shape[0] // rows,),
-        compiler_params=TritonParams(num_warps=warps, num_stages=1),
+        compiler_params=TritonParams(num_warps=warps(d), num_stages=1),
         interpret=interpret,
         name="rms_norm",
     )(flat, w.reshape(d))
