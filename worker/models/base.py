@@ -11,7 +11,7 @@ block switches on.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -299,7 +299,7 @@ def rms_norm(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
     return ops.rms_norm(x, w, cfg.norm_eps, cfg.backend, cfg.mesh)
 
 
-def normed_matmul(x: jax.Array, lw: LayerWeights, norm_name: str, weight_name: str, cfg: ModelConfig) -> jax.Array:
+def normed_matmul(x: jax.Array, lw: Mapping[str, Any], norm_name: str, weight_name: str, cfg: ModelConfig) -> jax.Array:
     """norm(x) @ lw[weight_name].T (+ its bias), where the normalized x feeds this one product: an RMSNorm on one
     device is handed to ops.qmatmul (`norm`: on the int8-x kernels it may be done by the kernel that rounds x);
     LayerNorm, or a norm over a mesh, is done here first."""
@@ -365,9 +365,10 @@ def run_layers(weights: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Arr
 
 def logits(weights: dict, cfg: ModelConfig, hidden: jax.Array, softcap: float | None = None) -> jax.Array:
     """Output norm + projection (the token embeddings when the file has no `output`): [B, T, D] -> [B, T, V]."""
-    h = norm(hidden, weights["output_norm"], weights.get("output_norm_b"), cfg)
+    head = {"output_norm": weights["output_norm"], "output_norm_b": weights.get("output_norm_b"),
+            "output": weights.get("output", weights["token_embd"])}  # fmt: skip
     with ops.decode_kernels(cfg.decode_kernels):
-        out = ops.qmatmul(h, weights.get("output", weights["token_embd"]), backend=cfg.backend)
+        out = normed_matmul(hidden, head, "output_norm", "output", cfg)
     if softcap:
         out = jnp.tanh(out / softcap) * softcap
     return out
