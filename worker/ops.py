@@ -396,7 +396,7 @@ def qmatmul(
 def _on_int8_x_kernels(x: jax.Array, w: Weight, backend: str, exact: bool) -> bool:
     """Whether `qmatmul` takes the int8-x kernels (per-row or dot) for x @ w.T: its branch of decode-shaped rows
     on the kernels, an unsharded weight of an int8-x format, not `exact`."""
-    if isinstance(w, Int8Blocks) or exact or not (_kernel_fits(w, 2, backend, types=qmatvec.MATVEC_TYPES)):
+    if isinstance(w, Int8Blocks) or exact or not _kernel_fits(w, 2, backend, types=qmatvec.MATVEC_TYPES):
         return False
     prefill = x.ndim >= 3 and x.shape[-2] > 1
     return _on_kernels(x) and w.sharding is None and not prefill and _int8_x(w)
