@@ -387,7 +387,7 @@ class Runner:
             lowered = job[1]()  # Python (the GIL): the threads take turns
             t1 = time.perf_counter()
             compiled = lowered.compile()  # XLA: side by side
-            t2, memory = time.perf_counter(), compiled.memory_analysis()
+            t2, memory = time.perf_counter(), _memory_of(compiled)
             # what a call allocates beside its arguments: temporaries, and outputs not updated in place
             extra = None
             if memory is not None:
@@ -396,6 +396,15 @@ class Runner:
 
         with ThreadPoolExecutor(len(jobs)) as pool:
             return [done.result() for done in [pool.submit(timed, job) for job in jobs]]
+
+
+def _memory_of(compiled: Any) -> Any:
+    """XLA's memory analysis of a compiled program, or None where the backend gives none (a start never fails on a
+    figure it only reports)."""
+    try:
+        return compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - any backend's refusal: the figure is optional
+        return None
 
 
 def _plan_name(plan: SamplingPlan) -> str:
