@@ -22,7 +22,8 @@ PHASES = ("model_load_start", "model_load_complete", "ready")
 
 
 def start_once(model: str | None, device: str, port: int, cache_args: list[str], timeout: float) -> dict[str, float]:
-    """Seconds from launch to each phase's event; the server is then stopped with SIGTERM."""
+    """Seconds from launch to each phase's event, and of the warm-up's compiles (`ready`'s warm_up: their wall time,
+    and the time until every program was lowered); the server is then stopped with SIGTERM."""
     args = [sys.executable, "-m", "server.cli", "--device", device, "--gpu-device", "0", "--port", str(port)]
     args += ["--worker-id", str(uuid.uuid4()), *cache_args, *(["--model", model] if model else [])]
     t0 = time.monotonic()
@@ -31,11 +32,14 @@ def start_once(model: str | None, device: str, port: int, cache_args: list[str],
     try:
         for line in proc.stderr:
             try:
-                event = json.loads(line).get("event")
+                record = json.loads(line)
             except ValueError:
                 continue
+            event = record.get("event") if isinstance(record, dict) else None
             if event in PHASES:
                 seen[event] = round(time.monotonic() - t0, 2)
+            if event == "ready" and (warm := record.get("warm_up")):
+                seen["compiles"], seen["lowered"] = warm["compile_ms"] / 1000, warm["lowering_ms"] / 1000
             if event in ("ready", "error") or time.monotonic() - t0 > timeout:
                 break
     finally:
