@@ -348,7 +348,8 @@ def qmatmul(
     A weight in the CPU layout (Int8Blocks) goes to `int8_matmul` (float32, exact like the CPU path).
     `norm` (w [In], eps): x is RMSNorm's input, normalized first (`rms_norm` on one device); with
     WORKER_NORM_ROUNDING=1, on the int8-x kernels by the kernel that rounds x (one launch where there are two)."""
-    if norm is not None and not (_norm_rounding.get(backend) and _on_int8_x_kernels(x, w, backend, exact)):
+    int8_x = _on_int8_x_kernels(x, w, backend, exact)
+    if norm is not None and not (_norm_rounding.get(backend) and int8_x):
         x, norm = rms_norm(x, *norm, backend), None
     rows = x.size // max(1, x.shape[-1])
     if isinstance(w, Int8Blocks):
@@ -367,7 +368,6 @@ def qmatmul(
             plain = widened(w, jnp.float32 if interpret else jnp.float16)
             y = qmatvec.qmatvec(x, plain, interpret=interpret, **qmatvec.PREFILL_TILES)
         else:
-            int8_x = not exact and _int8_x(w)
             # More rows than a per-row program takes: the int8-x dot, whose rows have the per-row kernel's bits
             # (exact integer sums, one float order: qmatvec_int8._mma_kernel), so the switch keeps batch invariance.
             tensor_cores = tensor_cores or (int8_x and rows > qmatvec.MAX_ROWS)
@@ -380,7 +380,7 @@ def qmatmul(
             skip = not tensor_cores and not int8_x
             live = live if live is not None and live.size == rows and skip else None
             tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles) if int8_x else {}
-            if norm is not None:  # `_on_int8_x_kernels`: the int8-x kernels, which normalize x as they round it
+            if norm is not None:  # the int8-x kernels, which normalize x as they round it
                 tiles |= dict(norm_w=norm[0], norm_eps=float(norm[1]))
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
     elif backend == "gpu" and not exact:
@@ -394,8 +394,8 @@ def qmatmul(
 
 
 def _on_int8_x_kernels(x: jax.Array, w: Weight, backend: str, exact: bool) -> bool:
-    """Whether `qmatmul` takes the int8-x kernels (per-row or dot) for x @ w.T: its branch of decode-shaped rows
-    on the kernels, an unsharded weight of an int8-x format, not `exact`."""
+    """Whether `qmatmul` takes the int8-x kernels (per-row or dot) for x @ w.T (its one decision of it): its branch
+    of decode-shaped rows on the kernels, an unsharded weight of an int8-x format, not `exact`."""
     if isinstance(w, Int8Blocks) or exact or not _kernel_fits(w, 2, backend, types=qmatvec.MATVEC_TYPES):
         return False
     prefill = x.ndim >= 3 and x.shape[-2] > 1

@@ -11,7 +11,7 @@ block switches on.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -299,15 +299,14 @@ def rms_norm(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
     return ops.rms_norm(x, w, cfg.norm_eps, cfg.backend, cfg.mesh)
 
 
-def normed_matmul(x: jax.Array, lw: Mapping[str, Any], norm_name: str, weight_name: str, cfg: ModelConfig) -> jax.Array:
-    """norm(x) @ lw[weight_name].T (+ its bias), where the normalized x feeds this one product: an RMSNorm on one
-    device is handed to ops.qmatmul (`norm`: on the int8-x kernels it may be done by the kernel that rounds x);
-    LayerNorm, or a norm over a mesh, is done here first."""
-    bias, weight = lw.get(f"{weight_name}_b"), lw[weight_name]
-    if lw.get(f"{norm_name}_b") is not None or cfg.mesh is not None:
-        h = norm(x, lw[norm_name], lw.get(f"{norm_name}_b"), cfg)
-        return ops.qmatmul(h, weight, bias, backend=cfg.backend)
-    return ops.qmatmul(x, weight, bias, backend=cfg.backend, norm=(lw[norm_name], cfg.norm_eps))
+def normed_matmul(x: jax.Array, norm_w: jax.Array, norm_b: jax.Array | None, w: Weight, b: jax.Array | None,
+                  cfg: ModelConfig) -> jax.Array:  # fmt: skip
+    """norm(x) @ w.T (+ b), where the normalized x feeds this one product: an RMSNorm on one device is handed to
+    ops.qmatmul (`norm`: on the int8-x kernels it may be done by the kernel that rounds x); LayerNorm, or a norm
+    over a mesh, is done here first."""
+    if norm_b is not None or cfg.mesh is not None:
+        return ops.qmatmul(norm(x, norm_w, norm_b, cfg), w, b, backend=cfg.backend)
+    return ops.qmatmul(x, w, b, backend=cfg.backend, norm=(norm_w, cfg.norm_eps))
 
 
 def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array, positions: jax.Array,
@@ -317,7 +316,8 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
     b, t, _ = x.shape
     hd, nh, nk, be = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.backend
     if "attn_qkv" in lw:
-        q, k, v = jnp.split(normed_matmul(x, lw, "attn_norm", "attn_qkv", cfg), [nh * hd, (nh + nk) * hd], axis=-1)
+        qkv = normed_matmul(x, lw["attn_norm"], lw.get("attn_norm_b"), lw["attn_qkv"], lw.get("attn_qkv_b"), cfg)
+        q, k, v = jnp.split(qkv, [nh * hd, (nh + nk) * hd], axis=-1)
     else:
         h = norm(x, lw["attn_norm"], lw.get("attn_norm_b"), cfg)
         if "attn_qk" in lw:
@@ -365,10 +365,9 @@ def run_layers(weights: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Arr
 
 def logits(weights: dict, cfg: ModelConfig, hidden: jax.Array, softcap: float | None = None) -> jax.Array:
     """Output norm + projection (the token embeddings when the file has no `output`): [B, T, D] -> [B, T, V]."""
-    head = {"output_norm": weights["output_norm"], "output_norm_b": weights.get("output_norm_b"),
-            "output": weights.get("output", weights["token_embd"])}  # fmt: skip
+    head = weights.get("output", weights["token_embd"])
     with ops.decode_kernels(cfg.decode_kernels):
-        out = normed_matmul(hidden, head, "output_norm", "output", cfg)
+        out = normed_matmul(hidden, weights["output_norm"], weights.get("output_norm_b"), head, None, cfg)
     if softcap:
         out = jnp.tanh(out / softcap) * softcap
     return out

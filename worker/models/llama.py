@@ -150,7 +150,7 @@ def ffn_block(lw: LayerWeights, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
         h = base.rms_norm(x, lw["ffn_norm"], cfg)
         gate, up = ops.qmatmul(h, lw["ffn_gate"], backend=be), ops.qmatmul(h, lw["ffn_up"], backend=be)
     else:  # ffn_up is [gate | up] (phi3's file, or fused at load): one product after the norm
-        gate, up = jnp.split(base.normed_matmul(x, lw, "ffn_norm", "ffn_up", cfg), 2, axis=-1)
+        gate, up = jnp.split(base.normed_matmul(x, lw["ffn_norm"], None, lw["ffn_up"], None, cfg), 2, axis=-1)
     act = ops.gelu_tanh(gate) if cfg.traits.geglu else jax.nn.silu(gate)
     out = ops.qmatmul(act * up, lw["ffn_down"], backend=be)
     if cfg.post_norms:
