@@ -38,7 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from worker.pallas_kernels import qmatvec, rms_norm
 from worker.pallas_kernels.qmatvec import MIN_DOT, _f32, _lift, e8m0_half, live_steps, tile_loader
-from worker.pallas_kernels.tiling import ALL, TritonParams, static_index
+from worker.pallas_kernels.tiling import ALL, TritonParams, pow2_at_least, static_index
 from worker.quant import QuantArray
 
 X_BLOCK = 32  # x values that share one int8 scale
@@ -332,7 +332,7 @@ def _norm_quantize_kernel(x_ref, w_ref, words_ref, dx_ref, sums_ref, *, d: int, 
     """Program r: x row r [D] normalized as RMSNorm's kernel does a row (worker/pallas_kernels/rms_norm.py: the same
     block, warps and operations, so the same values on the card), then its blocks rounded as `_quantize_kernel`
     rounds them: one launch where there were two."""
-    row, dp = pl.program_id(0), rms_norm.pow2_at_least(d)
+    row, dp = pl.program_id(0), pow2_at_least(d)
     h = rms_norm.normalized(x_ref.at[pl.ds(row, 1), pl.ds(0, dp)], w_ref.at[pl.ds(0, dp)], d, eps)  # [1, dp]
     nbp, n = dp // X_BLOCK, d // X_BLOCK
     words, dx, sums = _round_blocks(_in_order(h.reshape(nbp, *((2,) * 5 if axes else (2, 4, 4))), axes), sum_block,
