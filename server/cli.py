@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from worker.engine import Engine
 
 PROG = "worker-orcd"
+# --cpu-devices' most by default. Measured on 2 cores (Gemma 3 270M, docs/PERFORMANCE.md "CPU"): 2 devices decode 1.25x
+# one, 4 devices on those 2 cores 0.8x; a machine's CPUs may be hyperthreads, and more cores are untried.
+MAX_CPU_DEVICES = 2
 
 
 class ArgumentError(Exception):
@@ -64,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="split the model over N devices (GPUs from --gpu-device on; see docs/tensor-parallel.md)",
+    )
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        metavar="N",
+        help="on the CPU, split the output head and prefill's tokens over N host devices, one a core (default: the "
+        f"cores this process may use, at most {MAX_CPU_DEVICES}, down to a count that divides the vocabulary; "
+        "1: one device; docs/tensor-parallel.md)",
     )
     p.add_argument("--callback-url", help="POST a ready message (worker id, model, vram bytes, port) here once ready")
     p.add_argument("--max-tokens-in", type=int, help="longest prompt in tokens (default: the model's context)")
@@ -172,10 +183,13 @@ def validate(args: argparse.Namespace) -> None:
         ("--max-batch", args.max_batch, 1),
         ("--prefill-tokens", args.prefill_tokens, 1),
         ("--tensor-parallel", args.tensor_parallel, 1),
+        ("--cpu-devices", args.cpu_devices, 1),
     ]
     for flag, value, low in positive:
         if value is not None and value < low:
             raise ArgumentError(f"{flag} {value}: must be at least {low}")
+    if args.tensor_parallel > 1 and (args.cpu_devices or 1) > 1:
+        raise ArgumentError("--cpu-devices and --tensor-parallel are two layouts of the model: ask for one")
     if not 1 <= args.max_tokens_out <= 2048:
         raise ArgumentError(f"--max-tokens-out {args.max_tokens_out}: must be in 1..2048")
     for flag, value in (
@@ -245,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     if args.tensor_parallel > 1:
-        _host_devices(args.tensor_parallel)
+        host_devices(args.tensor_parallel)
+    elif args.device != "gpu":  # the CPU's head parallelism (on a GPU the host devices go unused)
+        host_devices(args.cpu_devices or default_cpu_devices())
     started = time.monotonic()
     narrator = Narrator(args.worker_id, args.model, args.gpu_device)
     _route_python_logging(narrator)
@@ -289,9 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args, sock, engine, chat_template, narrator, started)
 
 
-def _host_devices(n: int) -> None:
-    """--tensor-parallel N on the CPU needs N host devices, which XLA creates only if told before JAX starts (here,
-    before anything imports it); on a GPU run the flag changes nothing."""
+def default_cpu_devices() -> int:
+    """--cpu-devices' default: a host device for each core this process may use, at most MAX_CPU_DEVICES."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_CPU_DEVICES))
+
+
+def host_devices(n: int) -> None:
+    """--tensor-parallel N or --cpu-devices N on the CPU needs N host devices, which XLA creates only if told before
+    JAX starts (here, before anything imports it); on a GPU run the flag changes nothing."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
@@ -334,6 +355,7 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
         prefill_tokens=args.prefill_tokens,
         tokenizer_json=args.tokenizer_json,
         tensor_parallel=args.tensor_parallel,
+        head_parallel=args.cpu_devices if args.tensor_parallel == 1 else 1,
         on_progress=_with_bar(narrator.load_progress()) if sys.stderr.isatty() else narrator.load_progress(),
     )
     narrator.emit(

@@ -269,3 +269,90 @@ def test_preflight_counts_what_each_device_holds(oracles):
     devices.check_fits(each, Card(), "m.gguf")
     msg = _refusal(lambda: devices.check_fits(whole, Card(), "m.gguf"))
     assert msg.startswith(str(ErrorCode.INSUFFICIENT_VRAM))
+
+
+# Head parallelism (sharding.HEAD_RULES, the CPU's default over its cores): the vocabulary's rows split, the rest
+# whole on each device and held once; a prefill chunk's tokens split (XLA:CPU's dot sums a row in an order that
+# depends on how many rows it is given, so the split prefill moves logits by float32 rounding, not more).
+@pytest.fixture(scope="module")
+def head(oracles):
+    models: dict = {}
+
+    def get(arch: str, n: int) -> worker.model.Model:
+        if (arch, n) not in models:
+            path = oracles / "models" / arch / f"model-{HEAD_VARIANTS[arch]}.gguf"
+            models[arch, n] = worker.load(path, device="cpu", head_parallel=n)
+        return models[arch, n]
+
+    return get
+
+
+# gemma3: the embedded default's family, its head the token embeddings (a lookup from the split table too).
+HEAD_VARIANTS = {"gemma3": "q8_0", "gpt-oss": "mxfp4_moe"}
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gpt-oss"])
+def test_head_parallel_logits_and_generation_match_one_device(oracles, head, arch):
+    d = oracles / "models" / arch
+    ids = manifest(d)["input"]["ids"]
+    ref = np.load(d / f"logits-hf-f64-{HEAD_VARIANTS[arch]}-dequant.npy")
+    one = head(arch, 1)
+    expected = one.logits(ids)
+
+    def runs(m):
+        greedy = m.generate(ids, max_tokens=10, stop_at_eos=False)
+        sampled = m.generate(ids, max_tokens=10, temperature=0.9, seed=11, top_p=0.95, stop_at_eos=False)
+        return greedy, sampled
+
+    want = runs(one)
+    assert want[0] != want[1]  # the sampled run really samples
+    for n in (2, 4):
+        m = head(arch, n)
+        assert len(m.devices) == n
+        got = m.logits(ids)
+        check_logits(got, ref, TOL, MARGIN)
+        assert rel_err(got, expected.astype(np.float64)) <= ROUNDING, n
+        assert runs(m) == want, n
+
+
+def test_head_split_alone_keeps_one_devices_bits(oracles, head, monkeypatch):
+    """Without the token split, the split head is exact: a tile splits the rows of w, never a sum."""
+    ids = manifest(oracles / "models" / "gemma3")["input"]["ids"]
+    expected = head("gemma3", 1).logits(ids)
+    monkeypatch.setattr(sharding, "tokens_split", lambda mesh: 1)
+    m = worker.load(oracles / "models/gemma3/model-q8_0.gguf", device="cpu", head_parallel=2)
+    np.testing.assert_array_equal(m.logits(ids), expected)
+
+
+def test_head_parallel_holds_the_weights_once(head):
+    """The head's rows split, every other weight one host buffer that each device's shard views, the KV cache
+    whole on each device; each device's bytes count a shared buffer once (on the first device)."""
+    m = head("gemma3", 2)
+    w, cfg = m.runner.weights, m.cfg
+    assert {s.data.shape[0] for s in w["token_embd"].codes.addressable_shards} == {cfg.vocab_size // 2}
+    layer = w["layers"][0]
+    for a in (layer["attn_q"].codes, layer["attn_q"].scale, w["output_norm"]):
+        assert len({s.data.unsafe_buffer_pointer() for s in a.addressable_shards}) == 1
+        assert len(a.addressable_shards) == 2
+    cache = m.runner.new_cache()
+    assert {s.data.shape for s in cache.k.addressable_shards} == {cache.k.shape}
+    used = m.device_bytes()
+    head_bytes = devices.tree_bytes(w["token_embd"]) // 2
+    assert used[1] == head_bytes + m.runner.cache_bytes()
+    assert used[0] == m.weight_bytes() - head_bytes + m.runner.cache_bytes()
+    assert m.resident() and all(r["resident"] for r in m.device_report())
+
+
+def test_head_parallel_refusals_and_its_default(oracles):
+    path = oracles / "models/gemma3/model-q8_0.gguf"
+    msg = _refusal(lambda: worker.load(path, device="cpu", head_parallel=3))
+    assert msg.startswith(str(ErrorCode.MODEL_LOAD_FAILED)) and "vocabulary (1024 rows)" in msg
+    both = _refusal(lambda: worker.load(path, device="cpu", head_parallel=2, tensor_parallel=2))
+    assert both.startswith(str(ErrorCode.INVALID_REQUEST)) and "tensor parallelism" in both
+    kernels = _refusal(lambda: worker.load(path, device="cpu", backend="interpret", head_parallel=2))
+    assert "the interpret backend" in kernels
+    too_many = _refusal(lambda: worker.load(path, device="cpu", head_parallel=8))
+    assert "--cpu-devices 8" in too_many and "JAX sees 4" in too_many
+    assert sharding.head_ways(1024) == 4 and sharding.head_ways(1022) == 2 and sharding.head_ways(1021) == 1
+    m = worker.load(path, device="cpu", head_parallel=None)
+    assert len(m.devices) == 4 and m.runner.mesh.axis_names == (sharding.HEAD,)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from server.cli import default_cpu_devices
 from tests.worker_process import PAYLOAD_KEYS, WorkerProcess, assert_log_sequence
 
 pytestmark = pytest.mark.slow
@@ -39,6 +40,8 @@ def test_health_of_the_embedded_model(server):
     assert (h["quant_kind"], h["tokenizer_kind"], h["vocab_size"]) == ("Q4_K_M", "gguf-bpe", 262144)
     assert h["context_length"] == expected_context()
     assert h["vram_bytes_used"] > 200_000_000  # ~250 MB of Q4_K_M planes plus the cache
+    # The CPU's default head parallelism: a host device a core (at most 2), the vocabulary split over them.
+    assert len(h["devices"]) == default_cpu_devices() and all(d["resident"] for d in h["devices"])
 
 
 def test_haiku_same_seed_twice_gives_the_same_stream(server):

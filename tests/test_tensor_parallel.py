@@ -46,6 +46,13 @@ def test_cli_refuses_fewer_than_one_device(capsys):
     assert capsys.readouterr().err.strip().startswith("worker-orcd: error: --tensor-parallel 0: must be at least 1")
 
 
+def test_cli_refuses_both_layouts_and_no_cpu_devices(capsys):
+    assert main(base(**{"--tensor-parallel": "2", "--cpu-devices": "2"})) == 1
+    assert "--cpu-devices and --tensor-parallel are two layouts" in capsys.readouterr().err
+    assert main(base(**{"--cpu-devices": "0"})) == 1
+    assert capsys.readouterr().err.strip() == "worker-orcd: error: --cpu-devices 0: must be at least 1"
+
+
 def test_cli_makes_the_host_devices_and_refuses_a_split_that_cuts_blocks():
     """`--device cpu --tensor-parallel 2` gets its 2 host devices from the CLI (no XLA_FLAGS from the user), then the
     Q4_K attention-output matrix, whose 256-value blocks 2 devices would cut, fails the start-up by name."""

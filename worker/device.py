@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import numpy as np
 
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile
@@ -114,15 +115,22 @@ def resident(tree: Any, devices: jax.Device | set[jax.Device], shard: bool = Fal
 
 
 def tree_bytes(tree: Any, device: jax.Device | None = None) -> int:
-    """Bytes of the arrays of `tree`; with `device`, of their shards on that device."""
+    """Bytes of the arrays of `tree`; with `device`, of their shards on that device, where a shard that is a view of
+    another device's buffer (held_once) counts on that device only."""
     total = 0
     for leaf in jax.tree_util.tree_leaves(tree):
         if not isinstance(leaf, jax.Array):
             continue
         if device is None:
             total += leaf.nbytes
-        else:
-            total += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == device)
+            continue
+        shards = leaf.addressable_shards
+        if len(shards) > 1 and leaf.sharding.is_fully_replicated and device.platform == "cpu":
+            owner: dict[int, jax.Device] = {}
+            for s in shards:
+                owner.setdefault(s.data.unsafe_buffer_pointer(), s.device)
+            shards = [s for s in shards if owner[s.data.unsafe_buffer_pointer()] == s.device]
+        total += sum(s.data.nbytes for s in shards if s.device == device)
     return total
 
 
@@ -140,3 +148,20 @@ def device_info(device: jax.Device) -> dict[str, Any]:
         except Exception:
             info["cuda_runtime_version"] = None
     return info
+
+
+def held_once(tree: Any) -> Any:
+    """`tree` with every array replicated over several host devices held once: each device's shard a view of the
+    first device's buffer. XLA:CPU gives each host device a copy, yet they are one memory; a weight is never
+    written (nothing donates it), so the views stay equal. Arrays on one device or split over devices are kept."""
+
+    def once(a: Any) -> Any:
+        if not isinstance(a, jax.Array) or len(a.sharding.device_set) < 2 or not a.sharding.is_fully_replicated:
+            return a
+        if any(d.platform != "cpu" for d in a.sharding.device_set):
+            return a
+        host = np.asarray(a.addressable_shards[0].data)  # a view of the buffer (read-only)
+        views = [jax.device_put(host, s.device, may_alias=True) for s in a.addressable_shards]
+        return jax.make_array_from_single_device_arrays(a.shape, a.sharding, views)
+
+    return jax.tree_util.tree_map(once, tree)

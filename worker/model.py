@@ -403,6 +403,7 @@ def load_model(
     kv_tokens: int | None = None,
     deterministic: bool = True,
     tensor_parallel: int = 1,
+    head_parallel: int | None = 1,
     bf16_experts: bool | None = None,
     prefill_tokens: int | None = None,
     int8_x: bool = False,
@@ -419,14 +420,18 @@ def load_model(
     Pallas interpret mode on the CPU (tests). `tensor_parallel`: split the model over that many devices of the
     kind (from `gpu_index` on; docs/tensor-parallel.md); a split the model cannot take (heads, kv heads,
     vocabulary, experts, quantized blocks) fails with MODEL_LOAD_FAILED before any weight is copied, and the
-    pre-flight counts what each device holds. `bf16_experts`: also hold the quantized MoE experts widened to
-    bf16, which decode steps read (`with_bf16_experts`); None: where it helps and fits (a GPU, the tensor-core
-    decode kernels, one device, and room for the copy beside one whole context). `prefill_tokens`: prompt tokens
-    prefilled an engine step, at least one chunk (default PREFILL_TOKENS_PER_STEP: 4096 on a GPU, one chunk on the
-    CPU): more finishes a burst of prompts sooner, and stalls the running streams longer each step. `int8_x`: decode's
-    matvecs (dense and routed experts) on x rounded to int8 where the weight's format has that kernel (ops'
-    "per-row-int8" decode kernels: another precision of x, ~0.5% of a product; batch invariant; docs/kernels.md),
-    with max_batch by default qmatvec.MAX_ROWS (8): one stream's fastest decode on a GPU (docs/PERFORMANCE.md)."""
+    pre-flight counts what each device holds. `head_parallel`: on the CPU, the vocabulary's rows (the output head,
+    the embedding) split over that many host devices, the rest whole on each and held once, a prefill chunk's tokens
+    split over them (worker/sharding.py); None: the host devices JAX has, down to a count that divides the
+    vocabulary, where the layout applies (the CLI's default). `bf16_experts`: also hold the quantized MoE experts
+    widened to bf16, which decode steps read (`with_bf16_experts`); None: where it helps and fits (a GPU, the
+    tensor-core decode kernels, one device, and room for the copy beside one whole context). `prefill_tokens`:
+    prompt tokens prefilled an engine step, at least one chunk (default PREFILL_TOKENS_PER_STEP: 4096 on a GPU, one
+    chunk on the CPU): more finishes a burst of prompts sooner, and stalls the running streams longer each step.
+    `int8_x`: decode's matvecs (dense and routed experts) on x rounded to int8 where the weight's format has that
+    kernel (ops' "per-row-int8" decode kernels: another precision of x, ~0.5% of a product; batch invariant;
+    docs/kernels.md), with max_batch by default qmatvec.MAX_ROWS (8): one stream's fastest decode on a GPU
+    (docs/PERFORMANCE.md)."""
     gf = open_gguf(path)
     adapter = adapter_for(gf.architecture)
     cfg = adapter.config(gf)
@@ -436,6 +441,15 @@ def load_model(
         backend = "cpu" if kind == "cpu" else "gpu"
     cfg = dataclasses.replace(cfg, backend=ops.check_backend(backend))
     mesh = sharding.mesh_for(cfg, kind, tensor_parallel, gpu_index) if tensor_parallel != 1 else None
+    if head_parallel is None:  # as many host devices as divide the vocabulary, where the layout applies
+        cpu = kind == "cpu" and backend == "cpu" and mesh is None
+        head_parallel = sharding.head_ways(cfg.vocab_size) if cpu else 1
+    if head_parallel != 1:
+        if mesh is not None or kind != "cpu" or backend != "cpu":
+            raise WorkerError(ErrorCode.INVALID_REQUEST, f"head parallelism over {head_parallel} devices is a layout "
+                              "of the CPU backend on one machine's host devices: not with a GPU, the interpret "
+                              "backend or tensor parallelism")  # fmt: skip
+        mesh = sharding.head_mesh(cfg, head_parallel)
     cfg = dataclasses.replace(cfg, mesh=mesh)  # the kernel backends' ops wrap their kernels in shard_map over it
     if slots is None:
         slots = cfg.context_length if kind != "cpu" else min(cfg.context_length, DEFAULT_CPU_SLOTS)
@@ -515,7 +529,10 @@ def load_model(
         fuse = backend != "cpu" and place is None
         weights = load_weights(gf, table, lambda a: jax.device_put(a, dev), progress, place, fuse)
         if backend == "cpu":  # the layout XLA's CPU backend computes with well (quant.Int8Blocks); the gpu and
-            weights = cpu_layout(weights)  # interpret backends' kernels read the block planes
+            # interpret backends' kernels read the block planes
+            weights = cpu_layout(weights, devices.held_once if mesh is not None else lambda m: m)
+            if mesh is not None:
+                weights = devices.held_once(weights)  # the vectors and float matrices
         if copies:
             weights = with_bf16_experts(weights)
         tokenizer = building.result()

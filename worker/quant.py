@@ -371,10 +371,10 @@ def to_int8_blocks(q: QuantArray) -> Int8Blocks:
     return Int8Blocks(codes, scale, offset, q.qtype, q.shape[-1] // scale.shape[-1], q.shape, parts)
 
 
-def cpu_layout(weights: Any) -> Any:
+def cpu_layout(weights: Any, settle: Callable[[Int8Blocks], Int8Blocks] = lambda m: m) -> Any:
     """The weights pytree with every block-format matrix (2-D QuantArray) in the CPU layout; each one's planes
-    are freed as soon as it is converted. Vectors, float matrices and stacked experts (3-D: ops.moe_matmul
-    gathers their planes) are left as they are."""
+    are freed as soon as it is converted, and `settle` given the matrix (several host devices: device.held_once).
+    Vectors, float matrices and stacked experts (3-D: ops.moe_matmul gathers their planes) are left as they are."""
 
     done: dict[int, Int8Blocks] = {}  # a matrix the tree holds twice is converted once
 
@@ -382,7 +382,7 @@ def cpu_layout(weights: Any) -> Any:
         if not (isinstance(leaf, QuantArray) and leaf.qtype in _PARTS and len(leaf.shape) == 2):
             return leaf
         if id(leaf) not in done:
-            done[id(leaf)] = to_int8_blocks(leaf)
+            done[id(leaf)] = settle(to_int8_blocks(leaf))
             for plane in leaf.planes.values():
                 plane.delete()
         return done[id(leaf)]

@@ -13,6 +13,13 @@ two axes: MODEL (K' = min(N, K) groups, one slice of kv heads each) times KV_REP
 Query heads, FFN columns, vocabulary and experts split over both axes (N ways); kv heads over MODEL only. With
 K >= N, KV_REPEAT has size 1 and this is the plain one-axis split.
 
+Head parallelism (`worker.load(head_parallel=N)`, the CPU's default with several cores: docs/tensor-parallel.md): a
+one-axis mesh (HEAD) over host devices on which only the vocabulary splits (HEAD_RULES); every other weight is
+whole on each device, held once in host memory (device.held_once), and a prefill chunk's tokens split over the
+devices (models/base.run_layers). A CPU decode step computes its small products on one core (XLA:CPU's threads do
+not split them) and a large vocabulary's head is most of it; N devices take 1/N of the head each and compute the
+layers side by side on other cores, with no collective but the logits' gather (and the embedding's lookup).
+
 Why not flax's logical partitioning (`flax.linen.logical_to_mesh_sharding` and its rules): what we would use of
 it is the lookup of a tuple of names in a rules table, which is RULES and `spec` below. flax would bring optax,
 orbax, tensorstore, msgpack and its module system into a worker that has no flax modules, for those lines.
@@ -36,7 +43,7 @@ from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, TensorInfo
 from worker.quant import PLAIN_TYPES, QuantArray, pack
 
-MODEL, KV_REPEAT = "model", "kv_repeat"
+MODEL, KV_REPEAT, HEAD = "model", "kv_repeat", "head"
 
 # Logical axis -> mesh axes it is split over (None: replicated).
 RULES: dict[str, tuple[str, ...] | None] = {
@@ -47,6 +54,15 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "vocab": (MODEL, KV_REPEAT),
     "experts": (MODEL, KV_REPEAT),
 }
+
+# Head parallelism's rules: the vocabulary over HEAD, the rest replicated.
+HEAD_RULES: dict[str, tuple[str, ...] | None] = {name: None for name in RULES} | {"vocab": (HEAD,)}
+
+
+def rules(mesh: Mesh) -> dict[str, tuple[str, ...] | None]:
+    """The rules of `mesh`'s layout: head parallelism's on a HEAD mesh, else tensor parallelism's."""
+    return HEAD_RULES if HEAD in mesh.axis_names else RULES
+
 
 _NORM = ("embed",)
 # Every weight's axes by logical name, in numpy order ([Out, In] matrices, [E, Out, In] experts), keyed by the field
@@ -109,8 +125,9 @@ def make_mesh(n_kv_heads: int, devices: list[jax.Device]) -> Mesh:
     return Mesh(np.asarray(devices).reshape(groups, n // groups), (MODEL, KV_REPEAT))
 
 
-def pick_devices(platform: str, n: int, first: int = 0) -> list[jax.Device]:
-    """Devices first .. first + n - 1 of the platform; a clear error when there are fewer."""
+def pick_devices(platform: str, n: int, first: int = 0, flag: str = "--tensor-parallel") -> list[jax.Device]:
+    """Devices first .. first + n - 1 of the platform; a clear error (naming the option `flag`) when there are
+    fewer."""
     try:
         devs = jax.devices(platform)
     except RuntimeError:
@@ -119,15 +136,15 @@ def pick_devices(platform: str, n: int, first: int = 0) -> list[jax.Device]:
         hint = " (XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)" if platform == "cpu" else ""
         raise WorkerError(
             ErrorCode.INVALID_REQUEST,
-            f"--tensor-parallel {n} from device {first} needs {first + n} {platform} devices; JAX sees {len(devs)}"
-            + hint,
+            f"{flag} {n} from device {first} needs {first + n} {platform} devices; JAX sees {len(devs)}" + hint,
         )
     return devs[first : first + n]
 
 
-def spec(logical: tuple[str | None, ...]) -> PartitionSpec:
-    """PartitionSpec of a weight described by logical axis names, through RULES."""
-    return PartitionSpec(*(RULES[name] if name is not None else None for name in logical))
+def spec(logical: tuple[str | None, ...], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec of a weight described by logical axis names, through the mesh's rules."""
+    table = rules(mesh)
+    return PartitionSpec(*(table[name] if name is not None else None for name in logical))
 
 
 def axes_of(field: str) -> tuple[str | None, ...]:
@@ -137,9 +154,10 @@ def axes_of(field: str) -> tuple[str | None, ...]:
 
 
 def cache_sharding(mesh: Mesh, ndim: int = 5) -> NamedSharding:
-    """k and v of the KV cache ([L, B, S, K, D], or a paged [L, P, page, K, D]): kv heads (axis 3) over MODEL."""
+    """k and v of the KV cache ([L, B, S, K, D], or a paged [L, P, page, K, D]): kv heads (axis 3) over MODEL (whole
+    on each device under head parallelism)."""
     parts = [None] * ndim
-    parts[3] = RULES["kv_heads"]
+    parts[3] = rules(mesh)["kv_heads"]
     return NamedSharding(mesh, PartitionSpec(*parts))
 
 
@@ -177,7 +195,7 @@ class _Part:
 
 def _shards(name: str | None, mesh: Mesh) -> int:
     """How many ways a logical axis splits on this mesh."""
-    return math.prod(mesh.shape[a] for a in (RULES[name] or ())) if name is not None else 1
+    return math.prod(mesh.shape[a] for a in (rules(mesh)[name] or ())) if name is not None else 1
 
 
 def _check_split(part: _Part, logical: tuple[str | None, ...], mesh: Mesh) -> None:
@@ -199,7 +217,7 @@ def _check_split(part: _Part, logical: tuple[str | None, ...], mesh: Mesh) -> No
 def _place(part: _Part, logical: tuple[str | None, ...], mesh: Mesh) -> QuantArray | jax.Array:
     """One weight as a global array whose shards are packed from the matching bytes of the mmap and copied to their
     devices one by one; a shard replicated over several devices is packed once."""
-    sharding = NamedSharding(mesh, spec(logical))  # the split was checked by check_splits
+    sharding = NamedSharding(mesh, spec(logical, mesh))  # the split was checked by check_splits
     matrix = len(part.t.shape) >= 2
     qtype, data, shape = part.t.qtype, part.data(), part.shape
     block, type_size = GGML_QUANT_SIZES[qtype]
@@ -223,7 +241,9 @@ def _place(part: _Part, logical: tuple[str | None, ...], mesh: Mesh) -> QuantArr
             packed[bounds] = pack(raw, qtype, tuple(y - x for x, y in bounds))
     planes = {}
     for plane in next(iter(packed.values())):
-        pieces = [jax.device_put(packed[bounds][plane], device) for device, bounds in per_device]
+        # Host devices share one host memory: a replicated shard's bytes are packed once and aliased by each.
+        pieces = [jax.device_put(packed[bounds][plane], device, may_alias=device.platform == "cpu")
+                  for device, bounds in per_device]  # fmt: skip
         global_shape = (*shape[:-1], pieces[0].shape[-1] * _shards(logical[-1], mesh))
         planes[plane] = jax.make_array_from_single_device_arrays(global_shape, sharding, pieces)
     if not matrix:
@@ -314,3 +334,22 @@ def mesh_for(cfg: Any, platform: str, n: int, first: int = 0) -> Mesh:
         raise WorkerError(ErrorCode.INVALID_REQUEST, f"--tensor-parallel {n}: must be at least 1")
     check_model(cfg, n)
     return make_mesh(cfg.n_kv_heads, pick_devices(platform, n, first if platform != "cpu" else 0))
+
+
+def head_mesh(cfg: Any, n: int) -> Mesh:
+    """The HEAD mesh of a model loaded with head_parallel=n: n host devices, the vocabulary split n ways."""
+    if n < 1:
+        raise WorkerError(ErrorCode.INVALID_REQUEST, f"head parallelism over {n} devices: must be at least 1")
+    if cfg.vocab_size % n:
+        raise refuse(f"the vocabulary ({cfg.vocab_size} rows) is not a multiple of {n} devices")
+    return Mesh(np.asarray(pick_devices("cpu", n, flag="--cpu-devices")), (HEAD,))
+
+
+def head_ways(vocab: int) -> int:
+    """The most host devices JAX has that the vocabulary's rows divide over (head parallelism's default)."""
+    return next(n for n in range(len(jax.devices("cpu")), 0, -1) if vocab % n == 0)
+
+
+def tokens_split(mesh: Mesh | None) -> int:
+    """The ways a prefill chunk's tokens split over `mesh` (head parallelism's devices; else 1)."""
+    return mesh.shape[HEAD] if mesh is not None and HEAD in mesh.axis_names else 1

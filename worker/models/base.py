@@ -19,9 +19,9 @@ import gguf.quants
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from worker import ops
+from worker import ops, sharding
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, TensorInfo
 from worker.kv_cache import NULL_PAGE, KVCache, slots_of
@@ -355,11 +355,21 @@ def live_tokens(cache: KVCache, table: jax.Array, positions: jax.Array) -> jax.A
 
 def run_layers(weights: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, cache: KVCache,
                table: jax.Array, ffn: FFN) -> tuple[jax.Array, KVCache]:  # fmt: skip
-    """The per-layer loop every family shares: attention block, then the family's FFN block (with its residual)."""
+    """The per-layer loop every family shares: attention block, then the family's FFN block (with its residual).
+    Under head parallelism a chunk's tokens split over the devices (each computes its share's products, the keys
+    and values gathered for attention), where they divide evenly."""
+    split = sharding.tokens_split(cfg.mesh)
+    if split > 1 and x.shape[1] > 1 and x.shape[1] % split == 0:
+        tokens = NamedSharding(cfg.mesh, PartitionSpec(None, sharding.HEAD, None))
+        x = jax.lax.with_sharding_constraint(x, tokens)
+    else:
+        tokens = None
     with ops.decode_kernels(cfg.decode_kernels):
         for i, lw in enumerate(weights["layers"]):
             x, cache = attention_block(lw, cfg, i, x, positions, cache, table)
             x = ffn(lw, cfg, x)
+            if tokens is not None:  # kept split layer after layer, not left to XLA's propagation
+                x = jax.lax.with_sharding_constraint(x, tokens)
     return x, cache
 
 
@@ -370,4 +380,6 @@ def logits(weights: dict, cfg: ModelConfig, hidden: jax.Array, softcap: float | 
         out = normed_matmul(hidden, weights["output_norm"], weights.get("output_norm_b"), head, None, cfg)
     if softcap:
         out = jnp.tanh(out / softcap) * softcap
+    if sharding.tokens_split(cfg.mesh) > 1:  # every device samples from all the logits: the one-device bits
+        out = jax.lax.with_sharding_constraint(out, NamedSharding(cfg.mesh, PartitionSpec()))
     return out
