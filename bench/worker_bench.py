@@ -169,14 +169,14 @@ class LoadMemory:
 
 
 def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats: int, tensor_parallel: int = 1,
-        head_parallel: int | None = 1, sweep: list[int] = (), max_batch: int | None = None,
+        cpu_devices: int | None = 1, sweep: list[int] = (), max_batch: int | None = None,
         int8_x: bool = False) -> dict:  # fmt: skip
-    """`max_batch` (default the server's) picks the decode kernels as --max-batch does; `head_parallel`, `int8_x`:
+    """`max_batch` (default the server's) picks the decode kernels as --max-batch does; `cpu_devices`, `int8_x`:
     worker.load's."""
     start = time.perf_counter()
     memory = LoadMemory()
     m = worker.load(model, device=device, on_progress=memory, tensor_parallel=tensor_parallel,
-                    head_parallel=head_parallel, int8_x=int8_x, max_batch=max_batch)  # fmt: skip
+                    cpu_devices=cpu_devices, int8_x=int8_x, max_batch=max_batch)  # fmt: skip
     jax.block_until_ready(m.runner.weights)
     load_s = time.perf_counter() - start
     memory(0, 0)  # after the last copy has finished
@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tensor-parallel", type=int, default=1, help="split the model over this many devices")
-    ap.add_argument("--cpu-devices", type=int, default=None, help="on the CPU, the head and prefill's tokens over "
-                    "N host devices (default: the server's, worker-orcd --cpu-devices)")  # fmt: skip
+    ap.add_argument("--cpu-devices", type=int, default=None, help="on the CPU, the model over N host devices "
+                    "(default: the server's, worker-orcd --cpu-devices)")  # fmt: skip
     ap.add_argument("--max-batch", type=int, default=None, help="the load's max_batch, which picks the decode "
                     "kernels (default: the server's; 8 or fewer: the per-row kernels)")  # fmt: skip
     ap.add_argument("--int8-x", action="store_true", help="decode's matvecs on x rounded to int8 (worker.load's "
@@ -266,13 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sweep = args.steps_sweep if args.steps_sweep is not None else "8,16,32,64" if args.device == "gpu" else ""
     counts = [int(s) for s in sweep.split(",") if s]
-    head = 1
+    spread = 1
     if args.device == "cpu":  # the server's host devices, made before JAX's backend starts (at its first use)
         cli.host_devices(args.tensor_parallel if args.tensor_parallel > 1 else args.cpu_devices or
                          cli.default_cpu_devices())  # fmt: skip
-        head = args.cpu_devices if args.tensor_parallel == 1 else 1
+        spread = None if args.tensor_parallel == 1 else 1
     result = run(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeats, args.tensor_parallel,
-                 head, counts, args.max_batch, args.int8_x)  # fmt: skip
+                 spread, counts, args.max_batch, args.int8_x)  # fmt: skip
     args.json.write_text(json.dumps(result, indent=1))
     print(
         f"worker {Path(args.model).name} on {result['device']['kind']} ({result['decode_kernels']} decode kernels): "

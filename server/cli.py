@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-devices",
         type=int,
         metavar="N",
-        help="on the CPU, split the output head and prefill's tokens over N host devices, one a core (default: the "
-        f"cores this process may use, at most {MAX_CPU_DEVICES}, down to a count that divides the vocabulary; "
-        "1: one device; docs/tensor-parallel.md)",
+        help="on the CPU, spread the model over N host devices, one a core: tensor parallelism where the model "
+        "takes it, else the output head's vocabulary split (default: the cores this process may use, at most "
+        f"{MAX_CPU_DEVICES}; 1: one device; docs/tensor-parallel.md)",
     )
     p.add_argument("--callback-url", help="POST a ready message (worker id, model, vram bytes, port) here once ready")
     p.add_argument("--max-tokens-in", type=int, help="longest prompt in tokens (default: the model's context)")
@@ -355,7 +355,7 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
         prefill_tokens=args.prefill_tokens,
         tokenizer_json=args.tokenizer_json,
         tensor_parallel=args.tensor_parallel,
-        head_parallel=args.cpu_devices if args.tensor_parallel == 1 else 1,
+        cpu_devices=None if args.tensor_parallel == 1 and dev.platform == "cpu" else 1,
         on_progress=_with_bar(narrator.load_progress()) if sys.stderr.isatty() else narrator.load_progress(),
     )
     narrator.emit(
@@ -367,6 +367,8 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
         max_batch=model.runner.max_batch,
         kv_pool_positions=model.runner.pages * model.runner.page_size,
         bf16_experts=model.bf16_experts,
+        layout=model.layout,
+        devices=len(model.devices),
         vram_bytes_used=model.device_bytes_used(),
         resident=model.resident(),
         load_ms=round((time.monotonic() - t0) * 1000.0, 1),

@@ -343,16 +343,28 @@ def test_head_parallel_holds_the_weights_once(head):
     assert m.resident() and all(r["resident"] for r in m.device_report())
 
 
-def test_head_parallel_refusals_and_its_default(oracles):
+def test_head_parallel_refusals(oracles):
     path = oracles / "models/gemma3/model-q8_0.gguf"
     msg = _refusal(lambda: worker.load(path, device="cpu", head_parallel=3))
     assert msg.startswith(str(ErrorCode.MODEL_LOAD_FAILED)) and "vocabulary (1024 rows)" in msg
     both = _refusal(lambda: worker.load(path, device="cpu", head_parallel=2, tensor_parallel=2))
     assert both.startswith(str(ErrorCode.INVALID_REQUEST)) and "tensor parallelism" in both
-    kernels = _refusal(lambda: worker.load(path, device="cpu", backend="interpret", head_parallel=2))
-    assert "the interpret backend" in kernels
+    kernels = _refusal(lambda: worker.load(path, device="cpu", backend="interpret", cpu_devices=2))
+    assert kernels.startswith(str(ErrorCode.INVALID_REQUEST)) and "the interpret backend" in kernels
     too_many = _refusal(lambda: worker.load(path, device="cpu", head_parallel=8))
     assert "--cpu-devices 8" in too_many and "JAX sees 4" in too_many
-    assert sharding.head_ways(1024) == 4 and sharding.head_ways(1022) == 2 and sharding.head_ways(1021) == 1
-    m = worker.load(path, device="cpu", head_parallel=None)
-    assert len(m.devices) == 4 and m.runner.mesh.axis_names == (sharding.HEAD,)
+
+
+def test_cpu_devices_take_the_faster_layout_the_model_takes(oracles):
+    """Tensor parallelism where the model takes it; else the vocabulary alone (llama's Q4_K attention output would
+    be cut by a column split over 2); else one device (a vocabulary no count divides)."""
+    m = worker.load(oracles / "models/gemma3/model-q8_0.gguf", device="cpu", cpu_devices=None)
+    assert (m.layout, len(m.devices)) == ("tensor-parallel", 4)
+    path = oracles / "models/llama/model-q4_k_m.gguf"
+    assert worker.load(path, device="cpu", cpu_devices=2).layout == "head-parallel"
+    gf = open_gguf(path)
+    cfg = adapter_for(gf.architecture).config(gf)
+    table = adapter_for(gf.architecture).weight_table(gf, cfg)
+    assert sharding.cpu_mesh(gf, table, dataclasses.replace(cfg, vocab_size=1021), 2) is None
+    assert sharding.head_ways(1024, 4) == 4 and sharding.head_ways(1022, 4) == 2 and sharding.head_ways(1021, 4) == 1
+    assert worker.load(path, device="cpu").layout == "one-device"

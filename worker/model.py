@@ -192,6 +192,14 @@ class Model:
         """The devices the model is on: one, or the tensor-parallel mesh's."""
         return sharding.mesh_devices(self.runner.mesh) if self.runner.mesh is not None else [self.device]
 
+    @property
+    def layout(self) -> str:
+        """How the model is spread over its devices: "one-device", "tensor-parallel" or "head-parallel"."""
+        mesh = self.runner.mesh
+        if mesh is None:
+            return "one-device"
+        return "head-parallel" if sharding.HEAD in mesh.axis_names else "tensor-parallel"
+
     def resident(self) -> bool:
         """Every weight array is alive on the model's devices (M0-W-1012)."""
         return devices.resident(self.runner.weights, set(self.devices))
@@ -403,7 +411,8 @@ def load_model(
     kv_tokens: int | None = None,
     deterministic: bool = True,
     tensor_parallel: int = 1,
-    head_parallel: int | None = 1,
+    head_parallel: int = 1,
+    cpu_devices: int | None = 1,
     bf16_experts: bool | None = None,
     prefill_tokens: int | None = None,
     int8_x: bool = False,
@@ -420,14 +429,16 @@ def load_model(
     Pallas interpret mode on the CPU (tests). `tensor_parallel`: split the model over that many devices of the
     kind (from `gpu_index` on; docs/tensor-parallel.md); a split the model cannot take (heads, kv heads,
     vocabulary, experts, quantized blocks) fails with MODEL_LOAD_FAILED before any weight is copied, and the
-    pre-flight counts what each device holds. `head_parallel`: on the CPU, the vocabulary's rows (the output head,
-    the embedding) split over that many host devices, the rest whole on each and held once, a prefill chunk's tokens
-    split over them (worker/sharding.py); None: the host devices JAX has, down to a count that divides the
-    vocabulary, where the layout applies (the CLI's default). `bf16_experts`: also hold the quantized MoE experts
-    widened to bf16, which decode steps read (`with_bf16_experts`); None: where it helps and fits (a GPU, the
-    tensor-core decode kernels, one device, and room for the copy beside one whole context). `prefill_tokens`:
-    prompt tokens prefilled an engine step, at least one chunk (default PREFILL_TOKENS_PER_STEP: 4096 on a GPU, one
-    chunk on the CPU): more finishes a burst of prompts sooner, and stalls the running streams longer each step.
+    pre-flight counts what each device holds. `head_parallel`: on the CPU, only the vocabulary's rows (the output
+    head, the embedding) split over that many host devices, the rest whole on each and held once, a prefill chunk's
+    tokens split over them (worker/sharding.py). `cpu_devices`: on the CPU, over that many host devices in the
+    faster layout the model takes: tensor parallelism, else head parallelism (over as many of them as divide the
+    vocabulary), else one device; None: every host device JAX has (the CLI's default). `bf16_experts`: also hold
+    the quantized MoE experts widened to bf16, which decode steps read (`with_bf16_experts`); None: where it helps
+    and fits (a GPU, the tensor-core decode kernels, one device, and room for the copy beside one whole context).
+    `prefill_tokens`: prompt tokens prefilled an engine step, at least one chunk (default PREFILL_TOKENS_PER_STEP:
+    4096 on a GPU, one chunk on the CPU): more finishes a burst of prompts sooner, and stalls the running streams
+    longer each step.
     `int8_x`: decode's matvecs (dense and routed experts) on x rounded to int8 where the weight's format has that
     kernel (ops' "per-row-int8" decode kernels: another precision of x, ~0.5% of a product; batch invariant;
     docs/kernels.md), with max_batch by default qmatvec.MAX_ROWS (8): one stream's fastest decode on a GPU
@@ -441,14 +452,13 @@ def load_model(
         backend = "cpu" if kind == "cpu" else "gpu"
     cfg = dataclasses.replace(cfg, backend=ops.check_backend(backend))
     mesh = sharding.mesh_for(cfg, kind, tensor_parallel, gpu_index) if tensor_parallel != 1 else None
-    if head_parallel is None:  # as many host devices as divide the vocabulary, where the layout applies
-        cpu = kind == "cpu" and backend == "cpu" and mesh is None
-        head_parallel = sharding.head_ways(cfg.vocab_size) if cpu else 1
+    cpu = kind == "cpu" and backend == "cpu"
+    for ask, name in ((head_parallel, "head parallelism"), (cpu_devices, "cpu_devices")):
+        if ask != 1 and ask is not None and (mesh is not None or not cpu):
+            raise WorkerError(ErrorCode.INVALID_REQUEST, f"{name} over {ask} devices is a layout of the CPU backend "
+                              "on one machine's host devices: not with a GPU, the interpret backend or tensor "
+                              "parallelism")  # fmt: skip
     if head_parallel != 1:
-        if mesh is not None or kind != "cpu" or backend != "cpu":
-            raise WorkerError(ErrorCode.INVALID_REQUEST, f"head parallelism over {head_parallel} devices is a layout "
-                              "of the CPU backend on one machine's host devices: not with a GPU, the interpret "
-                              "backend or tensor parallelism")  # fmt: skip
         mesh = sharding.head_mesh(cfg, head_parallel)
     cfg = dataclasses.replace(cfg, mesh=mesh)  # the kernel backends' ops wrap their kernels in shard_map over it
     if slots is None:
@@ -472,6 +482,10 @@ def load_model(
     kernels = "per-row-int8" if int8_x else decode_kernels_for(max_batch, deterministic)
     cfg = dataclasses.replace(cfg, decode_kernels=kernels)
     table = adapter.weight_table(gf, cfg)  # checks the tensors' shapes against cfg before memory is sized from it
+    if cpu and mesh is None and cpu_devices != 1:
+        n = len(jax.devices("cpu")) if cpu_devices is None else cpu_devices
+        mesh = sharding.cpu_mesh(gf, table, cfg, n)
+        cfg = dataclasses.replace(cfg, mesh=mesh)
     per_token = bytes_per_slot(cfg, dtype_for(kind))
     if mesh is not None:  # each device holds its shards: the pre-flight counts those, on every device
         sharding.check_splits(gf, table, cfg, mesh)

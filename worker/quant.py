@@ -309,9 +309,10 @@ class Int8Blocks:
     qtype: QT
     block: int
     shape: tuple[int, ...]
-    # Row shards of a tensor-parallel matrix (worker/sharding.py): ops.int8_matmul walks each shard's rows apart, so
-    # its row tiles never cross devices (a tile loop over the global rows would make XLA gather the whole matrix).
-    parts: int = 1
+    # A matrix split over devices (worker/sharding.py; the planes' sharding, by rows or input columns): ops.qmatmul
+    # runs its tile walk on each device's shard inside shard_map. A tile loop over the global matrix would make XLA
+    # gather the whole matrix (rows) or all-reduce every tile's partial sums (columns).
+    sharding: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -331,7 +332,7 @@ class Int8Blocks:
 
 
 jax.tree_util.register_dataclass(
-    Int8Blocks, data_fields=["codes", "scale", "offset"], meta_fields=["qtype", "block", "shape", "parts"]
+    Int8Blocks, data_fields=["codes", "scale", "offset"], meta_fields=["qtype", "block", "shape", "sharding"]
 )
 
 
@@ -367,8 +368,7 @@ def _int8_parts(planes: dict[str, jax.Array], qtype: QT) -> Parts:
 def to_int8_blocks(q: QuantArray) -> Int8Blocks:
     """A block-format matrix [N, K] in the CPU layout (on the planes' device)."""
     codes, scale, offset = _int8_parts(q.planes, q.qtype)
-    parts = codes.shape[0] // codes.sharding.shard_shape(codes.shape)[0]  # 1 unless split by rows over devices
-    return Int8Blocks(codes, scale, offset, q.qtype, q.shape[-1] // scale.shape[-1], q.shape, parts)
+    return Int8Blocks(codes, scale, offset, q.qtype, q.shape[-1] // scale.shape[-1], q.shape, q.sharding)
 
 
 def cpu_layout(weights: Any, settle: Callable[[Int8Blocks], Int8Blocks] = lambda m: m) -> Any:

@@ -345,9 +345,25 @@ def head_mesh(cfg: Any, n: int) -> Mesh:
     return Mesh(np.asarray(pick_devices("cpu", n, flag="--cpu-devices")), (HEAD,))
 
 
-def head_ways(vocab: int) -> int:
-    """The most host devices JAX has that the vocabulary's rows divide over (head parallelism's default)."""
-    return next(n for n in range(len(jax.devices("cpu")), 0, -1) if vocab % n == 0)
+def head_ways(vocab: int, most: int) -> int:
+    """The most devices, up to `most`, that the vocabulary's rows divide over."""
+    return next(n for n in range(most, 0, -1) if vocab % n == 0)
+
+
+def cpu_mesh(gf: GGUFFile, table: dict[str, tuple[tuple, bool]], cfg: Any, n: int) -> Mesh | None:
+    """The CPU's layout over up to n host devices (worker.load's cpu_devices): tensor parallelism where the model
+    takes it (each device computes its share of every layer: Gemma 3 270M decodes 1.6x one device's rate on 2
+    cores, head parallelism 1.3x; docs/PERFORMANCE.md, "CPU"), else head parallelism over as many as divide the
+    vocabulary; None: one device."""
+    if n > 1:
+        try:
+            mesh = mesh_for(cfg, "cpu", n)
+            check_splits(gf, table, cfg, mesh)
+            return mesh
+        except WorkerError:  # heads, kv heads, vocabulary, experts or a quantized block the split would cut
+            pass
+    ways = head_ways(cfg.vocab_size, n)
+    return head_mesh(cfg, ways) if ways > 1 else None
 
 
 def tokens_split(mesh: Mesh | None) -> int:
