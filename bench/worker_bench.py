@@ -218,6 +218,7 @@ def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats
         "loaded_device_bytes": loaded_bytes,
         "tensor_parallel": tensor_parallel,
         "devices": len(m.devices),
+        "layout": m.layout,
         "max_batch": m.runner.max_batch,
         "decode_kernels": m.cfg.decode_kernels,
         "loaded_bytes_per_device": [d["bytes_in_use"] for d in per_device],

@@ -128,11 +128,27 @@ def _refusal(call) -> str:
     return str(e.value)
 
 
-def test_a_split_that_cuts_a_quantized_block_is_refused(oracles):
-    # attn_output is Q4_K [256, 256]: 128 input columns per device would cut its 256-value super-blocks.
-    msg = _refusal(lambda: worker.load(oracles / "models/llama/model-q4_k_m.gguf", device="cpu", tensor_parallel=2))
+def test_a_split_that_cuts_a_quantized_block_is_refused_on_the_kernels(oracles):
+    # attn_output is Q4_K [256, 256]: 128 input columns per device would cut its 256-value super-blocks, which the
+    # kernels read whole.
+    path = oracles / "models/llama/model-q4_k_m.gguf"
+    msg = _refusal(lambda: worker.load(path, device="cpu", backend="interpret", tensor_parallel=2))
     assert msg.startswith(str(ErrorCode.MODEL_LOAD_FAILED)) and "blk.0.attn_output.weight" in msg
     assert "Q4_K's 256-value blocks" in msg
+
+
+def test_on_the_cpu_a_column_split_falls_on_the_cpu_layouts_blocks(oracles, load):
+    """The same Q4_K matrices over 2 host devices on the CPU backend: converted whole, then split at their 32-value
+    sub-blocks; the model follows the oracle and one device's logits."""
+    d = oracles / "models" / "llama"
+    ids = manifest(d)["input"]["ids"]
+    m = worker.load(d / "model-q4_k_m.gguf", device="cpu", tensor_parallel=2)
+    w = m.runner.weights["layers"][0]["attn_output"]
+    assert {s.data.shape for s in w.codes.addressable_shards} == {(m.cfg.d_model, m.cfg.d_model // 2)}
+    one = worker.load(d / "model-q4_k_m.gguf", device="cpu").logits(ids)
+    got = m.logits(ids)
+    check_logits(got, np.load(d / "logits-hf-f64-q4_k_m-dequant.npy"), TOL, MARGIN)
+    assert rel_err(got, one.astype(np.float64)) <= ROUNDING
 
 
 def test_heads_that_do_not_divide_are_refused(oracles):
@@ -356,12 +372,13 @@ def test_head_parallel_refusals(oracles):
 
 
 def test_cpu_devices_take_the_faster_layout_the_model_takes(oracles):
-    """Tensor parallelism where the model takes it; else the vocabulary alone (llama's Q4_K attention output would
-    be cut by a column split over 2); else one device (a vocabulary no count divides)."""
+    """Tensor parallelism where the model takes it; else the vocabulary alone over as many devices as divide it
+    (3 devices: the 4 heads do not split over them); else one device (a vocabulary no count divides)."""
     m = worker.load(oracles / "models/gemma3/model-q8_0.gguf", device="cpu", cpu_devices=None)
     assert (m.layout, len(m.devices)) == ("tensor-parallel", 4)
+    three = worker.load(oracles / "models/gemma3/model-q8_0.gguf", device="cpu", cpu_devices=3)
+    assert (three.layout, len(three.devices)) == ("head-parallel", 2)  # 4 heads over 3: no; 1,024 rows over 2
     path = oracles / "models/llama/model-q4_k_m.gguf"
-    assert worker.load(path, device="cpu", cpu_devices=2).layout == "head-parallel"
     gf = open_gguf(path)
     cfg = adapter_for(gf.architecture).config(gf)
     table = adapter_for(gf.architecture).weight_table(gf, cfg)

@@ -53,12 +53,12 @@ def test_cli_refuses_both_layouts_and_no_cpu_devices(capsys):
     assert capsys.readouterr().err.strip() == "worker-orcd: error: --cpu-devices 0: must be at least 1"
 
 
-def test_cli_makes_the_host_devices_and_refuses_a_split_that_cuts_blocks():
-    """`--device cpu --tensor-parallel 2` gets its 2 host devices from the CLI (no XLA_FLAGS from the user), then the
-    Q4_K attention-output matrix, whose 256-value blocks 2 devices would cut, fails the start-up by name."""
+def test_cli_makes_the_host_devices_and_refuses_heads_that_do_not_divide():
+    """`--device cpu --tensor-parallel 3` gets its 3 host devices from the CLI (no XLA_FLAGS from the user), then the
+    llama oracle's 4 query heads, which do not split over 3, fail the start-up by rule."""
     env = {"XLA_FLAGS": ""}
     model = str(oracles_dir() / "models" / "llama" / "model-q4_k_m.gguf")
-    out = cli(*base(**{"--model": model, "--tensor-parallel": "2"}), env=env)
+    out = cli(*base(**{"--model": model, "--tensor-parallel": "3"}), env=env)
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("worker-orcd: error: MODEL_LOAD_FAILED: tensor parallelism: blk.0.attn_output.weight"), last
+    assert last.startswith("worker-orcd: error: MODEL_LOAD_FAILED: tensor parallelism: 4 query heads"), last

@@ -365,6 +365,12 @@ def _int8_parts(planes: dict[str, jax.Array], qtype: QT) -> Parts:
     return codes.reshape(n, -1), scale.reshape(n, -1), None if offset is None else offset.reshape(n, -1)
 
 
+def cpu_block(qtype: QT) -> int:
+    """Values a scale covers in the CPU layout (Int8Blocks.block): the format's block, or its sub-blocks' for the
+    K-quants (Q4_K and Q5_K 32, Q6_K 16), where a split may fall on the CPU (sharding._check_split)."""
+    return {QT.Q4_K: 32, QT.Q5_K: 32, QT.Q6_K: 16}.get(qtype, GGML_QUANT_SIZES[qtype][0])
+
+
 def to_int8_blocks(q: QuantArray) -> Int8Blocks:
     """A block-format matrix [N, K] in the CPU layout (on the planes' device)."""
     codes, scale, offset = _int8_parts(q.planes, q.qtype)

@@ -27,6 +27,7 @@ orbax, tensorstore, msgpack and its module system into a worker that has no flax
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from worker.device import PLANE_OVERHEAD, MemoryEstimate
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, TensorInfo
-from worker.quant import PLAIN_TYPES, QuantArray, pack
+from worker.quant import PLAIN_TYPES, Int8Blocks, QuantArray, cpu_block, pack, to_int8_blocks
 
 MODEL, KV_REPEAT, HEAD = "model", "kv_repeat", "head"
 
@@ -198,13 +199,14 @@ def _shards(name: str | None, mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in (rules(mesh)[name] or ())) if name is not None else 1
 
 
-def _check_split(part: _Part, logical: tuple[str | None, ...], mesh: Mesh) -> None:
+def _check_split(part: _Part, logical: tuple[str | None, ...], mesh: Mesh, cpu: bool) -> None:
     """Every split axis divides evenly, and a split of the blocked (last) axis of a quantized matrix falls on block
-    boundaries."""
+    boundaries: the file's blocks, or on the CPU backend (`cpu`) the CPU layout's, which a matrix is converted to
+    whole before it is split (`_placed_whole`)."""
     for axis, (size, name) in enumerate(zip(part.shape, logical, strict=True)):
         if size % _shards(name, mesh):
             raise refuse(f"{part.name}: axis {axis} ({name}, {size}) does not split over {_shards(name, mesh)} devices")
-    block, _ = GGML_QUANT_SIZES[part.t.qtype]
+    block = _cpu_block(part) if cpu else GGML_QUANT_SIZES[part.t.qtype][0]
     n, k = _shards(logical[-1], mesh), part.shape[-1]
     if len(part.shape) >= 2 and n > 1 and (k // n) % block:
         raise refuse(
@@ -214,13 +216,36 @@ def _check_split(part: _Part, logical: tuple[str | None, ...], mesh: Mesh) -> No
         )
 
 
-def _place(part: _Part, logical: tuple[str | None, ...], mesh: Mesh) -> QuantArray | jax.Array:
+def _cpu_block(part: _Part) -> int:
+    """The block a CPU-layout matrix may be split at (a 2-D block-format matrix: its CPU layout's; else the file's)."""
+    qtype = part.t.qtype
+    converted = len(part.shape) == 2 and qtype not in PLAIN_TYPES
+    return cpu_block(qtype) if converted else GGML_QUANT_SIZES[qtype][0]
+
+
+def _placed_whole(part: _Part, sharding: NamedSharding) -> Int8Blocks:
+    """A block-format matrix whose column split would cut the file's blocks, on the CPU backend: converted whole to
+    the CPU layout on the first device, then split at the layout's smaller blocks (Qwen2.5-0.5B's K-quant ffn_down,
+    4,864 columns: 2,432 a device is 76 of its 32-value sub-blocks, not whole 256-value super-blocks)."""
+    first = next(iter(sharding.device_set))
+    raw = part.data()
+    q = QuantArray({k: jax.device_put(v, first) for k, v in pack(raw, part.t.qtype, part.shape).items()},
+                   part.t.qtype, part.shape)  # fmt: skip
+    whole = to_int8_blocks(q)
+    spread = jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), whole)
+    return dataclasses.replace(spread, sharding=sharding)
+
+
+def _place(part: _Part, logical: tuple[str | None, ...], mesh: Mesh, cpu: bool) -> QuantArray | Int8Blocks | jax.Array:
     """One weight as a global array whose shards are packed from the matching bytes of the mmap and copied to their
-    devices one by one; a shard replicated over several devices is packed once."""
+    devices one by one; a shard replicated over several devices is packed once. On the CPU backend (`cpu`) a matrix
+    whose column split would cut the file's blocks is converted whole first (`_placed_whole`)."""
     sharding = NamedSharding(mesh, spec(logical, mesh))  # the split was checked by check_splits
     matrix = len(part.t.shape) >= 2
     qtype, data, shape = part.t.qtype, part.data(), part.shape
     block, type_size = GGML_QUANT_SIZES[qtype]
+    if cpu and matrix and (shape[-1] // _shards(logical[-1], mesh)) % block:
+        return _placed_whole(part, sharding)
     if not matrix:  # vectors (norms, biases, sinks) are float32 on the device
         data = np.asarray(gguf.quants.dequantize(data, qtype), np.float32).reshape(shape)
     packed: dict[tuple, dict[str, np.ndarray]] = {}
@@ -256,7 +281,7 @@ def placer(cfg: Any, mesh: Mesh) -> Callable[[TensorInfo, str], dict[str, Any]]:
     """models.base.load_weights' `place` hook: the fields one tensor becomes, each placed shard by shard."""
 
     def place(t: TensorInfo, field: str) -> dict[str, Any]:
-        return {name: _place(part, axes_of(name), mesh) for name, part in _fields(t, field, cfg)}
+        return {name: _place(part, axes_of(name), mesh, cfg.backend == "cpu") for name, part in _fields(t, field, cfg)}
 
     return place
 
@@ -265,7 +290,7 @@ def check_splits(gf: GGUFFile, table: dict[str, tuple[tuple, bool]], cfg: Any, m
     """Every tensor's split (divisible axes, whole quantized blocks), before the first byte is copied."""
     for name, t in gf.tensors.items():
         for field, part in _fields(t, table[name][0][-1], cfg):
-            _check_split(part, axes_of(field), mesh)
+            _check_split(part, axes_of(field), mesh, cfg.backend == "cpu")
 
 
 def _fields(t: TensorInfo, field: str, cfg: Any) -> list[tuple[str, _Part]]:
