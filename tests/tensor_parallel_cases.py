@@ -43,35 +43,40 @@ TOL, MARGIN, ROUNDING = 1e-3, 0.01, 1e-5
 WORKER_ID = "00000000-0000-4000-8000-000000000019"
 
 
-@pytest.fixture(scope="module")
-def load(oracles):
+def _loader(oracles, variants: dict[str, str], option: str):
+    """The oracle models by (arch, n), each loaded once, with worker.load's `option` (a layout) = n."""
     models: dict = {}
 
     def get(arch: str, n: int) -> worker.model.Model:
         if (arch, n) not in models:
-            path = oracles / "models" / arch / f"model-{VARIANTS[arch]}.gguf"
-            models[arch, n] = worker.load(path, device="cpu", tensor_parallel=n)
+            path = oracles / "models" / arch / f"model-{variants[arch]}.gguf"
+            models[arch, n] = worker.load(path, device="cpu", **{option: n})
         return models[arch, n]
 
     return get
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt-oss"])
-def test_logits_equal_across_n_and_within_the_gate(oracles, load, arch):
+@pytest.fixture(scope="module")
+def load(oracles):
+    return _loader(oracles, VARIANTS, "tensor_parallel")
+
+
+def _logits_across_n(oracles, get, variants: dict[str, str], arch: str, splits: tuple[int, ...]) -> None:
+    """The model at each N of `splits` within the float64 oracle's gate and float32 rounding of N = 1."""
     d = oracles / "models" / arch
     ids = manifest(d)["input"]["ids"]
-    ref = np.load(d / f"logits-hf-f64-{VARIANTS[arch]}-dequant.npy")
-    one = load(arch, 1).logits(ids)
+    ref = np.load(d / f"logits-hf-f64-{variants[arch]}-dequant.npy")
+    one = get(arch, 1).logits(ids)
     check_logits(one, ref, TOL, MARGIN)
-    for n in (2, 4):
-        split = load(arch, n).logits(ids)
+    for n in splits:
+        assert len(get(arch, n).devices) == n
+        split = get(arch, n).logits(ids)
         check_logits(split, ref, TOL, MARGIN)
         assert rel_err(split, one.astype(np.float64)) <= ROUNDING, n
 
 
-# gpt-oss: N = 4 only (one expert per device, each kv head on two devices), to keep the compiles in budget.
-@pytest.mark.parametrize(("arch", "splits"), [("llama", (2, 4)), ("gpt-oss", (4,))])
-def test_seeded_generation_equal_across_n(oracles, load, arch, splits):
+def _generations_across_n(oracles, get, arch: str, splits: tuple[int, ...]) -> None:
+    """Greedy and seeded-sampling ids at each N of `splits` equal to N = 1's."""
     ids = manifest(oracles / "models" / arch)["input"]["ids"]
 
     def runs(m):
@@ -79,10 +84,21 @@ def test_seeded_generation_equal_across_n(oracles, load, arch, splits):
         sampled = m.generate(ids, max_tokens=10, temperature=0.9, seed=11, top_p=0.95, stop_at_eos=False)
         return greedy, sampled
 
-    expected = runs(load(arch, 1))
+    expected = runs(get(arch, 1))
     assert expected[0] != expected[1]  # the sampled run really samples
     for n in splits:
-        assert runs(load(arch, n)) == expected, n
+        assert runs(get(arch, n)) == expected, n
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt-oss"])
+def test_logits_equal_across_n_and_within_the_gate(oracles, load, arch):
+    _logits_across_n(oracles, load, VARIANTS, arch, (2, 4))
+
+
+# gpt-oss: N = 4 only (one expert per device, each kv head on two devices), to keep the compiles in budget.
+@pytest.mark.parametrize(("arch", "splits"), [("llama", (2, 4)), ("gpt-oss", (4,))])
+def test_seeded_generation_equal_across_n(oracles, load, arch, splits):
+    _generations_across_n(oracles, load, arch, splits)
 
 
 def test_fused_phi3_is_split_per_part(oracles):
@@ -287,48 +303,22 @@ def test_preflight_counts_what_each_device_holds(oracles):
     assert msg.startswith(str(ErrorCode.INSUFFICIENT_VRAM))
 
 
-# Head parallelism (sharding.HEAD_RULES, the CPU's default over its cores): the vocabulary's rows split, the rest
-# whole on each device and held once; a prefill chunk's tokens split (XLA:CPU's dot sums a row in an order that
-# depends on how many rows it is given, so the split prefill moves logits by float32 rounding, not more).
-@pytest.fixture(scope="module")
-def head(oracles):
-    models: dict = {}
-
-    def get(arch: str, n: int) -> worker.model.Model:
-        if (arch, n) not in models:
-            path = oracles / "models" / arch / f"model-{HEAD_VARIANTS[arch]}.gguf"
-            models[arch, n] = worker.load(path, device="cpu", head_parallel=n)
-        return models[arch, n]
-
-    return get
-
-
+# Head parallelism (sharding.HEAD_RULES, the CPU's layout where tensor parallelism is refused): the vocabulary's
+# rows split, the rest whole on each device and held once; a prefill chunk's tokens split (XLA:CPU's dot sums a row
+# in an order that depends on how many rows it is given, so the split prefill moves logits by float32 rounding).
 # gemma3: the embedded default's family, its head the token embeddings (a lookup from the split table too).
 HEAD_VARIANTS = {"gemma3": "q8_0", "gpt-oss": "mxfp4_moe"}
 
 
+@pytest.fixture(scope="module")
+def head(oracles):
+    return _loader(oracles, HEAD_VARIANTS, "head_parallel")
+
+
 @pytest.mark.parametrize("arch", ["gemma3", "gpt-oss"])
 def test_head_parallel_logits_and_generation_match_one_device(oracles, head, arch):
-    d = oracles / "models" / arch
-    ids = manifest(d)["input"]["ids"]
-    ref = np.load(d / f"logits-hf-f64-{HEAD_VARIANTS[arch]}-dequant.npy")
-    one = head(arch, 1)
-    expected = one.logits(ids)
-
-    def runs(m):
-        greedy = m.generate(ids, max_tokens=10, stop_at_eos=False)
-        sampled = m.generate(ids, max_tokens=10, temperature=0.9, seed=11, top_p=0.95, stop_at_eos=False)
-        return greedy, sampled
-
-    want = runs(one)
-    assert want[0] != want[1]  # the sampled run really samples
-    for n in (2, 4):
-        m = head(arch, n)
-        assert len(m.devices) == n
-        got = m.logits(ids)
-        check_logits(got, ref, TOL, MARGIN)
-        assert rel_err(got, expected.astype(np.float64)) <= ROUNDING, n
-        assert runs(m) == want, n
+    _logits_across_n(oracles, head, HEAD_VARIANTS, arch, (2, 4))
+    _generations_across_n(oracles, head, arch, (2, 4))
 
 
 def test_head_split_alone_keeps_one_devices_bits(oracles, head, monkeypatch):

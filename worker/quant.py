@@ -312,7 +312,7 @@ class Int8Blocks:
     # A matrix split over devices (worker/sharding.py; the planes' sharding, by rows or input columns): ops.qmatmul
     # runs its tile walk on each device's shard inside shard_map. A tile loop over the global matrix would make XLA
     # gather the whole matrix (rows) or all-reduce every tile's partial sums (columns).
-    sharding: Any = None
+    sharding: jax.sharding.NamedSharding | None = None
 
     @property
     def nbytes(self) -> int:

@@ -13,12 +13,13 @@ two axes: MODEL (K' = min(N, K) groups, one slice of kv heads each) times KV_REP
 Query heads, FFN columns, vocabulary and experts split over both axes (N ways); kv heads over MODEL only. With
 K >= N, KV_REPEAT has size 1 and this is the plain one-axis split.
 
-Head parallelism (`worker.load(head_parallel=N)`, the CPU's default with several cores: docs/tensor-parallel.md): a
-one-axis mesh (HEAD) over host devices on which only the vocabulary splits (HEAD_RULES); every other weight is
-whole on each device, held once in host memory (device.held_once), and a prefill chunk's tokens split over the
-devices (models/base.run_layers). A CPU decode step computes its small products on one core (XLA:CPU's threads do
-not split them) and a large vocabulary's head is most of it; N devices take 1/N of the head each and compute the
-layers side by side on other cores, with no collective but the logits' gather (and the embedding's lookup).
+The CPU spreads a model over a host device a core (`cpu_mesh`, docs/tensor-parallel.md "The CPU's layouts"): a
+CPU decode step computes its small products on one core (XLA:CPU's threads do not split them), so one device
+leaves the other cores idle. Tensor parallelism where the model takes it; else head parallelism
+(`worker.load(head_parallel=N)`): a one-axis mesh (HEAD) on which only the vocabulary splits (HEAD_RULES), every
+other weight whole on each device and held once in host memory (device.held_once), a prefill chunk's tokens split
+over the devices (models/base.run_layers); N devices take 1/N of the head each and compute the layers side by
+side, with no collective but the logits' gather (and the embedding's lookup).
 
 Why not flax's logical partitioning (`flax.linen.logical_to_mesh_sharding` and its rules): what we would use of
 it is the lookup of a tuple of names in a rules table, which is RULES and `spec` below. flax would bring optax,
