@@ -321,6 +321,16 @@ def test_head_parallel_logits_and_generation_match_one_device(oracles, head, arc
     _generations_across_n(oracles, head, arch, (2, 4))
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_the_cpu_default_layout_of_the_other_families_follows_their_oracles(oracles, arch):
+    """gpt2 (LayerNorm, position embeddings, fused q|k|v) and qwen2 (biases) over 2 host devices in the layout
+    --cpu-devices picks (tensor parallelism; their Q4_K_M files): the float64 gate, float32 rounding of one device."""
+    path = oracles / "models" / arch / "model-q4_k_m.gguf"
+    models = {n: worker.load(path, device="cpu", cpu_devices=n) for n in (1, 2)}
+    assert models[2].layout == "tensor-parallel"
+    _logits_across_n(oracles, lambda _, n: models[n], {arch: "q4_k_m"}, arch, (2,))
+
+
 def test_head_split_alone_keeps_one_devices_bits(oracles, head, monkeypatch):
     """Without the token split, the split head is exact: a tile splits the rows of w, never a sum."""
     ids = manifest(oracles / "models" / "gemma3")["input"]["ids"]
