@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import random
 
 import jax
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 from jax.sharding import PartitionSpec
 from litestar.testing import TestClient
 from model_oracles import check_logits, manifest, rel_err
+from test_batching import OTHERS, run_batch
 from worker_process import read_sse
 
 import worker
@@ -30,6 +32,7 @@ from worker.errors import ErrorCode, WorkerError
 from worker.gguf import open_gguf
 from worker.models import adapter_for
 from worker.narration import Narrator
+from worker.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(
     len(jax.devices("cpu")) < 4, reason="needs 4 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)"
@@ -385,3 +388,19 @@ def test_cpu_devices_take_the_faster_layout_the_model_takes(oracles):
     assert sharding.cpu_mesh(gf, table, dataclasses.replace(cfg, vocab_size=1021), 2) is None
     assert sharding.head_ways(1024, 4) == 4 and sharding.head_ways(1022, 4) == 2 and sharding.head_ways(1021, 4) == 1
     assert worker.load(path, device="cpu").layout == "one-device"
+
+
+def test_a_seeded_job_keeps_its_ids_among_others_in_the_cpu_default_layout(oracles):
+    """Batch invariance over 2 host devices (tensor parallelism, --cpu-devices' pick for qwen2): the same seeded
+    job alone and among 3 others arriving at other steps gives the same ids (the CPU computes each row on its own,
+    on every device)."""
+    model = worker.load(oracles / "models/qwen2/model-q8_0.gguf", device="cpu", slots=256, max_batch=4, cpu_devices=2)
+    assert len(model.devices) == 2
+    rng = random.Random(3)
+    vocab = model.cfg.vocab_size
+    target = ([rng.randrange(vocab) for _ in range(21)], SamplingParams(temperature=0.8, top_p=0.9), 1234, 16)
+    alone = run_batch(model, [target], [0])[0]
+    others = [([rng.randrange(vocab) for _ in range(rng.randrange(1, 40))], OTHERS[i % len(OTHERS)],
+               rng.randrange(2**32), rng.randrange(1, 20)) for i in range(3)]  # fmt: skip
+    got = run_batch(model, [target, *others], [2] + [rng.randrange(6) for _ in others])
+    assert got[0] == alone and len(alone) == 16
