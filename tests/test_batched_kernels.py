@@ -299,10 +299,14 @@ def check_storing_model(d, file: str, monkeypatch, where: dict) -> None:
         monkeypatch.setattr(ops, "_kv_write_kernel", on)
         calls, real = [], pa.paged_decode_attention
         monkeypatch.setattr(pa, "paged_decode_attention", lambda *a, **k: calls.append("new_kv" in k) or real(*a, **k))
-        m = worker.load(d / file, **where, slots=256, max_batch=2)
-        if on and where["device"] == "gpu":  # the pool updated in place by the kernels: no program copies it
+        # On the GPU a pool of 65,536 positions (tens of MB): far more than any program's own temporaries (a
+        # prefill's logits and activations, 0.6-2.3 MB on these models: more than the 540 KB of 512 positions), so
+        # a program that copied the pool would show it in warm_up's most extra bytes.
+        gpu = where["device"] == "gpu"
+        m = worker.load(d / file, **where, slots=256, max_batch=2, **(dict(kv_tokens=1 << 16) if gpu else {}))
+        if on and gpu:  # the pool updated in place by the kernels: no program copies it
             warmed = m.warm_up().fields()["most_extra_bytes"]
-            assert max(warmed.values()) < m.runner.cache_bytes(), warmed
+            assert max(warmed.values()) < m.runner.cache_bytes() // 4, warmed
         logprobs: list = []
         out = list(m.generate_ids(ids, 6, SamplingParams(logprobs=True), stop_at_eos=False, logprobs=logprobs))
         assert calls and all(c == on for c in calls), calls  # every decode step's layers took the route asked

@@ -51,13 +51,13 @@ def test_the_norm_kernel_compiled_follows_float64(shape):
     check(shape, interpret=False)
 
 
-ON = ops.norm_kernel_backends("1")  # WORKER_NORM_KERNEL=1
+ON = ops.kernel_backends("1")  # WORKER_NORM_KERNEL=1
 
 
 def test_the_kernel_is_on_by_default_on_the_gpu_only_and_the_setting_turns_it_on_or_off():
-    assert ops.norm_kernel_backends("") == {"gpu": True, "interpret": False}
-    assert ops.norm_kernel_backends("0") == {"gpu": False, "interpret": False}
-    assert ops.norm_kernel_backends("1") == {"gpu": True, "interpret": True}
+    assert ops.kernel_backends("") == {"gpu": True, "interpret": False}
+    assert ops.kernel_backends("0") == {"gpu": False, "interpret": False}
+    assert ops.kernel_backends("1") == {"gpu": True, "interpret": True}
 
 
 def test_the_kernel_backends_take_the_kernel_and_the_cpu_and_meshes_do_not(monkeypatch):
@@ -70,7 +70,7 @@ def test_the_kernel_backends_take_the_kernel_and_the_cpu_and_meshes_do_not(monke
     assert calls == [True, False]
     ops.rms_norm(x, w, 1e-6)
     ops.rms_norm(x, w, 1e-6, "gpu", mesh=jax.sharding.Mesh(np.array(jax.devices()[:1]), ("tp",)))
-    monkeypatch.setattr(ops, "_norm_kernel", ops.norm_kernel_backends("0"))
+    monkeypatch.setattr(ops, "_norm_kernel", ops.kernel_backends("0"))
     ops.rms_norm(x, w, 1e-6, "gpu")
     assert calls == [True, False]
 

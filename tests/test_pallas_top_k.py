@@ -58,13 +58,13 @@ def test_a_k_outside_the_row_is_refused():
 
 
 def test_gpt_oss_routes_through_the_kernel_with_the_same_bits(oracles, monkeypatch):
-    """WORKER_TOPK_KERNEL=1 on the interpret backend: every MoE layer's routing takes the kernel, and a greedy
-    generation's ids and log-probabilities are those of lax.top_k."""
+    """The kernel on the interpret backend (WORKER_TOPK_KERNEL=1 there; the gpu backend's default): every MoE
+    layer's routing takes the kernel, and a greedy generation's ids and log-probabilities are those of lax.top_k."""
     d = oracles / "models" / "gpt-oss"
     ids = manifest(d)["input"]["ids"]
 
     def generate(on: bool):
-        monkeypatch.setattr(ops, "_topk_kernel", on)
+        monkeypatch.setattr(ops, "_topk_kernel", {"gpu": on, "interpret": on})
         calls, real = [], kernel.top_k
         monkeypatch.setattr(kernel, "top_k", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
         m = worker.load(d / "model-mxfp4_moe.gguf", device="cpu", backend="interpret", slots=256, max_batch=2)

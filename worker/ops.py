@@ -55,29 +55,31 @@ BACKENDS = ("cpu", "gpu", "interpret")
 _attention_kernel = os.environ.get("WORKER_ATTENTION_KERNEL", "1") != "0"
 
 
-# RMSNorm's kernel (worker/pallas_kernels/rms_norm.py), one launch a norm where XLA takes ~2.5: on by default on the
-# "gpu" backend with one device (an H100, 2026-12-06: qwen2.5-0.5b decode 980.0 against 951.0 tok/s, 1.030x;
-# gpt-oss-20b 324.6-326.5 against 323.3; docs/PERFORMANCE.md, thirtieth session); WORKER_NORM_KERNEL=0 turns it off,
-# =1 also turns it on on "interpret" (off there by default: its interpreted launches would cost the CPU suite
-# minutes, and tests/test_pallas_rms_norm.py runs it there on purpose). Other bits than jax.numpy's (another order of
-# the sum of squares), the same bits for a row whatever its batch.
-def norm_kernel_backends(setting: str) -> dict[str, bool]:
-    """WORKER_NORM_KERNEL's value -> whether each kernel backend takes RMSNorm's kernel."""
+def kernel_backends(setting: str) -> dict[str, bool]:
+    """A default-on kernel's WORKER_* setting -> whether each kernel backend takes it: on the "gpu" backend unless
+    "0"; on "interpret" only with "1" (its interpreted launches would cost the CPU suite minutes; its own tests run it
+    there on purpose)."""
     return {"gpu": setting != "0", "interpret": setting == "1"}
 
 
-_norm_kernel = norm_kernel_backends(os.environ.get("WORKER_NORM_KERNEL", ""))
-# WORKER_NORM_ROUNDING=1: RMSNorm done by the kernel that rounds x to int8 for the matvec after it (`qmatmul`'s
-# `norm`), on the gpu (and interpret) backend: one launch where there are two; off until timed on the card (built in
-# the thirtieth session after its device time). The same values as the norm kernel's on the card.
-_norm_rounding = dict.fromkeys(("gpu", "interpret"), os.environ.get("WORKER_NORM_ROUNDING", "0") == "1")
+# RMSNorm's kernel (worker/pallas_kernels/rms_norm.py), one launch a norm where XLA takes ~2.5: on by default on the
+# "gpu" backend with one device (an H100, 2026-12-06: qwen2.5-0.5b decode 980.0 against 951.0 tok/s, 1.030x;
+# gpt-oss-20b 324.6-326.5 against 323.3; docs/PERFORMANCE.md, thirtieth session); WORKER_NORM_KERNEL=0 turns it off.
+# Other bits than jax.numpy's (another order of the sum of squares), the same bits for a row whatever its batch.
+_norm_kernel = kernel_backends(os.environ.get("WORKER_NORM_KERNEL", ""))
+# RMSNorm done by the kernel that rounds x to int8 for the matvec after it (`qmatmul`'s `norm`): one launch where
+# there are two; the norm kernel's values on the card (its gpu tests). On by default on the "gpu" backend
+# (WORKER_NORM_ROUNDING=0 turns it off): an H100, 2026-12-06, qwen2.5-0.5b decode 997.4 against 979.5 tok/s (1.018x),
+# gpt-oss-20b 383.7 against 382.7 (docs/PERFORMANCE.md, thirty-first session).
+_norm_rounding = kernel_backends(os.environ.get("WORKER_NORM_ROUNDING", ""))
 # WORKER_KV_WRITE_KERNEL=1: a decode step's new keys and values stored by the paged attention kernel that reads them
 # (`write_and_attend`) instead of kv_cache.write_layer's two XLA scatters a layer, on the kernel backends with one
 # device. Off until timed on the card (built in the thirtieth session after its device time): the same bits.
 _kv_write_kernel = os.environ.get("WORKER_KV_WRITE_KERNEL", "0") == "1"
-# WORKER_TOPK_KERNEL=1: a MoE layer's routing (`top_k`) as one Pallas kernel on the kernel backends, the same bits as
-# lax.top_k; off until timed on the card (built in the thirtieth session after its device time).
-_topk_kernel = os.environ.get("WORKER_TOPK_KERNEL", "0") == "1"
+# A MoE layer's routing (`top_k`) as one Pallas kernel, the same bits as lax.top_k: on by default on the "gpu" backend
+# (WORKER_TOPK_KERNEL=0 turns it off): an H100, 2026-12-06, gpt-oss-20b decode 393.0 against 382.7 tok/s (1.027x);
+# with the norm in the rounding kernel 394.3 against 381.6 (1.033x), the batch-invariance gpu tests passing with both.
+_topk_kernel = kernel_backends(os.environ.get("WORKER_TOPK_KERNEL", ""))
 # WORKER_MOE_SORTED_PAIRS=N: the routed matvec sorts its (token, selection) pairs by expert from N pairs on (default
 # qmatvec.SORTED_PAIRS; 0 sorts always, as all but one token did before the thirtieth session): an A/B switch, the
 # same bits either way.
@@ -356,7 +358,8 @@ def qmatmul(
     the kernel backends the per-row kernel, whose rows never depend on each other.
     A weight in the CPU layout (Int8Blocks) goes to `int8_matmul` (float32, exact like the CPU path).
     `norm` (w [In], eps): x is RMSNorm's input, normalized first (`rms_norm` on one device); with
-    WORKER_NORM_ROUNDING=1, on the int8-x kernels by the kernel that rounds x (one launch where there are two)."""
+    `_norm_rounding` (the gpu backend by default), on the int8-x kernels by the kernel that rounds x (one launch where
+    there are two)."""
     int8_x = _on_int8_x_kernels(x, w, backend, exact)
     if norm is not None and not (_norm_rounding.get(backend) and int8_x):
         x, norm = rms_norm(x, *norm, backend), None
@@ -629,8 +632,8 @@ def paged_attention(
 def top_k(x: jax.Array, k: int, backend: str = "cpu") -> tuple[jax.Array, jax.Array]:
     """x [M, N] -> (the k largest values of each row, largest first, float32 [M, k]; their indices int32 [M, k]),
     the lower index first among equal values: lax.top_k, or its kernel (worker/pallas_kernels/top_k.py, the same
-    bits) on the kernel backends with WORKER_TOPK_KERNEL=1."""
-    if backend != "cpu" and _topk_kernel:
+    bits) where `_topk_kernel` says (the gpu backend by default)."""
+    if _topk_kernel.get(backend, False):
         return top_k_kernel.top_k(x, k, interpret=backend == "interpret")
     values, indices = jax.lax.top_k(x.astype(jnp.float32), k)
     return values, indices.astype(jnp.int32)
