@@ -629,11 +629,12 @@ def paged_attention(
     return attention(q, k, v, q_positions, scale, window, sinks, backend=backend, mesh=mesh)
 
 
-def top_k(x: jax.Array, k: int, backend: str = "cpu") -> tuple[jax.Array, jax.Array]:
+def top_k(x: jax.Array, k: int, backend: str = "cpu", mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
     """x [M, N] -> (the k largest values of each row, largest first, float32 [M, k]; their indices int32 [M, k]),
     the lower index first among equal values: lax.top_k, or its kernel (worker/pallas_kernels/top_k.py, the same
-    bits) where `_topk_kernel` says (the gpu backend by default)."""
-    if _topk_kernel.get(backend, False):
+    bits) on one device where `_topk_kernel` says (the gpu backend by default; XLA's partitioner cannot split a
+    Pallas call, and over a mesh the routing is a replicated op of its own)."""
+    if mesh is None and _topk_kernel.get(backend, False):
         return top_k_kernel.top_k(x, k, interpret=backend == "interpret")
     values, indices = jax.lax.top_k(x.astype(jnp.float32), k)
     return values, indices.astype(jnp.int32)

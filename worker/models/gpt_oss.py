@@ -142,7 +142,7 @@ def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array, live: jax.Array
     # On [B, T, D]: the router's kernel route then follows each sequence's T, not the tokens of the whole dispatch.
     router = ops.qmatmul(h, lw["ffn_gate_inp"], lw["ffn_gate_inp_b"], backend=cfg.backend, exact=True)
     h, router = h.reshape(b * t, d), router.reshape(b * t, -1)  # [M, D], [M, E]
-    top, expert_ids = ops.top_k(router, cfg.n_experts_used, cfg.backend)  # [M, k], largest first
+    top, expert_ids = ops.top_k(router, cfg.n_experts_used, cfg.backend, cfg.mesh)  # [M, k], largest first
     # softmax over the k selected, its sum in a fixed order (ops.row_sum: batch invariance)
     expert_weights = jnp.exp(top - top[:, :1])
     expert_weights = expert_weights / ops.row_sum(expert_weights)
