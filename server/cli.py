@@ -190,6 +190,9 @@ def validate(args: argparse.Namespace) -> None:
             raise ArgumentError(f"{flag} {value}: must be at least {low}")
     if args.tensor_parallel > 1 and (args.cpu_devices or 1) > 1:
         raise ArgumentError("--cpu-devices and --tensor-parallel are two layouts of the model: ask for one")
+    if args.cpu_devices is not None and args.device == "gpu":
+        raise ArgumentError("--cpu-devices spreads the model over the CPU's cores: not with --device gpu (on a GPU "
+                            "run several GPUs with --tensor-parallel)")  # fmt: skip
     if not 1 <= args.max_tokens_out <= 2048:
         raise ArgumentError(f"--max-tokens-out {args.max_tokens_out}: must be in 1..2048")
     for flag, value in (

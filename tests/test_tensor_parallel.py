@@ -51,6 +51,8 @@ def test_cli_refuses_both_layouts_and_no_cpu_devices(capsys):
     assert "--cpu-devices and --tensor-parallel are two layouts" in capsys.readouterr().err
     assert main(base(**{"--cpu-devices": "0"})) == 1
     assert capsys.readouterr().err.strip() == "worker-orcd: error: --cpu-devices 0: must be at least 1"
+    assert main(base(**{"--cpu-devices": "2", "--device": "gpu"})) == 1
+    assert "--cpu-devices spreads the model over the CPU's cores: not with --device gpu" in capsys.readouterr().err
 
 
 def test_cli_makes_the_host_devices_and_refuses_heads_that_do_not_divide():

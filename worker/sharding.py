@@ -245,7 +245,7 @@ def _place(part: _Part, logical: tuple[str | None, ...], mesh: Mesh, cpu: bool) 
     matrix = len(part.t.shape) >= 2
     qtype, data, shape = part.t.qtype, part.data(), part.shape
     block, type_size = GGML_QUANT_SIZES[qtype]
-    if cpu and matrix and (shape[-1] // _shards(logical[-1], mesh)) % block:
+    if cpu and len(shape) == 2 and qtype not in PLAIN_TYPES and (shape[-1] // _shards(logical[-1], mesh)) % block:
         return _placed_whole(part, sharding)
     if not matrix:  # vectors (norms, biases, sinks) are float32 on the device
         data = np.asarray(gguf.quants.dequantize(data, qtype), np.float32).reshape(shape)
