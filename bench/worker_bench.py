@@ -219,6 +219,7 @@ def run(model: str, device: str, prompt_tokens: int, decode_tokens: int, repeats
         "tensor_parallel": tensor_parallel,
         "devices": len(m.devices),
         "layout": m.layout,
+        "cpu_kernel": m.cpu_kernel,
         "max_batch": m.runner.max_batch,
         "decode_kernels": m.cfg.decode_kernels,
         "loaded_bytes_per_device": [d["bytes_in_use"] for d in per_device],

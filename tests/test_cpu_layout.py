@@ -11,7 +11,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from test_quant import QUANTIZED, assert_bit_equal, random_raw, reference
 
-from worker import ops
+from worker import cpu_kernels, ops
 from worker.quant import Int8Blocks, QuantArray, cpu_layout, dequantize, quant_array, to_int8_blocks
 
 
@@ -26,6 +26,16 @@ def test_layout_values_bit_exact(qtype: QT):
     assert_bit_equal(jax.jit(dequantize)(w), reference(raw, qtype).reshape(shape))
     ids = jnp.asarray([[6, 0, 3]])
     assert_bit_equal(ops.embed(w, ids)[0], reference(raw, qtype).reshape(shape)[[6, 0, 3]])
+
+
+@pytest.fixture
+def tile_walk(monkeypatch):
+    """ops.int8_matmul on XLA's tile walk for every row count (decode-sized calls take the CPU kernel where it
+    builds: tests/test_cpu_kernels.py)."""
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    ops.int8_matmul.clear_cache()
+    yield
+    ops.int8_matmul.clear_cache()
 
 
 def products(rows: int, n: int, k: int, qtype: QT, seed: int) -> tuple[jax.Array, np.ndarray]:
@@ -45,7 +55,7 @@ def products(rows: int, n: int, k: int, qtype: QT, seed: int) -> tuple[jax.Array
         (1, 3, 64, QT.Q5_0),  # fewer rows than two tiles' worth
     ],
 )
-def test_tiled_matmul_matches_float64(rows: int, n: int, k: int, qtype: QT, monkeypatch):
+def test_tiled_matmul_matches_float64(rows: int, n: int, k: int, qtype: QT, monkeypatch, tile_walk):
     for limit in ("CPU_TILE_BYTES", "CPU_DECODE_TILE_BYTES"):  # at most 64 rows a tile: every path at small size
         monkeypatch.setattr(ops, limit, 64 * 4 * k)
     ops.int8_matmul.clear_cache()  # the tile bytes are read while tracing
@@ -58,7 +68,7 @@ def test_tiled_matmul_matches_float64(rows: int, n: int, k: int, qtype: QT, monk
     assert err < 1e-5, err  # float32 accumulation
 
 
-def test_few_rows_take_the_smaller_tile_and_the_tile_changes_no_bits(monkeypatch):
+def test_few_rows_take_the_smaller_tile_and_the_tile_changes_no_bits(monkeypatch, tile_walk):
     """Decode-sized calls (up to CPU_DECODE_ROWS rows of x) walk tiles of CPU_DECODE_TILE_BYTES, prefill-sized ones
     the larger CPU_TILE_BYTES; a tile splits w's rows, never the sum over K, so either gives a row the same bits."""
     n, k = 4096, 640

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from worker import cpu_kernels, ops, scheduler, sharding
 from worker import device as devices
-from worker import ops, scheduler, sharding
 from worker.batch import Batch, key_data
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, open_gguf
@@ -191,6 +191,12 @@ class Model:
     def devices(self) -> list[jax.Device]:
         """The devices the model is on: one, or the tensor-parallel mesh's."""
         return sharding.mesh_devices(self.runner.mesh) if self.runner.mesh is not None else [self.device]
+
+    @property
+    def cpu_kernel(self) -> bool:
+        """Whether the CPU layout's decode products run on the CPU's own kernel (worker/cpu_kernels), which builds
+        on first use; False on the GPU and where it did not build (then XLA's tile walk, logged why)."""
+        return self.cfg.backend == "cpu" and cpu_kernels.available()
 
     @property
     def layout(self) -> str:
@@ -545,6 +551,7 @@ def load_model(
         if backend == "cpu":  # the layout XLA's CPU backend computes with well (quant.Int8Blocks); the gpu and
             # interpret backends' kernels read the block planes
             weights = cpu_layout(weights, devices.held_once if mesh is not None else lambda m: m)
+            cpu_kernels.available()  # built now (~3 s the first time on a machine), not inside the first compile
             if mesh is not None:
                 weights = devices.held_once(weights)  # the vectors and float matrices
         if copies:

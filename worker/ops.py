@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from worker import sharding
+from worker import cpu_kernels, sharding
 from worker.kv_cache import KVCache, gather_layer, write_layer
 from worker.pallas_kernels import moe_matmul as grouped_matmul
 from worker.pallas_kernels import paged_attention as paged
@@ -45,6 +45,10 @@ Weight = QuantArray | Int8Blocks | jax.Array
 CPU_TILE_BYTES = 8 << 20
 CPU_DECODE_TILE_BYTES = 256 << 10
 CPU_DECODE_ROWS = 16  # rows of x up to which a call takes CPU_DECODE_TILE_BYTES
+# Rows of x up to which a call takes the CPU's own kernel where it builds (worker/cpu_kernels). Measured on 2 cores
+# of a Xeon (2026-12-06, half of Gemma 3's head, 131,072 x 640 Q8_0, best of 8): 1 row 6.0 against the tile walk's
+# 10.4 ms, 2 rows 7.3 / 15.0, 4 rows 11.6 / 15.4, 8 rows 21.8 / 20.6, 16 rows 45.8 / 32.8.
+CPU_KERNEL_ROWS = 4
 
 # Which implementation the quantized matmuls, attention and MoE trace to: "cpu" (the jax.numpy path below, exact
 # float32), "gpu" (Pallas kernels for decode-sized matmuls and short prefill chunks: `_on_kernels`;
@@ -302,9 +306,13 @@ def int8_matmul(x: jax.Array, w: Int8Blocks) -> jax.Array:
     as `dequantize`) next to its dot, inside a loop body. Why: XLA's CPU backend neither fuses a widening into a
     dot nor reuses the buffers of widenings outside loops, so a whole-matrix widening costs a fresh float32 copy
     of every weight per call (page faults, mostly); a tile's buffer is reused and stays in cache. One device's
-    matrix (a split one: `_split_int8`)."""
+    matrix (a split one: `_split_int8`).
+    Up to CPU_KERNEL_ROWS rows of x (decode), where it builds: the CPU's own kernel (worker/cpu_kernels), which
+    widens each code in a register instead; more rows (prefill) stay on XLA's dot, faster there."""
     n, k = w.shape
     x2 = x.reshape(-1, k).astype(jnp.float32)
+    if x2.shape[0] <= CPU_KERNEL_ROWS and cpu_kernels.fits(w) and cpu_kernels.available():
+        return cpu_kernels.int8_matvec(x2, w).reshape(*x.shape[:-1], n)
     return _int8_rows(x2, w).T.reshape(*x.shape[:-1], n)
 
 

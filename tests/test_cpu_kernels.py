@@ -1,0 +1,102 @@
+"""The CPU's own kernel (worker/cpu_kernels): its product against a float64 product of gguf-py's reference values in
+the block formats of the CPU layout (with and without an offset, Q6_K's 16-value blocks), row lengths that are and
+are not multiples of its 4-row groups, each row's bits whatever the number of x rows beside it (batch invariance),
+bad shapes refused with the kernel's message, and the fallback to XLA's tile walk without a compiler."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from test_quant import random_raw, reference
+
+from worker import cpu_kernels, ops
+from worker.quant import quant_array, to_int8_blocks
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernels._compiler() is None, reason="no C++ compiler on this machine: the CPU kernel cannot be built"
+)
+
+
+def matrix(qtype: QT, n: int, k: int, seed: int):
+    raw = random_raw(qtype, (n, k), seed)
+    return to_int8_blocks(quant_array(raw, qtype, (n, k))), reference(raw, qtype).reshape(n, k).astype(np.float64)
+
+
+@pytest.mark.parametrize(
+    ("qtype", "n", "k"),
+    [
+        (QT.Q8_0, 37, 64),  # 37 rows: 9 groups of 4 and one row alone
+        (QT.Q4_1, 130, 2880),  # an offset; gpt-oss's 2,880-long rows
+        (QT.Q4_K, 5, 512),  # an offset from the K-quants' sub-blocks
+        (QT.Q6_K, 6, 256),  # 16-value blocks
+        (QT.Q5_0, 4, 96),  # rows not a multiple of 64
+        (QT.MXFP4, 9, 128),
+    ],
+    ids=lambda v: getattr(v, "name", str(v)),
+)
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, ops.CPU_DECODE_ROWS])
+def test_kernel_matches_float64(qtype: QT, n: int, k: int, rows: int):
+    assert cpu_kernels.available()
+    w, ref_w = matrix(qtype, n, k, seed=n + k + rows)
+    x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
+    ours = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w), np.float64)
+    ref = x.astype(np.float64) @ ref_w.T
+    assert ours.shape == (rows, n)
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()  # float32 accumulation over k values
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
+def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(qtype: QT):
+    w, _ = matrix(qtype, 23, 768, seed=3)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((ops.CPU_DECODE_ROWS, 768)).astype(np.float32))
+    together = np.asarray(cpu_kernels.int8_matvec(x, w))
+    for r in range(ops.CPU_DECODE_ROWS):
+        alone = np.asarray(cpu_kernels.int8_matvec(x[r : r + 1], w))
+        assert np.array_equal(alone[0], together[r]), r
+
+
+def test_decode_calls_take_the_kernel_and_longer_calls_the_tile_walk():
+    w, _ = matrix(QT.Q8_0, 8, 64, seed=1)
+    few = jax.jit(ops.int8_matmul).lower(jnp.zeros((1, 64)), w).as_text()
+    many = jax.jit(ops.int8_matmul).lower(jnp.zeros((ops.CPU_KERNEL_ROWS + 1, 64)), w).as_text()
+    assert cpu_kernels._TARGET in few and cpu_kernels._TARGET not in many
+
+
+def test_bad_shapes_get_the_kernels_message():
+    w, _ = matrix(QT.Q8_0, 8, 64, seed=1)
+    with pytest.raises(Exception, match="int8_matvec: shapes do not fit"):
+        jax.ffi.ffi_call(cpu_kernels._TARGET, jax.ShapeDtypeStruct((1, 8), jnp.float32))(
+            jnp.zeros((1, 32)), w.codes, w.scale
+        ).block_until_ready()
+
+
+def test_without_a_compiler_the_tile_walk_stays(monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    cpu_kernels.available.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.cpu_kernels"):
+            assert not cpu_kernels.available()
+        assert "no C++ compiler" in caplog.text
+    finally:
+        cpu_kernels.available.cache_clear()
+
+
+def test_a_failed_build_is_logged_and_the_tile_walk_stays(monkeypatch, caplog, tmp_path):
+    broken = tmp_path / "int8_matvec.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    monkeypatch.setattr(cpu_kernels.platformdirs, "user_cache_dir", lambda name: str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: shutil.which("c++") or shutil.which("g++"))
+    cpu_kernels.available.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.cpu_kernels"):
+            assert not cpu_kernels.available()
+        assert "did not build" in caplog.text and "this is not C++" in caplog.text
+    finally:
+        cpu_kernels.available.cache_clear()

@@ -1,0 +1,188 @@
+// The CPU's decode-sized product of x (float32, a few rows) with a matrix in the CPU layout (quant.Int8Blocks:
+// int8 codes, a float32 scale and optional offset per block), called from JAX through XLA's FFI (worker/cpu_kernels).
+// Why by hand: XLA's CPU backend neither fuses the codes' widening into its dot nor has an integer or mixed
+// matrix-vector product (docs/PERFORMANCE.md, "CPU"): its tile walk (ops.int8_matmul) widens each tile into a
+// float32 buffer and reads it again. Here each code is widened in a register next to its multiply-add: half of
+// Gemma 3's head (131,072 x 640 Q8_0) against one row of x on one core of a Xeon, best of 8, 6.0 ms against the tile
+// walk's 10.4 (a plain read of its bytes: 3.4 ms).
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+// GCC/Clang vector extensions: one code path over the target's widest float registers (AVX-512, AVX2, NEON/SSE).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float Floats __attribute__((vector_size(4 * kLanes)));
+typedef int8_t Codes __attribute__((vector_size(kLanes)));
+
+// kLanes int8 codes as floats. GCC 12 scalarizes __builtin_convertvector from int8 (measured: 5x slower than XLA's
+// tile walk), so x86 names the sign-extend and convert instructions.
+static inline Floats Widen(const int8_t* c) {
+#if defined(__AVX512F__)
+  return (Floats)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+#elif defined(__AVX2__)
+  return (Floats)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
+#else
+  Codes v;
+  std::memcpy(&v, c, sizeof v);
+  return __builtin_convertvector(v, Floats);
+#endif
+}
+
+// The lanes' sum in a fixed tree order: halves added as vectors until four lanes are left.
+typedef float Four __attribute__((vector_size(16)));
+template <int kWidth>
+static inline Four Halve(const float* v) {
+  if constexpr (kWidth == 4) {
+    Four f;
+    std::memcpy(&f, v, sizeof f);
+    return f;
+  } else {
+    typedef float Half __attribute__((vector_size(2 * kWidth)));
+    Half lo, hi;
+    std::memcpy(&lo, v, sizeof lo);
+    std::memcpy(&hi, v + kWidth / 2, sizeof hi);
+    const Half sum = lo + hi;
+    return Halve<kWidth / 2>(reinterpret_cast<const float*>(&sum));
+  }
+}
+
+static inline float Sum(Floats v) {
+  const Four f = Halve<kLanes>(reinterpret_cast<const float*>(&v));
+  return (f[0] + f[2]) + (f[1] + f[3]);
+}
+
+// Every row of w against kM rows of x (kM compile-time: the accumulators stay in registers). With
+// w = scale * code (+ offset), a block's share of a product is scale * sum(code * x) (+ offset * sum(x)): the codes'
+// products are summed over the block first and scaled once a block, fewer operations than scaling every value.
+// One row of w at a time reads the codes in one sequential stream (four rows side by side were slower: the head's
+// two halves on the two cores at once 14.1 against 11.1 ms). Each y value is one fixed sequence of float
+// operations whatever the other rows: batch invariance.
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <int kM, int kBlock, bool kOffset>
+static void Rows(const float* x, const float* xsum, const int8_t* codes, const float* scale, const float* offset,
+                 float* y, int64_t n, int64_t k) {
+  const int64_t blocks = k / kBlock;
+  for (int64_t r = 0; r < n; ++r) {
+    Floats acc[kM] = {};
+    for (int64_t b = 0; b < blocks; ++b) {
+      Floats part[kM] = {};
+      // Ask for the codes 4 KiB ahead: the hardware's prefetcher alone left the loop waiting on memory (the head's
+      // half on one core, best of six: 6.0 -> 4.7 ms 2 KiB ahead, 8.8 -> 8.0 ms from 2 to 4 KiB on a busier host).
+      __builtin_prefetch(codes + r * k + b * kBlock + kPrefetchBytes);
+      for (int64_t j = b * kBlock; j < (b + 1) * kBlock; j += kLanes) {
+        const Floats c = Widen(codes + r * k + j);
+        for (int i = 0; i < kM; ++i) {
+          Floats xi;
+          std::memcpy(&xi, x + i * k + j, sizeof xi);
+          part[i] += c * xi;
+        }
+      }
+      const float s = scale[r * blocks + b];
+      for (int i = 0; i < kM; ++i) acc[i] += part[i] * s;
+      if (kOffset) {
+        const float o = offset[r * blocks + b];
+        for (int i = 0; i < kM; ++i) {
+          Floats xs;
+          std::memcpy(&xs, xsum + (i * blocks + b) * kLanes, sizeof xs);
+          acc[i] += xs * o;
+        }
+      }
+    }
+    for (int i = 0; i < kM; ++i) y[i * n + r] = Sum(acc[i]);
+  }
+}
+
+// Every x row against every row of w, x rows in groups of 4, 2, 1.
+// For an offset, each x row's lane-wise sums over each block (the offset's share of a block is offset * sum(x)).
+template <int kBlock, bool kOffset>
+static void Product(const float* x, const int8_t* codes, const float* scale, const float* offset, float* y,
+                    int64_t m, int64_t n, int64_t k) {
+  const int64_t blocks = k / kBlock;
+  std::vector<float> xsum(kOffset ? m * blocks * kLanes : 0);
+  for (int64_t i = 0; kOffset && i < m; ++i)
+    for (int64_t b = 0; b < blocks; ++b) {
+      Floats xs = {};
+      for (int64_t j = b * kBlock; j < (b + 1) * kBlock; j += kLanes) {
+        Floats v;
+        std::memcpy(&v, x + i * k + j, sizeof v);
+        xs += v;
+      }
+      std::memcpy(&xsum[(i * blocks + b) * kLanes], &xs, sizeof xs);
+    }
+  for (int64_t i = 0; i < m;) {
+    const float *xi = x + i * k, *si = xsum.data() + i * blocks * kLanes;
+    float* yi = y + i * n;
+    const int64_t group = m - i >= 4 ? 4 : m - i >= 2 ? 2 : 1;
+    if (group == 4) Rows<4, kBlock, kOffset>(xi, si, codes, scale, offset, yi, n, k);
+    if (group == 2) Rows<2, kBlock, kOffset>(xi, si, codes, scale, offset, yi, n, k);
+    if (group == 1) Rows<1, kBlock, kOffset>(xi, si, codes, scale, offset, yi, n, k);
+    i += group;
+  }
+}
+
+// Shapes: x [M, K], codes [N, K], scale (and offset) [N, K / block], y [M, N]; a block of 16 or 32 values (the
+// CPU layout's: quant.cpu_block).
+static ffi::Error Call(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::S8>& codes,
+                       const ffi::Buffer<ffi::F32>& scale, const ffi::Buffer<ffi::F32>* offset,
+                       ffi::Result<ffi::Buffer<ffi::F32>>& y) {
+  auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("int8_matvec: x, codes, scale and y must be matrices");
+  const int64_t m = xd[0], k = xd[1], n = cd[0], blocks = sd[1];
+  const int64_t block = blocks > 0 && k % blocks == 0 ? k / blocks : 0;
+  if (cd[1] != k || sd[0] != n || (block != 16 && block != 32) || yd[0] != m || yd[1] != n)
+    return ffi::Error::InvalidArgument(
+        "int8_matvec: shapes do not fit x [M, K], codes [N, K], scale [N, K / block], y [M, N] with a block of 16 "
+        "or 32");
+  if (offset != nullptr) {
+    auto od = offset->dimensions();
+    if (od.size() != 2 || od[0] != n || od[1] != blocks)
+      return ffi::Error::InvalidArgument("int8_matvec: offset must have scale's shape");
+  }
+  const float* o = offset != nullptr ? offset->typed_data() : nullptr;
+  const auto args = std::make_tuple(x.typed_data(), codes.typed_data(), scale.typed_data(), o, y->typed_data(), m, n, k);
+  if (block == 16)
+    std::apply(offset != nullptr ? Product<16, true> : Product<16, false>, args);
+  else
+    std::apply(offset != nullptr ? Product<32, true> : Product<32, false>, args);
+  return ffi::Error::Success();
+}
+
+static ffi::Error Plain(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes, ffi::Buffer<ffi::F32> scale,
+                        ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  return Call(x, codes, scale, nullptr, y);
+}
+
+static ffi::Error WithOffset(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes, ffi::Buffer<ffi::F32> scale,
+                             ffi::Buffer<ffi::F32> offset, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  return Call(x, codes, scale, &offset, y);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Int8Matvec, Plain,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Int8MatvecOffset, WithOffset,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
