@@ -345,9 +345,11 @@ def paged_decode_attention_twin(
     qg = q.reshape(b, kh, g_n, 1, d).astype(jnp.float32)
     p = positions.reshape(b, 1).astype(jnp.int32)
 
-    def page_step(carry, column):
+    table = jnp.asarray(page_table, jnp.int32)
+
+    def page_step(i, carry):
         m, l_, acc = carry  # [B, K, G], [B, K, G], [B, K, G, D]
-        i, pages = column
+        pages = jax.lax.dynamic_index_in_dim(table, i, axis=1, keepdims=False)
         j = i * page_size + jnp.arange(page_size)
         visible = j <= p  # [B, page_size]
         if window is not None:
@@ -360,12 +362,16 @@ def paged_decode_attention_twin(
         alpha = jnp.exp(m - m_new)
         w = jnp.exp(s - m_new[..., None])  # [B, K, G, page_size]
         acc = acc * alpha[..., None] + _halving_sum(w[..., None] * v, -2)
-        return (m_new, l_ * alpha + _halving_sum(w, -1), acc), None
+        return m_new, l_ * alpha + _halving_sum(w, -1), acc
 
     init = (jnp.full((b, kh, g_n), NEG, jnp.float32), jnp.zeros((b, kh, g_n), jnp.float32),
             jnp.zeros((b, kh, g_n, d), jnp.float32))  # fmt: skip
-    columns = (jnp.arange(page_table.shape[1]), jnp.asarray(page_table, jnp.int32).T)
-    (m, l_, acc), _ = jax.lax.scan(page_step, init, columns)
+    # Only the columns some row can see: past every row's position a page changes no row's bits (its keys are all
+    # hidden: the running max stays, its scale is exp(0) = 1, its weights 0), so the walk stops there, where the
+    # table's bucket is wider (16 pages at least: a short sequence's decode walked 16-32 pages for 1-5 live ones;
+    # Gemma 3 270M on 2 cores, ~7 us a page a layer).
+    live = jnp.minimum(table.shape[1], jnp.max(p) // page_size + 1)
+    m, l_, acc = jax.lax.fori_loop(0, live, page_step, init)
     if sinks is not None:
         sink = sinks.astype(jnp.float32).reshape(kh, g_n)
         top = jnp.maximum(m, sink)
