@@ -63,9 +63,14 @@ def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(qtype: QT):
 
 def test_decode_calls_take_the_kernel_and_longer_calls_the_tile_walk():
     w, _ = matrix(QT.Q8_0, 8, 64, seed=1)
-    few = jax.jit(ops.int8_matmul).lower(jnp.zeros((1, 64)), w).as_text()
-    many = jax.jit(ops.int8_matmul).lower(jnp.zeros((ops.CPU_KERNEL_ROWS + 1, 64)), w).as_text()
-    assert cpu_kernels._TARGET in few and cpu_kernels._TARGET not in many
+
+    def program(rows: int) -> str:
+        return jax.jit(ops.qmatmul).lower(jnp.zeros((rows, 64)), w).as_text()
+
+    assert cpu_kernels._TARGET in program(1) and cpu_kernels._TARGET in program(ops.CPU_KERNEL_ROWS)
+    assert cpu_kernels._TARGET not in program(ops.CPU_KERNEL_ROWS + 1)
+    with ops.cpu_rows_kernel():  # a deterministic decode step's rows together: the kernel whatever their number
+        assert cpu_kernels._TARGET in program(32)
 
 
 def test_bad_shapes_get_the_kernels_message():

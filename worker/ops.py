@@ -12,6 +12,7 @@ attention float16 (the cache's dtype) with f32 accumulation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -136,6 +137,7 @@ DECODE_KERNELS = ("tensor-cores", "per-row", "by-rows", "per-row-int8")
 _decode_kernels: ContextVar[str] = ContextVar("decode_kernels", default="by-rows")
 # A decode step's live rows ([B] bool, runner: rows with a sequence), for the per-row kernels to skip the others.
 _live_rows: ContextVar[jax.Array | None] = ContextVar("live_rows", default=None)
+_cpu_rows_kernel: ContextVar[bool] = ContextVar("cpu_rows_kernel", default=False)
 
 
 @contextmanager
@@ -159,6 +161,17 @@ def live_rows(live: jax.Array) -> Iterator[None]:
         yield
     finally:
         _live_rows.reset(token)
+
+
+@contextmanager
+def cpu_rows_kernel() -> Iterator[None]:
+    """The CPU layout's products traced inside take the CPU's own kernel whatever their rows: a row's bits then do
+    not depend on the rows beside it (runner: a deterministic CPU decode step computes its rows together)."""
+    token = _cpu_rows_kernel.set(True)
+    try:
+        yield
+    finally:
+        _cpu_rows_kernel.reset(token)
 
 
 def _tensor_cores(rows: int) -> bool:
@@ -300,20 +313,28 @@ def _tile_rows(n: int, k: int, rows: int) -> int:
 
 # A nested jit: the many matmuls of one shape (every layer's) are traced and lowered once, not once each (a start
 # of the CPU worker spent ~10 s tracing 250 tile loops).
-@jax.jit
-def int8_matmul(x: jax.Array, w: Int8Blocks) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("kernel",))
+def int8_matmul(x: jax.Array, w: Int8Blocks, kernel: bool = False) -> jax.Array:
     """x [..., K] @ w.T -> [..., N] float32, walking row tiles of w: each tile is widened to float32 (exactly,
     as `dequantize`) next to its dot, inside a loop body. Why: XLA's CPU backend neither fuses a widening into a
     dot nor reuses the buffers of widenings outside loops, so a whole-matrix widening costs a fresh float32 copy
     of every weight per call (page faults, mostly); a tile's buffer is reused and stays in cache. One device's
     matrix (a split one: `_split_int8`).
-    Up to CPU_KERNEL_ROWS rows of x (decode), where it builds: the CPU's own kernel (worker/cpu_kernels), which
-    widens each code in a register instead; more rows (prefill) stay on XLA's dot, faster there."""
+    `kernel` (`_on_cpu_kernel`): the CPU's own kernel instead (worker/cpu_kernels), which widens each code in a
+    register, each row of x on its own."""
     n, k = w.shape
     x2 = x.reshape(-1, k).astype(jnp.float32)
-    if x2.shape[0] <= CPU_KERNEL_ROWS and cpu_kernels.fits(w) and cpu_kernels.available():
+    if kernel:
         return cpu_kernels.int8_matvec(x2, w).reshape(*x.shape[:-1], n)
     return _int8_rows(x2, w).T.reshape(*x.shape[:-1], n)
+
+
+def _on_cpu_kernel(x: jax.Array, w: Int8Blocks) -> bool:
+    """Whether x @ w.T takes the CPU's own kernel: up to CPU_KERNEL_ROWS rows of x (decode; more rows are faster
+    on XLA's dot), or any number inside `cpu_rows_kernel` (a decode step whose rows must not change each other's
+    bits), where the kernel builds and takes w's blocks."""
+    rows = x.size // max(1, x.shape[-1])
+    return (rows <= CPU_KERNEL_ROWS or _cpu_rows_kernel.get()) and cpu_kernels.fits(w) and cpu_kernels.available()
 
 
 def _split_int8(x: jax.Array, w: Int8Blocks) -> jax.Array:
@@ -324,9 +345,10 @@ def _split_int8(x: jax.Array, w: Int8Blocks) -> jax.Array:
     mesh, (rows, cols) = w.sharding.mesh, (*w.sharding.spec, None, None)[:2]
     lead = (None,) * (x.ndim - 1)
     local = _local(w)
+    kernel = _on_cpu_kernel(x, w)
 
     def body(x: jax.Array, shard: Int8Blocks) -> jax.Array:
-        y = int8_matmul(x, dataclasses.replace(shard, shape=local, sharding=None))
+        y = int8_matmul(x, dataclasses.replace(shard, shape=local, sharding=None), kernel)
         return jax.lax.psum(y, cols) if cols is not None else y
 
     return _on_shards(body, mesh, (P(*lead, cols), P(rows, cols)), P(*lead, rows))(x, w)
@@ -374,7 +396,8 @@ def qmatmul(
     rows = x.size // max(1, x.shape[-1])
     if isinstance(w, Int8Blocks):
         split = w.sharding is not None and any(a is not None for a in w.sharding.spec)
-        y = _split_int8(x, w) if split else int8_matmul(x, w)  # replicated: XLA's partitioner splits x's tokens
+        # Replicated: XLA's partitioner splits x's tokens.
+        y = _split_int8(x, w) if split else int8_matmul(x, w, _on_cpu_kernel(x, w))
     elif _kernel_fits(w, 2, backend, types=qmatvec.MATVEC_TYPES) and _on_kernels(x):
         # A prefill-shaped product takes the tensor cores whatever the decode kernels. `exact`: the per-row kernel,
         # float32 throughout.

@@ -12,8 +12,9 @@ never reads the whole context.
 
 Batch invariance (docs/batching.md): a row's arithmetic does not depend on the other rows, on the row buckets or
 on the table width. Per-row parameters and keys; on a GPU the batch-invariant kernels compute the rows together
-(at least MIN_ROWS of them, so that no one-row shape takes another XLA code path); on the CPU each row is
-computed on its own (_one_row_at_a_time).
+(at least MIN_ROWS of them, so that no one-row shape takes another XLA code path); on the CPU the rows are
+computed together on the CPU's own kernel where it takes every matrix (_all_rows_on_cpu_kernel), else each on its
+own (_one_row_at_a_time).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worker import ops, sharding
+from worker import cpu_kernels, ops, sharding
 from worker.kv_cache import PAGE_SIZE, KVCache, bytes_per_slot, dtype_for, init_cache, pages_for, table_row
 from worker.models.base import live_tokens
+from worker.quant import Int8Blocks, QuantArray
 from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample, token_logprobs
 
 # (token log-probability, top ids, top log-probabilities) of sampled rows, on the device; None when not asked for
@@ -144,17 +146,20 @@ class Runner:
         self.kv_split = sharding.kv_split(mesh) if mesh else 1  # devices the pool's kv heads are split over
         self.context, self.pages, self.page_size = context, pages, page_size
         self.max_batch = max_batch  # sequences at once; the row arrays have at least min_rows rows
-        # `deterministic`: batch invariant (docs/batching.md). The CPU then computes each row on its own
+        # `deterministic`: batch invariant (docs/batching.md). The CPU then computes the rows together on its own
+        # kernel (_all_rows_on_cpu_kernel) or, where a matrix is not the kernel's, each row on its own
         # (_one_row_at_a_time), so one row is a bucket there; without it, rows share XLA:CPU's matrix products
-        # (more tokens a second with several jobs, bits that change with the batch).
+        # (bits that change with the batch).
         self.deterministic = deterministic
         self.min_rows = MIN_ROWS if deterministic and cfg.backend != "cpu" else 1
         self._rows = max(max_batch, self.min_rows)
         self.max_pages = pages_for(context, page_size)  # a sequence's page table
         self.chunk, self.cache_dtype = min(chunk, context), dtype_for(device.platform)
         self._prefill = jax.jit(partial(_prefill, adapter, cfg, self.min_rows), donate_argnums=(5,))
-        one_by_one = deterministic and cfg.backend == "cpu"
-        decode = partial(_decode, adapter, cfg, _one_row_at_a_time if one_by_one else _all_rows_at_once)
+        step = _all_rows_at_once
+        if deterministic and cfg.backend == "cpu":
+            step = _all_rows_on_cpu_kernel if _rows_invariant_on_cpu(weights) else _one_row_at_a_time
+        decode = partial(_decode, adapter, cfg, step)
         self._decode = jax.jit(decode, static_argnums=(9, 10), donate_argnums=(2, 6))
         self._first = jax.jit(_sample_rows, static_argnums=(5,))
         self._join = jax.jit(_join, donate_argnums=(0,))
@@ -490,6 +495,25 @@ def _all_rows_at_once(adapter, cfg, weights, tok, pos, table, cache, seen, sp, k
         logits = adapter.logits(weights, cfg, hidden)[:, 0]
     nxt, seen, scores = _sample_rows(logits, sp, keys, index, seen, plan)
     return nxt, cache, seen, scores
+
+
+def _all_rows_on_cpu_kernel(*args):
+    """`_all_rows_at_once` with every product on the CPU's own kernel (ops.cpu_rows_kernel), each of whose rows is
+    computed on its own: batch invariant like `_one_row_at_a_time`, the weights read once a step for all the rows
+    (in groups of 4 rows: int8_matvec.cc) instead of once a row."""
+    with ops.cpu_rows_kernel():
+        return _all_rows_at_once(*args)
+
+
+def _rows_invariant_on_cpu(weights: Any) -> bool:
+    """Whether every matrix of `weights` is in the CPU layout and the CPU's own kernel takes it (built, its
+    blocks), so that rows computed together keep their bits (`_all_rows_on_cpu_kernel`). Float matrices and MoE
+    experts go through XLA's products, whose order depends on the batch."""
+    kinds = (Int8Blocks, QuantArray)
+    leaves = jax.tree_util.tree_leaves(weights, is_leaf=lambda x: isinstance(x, kinds))
+    matrices = [leaf for leaf in leaves if isinstance(leaf, kinds) or getattr(leaf, "ndim", 0) >= 2]
+    fits = all(isinstance(m, Int8Blocks) and cpu_kernels.fits(m) for m in matrices)
+    return fits and cpu_kernels.available()
 
 
 def _one_row_at_a_time(adapter, cfg, weights, tok, pos, table, cache, seen, sp, keys, index, plan):
