@@ -41,9 +41,10 @@ DEFAULT_KV_MEMORY = 0.5
 # an estimated dispatch near DISPATCH_TARGET_S, the estimate being the bytes a token reads at EFFECTIVE_BANDWIDTH
 # plus a fixed per-step cost; the server's warm-up then times a dispatch of its largest row bucket and sizes the
 # count from that (Model.calibrate_steps), as 64 rows take several times one row's step. On the CPU a step of the
-# 270M model takes 40-90 ms on 2 cores (docs/PERFORMANCE.md) and a dispatch costs next to nothing more (one step
-# per dispatch measured within the noise of forward + logits + sample), so two steps would pass the 100 ms bound
-# for no gain: one step per dispatch.
+# 270M model takes ~22 ms at one row on 2 cores and ~40 at four (the CPU's own kernel; docs/PERFORMANCE.md) and 2 or
+# 4 steps a dispatch gained 2% or 7% (2026-12-06: 44.4 and 46.6 against 43.5 tok/s), a 4-step dispatch then ~90 ms of
+# the 100 ms cancel bound at one row, past it at four, and slower machines are the CPU's usual ones: one step per
+# dispatch.
 DISPATCH_TARGET_S = 0.03
 EFFECTIVE_BANDWIDTH = 2.0e12
 STEP_OVERHEAD_S = 0.5e-3

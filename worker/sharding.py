@@ -378,8 +378,8 @@ def head_ways(vocab: int, most: int) -> int:
 
 def cpu_mesh(gf: GGUFFile, table: dict[str, tuple[tuple, bool]], cfg: Any, n: int) -> Mesh | None:
     """The CPU's layout over up to n host devices (worker.load's cpu_devices): tensor parallelism where the model
-    takes it (each device computes its share of every layer: Gemma 3 270M decodes 1.6x one device's rate on 2
-    cores, head parallelism 1.3x; docs/PERFORMANCE.md, "CPU"), else head parallelism over as many as divide the
+    takes it (each device computes its share of every layer: Gemma 3 270M decodes 1.5x one device's rate on 2
+    cores, head parallelism 1.2x; docs/PERFORMANCE.md, "CPU"), else head parallelism over as many as divide the
     vocabulary; None: one device."""
     if n > 1:
         try:
