@@ -5,7 +5,9 @@ bad shapes refused with the kernel's message, and the fallback to XLA's tile wal
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import platform
 import shutil
 
 import jax
@@ -67,16 +69,16 @@ def test_decode_calls_take_the_kernel_and_longer_calls_the_tile_walk():
     def program(rows: int) -> str:
         return jax.jit(ops.qmatmul).lower(jnp.zeros((rows, 64)), w).as_text()
 
-    assert cpu_kernels._TARGET in program(1) and cpu_kernels._TARGET in program(ops.CPU_KERNEL_ROWS)
-    assert cpu_kernels._TARGET not in program(ops.CPU_KERNEL_ROWS + 1)
+    assert cpu_kernels.TARGET in program(1) and cpu_kernels.TARGET in program(ops.CPU_KERNEL_ROWS)
+    assert cpu_kernels.TARGET not in program(ops.CPU_KERNEL_ROWS + 1)
     with ops.cpu_rows_kernel():  # a deterministic decode step's rows together: the kernel whatever their number
-        assert cpu_kernels._TARGET in program(32)
+        assert cpu_kernels.TARGET in program(32)
 
 
 def test_bad_shapes_get_the_kernels_message():
     w, _ = matrix(QT.Q8_0, 8, 64, seed=1)
     with pytest.raises(Exception, match="int8_matvec: shapes do not fit"):
-        jax.ffi.ffi_call(cpu_kernels._TARGET, jax.ShapeDtypeStruct((1, 8), jnp.float32))(
+        jax.ffi.ffi_call(cpu_kernels.TARGET, jax.ShapeDtypeStruct((1, 8), jnp.float32))(
             jnp.zeros((1, 32)), w.codes, w.scale
         ).block_until_ready()
 
@@ -103,5 +105,39 @@ def test_a_failed_build_is_logged_and_the_tile_walk_stays(monkeypatch, caplog, t
         with caplog.at_level(logging.WARNING, logger="worker.cpu_kernels"):
             assert not cpu_kernels.available()
         assert "did not build" in caplog.text and "this is not C++" in caplog.text
+    finally:
+        cpu_kernels.available.cache_clear()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512f and -mno-avx are x86 flags")
+@pytest.mark.parametrize("extra", [("-mno-avx512f",), ("-mno-avx",)], ids=["avx2-8-lanes", "plain-vectors-4-lanes"])
+def test_the_other_instruction_sets_forms_match_float64(extra: tuple[str, ...]):
+    """The source's AVX2 form (8 lanes: most laptops) and its plain vector-extension form (4 lanes: what ARM and
+    older x86 compile), built here by turning AVX-512 or AVX off: the same results within float32 rounding, and a
+    row's bits whatever the rows beside it."""
+    target = f"{cpu_kernels.TARGET}_{extra[0].removeprefix('-mno-').replace('-', '_')}"
+    library = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(cpu_kernels._compiler(), extra)))
+    cpu_kernels.register(library, target)
+    for qtype, n, k in ((QT.Q8_0, 37, 640), (QT.Q4_K, 9, 512), (QT.Q6_K, 5, 256)):
+        w, ref_w = matrix(qtype, n, k, seed=n)
+        x = np.random.default_rng(n).standard_normal((7, k)).astype(np.float32)
+        ours = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w, target))
+        ref = x.astype(np.float64) @ ref_w.T
+        assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), qtype
+        alone = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x[3:4]), w, target))
+        assert np.array_equal(alone[0], ours[3]), qtype
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx is an x86 flag")
+def test_a_build_without_a_fast_form_leaves_the_tile_walk(monkeypatch, caplog):
+    """Where the source compiles only to its plain vector form (ARM, x86 without AVX2), the worker keeps XLA's tile
+    walk: that form was slower than the walk (docs/kernels.md)."""
+    build = cpu_kernels._build
+    monkeypatch.setattr(cpu_kernels, "_build", lambda compiler: build(compiler, ("-mno-avx",)))
+    cpu_kernels.available.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="worker.cpu_kernels"):
+            assert not cpu_kernels.available()
+        assert "no fast form" in caplog.text
     finally:
         cpu_kernels.available.cache_clear()

@@ -5,7 +5,8 @@ The source is compiled on first use with the machine's C++ compiler (`$CXX`, els
 machine's instruction set (-march=native) against the installed jaxlib's FFI headers, and the library is kept in
 `<user cache dir>/worker-orcd/native`, keyed by the source, the compiler, the flags and the jaxlib version: a second
 start loads it (~3 s the first time on 2 cores). Without a compiler, or where the build fails, the worker logs why
-once and keeps XLA's tile walk (ops.int8_matmul): slower, the same results within float32 rounding.
+once and keeps XLA's tile walk (ops.int8_matmul): slower, the same results within float32 rounding. Only x86 with
+AVX2 or AVX-512 takes the kernel (Int8MatvecFast): its plain form, what ARM would compile, was slower than the walk.
 WORKER_CPU_KERNEL=0 turns the kernel off (an A/B switch)."""
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from worker.quant import Int8Blocks
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_matvec.cc")
-_TARGET, _TARGET_OFFSET = "worker_int8_matvec", "worker_int8_matvec_offset"
+TARGET = "worker_int8_matvec"  # XLA's name of the kernel; of its form with an offset: TARGET + "_offset"
 BLOCKS = (16, 32)  # the CPU layout's blocks the kernel takes (quant.cpu_block: Q6_K's 16, the others' 32)
 _enabled = os.environ.get("WORKER_CPU_KERNEL", "1") != "0"
-_registered: list[ctypes.CDLL] = []
+_registered: dict[str, ctypes.CDLL] = {}  # target -> its library, whose code must outlive every call
 _lock = threading.Lock()  # the warm-up traces programs side by side (Model.warm_up): one build, one registration
 
 
@@ -43,17 +44,19 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
 
 
-def _flags() -> list[str]:
-    # -march=native: the library runs only where it was built, as the cache key below says.
+def _flags(extra: tuple[str, ...] = ()) -> list[str]:
+    # -march=native: the library runs only where it was built, as the cache key below says. `extra` after it (the
+    # tests build the AVX2 and the plain vector forms with -mno-avx512f and -mno-avx).
     native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
-    return ["-O3", native, "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
+    return ["-O3", native, *extra, "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, extra: tuple[str, ...] = ()) -> Path:
     """The library for this source, compiler, flags, jaxlib and machine: built once, then found in the cache."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    flags = _flags(extra)
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), compiler, version, *_flags(), jaxlib.__version__, platform.node()]).encode()
+        "\0".join([SOURCE.read_text(), compiler, version, *flags, jaxlib.__version__, platform.node()]).encode()
     ).hexdigest()[:16]
     folder = Path(platformdirs.user_cache_dir("worker-orcd")) / "native"
     library = folder / f"int8_matvec-{key}.so"
@@ -63,7 +66,7 @@ def _build(compiler: str) -> Path:
     # Built under a temporary name, then renamed: processes that build side by side never load a half-written file.
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         part = Path(tmp) / library.name
-        subprocess.run([compiler, *_flags(), str(SOURCE), "-o", str(part)], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(part)], capture_output=True, text=True, check=True)
         os.replace(part, library)
     return library
 
@@ -87,22 +90,30 @@ def _load() -> bool:
         tail = detail[-2000:]
         log.warning("the CPU kernel did not build (%s): the CPU's int8 products stay on XLA's tile walk", tail)
         return False
-    if not _registered:  # XLA keeps the first registration of a name for the process
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.Int8Matvec), platform="cpu")
-        jax.ffi.register_ffi_target(_TARGET_OFFSET, jax.ffi.pycapsule(library.Int8MatvecOffset), platform="cpu")
-        _registered.append(library)  # the library object too: its code must outlive every call
+    if not library.Int8MatvecFast():
+        log.info("the CPU kernel has no fast form for this instruction set (%s): XLA's tile walk", platform.machine())
+        return False
+    register(library, TARGET)
     return True
+
+
+def register(library: ctypes.CDLL, target: str) -> None:
+    """The library's two handlers as XLA's `target` and `target`_offset (once: XLA keeps a name's first one)."""
+    if target not in _registered:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.Int8Matvec), platform="cpu")
+        jax.ffi.register_ffi_target(target + "_offset", jax.ffi.pycapsule(library.Int8MatvecOffset), platform="cpu")
+        _registered[target] = library
 
 
 def fits(w: Int8Blocks) -> bool:
     return w.block in BLOCKS and w.codes.ndim == 2
 
 
-def int8_matvec(x2: jax.Array, w: Int8Blocks) -> jax.Array:
+def int8_matvec(x2: jax.Array, w: Int8Blocks, target: str = TARGET) -> jax.Array:
     """x2 [M, K] float32 @ w.T -> [M, N] float32, on one device's matrix. Each y value is one fixed sequence of float
-    operations whatever M (batch invariance): w's value formed as quant.dequantize forms it, multiplied and added
-    into a register lane, the lanes summed in one tree order."""
+    operations whatever M (batch invariance): a block's products with its codes summed in register lanes, scaled once
+    (plus the offset times x's block sum), the lanes summed in one tree order (int8_matvec.cc)."""
     out = jax.ShapeDtypeStruct((x2.shape[0], w.codes.shape[0]), jnp.float32)
     if w.offset is None:
-        return jax.ffi.ffi_call(_TARGET, out)(x2, w.codes, w.scale)
-    return jax.ffi.ffi_call(_TARGET_OFFSET, out)(x2, w.codes, w.scale, w.offset)
+        return jax.ffi.ffi_call(target, out)(x2, w.codes, w.scale)
+    return jax.ffi.ffi_call(target + "_offset", out)(x2, w.codes, w.scale, w.offset)

@@ -41,6 +41,17 @@ static inline Floats Widen(const int8_t* c) {
 #endif
 }
 
+// 1 where Widen names its instructions (AVX-512, AVX2). The plain form was 2.5x slower than XLA's tile walk here
+// (GCC 12, -mno-avx: 40.8 against 16.4 ms a half head), so the worker keeps the walk where this is 0 (ARM: a NEON
+// form is not written yet).
+extern "C" int Int8MatvecFast() {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // The lanes' sum in a fixed tree order: halves added as vectors until four lanes are left.
 typedef float Four __attribute__((vector_size(16)));
 template <int kWidth>
