@@ -83,15 +83,20 @@ def test_bad_shapes_get_the_kernels_message():
         ).block_until_ready()
 
 
-def test_without_a_compiler_the_tile_walk_stays(monkeypatch, caplog, tmp_path):
-    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+def assert_tile_walk_stays(caplog, level: int, why: str) -> None:
+    """available() (asked afresh) says no, and the log line says `why`."""
     cpu_kernels.available.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="worker.cpu_kernels"):
+        with caplog.at_level(level, logger="worker.cpu_kernels"):
             assert not cpu_kernels.available()
-        assert "no C++ compiler" in caplog.text
+        assert why in caplog.text
     finally:
         cpu_kernels.available.cache_clear()
+
+
+def test_without_a_compiler_the_tile_walk_stays(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    assert_tile_walk_stays(caplog, logging.WARNING, "no C++ compiler")
 
 
 def test_a_failed_build_is_logged_and_the_tile_walk_stays(monkeypatch, caplog, tmp_path):
@@ -100,13 +105,8 @@ def test_a_failed_build_is_logged_and_the_tile_walk_stays(monkeypatch, caplog, t
     monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
     monkeypatch.setattr(cpu_kernels.platformdirs, "user_cache_dir", lambda name: str(tmp_path / "cache"))
     monkeypatch.setattr(cpu_kernels, "_compiler", lambda: shutil.which("c++") or shutil.which("g++"))
-    cpu_kernels.available.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="worker.cpu_kernels"):
-            assert not cpu_kernels.available()
-        assert "did not build" in caplog.text and "this is not C++" in caplog.text
-    finally:
-        cpu_kernels.available.cache_clear()
+    assert_tile_walk_stays(caplog, logging.WARNING, "did not build")
+    assert "this is not C++" in caplog.text
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512f and -mno-avx are x86 flags")
@@ -134,10 +134,4 @@ def test_a_build_without_a_fast_form_leaves_the_tile_walk(monkeypatch, caplog):
     walk: that form was slower than the walk (docs/kernels.md)."""
     build = cpu_kernels._build
     monkeypatch.setattr(cpu_kernels, "_build", lambda compiler: build(compiler, ("-mno-avx",)))
-    cpu_kernels.available.cache_clear()
-    try:
-        with caplog.at_level(logging.INFO, logger="worker.cpu_kernels"):
-            assert not cpu_kernels.available()
-        assert "no fast form" in caplog.text
-    finally:
-        cpu_kernels.available.cache_clear()
+    assert_tile_walk_stays(caplog, logging.INFO, "no fast form")
