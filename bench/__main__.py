@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each worker measurement")
     ap.add_argument("--requests", type=int, default=5, help="HTTP requests for time to first token")
     ap.add_argument("--skip-http", action="store_true", help="leave out time to first token through HTTP")
-    ap.add_argument("--cpu-devices", type=int, help="the worker with --cpu-devices N (the CPU's head parallelism; "
-                    "default: the server's)")  # fmt: skip
+    ap.add_argument("--cpu-devices", type=int, help="the worker with --cpu-devices N (the CPU's layout over N host "
+                    "devices; default: the server's)")  # fmt: skip
     ap.add_argument("--int8-x", action="store_true", help="the worker with --int8-x (decode on x rounded to int8, "
                     "as llama.cpp does; GPU only; --max-batch then 8)")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=1800, help="seconds each part (engine or HTTP run) may take")

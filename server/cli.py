@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from worker.engine import Engine
 
 PROG = "worker-orcd"
-# --cpu-devices' most by default. Measured on 2 cores (Gemma 3 270M, docs/PERFORMANCE.md "CPU"): 2 devices decode 1.25x
-# one, 4 devices on those 2 cores 0.8x; a machine's CPUs may be hyperthreads, and more cores are untried.
+# --cpu-devices' most by default. Measured on 2 cores (Gemma 3 270M, docs/PERFORMANCE.md "CPU"): 2 devices decode 1.5x
+# one (tensor parallel, the CPU kernel), 4 devices on those 2 cores 0.8x (head parallel, before the kernel); a
+# machine's CPUs may be hyperthreads, and more cores are untried.
 MAX_CPU_DEVICES = 2
 
 
