@@ -571,3 +571,77 @@ def test_with_the_norm_in_the_rounding_kernel_a_seeded_job_gives_the_same_ids_wh
     alone = run_batch(m, [target], [0])[0]
     others = [(list(range(5, 5 + 3 * i)), OTHERS[i % len(OTHERS)], 77 + i, 4 + 2 * i) for i in range(1, 11)]
     assert run_batch(m, [target, *others], [0] * 11)[0] == alone
+
+
+# ---- The residual add in the rounding kernel (qmatvec_int8.add_norm_quantize_x; WORKER_RESIDUAL_ROUNDING=1) ----
+
+# (rows, K, x order, sum run, splits, a bias): qwen2.5's 896 (Q8_0 and K-quant runs), gpt-oss's 2880 (MXFP4's order,
+# a bias), gemma3's 640, phi3's 3072; splits as the plans give them (1 where K is one chunk).
+RESIDUALS = [(3, 896, None, 16, 14, False), (2, 2880, q8.MXFP4_ORDER, 32, 5, True), (1, 640, None, 16, 1, True),
+             (2, 3072, None, 16, 3, False)]  # fmt: skip
+
+
+def residual_apart_and_fused(t, k, order, sum_block, splits, bias, interpret: bool):
+    """(fused: add_norm_quantize_x's (sum, words, dx, sums); apart: the fold, the bias and the add as qmatmul and the
+    model do them, then quantize_x with the norm), on partials whose rows and columns are padded as a kernel's are."""
+    rng = np.random.default_rng(k + t + splits)
+    x, w = normed_case(t, k)
+    partials = jnp.asarray(rng.standard_normal((splits, t + 1, k + 96)).astype(np.float32))
+    b = jnp.asarray(rng.standard_normal(k).astype(np.float32)) if bias else None
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    total, rounded = q8.add_norm_quantize_x(x, partials, b, (w, 1e-6), order, sum_block, interpret=interpret)
+    y = qmv.fold_splits(partials)[:t, :k]
+    apart_total = x + (y if b is None else y + b)
+    apart = q8.quantize_x(apart_total, order, sum_block, interpret, norm=(w, 1e-6))
+    return [np.asarray(a) for a in (total, *rounded)], [np.asarray(a) for a in (apart_total, *apart)]
+
+
+@pytest.mark.parametrize("case", RESIDUALS, ids=lambda c: f"{c[0]}x{c[1]}-s{c[4]}{'-bias' if c[5] else ''}")
+def test_the_residual_add_in_the_rounding_kernel_gives_the_bits_of_the_add_apart(case):
+    fused, apart = residual_apart_and_fused(*case, interpret=True)
+    for a, b, name in zip(fused, apart, ("sum", "words", "dx", "sums"), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", RESIDUALS, ids=lambda c: f"{c[0]}x{c[1]}-s{c[4]}{'-bias' if c[5] else ''}")
+def test_gpu_the_residual_add_in_the_rounding_kernel_gives_the_bits_of_the_add_apart(case):
+    _gpu()
+    fused, apart = residual_apart_and_fused(*case, interpret=False)
+    for a, b, name in zip(fused, apart, ("sum", "words", "dx", "sums"), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_rows_past_x_in_the_residual_add_are_zeros_and_partials_too_short_are_refused():
+    x, p = jnp.ones((2, 64)), jnp.ones((1, 3, 64))
+    total, (words, dx, sums) = q8.add_norm_quantize_x(x, p, None, (jnp.ones(64), 1e-6), rows=4, interpret=True)
+    assert total.shape == (2, 64) and np.all(np.asarray(total) == 2)
+    assert np.all(np.asarray(words)[2:] == 0) and np.all(np.asarray(dx)[2:] == 0) and np.all(np.asarray(sums)[2:] == 0)
+    with pytest.raises(ValueError, match="partials"):
+        q8.add_norm_quantize_x(x, jnp.ones((1, 1, 64)), None, (jnp.ones(64), 1e-6), interpret=True)
+
+
+def residual_rounding(monkeypatch, on: bool) -> list:
+    """Turn the norm in the rounding kernel on (both backends) and the residual add in it on or off; returns the
+    list that records each add_norm_quantize_x call."""
+    monkeypatch.setattr(ops, "_norm_rounding", {"gpu": True, "interpret": True})
+    monkeypatch.setattr(ops, "_residual_rounding", on)
+    calls, real = [], q8.add_norm_quantize_x
+    monkeypatch.setattr(q8, "add_norm_quantize_x", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    return calls
+
+
+def test_with_the_residual_add_in_the_rounding_kernel_a_seeded_job_decodes_the_same_ids(oracles, monkeypatch):
+    """The same operations in the same order: a seeded, sampled job's ids with the add left to the kernel are those
+    with XLA's add, alone and among others (the int8-x dot's bucket), and the kernel did the add where a normed
+    product follows a residual (qwen2's fused q|k|v and gate|up: both norms of a layer)."""
+    d, file = oracles / "models" / "qwen2", "model-q8_0.gguf"
+    target = (list(range(3, 24)), SamplingParams(temperature=0.8, top_p=0.9), 1234, 12)
+    others = [(list(range(5, 5 + 3 * i)), OTHERS[i % len(OTHERS)], 77 + i, 4 + 2 * i) for i in range(1, 11)]
+    ids = {}
+    for on in (False, True):
+        calls = residual_rounding(monkeypatch, on)
+        m = worker.load(d / file, device="cpu", backend="interpret", slots=512, max_batch=16, int8_x=True)
+        ids[on] = run_batch(m, [target], [0])[0], run_batch(m, [target, *others], [0] * 11)[0]
+        assert bool(calls) == on and (not on or len(calls) >= m.cfg.n_layers - 1), calls
+    assert ids[True] == ids[False] and ids[True][0] == ids[True][1]
