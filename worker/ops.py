@@ -77,12 +77,6 @@ _norm_kernel = kernel_backends(os.environ.get("WORKER_NORM_KERNEL", ""))
 # (WORKER_NORM_ROUNDING=0 turns it off): an H100, 2026-12-06, qwen2.5-0.5b decode 997.4 against 979.5 tok/s (1.018x),
 # gpt-oss-20b 383.7 against 382.7 (docs/PERFORMANCE.md, thirty-first session).
 _norm_rounding = kernel_backends(os.environ.get("WORKER_NORM_ROUNDING", ""))
-# WORKER_RESIDUAL_ROUNDING=1 (with the norm in the rounding kernel): a residual add after an int8-x product (the
-# output projection, the FFN's down projection) is done by the kernel that next normalizes and rounds x (`Residual`,
-# `normed_qmatmul`), with the fold of the product's split-K partial sums and its bias, where XLA took a launch of
-# its own: two a layer of a dense model's decode step. The same operations in the same order, so the same bits.
-# Off until timed on the card (built in the thirty-third session, offline).
-_residual_rounding = os.environ.get("WORKER_RESIDUAL_ROUNDING", "0") == "1"
 # WORKER_KV_WRITE_KERNEL=1: a decode step's new keys and values stored by the paged attention kernel that reads them
 # (`write_and_attend`) instead of kv_cache.write_layer's two XLA scatters a layer, on the kernel backends with one
 # device. Off until timed on the card (built in the thirtieth session after its device time): the same bits.
@@ -385,8 +379,7 @@ def qmatmul(
     backend: str = "cpu",
     exact: bool = False,
     norm: tuple[jax.Array, float] | None = None,
-    unfolded: bool = False,
-) -> jax.Array | Unfolded:
+) -> jax.Array:
     """x [..., In] @ w[Out, In].T (+ bias) -> [..., Out]; w stays quantized in memory, dequantized per call.
     On the GPU backend decode-shaped calls and prefill chunks of up to PREFILL_KERNEL_ROWS positions a sequence go
     to the Pallas matvec (any number of rows, `_on_kernels`); longer chunks to dequantize + XLA's dot.
@@ -396,14 +389,10 @@ def qmatmul(
     A weight in the CPU layout (Int8Blocks) goes to `int8_matmul` (float32, exact like the CPU path).
     `norm` (w [In], eps): x is RMSNorm's input, normalized first (`rms_norm` on one device); with
     `_norm_rounding` (the gpu backend by default), on the int8-x kernels by the kernel that rounds x (one launch where
-    there are two).
-    `unfolded`: the product for a residual add (`add`), left `Unfolded` where the add can go to the next norm's
-    rounding kernel (`_residual_rounding`, on the int8-x kernels); else y as usual."""
+    there are two)."""
     int8_x = _on_int8_x_kernels(x, w, backend, exact)
     if norm is not None and not (_norm_rounding.get(backend) and int8_x):
         x, norm = rms_norm(x, *norm, backend), None
-    if int8_x and unfolded and _residual_rounding and _norm_rounding.get(backend):
-        return Unfolded(_int8_x_matvec(x, w, backend, norm, fold=False), bias, (*x.shape[:-1], w.shape[0]))
     rows = x.size // max(1, x.shape[-1])
     if isinstance(w, Int8Blocks):
         split = w.sharding is not None and any(a is not None for a in w.sharding.spec)
@@ -422,17 +411,22 @@ def qmatmul(
             # product with prefill's tiles, where dequantizing in registers would redo it for every row tile.
             plain = widened(w, jnp.float32 if interpret else jnp.float16)
             y = qmatvec.qmatvec(x, plain, interpret=interpret, **qmatvec.PREFILL_TILES)
-        elif int8_x:
-            y = _int8_x_matvec(x, w, backend, norm)
         else:
+            # More rows than a per-row program takes: the int8-x dot, whose rows have the per-row kernel's bits
+            # (exact integer sums, one float order: qmatvec_int8._mma_kernel), so the switch keeps batch invariance.
+            tensor_cores = tensor_cores or (int8_x and rows > qmatvec.MAX_ROWS)
             # The dead rows skipped on the float per-row kernel. Measured on an H200 (2026-12-04, one stream,
             # bench.worker_bench): float phi3-mini 252.7 -> 277.0 tok/s, qwen2.5-0.5b 821.0 -> 814.2. Not on int8 x,
             # whose two-row programs are faster than one row a program with the dead one's skipped: measured twice,
             # with `pl.when` (H200, 2026-12-04: phi3-mini 325.9 -> 315.5, qwen2.5 905.9 -> 840.3) and with a trip count
             # of 0 (qmatvec.live_steps; H200, 2026-12-06: phi3-mini 340.0 -> 262.4, qwen2.5 974.8 -> 917.2).
             live = _live_rows.get()
-            live = live if live is not None and live.size == rows and not tensor_cores else None
-            y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live)
+            skip = not tensor_cores and not int8_x
+            live = live if live is not None and live.size == rows and skip else None
+            tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles) if int8_x else {}
+            if norm is not None:  # the int8-x kernels, which normalize x as they round it
+                tiles |= dict(norm_w=norm[0], norm_eps=float(norm[1]))
+            y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
         # accumulation). bf16 operands cost ~1e-2 relative on the logits (docs/gpu.md), not the CPU's 1e-6.
@@ -441,75 +435,6 @@ def qmatmul(
     else:
         y = jnp.einsum("...i,oi->...o", x.astype(jnp.float32), as_f32(w), precision=jax.lax.Precision.HIGHEST)
     return y if bias is None else y + bias
-
-
-def _int8_x_matvec(x: jax.Array, w: QuantArray, backend: str, norm: tuple[jax.Array, float] | None, **options):
-    """qmatmul's product on the int8-x kernels (`_on_int8_x_kernels`): the per-row kernel, or for more rows than a
-    per-row program takes the int8-x dot, whose rows have the per-row kernel's bits (exact integer sums, one float
-    order: qmatvec_int8._mma_kernel), so the switch keeps batch invariance. `norm`: x normalized by the kernel that
-    rounds it; `options`: qmatvec's `residual` and `fold`."""
-    rows = x.size // max(1, x.shape[-1])
-    tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles)
-    if norm is not None:
-        tiles |= dict(norm_w=norm[0], norm_eps=float(norm[1]))
-    tensor_cores = _tensor_cores(rows) or rows > qmatvec.MAX_ROWS
-    return qmatvec.qmatvec(x, w, interpret=backend == "interpret", tensor_cores=tensor_cores, **tiles, **options)
-
-
-@dataclasses.dataclass(frozen=True)
-class Unfolded:
-    """A product y [..., N] = x @ w.T (+ bias) left as its int8-x kernel's split-K partial sums [S, T', N']
-    (`qmatmul(..., unfolded=True)`), for a residual add (`add`) that the next norm's rounding kernel does."""
-
-    partials: jax.Array
-    bias: jax.Array | None
-    shape: tuple[int, ...]  # y's
-
-    def value(self) -> jax.Array:
-        """y, folded as qmatmul folds it (the same bits)."""
-        rows, n = math.prod(self.shape[:-1]), self.shape[-1]
-        y = qmatvec.fold_splits(self.partials)[:rows, :n].reshape(self.shape)
-        return y if self.bias is None else y + self.bias
-
-
-@dataclasses.dataclass(frozen=True)
-class Residual:
-    """x + y, the residual stream between a model's blocks, with the add still to do: the kernel that next
-    normalizes and rounds the stream for an int8-x product does it (`normed_qmatmul`), with y's fold and bias, where
-    those were an XLA launch of their own; anything else takes `value`."""
-
-    x: jax.Array
-    y: Unfolded
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.x.shape
-
-    def value(self) -> jax.Array:
-        return self.x + self.y.value()
-
-
-def add(x: jax.Array | Residual, y: jax.Array | Unfolded) -> jax.Array | Residual:
-    """The residual add x + y, left to the next norm's rounding kernel where y is `Unfolded`."""
-    x = value(x)
-    return Residual(x, y) if isinstance(y, Unfolded) else x + y
-
-
-def value(x: jax.Array | Residual) -> jax.Array:
-    """The residual stream as an array (its last add done by XLA where it was left to a kernel)."""
-    return x.value() if isinstance(x, Residual) else x
-
-
-def normed_qmatmul(x: jax.Array | Residual, w: Weight, bias: jax.Array | None, *, norm: tuple[jax.Array, float],
-                   backend: str) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """(qmatmul(x, w, bias, norm=norm), x as an array): RMSNorm's input x feeding one product, and the stream itself
-    for the residual add after the block. Where x is a `Residual` and the product takes the int8-x kernels with the
-    norm in the rounding kernel, that kernel also does x's pending add."""
-    if isinstance(x, Residual) and _norm_rounding.get(backend) and _on_int8_x_kernels(x.x, w, backend, False):
-        y, total = _int8_x_matvec(x.x, w, backend, norm, residual=(x.y.partials, x.y.bias))
-        return (y if bias is None else y + bias), total
-    x = value(x)
-    return qmatmul(x, w, bias, backend=backend, norm=norm), x
 
 
 def _on_int8_x_kernels(x: jax.Array, w: Weight, backend: str, exact: bool) -> bool:

@@ -299,30 +299,26 @@ def rms_norm(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
     return ops.rms_norm(x, w, cfg.norm_eps, cfg.backend, cfg.mesh)
 
 
-def normed_matmul(x: jax.Array | ops.Residual, norm_w: jax.Array, norm_b: jax.Array | None, w: Weight,
-                  b: jax.Array | None, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """(norm(x) @ w.T (+ b), x as an array), where the normalized residual stream x feeds this one product: an
-    RMSNorm on one device is handed to ops.normed_qmatmul (on the int8-x kernels the kernel that rounds x may do
-    the norm, and x's pending residual add); LayerNorm, or a norm over a mesh, is done here first."""
+def normed_matmul(x: jax.Array, norm_w: jax.Array, norm_b: jax.Array | None, w: Weight, b: jax.Array | None,
+                  cfg: ModelConfig) -> jax.Array:  # fmt: skip
+    """norm(x) @ w.T (+ b), where the normalized x feeds this one product: an RMSNorm on one device is handed to
+    ops.qmatmul (`norm`: on the int8-x kernels it may be done by the kernel that rounds x); LayerNorm, or a norm
+    over a mesh, is done here first."""
     if norm_b is not None or cfg.mesh is not None:
-        x = ops.value(x)
-        return ops.qmatmul(norm(x, norm_w, norm_b, cfg), w, b, backend=cfg.backend), x
-    return ops.normed_qmatmul(x, w, b, norm=(norm_w, cfg.norm_eps), backend=cfg.backend)
+        return ops.qmatmul(norm(x, norm_w, norm_b, cfg), w, b, backend=cfg.backend)
+    return ops.qmatmul(x, w, b, backend=cfg.backend, norm=(norm_w, cfg.norm_eps))
 
 
-def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array | ops.Residual,
-                    positions: jax.Array, cache: KVCache, table: jax.Array,
-                    ) -> tuple[jax.Array | ops.Residual, KVCache]:  # fmt: skip
+def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array, positions: jax.Array,
+                    cache: KVCache, table: jax.Array) -> tuple[jax.Array, KVCache]:  # fmt: skip
     """Pre-norm attention with its residual: x [B, T, D] -> x + attention(norm(x)), writing the layer's k/v at
-    positions [B, T] of the sequences whose page tables are the rows of `table` [B, n]. The residual add may be
-    left to the next norm's rounding kernel (ops.Residual)."""
+    positions [B, T] of the sequences whose page tables are the rows of `table` [B, n]."""
     b, t, _ = x.shape
     hd, nh, nk, be = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.backend
     if "attn_qkv" in lw:
-        qkv, x = normed_matmul(x, lw["attn_norm"], lw.get("attn_norm_b"), lw["attn_qkv"], lw.get("attn_qkv_b"), cfg)
+        qkv = normed_matmul(x, lw["attn_norm"], lw.get("attn_norm_b"), lw["attn_qkv"], lw.get("attn_qkv_b"), cfg)
         q, k, v = jnp.split(qkv, [nh * hd, (nh + nk) * hd], axis=-1)
     else:
-        x = ops.value(x)
         h = norm(x, lw["attn_norm"], lw.get("attn_norm_b"), cfg)
         if "attn_qk" in lw:
             q, k = jnp.split(ops.qmatmul(h, lw["attn_qk"], lw.get("attn_qk_b"), backend=be), [nh * hd], axis=-1)
@@ -341,15 +337,13 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
         k = ops.rope(k, positions, rope.inv_freq, rope.neox, rope.mscale)
     att, cache = ops.write_and_attend(q, k, v, cache, layer, table, positions, cfg.attn_scale, cfg.window(layer),
                                       lw.get("attn_sinks"), backend=be, mesh=cfg.mesh)  # fmt: skip
-    out = ops.qmatmul(att.reshape(b, t, nh * hd), lw["attn_output"], lw.get("attn_output_b"), backend=be,
-                      unfolded=not cfg.post_norms)  # fmt: skip
+    out = ops.qmatmul(att.reshape(b, t, nh * hd), lw["attn_output"], lw.get("attn_output_b"), backend=be)
     if cfg.post_norms:
         out = rms_norm(out, lw["post_attention_norm"], cfg)
-    return ops.add(x, out), cache
+    return x + out, cache
 
 
-# A family's FFN block with its residual: x (maybe with its residual add pending: ops.Residual) -> the same.
-FFN = Callable[[LayerWeights, Any, jax.Array | ops.Residual], jax.Array | ops.Residual]
+FFN = Callable[[LayerWeights, Any, jax.Array], jax.Array]
 
 
 def live_tokens(cache: KVCache, table: jax.Array, positions: jax.Array) -> jax.Array:
@@ -375,15 +369,15 @@ def run_layers(weights: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Arr
             x, cache = attention_block(lw, cfg, i, x, positions, cache, table)
             x = ffn(lw, cfg, x)
             if tokens is not None:  # kept split layer after layer, not left to XLA's propagation
-                x = jax.lax.with_sharding_constraint(ops.value(x), tokens)
-    return ops.value(x), cache
+                x = jax.lax.with_sharding_constraint(x, tokens)
+    return x, cache
 
 
 def logits(weights: dict, cfg: ModelConfig, hidden: jax.Array, softcap: float | None = None) -> jax.Array:
     """Output norm + projection (the token embeddings when the file has no `output`): [B, T, D] -> [B, T, V]."""
     head = weights.get("output", weights["token_embd"])
     with ops.decode_kernels(cfg.decode_kernels):
-        out, _ = normed_matmul(hidden, weights["output_norm"], weights.get("output_norm_b"), head, None, cfg)
+        out = normed_matmul(hidden, weights["output_norm"], weights.get("output_norm_b"), head, None, cfg)
     if softcap:
         out = jnp.tanh(out / softcap) * softcap
     if sharding.tokens_split(cfg.mesh) > 1:  # every device samples from all the logits: the one-device bits

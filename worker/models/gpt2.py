@@ -61,8 +61,7 @@ def weight_table(gf: GGUFFile, cfg: GPT2Config) -> dict[str, tuple[tuple, bool]]
     return base.weight_table(gf, cfg.n_layers, model, base.with_biases(shapes))
 
 
-def ffn_block(lw: LayerWeights, cfg: GPT2Config, x: jax.Array | ops.Residual) -> jax.Array:
-    x = ops.value(x)  # LayerNorm: not a norm that the rounding kernel does
+def ffn_block(lw: LayerWeights, cfg: GPT2Config, x: jax.Array) -> jax.Array:
     h = ops.layer_norm(x, lw["ffn_norm"], lw["ffn_norm_b"], cfg.norm_eps)
     h = ops.gelu_tanh(ops.qmatmul(h, lw["ffn_up"], lw["ffn_up_b"], backend=cfg.backend))
     return x + ops.qmatmul(h, lw["ffn_down"], lw["ffn_down_b"], backend=cfg.backend)

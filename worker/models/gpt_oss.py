@@ -134,11 +134,9 @@ def _experts(lw: LayerWeights, cfg: GptOssConfig, name: str, x: jax.Array, exper
                           decode_copy=copy) + bias  # fmt: skip
 
 
-def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array | ops.Residual, live: jax.Array | None = None,
-              ) -> jax.Array:  # fmt: skip
+def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array, live: jax.Array | None = None) -> jax.Array:
     """The routed experts with the residual. `live` [B, T]: the tokens whose output is used (`base.live_tokens`);
     the grouped kernel skips the others' experts."""
-    x = ops.value(x)  # its norm feeds the router's float product too, not only a rounding kernel
     b, t, d = x.shape
     h = base.rms_norm(x, lw["post_attention_norm"], cfg)
     # On [B, T, D]: the router's kernel route then follows each sequence's T, not the tokens of the whole dispatch.

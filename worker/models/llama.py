@@ -144,20 +144,18 @@ def weight_table(gf: GGUFFile, cfg: LlamaConfig) -> dict[str, tuple[tuple, bool]
     return base.weight_table(gf, cfg.n_layers, model, layer)
 
 
-def ffn_block(lw: LayerWeights, cfg: LlamaConfig, x: jax.Array | ops.Residual) -> jax.Array | ops.Residual:
+def ffn_block(lw: LayerWeights, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     be = cfg.backend
     if "ffn_gate" in lw:
-        x = ops.value(x)
         h = base.rms_norm(x, lw["ffn_norm"], cfg)
         gate, up = ops.qmatmul(h, lw["ffn_gate"], backend=be), ops.qmatmul(h, lw["ffn_up"], backend=be)
     else:  # ffn_up is [gate | up] (phi3's file, or fused at load): one product after the norm
-        gate_up, x = base.normed_matmul(x, lw["ffn_norm"], None, lw["ffn_up"], None, cfg)
-        gate, up = jnp.split(gate_up, 2, axis=-1)
+        gate, up = jnp.split(base.normed_matmul(x, lw["ffn_norm"], None, lw["ffn_up"], None, cfg), 2, axis=-1)
     act = ops.gelu_tanh(gate) if cfg.traits.geglu else jax.nn.silu(gate)
-    out = ops.qmatmul(act * up, lw["ffn_down"], backend=be, unfolded=not cfg.post_norms)
+    out = ops.qmatmul(act * up, lw["ffn_down"], backend=be)
     if cfg.post_norms:
         out = base.rms_norm(out, lw["post_ffw_norm"], cfg)
-    return ops.add(x, out)
+    return x + out
 
 
 def forward(weights: dict, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,

@@ -599,16 +599,13 @@ def _call(
     live: jax.Array | None = None,
     x_share: int = 1,
     norm: tuple[jax.Array, float] | None = None,
-    residual: tuple[jax.Array, jax.Array | None] | None = None,
-    fold: bool = True,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> jax.Array:
     """x [T, K]; returns the split-K partial sums summed: [T, N] float32. Dense with `tensor_cores`: rows in tiles
     of `row_tile` (`_dot_kernel`), float16 operands where `f16` (default: not in interpret mode); dense without:
     rows in groups of `row_group`, the last padded with zero rows; gathered: one program per row, or with `x_share`
     a program per (row, selection) pair: x [M, K] and ids [M * x_share], output row i reading x row i // x_share
     (the k selections of a token share its x: neither broadcast by XLA nor rounded k times). `live` [T] (per-row
-    only): a group of rows none of which is live is zeros, computed by nobody. int8 x only: `residual` and `fold`
-    as qmatvec's."""
+    only): a group of rows none of which is live is zeros, computed by nobody."""
     fmt = FORMATS[w.qtype]
     t, k = x.shape[0] * x_share, x.shape[1]
     if live is not None and tensor_cores:
@@ -621,12 +618,8 @@ def _call(
 
         tile = {"row_tile": row_tile} if tensor_cores else {}
         out = qmatvec_int8.call(x, w, ids, experts, n, p, interpret, group, *live_arg, **tile, x_share=x_share,
-                                norm=norm, residual=residual)  # fmt: skip
-        out, total = out if residual is not None else (out, None)
-        y = fold_splits(out)[:t, :n] if fold else out
-        return y if residual is None else (y, total)
-    if residual is not None or not fold:
-        raise ValueError("a residual, or the partial sums left unfolded, are options of the int8-x kernels")
+                                norm=norm)  # fmt: skip
+        return fold_splits(out)[:t, :n]
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
     # `fused`: Plan.fma's inline assembly, which only a compiled kernel runs (interpret mode rounds twice)
@@ -695,7 +688,7 @@ def _check(w: QuantArray, plane_ndim: int) -> None:
         raise ValueError(f"{w.qtype.name} weight: expected planes of rank {plane_ndim}")
 
 
-@kernel_entry("interpret", "tensor_cores", "row_tile", "f16", "norm_eps", "fold", *TILE_ARGS)
+@kernel_entry("interpret", "tensor_cores", "row_tile", "f16", "norm_eps", *TILE_ARGS)
 def qmatvec(
     x: jax.Array,
     w: QuantArray,
@@ -707,10 +700,8 @@ def qmatvec(
     live: jax.Array | None = None,
     norm_w: jax.Array | None = None,
     norm_eps: float = 0.0,
-    residual: tuple[jax.Array, jax.Array | None] | None = None,
-    fold: bool = True,
     **tiles: int | None,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> jax.Array:
     """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for any number of rows of x; each row's result is
     the same bits in a call of any size with the same `tensor_cores` and tiles. `live` [...] (bool, per-row kernels
     only): the rows whose results are used; the others may come out as zeros, uncomputed. `tensor_cores`: the dot of
@@ -721,11 +712,7 @@ def qmatvec(
     overrides of `plan`'s arguments (block_n, chunk, splits, num_warps, num_stages, int8_x); PREFILL_TILES are
     prefill's. With int8_x, `tensor_cores` takes the int8-x dot (its row tile by the rows unless given), whose rows
     have the per-row int8-x kernel's bits (qmatvec_int8). `norm_w` (int8_x only): x is RMSNorm's input (weight
-    norm_w, epsilon norm_eps), normalized by the kernel that rounds it (qmatvec_int8.quantize_x's `norm`).
-    `residual` (partials, bias; with norm_w): x is a residual stream, and a product's split-K partial sums [S, R, N']
-    (a `fold=False` call's) and bias [K] (or None) are added to it first by that same kernel
-    (qmatvec_int8.add_norm_quantize_x); returns (y, that sum x [..., K]). `fold=False` (int8_x): y is the split-K
-    partial sums [splits, T', N'] (rows and columns padded), not yet folded (`fold_splits`)."""
+    norm_w, epsilon norm_eps), normalized by the kernel that rounds it (qmatvec_int8.quantize_x's `norm`)."""
     _check(w, 2)
     n, k = next(iter(w.planes.values())).shape[0], w.shape[-1]
     lead = x.shape[:-1]
@@ -747,11 +734,8 @@ def qmatvec(
     if norm_w is not None and not int8_x:
         raise ValueError("qmatvec: a norm first is an option of the int8-x kernels")
     norm = None if norm_w is None else (norm_w, norm_eps)
-    y = _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16, live, norm=norm,
-              residual=residual, fold=fold)  # fmt: skip
-    y, total = y if residual is not None else (y, None)
-    y = y.reshape(*lead, n) if fold else y
-    return y if residual is None else (y, total.reshape(*lead, k))
+    y = _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16, live, norm=norm)
+    return y.reshape(*lead, n)
 
 
 def qmatvec_twin(x: jax.Array, w: QuantArray, *, interpret: bool = False, **_tiles) -> jax.Array:

@@ -38,7 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from worker.pallas_kernels import qmatvec, rms_norm
 from worker.pallas_kernels.qmatvec import MIN_DOT, _f32, _lift, e8m0_half, live_steps, tile_loader
-from worker.pallas_kernels.tiling import ALL, TritonParams, masked_load, pow2_at_least, static_index
+from worker.pallas_kernels.tiling import ALL, TritonParams, pow2_at_least, static_index
 from worker.quant import QuantArray
 
 X_BLOCK = 32  # x values that share one int8 scale
@@ -275,8 +275,20 @@ def quantize_x(x: jax.Array, order: Sequence[int] | None = None, sum_block: int 
         jax.ShapeDtypeStruct((t, n, 2 if sum_block == SUM_BLOCK else 1), jnp.int32),
     )
     if norm is not None:
-        words, dx, sums, _ = _norm_call(x, norm, order, sum_block, interpret, None)
-        return words, dx, sums
+        if order is not None and axes is None:
+            raise ValueError("quantize_x: a norm first takes an order that is a transpose of a block's digits")
+        w, eps = norm
+        kernel = functools.partial(_norm_quantize_kernel, d=k, sum_block=sum_block, axes=axes, compiled=not interpret,
+                                   eps=float(eps))  # fmt: skip
+        words, dx, sums = pl.pallas_call(
+            kernel,
+            out_shape=out_shape,
+            grid=(t,),
+            compiler_params=TritonParams(num_warps=rms_norm.warps(k), num_stages=1),
+            interpret=interpret,
+            name="rms_norm_quantize_x_int8",
+        )(x, w.reshape(k))
+        return words.reshape(t, k // 4), dx, sums.reshape(t, -1)
     blocks = x.reshape(t, n, X_BLOCK)
     if order is not None and axes is None:
         blocks = blocks[..., jnp.asarray(order)]
@@ -291,57 +303,6 @@ def quantize_x(x: jax.Array, order: Sequence[int] | None = None, sum_block: int 
         name="quantize_x_int8",
     )(blocks.reshape(t, n, *((2,) * 5 if axes else (2, 4, 4))))
     return words.reshape(t, k // 4), dx, sums.reshape(t, -1)
-
-
-def add_norm_quantize_x(x: jax.Array, partials: jax.Array, bias: jax.Array | None, norm: tuple[jax.Array, float],
-                        order: Sequence[int] | None = None, sum_block: int = SUM_BLOCK, rows: int | None = None,
-                        interpret: bool = False,
-                        ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:  # fmt: skip
-    """A residual add, RMSNorm and the rounding in one launch: x [T, K] plus a product's split-K partial sums
-    `partials` [S, R >= T, N' >= K] (folded in split order, as qmatvec.fold_splits folds them) and its `bias` [K]
-    -> (that sum, float32 [T, K]; `quantize_x(norm(sum), order, sum_block)` for `rows` rows (default T; rows past T
-    are zeros, as padded_x pads)). The same operations in the same order as the fold, the bias, the add and
-    `quantize_x(..., norm=norm)` apart, so the same values. Why: each of those residual adds was an XLA launch of
-    its own before the kernel that normalizes and rounds (two a layer of qwen2.5's and phi3's decode step)."""
-    words, dx, sums, total = _norm_call(x, norm, order, sum_block, interpret, (partials, bias), rows)
-    return total, (words, dx, sums)
-
-
-def _norm_call(x: jax.Array, norm: tuple[jax.Array, float], order: Sequence[int] | None, sum_block: int,
-               interpret: bool, residual: tuple[jax.Array, jax.Array | None] | None, rows: int | None = None,
-               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:  # fmt: skip
-    """`_norm_quantize_kernel` over x [T, K] (`rows` programs, default T), after `residual`'s add where given:
-    (words, dx, sums, the sum or None)."""
-    axes = None if order is None else _digit_axes(tuple(order))
-    if order is not None and axes is None:
-        raise ValueError("quantize_x: a norm first takes an order that is a transpose of a block's digits")
-    t, k = x.shape
-    rows = rows or t
-    n = k // X_BLOCK
-    w, eps = norm
-    out_shape = [
-        jax.ShapeDtypeStruct((rows, n, 2, 4), jnp.int32),
-        jax.ShapeDtypeStruct((rows, n), jnp.float32),
-        jax.ShapeDtypeStruct((rows, n, 2 if sum_block == SUM_BLOCK else 1), jnp.int32),
-    ]
-    extra, splits = [], 0  # the residual's inputs: its partials, and its bias where it has one
-    if residual is not None:
-        partials, bias = residual
-        if partials.ndim != 3 or partials.shape[1] < t or partials.shape[2] < k:
-            raise ValueError(f"add_norm_quantize_x: partials {partials.shape} for x {x.shape}")
-        extra, splits = [partials] + ([] if bias is None else [bias.reshape(k)]), partials.shape[0]
-        out_shape.append(jax.ShapeDtypeStruct((t, k), jnp.float32))
-    kernel = functools.partial(_norm_quantize_kernel, d=k, t=t, sum_block=sum_block, axes=axes,
-                               compiled=not interpret, eps=float(eps), splits=splits, bias=len(extra) == 2)  # fmt: skip
-    words, dx, sums, *total = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(rows,),
-        compiler_params=TritonParams(num_warps=rms_norm.warps(k), num_stages=1),
-        interpret=interpret,
-        name="rms_norm_quantize_x_int8" if residual is None else "add_rms_norm_quantize_x_int8",
-    )(x, w.reshape(k), *extra)
-    return words.reshape(rows, k // 4), dx, sums.reshape(rows, -1), (total[0] if total else None)
 
 
 @functools.cache
@@ -366,31 +327,13 @@ def _quantize_kernel(x_ref, words_ref, dx_ref, sums_ref, *, nb: int, sum_block: 
     plgpu.store(sums_ref.at[at], sums)
 
 
-def _norm_quantize_kernel(x_ref, w_ref, *refs, d: int, t: int, sum_block: int, axes, compiled: bool, eps: float,
-                          splits: int, bias: bool):  # fmt: skip
+def _norm_quantize_kernel(x_ref, w_ref, words_ref, dx_ref, sums_ref, *, d: int, sum_block: int, axes,
+                          compiled: bool, eps: float):  # fmt: skip
     """Program r: x row r [D] normalized as RMSNorm's kernel does a row (worker/pallas_kernels/rms_norm.py: the same
     block, warps and operations, so the same values on the card), then its blocks rounded as `_quantize_kernel`
-    rounds them: one launch where there were two. With `splits`: x row r plus a product's partial sums [splits, R,
-    N'] folded in split order, plus its bias where `bias`, stored (`total_ref`) and then normalized. Rows r >= t
-    (padding) are zeros."""
-    p_ref = refs[0] if splits else None
-    b_ref = refs[1] if bias else None
-    words_ref, dx_ref, sums_ref, *total_ref = refs[(splits > 0) + bias :]
+    rounds them: one launch where there were two."""
     row, dp = pl.program_id(0), pow2_at_least(d)
-    cols = pl.ds(0, dp)
-    if not splits:
-        h = rms_norm.normalized(x_ref.at[pl.ds(row, 1), cols], w_ref.at[cols], d, eps)  # [1, dp]
-    else:
-        cols_ok = jnp.arange(dp) < d
-        ok = jax.lax.broadcast_in_dim(cols_ok & (row < t), (1, dp), (1,))
-        y = masked_load(p_ref.at[static_index(0), pl.ds(row, 1), cols], ok)
-        for s in range(1, splits):  # qmatvec.fold_splits' order
-            y = y + masked_load(p_ref.at[static_index(s), pl.ds(row, 1), cols], ok)
-        if b_ref is not None:
-            y = y + jax.lax.expand_dims(masked_load(b_ref.at[cols], cols_ok), (0,)).astype(jnp.float32)
-        total = masked_load(x_ref.at[pl.ds(row, 1), cols], ok).astype(jnp.float32) + y
-        plgpu.store(total_ref[0].at[pl.ds(row, 1), cols], total, mask=ok)
-        h = rms_norm.normalize(total, w_ref.at[cols], d, eps)
+    h = rms_norm.normalized(x_ref.at[pl.ds(row, 1), pl.ds(0, dp)], w_ref.at[pl.ds(0, dp)], d, eps)  # [1, dp]
     nbp, n = dp // X_BLOCK, d // X_BLOCK
     words, dx, sums = _round_blocks(_in_order(h.reshape(nbp, *((2,) * 5 if axes else (2, 4, 4))), axes), sum_block,
                                     compiled)  # fmt: skip
@@ -719,17 +662,13 @@ def padded_x(x: jax.Array, qtype: QT, rows: int, interpret: bool, norm: tuple[ja
 
 def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: int, p, interpret: bool,
          rows_per_program: int, live: jax.Array | None = None, row_tile: int | None = None,
-         x_share: int = 1, norm: tuple[jax.Array, float] | None = None,
-         residual: tuple[jax.Array, jax.Array | None] | None = None,
-         ) -> jax.Array | tuple[jax.Array, jax.Array]:  # fmt: skip
+         x_share: int = 1, norm: tuple[jax.Array, float] | None = None) -> jax.Array:  # fmt: skip
     """x [T, K] -> the split-K partial sums [splits, T', N'] of qmatvec's per-row kernel on an int8 x (T' padded to
     whole groups of `rows_per_program`, N' to whole column tiles); qmatvec folds them. `ids` [T * x_share]: each
     output row's expert of `w` [experts, N, K] (gathered; one row a program, reading x row i // x_share: qmatvec's
     `_call`). `live` int32 [T']: qmatvec.live_steps'.
     `row_tile` (dense): `_mma_kernel` on tiles of that many rows instead (T' whole tiles; columns in tiles of at
-    least MIN_DOT, the dot's smallest), with the same bits a row.
-    `residual` (partials, bias; with `norm`): x is a residual stream that a product's split-K partial sums and bias
-    are added to first (`add_norm_quantize_x`); returns (the partial sums, that sum x [T, K])."""
+    least MIN_DOT, the dot's smallest), with the same bits a row."""
     fmt = _format(w.qtype)
     k = x.shape[1]
     if row_tile is not None:
@@ -741,14 +680,7 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
     n_blocks = pl.cdiv(n, p.block_n)
     if p.programs >= n_blocks:  # no fewer programs than column tiles: a program a tile
         p = dataclasses.replace(p, programs=0)
-    if residual is None:
-        words, dx, sums = padded_x(x, w.qtype, rows_per_program, interpret, norm)
-    else:
-        if norm is None:
-            raise ValueError("a residual is added by the kernel that normalizes x: give its norm")
-        rows = pl.cdiv(x.shape[0], rows_per_program) * rows_per_program
-        total, (words, dx, sums) = add_norm_quantize_x(x, *residual, norm, fmt.x_order, fmt.sum_block, rows,
-                                                       interpret)  # fmt: skip
+    words, dx, sums = padded_x(x, w.qtype, rows_per_program, interpret, norm)
     x_rows = words.shape[0]
     out_rows = x_rows * x_share
     blocks = k // fmt.sb
@@ -764,7 +696,7 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
     else:
         kernel = functools.partial(_kernel, **common, rows=rows_per_program, gathered=ids is not None, x_share=x_share,
                                    has_live=live is not None, tiles=n_blocks)  # fmt: skip
-    out = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((p.splits, out_rows, n_blocks * p.block_n), jnp.float32),
         grid=(out_rows // rows_per_program, p.programs or n_blocks, p.splits),
@@ -772,4 +704,3 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
         interpret=interpret,
         name=f"qmatvec_{w.qtype.name.lower()}_int8{'_dot' if row_tile is not None else ''}",
     )(*([] if live is None else [live]), *([] if ids is None else [ids]), *x_args, *planes)
-    return out if residual is None else (out, total)

@@ -39,14 +39,9 @@ def normalized(x_ref, w_ref, d: int, eps: float) -> jax.Array:
     and scaled by w_ref [dp]: float32 [rows, dp]. Also the start of qmatvec_int8's norm-and-round kernel (the same
     values)."""
     rows, dp = x_ref.shape
-    ok = None if dp == d else jax.lax.broadcast_in_dim(jnp.arange(dp) < d, (rows, dp), (1,))
-    return normalize(masked_load(x_ref, ok).astype(jnp.float32), w_ref, d, eps)
-
-
-def normalize(x: jax.Array, w_ref, d: int, eps: float) -> jax.Array:
-    """`normalized` on rows already loaded: x [rows, dp] float32, zeros past d."""
-    dp = x.shape[1]
-    w = masked_load(w_ref, None if dp == d else jnp.arange(dp) < d).astype(jnp.float32)
+    cols_ok = None if dp == d else jnp.arange(dp) < d
+    ok = None if cols_ok is None else jax.lax.broadcast_in_dim(cols_ok, (rows, dp), (1,))
+    x, w = masked_load(x_ref, ok).astype(jnp.float32), masked_load(w_ref, cols_ok).astype(jnp.float32)
     inv = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) / d + eps)
     return x * inv * w
 
