@@ -286,9 +286,9 @@ STORING = [("qwen2", "model-q8_0.gguf"), ("gpt-oss", "model-mxfp4_moe.gguf"), ("
 
 @pytest.mark.parametrize(("arch", "file"), STORING)
 def test_a_model_storing_its_keys_in_the_attention_kernel_decodes_the_same_bits(oracles, monkeypatch, arch, file):
-    """WORKER_KV_WRITE_KERNEL=1 on the interpret backend: a greedy generation's ids and log-probabilities, every decode
-    step's cache writes in the attention kernel, are those of the scatters (sinks and sliding windows: gpt-oss;
-    sliding windows and a head dim of 256: gemma3)."""
+    """The keys stored by the attention kernel (WORKER_KV_WRITE_KERNEL=1 on the interpret backend): a greedy
+    generation's ids and log-probabilities, every decode step's cache writes in the attention kernel, are those of the
+    scatters (sinks and sliding windows: gpt-oss; sliding windows and a head dim of 256: gemma3)."""
     check_storing_model(oracles / "models" / arch, file, monkeypatch, dict(device="cpu", backend="interpret"))
 
 
@@ -296,7 +296,7 @@ def check_storing_model(d, file: str, monkeypatch, where: dict) -> None:
     ids = manifest(d)["input"]["ids"]
 
     def generate(on: bool) -> tuple[list[int], list]:
-        monkeypatch.setattr(ops, "_kv_write_kernel", on)
+        monkeypatch.setattr(ops, "_kv_write_kernel", {"gpu": on, "interpret": on})
         calls, real = [], pa.paged_decode_attention
         monkeypatch.setattr(pa, "paged_decode_attention", lambda *a, **k: calls.append("new_kv" in k) or real(*a, **k))
         # On the GPU a pool of 65,536 positions (tens of MB): far more than any program's own temporaries (a

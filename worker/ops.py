@@ -77,10 +77,11 @@ _norm_kernel = kernel_backends(os.environ.get("WORKER_NORM_KERNEL", ""))
 # (WORKER_NORM_ROUNDING=0 turns it off): an H100, 2026-12-06, qwen2.5-0.5b decode 997.4 against 979.5 tok/s (1.018x),
 # gpt-oss-20b 383.7 against 382.7 (docs/PERFORMANCE.md, thirty-first session).
 _norm_rounding = kernel_backends(os.environ.get("WORKER_NORM_ROUNDING", ""))
-# WORKER_KV_WRITE_KERNEL=1: a decode step's new keys and values stored by the paged attention kernel that reads them
-# (`write_and_attend`) instead of kv_cache.write_layer's two XLA scatters a layer, on the kernel backends with one
-# device. Off until timed on the card (built in the thirtieth session after its device time): the same bits.
-_kv_write_kernel = os.environ.get("WORKER_KV_WRITE_KERNEL", "0") == "1"
+# A decode step's new keys and values stored by the paged attention kernel that reads them (`write_and_attend`)
+# instead of kv_cache.write_layer's two XLA scatters a layer, on the kernel backends with one device; the same bits.
+# On by default on the "gpu" backend (WORKER_KV_WRITE_KERNEL=0 turns it off): an H100, 2026-12-06, qwen2.5-0.5b
+# decode 1,058.8 against 1,018.1 tok/s (1.040x), its gpu tests passing (docs/PERFORMANCE.md, thirty-third session).
+_kv_write_kernel = kernel_backends(os.environ.get("WORKER_KV_WRITE_KERNEL", ""))
 # A MoE layer's routing (`top_k`) as one Pallas kernel, the same bits as lax.top_k: on by default on the "gpu" backend
 # (WORKER_TOPK_KERNEL=0 turns it off): an H100, 2026-12-06, gpt-oss-20b decode 393.0 against 382.7 tok/s (1.027x);
 # with the norm in the rounding kernel 394.3 against 381.6 (1.033x), the batch-invariance gpu tests passing with both.
@@ -609,10 +610,10 @@ def write_and_attend(
     mesh: Mesh | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Store k, v [B, T, K, D] at positions [B, T] of the rows of `table` in layer `layer` of the cache, then
-    `paged_attention` of q over it: (its output, the cache). A decode step (T = 1) on the kernels with one device and
-    WORKER_KV_WRITE_KERNEL=1 does both in the attention kernel (paged_decode_attention's `new_kv`)."""
+    `paged_attention` of q over it: (its output, the cache). A decode step (T = 1) on the kernels with one device
+    does both in the attention kernel (paged_decode_attention's `new_kv`; `_kv_write_kernel`)."""
     one_device_kernel = _attention_kernels_on(backend) and mesh is None and paged.fits(q.shape, cache.k.shape)
-    if _kv_write_kernel and q.shape[1] == 1 and one_device_kernel:
+    if _kv_write_kernel.get(backend) and q.shape[1] == 1 and one_device_kernel:
         out, k_pages, v_pages = paged.paged_decode_attention(
             q, cache.k, cache.v, table, q_positions[:, 0], layer, scale, window, sinks,
             interpret=backend == "interpret", new_kv=(k, v),
