@@ -210,7 +210,16 @@ do_kernels() {
     local opts=()  # KERNELS_K: only the tests it selects; KERNELS_WORKERS: that many pytest-xdist processes
     [ -n "${KERNELS_K:-}" ] && opts+=(-k "$KERNELS_K")
     [ -n "${KERNELS_WORKERS:-}" ] && opts+=(-n "$KERNELS_WORKERS")
-    py -m pytest -x -v -rA -m gpu -o addopts="" -p no:cacheprovider "${opts[@]}" "${files[@]}"
+    in_budget bash tools/gpu-env.sh python3 -m pytest -x -v -rA -m gpu -o addopts="" -p no:cacheprovider "${opts[@]}" \
+        "${files[@]}"
+}
+
+# in_budget COMMAND...: COMMAND interrupted (SIGINT) 20 s before the stage's own limit, so that pytest still prints
+# its report with each failure's message: the thirty-third session's kernels stage lost a failure's message when -x
+# waited for a slow test on another process and the stage's limit killed them all.
+in_budget() {
+    local t=$((${STAGE_BUDGET:-240} - 20))
+    timeout -s INT -k 15 "$((t > 1 ? t : 1))" "$@"
 }
 
 do_backend() {  # #15's backend question: the jax-triton port's times beside the Pallas kernel's (each line says
@@ -221,7 +230,7 @@ do_backend() {  # #15's backend question: the jax-triton port's times beside the
 }
 
 do_invariance() {  # PYTEST_K: only the tests it selects (pytest -k)
-    py -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider \
+    in_budget bash tools/gpu-env.sh python3 -m pytest -v -rA -m gpu -o addopts="" -p no:cacheprovider \
         -k "${PYTEST_K:-seeded_job or prefill_dispatch or several_kernel or unquantized}" \
         tests/test_batching.py tests/test_pallas_qmatvec.py tests/test_sampling.py
 }
