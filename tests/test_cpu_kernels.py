@@ -9,6 +9,8 @@ import ctypes
 import logging
 import platform
 import shutil
+import subprocess
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -130,8 +132,61 @@ def test_the_other_instruction_sets_forms_match_float64(extra: tuple[str, ...]):
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx is an x86 flag")
 def test_a_build_without_a_fast_form_leaves_the_tile_walk(monkeypatch, caplog):
-    """Where the source compiles only to its plain vector form (ARM, x86 without AVX2), the worker keeps XLA's tile
-    walk: that form was slower than the walk (docs/kernels.md)."""
+    """Where the source compiles only to its plain vector form (x86 without AVX2), the worker keeps XLA's tile walk:
+    that form was slower than the walk (docs/kernels.md)."""
     build = cpu_kernels._build
     monkeypatch.setattr(cpu_kernels, "_build", lambda compiler: build(compiler, ("-mno-avx",)))
     assert_tile_walk_stays(caplog, logging.INFO, "no fast form")
+
+
+class _NeonLibrary:
+    """A built library as ARM's would be: its form not yet timed (Int8MatvecFast 2), its handlers the host's."""
+
+    def __init__(self, host: ctypes.CDLL):
+        self.Int8Matvec, self.Int8MatvecOffset = host.Int8Matvec, host.Int8MatvecOffset
+
+    @staticmethod
+    def Int8MatvecFast() -> int:  # noqa: N802 (the C symbol's name)
+        return 2
+
+
+@pytest.mark.parametrize("setting", ["", "1"], ids=["by-default", "asked-for"])
+def test_arms_form_is_taken_only_when_asked_for(monkeypatch, caplog, setting):
+    """ARM's NEON form is checked for its values (below) but not timed against the tile walk on an ARM machine: by
+    default the walk stays; WORKER_CPU_KERNEL=1 takes the kernel."""
+    host = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(cpu_kernels._compiler())))
+    monkeypatch.setattr(cpu_kernels.ctypes.cdll, "LoadLibrary", lambda path: _NeonLibrary(host))
+    monkeypatch.setattr(cpu_kernels, "_setting", setting)
+    registered = []
+    monkeypatch.setattr(cpu_kernels, "register", lambda library, target: registered.append(target))
+    if setting == "1":
+        cpu_kernels.available.cache_clear()
+        try:
+            assert cpu_kernels.available() and registered == [cpu_kernels.TARGET]
+        finally:
+            cpu_kernels.available.cache_clear()
+    else:
+        assert_tile_walk_stays(caplog, logging.INFO, "NEON form is not yet timed")
+        assert not registered
+
+
+CHECK = Path(__file__).with_name("cpu_kernel_check.cc")
+ARM = (shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64"))
+
+
+@pytest.mark.parametrize("target", ["host", "arm-neon"])
+def test_the_kernels_products_without_jax_on_the_host_and_on_arm_under_qemu(tmp_path, target):
+    """tests/cpu_kernel_check.cc: the kernel's products against double precision, and a row alone against it in a
+    group, built for this machine (its own form) and for ARM (the NEON form, with a cross compiler, run under
+    qemu-user), where the suite cannot run JAX."""
+    flags = ["-O3", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}", str(CHECK), "-o", str(tmp_path / "check")]
+    if target == "host":
+        build, run, form = [cpu_kernels._compiler(), "-march=native"], [], None
+    else:
+        if not all(ARM):
+            pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (Debian: g++-aarch64-linux-gnu qemu-user)")
+        build, run, form = [ARM[0], "-march=armv8-a", "-static"], [ARM[1]], "form 2"
+    subprocess.run([*build, *flags], check=True, capture_output=True, text=True)
+    out = subprocess.run([*run, str(tmp_path / "check")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "misses 0" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert form is None or out.stdout.startswith(form), out.stdout

@@ -5,9 +5,10 @@ The source is compiled on first use with the machine's C++ compiler (`$CXX`, els
 machine's instruction set (-march=native) against the installed jaxlib's FFI headers, and the library is kept in
 `<user cache dir>/worker-orcd/native`, keyed by the source, the compiler, the flags and the jaxlib version: a second
 start loads it (~3 s the first time on 2 cores). Without a compiler, or where the build fails, the worker logs why
-once and keeps XLA's tile walk (ops.int8_matmul): slower, the same results within float32 rounding. Only x86 with
-AVX2 or AVX-512 takes the kernel (Int8MatvecFast): its plain form, what ARM would compile, was slower than the walk.
-WORKER_CPU_KERNEL=0 turns the kernel off (an A/B switch)."""
+once and keeps XLA's tile walk (ops.int8_matmul): slower, the same results within float32 rounding. x86 with AVX2 or
+AVX-512 takes the kernel (Int8MatvecFast); ARM's NEON form, whose values are checked under qemu but which has not
+been timed on an ARM machine, only with WORKER_CPU_KERNEL=1; the plain form of other machines was slower than the
+walk. WORKER_CPU_KERNEL=0 turns the kernel off (an A/B switch)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("int8_matvec.cc")
 TARGET = "worker_int8_matvec"  # XLA's name of the kernel; of its form with an offset: TARGET + "_offset"
 BLOCKS = (16, 32)  # the CPU layout's blocks the kernel takes (quant.cpu_block: Q6_K's 16, the others' 32)
-_enabled = os.environ.get("WORKER_CPU_KERNEL", "1") != "0"
+_setting = os.environ.get("WORKER_CPU_KERNEL", "")  # "0": off; "1": also a form not yet timed (ARM's NEON)
 _registered: dict[str, ctypes.CDLL] = {}  # target -> its library, whose code must outlive every call
 _lock = threading.Lock()  # the warm-up traces programs side by side (Model.warm_up): one build, one registration
 
@@ -75,7 +76,7 @@ def _build(compiler: str, extra: tuple[str, ...] = ()) -> Path:
 def available() -> bool:
     """Whether the kernel is built and registered with XLA (once a process; the reason logged where it is not)."""
     with _lock:
-        return _enabled and _load()
+        return _setting != "0" and _load()
 
 
 def _load() -> bool:
@@ -90,8 +91,13 @@ def _load() -> bool:
         tail = detail[-2000:]
         log.warning("the CPU kernel did not build (%s): the CPU's int8 products stay on XLA's tile walk", tail)
         return False
-    if not library.Int8MatvecFast():
+    fast = library.Int8MatvecFast()
+    if fast == 0:
         log.info("the CPU kernel has no fast form for this instruction set (%s): XLA's tile walk", platform.machine())
+        return False
+    if fast == 2 and _setting != "1":
+        log.info("the CPU kernel's NEON form is not yet timed against XLA's tile walk: the walk (WORKER_CPU_KERNEL=1 "
+                 "takes the kernel)")  # fmt: skip
         return False
     register(library, TARGET)
     return True

@@ -1,0 +1,63 @@
+// The CPU kernel's products checked without JAX, for machines the suite cannot run JAX on: ARM's NEON form is built
+// with a cross compiler and run under qemu-user (tests/test_cpu_kernels.py; the host's own form runs there too).
+// Every block size, offset or none, and 1-5 rows of x against a sum in double precision; each x row's values alone
+// against the same row in a group (batch invariance). Prints the kernel's form (Int8MatvecFast) and exits 1 on any
+// miss.
+#include <cmath>
+#include <cstdio>
+#include <random>
+
+#include "../worker/cpu_kernels/int8_matvec.cc"
+
+template <int kBlock, bool kOffset>
+static int Check(int64_t m, int64_t n, int64_t k, std::mt19937& rng) {
+  std::uniform_real_distribution<float> value(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> code(-128, 127);
+  const int64_t blocks = k / kBlock;
+  std::vector<float> x(m * k), scale(n * blocks), offset(kOffset ? n * blocks : 0), y(m * n), alone(n);
+  std::vector<int8_t> codes(n * k);
+  for (auto& v : x) v = value(rng);
+  for (auto& v : scale) v = value(rng) * 0.01f;
+  for (auto& v : offset) v = value(rng) * 0.1f;
+  for (auto& c : codes) c = static_cast<int8_t>(code(rng));
+  const float* o = kOffset ? offset.data() : nullptr;
+  Product<kBlock, kOffset>(x.data(), codes.data(), scale.data(), o, y.data(), m, n, k);
+  int misses = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    Product<kBlock, kOffset>(x.data() + i * k, codes.data(), scale.data(), o, alone.data(), 1, n, k);
+    for (int64_t r = 0; r < n; ++r) {
+      double want = 0, size = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        const double w = double(scale[r * blocks + j / kBlock]) * codes[r * k + j] +
+                         (kOffset ? double(offset[r * blocks + j / kBlock]) : 0.0);
+        want += w * x[i * k + j];
+        size += std::fabs(w * x[i * k + j]);
+      }
+      const float got = y[i * n + r];
+      if (std::fabs(got - want) > 1e-5 * size + 1e-30) {
+        std::printf("block %d offset %d rows %lld: y[%lld, %lld] = %.9g, want %.9g\n", kBlock, kOffset,
+                    static_cast<long long>(m), static_cast<long long>(i), static_cast<long long>(r), got, want);
+        ++misses;
+      }
+      if (std::memcmp(&got, &alone[r], sizeof got) != 0) {
+        std::printf("block %d offset %d rows %lld: row %lld alone gives other bits at %lld\n", kBlock, kOffset,
+                    static_cast<long long>(m), static_cast<long long>(i), static_cast<long long>(r));
+        ++misses;
+      }
+    }
+  }
+  return misses;
+}
+
+int main() {
+  std::mt19937 rng(7);
+  int misses = 0;
+  for (int64_t m = 1; m <= 5; ++m) {
+    misses += Check<32, false>(m, 37, 640, rng);
+    misses += Check<32, true>(m, 37, 640, rng);
+    misses += Check<16, false>(m, 19, 2880, rng);
+    misses += Check<16, true>(m, 19, 2880, rng);
+  }
+  std::printf("form %d, misses %d\n", Int8MatvecFast(), misses);
+  return misses == 0 ? 0 : 1;
+}
