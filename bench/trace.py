@@ -8,6 +8,13 @@ the engine's host spans where the trace has them (worker/step_trace.py: a server
 WORKER_TRACE_DIR): an engine step, its prefill, decode dispatch and read back, and the events' handling. Why not
 perfetto's UI: the numbers have to go into docs/PERFORMANCE.md, and the device machine has no browser.
 
+A trace of the CPU (no GPU process: the worker's host devices, each a thread of XLA's CPU client, and the intra-op
+pool's threads that run some of their thunks) prints each such thread's events instead, the largest first, with the
+time it spent waiting: for the other devices at a collective (`Rendezvous`) and for its thunks on the pool
+(`ThunkExecutor::Execute (wait for completion)`). Events nest (an executor's span holds its
+thunks), so a thread's rows overlap. This is how the thirty-second and thirty-third sessions read the 2-device CPU
+step (docs/PERFORMANCE.md, "CPU").
+
 `--hlo FILE`: XLA's optimized HLO of the traced program (XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text", the
 `*after_optimizations.txt` of its module; gpu-session.sh's kinds:M with KINDS_HLO=1) names where each of XLA's
 fusions came from: the op and the innermost line of Python that made it (the trace has only `loop_add_fusion_96`).
@@ -62,6 +69,36 @@ def device_busy(trace: dict) -> tuple[float, float]:
             end = max(end, b)
     # the last merged interval ends last: an earlier one reaching past its start would have merged with it
     return end - first, busy + end - start
+
+
+# XLA:CPU's threads that run a program: its client's (a host device each) and its intra-op pool's.
+CPU_THREADS = ("tf_XLAPjRtCpuClient", "tf_XLAEigen")
+# A thread's waits: at a collective for the other devices (`Wait: pending_threads` falls inside its `Rendezvous`), and
+# for its thunks run on the pool.
+CPU_WAITS = ("Rendezvous", "ThunkExecutor::Execute (wait for completion)")
+
+
+def cpu_threads(trace: dict) -> dict[str, dict[str, list[float]]]:
+    """Thread name -> event name -> durations (us), for XLA:CPU's program threads (CPU_THREADS)."""
+    names = {(e["pid"], e.get("tid")): str(e["args"].get("name", "")) for e in trace.get("traceEvents", [])
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}  # fmt: skip
+    out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for e in trace.get("traceEvents", []):
+        thread = names.get((e.get("pid"), e.get("tid")), "")
+        if e.get("ph") == "X" and "dur" in e and thread.startswith(CPU_THREADS):
+            out[thread][e["name"]].append(float(e["dur"]))
+    return out
+
+
+def cpu_summary(threads: dict[str, dict[str, list[float]]], top: int) -> list[str]:
+    """Each thread's `top` events by total time, after a line with its waits (CPU_WAITS) summed."""
+    lines = []
+    for thread, events in sorted(threads.items(), key=lambda kv: -sum(map(sum, kv[1].values()))):
+        waits = sum(sum(d) for name, d in events.items() if name in CPU_WAITS)
+        lines.append(f"{thread}: waits {waits / 1e3:.2f} ms (at collectives and for the pool)")
+        for name, d in sorted(events.items(), key=lambda kv: -sum(kv[1]))[:top]:
+            lines.append(f"{sum(d) / 1e3:9.3f} ms {len(d):6d}x  {name[:100]}")
+    return lines
 
 
 def host_spans(trace: dict, names: tuple[str, ...]) -> dict[str, list[float]]:
@@ -170,15 +207,20 @@ def main() -> None:
         trace = json.load(f)
     kernels = device_kernels(trace)
     spans = host_spans(trace, SPANS)
-    if not kernels and not spans:
+    threads = {} if kernels else cpu_threads(trace)
+    if not kernels and not spans and not threads:
         names = sorted({str(e.get("args", {}).get("name")) for e in trace.get("traceEvents", []) if e.get("ph") == "M"})
-        raise SystemExit(f"{args.trace}: no GPU process among {', '.join(names[:20])}, and no engine spans")
+        raise SystemExit(
+            f"{args.trace}: no GPU process or XLA:CPU thread among {', '.join(names[:20])}, and no engine spans"
+        )
     if kernels:
         print("\n".join(summary(kernels, args.top, sources)))
         if sources:
             print("\n".join(by_source(kernels, sources, args.top)))
         window, busy = device_busy(trace)
         print(f"device busy {busy / 1e3:.2f} of {window / 1e3:.2f} ms ({busy / max(window, 1.0):.1%}: kernel union)")
+    if threads:
+        print("\n".join(cpu_summary(threads, args.top)))
     for name in SPANS:
         if spans.get(name):
             d = spans[name]

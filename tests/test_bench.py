@@ -359,6 +359,35 @@ def test_trace_busy_share_and_host_spans():
     assert spans == {"engine step": [180.0, 220.0], "read back": [40.0]}
 
 
+def test_trace_of_the_cpu_sums_each_xla_thread_and_its_waits():
+    """bench.trace on a CPU trace: XLA:CPU's program threads (a host device's client thread, a pool thread), each
+    event summed by name, the waits at collectives (Rendezvous, which holds `Wait: pending_threads`) and for the
+    pool; other threads (the Python thread) left out."""
+    from bench import trace
+
+    def thread(tid, name):
+        return {"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": name}}
+
+    def event(tid, name, ts, dur):
+        return {"ph": "X", "pid": 1, "tid": tid, "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        thread(1, "python"), thread(2, "tf_XLAPjRtCpuClient/123"), thread(3, "tf_XLAEigen/456"),
+        event(1, "decode dispatch", 0.0, 5000.0),
+        event(2, "ffi_call.7", 0.0, 3000.0), event(2, "Rendezvous", 3000.0, 800.0),
+        event(2, "Wait: pending_threads=1/2", 3100.0, 600.0), event(2, "Rendezvous", 4000.0, 200.0),
+        event(2, "ThunkExecutor::Execute (wait for completion)", 4300.0, 500.0),
+        event(3, "ffi_call.8", 0.0, 900.0),
+    ]  # fmt: skip
+    threads = trace.cpu_threads({"traceEvents": events})
+    assert set(threads) == {"tf_XLAPjRtCpuClient/123", "tf_XLAEigen/456"}
+    assert threads["tf_XLAPjRtCpuClient/123"]["Rendezvous"] == [800.0, 200.0]
+    lines = trace.cpu_summary(threads, top=2)
+    assert lines[0].startswith("tf_XLAPjRtCpuClient/123: waits 1.50 ms")  # 0.8 + 0.2 + 0.5, the nested wait once
+    assert lines[1].split()[:3] == ["3.000", "ms", "1x"] and len(lines) == 5
+    assert lines[3].startswith("tf_XLAEigen/456: waits 0.00 ms")
+
+
 def test_host_bench_runs_every_stream_to_its_tokens_over_free_steps(capsys):
     # bench.host replaces the model's steps with free ones: every stream must still get exactly its tokens (the
     # bench exits with an error otherwise) and the engine's CPU a token is reported.
