@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 
 import pytest
@@ -136,9 +137,12 @@ def test_gpu_index_out_of_range_or_no_gpu_fails_start_up(tmp_path):
 
 
 def test_sigterm_while_starting_exits_0():
+    """A SIGTERM during the model's load ends the process with exit 0 and a last `shutdown` line. If it has not ended
+    120 s later, SIGABRT makes it print every thread's stack (faulthandler) into the failure: a fresh-clone CI run
+    of 2026-12-06 hung here until pytest's 900 s limit, once in six, with nothing to say where."""
     model = oracles_dir() / "models" / "qwen2" / "model-q4_k_m.gguf"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", *base(**{"--model": str(model)})],
+        [sys.executable, "-X", "faulthandler", "-m", "server.cli", *base(**{"--model": str(model)})],
         cwd=REPO,
         stderr=subprocess.PIPE,
         text=True,
@@ -148,8 +152,16 @@ def test_sigterm_while_starting_exits_0():
             if json.loads(line)["event"] == "model_load_start":
                 proc.send_signal(signal.SIGTERM)
                 break
-        rest = proc.stderr.read()
-        assert proc.wait(120) == 0
+        out: list[str] = []  # the rest of stderr, read on a thread so that a hang can be timed out
+        reader = threading.Thread(target=lambda: out.append(proc.stderr.read()), daemon=True)
+        reader.start()
+        reader.join(120)
+        if reader.is_alive():
+            proc.send_signal(signal.SIGABRT)
+            reader.join(30)
+            pytest.fail(f"still running 120 s after SIGTERM during start-up; its threads:\n{''.join(out)[-8000:]}")
+        rest = out[0]
+        assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
