@@ -1,7 +1,9 @@
 """The CPU's own kernel (worker/cpu_kernels): its product against a float64 product of gguf-py's reference values in
 the block formats of the CPU layout (with and without an offset, Q6_K's 16-value blocks), row lengths that are and
 are not multiples of its 4-row groups, each row's bits whatever the number of x rows beside it (batch invariance),
-bad shapes refused with the kernel's message, and the fallback to XLA's tile walk without a compiler."""
+bad shapes refused with the kernel's message, the fallbacks to XLA's tile walk (no compiler, a failed build, no fast
+form, ARM's NEON form unless asked for), and the products checked without JAX (tests/cpu_kernel_check.cc: the host's
+form, and ARM's under qemu-user where a cross compiler is installed)."""
 
 from __future__ import annotations
 
@@ -181,7 +183,7 @@ def test_the_kernels_products_without_jax_on_the_host_and_on_arm_under_qemu(tmp_
     qemu-user), where the suite cannot run JAX."""
     flags = ["-O3", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}", str(CHECK), "-o", str(tmp_path / "check")]
     if target == "host":
-        build, run, form = [cpu_kernels._compiler(), "-march=native"], [], None
+        build, run, form = [cpu_kernels._compiler(), cpu_kernels.native_flag()], [], None
     else:
         if not all(ARM):
             pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (Debian: g++-aarch64-linux-gnu qemu-user)")

@@ -217,10 +217,7 @@ do_kernels() {
 # in_budget COMMAND...: COMMAND interrupted (SIGINT) 20 s before the stage's own limit, so that pytest still prints
 # its report with each failure's message: the thirty-third session's kernels stage lost a failure's message when -x
 # waited for a slow test on another process and the stage's limit killed them all.
-in_budget() {
-    local t=$((${STAGE_BUDGET:-240} - 20))
-    timeout -s INT -k 15 "$((t > 1 ? t : 1))" "$@"
-}
+in_budget() { timeout -s INT -k 15 "$(secs_until $(($(date +%s) + ${STAGE_BUDGET:-240} - 20)))" "$@"; }
 
 do_backend() {  # #15's backend question: the jax-triton port's times beside the Pallas kernel's (each line says
     # whether the two gave the same bits; tests/test_triton_port.py runs with the gpu suite: here its 160 s of

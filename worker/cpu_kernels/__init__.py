@@ -45,11 +45,15 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
 
 
+def native_flag() -> str:
+    """The compiler's flag for this machine's instruction set (ARM compilers take -mcpu, x86 ones -march)."""
+    return "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
+
+
 def _flags(extra: tuple[str, ...] = ()) -> list[str]:
-    # -march=native: the library runs only where it was built, as the cache key below says. `extra` after it (the
-    # tests build the AVX2 and the plain vector forms with -mno-avx512f and -mno-avx).
-    native = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
-    return ["-O3", native, *extra, "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
+    # native: the library runs only where it was built, as the cache key below says. `extra` after it (the tests
+    # build the AVX2 and the plain vector forms with -mno-avx512f and -mno-avx).
+    return ["-O3", native_flag(), *extra, "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
 
 
 def _build(compiler: str, extra: tuple[str, ...] = ()) -> Path:
