@@ -571,3 +571,95 @@ def test_with_the_norm_in_the_rounding_kernel_a_seeded_job_gives_the_same_ids_wh
     alone = run_batch(m, [target], [0])[0]
     others = [(list(range(5, 5 + 3 * i)), OTHERS[i % len(OTHERS)], 77 + i, 4 + 2 * i) for i in range(1, 11)]
     assert run_batch(m, [target, *others], [0] * 11)[0] == alone
+
+
+def epilogue_case(qtype: QT, n: int, k: int, rows: int, seed: int, put=np.asarray):
+    rng = np.random.default_rng(seed)
+    x, residual = (put(rng.standard_normal(s).astype(np.float32)) for s in ((rows, k), (rows, n)))
+    return x, put(rng.standard_normal(n).astype(np.float32)), residual
+
+
+def check_epilogue(x, w, bias, residual, interpret: bool, **tiles) -> None:
+    """qmatvec's epilogue in the kernel (qmatvec_int8.Epilogue) against XLA's fold and adds after it: the same bits,
+    with a bias or none, and the counts zeros after each of two calls that hand them on."""
+    common = dict(interpret=interpret, tensor_cores=False, int8_x=True, **tiles)
+    after = jax.jit(lambda x, w, b, r: r + (qmv.qmatvec(x, w, **common) + (0 if b is None else b)))
+    kernel = jax.jit(lambda x, w, b, r, c: qmv.qmatvec(x, w, epilogue=(b, r, c), **common))
+    counts = jnp.zeros((1024,), jnp.int32)
+    for b in (bias, None):
+        want = np.asarray(after(x, w, b, residual))
+        for _ in range(2):  # the second call takes the first one's counts
+            y, counts = kernel(x, w, b, residual, counts)
+            assert np.array_equal(np.asarray(y), want), "other bits than XLA's fold and adds"
+            assert not np.asarray(counts).any(), "the counts are not zeros again"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda t: t.name)
+def test_the_epilogue_folds_and_adds_as_xla_does(qtype, splits, rows):
+    """40 output columns in tiles of 16 (the last one masked), K in 1 or 3 splits, 1-3 rows of x."""
+    sb = qmv.FORMATS[qtype].sb
+    blocks, tiles = EDGE_TILES[sb]
+    n, k = 40, blocks * sb
+    w, _ = random_weight(qtype, (n, k), seed=41)
+    tiles = tiles | {"splits": splits}
+    assert qmv.plan(qtype, n, k, int8_x=True, **tiles).splits == splits
+    x, bias, residual = epilogue_case(qtype, n, k, rows, seed=rows)
+    check_epilogue(x, w, bias, residual, interpret=True, **tiles)
+
+
+def test_the_epilogue_is_the_dense_per_row_kernels():
+    w, _ = random_weight(QT.Q8_0, (2, 16, 64), seed=1)
+    with pytest.raises(ValueError, match="the epilogue is the dense per-row kernel's"):
+        q8.call(jnp.ones((1, 64)), w, jnp.zeros((1,), jnp.int32), 2, 16, qmv.plan(QT.Q8_0, 16, 64, int8_x=True), True,
+                1, epilogue=(None, None, None))  # fmt: skip
+
+
+def check_epilogue_model(path, monkeypatch, where: dict) -> None:
+    """A model's decode with the epilogue (its output and down projections' residual adds in their kernel) and
+    without: the same ids and log-probabilities, bit for bit; every decode step's o/down calls took it."""
+
+    def generate(on: bool) -> tuple[list[int], list]:
+        monkeypatch.setattr(ops, "_fold_epilogue", {"gpu": on, "interpret": on})
+        calls, real = [], qmv.qmatvec
+        monkeypatch.setattr(qmv, "qmatvec", lambda *a, **k: calls.append(k.get("epilogue") is not None) or real(*a, **k))
+        m = worker.load(path, **where, slots=256, max_batch=2, int8_x=True)
+        logprobs: list = []
+        ids = m.tokenizer.encode("The quick brown fox")
+        out = list(m.generate_ids(ids, 6, SamplingParams(logprobs=True), stop_at_eos=False, logprobs=logprobs))
+        assert any(calls) == on, calls
+        return out, logprobs
+
+    assert generate(True) == generate(False)
+
+
+def test_a_model_with_the_epilogue_decodes_the_same_bits(oracles, monkeypatch):
+    check_epilogue_model(oracles / "models" / "qwen2" / "model-q8_0.gguf", monkeypatch,
+                         dict(device="cpu", backend="interpret"))  # fmt: skip
+
+
+# Real decode shapes (N, K): qwen2.5-0.5b's o (Q8_0, 14 splits) and down (Q4_K here), phi3-mini's down (Q6_K), gpt-oss-20b's
+# o (Q8_0, K 4096).
+GPU_EPILOGUE = [(QT.Q8_0, 896, 896), (QT.Q4_K, 896, 4864), (QT.Q6_K, 3072, 8192), (QT.Q8_0, 2880, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 2, 8])
+@pytest.mark.parametrize(("qtype", "n", "k"), GPU_EPILOGUE, ids=lambda v: getattr(v, "name", str(v)))
+def test_gpu_the_epilogue_folds_and_adds_as_xla_does(qtype, n, k, rows):
+    """Compiled: the programs meet through their counts in memory (an atomic, a barrier, volatile reads of the
+    others' partial sums)."""
+    _gpu()
+    w = _on_device(qtype, (n, k), seed=n + k)
+    assert qmv.plan(qtype, n, k, int8_x=True).splits > 1
+    x, bias, residual = epilogue_case(qtype, n, k, rows, seed=rows, put=jax.device_put)
+    check_epilogue(x, w, bias, residual, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen2", "gpt-oss"])
+def test_gpu_a_model_with_the_epilogue_decodes_the_same_bits(oracles, monkeypatch, arch):
+    _gpu()
+    file = "model-mxfp4_moe.gguf" if arch == "gpt-oss" else "model-q8_0.gguf"
+    check_epilogue_model(oracles / "models" / arch / file, monkeypatch, dict(device="gpu"))

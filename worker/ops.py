@@ -50,6 +50,7 @@ CPU_DECODE_ROWS = 16  # rows of x up to which a call takes CPU_DECODE_TILE_BYTES
 # of a Xeon (2026-12-06, half of Gemma 3's head, 131,072 x 640 Q8_0, best of 8): 1 row 6.0 against the tile walk's
 # 10.4 ms, 2 rows 7.3 / 15.0, 4 rows 11.6 / 15.4, 8 rows 21.8 / 20.6, 16 rows 45.8 / 32.8.
 CPU_KERNEL_ROWS = 4
+FOLD_COUNTS = 1024  # the epilogues' shared counts (`FoldCounts`): more than one stream's products use (<= 2 x 528)
 
 # Which implementation the quantized matmuls, attention and MoE trace to: "cpu" (the jax.numpy path below, exact
 # float32), "gpu" (Pallas kernels for decode-sized matmuls and short prefill chunks: `_on_kernels`;
@@ -86,6 +87,11 @@ _kv_write_kernel = kernel_backends(os.environ.get("WORKER_KV_WRITE_KERNEL", ""))
 # (WORKER_TOPK_KERNEL=0 turns it off): an H100, 2026-12-06, gpt-oss-20b decode 393.0 against 382.7 tok/s (1.027x);
 # with the norm in the rounding kernel 394.3 against 381.6 (1.033x), the batch-invariance gpu tests passing with both.
 _topk_kernel = kernel_backends(os.environ.get("WORKER_TOPK_KERNEL", ""))
+# WORKER_FOLD_EPILOGUE=1: a product followed by its residual add (the output projection, a dense FFN's down) on the
+# int8-x per-row kernel folds its split-K partial sums, adds its bias and the residual in the kernel's last program of
+# each column tile (qmatvec_int8.Epilogue), where XLA took a launch of its own after it: two a layer of a dense
+# model's decode step. The same bits. Opt-in until timed on the card (built in the thirty-fourth session, offline).
+_fold_epilogue = kernel_backends(os.environ.get("WORKER_FOLD_EPILOGUE", "0"))
 # WORKER_MOE_SORTED_PAIRS=N: the routed matvec sorts its (token, selection) pairs by expert from N pairs on (default
 # qmatvec.SORTED_PAIRS; 0 sorts always, as all but one token did before the thirtieth session): an A/B switch, the
 # same bits either way.
@@ -138,6 +144,7 @@ DECODE_KERNELS = ("tensor-cores", "per-row", "by-rows", "per-row-int8")
 _decode_kernels: ContextVar[str] = ContextVar("decode_kernels", default="by-rows")
 # A decode step's live rows ([B] bool, runner: rows with a sequence), for the per-row kernels to skip the others.
 _live_rows: ContextVar[jax.Array | None] = ContextVar("live_rows", default=None)
+_fold_counts: ContextVar[FoldCounts | None] = ContextVar("fold_counts", default=None)
 _cpu_rows_kernel: ContextVar[bool] = ContextVar("cpu_rows_kernel", default=False)
 
 
@@ -151,6 +158,49 @@ def decode_kernels(mode: str) -> Iterator[None]:
         yield
     finally:
         _decode_kernels.reset(token)
+
+
+@dataclasses.dataclass
+class FoldCounts:
+    """The counts that the kernels' epilogues share (qmatvec_int8.Epilogue), handed from one product to the next
+    while a forward pass is traced (`fold_counts`): every call leaves them zeros, so one buffer, zeroed once a
+    pass, serves every product in turn, each updating it in place (no zeroed buffer a call: a launch each). `trace`:
+    the JAX trace they belong to (a product traced inside another, e.g. a loop's body, takes a buffer of its own)."""
+
+    counts: jax.Array | None = None
+    trace: object = None
+
+
+@contextmanager
+def fold_counts() -> Iterator[None]:
+    """The products traced inside hand the epilogues' counts on from one to the next (`FoldCounts`)."""
+    token = _fold_counts.set(FoldCounts())
+    try:
+        yield
+    finally:
+        _fold_counts.reset(token)
+
+
+def _take_counts(need: int) -> tuple[FoldCounts | None, jax.Array | None]:
+    """The shared counts for a product that uses `need` of them (None: it makes its own), and their holder."""
+    held = _fold_counts.get()
+    if held is None:
+        return None, None
+    trace = _current_trace()
+    if trace is None:
+        return None, None
+    if held.counts is None or held.trace is not trace or held.counts.shape[0] < need:
+        held.counts, held.trace = jnp.zeros((max(need, FOLD_COUNTS),), jnp.int32), trace
+    return held, held.counts
+
+
+def _current_trace() -> object | None:
+    """The JAX trace being built (None where this JAX does not say: each product then zeroes its own counts). JAX
+    has no public name for it; a buffer of an outer trace used inside an inner one would be a leaked tracer."""
+    from jax._src import core
+
+    ctx = getattr(core, "trace_ctx", None)
+    return getattr(ctx, "trace", None)
 
 
 @contextmanager
@@ -380,8 +430,10 @@ def qmatmul(
     backend: str = "cpu",
     exact: bool = False,
     norm: tuple[jax.Array, float] | None = None,
+    residual: jax.Array | None = None,
 ) -> jax.Array:
-    """x [..., In] @ w[Out, In].T (+ bias) -> [..., Out]; w stays quantized in memory, dequantized per call.
+    """x [..., In] @ w[Out, In].T (+ bias) (+ residual, added last: `residual` + (y + bias)) -> [..., Out]; w stays
+    quantized in memory, dequantized per call.
     On the GPU backend decode-shaped calls and prefill chunks of up to PREFILL_KERNEL_ROWS positions a sequence go
     to the Pallas matvec (any number of rows, `_on_kernels`); longer chunks to dequantize + XLA's dot.
     `exact`: float32 operands on every backend, for a product whose result picks something discrete (the MoE
@@ -390,11 +442,16 @@ def qmatmul(
     A weight in the CPU layout (Int8Blocks) goes to `int8_matmul` (float32, exact like the CPU path).
     `norm` (w [In], eps): x is RMSNorm's input, normalized first (`rms_norm` on one device); with
     `_norm_rounding` (the gpu backend by default), on the int8-x kernels by the kernel that rounds x (one launch where
-    there are two)."""
+    there are two).
+    `residual`: with `_fold_epilogue`, on the int8-x per-row kernel, the bias and the residual are added by the
+    kernel's last program of each column tile (`_epilogue_matvec`); the same bits as XLA's adds after it."""
     int8_x = _on_int8_x_kernels(x, w, backend, exact)
     if norm is not None and not (_norm_rounding.get(backend) and int8_x):
         x, norm = rms_norm(x, *norm, backend), None
     rows = x.size // max(1, x.shape[-1])
+    per_row = int8_x and rows <= qmatvec.MAX_ROWS and not _tensor_cores(rows)
+    if residual is not None and per_row and _fold_epilogue.get(backend):
+        return _epilogue_matvec(x, w, bias, residual, norm, backend)
     if isinstance(w, Int8Blocks):
         split = w.sharding is not None and any(a is not None for a in w.sharding.spec)
         # Replicated: XLA's partitioner splits x's tokens.
@@ -435,7 +492,27 @@ def qmatmul(
         y = jnp.einsum("...i,oi->...o", x.astype(jnp.bfloat16), wb, preferred_element_type=jnp.float32)
     else:
         y = jnp.einsum("...i,oi->...o", x.astype(jnp.float32), as_f32(w), precision=jax.lax.Precision.HIGHEST)
-    return y if bias is None else y + bias
+    y = y if bias is None else y + bias
+    return y if residual is None else residual + y
+
+
+def _epilogue_matvec(x: jax.Array, w: QuantArray, bias: jax.Array | None, residual: jax.Array,
+                     norm: tuple[jax.Array, float] | None, backend: str) -> jax.Array:  # fmt: skip
+    """`qmatmul` with a residual on the int8-x per-row kernel, which folds, adds the bias and the residual itself
+    (qmatvec_int8.Epilogue), the counts handed on (`FoldCounts`)."""
+    tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles)
+    if norm is not None:
+        tiles |= dict(norm_w=norm[0], norm_eps=float(norm[1]))
+    n, k = w.shape
+    rows = x.size // max(1, k)
+    p = qmatvec.plan(w.qtype, n, k, 1, **{a: v for a, v in tiles.items() if a in qmatvec.TILE_ARGS})
+    groups = -(-rows // qmatvec.row_group(rows, False))
+    held, counts = _take_counts(qmatvec_int8.epilogue_counts(groups, -(-n // p.block_n)))
+    y, counts = qmatvec.qmatvec(x, w, interpret=backend == "interpret", tensor_cores=False,
+                                epilogue=(bias, residual, counts), **tiles)  # fmt: skip
+    if held is not None:
+        held.counts = counts
+    return y
 
 
 def _on_int8_x_kernels(x: jax.Array, w: Weight, backend: str, exact: bool) -> bool:

@@ -337,10 +337,11 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
         k = ops.rope(k, positions, rope.inv_freq, rope.neox, rope.mscale)
     att, cache = ops.write_and_attend(q, k, v, cache, layer, table, positions, cfg.attn_scale, cfg.window(layer),
                                       lw.get("attn_sinks"), backend=be, mesh=cfg.mesh)  # fmt: skip
-    out = ops.qmatmul(att.reshape(b, t, nh * hd), lw["attn_output"], lw.get("attn_output_b"), backend=be)
-    if cfg.post_norms:
-        out = rms_norm(out, lw["post_attention_norm"], cfg)
-    return x + out, cache
+    att = att.reshape(b, t, nh * hd)
+    if not cfg.post_norms:  # the residual add with the product (its kernel may do it: ops.qmatmul's `residual`)
+        return ops.qmatmul(att, lw["attn_output"], lw.get("attn_output_b"), backend=be, residual=x), cache
+    out = ops.qmatmul(att, lw["attn_output"], lw.get("attn_output_b"), backend=be)
+    return x + rms_norm(out, lw["post_attention_norm"], cfg), cache
 
 
 FFN = Callable[[LayerWeights, Any, jax.Array], jax.Array]
@@ -364,7 +365,7 @@ def run_layers(weights: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Arr
         x = jax.lax.with_sharding_constraint(x, tokens)
     else:
         tokens = None
-    with ops.decode_kernels(cfg.decode_kernels):
+    with ops.decode_kernels(cfg.decode_kernels), ops.fold_counts():
         for i, lw in enumerate(weights["layers"]):
             x, cache = attention_block(lw, cfg, i, x, positions, cache, table)
             x = ffn(lw, cfg, x)

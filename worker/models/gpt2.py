@@ -64,7 +64,7 @@ def weight_table(gf: GGUFFile, cfg: GPT2Config) -> dict[str, tuple[tuple, bool]]
 def ffn_block(lw: LayerWeights, cfg: GPT2Config, x: jax.Array) -> jax.Array:
     h = ops.layer_norm(x, lw["ffn_norm"], lw["ffn_norm_b"], cfg.norm_eps)
     h = ops.gelu_tanh(ops.qmatmul(h, lw["ffn_up"], lw["ffn_up_b"], backend=cfg.backend))
-    return x + ops.qmatmul(h, lw["ffn_down"], lw["ffn_down_b"], backend=cfg.backend)
+    return ops.qmatmul(h, lw["ffn_down"], lw["ffn_down_b"], backend=cfg.backend, residual=x)
 
 
 def forward(weights: dict, cfg: GPT2Config, tokens: jax.Array, positions: jax.Array, cache: KVCache,

@@ -152,10 +152,9 @@ def ffn_block(lw: LayerWeights, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     else:  # ffn_up is [gate | up] (phi3's file, or fused at load): one product after the norm
         gate, up = jnp.split(base.normed_matmul(x, lw["ffn_norm"], None, lw["ffn_up"], None, cfg), 2, axis=-1)
     act = ops.gelu_tanh(gate) if cfg.traits.geglu else jax.nn.silu(gate)
-    out = ops.qmatmul(act * up, lw["ffn_down"], backend=be)
-    if cfg.post_norms:
-        out = base.rms_norm(out, lw["post_ffw_norm"], cfg)
-    return x + out
+    if not cfg.post_norms:  # the residual add with the product (ops.qmatmul's `residual`)
+        return ops.qmatmul(act * up, lw["ffn_down"], backend=be, residual=x)
+    return x + base.rms_norm(ops.qmatmul(act * up, lw["ffn_down"], backend=be), lw["post_ffw_norm"], cfg)
 
 
 def forward(weights: dict, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,

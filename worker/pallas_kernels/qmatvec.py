@@ -599,8 +599,9 @@ def _call(
     live: jax.Array | None = None,
     x_share: int = 1,
     norm: tuple[jax.Array, float] | None = None,
-) -> jax.Array:
-    """x [T, K]; returns the split-K partial sums summed: [T, N] float32. Dense with `tensor_cores`: rows in tiles
+    epilogue: tuple | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array | None]:
+    """x [T, K]; returns the split-K partial sums summed: [T, N] float32 (with `epilogue`: `qmatvec`'s). Dense with `tensor_cores`: rows in tiles
     of `row_tile` (`_dot_kernel`), float16 operands where `f16` (default: not in interpret mode); dense without:
     rows in groups of `row_group`, the last padded with zero rows; gathered: one program per row, or with `x_share`
     a program per (row, selection) pair: x [M, K] and ids [M * x_share], output row i reading x row i // x_share
@@ -617,9 +618,14 @@ def _call(
         from worker.pallas_kernels import qmatvec_int8  # it builds on this module's tiles
 
         tile = {"row_tile": row_tile} if tensor_cores else {}
+        if epilogue is not None and not tensor_cores and ids is None:
+            _, y, counts = qmatvec_int8.call(x, w, ids, experts, n, p, interpret, group, *live_arg, x_share=x_share,
+                                             norm=norm, epilogue=epilogue)  # fmt: skip
+            return y[:t, :n], counts
         out = qmatvec_int8.call(x, w, ids, experts, n, p, interpret, group, *live_arg, **tile, x_share=x_share,
                                 norm=norm)  # fmt: skip
-        return fold_splits(out)[:t, :n]
+        y = fold_splits(out)[:t, :n]
+        return y if epilogue is None else _epilogue_after(y, *epilogue)
     names, planes = plane_views(w, experts, n, k)
     n_blocks = pl.cdiv(n, p.block_n)
     # `fused`: Plan.fma's inline assembly, which only a compiled kernel runs (interpret mode rounds twice)
@@ -655,7 +661,15 @@ def _call(
         name=f"qmatvec_{w.qtype.name.lower()}{'_dot' if tensor_cores else ''}",  # the kinds apart in traces
     )(*args)
     y = fold_splits(out)[:t, :n]
-    return y if scale is None else y * scale
+    y = y if scale is None else y * scale
+    return y if epilogue is None else _epilogue_after(y, *epilogue)
+
+
+def _epilogue_after(y: jax.Array, bias: jax.Array | None, residual: jax.Array | None,
+                    counts: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:  # fmt: skip
+    """`qmatvec`'s epilogue done after the kernel, by XLA: residual + (y + bias), the counts untouched."""
+    y = y if bias is None else y + bias
+    return (y if residual is None else residual + y), counts
 
 
 def row_group(t: int, live: bool) -> int:
@@ -700,8 +714,9 @@ def qmatvec(
     live: jax.Array | None = None,
     norm_w: jax.Array | None = None,
     norm_eps: float = 0.0,
+    epilogue: tuple[jax.Array | None, jax.Array | None, jax.Array | None] | None = None,
     **tiles: int | None,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array | None]:
     """x [..., K] @ dequant(w [N, K]).T -> float32 [..., N], for any number of rows of x; each row's result is
     the same bits in a call of any size with the same `tensor_cores` and tiles. `live` [...] (bool, per-row kernels
     only): the rows whose results are used; the others may come out as zeros, uncomputed. `tensor_cores`: the dot of
@@ -712,7 +727,10 @@ def qmatvec(
     overrides of `plan`'s arguments (block_n, chunk, splits, num_warps, num_stages, int8_x); PREFILL_TILES are
     prefill's. With int8_x, `tensor_cores` takes the int8-x dot (its row tile by the rows unless given), whose rows
     have the per-row int8-x kernel's bits (qmatvec_int8). `norm_w` (int8_x only): x is RMSNorm's input (weight
-    norm_w, epsilon norm_eps), normalized by the kernel that rounds it (qmatvec_int8.quantize_x's `norm`)."""
+    norm_w, epsilon norm_eps), normalized by the kernel that rounds it (qmatvec_int8.quantize_x's `norm`).
+    `epilogue` (bias [N] or None, residual [..., N] or None, counts or None): returns (residual + (y + bias),
+    counts), done by the int8-x per-row kernel's last program of each column tile (qmatvec_int8.Epilogue; `counts`
+    threaded from call to call, zeros before and after), else by XLA after the kernel: the same bits either way."""
     _check(w, 2)
     n, k = next(iter(w.planes.values())).shape[0], w.shape[-1]
     lead = x.shape[:-1]
@@ -734,6 +752,12 @@ def qmatvec(
     if norm_w is not None and not int8_x:
         raise ValueError("qmatvec: a norm first is an option of the int8-x kernels")
     norm = None if norm_w is None else (norm_w, norm_eps)
+    if epilogue is not None:
+        bias, residual, counts = epilogue
+        residual = None if residual is None else residual.reshape(rows, n)
+        y, counts = _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16, live,
+                          norm=norm, epilogue=(bias, residual, counts))  # fmt: skip
+        return y.reshape(*lead, n), counts
     y = _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16, live, norm=norm)
     return y.reshape(*lead, n)
 

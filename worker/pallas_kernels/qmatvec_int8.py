@@ -475,14 +475,23 @@ def _mul(a: jax.Array, b: jax.Array, compiled: bool) -> jax.Array:
 
 
 def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, rows: int, p, gathered: bool,
-            compiled: bool, has_live: bool, tiles: int, x_share: int = 1):  # fmt: skip
+            compiled: bool, has_live: bool, tiles: int, x_share: int = 1, epilogue: Epilogue | None = None):  # fmt: skip
     """qmatvec's per-row kernel (its grid, masks, splits and live rows) with integer products. Dense: program
     (r, i, j) computes output columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows).
     Gathered: program (t, i, j), for output row t only, with expert ids[t] and x row t // x_share. With
     `Plan.programs` (`call` keeps it only below `tiles`, the column tiles), program i takes tiles i, i + programs,
     ... one after another. Each part's term is added on its own, in the order of the format's groups and parts,
-    super-blocks in K order: `_mma_kernel`'s order, so the two give a row the same bits."""
+    super-blocks in K order: `_mma_kernel`'s order, so the two give a row the same bits.
+    With an `epilogue` (dense): the program that finishes a column tile's last split folds the tile's partial sums
+    and adds the bias and the residual (`Epilogue`), storing y as well."""
     live_ref, *refs = refs if has_live else (None, *refs)
+    epi_refs = None
+    if epilogue is not None:  # inputs: bias, residual (those given), the counts in; outputs: partials, y, counts
+        *refs, o_ref, y_ref, count_ref = refs
+        n_in = int(epilogue.bias) + int(epilogue.residual) + 1
+        refs, epi_in = refs[: len(refs) - n_in], refs[len(refs) - n_in : -1]
+        epi_refs = (epi_in, y_ref, count_ref)
+        refs = [*refs, o_ref]
     if gathered:
         ids_ref, x_ref, dx_ref, sums_ref, *plane_refs, o_ref = refs
     else:
@@ -533,8 +542,12 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
         rows_ok = (row0 + jnp.arange(bn)) < n if n % bn else None
         acc = _k_loop(steps, functools.partial(step, row0, rows_ok), (jnp.zeros((bn,), jnp.float32),) * rows,
                       p.unroll)  # fmt: skip
-        for r, a in enumerate(acc):
-            o_ref[split, first + r, pl.ds(row0, bn)] = a
+        if epilogue is None or p.splits > 1:
+            for r, a in enumerate(acc):
+                o_ref[split, first + r, pl.ds(row0, bn)] = a
+        if epilogue is not None:
+            slot = pl.program_id(0) * tiles + i
+            _finish_tile(epilogue, *epi_refs, o_ref, acc, first, row0, bn, slot, p.splits, compiled)
 
     def next_tile(t, carry):
         column_tile(tile + t * p.programs)
@@ -544,6 +557,56 @@ def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, ro
         column_tile(tile)
     else:  # this program's tiles: tile, tile + programs, ... below `tiles`
         jax.lax.fori_loop(0, (tiles - tile + p.programs - 1) // p.programs, next_tile, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Epilogue:
+    """What a dense product's last program of a column tile does after the K loop (`call`'s `epilogue`): fold the
+    tile's split-K partial sums in split order (qmatvec.fold_splits' chain of adds), add the `bias` [N] and then
+    add the result to the `residual` [T, N] (a residual stream's x + (y + b)), where XLA took a launch of its own
+    after the kernel. The same float operations in the same order, so the same bits.
+    How the last program is known: each program adds 1 to its tile's count in memory (an atomic with acquire and
+    release order, after a barrier of the program's threads, so that its partial sums are visible first); the one
+    that finds splits - 1 there reads the other programs' partial sums and sets the count back to 0, so that the
+    counts are zeros again after every call (`counts`, threaded from call to call: ops.fold_counts)."""
+
+    bias: bool  # whether a bias is added
+    residual: bool  # whether y is added to a residual
+
+
+def _finish_tile(epilogue: Epilogue, epi_in, y_ref, count_ref, o_ref, acc, first, row0, bn: int, slot, splits: int,
+                 compiled: bool) -> None:  # fmt: skip
+    """`Epilogue` for the column tile at row0 and x rows first..first + len(acc): with one split, this program's
+    own sums; else, in the program that is the tile's last to finish, the splits' partial sums read back."""
+    bias_ref = epi_in[0] if epilogue.bias else None
+    res_ref = epi_in[-1] if epilogue.residual else None
+    cols = pl.ds(row0, bn)
+
+    def store(r: int, total: jax.Array) -> None:
+        if bias_ref is not None:
+            total = total + bias_ref[cols]
+        if res_ref is not None:
+            total = res_ref[first + r, cols] + total
+        y_ref[first + r, cols] = total
+
+    if splits == 1:
+        for r, a in enumerate(acc):
+            store(r, a)
+        return
+    if compiled:  # every thread's partial sums stored before the count says so (the atomic orders one thread's)
+        plgpu.debug_barrier()
+    done = plgpu.atomic_add(count_ref, slot, jnp.ones((), jnp.int32))
+
+    @pl.when(done == splits - 1)
+    def _fold() -> None:
+        for r in range(len(acc)):
+            # volatile: read from L2, where the other programs' stores are, never from a stale line of this SM's L1
+            part = lambda j: plgpu.load(o_ref.at[static_index(j), first + r, cols], volatile=compiled)  # noqa: E731
+            total = part(0)
+            for j in range(1, splits):
+                total = total + part(j)
+            store(r, total)
+        count_ref[slot] = jnp.int32(0)
 
 
 def _bytes(words: jax.Array) -> jax.Array:
@@ -662,15 +725,22 @@ def padded_x(x: jax.Array, qtype: QT, rows: int, interpret: bool, norm: tuple[ja
 
 def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: int, p, interpret: bool,
          rows_per_program: int, live: jax.Array | None = None, row_tile: int | None = None,
-         x_share: int = 1, norm: tuple[jax.Array, float] | None = None) -> jax.Array:  # fmt: skip
+         x_share: int = 1, norm: tuple[jax.Array, float] | None = None,
+         epilogue: tuple[jax.Array | None, jax.Array | None, jax.Array | None] | None = None,
+         ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """x [T, K] -> the split-K partial sums [splits, T', N'] of qmatvec's per-row kernel on an int8 x (T' padded to
     whole groups of `rows_per_program`, N' to whole column tiles); qmatvec folds them. `ids` [T * x_share]: each
     output row's expert of `w` [experts, N, K] (gathered; one row a program, reading x row i // x_share: qmatvec's
     `_call`). `live` int32 [T']: qmatvec.live_steps'.
     `row_tile` (dense): `_mma_kernel` on tiles of that many rows instead (T' whole tiles; columns in tiles of at
-    least MIN_DOT, the dot's smallest), with the same bits a row."""
+    least MIN_DOT, the dot's smallest), with the same bits a row.
+    `epilogue` (bias [N], residual [T, N], counts; dense per-row only): the kernel also folds the partial sums and
+    adds the bias and the residual (`Epilogue`; None for one left out); returns (partials, y [T', N'], counts), the
+    counts zeros again (`epilogue_counts` of them, or None: a zeroed buffer of its own)."""
     fmt = _format(w.qtype)
     k = x.shape[1]
+    if epilogue is not None and (ids is not None or row_tile is not None):
+        raise ValueError("the epilogue is the dense per-row kernel's")
     if row_tile is not None:
         if ids is not None or live is not None:
             raise ValueError("the int8-x tensor-core matvec is dense, and computes every row")
@@ -696,11 +766,36 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
     else:
         kernel = functools.partial(_kernel, **common, rows=rows_per_program, gathered=ids is not None, x_share=x_share,
                                    has_live=live is not None, tiles=n_blocks)  # fmt: skip
+    partials = jax.ShapeDtypeStruct((p.splits, out_rows, n_blocks * p.block_n), jnp.float32)
+    args = [*([] if live is None else [live]), *([] if ids is None else [ids]), *x_args, *planes]
+    out_shape, aliases = partials, {}
+    name = f"qmatvec_{w.qtype.name.lower()}_int8{'_dot' if row_tile is not None else ''}"
+    if epilogue is not None:
+        bias, residual, counts = epilogue
+        width = n_blocks * p.block_n
+        extra = [] if bias is None else [jnp.pad(bias.astype(jnp.float32), (0, width - n))]
+        if residual is not None:
+            extra.append(jnp.pad(residual.astype(jnp.float32), ((0, out_rows - residual.shape[0]), (0, width - n))))
+        need = epilogue_counts(out_rows // rows_per_program, n_blocks)
+        counts = jnp.zeros((need,), jnp.int32) if counts is None else counts
+        if counts.shape[0] < need:
+            raise ValueError(f"epilogue counts: {counts.shape[0]} for a call that needs {need}")
+        aliases = {len(args) + len(extra): 2}  # the counts, updated in place
+        args += [*extra, counts]
+        out_shape = (partials, jax.ShapeDtypeStruct((out_rows, width), jnp.float32), counts)
+        kernel = functools.partial(kernel, epilogue=Epilogue(bias is not None, residual is not None))
+        name += "_epilogue"
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((p.splits, out_rows, n_blocks * p.block_n), jnp.float32),
+        out_shape=out_shape,
         grid=(out_rows // rows_per_program, p.programs or n_blocks, p.splits),
+        input_output_aliases=aliases,
         compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=interpret,
-        name=f"qmatvec_{w.qtype.name.lower()}_int8{'_dot' if row_tile is not None else ''}",
-    )(*([] if live is None else [live]), *([] if ids is None else [ids]), *x_args, *planes)
+        name=name,
+    )(*args)
+
+
+def epilogue_counts(row_groups: int, tiles: int) -> int:
+    """The counts an epilogue call uses (`Epilogue`): one a column tile of each group of x rows."""
+    return row_groups * tiles
