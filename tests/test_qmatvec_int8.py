@@ -623,7 +623,8 @@ def check_epilogue_model(path, monkeypatch, where: dict) -> None:
     def generate(on: bool) -> tuple[list[int], list]:
         monkeypatch.setattr(ops, "_fold_epilogue", {"gpu": on, "interpret": on})
         calls, real = [], qmv.qmatvec
-        monkeypatch.setattr(qmv, "qmatvec", lambda *a, **k: calls.append(k.get("epilogue") is not None) or real(*a, **k))
+        spy = lambda *a, **k: calls.append(k.get("epilogue") is not None) or real(*a, **k)  # noqa: E731
+        monkeypatch.setattr(qmv, "qmatvec", spy)
         m = worker.load(path, **where, slots=256, max_batch=2, int8_x=True)
         logprobs: list = []
         ids = m.tokenizer.encode("The quick brown fox")
@@ -639,8 +640,8 @@ def test_a_model_with_the_epilogue_decodes_the_same_bits(oracles, monkeypatch):
                          dict(device="cpu", backend="interpret"))  # fmt: skip
 
 
-# Real decode shapes (N, K): qwen2.5-0.5b's o (Q8_0, 14 splits) and down (Q4_K here), phi3-mini's down (Q6_K), gpt-oss-20b's
-# o (Q8_0, K 4096).
+# Real decode shapes (N, K): qwen2.5-0.5b's o (Q8_0, 14 splits) and down (Q4_K here), phi3-mini's down (Q6_K),
+# gpt-oss-20b's o (Q8_0, K 4096).
 GPU_EPILOGUE = [(QT.Q8_0, 896, 896), (QT.Q4_K, 896, 4864), (QT.Q6_K, 3072, 8192), (QT.Q8_0, 2880, 4096)]
 
 

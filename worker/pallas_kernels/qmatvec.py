@@ -601,12 +601,12 @@ def _call(
     norm: tuple[jax.Array, float] | None = None,
     epilogue: tuple | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array | None]:
-    """x [T, K]; returns the split-K partial sums summed: [T, N] float32 (with `epilogue`: `qmatvec`'s). Dense with `tensor_cores`: rows in tiles
-    of `row_tile` (`_dot_kernel`), float16 operands where `f16` (default: not in interpret mode); dense without:
-    rows in groups of `row_group`, the last padded with zero rows; gathered: one program per row, or with `x_share`
-    a program per (row, selection) pair: x [M, K] and ids [M * x_share], output row i reading x row i // x_share
-    (the k selections of a token share its x: neither broadcast by XLA nor rounded k times). `live` [T] (per-row
-    only): a group of rows none of which is live is zeros, computed by nobody."""
+    """x [T, K]; returns the split-K partial sums summed: [T, N] float32 (with `epilogue`: as `qmatvec`). Dense
+    with `tensor_cores`: rows in tiles of `row_tile` (`_dot_kernel`), float16 operands where `f16` (default: not in
+    interpret mode); dense without: rows in groups of `row_group`, the last padded with zero rows; gathered: one
+    program per row, or with `x_share` a program per (row, selection) pair: x [M, K] and ids [M * x_share], output
+    row i reading x row i // x_share (the k selections of a token share its x: neither broadcast by XLA nor rounded
+    k times). `live` [T] (per-row only): a group of rows none of which is live is zeros, computed by nobody."""
     fmt = FORMATS[w.qtype]
     t, k = x.shape[0] * x_share, x.shape[1]
     if live is not None and tensor_cores:

@@ -475,7 +475,8 @@ def _mul(a: jax.Array, b: jax.Array, compiled: bool) -> jax.Array:
 
 
 def _kernel(*refs, fmt: IntFormat, names: Sequence[str], n: int, blocks: int, rows: int, p, gathered: bool,
-            compiled: bool, has_live: bool, tiles: int, x_share: int = 1, epilogue: Epilogue | None = None):  # fmt: skip
+            compiled: bool, has_live: bool, tiles: int, x_share: int = 1,
+            epilogue: Epilogue | None = None):  # fmt: skip
     """qmatvec's per-row kernel (its grid, masks, splits and live rows) with integer products. Dense: program
     (r, i, j) computes output columns [i*BN, (i+1)*BN) over split j of K for x rows [r*rows, (r+1)*rows).
     Gathered: program (t, i, j), for output row t only, with expert ids[t] and x row t // x_share. With
@@ -601,10 +602,10 @@ def _finish_tile(epilogue: Epilogue, epi_in, y_ref, count_ref, o_ref, acc, first
     def _fold() -> None:
         for r in range(len(acc)):
             # volatile: read from L2, where the other programs' stores are, never from a stale line of this SM's L1
-            part = lambda j: plgpu.load(o_ref.at[static_index(j), first + r, cols], volatile=compiled)  # noqa: E731
-            total = part(0)
-            for j in range(1, splits):
-                total = total + part(j)
+            parts = [plgpu.load(o_ref.at[static_index(j), first + r, cols], volatile=compiled) for j in range(splits)]
+            total = parts[0]
+            for part in parts[1:]:
+                total = total + part
             store(r, total)
         count_ref[slot] = jnp.int32(0)
 
