@@ -642,15 +642,16 @@ def test_a_model_with_the_epilogue_decodes_the_same_bits(oracles, monkeypatch):
 
 # Real decode shapes (N, K): qwen2.5-0.5b's o (Q8_0, 14 splits) and down (Q4_K here), phi3-mini's down (Q6_K),
 # gpt-oss-20b's o (Q8_0, K 4096).
-GPU_EPILOGUE = [(QT.Q8_0, 896, 896), (QT.Q4_K, 896, 4864), (QT.Q6_K, 3072, 8192), (QT.Q8_0, 2880, 4096)]
+# At one stream's 2 rows, and 8 (a program's most) on one; each case compiles four kernels (~15-110 s on the card).
+GPU_EPILOGUE = [(QT.Q8_0, 896, 896, 2), (QT.Q8_0, 896, 896, 8), (QT.Q4_K, 896, 4864, 2), (QT.Q6_K, 3072, 8192, 2),
+                (QT.Q8_0, 2880, 4096, 2)]  # fmt: skip
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 2, 8])
-@pytest.mark.parametrize(("qtype", "n", "k"), GPU_EPILOGUE, ids=lambda v: getattr(v, "name", str(v)))
+@pytest.mark.parametrize(("qtype", "n", "k", "rows"), GPU_EPILOGUE, ids=lambda v: getattr(v, "name", str(v)))
 def test_gpu_the_epilogue_folds_and_adds_as_xla_does(qtype, n, k, rows):
-    """Compiled: the programs meet through their counts in memory (an atomic, a barrier, volatile reads of the
-    others' partial sums)."""
+    """Compiled: the programs meet through their counts in memory (an atomic after a barrier, then reads of the
+    others' partial sums from L2). Passed on an H100 (2026-12-06) at 1, 2 and 8 rows with volatile reads."""
     _gpu()
     w = _on_device(qtype, (n, k), seed=n + k)
     assert qmv.plan(qtype, n, k, int8_x=True).splits > 1

@@ -90,7 +90,9 @@ _topk_kernel = kernel_backends(os.environ.get("WORKER_TOPK_KERNEL", ""))
 # WORKER_FOLD_EPILOGUE=1: a product followed by its residual add (the output projection, a dense FFN's down) on the
 # int8-x per-row kernel folds its split-K partial sums, adds its bias and the residual in the kernel's last program of
 # each column tile (qmatvec_int8.Epilogue), where XLA took a launch of its own after it: two a layer of a dense
-# model's decode step. The same bits. Opt-in until timed on the card (built in the thirty-fourth session, offline).
+# model's decode step. The same bits (its gpu tests passed). Opt-in: its first build lost on the card (an H100,
+# 2026-12-06, qwen2.5-0.5b decode 934.1 against 1,036.2 tok/s, 0.901x: the down projections' kernels 5.4 -> 10.7 us,
+# and 85 us between decode steps where XLA's loop took 1.7; docs/PERFORMANCE.md, thirty-fourth session).
 _fold_epilogue = kernel_backends(os.environ.get("WORKER_FOLD_EPILOGUE", "0"))
 # WORKER_MOE_SORTED_PAIRS=N: the routed matvec sorts its (token, selection) pairs by expert from N pairs on (default
 # qmatvec.SORTED_PAIRS; 0 sorts always, as all but one token did before the thirtieth session): an A/B switch, the

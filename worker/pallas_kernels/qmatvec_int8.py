@@ -601,8 +601,11 @@ def _finish_tile(epilogue: Epilogue, epi_in, y_ref, count_ref, o_ref, acc, first
     @pl.when(done == splits - 1)
     def _fold() -> None:
         for r in range(len(acc)):
-            # volatile: read from L2, where the other programs' stores are, never from a stale line of this SM's L1
-            parts = [plgpu.load(o_ref.at[static_index(j), first + r, cols], volatile=compiled) for j in range(splits)]
+            # ".cg": read from L2, where the other programs' stores are, never from a stale line of this SM's L1. Not
+            # volatile, which would keep the loads in order, one after another: suspected of the first build's cost
+            # on the card (a down projection's 19 splits, its kernel 5.4 -> 10.7 us), not yet timed without it.
+            parts = [plgpu.load(o_ref.at[static_index(j), first + r, cols], cache_modifier=".cg" if compiled else None)
+                     for j in range(splits)]  # fmt: skip
             total = parts[0]
             for part in parts[1:]:
                 total = total + part
