@@ -245,11 +245,13 @@ def test_paged_attention_writing_the_new_key_gives_the_bits_of_a_write_first(cas
     check_writing(*case, dtype, interpret=True)
 
 
-def check_writing(h, kh, d, page_size, positions, window, sinks, per_split, dtype, interpret: bool) -> None:
+def check_writing(h, kh, d, page_size, positions, window, sinks, per_split, dtype, interpret: bool,
+                  neox: bool | None = None) -> None:  # fmt: skip
     """`new_kv`: the kernel stores each row's new key and value at its position and attends with them, against
     kv_cache.write_layer's scatter then the kernel: the same pages (the null page aside: nothing reads it) and the
     same bits of every live row, the slot at a row's position holding stale NaN before (the kernel must not read
-    it), beside a row without pages (all null) and a padding row (position -1)."""
+    it), beside a row without pages (all null) and a padding row (position -1). `neox` (True/False): the kernel
+    also rotates q and the new key (`rope`), against ops.rope before the scatter (YaRN's mscale on cos and sin)."""
     rng = np.random.default_rng(h * d + page_size + 1)
     pages, layer = 40, 1
     k_pages, v_pages = pool(rng, 2, pages, page_size, kh, d, dtype)
@@ -266,22 +268,42 @@ def check_writing(h, kh, d, page_size, positions, window, sinks, per_split, dtyp
     sink = jnp.asarray(rng.standard_normal(h).astype(np.float32)) if sinks else None
     scale, tiles = d**-0.5, dict(interpret=interpret, pages_per_split=per_split)
     cache = KVCache(jnp.asarray(k_pages), jnp.asarray(v_pages))
-    written = write_layer(cache, layer, jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(table),
-                          jnp.asarray(pos[:, None]))  # fmt: skip
-    want = pa.paged_decode_attention(q, written.k, written.v, table, pos, layer, scale, window, sink, **tiles)
+    rotation = {}
+    q_in, k_in = jnp.asarray(q), jnp.asarray(k_new)
+    if neox is not None:
+        inv_freq, mscale, at = ops.rope_inv_freq(d, 10000.0), 1.25, jnp.asarray(pos[:, None])
+        rotation = dict(rope=tuple(a[:, 0] for a in ops.rope_tables(at, inv_freq, mscale)), neox=neox)
+        q_in, k_in = (ops.rope(a, at, inv_freq, neox, mscale) for a in (q_in, k_in))
+    written = write_layer(cache, layer, k_in, jnp.asarray(v_new), jnp.asarray(table), jnp.asarray(pos[:, None]))
+    want = pa.paged_decode_attention(q_in, written.k, written.v, table, pos, layer, scale, window, sink, **tiles)
     got, k_out, v_out = jax.jit(
         lambda kp, vp: pa.paged_decode_attention(q, kp, vp, table, pos, jnp.int32(layer), scale, window, sink,
-                                                 new_kv=(k_new, v_new), **tiles),
+                                                 new_kv=(k_new, v_new), **tiles, **rotation),
         donate_argnums=(0, 1),
     )(jnp.asarray(k_pages), jnp.asarray(v_pages))  # fmt: skip
     live = len(positions)
-    np.testing.assert_array_equal(np.asarray(got)[:live], np.asarray(want)[:live])
     assert np.isfinite(np.asarray(got)[:live]).all()
+    if neox is None:
+        np.testing.assert_array_equal(np.asarray(got)[:live], np.asarray(want)[:live])
+        for out, ref in ((k_out, written.k), (v_out, written.v)):
+            np.testing.assert_array_equal(np.asarray(out)[:, 1:], np.asarray(ref)[:, 1:])  # page 0: the null page
+        return
+    # The rotation's products and sums are ops.rope's, but a compiler may fuse a product with its sum (one rounding
+    # less) in one and not the other: float32's rounding apart, and the stored keys one step of the cache's dtype.
+    np.testing.assert_allclose(np.asarray(got)[:live], np.asarray(want)[:live], rtol=1e-5, atol=1e-5)
+    step = float(np.finfo(dtype).eps)
     for out, ref in ((k_out, written.k), (v_out, written.v)):
-        np.testing.assert_array_equal(np.asarray(out)[:, 1:], np.asarray(ref)[:, 1:])  # page 0: the null page
+        np.testing.assert_allclose(np.asarray(out, np.float32)[:, 1:], np.asarray(ref, np.float32)[:, 1:],
+                                   rtol=step, atol=step)  # fmt: skip
 
 
 STORING = [("qwen2", "model-q8_0.gguf"), ("gpt-oss", "model-mxfp4_moe.gguf"), ("gemma3", "model-q8_0.gguf")]
+
+
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "norm"])
+@pytest.mark.parametrize("case", PAGED_CASES[:3])
+def test_paged_attention_rotating_q_and_the_new_key_follows_ropes(case, neox):
+    check_writing(*case, np.float16, interpret=True, neox=neox)
 
 
 @pytest.mark.parametrize(("arch", "file"), STORING)
@@ -290,6 +312,39 @@ def test_a_model_storing_its_keys_in_the_attention_kernel_decodes_the_same_bits(
     generation's ids and log-probabilities, every decode step's cache writes in the attention kernel, are those of the
     scatters (sinks and sliding windows: gpt-oss; sliding windows and a head dim of 256: gemma3)."""
     check_storing_model(oracles / "models" / arch, file, monkeypatch, dict(device="cpu", backend="interpret"))
+
+
+ROTATING = [("qwen2", "model-q8_0.gguf"), ("llama", "model-q8_0.gguf"), ("gpt-oss", "model-mxfp4_moe.gguf"),
+            ("gemma3", "model-q8_0.gguf")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("arch", "file"), ROTATING)
+def test_a_model_rotating_in_the_attention_kernel_follows_ropes(oracles, monkeypatch, arch, file):
+    """RoPE in the attention kernel (WORKER_ROPE_KERNEL=1 on the interpret backend): a greedy generation gives the
+    same ids as ops.rope before it, its log-probabilities within float32's rounding, every decode step's layers
+    rotating in the kernel (NEOX pairs: qwen2, gpt-oss with YaRN's mscale, gemma3 after its q/k norms; adjacent
+    pairs: llama)."""
+    check_rotating_model(oracles / "models" / arch, file, monkeypatch, dict(device="cpu", backend="interpret"))
+
+
+def check_rotating_model(d, file: str, monkeypatch, where: dict) -> None:
+    ids = manifest(d)["input"]["ids"]
+    monkeypatch.setattr(ops, "_kv_write_kernel", {"gpu": True, "interpret": True})
+
+    def generate(on: bool) -> tuple[list[int], list]:
+        monkeypatch.setattr(ops, "_rope_kernel", {"gpu": on, "interpret": on})
+        calls, real = [], pa.paged_decode_attention
+        monkeypatch.setattr(pa, "paged_decode_attention", lambda *a, **k: calls.append(k.get("rope") is not None)
+                            or real(*a, **k))  # fmt: skip
+        m = worker.load(d / file, **where, slots=256, max_batch=2)
+        logprobs: list = []
+        out = list(m.generate_ids(ids, 6, SamplingParams(logprobs=True), stop_at_eos=False, logprobs=logprobs))
+        assert calls and all(c == on for c in calls), calls
+        return out, [lp for step in logprobs for _, lp in step.top]
+
+    (ids_on, lp_on), (ids_off, lp_off) = generate(True), generate(False)
+    assert ids_on == ids_off
+    np.testing.assert_allclose(lp_on, lp_off, rtol=1e-4, atol=1e-4)
 
 
 def check_storing_model(d, file: str, monkeypatch, where: dict) -> None:
@@ -384,6 +439,19 @@ def gpu_backend():
 @pytest.mark.parametrize("case", PAGED_CASES)
 def test_gpu_paged_attention_writing_the_new_key_gives_the_bits_of_a_write_first(gpu_backend, case):
     check_writing(*case, np.float16, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "norm"])
+@pytest.mark.parametrize("case", PAGED_CASES)
+def test_gpu_paged_attention_rotating_q_and_the_new_key_follows_ropes(gpu_backend, case, neox):
+    check_writing(*case, np.float16, interpret=False, neox=neox)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("arch", "file"), ROTATING[:3])
+def test_gpu_a_model_rotating_in_the_attention_kernel_follows_ropes(gpu_backend, oracles, monkeypatch, arch, file):
+    check_rotating_model(oracles / "models" / arch, file, monkeypatch, dict(device="gpu"))
 
 
 @pytest.mark.gpu

@@ -87,6 +87,11 @@ _kv_write_kernel = kernel_backends(os.environ.get("WORKER_KV_WRITE_KERNEL", ""))
 # (WORKER_TOPK_KERNEL=0 turns it off): an H100, 2026-12-06, gpt-oss-20b decode 393.0 against 382.7 tok/s (1.027x);
 # with the norm in the rounding kernel 394.3 against 381.6 (1.033x), the batch-invariance gpu tests passing with both.
 _topk_kernel = kernel_backends(os.environ.get("WORKER_TOPK_KERNEL", ""))
+# WORKER_ROPE_KERNEL=1 (with the KV-writing kernel): a decode step's RoPE of q and the new key done by the attention
+# kernel that reads them (`write_and_attend`'s `rope`), where XLA took two launches a layer (0.080 ms of
+# qwen2.5-0.5b's 1.167 ms step on an H100, docs/PERFORMANCE.md, thirty-fourth session). The same products and sums;
+# opt-in until timed on the card (built in the thirty-fourth session, offline).
+_rope_kernel = kernel_backends(os.environ.get("WORKER_ROPE_KERNEL", "0"))
 # WORKER_FOLD_EPILOGUE=1: a product followed by its residual add (the output projection, a dense FFN's down) on the
 # int8-x per-row kernel folds its split-K partial sums, adds its bias and the residual in the kernel's last program of
 # each column tile (qmatvec_int8.Epilogue), where XLA took a launch of its own after it: two a layer of a dense
@@ -600,14 +605,18 @@ def yarn_inv_freq(dim: int, base: float, factor: float, original_context: int, b
     return jnp.asarray(inv_freq, jnp.float32), mscale
 
 
+def rope_tables(positions: jax.Array, inv_freq: jax.Array, mscale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, rot/2] of positions [B, T] at each frequency, times `mscale`: what `rope` multiplies by."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles) * mscale, jnp.sin(angles) * mscale
+
+
 def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, neox: bool, mscale: float = 1.0) -> jax.Array:
     """Rotate x [B, T, N, D] by positions [B, T]. NEOX pairs (i, i + d/2); NORM (llama) pairs (2i, 2i + 1), the
     layout llama.cpp's converter leaves after permuting HF's q/k rows. Only the first 2 * len(inv_freq) dims
     rotate (partial rotary); `mscale` multiplies cos/sin (YaRN's attention factor)."""
     rot = 2 * inv_freq.shape[0]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot/2]
-    cos = (jnp.cos(angles) * mscale)[:, :, None, :]
-    sin = (jnp.sin(angles) * mscale)[:, :, None, :]
+    cos, sin = (a[:, :, None, :] for a in rope_tables(positions, inv_freq, mscale))
     xr, xp = x[..., :rot].astype(jnp.float32), x[..., rot:]
     if neox:
         x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
@@ -687,17 +696,29 @@ def write_and_attend(
     *,
     backend: str = "cpu",
     mesh: Mesh | None = None,
+    rotary: tuple[jax.Array, bool, float] | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Store k, v [B, T, K, D] at positions [B, T] of the rows of `table` in layer `layer` of the cache, then
     `paged_attention` of q over it: (its output, the cache). A decode step (T = 1) on the kernels with one device
-    does both in the attention kernel (paged_decode_attention's `new_kv`; `_kv_write_kernel`)."""
+    does both in the attention kernel (paged_decode_attention's `new_kv`; `_kv_write_kernel`).
+    `rotary` (inv_freq, neox, mscale): q and k are given before RoPE (`rope`), done here first, or with
+    `_rope_kernel` by that attention kernel as it reads them (a whole head rotated)."""
     one_device_kernel = _attention_kernels_on(backend) and mesh is None and paged.fits(q.shape, cache.k.shape)
     if _kv_write_kernel.get(backend) and q.shape[1] == 1 and one_device_kernel:
+        tables, neox = None, True
+        if rotary is not None:
+            inv_freq, neox, mscale = rotary
+            if _rope_kernel.get(backend) and 2 * inv_freq.shape[0] == q.shape[-1]:
+                tables = tuple(a[:, 0] for a in rope_tables(q_positions, inv_freq, mscale))
+            else:
+                q, k = (rope(a, q_positions, inv_freq, neox, mscale) for a in (q, k))
         out, k_pages, v_pages = paged.paged_decode_attention(
             q, cache.k, cache.v, table, q_positions[:, 0], layer, scale, window, sinks,
-            interpret=backend == "interpret", new_kv=(k, v),
+            interpret=backend == "interpret", new_kv=(k, v), rope=tables, neox=neox,
         )  # fmt: skip
         return out, KVCache(k_pages, v_pages)
+    if rotary is not None:
+        q, k = (rope(a, q_positions, *rotary) for a in (q, k))
     cache = write_layer(cache, layer, k, v, table, q_positions)
     return paged_attention(q, cache, layer, table, q_positions, scale, window, sinks, backend=backend, mesh=mesh), cache
 

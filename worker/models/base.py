@@ -332,11 +332,9 @@ def attention_block(lw: LayerWeights, cfg: ModelConfig, layer: int, x: jax.Array
         q = rms_norm(q, lw["attn_q_norm"], cfg)
         k = rms_norm(k, lw["attn_k_norm"], cfg)
     rope = cfg.rope(layer)
-    if rope is not None:
-        q = ops.rope(q, positions, rope.inv_freq, rope.neox, rope.mscale)
-        k = ops.rope(k, positions, rope.inv_freq, rope.neox, rope.mscale)
+    rotary = None if rope is None else (rope.inv_freq, rope.neox, rope.mscale)  # q and k rotated there
     att, cache = ops.write_and_attend(q, k, v, cache, layer, table, positions, cfg.attn_scale, cfg.window(layer),
-                                      lw.get("attn_sinks"), backend=be, mesh=cfg.mesh)  # fmt: skip
+                                      lw.get("attn_sinks"), backend=be, mesh=cfg.mesh, rotary=rotary)  # fmt: skip
     att = att.reshape(b, t, nh * hd)
     if not cfg.post_norms:  # the residual add with the product (its kernel may do it: ops.qmatmul's `residual`)
         return ops.qmatmul(att, lw["attn_output"], lw.get("attn_output_b"), backend=be, residual=x), cache

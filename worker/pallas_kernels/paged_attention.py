@@ -82,8 +82,25 @@ def _exact_dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
     return out
 
 
+def _rotation(d: int, dp: int, neox: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """RoPE's pairs as lanes of a head's [dp] vector: each lane's partner, its frequency's index, and whether it
+    subtracts (its partner times sin): NEOX pairs (i, i + d/2), NORM (2i, 2i + 1). Lanes past d point inside it."""
+    lane, half = jnp.arange(dp), d // 2
+    if neox:
+        partner, freq, minus = jnp.where(lane < half, lane + half, lane - half), lane % half, lane < half
+    else:
+        partner, freq, minus = lane ^ 1, lane // 2, lane % 2 == 0
+    return jnp.clip(partner, 0, d - 1), jnp.minimum(freq, half - 1), minus
+
+
+def _rotated(x: jax.Array, partner: jax.Array, cos: jax.Array, sin: jax.Array, minus: jax.Array) -> jax.Array:
+    """x * cos + partner * (-sin or sin), lane by lane: ops.rope's x1 * cos - x2 * sin and x2 * cos + x1 * sin, the
+    same products and sums (a - b is a + -b, and -b's product is -(x2 * sin) exactly)."""
+    return x * cos + partner * jnp.where(minus, -sin, sin)
+
+
 def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, *refs, d, dp, bs, page_size, tiles_per_split,
-                  n_tiles, n_pages, pages, scale, window, writes):  # fmt: skip
+                  n_tiles, n_pages, pages, scale, window, writes, rope=None):  # fmt: skip
     """Program (b, kh, split): the online softmax of row b's G query heads of kv head kh over the visible tiles of
     its split, in logical order, the heads as one [MAX_GROUP, dp] block (rows past G are zeros, never read by the
     fold): a tile's scores and weighted values are matrix products on the tensor cores (`_exact_dot`). A row's
@@ -94,8 +111,13 @@ def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, *refs, d, 
     `writes`: refs holds the row's new key and value first (k_new, v_new [B, K, D] float32) and the pages' aliases
     last: the program whose split holds position p stores kv head kh's new key and value at p (none past the table
     or on the null page: nothing reads them there), and every tile holding p takes them from registers, rounded to
-    the cache's dtype as the store rounds them: the bits of a write before the call."""
-    if writes:
+    the cache's dtype as the store rounds them: the bits of a write before the call.
+    `rope` ("neox" or "norm", with `writes`): refs then holds each row's cos and sin [B, D / 2] after the new key
+    and value, and the kernel rotates q and the new key itself (`_rotated`), where XLA took two launches a layer."""
+    cos_ref = sin_ref = None
+    if writes and rope is not None:
+        k_new_ref, v_new_ref, cos_ref, sin_ref, acc_ref, m_ref, l_ref, k_out_ref, v_out_ref = refs
+    elif writes:
         k_new_ref, v_new_ref, acc_ref, m_ref, l_ref, k_out_ref, v_out_ref = refs
     else:
         acc_ref, m_ref, l_ref = refs
@@ -105,9 +127,14 @@ def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, *refs, d, 
     first = split * tiles_per_split
     lo, hi = jnp.maximum(lo, first), jnp.minimum(hi, first + tiles_per_split)
     d_ok = jnp.arange(dp) < d if dp != d else None  # None: no lane mask, so the loads stay vectorized
+    if rope is not None:  # this row's cos and sin on each lane of a head, and each lane's partner
+        partner, freq, minus = _rotation(d, dp, rope == "neox")
+        cos, sin = plgpu.load(cos_ref.at[b, freq]), plgpu.load(sin_ref.at[b, freq])
     if writes:
-        new_k, new_v = (masked_load(ref.at[b, kh, pl.ds(0, dp)], d_ok).astype(k_ref.dtype)
-                        for ref in (k_new_ref, v_new_ref))  # fmt: skip
+        new_k, new_v = (masked_load(ref.at[b, kh, pl.ds(0, dp)], d_ok) for ref in (k_new_ref, v_new_ref))
+        if rope is not None:
+            new_k = _rotated(new_k, masked_load(k_new_ref.at[b, kh, partner], d_ok), cos, sin, minus)
+        new_k, new_v = new_k.astype(k_ref.dtype), new_v.astype(k_ref.dtype)
         own = (p >= 0) & (p // (bs * tiles_per_split) == split)
         page_at = jnp.minimum(jnp.maximum(p, 0) // page_size, n_pages - 1)
         page = table_ref[b, page_at]
@@ -150,7 +177,11 @@ def _split_kernel(pos_ref, layer_ref, table_ref, q_ref, k_ref, v_ref, *refs, d, 
         q_ok = jax.lax.broadcast_in_dim(jnp.arange(MAX_GROUP) < q_ref.shape[2], (MAX_GROUP, dp), (0,))
         if d_ok is not None:
             q_ok &= jax.lax.broadcast_in_dim(d_ok, (MAX_GROUP, dp), (1,))
-        q = masked_load(q_ref.at[b, kh, pl.ds(0, MAX_GROUP), pl.ds(0, dp)], q_ok) * jnp.float32(scale)
+        q = masked_load(q_ref.at[b, kh, pl.ds(0, MAX_GROUP), pl.ds(0, dp)], q_ok)
+        if rope is not None:  # the heads' partner lanes, gathered
+            pairs = masked_load(q_ref.at[b, kh, jnp.arange(MAX_GROUP)[:, None], partner[None, :]], q_ok)
+            q = _rotated(q, pairs, cos[None, :], sin[None, :], minus[None, :])
+        q = q * jnp.float32(scale)
 
         def step(tile, carry):
             m, l_, acc = carry  # [MAX_GROUP], [MAX_GROUP], [MAX_GROUP, dp]
@@ -220,7 +251,7 @@ def _check(q, k_pages, v_pages, page_table, positions) -> None:
                          f"must be [B, n_pages] and [B] for B = {b}")  # fmt: skip
 
 
-@kernel_entry("scale", "window", "interpret", "pages_per_split", "num_warps", "num_stages")
+@kernel_entry("scale", "window", "interpret", "pages_per_split", "num_warps", "num_stages", "neox")
 def paged_decode_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -237,6 +268,8 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     new_kv: tuple[jax.Array, jax.Array] | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+    neox: bool = True,
 ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Attention of q [B, 1, H, D] (H = K * G) over layer `layer` of the paged cache k/v_pages [L, P, page_size,
     K, D] -> float32 [B, 1, H, D]. Row b's key j lives at page page_table[b, j // page_size], slot j % page_size;
@@ -245,7 +278,10 @@ def paged_decode_attention(
     `pages_per_split` overrides SPLIT_KEYS / page_size (tests, sweeps); a row's bits depend on it.
     `new_kv` (k, v [B, 1, K, D]): each row's key and value at its position, written into the pages by the kernel
     that reads them (kv_cache.write_layer's scatters were two XLA launches a layer): returns (out, k_pages,
-    v_pages), the pages updated in place where the caller donates them."""
+    v_pages), the pages updated in place where the caller donates them.
+    `rope` (cos, sin [B, D / 2]; with `new_kv`): q and the new key are given before their rotation, which the kernel
+    does (ops.rope's products and sums, so the same values; its cos and sin, mscale included), in `neox` pairs or
+    adjacent ones."""
     _check(q, k_pages, v_pages, page_table, positions)
     b, _, h, d = q.shape
     _, pages, page_size, kh, _ = k_pages.shape
@@ -263,8 +299,10 @@ def paged_decode_attention(
     split_kernel = functools.partial(
         _split_kernel, d=d, dp=dp, bs=bs, page_size=page_size,
         tiles_per_split=tiles_per_split, n_tiles=n_tiles, n_pages=n_pages, pages=pages, scale=float(scale),
-        window=window, writes=new_kv is not None,
+        window=window, writes=new_kv is not None, rope=None if rope is None else ("neox" if neox else "norm"),
     )  # fmt: skip
+    if rope is not None and (new_kv is None or 2 * rope[0].shape[-1] != d):
+        raise ValueError("the kernel's rotation takes the new key and value (new_kv) and a whole head's rotary dims")
     out_shape = [
         jax.ShapeDtypeStruct((b, kh, n_splits, MAX_GROUP, dp), jnp.float32),
         jax.ShapeDtypeStruct((b, kh, n_splits, MAX_GROUP), jnp.float32),
@@ -274,6 +312,8 @@ def paged_decode_attention(
     aliases = {}
     if new_kv is not None:
         args += [a.reshape(b, kh, d).astype(jnp.float32) for a in new_kv]
+        if rope is not None:
+            args += [a.reshape(b, d // 2).astype(jnp.float32) for a in rope]
         out_shape += [jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype)] * 2
         aliases = {4: 3, 5: 4}  # the pages in, the pages out
     acc, m, l_, *pages_out = pl.pallas_call(
