@@ -88,9 +88,10 @@ _kv_write_kernel = kernel_backends(os.environ.get("WORKER_KV_WRITE_KERNEL", ""))
 # with the norm in the rounding kernel 394.3 against 381.6 (1.033x), the batch-invariance gpu tests passing with both.
 _topk_kernel = kernel_backends(os.environ.get("WORKER_TOPK_KERNEL", ""))
 # WORKER_ROPE_KERNEL=1 (with the KV-writing kernel): a decode step's RoPE of q and the new key done by the attention
-# kernel that reads them (`write_and_attend`'s `rope`), where XLA took two launches a layer (0.080 ms of
-# qwen2.5-0.5b's 1.167 ms step on an H100, docs/PERFORMANCE.md, thirty-fourth session). The same products and sums;
-# opt-in until timed on the card (built in the thirty-fourth session, offline).
+# kernel that reads them (`write_and_attend`'s `rotary`), where XLA took two launches a layer (0.080 ms of
+# qwen2.5-0.5b's 1.167 ms step on an H100, docs/PERFORMANCE.md, thirty-fourth session). ops.rope's products and sums,
+# within float32's rounding of its values (a compiler's fused multiply-adds); opt-in until timed on the card (built
+# in the thirty-fourth session, offline).
 _rope_kernel = kernel_backends(os.environ.get("WORKER_ROPE_KERNEL", "0"))
 # WORKER_FOLD_EPILOGUE=1: a product followed by its residual add (the output projection, a dense FFN's down) on the
 # int8-x per-row kernel folds its split-K partial sums, adds its bias and the residual in the kernel's last program of
