@@ -3,10 +3,11 @@
 Reads the perfetto JSON that `jax.profiler` writes (bench.dispatch --trace; gpu-session.sh's rows:M keeps it in the
 call's logs tarball) and prints, for the GPU's streams only, each kernel name's total time, its count and its share
 of all kernel time, largest first: the Pallas kernels carry their names (qmatvec_q8_0, moe_matmul_mxfp4, ...), XLA's
-fusions theirs. Then how much of the traced window the device was busy (the union of its kernels' intervals), and
-the engine's host spans where the trace has them (worker/step_trace.py: a server under load traced with
-WORKER_TRACE_DIR): an engine step, its prefill, decode dispatch and read back, and the events' handling. Why not
-perfetto's UI: the numbers have to go into docs/PERFORMANCE.md, and the device machine has no browser.
+fusions theirs. Then how much of the traced window the device was busy (the union of its kernels' intervals), where
+it idled (the largest gaps between kernels, by the pair around them), and the engine's host spans where the trace
+has them (worker/step_trace.py: a server under load traced with WORKER_TRACE_DIR): an engine step, its prefill,
+decode dispatch and read back, and the events' handling. Why not perfetto's UI: the numbers have to go into
+docs/PERFORMANCE.md, and the device machine has no browser.
 
 A trace of the CPU (no GPU process: the worker's host devices, each a thread of XLA's CPU client, and the intra-op
 pool's threads that run some of their thunks) prints each such thread's events instead, the largest first, with the
@@ -69,6 +70,31 @@ def device_busy(trace: dict) -> tuple[float, float]:
             end = max(end, b)
     # the last merged interval ends last: an earlier one reaching past its start would have merged with it
     return end - first, busy + end - start
+
+
+def device_gaps(trace: dict) -> dict[tuple[str, str], list[float]]:
+    """(kernel before, kernel after) -> the device's idle gaps (us) between them: the union of the GPU's events
+    walked in time order, each gap charged to the pair around it. Where a step's idle time sits (the thirty-fourth
+    session found a decode loop's 85 us between steps this way, where the kernels' sums had not moved)."""
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]) for e in _device_events(trace))
+    out: dict[tuple[str, str], list[float]] = defaultdict(list)
+    if not spans:
+        return out
+    end, last = spans[0][1], spans[0][2]
+    for a, b, name in spans[1:]:
+        if a > end:
+            out[(last, name)].append(a - end)
+        if b >= end:
+            end, last = b, name
+    return out
+
+
+def gaps_summary(gaps: dict[tuple[str, str], list[float]], top: int) -> list[str]:
+    total = sum(sum(v) for v in gaps.values())
+    lines = [f"idle between kernels: {total / 1e3:.2f} ms in {sum(map(len, gaps.values()))} gaps"]
+    for (a, b), d in sorted(gaps.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        lines.append(f"  {sum(d) / 1e3:8.3f} ms {len(d):6d}x {sum(d) / len(d):8.2f} us each  {a} -> {b}")
+    return lines
 
 
 # XLA:CPU's threads that run a program: its client's (a host device each) and its intra-op pool's.
@@ -219,6 +245,7 @@ def main() -> None:
             print("\n".join(by_source(kernels, sources, args.top)))
         window, busy = device_busy(trace)
         print(f"device busy {busy / 1e3:.2f} of {window / 1e3:.2f} ms ({busy / max(window, 1.0):.1%}: kernel union)")
+        print("\n".join(gaps_summary(device_gaps(trace), min(args.top, 10))))
     if threads:
         print("\n".join(cpu_summary(threads, args.top)))
     for name in SPANS:

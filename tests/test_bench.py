@@ -357,6 +357,8 @@ def test_trace_busy_share_and_host_spans():
     assert trace.device_busy(t) == (400.0, 200.0)
     spans = trace.host_spans(t, ("engine step", "read back", "prefill"))
     assert spans == {"engine step": [180.0, 220.0], "read back": [40.0]}
+    assert trace.device_gaps(t) == {("b", "c"): [200.0]}  # a and b overlap: no gap between them
+    assert trace.gaps_summary(trace.device_gaps(t), 5)[1].endswith("b -> c")
 
 
 def test_trace_of_the_cpu_sums_each_xla_thread_and_its_waits():
