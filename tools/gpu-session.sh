@@ -22,7 +22,8 @@
 #                      the per-row and the int8-x per-row kernels (--max-batch 64, 2, 2 --int8-x), a process each; a
 #                      profiler trace of each, summed by kernel in the stage's log; budget KINDS_SECONDS (default
 #                      300); KINDS picks some (e.g. 2i); KINDS_HLO=1 also dumps XLA's optimized decode program and
-#                      names each fusion's source line in the summary (TRACE_TOP: its lines, default 25)
+#                      names each fusion's source line in the summary (TRACE_TOP: its lines, default 25);
+#                      KINDS_GRAPHS=1 keeps XLA's command buffers while profiling (else run op by op)
 #           wbench:M   python -m bench.worker_bench on model M (batch-1 decode and prefill, the worker alone) at
 #                      --max-batch 64, 2 and 2 --int8-x: the tensor-core, per-row and int8-x per-row kernels;
 #                      results in $GPU_STATE/results/wbench/; WBENCH_KINDS picks some (e.g. "2 2i"); budget
@@ -260,7 +261,9 @@ kind_args() {
 do_kinds() {
     # max_batch 64: the tensor-core kernels; 2: the per-row ones; 2i: the per-row ones on an int8 x (--int8-x).
     # KINDS_HLO=1: XLA's optimized HLO of each decode program dumped beside its trace, so that bench.trace names
-    # where each fusion came from (kept in the logs tarball, gzipped).
+    # where each fusion came from (kept in the logs tarball, gzipped). KINDS_GRAPHS=1: XLA's command buffers (CUDA
+    # graphs) kept while profiling, which otherwise runs them op by op (xla_enable_command_buffers_during_profiling,
+    # off by default): the trace's gaps are then a plain run's.
     local like=$1 rc=0 v trace f dump hlo hlo_args
     mkdir -p "$results/rows"
     for v in ${KINDS:-64 2 2i}; do
@@ -269,7 +272,7 @@ do_kinds() {
         dump="$results/rows/hlo-$like-b$v"
         rm -rf "$dump"
         # shellcheck disable=SC2046  # kind_args is a list of flags
-        XLA_FLAGS="${XLA_FLAGS:-}${KINDS_HLO:+ --xla_dump_to=$dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*decode.*}" \
+        XLA_FLAGS="${XLA_FLAGS:-}${KINDS_HLO:+ --xla_dump_to=$dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*decode.*}${KINDS_GRAPHS:+ --xla_enable_command_buffers_during_profiling=true}" \
             py -m bench.dispatch --model "$(model_path "$like")" --rows "${ROWS:-1,2}" --device "${BENCH_DEVICE:-gpu}" \
             --steps 16 $(kind_args "$v") --sweep-only "${trace[@]}" \
             --json "$results/rows/kinds-$like-b$v.json" | grep -v '^[ {}"]' || rc=1
