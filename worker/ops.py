@@ -489,9 +489,7 @@ def qmatmul(
             live = _live_rows.get()
             skip = not tensor_cores and not int8_x
             live = live if live is not None and live.size == rows and skip else None
-            tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles) if int8_x else {}
-            if norm is not None:  # the int8-x kernels, which normalize x as they round it
-                tiles |= dict(norm_w=norm[0], norm_eps=float(norm[1]))
+            tiles = _int8_x_tiles(norm) if int8_x else {}
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
@@ -504,13 +502,18 @@ def qmatmul(
     return y if residual is None else residual + y
 
 
+def _int8_x_tiles(norm: tuple[jax.Array, float] | None) -> dict:
+    """qmatvec's arguments for a dense product on the int8-x kernels, with `norm` (w, eps) done by the kernel that
+    rounds x where given."""
+    tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles)
+    return tiles if norm is None else tiles | dict(norm_w=norm[0], norm_eps=float(norm[1]))
+
+
 def _epilogue_matvec(x: jax.Array, w: QuantArray, bias: jax.Array | None, residual: jax.Array,
                      norm: tuple[jax.Array, float] | None, backend: str) -> jax.Array:  # fmt: skip
     """`qmatmul` with a residual on the int8-x per-row kernel, which folds, adds the bias and the residual itself
     (qmatvec_int8.Epilogue), the counts handed on (`FoldCounts`)."""
-    tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles)
-    if norm is not None:
-        tiles |= dict(norm_w=norm[0], norm_eps=float(norm[1]))
+    tiles = _int8_x_tiles(norm)
     n, k = w.shape
     rows = x.size // max(1, k)
     p = qmatvec.plan(w.qtype, n, k, 1, **{a: v for a, v in tiles.items() if a in qmatvec.TILE_ARGS})
@@ -705,21 +708,20 @@ def write_and_attend(
     `rotary` (inv_freq, neox, mscale): q and k are given before RoPE (`rope`), done here first, or with
     `_rope_kernel` by that attention kernel as it reads them (a whole head rotated)."""
     one_device_kernel = _attention_kernels_on(backend) and mesh is None and paged.fits(q.shape, cache.k.shape)
-    if _kv_write_kernel.get(backend) and q.shape[1] == 1 and one_device_kernel:
-        tables, neox = None, True
-        if rotary is not None:
-            inv_freq, neox, mscale = rotary
-            if _rope_kernel.get(backend) and 2 * inv_freq.shape[0] == q.shape[-1]:
-                tables = tuple(a[:, 0] for a in rope_tables(q_positions, inv_freq, mscale))
-            else:
-                q, k = (rope(a, q_positions, inv_freq, neox, mscale) for a in (q, k))
+    writing_kernel = _kv_write_kernel.get(backend) and q.shape[1] == 1 and one_device_kernel
+    tables, neox = None, True
+    if rotary is not None:
+        inv_freq, neox, mscale = rotary
+        if writing_kernel and _rope_kernel.get(backend) and 2 * inv_freq.shape[0] == q.shape[-1]:
+            tables = tuple(a[:, 0] for a in rope_tables(q_positions, inv_freq, mscale))
+        else:
+            q, k = (rope(a, q_positions, inv_freq, neox, mscale) for a in (q, k))
+    if writing_kernel:
         out, k_pages, v_pages = paged.paged_decode_attention(
             q, cache.k, cache.v, table, q_positions[:, 0], layer, scale, window, sinks,
             interpret=backend == "interpret", new_kv=(k, v), rope=tables, neox=neox,
         )  # fmt: skip
         return out, KVCache(k_pages, v_pages)
-    if rotary is not None:
-        q, k = (rope(a, q_positions, *rotary) for a in (q, k))
     cache = write_layer(cache, layer, k, v, table, q_positions)
     return paged_attention(q, cache, layer, table, q_positions, scale, window, sinks, backend=backend, mesh=mesh), cache
 
