@@ -668,3 +668,92 @@ def test_gpu_a_model_with_the_epilogue_decodes_the_same_bits(oracles, monkeypatc
     _gpu()
     file = "model-mxfp4_moe.gguf" if arch == "gpt-oss" else "model-q8_0.gguf"
     check_epilogue_model(oracles / "models" / arch / file, monkeypatch, dict(device="gpu"))
+
+
+# ---- A gated unit's act(gate) * up in the rounding kernel (quantize_x's `glu`; WORKER_GLU_ROUNDING=1) ----
+
+# (rows, K, x order, sum block, activation): qwen2.5-0.5b's down (K 4,864) and gemma3-270m's (2,048, GeGLU), an MXFP4
+# order (a transpose in the kernel), and a block count that is not a power of two (K 96: 3 blocks a program).
+GATED = [(2, 4864, None, 16, "silu"), (1, 2048, None, 32, "gelu_tanh"), (3, 2880, q8.MXFP4_ORDER, 16, "silu"),
+         (2, 96, None, 16, "gelu_tanh")]  # fmt: skip
+
+
+def rounded_gated(t: int, k: int, order, sum_block: int, glu: str, interpret: bool):
+    """(fused: quantize_x with `glu` on [gate | up]; apart: XLA's act(gate) * up, then quantize_x)."""
+    rng = np.random.default_rng(k + t)
+    x = jnp.asarray((rng.standard_normal((t, 2 * k)) * 4).astype(np.float32))
+    fused = jax.jit(lambda x: q8.quantize_x(x, order, sum_block, interpret, glu=glu))(x)
+    apart = jax.jit(lambda x: q8.quantize_x(q8.glu_product(x, glu), order, sum_block, interpret))(x)
+    return [np.asarray(a) for a in fused], [np.asarray(a) for a in apart]
+
+
+@pytest.mark.parametrize(("t", "k", "order", "sum_block", "glu"), GATED, ids=lambda v: str(v) if v else "")
+def test_quantize_x_of_a_gated_unit_rounds_what_xla_computes(t, k, order, sum_block, glu):
+    """Interpret mode runs the activation's jax.nn operations in the kernel: the same bits."""
+    for a, b in zip(*rounded_gated(t, k, order, sum_block, glu, interpret=True), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("t", "k", "order", "sum_block", "glu"), GATED, ids=lambda v: str(v) if v else "")
+def test_gpu_quantize_x_of_a_gated_unit_rounds_what_xla_computes(t, k, order, sum_block, glu):
+    """Compiled, Triton's exp and XLA's may round apart: a block's scale within float32's step, a code moved by one
+    step where a value sat at a half, rarely."""
+    _gpu()
+    (words, dx, sums), (words0, dx0, sums0) = rounded_gated(t, k, order, sum_block, glu, interpret=False)
+    np.testing.assert_allclose(dx, dx0, rtol=2e-7)
+    moved = np.abs(words.view(np.int8).astype(np.int32) - words0.view(np.int8))
+    assert moved.max() <= 1 and moved.sum() <= max(2, words.size // 1000)
+    assert np.abs(sums - sums0).max() <= 2
+
+
+def test_a_gated_unit_with_a_norm_or_a_gathered_order_is_computed_first():
+    """quantize_x takes a norm or a gathered order with `glu` by computing act(gate) * up before: the same bits."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 128)).astype(np.float32))
+    reverse = tuple(range(31, -1, -1))
+    want = q8.quantize_x(q8.glu_product(x, "silu"), reverse, interpret=True)
+    for a, b in zip(q8.quantize_x(x, reverse, interpret=True, glu="silu"), want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def check_gated_model(path, monkeypatch, where: dict, glu: str) -> tuple:
+    """A model's decode (ids, log-probabilities) with its gated units in the rounding kernel and without; its decode
+    program's down projection took it (`glu`: the model's activation)."""
+
+    def generate(on: bool) -> tuple[list[int], list]:
+        monkeypatch.setattr(ops, "_glu_rounding", {"gpu": on, "interpret": on})
+        calls, real = [], q8.quantize_x
+        monkeypatch.setattr(q8, "quantize_x", lambda *a, **k: calls.append(k.get("glu")) or real(*a, **k))
+        m = worker.load(path, **where, slots=256, max_batch=2, int8_x=True)
+        logprobs: list = []
+        ids = m.tokenizer.encode("The quick brown fox")
+        out = list(m.generate_ids(ids, 6, SamplingParams(logprobs=True), stop_at_eos=False, logprobs=logprobs))
+        assert (glu in calls) == on, calls  # the decode program's layer (traced once, in the layers' loop)
+        return out, logprobs
+
+    return generate(True), generate(False)
+
+
+GATED_MODELS = [("qwen2", "model-q8_0.gguf", "silu"), ("gemma3", "model-q4_k_m.gguf", "gelu_tanh")]
+
+
+@pytest.mark.parametrize(("arch", "file", "glu"), GATED_MODELS, ids=[m[0] for m in GATED_MODELS])
+def test_a_model_with_its_gated_units_in_the_rounding_kernel_decodes_the_same_bits(oracles, monkeypatch, arch, file,
+                                                                                     glu):  # fmt: skip
+    """qwen2 (SwiGLU, its down projection with the residual) and gemma3 (GeGLU, a norm after the down projection):
+    interpret mode, the same bits."""
+    where = dict(device="cpu", backend="interpret")
+    on, off = check_gated_model(oracles / "models" / arch / file, monkeypatch, where, glu)
+    assert on == off
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("arch", "file", "glu"), GATED_MODELS, ids=[m[0] for m in GATED_MODELS])
+def test_gpu_a_model_with_its_gated_units_in_the_rounding_kernel_follows_its_decode(oracles, monkeypatch, arch, file,
+                                                                                      glu):  # fmt: skip
+    """Compiled, the activation's rounding may move a code by a step: the same greedy ids, log-probabilities within
+    int8's error of x."""
+    _gpu()
+    (ids, lp), (ids0, lp0) = check_gated_model(oracles / "models" / arch / file, monkeypatch, dict(device="gpu"), glu)
+    assert ids == ids0
+    np.testing.assert_allclose([t.logprob for t in lp], [t.logprob for t in lp0], atol=INT8_LOGIT_TOL / 10)

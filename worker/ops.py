@@ -100,6 +100,11 @@ _rope_kernel = kernel_backends(os.environ.get("WORKER_ROPE_KERNEL", "0"))
 # 2026-12-06, qwen2.5-0.5b decode 934.1 against 1,036.2 tok/s, 0.901x: the down projections' kernels 5.4 -> 10.7 us,
 # and 85 us between decode steps where XLA's loop took 1.7; docs/PERFORMANCE.md, thirty-fourth session).
 _fold_epilogue = kernel_backends(os.environ.get("WORKER_FOLD_EPILOGUE", "0"))
+# WORKER_GLU_ROUNDING=1: a gated unit's act(gate) * up computed by the kernel that rounds it to int8 for the down
+# projection (`qmatmul`'s `glu`), where XLA took a launch of its own (one a layer of a dense model's decode step:
+# 0.033 ms of qwen2.5-0.5b's 1.167 ms on an H100, docs/PERFORMANCE.md, thirty-fourth session). Triton's lowering of
+# the activation on the card (the same operations as jax.nn's in interpret mode); opt-in until timed there.
+_glu_rounding = kernel_backends(os.environ.get("WORKER_GLU_ROUNDING", "0"))
 # WORKER_MOE_SORTED_PAIRS=N: the routed matvec sorts its (token, selection) pairs by expert from N pairs on (default
 # qmatvec.SORTED_PAIRS; 0 sorts always, as all but one token did before the thirtieth session): an A/B switch, the
 # same bits either way.
@@ -439,6 +444,7 @@ def qmatmul(
     exact: bool = False,
     norm: tuple[jax.Array, float] | None = None,
     residual: jax.Array | None = None,
+    glu: str | None = None,
 ) -> jax.Array:
     """x [..., In] @ w[Out, In].T (+ bias) (+ residual, added last: `residual` + (y + bias)) -> [..., Out]; w stays
     quantized in memory, dequantized per call.
@@ -452,14 +458,18 @@ def qmatmul(
     `_norm_rounding` (the gpu backend by default), on the int8-x kernels by the kernel that rounds x (one launch where
     there are two).
     `residual`: with `_fold_epilogue`, on the int8-x per-row kernel, the bias and the residual are added by the
-    kernel's last program of each column tile (`_epilogue_matvec`); the same bits as XLA's adds after it."""
+    kernel's last program of each column tile (`_epilogue_matvec`); the same bits as XLA's adds after it.
+    `glu` (a name of qmatvec_int8.GLU_ACTIVATIONS): x is a gated unit's [gate | up] [..., 2 In], and the product's
+    input act(gate) * up; with `_glu_rounding`, on the int8-x kernels, computed by the kernel that rounds it."""
     int8_x = _on_int8_x_kernels(x, w, backend, exact)
+    if glu is not None and not (_glu_rounding.get(backend) and int8_x and norm is None):
+        x, glu = qmatvec_int8.glu_product(x, glu), None
     if norm is not None and not (_norm_rounding.get(backend) and int8_x):
         x, norm = rms_norm(x, *norm, backend), None
     rows = x.size // max(1, x.shape[-1])
     per_row = int8_x and rows <= qmatvec.MAX_ROWS and not _tensor_cores(rows)
     if residual is not None and per_row and _fold_epilogue.get(backend):
-        return _epilogue_matvec(x, w, bias, residual, norm, backend)
+        return _epilogue_matvec(x, w, bias, residual, norm, glu, backend)
     if isinstance(w, Int8Blocks):
         split = w.sharding is not None and any(a is not None for a in w.sharding.spec)
         # Replicated: XLA's partitioner splits x's tokens.
@@ -489,7 +499,7 @@ def qmatmul(
             live = _live_rows.get()
             skip = not tensor_cores and not int8_x
             live = live if live is not None and live.size == rows and skip else None
-            tiles = _int8_x_tiles(norm) if int8_x else {}
+            tiles = _int8_x_tiles(norm, glu) if int8_x else {}
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
@@ -502,18 +512,18 @@ def qmatmul(
     return y if residual is None else residual + y
 
 
-def _int8_x_tiles(norm: tuple[jax.Array, float] | None) -> dict:
-    """qmatvec's arguments for a dense product on the int8-x kernels, with `norm` (w, eps) done by the kernel that
-    rounds x where given."""
-    tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_tiles)
+def _int8_x_tiles(norm: tuple[jax.Array, float] | None, glu: str | None) -> dict:
+    """qmatvec's arguments for a dense product on the int8-x kernels, with `norm` (w, eps) or `glu` done by the kernel
+    that rounds x where given."""
+    tiles = dict(int8_x=True, unroll=_int8_unroll, glu=glu, **_int8_tiles)
     return tiles if norm is None else tiles | dict(norm_w=norm[0], norm_eps=float(norm[1]))
 
 
 def _epilogue_matvec(x: jax.Array, w: QuantArray, bias: jax.Array | None, residual: jax.Array,
-                     norm: tuple[jax.Array, float] | None, backend: str) -> jax.Array:  # fmt: skip
+                     norm: tuple[jax.Array, float] | None, glu: str | None, backend: str) -> jax.Array:  # fmt: skip
     """`qmatmul` with a residual on the int8-x per-row kernel, which folds, adds the bias and the residual itself
     (qmatvec_int8.Epilogue), the counts handed on (`FoldCounts`)."""
-    tiles = _int8_x_tiles(norm)
+    tiles = _int8_x_tiles(norm, glu)
     n, k = w.shape
     rows = x.size // max(1, k)
     p = qmatvec.plan(w.qtype, n, k, 1, **{a: v for a, v in tiles.items() if a in qmatvec.TILE_ARGS})

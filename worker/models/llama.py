@@ -149,12 +149,14 @@ def ffn_block(lw: LayerWeights, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     if "ffn_gate" in lw:
         h = base.rms_norm(x, lw["ffn_norm"], cfg)
         gate, up = ops.qmatmul(h, lw["ffn_gate"], backend=be), ops.qmatmul(h, lw["ffn_up"], backend=be)
+        gate_up = jnp.concatenate([gate, up], axis=-1)
     else:  # ffn_up is [gate | up] (phi3's file, or fused at load): one product after the norm
-        gate, up = jnp.split(base.normed_matmul(x, lw["ffn_norm"], None, lw["ffn_up"], None, cfg), 2, axis=-1)
-    act = ops.gelu_tanh(gate) if cfg.traits.geglu else jax.nn.silu(gate)
+        gate_up = base.normed_matmul(x, lw["ffn_norm"], None, lw["ffn_up"], None, cfg)
+    # act(gate) * up is the down projection's input, computed by the kernel that rounds it where it can (`glu`)
+    glu = "gelu_tanh" if cfg.traits.geglu else "silu"
     if not cfg.post_norms:  # the residual add with the product (ops.qmatmul's `residual`)
-        return ops.qmatmul(act * up, lw["ffn_down"], backend=be, residual=x)
-    return x + base.rms_norm(ops.qmatmul(act * up, lw["ffn_down"], backend=be), lw["post_ffw_norm"], cfg)
+        return ops.qmatmul(gate_up, lw["ffn_down"], backend=be, residual=x, glu=glu)
+    return x + base.rms_norm(ops.qmatmul(gate_up, lw["ffn_down"], backend=be, glu=glu), lw["post_ffw_norm"], cfg)
 
 
 def forward(weights: dict, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,

@@ -600,6 +600,7 @@ def _call(
     x_share: int = 1,
     norm: tuple[jax.Array, float] | None = None,
     epilogue: tuple | None = None,
+    glu: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array | None]:
     """x [T, K]; returns the split-K partial sums summed: [T, N] float32 (with `epilogue`: as `qmatvec`). Dense
     with `tensor_cores`: rows in tiles of `row_tile` (`_dot_kernel`), float16 operands where `f16` (default: not in
@@ -620,10 +621,10 @@ def _call(
         tile = {"row_tile": row_tile} if tensor_cores else {}
         if epilogue is not None and not tensor_cores and ids is None:
             _, y, counts = qmatvec_int8.call(x, w, ids, experts, n, p, interpret, group, *live_arg, x_share=x_share,
-                                             norm=norm, epilogue=epilogue)  # fmt: skip
+                                             norm=norm, glu=glu, epilogue=epilogue)  # fmt: skip
             return y[:t, :n], counts
         out = qmatvec_int8.call(x, w, ids, experts, n, p, interpret, group, *live_arg, **tile, x_share=x_share,
-                                norm=norm)  # fmt: skip
+                                norm=norm, glu=glu)  # fmt: skip
         y = fold_splits(out)[:t, :n]
         return y if epilogue is None else _epilogue_after(y, *epilogue)
     names, planes = plane_views(w, experts, n, k)
@@ -702,7 +703,7 @@ def _check(w: QuantArray, plane_ndim: int) -> None:
         raise ValueError(f"{w.qtype.name} weight: expected planes of rank {plane_ndim}")
 
 
-@kernel_entry("interpret", "tensor_cores", "row_tile", "f16", "norm_eps", *TILE_ARGS)
+@kernel_entry("interpret", "tensor_cores", "row_tile", "f16", "norm_eps", "glu", *TILE_ARGS)
 def qmatvec(
     x: jax.Array,
     w: QuantArray,
@@ -714,6 +715,7 @@ def qmatvec(
     live: jax.Array | None = None,
     norm_w: jax.Array | None = None,
     norm_eps: float = 0.0,
+    glu: str | None = None,
     epilogue: tuple[jax.Array | None, jax.Array | None, jax.Array | None] | None = None,
     **tiles: int | None,
 ) -> jax.Array | tuple[jax.Array, jax.Array | None]:
@@ -727,7 +729,9 @@ def qmatvec(
     overrides of `plan`'s arguments (block_n, chunk, splits, num_warps, num_stages, int8_x); PREFILL_TILES are
     prefill's. With int8_x, `tensor_cores` takes the int8-x dot (its row tile by the rows unless given), whose rows
     have the per-row int8-x kernel's bits (qmatvec_int8). `norm_w` (int8_x only): x is RMSNorm's input (weight
-    norm_w, epsilon norm_eps), normalized by the kernel that rounds it (qmatvec_int8.quantize_x's `norm`).
+    norm_w, epsilon norm_eps), normalized by the kernel that rounds it (qmatvec_int8.quantize_x's `norm`). `glu`
+    (int8_x only; qmatvec_int8.GLU_ACTIVATIONS): x is [..., 2K], a gated unit's [gate | up], and the product's input
+    act(gate) * up, computed by the kernel that rounds it (quantize_x's `glu`).
     `epilogue` (bias [N] or None, residual [..., N] or None, counts or None): returns (residual + (y + bias),
     counts), done by the int8-x per-row kernel's last program of each column tile (qmatvec_int8.Epilogue; `counts`
     threaded from call to call, zeros before and after), else by XLA after the kernel: the same bits either way."""
@@ -735,7 +739,8 @@ def qmatvec(
     n, k = next(iter(w.planes.values())).shape[0], w.shape[-1]
     lead = x.shape[:-1]
     rows = math.prod(lead)
-    if x.shape[-1] != k or rows < 1:
+    x_k = 2 * k if glu is not None else k
+    if x.shape[-1] != x_k or rows < 1:
         raise ValueError(f"qmatvec: x {x.shape} against weight [{n}, {k}] (at least one row)")
     # A dot tile is at least MIN_DOT wide. One stage: the x tile lives in shared memory, and more stages buffer
     # more of it. Timed on an H200 (docs/PERFORMANCE.md; bench/kernels.py --sweep): block_n 64, 8 warps, two stages or
@@ -749,16 +754,17 @@ def qmatvec(
     row_tile = row_tile or (min(ROW_TILE, max(MIN_DOT, pl.next_power_of_2(rows))) if int8_x else ROW_TILE)
     if row_tile < MIN_DOT or row_tile & (row_tile - 1):
         raise ValueError(f"row_tile must be a power of two >= {MIN_DOT}, got {row_tile}")
-    if norm_w is not None and not int8_x:
-        raise ValueError("qmatvec: a norm first is an option of the int8-x kernels")
+    if (norm_w is not None or glu is not None) and not int8_x:
+        raise ValueError("qmatvec: a norm or a gated unit first is an option of the int8-x kernels")
     norm = None if norm_w is None else (norm_w, norm_eps)
     if epilogue is not None:
         bias, residual, counts = epilogue
         residual = None if residual is None else residual.reshape(rows, n)
-        y, counts = _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16, live,
-                          norm=norm, epilogue=(bias, residual, counts))  # fmt: skip
+        y, counts = _call(x.reshape(rows, x_k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16, live,
+                          norm=norm, epilogue=(bias, residual, counts), glu=glu)  # fmt: skip
         return y.reshape(*lead, n), counts
-    y = _call(x.reshape(rows, k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16, live, norm=norm)
+    y = _call(x.reshape(rows, x_k), w, None, 1, n, p, interpret, tensor_cores, row_tile, f16, live, norm=norm,
+              glu=glu)  # fmt: skip
     return y.reshape(*lead, n)
 
 

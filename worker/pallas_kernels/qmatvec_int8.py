@@ -254,7 +254,7 @@ INT8_TYPES = frozenset(INT8_FORMATS)
 
 
 def quantize_x(x: jax.Array, order: Sequence[int] | None = None, sum_block: int = SUM_BLOCK,
-               interpret: bool = False, norm: tuple[jax.Array, float] | None = None,
+               interpret: bool = False, norm: tuple[jax.Array, float] | None = None, glu: str | None = None,
                ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """x [T, K] -> (words int32 [T, K / 4], four int8 values each, the first in the lowest byte; dx float32
     [T, K / 32]; sums int32 [T, K / sum_block] of `sum_block` (16 or 32) int8 values each). A block's dx is its
@@ -265,8 +265,13 @@ def quantize_x(x: jax.Array, order: Sequence[int] | None = None, sum_block: int 
     blocks' maxima, the rounding, the packing), ~3.5 us a matvec on the card, a third of an int8-x matvec's time;
     and the gather of MXFP4's order alone was one more, 2.1 us each of gpt-oss-20b's 48 a step (an H100,
     docs/PERFORMANCE.md, twenty-ninth session). `norm` (w [K], eps): x is RMSNorm's input, normalized first in the
-    same kernel (`_norm_quantize_kernel`: a row a program, RMSNorm's kernel's arithmetic)."""
+    same kernel (`_norm_quantize_kernel`: a row a program, RMSNorm's kernel's arithmetic). `glu` (a name of
+    GLU_ACTIVATIONS): x is [T, 2K], a gated unit's [gate | up], and the values rounded are act(gate) * up, computed
+    in the same kernel (a launch fewer: XLA's elementwise fusion before it was one a layer)."""
+    if glu is not None and (norm is not None or (order is not None and _digit_axes(tuple(order)) is None)):
+        x, glu = glu_product(x, glu), None  # a norm needs the whole row, a gather its input: the product first
     t, k = x.shape
+    k //= 2 if glu is not None else 1
     n = k // X_BLOCK
     axes = _digit_axes(tuple(order)) if order is not None else None
     out_shape = (
@@ -289,19 +294,20 @@ def quantize_x(x: jax.Array, order: Sequence[int] | None = None, sum_block: int 
             name="rms_norm_quantize_x_int8",
         )(x, w.reshape(k))
         return words.reshape(t, k // 4), dx, sums.reshape(t, -1)
-    blocks = x.reshape(t, n, X_BLOCK)
+    blocks = x.reshape(t, -1, X_BLOCK)
     if order is not None and axes is None:
         blocks = blocks[..., jnp.asarray(order)]
     nb = math.gcd(n, 32)  # blocks a program: a power of two (Triton's tiles) that divides the row
-    kernel = functools.partial(_quantize_kernel, nb=nb, sum_block=sum_block, axes=axes, compiled=not interpret)
+    kernel = functools.partial(_quantize_kernel, nb=nb, sum_block=sum_block, axes=axes, compiled=not interpret,
+                               glu=glu, n=n)  # fmt: skip
     words, dx, sums = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=(t, n // nb),
         compiler_params=TritonParams(num_warps=4, num_stages=1),
         interpret=interpret,
-        name="quantize_x_int8",
-    )(blocks.reshape(t, n, *((2,) * 5 if axes else (2, 4, 4))))
+        name="quantize_x_int8" if glu is None else f"{glu}_glu_quantize_x_int8",
+    )(blocks.reshape(t, blocks.shape[1], *((2,) * 5 if axes else (2, 4, 4))))
     return words.reshape(t, k // 4), dx, sums.reshape(t, -1)
 
 
@@ -316,11 +322,16 @@ def _digit_axes(order: tuple[int, ...]) -> tuple[int, ...] | None:
     return None
 
 
-def _quantize_kernel(x_ref, words_ref, dx_ref, sums_ref, *, nb: int, sum_block: int, axes, compiled: bool):
+def _quantize_kernel(x_ref, words_ref, dx_ref, sums_ref, *, nb: int, sum_block: int, axes, compiled: bool,
+                     glu: str | None, n: int):  # fmt: skip
     """Program (r, j): x row r's blocks [j*nb, (j+1)*nb), each as [2 halves, 4 words, 4 bytes] (with `axes`, as
-    five binary digits put in order by that transpose first)."""
-    at = (static_index(pl.program_id(0)), pl.ds(pl.program_id(1) * nb, nb))
+    five binary digits put in order by that transpose first); with `glu`, act(gate) * up of the gate's blocks
+    there and the up's n blocks on."""
+    row, j = static_index(pl.program_id(0)), pl.program_id(1) * nb
+    at = (row, pl.ds(j, nb))
     x = _f32(plgpu.load(x_ref.at[at]))  # [nb, 2, 4, 4] or [nb, 2, 2, 2, 2, 2]
+    if glu is not None:
+        x = GLU_ACTIVATIONS[glu](x) * _f32(plgpu.load(x_ref.at[row, pl.ds(j + n, nb)]))
     words, dx, sums = _round_blocks(_in_order(x, axes), sum_block, compiled)
     plgpu.store(words_ref.at[at], words)
     plgpu.store(dx_ref.at[at], dx)
@@ -342,6 +353,20 @@ def _norm_quantize_kernel(x_ref, w_ref, words_ref, dx_ref, sums_ref, *, d: int, 
     for ref, value in ((words_ref, words), (dx_ref, dx), (sums_ref, sums)):
         mask = None if ok is None else jax.lax.broadcast_in_dim(ok, value.shape, (0,))
         plgpu.store(ref.at[at], value, mask=mask)
+
+
+# The gated units' activations, as the models compute them (jax.nn's: the same operations in interpret mode, Triton's
+# lowering of them on the card).
+GLU_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+def glu_product(x: jax.Array, glu: str) -> jax.Array:
+    """x [..., 2K] = [gate | up] -> act(gate) * up [..., K]: `quantize_x`'s `glu` done by XLA."""
+    gate, up = jnp.split(x, 2, axis=-1)
+    return GLU_ACTIVATIONS[glu](gate) * up
 
 
 def _in_order(x: jax.Array, axes) -> jax.Array:
@@ -717,32 +742,33 @@ def plane_views(w: QuantArray, experts: int, n: int, k: int) -> tuple[list[str],
 
 
 def padded_x(x: jax.Array, qtype: QT, rows: int, interpret: bool, norm: tuple[jax.Array, float] | None = None,
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+             glu: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """x [T, K] padded with zero rows to whole groups of `rows` and rounded for a weight of `qtype` (`quantize_x`
-    in the format's x order and sum run, after `norm` where given): what `call`'s kernels read (bench/backend.py's
-    port too)."""
+    in the format's x order and sum run, after `norm` or `glu` where given): what `call`'s kernels read
+    (bench/backend.py's port too)."""
     fmt = _format(qtype)
     t = x.shape[0]
     x = jnp.pad(x, ((0, pl.cdiv(t, rows) * rows - t), (0, 0)))
-    return quantize_x(x, fmt.x_order, fmt.sum_block, interpret, norm=norm)
+    return quantize_x(x, fmt.x_order, fmt.sum_block, interpret, norm=norm, glu=glu)
 
 
 def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: int, p, interpret: bool,
          rows_per_program: int, live: jax.Array | None = None, row_tile: int | None = None,
-         x_share: int = 1, norm: tuple[jax.Array, float] | None = None,
+         x_share: int = 1, norm: tuple[jax.Array, float] | None = None, glu: str | None = None,
          epilogue: tuple[jax.Array | None, jax.Array | None, jax.Array | None] | None = None,
          ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """x [T, K] -> the split-K partial sums [splits, T', N'] of qmatvec's per-row kernel on an int8 x (T' padded to
     whole groups of `rows_per_program`, N' to whole column tiles); qmatvec folds them. `ids` [T * x_share]: each
     output row's expert of `w` [experts, N, K] (gathered; one row a program, reading x row i // x_share: qmatvec's
     `_call`). `live` int32 [T']: qmatvec.live_steps'.
+    `norm`, `glu`: x before RMSNorm, or a gated unit's [gate | up] [T, 2K] (`quantize_x`'s).
     `row_tile` (dense): `_mma_kernel` on tiles of that many rows instead (T' whole tiles; columns in tiles of at
     least MIN_DOT, the dot's smallest), with the same bits a row.
     `epilogue` (bias [N], residual [T, N], counts; dense per-row only): the kernel also folds the partial sums and
     adds the bias and the residual (`Epilogue`; None for one left out); returns (partials, y [T', N'], counts), the
     counts zeros again (`epilogue_counts` of them, or None: a zeroed buffer of its own)."""
     fmt = _format(w.qtype)
-    k = x.shape[1]
+    k = x.shape[1] // (2 if glu is not None else 1)
     if epilogue is not None and (ids is not None or row_tile is not None):
         raise ValueError("the epilogue is the dense per-row kernel's")
     if row_tile is not None:
@@ -754,7 +780,7 @@ def call(x: jax.Array, w: QuantArray, ids: jax.Array | None, experts: int, n: in
     n_blocks = pl.cdiv(n, p.block_n)
     if p.programs >= n_blocks:  # no fewer programs than column tiles: a program a tile
         p = dataclasses.replace(p, programs=0)
-    words, dx, sums = padded_x(x, w.qtype, rows_per_program, interpret, norm)
+    words, dx, sums = padded_x(x, w.qtype, rows_per_program, interpret, norm, glu)
     x_rows = words.shape[0]
     out_rows = x_rows * x_share
     blocks = k // fmt.sb
