@@ -83,8 +83,21 @@ def test_bad_shapes_get_the_kernels_message():
     w, _ = matrix(QT.Q8_0, 8, 64, seed=1)
     with pytest.raises(Exception, match="int8_matvec: shapes do not fit"):
         jax.ffi.ffi_call(cpu_kernels.TARGET, jax.ShapeDtypeStruct((1, 8), jnp.float32))(
-            jnp.zeros((1, 32)), w.codes, w.scale
+            jnp.zeros((1, 32)), w.codes, w.scale, threads=np.int32(1)
         ).block_until_ready()
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_rows_of_w_in_chunks_over_xlas_threads_give_the_calling_threads_bits(rows: int):
+    """2,053 rows of 768 values (1.6 MB of codes): six chunks of rows over XLA's intra-op threads, the last one
+    shorter; the same bits as the calling thread alone, and float64's values."""
+    w, ref_w = matrix(QT.Q4_K, 2053, 768, seed=rows)
+    x = np.random.default_rng(rows).standard_normal((rows, 768)).astype(np.float32)
+    chunked = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w, threads=True))
+    alone = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w, threads=False))
+    assert np.array_equal(chunked, alone)
+    ref = x.astype(np.float64) @ ref_w.T
+    assert np.abs(chunked - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def assert_tile_walk_stays(caplog, level: int, why: str) -> None:

@@ -377,19 +377,20 @@ def _tile_rows(n: int, k: int, rows: int) -> int:
 
 # A nested jit: the many matmuls of one shape (every layer's) are traced and lowered once, not once each (a start
 # of the CPU worker spent ~10 s tracing 250 tile loops).
-@functools.partial(jax.jit, static_argnames=("kernel",))
-def int8_matmul(x: jax.Array, w: Int8Blocks, kernel: bool = False) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("kernel", "threads"))
+def int8_matmul(x: jax.Array, w: Int8Blocks, kernel: bool = False, threads: bool = True) -> jax.Array:
     """x [..., K] @ w.T -> [..., N] float32, walking row tiles of w: each tile is widened to float32 (exactly,
     as `dequantize`) next to its dot, inside a loop body. Why: XLA's CPU backend neither fuses a widening into a
     dot nor reuses the buffers of widenings outside loops, so a whole-matrix widening costs a fresh float32 copy
     of every weight per call (page faults, mostly); a tile's buffer is reused and stays in cache. One device's
     matrix (a split one: `_split_int8`).
     `kernel` (`_on_cpu_kernel`): the CPU's own kernel instead (worker/cpu_kernels), which widens each code in a
-    register, each row of x on its own."""
+    register, each row of x on its own; `threads`: over XLA's intra-op threads as well (one device's whole model;
+    a split matrix's shards keep to their devices' threads)."""
     n, k = w.shape
     x2 = x.reshape(-1, k).astype(jnp.float32)
     if kernel:
-        return cpu_kernels.int8_matvec(x2, w).reshape(*x.shape[:-1], n)
+        return cpu_kernels.int8_matvec(x2, w, threads=threads).reshape(*x.shape[:-1], n)
     return _int8_rows(x2, w).T.reshape(*x.shape[:-1], n)
 
 
@@ -412,7 +413,7 @@ def _split_int8(x: jax.Array, w: Int8Blocks) -> jax.Array:
     kernel = _on_cpu_kernel(x, w)
 
     def body(x: jax.Array, shard: Int8Blocks) -> jax.Array:
-        y = int8_matmul(x, dataclasses.replace(shard, shape=local, sharding=None), kernel)
+        y = int8_matmul(x, dataclasses.replace(shard, shape=local, sharding=None), kernel, threads=False)
         return jax.lax.psum(y, cols) if cols is not None else y
 
     return _on_shards(body, mesh, (P(*lead, cols), P(rows, cols)), P(*lead, rows))(x, w)
@@ -473,7 +474,7 @@ def qmatmul(
     if isinstance(w, Int8Blocks):
         split = w.sharding is not None and any(a is not None for a in w.sharding.spec)
         # Replicated: XLA's partitioner splits x's tokens.
-        y = _split_int8(x, w) if split else int8_matmul(x, w, _on_cpu_kernel(x, w))
+        y = _split_int8(x, w) if split else int8_matmul(x, w, _on_cpu_kernel(x, w), w.sharding is None)
     elif _kernel_fits(w, 2, backend, types=qmatvec.MATVEC_TYPES) and _on_kernels(x):
         # A prefill-shaped product takes the tensor cores whatever the decode kernels. `exact`: the per-row kernel,
         # float32 throughout.

@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 import platformdirs
 
 from worker.quant import Int8Blocks
@@ -119,11 +120,14 @@ def fits(w: Int8Blocks) -> bool:
     return w.block in BLOCKS and w.codes.ndim == 2
 
 
-def int8_matvec(x2: jax.Array, w: Int8Blocks, target: str = TARGET) -> jax.Array:
+def int8_matvec(x2: jax.Array, w: Int8Blocks, target: str = TARGET, threads: bool = True) -> jax.Array:
     """x2 [M, K] float32 @ w.T -> [M, N] float32, on one device's matrix. Each y value is one fixed sequence of float
     operations whatever M (batch invariance): a block's products with its codes summed in register lanes, scaled once
-    (plus the offset times x's block sum), the lanes summed in one tree order (int8_matvec.cc)."""
+    (plus the offset times x's block sum), the lanes summed in one tree order (int8_matvec.cc). `threads`: w's rows
+    in chunks over XLA's intra-op threads too (a model on one device); else on the calling thread alone (a device of
+    several: each device's thread takes its share)."""
     out = jax.ShapeDtypeStruct((x2.shape[0], w.codes.shape[0]), jnp.float32)
+    threads = np.int32(threads)
     if w.offset is None:
-        return jax.ffi.ffi_call(target, out)(x2, w.codes, w.scale)
-    return jax.ffi.ffi_call(target + "_offset", out)(x2, w.codes, w.scale, w.offset)
+        return jax.ffi.ffi_call(target, out)(x2, w.codes, w.scale, threads=threads)
+    return jax.ffi.ffi_call(target + "_offset", out)(x2, w.codes, w.scale, w.offset, threads=threads)

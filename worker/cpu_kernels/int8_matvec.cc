@@ -5,8 +5,12 @@
 // float32 buffer and reads it again. Here each code is widened in a register next to its multiply-add: half of
 // Gemma 3's head (131,072 x 640 Q8_0) against one row of x on one core of a Xeon, best of 8, 6.0 ms against the tile
 // walk's 10.4 (a plain read of its bytes: 3.4 ms).
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <tuple>
 #include <vector>
 #if defined(__x86_64__)
@@ -85,19 +89,19 @@ static inline float Sum(Floats v) {
   return (f[0] + f[2]) + (f[1] + f[3]);
 }
 
-// Every row of w against kM rows of x (kM compile-time: the accumulators stay in registers). With
-// w = scale * code (+ offset), a block's share of a product is scale * sum(code * x) (+ offset * sum(x)): the codes'
-// products are summed over the block first and scaled once a block, fewer operations than scaling every value.
-// One row of w at a time reads the codes in one sequential stream (four rows side by side were slower: the head's
-// two halves on the two cores at once 14.1 against 11.1 ms). Each y value is one fixed sequence of float
-// operations whatever the other rows: batch invariance.
+// Every row of w (`rows` of them) against kM rows of x (kM compile-time: the accumulators stay in registers); y's
+// rows are `ldy` apart. With w = scale * code (+ offset), a block's share of a product is scale * sum(code * x)
+// (+ offset * sum(x)): the codes' products are summed over the block first and scaled once a block, fewer operations
+// than scaling every value. One row of w at a time reads the codes in one sequential stream (four rows side by side
+// were slower: the head's two halves on the two cores at once 14.1 against 11.1 ms). Each y value is one fixed
+// sequence of float operations whatever the other rows: batch invariance.
 constexpr int64_t kPrefetchBytes = 4096;
 
 template <int kM, int kBlock, bool kOffset>
 static void Rows(const float* x, const float* xsum, const int8_t* codes, const float* scale, const float* offset,
-                 float* y, int64_t n, int64_t k) {
+                 float* y, int64_t rows, int64_t ldy, int64_t k) {
   const int64_t blocks = k / kBlock;
-  for (int64_t r = 0; r < n; ++r) {
+  for (int64_t r = 0; r < rows; ++r) {
     Floats acc[kM] = {};
     for (int64_t b = 0; b < blocks; ++b) {
       Floats part[kM] = {};
@@ -123,15 +127,49 @@ static void Rows(const float* x, const float* xsum, const int8_t* codes, const f
         }
       }
     }
-    for (int i = 0; i < kM; ++i) y[i * n + r] = Sum(acc[i]);
+    for (int i = 0; i < kM; ++i) y[i * ldy + r] = Sum(acc[i]);
   }
 }
 
-// Every x row against every row of w, x rows in groups of 4, 2, 1.
+// A product's rows of w in chunks over XLA's intra-op threads: the calling thread and `pool`'s tasks each take the
+// next chunk until none is left, and the call returns when every chunk is done. The caller never waits for a task
+// that has not started (XLA may run a task on the calling thread, or later on a pool of one thread): a task that
+// starts after the last chunk was taken finds none, and touches only the shared counters it holds.
+struct Chunks {
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+template <typename Work>
+static void OverThreads(int64_t chunks, ffi::ThreadPool* pool, const Work& work) {
+  const int64_t threads = pool != nullptr ? pool->num_threads() : 0;
+  if (chunks <= 1 || threads < 1) {
+    for (int64_t c = 0; c < chunks; ++c) work(c);
+    return;
+  }
+  auto state = std::make_shared<Chunks>();
+  // Taken while this call waits: `work` (the caller's frame) outlives every chunk a task claims.
+  auto take = [state, chunks, &work] {
+    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
+      work(c);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 0; t < std::min(threads, chunks - 1); ++t)
+    pool->Schedule([state, chunks, take] { take(); });
+  take();
+  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// Codes a chunk at least (256 KiB: a task's scheduling is ~microseconds, a chunk's reading ~20 us on one core), and
+// chunks a thread (4: a slower core's share is taken up by the others).
+constexpr int64_t kChunkBytes = 1 << 18;
+constexpr int64_t kChunksPerThread = 4;
+
+// Every x row against every row of w, x rows in groups of 4, 2, 1; w's rows in chunks over XLA's threads.
 // For an offset, each x row's lane-wise sums over each block (the offset's share of a block is offset * sum(x)).
 template <int kBlock, bool kOffset>
 static void Product(const float* x, const int8_t* codes, const float* scale, const float* offset, float* y,
-                    int64_t m, int64_t n, int64_t k) {
+                    int64_t m, int64_t n, int64_t k, ffi::ThreadPool* pool) {
   const int64_t blocks = k / kBlock;
   std::vector<float> xsum(kOffset ? m * blocks * kLanes : 0);
   for (int64_t i = 0; kOffset && i < m; ++i)
@@ -144,22 +182,31 @@ static void Product(const float* x, const int8_t* codes, const float* scale, con
       }
       std::memcpy(&xsum[(i * blocks + b) * kLanes], &xs, sizeof xs);
     }
-  for (int64_t i = 0; i < m;) {
-    const float *xi = x + i * k, *si = xsum.data() + i * blocks * kLanes;
-    float* yi = y + i * n;
-    const int64_t group = m - i >= 4 ? 4 : m - i >= 2 ? 2 : 1;
-    if (group == 4) Rows<4, kBlock, kOffset>(xi, si, codes, scale, offset, yi, n, k);
-    if (group == 2) Rows<2, kBlock, kOffset>(xi, si, codes, scale, offset, yi, n, k);
-    if (group == 1) Rows<1, kBlock, kOffset>(xi, si, codes, scale, offset, yi, n, k);
-    i += group;
-  }
+  const int64_t threads = pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1;
+  const int64_t chunks = std::max<int64_t>(1, std::min(threads * kChunksPerThread, n * k / kChunkBytes));
+  const int64_t per = (n + chunks - 1) / chunks;
+  auto rows = [&](int64_t c) {
+    const int64_t r0 = c * per, r1 = std::min(n, r0 + per);
+    const int8_t* wc = codes + r0 * k;
+    const float *ws = scale + r0 * blocks, *wo = kOffset ? offset + r0 * blocks : nullptr;
+    for (int64_t i = 0; i < m;) {
+      const float *xi = x + i * k, *si = xsum.data() + i * blocks * kLanes;
+      float* yi = y + i * n + r0;
+      const int64_t group = m - i >= 4 ? 4 : m - i >= 2 ? 2 : 1;
+      if (group == 4) Rows<4, kBlock, kOffset>(xi, si, wc, ws, wo, yi, r1 - r0, n, k);
+      if (group == 2) Rows<2, kBlock, kOffset>(xi, si, wc, ws, wo, yi, r1 - r0, n, k);
+      if (group == 1) Rows<1, kBlock, kOffset>(xi, si, wc, ws, wo, yi, r1 - r0, n, k);
+      i += group;
+    }
+  };
+  OverThreads((n + per - 1) / per, pool, rows);
 }
 
 // Shapes: x [M, K], codes [N, K], scale (and offset) [N, K / block], y [M, N]; a block of 16 or 32 values (the
 // CPU layout's: quant.cpu_block).
 static ffi::Error Call(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::S8>& codes,
                        const ffi::Buffer<ffi::F32>& scale, const ffi::Buffer<ffi::F32>* offset,
-                       ffi::Result<ffi::Buffer<ffi::F32>>& y) {
+                       ffi::Result<ffi::Buffer<ffi::F32>>& y, ffi::ThreadPool* pool) {
   auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument("int8_matvec: x, codes, scale and y must be matrices");
@@ -175,7 +222,8 @@ static ffi::Error Call(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::S8
       return ffi::Error::InvalidArgument("int8_matvec: offset must have scale's shape");
   }
   const float* o = offset != nullptr ? offset->typed_data() : nullptr;
-  const auto args = std::make_tuple(x.typed_data(), codes.typed_data(), scale.typed_data(), o, y->typed_data(), m, n, k);
+  const auto args =
+      std::make_tuple(x.typed_data(), codes.typed_data(), scale.typed_data(), o, y->typed_data(), m, n, k, pool);
   if (block == 16)
     std::apply(offset != nullptr ? Product<16, true> : Product<16, false>, args);
   else
@@ -183,27 +231,34 @@ static ffi::Error Call(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::S8
   return ffi::Error::Success();
 }
 
-static ffi::Error Plain(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes, ffi::Buffer<ffi::F32> scale,
-                        ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  return Call(x, codes, scale, nullptr, y);
+// `threads` 0: the calling thread alone (a device of several, whose threads would meet its neighbours' on one pool);
+// else XLA's intra-op threads as well.
+static ffi::Error Plain(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
+                        ffi::Buffer<ffi::F32> scale, ffi::Result<ffi::Buffer<ffi::F32>> y, int32_t threads) {
+  return Call(x, codes, scale, nullptr, y, threads != 0 ? &pool : nullptr);
 }
 
-static ffi::Error WithOffset(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes, ffi::Buffer<ffi::F32> scale,
-                             ffi::Buffer<ffi::F32> offset, ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  return Call(x, codes, scale, &offset, y);
+static ffi::Error WithOffset(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
+                             ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
+                             ffi::Result<ffi::Buffer<ffi::F32>> y, int32_t threads) {
+  return Call(x, codes, scale, &offset, y, threads != 0 ? &pool : nullptr);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Int8Matvec, Plain,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Int8MatvecOffset, WithOffset,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("threads"));
