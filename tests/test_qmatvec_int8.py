@@ -737,11 +737,12 @@ def check_gated_model(path, monkeypatch, where: dict, glu: str) -> tuple:
 GATED_MODELS = [("qwen2", "model-q8_0.gguf", "silu"), ("gemma3", "model-q4_k_m.gguf", "gelu_tanh")]
 
 
-@pytest.mark.parametrize(("arch", "file", "glu"), GATED_MODELS, ids=[m[0] for m in GATED_MODELS])
+# gemma3's case (GeGLU, a norm after the down projection) takes 18 s of CI's cores: on the card only (its GeGLU
+# kernel runs here in test_quantize_x_of_a_gated_unit_rounds_what_xla_computes).
+@pytest.mark.parametrize(("arch", "file", "glu"), GATED_MODELS[:1], ids=[m[0] for m in GATED_MODELS[:1]])
 def test_a_model_with_its_gated_units_in_the_rounding_kernel_decodes_the_same_bits(oracles, monkeypatch, arch, file,
                                                                                      glu):  # fmt: skip
-    """qwen2 (SwiGLU, its down projection with the residual) and gemma3 (GeGLU, a norm after the down projection):
-    interpret mode, the same bits."""
+    """qwen2 (SwiGLU, its down projection with the residual): interpret mode, the same bits."""
     where = dict(device="cpu", backend="interpret")
     on, off = check_gated_model(oracles / "models" / arch / file, monkeypatch, where, glu)
     assert on == off
