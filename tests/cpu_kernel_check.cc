@@ -1,6 +1,6 @@
 // The CPU kernel's products checked without JAX, for machines the suite cannot run JAX on: ARM's NEON form is built
 // with a cross compiler and run under qemu-user (tests/test_cpu_kernels.py; the host's own form runs there too).
-// Every block size, offset or none, a matrix in one chunk of rows and in two, and 1-5 rows of x against a sum in double precision; each x row's values alone
+// Every block size, offset or none, a matrix in one chunk of rows and in two, both forms (matvec, tiles), and 1-5 rows of x against a sum in double precision; each x row's values alone
 // against the same row in a group (batch invariance). Prints the kernel's form (Int8MatvecFast) and exits 1 on any
 // miss.
 #include <cmath>
@@ -10,7 +10,7 @@
 #include "../worker/cpu_kernels/int8_matvec.cc"
 
 template <int kBlock, bool kOffset>
-static int Check(int64_t m, int64_t n, int64_t k, std::mt19937& rng) {
+static int Check(int64_t m, int64_t n, int64_t k, std::mt19937& rng, bool tiles = false) {
   std::uniform_real_distribution<float> value(-1.0f, 1.0f);
   std::uniform_int_distribution<int> code(-128, 127);
   const int64_t blocks = k / kBlock;
@@ -21,10 +21,10 @@ static int Check(int64_t m, int64_t n, int64_t k, std::mt19937& rng) {
   for (auto& v : offset) v = value(rng) * 0.1f;
   for (auto& c : codes) c = static_cast<int8_t>(code(rng));
   const float* o = kOffset ? offset.data() : nullptr;
-  Product<kBlock, kOffset>(x.data(), codes.data(), scale.data(), o, y.data(), m, n, k, nullptr);
+  Product<kBlock, kOffset>(x.data(), codes.data(), scale.data(), o, y.data(), m, n, k, nullptr, tiles);
   int misses = 0;
   for (int64_t i = 0; i < m; ++i) {
-    Product<kBlock, kOffset>(x.data() + i * k, codes.data(), scale.data(), o, alone.data(), 1, n, k, nullptr);
+    Product<kBlock, kOffset>(x.data() + i * k, codes.data(), scale.data(), o, alone.data(), 1, n, k, nullptr, tiles);
     for (int64_t r = 0; r < n; ++r) {
       double want = 0, size = 0;
       for (int64_t j = 0; j < k; ++j) {
@@ -58,6 +58,8 @@ int main() {
     misses += Check<16, false>(m, 19, 2880, rng);
     misses += Check<16, true>(m, 19, 2880, rng);
     misses += Check<32, true>(m, 1031, 640, rng);  // 660 KB of codes: two chunks of rows (OverThreads), 516 + 515
+    misses += Check<32, true>(m, 37, 640, rng, true);  // the tiles' form: 9 tiles of 4 w rows and one of 1
+    misses += Check<16, false>(m, 19, 2880, rng, true);
   }
   std::printf("form %d, misses %d\n", Int8MatvecFast(), misses);
   return misses == 0 ? 0 : 1;

@@ -47,43 +47,54 @@ def matrix(qtype: QT, n: int, k: int, seed: int):
     ids=lambda v: getattr(v, "name", str(v)),
 )
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, ops.CPU_DECODE_ROWS])
-def test_kernel_matches_float64(qtype: QT, n: int, k: int, rows: int):
+@pytest.mark.parametrize("tiles", [False, True], ids=["rows", "tiles"])
+def test_kernel_matches_float64(qtype: QT, n: int, k: int, rows: int, tiles: bool):
+    """Both forms: the matvec's (decode) and the tiles' (prefill: 4 x rows by 4 w rows a step, the edges of both)."""
     assert cpu_kernels.available()
     w, ref_w = matrix(qtype, n, k, seed=n + k + rows)
     x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
-    ours = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w), np.float64)
+    ours = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w, tiles=tiles), np.float64)
     ref = x.astype(np.float64) @ ref_w.T
     assert ours.shape == (rows, n)
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()  # float32 accumulation over k values
 
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
-def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(qtype: QT):
+@pytest.mark.parametrize("tiles", [False, True], ids=["rows", "tiles"])
+def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(qtype: QT, tiles: bool):
     w, _ = matrix(qtype, 23, 768, seed=3)
     x = jnp.asarray(np.random.default_rng(4).standard_normal((ops.CPU_DECODE_ROWS, 768)).astype(np.float32))
-    together = np.asarray(cpu_kernels.int8_matvec(x, w))
+    together = np.asarray(cpu_kernels.int8_matvec(x, w, tiles=tiles))
     for r in range(ops.CPU_DECODE_ROWS):
-        alone = np.asarray(cpu_kernels.int8_matvec(x[r : r + 1], w))
+        alone = np.asarray(cpu_kernels.int8_matvec(x[r : r + 1], w, tiles=tiles))
         assert np.array_equal(alone[0], together[r]), r
 
 
-def test_decode_calls_take_the_kernel_and_longer_calls_the_tile_walk():
+def test_decode_calls_take_the_matvec_form_and_longer_calls_the_tiles_or_the_walk():
+    """On one device: decode's rows the matvec form, more rows the tiles' form; a matrix of several devices (its
+    `_split_int8` shards, `threads` off) keeps XLA's tile walk for more rows."""
     w, _ = matrix(QT.Q8_0, 8, 64, seed=1)
 
-    def program(rows: int) -> str:
-        return jax.jit(ops.qmatmul).lower(jnp.zeros((rows, 64)), w).as_text()
+    def form(rows: int, threads: bool = True) -> str | None:
+        text = jax.jit(ops.int8_matmul, static_argnames=("kernel", "threads")).lower(
+            jnp.zeros((rows, 64)), w, ops._cpu_kernel_form(jnp.zeros((rows, 64)), w, threads), threads
+        ).as_text()
+        if cpu_kernels.TARGET not in text:
+            return None
+        return "tiles" if "tiles = 1" in text else "rows"
 
-    assert cpu_kernels.TARGET in program(1) and cpu_kernels.TARGET in program(ops.CPU_KERNEL_ROWS)
-    assert cpu_kernels.TARGET not in program(ops.CPU_KERNEL_ROWS + 1)
-    with ops.cpu_rows_kernel():  # a deterministic decode step's rows together: the kernel whatever their number
-        assert cpu_kernels.TARGET in program(32)
+    assert form(1) == form(ops.CPU_KERNEL_ROWS) == "rows"
+    assert form(ops.CPU_KERNEL_ROWS + 1) == "tiles" and form(ops.CPU_KERNEL_ROWS + 1, threads=False) is None
+    assert "tiles = 1" in jax.jit(ops.qmatmul).lower(jnp.zeros((9, 64)), w).as_text()  # a one-device model's call
+    with ops.cpu_rows_kernel():  # a deterministic decode step's rows together: the matvec form whatever their number
+        assert form(32) == form(32, threads=False) == "rows"
 
 
 def test_bad_shapes_get_the_kernels_message():
     w, _ = matrix(QT.Q8_0, 8, 64, seed=1)
     with pytest.raises(Exception, match="int8_matvec: shapes do not fit"):
         jax.ffi.ffi_call(cpu_kernels.TARGET, jax.ShapeDtypeStruct((1, 8), jnp.float32))(
-            jnp.zeros((1, 32)), w.codes, w.scale, threads=np.int32(1)
+            jnp.zeros((1, 32)), w.codes, w.scale, threads=np.int32(1), tiles=np.int32(0)
         ).block_until_ready()
 
 
@@ -93,11 +104,12 @@ def test_rows_of_w_in_chunks_over_xlas_threads_give_the_calling_threads_bits(row
     shorter; the same bits as the calling thread alone, and float64's values."""
     w, ref_w = matrix(QT.Q4_K, 2053, 768, seed=rows)
     x = np.random.default_rng(rows).standard_normal((rows, 768)).astype(np.float32)
-    chunked = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w, threads=True))
-    alone = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w, threads=False))
-    assert np.array_equal(chunked, alone)
     ref = x.astype(np.float64) @ ref_w.T
-    assert np.abs(chunked - ref).max() <= 1e-5 * np.abs(ref).max()
+    for tiles in (False, True):
+        chunked = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w, threads=True, tiles=tiles))
+        alone = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w, threads=False, tiles=tiles))
+        assert np.array_equal(chunked, alone), tiles
+        assert np.abs(chunked - ref).max() <= 1e-5 * np.abs(ref).max(), tiles
 
 
 def assert_tile_walk_stays(caplog, level: int, why: str) -> None:

@@ -378,28 +378,38 @@ def _tile_rows(n: int, k: int, rows: int) -> int:
 # A nested jit: the many matmuls of one shape (every layer's) are traced and lowered once, not once each (a start
 # of the CPU worker spent ~10 s tracing 250 tile loops).
 @functools.partial(jax.jit, static_argnames=("kernel", "threads"))
-def int8_matmul(x: jax.Array, w: Int8Blocks, kernel: bool = False, threads: bool = True) -> jax.Array:
+def int8_matmul(x: jax.Array, w: Int8Blocks, kernel: str | None = None, threads: bool = True) -> jax.Array:
     """x [..., K] @ w.T -> [..., N] float32, walking row tiles of w: each tile is widened to float32 (exactly,
     as `dequantize`) next to its dot, inside a loop body. Why: XLA's CPU backend neither fuses a widening into a
     dot nor reuses the buffers of widenings outside loops, so a whole-matrix widening costs a fresh float32 copy
     of every weight per call (page faults, mostly); a tile's buffer is reused and stays in cache. One device's
     matrix (a split one: `_split_int8`).
-    `kernel` (`_on_cpu_kernel`): the CPU's own kernel instead (worker/cpu_kernels), which widens each code in a
-    register, each row of x on its own; `threads`: over XLA's intra-op threads as well (one device's whole model;
-    a split matrix's shards keep to their devices' threads)."""
+    `kernel` (`_cpu_kernel_form`): the CPU's own kernel instead (worker/cpu_kernels) in that form: "rows", each code
+    widened in a register, each row of x on its own; "tiles", w's rows widened a tile at a time and dotted with
+    every row of x (many rows). `threads`: over XLA's intra-op threads as well (one device's whole model; a split
+    matrix's shards keep to their devices' threads)."""
     n, k = w.shape
     x2 = x.reshape(-1, k).astype(jnp.float32)
-    if kernel:
-        return cpu_kernels.int8_matvec(x2, w, threads=threads).reshape(*x.shape[:-1], n)
+    if kernel is not None:
+        y = cpu_kernels.int8_matvec(x2, w, threads=threads, tiles=kernel == "tiles")
+        return y.reshape(*x.shape[:-1], n)
     return _int8_rows(x2, w).T.reshape(*x.shape[:-1], n)
 
 
-def _on_cpu_kernel(x: jax.Array, w: Int8Blocks) -> bool:
-    """Whether x @ w.T takes the CPU's own kernel: up to CPU_KERNEL_ROWS rows of x (decode; more rows are faster
-    on XLA's dot), or any number inside `cpu_rows_kernel` (a decode step whose rows must not change each other's
-    bits), where the kernel builds and takes w's blocks."""
+def _cpu_kernel_form(x: jax.Array, w: Int8Blocks, threads: bool) -> str | None:
+    """Which form of the CPU's own kernel x @ w.T takes, where the kernel builds and takes w's blocks: "rows" up to
+    CPU_KERNEL_ROWS rows of x (decode), or any number inside `cpu_rows_kernel` (a decode step whose rows must not
+    change each other's bits); "tiles" for more rows on XLA's threads (a one-device model's prefill); else None,
+    XLA's tile walk (more rows on one of several devices, where XLA's dot is faster)."""
+    if not (cpu_kernels.fits(w) and cpu_kernels.available()):
+        return None
     rows = x.size // max(1, x.shape[-1])
-    return (rows <= CPU_KERNEL_ROWS or _cpu_rows_kernel.get()) and cpu_kernels.fits(w) and cpu_kernels.available()
+    if rows <= CPU_KERNEL_ROWS or _cpu_rows_kernel.get():
+        return "rows"
+    # Measured on 2 cores (Gemma 3 270M, docs/PERFORMANCE.md "CPU", thirty-fifth session): one device's prefill
+    # 447-452 tok/s on the tile walk (about one core), 555-579 on the tiles over both cores; on one of two devices
+    # the tiles on the device's own thread lost to the walk (561 against 692 in one pair of runs).
+    return "tiles" if threads else None
 
 
 def _split_int8(x: jax.Array, w: Int8Blocks) -> jax.Array:
@@ -410,7 +420,7 @@ def _split_int8(x: jax.Array, w: Int8Blocks) -> jax.Array:
     mesh, (rows, cols) = w.sharding.mesh, (*w.sharding.spec, None, None)[:2]
     lead = (None,) * (x.ndim - 1)
     local = _local(w)
-    kernel = _on_cpu_kernel(x, w)
+    kernel = _cpu_kernel_form(x, w, threads=False)
 
     def body(x: jax.Array, shard: Int8Blocks) -> jax.Array:
         y = int8_matmul(x, dataclasses.replace(shard, shape=local, sharding=None), kernel, threads=False)
@@ -474,7 +484,7 @@ def qmatmul(
     if isinstance(w, Int8Blocks):
         split = w.sharding is not None and any(a is not None for a in w.sharding.spec)
         # Replicated: XLA's partitioner splits x's tokens.
-        y = _split_int8(x, w) if split else int8_matmul(x, w, _on_cpu_kernel(x, w), w.sharding is None)
+        y = _split_int8(x, w) if split else int8_matmul(x, w, _cpu_kernel_form(x, w, w.sharding is None), w.sharding is None)
     elif _kernel_fits(w, 2, backend, types=qmatvec.MATVEC_TYPES) and _on_kernels(x):
         # A prefill-shaped product takes the tensor cores whatever the decode kernels. `exact`: the per-row kernel,
         # float32 throughout.

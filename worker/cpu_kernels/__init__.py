@@ -120,14 +120,17 @@ def fits(w: Int8Blocks) -> bool:
     return w.block in BLOCKS and w.codes.ndim == 2
 
 
-def int8_matvec(x2: jax.Array, w: Int8Blocks, target: str = TARGET, threads: bool = True) -> jax.Array:
+def int8_matvec(x2: jax.Array, w: Int8Blocks, target: str = TARGET, threads: bool = True, tiles: bool = False,
+                ) -> jax.Array:  # fmt: skip
     """x2 [M, K] float32 @ w.T -> [M, N] float32, on one device's matrix. Each y value is one fixed sequence of float
     operations whatever M (batch invariance): a block's products with its codes summed in register lanes, scaled once
     (plus the offset times x's block sum), the lanes summed in one tree order (int8_matvec.cc). `threads`: w's rows
     in chunks over XLA's intra-op threads too (a model on one device); else on the calling thread alone (a device of
-    several: each device's thread takes its share)."""
+    several: each device's thread takes its share). `tiles`: the many-rows form (a prefill's), w's rows widened a
+    tile at a time and dotted with every row of x; its bits are another order's than the matvec form's, still each
+    row's own whatever the rows beside it."""
     out = jax.ShapeDtypeStruct((x2.shape[0], w.codes.shape[0]), jnp.float32)
-    threads = np.int32(threads)
+    attrs = dict(threads=np.int32(threads), tiles=np.int32(tiles))
     if w.offset is None:
-        return jax.ffi.ffi_call(target, out)(x2, w.codes, w.scale, threads=threads)
-    return jax.ffi.ffi_call(target + "_offset", out)(x2, w.codes, w.scale, w.offset, threads=threads)
+        return jax.ffi.ffi_call(target, out)(x2, w.codes, w.scale, **attrs)
+    return jax.ffi.ffi_call(target + "_offset", out)(x2, w.codes, w.scale, w.offset, **attrs)
