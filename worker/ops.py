@@ -483,8 +483,9 @@ def qmatmul(
         return _epilogue_matvec(x, w, bias, residual, norm, glu, backend)
     if isinstance(w, Int8Blocks):
         split = w.sharding is not None and any(a is not None for a in w.sharding.spec)
-        # Replicated: XLA's partitioner splits x's tokens.
-        y = _split_int8(x, w) if split else int8_matmul(x, w, _cpu_kernel_form(x, w, w.sharding is None), w.sharding is None)
+        # Replicated: XLA's partitioner splits x's tokens. One device (no sharding): the kernel on XLA's threads.
+        alone = w.sharding is None
+        y = _split_int8(x, w) if split else int8_matmul(x, w, _cpu_kernel_form(x, w, alone), alone)
     elif _kernel_fits(w, 2, backend, types=qmatvec.MATVEC_TYPES) and _on_kernels(x):
         # A prefill-shaped product takes the tensor cores whatever the decode kernels. `exact`: the per-row kernel,
         # float32 throughout.
