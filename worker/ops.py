@@ -105,6 +105,10 @@ _fold_epilogue = kernel_backends(os.environ.get("WORKER_FOLD_EPILOGUE", "0"))
 # 0.033 ms of qwen2.5-0.5b's 1.167 ms on an H100, docs/PERFORMANCE.md, thirty-fourth session). Triton's lowering of
 # the activation on the card (the same operations as jax.nn's in interpret mode); opt-in until timed there.
 _glu_rounding = kernel_backends(os.environ.get("WORKER_GLU_ROUNDING", "0"))
+# The CPU kernel's tiles form for a one-device model's products of many rows (prefill; `_cpu_kernel_form`), where
+# XLA's tile walk runs on about one core; WORKER_CPU_TILES=0 keeps the walk (an A/B switch; other bits: another
+# order of each sum).
+_cpu_tiles = os.environ.get("WORKER_CPU_TILES", "") != "0"
 # WORKER_MOE_SORTED_PAIRS=N: the routed matvec sorts its (token, selection) pairs by expert from N pairs on (default
 # qmatvec.SORTED_PAIRS; 0 sorts always, as all but one token did before the thirtieth session): an A/B switch, the
 # same bits either way.
@@ -409,7 +413,7 @@ def _cpu_kernel_form(x: jax.Array, w: Int8Blocks, threads: bool) -> str | None:
     # Measured on 2 cores (Gemma 3 270M, docs/PERFORMANCE.md "CPU", thirty-fifth session): one device's prefill
     # 447-452 tok/s on the tile walk (about one core), 555-579 on the tiles over both cores; on one of two devices
     # the tiles on the device's own thread lost to the walk (561 against 692 in one pair of runs).
-    return "tiles" if threads else None
+    return "tiles" if threads and _cpu_tiles else None
 
 
 def _split_int8(x: jax.Array, w: Int8Blocks) -> jax.Array:
