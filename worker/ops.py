@@ -91,7 +91,7 @@ _topk_kernel = kernel_backends(os.environ.get("WORKER_TOPK_KERNEL", ""))
 # kernel that reads them (`write_and_attend`'s `rotary`), where XLA took two launches a layer (0.080 ms of
 # qwen2.5-0.5b's 1.167 ms step on an H100, docs/PERFORMANCE.md, thirty-fourth session). ops.rope's products and sums,
 # within float32's rounding of its values (a compiler's fused multiply-adds); opt-in until timed on the card (built
-# in the thirty-fourth session, offline).
+# in the thirty-fourth session, offline; its 11 gpu tests passed on an H200 in the thirty-fifth, docs/gpu.md).
 _rope_kernel = kernel_backends(os.environ.get("WORKER_ROPE_KERNEL", "0"))
 # WORKER_FOLD_EPILOGUE=1: a product followed by its residual add (the output projection, a dense FFN's down) on the
 # int8-x per-row kernel folds its split-K partial sums, adds its bias and the residual in the kernel's last program of
@@ -103,7 +103,8 @@ _fold_epilogue = kernel_backends(os.environ.get("WORKER_FOLD_EPILOGUE", "0"))
 # WORKER_GLU_ROUNDING=1: a gated unit's act(gate) * up computed by the kernel that rounds it to int8 for the down
 # projection (`qmatmul`'s `glu`), where XLA took a launch of its own (one a layer of a dense model's decode step:
 # 0.033 ms of qwen2.5-0.5b's 1.167 ms on an H100, docs/PERFORMANCE.md, thirty-fourth session). Triton's lowering of
-# the activation on the card (the same operations as jax.nn's in interpret mode); opt-in until timed there.
+# the activation on the card (the same operations as jax.nn's in interpret mode; its kernel's 4 gpu tests passed on an
+# H200, thirty-fifth session); opt-in until timed there.
 _glu_rounding = kernel_backends(os.environ.get("WORKER_GLU_ROUNDING", "0"))
 # The CPU kernel's tiles form for a one-device model's products of many rows (prefill; `_cpu_kernel_form`), where
 # XLA's tile walk runs on about one core; WORKER_CPU_TILES=0 keeps the walk (an A/B switch; other bits: another
