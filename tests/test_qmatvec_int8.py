@@ -758,3 +758,19 @@ def test_gpu_a_model_with_its_gated_units_in_the_rounding_kernel_follows_its_dec
     (ids, lp), (ids0, lp0) = check_gated_model(oracles / "models" / arch / file, monkeypatch, dict(device="gpu"), glu)
     assert ids == ids0
     np.testing.assert_allclose([t.logprob for t in lp], [t.logprob for t in lp0], atol=INT8_LOGIT_TOL / 10)
+
+
+def test_a_gated_unit_in_the_rounding_kernel_with_the_fold_epilogue_decodes_the_same_bits(oracles, monkeypatch):
+    """Both on at once (the down projection's x from [gate | up], its residual added in its kernel): qwen2's decode
+    the same bits as with neither."""
+    monkeypatch.setattr(ops, "_fold_epilogue", {"gpu": True, "interpret": True})
+    on = check_gated_model(oracles / "models/qwen2/model-q8_0.gguf", monkeypatch,
+                           dict(device="cpu", backend="interpret"), "silu")[0]  # fmt: skip
+    monkeypatch.setattr(ops, "_fold_epilogue", {"gpu": False, "interpret": False})
+    monkeypatch.setattr(ops, "_glu_rounding", {"gpu": False, "interpret": False})
+    m = worker.load(oracles / "models/qwen2/model-q8_0.gguf", device="cpu", backend="interpret", slots=256,
+                    max_batch=2, int8_x=True)  # fmt: skip
+    logprobs: list = []
+    ids = m.tokenizer.encode("The quick brown fox")
+    out = list(m.generate_ids(ids, 6, SamplingParams(logprobs=True), stop_at_eos=False, logprobs=logprobs))
+    assert on == (out, logprobs)

@@ -542,7 +542,7 @@ def _epilogue_matvec(x: jax.Array, w: QuantArray, bias: jax.Array | None, residu
     (qmatvec_int8.Epilogue), the counts handed on (`FoldCounts`)."""
     tiles = _int8_x_tiles(norm, glu)
     n, k = w.shape
-    rows = x.size // max(1, k)
+    rows = x.size // max(1, x.shape[-1])  # x is [..., 2K] with `glu`
     p = qmatvec.plan(w.qtype, n, k, 1, **{a: v for a, v in tiles.items() if a in qmatvec.TILE_ARGS})
     groups = -(-rows // qmatvec.row_group(rows, False))
     held, counts = _take_counts(qmatvec_int8.epilogue_counts(groups, -(-n // p.block_n)))
