@@ -38,8 +38,8 @@ PROG = "worker-orcd"
 # --cpu-devices' most by default. Measured on 2 cores (Gemma 3 270M, docs/PERFORMANCE.md "CPU"): 2 devices decode 1.5x
 # one (tensor parallel, the CPU kernel), 4 devices on those 2 cores 0.8x (head parallel, before the kernel); since the
 # kernel takes XLA's threads on one device (thirty-fifth session), one device decodes as fast as two there (a stream
-# over HTTP ~16% faster, 4 streams about even) and prefills ~10% slower. A machine's CPUs may be hyperthreads, and more cores are untried (one device would use them
-# all; two use two for the kernel).
+# over HTTP ~16% faster, 4 streams about even) and prefills ~10% slower. A machine's CPUs may be hyperthreads, and
+# more cores are untried (one device would use them all; two use two for the kernel).
 MAX_CPU_DEVICES = 2
 
 
