@@ -619,6 +619,16 @@ def test_the_epilogue_is_the_dense_per_row_kernels():
                 1, epilogue=(None, None, None))  # fmt: skip
 
 
+def short_decode(path, where: dict) -> tuple[list[int], list]:
+    """The model loaded on int8 x (`where`: its device and backend): its greedy ids for 6 tokens after "The quick
+    brown fox", and their log-probabilities."""
+    m = worker.load(path, **where, slots=256, max_batch=2, int8_x=True)
+    logprobs: list = []
+    ids = m.tokenizer.encode("The quick brown fox")
+    out = list(m.generate_ids(ids, 6, SamplingParams(logprobs=True), stop_at_eos=False, logprobs=logprobs))
+    return out, logprobs
+
+
 def check_epilogue_model(path, monkeypatch, where: dict) -> None:
     """A model's decode with the epilogue (its output and down projections' residual adds in their kernel) and
     without: the same ids and log-probabilities, bit for bit; every decode step's o/down calls took it."""
@@ -628,12 +638,9 @@ def check_epilogue_model(path, monkeypatch, where: dict) -> None:
         calls, real = [], qmv.qmatvec
         spy = lambda *a, **k: calls.append(k.get("epilogue") is not None) or real(*a, **k)  # noqa: E731
         monkeypatch.setattr(qmv, "qmatvec", spy)
-        m = worker.load(path, **where, slots=256, max_batch=2, int8_x=True)
-        logprobs: list = []
-        ids = m.tokenizer.encode("The quick brown fox")
-        out = list(m.generate_ids(ids, 6, SamplingParams(logprobs=True), stop_at_eos=False, logprobs=logprobs))
+        decoded = short_decode(path, where)
         assert any(calls) == on, calls
-        return out, logprobs
+        return decoded
 
     assert generate(True) == generate(False)
 
@@ -716,22 +723,20 @@ def test_a_gated_unit_with_a_norm_or_a_gathered_order_is_computed_first():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def gated_decode(path, monkeypatch, where: dict, glu: str, on: bool) -> tuple[list[int], list]:
+    """`short_decode` with the gated units in the rounding kernel or not; with, its decode program's down projection
+    took it (`glu`: the model's activation)."""
+    monkeypatch.setattr(ops, "_glu_rounding", {"gpu": on, "interpret": on})
+    calls, real = [], q8.quantize_x
+    monkeypatch.setattr(q8, "quantize_x", lambda *a, **k: calls.append(k.get("glu")) or real(*a, **k))
+    decoded = short_decode(path, where)
+    assert (glu in calls) == on, calls  # the decode program's layer (traced once, in the layers' loop)
+    return decoded
+
+
 def check_gated_model(path, monkeypatch, where: dict, glu: str) -> tuple:
-    """A model's decode (ids, log-probabilities) with its gated units in the rounding kernel and without; its decode
-    program's down projection took it (`glu`: the model's activation)."""
-
-    def generate(on: bool) -> tuple[list[int], list]:
-        monkeypatch.setattr(ops, "_glu_rounding", {"gpu": on, "interpret": on})
-        calls, real = [], q8.quantize_x
-        monkeypatch.setattr(q8, "quantize_x", lambda *a, **k: calls.append(k.get("glu")) or real(*a, **k))
-        m = worker.load(path, **where, slots=256, max_batch=2, int8_x=True)
-        logprobs: list = []
-        ids = m.tokenizer.encode("The quick brown fox")
-        out = list(m.generate_ids(ids, 6, SamplingParams(logprobs=True), stop_at_eos=False, logprobs=logprobs))
-        assert (glu in calls) == on, calls  # the decode program's layer (traced once, in the layers' loop)
-        return out, logprobs
-
-    return generate(True), generate(False)
+    """A model's decode (ids, log-probabilities) with its gated units in the rounding kernel and without."""
+    return gated_decode(path, monkeypatch, where, glu, True), gated_decode(path, monkeypatch, where, glu, False)
 
 
 GATED_MODELS = [("qwen2", "model-q8_0.gguf", "silu"), ("gemma3", "model-q4_k_m.gguf", "gelu_tanh")]
@@ -763,14 +768,8 @@ def test_gpu_a_model_with_its_gated_units_in_the_rounding_kernel_follows_its_dec
 def test_a_gated_unit_in_the_rounding_kernel_with_the_fold_epilogue_decodes_the_same_bits(oracles, monkeypatch):
     """Both on at once (the down projection's x from [gate | up], its residual added in its kernel): qwen2's decode
     the same bits as with neither."""
+    path, where = oracles / "models/qwen2/model-q8_0.gguf", dict(device="cpu", backend="interpret")
     monkeypatch.setattr(ops, "_fold_epilogue", {"gpu": True, "interpret": True})
-    on = check_gated_model(oracles / "models/qwen2/model-q8_0.gguf", monkeypatch,
-                           dict(device="cpu", backend="interpret"), "silu")[0]  # fmt: skip
+    both = gated_decode(path, monkeypatch, where, "silu", on=True)
     monkeypatch.setattr(ops, "_fold_epilogue", {"gpu": False, "interpret": False})
-    monkeypatch.setattr(ops, "_glu_rounding", {"gpu": False, "interpret": False})
-    m = worker.load(oracles / "models/qwen2/model-q8_0.gguf", device="cpu", backend="interpret", slots=256,
-                    max_batch=2, int8_x=True)  # fmt: skip
-    logprobs: list = []
-    ids = m.tokenizer.encode("The quick brown fox")
-    out = list(m.generate_ids(ids, 6, SamplingParams(logprobs=True), stop_at_eos=False, logprobs=logprobs))
-    assert on == (out, logprobs)
+    assert both == gated_decode(path, monkeypatch, where, "silu", on=False)

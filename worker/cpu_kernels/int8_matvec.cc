@@ -217,8 +217,7 @@ static void OverThreads(int64_t chunks, ffi::ThreadPool* pool, const Work& work)
       state->done.fetch_add(1, std::memory_order_release);
     }
   };
-  for (int64_t t = 0; t < std::min(threads, chunks - 1); ++t)
-    pool->Schedule([state, chunks, take] { take(); });
+  for (int64_t t = 0; t < std::min(threads, chunks - 1); ++t) pool->Schedule([take] { take(); });
   take();
   while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
@@ -228,25 +227,15 @@ static void OverThreads(int64_t chunks, ffi::ThreadPool* pool, const Work& work)
 constexpr int64_t kChunkBytes = 1 << 18;
 constexpr int64_t kChunksPerThread = 4;
 
-// Every x row against every row of w, x rows in groups of 4, 2, 1; w's rows in chunks over XLA's threads.
-// For an offset, each x row's lane-wise sums over each block (the offset's share of a block is offset * sum(x)).
+// Every x row against every row of w, w's rows in chunks over XLA's threads; in a chunk, `Tiles`, or x rows in groups
+// of 4, 2, 1 (`Rows`). For an offset, `Rows` takes each x row's lane-wise sums over each block (the offset's share of
+// a block is offset * sum(x)).
 template <int kBlock, bool kOffset>
 static void Product(const float* x, const int8_t* codes, const float* scale, const float* offset, float* y,
                     int64_t m, int64_t n, int64_t k, ffi::ThreadPool* pool, bool tiles = false) {
   const int64_t blocks = k / kBlock;
-  const int64_t threads = pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1;
-  const int64_t chunks = std::max<int64_t>(1, std::min(threads * kChunksPerThread, n * k / kChunkBytes));
-  const int64_t per = (n + chunks - 1) / chunks;
-  if (tiles) {
-    OverThreads((n + per - 1) / per, pool, [&](int64_t c) {
-      const int64_t r0 = c * per, r1 = std::min(n, r0 + per);
-      Tiles<kBlock, kOffset>(x, m, codes + r0 * k, scale + r0 * blocks, kOffset ? offset + r0 * blocks : nullptr,
-                             y + r0, r1 - r0, n, k);
-    });
-    return;
-  }
-  std::vector<float> xsum(kOffset ? m * blocks * kLanes : 0);
-  for (int64_t i = 0; kOffset && i < m; ++i)
+  std::vector<float> xsum(kOffset && !tiles ? m * blocks * kLanes : 0);
+  for (int64_t i = 0; kOffset && !tiles && i < m; ++i)
     for (int64_t b = 0; b < blocks; ++b) {
       Floats xs = {};
       for (int64_t j = b * kBlock; j < (b + 1) * kBlock; j += kLanes) {
@@ -256,10 +245,14 @@ static void Product(const float* x, const int8_t* codes, const float* scale, con
       }
       std::memcpy(&xsum[(i * blocks + b) * kLanes], &xs, sizeof xs);
     }
-  auto rows = [&](int64_t c) {
+  const int64_t threads = pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1;
+  const int64_t chunks = std::max<int64_t>(1, std::min(threads * kChunksPerThread, n * k / kChunkBytes));
+  const int64_t per = (n + chunks - 1) / chunks;
+  auto chunk = [&](int64_t c) {
     const int64_t r0 = c * per, r1 = std::min(n, r0 + per);
     const int8_t* wc = codes + r0 * k;
     const float *ws = scale + r0 * blocks, *wo = kOffset ? offset + r0 * blocks : nullptr;
+    if (tiles) return Tiles<kBlock, kOffset>(x, m, wc, ws, wo, y + r0, r1 - r0, n, k);
     for (int64_t i = 0; i < m;) {
       const float *xi = x + i * k, *si = xsum.data() + i * blocks * kLanes;
       float* yi = y + i * n + r0;
@@ -270,7 +263,7 @@ static void Product(const float* x, const int8_t* codes, const float* scale, con
       i += group;
     }
   };
-  OverThreads((n + per - 1) / per, pool, rows);
+  OverThreads((n + per - 1) / per, pool, chunk);
 }
 
 // Shapes: x [M, K], codes [N, K], scale (and offset) [N, K / block], y [M, N]; a block of 16 or 32 values (the
