@@ -422,10 +422,12 @@ def serve(
     """The HTTP server in this process, until it stops; then the engine's arrays are freed."""
     reason = run_http(args, sock, engine, chat_template, narrator, started)
     uptime = round(time.monotonic() - started, 3)
-    if engine.busy:
-        # The engine thread is stuck where it cannot see its cancel flag (an XLA compile): tearing down the
-        # interpreter under it can abort the process, and the deadline has passed, so leave now.
-        narrator.emit("shutdown", reason=reason, uptime_seconds=uptime, engine_stopped=False)
+    if engine.busy or engine.compiling:
+        # The engine thread is stuck where it cannot see its cancel flag (an XLA compile), or a program is being
+        # compiled ahead: tearing down the interpreter under it can abort the process, and the deadline has passed,
+        # so leave now.
+        stuck = {"engine_stopped": False} if engine.busy else {}
+        narrator.emit("shutdown", reason=reason, uptime_seconds=uptime, **stuck)
         os._exit(0)
     _free(engine)
     narrator.emit("shutdown", reason=reason, uptime_seconds=uptime)
@@ -494,7 +496,7 @@ def serve_split(
     if child.exitcode != 0:
         narrator.emit("error", level="error", code="INTERNAL", message=f"the HTTP process exited with {child.exitcode}")
     engine.shutdown(args.shutdown_deadline)  # already done after a graceful shutdown
-    if engine.busy:  # stuck where it cannot see its cancel flag: see serve
+    if engine.busy or engine.compiling:  # a thread in an XLA compile: see serve
         os._exit(0 if child.exitcode == 0 else 1)
     _free(engine)
     return 0 if child.exitcode == 0 else 1
@@ -677,6 +679,7 @@ def _route_python_logging(narrator: Narrator) -> None:
     root = logging.getLogger()
     root.handlers[:] = [narrator.log_handler()]
     root.setLevel(logging.WARNING)
+    logging.getLogger("worker").setLevel(logging.INFO)  # its few notes: a program compiled ahead, a trace written
     logging.captureWarnings(True)
 
 

@@ -85,6 +85,7 @@ class Batch:
         self.on_decode: Callable[[int], None] = lambda rows: None  # told each dispatch's sequence count (metrics)
         self._pending: deque[_Pending] = deque()
         self._ended: list[Delivery] = []  # sequences that end before running (no room for a single token)
+        runner.idle = lambda: not self.busy  # the runner compiles what may come only then (Runner._soon)
 
     @property
     def busy(self) -> bool:
@@ -177,6 +178,8 @@ class Batch:
             if budget <= 0:
                 break
             n = min(r.chunk, len(seq.ids) - seq.prefilled)
+            if seq.prefilled == 0 and r.compile_ahead:
+                self._prompt_soon(seq)
             chunks.append((seq, seq.prefilled, n))
             budget -= n
         for group in _groups(chunks, r.group_limit):
@@ -230,10 +233,33 @@ class Batch:
             a.copy_to_host_async()
         kept.positions[live] += steps
         kept.index[live] += steps
+        if r.compile_ahead:
+            self._wider_soon(rows, width, plan, decoding)
         for s in decoding:
             s.dispatched += steps
         self._pending.append(_Pending(ids, scores, placed))
         self.on_decode(len(decoding))
+
+    def _prompt_soon(self, seq: Sequence) -> None:
+        """At a prompt's first chunk, have compiled ahead what it needs that no sequence before it may have needed:
+        its later chunks (each a wider page table) and, where its first decode dispatch needs a table wider than
+        the narrowest, that decode (at the batch's rows and plan as they are now)."""
+        r = self.runner
+        r.prompt_soon(len(seq.ids))
+        width = r.table_width(len(seq.ids) + self.steps)
+        if width > r.table_width(1):
+            running = self.scheduler.running
+            rows = r.row_bucket(max(s.row for s in running) + 1)
+            r.decode_soon(rows, width, self.steps, union_plan({s.plan for s in running}))
+
+    def _wider_soon(self, rows: int, width: int, plan: SamplingPlan, decoding: list[Sequence]) -> None:
+        """Have the next page-table width compiled ahead (Runner.decode_soon) while a decoding sequence's budget
+        reaches past this one: it then has the tokens up to this width's end to compile in (at least 128 at 16
+        pages, 256 positions), and the streams do not stall for it when the first sequence gets there."""
+        r = self.runner
+        reach = max(len(s.ids) + s.budget for s in decoding) + self.steps
+        if r.table_width(reach) > width:
+            r.decode_soon(rows, r.table_width(width * r.page_size + 1), self.steps, plan)
 
     def row_inputs(self, placed: list[tuple[int, Sequence]], rows: int, width: int) -> RowInputs:
         """Per-row inputs; rows without a sequence get the null page table and neutral parameters."""

@@ -243,6 +243,7 @@ class Engine:
         self._running: dict[str, _Job] = {}
         self._lock = threading.Lock()
         self._accepting = True
+        self.compiling = False  # after shutdown: a program still being compiled ahead (Runner.stop_compiling_ahead)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._tracer = StepTracer.from_env(self.max_batch)
         self.cpu_seconds = 0.0  # the engine thread's CPU time so far (/metrics: the host side of serving)
@@ -401,6 +402,7 @@ class Engine:
             for job in running:
                 job.cancelled.set()
             self._thread.join(deadline_s / 2)
+        self.compiling = self.model.runner.stop_compiling_ahead()
 
     # -- the engine thread ----------------------------------------------------------------------------------
 

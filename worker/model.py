@@ -362,11 +362,18 @@ class Model:
                 rows = rows[:-1]  # compiled at these steps already
         groups = tuple(self.runner.group_buckets()) if all_rows else ()
         # A prompt alone in its dispatch, at every chunk bucket above the first (compiled beside the decode): on a
-        # GPU only, where each is one more compile in parallel; on the 2-core CPU each would add ~15 s to the start.
-        lone = tuple(self.runner.chunk_buckets()[1:]) if compiled else ()
+        # GPU, where each is one more compile in parallel. On the 2-core CPU each would add ~4-15 s to the start, so
+        # there they are compiled after it, smallest first, on the runner's background thread (Runner.prefill_soon).
+        buckets = tuple(self.runner.chunk_buckets()[1:])
+        lone = buckets if compiled else ()
         compile_steps(inputs, plans, self.decode_steps, tuple(rows), prefill=not compiled, groups=groups, lone=lone)
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass
+        if all_rows and not compiled:  # the CPU: greedy decoding's, then those chunk buckets, once idle
+            r = self.runner
+            r.decode_soon(rows[0], r.table_width(1), self.decode_steps, GREEDY.plan(), urgent=False)
+            for b in buckets:
+                r.prefill_soon(b, r.table_width(b), urgent=False)
         self.warmed = WarmUp(compiles, sum(walls), sum(lowering), time.perf_counter() - t0, self.decode_steps)
         return self.warmed
 

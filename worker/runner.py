@@ -19,8 +19,12 @@ own (_one_row_at_a_time).
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +40,8 @@ from worker.kv_cache import PAGE_SIZE, KVCache, bytes_per_slot, dtype_for, init_
 from worker.models.base import live_tokens
 from worker.quant import Int8Blocks, QuantArray
 from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample, token_logprobs
+
+log = logging.getLogger(__name__)
 
 # (token log-probability, top ids, top log-probabilities) of sampled rows, on the device; None when not asked for
 Scores = tuple[jax.Array, jax.Array, jax.Array] | None
@@ -164,6 +170,13 @@ class Runner:
         self._first = jax.jit(_sample_rows, static_argnums=(5,))
         self._join = jax.jit(_join, donate_argnums=(0,))
         self._all_logits = jax.jit(partial(_all_logits, adapter, cfg), donate_argnums=(4,))
+        # Programs compiled ahead on a background thread (`_soon`): on by default, WORKER_COMPILE_AHEAD=0 off.
+        self.compile_ahead = os.environ.get("WORKER_COMPILE_AHEAD", "") != "0"
+        self._asked: set[tuple] = set()
+        self._ahead: deque[Callable[[], tuple[str, Callable]]] = deque()  # those that only may come
+        self._ahead_lock, self._ahead_thread = threading.Lock(), None
+        self._threads: list[threading.Thread] = []  # those compiling ahead, or that were
+        self.idle: Callable[[], bool] = lambda: True  # whether no sequence runs (the batch sets it)
 
     # -- memory ---------------------------------------------------------------------------------------------
 
@@ -325,6 +338,36 @@ class Runner:
         """The group size that `n` chunks are padded to."""
         return 1 if n <= 1 else next(g for g in self.group_buckets() if g >= n)
 
+    # -- compiling -------------------------------------------------------------------------------------------
+
+    def _spec(self, shape: tuple[int, ...], dtype, on: jax.sharding.Sharding | None = None) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=on or self.input_sharding)
+
+    def _cache_spec(self) -> KVCache:
+        c = self.cfg
+        kv = self._spec((c.n_layers, self.pages, self.page_size, c.n_kv_heads, c.head_dim), self.cache_dtype,
+                        self.cache_sharding)  # fmt: skip
+        return KVCache(kv, kv)
+
+    def _decode_job(self, inputs: RowInputs, width: int, steps: int, plan: SamplingPlan) -> tuple[str, Callable]:
+        """(name, lowering) of a decode dispatch of `steps` steps for the rows of `inputs` over `width`-page
+        tables; lowered from shapes only (no KV pool or row state is allocated)."""
+        spec, r, v = self._spec, len(inputs.positions), self.cfg.vocab_size
+        sp, keys, index = self._row_arrays(inputs)
+        pos, table = spec((r,), jnp.int32), spec((r, width), jnp.int32)
+        state = Rows(spec((self._rows,), jnp.int32), spec((self._rows, v), jnp.bool_))
+        args = (self.weights, state.tokens, state.seen, pos, table, index, self._cache_spec(), sp, keys, steps, plan)
+        wide = f" {width} pages" if width > MIN_TABLE_PAGES else ""
+        return f"decode {r} rows {steps} steps {_plan_name(plan)}{wide}", lambda: self._decode.lower(*args)
+
+    def _lone_prefill_job(self, b: int, width: int) -> tuple[str, Callable]:
+        """(name, lowering) of one sequence's prompt chunk alone in its dispatch, padded to `b` ids, over a
+        `width`-page table."""
+        spec = self._spec
+        tokens, table, index = spec((1, b), jnp.int32), spec((1, width), jnp.int32), spec((1,), jnp.int32)
+        name = f"prefill {b} tokens" + (f" {width} pages" if width > self.table_width(b) else "")
+        return name, lambda: self._prefill.lower(self.weights, tokens, tokens, table, index, self._cache_spec())
+
     def compile_first_steps(
         self,
         inputs: RowInputs,
@@ -344,25 +387,11 @@ class Runner:
         bucket's compile, ~13 s for gpt-oss-20b on an H200, stalled every running stream). Each is a whole-model
         XLA compile (~15 s on a 2-core CPU for Gemma 3 270M) that releases the GIL, so threads overlap them.
         Lowered from shapes only: no KV cache or input is allocated. Returns what each took (`Compile`)."""
-        c = self.cfg
-
-        def spec(shape: tuple[int, ...], dtype, on: jax.sharding.Sharding = self.input_sharding):
-            return jax.ShapeDtypeStruct(shape, dtype, sharding=on)
-
-        kv_shape = (c.n_layers, self.pages, self.page_size, c.n_kv_heads, c.head_dim)
-        kv = spec(kv_shape, self.cache_dtype, self.cache_sharding)
-        cache, n, width = KVCache(kv, kv), min(MIN_BUCKET, self.chunk), self.table_width(1)
-        index = spec((1,), jnp.int32)
-        state = Rows(spec((self._rows,), jnp.int32), spec((self._rows, c.vocab_size), jnp.bool_))
+        c, n = self.cfg, min(MIN_BUCKET, self.chunk)
+        spec, width = self._spec, self.table_width(1)
         one = self.min_rows  # a one-sequence prefill's logits rows (`_prefill`)
         sp1, keys1, index1 = self._row_arrays(_take(inputs, one))
         logits, seen1 = spec((one, c.vocab_size), jnp.float32), spec((one, c.vocab_size), jnp.bool_)
-
-        def decode(r: int, plan: SamplingPlan):
-            sp, keys, rindex = self._row_arrays(_take(inputs, r))
-            pos, table = spec((r,), jnp.int32), spec((r, width), jnp.int32)
-            args = (self.weights, state.tokens, state.seen, pos, table, rindex, cache, sp, keys, steps, plan)
-            return f"decode {r} rows {steps} steps {_plan_name(plan)}", lambda: self._decode.lower(*args)
 
         def first(label: str, args: tuple) -> list:
             return [(f"{label} first sample {_plan_name(p)}", lambda p=p: self._first.lower(*args, p)) for p in plans]
@@ -370,37 +399,113 @@ class Runner:
         def group(g: int):
             sp, keys, gindex = self._row_arrays(_take(inputs, g))
             tokens, t = spec((g, ops.PREFILL_KERNEL_ROWS), jnp.int32), self.table_width(ops.PREFILL_KERNEL_ROWS)
-            args = (self.weights, tokens, tokens, spec((g, t), jnp.int32), spec((g,), jnp.int32), cache)
+            args = (self.weights, tokens, tokens, spec((g, t), jnp.int32), spec((g,), jnp.int32), self._cache_spec())
             sample = (spec((g, c.vocab_size), jnp.float32), sp, keys, gindex, spec((g, c.vocab_size), jnp.bool_))
             label = f"prefill {g} chunks"
             return [(label, lambda: self._prefill.lower(*args))] + first(label, sample)
 
-        jobs = [decode(r, p) for p in plans for r in rows] + [job for g in groups for job in group(g)]
-
-        def alone(b: int):
-            tokens, table = spec((1, b), jnp.int32), spec((1, self.table_width(b)), jnp.int32)
-            return f"prefill {b} tokens", lambda: self._prefill.lower(self.weights, tokens, tokens, table, index, cache)
-
-        jobs += [alone(b) for b in ((n,) if prefill else ()) + lone]
+        jobs = [self._decode_job(_take(inputs, r), width, steps, p) for p in plans for r in rows]
+        jobs += [job for g in groups for job in group(g)]
+        jobs += [self._lone_prefill_job(b, self.table_width(b)) for b in ((n,) if prefill else ()) + lone]
         if prefill:
             jobs += first("prefill", (logits, sp1, keys1, index1, seen1))
         if not jobs:
             return []
 
-        def timed(job) -> Compile:
-            t0 = time.perf_counter()
-            lowered = job[1]()  # Python (the GIL): the threads take turns
-            t1 = time.perf_counter()
-            compiled = lowered.compile()  # XLA: side by side
-            t2, memory = time.perf_counter(), _memory_of(compiled)
-            # what a call allocates beside its arguments: temporaries, and outputs not updated in place
-            extra = None
-            if memory is not None:
-                extra = memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            return Compile(job[0], t0, t1, t2, extra)
-
         with ThreadPoolExecutor(len(jobs)) as pool:
-            return [done.result() for done in [pool.submit(timed, job) for job in jobs]]
+            return [done.result() for done in [pool.submit(_timed_compile, job) for job in jobs]]
+
+    def decode_soon(self, rows: int, width: int, steps: int, plan: SamplingPlan, urgent: bool = True) -> None:
+        """Compile ahead (`_soon`) a decode dispatch of `rows` rows over `width`-page tables."""
+        job = lambda: self._decode_job(RowInputs.neutral(rows, width), width, steps, plan)  # noqa: E731
+        self._soon(("decode", rows, width, steps, plan), job, urgent)
+
+    def prefill_soon(self, b: int, width: int, urgent: bool = True) -> None:
+        """Compile ahead (`_soon`) a prompt chunk alone in its dispatch, padded to `b` ids, over `width`-page
+        tables."""
+        self._soon(("prefill", b, width), lambda: self._lone_prefill_job(b, width), urgent)
+
+    def prompt_soon(self, n: int) -> None:
+        """Compile ahead (`_soon`) the chunks of an `n`-id prompt after its first: each its own shape (a wider page
+        table), compiled while the chunks before it run."""
+        for start in range(self.chunk, n, self.chunk):
+            ids = min(self.chunk, n - start)
+            self.prefill_soon(bucket(ids, self.chunk), self.table_width(start + ids))
+
+    def _soon(self, key: tuple, job: Callable[[], tuple[str, Callable]], urgent: bool = True) -> None:
+        """Compile a program in the background, once (`compile_ahead`: off, nothing), for a shape the batch will
+        soon reach: a dispatch that then needs it finds it compiled, or waits for the rest of its compile (JAX
+        compiles one program once: a call waits for the thread compiling it). Why: a shape first met mid-stream
+        stalled every running stream for its compile (a decode crossing 256 positions onto a 32-page table: 4.5 s
+        on a 2-core CPU for Gemma 3 270M). `urgent`: a running sequence's, compiled at once on a thread of its own,
+        beside any other (a long prompt's later chunks and first decode, one after the other on one thread, made it
+        wait 15 s); else one at a time, only while the batch is idle (on 2 cores a compile beside a stream made
+        its tokens 1.8x slower, and a prompt whose own compile ran beside one waited 1.3x longer). A failure is
+        logged; the call that needs the program then compiles it (and meets the error) itself."""
+        if not self.compile_ahead or key in self._asked:
+            return
+        self._asked.add(key)
+        with self._ahead_lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            if urgent:
+                self._threads.append(threading.Thread(target=_compile_logged, args=(job,), name="compile-ahead",
+                                                      daemon=True))  # fmt: skip
+                self._threads[-1].start()
+                return
+            self._ahead.append(job)
+            if self._ahead_thread is None:
+                self._ahead_thread = threading.Thread(target=self._compile_when_idle, name="compile-idle", daemon=True)
+                self._threads.append(self._ahead_thread)
+                self._ahead_thread.start()
+
+    def stop_compiling_ahead(self, wait_s: float = 0.5) -> bool:
+        """Ask for nothing more and drop what only may come (a shutdown); returns whether a program is still being
+        compiled ahead after up to `wait_s` seconds: the process must then not tear its interpreter down under that
+        thread (XLA aborts it: exit -6, seen in the test suite's servers stopped soon after their start)."""
+        with self._ahead_lock:
+            self.compile_ahead = False
+            self._ahead.clear()
+            threads = list(self._threads)
+        end = time.monotonic() + wait_s
+        for t in threads:
+            t.join(max(0.0, end - time.monotonic()))
+        return any(t.is_alive() for t in threads)
+
+    def _compile_when_idle(self) -> None:
+        """The thread of the programs that only may come (`_soon`), first asked first, while the batch is idle. It
+        ends when none is left, so that a runner nobody uses any more is not kept alive."""
+        while True:
+            idle = self.idle()
+            with self._ahead_lock:
+                if not self._ahead:
+                    self._ahead_thread = None
+                    return
+                job = self._ahead.popleft() if idle else None
+            if job is None:
+                time.sleep(0.25)
+            else:
+                _compile_logged(job)
+
+
+def _compile_logged(job: Callable[[], tuple[str, Callable]]) -> None:
+    try:
+        done = _timed_compile(job())
+        log.info("compiled ahead: %s in %.1f s", done.name, done.done - done.start)
+    except Exception:  # noqa: BLE001 - an optimisation: the call that needs the program reports its error
+        log.warning("a compile ahead failed", exc_info=True)
+
+
+def _timed_compile(job: tuple[str, Callable]) -> Compile:
+    t0 = time.perf_counter()
+    lowered = job[1]()  # Python (the GIL): threads take turns
+    t1 = time.perf_counter()
+    compiled = lowered.compile()  # XLA: side by side
+    t2, memory = time.perf_counter(), _memory_of(compiled)
+    # what a call allocates beside its arguments: temporaries, and outputs not updated in place
+    extra = None
+    if memory is not None:
+        extra = memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+    return Compile(job[0], t0, t1, t2, extra)
 
 
 def _memory_of(compiled: Any) -> Any:

@@ -1,0 +1,151 @@
+"""Programs compiled ahead on background threads (Runner._soon): a decode's next page-table width while a running
+sequence's budget reaches it, a long prompt's later chunks, and (once the batch is idle) what a start leaves out.
+Each test checks on which thread a program was compiled: JAX logs each compile it does from the thread doing it,
+and a call that needs a program another thread is compiling waits for it instead of compiling it again."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import jax
+import pytest
+from conftest import oracles_dir
+
+import worker
+from worker.model import GREEDY
+from worker.sampling import SamplingParams
+
+
+@pytest.fixture
+def compiles(caplog):
+    """(thread name, message) of each XLA compile from here on."""
+    caplog.set_level(logging.WARNING, logger="jax._src.dispatch")
+    was = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)  # for every thread (`jax.log_compiles` is the calling thread's)
+    try:
+        yield lambda: [(r.threadName, r.getMessage()) for r in caplog.records if "XLA compilation" in r.getMessage()]
+    finally:
+        jax.config.update("jax_log_compiles", was)
+
+
+def load(max_batch: int = 2):
+    m = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", max_batch=max_batch)
+    m.runner.compile_ahead = True  # whatever WORKER_COMPILE_AHEAD says
+    return m
+
+
+def wait_for_compiles() -> None:
+    for t in threading.enumerate():
+        if t.name.startswith("compile-"):
+            t.join(timeout=120)
+
+
+def main_thread(compiles: list[tuple[str, str]], program: str) -> list[str]:
+    return [msg for thread, msg in compiles if thread == "MainThread" and f"jit({program})" in msg]
+
+
+def test_a_decode_reaching_a_wider_table_finds_it_compiled(compiles):
+    """A 240-id prompt with 60 tokens to go: its first dispatch is at 16 pages (256 positions); the 32-page decode
+    is asked for then, and compiled on another thread before the sequence gets there."""
+    m = load()
+    r, batch = m.runner, m.batch
+    seq = m.sequence(list(range(3, 243)), 60, GREEDY, 0)
+    batch.add(seq)
+    while not seq.decoding:
+        batch.step()
+    batch.step()  # the first decode dispatch
+    assert ("decode", r.row_bucket(seq.row + 1), 32, batch.steps, GREEDY.plan()) in r._asked
+    wait_for_compiles()
+    before = len(main_thread(compiles(), "_decode"))
+    while batch.busy:
+        batch.step()
+    assert seq.finished == "max_tokens" and seq.dispatched >= 60
+    assert len(main_thread(compiles(), "_decode")) == before, "the wider decode compiled on the engine's thread"
+    assert [msg for thread, msg in compiles() if thread == "compile-ahead" and "jit(_decode)" in msg]
+
+
+def test_the_ids_are_those_of_a_run_without_compiling_ahead():
+    ids = list(range(3, 243))
+    on = load().generate(ids, max_tokens=40, stop_at_eos=False)
+    m = load()
+    m.runner.compile_ahead = False
+    assert m.generate(ids, max_tokens=40, stop_at_eos=False) == on
+    assert not m.runner._asked
+
+
+def test_a_long_prompts_later_chunks_are_compiled_beside_its_first(compiles):
+    m = load()
+    m.runner.chunk = m.batch.prefill_tokens = 64  # chunks of 64 ids, one a step
+    seq = m.sequence(list(range(3, 303)), 4, GREEDY, 0)  # chunks at 0, 64, .., 256: tables of 16 and 32 pages
+    m.batch.add(seq)
+    m.batch.step()
+    assert {k for k in m.runner._asked if k[0] == "prefill"} == {("prefill", 64, 16), ("prefill", 64, 32)}
+    wait_for_compiles()
+    before = len(main_thread(compiles(), "_prefill"))
+    while m.batch.busy:
+        m.batch.step()
+    assert len(main_thread(compiles(), "_prefill")) == before
+
+
+def test_what_only_may_come_waits_for_an_idle_batch(compiles):
+    m = load()
+    busy = threading.Event()
+    busy.set()
+    m.runner.idle = lambda: not busy.is_set()
+    m.runner.prefill_soon(32, 16, urgent=False)
+    thread = next(t for t in threading.enumerate() if t.name == "compile-idle")
+    thread.join(timeout=1.0)
+    assert thread.is_alive() and not [msg for _, msg in compiles() if "jit(_prefill)" in msg]
+    busy.clear()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and [t for t, msg in compiles() if "jit(_prefill)" in msg] == ["compile-idle"]
+    m.runner.prefill_soon(32, 16, urgent=False)  # asked once: nothing more
+    assert not [t for t in threading.enumerate() if t.name == "compile-idle"]
+
+
+def test_a_failed_compile_ahead_is_logged_and_the_call_still_works(caplog, monkeypatch):
+    m = load()
+    broken = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no lowering"))  # noqa: E731
+    monkeypatch.setattr(m.runner, "_lone_prefill_job", broken)
+    with caplog.at_level(logging.WARNING, logger="worker.runner"):
+        m.runner.prefill_soon(32, 16)
+        wait_for_compiles()
+    assert any("compile ahead failed" in r.getMessage() for r in caplog.records)
+    assert len(m.generate(list(range(3, 30)), max_tokens=3, stop_at_eos=False)) == 3
+
+
+def test_compiling_ahead_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("WORKER_COMPILE_AHEAD", "0")
+    m = worker.load(oracles_dir() / "models" / "qwen2" / "model-q8_0.gguf", device="cpu", max_batch=2)
+    assert not m.runner.compile_ahead
+    m.runner.prefill_soon(32, 16)
+    assert not m.runner._asked
+
+
+def test_a_shutdown_drops_what_may_come_and_says_whether_a_compile_still_runs():
+    m = load()
+    r = m.runner
+    r.idle = lambda: False  # a batch that stays busy: what only may come waits
+    r.prefill_soon(32, 16, urgent=False)
+    assert r.stop_compiling_ahead() is False  # dropped, and its thread ended
+    assert not r.compile_ahead and not r._ahead
+
+    m = load()
+    release = threading.Event()
+    m.runner._soon(("held",), lambda: release.wait(60) and None)  # a compile that takes until released
+    assert m.runner.stop_compiling_ahead(wait_s=0.2) is True
+    release.set()
+    assert m.runner.stop_compiling_ahead() is False
+
+
+def test_a_cpu_start_leaves_greedy_decoding_and_the_chunk_buckets_for_an_idle_batch():
+    m = load()
+    r = m.runner
+    r.idle = lambda: False
+    m.warm_up(SamplingParams(temperature=1.0), all_rows=True)
+    buckets = r.chunk_buckets()[1:]
+    assert ("decode", r.row_buckets()[0], 16, m.decode_steps, GREEDY.plan()) in r._asked
+    assert {k for k in r._asked if k[0] == "prefill"} == {("prefill", b, r.table_width(b)) for b in buckets}
+    assert len(r._ahead) == 1 + len(buckets)  # all of them waiting
+    assert r.stop_compiling_ahead() is False
