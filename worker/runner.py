@@ -448,7 +448,7 @@ class Runner:
         with self._ahead_lock:
             self._threads = [t for t in self._threads if t.is_alive()]
             if urgent:
-                self._threads.append(threading.Thread(target=_compile_logged, args=(job,), name="compile-ahead",
+                self._threads.append(threading.Thread(target=self._compile_logged, args=(job,), name="compile-ahead",
                                                       daemon=True))  # fmt: skip
                 self._threads[-1].start()
                 return
@@ -457,6 +457,16 @@ class Runner:
                 self._ahead_thread = threading.Thread(target=self._compile_when_idle, name="compile-idle", daemon=True)
                 self._threads.append(self._ahead_thread)
                 self._ahead_thread.start()
+
+    def _compile_logged(self, job: Callable[[], tuple[str, Callable]]) -> None:
+        """One program compiled ahead, logged unless a shutdown came meanwhile (the `shutdown` line is the last)."""
+        try:
+            done = _timed_compile(job())
+            if self.compile_ahead:
+                log.info("compiled ahead: %s in %.1f s", done.name, done.done - done.start)
+        except Exception:  # noqa: BLE001 - an optimisation: the call that needs the program reports its error
+            if self.compile_ahead:
+                log.warning("a compile ahead failed", exc_info=True)
 
     def stop_compiling_ahead(self, wait_s: float = 0.5) -> bool:
         """Ask for nothing more and drop what only may come (a shutdown); returns whether a program is still being
@@ -484,15 +494,7 @@ class Runner:
             if job is None:
                 time.sleep(0.25)
             else:
-                _compile_logged(job)
-
-
-def _compile_logged(job: Callable[[], tuple[str, Callable]]) -> None:
-    try:
-        done = _timed_compile(job())
-        log.info("compiled ahead: %s in %.1f s", done.name, done.done - done.start)
-    except Exception:  # noqa: BLE001 - an optimisation: the call that needs the program reports its error
-        log.warning("a compile ahead failed", exc_info=True)
+                self._compile_logged(job)
 
 
 def _timed_compile(job: tuple[str, Callable]) -> Compile:
