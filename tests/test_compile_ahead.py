@@ -149,3 +149,67 @@ def test_a_cpu_start_leaves_greedy_decoding_and_the_chunk_buckets_for_an_idle_ba
     assert {k for k in r._asked if k[0] == "prefill"} == {("prefill", b, r.table_width(b)) for b in buckets}
     assert len(r._ahead) == 1 + len(buckets)  # all of them waiting
     assert r.stop_compiling_ahead() is False
+
+
+def spy_dispatches(monkeypatch, m) -> list[tuple[int, int, object]]:
+    """(rows, table width, plan) of each decode dispatch of `m` from here on."""
+    seen, decode = [], m.runner.decode
+
+    def spy(rows, cache, inputs, steps, plan):
+        seen.append((len(inputs.positions), inputs.tables.shape[1], plan))
+        return decode(rows, cache, inputs, steps, plan)
+
+    monkeypatch.setattr(m.runner, "decode", spy)
+    return seen
+
+
+def run(m, *seqs) -> None:
+    for seq in seqs:
+        m.batch.add(seq)
+    while m.batch.busy:
+        m.batch.step()
+
+
+def test_a_batch_that_shrinks_decodes_on_the_wider_program_it_has_while_its_own_compiles(compiles, monkeypatch):
+    """Two sequences decode on 2 rows; the one on row 1 ends first; the other needs 1 row, a program never compiled:
+    it runs on the 2-row one (a row's bits do not depend on the rows beside it) and gives its ids alone."""
+    prompt = list(range(3, 40))
+    alone = load()
+    alone.runner.compile_ahead = False
+    want = alone.generate(prompt, max_tokens=30, stop_at_eos=False)
+
+    before = len(main_thread(compiles(), "_decode"))
+    m = load()
+    dispatches = spy_dispatches(monkeypatch, m)
+    long, short = m.sequence(prompt, 30, GREEDY, 0), m.sequence(list(range(5, 20)), 4, GREEDY, 0)
+    m.batch.add(long)
+    m.batch.add(short)
+    got = [t for d in m.batch.step() if d.seq is long for t in d.tokens]
+    assert (long.row, short.row) == (0, 1)
+    while m.batch.busy:
+        got += [t for d in m.batch.step() if d.seq is long for t in d.tokens]
+    assert got == want
+    assert {rows for rows, _, _ in dispatches} == {2}, dispatches  # never the 1-row program
+    assert ("decode", 1, 16, m.batch.steps, GREEDY.plan()) in m.runner._asked
+    wait_for_compiles()
+    assert len(main_thread(compiles(), "_decode")) == before + 1, (
+        "a second decode program compiled on the engine's thread"
+    )
+
+
+def test_a_greedy_job_decodes_on_the_sampled_program_while_its_own_compiles(compiles, monkeypatch):
+    prompt = list(range(3, 40))
+    alone = load()
+    alone.runner.compile_ahead = False
+    want = alone.generate(prompt, max_tokens=12, stop_at_eos=False)
+
+    m = load()
+    run(m, m.sequence(prompt, 3, SamplingParams(temperature=1.0), 7))  # the sampled program, compiled by its use
+    dispatches = spy_dispatches(monkeypatch, m)
+    seq, got = m.sequence(prompt, 12, GREEDY, 0), []
+    m.batch.add(seq)
+    while m.batch.busy:
+        got += [t for d in m.batch.step() for t in d.tokens]
+    assert got == want
+    assert dispatches[0][2] == SamplingParams(temperature=1.0).plan() != GREEDY.plan()
+    assert ("decode", 1, 16, m.batch.steps, GREEDY.plan()) in m.runner._asked

@@ -228,7 +228,13 @@ class Batch:
         rows = r.row_bucket(int(live.max()) + 1)
         width = r.table_width(int(kept.positions[live].max()) + steps)
         plan = union_plan({s.plan for s in decoding})
-        ids, self._rows, self._cache, scores = r.decode(self._rows, self._cache, kept.head(rows, width), steps, plan)
+        run = (rows, width, plan)
+        if r.compile_ahead and not r.has_decode(rows, width, steps, plan):
+            # Not compiled yet: a compiled program that computes the same runs this dispatch while it compiles.
+            run = r.decode_cover(rows, width, steps, plan) or run
+            if run != (rows, width, plan):
+                r.decode_soon(rows, width, steps, plan)
+        ids, self._rows, self._cache, scores = r.decode(self._rows, self._cache, kept.head(*run[:2]), steps, run[2])
         for a in (ids, *(scores or ())):
             a.copy_to_host_async()
         kept.positions[live] += steps

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from functools import partial
 from types import ModuleType
 from typing import Any
@@ -173,7 +173,10 @@ class Runner:
         # Programs compiled ahead on a background thread (`_soon`): on by default, WORKER_COMPILE_AHEAD=0 off.
         self.compile_ahead = os.environ.get("WORKER_COMPILE_AHEAD", "") != "0"
         self._asked: set[tuple] = set()
-        self._ahead: deque[Callable[[], tuple[str, Callable]]] = deque()  # those that only may come
+        self._ahead: deque[tuple[tuple, Callable]] = deque()  # (key, job) of those that only may come
+        # The decode programs known compiled, (rows, width, steps, plan): where the one a dispatch needs is not, a
+        # dispatch may take one of these that computes the same (`decode_cover`) while it compiles.
+        self._decodes: set[tuple[int, int, int, SamplingPlan]] = set()
         self._ahead_lock, self._ahead_thread = threading.Lock(), None
         self._threads: list[threading.Thread] = []  # those compiling ahead, or that were
         self.idle: Callable[[], bool] = lambda: True  # whether no sequence runs (the batch sets it)
@@ -307,7 +310,22 @@ class Runner:
         ids, tokens, seen, cache, scores = self._decode(
             self.weights, rows.tokens, rows.seen, pos, table, index, cache, sp, keys, steps, plan
         )
+        self._decodes.add((len(inputs.positions), inputs.tables.shape[1], steps, plan))
         return ids, Rows(tokens, seen), cache, scores
+
+    def has_decode(self, rows: int, width: int, steps: int, plan: SamplingPlan) -> bool:
+        """Whether that decode program is compiled (run, compiled at the start, or compiled ahead)."""
+        return (rows, width, steps, plan) in self._decodes
+
+    def decode_cover(self, rows: int, width: int, steps: int, plan: SamplingPlan
+                     ) -> tuple[int, int, SamplingPlan] | None:  # fmt: skip
+        """A compiled decode program (rows, width, plan) that gives what the one asked for would, bit for bit, or
+        None: at least as many rows, as wide a table and a plan of at least its stages (the same log-probability
+        output), the one of fewest rows, then the narrowest. Why it is exact: a row's arithmetic depends on none of
+        the three (docs/batching.md, "Batch invariance"; tests/test_batching.py)."""
+        fits = [(r, w, p) for r, w, s, p in list(self._decodes)
+                if s == steps and r >= rows and w >= width and _plan_covers(p, plan)]  # fmt: skip
+        return min(fits, key=lambda f: (f[0], f[1], sum(map(bool, astuple(f[2])))), default=None)
 
     def row_buckets(self) -> list[int]:
         """Every decode row bucket, smallest first."""
@@ -413,7 +431,9 @@ class Runner:
             return []
 
         with ThreadPoolExecutor(len(jobs)) as pool:
-            return [done.result() for done in [pool.submit(_timed_compile, job) for job in jobs]]
+            done = [done.result() for done in [pool.submit(_timed_compile, job) for job in jobs]]
+        self._decodes.update((r, width, steps, p) for p in plans for r in rows)
+        return done
 
     def decode_soon(self, rows: int, width: int, steps: int, plan: SamplingPlan, urgent: bool = True) -> None:
         """Compile ahead (`_soon`) a decode dispatch of `rows` rows over `width`-page tables."""
@@ -448,20 +468,22 @@ class Runner:
         with self._ahead_lock:
             self._threads = [t for t in self._threads if t.is_alive()]
             if urgent:
-                self._threads.append(threading.Thread(target=self._compile_logged, args=(job,), name="compile-ahead",
-                                                      daemon=True))  # fmt: skip
+                self._threads.append(threading.Thread(target=self._compile_logged, args=(key, job),
+                                                      name="compile-ahead", daemon=True))  # fmt: skip
                 self._threads[-1].start()
                 return
-            self._ahead.append(job)
+            self._ahead.append((key, job))
             if self._ahead_thread is None:
                 self._ahead_thread = threading.Thread(target=self._compile_when_idle, name="compile-idle", daemon=True)
                 self._threads.append(self._ahead_thread)
                 self._ahead_thread.start()
 
-    def _compile_logged(self, job: Callable[[], tuple[str, Callable]]) -> None:
+    def _compile_logged(self, key: tuple, job: Callable[[], tuple[str, Callable]]) -> None:
         """One program compiled ahead, logged unless a shutdown came meanwhile (the `shutdown` line is the last)."""
         try:
             done = _timed_compile(job())
+            if key[0] == "decode":
+                self._decodes.add(key[1:])
             if self.compile_ahead:
                 log.info("compiled ahead: %s in %.1f s", done.name, done.done - done.start)
         except Exception:  # noqa: BLE001 - an optimisation: the call that needs the program reports its error
@@ -494,7 +516,14 @@ class Runner:
             if job is None:
                 time.sleep(0.25)
             else:
-                self._compile_logged(job)
+                self._compile_logged(*job)
+
+
+def _plan_covers(have: SamplingPlan, want: SamplingPlan) -> bool:
+    """Whether a program of plan `have` samples every row as one of `want` would (batch.union_plan: a stage a row's
+    parameters switch off is an exact no-op for it): its stages include want's, and the same outputs."""
+    stages = ("penalty", "filtering", "draw")
+    return have.logprobs == want.logprobs and all(getattr(have, f) >= getattr(want, f) for f in stages)
 
 
 def _timed_compile(job: tuple[str, Callable]) -> Compile:
