@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import jax
 import pytest
@@ -14,6 +15,7 @@ from conftest import oracles_dir
 
 import worker
 from worker.model import GREEDY
+from worker.runner import COVERED, NEEDED, WHEN_IDLE
 from worker.sampling import SamplingParams
 
 
@@ -88,20 +90,38 @@ def test_a_long_prompts_later_chunks_are_compiled_beside_its_first(compiles):
     assert len(main_thread(compiles(), "_prefill")) == before
 
 
-def test_what_only_may_come_waits_for_an_idle_batch(compiles):
+def test_the_most_wanted_compiles_first_and_what_only_may_come_waits_for_an_idle_batch(caplog):
     m = load()
+    r = m.runner
     busy = threading.Event()
     busy.set()
-    m.runner.idle = lambda: not busy.is_set()
-    m.runner.prefill_soon(32, 16, urgent=False)
-    thread = next(t for t in threading.enumerate() if t.name == "compile-idle")
-    thread.join(timeout=1.0)
-    assert thread.is_alive() and not [msg for _, msg in compiles() if "jit(_prefill)" in msg]
-    busy.clear()
-    thread.join(timeout=120)
-    assert not thread.is_alive() and [t for t, msg in compiles() if "jit(_prefill)" in msg] == ["compile-idle"]
-    m.runner.prefill_soon(32, 16, urgent=False)  # asked once: nothing more
-    assert not [t for t in threading.enumerate() if t.name == "compile-idle"]
+    r.idle = lambda: not busy.is_set()
+    release = threading.Event()
+    r._soon(("held",), lambda: release.wait(60) and None)  # the thread's first job: held until released
+    r.prefill_soon(32, 16, WHEN_IDLE)
+    r.prefill_soon(64, 16, COVERED)
+    r.prefill_soon(128, 16, NEEDED)
+    r.prefill_soon(256, 16, WHEN_IDLE)
+    r.prefill_soon(256, 16, NEEDED)  # asked again, more urgently: it moves up
+    r.prefill_soon(64, 16, WHEN_IDLE)  # less urgently: it stays
+
+    def compiled() -> list[str]:
+        return [rec.getMessage().split(" tokens")[0].split()[-1] for rec in caplog.records
+                if rec.getMessage().startswith("compiled ahead: prefill")]  # fmt: skip
+
+    with caplog.at_level(logging.INFO, logger="worker.runner"):
+        release.set()
+        deadline = time.monotonic() + 120
+        while len(compiled()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.6)  # the thread now waits for an idle batch
+        assert compiled() == ["128", "256", "64"]
+        assert list(r._ahead) == [("prefill", 32, 16)]
+        busy.clear()
+        wait_for_compiles()
+    assert compiled() == ["128", "256", "64", "32"] and not r._ahead
+    r.prefill_soon(32, 16, NEEDED)  # asked once: nothing more
+    assert not [t for t in threading.enumerate() if t.name == "compile-ahead"]
 
 
 def test_a_failed_compile_ahead_is_logged_and_the_call_still_works(caplog, monkeypatch):
@@ -127,13 +147,15 @@ def test_a_shutdown_drops_what_may_come_and_says_whether_a_compile_still_runs():
     m = load()
     r = m.runner
     r.idle = lambda: False  # a batch that stays busy: what only may come waits
-    r.prefill_soon(32, 16, urgent=False)
+    r.prefill_soon(32, 16, WHEN_IDLE)
     assert r.stop_compiling_ahead() is False  # dropped, and its thread ended
     assert not r.compile_ahead and not r._ahead
 
     m = load()
     release = threading.Event()
     m.runner._soon(("held",), lambda: release.wait(60) and None)  # a compile that takes until released
+    while m.runner._ahead:  # until the thread has taken it
+        time.sleep(0.01)
     assert m.runner.stop_compiling_ahead(wait_s=0.2) is True
     release.set()
     assert m.runner.stop_compiling_ahead() is False

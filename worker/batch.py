@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from worker.runner import RowInputs, Runner, Scores
+from worker.runner import COVERED, RowInputs, Runner, Scores
 from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs, seed_key_words, seed_words
 from worker.scheduler import Scheduler, Sequence
 from worker.step_trace import DECODE, PREFILL, READ_BACK, span
@@ -233,7 +233,7 @@ class Batch:
             # Not compiled yet: a compiled program that computes the same runs this dispatch while it compiles.
             run = r.decode_cover(rows, width, steps, plan) or run
             if run != (rows, width, plan):
-                r.decode_soon(rows, width, steps, plan)
+                r.decode_soon(rows, width, steps, plan, COVERED)
         ids, self._rows, self._cache, scores = r.decode(self._rows, self._cache, kept.head(*run[:2]), steps, run[2])
         for a in (ids, *(scores or ())):
             a.copy_to_host_async()

@@ -23,7 +23,7 @@ from worker.models import adapter_for
 from worker.models.base import load_weights
 from worker.pallas_kernels import qmatvec
 from worker.quant import QuantArray, cpu_layout, quant_kind, widened
-from worker.runner import Compile, Runner
+from worker.runner import WHEN_IDLE, Compile, Runner
 from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs
 from worker.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
@@ -371,9 +371,9 @@ class Model:
             pass
         if all_rows and not compiled:  # the CPU: greedy decoding's, then those chunk buckets, once idle
             r = self.runner
-            r.decode_soon(rows[0], r.table_width(1), self.decode_steps, GREEDY.plan(), urgent=False)
+            r.decode_soon(rows[0], r.table_width(1), self.decode_steps, GREEDY.plan(), WHEN_IDLE)
             for b in buckets:
-                r.prefill_soon(b, r.table_width(b), urgent=False)
+                r.prefill_soon(b, r.table_width(b), WHEN_IDLE)
         self.warmed = WarmUp(compiles, sum(walls), sum(lowering), time.perf_counter() - t0, self.decode_steps)
         return self.warmed
 

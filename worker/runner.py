@@ -23,7 +23,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
@@ -42,6 +41,10 @@ from worker.quant import Int8Blocks, QuantArray
 from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample, token_logprobs
 
 log = logging.getLogger(__name__)
+
+# How soon a program compiled ahead is wanted (Runner._soon): without it a dispatch will wait for its compile; a
+# dispatch runs on another that computes the same meanwhile (Runner.decode_cover); only while the batch is idle.
+NEEDED, COVERED, WHEN_IDLE = 0, 1, 2
 
 # (token log-probability, top ids, top log-probabilities) of sampled rows, on the device; None when not asked for
 Scores = tuple[jax.Array, jax.Array, jax.Array] | None
@@ -172,13 +175,12 @@ class Runner:
         self._all_logits = jax.jit(partial(_all_logits, adapter, cfg), donate_argnums=(4,))
         # Programs compiled ahead on a background thread (`_soon`): on by default, WORKER_COMPILE_AHEAD=0 off.
         self.compile_ahead = os.environ.get("WORKER_COMPILE_AHEAD", "") != "0"
-        self._asked: set[tuple] = set()
-        self._ahead: deque[tuple[tuple, Callable]] = deque()  # (key, job) of those that only may come
+        self._asked: dict[tuple, int] = {}  # every program asked for, and how soon it was first wanted
+        self._ahead: dict[tuple, list] = {}  # those waiting: [when, order asked, job]
+        self._ahead_lock, self._ahead_thread = threading.Lock(), None
         # The decode programs known compiled, (rows, width, steps, plan): where the one a dispatch needs is not, a
         # dispatch may take one of these that computes the same (`decode_cover`) while it compiles.
         self._decodes: set[tuple[int, int, int, SamplingPlan]] = set()
-        self._ahead_lock, self._ahead_thread = threading.Lock(), None
-        self._threads: list[threading.Thread] = []  # those compiling ahead, or that were
         self.idle: Callable[[], bool] = lambda: True  # whether no sequence runs (the batch sets it)
 
     # -- memory ---------------------------------------------------------------------------------------------
@@ -435,15 +437,15 @@ class Runner:
         self._decodes.update((r, width, steps, p) for p in plans for r in rows)
         return done
 
-    def decode_soon(self, rows: int, width: int, steps: int, plan: SamplingPlan, urgent: bool = True) -> None:
+    def decode_soon(self, rows: int, width: int, steps: int, plan: SamplingPlan, when: int = NEEDED) -> None:
         """Compile ahead (`_soon`) a decode dispatch of `rows` rows over `width`-page tables."""
         job = lambda: self._decode_job(RowInputs.neutral(rows, width), width, steps, plan)  # noqa: E731
-        self._soon(("decode", rows, width, steps, plan), job, urgent)
+        self._soon(("decode", rows, width, steps, plan), job, when)
 
-    def prefill_soon(self, b: int, width: int, urgent: bool = True) -> None:
+    def prefill_soon(self, b: int, width: int, when: int = NEEDED) -> None:
         """Compile ahead (`_soon`) a prompt chunk alone in its dispatch, padded to `b` ids, over `width`-page
         tables."""
-        self._soon(("prefill", b, width), lambda: self._lone_prefill_job(b, width), urgent)
+        self._soon(("prefill", b, width), lambda: self._lone_prefill_job(b, width), when)
 
     def prompt_soon(self, n: int) -> None:
         """Compile ahead (`_soon`) the chunks of an `n`-id prompt after its first: each its own shape (a wider page
@@ -452,71 +454,66 @@ class Runner:
             ids = min(self.chunk, n - start)
             self.prefill_soon(bucket(ids, self.chunk), self.table_width(start + ids))
 
-    def _soon(self, key: tuple, job: Callable[[], tuple[str, Callable]], urgent: bool = True) -> None:
+    def _soon(self, key: tuple, job: Callable[[], tuple[str, Callable]], when: int = NEEDED) -> None:
         """Compile a program in the background, once (`compile_ahead`: off, nothing), for a shape the batch will
         soon reach: a dispatch that then needs it finds it compiled, or waits for the rest of its compile (JAX
         compiles one program once: a call waits for the thread compiling it). Why: a shape first met mid-stream
         stalled every running stream for its compile (a decode crossing 256 positions onto a 32-page table: 4.5 s
-        on a 2-core CPU for Gemma 3 270M). `urgent`: a running sequence's, compiled at once on a thread of its own,
-        beside any other (a long prompt's later chunks and first decode, one after the other on one thread, made it
-        wait 15 s); else one at a time, only while the batch is idle (on 2 cores a compile beside a stream made
-        its tokens 1.8x slower, and a prompt whose own compile ran beside one waited 1.3x longer). A failure is
-        logged; the call that needs the program then compiles it (and meets the error) itself."""
-        if not self.compile_ahead or key in self._asked:
+        on a 2-core CPU for Gemma 3 270M). One thread compiles them, one at a time, the most wanted first (`when`:
+        NEEDED, COVERED, WHEN_IDLE; asked again more urgently, a waiting one moves up). One at a time: with a
+        thread for each, four streams arriving at once on a cold 2-core start had six compiles side by side, each
+        3-4x slower, and their streams waited longer than with no compile ahead at all. A failure is logged; the
+        call that needs the program then compiles it (and meets the error) itself."""
+        if not self.compile_ahead:
             return
-        self._asked.add(key)
         with self._ahead_lock:
-            self._threads = [t for t in self._threads if t.is_alive()]
-            if urgent:
-                self._threads.append(threading.Thread(target=self._compile_logged, args=(key, job),
-                                                      name="compile-ahead", daemon=True))  # fmt: skip
-                self._threads[-1].start()
+            if key in self._asked:
+                waiting = self._ahead.get(key)
+                if waiting is not None and when < waiting[0]:
+                    waiting[0] = when
                 return
-            self._ahead.append((key, job))
+            self._asked[key] = when
+            self._ahead[key] = [when, len(self._asked), job]
             if self._ahead_thread is None:
-                self._ahead_thread = threading.Thread(target=self._compile_when_idle, name="compile-idle", daemon=True)
-                self._threads.append(self._ahead_thread)
+                self._ahead_thread = threading.Thread(target=self._compile_ahead, name="compile-ahead", daemon=True)
                 self._ahead_thread.start()
 
-    def _compile_logged(self, key: tuple, job: Callable[[], tuple[str, Callable]]) -> None:
-        """One program compiled ahead, logged unless a shutdown came meanwhile (the `shutdown` line is the last)."""
-        try:
-            done = _timed_compile(job())
-            if key[0] == "decode":
-                self._decodes.add(key[1:])
-            if self.compile_ahead:
-                log.info("compiled ahead: %s in %.1f s", done.name, done.done - done.start)
-        except Exception:  # noqa: BLE001 - an optimisation: the call that needs the program reports its error
-            if self.compile_ahead:
-                log.warning("a compile ahead failed", exc_info=True)
-
-    def stop_compiling_ahead(self, wait_s: float = 0.5) -> bool:
-        """Ask for nothing more and drop what only may come (a shutdown); returns whether a program is still being
-        compiled ahead after up to `wait_s` seconds: the process must then not tear its interpreter down under that
-        thread (XLA aborts it: exit -6, seen in the test suite's servers stopped soon after their start)."""
-        with self._ahead_lock:
-            self.compile_ahead = False
-            self._ahead.clear()
-            threads = list(self._threads)
-        end = time.monotonic() + wait_s
-        for t in threads:
-            t.join(max(0.0, end - time.monotonic()))
-        return any(t.is_alive() for t in threads)
-
-    def _compile_when_idle(self) -> None:
-        """The thread of the programs that only may come (`_soon`), first asked first, while the batch is idle. It
-        ends when none is left, so that a runner nobody uses any more is not kept alive."""
+    def _compile_ahead(self) -> None:
+        """The compile-ahead thread (`_soon`), until none is left waiting (so that a runner nobody uses any more is
+        not kept alive): the most wanted first, first asked first among equals; WHEN_IDLE ones only while the
+        batch is idle (on 2 cores a compile beside a stream made its tokens 1.8x slower)."""
         while True:
             idle = self.idle()
             with self._ahead_lock:
                 if not self._ahead:
                     self._ahead_thread = None
                     return
-                job = self._ahead.popleft() if idle else None
+                key = min(self._ahead, key=lambda k: self._ahead[k][:2])
+                job = self._ahead.pop(key)[2] if idle or self._ahead[key][0] < WHEN_IDLE else None
             if job is None:
                 time.sleep(0.25)
-            else:
-                self._compile_logged(*job)
+                continue
+            try:
+                done = _timed_compile(job())
+                if key[0] == "decode":
+                    self._decodes.add(key[1:])
+                if self.compile_ahead:  # else a shutdown began: its line is the last
+                    log.info("compiled ahead: %s in %.1f s", done.name, done.done - done.start)
+            except Exception:  # noqa: BLE001 - an optimisation: the call that needs the program reports its error
+                if self.compile_ahead:
+                    log.warning("a compile ahead failed", exc_info=True)
+
+    def stop_compiling_ahead(self, wait_s: float = 0.5) -> bool:
+        """Ask for nothing more and drop what waits (a shutdown); returns whether a program is still being compiled
+        ahead after up to `wait_s` seconds: the process must then not tear its interpreter down under that thread
+        (XLA aborts it: exit -6, seen in the test suite's servers stopped soon after their start)."""
+        with self._ahead_lock:
+            self.compile_ahead = False
+            self._ahead.clear()
+            thread = self._ahead_thread
+        if thread is not None:
+            thread.join(wait_s)
+        return thread is not None and thread.is_alive()
 
 
 def _plan_covers(have: SamplingPlan, want: SamplingPlan) -> bool:
