@@ -263,6 +263,8 @@ class Batch:
         reaches past this one: it then has the tokens up to this width's end to compile in (at least 128 at 16
         pages, 256 positions), and the streams do not stall for it when the first sequence gets there."""
         r = self.runner
+        if width >= r.max_pages:
+            return
         reach = max(len(s.ids) + s.budget for s in decoding) + self.steps
         if r.table_width(reach) > width:
             r.decode_soon(rows, r.table_width(width * r.page_size + 1), self.steps, plan)

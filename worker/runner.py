@@ -325,7 +325,8 @@ class Runner:
         None: at least as many rows, as wide a table and a plan of at least its stages (the same log-probability
         output), the one of fewest rows, then the narrowest. Why it is exact: a row's arithmetic depends on none of
         the three (docs/batching.md, "Batch invariance"; tests/test_batching.py)."""
-        fits = [(r, w, p) for r, w, s, p in list(self._decodes)
+        known = list(self._decodes)  # a copy, taken at once: the compile-ahead thread adds to the set
+        fits = [(r, w, p) for r, w, s, p in known
                 if s == steps and r >= rows and w >= width and _plan_covers(p, plan)]  # fmt: skip
         return min(fits, key=lambda f: (f[0], f[1], sum(map(bool, astuple(f[2])))), default=None)
 
