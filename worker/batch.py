@@ -27,6 +27,9 @@ from worker.scheduler import Scheduler, Sequence
 from worker.step_trace import DECODE, PREFILL, READ_BACK, span
 from worker.tokenizer import Tokenizer
 
+# Seconds the batch must have been idle before the runner compiles what only may come (Runner._soon, WHEN_IDLE).
+IDLE_BEFORE_COMPILE_S = 5.0
+
 
 def key_data(seed: int) -> np.ndarray:
     """The uint32 [2] key data of a uint64 seed's PRNG key (worker.sampling.seed_key's bits), on the host's CPU
@@ -85,13 +88,21 @@ class Batch:
         self.on_decode: Callable[[int], None] = lambda rows: None  # told each dispatch's sequence count (metrics)
         self._pending: deque[_Pending] = deque()
         self._ended: list[Delivery] = []  # sequences that end before running (no room for a single token)
-        runner.idle = lambda: not self.busy  # the runner compiles what may come only then (Runner._soon)
+        # The runner compiles what may come (Runner._soon) only once the batch has been idle IDLE_BEFORE_COMPILE_S:
+        # a request just after `ready`, or just after another, then finds the cores to itself.
+        self._idle_since: float | None = time.monotonic()
+        runner.idle = self._idle_a_while
+
+    def _idle_a_while(self) -> bool:
+        since = self._idle_since
+        return since is not None and not self.busy and time.monotonic() - since >= IDLE_BEFORE_COMPILE_S
 
     @property
     def busy(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting or self._pending or self._ended)
 
     def add(self, seq: Sequence) -> None:
+        self._idle_since = None
         seq.params = seq.params or SamplingParams()
         seq.plan = seq.params.plan()
         if seq.budget <= 0:
@@ -138,6 +149,8 @@ class Batch:
         with span(READ_BACK):
             while len(self._pending) > int(queued):
                 out.extend(self._deliver(self._pending.popleft()))
+        if not self.busy and self._idle_since is None:
+            self._idle_since = time.monotonic()
         return out
 
     def time_decode(self, rows: int, plan: SamplingPlan, repeats: int = 3) -> float:

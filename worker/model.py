@@ -369,11 +369,9 @@ class Model:
         compile_steps(inputs, plans, self.decode_steps, tuple(rows), prefill=not compiled, groups=groups, lone=lone)
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass
-        if all_rows and not compiled:  # the CPU: greedy decoding's, then those chunk buckets, once idle
-            r = self.runner
-            r.decode_soon(rows[0], r.table_width(1), self.decode_steps, GREEDY.plan(), WHEN_IDLE)
-            for b in buckets:
-                r.prefill_soon(b, r.table_width(b), WHEN_IDLE)
+        if all_rows and not compiled:  # the CPU: those chunk buckets, once idle (a greedy job meanwhile decodes on
+            for b in buckets:  # the sampled program: Runner.decode_cover)
+                self.runner.prefill_soon(b, self.runner.table_width(b), WHEN_IDLE)
         self.warmed = WarmUp(compiles, sum(walls), sum(lowering), time.perf_counter() - t0, self.decode_steps)
         return self.warmed
 
