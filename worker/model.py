@@ -369,9 +369,10 @@ class Model:
         compile_steps(inputs, plans, self.decode_steps, tuple(rows), prefill=not compiled, groups=groups, lone=lone)
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass
-        if all_rows and not compiled:  # the CPU: those chunk buckets, once idle (a greedy job meanwhile decodes on
-            for b in buckets:  # the sampled program: Runner.decode_cover)
-                self.runner.prefill_soon(b, self.runner.table_width(b), WHEN_IDLE)
+        # The CPU: those chunk buckets once the batch is idle. (Greedy decoding's program is not among them: a greedy
+        # job decodes on the sampled one until its own compiles, Runner.decode_cover.)
+        for b in buckets if all_rows and not compiled else ():
+            self.runner.prefill_soon(b, self.runner.table_width(b), WHEN_IDLE)
         self.warmed = WarmUp(compiles, sum(walls), sum(lowering), time.perf_counter() - t0, self.decode_steps)
         return self.warmed
 

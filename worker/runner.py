@@ -175,7 +175,7 @@ class Runner:
         self._all_logits = jax.jit(partial(_all_logits, adapter, cfg), donate_argnums=(4,))
         # Programs compiled ahead on a background thread (`_soon`): on by default, WORKER_COMPILE_AHEAD=0 off.
         self.compile_ahead = os.environ.get("WORKER_COMPILE_AHEAD", "") != "0"
-        self._asked: dict[tuple, int] = {}  # every program asked for, and how soon it was first wanted
+        self._asked: set[tuple] = set()  # every program asked for
         self._ahead: dict[tuple, list] = {}  # those waiting: [when, order asked, job]
         self._ahead_lock, self._ahead_thread = threading.Lock(), None
         # The decode programs known compiled, (rows, width, steps, plan): where the one a dispatch needs is not, a
@@ -473,7 +473,7 @@ class Runner:
                 if waiting is not None and when < waiting[0]:
                     waiting[0] = when
                 return
-            self._asked[key] = when
+            self._asked.add(key)
             self._ahead[key] = [when, len(self._asked), job]
             if self._ahead_thread is None:
                 self._ahead_thread = threading.Thread(target=self._compile_ahead, name="compile-ahead", daemon=True)
