@@ -82,12 +82,45 @@ def test_a_long_prompts_later_chunks_are_compiled_beside_its_first(compiles):
     seq = m.sequence(list(range(3, 303)), 4, GREEDY, 0)  # chunks at 0, 64, .., 256: tables of 16 and 32 pages
     m.batch.add(seq)
     m.batch.step()
-    assert {k for k in m.runner._asked if k[0] == "prefill"} == {("prefill", 64, 16), ("prefill", 64, 32)}
+    assert {k for k in m.runner._asked if k[0] == "prefill"} == {("prefill", 1, 64, 16), ("prefill", 1, 64, 32)}
     wait_for_compiles()
     before = len(main_thread(compiles(), "_prefill"))
     while m.batch.busy:
         m.batch.step()
     assert len(main_thread(compiles(), "_prefill")) == before
+
+
+def test_a_prompt_waits_for_its_compile_off_the_engines_thread_while_others_decode(compiles):
+    """A stream decodes; a prompt arrives whose chunk bucket is not compiled: the stream keeps its dispatches while
+    the prompt's program compiles on the background thread (held busy here to make the wait visible), then the
+    prompt runs and gives the ids it gives alone."""
+    prompt = list(range(3, 200))
+    alone = load()
+    alone.runner.compile_ahead = False
+    want = alone.generate(prompt, max_tokens=8, stop_at_eos=False)
+
+    m = load()
+    r = m.runner
+    stream = m.sequence(list(range(3, 20)), 400, GREEDY, 0)  # decodes until the prompt is done
+    m.batch.add(stream)
+    while not stream.decoding:
+        m.batch.step()
+    release = threading.Event()
+    r._soon(("held",), lambda: release.wait(60) and None)  # the background thread busy until released
+    before = len(main_thread(compiles(), "_prefill"))
+    late = m.sequence(prompt, 8, GREEDY, 0)
+    m.batch.add(late)
+    streamed = [t for _ in range(3) for d in m.batch.step() if d.seq is stream for t in d.tokens]
+    assert late.prefilled == 0 and len(streamed) >= 2 * m.batch.steps
+    assert ("prefill", *r.prefill_shape([(prompt, [], 0)])) in r._ahead
+    release.set()
+    got = []
+    while late.finished is None:
+        got += [t for d in m.batch.step() if d.seq is late for t in d.tokens]
+    assert stream.finished is None and got == want
+    assert len(main_thread(compiles(), "_prefill")) == before, "the prompt's program compiled on the engine's thread"
+    m.batch.release(stream)
+    wait_for_compiles()
 
 
 def test_the_most_wanted_compiles_first_and_what_only_may_come_waits_for_an_idle_batch(caplog):
@@ -116,7 +149,7 @@ def test_the_most_wanted_compiles_first_and_what_only_may_come_waits_for_an_idle
             time.sleep(0.05)
         time.sleep(0.6)  # the thread now waits for an idle batch
         assert compiled() == ["128", "256", "64"]
-        assert list(r._ahead) == [("prefill", 32, 16)]
+        assert list(r._ahead) == [("prefill", 1, 32, 16)]
         busy.clear()
         wait_for_compiles()
     assert compiled() == ["128", "256", "64", "32"] and not r._ahead
@@ -127,7 +160,7 @@ def test_the_most_wanted_compiles_first_and_what_only_may_come_waits_for_an_idle
 def test_a_failed_compile_ahead_is_logged_and_the_call_still_works(caplog, monkeypatch):
     m = load()
     broken = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no lowering"))  # noqa: E731
-    monkeypatch.setattr(m.runner, "_lone_prefill_job", broken)
+    monkeypatch.setattr(m.runner, "_prefill_job", broken)
     with caplog.at_level(logging.WARNING, logger="worker.runner"):
         m.runner.prefill_soon(32, 16)
         wait_for_compiles()
@@ -167,7 +200,7 @@ def test_a_cpu_start_leaves_the_chunk_buckets_for_an_idle_batch():
     r.idle = lambda: False
     m.warm_up(SamplingParams(temperature=1.0), all_rows=True)
     buckets = r.chunk_buckets()[1:]
-    assert set(r._asked) == {("prefill", b, r.table_width(b)) for b in buckets}
+    assert set(r._asked) == {("prefill", 1, b, r.table_width(b)) for b in buckets}
     assert len(r._ahead) == len(buckets)  # all of them waiting
     assert r.stop_compiling_ahead() is False
 
@@ -203,12 +236,15 @@ def test_a_batch_that_shrinks_decodes_on_the_wider_program_it_has_while_its_own_
     m = load()
     dispatches = spy_dispatches(monkeypatch, m)
     long, short = m.sequence(prompt, 30, GREEDY, 0), m.sequence(list(range(5, 20)), 4, GREEDY, 0)
+    release = threading.Event()  # the background thread busy until the end: the 1-row program is not compiled
+    m.runner._soon(("held",), lambda: release.wait(60) and None)
     m.batch.add(long)
     m.batch.add(short)
     got = [t for d in m.batch.step() if d.seq is long for t in d.tokens]
     assert (long.row, short.row) == (0, 1)
     while m.batch.busy:
         got += [t for d in m.batch.step() if d.seq is long for t in d.tokens]
+    release.set()
     assert got == want
     assert {rows for rows, _, _ in dispatches} == {2}, dispatches  # never the 1-row program
     assert ("decode", 1, 16, m.batch.steps, GREEDY.plan()) in m.runner._asked

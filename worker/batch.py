@@ -186,6 +186,11 @@ class Batch:
 
     def _prefill(self) -> list[Delivery]:
         failed, budget, r = [], self.prefill_tokens, self.runner
+        # While sequences decode, a prompt whose programs are not compiled waits for them to compile on the runner's
+        # background thread instead of compiling here: a compile here stalled every running stream (one stream on a
+        # cold 2-core start waited 11.6 s while three others' prompt buckets compiled). Its programs: each chunk's
+        # prefill (`_prefill_group`), and before its last chunk, the decode dispatch it then joins (`_join_ready`).
+        decoding = self.scheduler.decoding() if r.compile_ahead else []
         chunks = []  # (sequence, start, number of ids) in admission order, up to the step's budget
         for seq in self.scheduler.prefilling():
             if budget <= 0:
@@ -193,21 +198,28 @@ class Batch:
             n = min(r.chunk, len(seq.ids) - seq.prefilled)
             if seq.prefilled == 0 and r.compile_ahead:
                 self._prompt_soon(seq)
+            if decoding and seq.prefilled + n == len(seq.ids) and not self._join_ready(seq, decoding):
+                r.prefill_ready([(seq.ids[seq.prefilled :], seq.pages, seq.prefilled)])  # asked for alongside
+                continue
             chunks.append((seq, seq.prefilled, n))
             budget -= n
         for group in _groups(chunks, r.group_limit):
-            failed.extend(self._prefill_group(group))
+            failed.extend(self._prefill_group(group, wait=bool(decoding)))
         return failed
 
-    def _prefill_group(self, group: list[tuple[Sequence, int, int]]) -> list[Delivery]:
-        """One prefill dispatch; where it fails, each of its sequences is tried again alone (so an error, device
-        memory included, ends only the job it belongs to), unless the failure took the KV pool with it."""
+    def _prefill_group(self, group: list[tuple[Sequence, int, int]], wait: bool = False) -> list[Delivery]:
+        """One prefill dispatch (with `wait`, none until its program is compiled: `_prefill`); where it fails, each of
+        its sequences is tried again alone (so an error, device memory included, ends only the job it belongs to),
+        unless the failure took the KV pool with it."""
+        r = self.runner
         try:
             live = [(s, a, n) for s, a, n in group if s.finished is None]
             if not live:
                 return []
             chunks = [(s.ids[a : a + n], s.pages, a) for s, a, n in live]
-            logits, self._cache = self.runner.prefill_group(chunks, self._cache)
+            if wait and not r.prefill_ready(chunks):
+                return []
+            logits, self._cache = r.prefill_group(chunks, self._cache)
             done = []
             for i, (s, a, n) in enumerate(live):
                 s.prefilled = a + n
@@ -261,15 +273,22 @@ class Batch:
 
     def _prompt_soon(self, seq: Sequence) -> None:
         """At a prompt's first chunk, have compiled ahead what it needs that no sequence before it may have needed:
-        its later chunks (each a wider page table) and, where its first decode dispatch needs a table wider than
-        the narrowest, that decode (at the batch's rows and plan as they are now)."""
-        r = self.runner
-        r.prompt_soon(len(seq.ids))
-        width = r.table_width(len(seq.ids) + self.steps)
-        if width > r.table_width(1):
-            running = self.scheduler.running
-            rows = r.row_bucket(max(s.row for s in running) + 1)
-            r.decode_soon(rows, width, self.steps, union_plan({s.plan for s in running}))
+        its later chunks (each a wider page table) and the decode dispatch it joins after its last (`_join_ready`)."""
+        self.runner.prompt_soon(len(seq.ids))
+        self._join_ready(seq, self.scheduler.decoding())
+
+    def _join_ready(self, seq: Sequence, decoding: list[Sequence]) -> bool:
+        """Whether the decode dispatch that `seq` joins once its prompt is in (with `decoding`, the batch as it is
+        now) need not wait for a compile (Runner.decode_ready); if it must, it is asked for."""
+        r, steps, kept = self.runner, self.steps, self._inputs
+        rows = r.row_bucket(max(s.row for s in (*decoding, seq)) + 1)
+        live = np.fromiter((s.row for s in decoding), np.intp, len(decoding))
+        width = r.table_width(max(len(seq.ids), int(kept.positions[live].max(initial=0))) + steps)
+        plan = union_plan({s.plan for s in (*decoding, seq)})
+        if r.decode_ready(rows, width, steps, plan):
+            return True
+        r.decode_soon(rows, width, steps, plan)
+        return False
 
     def _wider_soon(self, rows: int, width: int, plan: SamplingPlan, decoding: list[Sequence]) -> None:
         """Have the next page-table width compiled ahead (Runner.decode_soon) while a decoding sequence's budget

@@ -181,6 +181,9 @@ class Runner:
         # The decode programs known compiled, (rows, width, steps, plan): where the one a dispatch needs is not, a
         # dispatch may take one of these that computes the same (`decode_cover`) while it compiles.
         self._decodes: set[tuple[int, int, int, SamplingPlan]] = set()
+        # The prefill shapes known compiled, (group size, chunk bucket, width): `prefill_shape`.
+        self._prefills: set[tuple[int, int, int]] = set()
+        self._failed: set[tuple] = set()  # the programs whose compile ahead failed
         self.idle: Callable[[], bool] = lambda: True  # whether no sequence runs (the batch sets it)
 
     # -- memory ---------------------------------------------------------------------------------------------
@@ -223,9 +226,7 @@ class Runner:
         start), G a power-of-two bucket of their number. Tb is one chunk's bucket, or ops.PREFILL_KERNEL_ROWS for
         several (fewer shapes to compile). A padding position lies past the table (its k/v go to the null page);
         a padding row has the null table."""
-        g = self.group_bucket(len(chunks))
-        tb = bucket(len(chunks[0][0]), self.chunk) if len(chunks) == 1 else ops.PREFILL_KERNEL_ROWS
-        width = max(self.table_width(start + len(ids)) for ids, _, start in chunks)
+        g, tb, width = self.prefill_shape(chunks)
         tokens, tables, last = np.zeros((g, tb), np.int32), np.zeros((g, width), np.int32), np.zeros(g, np.int32)
         positions = np.full((g, tb), width * self.page_size, np.int32)
         for i, (ids, pages, start) in enumerate(chunks):
@@ -235,6 +236,23 @@ class Runner:
             positions[i, : len(ids)] = np.arange(start, start + len(ids))
             tables[i], last[i] = table_row(pages, width), len(ids) - 1
         return tokens, positions, tables, last
+
+    def prefill_shape(self, chunks: list[tuple[list[int], list[int], int]]) -> tuple[int, int, int]:
+        """(G, Tb, table width) of the prefill dispatch of chunks (ids, pages, start): its compiled program's shape."""
+        g = self.group_bucket(len(chunks))
+        tb = bucket(len(chunks[0][0]), self.chunk) if len(chunks) == 1 else ops.PREFILL_KERNEL_ROWS
+        return g, tb, max(self.table_width(start + len(ids)) for ids, _, start in chunks)
+
+    def prefill_ready(self, chunks: list[tuple[list[int], list[int], int]]) -> bool:
+        """Whether the prefill dispatch of chunks (ids, pages, start) need not wait for a compile ahead: its program
+        is compiled, or its compile ahead failed (the dispatch then compiles it and meets the error itself). If it
+        must wait, its program is asked for (`prefill_soon`)."""
+        shape = self.prefill_shape(chunks)
+        if shape in self._prefills or ("prefill", *shape) in self._failed:
+            return True
+        g, b, width = shape
+        self.prefill_soon(b, width, NEEDED, g)
+        return False
 
     def group_limit(self, n: int | None = None) -> int:
         """The most sequences whose prompt chunks (of `n` ids; None: any that qualifies) share one prefill
@@ -261,7 +279,9 @@ class Runner:
         if len(chunks) > self.group_limit(max(len(ids) for ids, _, _ in chunks)):
             raise ValueError(f"{len(chunks)} prompt chunks exceed one prefill dispatch's limit")
         tokens, positions, tables, last = (self._put(a) for a in self._group_arrays(chunks))
-        return self._prefill(self.weights, tokens, positions, tables, last, cache)
+        out = self._prefill(self.weights, tokens, positions, tables, last, cache)
+        self._prefills.add((*tokens.shape, tables.shape[1]))
+        return out
 
     def all_logits(self, ids: list[int]) -> np.ndarray:
         """float32 [len(ids), vocab]: logits after each prefix (a cache of its own; for tests and scoring)."""
@@ -318,6 +338,12 @@ class Runner:
     def has_decode(self, rows: int, width: int, steps: int, plan: SamplingPlan) -> bool:
         """Whether that decode program is compiled (run, compiled at the start, or compiled ahead)."""
         return (rows, width, steps, plan) in self._decodes
+
+    def decode_ready(self, rows: int, width: int, steps: int, plan: SamplingPlan) -> bool:
+        """Whether that decode dispatch need not wait for a compile ahead: it or a cover (`decode_cover`) is
+        compiled, or its compile ahead failed (the dispatch then compiles it and meets the error itself)."""
+        return (self.has_decode(rows, width, steps, plan) or ("decode", rows, width, steps, plan) in self._failed
+                or self.decode_cover(rows, width, steps, plan) is not None)  # fmt: skip
 
     def decode_cover(self, rows: int, width: int, steps: int, plan: SamplingPlan
                      ) -> tuple[int, int, SamplingPlan] | None:  # fmt: skip
@@ -381,13 +407,14 @@ class Runner:
         wide = f" {width} pages" if width > MIN_TABLE_PAGES else ""
         return f"decode {r} rows {steps} steps {_plan_name(plan)}{wide}", lambda: self._decode.lower(*args)
 
-    def _lone_prefill_job(self, b: int, width: int) -> tuple[str, Callable]:
-        """(name, lowering) of one sequence's prompt chunk alone in its dispatch, padded to `b` ids, over a
-        `width`-page table."""
+    def _prefill_job(self, g: int, b: int, width: int) -> tuple[str, Callable]:
+        """(name, lowering) of a prefill dispatch of `g` prompt chunks (1: a sequence's chunk alone), each padded to
+        `b` ids, over `width`-page tables."""
         spec = self._spec
-        tokens, table, index = spec((1, b), jnp.int32), spec((1, width), jnp.int32), spec((1,), jnp.int32)
-        name = f"prefill {b} tokens" + (f" {width} pages" if width > self.table_width(b) else "")
-        return name, lambda: self._prefill.lower(self.weights, tokens, tokens, table, index, self._cache_spec())
+        tokens, table, last = spec((g, b), jnp.int32), spec((g, width), jnp.int32), spec((g,), jnp.int32)
+        name = f"prefill {g} chunks" if g > 1 else f"prefill {b} tokens"
+        name += f" {width} pages" if width > self.table_width(b) else ""
+        return name, lambda: self._prefill.lower(self.weights, tokens, tokens, table, last, self._cache_spec())
 
     def compile_first_steps(
         self,
@@ -419,15 +446,16 @@ class Runner:
 
         def group(g: int):
             sp, keys, gindex = self._row_arrays(_take(inputs, g))
-            tokens, t = spec((g, ops.PREFILL_KERNEL_ROWS), jnp.int32), self.table_width(ops.PREFILL_KERNEL_ROWS)
-            args = (self.weights, tokens, tokens, spec((g, t), jnp.int32), spec((g,), jnp.int32), self._cache_spec())
             sample = (spec((g, c.vocab_size), jnp.float32), sp, keys, gindex, spec((g, c.vocab_size), jnp.bool_))
-            label = f"prefill {g} chunks"
-            return [(label, lambda: self._prefill.lower(*args))] + first(label, sample)
+            return [self._prefill_job(*shape_of(g))] + first(f"prefill {g} chunks", sample)
+
+        def shape_of(g: int, b: int = ops.PREFILL_KERNEL_ROWS) -> tuple[int, int, int]:
+            return g, b, self.table_width(b)
 
         jobs = [self._decode_job(_take(inputs, r), width, steps, p) for p in plans for r in rows]
         jobs += [job for g in groups for job in group(g)]
-        jobs += [self._lone_prefill_job(b, self.table_width(b)) for b in ((n,) if prefill else ()) + lone]
+        alone = [shape_of(1, b) for b in ((n,) if prefill else ()) + lone]
+        jobs += [self._prefill_job(*shape) for shape in alone]
         if prefill:
             jobs += first("prefill", (logits, sp1, keys1, index1, seen1))
         if not jobs:
@@ -436,6 +464,7 @@ class Runner:
         with ThreadPoolExecutor(len(jobs)) as pool:
             done = [done.result() for done in [pool.submit(_timed_compile, job) for job in jobs]]
         self._decodes.update((r, width, steps, p) for p in plans for r in rows)
+        self._prefills.update([*alone, *map(shape_of, groups)])
         return done
 
     def decode_soon(self, rows: int, width: int, steps: int, plan: SamplingPlan, when: int = NEEDED) -> None:
@@ -443,10 +472,10 @@ class Runner:
         job = lambda: self._decode_job(RowInputs.neutral(rows, width), width, steps, plan)  # noqa: E731
         self._soon(("decode", rows, width, steps, plan), job, when)
 
-    def prefill_soon(self, b: int, width: int, when: int = NEEDED) -> None:
-        """Compile ahead (`_soon`) a prompt chunk alone in its dispatch, padded to `b` ids, over `width`-page
-        tables."""
-        self._soon(("prefill", b, width), lambda: self._lone_prefill_job(b, width), when)
+    def prefill_soon(self, b: int, width: int, when: int = NEEDED, g: int = 1) -> None:
+        """Compile ahead (`_soon`) a prefill dispatch of `g` prompt chunks (1: one alone), each padded to `b` ids,
+        over `width`-page tables."""
+        self._soon(("prefill", g, b, width), lambda: self._prefill_job(g, b, width), when)
 
     def prompt_soon(self, n: int) -> None:
         """Compile ahead (`_soon`) the chunks of an `n`-id prompt after its first: each its own shape (a wider page
@@ -494,13 +523,16 @@ class Runner:
             if job is None:
                 time.sleep(0.25)
                 continue
+            known = {"decode": self._decodes, "prefill": self._prefills}.get(key[0], set())
+            if key[1:] in known:  # compiled since it was asked for, by the call that needed it
+                continue
             try:
                 done = _timed_compile(job())
-                if key[0] == "decode":
-                    self._decodes.add(key[1:])
+                known.add(key[1:])
                 if self.compile_ahead:  # else a shutdown began: its line is the last
                     log.info("compiled ahead: %s in %.1f s", done.name, done.done - done.start)
             except Exception:  # noqa: BLE001 - an optimisation: the call that needs the program reports its error
+                self._failed.add(key)
                 if self.compile_ahead:
                     log.warning("a compile ahead failed", exc_info=True)
 
