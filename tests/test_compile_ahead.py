@@ -107,12 +107,14 @@ def test_a_prompt_waits_for_its_compile_off_the_engines_thread_while_others_deco
         m.batch.step()
     release = threading.Event()
     r._soon(("held",), lambda: release.wait(60) and None)  # the background thread busy until released
+    while r._ahead:  # until the thread has taken it
+        time.sleep(0.01)
     before = len(main_thread(compiles(), "_prefill"))
     late = m.sequence(prompt, 8, GREEDY, 0)
     m.batch.add(late)
     streamed = [t for _ in range(3) for d in m.batch.step() if d.seq is stream for t in d.tokens]
     assert late.prefilled == 0 and len(streamed) >= 2 * m.batch.steps
-    assert ("prefill", *r.prefill_shape([(prompt, [], 0)])) in r._ahead
+    assert [k[0] for k in r._ahead] == ["decode"]  # the 2-row decode it joins; then its prefill
     release.set()
     got = []
     while late.finished is None:
@@ -121,6 +123,34 @@ def test_a_prompt_waits_for_its_compile_off_the_engines_thread_while_others_deco
     assert len(main_thread(compiles(), "_prefill")) == before, "the prompt's program compiled on the engine's thread"
     m.batch.release(stream)
     wait_for_compiles()
+
+
+def test_a_prompt_whose_programs_are_compiled_does_not_wait_behind_one_whose_program_compiles():
+    """Nothing decodes yet: a long prompt's chunk bucket is not compiled, a short one's is. The short one runs and
+    streams while the long one's compiles on the background thread, then the long one gives its ids alone."""
+    prompt = list(range(3, 200))
+    alone = load()
+    alone.runner.compile_ahead = False
+    want = alone.generate(prompt, max_tokens=8, stop_at_eos=False)
+
+    m = load()
+    r = m.runner
+    m.warm_up(SamplingParams(temperature=1.0), all_rows=True)  # as the server starts: 16-id chunks, every row
+    release = threading.Event()
+    r._soon(("held",), lambda: release.wait(60) and None)  # the background thread busy until released
+    while ("held",) in r._ahead:
+        time.sleep(0.01)
+    long, short = m.sequence(prompt, 8, GREEDY, 0), m.sequence(list(range(3, 15)), 200, GREEDY, 0)
+    m.batch.add(long)
+    m.batch.add(short)
+    streamed = [t for _ in range(3) for d in m.batch.step() if d.seq is short for t in d.tokens]
+    assert long.prefilled == 0 and len(streamed) >= 2 * m.batch.steps
+    release.set()
+    got = []
+    while long.finished is None:
+        got += [t for d in m.batch.step() if d.seq is long for t in d.tokens]
+    assert short.finished is None and got == want
+    assert r.stop_compiling_ahead(wait_s=60) is False  # what waits for an idle batch is dropped
 
 
 def test_the_most_wanted_compiles_first_and_what_only_may_come_waits_for_an_idle_batch(caplog):

@@ -128,6 +128,7 @@ class Batch:
         if seq.row is not None and self._inputs is not None and self.scheduler.rows[seq.row] is seq:
             self._inputs.clear(seq.row)
         self.scheduler.release(seq)
+        self._note_idle()  # a batch emptied by a release may see no further step
 
     def step(self) -> list[Delivery]:
         """One iteration (module docstring); returns what the device finished for each sequence, in order."""
@@ -149,9 +150,12 @@ class Batch:
         with span(READ_BACK):
             while len(self._pending) > int(queued):
                 out.extend(self._deliver(self._pending.popleft()))
+        self._note_idle()
+        return out
+
+    def _note_idle(self) -> None:
         if not self.busy and self._idle_since is None:
             self._idle_since = time.monotonic()
-        return out
 
     def time_decode(self, rows: int, plan: SamplingPlan, repeats: int = 3) -> float:
         """Seconds one decode dispatch of `rows` rows takes at the current steps (the least of `repeats`, after one
@@ -185,12 +189,7 @@ class Batch:
             self._inputs = RowInputs.neutral(self.runner.row_buckets()[-1], self.runner.max_pages)
 
     def _prefill(self) -> list[Delivery]:
-        failed, budget, r = [], self.prefill_tokens, self.runner
-        # While sequences decode, a prompt whose programs are not compiled waits for them to compile on the runner's
-        # background thread instead of compiling here: a compile here stalled every running stream (one stream on a
-        # cold 2-core start waited 11.6 s while three others' prompt buckets compiled). Its programs: each chunk's
-        # prefill (`_prefill_group`), and before its last chunk, the decode dispatch it then joins (`_join_ready`).
-        decoding = self.scheduler.decoding() if r.compile_ahead else []
+        budget, r = self.prefill_tokens, self.runner
         chunks = []  # (sequence, start, number of ids) in admission order, up to the step's budget
         for seq in self.scheduler.prefilling():
             if budget <= 0:
@@ -198,28 +197,29 @@ class Batch:
             n = min(r.chunk, len(seq.ids) - seq.prefilled)
             if seq.prefilled == 0 and r.compile_ahead:
                 self._prompt_soon(seq)
-            if decoding and seq.prefilled + n == len(seq.ids) and not self._join_ready(seq, decoding):
-                r.prefill_ready([(seq.ids[seq.prefilled :], seq.pages, seq.prefilled)])  # asked for alongside
-                continue
             chunks.append((seq, seq.prefilled, n))
             budget -= n
-        for group in _groups(chunks, r.group_limit):
-            failed.extend(self._prefill_group(group, wait=bool(decoding)))
-        return failed
+        groups = _groups(chunks, r.group_limit)
+        if r.compile_ahead:
+            # A chunk whose programs are not compiled waits for them to compile on the runner's background thread,
+            # while the batch has other work (a stream to decode, a chunk that is ready): a compile here stalled
+            # every running stream (one on a cold 2-core start waited 11.6 s while three others' prompt buckets
+            # compiled), and a short prompt behind a long one's compile. Its programs: its dispatch's prefill, and
+            # for a prompt's last chunk the decode dispatch it then joins.
+            joining = [c for c in chunks if c[1] + c[2] < len(c[0].ids) or self._join_ready(c[0])]
+            ready = [g for g in _groups(joining, r.group_limit) if r.prefill_ready(_chunk_ids(g))]
+            if ready or self.scheduler.decoding():
+                groups = ready
+        return [d for group in groups for d in self._prefill_group(group)]
 
-    def _prefill_group(self, group: list[tuple[Sequence, int, int]], wait: bool = False) -> list[Delivery]:
-        """One prefill dispatch (with `wait`, none until its program is compiled: `_prefill`); where it fails, each of
-        its sequences is tried again alone (so an error, device memory included, ends only the job it belongs to),
-        unless the failure took the KV pool with it."""
-        r = self.runner
+    def _prefill_group(self, group: list[tuple[Sequence, int, int]]) -> list[Delivery]:
+        """One prefill dispatch; where it fails, each of its sequences is tried again alone (so an error, device
+        memory included, ends only the job it belongs to), unless the failure took the KV pool with it."""
         try:
             live = [(s, a, n) for s, a, n in group if s.finished is None]
             if not live:
                 return []
-            chunks = [(s.ids[a : a + n], s.pages, a) for s, a, n in live]
-            if wait and not r.prefill_ready(chunks):
-                return []
-            logits, self._cache = r.prefill_group(chunks, self._cache)
+            logits, self._cache = self.runner.prefill_group(_chunk_ids(live), self._cache)
             done = []
             for i, (s, a, n) in enumerate(live):
                 s.prefilled = a + n
@@ -275,16 +275,16 @@ class Batch:
         """At a prompt's first chunk, have compiled ahead what it needs that no sequence before it may have needed:
         its later chunks (each a wider page table) and the decode dispatch it joins after its last (`_join_ready`)."""
         self.runner.prompt_soon(len(seq.ids))
-        self._join_ready(seq, self.scheduler.decoding())
+        self._join_ready(seq)
 
-    def _join_ready(self, seq: Sequence, decoding: list[Sequence]) -> bool:
-        """Whether the decode dispatch that `seq` joins once its prompt is in (with `decoding`, the batch as it is
-        now) need not wait for a compile (Runner.decode_ready); if it must, it is asked for."""
-        r, steps, kept = self.runner, self.steps, self._inputs
-        rows = r.row_bucket(max(s.row for s in (*decoding, seq)) + 1)
-        live = np.fromiter((s.row for s in decoding), np.intp, len(decoding))
-        width = r.table_width(max(len(seq.ids), int(kept.positions[live].max(initial=0))) + steps)
-        plan = union_plan({s.plan for s in (*decoding, seq)})
+    def _join_ready(self, seq: Sequence) -> bool:
+        """Whether the decode dispatch that `seq` joins once its prompt is in need not wait for a compile
+        (Runner.decode_ready); if it must, it is asked for. Reckoned for every running sequence decoding (each at
+        its position, or past its prompt): a dispatch of fewer rows or a narrower table then takes it as its cover."""
+        r, steps, kept, running = self.runner, self.steps, self._inputs, self.scheduler.running
+        rows = r.row_bucket(max(s.row for s in running) + 1)
+        reach = max(int(kept.positions[s.row]) if s.decoding else len(s.ids) for s in running)
+        width, plan = r.table_width(reach + steps), union_plan({s.plan for s in running})
         if r.decode_ready(rows, width, steps, plan):
             return True
         r.decode_soon(rows, width, steps, plan)
@@ -353,6 +353,11 @@ class Batch:
                 self._leave(seq)
             out.append(Delivery(seq, tokens, lps, seq.finished))
         return out
+
+
+def _chunk_ids(group: list[tuple[Sequence, int, int]]) -> list[tuple[list[int], list[int], int]]:
+    """(ids, pages, start) of each (sequence, start, number of ids) of a prefill dispatch (Runner.prefill_group)."""
+    return [(s.ids[a : a + n], s.pages, a) for s, a, n in group]
 
 
 def _groups(chunks: list[tuple[Sequence, int, int]], limit: Callable[[int], int]) -> list[list]:
