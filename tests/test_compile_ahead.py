@@ -114,7 +114,7 @@ def test_a_prompt_waits_for_its_compile_off_the_engines_thread_while_others_deco
     m.batch.add(late)
     streamed = [t for _ in range(3) for d in m.batch.step() if d.seq is stream for t in d.tokens]
     assert late.prefilled == 0 and len(streamed) >= 2 * m.batch.steps
-    assert [k[0] for k in r._ahead] == ["decode"]  # the 2-row decode it joins; then its prefill
+    assert sorted(k[0] for k in r._ahead) == ["decode", "prefill"]  # its chunk's and the 2-row decode it joins
     release.set()
     got = []
     while late.finished is None:
@@ -185,6 +185,39 @@ def test_the_most_wanted_compiles_first_and_what_only_may_come_waits_for_an_idle
     assert compiled() == ["128", "256", "64", "32"] and not r._ahead
     r.prefill_soon(32, 16, NEEDED)  # asked once: nothing more
     assert not [t for t in threading.enumerate() if t.name == "compile-ahead"]
+
+
+def test_among_the_equally_wanted_a_decode_compiles_before_a_prefill(caplog):
+    """A missing decode stalls every running stream; a missing prefill holds back only its own prompt."""
+    m = load()
+    r = m.runner
+    release = threading.Event()
+    r._soon(("held",), lambda: release.wait(60) and None)
+    r.prefill_soon(128, 16, NEEDED)
+    r.decode_soon(1, 32, m.batch.steps, GREEDY.plan(), NEEDED)
+    with caplog.at_level(logging.INFO, logger="worker.runner"):
+        release.set()
+        wait_for_compiles()
+    done = [rec.getMessage().split()[2] for rec in caplog.records if rec.getMessage().startswith("compiled ahead")]
+    assert done == ["decode", "prefill"]
+
+
+def test_a_decode_asked_for_takes_the_place_of_those_waiting_that_it_covers():
+    m = load()
+    r, steps, greedy = m.runner, m.batch.steps, GREEDY.plan()
+    release = threading.Event()
+    r._soon(("held",), lambda: release.wait(60) and None)
+    while ("held",) in r._ahead:
+        time.sleep(0.01)
+    r.prefill_soon(128, 16, NEEDED)
+    r.decode_soon(1, 32, steps, greedy, COVERED)  # a 1-row batch's next width
+    r.decode_soon(2, 16, steps, greedy, NEEDED)  # narrower: covers nothing waiting
+    r.decode_soon(4, 32, steps, SamplingParams(temperature=1.0).plan(), WHEN_IDLE)  # the batch grew to 4 rows
+    assert list(r._ahead) == [("prefill", 1, 128, 16), ("decode", 4, 32, steps, SamplingParams(temperature=1.0).plan())]
+    assert [place[:2] for place in r._ahead.values()] == [[NEEDED, 1], [NEEDED, 2]]  # the places it took
+    assert ("decode", 1, 32, steps, greedy) not in r._asked
+    release.set()
+    assert r.stop_compiling_ahead(wait_s=60) is False
 
 
 def test_a_failed_compile_ahead_is_logged_and_the_call_still_works(caplog, monkeypatch):
@@ -262,8 +295,11 @@ def test_a_batch_that_shrinks_decodes_on_the_wider_program_it_has_while_its_own_
     alone.runner.compile_ahead = False
     want = alone.generate(prompt, max_tokens=30, stop_at_eos=False)
 
-    before = len(main_thread(compiles(), "_decode"))
     m = load()
+    r = m.runner
+    # As a start would: both prompts' chunk buckets and the 2-row decode compiled, not the 1-row one.
+    r.compile_first_steps(m.batch.row_inputs([], 1, 1), (GREEDY.plan(),), m.batch.steps, (2,), lone=(64,))
+    before = len(main_thread(compiles(), "_decode"))
     dispatches = spy_dispatches(monkeypatch, m)
     long, short = m.sequence(prompt, 30, GREEDY, 0), m.sequence(list(range(5, 20)), 4, GREEDY, 0)
     release = threading.Event()  # the background thread busy until the end: the 1-row program is not compiled
@@ -279,9 +315,7 @@ def test_a_batch_that_shrinks_decodes_on_the_wider_program_it_has_while_its_own_
     assert {rows for rows, _, _ in dispatches} == {2}, dispatches  # never the 1-row program
     assert ("decode", 1, 16, m.batch.steps, GREEDY.plan()) in m.runner._asked
     wait_for_compiles()
-    assert len(main_thread(compiles(), "_decode")) == before + 1, (
-        "a second decode program compiled on the engine's thread"
-    )
+    assert len(main_thread(compiles(), "_decode")) == before, "a decode program compiled on the engine's thread"
 
 
 def test_a_greedy_job_decodes_on_the_sampled_program_while_its_own_compiles(compiles, monkeypatch):

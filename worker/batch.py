@@ -189,28 +189,44 @@ class Batch:
             self._inputs = RowInputs.neutral(self.runner.row_buckets()[-1], self.runner.max_pages)
 
     def _prefill(self) -> list[Delivery]:
+        """The step's prompt chunks, up to its budget of ids, oldest admission first. With compile ahead, a chunk
+        whose programs are not compiled waits for them to compile on the runner's background thread while the batch
+        has other work (a stream to decode, a chunk that is ready), and takes none of the budget: a compile on this
+        thread stalled every running stream (one on a cold 2-core start waited 11.6 s while three others' prompt
+        buckets compiled), and held back short prompts behind a long one's."""
         budget, r = self.prefill_tokens, self.runner
-        chunks = []  # (sequence, start, number of ids) in admission order, up to the step's budget
+        decoding = self.scheduler.decoding() if r.compile_ahead else []
+        chunks, first, joiners = [], None, []  # first: the oldest chunk, ready or not
         for seq in self.scheduler.prefilling():
             if budget <= 0:
                 break
-            n = min(r.chunk, len(seq.ids) - seq.prefilled)
-            if seq.prefilled == 0 and r.compile_ahead:
-                self._prompt_soon(seq)
-            chunks.append((seq, seq.prefilled, n))
-            budget -= n
+            chunk = (seq, seq.prefilled, min(r.chunk, len(seq.ids) - seq.prefilled))
+            first = first or chunk
+            if r.compile_ahead:
+                if seq.prefilled == 0:
+                    self._prompt_soon(seq)
+                if not self._chunk_ready(chunk, [*decoding, *joiners]):
+                    continue
+                if seq.prefilled + chunk[2] == len(seq.ids):
+                    joiners.append(seq)
+            chunks.append(chunk)
+            budget -= chunk[2]
         groups = _groups(chunks, r.group_limit)
         if r.compile_ahead:
-            # A chunk whose programs are not compiled waits for them to compile on the runner's background thread,
-            # while the batch has other work (a stream to decode, a chunk that is ready): a compile here stalled
-            # every running stream (one on a cold 2-core start waited 11.6 s while three others' prompt buckets
-            # compiled), and a short prompt behind a long one's compile. Its programs: its dispatch's prefill, and
-            # for a prompt's last chunk the decode dispatch it then joins.
-            joining = [c for c in chunks if c[1] + c[2] < len(c[0].ids) or self._join_ready(c[0])]
-            ready = [g for g in _groups(joining, r.group_limit) if r.prefill_ready(_chunk_ids(g))]
-            if ready or self.scheduler.decoding():
-                groups = ready
+            groups = [g for g in groups if r.prefill_ready(_chunk_ids(g))]
+            if not groups and not decoding and first is not None:
+                groups = [[first]]  # nothing else to do: it compiles here (or waits for its compile ahead)
         return [d for group in groups for d in self._prefill_group(group)]
+
+    def _chunk_ready(self, chunk: tuple[Sequence, int, int], others: list[Sequence]) -> bool:
+        """Whether a prompt chunk's programs are compiled (those that are not are asked for): alone in its dispatch,
+        its prefill (else its group's, checked once grouped); as its prompt's last, the decode dispatch it then
+        joins with `others`."""
+        seq, start, n = chunk
+        ready = self.runner.group_limit(n) > 1 or self.runner.prefill_ready(_chunk_ids([chunk]))
+        if start + n == len(seq.ids):
+            ready = self._join_ready([*others, seq]) and ready
+        return ready
 
     def _prefill_group(self, group: list[tuple[Sequence, int, int]]) -> list[Delivery]:
         """One prefill dispatch; where it fails, each of its sequences is tried again alone (so an error, device
@@ -273,18 +289,19 @@ class Batch:
 
     def _prompt_soon(self, seq: Sequence) -> None:
         """At a prompt's first chunk, have compiled ahead what it needs that no sequence before it may have needed:
-        its later chunks (each a wider page table) and the decode dispatch it joins after its last (`_join_ready`)."""
+        its later chunks (each a wider page table) and the decode dispatch it joins after its last (`_join_ready`),
+        reckoned for every running sequence decoding: that one then covers (Runner.decode_cover) the dispatch it
+        joins while others still prefill."""
         self.runner.prompt_soon(len(seq.ids))
-        self._join_ready(seq)
+        self._join_ready(self.scheduler.running)
 
-    def _join_ready(self, seq: Sequence) -> bool:
-        """Whether the decode dispatch that `seq` joins once its prompt is in need not wait for a compile
-        (Runner.decode_ready); if it must, it is asked for. Reckoned for every running sequence decoding (each at
-        its position, or past its prompt): a dispatch of fewer rows or a narrower table then takes it as its cover."""
-        r, steps, kept, running = self.runner, self.steps, self._inputs, self.scheduler.running
-        rows = r.row_bucket(max(s.row for s in running) + 1)
-        reach = max(int(kept.positions[s.row]) if s.decoding else len(s.ids) for s in running)
-        width, plan = r.table_width(reach + steps), union_plan({s.plan for s in running})
+    def _join_ready(self, seqs: list[Sequence]) -> bool:
+        """Whether a decode dispatch of `seqs` (those decoding at their positions, the others just past their
+        prompts) need not wait for a compile (Runner.decode_ready); if it must, it is asked for."""
+        r, steps, kept = self.runner, self.steps, self._inputs
+        rows = r.row_bucket(max(s.row for s in seqs) + 1)
+        reach = max(int(kept.positions[s.row]) if s.decoding else len(s.ids) for s in seqs)
+        width, plan = r.table_width(reach + steps), union_plan({s.plan for s in seqs})
         if r.decode_ready(rows, width, steps, plan):
             return True
         r.decode_soon(rows, width, steps, plan)

@@ -19,6 +19,7 @@ own (_one_row_at_a_time).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -177,7 +178,7 @@ class Runner:
         self.compile_ahead = os.environ.get("WORKER_COMPILE_AHEAD", "") != "0"
         self._asked: set[tuple] = set()  # every program asked for
         self._ahead: dict[tuple, list] = {}  # those waiting: [when, order asked, job]
-        self._ahead_lock, self._ahead_thread = threading.Lock(), None
+        self._ahead_lock, self._ahead_thread, self._order = threading.Lock(), None, itertools.count()
         # The decode programs known compiled, (rows, width, steps, plan): where the one a dispatch needs is not, a
         # dispatch may take one of these that computes the same (`decode_cover`) while it compiles.
         self._decodes: set[tuple[int, int, int, SamplingPlan]] = set()
@@ -470,7 +471,11 @@ class Runner:
     def decode_soon(self, rows: int, width: int, steps: int, plan: SamplingPlan, when: int = NEEDED) -> None:
         """Compile ahead (`_soon`) a decode dispatch of `rows` rows over `width`-page tables."""
         job = lambda: self._decode_job(RowInputs.neutral(rows, width), width, steps, plan)  # noqa: E731
-        self._soon(("decode", rows, width, steps, plan), job, when)
+
+        def covers(k: tuple) -> bool:  # a waiting decode this one would serve as its cover (`decode_cover`)
+            return k[0] == "decode" and k[3] == steps and k[1] <= rows and k[2] <= width and _plan_covers(plan, k[4])
+
+        self._soon(("decode", rows, width, steps, plan), job, when, covers)
 
     def prefill_soon(self, b: int, width: int, when: int = NEEDED, g: int = 1) -> None:
         """Compile ahead (`_soon`) a prefill dispatch of `g` prompt chunks (1: one alone), each padded to `b` ids,
@@ -484,7 +489,8 @@ class Runner:
             ids = min(self.chunk, n - start)
             self.prefill_soon(bucket(ids, self.chunk), self.table_width(start + ids))
 
-    def _soon(self, key: tuple, job: Callable[[], tuple[str, Callable]], when: int = NEEDED) -> None:
+    def _soon(self, key: tuple, job: Callable[[], tuple[str, Callable]], when: int = NEEDED,
+              covers: Callable[[tuple], bool] = lambda key: False) -> None:  # fmt: skip
         """Compile a program in the background, once (`compile_ahead`: off, nothing), for a shape the batch will
         soon reach: a dispatch that then needs it finds it compiled, or waits for the rest of its compile (JAX
         compiles one program once: a call waits for the thread compiling it). Why: a shape first met mid-stream
@@ -492,7 +498,11 @@ class Runner:
         on a 2-core CPU for Gemma 3 270M). One thread compiles them, one at a time, the most wanted first (`when`:
         NEEDED, COVERED, WHEN_IDLE; asked again more urgently, a waiting one moves up). One at a time: with a
         thread for each, four streams arriving at once on a cold 2-core start had six compiles side by side, each
-        3-4x slower, and their streams waited longer than with no compile ahead at all. A failure is logged; the
+        3-4x slower, and their streams waited longer than with no compile ahead at all. Among the equally wanted,
+        decodes first: running streams stall where a decode is missing, while a prompt waits for its prefill alone
+        (Batch._prefill). A program that `covers` one still waiting takes its place in the line, and that one is
+        dropped (it may be asked for again): a batch growing from 1 to 4 rows asked for a 1-row, a 2-row and a
+        4-row program in turn, and the first two were 14 s of a 2-core CPU for nothing. A failure is logged; the
         call that needs the program then compiles it (and meets the error) itself."""
         if not self.compile_ahead:
             return
@@ -502,15 +512,19 @@ class Runner:
                 if waiting is not None and when < waiting[0]:
                     waiting[0] = when
                 return
+            place = [when, next(self._order), job]
+            for k in [k for k in self._ahead if covers(k)]:
+                place[:2] = map(min, place[:2], self._ahead.pop(k)[:2])
+                self._asked.discard(k)
             self._asked.add(key)
-            self._ahead[key] = [when, len(self._asked), job]
+            self._ahead[key] = place
             if self._ahead_thread is None:
                 self._ahead_thread = threading.Thread(target=self._compile_ahead, name="compile-ahead", daemon=True)
                 self._ahead_thread.start()
 
     def _compile_ahead(self) -> None:
         """The compile-ahead thread (`_soon`), until none is left waiting (so that a runner nobody uses any more is
-        not kept alive): the most wanted first, first asked first among equals; WHEN_IDLE ones only while the
+        not kept alive): the most wanted first (`_soon`), then first asked first; WHEN_IDLE ones only while the
         batch is idle (on 2 cores a compile beside a stream made its tokens 1.8x slower)."""
         while True:
             idle = self.idle()
@@ -518,7 +532,7 @@ class Runner:
                 if not self._ahead:
                     self._ahead_thread = None
                     return
-                key = min(self._ahead, key=lambda k: self._ahead[k][:2])
+                key = min(self._ahead, key=lambda k: (self._ahead[k][0], k[0] != "decode", self._ahead[k][1]))
                 job = self._ahead.pop(key)[2] if idle or self._ahead[key][0] < WHEN_IDLE else None
             if job is None:
                 time.sleep(0.25)
