@@ -107,14 +107,15 @@ def test_a_prompt_waits_for_its_compile_off_the_engines_thread_while_others_deco
         m.batch.step()
     release = threading.Event()
     r._soon(("held",), lambda: release.wait(60) and None)  # the background thread busy until released
-    while r._ahead:  # until the thread has taken it
+    while ("held",) in r._ahead:  # until the thread has taken it
         time.sleep(0.01)
     before = len(main_thread(compiles(), "_prefill"))
-    late = m.sequence(prompt, 8, GREEDY, 0)
+    late, asked_before = m.sequence(prompt, 8, GREEDY, 0), set(r._asked)
     m.batch.add(late)
     streamed = [t for _ in range(3) for d in m.batch.step() if d.seq is stream for t in d.tokens]
     assert late.prefilled == 0 and len(streamed) >= 2 * m.batch.steps
-    assert sorted(k[0] for k in r._ahead) == ["decode", "prefill"]  # its chunk's and the 2-row decode it joins
+    asked = {("decode", 2, 16, m.batch.steps, GREEDY.plan()), ("prefill", *r.prefill_shape([(prompt, [], 0)]))}
+    assert r._asked - asked_before == asked and asked <= set(r._ahead)  # its chunk's and the 2-row decode it joins
     release.set()
     got = []
     while late.finished is None:
@@ -187,14 +188,14 @@ def test_the_most_wanted_compiles_first_and_what_only_may_come_waits_for_an_idle
     assert not [t for t in threading.enumerate() if t.name == "compile-ahead"]
 
 
-def test_among_the_equally_wanted_a_decode_compiles_before_a_prefill(caplog):
+def test_what_running_streams_need_compiles_before_what_a_waiting_prompt_needs(caplog):
     """A missing decode stalls every running stream; a missing prefill holds back only its own prompt."""
     m = load()
     r = m.runner
     release = threading.Event()
     r._soon(("held",), lambda: release.wait(60) and None)
-    r.prefill_soon(128, 16, NEEDED)
-    r.decode_soon(1, 32, m.batch.steps, GREEDY.plan(), NEEDED)
+    r.prefill_soon(128, 16)  # PROMPT
+    r.decode_soon(1, 32, m.batch.steps, GREEDY.plan())  # NEEDED: a decode's next width
     with caplog.at_level(logging.INFO, logger="worker.runner"):
         release.set()
         wait_for_compiles()
@@ -202,7 +203,7 @@ def test_among_the_equally_wanted_a_decode_compiles_before_a_prefill(caplog):
     assert done == ["decode", "prefill"]
 
 
-def test_a_decode_asked_for_takes_the_place_of_those_waiting_that_it_covers():
+def test_a_decode_asked_for_takes_the_place_of_those_waiting_that_it_covers_and_are_wanted_no_sooner():
     m = load()
     r, steps, greedy = m.runner, m.batch.steps, GREEDY.plan()
     release = threading.Event()
@@ -212,10 +213,13 @@ def test_a_decode_asked_for_takes_the_place_of_those_waiting_that_it_covers():
     r.prefill_soon(128, 16, NEEDED)
     r.decode_soon(1, 32, steps, greedy, COVERED)  # a 1-row batch's next width
     r.decode_soon(2, 16, steps, greedy, NEEDED)  # narrower: covers nothing waiting
-    r.decode_soon(4, 32, steps, SamplingParams(temperature=1.0).plan(), WHEN_IDLE)  # the batch grew to 4 rows
-    assert list(r._ahead) == [("prefill", 1, 128, 16), ("decode", 4, 32, steps, SamplingParams(temperature=1.0).plan())]
+    sampled = SamplingParams(temperature=1.0).plan()
+    r.decode_soon(4, 32, steps, sampled, NEEDED)  # the batch grew to 4 rows
+    assert list(r._ahead) == [("prefill", 1, 128, 16), ("decode", 4, 32, steps, sampled)]
     assert [place[:2] for place in r._ahead.values()] == [[NEEDED, 1], [NEEDED, 2]]  # the places it took
     assert ("decode", 1, 32, steps, greedy) not in r._asked
+    r.decode_soon(4, 64, steps, sampled, WHEN_IDLE)  # covers one wanted sooner: it waits its own turn
+    assert list(r._ahead)[1:] == [("decode", 4, 32, steps, sampled), ("decode", 4, 64, steps, sampled)]
     release.set()
     assert r.stop_compiling_ahead(wait_s=60) is False
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from worker.runner import COVERED, RowInputs, Runner, Scores
+from worker.runner import COVERED, PROMPT, RowInputs, Runner, Scores
 from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs, seed_key_words, seed_words
 from worker.scheduler import Scheduler, Sequence
 from worker.step_trace import DECODE, PREFILL, READ_BACK, span
@@ -203,9 +203,10 @@ class Batch:
             chunk = (seq, seq.prefilled, min(r.chunk, len(seq.ids) - seq.prefilled))
             first = first or chunk
             if r.compile_ahead:
+                ready = self._chunk_ready(chunk, [*decoding, *joiners])
                 if seq.prefilled == 0:
-                    self._prompt_soon(seq)
-                if not self._chunk_ready(chunk, [*decoding, *joiners]):
+                    self._prompt_soon(seq)  # asked for after this chunk's: what it needs later, in order
+                if not ready:
                     continue
                 if seq.prefilled + chunk[2] == len(seq.ids):
                     joiners.append(seq)
@@ -290,21 +291,22 @@ class Batch:
     def _prompt_soon(self, seq: Sequence) -> None:
         """At a prompt's first chunk, have compiled ahead what it needs that no sequence before it may have needed:
         its later chunks (each a wider page table) and the decode dispatch it joins after its last (`_join_ready`),
-        reckoned for every running sequence decoding: that one then covers (Runner.decode_cover) the dispatch it
-        joins while others still prefill."""
+        with the rows and sampling stages of every running sequence: that one then covers (Runner.decode_cover) the
+        dispatch it joins while others still prefill. (Their prompts' lengths are theirs to reckon with.)"""
         self.runner.prompt_soon(len(seq.ids))
-        self._join_ready(self.scheduler.running)
+        self._join_ready([*self.scheduler.decoding(), seq], self.scheduler.running)
 
-    def _join_ready(self, seqs: list[Sequence]) -> bool:
+    def _join_ready(self, seqs: list[Sequence], rows_of: list[Sequence] = ()) -> bool:
         """Whether a decode dispatch of `seqs` (those decoding at their positions, the others just past their
-        prompts) need not wait for a compile (Runner.decode_ready); if it must, it is asked for."""
-        r, steps, kept = self.runner, self.steps, self._inputs
-        rows = r.row_bucket(max(s.row for s in seqs) + 1)
+        prompts), with the rows and plan of `rows_of` as well, need not wait for a compile (Runner.decode_ready);
+        if it must, it is asked for."""
+        r, steps, kept, every = self.runner, self.steps, self._inputs, [*seqs, *rows_of]
+        rows = r.row_bucket(max(s.row for s in every) + 1)
         reach = max(int(kept.positions[s.row]) if s.decoding else len(s.ids) for s in seqs)
-        width, plan = r.table_width(reach + steps), union_plan({s.plan for s in seqs})
+        width, plan = r.table_width(reach + steps), union_plan({s.plan for s in every})
         if r.decode_ready(rows, width, steps, plan):
             return True
-        r.decode_soon(rows, width, steps, plan)
+        r.decode_soon(rows, width, steps, plan, PROMPT)
         return False
 
     def _wider_soon(self, rows: int, width: int, plan: SamplingPlan, decoding: list[Sequence]) -> None:

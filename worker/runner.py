@@ -43,9 +43,10 @@ from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample, to
 
 log = logging.getLogger(__name__)
 
-# How soon a program compiled ahead is wanted (Runner._soon): without it a dispatch will wait for its compile; a
-# dispatch runs on another that computes the same meanwhile (Runner.decode_cover); only while the batch is idle.
-NEEDED, COVERED, WHEN_IDLE = 0, 1, 2
+# How soon a program compiled ahead is wanted (Runner._soon): without it the running streams will stall for its
+# compile; a waiting prompt needs it (its prefill, or the decode it joins: Batch._prefill); a dispatch runs on another
+# that computes the same meanwhile (Runner.decode_cover); only while the batch is idle.
+NEEDED, PROMPT, COVERED, WHEN_IDLE = 0, 1, 2, 3
 
 # (token log-probability, top ids, top log-probabilities) of sampled rows, on the device; None when not asked for
 Scores = tuple[jax.Array, jax.Array, jax.Array] | None
@@ -252,7 +253,7 @@ class Runner:
         if shape in self._prefills or ("prefill", *shape) in self._failed:
             return True
         g, b, width = shape
-        self.prefill_soon(b, width, NEEDED, g)
+        self.prefill_soon(b, width, PROMPT, g)
         return False
 
     def group_limit(self, n: int | None = None) -> int:
@@ -477,7 +478,7 @@ class Runner:
 
         self._soon(("decode", rows, width, steps, plan), job, when, covers)
 
-    def prefill_soon(self, b: int, width: int, when: int = NEEDED, g: int = 1) -> None:
+    def prefill_soon(self, b: int, width: int, when: int = PROMPT, g: int = 1) -> None:
         """Compile ahead (`_soon`) a prefill dispatch of `g` prompt chunks (1: one alone), each padded to `b` ids,
         over `width`-page tables."""
         self._soon(("prefill", g, b, width), lambda: self._prefill_job(g, b, width), when)
@@ -496,14 +497,13 @@ class Runner:
         compiles one program once: a call waits for the thread compiling it). Why: a shape first met mid-stream
         stalled every running stream for its compile (a decode crossing 256 positions onto a 32-page table: 4.5 s
         on a 2-core CPU for Gemma 3 270M). One thread compiles them, one at a time, the most wanted first (`when`:
-        NEEDED, COVERED, WHEN_IDLE; asked again more urgently, a waiting one moves up). One at a time: with a
+        NEEDED, PROMPT, COVERED, WHEN_IDLE; asked again more urgently, a waiting one moves up). One at a time: with a
         thread for each, four streams arriving at once on a cold 2-core start had six compiles side by side, each
-        3-4x slower, and their streams waited longer than with no compile ahead at all. Among the equally wanted,
-        decodes first: running streams stall where a decode is missing, while a prompt waits for its prefill alone
-        (Batch._prefill). A program that `covers` one still waiting takes its place in the line, and that one is
-        dropped (it may be asked for again): a batch growing from 1 to 4 rows asked for a 1-row, a 2-row and a
-        4-row program in turn, and the first two were 14 s of a 2-core CPU for nothing. A failure is logged; the
-        call that needs the program then compiles it (and meets the error) itself."""
+        3-4x slower, and their streams waited longer than with no compile ahead at all. A program that `covers`
+        one still waiting, and is wanted as soon, takes its place in the line, and that one is dropped (it may be
+        asked for again): a batch growing from 1 to 4 rows asked for a 1-row, a 2-row and a 4-row program in turn,
+        and the first two were 14 s of a 2-core CPU for nothing. A failure is logged; the call that needs the
+        program then compiles it (and meets the error) itself."""
         if not self.compile_ahead:
             return
         with self._ahead_lock:
@@ -513,8 +513,8 @@ class Runner:
                     waiting[0] = when
                 return
             place = [when, next(self._order), job]
-            for k in [k for k in self._ahead if covers(k)]:
-                place[:2] = map(min, place[:2], self._ahead.pop(k)[:2])
+            for k in [k for k in self._ahead if covers(k) and self._ahead[k][0] >= when]:
+                place[1] = min(place[1], self._ahead.pop(k)[1])
                 self._asked.discard(k)
             self._asked.add(key)
             self._ahead[key] = place
@@ -532,7 +532,7 @@ class Runner:
                 if not self._ahead:
                     self._ahead_thread = None
                     return
-                key = min(self._ahead, key=lambda k: (self._ahead[k][0], k[0] != "decode", self._ahead[k][1]))
+                key = min(self._ahead, key=lambda k: self._ahead[k][:2])
                 job = self._ahead.pop(key)[2] if idle or self._ahead[key][0] < WHEN_IDLE else None
             if job is None:
                 time.sleep(0.25)
