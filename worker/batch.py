@@ -196,12 +196,12 @@ class Batch:
         buckets compiled), and held back short prompts behind a long one's."""
         budget, r = self.prefill_tokens, self.runner
         decoding = self.scheduler.decoding() if r.compile_ahead else []
-        chunks, first, joiners = [], None, []  # first: the oldest chunk, ready or not
+        chunks, every, joiners = [], [], []  # every: the step's chunks as if all were ready
         for seq in self.scheduler.prefilling():
             if budget <= 0:
                 break
             chunk = (seq, seq.prefilled, min(r.chunk, len(seq.ids) - seq.prefilled))
-            first = first or chunk
+            every.append(chunk)
             if r.compile_ahead:
                 ready = self._chunk_ready(chunk, [*decoding, *joiners])
                 if seq.prefilled == 0:
@@ -215,8 +215,8 @@ class Batch:
         groups = _groups(chunks, r.group_limit)
         if r.compile_ahead:
             groups = [g for g in groups if r.prefill_ready(_chunk_ids(g))]
-            if not groups and not decoding and first is not None:
-                groups = [[first]]  # nothing else to do: it compiles here (or waits for its compile ahead)
+            if not groups and not decoding:  # nothing else to do: they compile here (or wait for it), as they would
+                groups = _groups(_within(every, self.prefill_tokens), r.group_limit)
         return [d for group in groups for d in self._prefill_group(group)]
 
     def _chunk_ready(self, chunk: tuple[Sequence, int, int], others: list[Sequence]) -> bool:
@@ -372,6 +372,17 @@ class Batch:
                 self._leave(seq)
             out.append(Delivery(seq, tokens, lps, seq.finished))
         return out
+
+
+def _within(chunks: list[tuple[Sequence, int, int]], budget: int) -> list[tuple[Sequence, int, int]]:
+    """The first of `chunks` while `budget` ids are left before each (Batch._prefill's rule)."""
+    out = []
+    for chunk in chunks:
+        if budget <= 0:
+            break
+        out.append(chunk)
+        budget -= chunk[2]
+    return out
 
 
 def _chunk_ids(group: list[tuple[Sequence, int, int]]) -> list[tuple[list[int], list[int], int]]:
