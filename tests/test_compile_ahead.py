@@ -261,6 +261,22 @@ def test_a_shutdown_drops_what_may_come_and_says_whether_a_compile_still_runs():
     assert m.runner.stop_compiling_ahead() is False
 
 
+def test_at_exit_what_waits_is_dropped_and_a_compile_under_way_finishes():
+    from worker import runner
+
+    m = load()
+    r = m.runner
+    r.idle = lambda: False
+    r.prefill_soon(32, 16, WHEN_IDLE)  # waits for an idle batch that never comes
+    finished = threading.Event()
+    r._soon(("held",), lambda: time.sleep(0.3) or finished.set())  # a compile under way
+    while ("held",) in r._ahead:
+        time.sleep(0.01)
+    runner._stop_compiling_at_exit()
+    assert finished.is_set() and not r._ahead
+    assert not [t for t in threading.enumerate() if t.name == "compile-ahead"]
+
+
 def test_a_cpu_start_leaves_the_chunk_buckets_for_an_idle_batch():
     m = load()
     r = m.runner

@@ -19,11 +19,13 @@ own (_one_row_at_a_time).
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
@@ -42,6 +44,19 @@ from worker.quant import Int8Blocks, QuantArray
 from worker.sampling import ALL_STAGES, SamplingArrays, SamplingPlan, sample, token_logprobs
 
 log = logging.getLogger(__name__)
+
+# The runners that may be compiling ahead (Runner._soon), for `_stop_compiling_at_exit`.
+_RUNNERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_compiling_at_exit() -> None:
+    """At the interpreter's exit, drop what waits to be compiled ahead and let a compile under way finish: one still in
+    XLA while the interpreter finalizes aborts the process (exit -6, met by a test process that ended with one under
+    way). The server leaves sooner where one is under way (server/cli.py, `os._exit`)."""
+    for runner in list(_RUNNERS):
+        runner.stop_compiling_ahead(wait_s=300)
+
 
 # How soon a program compiled ahead is wanted (Runner._soon): without it the running streams will stall for its
 # compile; a waiting prompt needs it (its prefill, or the decode it joins: Batch._prefill); a dispatch runs on another
@@ -187,6 +202,7 @@ class Runner:
         self._prefills: set[tuple[int, int, int]] = set()
         self._failed: set[tuple] = set()  # the programs whose compile ahead failed
         self.idle: Callable[[], bool] = lambda: True  # whether no sequence runs (the batch sets it)
+        _RUNNERS.add(self)
 
     # -- memory ---------------------------------------------------------------------------------------------
 
