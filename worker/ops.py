@@ -87,12 +87,13 @@ _kv_write_kernel = kernel_backends(os.environ.get("WORKER_KV_WRITE_KERNEL", ""))
 # (WORKER_TOPK_KERNEL=0 turns it off): an H100, 2026-12-06, gpt-oss-20b decode 393.0 against 382.7 tok/s (1.027x);
 # with the norm in the rounding kernel 394.3 against 381.6 (1.033x), the batch-invariance gpu tests passing with both.
 _topk_kernel = kernel_backends(os.environ.get("WORKER_TOPK_KERNEL", ""))
-# WORKER_ROPE_KERNEL=1 (with the KV-writing kernel): a decode step's RoPE of q and the new key done by the attention
-# kernel that reads them (`write_and_attend`'s `rotary`), where XLA took two launches a layer (0.080 ms of
-# qwen2.5-0.5b's 1.167 ms step on an H100, docs/PERFORMANCE.md, thirty-fourth session). ops.rope's products and sums,
-# within float32's rounding of its values (a compiler's fused multiply-adds); opt-in until timed on the card (built
-# in the thirty-fourth session, offline; its 11 gpu tests passed on an H200 in the thirty-fifth, docs/gpu.md).
-_rope_kernel = kernel_backends(os.environ.get("WORKER_ROPE_KERNEL", "0"))
+# A decode step's RoPE of q and the new key done by the attention kernel that reads them (`write_and_attend`'s
+# `rotary`, with the KV-writing kernel), where XLA took two launches a layer (0.080 ms of qwen2.5-0.5b's 1.167 ms step
+# on an H100, docs/PERFORMANCE.md, thirty-fourth session). ops.rope's products and sums, within float32's rounding of
+# its values (a compiler's fused multiply-adds). On by default on the "gpu" backend (WORKER_ROPE_KERNEL=0 turns it
+# off): an H100, 2026-12-07, qwen2.5-0.5b decode 1,059.4 against 1,039.5 tok/s (1.019x), gpt-oss-20b 406.7 against
+# 401.7 (the baseline's clean run), its 11 gpu tests passing there (docs/PERFORMANCE.md, thirty-seventh session).
+_rope_kernel = kernel_backends(os.environ.get("WORKER_ROPE_KERNEL", ""))
 # WORKER_FOLD_EPILOGUE=1: a product followed by its residual add (the output projection, a dense FFN's down) on the
 # int8-x per-row kernel folds its split-K partial sums, adds its bias and the residual in the kernel's last program of
 # each column tile (qmatvec_int8.Epilogue), where XLA took a launch of its own after it: two a layer of a dense
