@@ -47,6 +47,22 @@ def main_thread(compiles: list[tuple[str, str]], program: str) -> list[str]:
     return [msg for thread, msg in compiles if thread == "MainThread" and f"jit({program})" in msg]
 
 
+def ids_alone(prompt: list[int], max_tokens: int) -> list[int]:
+    """`prompt`'s greedy ids on a model of its own with nothing compiled ahead."""
+    m = load()
+    m.runner.compile_ahead = False
+    return m.generate(prompt, max_tokens=max_tokens, stop_at_eos=False)
+
+
+def hold(r) -> threading.Event:
+    """Keep `r`'s compile-ahead thread busy (on a job of its own, once it has taken it) until the event is set."""
+    release = threading.Event()
+    r._soon(("held",), lambda: release.wait(60) and None)
+    while ("held",) in r._ahead:
+        time.sleep(0.01)
+    return release
+
+
 def test_a_decode_reaching_a_wider_table_finds_it_compiled(compiles):
     """A 240-id prompt with 60 tokens to go: its first dispatch is at 16 pages (256 positions); the 32-page decode
     is asked for then, and compiled on another thread before the sequence gets there."""
@@ -95,9 +111,7 @@ def test_a_prompt_waits_for_its_compile_off_the_engines_thread_while_others_deco
     the prompt's program compiles on the background thread (held busy here to make the wait visible), then the
     prompt runs and gives the ids it gives alone."""
     prompt = list(range(3, 200))
-    alone = load()
-    alone.runner.compile_ahead = False
-    want = alone.generate(prompt, max_tokens=8, stop_at_eos=False)
+    want = ids_alone(prompt, 8)
 
     m = load()
     r = m.runner
@@ -105,10 +119,7 @@ def test_a_prompt_waits_for_its_compile_off_the_engines_thread_while_others_deco
     m.batch.add(stream)
     while not stream.decoding:
         m.batch.step()
-    release = threading.Event()
-    r._soon(("held",), lambda: release.wait(60) and None)  # the background thread busy until released
-    while ("held",) in r._ahead:  # until the thread has taken it
-        time.sleep(0.01)
+    release = hold(r)  # the background thread busy until released
     before = len(main_thread(compiles(), "_prefill"))
     late, asked_before = m.sequence(prompt, 8, GREEDY, 0), set(r._asked)
     m.batch.add(late)
@@ -130,17 +141,12 @@ def test_a_prompt_whose_programs_are_compiled_does_not_wait_behind_one_whose_pro
     """Nothing decodes yet: a long prompt's chunk bucket is not compiled, a short one's is. The short one runs and
     streams while the long one's compiles on the background thread, then the long one gives its ids alone."""
     prompt = list(range(3, 200))
-    alone = load()
-    alone.runner.compile_ahead = False
-    want = alone.generate(prompt, max_tokens=8, stop_at_eos=False)
+    want = ids_alone(prompt, 8)
 
     m = load()
     r = m.runner
     m.warm_up(SamplingParams(temperature=1.0), all_rows=True)  # as the server starts: 16-id chunks, every row
-    release = threading.Event()
-    r._soon(("held",), lambda: release.wait(60) and None)  # the background thread busy until released
-    while ("held",) in r._ahead:
-        time.sleep(0.01)
+    release = hold(r)  # the background thread busy until released
     long, short = m.sequence(prompt, 8, GREEDY, 0), m.sequence(list(range(3, 15)), 200, GREEDY, 0)
     m.batch.add(long)
     m.batch.add(short)
@@ -160,8 +166,7 @@ def test_the_most_wanted_compiles_first_and_what_only_may_come_waits_for_an_idle
     busy = threading.Event()
     busy.set()
     r.idle = lambda: not busy.is_set()
-    release = threading.Event()
-    r._soon(("held",), lambda: release.wait(60) and None)  # the thread's first job: held until released
+    release = hold(r)  # the thread's first job: held until released
     r.prefill_soon(32, 16, WHEN_IDLE)
     r.prefill_soon(64, 16, COVERED)
     r.prefill_soon(128, 16, NEEDED)
@@ -192,8 +197,7 @@ def test_what_running_streams_need_compiles_before_what_a_waiting_prompt_needs(c
     """A missing decode stalls every running stream; a missing prefill holds back only its own prompt."""
     m = load()
     r = m.runner
-    release = threading.Event()
-    r._soon(("held",), lambda: release.wait(60) and None)
+    release = hold(r)
     r.prefill_soon(128, 16)  # PROMPT
     r.decode_soon(1, 32, m.batch.steps, GREEDY.plan())  # NEEDED: a decode's next width
     with caplog.at_level(logging.INFO, logger="worker.runner"):
@@ -206,10 +210,7 @@ def test_what_running_streams_need_compiles_before_what_a_waiting_prompt_needs(c
 def test_a_decode_asked_for_takes_the_place_of_those_waiting_that_it_covers_and_are_wanted_no_sooner():
     m = load()
     r, steps, greedy = m.runner, m.batch.steps, GREEDY.plan()
-    release = threading.Event()
-    r._soon(("held",), lambda: release.wait(60) and None)
-    while ("held",) in r._ahead:
-        time.sleep(0.01)
+    release = hold(r)
     r.prefill_soon(128, 16, NEEDED)
     r.decode_soon(1, 32, steps, greedy, COVERED)  # a 1-row batch's next width
     r.decode_soon(2, 16, steps, greedy, NEEDED)  # narrower: covers nothing waiting
@@ -252,10 +253,7 @@ def test_a_shutdown_drops_what_may_come_and_says_whether_a_compile_still_runs():
     assert not r.compile_ahead and not r._ahead
 
     m = load()
-    release = threading.Event()
-    m.runner._soon(("held",), lambda: release.wait(60) and None)  # a compile that takes until released
-    while m.runner._ahead:  # until the thread has taken it
-        time.sleep(0.01)
+    release = hold(m.runner)  # a compile that takes until released
     assert m.runner.stop_compiling_ahead(wait_s=0.2) is True
     release.set()
     assert m.runner.stop_compiling_ahead() is False
@@ -311,9 +309,7 @@ def test_a_batch_that_shrinks_decodes_on_the_wider_program_it_has_while_its_own_
     """Two sequences decode on 2 rows; the one on row 1 ends first; the other needs 1 row, a program never compiled:
     it runs on the 2-row one (a row's bits do not depend on the rows beside it) and gives its ids alone."""
     prompt = list(range(3, 40))
-    alone = load()
-    alone.runner.compile_ahead = False
-    want = alone.generate(prompt, max_tokens=30, stop_at_eos=False)
+    want = ids_alone(prompt, 30)
 
     m = load()
     r = m.runner
@@ -322,8 +318,7 @@ def test_a_batch_that_shrinks_decodes_on_the_wider_program_it_has_while_its_own_
     before = len(main_thread(compiles(), "_decode"))
     dispatches = spy_dispatches(monkeypatch, m)
     long, short = m.sequence(prompt, 30, GREEDY, 0), m.sequence(list(range(5, 20)), 4, GREEDY, 0)
-    release = threading.Event()  # the background thread busy until the end: the 1-row program is not compiled
-    m.runner._soon(("held",), lambda: release.wait(60) and None)
+    release = hold(m.runner)  # the background thread busy until the end: the 1-row program is not compiled
     m.batch.add(long)
     m.batch.add(short)
     got = [t for d in m.batch.step() if d.seq is long for t in d.tokens]
@@ -340,9 +335,7 @@ def test_a_batch_that_shrinks_decodes_on_the_wider_program_it_has_while_its_own_
 
 def test_a_greedy_job_decodes_on_the_sampled_program_while_its_own_compiles(compiles, monkeypatch):
     prompt = list(range(3, 40))
-    alone = load()
-    alone.runner.compile_ahead = False
-    want = alone.generate(prompt, max_tokens=12, stop_at_eos=False)
+    want = ids_alone(prompt, 12)
 
     m = load()
     run(m, m.sequence(prompt, 3, SamplingParams(temperature=1.0), 7))  # the sampled program, compiled by its use
