@@ -370,8 +370,7 @@ class Runner:
         output), the one of fewest rows, then the narrowest. Why it is exact: a row's arithmetic depends on none of
         the three (docs/batching.md, "Batch invariance"; tests/test_batching.py)."""
         known = list(self._decodes)  # a copy, taken at once: the compile-ahead thread adds to the set
-        fits = [(r, w, p) for r, w, s, p in known
-                if s == steps and r >= rows and w >= width and _plan_covers(p, plan)]  # fmt: skip
+        fits = [(r, w, p) for r, w, s, p in known if _decode_covers((r, w, s, p), (rows, width, steps, plan))]
         return min(fits, key=lambda f: (f[0], f[1], sum(map(bool, astuple(f[2])))), default=None)
 
     def row_buckets(self) -> list[int]:
@@ -488,11 +487,9 @@ class Runner:
     def decode_soon(self, rows: int, width: int, steps: int, plan: SamplingPlan, when: int = NEEDED) -> None:
         """Compile ahead (`_soon`) a decode dispatch of `rows` rows over `width`-page tables."""
         job = lambda: self._decode_job(RowInputs.neutral(rows, width), width, steps, plan)  # noqa: E731
-
-        def covers(k: tuple) -> bool:  # a waiting decode this one would serve as its cover (`decode_cover`)
-            return k[0] == "decode" and k[3] == steps and k[1] <= rows and k[2] <= width and _plan_covers(plan, k[4])
-
-        self._soon(("decode", rows, width, steps, plan), job, when, covers)
+        program = (rows, width, steps, plan)
+        covers = lambda k: k[0] == "decode" and _decode_covers(program, k[1:])  # noqa: E731 - a waiting one it covers
+        self._soon(("decode", *program), job, when, covers)
 
     def prefill_soon(self, b: int, width: int, when: int = PROMPT, g: int = 1) -> None:
         """Compile ahead (`_soon`) a prefill dispatch of `g` prompt chunks (1: one alone), each padded to `b` ids,
@@ -577,6 +574,12 @@ class Runner:
         if thread is not None:
             thread.join(wait_s)
         return thread is not None and thread.is_alive()
+
+
+def _decode_covers(have: tuple[int, int, int, SamplingPlan], want: tuple[int, int, int, SamplingPlan]) -> bool:
+    """Whether decode program `have` (rows, width, steps, plan) serves as `want`'s cover (Runner.decode_cover): the
+    same steps, at least its rows and width, a plan that covers its plan."""
+    return have[2] == want[2] and have[0] >= want[0] and have[1] >= want[1] and _plan_covers(have[3], want[3])
 
 
 def _plan_covers(have: SamplingPlan, want: SamplingPlan) -> bool:
