@@ -390,9 +390,10 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
     if sys.stderr.isatty():
         cached = f"; kept in {cache_dir} for the next start" if cache_dir else ""
         print(f"compiling the model's steps{cached}...", file=sys.stderr, flush=True)
-    # Also the decode at every row bucket a growing load reaches (compiled side by side): otherwise the first time
-    # N jobs run together every running stream stalls while XLA compiles (~9 s on the 2-core CPU for Gemma 3 270M,
-    # ~50-90 s a bucket on an H200 host). The persistent cache makes later starts skip it.
+    # Also the decode at every row bucket a growing load reaches: otherwise the first time N jobs run together every
+    # running stream stalls while XLA compiles (~50-90 s a bucket on an H200 host, side by side there). On the CPU the
+    # buckets past the first compile after `ready`, on the background thread (Model.warm_up), where a joining job
+    # waits for its bucket and the running streams do not. The persistent cache makes later starts skip it.
     dispatch = {} if args.dispatch_ms is None else {"dispatch_s": args.dispatch_ms / 1000.0}
     model.warm_up(SamplingParams(temperature=1.0), all_rows=True, **dispatch)
 

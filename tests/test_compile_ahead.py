@@ -63,6 +63,19 @@ def hold(r) -> threading.Event:
     return release
 
 
+def started(m) -> None:
+    """As the server starts (16-id chunks, the first row bucket), then the other row buckets, asked for then, compiled
+    (and nothing else: what is asked for when idle waits from here on)."""
+    r, plan = m.runner, SamplingParams(temperature=1.0).plan()
+    r.idle = lambda: False
+    m.warm_up(SamplingParams(temperature=1.0), all_rows=True)
+    later = [(n, r.table_width(1), m.decode_steps, plan) for n in r.row_buckets()[1:]]
+    for key in later:
+        r.decode_soon(*key, when=NEEDED)
+    while not all(k in r._decodes for k in later):
+        time.sleep(0.05)
+
+
 def test_a_decode_reaching_a_wider_table_finds_it_compiled(compiles):
     """A 240-id prompt with 60 tokens to go: its first dispatch is at 16 pages (256 positions); the 32-page decode
     is asked for then, and compiled on another thread before the sequence gets there."""
@@ -145,7 +158,7 @@ def test_a_prompt_whose_programs_are_compiled_does_not_wait_behind_one_whose_pro
 
     m = load()
     r = m.runner
-    m.warm_up(SamplingParams(temperature=1.0), all_rows=True)  # as the server starts: 16-id chunks, every row
+    started(m)
     release = hold(r)  # the background thread busy until released
     long, short = m.sequence(prompt, 8, GREEDY, 0), m.sequence(list(range(3, 15)), 200, GREEDY, 0)
     m.batch.add(long)
@@ -275,14 +288,19 @@ def test_at_exit_what_waits_is_dropped_and_a_compile_under_way_finishes():
     assert not [t for t in threading.enumerate() if t.name == "compile-ahead"]
 
 
-def test_a_cpu_start_leaves_the_chunk_buckets_for_an_idle_batch():
+def test_a_cpu_start_leaves_the_chunk_buckets_and_the_larger_row_buckets_for_an_idle_batch():
     m = load()
     r = m.runner
     r.idle = lambda: False
     m.warm_up(SamplingParams(temperature=1.0), all_rows=True)
-    buckets = r.chunk_buckets()[1:]
-    assert set(r._asked) == {("prefill", 1, b, r.table_width(b)) for b in buckets}
-    assert len(r._ahead) == len(buckets)  # all of them waiting
+    buckets, (first, *rows) = r.chunk_buckets()[1:], r.row_buckets()
+    plan, width = SamplingParams(temperature=1.0).plan(), r.table_width(1)
+    assert rows and (first, width, m.decode_steps, plan) in r._decodes  # compiled before `ready`
+    # in this order: the chunk buckets, smallest first, then the row buckets, largest first (it covers the others)
+    want = [("prefill", 1, b, r.table_width(b)) for b in buckets]
+    want += [("decode", n, width, m.decode_steps, plan) for n in reversed(rows)]
+    assert sorted(r._ahead, key=lambda k: r._ahead[k][:2]) == want  # all of them waiting
+    assert all(r._ahead[k][0] == WHEN_IDLE for k in want)
     assert r.stop_compiling_ahead() is False
 
 

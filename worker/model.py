@@ -337,7 +337,8 @@ class Model:
                 dispatch_s: float = DISPATCH_TARGET_S) -> WarmUp:  # fmt: skip
         """Compile what a first request with a short prompt and `params`' sampling stages runs (the model-sized
         compiles side by side), with `all_rows` the decode at every row bucket and the prefill of every group size
-        (what a growing load reaches), then run one such request of two tokens. With `all_rows` on a GPU, the steps
+        (what a growing load reaches; on the CPU, compiling ahead, the row buckets past the first are asked for when
+        idle after it), then run one such request of two tokens. With `all_rows` on a GPU, the steps
         of a dispatch are first sized from a timed dispatch of the largest bucket (`calibrate_steps`, to
         `dispatch_s` seconds), and greedy decoding's stages are compiled beside `params`': a program is compiled per
         set of stages, and on an H200 each compile of gpt-oss-20b's took ~15 s, which a greedy load's streams waited
@@ -354,6 +355,12 @@ class Model:
         seq = self.sequence([0], 1, params, 0)
         inputs, plan, rows = self.batch.row_inputs([(0, seq)], 1, 1), params.plan(), self.runner.row_buckets()
         rows, compiled, plans = rows if all_rows else rows[:1], False, (plan,)
+        # The CPU compiles the first row bucket before `ready`, the others after it (below): each is a whole-model
+        # compile, and on 2 cores the three of Gemma 3 270M's default --max-batch 4 side by side took the README's
+        # `just serve` from 17.3 to 29.3 s (2026-12-07). A second job meanwhile waits for its bucket's compile on the
+        # background thread while the first streams on (Batch._join_ready).
+        later = rows[1:] if self.device_kind == "cpu" and self.runner.compile_ahead else ()
+        rows = rows[: len(rows) - len(later)]
         if all_rows and self.device_kind != "cpu":
             plans = tuple(dict.fromkeys((plan, GREEDY.plan())))
             compile_steps(inputs, plans, self.decode_steps, rows[-1:])
@@ -369,10 +376,13 @@ class Model:
         compile_steps(inputs, plans, self.decode_steps, tuple(rows), prefill=not compiled, groups=groups, lone=lone)
         for _ in self.generate_ids("warm-up", 2, params, stop_at_eos=False):
             pass
-        # The CPU: those chunk buckets once the batch is idle. (Greedy decoding's program is not among them: a greedy
-        # job decodes on the sampled one until its own compiles, Runner.decode_cover.)
+        # The CPU: those chunk buckets once the batch is idle, then the decode's other row buckets, the largest first
+        # (it covers the smaller ones meanwhile, Runner.decode_cover). (Greedy decoding's program is not among them: a
+        # greedy job decodes on the sampled one until its own compiles.)
         for b in buckets if all_rows and not compiled else ():
             self.runner.prefill_soon(b, self.runner.table_width(b), WHEN_IDLE)
+        for r in reversed(later):
+            self.runner.decode_soon(r, self.runner.table_width(1), self.decode_steps, plan, WHEN_IDLE)
         self.warmed = WarmUp(compiles, sum(walls), sum(lowering), time.perf_counter() - t0, self.decode_steps)
         return self.warmed
 
