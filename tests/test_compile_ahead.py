@@ -141,6 +141,7 @@ def test_a_prompt_waits_for_its_compile_off_the_engines_thread_while_others_deco
     asked = {("decode", 2, 16, m.batch.steps, GREEDY.plan()), ("prefill", *r.prefill_shape([(prompt, [], 0)]))}
     assert r._asked - asked_before == asked and asked <= set(r._ahead)  # its chunk's and the 2-row decode it joins
     release.set()
+    wait_for_compiles()  # (the stream would run on meanwhile, and might end before the prompt joins it)
     got = []
     while late.finished is None:
         got += [t for d in m.batch.step() if d.seq is late for t in d.tokens]
@@ -377,3 +378,24 @@ def test_what_only_may_come_waits_until_the_batch_has_been_idle_a_while(monkeypa
     assert m.runner.idle()
     m.batch.add(m.sequence([5, 9], 2, GREEDY, 0))
     assert not m.runner.idle()
+
+
+def test_a_compile_ahead_shortens_pythons_switch_interval_while_it_runs_and_restores_it():
+    """The engine's thread takes the GIL back sooner beside a lowering (runner._engine_first)."""
+    import sys
+
+    from worker.runner import COMPILING_SWITCH_S
+
+    r = load().runner
+    before, seen = sys.getswitchinterval(), []
+    r._soon(("probe",), lambda: ("probe", lambda: seen.append(sys.getswitchinterval()) or _Lowered()))
+    wait_for_compiles()
+    assert seen == [pytest.approx(COMPILING_SWITCH_S)] and before > 10 * COMPILING_SWITCH_S
+    assert sys.getswitchinterval() == before
+
+
+class _Lowered:
+    """A lowered program's stand-in: compiles to nothing."""
+
+    def compile(self):
+        return None

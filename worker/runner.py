@@ -20,9 +20,11 @@ own (_one_row_at_a_time).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -554,7 +556,8 @@ class Runner:
             if key[1:] in known:  # compiled since it was asked for, by the call that needed it
                 continue
             try:
-                done = _timed_compile(job())
+                with _engine_first():
+                    done = _timed_compile(job())
                 known.add(key[1:])
                 if self.compile_ahead:  # else a shutdown began: its line is the last
                     log.info("compiled ahead: %s in %.1f s", done.name, done.done - done.start)
@@ -574,6 +577,34 @@ class Runner:
         if thread is not None:
             thread.join(wait_s)
         return thread is not None and thread.is_alive()
+
+
+# Python's switch interval while a program is compiled ahead (`_engine_first`), against its default 5 ms.
+COMPILING_SWITCH_S = 1e-4
+_switching = threading.Lock()
+_compiling, _interval_before = 0, 0.005
+
+
+@contextlib.contextmanager
+def _engine_first():
+    """Python's switch interval at COMPILING_SWITCH_S while a program is compiled ahead. Lowering a program is ~15 s
+    of Python under the GIL on a GPU host, and the engine's thread waits for the GIL after each of its calls that
+    release it (a launch, a read back) up to one switch interval. On an H100, qwen2.5-0.5b's one stream fell from
+    1,037 to 183 tok/s while programs compiled ahead (docs/PERFORMANCE.md, thirty-eighth entry); a dispatch with 20
+    such waits beside a lowering thread went 0.9 -> 68 ms at 5 ms, 2.9 ms at 0.1 ms (bench/gil.py)."""
+    global _compiling, _interval_before
+    with _switching:  # one setting for every runner's thread in the process: the first sets it, the last restores it
+        _compiling += 1
+        if _compiling == 1:
+            _interval_before = sys.getswitchinterval()
+            sys.setswitchinterval(COMPILING_SWITCH_S)
+    try:
+        yield
+    finally:
+        with _switching:
+            _compiling -= 1
+            if _compiling == 0:
+                sys.setswitchinterval(_interval_before)
 
 
 def _decode_covers(have: tuple[int, int, int, SamplingPlan], want: tuple[int, int, int, SamplingPlan]) -> bool:
