@@ -1,8 +1,8 @@
 """What a thread lowering programs costs the engine's thread through the GIL, at Python's default switch interval and
 at the compile-ahead's (worker.runner.COMPILING_SWITCH_S). The engine's thread is modelled as a small jitted call
 followed by 20 reads back (each releases the GIL and takes it again, as a launch and the reads of a dispatch do);
-the other thread traces and lowers programs (Python under the GIL, no XLA compile), as a compile ahead does for ~15 s
-a program on a GPU host. The ratio of a dispatch's time beside it to alone is the slowdown a running stream sees.
+the other thread traces and lowers programs (Python under the GIL, no XLA compile), as a compile ahead does for ~1 s a
+program on an H100's host. The ratio of a dispatch's time beside it to alone is the slowdown a running stream sees.
 
     python -m bench.gil [--dispatches 200]
 """

@@ -96,6 +96,22 @@ def test_a_decode_reaching_a_wider_table_finds_it_compiled(compiles):
     assert [msg for thread, msg in compiles() if thread == "compile-ahead" and "jit(_decode)" in msg]
 
 
+@pytest.mark.parametrize("steps", [1, 4])
+def test_a_decode_whose_last_dispatch_ends_at_a_tables_end_asks_for_no_wider_one(compiles, steps):
+    """A 200-id prompt with 56 tokens to go: its last dispatch ends at position 256, the 16-page table's end, so no
+    32-page program is asked for (one was, by a reach of the budget plus a dispatch's steps), and none compiles."""
+    m = load()
+    r, batch = m.runner, m.batch
+    batch.steps = steps
+    seq = m.sequence(list(range(3, 203)), 56, GREEDY, 0)
+    batch.add(seq)
+    while batch.busy:
+        batch.step()
+    assert seq.finished == "max_tokens" and seq.dispatched >= 56
+    assert not [k for k in r._asked if k[0] == "decode" and k[2] > 16], r._asked
+    assert not [msg for _thread, msg in compiles() if "jit(_decode)" in msg and "32" in msg]
+
+
 def test_the_ids_are_those_of_a_run_without_compiling_ahead():
     ids = list(range(3, 243))
     on = load().generate(ids, max_tokens=40, stop_at_eos=False)

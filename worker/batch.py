@@ -281,10 +281,10 @@ class Batch:
             a.copy_to_host_async()
         kept.positions[live] += steps
         kept.index[live] += steps
-        if r.compile_ahead:
-            self._wider_soon(rows, width, plan, decoding)
         for s in decoding:
             s.dispatched += steps
+        if r.compile_ahead:
+            self._wider_soon(rows, width, plan, decoding)
         self._pending.append(_Pending(ids, scores, placed))
         self.on_decode(len(decoding))
 
@@ -316,9 +316,17 @@ class Batch:
         r = self.runner
         if width >= r.max_pages:
             return
-        reach = max(len(s.ids) + s.budget for s in decoding) + self.steps
+        reach = max(self._last_reach(s) for s in decoding)
         if r.table_width(reach) > width:
             r.decode_soon(rows, r.table_width(width * r.page_size + 1), self.steps, plan)
+
+    def _last_reach(self, seq: Sequence) -> int:
+        """The positions (a page table's) that `seq`'s last decode dispatch needs: it starts where the dispatches
+        left to its budget begin, and runs `steps` steps. (Reckoned as the budget plus a dispatch's steps, a 128-id
+        prompt with 128 tokens to go asked for a 32-page program its 16-page dispatches never needed, and its lowering
+        held the GIL from the stream's dispatches: docs/PERFORMANCE.md, GPU, thirty-eighth entry.)"""
+        left = -(-max(0, seq.budget - seq.dispatched) // self.steps)  # dispatches to go
+        return int(self._inputs.positions[seq.row]) + left * self.steps
 
     def row_inputs(self, placed: list[tuple[int, Sequence]], rows: int, width: int) -> RowInputs:
         """Per-row inputs; rows without a sequence get the null page table and neutral parameters."""

@@ -587,11 +587,11 @@ _compiling, _interval_before = 0, 0.005
 
 @contextlib.contextmanager
 def _engine_first():
-    """Python's switch interval at COMPILING_SWITCH_S while a program is compiled ahead. Lowering a program is ~15 s
-    of Python under the GIL on a GPU host, and the engine's thread waits for the GIL after each of its calls that
-    release it (a launch, a read back) up to one switch interval. On an H100, qwen2.5-0.5b's one stream fell from
-    1,037 to 183 tok/s while programs compiled ahead (docs/PERFORMANCE.md, thirty-eighth entry); a dispatch with 20
-    such waits beside a lowering thread went 0.9 -> 68 ms at 5 ms, 2.9 ms at 0.1 ms (bench/gil.py)."""
+    """Python's switch interval at COMPILING_SWITCH_S while a program is compiled ahead. Lowering a program is Python
+    under the GIL (~1 s of it on an H100's host), and the engine's thread waits for the GIL after each of its calls
+    that release it (a launch, a read back) up to one switch interval: qwen2.5-0.5b's one stream ran at 183 tok/s
+    against 1,037 while a program was lowered ahead (docs/PERFORMANCE.md, GPU, thirty-eighth entry). A dispatch of
+    20 such waits beside a lowering thread took 0.9 -> 63 ms at 5 ms, 2.9 ms at 0.1 ms (bench/gil.py, a 2-core CPU)."""
     global _compiling, _interval_before
     with _switching:  # one setting for every runner's thread in the process: the first sets it, the last restores it
         _compiling += 1
