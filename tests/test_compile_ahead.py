@@ -235,6 +235,10 @@ def test_what_running_streams_need_compiles_before_what_a_waiting_prompt_needs(c
         wait_for_compiles()
     done = [rec.getMessage().split()[2] for rec in caplog.records if rec.getMessage().startswith("compiled ahead")]
     assert done == ["decode", "prefill"]
+    # each compile's start is in the log before its end, and before the next one's start
+    lines = [rec.getMessage().split(":")[0] + " " + rec.getMessage().split()[2] for rec in caplog.records
+             if rec.getMessage().startswith(("compiling ahead", "compiled ahead"))]  # fmt: skip
+    assert lines == [f"{when} ahead {what}" for what in ("decode", "prefill") for when in ("compiling", "compiled")]
 
 
 def test_a_decode_asked_for_takes_the_place_of_those_waiting_that_it_covers_and_are_wanted_no_sooner():

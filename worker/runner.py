@@ -556,8 +556,12 @@ class Runner:
             if key[1:] in known:  # compiled since it was asked for, by the call that needed it
                 continue
             try:
+                named = job()
+                # Its start too: a compile still under way when a stream slowed is in the log then (the thirty-eighth
+                # session's one stream at 0.18x on the card had no line: its compile never ended before the stop).
+                log.info("compiling ahead: %s", named[0])
                 with _engine_first():
-                    done = _timed_compile(job())
+                    done = _timed_compile(named)
                 known.add(key[1:])
                 if self.compile_ahead:  # else a shutdown began: its line is the last
                     log.info("compiled ahead: %s in %.1f s", done.name, done.done - done.start)
