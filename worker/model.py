@@ -357,8 +357,9 @@ class Model:
         rows, compiled, plans = rows if all_rows else rows[:1], False, (plan,)
         # The CPU compiles the first row bucket before `ready`, the others after it (below): each is a whole-model
         # compile, and on 2 cores the three of Gemma 3 270M's default --max-batch 4 side by side took the README's
-        # `just serve` from 17.3 to 29.3 s (2026-12-07). A second job meanwhile waits for its bucket's compile on the
-        # background thread while the first streams on (Batch._join_ready).
+        # `just serve` from ~17 s to ~27-29 s to `ready` (docs/PERFORMANCE.md, CPU, thirty-eighth entry). A second
+        # job meanwhile waits for its bucket's compile on the background thread while the first streams on
+        # (Batch._join_ready).
         later = rows[1:] if self.device_kind == "cpu" and self.runner.compile_ahead else ()
         rows = rows[: len(rows) - len(later)]
         if all_rows and self.device_kind != "cpu":
