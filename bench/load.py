@@ -312,10 +312,13 @@ def warmups(texts: dict[str, list[str]], n: int) -> list[list[str]]:
 
 
 def run_levels(pool, plan: Plan, texts: dict[str, list[str]], url_at, protocol: str, engine: str,
-               probe: Callable[[str], dict[str, float]] | None = None) -> list[dict]:  # fmt: skip
+               probe: Callable[[str], dict[str, float]] | None = None,
+               ahead: Callable[[], tuple[int, int]] | None = None) -> list[dict]:  # fmt: skip
     """For each level: `url_at(n)` gives a ready server (a context manager), the warm-up rounds, then one timed round
     per prompt set. A level that would start past the deadline is recorded as skipped. `probe(url)`: counters read
-    before and after each timed round (the worker's CPU seconds by thread), reported per output token."""
+    before and after each timed round (the worker's CPU seconds by thread), reported per output token. `ahead()`:
+    the worker's compiles ahead begun and ended so far (`compile_ahead_counts`), recorded where one ran during a
+    timed round: a stream beside it is slower (docs/PERFORMANCE.md, GPU, thirty-eighth entry)."""
     rows = []
     for n in plan.levels:
         if time.monotonic() > plan.deadline:
@@ -326,12 +329,17 @@ def run_levels(pool, plan: Plan, texts: dict[str, list[str]], url_at, protocol: 
                 for warm in warmups(texts, n):
                     round_of(pool, plan.procs, url, protocol, warm, WARMUP_TOKENS, plan.limit())
                 for name in plan.sets:
-                    before = probe(url) if probe else {}
+                    before, begun = probe(url) if probe else {}, ahead() if ahead else None
                     row = round_of(pool, plan.procs, url, protocol, texts[name][:n], plan.max_tokens, plan.limit())
                     if before and row.get("output_tokens"):
                         after = probe(url)
                         row["host_us_per_token"] = {k: round((after[k] - v) * 1e6 / row["output_tokens"], 1)
                                                     for k, v in before.items() if k in after}  # fmt: skip
+                    if begun is not None:
+                        (started, ended), now = begun, ahead()
+                        if started > ended or now[0] > started:  # one under way at the start, or begun during it
+                            row["compiles_ahead"] = {"under_way": started - ended, "begun": now[0] - started,
+                                                     "ended": now[1] - ended}  # fmt: skip
                     rows.append({"engine": engine, "set": name} | row)
                     print(f"[load] {engine} {name} N={n}: {fmt_row(rows[-1])}", file=sys.stderr, flush=True)
         except Exception as e:  # recorded; the next level (a fresh llama-server) may still run
@@ -359,7 +367,8 @@ def worker_part(args, plan: Plan, texts, pool, log: Path, result: dict) -> list[
     proc, url, result["worker_ready_s"] = start_server(args.model, args.device, log, extra)
     try:
         result["worker_health"] = worker_settings(url)
-        return run_levels(pool, plan, texts, lambda n: contextlib.nullcontext(url), "worker", "worker", thread_cpu)
+        return run_levels(pool, plan, texts, lambda n: contextlib.nullcontext(url), "worker", "worker", thread_cpu,
+                          lambda: compile_ahead_counts(log))  # fmt: skip
     finally:
         stop(proc, url)
 
@@ -381,6 +390,15 @@ def thread_cpu(url: str) -> dict[str, float]:
         for s in family.samples
         if s.name == "worker_thread_cpu_seconds"
     }
+
+
+def compile_ahead_counts(log: Path) -> tuple[int, int]:
+    """The compiles ahead the worker's log (narration lines) says have begun and ended so far."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return 0, 0
+    return text.count('"message": "compiling ahead: '), text.count('"message": "compiled ahead: ')
 
 
 def worker_settings(url: str) -> dict:
@@ -470,6 +488,10 @@ def markdown(result: dict) -> str:
         note += f" Worker server args: `{' '.join(result['worker_args'])}`."
     if result.get("worker_health"):
         note += " Worker at start: " + ", ".join(f"{k} {v}" for k, v in result["worker_health"].items()) + "."
+    ahead = [f"{r['set']} N={r['streams']} ({_ahead(r['compiles_ahead'])})" for r in rows if r.get("compiles_ahead")]
+    if ahead:
+        note += " Programs compiled ahead during a timed round of the worker (its streams slower meanwhile): "
+        note += "; ".join(ahead) + "."
     lines += ["", note]
     bb = result.get("batched_bench")
     if bb:
@@ -485,6 +507,10 @@ def markdown(result: dict) -> str:
     for engine, err in result["errors"].items():
         lines.append(f"- {engine}: {err}")
     return "\n".join(lines) + "\n"
+
+
+def _ahead(c: dict[str, int]) -> str:
+    return f"{c['under_way']} under way at its start, {c['begun']} begun, {c['ended']} ended"
 
 
 def main(argv: list[str] | None = None) -> int:

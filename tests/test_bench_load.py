@@ -5,7 +5,9 @@ the server arguments; and (slow) a load run through the real worker on the tiny 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -201,6 +203,34 @@ def test_markdown_puts_the_engines_side_by_side():
     assert "| fixed | 64 | worker | 300.0 | 100.0 | 200.0 | 10.0 | 20.0 | 95.2 | 128 | 2.00 | 41 / 130 | - |" in text
     assert "| fixed | 64 | llama-server | 150.0 |" in text and "| 128 | - | - | - |" in text
     assert "| 64 | 128 | 128 | 9000.0 | 4000.0 | 5000.0 |" in text and "- x: boom" in text
+
+
+def test_compiles_ahead_are_counted_from_the_workers_log(tmp_path):
+    log = tmp_path / "worker.log"
+    lines = [{"event": "log", "message": "compiling ahead: decode 2 rows 16 steps greedy 32 pages"},
+             {"event": "log", "message": "compiled ahead: decode 2 rows 16 steps greedy 32 pages in 9.1 s"},
+             {"event": "log", "message": "compiling ahead: prefill 64 tokens"},
+             {"event": "execute_start", "prompt": "compiling ahead: not a log line"}]  # fmt: skip
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert load.compile_ahead_counts(log) == (2, 1)
+    assert load.compile_ahead_counts(tmp_path / "none.log") == (0, 0)
+
+
+def test_a_timed_round_beside_a_compile_ahead_says_so(monkeypatch):
+    """Where a compile ahead was under way at a timed round's start, or began during it, the row records it and the
+    table's note names the level; a round with none records nothing."""
+    counts = iter([(1, 0), (1, 1), (1, 1), (1, 1)])  # level 1: one under way; level 2: none
+    monkeypatch.setattr(load, "round_of", lambda *a: {"streams": len(a[4]), "output_tokens": 8, "errors": []})
+    plan = load.Plan(levels=[1, 2], sets={"fixed": [128]}, max_tokens=8, procs=1, deadline=time.monotonic() + 60)
+    rows = load.run_levels(None, plan, {"fixed": ["a", "b"]}, lambda n: contextlib.nullcontext("u"), "worker",
+                           "worker", ahead=lambda: next(counts))  # fmt: skip
+    assert rows[0]["compiles_ahead"] == {"under_way": 1, "begun": 0, "ended": 1} and "compiles_ahead" not in rows[1]
+    result = {"label": "m", "device": "gpu", "max_tokens": 8, "sets": {"fixed": [128]}, "errors": {},
+              "rows": [r | {"output_tok_s": 1.0, "ttft_p50_s": 0.1} for r in rows]}  # fmt: skip
+    assert (
+        "during a timed round of the worker (its streams slower meanwhile): fixed N=1 (1 under way at its start, "
+        "0 begun, 1 ended)." in load.markdown(result)
+    )
 
 
 # --- through the real server -----------------------------------------------------------------------------------------
