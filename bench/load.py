@@ -393,12 +393,13 @@ def thread_cpu(url: str) -> dict[str, float]:
 
 
 def compile_ahead_counts(log: Path) -> tuple[int, int]:
-    """The compiles ahead the worker's log (narration lines) says have begun and ended so far."""
+    """The compiles ahead the worker's log (narration lines) says have begun and ended (compiled, or failed) so far."""
     try:
         text = log.read_text(errors="replace")
     except OSError:
         return 0, 0
-    return text.count('"message": "compiling ahead: '), text.count('"message": "compiled ahead: ')
+    ended = text.count('"message": "compiled ahead: ') + text.count('"message": "a compile ahead failed')
+    return text.count('"message": "compiling ahead: '), ended
 
 
 def worker_settings(url: str) -> dict:

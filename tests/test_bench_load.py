@@ -210,9 +210,11 @@ def test_compiles_ahead_are_counted_from_the_workers_log(tmp_path):
     lines = [{"event": "log", "message": "compiling ahead: decode 2 rows 16 steps greedy 32 pages"},
              {"event": "log", "message": "compiled ahead: decode 2 rows 16 steps greedy 32 pages in 9.1 s"},
              {"event": "log", "message": "compiling ahead: prefill 64 tokens"},
+        {"event": "log", "message": "compiling ahead: prefill 128 tokens"},
+        {"event": "log", "message": "a compile ahead failed", "exception": "Traceback ..."},
              {"event": "execute_start", "prompt": "compiling ahead: not a log line"}]  # fmt: skip
     log.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert load.compile_ahead_counts(log) == (2, 1)
+    assert load.compile_ahead_counts(log) == (3, 2)  # a failed one has ended too
     assert load.compile_ahead_counts(tmp_path / "none.log") == (0, 0)
 
 

@@ -360,8 +360,7 @@ class Model:
         # `just serve` from ~17 s to ~27-29 s to `ready` (docs/PERFORMANCE.md, CPU, thirty-eighth entry). A second
         # job meanwhile waits for its bucket's compile on the background thread while the first streams on
         # (Batch._join_ready).
-        later = rows[1:] if self.device_kind == "cpu" and self.runner.compile_ahead else ()
-        rows = rows[: len(rows) - len(later)]
+        rows, later = (rows[:1], rows[1:]) if self.device_kind == "cpu" and self.runner.compile_ahead else (rows, ())
         if all_rows and self.device_kind != "cpu":
             plans = tuple(dict.fromkeys((plan, GREEDY.plan())))
             compile_steps(inputs, plans, self.decode_steps, rows[-1:])
