@@ -153,8 +153,10 @@ use_prebuilt() {
 do_build() {
     [ -x "$llama_bench" ] && [ -x "$llama_bin/llama-batched-bench" ] && [ -x "$llama_bin/llama-server" ] &&
         { echo "have $llama_bin/{llama-bench,llama-batched-bench,llama-server}"; return 0; }
-    if [ -f "$prebuilt" ] && use_prebuilt; then return 0; fi
-    rm -f "$llama_bin"/llama-{bench,batched-bench,server}
+    if [ -f "$prebuilt" ]; then
+        use_prebuilt && return 0
+        rm -f "$llama_bin"/llama-{bench,batched-bench,server}  # the wrappers: the build writes the binaries there
+    fi
     JOBS=$(nproc) bash tools/llamacpp-build.sh cuda "$build"
 }
 
