@@ -103,6 +103,7 @@ state=${GPU_STATE:-/var/tmp/worker-gpu}
 models="$state/models" results="$state/results" build="$state/llamacpp"
 llama_bin="$build/build/bin"
 llama_bench="$llama_bin/llama-bench"
+llama_tools=(llama-bench llama-batched-bench llama-server)  # what the build makes, or the carried file holds
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 py() { bash tools/gpu-env.sh python3 "$@"; }
@@ -142,7 +143,7 @@ use_prebuilt() {
     done
     echo "CUDA libraries: ${lib:-none found, so the default path}"
     [ -z "$lib" ] || lib="LD_LIBRARY_PATH=$lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH} "
-    for b in llama-bench llama-batched-bench llama-server; do
+    for b in "${llama_tools[@]}"; do
         printf '#!/bin/sh\n%sexec "%s/%s" "$@"\n' "$lib" "$real" "$b" > "$llama_bin/$b" && chmod +x "$llama_bin/$b"
     done
     "$llama_bin/llama-server" --version && { echo "unpacked $prebuilt into $real"; return 0; }
@@ -150,12 +151,16 @@ use_prebuilt() {
     return 1
 }
 
+have_tools() {
+    local b
+    for b in "${llama_tools[@]}"; do [ -x "$llama_bin/$b" ] || return 1; done
+}
+
 do_build() {
-    [ -x "$llama_bench" ] && [ -x "$llama_bin/llama-batched-bench" ] && [ -x "$llama_bin/llama-server" ] &&
-        { echo "have $llama_bin/{llama-bench,llama-batched-bench,llama-server}"; return 0; }
+    have_tools && { echo "have ${llama_tools[*]} in $llama_bin"; return 0; }
     if [ -f "$prebuilt" ]; then
         use_prebuilt && return 0
-        rm -f "$llama_bin"/llama-{bench,batched-bench,server}  # the wrappers: the build writes the binaries there
+        rm -f "${llama_tools[@]/#/$llama_bin/}"  # the wrappers: the build writes the binaries there
     fi
     JOBS=$(nproc) bash tools/llamacpp-build.sh cuda "$build"
 }
