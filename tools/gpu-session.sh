@@ -87,6 +87,8 @@
 #                      concurrent streams (1, 8, 32, 64; and 128 for models <= 1B), 128-token and mixed prompts;
 #                      budget LOAD_SECONDS (default 180) a model; skipped when an earlier call has M's load result
 #                      without errors (FORCE=1 redoes it); LOAD_ARGS are passed on (e.g. "--max-batch 64");
+#                      LOAD_TAG=T names the result M-T (a second setting of the same model beside the first, e.g.
+#                      LOAD_TAG=tc LOAD_ARGS="--engines worker" after an --int8-x run);
 #                      LOAD_TRACE_ROWS=N traces the worker's timed round at N streams (24 engine steps, summed by
 #                      bench.trace in the stage's log; the trace in the logs tarball under load/trace-M);
 #                      LOAD_TRACE_AFTER=S starts it S engine steps later (past the round's prefill: its decode phase)
@@ -444,19 +446,20 @@ do_tp() {
 }
 
 do_load() {
-    local like=$1 dev=${BENCH_DEVICE:-gpu} json
-    json="$results/load/load-$like-$dev.json"
+    local like=$1 dev=${BENCH_DEVICE:-gpu} json label
+    label=$like${LOAD_TAG:+-$LOAD_TAG}
+    json="$results/load/load-$label-$dev.json"
     if [ -z "${FORCE:-}" ] && py -c 'import json, sys; r = json.load(open(sys.argv[1]))
 sys.exit(1 if r["errors"] or not r["rows"] or any(x["errors"] for x in r["rows"]) else 0)' "$json" 2>/dev/null; then
         echo "have $json"
         return 0
     fi
-    local rc f trace="$results/load/trace-$like"
+    local rc f trace="$results/load/trace-$label"
     # LOAD_TRACE_ROWS=N: the worker traces the timed round that first holds N running rows (worker/step_trace.py;
     # round 2: each level's untimed warm-up round comes first)
     WORKER_TRACE_DIR=${LOAD_TRACE_ROWS:+$trace} WORKER_TRACE_ROWS=${LOAD_TRACE_ROWS:-} WORKER_TRACE_ROUND=2 \
         WORKER_TRACE_AFTER=${LOAD_TRACE_AFTER:-} \
-        py -m bench load --model "$(model_path "$like")" --label "$like" --device "$dev" --llamacpp "$llama_bin" \
+        py -m bench load --model "$(model_path "$like")" --label "$label" --device "$dev" --llamacpp "$llama_bin" \
         --out "$results/load" --budget $((STAGE_BUDGET - 20)) ${LOAD_ARGS:-}
     rc=$?
     f=$(newest_trace "$trace")
