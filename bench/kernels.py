@@ -259,6 +259,11 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         one = jax.jit(lambda x, w: ops[0](x, w, **interp))
         same = bool(jnp.array_equal(one(x[:1], w)[0], one(x, w)[0]))
         line += f"  per-row {t_rows * 1e6:9.1f} us  row 0 alone: {'same bits' if same else 'OTHER BITS'}"
+        # the swapped dot (qmatvec.Plan.swap: its row tile by the rows), and row 0's bits alone against among M
+        t_swap = per_call(ops[0], weights, x, ids, args.repeat, **interp, swap=True)
+        swapped = jax.jit(lambda x, w: ops[0](x, w, **interp, swap=True))
+        same = bool(jnp.array_equal(swapped(x[:1], w)[0], swapped(x, w)[0]))
+        line += f"  swapped {t_swap * 1e6:9.1f} us ({'same bits' if same else 'OTHER BITS'} alone)"
     if qtype in qmatvec_int8.INT8_TYPES:  # the per-row kernel on x rounded to int8 (another precision)
         kind = {} if k_sel else dict(tensor_cores=False)
         t_int8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind, int8_x=True)

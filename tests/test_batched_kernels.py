@@ -99,6 +99,22 @@ def check_moe(qtype: QT, e: int, n: int, k: int, sel: int, interpret: bool, tile
                 np.testing.assert_array_equal(y[t], want, err_msg=f"token {t} of {tokens} differs from it alone")
 
 
+# The dense kernels: the tensor-core dot, the same swapped (qmatvec.Plan.swap), and the per-row kernel. On the CPU
+# the swapped dot keeps one row tile of 16 (several tiles, the last partly masked): its tile follows the rows by
+# default, and interpret mode's dot (XLA's on the CPU) sums a [BN, K] @ [K, 16] in another order than a [K, 64], so a
+# row alone would not have its bits among 64 there. Whether the card's wgmma does is for the gpu test, which takes
+# the default.
+SWAPPED = {"tensor_cores": True, "swap": True}
+KERNELS = pytest.mark.parametrize(
+    "kind",
+    [{"tensor_cores": True}, SWAPPED | {"row_tile": 16}, {"tensor_cores": False}],
+    ids=["tensor-cores", "swapped", "per-row"],
+)
+GPU_KERNELS = pytest.mark.parametrize(
+    "kind", [{"tensor_cores": True}, SWAPPED, {"tensor_cores": False}], ids=["tensor-cores", "swapped", "per-row"]
+)
+
+
 # The GPU's tensor-core arithmetic (each row over its power of two, float16 operands, float32 sums) in interpret
 # mode, so that the CPU tests the branch the GPU runs: row lengths of the real files, Gemma 3's 640 (Q5_0, 20
 # blocks: a masked K tail) and gpt-oss's 2880 (MXFP4), and a K-quant.
@@ -106,36 +122,43 @@ F16_CASES = [(QT.Q5_0, 48, 640), (QT.MXFP4, 48, 2880), (QT.Q4_K, 48, 1024)]
 
 
 @pytest.mark.parametrize(("qtype", "n", "k"), F16_CASES, ids=lambda v: getattr(v, "name", str(v)))
-def test_qmatvec_gpu_arithmetic_against_float64_and_alone(qtype, n, k):
-    check_dense(qtype, n, k, True, {"tensor_cores": True, "f16": True})
-    check_dense_neighbours(qtype, n, k, True, {"tensor_cores": True, "f16": True})
+@pytest.mark.parametrize("kind", [{}, SWAPPED | {"row_tile": 16}], ids=["dot", "swapped"])
+def test_qmatvec_gpu_arithmetic_against_float64_and_alone(qtype, n, k, kind):
+    check_dense(qtype, n, k, True, {"tensor_cores": True, "f16": True} | kind)
+    check_dense_neighbours(qtype, n, k, True, {"tensor_cores": True, "f16": True} | kind)
 
 
 # Forced tiles: 3 row blocks with masked rows past N = 40, 3 K splits of 2 steps each, the last partly masked.
 SPLIT_TILES = {32: dict(block_n=16, chunk=2, splits=3), 256: dict(block_n=16, chunk=1, splits=2)}
 
 
-KERNELS = pytest.mark.parametrize("tensor_cores", [True, False], ids=["tensor-cores", "per-row"])
-
-
 @KERNELS
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
-def test_qmatvec_rows_1_to_70_against_float64_and_alone(qtype, tensor_cores):
+def test_qmatvec_rows_1_to_70_against_float64_and_alone(qtype, kind):
     sb = qmv.FORMATS[qtype].sb
-    check_dense(qtype, 40, 11 * sb if sb == 32 else 3 * sb, True, SPLIT_TILES[sb] | {"tensor_cores": tensor_cores})
+    check_dense(qtype, 40, 11 * sb if sb == 32 else 3 * sb, True, SPLIT_TILES[sb] | kind)
 
 
 @KERNELS
-def test_qmatvec_row_bits_do_not_depend_on_neighbours_or_place(tensor_cores):
+def test_qmatvec_row_bits_do_not_depend_on_neighbours_or_place(kind):
     """The default plan (2 K splits on this shape), as the model runs it."""
     assert qmv.plan(QT.Q4_0, 48, 512).splits == 2
-    check_dense_neighbours(QT.Q4_0, 48, 512, True, {"tensor_cores": tensor_cores})
+    check_dense_neighbours(QT.Q4_0, 48, 512, True, kind)
 
 
 def test_qmatvec_plan_ignores_the_batch():
     """The default plan is the batch-1 one (docs/kernels.md) and has no row-count input."""
     p = qmv.plan(QT.Q8_0, 896, 896)
     assert (p.block_n, p.chunk, p.splits) == (32, 8, 4)
+
+
+def test_the_swapped_dot_is_the_float_tensor_cores_option():
+    """Plan.swap: the float tensor-core kernel's; the per-row kernels and the int8-x dot refuse it."""
+    w, _, x = dense_case(QT.Q8_0, 48, 64, seed=1)
+    with pytest.raises(ValueError, match="swap"):
+        qmv.qmatvec(x[:1], w, interpret=True, tensor_cores=False, swap=True)
+    with pytest.raises(ValueError, match="swap"):
+        qmv.plan(QT.Q8_0, 896, 896, int8_x=True, swap=True)
 
 
 def test_moe_matvec_any_number_of_pairs_against_float64_and_alone():
@@ -467,11 +490,11 @@ GPU_DENSE = [(QT.Q8_0, 896, 896), (QT.Q6_K, 3072, 8192), (QT.Q8_0, 4096, 2880), 
 
 
 @pytest.mark.gpu
-@KERNELS
+@GPU_KERNELS
 @pytest.mark.parametrize(("qtype", "n", "k"), GPU_DENSE, ids=lambda v: getattr(v, "name", str(v)))
-def test_gpu_qmatvec_batched_against_float64_and_alone(gpu_backend, qtype, n, k, tensor_cores):
-    check_dense(qtype, n, k, False, {"tensor_cores": tensor_cores})
-    check_dense_neighbours(qtype, n, k, False, {"tensor_cores": tensor_cores})
+def test_gpu_qmatvec_batched_against_float64_and_alone(gpu_backend, qtype, n, k, kind):
+    check_dense(qtype, n, k, False, kind)
+    check_dense_neighbours(qtype, n, k, False, kind)
 
 
 @pytest.mark.gpu

@@ -13,33 +13,39 @@ from model_oracles import manifest, teacher_forced_decode
 
 import worker
 from worker import device as devices
+from worker import ops
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import open_gguf
 from worker.pallas_kernels import moe_matmul as mm
 from worker.pallas_kernels import qmatvec as qmv
 
-# (arch, file, HF logits, the experts' bf16 copy for decode: worker/model.py with_bf16_experts, on by default on a GPU)
-CASES = [("qwen2", "model-q8_0.gguf", "logits-hf-f64-q8_0-dequant.npy", False),
-         ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy", False),
-         ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy", True)]  # fmt: skip
+# (arch, file, HF logits, the experts' bf16 copy for decode: worker/model.py with_bf16_experts, on by default on a GPU;
+# decode's dots swapped: WORKER_TC_SWAP, qmatvec.Plan.swap and moe_matmul.Plan.swap)
+CASES = [("qwen2", "model-q8_0.gguf", "logits-hf-f64-q8_0-dequant.npy", False, False),
+         ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy", False, False),
+         ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy", True, False),
+         ("qwen2", "model-q8_0.gguf", "logits-hf-f64-q8_0-dequant.npy", False, True),
+         ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy", True, True)]  # fmt: skip
 
 
-@pytest.mark.parametrize(("arch", "file", "logits", "copy"), CASES,
-                         ids=[c[0] + ("-bf16-experts" if c[3] else "") for c in CASES])  # fmt: skip
-def test_tensor_core_decode_matches_the_oracle(oracles, monkeypatch, arch, file, logits, copy):
+@pytest.mark.parametrize(("arch", "file", "logits", "copy", "swap"), CASES,
+                         ids=[c[0] + ("-bf16-experts" if c[3] else "") + ("-swapped" if c[4] else "")
+                              for c in CASES])  # fmt: skip
+def test_tensor_core_decode_matches_the_oracle(oracles, monkeypatch, arch, file, logits, copy, swap):
     flags, moe = [], []
     dense, grouped = qmv.qmatvec, mm.moe_matmul
 
     def spy_dense(*args, **kwargs):
-        flags.append((args[1].shape, kwargs.get("tensor_cores")))
+        flags.append((args[1].shape, kwargs.get("tensor_cores"), kwargs.get("swap", False)))
         return dense(*args, **kwargs)
 
     def spy_grouped(*args, **kwargs):
-        moe.append((args[0].shape[0], args[1].qtype))  # tokens of the call, the experts' format
+        moe.append((args[0].shape[0], args[1].qtype, kwargs.get("swap", False)))  # tokens, the experts' format
         return grouped(*args, **kwargs)
 
     monkeypatch.setattr(qmv, "qmatvec", spy_dense)
     monkeypatch.setattr(mm, "moe_matmul", spy_grouped)
+    monkeypatch.setattr(ops, "_tc_swap", swap)
     d = oracles / "models" / arch
     m = worker.load(d / file, device="cpu", backend="interpret", max_batch=16, bf16_experts=copy or None)
     assert m.cfg.decode_kernels == "tensor-cores" and m.bf16_experts == copy
@@ -47,11 +53,13 @@ def test_tensor_core_decode_matches_the_oracle(oracles, monkeypatch, arch, file,
     ref = np.load(d / logits)
     decoded = teacher_forced_decode(m, ids)
     # Every dense call, prefill and decode, took the dot; the MoE router (`exact`, [experts, D]) the per-row kernel.
+    # Swapped: decode's dots (the calls of min_rows rows), not prefill's.
     router = (m.cfg.n_experts, m.cfg.d_model) if arch == "gpt-oss" else None
-    assert flags and all(dot != (shape == router) for shape, dot in flags), set(flags)
+    assert flags and all(dot != (shape == router) for shape, dot, _ in flags), set(flags)
+    assert any(swapped for *_, swapped in flags) == swap
     if arch == "gpt-oss":  # decode's rows went to the grouped matmul, on the bf16 copy where there is one
-        assert (m.runner.min_rows, QT.BF16 if copy else QT.MXFP4) in moe
-        assert all(fmt == QT.MXFP4 for rows, fmt in moe if rows != m.runner.min_rows)  # prefill: stored experts
+        assert (m.runner.min_rows, QT.BF16 if copy else QT.MXFP4, swap) in moe
+        assert all(fmt == QT.MXFP4 and not swapped for rows, fmt, swapped in moe if rows != m.runner.min_rows)
     top2 = np.sort(ref, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 0.05
     assert clear.sum() > len(ids) // 2

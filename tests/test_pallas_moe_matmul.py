@@ -55,6 +55,9 @@ CASES = [
     (QT.MXFP4, 6, 2, 40, 64, 32, True, "subset", {}),
     (QT.Q8_0, 5, 2, 9, 128, 64, False, "uniform", dict(block_m=16)),
     (QT.Q4_K, 4, 2, 5, 256, 32, True, "one", {}),
+    # the swapped dot (moe_matmul.Plan.swap): 16-row tiles of pairs as the MMA's N, 64-column expert tiles as its M
+    (QT.MXFP4, 8, 4, 13, 96, 128, True, "uniform", dict(block_m=16, swap=True)),
+    (QT.Q8_0, 5, 2, 9, 128, 64, False, "one", dict(block_m=16, swap=True)),
 ]
 
 
@@ -146,6 +149,15 @@ def test_plan_and_fits_on_real_shapes():
         mm.plan(QT.MXFP4, 48, 64, block_n=32)
     with pytest.raises(ValueError, match="power of two"):
         mm.plan(QT.MXFP4, 48, 64, block_m=24)
+
+
+def test_swapped_row_tiles_follow_the_pairs_an_expert_gets():
+    """gpt-oss-20b's 32 experts, top-4: one stream's bucket of 2 tokens and 64 tokens stage 16-row tiles, 256 tokens
+    32, 1,024 tokens 64 (BLOCK_M, the most); the expert tiles are wgmma's 64 columns."""
+    tiles = [mm.swapped_tiles(tokens * 4, 32) for tokens in (2, 64, 256, 1024)]
+    assert [t["block_m"] for t in tiles] == [16, 16, 32, 64]
+    assert all(t["swap"] and t["block_n"] == 64 for t in tiles)
+    assert mm.plan(QT.BF16, 5760, 2880, **tiles[0]).swap
 
 
 def test_ops_sends_selections_to_the_kernel_the_decode_kernels_say():
@@ -256,3 +268,30 @@ def test_dead_tokens_on_the_gpu_read_as_zeros_and_leave_live_bits_alone():
     full = np.asarray(jax.jit(mm.moe_matmul)(x, experts, ids))
     np.testing.assert_array_equal(masked[live], full[live])
     assert (masked[~live] == 0).all()
+
+
+@pytest.mark.gpu
+def test_swapped_decode_tiles_keep_a_tokens_bits_in_every_bucket_on_the_gpu():
+    """WORKER_TC_SWAP's grouped matmul on decode's bf16 copy (moe_matmul.swapped_tiles): the row tile follows a
+    bucket's pairs (16 rows at 1 and 64 tokens, 32 at 256, 64 at 1,024), so a token's pairs are MMAs of another N
+    in each. The swap rests on the card summing a row the same for every N (wgmma's); this is its check: token 0's
+    bits the same in every bucket, and the largest call against the twin."""
+    _gpu()
+    e, k_sel, k, n = 32, 4, 2880, 5760
+    stored = quant_array(random_raw(QT.MXFP4, (e, n, k), seed=12), QT.MXFP4, (e, n, k), put=jax.device_put)
+    copy = widened(stored, jnp.bfloat16)
+    ids = jnp.asarray(routed(1024, k_sel, e, seed=13, skew="uniform"))
+    x = jax.random.normal(jax.random.key(14), (1024, k), jnp.float32)
+
+    def run(m: int) -> np.ndarray:
+        tiles = mm.DECODE_COPY_TILES | mm.swapped_tiles(m * k_sel, e)
+        return np.asarray(jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, **tiles))(x[:m], copy, ids[:m]))
+
+    assert [mm.swapped_tiles(m * k_sel, e)["block_m"] for m in (1, 64, 256, 1024)] == [16, 16, 32, 64]
+    alone = run(1)[0]
+    for m in (2, 64, 256, 1024):
+        y = run(m)
+        np.testing.assert_array_equal(y[0], alone, err_msg=f"token 0 among {m}")
+    twin = np.asarray(jax.jit(mm.moe_matmul_twin)(x, stored, ids), np.float64)
+    bound = np.asarray(jax.jit(mm.moe_matmul_twin)(jnp.abs(x), _abs_mxfp4(stored), ids), np.float64)
+    assert_close(y, twin, bound, TOL_TWIN_GPU, "swapped, 1,024 tokens")

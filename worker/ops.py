@@ -118,6 +118,13 @@ _moe_sorted_pairs = int(os.environ.get("WORKER_MOE_SORTED_PAIRS", str(qmatvec.SO
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
+# WORKER_TC_SWAP=1: decode's float tensor-core products on the swapped dot (qmatvec.Plan.swap: the weight tile as the
+# MMA's M, the rows as its N, so the row tile follows the rows), the grouped MoE matmul's too (moe_matmul.Plan.swap,
+# its row tile by the call's pairs). The aim: one stream at the default --max-batch 64,
+# which invariance keeps on the tensor cores, at 0.79x the per-row kernels' decode (an H100, 2026-12-07, qwen2.5-0.5b
+# 847.0 against 1,071.4 tok/s; docs/PERFORMANCE.md, fortieth session). Other bits than the unswapped dot; whether a
+# row's bits are the same at every row tile on the card is its gpu test's to say (not yet run). Opt-in until then.
+_tc_swap = os.environ.get("WORKER_TC_SWAP", "0") == "1"
 
 
 _ENV_TILES = ("block_n", "chunk", "splits", "num_warps", "num_stages", "programs")  # qmatvec.plan's integer ones
@@ -517,7 +524,7 @@ def qmatmul(
             live = _live_rows.get()
             skip = not tensor_cores and not int8_x
             live = live if live is not None and live.size == rows and skip else None
-            tiles = _int8_x_tiles(norm, glu) if int8_x else {}
+            tiles = _int8_x_tiles(norm, glu) if int8_x else {"swap": tensor_cores and _tc_swap}
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
@@ -842,12 +849,15 @@ def moe_matmul(
         kernel = qmatvec.moe_matvec
     if kernel is not None and experts.sharding is not None:
         return _expert_parallel(kernel, x, experts, expert_ids, interpret)
+    # WORKER_TC_SWAP=1: a decode call's grouped kernel on the swapped dot, its row tile by the call's pairs
+    swap = grouped_matmul.swapped_tiles(expert_ids.size, n_experts) if per_token and _tc_swap else {}
     if kernel is grouped_matmul.moe_matmul and per_token and decode_copy is not None:
         # Every decode call of the grouped kernel reads the bf16 copy (batch invariance: one route for all rows).
-        return kernel(x, decode_copy, expert_ids, live, interpret=interpret, **grouped_matmul.DECODE_COPY_TILES)
+        tiles = grouped_matmul.DECODE_COPY_TILES | swap
+        return kernel(x, decode_copy, expert_ids, live, interpret=interpret, **tiles)
     if kernel is grouped_matmul.moe_matmul:
         # A prefill call takes prefill's tiles, whatever its size or company (batch invariance); decode its own.
-        tiles = {} if per_token else grouped_matmul.PREFILL_TILES
+        tiles = swap if per_token else grouped_matmul.PREFILL_TILES
         return kernel(x, experts, expert_ids, live, interpret=interpret, **tiles)
     if kernel is not None:
         int8_x = _int8_x(experts)

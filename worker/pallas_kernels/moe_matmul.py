@@ -58,6 +58,17 @@ class Plan:
     steps: int  # loop steps over K
     num_warps: int = 4
     num_stages: int = 3
+    # The dot swapped, as qmatvec.Plan.swap: each expert tile as the MMA's M (BN columns), the row tile's pairs as its
+    # N, so that the row tile can follow a decode step's pairs (`swapped_tiles`). Not yet run on the card.
+    swap: bool = False
+
+
+def swapped_tiles(pairs: int, n_experts: int) -> dict:
+    """A decode call's tiles on the swapped dot for `pairs` (token, selection) pairs over n_experts experts: row
+    tiles of about the pairs an expert gets (at least 16, tl.dot's smallest, at most BLOCK_M), and expert tiles of
+    64 columns (wgmma's M). One stream's 4 pairs then stage 16-row x tiles where the unswapped dot stages 64."""
+    per_expert = -(-pairs // n_experts)
+    return {"swap": True, "block_m": min(BLOCK_M, max(MIN_BLOCK_N, pl.next_power_of_2(per_expert))), "block_n": 64}
 
 
 def _fits(qtype, n: int, k: int) -> bool:
@@ -84,6 +95,7 @@ def plan(
     chunk: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    swap: bool = False,
 ) -> Plan:
     """The tiling for [n, k] experts; arguments left None get the module docstring's defaults."""
     if not _fits(qtype, n, k):
@@ -98,7 +110,7 @@ def plan(
             raise ValueError(f"{name} must be a power of two (a Triton tile dimension), got {v}")
     if n % block_n or block_m < 16 or block_n < MIN_BLOCK_N:
         raise ValueError(f"moe_matmul: block_n {block_n} must divide Out {n}; block_m and block_n >= 16")
-    return Plan(block_m, block_n, chunk, pl.cdiv(blocks, chunk), num_warps, num_stages)
+    return Plan(block_m, block_n, chunk, pl.cdiv(blocks, chunk), num_warps, num_stages, swap)
 
 
 def _mxfp4_bf16(load) -> list[jax.Array]:
@@ -140,11 +152,12 @@ def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
             for part, w in enumerate(parts):
                 w = w.reshape(bn, c * t_size)
                 xv = load_x_part(x_ref, part, r0, bm, b0, c, t_size, blocks, None, blocks_ok)
-                acc += jax.lax.dot_general(xv, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                lhs, rhs = (w, xv) if p.swap else (xv, w)
+                acc += jax.lax.dot_general(lhs, rhs, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             return acc
 
-        acc = jax.lax.fori_loop(0, p.steps, step, jnp.zeros((bm, bn), jnp.float32))
-        o_ref[pl.ds(r0, bm), pl.ds(n0, bn)] = acc
+        acc = jax.lax.fori_loop(0, p.steps, step, jnp.zeros((bn, bm) if p.swap else (bm, bn), jnp.float32))
+        o_ref[pl.ds(r0, bm), pl.ds(n0, bn)] = acc.T if p.swap else acc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +209,7 @@ def _check(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> tuple[in
     return e, n, k, shared
 
 
-@kernel_entry("interpret", "block_m", "block_n", "chunk", "num_warps", "num_stages")
+@kernel_entry("interpret", "block_m", "block_n", "chunk", "num_warps", "num_stages", "swap")
 def moe_matmul(
     x: jax.Array,
     experts: QuantArray,

@@ -38,6 +38,8 @@ MAX_BATCH = 1024  # the most rows of a decode dispatch (--max-batch) in the batc
 # twice TF32's tensor-core rate. On an H200 (phi3-mini's Q4_K gate_up, one call): per-row kernel 50 us for one row,
 # 583 us for 64; this kernel 65 us for one, 90 us for 64 (with TF32 operands: 139 and 145; docs/PERFORMANCE.md).
 ROW_TILE = 64
+# The swapped dot's output columns a tile (Plan.swap): the MMA's M, which Hopper's wgmma takes as 64 rows a warpgroup.
+SWAP_BLOCK_N = 64
 # moe_matvec sorts its (token, selection) pairs by expert from this many on. The pairs are the grid's fastest axis,
 # so a column tile's pairs are consecutive programs: fewer than 64 run in one wave of the card's 132 multiprocessors
 # and meet in L2 in any order, and the sort would only add its XLA kernels (the argsort and the gathers around the
@@ -346,6 +348,15 @@ class Plan:
     # read at 0.73 TB/s, a quarter of the copy bandwidth, where its 5k-row q|k|v read at 1.38 (H100, 2026-12-06).
     # The same operations a row, so the same bits. `plan`'s default: INT8_PROGRAMS (timed there).
     programs: int = 0
+    # The float tensor-core kernel's dot swapped (`_dot_kernel`): the dequantized weight tile as its left operand, so
+    # that the MMA's M is the tile's SWAP_BLOCK_N output columns, and x's rows as its right, its N, which Hopper's
+    # wgmma takes from 8 up; the row tile then follows the rows (16, 32 or 64) where the unswapped dot must keep 64
+    # (its smaller tiles are another MMA instruction, with other bits: docs/kernels.md). At one row the unswapped
+    # dot stages a 64-row x tile of masked zeros in shared memory every step, and the card's L1/shared path was its
+    # bound (73% busy, DRAM 15%: docs/PERFORMANCE.md, sixteenth session). Whether a row's bits are the same for
+    # every row tile on the card (wgmma's N) is what its gpu test checks; not yet run there. Other bits than the
+    # unswapped dot (another tile of columns, so another K split), so a model takes one or the other for every call.
+    swap: bool = False
 
 
 def plan(
@@ -364,6 +375,7 @@ def plan(
     int8_x: bool = False,
     unroll: bool = False,
     programs: int | None = None,
+    swap: bool = False,
 ) -> Plan:
     """The tiling for an [n, k] weight: a function of the weight's shape and format only, never of the number of
     rows of x or of (token, expert) pairs, so that every row is computed with the same tiles, K split and
@@ -384,6 +396,8 @@ def plan(
         raise ValueError("unroll is the int8-x kernels' (int8_x=True); the float kernels keep their loop")
     if programs is None:
         programs = INT8_PROGRAMS if int8_x else 0
+    if swap and int8_x:
+        raise ValueError("swap is the float tensor-core kernel's; the int8-x dot's row tile follows the rows already")
     if programs and not int8_x or programs < 0:
         raise ValueError(f"programs is the int8-x per-row kernel's (int8_x=True), 0 or more; got {programs}")
     for name, v in (("block_n", block_n), ("chunk", chunk)):
@@ -396,7 +410,8 @@ def plan(
     if num_warps is None:
         num_warps = max(1, block_n // 32) if int8_x else 4
     splits = pl.cdiv(n_chunks, steps)
-    return Plan(block_n, chunk, splits, steps, num_warps, num_stages, factored, prefetch, fma, int8_x, unroll, programs)
+    return Plan(block_n, chunk, splits, steps, num_warps, num_stages, factored, prefetch, fma, int8_x, unroll, programs,
+                swap)  # fmt: skip
 
 
 def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool,
@@ -521,7 +536,8 @@ def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks:
     """Dense: program (r, i, j) computes rows [r*BM, (r+1)*BM) of x (in parts, `x_parts`; `x_rows` rows) against
     output columns [i*BN, (i+1)*BN) over split j of K, one dot per dequantized part. Rows past x_rows are masked
     loads of zeros, not zeros in memory: one row reads one row of x, while its dot is the same BM-row product as in
-    a full call (so the row's bits are too)."""
+    a full call (so the row's bits are too). With `Plan.swap`, each dot is w @ x.T ([BN, BM]: the MMA's M is the
+    weight tile's columns), and the sums are stored transposed."""
     *plane_refs, o_ref = refs
     planes = dict(zip(names, plane_refs, strict=True))
     bn, c = p.block_n, p.chunk
@@ -538,11 +554,13 @@ def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks:
             w = _value(code, scale, offset, fused)
             xv = load_x_part(x_ref, part, r0, bm, b0, c, t_size, blocks, x_ok, blocks_ok)
             w = w.reshape(bn, c * t_size).astype(xv.dtype)
-            acc += jax.lax.dot_general(xv, w, (((1,), (1,)), ((), ())), precision=precision,
+            lhs, rhs = (w, xv) if p.swap else (xv, w)
+            acc += jax.lax.dot_general(lhs, rhs, (((1,), (1,)), ((), ())), precision=precision,
                                        preferred_element_type=jnp.float32)  # fmt: skip
         return acc
 
-    acc = jax.lax.fori_loop(0, p.steps, step, jnp.zeros((bm, bn), jnp.float32))
+    acc = jax.lax.fori_loop(0, p.steps, step, jnp.zeros((bn, bm) if p.swap else (bm, bn), jnp.float32))
+    acc = acc.T if p.swap else acc
     out = o_ref.at[split, pl.ds(r0, bm), pl.ds(row0, bn)]
     if x_ok is None:
         out[...] = acc
@@ -703,7 +721,7 @@ def _check(w: QuantArray, plane_ndim: int) -> None:
         raise ValueError(f"{w.qtype.name} weight: expected planes of rank {plane_ndim}")
 
 
-@kernel_entry("interpret", "tensor_cores", "row_tile", "f16", "norm_eps", "glu", *TILE_ARGS)
+@kernel_entry("interpret", "tensor_cores", "row_tile", "f16", "norm_eps", "glu", "swap", *TILE_ARGS)
 def qmatvec(
     x: jax.Array,
     w: QuantArray,
@@ -711,6 +729,7 @@ def qmatvec(
     interpret: bool = False,
     tensor_cores: bool = True,
     row_tile: int | None = None,
+    swap: bool = False,
     f16: bool | None = None,
     live: jax.Array | None = None,
     norm_w: jax.Array | None = None,
@@ -734,7 +753,9 @@ def qmatvec(
     act(gate) * up, computed by the kernel that rounds it (quantize_x's `glu`).
     `epilogue` (bias [N] or None, residual [..., N] or None, counts or None): returns (residual + (y + bias),
     counts), done by the int8-x per-row kernel's last program of each column tile (qmatvec_int8.Epilogue; `counts`
-    threaded from call to call, zeros before and after), else by XLA after the kernel: the same bits either way."""
+    threaded from call to call, zeros before and after), else by XLA after the kernel: the same bits either way.
+    `swap` (float tensor cores only; Plan.swap): the dot with the weight as its left operand, SWAP_BLOCK_N columns
+    a tile by default, and the row tile by the rows (unless given)."""
     _check(w, 2)
     n, k = next(iter(w.planes.values())).shape[0], w.shape[-1]
     lead = x.shape[:-1]
@@ -748,10 +769,14 @@ def qmatvec(
     # within that of the best everywhere. The arithmetic, and so each row's bits, do not depend on these.
     # int8 x: the per-row kernel's plan for either kernel (the same K splits, so the same bits a row).
     int8_x = bool(tiles.get("int8_x"))
-    dense = {"block_n": max(MIN_DOT, min(32, pl.next_power_of_2(n))), "num_stages": 1}
-    p = plan(w.qtype, n, k, 1, **((dense if tensor_cores and not int8_x else {}) | tiles))
-    # The int8-x dot sums rows exactly, so its tile can follow the rows (the float dot's cannot: docs/kernels.md)
-    row_tile = row_tile or (min(ROW_TILE, max(MIN_DOT, pl.next_power_of_2(rows))) if int8_x else ROW_TILE)
+    if swap and not tensor_cores:
+        raise ValueError("qmatvec: swap is an option of the tensor-core kernel (tensor_cores=True)")
+    dense = {"block_n": max(MIN_DOT, min(SWAP_BLOCK_N if swap else 32, pl.next_power_of_2(n))), "num_stages": 1}
+    p = plan(w.qtype, n, k, 1, swap=swap, **((dense if tensor_cores and not int8_x else {}) | tiles))
+    # The int8-x dot sums rows exactly, so its tile can follow the rows; the float dot's only where swapped (the rows
+    # are then the MMA's N), not as its M (another instruction below 64 rows: docs/kernels.md)
+    follows = int8_x or swap
+    row_tile = row_tile or (min(ROW_TILE, max(MIN_DOT, pl.next_power_of_2(rows))) if follows else ROW_TILE)
     if row_tile < MIN_DOT or row_tile & (row_tile - 1):
         raise ValueError(f"row_tile must be a power of two >= {MIN_DOT}, got {row_tile}")
     if (norm_w is not None or glu is not None) and not int8_x:
