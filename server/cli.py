@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bf16-experts",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also hold MoE experts widened to bf16 for decode steps (default: on a GPU with the tensor-core decode "
-        "kernels, where the copy fits)",
+        help="also hold MoE experts widened to bf16 for decode steps (default: on a GPU with --max-batch above 8, "
+        "whose decode steps take the grouped MoE kernel, where the copy fits)",
     )
     p.add_argument(
         "--http-process",

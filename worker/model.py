@@ -458,7 +458,8 @@ def load_model(
     faster layout the model takes: tensor parallelism, else head parallelism (over as many of them as divide the
     vocabulary), else one device; None: every host device JAX has (the CLI's default). `bf16_experts`: also hold
     the quantized MoE experts widened to bf16, which decode steps read (`with_bf16_experts`); None: where it helps
-    and fits (a GPU, the tensor-core decode kernels, one device, and room for the copy beside one whole context).
+    and fits (a GPU, decode steps on the grouped MoE kernel: the tensor-core decode kernels, or more than 8 rows
+    without determinism; one device, and room for the copy beside one whole context).
     `prefill_tokens`: prompt tokens prefilled an engine step, at least one chunk (default PREFILL_TOKENS_PER_STEP:
     4096 on a GPU, one chunk on the CPU): more finishes a burst of prompts sooner, and stalls the running streams
     longer each step.
@@ -519,7 +520,11 @@ def load_model(
     if bf16_experts and (backend == "cpu" or mesh is not None or not copy_bytes):
         raise WorkerError(ErrorCode.INVALID_REQUEST, "bf16 experts need a kernel backend (gpu or interpret), one "
                           "device and a file with quantized MoE experts")  # fmt: skip
-    auto = bf16_experts is None and backend == "gpu" and mesh is None and cfg.decode_kernels == "tensor-cores"
+    # The decode steps whose MoE takes the grouped kernel: every one on the tensor cores, those of more than
+    # qmatvec.MAX_ROWS rows "by-rows" (--no-deterministic: gpt-oss-20b 3,135.6 tok/s at 64 streams without the copy
+    # against 3,220.6 with it, H100s, 2026-12-07; the copy's gain grows with the rows, docs/PERFORMANCE.md)
+    grouped = cfg.decode_kernels == "tensor-cores" or (cfg.decode_kernels == "by-rows" and max_batch > qmatvec.MAX_ROWS)
+    auto = bf16_experts is None and backend == "gpu" and mesh is None and grouped
     copies = copy_bytes if bf16_experts or auto else 0
 
     def on_each(need: devices.MemoryEstimate) -> devices.MemoryEstimate:
