@@ -507,6 +507,16 @@ def test_kernel_bench_at_two_rows_times_one_live_row_on_both_per_row_kernels(mon
     live = [k for k in seen if k.get("live") is not None]
     assert [bool(k.get("int8_x")) for k in live] == [False, True]
     assert all(k["live"].tolist() == [True, False] and k["tensor_cores"] is False for k in live)
+    assert "swapped" in out and any(k.get("swap") for k in seen)  # the swapped tensor-core dot's column
+
+
+def test_kernels_decode_moe_smoke_times_the_swapped_grouped_matmul(capsys, monkeypatch):
+    from bench import kernels
+
+    monkeypatch.setattr("sys.argv", ["bench.kernels", "--smoke", "--decode-moe", "--rows", "2", "--prefill", "0"])
+    kernels.main()
+    out = capsys.readouterr().out
+    assert "swapped: in registers" in out and "(block_m 16)" in out
 
 
 def test_kernel_profile_names_one_case_and_reads_the_programs_top_level():
