@@ -375,10 +375,11 @@ def bench_decode_moe(label, qtype, shape, k_sel, rows, args, bw) -> None:
     t_copy = per_call_grouped(copy, **interp, **mm.DECODE_COPY_TILES)
     # The swapped dot (WORKER_TC_SWAP, moe_matmul.swapped_tiles): its row tile by the pairs; on the stored experts
     # too, whose dequantized tile is then the MMA's left operand (it may stay in registers, where the unswapped
-    # dot's right operand goes through shared memory): the same bf16 operands as the copy's, so the same bits
-    swap = mm.swapped_tiles(rows * k_sel, e)
+    # dot's right operand goes through shared memory): the same bf16 operands and tiles as the copy's, so the same
+    # bits if the card sums them alike (what a bucket reading the stored experts would need)
+    swap = mm.DECODE_COPY_TILES | mm.swapped_tiles(rows * k_sel, e)
     t_swap_stored = per_call_grouped(w, **interp, **swap)
-    t_swap_copy = per_call_grouped(copy, **interp, **(mm.DECODE_COPY_TILES | swap))
+    t_swap_copy = per_call_grouped(copy, **interp, **swap)
     print(f"{label:22s} {qtype.name:6s} {'x'.join(map(str, shape)):>16s} M={rows} k={k_sel} ({touched} experts) "
           f"in registers {t_stored * 1e6:9.1f} us  bf16 copy {t_copy * 1e6:9.1f} us {read / t_copy / 1e9:7.1f} GB/s "
           f"({read / t_copy / bw:5.1%})  tiles {mm.DECODE_COPY_TILES}  swapped: in registers "
