@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -563,6 +564,31 @@ def test_kernel_sass_finds_the_main_loop_of_a_disassembly(monkeypatch):
     assert [op for _, op, _ in ins] == ["MOV", "LDG", "FMUL", "FADD", "BRA", "BRA", "EXIT"]
     (first, last), loops = sass.main_loop(ins)
     assert (first, last, loops) == (1, 5, 1)
+
+
+def test_the_swapped_dots_lower_to_triton_for_cuda_with_the_weight_on_the_left(monkeypatch):
+    """Plan.swap's kernels (qmatvec, and the grouped MoE matmul on decode's bf16 copy) as the card gets them, lowered
+    for CUDA with no GPU (tools/kernel_sass.py's capture of Pallas' Triton IR): the dot takes the dequantized weight
+    tile [64, K] on its left and x's row tile [K, 16] on its right (the sums [64 columns, 16 rows]).
+    (Compiled to SASS with a pip triton on 2026-12-07: HGMMA.64x16x16 with its left operand in registers at one row,
+    64x64x16 at 64; the unswapped dot's 16-row tile was HMMA.16816, another instruction.)"""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "kernel_sass.py"
+    spec = importlib.util.spec_from_file_location("kernel_sass", path)
+    sass = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "kernel_sass", sass)
+    spec.loader.exec_module(sass)
+    dense = "qmatvec Q8_0 256x256 tensor_cores=True swap=True"
+    grouped = "moe_matmul BF16 4x128x256 rows=2 k=2 chunk=2 swap=True block_m=16 block_n=64"
+    for expr, row_tile in ((f"{dense} rows=1", 16), (f"{dense} rows=40", 64), (grouped, 16)):
+        (kernel,), plan, _ = sass.qmatvec_call(expr)
+        assert plan.swap and plan.block_n == 64, expr
+        # the unswapped dot's sums are [64 rows, 32 columns] whatever the rows
+        dots = re.findall(r"tt\.dot [^\n]*", kernel.ttir)
+        assert dots and all(f"-> tensor<64x{row_tile}xf32>" in d for d in dots), (expr, dots)
 
 
 def test_int8_x_reaches_the_worker_and_its_server(tmp_path):

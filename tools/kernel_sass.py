@@ -8,7 +8,9 @@ here first (its main loop's body, per weight value, registers, spills) and only 
 the card (bench/kernels.py, bench/kernel_profile.py). An --expr is `qmatvec FORMAT NxK [rows=R] [key=value ...]`:
 the keys other than rows and live (True: a decode step's live rows given) are qmatvec's (tensor_cores, row_tile
 and plan's tiles: block_n, factored, ...). A `moe_matvec FORMAT ExNxK [rows=R] [k=S]` counts the gathered kernel:
-R tokens of S selections each; `triton_port Q4_K NxK [rows=R]` the jax-triton port of the per-row int8-x kernel
+R tokens of S selections each; `moe_matmul FORMAT ExNxK [rows=R] [k=S] [tiles]` the grouped kernel (BF16: decode's
+bf16 copy of the experts; e.g. `swap=True block_m=16 block_n=64 chunk=2`, moe_matmul.swapped_tiles);
+`triton_port Q4_K NxK [rows=R]` the jax-triton port of the per-row int8-x kernel
 (bench/triton_matvec.py), which `qmatvec Q4_K NxK rows=R tensor_cores=False int8_x=True` is the Pallas side of.
 
 How: jax lowers the call for "cuda" (no device needed); Pallas' custom call __gpu$xla.gpu.triton carries each
@@ -211,12 +213,13 @@ def qmatvec_call(expr: str) -> tuple[list[Kernel], Any, int]:
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as QT
 
+    from worker.pallas_kernels import moe_matmul as mm
     from worker.pallas_kernels import qmatvec as qmv
     from worker.quant import quant_array
 
     name, fmt, shape, *options = expr.split()
-    if name not in ("qmatvec", "moe_matvec"):
-        raise SystemExit(f"--expr {expr!r}: only qmatvec's and moe_matvec's kernels are counted")
+    if name not in ("qmatvec", "moe_matvec", "moe_matmul"):
+        raise SystemExit(f"--expr {expr!r}: only qmatvec's, moe_matvec's and moe_matmul's kernels are counted")
     qtype, shape = QT[fmt], tuple(int(d) for d in shape.lower().split("x"))
     kwargs = {}
     for option in options:
@@ -236,22 +239,26 @@ def qmatvec_call(expr: str) -> tuple[list[Kernel], Any, int]:
     # qmatvec picks its tiles from the shape and the overrides; recording its `plan` call reads them from the one
     # place that decides them.
     plans = []
-    plan = qmv.plan
+    module = mm if name == "moe_matmul" else qmv
+    plan = module.plan
 
     def recorded_plan(*a, **k):
         plans.append(plan(*a, **k))
         return plans[-1]
 
-    qmv.plan = recorded_plan
+    module.plan = recorded_plan
     try:
-        if name == "moe_matvec":
+        if name == "moe_matmul":  # the grouped kernel (format BF16: decode's copy of the experts)
+            ids = jax.ShapeDtypeStruct((rows, selections), jnp.int32)
+            kernels = captured_kernels(lambda x, w, ids: mm.moe_matmul(x, w, ids, **kwargs), x, w, ids)
+        elif name == "moe_matvec":
             ids = jax.ShapeDtypeStruct((rows, selections), jnp.int32)
             kernels = captured_kernels(lambda x, w, ids: qmv.moe_matvec(x, w, ids, **kwargs), x, w, ids)
         else:
             alive = jax.ShapeDtypeStruct((rows,), jnp.bool_) if live else None
             kernels = captured_kernels(lambda x, w, alive: qmv.qmatvec(x, w, live=alive, **kwargs), x, w, alive)
     finally:
-        qmv.plan = plan
+        module.plan = plan
     return kernels, plans[-1], qmv.FORMATS[qtype].sb
 
 
