@@ -153,11 +153,11 @@ def test_plan_and_fits_on_real_shapes():
 
 def test_swapped_row_tiles_follow_the_pairs_an_expert_gets():
     """gpt-oss-20b's 32 experts, top-4: one stream's bucket of 2 tokens and 64 tokens stage 16-row tiles, 256 tokens
-    32, 1,024 tokens 64 (BLOCK_M, the most); the expert tiles are wgmma's 64 columns."""
+    32, 1,024 tokens 64 (BLOCK_M, the most); the expert tiles are plan's 64 columns (wgmma's M) on both shapes."""
     tiles = [mm.swapped_tiles(tokens * 4, 32) for tokens in (2, 64, 256, 1024)]
     assert [t["block_m"] for t in tiles] == [16, 16, 32, 64]
-    assert all(t["swap"] and t["block_n"] == 64 for t in tiles)
-    assert mm.plan(QT.BF16, 5760, 2880, **tiles[0]).swap
+    plans = [mm.plan(QT.BF16, n, 2880, **t) for n in (5760, 2880) for t in tiles]
+    assert all(p.swap and p.block_n == 64 for p in plans)
 
 
 def test_ops_sends_selections_to_the_kernel_the_decode_kernels_say():

@@ -120,10 +120,10 @@ _moe_sorted_pairs = int(os.environ.get("WORKER_MOE_SORTED_PAIRS", str(qmatvec.SO
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
 # WORKER_TC_SWAP=1: decode's float tensor-core products on the swapped dot (qmatvec.Plan.swap: the weight tile as the
 # MMA's M, the rows as its N, so the row tile follows the rows), the grouped MoE matmul's too (moe_matmul.Plan.swap,
-# its row tile by the call's pairs). The aim: one stream at the default --max-batch 64,
-# which invariance keeps on the tensor cores, at 0.79x the per-row kernels' decode (an H100, 2026-12-07, qwen2.5-0.5b
-# 847.0 against 1,071.4 tok/s; docs/PERFORMANCE.md, fortieth session). Other bits than the unswapped dot; whether a
-# row's bits are the same at every row tile on the card is its gpu test's to say (not yet run). Opt-in until then.
+# its row tile by the call's pairs). The aim: one stream at the default --max-batch 64, which invariance keeps on
+# the tensor cores, at 0.79x the per-row kernels' decode (an H100, 2026-12-07, qwen2.5-0.5b 847.0 against 1,071.4
+# tok/s; docs/PERFORMANCE.md, fortieth session). Other bits than the unswapped dot; whether a row's bits are the
+# same at every row tile on the card is its gpu tests' to say (not yet run). Opt-in until then.
 _tc_swap = os.environ.get("WORKER_TC_SWAP", "0") == "1"
 
 

@@ -65,10 +65,11 @@ class Plan:
 
 def swapped_tiles(pairs: int, n_experts: int) -> dict:
     """A decode call's tiles on the swapped dot for `pairs` (token, selection) pairs over n_experts experts: row
-    tiles of about the pairs an expert gets (at least 16, tl.dot's smallest, at most BLOCK_M), and expert tiles of
-    64 columns (wgmma's M). One stream's 4 pairs then stage 16-row x tiles where the unswapped dot stages 64."""
+    tiles of about the pairs an expert gets (at least 16, tl.dot's smallest, at most BLOCK_M); the expert tiles are
+    `plan`'s, 64 columns where they divide Out (wgmma's M). One stream's 4 pairs then stage 16-row x tiles where the
+    unswapped dot stages 64."""
     per_expert = -(-pairs // n_experts)
-    return {"swap": True, "block_m": min(BLOCK_M, max(MIN_BLOCK_N, pl.next_power_of_2(per_expert))), "block_n": 64}
+    return {"swap": True, "block_m": min(BLOCK_M, max(MIN_BLOCK_N, pl.next_power_of_2(per_expert)))}
 
 
 def _fits(qtype, n: int, k: int) -> bool:
