@@ -535,18 +535,22 @@ def test_kernel_profile_names_one_case_and_reads_the_programs_top_level():
     assert [c[1].name for c in kernel_profile.selected_cases("qwen2.5-0.5b down:Q6_K, phi3 qkv")] == ["Q6_K", "Q4_K"]
 
 
-def test_kernel_sass_finds_the_main_loop_of_a_disassembly(monkeypatch):
+@pytest.fixture
+def sass(monkeypatch):
+    """tools/kernel_sass.py, a script, imported as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "kernel_sass.py"
+    spec = importlib.util.spec_from_file_location("kernel_sass", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "kernel_sass", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_sass_finds_the_main_loop_of_a_disassembly(sass):
     # tools/kernel_sass.py reads cuobjdump's SASS: the predicate guard is not the opcode, the trailing NOPs are
     # dropped, and the main loop is the innermost backward branch's range
-    import importlib.util
-    import pathlib
-    import sys
-
-    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "kernel_sass.py"
-    spec = importlib.util.spec_from_file_location("kernel_sass", path)
-    sass = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "kernel_sass", sass)  # its dataclasses look their module up
-    spec.loader.exec_module(sass)
     text = "\n".join(
         f"        /*{a:04x}*/                   {ins} ;   /* 0x0 */"
         for a, ins in [
@@ -566,21 +570,12 @@ def test_kernel_sass_finds_the_main_loop_of_a_disassembly(monkeypatch):
     assert (first, last, loops) == (1, 5, 1)
 
 
-def test_the_swapped_dots_lower_to_triton_for_cuda_with_the_weight_on_the_left(monkeypatch):
+def test_the_swapped_dots_lower_to_triton_for_cuda_with_the_weight_on_the_left(sass):
     """Plan.swap's kernels (qmatvec, and the grouped MoE matmul on decode's bf16 copy) as the card gets them, lowered
     for CUDA with no GPU (tools/kernel_sass.py's capture of Pallas' Triton IR): the dot takes the dequantized weight
     tile [64, K] on its left and x's row tile [K, 16] on its right (the sums [64 columns, 16 rows]).
     (Compiled to SASS with a pip triton on 2026-12-07: HGMMA.64x16x16 with its left operand in registers at one row,
     64x64x16 at 64; the unswapped dot's 16-row tile was HMMA.16816, another instruction.)"""
-    import importlib.util
-    import pathlib
-    import sys
-
-    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "kernel_sass.py"
-    spec = importlib.util.spec_from_file_location("kernel_sass", path)
-    sass = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "kernel_sass", sass)
-    spec.loader.exec_module(sass)
     dense = "qmatvec Q8_0 256x256 tensor_cores=True swap=True"
     grouped = "moe_matmul BF16 4x128x256 rows=2 k=2 chunk=2 swap=True block_m=16 block_n=64"
     for expr, row_tile in ((f"{dense} rows=1", 16), (f"{dense} rows=40", 64), (grouped, 16)):

@@ -248,12 +248,10 @@ def qmatvec_call(expr: str) -> tuple[list[Kernel], Any, int]:
 
     module.plan = recorded_plan
     try:
-        if name == "moe_matmul":  # the grouped kernel (format BF16: decode's copy of the experts)
+        if name != "qmatvec":  # the experts: the grouped kernel (BF16: decode's copy of the experts), the gathered one
+            op = mm.moe_matmul if name == "moe_matmul" else qmv.moe_matvec
             ids = jax.ShapeDtypeStruct((rows, selections), jnp.int32)
-            kernels = captured_kernels(lambda x, w, ids: mm.moe_matmul(x, w, ids, **kwargs), x, w, ids)
-        elif name == "moe_matvec":
-            ids = jax.ShapeDtypeStruct((rows, selections), jnp.int32)
-            kernels = captured_kernels(lambda x, w, ids: qmv.moe_matvec(x, w, ids, **kwargs), x, w, ids)
+            kernels = captured_kernels(lambda x, w, ids: op(x, w, ids, **kwargs), x, w, ids)
         else:
             alive = jax.ShapeDtypeStruct((rows,), jnp.bool_) if live else None
             kernels = captured_kernels(lambda x, w, alive: qmv.qmatvec(x, w, live=alive, **kwargs), x, w, alive)
