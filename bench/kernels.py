@@ -264,7 +264,7 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         swapped = jax.jit(lambda x, w: ops[0](x, w, **interp, swap=True))
         same = bool(jnp.array_equal(swapped(x[:1], w)[0], swapped(x, w)[0]))
         line += f"  swapped {t_swap * 1e6:9.1f} us ({'same bits' if same else 'OTHER BITS'} alone)"
-    if qtype in qmatvec_int8.INT8_TYPES:  # the per-row kernel on x rounded to int8 (another precision)
+    if qtype in qmatvec_int8.INT8_TYPES and not args.no_int8:  # the per-row kernel on x rounded to int8
         kind = {} if k_sel else dict(tensor_cores=False)
         t_int8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, **kind, int8_x=True)
         line += f"  per-row int8 x {t_int8 * 1e6:9.1f} us"
@@ -273,7 +273,8 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
         if not k_sel:  # the int8-x dot (IMMA), a row's bits the per-row kernel's: what takes more than 8 rows
             t_dot8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, int8_x=True)
             line += f"  int8 x dot {t_dot8 * 1e6:9.1f} us"
-    if not k_sel and rows == 2:  # one stream's bucket: its second row dead, skipped (qmatvec.live_steps, when_live)
+    if not k_sel and rows == 2 and not args.no_int8:  # one stream's bucket: its second row dead, skipped
+        # (qmatvec.live_steps, when_live)
         one_live = dict(tensor_cores=False, live=jnp.array([True, False]))
         t_live = per_call(ops[0], weights, x, ids, args.repeat, **interp, **one_live)
         line += f"  one live row: per-row {t_live * 1e6:9.1f} us"
@@ -432,6 +433,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also try other tilings and print the best")
     ap.add_argument("--sweep-kernel", default="tensor-cores", choices=("tensor-cores", "per-row", "both", "int8"),
                     help="the decode kernel --sweep tiles (int8: the int8-x per-row one)")  # fmt: skip
+    ap.add_argument("--no-int8", action="store_true",
+                    help="leave out the int8-x and one-live-row columns (their compiles take minutes)")  # fmt: skip
     ap.add_argument("--labels", default="", help="cases whose label contains one of these, e.g. phi3,qwen2.5")
     ap.add_argument("--decode-moe", action="store_true",
                     help="only decode's grouped MoE matmul at --rows: in registers against the bf16 copy")  # fmt: skip

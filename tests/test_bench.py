@@ -511,6 +511,20 @@ def test_kernel_bench_at_two_rows_times_one_live_row_on_both_per_row_kernels(mon
     assert "swapped" in out and any(k.get("swap") for k in seen)  # the swapped tensor-core dot's column
 
 
+def test_kernels_no_int8_keeps_the_float_kernels_and_drops_every_int8_compile(capsys, monkeypatch):
+    from bench import kernels
+
+    seen = []
+    real = kernels.per_call
+    monkeypatch.setattr(kernels, "per_call", lambda *a, **k: (seen.append(k), real(*a, **k))[1])
+    monkeypatch.setattr("sys.argv", ["bench.kernels", "--smoke", "--rows", "2", "--prefill", "0", "--no-int8"])
+    kernels.main()
+    out = capsys.readouterr().out
+    assert "swapped" in out and "per-row" in out and "int8" not in out and "one live row" not in out
+    assert seen and not any(k.get("int8_x") or k.get("live") is not None for k in seen)
+    assert any(k.get("swap") for k in seen) and any(k.get("tensor_cores") is False for k in seen)
+
+
 def test_kernels_decode_moe_smoke_times_the_swapped_grouped_matmul(capsys, monkeypatch):
     from bench import kernels
 
