@@ -25,7 +25,8 @@ CASES = [("qwen2", "model-q8_0.gguf", "logits-hf-f64-q8_0-dequant.npy", False, F
          ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy", False, False),
          ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy", True, False),
          ("qwen2", "model-q8_0.gguf", "logits-hf-f64-q8_0-dequant.npy", False, True),
-         ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy", True, True)]  # fmt: skip
+         ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy", True, True),
+         ("gpt-oss", "model-mxfp4_moe.gguf", "logits-hf-f64-mxfp4_moe-dequant.npy", False, True)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("arch", "file", "logits", "copy", "swap"), CASES,

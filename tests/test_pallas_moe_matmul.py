@@ -200,6 +200,32 @@ def test_decode_reads_the_bf16_copy_and_prefill_the_stored_experts():
         assert kernels(2, per_token=True) == ["qmatvec_mxfp4"]
 
 
+@pytest.mark.parametrize("swap", [True, False], ids=["swapped", "unswapped"])
+@pytest.mark.parametrize("copy", [True, False], ids=["bf16-copy", "stored"])
+def test_decode_calls_take_decodes_tiles_on_either_experts_and_prefill_its_own(monkeypatch, swap, copy):
+    """ops.moe_matmul's tiles for the grouped kernel: a decode call swapped (ops._tc_swap, the default) takes the
+    copy's K step and a row tile by its pairs, on the copy or (--no-bf16-experts) on the stored experts; unswapped,
+    the stored experts keep the kernel's own tiles; prefill takes PREFILL_TILES either way."""
+    experts, _ = random_weight(QT.MXFP4, (4, 32, 64), seed=1)
+    seen = []
+    real = mm.moe_matmul
+    monkeypatch.setattr(mm, "moe_matmul", lambda x, w, *a, **k: (seen.append((w.qtype, k)), real(x, w, *a, **k))[1])
+    monkeypatch.setattr(ops, "_tc_swap", swap)
+    x, ids = jnp.ones((2, 64)), jnp.asarray(routed(2, 2, 4, 0, "uniform"))
+    with ops.decode_kernels("tensor-cores"):
+        for per_token in (True, False):
+            ops.moe_matmul(x, experts, ids, backend="interpret", per_token=per_token,
+                           decode_copy=widened(experts, jnp.bfloat16) if copy else None)  # fmt: skip
+    (decode_fmt, decode), (prefill_fmt, prefill) = seen
+    assert (decode_fmt, prefill_fmt) == (QT.BF16 if copy else QT.MXFP4, QT.MXFP4)
+    tiles = {k: v for k, v in decode.items() if k != "interpret"}
+    if swap:
+        assert tiles == mm.DECODE_COPY_TILES | {"swap": True, "block_m": 16}
+    else:
+        assert tiles == (mm.DECODE_COPY_TILES if copy else {})
+    assert {k: v for k, v in prefill.items() if k != "interpret"} == mm.PREFILL_TILES
+
+
 def test_gpt_oss_prefill_through_the_kernel_matches_hf(oracles, monkeypatch):
     """The tiny gpt-oss (MXFP4 experts, E 4, k 2, 48 tokens) with its prefill MoE on the kernel (interpret
     mode): the HF float64 logits at the GPU gate (bf16 x: ~4e-3 relative, vs ~1e-6 on the CPU path)."""
@@ -271,21 +297,25 @@ def test_dead_tokens_on_the_gpu_read_as_zeros_and_leave_live_bits_alone():
 
 
 @pytest.mark.gpu
-def test_swapped_decode_tiles_keep_a_tokens_bits_in_every_bucket_on_the_gpu():
-    """WORKER_TC_SWAP's grouped matmul on decode's bf16 copy (moe_matmul.swapped_tiles): the row tile follows a
-    bucket's pairs (16 rows at 1 and 64 tokens, 32 at 256, 64 at 1,024), so a token's pairs are MMAs of another N
-    in each. The swap rests on the card summing a row the same for every N (wgmma's); this is its check: token 0's
-    bits the same in every bucket, and the largest call against the twin."""
+@pytest.mark.parametrize("read", ["bf16-copy", "stored"])
+def test_swapped_decode_tiles_keep_a_tokens_bits_in_every_bucket_on_the_gpu(read):
+    """The swapped grouped matmul at decode's tiles (ops.moe_matmul: moe_matmul.swapped_tiles and
+    DECODE_COPY_TILES), on the experts' bf16 copy and on the stored MXFP4 dequantized in registers (what
+    --no-bf16-experts decodes with): the row tile follows a bucket's pairs (16 rows at 1 and 64 tokens, 32 at 256,
+    64 at 1,024), so a token's pairs are MMAs of another N in each. The swap rests on the card summing a row the same
+    for every N (wgmma's); this is its check: token 0's bits the same in every bucket, and the largest call against
+    the twin. (The two reads differ from each other in float32 order: the stored MXFP4's two nibble halves are two
+    dots a step.)"""
     _gpu()
     e, k_sel, k, n = 32, 4, 2880, 5760
     stored = quant_array(random_raw(QT.MXFP4, (e, n, k), seed=12), QT.MXFP4, (e, n, k), put=jax.device_put)
-    copy = widened(stored, jnp.bfloat16)
+    experts = widened(stored, jnp.bfloat16) if read == "bf16-copy" else stored
     ids = jnp.asarray(routed(1024, k_sel, e, seed=13, skew="uniform"))
     x = jax.random.normal(jax.random.key(14), (1024, k), jnp.float32)
 
     def run(m: int) -> np.ndarray:
         tiles = mm.DECODE_COPY_TILES | mm.swapped_tiles(m * k_sel, e)
-        return np.asarray(jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, **tiles))(x[:m], copy, ids[:m]))
+        return np.asarray(jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, **tiles))(x[:m], experts, ids[:m]))
 
     assert [mm.swapped_tiles(m * k_sel, e)["block_m"] for m in (1, 64, 256, 1024)] == [16, 16, 32, 64]
     alone = run(1)[0]
@@ -294,4 +324,4 @@ def test_swapped_decode_tiles_keep_a_tokens_bits_in_every_bucket_on_the_gpu():
         np.testing.assert_array_equal(y[0], alone, err_msg=f"token 0 among {m}")
     twin = np.asarray(jax.jit(mm.moe_matmul_twin)(x, stored, ids), np.float64)
     bound = np.asarray(jax.jit(mm.moe_matmul_twin)(jnp.abs(x), _abs_mxfp4(stored), ids), np.float64)
-    assert_close(y, twin, bound, TOL_TWIN_GPU, "swapped, 1,024 tokens")
+    assert_close(y, twin, bound, TOL_TWIN_GPU, f"swapped on the {read}, 1,024 tokens")

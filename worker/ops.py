@@ -118,13 +118,14 @@ _moe_sorted_pairs = int(os.environ.get("WORKER_MOE_SORTED_PAIRS", str(qmatvec.SO
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
-# WORKER_TC_SWAP=1: decode's float tensor-core products on the swapped dot (qmatvec.Plan.swap: the weight tile as the
-# MMA's M, the rows as its N, so the row tile follows the rows), the grouped MoE matmul's too (moe_matmul.Plan.swap,
-# its row tile by the call's pairs). The aim: one stream at the default --max-batch 64, which invariance keeps on
-# the tensor cores, at 0.79x the per-row kernels' decode (an H100, 2026-12-07, qwen2.5-0.5b 847.0 against 1,071.4
-# tok/s; docs/PERFORMANCE.md, fortieth session). Other bits than the unswapped dot; whether a row's bits are the
-# same at every row tile on the card is its gpu tests' to say (not yet run). Opt-in until then.
-_tc_swap = os.environ.get("WORKER_TC_SWAP", "0") == "1"
+# The swapped dot (WORKER_TC_SWAP=0 turns it off): decode's float tensor-core products with the weight tile as the
+# MMA's M and the rows as its N (qmatvec.Plan.swap), so that the row tile follows the rows: one stream stages a
+# 16-row x tile, not 64 rows of zeros; the grouped MoE matmul's too (moe_matmul.Plan.swap, its row tile by the call's
+# pairs). A row's bits are the same at every row tile on the card (its gpu tests and the invariance tests passed on an
+# H100, 2026-12-07), other bits than the unswapped dot's. Measured there, worker only, two rounds each
+# (docs/PERFORMANCE.md, forty-first session): one stream qwen2.5-0.5b +2.4-3.0%, phi3-mini the same, gpt-oss-20b
+# +13%; 64 streams the same on qwen2.5-0.5b, 0.957x and 1.004x on phi3-mini, +6-14% on gpt-oss-20b.
+_tc_swap = os.environ.get("WORKER_TC_SWAP", "1") != "0"
 
 
 _ENV_TILES = ("block_n", "chunk", "splits", "num_warps", "num_stages", "programs")  # qmatvec.plan's integer ones
@@ -849,7 +850,7 @@ def moe_matmul(
         kernel = qmatvec.moe_matvec
     if kernel is not None and experts.sharding is not None:
         return _expert_parallel(kernel, x, experts, expert_ids, interpret)
-    # WORKER_TC_SWAP=1: a decode call's grouped kernel on the swapped dot, its row tile by the call's pairs
+    # A decode call's grouped kernel on the swapped dot (`_tc_swap`), its row tile by the call's pairs
     swap = grouped_matmul.swapped_tiles(expert_ids.size, n_experts) if per_token and _tc_swap else {}
     if kernel is grouped_matmul.moe_matmul and per_token and decode_copy is not None:
         # Every decode call of the grouped kernel reads the bf16 copy (batch invariance: one route for all rows).
@@ -857,7 +858,11 @@ def moe_matmul(
         return kernel(x, decode_copy, expert_ids, live, interpret=interpret, **tiles)
     if kernel is grouped_matmul.moe_matmul:
         # A prefill call takes prefill's tiles, whatever its size or company (batch invariance); decode its own.
-        tiles = swap if per_token else grouped_matmul.PREFILL_TILES
+        # Swapped, decode on the stored experts (`--no-bf16-experts`) takes the copy's tiles: the fastest grouped
+        # decode timed alone (gpt-oss-20b's gate_up at 64 tokens 315.8 us, the copy 428.8 swapped and 457.8 not; an
+        # H100, 2026-12-07, docs/PERFORMANCE.md). Other bits than the copy's: MXFP4's two nibble halves are two dots
+        # a step.
+        tiles = (grouped_matmul.DECODE_COPY_TILES | swap if swap else {}) if per_token else grouped_matmul.PREFILL_TILES
         return kernel(x, experts, expert_ids, live, interpret=interpret, **tiles)
     if kernel is not None:
         int8_x = _int8_x(experts)

@@ -59,7 +59,8 @@ class Plan:
     num_warps: int = 4
     num_stages: int = 3
     # The dot swapped, as qmatvec.Plan.swap: each expert tile as the MMA's M (BN columns), the row tile's pairs as its
-    # N, so that the row tile can follow a decode step's pairs (`swapped_tiles`). Not yet run on the card.
+    # N, so that the row tile can follow a decode step's pairs (`swapped_tiles`): a token's bits the same in every
+    # bucket on the card (its gpu test passed on an H100, 2026-12-07); decode's default.
     swap: bool = False
 
 

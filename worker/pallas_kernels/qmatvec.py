@@ -353,8 +353,8 @@ class Plan:
     # wgmma takes from 8 up; the row tile then follows the rows (16, 32 or 64) where the unswapped dot must keep 64
     # (its smaller tiles are another MMA instruction, with other bits: docs/kernels.md). At one row the unswapped
     # dot stages a 64-row x tile of masked zeros in shared memory every step, and the card's L1/shared path was its
-    # bound (73% busy, DRAM 15%: docs/PERFORMANCE.md, sixteenth session). Whether a row's bits are the same for
-    # every row tile on the card (wgmma's N) is what its gpu test checks; not yet run there. Other bits than the
+    # bound (73% busy, DRAM 15%: docs/PERFORMANCE.md, sixteenth session). A row's bits are the same for every row
+    # tile on the card (wgmma's N: its gpu test passed on an H100, 2026-12-07); decode's default. Other bits than the
     # unswapped dot (another tile of columns, so another K split), so a model takes one or the other for every call.
     swap: bool = False
 
