@@ -6,10 +6,12 @@ run.)"""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 from model_oracles import manifest, teacher_forced_decode
+from test_pallas_qmatvec import random_weight
 
 import worker
 from worker import device as devices
@@ -46,7 +48,7 @@ def test_tensor_core_decode_matches_the_oracle(oracles, monkeypatch, arch, file,
 
     monkeypatch.setattr(qmv, "qmatvec", spy_dense)
     monkeypatch.setattr(mm, "moe_matmul", spy_grouped)
-    monkeypatch.setattr(ops, "_tc_swap", swap)
+    monkeypatch.setattr(ops, "_tc_swap", ops._swap_formats("1" if swap else "0"))
     d = oracles / "models" / arch
     m = worker.load(d / file, device="cpu", backend="interpret", max_batch=16, bf16_experts=copy or None)
     assert m.cfg.decode_kernels == "tensor-cores" and m.bf16_experts == copy
@@ -97,3 +99,23 @@ def test_bf16_experts_by_default_only_where_the_copy_fits(oracles, monkeypatch):
     with pytest.raises(WorkerError) as err:
         worker.load(path, device="cpu", backend="gpu", max_batch=16, bf16_experts=True)
     assert err.value.code == ErrorCode.INSUFFICIENT_VRAM
+
+
+def test_the_swap_is_chosen_by_each_weights_format(monkeypatch):
+    """WORKER_TC_SWAP: "1" (the default) every format, "0" none, else the formats it names, in any case; a name
+    that is not a GGML format is refused with the variable's name. A decode call on the tensor cores swaps where its
+    weight's format is among them, so a row's kernel is the same whatever the batch."""
+    assert ops._swap_formats("1") == frozenset(QT) and ops._swap_formats("0") == frozenset()
+    assert ops._swap_formats("q8_0, MXFP4,") == {QT.Q8_0, QT.MXFP4}
+    with pytest.raises(ValueError, match="WORKER_TC_SWAP: 'Q9_0' is not 0, 1 or"):
+        ops._swap_formats("q8_0,q9_0")
+    seen = []
+    real = qmv.qmatvec
+    monkeypatch.setattr(qmv, "qmatvec", lambda x, w, **k: (seen.append((w.qtype, k.get("swap"))), real(x, w, **k))[1])
+    monkeypatch.setattr(ops, "_tc_swap", ops._swap_formats("q8_0"))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 256)), jnp.float32)
+    with ops.decode_kernels("tensor-cores"):
+        for seed, qtype in enumerate((QT.Q8_0, QT.Q4_K)):
+            ops.qmatmul(x, random_weight(qtype, (32, 256), seed)[0], backend="interpret")
+    assert seen == [(QT.Q8_0, True), (QT.Q4_K, False)]

@@ -210,7 +210,7 @@ def test_decode_calls_take_decodes_tiles_on_either_experts_and_prefill_its_own(m
     seen = []
     real = mm.moe_matmul
     monkeypatch.setattr(mm, "moe_matmul", lambda x, w, *a, **k: (seen.append((w.qtype, k)), real(x, w, *a, **k))[1])
-    monkeypatch.setattr(ops, "_tc_swap", swap)
+    monkeypatch.setattr(ops, "_tc_swap", ops._swap_formats("mxfp4" if swap else "0"))
     x, ids = jnp.ones((2, 64)), jnp.asarray(routed(2, 2, 4, 0, "uniform"))
     with ops.decode_kernels("tensor-cores"):
         for per_token in (True, False):

@@ -22,6 +22,7 @@ from contextvars import ContextVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gguf import GGMLQuantizationType as QT
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -118,14 +119,31 @@ _moe_sorted_pairs = int(os.environ.get("WORKER_MOE_SORTED_PAIRS", str(qmatvec.SO
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
+
+
+def _swap_formats(value: str) -> frozenset:
+    """WORKER_TC_SWAP's formats: every one for "1", none for "0", else the named GGML formats (any case)."""
+    if value in ("0", "1"):
+        return frozenset(QT) if value == "1" else frozenset()
+    try:
+        return frozenset(QT[name.strip().upper()] for name in value.split(",") if name.strip())
+    except KeyError as err:
+        raise ValueError(f"WORKER_TC_SWAP: {err.args[0]!r} is not 0, 1 or a comma-separated list of GGML formats "
+                         "(e.g. q8_0,q5_0,mxfp4)") from None  # fmt: skip
+
+
 # The swapped dot (WORKER_TC_SWAP=0 turns it off): decode's float tensor-core products with the weight tile as the
 # MMA's M and the rows as its N (qmatvec.Plan.swap), so that the row tile follows the rows: one stream stages a
 # 16-row x tile, not 64 rows of zeros; the grouped MoE matmul's too (moe_matmul.Plan.swap, its row tile by the call's
 # pairs). A row's bits are the same at every row tile on the card (its gpu tests and the invariance tests passed on an
 # H100, 2026-12-07), other bits than the unswapped dot's. Measured there, worker only, two rounds each
 # (docs/PERFORMANCE.md, forty-first session): one stream qwen2.5-0.5b +2.4-3.0%, phi3-mini the same, gpt-oss-20b
-# +13%; 64 streams the same on qwen2.5-0.5b, 0.957x and 1.004x on phi3-mini, +6-14% on gpt-oss-20b.
-_tc_swap = os.environ.get("WORKER_TC_SWAP", "1") != "0"
+# +13%; 64 streams the same on qwen2.5-0.5b, 0.957x and 1.004x on phi3-mini, +6-14% on gpt-oss-20b. Alone it lost
+# 4-17% on the K-quants at one row, so WORKER_TC_SWAP also takes a comma-separated list of the formats that swap
+# (e.g. q8_0,q5_0,q4_0,mxfp4; lower case passes through gpu-session.sh's AB): an A/B of the choice by format in whole
+# steps. A row's bits stay the same at every tile either way: a call's choice is its weight's format, whatever the
+# batch.
+_tc_swap = _swap_formats(os.environ.get("WORKER_TC_SWAP", "1"))
 
 
 _ENV_TILES = ("block_n", "chunk", "splits", "num_warps", "num_stages", "programs")  # qmatvec.plan's integer ones
@@ -525,7 +543,7 @@ def qmatmul(
             live = _live_rows.get()
             skip = not tensor_cores and not int8_x
             live = live if live is not None and live.size == rows and skip else None
-            tiles = _int8_x_tiles(norm, glu) if int8_x else {"swap": tensor_cores and _tc_swap}
+            tiles = _int8_x_tiles(norm, glu) if int8_x else {"swap": tensor_cores and w.qtype in _tc_swap}
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
@@ -851,7 +869,8 @@ def moe_matmul(
     if kernel is not None and experts.sharding is not None:
         return _expert_parallel(kernel, x, experts, expert_ids, interpret)
     # A decode call's grouped kernel on the swapped dot (`_tc_swap`), its row tile by the call's pairs
-    swap = grouped_matmul.swapped_tiles(expert_ids.size, n_experts) if per_token and _tc_swap else {}
+    swapped = per_token and experts.qtype in _tc_swap
+    swap = grouped_matmul.swapped_tiles(expert_ids.size, n_experts) if swapped else {}
     if kernel is grouped_matmul.moe_matmul and per_token and decode_copy is not None:
         # Every decode call of the grouped kernel reads the bf16 copy (batch invariance: one route for all rows).
         tiles = grouped_matmul.DECODE_COPY_TILES | swap
