@@ -139,7 +139,7 @@ def _swap_formats(value: str) -> frozenset:
 # H100, 2026-12-07), other bits than the unswapped dot's. Measured there, worker only, two rounds each
 # (docs/PERFORMANCE.md, forty-first session): one stream qwen2.5-0.5b +2.4-3.0%, phi3-mini the same, gpt-oss-20b
 # +13%; 64 streams the same on qwen2.5-0.5b, 0.957x and 1.004x on phi3-mini, +6-14% on gpt-oss-20b. Alone it lost
-# 4-17% on the K-quants at one row, so WORKER_TC_SWAP also takes a comma-separated list of the formats that swap
+# 4-21% on the K-quants at one row, so WORKER_TC_SWAP also takes a comma-separated list of the formats that swap
 # (e.g. q8_0,q5_0,q4_0,mxfp4): an A/B of the choice by format in whole steps. A row's bits stay the same at every
 # tile either way: a call's choice is its weight's format (the experts' stored one), whatever the batch.
 _tc_swap = _swap_formats(os.environ.get("WORKER_TC_SWAP", "1"))
