@@ -273,16 +273,31 @@ def main(argv: list[str] | None = None) -> int:
     _route_python_logging(narrator)
     narrator.emit("startup", pid=os.getpid(), device=args.device, host=args.host, port=args.port)
 
-    def stop_starting(sig: int, _frame: Any) -> None:
-        raise _Stop(signal.Signals(sig).name)
+    # SIGTERM and SIGINT until the server's own handlers take over: each is recorded, and while the model loads it
+    # also stops the load at once (_Stop). The record is what counts: where the signal lands in a finalizer or a
+    # callback, Python only reports the exception and the load goes on (a fresh-clone CI run of 2026-12-07 served
+    # after a SIGTERM at model_load_start, its raise lost).
+    stops: list[str] = []
+
+    def record(sig: int, _frame: Any) -> None:
+        stops.append(signal.Signals(sig).name)
+
+    def stop_starting(sig: int, frame: Any) -> None:
+        record(sig, frame)
+        raise _Stop(stops[0])
+
+    def stopped_starting(reason: str) -> int:
+        narrator.emit(
+            "shutdown", reason=f"{reason} during start-up", uptime_seconds=round(time.monotonic() - started, 3)
+        )
+        return 0
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop_starting)
     try:
         engine, chat_template = start_engine(args, narrator)
     except _Stop as e:
-        narrator.emit("shutdown", reason=f"{e} during start-up", uptime_seconds=round(time.monotonic() - started, 3))
-        return 0
+        return stopped_starting(str(e))
     except ArgumentError as e:
         narrator.emit("error", level="error", code="INVALID_REQUEST", message=str(e), model_path=narrator.model_ref)
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -304,11 +319,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, record)  # no raise past here: the engine thread starts below
+    if stops:  # a stop whose raise was lost on the way
+        engine.shutdown(args.shutdown_deadline)
+        code = stopped_starting(stops[0])
+        if engine.compiling:  # a thread in an XLA compile ahead: see serve
+            os._exit(code)
+        return code
+    engine.start()
     split = args.http_process if args.http_process is not None else engine.model.device_kind == "gpu"
     if split:
-        return serve_split(args, sock, engine, narrator, started)
-    return serve(args, sock, engine, chat_template, narrator, started)
+        return serve_split(args, sock, engine, narrator, started, stops)
+    return serve(args, sock, engine, chat_template, narrator, started, stops)
 
 
 def default_cpu_devices() -> int:
@@ -325,7 +347,8 @@ def host_devices(n: int) -> None:
 
 
 def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, ChatTemplate | None]:
-    """Device init -> model load (progress at 0/25/50/75/100 %) and its chat template -> the engine thread."""
+    """Device init -> model load (progress at 0/25/50/75/100 %) and its chat template -> the engine, not yet started
+    (`main` starts its thread once a signal can no longer interrupt it half-way)."""
     import worker
     from worker import compile_cache
     from worker.chat import load_chat_template
@@ -408,7 +431,6 @@ def start_engine(args: argparse.Namespace, narrator: Narrator) -> tuple[Engine, 
         inference_timeout_s=args.inference_timeout_sec,
         on_event=on_event,
     )
-    engine.start()
     return engine, chat_template
 
 
@@ -419,9 +441,11 @@ def serve(
     chat_template: ChatTemplate | None,
     narrator: Narrator,
     started: float,
+    stops: list[str],
 ) -> int:
-    """The HTTP server in this process, until it stops; then the engine's arrays are freed."""
-    reason = run_http(args, sock, engine, chat_template, narrator, started)
+    """The HTTP server in this process, until it stops; then the engine's arrays are freed. `stops`: the signals
+    recorded before the server's own handlers (each starts the graceful shutdown, as theirs do)."""
+    reason = run_http(args, sock, engine, chat_template, narrator, started, early_stops=stops)
     uptime = round(time.monotonic() - started, 3)
     if engine.busy or engine.compiling:
         # The engine thread is stuck where it cannot see its cancel flag (an XLA compile), or a program is being
@@ -443,9 +467,11 @@ def run_http(
     narrator: Narrator,
     started: float,
     stop_requests: Callable[[_Server], None] | None = None,
+    early_stops: list[str] | None = None,
 ) -> str:
     """Serve HTTP on `sock` until a shutdown (or uvicorn's own stop) has drained the engine; returns the reason.
-    `stop_requests`: where the server hears it should stop, when not from this process's signals."""
+    `stop_requests`: where the server hears it should stop, when not from this process's signals. `early_stops`:
+    this process's signals that came before the server's handlers were in place."""
     from server.app import create_app
     from server.service import WorkerService
 
@@ -464,6 +490,7 @@ def run_http(
     config = http_config(create_app(service))
     server = _Server(config, service, lambda: _ready(args, service, f"http://{_url_host(host)}:{port}", started))
     server.own_signals = stop_requests is None
+    server.early_stops = early_stops if early_stops is not None else []
     service.on_stopped = server.stop
     if stop_requests is not None:
         stop_requests(server)
@@ -477,12 +504,17 @@ def run_http(
 
 
 def serve_split(
-    args: argparse.Namespace, sock: socket.socket, engine: Engine, narrator: Narrator, started: float
+    args: argparse.Namespace,
+    sock: socket.socket,
+    engine: Engine,
+    narrator: Narrator,
+    started: float,
+    signals: list[str],
 ) -> int:
     """`--http-process`: the HTTP server in a child process (`http_process`), this process's engine serving it over
-    a pipe (server/engine_link.py). Signals still come here: they are passed on as a request to stop. Exits when
-    the child does: 0 after its graceful shutdown."""
-    signals: list[str] = []  # passed on by the loop below: a handler must not take the pipe's lock
+    a pipe (server/engine_link.py). Signals still come here: they are passed on as a request to stop, those already
+    in `signals` (recorded while starting) first. Exits when the child does: 0 after its graceful shutdown."""
+    # passed on by the loop below: a handler must not take the pipe's lock
 
     def on_signal(sig: int, _frame: Any) -> None:
         signals.append(signal.Signals(sig).name)
@@ -594,7 +626,12 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.service, self.on_ready = service, on_ready
 
+    early_stops: list[str] | tuple[str, ...] = ()  # signals recorded before this server's handlers (main's `stops`)
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn's handlers are in place here (serve's capture_signals): what came before is taken now
+        for reason in self.early_stops:
+            self.stop_for(reason)
         await super().startup(sockets=sockets)
         if self.started and not self.should_exit:
             self.on_ready()

@@ -169,6 +169,53 @@ def test_sigterm_while_starting_exits_0():
     assert last["event"] == "shutdown" and last["reason"] == "SIGTERM during start-up"
 
 
+def test_a_sigterm_whose_raise_is_lost_while_starting_still_ends_the_start(monkeypatch, capsys):
+    """A SIGTERM while starting raises _Stop wherever the main thread is; where that is code that swallows it (a
+    finalizer, a callback: Python only reports the exception there), the recorded signal still ends the start: the
+    engine is shut down without its thread ever starting, main returns 0 with the `shutdown` line, and nothing is
+    served (a fresh-clone CI run of 2026-12-07 loaded on and served after a SIGTERM at model_load_start)."""
+    import logging
+
+    from server import cli as cli_module
+
+    calls = []
+
+    class Engine:
+        compiling = False
+
+        def shutdown(self, deadline_s: float) -> None:
+            calls.append("shutdown")
+
+        def start(self) -> None:
+            calls.append("start")
+
+    def start_engine(args, narrator):
+        try:
+            signal.raise_signal(signal.SIGTERM)  # the handler raises _Stop here...
+        except BaseException:  # ...and this swallows it, as a finalizer would
+            calls.append("swallowed")
+        return Engine(), None
+
+    monkeypatch.setattr(cli_module, "start_engine", start_engine)
+    monkeypatch.setattr(cli_module, "serve", lambda *a: calls.append("serve") or 0)
+    monkeypatch.setattr(cli_module, "host_devices", lambda n: None)  # this process's XLA_FLAGS stay as they are
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    root = logging.getLogger()
+    logging_state = (root.handlers[:], root.level, logging.getLogger("worker").level)
+    try:
+        assert main(base()) == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        root.handlers[:], level, worker_level = logging_state
+        root.setLevel(level)
+        logging.getLogger("worker").setLevel(worker_level)
+        logging.captureWarnings(False)
+    assert calls == ["swallowed", "shutdown"]
+    last = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert last["event"] == "shutdown" and last["reason"] == "SIGTERM during start-up"
+
+
 def test_python_warnings_become_narration_lines():
     """A `warnings.warn` (JAX's compile cache reports a lock it could not take so) comes out as a JSON log event,
     not bare text among the narration."""
