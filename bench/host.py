@@ -186,7 +186,9 @@ def real_engine(path: str, streams: int, tokens: int, worker_args: list[str]) ->
     argv = ["--model", path, "--worker-id", "host-bench", "--gpu-device", "0", "--port", "1"]  # no socket is bound
     argv += ["--max-batch", str(streams), "--max-queue", str(streams), "--max-tokens-out", str(tokens)]
     args = build_parser().parse_args([*argv, *worker_args])
-    return start_engine(args, Narrator("host-bench", path, None, stream=io.StringIO()))[0]
+    engine = start_engine(args, Narrator("host-bench", path, None, stream=io.StringIO()))[0]
+    engine.start()  # start_engine leaves that to its caller (server/cli.py's main: after its signal handling)
+    return engine
 
 
 def main(argv: list[str] | None = None) -> int:
