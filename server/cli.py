@@ -633,7 +633,7 @@ class _Server(uvicorn.Server):
         for reason in self.early_stops:
             self.stop_for(reason)
         await super().startup(sockets=sockets)
-        if self.started and not self.should_exit:
+        if self.started and not self.should_exit and self.service.shutdown_reason is None:  # none draining
             self.on_ready()
 
     own_signals = True  # False in --http-process's child: the engine's process passes its signals on (stop_for)

@@ -216,6 +216,40 @@ def test_a_sigterm_whose_raise_is_lost_while_starting_still_ends_the_start(monke
     assert last["event"] == "shutdown" and last["reason"] == "SIGTERM during start-up"
 
 
+def test_a_signal_before_the_servers_handlers_starts_its_graceful_shutdown():
+    """A SIGTERM recorded after the start but before uvicorn's handlers were in place (main's `stops`, passed as
+    run_http's early_stops) shuts the server down as uvicorn's handler would: the reason is the signal, no `ready`
+    line is written, and the engine is stopped."""
+    import io
+
+    from server.cli import build_parser, run_http
+    from tests.tiny_worker import tiny_model
+    from worker.engine import Engine, JobRequest, ShuttingDown
+    from worker.narration import Narrator
+
+    args = build_parser().parse_args(base(**{"--port": "0"}))
+    engine = Engine(tiny_model())
+    engine.start()
+    out = io.StringIO()
+    narrator = Narrator(WORKER_ID, "tiny", 0, stream=out)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        # were the early stop not taken, the server would serve on: a SIGINT 60 s later ends it with that reason
+        backstop = threading.Timer(60, signal.raise_signal, (signal.SIGINT,))
+        backstop.start()
+        try:
+            reason = run_http(args, sock, engine, None, narrator, 0.0, early_stops=["SIGTERM"])
+        finally:
+            backstop.cancel()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    assert reason == "SIGTERM"
+    assert '"ready"' not in out.getvalue()
+    with pytest.raises(ShuttingDown):  # the engine was drained: it takes no job
+        engine.submit(JobRequest("after", "Hello", max_tokens=1), lambda event: None)
+
+
 def test_python_warnings_become_narration_lines():
     """A `warnings.warn` (JAX's compile cache reports a lock it could not take so) comes out as a JSON log event,
     not bare text among the narration."""
