@@ -376,8 +376,8 @@ def bench_decode_moe(label, qtype, shape, k_sel, rows, args, bw) -> None:
     t_copy = per_call_grouped(copy, **interp, **mm.DECODE_COPY_TILES)
     # The swapped dot (WORKER_TC_SWAP, moe_matmul.swapped_tiles): its row tile by the pairs; on the stored experts
     # too, whose dequantized tile is then the MMA's left operand (it may stay in registers, where the unswapped
-    # dot's right operand goes through shared memory): the same bf16 operands and tiles as the copy's, so the same
-    # bits if the card sums them alike (what a bucket reading the stored experts would need)
+    # dot's right operand goes through shared memory): the same bf16 operands and tiles as the copy's, though other
+    # bits (the stored MXFP4's two nibble halves are two dots a step: ops.moe_matmul)
     swap = mm.DECODE_COPY_TILES | mm.swapped_tiles(rows * k_sel, e)
     t_swap_stored = per_call_grouped(w, **interp, **swap)
     t_swap_copy = per_call_grouped(copy, **interp, **swap)

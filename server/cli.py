@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -467,7 +467,7 @@ def run_http(
     narrator: Narrator,
     started: float,
     stop_requests: Callable[[_Server], None] | None = None,
-    early_stops: list[str] | None = None,
+    early_stops: Sequence[str] = (),
 ) -> str:
     """Serve HTTP on `sock` until a shutdown (or uvicorn's own stop) has drained the engine; returns the reason.
     `stop_requests`: where the server hears it should stop, when not from this process's signals. `early_stops`:
@@ -490,7 +490,7 @@ def run_http(
     config = http_config(create_app(service))
     server = _Server(config, service, lambda: _ready(args, service, f"http://{_url_host(host)}:{port}", started))
     server.own_signals = stop_requests is None
-    server.early_stops = early_stops if early_stops is not None else []
+    server.early_stops = early_stops
     service.on_stopped = server.stop
     if stop_requests is not None:
         stop_requests(server)
@@ -514,8 +514,8 @@ def serve_split(
     """`--http-process`: the HTTP server in a child process (`http_process`), this process's engine serving it over
     a pipe (server/engine_link.py). Signals still come here: they are passed on as a request to stop, those already
     in `signals` (recorded while starting) first. Exits when the child does: 0 after its graceful shutdown."""
-    # passed on by the loop below: a handler must not take the pipe's lock
 
+    # The handler only records: the loop below passes them on (a handler must not take the pipe's lock)
     def on_signal(sig: int, _frame: Any) -> None:
         signals.append(signal.Signals(sig).name)
 
@@ -626,7 +626,7 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.service, self.on_ready = service, on_ready
 
-    early_stops: list[str] | tuple[str, ...] = ()  # signals recorded before this server's handlers (main's `stops`)
+    early_stops: Sequence[str] = ()  # signals recorded before this server's handlers (main's `stops`)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn's handlers are in place here (serve's capture_signals): what came before is taken now

@@ -867,21 +867,21 @@ def moe_matmul(
         kernel = qmatvec.moe_matvec
     if kernel is not None and experts.sharding is not None:
         return _expert_parallel(kernel, x, experts, expert_ids, interpret)
-    # A decode call's grouped kernel on the swapped dot (`_tc_swap`), its row tile by the call's pairs
-    swapped = per_token and experts.qtype in _tc_swap
-    swap = grouped_matmul.swapped_tiles(expert_ids.size, n_experts) if swapped else {}
-    if kernel is grouped_matmul.moe_matmul and per_token and decode_copy is not None:
-        # Every decode call of the grouped kernel reads the bf16 copy (batch invariance: one route for all rows).
-        tiles = grouped_matmul.DECODE_COPY_TILES | swap
-        return kernel(x, decode_copy, expert_ids, live, interpret=interpret, **tiles)
+    if kernel is grouped_matmul.moe_matmul and not per_token:
+        # A prefill call takes prefill's tiles, whatever its size or company (batch invariance).
+        return kernel(x, experts, expert_ids, live, interpret=interpret, **grouped_matmul.PREFILL_TILES)
     if kernel is grouped_matmul.moe_matmul:
-        # A prefill call takes prefill's tiles, whatever its size or company (batch invariance); decode its own.
-        # Swapped, decode on the stored experts (`--no-bf16-experts`) takes the copy's tiles: the fastest grouped
-        # decode timed alone (gpt-oss-20b's gate_up at 64 tokens 315.8 us, the copy 428.8 swapped and 457.8 not; an
-        # H100, 2026-12-07, docs/PERFORMANCE.md). Other bits than the copy's: MXFP4's two nibble halves are two dots
-        # a step.
-        tiles = (grouped_matmul.DECODE_COPY_TILES | swap if swap else {}) if per_token else grouped_matmul.PREFILL_TILES
-        return kernel(x, experts, expert_ids, live, interpret=interpret, **tiles)
+        # Every decode call reads one thing (batch invariance: one route for all rows): the bf16 copy where there is
+        # one, else the stored experts. Swapped (`_tc_swap`: its row tile by the call's pairs), either takes the
+        # copy's tiles: on the stored experts the fastest grouped decode timed alone (gpt-oss-20b's gate_up at 64
+        # tokens 315.8 us, the copy 428.8 swapped and 457.8 not; an H100, 2026-12-07, docs/PERFORMANCE.md), with
+        # other bits than the copy's (MXFP4's two nibble halves are two dots a step).
+        swap = experts.qtype in _tc_swap
+        tiles = grouped_matmul.swapped_tiles(expert_ids.size, n_experts) if swap else {}
+        if swap or decode_copy is not None:
+            tiles = grouped_matmul.DECODE_COPY_TILES | tiles
+        read = experts if decode_copy is None else decode_copy
+        return kernel(x, read, expert_ids, live, interpret=interpret, **tiles)
     if kernel is not None:
         int8_x = _int8_x(experts)
         tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_expert_tiles) if int8_x else {}
