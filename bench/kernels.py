@@ -121,6 +121,11 @@ SWEEP_INT8 = (
     + [dict(programs=p) for p in (0, 264, 1056)]
     + [dict(block_n=32, num_warps=1, programs=p) for p in (528, 1056, 2112)]
 )
+# --sweep-kernel swapped: the swapped dot's launch settings only, warps and pipeline depth (the dense tensor-core
+# plan takes one stage: its 64-row x tile in shared memory, where the swapped dot's follows the rows). They leave
+# the arithmetic as it is, so a row's bits should stay the default swapped call's: each line says whether they do,
+# and a setting that keeps them may differ by bucket without breaking batch invariance.
+SWEEP_SWAPPED = [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3, 4) if (w, s) != (4, 1)]
 # --sweep's tilings for decode's grouped matmul on the bf16 copy, each over moe_matmul.DECODE_COPY_TILES.
 SWEEP_COPY = (
     [dict(block_m=m, block_n=b) for m in (16, 32, 64) for b in (64, 128)]
@@ -282,8 +287,11 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
             t_live8 = per_call(ops[0], weights, x, ids, args.repeat, **interp, **one_live, int8_x=True)
             line += f", int8 x {t_live8 * 1e6:9.1f} us"
     print(line, flush=True)
+    if args.sweep and args.sweep_kernel == "swapped" and not k_sel:
+        sweep_swapped(weights, x, args.repeat, read, interp)
+        return
     # the dense call's per-row kernel where asked (`t_rows` its default's time); the MoE call has only that one
-    kinds = {"tensor-cores": [False], "per-row": [True], "both": [False, True], "int8": []}[args.sweep_kernel]
+    kinds = {"tensor-cores": [False], "per-row": [True], "both": [False, True]}.get(args.sweep_kernel, [])
     kinds = kinds if args.sweep else []
     for per_row in kinds if not k_sel else kinds[:1]:
         kind, default_s = (dict(tensor_cores=False), t_rows) if per_row and not k_sel else ({}, t_kernel)
@@ -293,6 +301,21 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
                            lambda t: f"{read / t / 1e9:.1f} GB/s")  # fmt: skip
         print(f"    best{' per-row' if per_row else ''} {best[0] * 1e6:.1f} us {read / best[0] / 1e9:.1f} GB/s "
               f"with {best[1]}", flush=True)  # fmt: skip
+
+
+def sweep_swapped(weights, x, repeat: int, read: float, interp: dict) -> None:
+    """The swapped dot under SWEEP_SWAPPED's settings: each one's time and whether its bits are the default's."""
+    w = weights[0]
+    base = jax.jit(lambda x, w: qmv.qmatvec(x, w, **interp, swap=True))(x, w)
+    for tiles in SWEEP_SWAPPED:
+        try:
+            t = per_call(qmv.qmatvec, weights, x, None, repeat, **interp, swap=True, **tiles)
+            y = jax.jit(lambda x, w, tiles=tiles: qmv.qmatvec(x, w, **interp, swap=True, **tiles))(x, w)
+        except Exception as e:
+            print(f"    {tiles}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            continue
+        same = "same bits" if bool(jnp.array_equal(y, base)) else "OTHER BITS"
+        print(f"    swapped {t * 1e6:9.1f} us {read / t / 1e9:7.1f} GB/s {tiles} ({same})", flush=True)
 
 
 def best_tiling(time_with: Callable[..., float], default_s: float, tilings: list[dict],
@@ -386,7 +409,14 @@ def bench_decode_moe(label, qtype, shape, k_sel, rows, args, bw) -> None:
           f"({read / t_copy / bw:5.1%})  tiles {mm.DECODE_COPY_TILES}  swapped: in registers "
           f"{t_swap_stored * 1e6:9.1f} us, bf16 copy {t_swap_copy * 1e6:9.1f} us (block_m {swap['block_m']})",
           flush=True)  # fmt: skip
-    if args.sweep:
+    if args.sweep and args.sweep_kernel == "swapped":  # the stored experts swapped: warps and stages (same bits?)
+        base = jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, **interp, **swap))(x, w, ids)
+        for tiles in SWEEP_SWAPPED:
+            t = per_call_grouped(w, **interp, **swap, **tiles)
+            y = jax.jit(lambda x, w, i, tiles=tiles: mm.moe_matmul(x, w, i, **interp, **swap, **tiles))(x, w, ids)
+            same = "same bits" if bool(jnp.array_equal(y, base)) else "OTHER BITS"
+            print(f"    swapped, in registers {t * 1e6:9.1f} us {tiles} ({same})", flush=True)
+    elif args.sweep:
         best = best_tiling(lambda **tiles: per_call_grouped(copy, **interp, **(mm.DECODE_COPY_TILES | tiles)),
                            t_copy, SWEEP_COPY, lambda t: f"{read / t / 1e9:.1f} GB/s")  # fmt: skip
         print(f"    best {best[0] * 1e6:.1f} us {read / best[0] / 1e9:.1f} GB/s with {best[1]}", flush=True)
@@ -431,8 +461,10 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512,
                     help="prefill tokens (rows) of the MoE and dense prefill cases (0: skip)")  # fmt: skip
     ap.add_argument("--sweep", action="store_true", help="also try other tilings and print the best")
-    ap.add_argument("--sweep-kernel", default="tensor-cores", choices=("tensor-cores", "per-row", "both", "int8"),
-                    help="the decode kernel --sweep tiles (int8: the int8-x per-row one)")  # fmt: skip
+    ap.add_argument("--sweep-kernel", default="tensor-cores",
+                    choices=("tensor-cores", "per-row", "both", "int8", "swapped"),
+                    help="the decode kernel --sweep tiles (int8: the int8-x per-row one; swapped: the swapped dot's "
+                         "warps and stages, each against its default's bits, dense and --decode-moe)")  # fmt: skip
     ap.add_argument("--no-int8", action="store_true",
                     help="leave out the int8-x and one-live-row columns (their compiles take minutes)")  # fmt: skip
     ap.add_argument("--labels", default="", help="cases whose label contains one of these, e.g. phi3,qwen2.5")

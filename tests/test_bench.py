@@ -534,6 +534,25 @@ def test_kernels_decode_moe_smoke_times_the_swapped_grouped_matmul(capsys, monke
     assert "swapped: in registers" in out and "(block_m 16)" in out
 
 
+def test_kernels_swapped_sweep_times_each_launch_setting_and_says_whether_it_keeps_the_bits(capsys, monkeypatch):
+    # --sweep-kernel swapped: warps and stages only, dense and the grouped matmul's stored experts; interpret mode
+    # ignores both settings, so every line must say its bits are the default's
+    from bench import kernels
+
+    argv = ["bench.kernels", "--smoke", "--rows", "2", "--prefill", "0", "--no-int8", "--sweep", "--sweep-kernel",
+            "swapped"]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    kernels.main()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("    swapped ")]
+    assert len(lines) == len(kernels.SWEEP_SWAPPED) and all("(same bits)" in line for line in lines)
+    assert {"'num_stages': 3", "'num_warps': 8"} <= {p for line in lines for p in ("'num_stages': 3", "'num_warps': 8")
+                                                      if p in line}  # fmt: skip
+    monkeypatch.setattr("sys.argv", [*argv, "--decode-moe"])
+    kernels.main()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "swapped, in registers" in line]
+    assert len(lines) == len(kernels.SWEEP_SWAPPED) and all("(same bits)" in line for line in lines)
+
+
 def test_kernel_profile_names_one_case_and_reads_the_programs_top_level():
     from bench import kernel_profile
 
