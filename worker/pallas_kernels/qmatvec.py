@@ -721,6 +721,11 @@ def _check(w: QuantArray, plane_ndim: int) -> None:
         raise ValueError(f"{w.qtype.name} weight: expected planes of rank {plane_ndim}")
 
 
+def swap_row_tile(rows: int) -> int:
+    """The row tile of a call of `rows` rows where it follows the rows (the swapped dot's MMA N, the int8-x dot's)."""
+    return min(ROW_TILE, max(MIN_DOT, pl.next_power_of_2(rows)))
+
+
 @kernel_entry("interpret", "tensor_cores", "row_tile", "f16", "norm_eps", "glu", "swap", *TILE_ARGS)
 def qmatvec(
     x: jax.Array,
@@ -776,7 +781,7 @@ def qmatvec(
     # The int8-x dot sums rows exactly, so its tile can follow the rows; the float dot's only where swapped (the rows
     # are then the MMA's N), not as its M (another instruction below 64 rows: docs/kernels.md)
     follows = int8_x or swap
-    row_tile = row_tile or (min(ROW_TILE, max(MIN_DOT, pl.next_power_of_2(rows))) if follows else ROW_TILE)
+    row_tile = row_tile or (swap_row_tile(rows) if follows else ROW_TILE)
     if row_tile < MIN_DOT or row_tile & (row_tile - 1):
         raise ValueError(f"row_tile must be a power of two >= {MIN_DOT}, got {row_tile}")
     if (norm_w is not None or glu is not None) and not int8_x:
