@@ -411,7 +411,7 @@ def bench_decode_moe(label, qtype, shape, k_sel, rows, args, bw) -> None:
           flush=True)  # fmt: skip
     if args.sweep and args.sweep_kernel == "swapped":  # the stored experts swapped: warps and stages (same bits?)
         base = jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, **interp, **swap))(x, w, ids)
-        for tiles in SWEEP_SWAPPED:
+        for tiles in SWEEP_SWAPPED + [dict(splits=s) for s in (2, 4)]:  # K splits: other bits, expectedly
             t = per_call_grouped(w, **interp, **swap, **tiles)
             y = jax.jit(lambda x, w, i, tiles=tiles: mm.moe_matmul(x, w, i, **interp, **swap, **tiles))(x, w, ids)
             same = "same bits" if bool(jnp.array_equal(y, base)) else "OTHER BITS"

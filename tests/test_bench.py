@@ -549,8 +549,9 @@ def test_kernels_swapped_sweep_times_each_launch_setting_and_says_whether_it_kee
                                                       if p in line}  # fmt: skip
     monkeypatch.setattr("sys.argv", [*argv, "--decode-moe"])
     kernels.main()
-    lines = [line for line in capsys.readouterr().out.splitlines() if "swapped, in registers" in line]
-    assert len(lines) == len(kernels.SWEEP_SWAPPED) and all("(same bits)" in line for line in lines)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("    swapped, in registers")]
+    assert len(lines) == len(kernels.SWEEP_SWAPPED) + 2 and all("(same bits)" in line for line in lines[:-2])
+    assert "{'splits': 2}" in lines[-2] and "{'splits': 4}" in lines[-1]  # K splits: their bits may differ
 
 
 def test_kernel_profile_names_one_case_and_reads_the_programs_top_level():

@@ -58,6 +58,10 @@ CASES = [
     # the swapped dot (moe_matmul.Plan.swap): 16-row tiles of pairs as the MMA's N, 64-column expert tiles as its M
     (QT.MXFP4, 8, 4, 13, 96, 128, True, "uniform", dict(block_m=16, swap=True)),
     (QT.Q8_0, 5, 2, 9, 128, 64, False, "one", dict(block_m=16, swap=True)),
+    # K in two splits (moe_matmul.Plan.splits): 5 two-block chunks of MXFP4 as 3 + 2 steps (the second split masks a
+    # step past K); 3 Q4_K super-blocks as 2 + 1
+    (QT.MXFP4, 8, 4, 13, 320, 64, True, "uniform", dict(block_m=16, swap=True, chunk=2, splits=2)),
+    (QT.Q4_K, 4, 2, 5, 768, 32, False, "one", dict(splits=2)),
 ]
 
 
@@ -69,7 +73,8 @@ def test_kernel_matches_float64_and_twin(qtype, e, k_sel, m, k, n, shared, skew,
     rng = np.random.default_rng(k)
     x = rng.standard_normal((m, k) if shared else (m, k_sel, k)).astype(np.float32)
     p = mm.plan(qtype, n, k, **tiles)
-    assert n % p.block_n == 0 and p.steps * p.chunk * qmv.FORMATS[qtype].sb >= k
+    assert n % p.block_n == 0 and p.splits * p.steps * p.chunk * qmv.FORMATS[qtype].sb >= k
+    assert p.splits == tiles.get("splits", 1)
     y = jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, interpret=True, **tiles))(x, experts, ids)
     xs = np.broadcast_to(x[:, None], (m, k_sel, k)) if shared else x
     picked = w64[ids]  # [M, k, Out, In]
@@ -224,6 +229,12 @@ def test_decode_calls_take_decodes_tiles_on_either_experts_and_prefill_its_own(m
     else:
         assert tiles == (mm.DECODE_COPY_TILES if copy else {})
     assert {k: v for k, v in prefill.items() if k != "interpret"} == mm.PREFILL_TILES
+    seen.clear()  # WORKER_MOE_DECODE_SPLITS: every decode call's K split, prefill's left alone
+    monkeypatch.setattr(ops, "_moe_decode_splits", 2)
+    with ops.decode_kernels("tensor-cores"):
+        for per_token in (True, False):
+            ops.moe_matmul(x, experts, ids, backend="interpret", per_token=per_token)
+    assert seen[0][1]["splits"] == 2 and "splits" not in seen[1][1]
 
 
 def test_gpt_oss_prefill_through_the_kernel_matches_hf(oracles, monkeypatch):
@@ -297,7 +308,7 @@ def test_dead_tokens_on_the_gpu_read_as_zeros_and_leave_live_bits_alone():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("read", ["bf16-copy", "stored"])
+@pytest.mark.parametrize("read", ["bf16-copy", "stored", "stored-2-splits"])
 def test_swapped_decode_tiles_keep_a_tokens_bits_in_every_bucket_on_the_gpu(read):
     """The swapped grouped matmul at decode's tiles (ops.moe_matmul: moe_matmul.swapped_tiles and
     DECODE_COPY_TILES), on the experts' bf16 copy and on the stored MXFP4 dequantized in registers (what
@@ -305,16 +316,17 @@ def test_swapped_decode_tiles_keep_a_tokens_bits_in_every_bucket_on_the_gpu(read
     64 at 1,024), so a token's pairs are MMAs of another N in each. The swap rests on the card summing a row the same
     for every N (wgmma's); this is its check: token 0's bits the same in every bucket, and the largest call against
     the twin. (The two reads differ from each other in float32 order: the stored MXFP4's two nibble halves are two
-    dots a step.)"""
+    dots a step.) `stored-2-splits`: the stored experts with K in two splits (WORKER_MOE_DECODE_SPLITS=2)."""
     _gpu()
     e, k_sel, k, n = 32, 4, 2880, 5760
     stored = quant_array(random_raw(QT.MXFP4, (e, n, k), seed=12), QT.MXFP4, (e, n, k), put=jax.device_put)
     experts = widened(stored, jnp.bfloat16) if read == "bf16-copy" else stored
+    splits = {"splits": 2} if read.endswith("splits") else {}  # WORKER_MOE_DECODE_SPLITS=2
     ids = jnp.asarray(routed(1024, k_sel, e, seed=13, skew="uniform"))
     x = jax.random.normal(jax.random.key(14), (1024, k), jnp.float32)
 
     def run(m: int) -> np.ndarray:
-        tiles = mm.DECODE_COPY_TILES | mm.swapped_tiles(m * k_sel, e)
+        tiles = mm.DECODE_COPY_TILES | mm.swapped_tiles(m * k_sel, e) | splits
         return np.asarray(jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, **tiles))(x[:m], experts, ids[:m]))
 
     assert [mm.swapped_tiles(m * k_sel, e)["block_m"] for m in (1, 64, 256, 1024)] == [16, 16, 32, 64]

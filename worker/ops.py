@@ -116,6 +116,10 @@ _cpu_tiles = os.environ.get("WORKER_CPU_TILES", "") != "0"
 # qmatvec.SORTED_PAIRS; 0 sorts always, as all but one token did before the thirtieth session): an A/B switch, the
 # same bits either way.
 _moe_sorted_pairs = int(os.environ.get("WORKER_MOE_SORTED_PAIRS", str(qmatvec.SORTED_PAIRS)))
+# WORKER_MOE_DECODE_SPLITS=N: every decode call of the grouped MoE matmul splits K in N parts (moe_matmul.Plan.splits;
+# default 1): more programs in flight where one stream's step has 4 experts' tiles, each walking all of K. An A/B
+# switch: the same split in every bucket keeps a token's bits the same in each, other bits than one split.
+_moe_decode_splits = int(os.environ.get("WORKER_MOE_DECODE_SPLITS", "1"))
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
@@ -905,6 +909,7 @@ def moe_matmul(
         tiles = grouped_matmul.swapped_tiles(expert_ids.size, n_experts) if swap else {}
         if swap or decode_copy is not None:
             tiles = grouped_matmul.DECODE_COPY_TILES | tiles
+        tiles |= {"splits": _moe_decode_splits} if _moe_decode_splits != 1 else {}
         read = experts if decode_copy is None else decode_copy
         return kernel(x, read, expert_ids, live, interpret=interpret, **tiles)
     if kernel is not None:

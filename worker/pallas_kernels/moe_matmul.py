@@ -18,6 +18,7 @@ from worker.pallas_kernels.qmatvec import (
     FORMATS,
     KERNEL_TYPES,
     PLAIN_TYPES,
+    fold_splits,
     load_x_part,
     parts_layout,
     plane_views,
@@ -62,6 +63,11 @@ class Plan:
     # N, so that the row tile can follow a decode step's pairs (`swapped_tiles`): a token's bits the same in every
     # bucket on the card (its gpu test passed on an H100, 2026-12-07); decode's default.
     swap: bool = False
+    # K split in this many parts, a program each, their partial sums added after the call in split order
+    # (qmatvec.fold_splits): more programs in flight where a decode step's few tiles each walk all of K alone (one
+    # stream: 4 experts' tiles). A function of the call's tiles, not its rows, so a pair's bits are the same in every
+    # bucket that takes them; other bits than one split.
+    splits: int = 1
 
 
 def swapped_tiles(pairs: int, n_experts: int) -> dict:
@@ -98,6 +104,7 @@ def plan(
     num_warps: int = 4,
     num_stages: int = 3,
     swap: bool = False,
+    splits: int = 1,
 ) -> Plan:
     """The tiling for [n, k] experts; arguments left None get the module docstring's defaults."""
     if not _fits(qtype, n, k):
@@ -112,7 +119,11 @@ def plan(
             raise ValueError(f"{name} must be a power of two (a Triton tile dimension), got {v}")
     if n % block_n or block_m < 16 or block_n < MIN_BLOCK_N:
         raise ValueError(f"moe_matmul: block_n {block_n} must divide Out {n}; block_m and block_n >= 16")
-    return Plan(block_m, block_n, chunk, pl.cdiv(blocks, chunk), num_warps, num_stages, swap)
+    chunks = pl.cdiv(blocks, chunk)
+    if splits < 1:
+        raise ValueError(f"moe_matmul: splits must be at least 1, got {splits}")
+    steps = pl.cdiv(chunks, min(splits, chunks))
+    return Plan(block_m, block_n, chunk, steps, num_warps, num_stages, swap, pl.cdiv(chunks, steps))
 
 
 def _mxfp4_bf16(load) -> list[jax.Array]:
@@ -142,12 +153,13 @@ def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
     n0 = pl.program_id(0) * bn
     r0 = pl.program_id(1) * bm
     expert = ids_ref[pl.program_id(1)]
-    mask_k = p.steps * c > blocks
+    split = pl.program_id(2)
+    mask_k = p.splits * p.steps * c > blocks
 
     @pl.when(expert >= 0)
     def _():
         def step(s, acc):
-            b0 = s * c
+            b0 = (split * p.steps + s) * c
             blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
             load = tile_loader(planes, fmt, expert, n0, b0, bn, c, None, blocks_ok)  # Out % BN == 0: no row mask
             parts = _mxfp4_bf16(load) if qtype == QT.MXFP4 else [w.astype(jnp.bfloat16) for w, _ in fmt.parts(load)]
@@ -159,7 +171,7 @@ def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
             return acc
 
         acc = jax.lax.fori_loop(0, p.steps, step, jnp.zeros((bn, bm) if p.swap else (bm, bn), jnp.float32))
-        o_ref[pl.ds(r0, bm), pl.ds(n0, bn)] = acc.T if p.swap else acc
+        o_ref[split, pl.ds(r0, bm), pl.ds(n0, bn)] = acc.T if p.swap else acc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +223,7 @@ def _check(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> tuple[in
     return e, n, k, shared
 
 
-@kernel_entry("interpret", "block_m", "block_n", "chunk", "num_warps", "num_stages", "swap")
+@kernel_entry("interpret", "block_m", "block_n", "chunk", "num_warps", "num_stages", "swap", "splits")
 def moe_matmul(
     x: jax.Array,
     experts: QuantArray,
@@ -233,13 +245,13 @@ def moe_matmul(
     kernel = functools.partial(_kernel, qtype=experts.qtype, names=names, blocks=k // FORMATS[experts.qtype].sb, p=p)
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((g.src.shape[0], n), jnp.float32),
-        grid=(n // p.block_n, g.tile_expert.shape[0]),
+        out_shape=jax.ShapeDtypeStruct((p.splits, g.src.shape[0], n), jnp.float32),
+        grid=(n // p.block_n, g.tile_expert.shape[0], p.splits),
         compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=interpret,
         name=f"moe_matmul_{experts.qtype.name.lower()}",
     )(g.tile_expert, xp, *planes)
-    out = out[g.rows].reshape(*expert_ids.shape, n)
+    out = fold_splits(out[:, g.rows]).reshape(*expert_ids.shape, n)
     # A dead pair's row lies in a tile no program wrote: its values are whatever the buffer held.
     return out if live is None else jnp.where(live.reshape(-1, 1, 1), out, 0.0)
 
