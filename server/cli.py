@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--bf16-experts",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also hold MoE experts widened to bf16 for decode steps (default: on a GPU with --max-batch above 8, "
-        "whose decode steps take the grouped MoE kernel, where the copy fits)",
+        help="also hold MoE experts widened to bf16 for decode steps (default: only where the grouped MoE kernel's "
+        "decode dot is unswapped, WORKER_TC_SWAP, on a GPU with --max-batch above 8, where the copy fits: swapped, "
+        "the stored experts are the faster read)",
     )
     p.add_argument(
         "--http-process",

@@ -78,10 +78,13 @@ def test_bf16_experts_are_refused_where_nothing_would_read_them(oracles):
     assert not worker.load(gpt_oss, device="cpu", backend="interpret", max_batch=16).bf16_experts  # auto: GPU only
 
 
-def test_bf16_experts_by_default_only_where_the_copy_fits(oracles, monkeypatch):
-    """The default on a GPU (the gpu backend, loaded here on the CPU device): the copy where the pre-flight check
+def test_bf16_experts_by_default_only_unswapped_and_where_the_copy_fits(oracles, monkeypatch):
+    """The default on a GPU (the gpu backend, loaded here on the CPU device): none while the experts' decode dot is
+    swapped (the default: the stored experts are the faster read); unswapped, the copy where the pre-flight check
     passes with it, none where only the stored weights fit; asked for, a copy that does not fit is refused."""
     path = oracles / "models/gpt-oss/model-mxfp4_moe.gguf"
+    assert not worker.load(path, device="cpu", backend="gpu", max_batch=16).bf16_experts
+    monkeypatch.setattr(ops, "_tc_swap", ops._swap_formats("q8_0"))  # WORKER_TC_SWAP=q8_0: MXFP4 unswapped
     assert worker.load(path, device="cpu", backend="gpu", max_batch=16).bf16_experts
     # Without determinism the steps of more than 8 rows take the grouped kernel, which reads the copy; at most 8
     # rows, or on the per-row kernels, no step does.
@@ -119,25 +122,3 @@ def test_the_swap_is_chosen_by_each_weights_format(monkeypatch):
         for seed, qtype in enumerate((QT.Q8_0, QT.Q4_K)):
             ops.qmatmul(x, random_weight(qtype, (32, 256), seed)[0], backend="interpret")
     assert seen == [(QT.Q8_0, True), (QT.Q4_K, False)]
-
-
-def test_the_swapped_dots_pipeline_depth_is_chosen_by_its_row_tile(monkeypatch):
-    """WORKER_SWAP_STAGES: "TILE:STAGES,..." (a malformed item refused with the variable's name); a swapped call
-    takes its row tile's depth (qmatvec.swap_row_tile: 2 rows -> 16, 40 -> 64), the tile's default where not named,
-    and an unswapped call never one."""
-    assert ops._stages_by_tile("") == {} and ops._stages_by_tile("16:3, 32:2,") == {16: 3, 32: 2}
-    for bad in ("16", "16:0", "a:3", "16:3:1"):
-        with pytest.raises(ValueError, match="WORKER_SWAP_STAGES: .* is not ROW_TILE:STAGES"):
-            ops._stages_by_tile(bad)
-    seen = []
-    real = qmv.qmatvec
-    monkeypatch.setattr(qmv, "qmatvec", lambda x, w, **k: (seen.append((k.get("swap"), k.get("num_stages"))),
-                                                            real(x, w, **k))[1])  # fmt: skip
-    monkeypatch.setattr(ops, "_swap_stages", ops._stages_by_tile("16:3"))
-    w = random_weight(QT.Q8_0, (32, 256), 0)[0]
-    with ops.decode_kernels("tensor-cores"):
-        for swap, rows in ((True, 2), (True, 40), (False, 2)):
-            monkeypatch.setattr(ops, "_tc_swap", ops._swap_formats("1" if swap else "0"))
-            ops.qmatmul(jnp.ones((rows, 256), jnp.float32), w, backend="interpret")
-    assert seen == [(True, 3), (True, None), (False, None)]
-    assert [qmv.swap_row_tile(r) for r in (1, 2, 16, 17, 40, 64, 1024)] == [16, 16, 16, 32, 64, 64, 64]

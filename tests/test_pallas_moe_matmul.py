@@ -224,17 +224,18 @@ def test_decode_calls_take_decodes_tiles_on_either_experts_and_prefill_its_own(m
     (decode_fmt, decode), (prefill_fmt, prefill) = seen
     assert (decode_fmt, prefill_fmt) == (QT.BF16 if copy else QT.MXFP4, QT.MXFP4)
     tiles = {k: v for k, v in decode.items() if k != "interpret"}
+    splits = {"splits": 2}  # ops._moe_decode_splits's default: every decode call's K in two
     if swap:
-        assert tiles == mm.DECODE_COPY_TILES | {"swap": True, "block_m": 16}
+        assert tiles == mm.DECODE_COPY_TILES | {"swap": True, "block_m": 16} | splits
     else:
-        assert tiles == (mm.DECODE_COPY_TILES if copy else {})
+        assert tiles == (mm.DECODE_COPY_TILES if copy else {}) | splits
     assert {k: v for k, v in prefill.items() if k != "interpret"} == mm.PREFILL_TILES
-    seen.clear()  # WORKER_MOE_DECODE_SPLITS: every decode call's K split, prefill's left alone
-    monkeypatch.setattr(ops, "_moe_decode_splits", 2)
+    seen.clear()  # WORKER_MOE_DECODE_SPLITS=1: the kernel's own single split, prefill's tiles as before
+    monkeypatch.setattr(ops, "_moe_decode_splits", 1)
     with ops.decode_kernels("tensor-cores"):
         for per_token in (True, False):
             ops.moe_matmul(x, experts, ids, backend="interpret", per_token=per_token)
-    assert seen[0][1]["splits"] == 2 and "splits" not in seen[1][1]
+    assert "splits" not in seen[0][1] and seen[1][1] == {"interpret": True} | mm.PREFILL_TILES
 
 
 def test_gpt_oss_prefill_through_the_kernel_matches_hf(oracles, monkeypatch):
@@ -316,12 +317,13 @@ def test_swapped_decode_tiles_keep_a_tokens_bits_in_every_bucket_on_the_gpu(read
     64 at 1,024), so a token's pairs are MMAs of another N in each. The swap rests on the card summing a row the same
     for every N (wgmma's); this is its check: token 0's bits the same in every bucket, and the largest call against
     the twin. (The two reads differ from each other in float32 order: the stored MXFP4's two nibble halves are two
-    dots a step.) `stored-2-splits`: the stored experts with K in two splits (WORKER_MOE_DECODE_SPLITS=2)."""
+    dots a step.) `stored-2-splits`: the stored experts with K in two splits, what decode runs by default
+    (ops._moe_decode_splits; `stored` is WORKER_MOE_DECODE_SPLITS=1)."""
     _gpu()
     e, k_sel, k, n = 32, 4, 2880, 5760
     stored = quant_array(random_raw(QT.MXFP4, (e, n, k), seed=12), QT.MXFP4, (e, n, k), put=jax.device_put)
     experts = widened(stored, jnp.bfloat16) if read == "bf16-copy" else stored
-    splits = {"splits": 2} if read.endswith("splits") else {}  # WORKER_MOE_DECODE_SPLITS=2
+    splits = {"splits": 2} if read.endswith("splits") else {}
     ids = jnp.asarray(routed(1024, k_sel, e, seed=13, skew="uniform"))
     x = jax.random.normal(jax.random.key(14), (1024, k), jnp.float32)
 

@@ -65,6 +65,11 @@ def expert_copy_bytes(gf: GGUFFile) -> int:
     return sum(2 * t.n_elements for t in gf.tensors.values() if len(t.shape) == 3 and t.qtype in qmatvec.KERNEL_TYPES)
 
 
+def expert_formats(gf: GGUFFile) -> set:
+    """The formats of the file's quantized MoE experts (those `with_bf16_experts` would widen)."""
+    return {t.qtype for t in gf.tensors.values() if len(t.shape) == 3 and t.qtype in qmatvec.KERNEL_TYPES}
+
+
 def with_bf16_experts(weights: dict) -> dict:
     """Each layer's quantized experts also widened to bf16 (exact for MXFP4: moe_matmul._mxfp4_bf16), under
     `decode_experts`: what a decode step's grouped MoE matmul reads. Why: at 64 or more rows a decode step's pairs
@@ -459,7 +464,8 @@ def load_model(
     vocabulary), else one device; None: every host device JAX has (the CLI's default). `bf16_experts`: also hold
     the quantized MoE experts widened to bf16, which decode steps read (`with_bf16_experts`); None: where it helps
     and fits (a GPU, decode steps on the grouped MoE kernel: the tensor-core decode kernels, or more than 8 rows
-    without determinism; one device, and room for the copy beside one whole context).
+    without determinism; its dot unswapped on an expert format, WORKER_TC_SWAP; one device, and room for the copy
+    beside one whole context).
     `prefill_tokens`: prompt tokens prefilled an engine step, at least one chunk (default PREFILL_TOKENS_PER_STEP:
     4096 on a GPU, one chunk on the CPU): more finishes a burst of prompts sooner, and stalls the running streams
     longer each step.
@@ -524,7 +530,12 @@ def load_model(
     # qmatvec.MAX_ROWS rows "by-rows" (--no-deterministic: gpt-oss-20b 3,135.6 tok/s at 64 streams without the copy
     # against 3,220.6 with it, H100s, 2026-12-07; the copy's gain grows with the rows, docs/PERFORMANCE.md)
     grouped = cfg.decode_kernels == "tensor-cores" or (cfg.decode_kernels == "by-rows" and max_batch > qmatvec.MAX_ROWS)
-    auto = bf16_experts is None and backend == "gpu" and mesh is None and grouped
+    # ... and only where that kernel's decode dot is unswapped on the experts' format (WORKER_TC_SWAP): swapped, the
+    # stored experts dequantized in registers are the faster read. gpt-oss-20b at 64 streams: 3,705.7 and 3,835.1
+    # tok/s on the stored MXFP4 against 3,368.0 and 3,291.5 on the copy (two rounds, one stream the same; an H100,
+    # 2026-12-07, docs/PERFORMANCE.md), and the copy's 38 GB go to the KV pool (3.7x its pages) instead.
+    unswapped = any(not ops.tc_swapped(qtype) for qtype in expert_formats(gf))
+    auto = bf16_experts is None and backend == "gpu" and mesh is None and grouped and unswapped
     copies = copy_bytes if bf16_experts or auto else 0
 
     def on_each(need: devices.MemoryEstimate) -> devices.MemoryEstimate:

@@ -116,10 +116,12 @@ _cpu_tiles = os.environ.get("WORKER_CPU_TILES", "") != "0"
 # qmatvec.SORTED_PAIRS; 0 sorts always, as all but one token did before the thirtieth session): an A/B switch, the
 # same bits either way.
 _moe_sorted_pairs = int(os.environ.get("WORKER_MOE_SORTED_PAIRS", str(qmatvec.SORTED_PAIRS)))
-# WORKER_MOE_DECODE_SPLITS=N: every decode call of the grouped MoE matmul splits K in N parts (moe_matmul.Plan.splits;
-# default 1): more programs in flight where one stream's step has 4 experts' tiles, each walking all of K. An A/B
-# switch: the same split in every bucket keeps a token's bits the same in each, other bits than one split.
-_moe_decode_splits = int(os.environ.get("WORKER_MOE_DECODE_SPLITS", "1"))
+# Every decode call of the grouped MoE matmul splits K in this many parts (moe_matmul.Plan.splits;
+# WORKER_MOE_DECODE_SPLITS=N for an A/B): more programs in flight where one stream's step has only 4 experts' tiles,
+# each walking all of K. The same split in every bucket keeps a token's bits the same in each (its gpu test passed on
+# an H100, 2026-12-07), other bits than one split. Measured there (docs/PERFORMANCE.md, forty-second session):
+# gpt-oss-20b's batch-1 decode 225.7 -> 237.4 tok/s at 2 splits, 209.6 at 4; its 64 streams the same.
+_moe_decode_splits = int(os.environ.get("WORKER_MOE_DECODE_SPLITS", "2"))
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
@@ -149,22 +151,9 @@ def _swap_formats(value: str) -> frozenset:
 _tc_swap = _swap_formats(os.environ.get("WORKER_TC_SWAP", "1"))
 
 
-def _stages_by_tile(value: str) -> dict[int, int]:
-    """WORKER_SWAP_STAGES's "16:3,32:2" -> {16: 3, 32: 2}: the swapped dot's pipeline depth by row tile."""
-    stages = {}
-    for item in filter(None, (part.strip() for part in value.split(","))):
-        tile, _, depth = item.partition(":")
-        if not (tile.isdigit() and depth.isdigit() and int(depth) >= 1):
-            raise ValueError(f"WORKER_SWAP_STAGES: {item!r} is not ROW_TILE:STAGES (e.g. 16:3,32:3)")
-        stages[int(tile)] = int(depth)
-    return stages
-
-
-# WORKER_SWAP_STAGES=16:3,32:3: the swapped dot's software pipeline depth by row tile (qmatvec.swap_row_tile), where the
-# tensor-core plan takes one stage (its unswapped 64-row x tile in shared memory; the swapped dot's follows the rows).
-# Stages change when a step's loads are issued, not its arithmetic, so a bucket's depth leaves a row's bits as they are
-# (`bench.kernels --sweep-kernel swapped` checks that on the card, and times it).
-_swap_stages = _stages_by_tile(os.environ.get("WORKER_SWAP_STAGES", ""))
+def tc_swapped(qtype: QT) -> bool:
+    """Whether decode's tensor-core products on weights of this format take the swapped dot (`_tc_swap`)."""
+    return qtype in _tc_swap
 
 
 _ENV_TILES = ("block_n", "chunk", "splits", "num_warps", "num_stages", "programs")  # qmatvec.plan's integer ones
@@ -564,7 +553,7 @@ def qmatmul(
             live = _live_rows.get()
             skip = not tensor_cores and not int8_x
             live = live if live is not None and live.size == rows and skip else None
-            tiles = _int8_x_tiles(norm, glu) if int8_x else _float_tiles(tensor_cores and w.qtype in _tc_swap, rows)
+            tiles = _int8_x_tiles(norm, glu) if int8_x else {"swap": tensor_cores and w.qtype in _tc_swap}
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
@@ -575,13 +564,6 @@ def qmatmul(
         y = jnp.einsum("...i,oi->...o", x.astype(jnp.float32), as_f32(w), precision=jax.lax.Precision.HIGHEST)
     y = y if bias is None else y + bias
     return y if residual is None else residual + y
-
-
-def _float_tiles(swap: bool, rows: int) -> dict:
-    """qmatvec's arguments for a dense product on the float kernels: the swapped dot's, with its bucket's pipeline
-    depth where WORKER_SWAP_STAGES names its row tile."""
-    stages = _swap_stages.get(qmatvec.swap_row_tile(rows)) if swap else None
-    return {"swap": swap} | ({"num_stages": stages} if stages else {})
 
 
 def _int8_x_tiles(norm: tuple[jax.Array, float] | None, glu: str | None) -> dict:
