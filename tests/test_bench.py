@@ -526,32 +526,35 @@ def test_kernels_no_int8_keeps_the_float_kernels_and_drops_every_int8_compile(ca
 
 
 def test_kernels_decode_moe_smoke_times_the_swapped_grouped_matmul(capsys, monkeypatch):
+    # with --sweep-kernel swapped: the stored experts' launch settings (the same bits in interpret mode, which ignores
+    # them), then two and four K splits
     from bench import kernels
 
-    monkeypatch.setattr("sys.argv", ["bench.kernels", "--smoke", "--decode-moe", "--rows", "2", "--prefill", "0"])
+    monkeypatch.setattr(kernels, "SWEEP_SWAPPED", [dict(num_stages=2)])
+    monkeypatch.setattr("sys.argv", ["bench.kernels", "--smoke", "--decode-moe", "--rows", "2", "--prefill", "0",
+                                     "--sweep", "--sweep-kernel", "swapped"])  # fmt: skip
     kernels.main()
     out = capsys.readouterr().out
     assert "swapped: in registers" in out and "(block_m 16)" in out
+    lines = [line for line in out.splitlines() if line.startswith("    swapped, in registers")]
+    assert len(lines) == 3 and "{'num_stages': 2} (same bits)" in lines[0]
+    assert "{'splits': 2}" in lines[1] and "{'splits': 4}" in lines[2]  # K splits: their bits may differ
 
 
 def test_kernels_swapped_sweep_times_each_launch_setting_and_says_whether_it_keeps_the_bits(capsys, monkeypatch):
     # --sweep-kernel swapped: warps and stages only, dense and the grouped matmul's stored experts; interpret mode
-    # ignores both settings, so every line must say its bits are the default's
+    # ignores both settings, so every line must say its bits are the default's (two of the settings: each compiles)
     from bench import kernels
+
+    monkeypatch.setattr(kernels, "SWEEP_SWAPPED", [dict(num_stages=3), dict(num_warps=8)])
 
     argv = ["bench.kernels", "--smoke", "--rows", "2", "--prefill", "0", "--no-int8", "--sweep", "--sweep-kernel",
             "swapped"]  # fmt: skip
-    monkeypatch.setattr("sys.argv", argv)
+    monkeypatch.setattr("sys.argv", [*argv, "--only", "Q4_K"])  # the dense case alone
     kernels.main()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("    swapped ")]
     assert len(lines) == len(kernels.SWEEP_SWAPPED) and all("(same bits)" in line for line in lines)
-    assert {"'num_stages': 3", "'num_warps': 8"} <= {p for line in lines for p in ("'num_stages': 3", "'num_warps': 8")
-                                                      if p in line}  # fmt: skip
-    monkeypatch.setattr("sys.argv", [*argv, "--decode-moe"])
-    kernels.main()
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("    swapped, in registers")]
-    assert len(lines) == len(kernels.SWEEP_SWAPPED) + 2 and all("(same bits)" in line for line in lines[:-2])
-    assert "{'splits': 2}" in lines[-2] and "{'splits': 4}" in lines[-1]  # K splits: their bits may differ
+    assert "{'num_stages': 3}" in lines[0] and "{'num_warps': 8}" in lines[1]
 
 
 def test_kernel_profile_names_one_case_and_reads_the_programs_top_level():
