@@ -122,3 +122,25 @@ def test_the_swap_is_chosen_by_each_weights_format(monkeypatch):
         for seed, qtype in enumerate((QT.Q8_0, QT.Q4_K)):
             ops.qmatmul(x, random_weight(qtype, (32, 256), seed)[0], backend="interpret")
     assert seen == [(QT.Q8_0, True), (QT.Q4_K, False)]
+
+
+def test_the_swapped_dots_pipeline_depth_is_chosen_by_its_row_tile(monkeypatch):
+    """WORKER_SWAP_STAGES: "TILE:STAGES,..." (a malformed item refused with the variable's name); a swapped call
+    takes its row tile's depth (qmatvec.swap_row_tile: 2 rows -> 16, 40 -> 64), the tile's default where not named,
+    and an unswapped call never one."""
+    assert ops._stages_by_tile("") == {} and ops._stages_by_tile("16:3, 32:2,") == {16: 3, 32: 2}
+    for bad in ("16", "16:0", "a:3", "16:3:1"):
+        with pytest.raises(ValueError, match="WORKER_SWAP_STAGES: .* is not ROW_TILE:STAGES"):
+            ops._stages_by_tile(bad)
+    seen = []
+    real = qmv.qmatvec
+    monkeypatch.setattr(qmv, "qmatvec", lambda x, w, **k: (seen.append((k.get("swap"), k.get("num_stages"))),
+                                                            real(x, w, **k))[1])  # fmt: skip
+    monkeypatch.setattr(ops, "_swap_stages", ops._stages_by_tile("16:3"))
+    w = random_weight(QT.Q8_0, (32, 256), 0)[0]
+    with ops.decode_kernels("tensor-cores"):
+        for swap, rows in ((True, 2), (True, 40), (False, 2)):
+            monkeypatch.setattr(ops, "_tc_swap", ops._swap_formats("1" if swap else "0"))
+            ops.qmatmul(jnp.ones((rows, 256), jnp.float32), w, backend="interpret")
+    assert seen == [(True, 3), (True, None), (False, None)]
+    assert [qmv.swap_row_tile(r) for r in (1, 2, 16, 17, 40, 64, 1024)] == [16, 16, 16, 32, 64, 64, 64]

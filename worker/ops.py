@@ -151,6 +151,28 @@ def _swap_formats(value: str) -> frozenset:
 _tc_swap = _swap_formats(os.environ.get("WORKER_TC_SWAP", "1"))
 
 
+def _stages_by_tile(value: str) -> dict[int, int]:
+    """WORKER_SWAP_STAGES's "16:3,32:2" -> {16: 3, 32: 2}: the swapped dot's pipeline depth by row tile."""
+    stages = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        tile, _, depth = item.partition(":")
+        if not (tile.isdigit() and depth.isdigit() and int(depth) >= 1):
+            raise ValueError(f"WORKER_SWAP_STAGES: {item!r} is not ROW_TILE:STAGES (e.g. 16:3,32:3)")
+        stages[int(tile)] = int(depth)
+    return stages
+
+
+# WORKER_SWAP_STAGES=16:3,32:3: the swapped dot's software pipeline depth by row tile (qmatvec.swap_row_tile), where the
+# tensor-core plan takes one stage (its unswapped 64-row x tile in shared memory; the swapped dot's follows the rows).
+# Stages change when a step's loads are issued, not its arithmetic, so a bucket's depth leaves a row's bits as they are
+# (`bench.kernels --sweep-kernel swapped` checks that on the card, and times it). An A/B knob: on an H100 (2026-12-07)
+# qwen2.5's small Q4_K down at 2 rows, a shape bound by latency (2.4 MB), gained nothing from 2-4 stages; phi3's
+# bandwidth-bound shapes are untimed. Counted for sm_90a (tools/kernel_sass.py), phi3's Q4_K qkv swapped at one stage
+# takes 173 registers (2 programs a multiprocessor, 8 warps) against the per-row kernel's 127 (4, 16 warps) and
+# three stages 168 (3 programs): fewer bytes in flight is the suspect.
+_swap_stages = _stages_by_tile(os.environ.get("WORKER_SWAP_STAGES", ""))
+
+
 def tc_swapped(qtype: QT) -> bool:
     """Whether decode's tensor-core products on weights of this format take the swapped dot (`_tc_swap`)."""
     return qtype in _tc_swap
@@ -553,7 +575,7 @@ def qmatmul(
             live = _live_rows.get()
             skip = not tensor_cores and not int8_x
             live = live if live is not None and live.size == rows and skip else None
-            tiles = _int8_x_tiles(norm, glu) if int8_x else {"swap": tensor_cores and w.qtype in _tc_swap}
+            tiles = _int8_x_tiles(norm, glu) if int8_x else _float_tiles(tensor_cores and w.qtype in _tc_swap, rows)
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
@@ -564,6 +586,13 @@ def qmatmul(
         y = jnp.einsum("...i,oi->...o", x.astype(jnp.float32), as_f32(w), precision=jax.lax.Precision.HIGHEST)
     y = y if bias is None else y + bias
     return y if residual is None else residual + y
+
+
+def _float_tiles(swap: bool, rows: int) -> dict:
+    """qmatvec's arguments for a dense product on the float kernels: the swapped dot's, with its bucket's pipeline
+    depth where WORKER_SWAP_STAGES names its row tile."""
+    stages = _swap_stages.get(qmatvec.swap_row_tile(rows)) if swap else None
+    return {"swap": swap} | ({"num_stages": stages} if stages else {})
 
 
 def _int8_x_tiles(norm: tuple[jax.Array, float] | None, glu: str | None) -> dict:
