@@ -120,8 +120,10 @@ _moe_sorted_pairs = int(os.environ.get("WORKER_MOE_SORTED_PAIRS", str(qmatvec.SO
 # WORKER_MOE_DECODE_SPLITS=N for an A/B): more programs in flight where one stream's step has only 4 experts' tiles,
 # each walking all of K. The same split in every bucket keeps a token's bits the same in each (its gpu test passed on
 # an H100, 2026-12-07), other bits than one split. Measured there (docs/PERFORMANCE.md, forty-second session):
-# gpt-oss-20b's batch-1 decode 225.7 -> 237.4 tok/s at 2 splits, 209.6 at 4; its 64 streams the same.
+# gpt-oss-20b's batch-1 decode 225.7 -> 237.4 tok/s at 2 splits, 209.6 at 4; its 64 streams within the rounds' spread.
 _moe_decode_splits = int(os.environ.get("WORKER_MOE_DECODE_SPLITS", "2"))
+if _moe_decode_splits < 1:
+    raise ValueError(f"WORKER_MOE_DECODE_SPLITS must be at least 1, got {_moe_decode_splits}")
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
