@@ -288,7 +288,10 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
             line += f", int8 x {t_live8 * 1e6:9.1f} us"
     print(line, flush=True)
     if args.sweep and args.sweep_kernel == "swapped" and not k_sel:
-        sweep_swapped(weights, x, args.repeat, read, interp)
+        sweep_bits(SWEEP_SWAPPED,
+                   lambda **tiles: per_call(ops[0], weights, x, ids, args.repeat, **interp, swap=True, **tiles),
+                   lambda **tiles: jax.jit(lambda x, w: ops[0](x, w, **interp, swap=True, **tiles))(x, w),
+                   "swapped", lambda t: f" {read / t / 1e9:7.1f} GB/s")  # fmt: skip
         return
     # the dense call's per-row kernel where asked (`t_rows` its default's time); the MoE call has only that one
     kinds = {"tensor-cores": [False], "per-row": [True], "both": [False, True]}.get(args.sweep_kernel, [])
@@ -303,19 +306,24 @@ def bench_case(label, qtype, shape, rows, k_sel, args, bw) -> None:
               f"with {best[1]}", flush=True)  # fmt: skip
 
 
-def sweep_swapped(weights, x, repeat: int, read: float, interp: dict) -> None:
-    """The swapped dot under SWEEP_SWAPPED's settings: each one's time and whether its bits are the default's."""
-    w = weights[0]
-    base = jax.jit(lambda x, w: qmv.qmatvec(x, w, **interp, swap=True))(x, w)
-    for tiles in SWEEP_SWAPPED:
+def rejected(tiles: dict, e: Exception) -> None:
+    """A sweep's line for a tiling the shape or Triton rejects (e.g. out of shared memory)."""
+    print(f"    {tiles}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+
+
+def sweep_bits(tilings: list[dict], time_with: Callable[..., float], run_with: Callable[..., jax.Array],
+               label: str, rate: Callable[[float], str] = lambda t: "") -> None:  # fmt: skip
+    """Each tiling's time (`time_with(**tiles)`, seconds; `rate` of it) and whether its result (`run_with(**tiles)`)
+    has the default's bits (`run_with()`); a tiling the shape or Triton rejects is reported and skipped."""
+    base = run_with()
+    for tiles in tilings:
         try:
-            t = per_call(qmv.qmatvec, weights, x, None, repeat, **interp, swap=True, **tiles)
-            y = jax.jit(lambda x, w, tiles=tiles: qmv.qmatvec(x, w, **interp, swap=True, **tiles))(x, w)
+            t, y = time_with(**tiles), run_with(**tiles)
         except Exception as e:
-            print(f"    {tiles}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            rejected(tiles, e)
             continue
         same = "same bits" if bool(jnp.array_equal(y, base)) else "OTHER BITS"
-        print(f"    swapped {t * 1e6:9.1f} us {read / t / 1e9:7.1f} GB/s {tiles} ({same})", flush=True)
+        print(f"    {label} {t * 1e6:9.1f} us{rate(t)} {tiles} ({same})", flush=True)
 
 
 def best_tiling(time_with: Callable[..., float], default_s: float, tilings: list[dict],
@@ -327,7 +335,7 @@ def best_tiling(time_with: Callable[..., float], default_s: float, tilings: list
         try:
             t = time_with(**tiles)
         except Exception as e:
-            print(f"    {tiles}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            rejected(tiles, e)
             continue
         if rate is not None:
             print(f"    {t * 1e6:9.1f} us {rate(t)} {tiles}", flush=True)
@@ -409,13 +417,14 @@ def bench_decode_moe(label, qtype, shape, k_sel, rows, args, bw) -> None:
           f"({read / t_copy / bw:5.1%})  tiles {mm.DECODE_COPY_TILES}  swapped: in registers "
           f"{t_swap_stored * 1e6:9.1f} us, bf16 copy {t_swap_copy * 1e6:9.1f} us (block_m {swap['block_m']})",
           flush=True)  # fmt: skip
-    if args.sweep and args.sweep_kernel == "swapped":  # the stored experts swapped: warps and stages (same bits?)
-        base = jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, **interp, **swap))(x, w, ids)
-        for tiles in SWEEP_SWAPPED + [dict(splits=s) for s in (2, 4)]:  # K splits: other bits, expectedly
-            t = per_call_grouped(w, **interp, **swap, **tiles)
-            y = jax.jit(lambda x, w, i, tiles=tiles: mm.moe_matmul(x, w, i, **interp, **swap, **tiles))(x, w, ids)
-            same = "same bits" if bool(jnp.array_equal(y, base)) else "OTHER BITS"
-            print(f"    swapped, in registers {t * 1e6:9.1f} us {tiles} ({same})", flush=True)
+    if args.sweep and args.sweep_kernel == "swapped":  # the stored experts swapped: warps and stages (same bits?),
+        # then K splits (other bits, expectedly)
+        def grouped(**tiles) -> jax.Array:
+            return jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, **interp, **swap, **tiles))(x, w, ids)
+
+        sweep_bits(SWEEP_SWAPPED + [dict(splits=s) for s in (2, 4)],
+                   lambda **tiles: per_call_grouped(w, **interp, **swap, **tiles), grouped,
+                   "swapped, in registers")  # fmt: skip
     elif args.sweep:
         best = best_tiling(lambda **tiles: per_call_grouped(copy, **interp, **(mm.DECODE_COPY_TILES | tiles)),
                            t_copy, SWEEP_COPY, lambda t: f"{read / t / 1e9:.1f} GB/s")  # fmt: skip

@@ -60,14 +60,14 @@ def decode_kernels_for(max_batch: int, deterministic: bool) -> str:
     return "tensor-cores" if max_batch > qmatvec.MAX_ROWS else "per-row"
 
 
+def quantized_experts(gf: GGUFFile) -> list:
+    """The file's quantized MoE experts (3-D tensors in a kernel format): those `with_bf16_experts` widens."""
+    return [t for t in gf.tensors.values() if len(t.shape) == 3 and t.qtype in qmatvec.KERNEL_TYPES]
+
+
 def expert_copy_bytes(gf: GGUFFile) -> int:
-    """Bytes of a bf16 copy of the file's quantized MoE experts (3-D tensors)."""
-    return sum(2 * t.n_elements for t in gf.tensors.values() if len(t.shape) == 3 and t.qtype in qmatvec.KERNEL_TYPES)
-
-
-def expert_formats(gf: GGUFFile) -> set:
-    """The formats of the file's quantized MoE experts (those `with_bf16_experts` would widen)."""
-    return {t.qtype for t in gf.tensors.values() if len(t.shape) == 3 and t.qtype in qmatvec.KERNEL_TYPES}
+    """Bytes of a bf16 copy of the file's quantized MoE experts."""
+    return sum(2 * t.n_elements for t in quantized_experts(gf))
 
 
 def with_bf16_experts(weights: dict) -> dict:
@@ -534,7 +534,7 @@ def load_model(
     # stored experts dequantized in registers are the faster read. gpt-oss-20b at 64 streams: 3,705.7 and 3,835.1
     # tok/s on the stored MXFP4 against 3,368.0 and 3,291.5 on the copy (two rounds, one stream the same; an H100,
     # 2026-12-07, docs/PERFORMANCE.md), and the copy's 38 GB go to the KV pool (3.7x its pages) instead.
-    unswapped = any(not ops.tc_swapped(qtype) for qtype in expert_formats(gf))
+    unswapped = any(not ops.tc_swapped(t.qtype) for t in quantized_experts(gf))
     auto = bf16_experts is None and backend == "gpu" and mesh is None and grouped and unswapped
     copies = copy_bytes if bf16_experts or auto else 0
 

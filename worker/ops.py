@@ -577,7 +577,7 @@ def qmatmul(
             live = _live_rows.get()
             skip = not tensor_cores and not int8_x
             live = live if live is not None and live.size == rows and skip else None
-            tiles = _int8_x_tiles(norm, glu) if int8_x else _float_tiles(tensor_cores and w.qtype in _tc_swap, rows)
+            tiles = _int8_x_tiles(norm, glu) if int8_x else _float_tiles(tensor_cores and tc_swapped(w.qtype), rows)
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
@@ -918,7 +918,7 @@ def moe_matmul(
         # copy's tiles: on the stored experts the fastest grouped decode timed alone (gpt-oss-20b's gate_up at 64
         # tokens 315.8 us, the copy 428.8 swapped and 457.8 not; an H100, 2026-12-07, docs/PERFORMANCE.md), with
         # other bits than the copy's (MXFP4's two nibble halves are two dots a step).
-        swap = experts.qtype in _tc_swap
+        swap = tc_swapped(experts.qtype)
         tiles = grouped_matmul.swapped_tiles(expert_ids.size, n_experts) if swap else {}
         if swap or decode_copy is not None:
             tiles = grouped_matmul.DECODE_COPY_TILES | tiles
