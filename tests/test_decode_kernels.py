@@ -6,6 +6,8 @@ run.)"""
 
 from __future__ import annotations
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -122,6 +124,21 @@ def test_the_swap_is_chosen_by_each_weights_format(monkeypatch):
         for seed, qtype in enumerate((QT.Q8_0, QT.Q4_K)):
             ops.qmatmul(x, random_weight(qtype, (32, 256), seed)[0], backend="interpret")
     assert seen == [(QT.Q8_0, True), (QT.Q4_K, False)]
+
+
+def test_an_integer_setting_is_refused_with_its_name_unless_an_integer_at_least_its_minimum(monkeypatch):
+    """ops.env_int (WORKER_MOE_DECODE_SPLITS, WORKER_MOE_SORTED_PAIRS, WORKER_PREFILL_GROUP_TOKENS): unset or empty
+    is the default; a word, a sign or a number below the minimum is refused naming the variable, not int()'s message."""
+    monkeypatch.delenv("WORKER_TEST_N", raising=False)
+    assert ops.env_int("WORKER_TEST_N", 2, minimum=1) == 2
+    monkeypatch.setenv("WORKER_TEST_N", " ")
+    assert ops.env_int("WORKER_TEST_N", 2, minimum=1) == 2
+    monkeypatch.setenv("WORKER_TEST_N", "4")
+    assert ops.env_int("WORKER_TEST_N", 2, minimum=1) == 4
+    for bad in ("abc", "0", "-1", "2.5"):
+        monkeypatch.setenv("WORKER_TEST_N", bad)
+        with pytest.raises(ValueError, match=rf"^WORKER_TEST_N='{re.escape(bad)}': must be an integer, at least 1$"):
+            ops.env_int("WORKER_TEST_N", 2, minimum=1)
 
 
 def test_the_swapped_dots_pipeline_depth_is_chosen_by_its_row_tile(monkeypatch):

@@ -69,6 +69,15 @@ def kernel_backends(setting: str) -> dict[str, bool]:
     return {"gpu": setting != "0", "interpret": setting == "1"}
 
 
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """An integer WORKER_* setting (unset or empty: `default`); anything else than an integer >= minimum is refused
+    with the variable's name, at import, before a model loads."""
+    value = os.environ.get(name, "").strip() or str(default)
+    if not value.isdigit() or int(value) < minimum:
+        raise ValueError(f"{name}={value!r}: must be an integer, at least {minimum}")
+    return int(value)
+
+
 # RMSNorm's kernel (worker/pallas_kernels/rms_norm.py), one launch a norm where XLA takes ~2.5: on by default on the
 # "gpu" backend with one device (an H100, 2026-12-06: qwen2.5-0.5b decode 980.0 against 951.0 tok/s, 1.030x;
 # gpt-oss-20b 324.6-326.5 against 323.3; docs/PERFORMANCE.md, thirtieth session); WORKER_NORM_KERNEL=0 turns it off.
@@ -115,15 +124,13 @@ _cpu_tiles = os.environ.get("WORKER_CPU_TILES", "") != "0"
 # WORKER_MOE_SORTED_PAIRS=N: the routed matvec sorts its (token, selection) pairs by expert from N pairs on (default
 # qmatvec.SORTED_PAIRS; 0 sorts always, as all but one token did before the thirtieth session): an A/B switch, the
 # same bits either way.
-_moe_sorted_pairs = int(os.environ.get("WORKER_MOE_SORTED_PAIRS", str(qmatvec.SORTED_PAIRS)))
+_moe_sorted_pairs = env_int("WORKER_MOE_SORTED_PAIRS", qmatvec.SORTED_PAIRS)
 # Every decode call of the grouped MoE matmul splits K in this many parts (moe_matmul.Plan.splits;
 # WORKER_MOE_DECODE_SPLITS=N for an A/B): more programs in flight where one stream's step has only 4 experts' tiles,
 # each walking all of K. The same split in every bucket keeps a token's bits the same in each (its gpu test passed on
 # an H100, 2026-12-07), other bits than one split. Measured there (docs/PERFORMANCE.md, forty-second session):
 # gpt-oss-20b's batch-1 decode 225.7 -> 237.4 tok/s at 2 splits, 209.6 at 4; its 64 streams within the rounds' spread.
-_moe_decode_splits = int(os.environ.get("WORKER_MOE_DECODE_SPLITS", "2"))
-if _moe_decode_splits < 1:
-    raise ValueError(f"WORKER_MOE_DECODE_SPLITS must be at least 1, got {_moe_decode_splits}")
+_moe_decode_splits = env_int("WORKER_MOE_DECODE_SPLITS", 2, minimum=1)
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"

@@ -76,7 +76,7 @@ MIN_TABLE_PAGES = 16
 # Prompt tokens (padding included) in one prefill dispatch of several sequences (`prefill_group`): each sequence's
 # chunk is padded to ops.PREFILL_KERNEL_ROWS, so at most this / that many sequences share one.
 # WORKER_PREFILL_GROUP_TOKENS=0 gives every chunk a dispatch of its own (docs/batching.md).
-PREFILL_GROUP_TOKENS = int(os.environ.get("WORKER_PREFILL_GROUP_TOKENS", "4096"))
+PREFILL_GROUP_TOKENS = ops.env_int("WORKER_PREFILL_GROUP_TOKENS", 4096)
 
 
 def pow2_bucket(n: int, low: int, high: int) -> int:
