@@ -191,30 +191,48 @@ FUSIONS = {
     "attn_qkv": ("attn_q", "attn_k", "attn_v"),
     "attn_qk": ("attn_q", "attn_k"),
     "ffn_up": ("ffn_gate", "ffn_up"),
+    # A mixture's experts [E, F, D] too, each expert's rows [gate | up] (llama.cpp's merged layout, which gpt_oss
+    # reads): one grouped matmul a layer where two ran, each with only the 4 selected experts' tiles at one token.
+    "ffn_gate_up_exps": ("ffn_gate_exps", "ffn_up_exps"),
 }
-# WORKER_FUSE_PROJECTIONS=0 loads the parts as the file has them: an A/B for the benchmarks.
-_fuse_projections = os.environ.get("WORKER_FUSE_PROJECTIONS", "1") != "0"
+
+
+def fusions_named(value: str) -> dict[str, tuple[str, ...]]:
+    """WORKER_FUSE_PROJECTIONS's FUSIONS: every one for "1", none for "0", else those named (e.g. attn_qkv,ffn_up)."""
+    if value in ("0", "1"):
+        return dict(FUSIONS) if value == "1" else {}
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FUSIONS]
+    if unknown:
+        raise ValueError(f"WORKER_FUSE_PROJECTIONS: {unknown[0]!r} is not 0, 1 or a comma-separated list of "
+                         f"{', '.join(FUSIONS)}")  # fmt: skip
+    return {name: FUSIONS[name] for name in FUSIONS if name in names}  # FUSIONS' order: the first that fits wins
+
+
+# WORKER_FUSE_PROJECTIONS=0 loads the parts as the file has them, a list loads only those fusions (e.g.
+# attn_qkv,attn_qk,ffn_up: all but the experts'): the A/Bs for the benchmarks.
+_fusions = fusions_named(os.environ.get("WORKER_FUSE_PROJECTIONS", "1"))
 
 
 def fused_tensors(gf: GGUFFile, table: dict[str, tuple[tuple, bool]]) -> dict[str, tuple[tuple, list[TensorInfo]]]:
     """The FUSIONS this file's layers allow: the name of each fused part's tensor -> (the fused field's path, the
     parts in row order), the parts given under the first part's name only (an empty list under the others). A group
-    fuses when every part is a matrix of one format and one input width, and the parts have biases all or none
-    (of one type); otherwise the next fusion of its first part is tried (FUSIONS' order), and the parts of none
-    load as they are."""
+    fuses when every part is a matrix (or a stack of experts' matrices) of one format, one input width and one
+    number of experts, and the parts have biases all or none (of one type); otherwise the next fusion of its first
+    part is tried (FUSIONS' order), and the parts of none load as they are."""
     out: dict[str, tuple[tuple, list[TensorInfo]]] = {}
     for name, (path, _) in table.items():
         if path[0] != "layers" or not name.endswith(".weight"):
             continue
         prefix = name.rsplit(".", 2)[0]  # blk.N
-        for fused, parts in FUSIONS.items():
+        for fused, parts in _fusions.items():
             if path[-1] != parts[0]:
                 continue
             weights = [gf.tensors.get(f"{prefix}.{p}.weight") for p in parts]
             biases = [gf.tensors.get(f"{prefix}.{p}.bias") for p in parts]
-            if any(w is None or len(w.shape) != 2 for w in weights):
+            if any(w is None or len(w.shape) not in (2, 3) for w in weights):
                 continue
-            if len({(w.qtype, w.shape[-1]) for w in weights}) > 1 or len({b is None for b in biases}) > 1:
+            if len({(w.qtype, w.shape[:-2], w.shape[-1]) for w in weights}) > 1 or len({b is None for b in biases}) > 1:
                 continue
             if biases[0] is not None and len({b.qtype for b in biases}) > 1:
                 continue
@@ -229,12 +247,15 @@ def fused_tensors(gf: GGUFFile, table: dict[str, tuple[tuple, bool]]) -> dict[st
 
 
 def joined(parts: list[TensorInfo]) -> TensorInfo:
-    """One tensor of the parts' rows, in order: GGUF rows are whole blocks, so its bytes are the parts' one after
-    another. Made as it is loaded, so that the host holds one fused tensor's copy at a time."""
+    """One tensor of the parts' rows, in order (a matrix's rows, a bias's values; an expert's each, expert by
+    expert): GGUF rows are whole blocks, so within each leading index (an expert, or the one matrix) the bytes are
+    the parts' one after another. Made as it is loaded, so that the host holds one fused tensor's copy at a time."""
     first, name = parts[0], "|".join(t.name for t in parts)
-    rows = sum(t.shape[0] for t in parts)
-    data = np.concatenate([t.data.reshape(-1) for t in parts])
-    return TensorInfo(name, first.qtype, (rows, *first.shape[1:]), -1, sum(t.nbytes for t in parts), data)
+    axis = len(first.shape) - (1 if first.name.endswith(".bias") else 2)  # the rows' axis: the parts differ there
+    lead = int(np.prod(first.shape[:axis], dtype=np.int64))
+    data = np.concatenate([t.data.reshape(lead, -1) for t in parts], axis=1).reshape(-1)
+    shape = (*first.shape[:axis], sum(t.shape[axis] for t in parts), *first.shape[axis + 1 :])
+    return TensorInfo(name, first.qtype, shape, -1, sum(t.nbytes for t in parts), data)
 
 
 def load_weights(
@@ -252,7 +273,7 @@ def load_weights(
     if fuse and place is not None:
         raise ValueError("fused projections are a one-device layout; tensor parallelism places the parts")
     check_names(gf, table)
-    fusing = fused_tensors(gf, table) if fuse and _fuse_projections else {}
+    fusing = fused_tensors(gf, table) if fuse else {}
     root: dict = {}
     for name, t in gf.tensors.items():
         path, _ = table[name]

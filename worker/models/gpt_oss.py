@@ -149,7 +149,7 @@ def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array, live: jax.Array
     # A decode step's tokens (one per sequence) take the per-token path whatever their number (batch invariance).
     flat_live = None if live is None else live.reshape(b * t)
     experts = partial(_experts, lw, cfg, expert_ids=expert_ids, per_token=t == 1, live=flat_live)
-    if cfg.fused_gate_up:
+    if "ffn_gate_up_exps" in lw:  # the file's merged layout, or the parts fused at load (base.FUSIONS)
         gate, up = jnp.split(experts("ffn_gate_up_exps", h), 2, axis=-1)
     else:
         gate, up = experts("ffn_gate_exps", h), experts("ffn_up_exps", h)
