@@ -12,6 +12,12 @@ Variants: the tensor-core kernel (the server's default) and its best tiling at o
 tiles, 64-row weight tiles: docs/PERFORMANCE.md, sixteenth session), then the per-row kernel at its defaults, with
 four pipeline stages, with its scales factored out of the inner loop, and with fused multiply-adds
 (qmatvec.Plan.factored, .fma).
+
+With --experts, a decode step's experts instead (bench.kernels.MOE: gpt-oss-20b's gate|up and down, MXFP4, --rows
+tokens routed to 4 distinct experts each): the grouped matmul as decode calls it (swapped, the stored experts, K in
+ops' splits), at one and four splits, and the routed matvec (a program a pair: the per-row kernels' route), plain and
+on int8 x. At one token the grouped one ran at 0.39 TB/s in a traced step (docs/PERFORMANCE.md, forty-third entry):
+the counters say whether its warps wait on memory, on their own arithmetic or on too few programs.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from collections import Counter
 import jax
 import jax.numpy as jnp
 
-from bench.kernels import DENSE, matvec_program, random_planes, timed, weight_copies
+from bench.kernels import DENSE, MOE, matvec_program, random_planes, timed, weight_copies
 from bench.trace import device_busy, device_kernels
+from worker import ops
+from worker.pallas_kernels import moe_matmul as mm
 from worker.pallas_kernels import qmatvec as qmv
 from worker.pallas_kernels import qmatvec_int8
 
@@ -45,6 +53,36 @@ VARIANTS = {
     "per-row int8 x": dict(tensor_cores=False, int8_x=True),  # the quantized formats (others skip it)
     "int8 x dot": dict(tensor_cores=True, int8_x=True),  # its rows the per-row int8 kernel's bits
 }
+
+
+def expert_variants(pairs: int, n_experts: int) -> dict[str, tuple]:
+    """--experts' variants: name -> (kernel, tiles). The grouped matmul's are ops.moe_matmul's decode tiles."""
+    swapped, splits = mm.DECODE_COPY_TILES | mm.swapped_tiles(pairs, n_experts), ops._moe_decode_splits
+    return {
+        f"grouped, decode's ({splits} splits)": (mm.moe_matmul, swapped | {"splits": splits}),
+        "grouped, 1 split": (mm.moe_matmul, swapped | {"splits": 1}),
+        "grouped, 4 splits": (mm.moe_matmul, swapped | {"splits": 4}),
+        "routed matvec": (qmv.moe_matvec, {}),
+        "routed matvec, int8 x": (qmv.moe_matvec, {"int8_x": True}),
+    }
+
+
+def expert_calls(spec: str, rows: int, interpret: bool) -> list[tuple]:
+    """--experts' calls, each compiled and warmed: (what, fn, x, experts, ids)."""
+    calls = []
+    for label, qtype, e, n, k, k_sel in MOE:
+        if spec and label not in [c.strip() for c in spec.split(",")]:
+            continue
+        w = random_planes(qtype, (e, n, k), seed=0)
+        x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32)
+        ids = jax.lax.top_k(jax.random.normal(jax.random.key(1), (rows, e)), k_sel)[1]
+        for name, (kernel, tiles) in expert_variants(rows * k_sel, e).items():
+            fn = jax.jit(lambda x, w, i, kernel=kernel, tiles=tiles: kernel(x, w, i, interpret=interpret, **tiles))
+            jax.block_until_ready(fn(x, w, ids))  # compile and warm
+            calls.append((f"{label} {qtype.name} {e}x{n}x{k} tokens={rows}: {name}", fn, x, w, ids))
+    if not calls:
+        raise SystemExit(f"--cases {spec!r}: none of bench.kernels.MOE ({', '.join(c[0] for c in MOE)})")
+    return calls
 
 
 def applicable(qtype, tiles: dict) -> bool:
@@ -63,7 +101,12 @@ def main() -> None:
     ap.add_argument("--trace", metavar="DIR", help="no counters: time each variant as bench.kernels does (a jitted "
                     "call over weight copies past L2) and trace it with the JAX profiler, to split the call's time "
                     "into the kernel's and the rest's")  # fmt: skip
+    ap.add_argument("--experts", action="store_true", help="a decode step's experts (bench.kernels.MOE; --cases "
+                    "picks among their labels, all by default) on the grouped and routed kernels")  # fmt: skip
     args = ap.parse_args()
+    if args.experts:
+        profiled(expert_calls("" if args.cases == ap.get_default("cases") else args.cases, args.rows, args.interpret))
+        return
     cases = selected_cases(args.cases)
     if args.trace:
         for case in cases:
@@ -79,13 +122,18 @@ def main() -> None:
             fn = jax.jit(lambda x, w, tiles=tiles: qmv.qmatvec(x, w, interpret=args.interpret, **tiles))
             jax.block_until_ready(fn(x, w))  # compile and warm
             calls.append((f"{label} {qtype.name} {n}x{k} rows={args.rows}: {name}", fn, x, w))
+    profiled(calls)
+
+
+def profiled(calls: list[tuple]) -> None:
+    """Start the profiler, then each (what, fn, *args) once after its marker line."""
     try:  # the driver's, present wherever a GPU is; a profiler started with --profile-from-start off waits for it
         ctypes.CDLL("libcuda.so.1").cuProfilerStart()
     except OSError:
         print("no libcuda.so.1: the profiler (if any) sees the warm-up calls too")
-    for i, (what, fn, x, w) in enumerate(calls):
+    for i, (what, fn, *args) in enumerate(calls):
         print(f"=== profiled launch {i}: {what}", flush=True)
-        jax.block_until_ready(fn(x, w))
+        jax.block_until_ready(fn(*args))
 
 
 def selected_cases(spec: str) -> list[tuple]:

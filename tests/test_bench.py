@@ -572,6 +572,29 @@ def test_kernel_profile_names_one_case_and_reads_the_programs_top_level():
     assert [c[1].name for c in kernel_profile.selected_cases("qwen2.5-0.5b down:Q6_K, phi3 qkv")] == ["Q6_K", "Q4_K"]
 
 
+def test_kernel_profiles_expert_variant_is_the_grouped_call_decode_makes(monkeypatch):
+    """bench.kernel_profile --experts profiles first what a decode step calls: the grouped matmul with ops.moe_matmul's
+    decode tiles (seen by a spy on a small MXFP4 call); a --cases label of none of bench.kernels.MOE is refused."""
+    import jax.numpy as jnp
+    from gguf import GGMLQuantizationType as QT
+    from test_pallas_qmatvec import random_weight
+
+    from bench import kernel_profile
+    from worker import ops
+    from worker.pallas_kernels import moe_matmul as mm
+
+    kernel, tiles = next(iter(kernel_profile.expert_variants(2, 4).values()))
+    seen = []
+    real = mm.moe_matmul
+    monkeypatch.setattr(mm, "moe_matmul", lambda x, w, *a, **k: (seen.append(k), real(x, w, *a, **k))[1])
+    experts = random_weight(QT.MXFP4, (4, 32, 64), 0)[0]
+    with ops.decode_kernels("tensor-cores"):
+        ops.moe_matmul(jnp.ones((1, 64)), experts, jnp.asarray([[0, 2]]), backend="interpret", per_token=True)
+    assert kernel is real and {k: v for k, v in seen[0].items() if k != "interpret"} == tiles
+    with pytest.raises(SystemExit, match="none of bench.kernels.MOE"):
+        kernel_profile.expert_calls("gpt-oss qkv", 1, interpret=True)
+
+
 @pytest.fixture
 def sass(monkeypatch):
     """tools/kernel_sass.py, a script, imported as a module."""

@@ -47,7 +47,9 @@
 #                      split on spaces); budget KBENCH_SECONDS (default 240)
 #           ncu        Nsight Compute's counters (occupancy, registers, DRAM throughput, warp stalls) on one call of each
 #                      decode matvec variant of bench.kernel_profile, for NCU_CASES (default "phi3 gate_up:Q4_K") at
-#                      NCU_ROWS rows (default 1); budget NCU_SECONDS (default 180)
+#                      NCU_ROWS rows (default 1); budget NCU_SECONDS (default 180); NCU_EXPERTS=1: a decode step's
+#                      experts instead (bench.kernel_profile --experts: the grouped matmul and the routed matvec at
+#                      NCU_ROWS tokens; NCU_CASES then picks bench.kernels.MOE labels, e.g. "gpt-oss down")
 #           ktrace     the same variants timed as bench.kernels times them (a call over weight copies), each call's
 #                      device kernels by name from a JAX profiler trace and its program's instructions by opcode;
 #                      NCU_CASES, NCU_ROWS and the budget NCU_SECONDS as ncu's
@@ -351,15 +353,18 @@ do_ncu() {
     local ncu
     ncu=$(command -v ncu || find /opt/nvidia -name ncu -type f -perm -u+x 2>/dev/null | head -n 1)
     [ -n "$ncu" ] || { echo "no ncu on this machine"; return 1; }
-    bash tools/gpu-env.sh "$ncu" --clock-control none --profile-from-start off -k regex:qmatvec --section SpeedOfLight \
+    local kernels=regex:qmatvec per_opcode='regex:^qmatvec_(?!.*_dot$)' what=(--cases "${NCU_CASES:-phi3 gate_up:Q4_K}")
+    if [ -n "${NCU_EXPERTS:-}" ]; then  # a decode step's experts: the grouped matmul and the routed matvec
+        kernels='regex:moe_matmul|qmatvec' per_opcode=$kernels what=(--experts ${NCU_CASES:+--cases "$NCU_CASES"})
+    fi
+    bash tools/gpu-env.sh "$ncu" --clock-control none --profile-from-start off -k "$kernels" --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
         --section MemoryWorkloadAnalysis --section InstructionStats --section SourceCounters \
-        python3 -m bench.kernel_profile --cases "${NCU_CASES:-phi3 gate_up:Q4_K}" \
-        --rows "${NCU_ROWS:-1}" || return 1
-    echo "== the per-row kernels' executed instructions by opcode"  # every qmatvec_<fmt> but the _dot ones
-    bash tools/gpu-env.sh "$ncu" --clock-control none --profile-from-start off -k 'regex:^qmatvec_(?!.*_dot$)' \
+        python3 -m bench.kernel_profile "${what[@]}" --rows "${NCU_ROWS:-1}" || return 1
+    echo "== executed instructions by opcode"  # the per-row kernels (every qmatvec_<fmt> but the _dot ones), or all
+    bash tools/gpu-env.sh "$ncu" --clock-control none --profile-from-start off -k "$per_opcode" \
         --metrics sass__inst_executed_per_opcode --print-metric-instances details \
-        python3 -m bench.kernel_profile --cases "${NCU_CASES:-phi3 gate_up:Q4_K}" --rows "${NCU_ROWS:-1}"
+        python3 -m bench.kernel_profile "${what[@]}" --rows "${NCU_ROWS:-1}"
 }
 
 do_ktrace() {
