@@ -18,7 +18,7 @@ from model_oracles import manifest, teacher_forced_decode
 import worker
 from worker import ops
 from worker.pallas_kernels import qmatvec as qmv
-from worker.pallas_kernels.tiling import TARGET_PROGRAMS
+from worker.pallas_kernels.tiling import ALL, TARGET_PROGRAMS
 from worker.quant import QuantArray, dequantize, quant_array
 
 TYPES = sorted(qmv.KERNEL_TYPES, key=lambda t: t.name)
@@ -67,6 +67,25 @@ def assert_close(y: jax.Array, ref: np.ndarray, bound: np.ndarray, what: str, to
     err = float(np.max(np.abs(y - ref) / bound))
     assert err <= tol, f"{what}: max error {err:.3g} of sum|x||w| (tolerance {tol:.3g})"
     return err
+
+
+def test_mxfp4_factors_are_the_files_values_for_every_code_and_exponent():
+    """The float kernels' MXFP4 values (a code's bits as a float16 times the block's 2^(e - 113), `qmatvec._mxfp4`)
+    are gguf-py's exactly for all 16 codes of both nibbles at every exponent byte up to 240 (from 2 on the CPU,
+    whose XLA flushes a subnormal product); above 240 (|w| >= 2^113) the exponent is clamped to 240."""
+    low = 2 if jax.default_backend() == "cpu" else 0
+    exps = np.arange(low, 256, dtype=np.uint8)
+    qs = (np.arange(16) | (15 - np.arange(16)) << 4).astype(np.uint8)  # low nibbles 0..15, high 15..0
+    raw = np.concatenate([exps[:, None], np.broadcast_to(qs, (exps.size, 16))], axis=1)  # [blocks, 17]
+    planes = {"e": jnp.asarray(exps)[:, None], "qs": jnp.asarray(raw[:, 1:])[:, None, :]}  # [BN, C=1, ...]
+    parts = qmv.FORMATS[QT.MXFP4].parts(lambda name, *index: planes[name][(ALL, ALL, *index)])
+    got = np.concatenate([np.asarray(v).reshape(exps.size, 16) for v, _ in parts], axis=1)  # low then high
+    clamped = raw.copy()
+    clamped[:, 0] = np.minimum(exps, 240)
+    want = quants.dequantize(clamped, QT.MXFP4).reshape(exps.size, 32)
+    np.testing.assert_array_equal(got, want.astype(np.float32))  # bits, but code 8's -0 (gguf-py's +0: any sum's)
+    with np.errstate(over="ignore"):  # e = 255 unclamped overflows: no real file's
+        assert np.isinf(quants.dequantize(raw[-1:], QT.MXFP4)).any()
 
 
 # Per super-block size: K in super-blocks and the forced tiles. N = 40 with block_n 16 leaves 8 masked rows;

@@ -192,7 +192,8 @@ FUSIONS = {
     "attn_qk": ("attn_q", "attn_k"),
     "ffn_up": ("ffn_gate", "ffn_up"),
     # A mixture's experts [E, F, D] too, each expert's rows [gate | up] (llama.cpp's merged layout, which gpt_oss
-    # reads): one grouped matmul a layer where two ran, each with only the 4 selected experts' tiles at one token.
+    # reads): one grouped matmul a layer where two ran. At one token each had only its 4 experts' column tiles, 360
+    # programs on gpt-oss-20b, which read at 0.39 TB/s (docs/PERFORMANCE.md, forty-third session); fused, 720.
     "ffn_gate_up_exps": ("ffn_gate_exps", "ffn_up_exps"),
 }
 

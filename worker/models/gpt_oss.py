@@ -46,7 +46,7 @@ class GptOssConfig(ModelConfig):
     n_experts: int
     n_experts_used: int
     expert_ffn_dim: int
-    fused_gate_up: bool
+    fused_gate_up: bool  # the file's own merged ffn_gate_up_exps (else the parts, which may fuse at load: base.FUSIONS)
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window if layer % 2 == 0 else None

@@ -168,15 +168,22 @@ def _q5_1(load: Load) -> Factors:
     return [(_f32(q), d, m, (p, ALL)) for p, q in enumerate(_q5_codes(load))]
 
 
-def _e2m1_doubled(code: jax.Array) -> jax.Array:
-    """ggml's kvalues_mxfp4[code] (E2M1 times 2: 0, 1, 2, 3, 4, 6, 8, 12 and their negatives) by bits, as Triton has
-    no register-table lookup: the code's sign, two exponent bits and mantissa bit placed in a float16's sign, two
-    lowest exponent bits and top mantissa bit make 2^-15 times that value exactly (code 1, E2M1's subnormal 0.5,
-    a float16 subnormal), and the float32 of it times 2^15 is the value. Why this way: a shift-and-select by
-    arithmetic took 20.6 instructions a value in the per-row kernel (tools/kernel_sass.py)."""
+def _e2m1_tiny(code: jax.Array) -> jax.Array:
+    """2^-15 times ggml's kvalues_mxfp4[code] (E2M1 times 2: 0, 1, 2, 3, 4, 6, 8, 12 and their negatives) in float32,
+    by bits, as Triton has no register-table lookup: the code's sign, two exponent bits and mantissa bit placed in a
+    float16's sign, two lowest exponent bits and top mantissa bit make that value exactly (code 1, E2M1's subnormal
+    0.5, a float16 subnormal). The 2^15 goes into the block's scale (`_e8m0_times_2_15`). Why this way: a
+    shift-and-select by arithmetic took 20.6 instructions a value in the per-row kernel (tools/kernel_sass.py)."""
     bits = ((code & 7) << 9) | ((code & 8) << 12)
-    half = jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16)
-    return half.astype(jnp.float32) * jnp.float32(2.0**15)
+    return jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
+
+
+def _e8m0_times_2_15(e: jax.Array) -> jax.Array:
+    """2^15 * e8m0_half(e) = 2^(e - 113), by bits: always a normal float32, one multiply a block where the value's
+    2^15 took one a value (`_e2m1_tiny`; the products are exact either way, so the values are the same). Exponent
+    bytes above 240 (|w| >= 2^113, never in a real file) are clamped to 240, where 2^(e - 113) would overflow."""
+    e = jnp.minimum(e.astype(jnp.uint32), jnp.uint32(240))
+    return jax.lax.bitcast_convert_type((e + 14) << 23, jnp.float32)
 
 
 def e8m0_half(e: jax.Array) -> jax.Array:
@@ -188,8 +195,8 @@ def e8m0_half(e: jax.Array) -> jax.Array:
 
 
 def _mxfp4(load: Load) -> Factors:
-    d = _lift(e8m0_half(load("e")), 3)
-    return [(_e2m1_doubled(q), d, None, (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
+    d = _lift(_e8m0_times_2_15(load("e")), 3)
+    return [(_e2m1_tiny(q), d, None, (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
 
 
 def _k_scale_min(load: Load, p: int) -> tuple[jax.Array, jax.Array]:
