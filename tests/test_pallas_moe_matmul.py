@@ -121,6 +121,24 @@ def test_groups_pad_each_expert_to_whole_tiles():
     assert (np.diff(rows.reshape(-1)[np.argsort(ids.reshape(-1), stable=True)]) > 0).all()  # stable in-group
 
 
+@pytest.mark.parametrize("m,k_sel,e,bm,shared", [(1, 4, 32, 16, True), (13, 4, 8, 16, False), (64, 4, 32, 16, True),
+                                                  (40, 2, 4, 64, True), (128, 4, 32, 16, False)])  # fmt: skip
+def test_pairs_ranked_by_comparison_group_as_the_sort_does(monkeypatch, m, k_sel, e, bm, shared):
+    """A decode step's few pairs (up to COMPARE_PAIRS) are ranked by comparing every pair with every other, no
+    sort and no scatter: the same rows, padded rows' pairs and tiles' experts as the stable sort gives, with dead
+    tokens and with experts left empty or crowded."""
+    rng = np.random.default_rng(m * 7 + e)
+    for skew in ("uniform", "one"):
+        ids = routed(m, k_sel, e, seed=int(rng.integers(1 << 16)), skew=skew)
+        for live in (None, jnp.asarray(rng.random(m) < 0.7)):
+            got = mm.group(jnp.asarray(ids), e, bm, shared, live)
+            monkeypatch.setattr(mm, "COMPARE_PAIRS", 0)
+            want = mm.group(jnp.asarray(ids), e, bm, shared, live)
+            monkeypatch.setattr(mm, "COMPARE_PAIRS", 512)
+            for a, b in zip((got.rows, got.src, got.tile_expert), (want.rows, want.src, want.tile_expert), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_dead_tokens_pairs_go_to_no_tile_and_read_as_zeros():
     """Tokens marked not live (a decode bucket's empty rows, a prefill chunk's padding) take no expert's tiles;
     their results are zeros, and every live pair's bits are those of the call without the mask."""

@@ -184,25 +184,40 @@ class Groups:
     tile_expert: jax.Array
 
 
+# Pairs up to which `group` ranks them by comparing every pair with every other (one fusion each for the ranks and
+# the padded rows' pairs: a decode step's 4-512 pairs) instead of a sort and three scatters, each a launch or two
+# with its buffer's copy, in every MoE layer of every decode step. Both give the same groups.
+COMPARE_PAIRS = 512
+
+
 def group(expert_ids: jax.Array, n_experts: int, block_m: int, shared: bool, live: jax.Array | None = None) -> Groups:
     """Sort the (token, selection) pairs by expert and pad each expert's group to a multiple of block_m rows.
     `live` [M]: the pairs of a token where it is False go last, into no expert's tiles (their rows lie in tiles
-    that are not computed)."""
+    that are not computed). Within a group the pairs keep their order (a stable sort)."""
     n_pairs = expert_ids.size
     k_sel = expert_ids.shape[-1]
     flat = jnp.clip(expert_ids.reshape(-1).astype(jnp.int32), 0, n_experts - 1)  # out of range must not read OOB
     if live is not None:  # a dead token's pairs: expert n_experts, a group that gets no tiles
         flat = jnp.where(jnp.repeat(live.reshape(-1), k_sel), flat, n_experts)
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted position -> pair
-    sorted_e = flat[order]
-    counts = jnp.zeros((n_experts + 1,), jnp.int32).at[flat].add(1)
+    pair = jnp.arange(n_pairs, dtype=jnp.int32)
+    n_tiles = pl.cdiv(n_pairs + min(n_experts, n_pairs) * (block_m - 1), block_m)
+    if n_pairs <= COMPARE_PAIRS:
+        counts = (flat[None, :] == jnp.arange(n_experts + 1, dtype=jnp.int32)[:, None]).sum(1, dtype=jnp.int32)
+        rank = ((flat[None, :] == flat[:, None]) & (pair[None, :] < pair[:, None])).sum(1, dtype=jnp.int32)
+    else:
+        order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted position -> pair
+        counts = jnp.zeros((n_experts + 1,), jnp.int32).at[flat].add(1)
+        first = jnp.cumsum(counts) - counts  # sorted position of each group's first pair
+        rank = jnp.zeros((n_pairs,), jnp.int32).at[order].set(pair - first[flat[order]])
     tiles = ((counts + block_m - 1) // block_m).at[n_experts].set(0)
     tile_end = jnp.cumsum(tiles)
-    first = jnp.cumsum(counts) - counts  # sorted position of each group's first pair
-    padded_rows = (tile_end - tiles)[sorted_e] * block_m + jnp.arange(n_pairs, dtype=jnp.int32) - first[sorted_e]
-    n_tiles = pl.cdiv(n_pairs + min(n_experts, n_pairs) * (block_m - 1), block_m)
-    rows = jnp.zeros((n_pairs,), jnp.int32).at[order].set(padded_rows)
-    src = jnp.zeros((n_tiles * block_m,), jnp.int32).at[padded_rows].set(order // k_sel if shared else order)
+    rows = (tile_end - tiles)[flat] * block_m + rank  # each pair's padded row: its group's first tile, then its rank
+    value = pair // k_sel if shared else pair
+    if n_pairs <= COMPARE_PAIRS:  # each padded row's pair, 0 where none (a dead pair's row past the tiles: none)
+        padded = jnp.arange(n_tiles * block_m, dtype=jnp.int32)
+        src = jnp.where(rows[None, :] == padded[:, None], value[None, :], 0).sum(1, dtype=jnp.int32)
+    else:
+        src = jnp.zeros((n_tiles * block_m,), jnp.int32).at[rows].set(value)
     # compare_all: E x tiles comparisons, no loop (the default method is a while loop, in every MoE call of a step)
     tiles_at = jnp.arange(n_tiles, dtype=jnp.int32)
     tile_e = jnp.searchsorted(tile_end[:n_experts], tiles_at, side="right", method="compare_all").astype(jnp.int32)
