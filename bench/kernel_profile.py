@@ -55,13 +55,14 @@ VARIANTS = {
 }
 
 
-def expert_variants(pairs: int, n_experts: int) -> dict[str, tuple]:
-    """--experts' variants: name -> (kernel, tiles). The grouped matmul's are ops.moe_matmul's decode tiles."""
-    swapped, splits = mm.DECODE_COPY_TILES | mm.swapped_tiles(pairs, n_experts), ops._moe_decode_splits
+def expert_variants(qtype, pairs: int, n_experts: int) -> dict[str, tuple]:
+    """--experts' variants: name -> (kernel, tiles). The grouped matmul's are ops.moe_matmul's decode tiles on the
+    stored experts (ops.moe_decode_tiles), then with K in one and in four splits."""
+    decode = ops.moe_decode_tiles(qtype, pairs, n_experts, copy=False)
     return {
-        f"grouped, decode's ({splits} splits)": (mm.moe_matmul, swapped | {"splits": splits}),
-        "grouped, 1 split": (mm.moe_matmul, swapped | {"splits": 1}),
-        "grouped, 4 splits": (mm.moe_matmul, swapped | {"splits": 4}),
+        f"grouped, decode's ({decode.get('splits', 1)} splits)": (mm.moe_matmul, decode),
+        "grouped, 1 split": (mm.moe_matmul, decode | {"splits": 1}),
+        "grouped, 4 splits": (mm.moe_matmul, decode | {"splits": 4}),
         "routed matvec": (qmv.moe_matvec, {}),
         "routed matvec, int8 x": (qmv.moe_matvec, {"int8_x": True}),
     }
@@ -76,7 +77,7 @@ def expert_calls(spec: str, rows: int, interpret: bool) -> list[tuple]:
         w = random_planes(qtype, (e, n, k), seed=0)
         x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32)
         ids = jax.lax.top_k(jax.random.normal(jax.random.key(1), (rows, e)), k_sel)[1]
-        for name, (kernel, tiles) in expert_variants(rows * k_sel, e).items():
+        for name, (kernel, tiles) in expert_variants(qtype, rows * k_sel, e).items():
             fn = jax.jit(lambda x, w, i, kernel=kernel, tiles=tiles: kernel(x, w, i, interpret=interpret, **tiles))
             jax.block_until_ready(fn(x, w, ids))  # compile and warm
             calls.append((f"{label} {qtype.name} {e}x{n}x{k} tokens={rows}: {name}", fn, x, w, ids))

@@ -583,7 +583,7 @@ def test_kernel_profiles_expert_variant_is_the_grouped_call_decode_makes(monkeyp
     from worker import ops
     from worker.pallas_kernels import moe_matmul as mm
 
-    kernel, tiles = next(iter(kernel_profile.expert_variants(2, 4).values()))
+    kernel, tiles = next(iter(kernel_profile.expert_variants(QT.MXFP4, 2, 4).values()))
     seen = []
     real = mm.moe_matmul
     monkeypatch.setattr(mm, "moe_matmul", lambda x, w, *a, **k: (seen.append(k), real(x, w, *a, **k))[1])

@@ -877,6 +877,19 @@ def top_k(x: jax.Array, k: int, backend: str = "cpu", mesh: Mesh | None = None) 
     return values, indices.astype(jnp.int32)
 
 
+def moe_decode_tiles(qtype: QT, pairs: int, n_experts: int, copy: bool) -> dict:
+    """The grouped MoE matmul's tiles for a decode call of `pairs` (token, selection) pairs on experts stored as
+    `qtype` (read as the bf16 copy where `copy`). Swapped (`_tc_swap`: its row tile by the call's pairs), either read
+    takes the copy's tiles: on the stored experts the fastest grouped decode timed alone (gpt-oss-20b's gate_up at 64
+    tokens 315.8 us, the copy 428.8 swapped and 457.8 not; an H100, 2026-12-07, docs/PERFORMANCE.md), with other bits
+    than the copy's (MXFP4's two nibble halves are two dots a step). K in `_moe_decode_splits` parts."""
+    swap = tc_swapped(qtype)
+    tiles = grouped_matmul.swapped_tiles(pairs, n_experts) if swap else {}
+    if swap or copy:
+        tiles = grouped_matmul.DECODE_COPY_TILES | tiles
+    return tiles | ({"splits": _moe_decode_splits} if _moe_decode_splits != 1 else {})
+
+
 def moe_matmul(
     x: jax.Array,
     experts: QuantArray,
@@ -921,15 +934,8 @@ def moe_matmul(
         return kernel(x, experts, expert_ids, live, interpret=interpret, **grouped_matmul.PREFILL_TILES)
     if kernel is grouped_matmul.moe_matmul:
         # Every decode call reads one thing (batch invariance: one route for all rows): the bf16 copy where there is
-        # one, else the stored experts. Swapped (`_tc_swap`: its row tile by the call's pairs), either takes the
-        # copy's tiles: on the stored experts the fastest grouped decode timed alone (gpt-oss-20b's gate_up at 64
-        # tokens 315.8 us, the copy 428.8 swapped and 457.8 not; an H100, 2026-12-07, docs/PERFORMANCE.md), with
-        # other bits than the copy's (MXFP4's two nibble halves are two dots a step).
-        swap = tc_swapped(experts.qtype)
-        tiles = grouped_matmul.swapped_tiles(expert_ids.size, n_experts) if swap else {}
-        if swap or decode_copy is not None:
-            tiles = grouped_matmul.DECODE_COPY_TILES | tiles
-        tiles |= {"splits": _moe_decode_splits} if _moe_decode_splits != 1 else {}
+        # one, else the stored experts.
+        tiles = moe_decode_tiles(experts.qtype, expert_ids.size, n_experts, decode_copy is not None)
         read = experts if decode_copy is None else decode_copy
         return kernel(x, read, expert_ids, live, interpret=interpret, **tiles)
     if kernel is not None:

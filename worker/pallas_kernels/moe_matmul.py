@@ -201,7 +201,8 @@ def group(expert_ids: jax.Array, n_experts: int, block_m: int, shared: bool, liv
         flat = jnp.where(jnp.repeat(live.reshape(-1), k_sel), flat, n_experts)
     pair = jnp.arange(n_pairs, dtype=jnp.int32)
     n_tiles = pl.cdiv(n_pairs + min(n_experts, n_pairs) * (block_m - 1), block_m)
-    if n_pairs <= COMPARE_PAIRS:
+    compare = n_pairs <= COMPARE_PAIRS
+    if compare:
         counts = (flat[None, :] == jnp.arange(n_experts + 1, dtype=jnp.int32)[:, None]).sum(1, dtype=jnp.int32)
         rank = ((flat[None, :] == flat[:, None]) & (pair[None, :] < pair[:, None])).sum(1, dtype=jnp.int32)
     else:
@@ -213,7 +214,7 @@ def group(expert_ids: jax.Array, n_experts: int, block_m: int, shared: bool, liv
     tile_end = jnp.cumsum(tiles)
     rows = (tile_end - tiles)[flat] * block_m + rank  # each pair's padded row: its group's first tile, then its rank
     value = pair // k_sel if shared else pair
-    if n_pairs <= COMPARE_PAIRS:  # each padded row's pair, 0 where none (a dead pair's row past the tiles: none)
+    if compare:  # each padded row's pair, 0 where none (a dead pair's row past the tiles: none)
         padded = jnp.arange(n_tiles * block_m, dtype=jnp.int32)
         src = jnp.where(rows[None, :] == padded[:, None], value[None, :], 0).sum(1, dtype=jnp.int32)
     else:
