@@ -62,6 +62,8 @@ CASES = [
     # step past K); 3 Q4_K super-blocks as 2 + 1
     (QT.MXFP4, 8, 4, 13, 320, 64, True, "uniform", dict(block_m=16, swap=True, chunk=2, splits=2)),
     (QT.Q4_K, 4, 2, 5, 768, 32, False, "one", dict(splits=2)),
+    # K's 10 one-block chunks in 4 leaves of 3 steps (the last masks 2), 2 leaves a split (moe_matmul.Plan.leaves)
+    (QT.MXFP4, 8, 4, 13, 320, 64, True, "uniform", dict(block_m=16, swap=True, chunk=1, splits=2, leaves=4)),
 ]
 
 
@@ -73,8 +75,8 @@ def test_kernel_matches_float64_and_twin(qtype, e, k_sel, m, k, n, shared, skew,
     rng = np.random.default_rng(k)
     x = rng.standard_normal((m, k) if shared else (m, k_sel, k)).astype(np.float32)
     p = mm.plan(qtype, n, k, **tiles)
-    assert n % p.block_n == 0 and p.splits * p.steps * p.chunk * qmv.FORMATS[qtype].sb >= k
-    assert p.splits == tiles.get("splits", 1)
+    assert n % p.block_n == 0 and p.leaves * p.steps * p.chunk * qmv.FORMATS[qtype].sb >= k
+    assert p.splits == tiles.get("splits", 1) and p.leaves == tiles.get("leaves", p.splits)
     y = jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, interpret=True, **tiles))(x, experts, ids)
     xs = np.broadcast_to(x[:, None], (m, k_sel, k)) if shared else x
     picked = w64[ids]  # [M, k, Out, In]
@@ -83,6 +85,49 @@ def test_kernel_matches_float64_and_twin(qtype, e, k_sel, m, k, n, shared, skew,
     assert_close(y, ref, bound, TOL_F64, "kernel vs float64")
     twin = np.asarray(mm.moe_matmul_twin(x, experts, ids), np.float64)
     assert_close(y, twin, bound, TOL_TWIN, "kernel vs twin")
+
+
+def test_k_leaves_give_a_pair_the_same_bits_in_any_number_of_splits():
+    """moe_matmul.Plan.leaves: K's 4 leaves in 1, 2 and 4 programs are the same sums added in the same tree, so the
+    same bits (what lets a decode step of few pairs split K more than one of many: ops.moe_decode_tiles); K in 4
+    leaves is another order than in 2 (a check that the leaves are taken at all)."""
+    e, k_sel, m, k, n = 8, 4, 3, 2880, 64  # gpt-oss's K: 45 two-block chunks, leaves of 12 (the last 9)
+    experts, _ = random_weight(QT.MXFP4, (e, n, k), seed=21)
+    ids = routed(m, k_sel, e, seed=22, skew="uniform")
+    x = np.random.default_rng(23).standard_normal((m, k)).astype(np.float32) * 10.0
+
+    def run(**tiles) -> np.ndarray:
+        tiles = dict(block_m=16, swap=True, chunk=2) | tiles
+        return np.asarray(jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, interpret=True, **tiles))(x, experts, ids))
+
+    four = run(splits=4, leaves=4)
+    for splits in (1, 2):
+        np.testing.assert_array_equal(run(splits=splits, leaves=4), four, err_msg=f"4 leaves in {splits} splits")
+    assert not np.array_equal(run(splits=2), four), "2 leaves summed as 4 would be"
+
+
+def test_tree_sum_adds_as_a_balanced_tree_and_plans_refuse_what_it_cannot_split():
+    t = [np.float32(v) for v in (1e8, 1.0, -1e8, 1.0, 3.0, 1e-3, -3.0, 0.5)]
+    tree = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))
+    assert mm.tree_sum(t) == tree and mm.tree_sum(t) != sum(t[1:], t[0])  # the chain: another order
+    halves = jnp.stack([mm.tree_sum(t[:4]), mm.tree_sum(t[4:])])
+    assert mm.fold_tree(halves) == tree and mm.tree_sum(t[:1]) == t[0]
+    with pytest.raises(ValueError, match="not a power of two"):
+        mm.tree_sum(t[:3])
+    with pytest.raises(ValueError, match="4 splits of K in 2 leaves"):
+        mm.plan(QT.MXFP4, 64, 2880, splits=4, leaves=2)
+    with pytest.raises(ValueError, match="splits must be a power of two, got 3"):
+        mm.plan(QT.MXFP4, 64, 2880, splits=3)
+    assert mm.plan(QT.MXFP4, 64, 96, chunk=1, splits=2, leaves=8).leaves == 2  # 3 chunks: 2 leaves, whatever the splits
+    assert mm.plan(QT.MXFP4, 64, 96, chunk=1, splits=1, leaves=8).leaves == 2
+
+
+@pytest.mark.parametrize(("value", "want"), [("4:2", (4, 2)), ("8", (8, 8)), ("1", (1, 1)), (" 2:8 ", (2, 8))])
+def test_decode_splits_setting_takes_few_many_or_one_power_of_two(value, want):
+    assert ops._decode_splits(value.strip()) == want
+    for bad in ("3", "4:3", "0:2", "a:b", "4:2:1", ""):
+        with pytest.raises(ValueError, match="WORKER_MOE_DECODE_SPLITS"):
+            ops._decode_splits(bad)
 
 
 @pytest.mark.parametrize(("qtype", "shared"), [(QT.MXFP4, True), (QT.Q4_K, False)], ids=lambda v: getattr(v, "name", v))
@@ -242,14 +287,14 @@ def test_decode_calls_take_decodes_tiles_on_either_experts_and_prefill_its_own(m
     (decode_fmt, decode), (prefill_fmt, prefill) = seen
     assert (decode_fmt, prefill_fmt) == (QT.BF16 if copy else QT.MXFP4, QT.MXFP4)
     tiles = {k: v for k, v in decode.items() if k != "interpret"}
-    splits = {"splits": 2}  # ops._moe_decode_splits's default: every decode call's K in two
+    splits = {"splits": 4, "leaves": 4}  # ops._moe_decode_splits's default at few pairs (here 4): K in 4 splits
     if swap:
         assert tiles == mm.DECODE_COPY_TILES | {"swap": True, "block_m": 16} | splits
     else:
         assert tiles == (mm.DECODE_COPY_TILES if copy else {}) | splits
     assert {k: v for k, v in prefill.items() if k != "interpret"} == mm.PREFILL_TILES
     seen.clear()  # WORKER_MOE_DECODE_SPLITS=1: the kernel's own single split, prefill's tiles as before
-    monkeypatch.setattr(ops, "_moe_decode_splits", 1)
+    monkeypatch.setattr(ops, "_moe_decode_splits", (1, 1))
     with ops.decode_kernels("tensor-cores"):
         for per_token in (True, False):
             ops.moe_matmul(x, experts, ids, backend="interpret", per_token=per_token)
@@ -327,7 +372,7 @@ def test_dead_tokens_on_the_gpu_read_as_zeros_and_leave_live_bits_alone():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("read", ["bf16-copy", "stored", "stored-2-splits"])
+@pytest.mark.parametrize("read", ["bf16-copy", "stored", "stored-decode-splits"])
 def test_swapped_decode_tiles_keep_a_tokens_bits_in_every_bucket_on_the_gpu(read):
     """The swapped grouped matmul at decode's tiles (ops.moe_matmul: moe_matmul.swapped_tiles and
     DECODE_COPY_TILES), on the experts' bf16 copy and on the stored MXFP4 dequantized in registers (what
@@ -335,18 +380,21 @@ def test_swapped_decode_tiles_keep_a_tokens_bits_in_every_bucket_on_the_gpu(read
     64 at 1,024), so a token's pairs are MMAs of another N in each. The swap rests on the card summing a row the same
     for every N (wgmma's); this is its check: token 0's bits the same in every bucket, and the largest call against
     the twin. (The two reads differ from each other in float32 order: the stored MXFP4's two nibble halves are two
-    dots a step.) `stored-2-splits`: the stored experts with K in two splits, what decode runs by default
-    (ops._moe_decode_splits; `stored` is WORKER_MOE_DECODE_SPLITS=1)."""
+    dots a step.) `stored-decode-splits`: the stored experts with K in ops' leaves and splits, what decode runs by
+    default (ops.moe_decode_tiles: 4 splits at 1 and 2 tokens, 2 beyond, of 4 leaves; `stored` is
+    WORKER_MOE_DECODE_SPLITS=1)."""
     _gpu()
     e, k_sel, k, n = 32, 4, 2880, 5760
     stored = quant_array(random_raw(QT.MXFP4, (e, n, k), seed=12), QT.MXFP4, (e, n, k), put=jax.device_put)
     experts = widened(stored, jnp.bfloat16) if read == "bf16-copy" else stored
-    splits = {"splits": 2} if read.endswith("splits") else {}
     ids = jnp.asarray(routed(1024, k_sel, e, seed=13, skew="uniform"))
     x = jax.random.normal(jax.random.key(14), (1024, k), jnp.float32)
 
     def run(m: int) -> np.ndarray:
-        tiles = mm.DECODE_COPY_TILES | mm.swapped_tiles(m * k_sel, e) | splits
+        tiles = mm.DECODE_COPY_TILES | mm.swapped_tiles(m * k_sel, e)
+        if read == "stored-decode-splits":
+            tiles = ops.moe_decode_tiles(QT.MXFP4, m * k_sel, e, copy=False)
+            assert tiles["leaves"] == 4 and tiles["splits"] == (4 if m <= 2 else 2)
         return np.asarray(jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, **tiles))(x[:m], experts, ids[:m]))
 
     assert [mm.swapped_tiles(m * k_sel, e)["block_m"] for m in (1, 64, 256, 1024)] == [16, 16, 32, 64]

@@ -125,12 +125,30 @@ _cpu_tiles = os.environ.get("WORKER_CPU_TILES", "") != "0"
 # qmatvec.SORTED_PAIRS; 0 sorts always, as all but one token did before the thirtieth session): an A/B switch, the
 # same bits either way.
 _moe_sorted_pairs = env_int("WORKER_MOE_SORTED_PAIRS", qmatvec.SORTED_PAIRS)
-# Every decode call of the grouped MoE matmul splits K in this many parts (moe_matmul.Plan.splits;
-# WORKER_MOE_DECODE_SPLITS=N for an A/B): more programs in flight where one stream's step has only 4 experts' tiles,
-# each walking all of K. The same split in every bucket keeps a token's bits the same in each (its gpu test passed on
-# an H100, 2026-12-07), other bits than one split. Measured there (docs/PERFORMANCE.md, forty-second session):
-# gpt-oss-20b's batch-1 decode 225.7 -> 237.4 tok/s at 2 splits, 209.6 at 4; its 64 streams within the rounds' spread.
-_moe_decode_splits = env_int("WORKER_MOE_DECODE_SPLITS", 2, minimum=1)
+# A decode call of the grouped MoE matmul of at most this many (token, selection) pairs is "few": one or two streams'
+# tokens, whose 4 or 8 experts' tiles leave most of the card idle unless K splits in more programs.
+FEW_PAIRS = 8
+
+
+def _decode_splits(value: str) -> tuple[int, int]:
+    """WORKER_MOE_DECODE_SPLITS's "FEW:MANY" (K's splits at a decode call of at most FEW_PAIRS pairs, and of more)
+    or "N" (both), powers of two."""
+    try:
+        few, many = (int(v) for v in (value.split(":") if ":" in value else (value, value)))
+    except ValueError:
+        few = many = 0
+    if min(few, many) < 1 or few & (few - 1) or many & (many - 1):
+        raise ValueError(f"WORKER_MOE_DECODE_SPLITS={value!r}: must be FEW:MANY or N, powers of two (e.g. 4:2)")
+    return few, many
+
+
+# Every decode call of the grouped MoE matmul sums K in max(FEW, MANY) leaves and splits it in FEW programs at a call
+# of few pairs, MANY at more (moe_matmul.Plan.leaves and .splits; WORKER_MOE_DECODE_SPLITS=FEW:MANY or N for an A/B):
+# a pair's bits depend on the leaves alone, so a token's are the same in every bucket whatever its splits. Measured
+# on an H100 (docs/PERFORMANCE.md, forty-fourth session), each split a leaf then: gpt-oss-20b's batch-1 decode 263.7
+# tok/s at 2 splits, 285.6 at 4, 292.9 at 8; through HTTP, one stream 260.5 -> 282.2 at 4, but 64 streams 3,915.0
+# -> 3,707.2. Hence 4 for one stream's buckets and 2 beyond (the forty-second session: 225.7 -> 237.4 at 2).
+_moe_decode_splits = _decode_splits(os.environ.get("WORKER_MOE_DECODE_SPLITS", "").strip() or "4:2")
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
@@ -882,12 +900,14 @@ def moe_decode_tiles(qtype: QT, pairs: int, n_experts: int, copy: bool) -> dict:
     `qtype` (read as the bf16 copy where `copy`). Swapped (`_tc_swap`: its row tile by the call's pairs), either read
     takes the copy's tiles: on the stored experts the fastest grouped decode timed alone (gpt-oss-20b's gate_up at 64
     tokens 315.8 us, the copy 428.8 swapped and 457.8 not; an H100, 2026-12-07, docs/PERFORMANCE.md), with other bits
-    than the copy's (MXFP4's two nibble halves are two dots a step). K in `_moe_decode_splits` parts."""
+    than the copy's (MXFP4's two nibble halves are two dots a step). K in `_moe_decode_splits`' leaves and splits."""
     swap = tc_swapped(qtype)
     tiles = grouped_matmul.swapped_tiles(pairs, n_experts) if swap else {}
     if swap or copy:
         tiles = grouped_matmul.DECODE_COPY_TILES | tiles
-    return tiles | ({"splits": _moe_decode_splits} if _moe_decode_splits != 1 else {})
+    few, many = _moe_decode_splits
+    leaves = max(few, many)
+    return tiles | ({"splits": few if pairs <= FEW_PAIRS else many, "leaves": leaves} if leaves != 1 else {})
 
 
 def moe_matmul(

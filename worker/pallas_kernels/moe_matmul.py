@@ -18,14 +18,13 @@ from worker.pallas_kernels.qmatvec import (
     FORMATS,
     KERNEL_TYPES,
     PLAIN_TYPES,
-    fold_splits,
     load_x_part,
     parts_layout,
     plane_views,
     tile_loader,
     x_parts,
 )
-from worker.pallas_kernels.tiling import ALL, TritonParams, kernel_entry
+from worker.pallas_kernels.tiling import ALL, TritonParams, kernel_entry, pow2_floor
 from worker.quant import QuantArray, dequantize
 
 BLOCK_M = 64
@@ -56,18 +55,22 @@ class Plan:
     block_m: int
     block_n: int
     chunk: int  # super-blocks per loop step
-    steps: int  # loop steps over K
+    steps: int  # loop steps over one leaf's part of K
     num_warps: int = 4
     num_stages: int = 3
     # The dot swapped, as qmatvec.Plan.swap: each expert tile as the MMA's M (BN columns), the row tile's pairs as its
     # N, so that the row tile can follow a decode step's pairs (`swapped_tiles`): a token's bits the same in every
     # bucket on the card (its gpu test passed on an H100, 2026-12-07); decode's default.
     swap: bool = False
-    # K split in this many parts, a program each, their partial sums added after the call in split order
-    # (qmatvec.fold_splits): more programs in flight where a decode step's few tiles each walk all of K alone (one
-    # stream: 4 experts' tiles). A function of the call's tiles, not its rows, so a pair's bits are the same in every
-    # bucket that takes them; other bits than one split.
+    # K split in this many parts, a program each: more programs in flight where a decode step's few tiles each walk
+    # all of K alone (one stream: 4 experts' tiles).
     splits: int = 1
+    # K in this many leaves, each summed from zero in its own loop, the leaves' sums added as a balanced binary tree
+    # (`tree_sum`): a program takes leaves / splits neighbouring leaves and adds them as the tree's subtree, and the
+    # call adds the programs' partials as its top (`fold_tree`). So a pair's bits depend on the leaves, not on the
+    # splits: a decode step of few pairs can split K in more programs than a step of many and give each pair the same
+    # bits (ops.moe_decode_tiles). Other bits than one leaf.
+    leaves: int = 1
 
 
 def swapped_tiles(pairs: int, n_experts: int) -> dict:
@@ -105,8 +108,11 @@ def plan(
     num_stages: int = 3,
     swap: bool = False,
     splits: int = 1,
+    leaves: int | None = None,
 ) -> Plan:
-    """The tiling for [n, k] experts; arguments left None get the module docstring's defaults."""
+    """The tiling for [n, k] experts; arguments left None get the module docstring's defaults. `leaves` (powers of
+    two, default `splits`) and `splits` at most leaves, as Plan says; a K of fewer chunks than leaves takes the
+    largest power of two of leaves it has (a function of K alone, so the same for every split)."""
     if not _fits(qtype, n, k):
         raise ValueError(f"moe_matmul: no kernel tiling for {getattr(qtype, 'name', qtype)} experts [{n}, {k}]")
     blocks = k // FORMATS[qtype].sb
@@ -114,16 +120,19 @@ def plan(
         block_n = next(b for b in (64, 32, 16) if n % b == 0)
     if chunk is None:
         chunk = min(max(1, CHUNK_VALUES // FORMATS[qtype].sb), pl.next_power_of_2(blocks))
-    for name, v in (("block_m", block_m), ("block_n", block_n), ("chunk", chunk)):
+    leaves = splits if leaves is None else leaves
+    for name, v in (("block_m", block_m), ("block_n", block_n), ("chunk", chunk), ("splits", splits),
+                    ("leaves", leaves)):  # fmt: skip
         if v < 1 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two (a Triton tile dimension), got {v}")
+            raise ValueError(f"moe_matmul: {name} must be a power of two, got {v}")
     if n % block_n or block_m < 16 or block_n < MIN_BLOCK_N:
         raise ValueError(f"moe_matmul: block_n {block_n} must divide Out {n}; block_m and block_n >= 16")
+    if splits > leaves:
+        raise ValueError(f"moe_matmul: {splits} splits of K in {leaves} leaves (a split takes whole leaves)")
     chunks = pl.cdiv(blocks, chunk)
-    if splits < 1:
-        raise ValueError(f"moe_matmul: splits must be at least 1, got {splits}")
-    steps = pl.cdiv(chunks, min(splits, chunks))
-    return Plan(block_m, block_n, chunk, steps, num_warps, num_stages, swap, pl.cdiv(chunks, steps))
+    leaves = min(leaves, pow2_floor(chunks))
+    return Plan(block_m, block_n, chunk, pl.cdiv(chunks, leaves), num_warps, num_stages, swap, min(splits, leaves),
+                leaves)  # fmt: skip
 
 
 def _mxfp4_bf16(load) -> list[jax.Array]:
@@ -153,13 +162,14 @@ def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
     n0 = pl.program_id(0) * bn
     r0 = pl.program_id(1) * bm
     expert = ids_ref[pl.program_id(1)]
+    per_split = p.leaves // p.splits
     split = pl.program_id(2)
-    mask_k = p.splits * p.steps * c > blocks
+    mask_k = p.leaves * p.steps * c > blocks
 
     @pl.when(expert >= 0)
     def _():
-        def step(s, acc):
-            b0 = (split * p.steps + s) * c
+        def step(leaf, s, acc):
+            b0 = (leaf * p.steps + s) * c
             blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
             load = tile_loader(planes, fmt, expert, n0, b0, bn, c, None, blocks_ok)  # Out % BN == 0: no row mask
             parts = _mxfp4_bf16(load) if qtype == QT.MXFP4 else [w.astype(jnp.bfloat16) for w, _ in fmt.parts(load)]
@@ -170,8 +180,33 @@ def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
                 acc += jax.lax.dot_general(lhs, rhs, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             return acc
 
-        acc = jax.lax.fori_loop(0, p.steps, step, jnp.zeros((bn, bm) if p.swap else (bm, bn), jnp.float32))
+        zeros = jnp.zeros((bn, bm) if p.swap else (bm, bn), jnp.float32)
+        first = split * per_split
+        leaf_sums = (jax.lax.fori_loop(0, p.steps, functools.partial(step, first + j), zeros) for j in range(per_split))
+        acc = tree_sum(leaf_sums)
         o_ref[split, pl.ds(r0, bm), pl.ds(n0, bn)] = acc.T if p.swap else acc
+
+
+def tree_sum(terms) -> jax.Array:
+    """A power of two of terms added as a balanced binary tree ((t0 + t1) + (t2 + t3), ...), taken one at a time:
+    at most log2(n) + 1 sums held at once. A subtree's sum is the same wherever it is formed (in a program, or of
+    the programs' partials after the call: `fold_tree`), so K's leaves give the same bits in any number of splits.
+    Why not jnp.sum: XLA picks a reduction's order from the whole shape (qmatvec.fold_splits)."""
+    held: list[tuple[int, jax.Array]] = []  # (terms in it, sum), the larger first
+    for term in terms:
+        size, total = 1, term
+        while held and held[-1][0] == size:
+            total = held.pop()[1] + total
+            size *= 2
+        held.append((size, total))
+    if len(held) != 1:
+        raise ValueError(f"tree_sum: {sum(n for n, _ in held)} terms are not a power of two")
+    return held[0][1]
+
+
+def fold_tree(partials: jax.Array) -> jax.Array:
+    """The programs' partial sums [splits, ...] added as the top of the leaves' tree (`tree_sum`)."""
+    return tree_sum(partials[i] for i in range(partials.shape[0]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +274,7 @@ def _check(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> tuple[in
     return e, n, k, shared
 
 
-@kernel_entry("interpret", "block_m", "block_n", "chunk", "num_warps", "num_stages", "swap", "splits")
+@kernel_entry("interpret", "block_m", "block_n", "chunk", "num_warps", "num_stages", "swap", "splits", "leaves")
 def moe_matmul(
     x: jax.Array,
     experts: QuantArray,
@@ -267,7 +302,7 @@ def moe_matmul(
         interpret=interpret,
         name=f"moe_matmul_{experts.qtype.name.lower()}",
     )(g.tile_expert, xp, *planes)
-    out = fold_splits(out[:, g.rows]).reshape(*expert_ids.shape, n)
+    out = fold_tree(out[:, g.rows]).reshape(*expert_ids.shape, n)
     # A dead pair's row lies in a tile no program wrote: its values are whatever the buffer held.
     return out if live is None else jnp.where(live.reshape(-1, 1, 1), out, 0.0)
 
