@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
+from gguf import quants
 from model_oracles import manifest, rel_err
 from test_pallas_qmatvec import random_raw, random_weight
 
@@ -17,6 +18,7 @@ import worker
 from worker import ops
 from worker.pallas_kernels import moe_matmul as mm
 from worker.pallas_kernels import qmatvec as qmv
+from worker.pallas_kernels.tiling import ALL
 from worker.quant import QuantArray, quant_array, widened
 
 # bf16 x (and, but for MXFP4, bf16 weights): each product is off by at most ~2^-8 relative, so the sum by at
@@ -128,6 +130,97 @@ def test_decode_splits_setting_takes_few_many_or_one_power_of_two(value, want):
     for bad in ("3", "4:3", "0:2", "a:b", "4:2:1", ""):
         with pytest.raises(ValueError, match="WORKER_MOE_DECODE_SPLITS"):
             ops._decode_splits(bad)
+
+
+def _bf16_round(f: np.ndarray) -> np.ndarray:
+    """float32 values -> bf16 bits, round to nearest even (finite values)."""
+    u = f.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint32)
+
+
+def _bf16_values(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def run_ptx(asm: str, operands: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """The PTX of an inline asm, instruction by instruction on numpy uint32 arrays, for the few instructions
+    moe_matmul's asm takes (their semantics from the PTX ISA): mov, and, or, shl, prmt (default mode: a byte of
+    {b, a} per selector nibble, bit 3 of the nibble replicating that byte's sign) and mul.rn.bf16x2 (each half a
+    bf16 product rounded to nearest even; subnormals kept). Anything else fails: the test must cover what the card
+    runs. `operands`: $N -> its 32-bit values; returns them after the asm (the outputs among them)."""
+    regs: dict[str, np.ndarray] = {f"${n}": v.astype(np.uint32) for n, v in operands.items()}
+
+    def val(token: str) -> np.ndarray:
+        return regs[token] if token in regs else np.uint32(int(token, 0))
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        d, *src = [a.strip() for a in args.split(",")]
+        a = [val(t) for t in src]
+        if op == "mov.b32":
+            out = a[0]
+        elif op == "and.b32":
+            out = a[0] & a[1]
+        elif op == "or.b32":
+            out = a[0] | a[1]
+        elif op == "shl.b32":
+            out = (a[0].astype(np.uint64) << np.uint64(a[1])).astype(np.uint32)
+        elif op == "prmt.b32":
+            pool = (np.asarray(a[1], np.uint64) << np.uint64(32)) | np.asarray(a[0], np.uint64)
+            out = np.zeros(np.shape(pool), np.uint32)
+            for i in range(4):
+                sel = (int(a[2]) >> (4 * i)) & 0xF
+                byte = ((pool >> np.uint64(8 * (sel & 7))) & np.uint64(0xFF)).astype(np.uint32)
+                if sel & 8:
+                    byte = np.where(byte & 0x80, 0xFF, 0).astype(np.uint32)
+                out = out | (byte << (8 * i))
+        elif op == "mul.rn.bf16x2":
+            halves = []
+            for shift in (0, 16):
+                x, y = ((np.broadcast_to(v, np.shape(a[0] | a[1])) >> shift) & 0xFFFF for v in a)
+                halves.append(_bf16_round(_bf16_values(x).astype(np.float64) * _bf16_values(y)) << shift)
+            out = halves[0] | halves[1]
+        else:
+            raise AssertionError(f"run_ptx: {op} is not interpreted")
+        regs[d] = np.broadcast_to(out, np.shape(out)).astype(np.uint32)
+    return {int(k[1:]): v for k, v in regs.items() if k.startswith("$")}
+
+
+def test_mxfp4_to_bf16_gives_the_files_values_for_every_code_and_exponent_in_both_builds():
+    """MXFP4's bf16 values in the grouped kernel, both builds, against gguf-py for all 256 code bytes (both nibbles)
+    at every exponent byte, clamped to [2, 252] as documented (|w| < 2^-125 or > 2^125: no real file's):
+    - the integer build (`_mxfp4_bf16`, interpret mode and the card's default) run on the CPU;
+    - the inline PTX (`_mxfp4_ptx_asm`, WORKER_MXFP4_PTX=1), its instructions interpreted (`run_ptx`): four code
+      bytes a register, the scale's bf16 pairs beside them, as Triton packs them (element j in byte / half j).
+    The card's run of the asm is the gpu test's (tests/test_pallas_moe_matmul.py, ptx)."""
+    exps = np.repeat(np.arange(256, dtype=np.uint8), 16)  # [4096] blocks
+    qs = np.tile(np.arange(256, dtype=np.uint8).reshape(16, 16), (256, 1))  # every byte at every exponent
+    clamped = np.clip(exps, 2, 252)
+    want = quants.dequantize(np.concatenate([clamped[:, None], qs], axis=1), QT.MXFP4).reshape(-1, 2, 16)
+    want_bits = [_bf16_round(want[:, part].astype(np.float32)) for part in (0, 1)]  # exact in bf16
+
+    planes = {"e": jnp.asarray(exps)[:, None], "qs": jnp.asarray(qs)[:, None, :]}  # [BN, C=1, ...]
+    integer = mm._mxfp4_bf16(lambda name, *index: planes[name][(ALL, ALL, *index)])
+    words = qs.reshape(-1, 4).astype(np.uint32)  # four code bytes a register, byte j = element j
+    packed = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
+    scale = np.repeat(clamped.astype(np.uint32) << 7, 16)  # a block's 16 bytes share its scale
+    pairs = scale.reshape(-1, 4)
+
+    def plus_zero(bits: np.ndarray) -> np.ndarray:
+        """Code 8 is -0 in both builds (its sign bit kept) and +0 in gguf-py: the same in any sum."""
+        assert (bits == 0x8000).any()
+        return np.where(bits == 0x8000, 0, bits)
+
+    for part in (0, 1):
+        got = np.asarray(integer[part]).reshape(-1, 16).view(np.uint16).astype(np.uint32)
+        np.testing.assert_array_equal(plus_zero(got), want_bits[part], err_msg=f"integer build, part {part}")
+        out = run_ptx(mm._mxfp4_ptx_asm(part), {2: packed, 3: pairs[:, 0] | pairs[:, 1] << 16,
+                                                  4: pairs[:, 2] | pairs[:, 3] << 16})  # fmt: skip
+        halves = np.stack([out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16], axis=1).reshape(-1, 16)
+        np.testing.assert_array_equal(plus_zero(halves), want_bits[part], err_msg=f"PTX, part {part}")
 
 
 @pytest.mark.parametrize(("qtype", "shared"), [(QT.MXFP4, True), (QT.Q4_K, False)], ids=lambda v: getattr(v, "name", v))
@@ -369,6 +462,47 @@ def test_dead_tokens_on_the_gpu_read_as_zeros_and_leave_live_bits_alone():
     full = np.asarray(jax.jit(mm.moe_matmul)(x, experts, ids))
     np.testing.assert_array_equal(masked[live], full[live])
     assert (masked[~live] == 0).all()
+
+
+def run(tiles: dict, *args) -> np.ndarray:
+    return np.asarray(jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, **tiles))(*args))
+
+
+@pytest.mark.gpu
+def test_mxfp4_by_inline_ptx_gives_the_integer_builds_bits_on_the_gpu():
+    """WORKER_MXFP4_PTX's build (moe_matmul.Plan.ptx: MXFP4 to bf16 in inline PTX) against the integer build on the
+    card: the same bf16 operands, so the same bits, at one stream's decode tiles, at 64 tokens' and at prefill's,
+    on gpt-oss-20b's gate|up shape (the asm's values are checked on the CPU by an interpreter of its PTX)."""
+    _gpu()
+    e, k_sel, k, n = 32, 4, 2880, 5760
+    stored = quant_array(random_raw(QT.MXFP4, (e, n, k), seed=31), QT.MXFP4, (e, n, k), put=jax.device_put)
+    ids = jnp.asarray(routed(512, k_sel, e, seed=32, skew="uniform"))
+    x = jax.random.normal(jax.random.key(33), (512, k), jnp.float32)
+    for m, tiles in ((1, mm.DECODE_COPY_TILES | mm.swapped_tiles(4, e) | {"splits": 4, "leaves": 4}),
+                     (64, mm.DECODE_COPY_TILES | mm.swapped_tiles(256, e) | {"splits": 2, "leaves": 4}),
+                     (512, mm.PREFILL_TILES)):  # fmt: skip
+        integer, ptx = (run(t, x[:m], stored, ids[:m]) for t in (tiles, tiles | {"ptx": True}))
+        np.testing.assert_array_equal(ptx, integer, err_msg=f"{m} tokens, {tiles}")
+
+
+def test_mxfp4_ptx_setting_reaches_decode_and_prefill_on_stored_experts(monkeypatch):
+    """WORKER_MXFP4_PTX=1 (ops._mxfp4_ptx): ops.moe_matmul asks the grouped kernel for the PTX build on the stored
+    MXFP4 experts, at decode and at prefill; not on the bf16 copy, nor for other formats (interpret mode runs the
+    integer build: inline PTX cannot run there)."""
+    monkeypatch.setattr(ops, "_mxfp4_ptx", True)
+    assert ops.moe_decode_tiles(QT.MXFP4, 4, 32, copy=False)["ptx"] is True
+    assert "ptx" not in ops.moe_decode_tiles(QT.MXFP4, 4, 32, copy=True)
+    assert "ptx" not in ops.moe_decode_tiles(QT.Q4_K, 4, 32, copy=False)
+    experts, _ = random_weight(QT.MXFP4, (4, 32, 64), seed=1)
+    seen = []
+    real = mm.moe_matmul
+    monkeypatch.setattr(mm, "moe_matmul", lambda x, w, *a, **k: (seen.append(k), real(x, w, *a, **k))[1])
+    x, ids = jnp.ones((2, 64)), jnp.asarray(routed(2, 2, 4, 0, "uniform"))
+    with ops.decode_kernels("tensor-cores"):
+        for per_token in (True, False):
+            ops.moe_matmul(x, experts, ids, backend="interpret", per_token=per_token)
+    assert [k.get("ptx") for k in seen] == [True, True]
+    assert mm.plan(QT.MXFP4, 32, 64, ptx=True).ptx and not mm.plan(QT.Q8_0, 32, 64, ptx=True).ptx
 
 
 @pytest.mark.gpu

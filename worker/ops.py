@@ -149,6 +149,12 @@ def _decode_splits(value: str) -> tuple[int, int]:
 # tok/s at 2 splits, 285.6 at 4, 292.9 at 8; through HTTP, one stream 260.5 -> 282.2 at 4, but 64 streams 3,915.0
 # -> 3,707.2. Hence 4 for one stream's buckets and 2 beyond (the forty-second session: 225.7 -> 237.4 at 2).
 _moe_decode_splits = _decode_splits(os.environ.get("WORKER_MOE_DECODE_SPLITS", "").strip() or "4:2")
+# WORKER_MXFP4_PTX=1: the grouped MoE matmul decodes the stored MXFP4 to bf16 by inline PTX (moe_matmul.Plan.ptx):
+# 8.4 instructions a value against 12.9 in its loop at one stream's decode tiles (sm_90a, static, tools/kernel_sass.py),
+# where Nsight Compute found the kernel bound by issue (docs/PERFORMANCE.md, forty-fourth session). The same values:
+# the asm interpreted on the CPU gives gguf-py's for every code and exponent (tests/test_pallas_moe_matmul.py); the
+# card's run is its gpu test. Opt-in until that passes and a whole step is timed.
+_mxfp4_ptx = os.environ.get("WORKER_MXFP4_PTX", "0") == "1"
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
@@ -907,7 +913,14 @@ def moe_decode_tiles(qtype: QT, pairs: int, n_experts: int, copy: bool) -> dict:
         tiles = grouped_matmul.DECODE_COPY_TILES | tiles
     few, many = _moe_decode_splits
     leaves = max(few, many)
-    return tiles | ({"splits": few if pairs <= FEW_PAIRS else many, "leaves": leaves} if leaves != 1 else {})
+    if leaves != 1:
+        tiles |= {"splits": few if pairs <= FEW_PAIRS else many, "leaves": leaves}
+    return tiles | ({} if copy else _ptx_tiles(qtype))
+
+
+def _ptx_tiles(qtype: QT) -> dict:
+    """The grouped matmul's MXFP4 decode by inline PTX where WORKER_MXFP4_PTX asks for it (on stored experts)."""
+    return {"ptx": True} if _mxfp4_ptx and qtype == QT.MXFP4 else {}
 
 
 def moe_matmul(
@@ -951,7 +964,8 @@ def moe_matmul(
         return _expert_parallel(kernel, x, experts, expert_ids, interpret)
     if kernel is grouped_matmul.moe_matmul and not per_token:
         # A prefill call takes prefill's tiles, whatever its size or company (batch invariance).
-        return kernel(x, experts, expert_ids, live, interpret=interpret, **grouped_matmul.PREFILL_TILES)
+        tiles = grouped_matmul.PREFILL_TILES | _ptx_tiles(experts.qtype)
+        return kernel(x, experts, expert_ids, live, interpret=interpret, **tiles)
     if kernel is grouped_matmul.moe_matmul:
         # Every decode call reads one thing (batch invariance: one route for all rows): the bf16 copy where there is
         # one, else the stored experts.

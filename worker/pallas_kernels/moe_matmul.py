@@ -71,6 +71,9 @@ class Plan:
     # splits: a decode step of few pairs can split K in more programs than a step of many and give each pair the same
     # bits (ops.moe_decode_tiles). Other bits than one leaf.
     leaves: int = 1
+    # MXFP4 decoded to bf16 pairs by inline PTX (`_mxfp4_ptx`) where the call is compiled for the card; interpret
+    # mode, which cannot run PTX, takes the integer build (`_mxfp4_bf16`), the same values by construction.
+    ptx: bool = False
 
 
 def swapped_tiles(pairs: int, n_experts: int) -> dict:
@@ -109,6 +112,7 @@ def plan(
     swap: bool = False,
     splits: int = 1,
     leaves: int | None = None,
+    ptx: bool = False,
 ) -> Plan:
     """The tiling for [n, k] experts; arguments left None get the module docstring's defaults. `leaves` (powers of
     two, default `splits`) and `splits` at most leaves, as Plan says; a K of fewer chunks than leaves takes the
@@ -132,7 +136,7 @@ def plan(
     chunks = pl.cdiv(blocks, chunk)
     leaves = min(leaves, pow2_floor(chunks))
     return Plan(block_m, block_n, chunk, pl.cdiv(chunks, leaves), num_warps, num_stages, swap, min(splits, leaves),
-                leaves)  # fmt: skip
+                leaves, ptx and qtype == QT.MXFP4)  # fmt: skip
 
 
 def _mxfp4_bf16(load) -> list[jax.Array]:
@@ -152,7 +156,55 @@ def _mxfp4_bf16(load) -> list[jax.Array]:
     return out
 
 
-def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
+# MXFP4 in inline PTX (Plan.ptx): four bytes of codes (a 32-bit register) give their low (or high) nibbles' four
+# bf16 values, two bf16x2 registers, in ~4 instructions a value where the integer build takes ~13
+# (tools/kernel_sass.py). A byte permute spreads two code bytes into the halves of a word (_PTX_SPREAD); a nibble's
+# magnitude bits (e2m1's exponent and mantissa) shifted to bf16's bits 6-8 and its sign to bit 15 are the bf16 of its
+# value times 2^-126 (code 1, 0.5, a subnormal: PTX's bf16x2 multiply has no flush to zero), which two packed
+# multiplies take to value * 2^126 * the block's scale, each product exact. The scale is 2^(e - 127), bf16 bits
+# e << 7, e clamped to [2, 252] as in the integer build. One asm a part: JAX's lowering of the inline asm takes one
+# result.
+_PTX_SPREAD = (0x4140, 0x4342)  # prmt selectors: code bytes 0 and 1 (2 and 3) into bytes 0 and 2 of a word
+# (magnitude mask, its shift, sign mask, its shift) of both halves' low nibbles, then their high nibbles
+_PTX_NIBBLES = ((0x00070007, 6, 0x00080008, 12), (0x00700070, 2, 0x00800080, 8))
+_PTX_2_126 = 0x7E807E80  # bf16x2 of 2^126
+
+
+def _mxfp4_ptx_asm(part: int) -> str:
+    """The inline PTX of `_mxfp4_ptx`'s `part` (0: low nibbles, 1: high): operands $0 $1 the bf16x2 pairs of the
+    values, $2 four code bytes, $3 $4 the scale's bf16x2 pairs (element j of each is byte j's)."""
+    mag, mag_shift, sign, sign_shift = _PTX_NIBBLES[part]
+    lines = ["{", ".reg .b32 w, m, s, v, k;", f"mov.b32 k, {_PTX_2_126:#x};"]
+    for half, selector in enumerate(_PTX_SPREAD):
+        lines += [
+            f"prmt.b32 w, $2, 0, {selector:#x};",
+            f"and.b32 m, w, {mag:#x};",
+            f"shl.b32 m, m, {mag_shift};",
+            f"and.b32 s, w, {sign:#x};",
+            f"shl.b32 s, s, {sign_shift};",
+            "or.b32 v, m, s;",
+            "mul.rn.bf16x2 v, v, k;",
+            f"mul.rn.bf16x2 ${half}, v, ${3 + half};",
+        ]
+    return "\n".join([*lines, "}"])
+
+
+def _mxfp4_ptx(load) -> list[jax.Array]:
+    """`_mxfp4_bf16`'s two parts by inline PTX (Plan.ptx; the GPU only)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    q = load("qs", ALL)  # [BN, C, 16] uint8
+    bits = (jnp.clip(load("e").astype(jnp.int32), 2, 252) << 7).astype(jnp.uint16)  # [BN, C]: 2^(e - 127)
+    scale = jnp.broadcast_to(jax.lax.bitcast_convert_type(bits, jnp.bfloat16)[:, :, None], q.shape)
+    out = jax.ShapeDtypeStruct(q.shape, jnp.bfloat16)
+    return [
+        plgpu.elementwise_inline_asm(_mxfp4_ptx_asm(part), args=[q, scale], constraints="=r,=r,r,r,r", pack=4,
+                                     result_shape_dtypes=[out])[0]
+        for part in (0, 1)
+    ]  # fmt: skip
+
+
+def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan, interpret: bool):
     """Program (j, t): output columns [j*BN, (j+1)*BN) of row tile t, whose rows all select expert ids[t]."""
     *plane_refs, o_ref = refs
     fmt = FORMATS[qtype]
@@ -172,7 +224,10 @@ def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan):
             b0 = (leaf * p.steps + s) * c
             blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
             load = tile_loader(planes, fmt, expert, n0, b0, bn, c, None, blocks_ok)  # Out % BN == 0: no row mask
-            parts = _mxfp4_bf16(load) if qtype == QT.MXFP4 else [w.astype(jnp.bfloat16) for w, _ in fmt.parts(load)]
+            if qtype == QT.MXFP4:
+                parts = _mxfp4_ptx(load) if p.ptx and not interpret else _mxfp4_bf16(load)
+            else:
+                parts = [w.astype(jnp.bfloat16) for w, _ in fmt.parts(load)]
             for part, w in enumerate(parts):
                 w = w.reshape(bn, c * t_size)
                 xv = load_x_part(x_ref, part, r0, bm, b0, c, t_size, blocks, None, blocks_ok)
@@ -274,7 +329,7 @@ def _check(x: jax.Array, experts: QuantArray, expert_ids: jax.Array) -> tuple[in
     return e, n, k, shared
 
 
-@kernel_entry("interpret", "block_m", "block_n", "chunk", "num_warps", "num_stages", "swap", "splits", "leaves")
+@kernel_entry("interpret", "block_m", "block_n", "chunk", "num_warps", "num_stages", "swap", "splits", "leaves", "ptx")
 def moe_matmul(
     x: jax.Array,
     experts: QuantArray,
@@ -293,7 +348,8 @@ def moe_matmul(
     g = group(expert_ids, e, p.block_m, shared, live)
     xp = jnp.take(x_parts(x.reshape(-1, k), experts.qtype, jnp.bfloat16), g.src, axis=1)  # [P, R, K / P]
     names, planes = plane_views(experts, e, n, k)
-    kernel = functools.partial(_kernel, qtype=experts.qtype, names=names, blocks=k // FORMATS[experts.qtype].sb, p=p)
+    kernel = functools.partial(_kernel, qtype=experts.qtype, names=names, blocks=k // FORMATS[experts.qtype].sb, p=p,
+                               interpret=interpret)  # fmt: skip
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((p.splits, g.src.shape[0], n), jnp.float32),
