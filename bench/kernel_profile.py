@@ -15,10 +15,10 @@ four pipeline stages, with its scales factored out of the inner loop, and with f
 
 With --experts, a decode step's experts instead (bench.kernels.MOE: gpt-oss-20b's gate|up and down, MXFP4, --rows
 tokens routed to 4 distinct experts each): the grouped matmul as decode calls it (swapped, the stored experts, K in
-ops' splits of its leaves), at one, two and eight splits, and the routed matvec (a program a pair: the per-row
-kernels' route), plain and on int8 x. At one token the grouped one ran at 0.39 TB/s in a traced step
-(docs/PERFORMANCE.md, forty-third entry): the counters say whether its warps wait on memory, on their own arithmetic
-or on too few programs (forty-fourth entry: on issue and too few warps).
+ops' splits of its leaves), at one, two and eight splits, with MXFP4 by inline PTX, and the routed matvec (a program
+a pair: the per-row kernels' route), plain and on int8 x. At one token the grouped one ran at 0.39 TB/s in a traced
+step (docs/PERFORMANCE.md, forty-third entry): the counters say whether its warps wait on memory, on their own
+arithmetic or on too few programs (forty-fourth entry: on issue and too few warps).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ VARIANTS = {
 
 def expert_variants(qtype, pairs: int, n_experts: int) -> dict[str, tuple]:
     """--experts' variants: name -> (kernel, tiles). The grouped matmul's are ops.moe_matmul's decode tiles on the
-    stored experts (ops.moe_decode_tiles), then decode's leaves of K in one and in two splits, and K in eight."""
+    stored experts (ops.moe_decode_tiles), then decode's leaves of K in one and in two splits, K in eight, and
+    decode's with MXFP4 decoded by inline PTX (WORKER_MXFP4_PTX's build)."""
     decode = ops.moe_decode_tiles(qtype, pairs, n_experts, copy=False)
     leaves = decode.get("leaves", 1)
     return {
@@ -66,6 +67,7 @@ def expert_variants(qtype, pairs: int, n_experts: int) -> dict[str, tuple]:
         f"grouped, 1 split of {leaves} leaves": (mm.moe_matmul, decode | {"splits": 1}),
         f"grouped, 2 splits of {leaves} leaves": (mm.moe_matmul, decode | {"splits": min(2, leaves)}),
         "grouped, 8 splits": (mm.moe_matmul, decode | {"splits": 8, "leaves": 8}),
+        "grouped, decode's, MXFP4 by inline PTX": (mm.moe_matmul, decode | {"ptx": True}),
         "routed matvec": (qmv.moe_matvec, {}),
         "routed matvec, int8 x": (qmv.moe_matvec, {"int8_x": True}),
     }
