@@ -21,7 +21,9 @@ Caveats: the counts are static (each loop body counted once; the grid estimate m
 Registers differ from XLA's build of the same TTIR (127 here against 96 measured for per-row Q4_K): compare them
 between variants only. Floating-point fusion is off by default because XLA's build has none (no FFMA on the card).
 Capture relies on jaxlib lowering the TTIR into the custom call, as 0.10.2 does; later ones compile it to PTX while
-lowering instead.
+lowering instead. Triton's own TTIR passes run on the captured TTIR first (tools/kernel_sass_compile.py), as XLA's
+pipeline runs them; counts before 2026-12-07's forty-fourth session skipped them, so each dot there started from
+zero and was added to the loop's sum by FADDs (8-16 a loop step a thread) that the card's build does not have.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 
 import triton
+from triton._C.libtriton import ir
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
 
 
 def main() -> None:
@@ -26,8 +28,20 @@ def main() -> None:
     ap.add_argument("fp_fusion", type=int, choices=(0, 1))
     ap.add_argument("capability", type=int, help="e.g. 90 for sm_90a")
     args = ap.parse_args()
+    # triton.compile starts an IR source after its own stage, so a .ttir skips Triton's TTIR passes (the combine
+    # pass among them, which folds `acc + dot(a, b, 0)` into `dot(a, b, acc)`); XLA's pipeline runs them. So they
+    # run here first, on the captured TTIR, and the compile starts from their output.
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    CUDABackend.load_dialects(None, ctx)
+    module = ir.parse_mlir_module(args.ttir, ctx)
+    module.context = ctx  # as triton.compile sets it on a parsed module (make_ttir reads it)
+    CUDABackend.make_ttir(module, None, None, args.capability)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    combined = args.out_dir / "combined.ttir"
+    combined.write_text(str(module))
     kernel = triton.compile(
-        args.ttir,
+        str(combined),
         target=GPUTarget("cuda", args.capability, 32),
         options=dict(num_warps=args.num_warps, num_stages=args.num_stages, enable_fp_fusion=bool(args.fp_fusion)),
     )

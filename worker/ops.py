@@ -150,7 +150,7 @@ def _decode_splits(value: str) -> tuple[int, int]:
 # -> 3,707.2. Hence 4 for one stream's buckets and 2 beyond (the forty-second session: 225.7 -> 237.4 at 2).
 _moe_decode_splits = _decode_splits(os.environ.get("WORKER_MOE_DECODE_SPLITS", "").strip() or "4:2")
 # WORKER_MXFP4_PTX=1: the grouped MoE matmul decodes the stored MXFP4 to bf16 by inline PTX (moe_matmul.Plan.ptx):
-# 8.4 instructions a value against 12.9 in its loop at one stream's decode tiles (sm_90a, static, tools/kernel_sass.py),
+# 8.1 instructions a value against 12.7 in its loop at one stream's decode tiles (sm_90a, static, tools/kernel_sass.py),
 # where Nsight Compute found the kernel bound by issue (docs/PERFORMANCE.md, forty-fourth session). The same values:
 # the asm interpreted on the CPU gives gguf-py's for every code and exponent (tests/test_pallas_moe_matmul.py); the
 # card's run is its gpu test. Opt-in until that passes and a whole step is timed.
