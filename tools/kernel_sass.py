@@ -307,8 +307,10 @@ def main() -> None:
                 kernels, p, sb = port_call(expr, (args.keep or Path(scratch)) / str(j) / "port")
             else:
                 kernels, p, sb = qmatvec_call(expr)
-            values_per_step = p.block_n * p.chunk * sb
-            print(f"# {p}: weight values per program per loop step = block_n {p.block_n} x chunk {p.chunk} x {sb}")
+            leaves = getattr(p, "leaves", 1) // getattr(p, "splits", 1)  # moe_matmul: a program's leaves, one loop
+            values_per_step = p.block_n * p.chunk * sb * max(1, leaves)
+            print(f"# {p}: weight values per program per loop step = block_n {p.block_n} x chunk {p.chunk} x {sb}"
+                  + (f" x {leaves} leaves" if leaves > 1 else ""))  # fmt: skip
             for i, k in enumerate(kernels):
                 workdir = (args.keep or Path(scratch)) / str(j) / f"{i}_{k.name}"
                 b = build(k, workdir, args.fp_fusion)
