@@ -138,6 +138,7 @@ SWEEP_GROUPED = (
     [dict(block_m=m, block_n=b, num_warps=w) for m in (64, 128) for b in (64, 128) for w in (4, 8)]
     + [dict(chunk=c) for c in (2, 8)]
     + [dict(num_stages=s) for s in (2, 4)]
+    + [dict(ptx=True)]  # MXFP4 decoded by inline PTX (WORKER_MXFP4_PTX; the stored MXFP4 only, not the copy)
 )
 SWEEP_PREFILL = (
     [dict(row_tile=64, block_n=128, num_warps=4)]
