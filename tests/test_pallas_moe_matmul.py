@@ -464,7 +464,7 @@ def test_dead_tokens_on_the_gpu_read_as_zeros_and_leave_live_bits_alone():
     assert (masked[~live] == 0).all()
 
 
-def run(tiles: dict, *args) -> np.ndarray:
+def grouped_bits(tiles: dict, *args) -> np.ndarray:
     return np.asarray(jax.jit(lambda x, w, i: mm.moe_matmul(x, w, i, **tiles))(*args))
 
 
@@ -481,7 +481,7 @@ def test_mxfp4_by_inline_ptx_gives_the_integer_builds_bits_on_the_gpu():
     for m, tiles in ((1, mm.DECODE_COPY_TILES | mm.swapped_tiles(4, e) | {"splits": 4, "leaves": 4}),
                      (64, mm.DECODE_COPY_TILES | mm.swapped_tiles(256, e) | {"splits": 2, "leaves": 4}),
                      (512, mm.PREFILL_TILES)):  # fmt: skip
-        integer, ptx = (run(t, x[:m], stored, ids[:m]) for t in (tiles, tiles | {"ptx": True}))
+        integer, ptx = (grouped_bits(t, x[:m], stored, ids[:m]) for t in (tiles, tiles | {"ptx": True}))
         np.testing.assert_array_equal(ptx, integer, err_msg=f"{m} tokens, {tiles}")
 
 

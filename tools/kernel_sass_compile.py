@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import triton
-from triton._C.libtriton import ir
+from triton._C.libtriton import ir, nvidia
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 
@@ -33,7 +33,7 @@ def main() -> None:
     # run here first, on the captured TTIR, and the compile starts from their output.
     ctx = ir.context()
     ir.load_dialects(ctx)
-    CUDABackend.load_dialects(None, ctx)
+    nvidia.load_dialects(ctx)
     module = ir.parse_mlir_module(args.ttir, ctx)
     module.context = ctx  # as triton.compile sets it on a parsed module (make_ttir reads it)
     CUDABackend.make_ttir(module, None, None, args.capability)

@@ -141,6 +141,12 @@ def plan(
                 leaves, ptx and qtype == QT.MXFP4)  # fmt: skip
 
 
+def _mxfp4_exponent(load) -> jax.Array:
+    """An MXFP4 block's exponent byte [BN, C] as int32, clamped to [2, 252], where every value of its block is a
+    normal bf16 (both builds of the bf16 values, `_mxfp4_bf16` and `_mxfp4_ptx`)."""
+    return jnp.clip(load("e").astype(jnp.int32), 2, 252)
+
+
 def _mxfp4_bf16(load) -> list[jax.Array]:
     """MXFP4's two parts [BN, C, 16] (low nibbles, high nibbles) as bf16 bits built with integer ops (~13 SASS per
     value on sm_90a, against ~20 for the float32 dequantization and a cast): 2^(e - 128) * kvalues[code] has at most
@@ -148,7 +154,7 @@ def _mxfp4_bf16(load) -> list[jax.Array]:
     ((e - 1) << 7) + (t << 6) (2, 3, 4, 6, 8, 12 = {1, 1.5} * 2^1..3), for t = 1 (e - 1) << 7, for t = 0 zero; bit 3
     of the code is the sign. The same bf16 values as the float32 path for exponent bytes 2..252; one outside
     (|w| < 2^-125 or > 2^124, never in real files) is clamped into that range."""
-    base = jax.lax.expand_dims((jnp.clip(load("e").astype(jnp.int32), 2, 252) - 1) << 7, (2,))  # [BN, C, 1]
+    base = jax.lax.expand_dims((_mxfp4_exponent(load) - 1) << 7, (2,))  # [BN, C, 1]
     q = load("qs", ALL).astype(jnp.int32)  # [BN, C, 16]
     out = []
     for code in (q & 0xF, q >> 4):
@@ -196,7 +202,7 @@ def _mxfp4_ptx(load) -> list[jax.Array]:
     from jax.experimental.pallas import triton as plgpu
 
     q = load("qs", ALL)  # [BN, C, 16] uint8
-    bits = (jnp.clip(load("e").astype(jnp.int32), 2, 252) << 7).astype(jnp.uint16)  # [BN, C]: 2^(e - 127)
+    bits = (_mxfp4_exponent(load) << 7).astype(jnp.uint16)  # [BN, C]: 2^(e - 127)
     scale = jnp.broadcast_to(jax.lax.bitcast_convert_type(bits, jnp.bfloat16)[:, :, None], q.shape)
     out = jax.ShapeDtypeStruct(q.shape, jnp.bfloat16)
     return [
