@@ -50,6 +50,9 @@
 #                      NCU_ROWS rows (default 1); budget NCU_SECONDS (default 180); NCU_EXPERTS=1: a decode step's
 #                      experts instead (bench.kernel_profile --experts: the grouped matmul and the routed matvec at
 #                      NCU_ROWS tokens; NCU_CASES then picks bench.kernels.MOE labels, e.g. "gpt-oss down")
+#           ncu-step:M Nsight Compute inside model M's decode step (bench.dispatch, NCU_ROWS rows, NCU_KIND kernels as
+#                      kinds' names them, default 64): NCU_COUNT launches (default 4) of the kernels matching NCU_KERNELS
+#                      (default moe_matmul) after NCU_SKIP (default 200, past the warm-up); beside `ncu`'s calls alone
 #           ktrace     the same variants timed as bench.kernels times them (a call over weight copies), each call's
 #                      device kernels by name from a JAX profiler trace and its program's instructions by opcode;
 #                      NCU_CASES, NCU_ROWS and the budget NCU_SECONDS as ncu's
@@ -367,6 +370,21 @@ do_ncu() {
         python3 -m bench.kernel_profile "${what[@]}" --rows "${NCU_ROWS:-1}"
 }
 
+do_ncu_step() {
+    # Nsight Compute inside a decode step (bench.dispatch on model $1, NCU_ROWS rows, kind NCU_KIND as kinds'): the
+    # kernels NCU_KERNELS (a regex, default the grouped MoE matmul) from launch NCU_SKIP on (past the warm-up),
+    # NCU_COUNT of them; beside the `ncu` stage's calls alone it says whether a kernel runs slower in the step
+    local ncu
+    ncu=$(command -v ncu || find /opt/nvidia -name ncu -type f -perm -u+x 2>/dev/null | head -n 1)
+    [ -n "$ncu" ] || { echo "no ncu on this machine"; return 1; }
+    # shellcheck disable=SC2046  # kind_args is a list of flags
+    bash tools/gpu-env.sh "$ncu" --clock-control none -k "regex:${NCU_KERNELS:-moe_matmul}" \
+        --launch-skip "${NCU_SKIP:-200}" --launch-count "${NCU_COUNT:-4}" --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+        python3 -m bench.dispatch --model "$(model_path "$1")" --rows "${NCU_ROWS:-1}" --steps 16 \
+        $(kind_args "${NCU_KIND:-64}") --sweep-only
+}
+
 do_ktrace() {
     # the same variants timed as bench.kernels times them, each call's device kernels from a profiler trace
     py -m bench.kernel_profile --trace "$results/ktrace" --cases "${NCU_CASES:-phi3 gate_up:Q4_K}" --rows "${NCU_ROWS:-1}"
@@ -533,6 +551,7 @@ for s in "$@"; do
         goldens) stage goldens "${GOLDENS_SECONDS:-240}" do_goldens ;;
         kbench) stage kbench "${KBENCH_SECONDS:-240}" do_kbench ;;
         ncu) stage ncu "${NCU_SECONDS:-180}" do_ncu ;;
+        ncu-step:*) stage "ncu-step-${s#ncu-step:}" "${NCU_SECONDS:-180}" do_ncu_step "${s#ncu-step:}" ;;
         ktrace) stage ktrace "${NCU_SECONDS:-180}" do_ktrace ;;
         attn) stage attn "${ATTN_SECONDS:-240}" do_attn ;;
         kinds:*) stage "kinds-${s#kinds:}" "${KINDS_SECONDS:-300}" do_kinds "${s#kinds:}" ;;
