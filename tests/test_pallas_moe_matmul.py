@@ -192,8 +192,8 @@ def run_ptx(asm: str, operands: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
 def test_mxfp4_to_bf16_gives_the_files_values_for_every_code_and_exponent_in_both_builds():
     """MXFP4's bf16 values in the grouped kernel, both builds, against gguf-py for all 256 code bytes (both nibbles)
     at every exponent byte, clamped to [2, 252] as documented (|w| < 2^-125 or > 2^125: no real file's):
-    - the integer build (`_mxfp4_bf16`, interpret mode and the card's default) run on the CPU;
-    - the inline PTX (`_mxfp4_ptx_asm`, WORKER_MXFP4_PTX=1), its instructions interpreted (`run_ptx`): four code
+    - the integer build (`_mxfp4_bf16`, interpret mode's, and cards before sm_90's) run on the CPU;
+    - the inline PTX (`_mxfp4_ptx_asm`, sm_90's default), its instructions interpreted (`run_ptx`): four code
       bytes a register, the scale's bf16 pairs beside them, as Triton packs them (element j in byte / half j).
     The card's run of the asm is the gpu test's (tests/test_pallas_moe_matmul.py, ptx)."""
     exps = np.repeat(np.arange(256, dtype=np.uint8), 16)  # [4096] blocks
@@ -474,6 +474,8 @@ def test_mxfp4_by_inline_ptx_gives_the_integer_builds_bits_on_the_gpu():
     card: the same bf16 operands, so the same bits, at one stream's decode tiles, at 64 tokens' and at prefill's,
     on gpt-oss-20b's gate|up shape (the asm's values are checked on the CPU by an interpreter of its PTX)."""
     _gpu()
+    if not mm.ptx_runs():
+        pytest.skip("the inline PTX runs on sm_90 and later; this card takes the integer build for both")
     e, k_sel, k, n = 32, 4, 2880, 5760
     stored = quant_array(random_raw(QT.MXFP4, (e, n, k), seed=31), QT.MXFP4, (e, n, k), put=jax.device_put)
     ids = jnp.asarray(routed(512, k_sel, e, seed=32, skew="uniform"))
@@ -485,10 +487,30 @@ def test_mxfp4_by_inline_ptx_gives_the_integer_builds_bits_on_the_gpu():
         np.testing.assert_array_equal(ptx, integer, err_msg=f"{m} tokens, {tiles}")
 
 
+def test_mxfp4_ptx_runs_on_sm90_and_later_gpus_only(monkeypatch):
+    """moe_matmul.ptx_runs: the inline PTX (mul.rn.bf16x2) on a GPU of compute capability 9.0 or later; an older
+    card, the CPU, or a device that does not say, take the integer build."""
+
+    class Device:
+        def __init__(self, platform, capability=None):
+            self.platform = platform
+            if capability is not None:
+                self.compute_capability = capability
+
+    for device, runs in ((Device("gpu", "9.0"), True), (Device("gpu", "10.0"), True), (Device("gpu", "12.0"), True),
+                         (Device("gpu", "8.9"), False), (Device("gpu", "8.0"), False), (Device("gpu"), False),
+                         (Device("cpu"), False)):  # fmt: skip
+        monkeypatch.setattr(jax, "devices", lambda device=device: [device])
+        mm.ptx_runs.cache_clear()
+        assert mm.ptx_runs() is runs, vars(device)
+    monkeypatch.undo()
+    mm.ptx_runs.cache_clear()
+
+
 def test_mxfp4_ptx_setting_reaches_decode_and_prefill_on_stored_experts(monkeypatch):
-    """WORKER_MXFP4_PTX=1 (ops._mxfp4_ptx): ops.moe_matmul asks the grouped kernel for the PTX build on the stored
-    MXFP4 experts, at decode and at prefill; not on the bf16 copy, nor for other formats (interpret mode runs the
-    integer build: inline PTX cannot run there)."""
+    """WORKER_MXFP4_PTX (on unless 0; ops._mxfp4_ptx): ops.moe_matmul asks the grouped kernel for the PTX build on
+    the stored MXFP4 experts, at decode and at prefill; not on the bf16 copy, nor for other formats (interpret mode
+    runs the integer build: inline PTX cannot run there)."""
     monkeypatch.setattr(ops, "_mxfp4_ptx", True)
     assert ops.moe_decode_tiles(QT.MXFP4, 4, 32, copy=False)["ptx"] is True
     assert "ptx" not in ops.moe_decode_tiles(QT.MXFP4, 4, 32, copy=True)

@@ -373,12 +373,15 @@ do_ncu() {
 do_ncu_step() {
     # Nsight Compute inside a decode step (bench.dispatch on model $1, NCU_ROWS rows, kind NCU_KIND as kinds'): the
     # kernels NCU_KERNELS (a regex, default the grouped MoE matmul) from launch NCU_SKIP on (past the warm-up),
-    # NCU_COUNT of them; beside the `ncu` stage's calls alone it says whether a kernel runs slower in the step
+    # NCU_COUNT of them; beside the `ncu` stage's calls alone it says whether a kernel runs slower in the step.
+    # XLA's command buffers off: the first try (forty-fifth session, gpt-oss-20b) ended in a segmentation fault
+    # after the model's load, cause unknown; the eighteenth session's ncu in bench.dispatch ran on the per-row kernels
     local ncu
     ncu=$(command -v ncu || find /opt/nvidia -name ncu -type f -perm -u+x 2>/dev/null | head -n 1)
     [ -n "$ncu" ] || { echo "no ncu on this machine"; return 1; }
     # shellcheck disable=SC2046  # kind_args is a list of flags
-    bash tools/gpu-env.sh "$ncu" --clock-control none -k "regex:${NCU_KERNELS:-moe_matmul}" \
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+        bash tools/gpu-env.sh "$ncu" --clock-control none -k "regex:${NCU_KERNELS:-moe_matmul}" \
         --launch-skip "${NCU_SKIP:-200}" --launch-count "${NCU_COUNT:-4}" --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
         python3 -m bench.dispatch --model "$(model_path "$1")" --rows "${NCU_ROWS:-1}" --steps 16 \

@@ -149,12 +149,14 @@ def _decode_splits(value: str) -> tuple[int, int]:
 # tok/s at 2 splits, 285.6 at 4, 292.9 at 8; through HTTP, one stream 260.5 -> 282.2 at 4, but 64 streams 3,915.0
 # -> 3,707.2. Hence 4 for one stream's buckets and 2 beyond (the forty-second session: 225.7 -> 237.4 at 2).
 _moe_decode_splits = _decode_splits(os.environ.get("WORKER_MOE_DECODE_SPLITS", "").strip() or "4:2")
-# WORKER_MXFP4_PTX=1: the grouped MoE matmul decodes the stored MXFP4 to bf16 by inline PTX (moe_matmul.Plan.ptx):
-# 8.1 instructions a value against 12.7 in its loop at one stream's decode tiles (sm_90a, static, tools/kernel_sass.py),
-# where Nsight Compute found the kernel bound by issue (docs/PERFORMANCE.md, forty-fourth session). The same values:
-# the asm interpreted on the CPU gives gguf-py's for every code and exponent (tests/test_pallas_moe_matmul.py); the
-# card's run is its gpu test. Opt-in until that passes and a whole step is timed.
-_mxfp4_ptx = os.environ.get("WORKER_MXFP4_PTX", "0") == "1"
+# WORKER_MXFP4_PTX (on unless 0): the grouped MoE matmul decodes the stored MXFP4 to bf16 by inline PTX
+# (moe_matmul.Plan.ptx; sm_90 and later, else the integer build): 8.1 instructions a value against 12.7 in its loop at
+# one stream's decode tiles (sm_90a, static, tools/kernel_sass.py), where Nsight Compute found the kernel bound by
+# issue. The same values, so the same bits: the asm interpreted on the CPU gives gguf-py's for every code and exponent
+# (tests/test_pallas_moe_matmul.py), and on the card its gpu test gives the integer build's bits. Measured on an H100
+# (docs/PERFORMANCE.md, forty-fifth session): gpt-oss-20b's batch-1 decode 284.4 -> 313.1 tok/s (1.101x), prefill
+# 15,323.8 -> 16,903.4; through HTTP one stream 282.4 -> 309.2, 64 streams 3,791.6 -> 4,369.0 tok/s.
+_mxfp4_ptx = os.environ.get("WORKER_MXFP4_PTX", "1") != "0"
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
@@ -919,7 +921,7 @@ def moe_decode_tiles(qtype: QT, pairs: int, n_experts: int, copy: bool) -> dict:
 
 
 def _ptx_tiles(qtype: QT) -> dict:
-    """The grouped matmul's MXFP4 decode by inline PTX where WORKER_MXFP4_PTX asks for it (on stored experts)."""
+    """The grouped matmul's MXFP4 decode by inline PTX unless WORKER_MXFP4_PTX=0 (on stored experts)."""
     return {"ptx": True} if _mxfp4_ptx and qtype == QT.MXFP4 else {}
 
 
