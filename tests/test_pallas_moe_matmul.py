@@ -509,9 +509,13 @@ def test_mxfp4_ptx_runs_on_sm90_and_later_gpus_only(monkeypatch):
 
 def test_mxfp4_ptx_setting_reaches_decode_and_prefill_on_stored_experts(monkeypatch):
     """WORKER_MXFP4_PTX (on unless 0; ops._mxfp4_ptx): ops.moe_matmul asks the grouped kernel for the PTX build on
-    the stored MXFP4 experts, at decode and at prefill; not on the bf16 copy, nor for other formats (interpret mode
-    runs the integer build: inline PTX cannot run there)."""
+    the stored MXFP4 experts, at decode and at prefill, where the device runs it (`ptx_runs`, faked here); not on
+    the bf16 copy, nor for other formats, nor on a device before sm_90 (interpret mode runs the integer build:
+    inline PTX cannot run there)."""
     monkeypatch.setattr(ops, "_mxfp4_ptx", True)
+    monkeypatch.setattr(mm, "ptx_runs", lambda: False)
+    assert "ptx" not in ops.moe_decode_tiles(QT.MXFP4, 4, 32, copy=False)
+    monkeypatch.setattr(mm, "ptx_runs", lambda: True)
     assert ops.moe_decode_tiles(QT.MXFP4, 4, 32, copy=False)["ptx"] is True
     assert "ptx" not in ops.moe_decode_tiles(QT.MXFP4, 4, 32, copy=True)
     assert "ptx" not in ops.moe_decode_tiles(QT.Q4_K, 4, 32, copy=False)

@@ -921,8 +921,9 @@ def moe_decode_tiles(qtype: QT, pairs: int, n_experts: int, copy: bool) -> dict:
 
 
 def _ptx_tiles(qtype: QT) -> dict:
-    """The grouped matmul's MXFP4 decode by inline PTX unless WORKER_MXFP4_PTX=0 (on stored experts)."""
-    return {"ptx": True} if _mxfp4_ptx and qtype == QT.MXFP4 else {}
+    """The grouped matmul's MXFP4 decode by inline PTX (on stored experts) unless WORKER_MXFP4_PTX=0, where the
+    device runs it (sm_90 and later)."""
+    return {"ptx": True} if _mxfp4_ptx and qtype == QT.MXFP4 and grouped_matmul.ptx_runs() else {}
 
 
 def moe_matmul(

@@ -73,9 +73,9 @@ class Plan:
     # splits: a decode step of few pairs can split K in more programs than a step of many and give each pair the same
     # bits (ops.moe_decode_tiles). Other bits than one leaf.
     leaves: int = 1
-    # MXFP4 decoded to bf16 pairs by inline PTX (`_mxfp4_ptx`) where the call is compiled for a card that has its
-    # instructions (`ptx_runs`); interpret mode, which cannot run PTX, and older cards take the integer build
-    # (`_mxfp4_bf16`), the same values by construction.
+    # MXFP4 decoded to bf16 pairs by inline PTX (`_mxfp4_ptx`) where the call is compiled for the card, whose
+    # instructions need sm_90 (`ptx_runs`: the caller asks only there); interpret mode, which cannot run PTX, takes
+    # the integer build (`_mxfp4_bf16`), the same values by construction.
     ptx: bool = False
 
 
@@ -242,7 +242,7 @@ def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan, interpret
             blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
             load = tile_loader(planes, fmt, expert, n0, b0, bn, c, None, blocks_ok)  # Out % BN == 0: no row mask
             if qtype == QT.MXFP4:
-                parts = _mxfp4_ptx(load) if p.ptx and not interpret and ptx_runs() else _mxfp4_bf16(load)
+                parts = _mxfp4_ptx(load) if p.ptx and not interpret else _mxfp4_bf16(load)
             else:
                 parts = [w.astype(jnp.bfloat16) for w, _ in fmt.parts(load)]
             for part, w in enumerate(parts):
