@@ -91,6 +91,52 @@ def expert_calls(spec: str, rows: int, interpret: bool) -> list[tuple]:
     return calls
 
 
+# A decode step's MoE layers (gpt-oss-20b's 24): --experts --trace calls a kernel this many times in one program
+LAYERS = 24
+
+
+def layered_traces(cases: list[tuple], rows: int, trace_dir: str, interpret: bool, layers: int = LAYERS) -> None:
+    """--experts --trace on `cases` (bench.kernels.MOE's): decode's grouped matmul and the routed matvec, `layers`
+    calls in one program, traced, in two ways: on one expert array with one routing every call (as a call alone is
+    profiled), and on `layers` arrays, each with its own routing (as a step reads them: other experts of other
+    layers each call). The forty-fourth session traced the grouped kernel at 75.9 us a launch in the step against
+    47.8 alone under ncu: if the second way is the slower here, the cost is in reading other memory each call (the
+    TLB's reach, DRAM pages), not in the step."""
+    for label, qtype, e, n, k, k_sel in cases:
+        first = random_planes(qtype, (e, n, k), seed=0)
+        # the copies on the device: their values do not matter to the time, their addresses do
+        arrays = [first] + [jax.tree_util.tree_map(lambda a: a.copy(), first) for _ in range(layers - 1)]
+        x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32)
+        keys = jax.random.split(jax.random.key(1), layers)
+        routes = [jax.lax.top_k(jax.random.normal(key, (rows, e)), k_sel)[1] for key in keys]
+        decode = ops.moe_decode_tiles(qtype, rows * k_sel, e, copy=False)
+        for name, (kernel, tiles) in {"grouped, decode's": (mm.moe_matmul, decode),
+                                      "routed matvec": (qmv.moe_matvec, {})}.items():  # fmt: skip
+
+            def program(ws, x, ids, kernel=kernel, tiles=tiles):  # x scaled a call: no two calls are one expression
+                return sum(kernel(x * (1 + i / 64), w, r, interpret=interpret, **tiles)
+                           for i, (w, r) in enumerate(zip(ws, ids, strict=True)))  # fmt: skip
+
+            fn = jax.jit(program)
+            for way, ws, ids in (("one array, one routing", [first] * layers, [routes[0]] * layers),
+                                 (f"{layers} arrays, {layers} routings", arrays, routes)):  # fmt: skip
+                wall = timed(fn, ws, x, ids, repeat=5) / layers
+                out = os.path.join(trace_dir, re.sub(r"\W+", "-", f"{label} {name} {way}"))
+                jax.profiler.start_trace(out, create_perfetto_trace=True)
+                jax.block_until_ready(fn(ws, x, ids))
+                jax.profiler.stop_trace()
+                files = sorted(glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True),
+                               key=os.path.getmtime)  # fmt: skip
+                kernels = {}
+                if files:
+                    with gzip.open(files[-1]) as f:
+                        kernels = device_kernels(json.load(f))
+                main = {kn: d for kn, d in kernels.items() if "moe_matmul" in kn or "qmatvec" in kn}
+                print(f"{label} {qtype.name} {e}x{n}x{k} tokens={rows} {name}, {way}: {wall * 1e6:.1f} us a call "
+                      "(wall); " + ", ".join(f"{kn} {sum(d) / len(d):.1f} us a launch x{len(d)} (min {min(d):.1f}, "
+                                             f"max {max(d):.1f})" for kn, d in main.items()), flush=True)  # fmt: skip
+
+
 def applicable(qtype, tiles: dict) -> bool:
     return not tiles.get("int8_x") or qtype in qmatvec_int8.INT8_TYPES
 
@@ -108,10 +154,16 @@ def main() -> None:
                     "call over weight copies past L2) and trace it with the JAX profiler, to split the call's time "
                     "into the kernel's and the rest's")  # fmt: skip
     ap.add_argument("--experts", action="store_true", help="a decode step's experts (bench.kernels.MOE; --cases "
-                    "picks among their labels, all by default) on the grouped and routed kernels")  # fmt: skip
+                    "picks among their labels, all by default) on the grouped and routed kernels; with --trace, "
+                    "each traced as a step's layers call it (layered_traces)")  # fmt: skip
     args = ap.parse_args()
     if args.experts:
-        profiled(expert_calls("" if args.cases == ap.get_default("cases") else args.cases, args.rows, args.interpret))
+        spec = "" if args.cases == ap.get_default("cases") else args.cases
+        if args.trace:
+            cases = [c for c in MOE if not spec or c[0] in [s.strip() for s in spec.split(",")]]
+            layered_traces(cases, args.rows, args.trace, args.interpret)
+        else:
+            profiled(expert_calls(spec, args.rows, args.interpret))
         return
     cases = selected_cases(args.cases)
     if args.trace:

@@ -595,6 +595,37 @@ def test_kernel_profiles_expert_variant_is_the_grouped_call_decode_makes(monkeyp
         kernel_profile.expert_calls("gpt-oss qkv", 1, interpret=True)
 
 
+def test_kernel_profiles_layered_trace_calls_each_kernel_on_one_array_then_on_several(tmp_path, capsys, monkeypatch):
+    """bench.kernel_profile --experts --trace (layered_traces): each kernel called `layers` times in one program, on
+    one expert array with one routing, then on as many arrays each with its own routing (a small MXFP4 case in
+    interpret mode; the CPU's trace has no GPU kernels to name)."""
+    from gguf import GGMLQuantizationType as QT
+
+    from bench import kernel_profile
+
+    timed = []  # each way's (arrays, routings) as the program is timed
+    real = kernel_profile.timed
+    monkeypatch.setattr(kernel_profile, "timed", lambda fn, ws, x, ids, **k: (timed.append((ws, ids)),
+                                                                            real(fn, ws, x, ids, **k))[1])  # fmt: skip
+    kernel_profile.layered_traces([("tiny", QT.MXFP4, 4, 32, 64, 2)], 1, str(tmp_path), interpret=True, layers=3)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0].split(" tokens=1 ")[1] for line in lines] == [
+        f"{kernel}, {way}" for kernel in ("grouped, decode's", "routed matvec")
+        for way in ("one array, one routing", "3 arrays, 3 routings")
+    ]  # fmt: skip
+
+    def buffers(ws):
+        return {next(iter(w.planes.values())).unsafe_buffer_pointer() for w in ws}
+
+    def routings(ids):
+        return {tuple(map(tuple, r.tolist())) for r in ids}
+
+    (one, one_ids), (several, several_ids) = timed[:2]
+    assert len(one) == len(several) == 3
+    assert len(buffers(one)) == 1 and len(routings(one_ids)) == 1
+    assert len(buffers(several)) == 3 and len(routings(several_ids)) > 1
+
+
 @pytest.fixture
 def sass(monkeypatch):
     """tools/kernel_sass.py, a script, imported as a module."""

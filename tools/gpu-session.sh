@@ -55,7 +55,9 @@
 #                      (default moe_matmul) after NCU_SKIP (default 200, past the warm-up); beside `ncu`'s calls alone
 #           ktrace     the same variants timed as bench.kernels times them (a call over weight copies), each call's
 #                      device kernels by name from a JAX profiler trace and its program's instructions by opcode;
-#                      NCU_CASES, NCU_ROWS and the budget NCU_SECONDS as ncu's
+#                      NCU_CASES, NCU_ROWS and the budget NCU_SECONDS as ncu's; NCU_EXPERTS=1: decode's grouped
+#                      matmul and routed matvec 24 times in a program, on one expert array, then on 24 with their own
+#                      routings (bench.kernel_profile --experts --trace: a call alone against a step's layers)
 #           host       python -m bench.host on this machine's CPU (the engine, then HTTP, at 256 streams of a model that
 #                      costs nothing: the host's µs a token); HOST_ARGS passed on; budget HOST_SECONDS (default 150)
 #           host-real:M  python -m bench.host --real on model M on the GPU: the worker's engine alone, then behind the
@@ -390,6 +392,12 @@ do_ncu_step() {
 
 do_ktrace() {
     # the same variants timed as bench.kernels times them, each call's device kernels from a profiler trace
+    # NCU_EXPERTS=1: decode's experts called as a step's 24 layers call them, on one array and on 24 (layered_traces)
+    if [ -n "${NCU_EXPERTS:-}" ]; then
+        py -m bench.kernel_profile --experts --trace "$results/ktrace" ${NCU_CASES:+--cases "$NCU_CASES"} \
+            --rows "${NCU_ROWS:-1}"
+        return
+    fi
     py -m bench.kernel_profile --trace "$results/ktrace" --cases "${NCU_CASES:-phi3 gate_up:Q4_K}" --rows "${NCU_ROWS:-1}"
 }
 
