@@ -489,7 +489,7 @@ def test_mxfp4_by_inline_ptx_gives_the_integer_builds_bits_on_the_gpu():
 
 def test_mxfp4_ptx_runs_on_sm90_and_later_gpus_only(monkeypatch):
     """moe_matmul.ptx_runs: the inline PTX (mul.rn.bf16x2) on a GPU of compute capability 9.0 or later; an older
-    card, the CPU, or a device that does not say, take the integer build."""
+    card, the CPU, another vendor's GPU, or a device that does not say, take the integer build."""
 
     class Device:
         def __init__(self, platform, capability=None):
@@ -499,6 +499,7 @@ def test_mxfp4_ptx_runs_on_sm90_and_later_gpus_only(monkeypatch):
 
     for device, runs in ((Device("gpu", "9.0"), True), (Device("gpu", "10.0"), True), (Device("gpu", "12.0"), True),
                          (Device("gpu", "8.9"), False), (Device("gpu", "8.0"), False), (Device("gpu"), False),
+                         (Device("gpu", "gfx90a"), False),
                          (Device("cpu"), False)):  # fmt: skip
         monkeypatch.setattr(jax, "devices", lambda device=device: [device])
         mm.ptx_runs.cache_clear()

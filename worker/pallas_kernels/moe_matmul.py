@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -200,10 +201,11 @@ def _mxfp4_ptx_asm(part: int) -> str:
 
 @functools.cache
 def ptx_runs() -> bool:
-    """Whether the default device runs `_mxfp4_ptx_asm`: a GPU of sm_90 or later (PTX's mul.rn.bf16x2 needs it)."""
+    """Whether the default device runs `_mxfp4_ptx_asm`: an NVIDIA GPU of sm_90 or later (PTX's mul.rn.bf16x2 needs
+    it); a capability that is not a number (another vendor's) does not."""
     device = jax.devices()[0]
-    capability = getattr(device, "compute_capability", None)
-    return device.platform == "gpu" and capability is not None and float(capability) >= 9.0
+    capability = str(getattr(device, "compute_capability", ""))
+    return device.platform == "gpu" and re.fullmatch(r"\d+(\.\d+)?", capability) is not None and float(capability) >= 9
 
 
 def _mxfp4_ptx(load) -> list[jax.Array]:
