@@ -73,12 +73,19 @@ def expert_variants(qtype, pairs: int, n_experts: int) -> dict[str, tuple]:
     }
 
 
+def moe_cases(spec: str) -> list[tuple]:
+    """The bench.kernels.MOE cases whose labels "label,..." names (all where empty), or SystemExit if none."""
+    labels = [c.strip() for c in spec.split(",")] if spec else [c[0] for c in MOE]
+    cases = [c for c in MOE if c[0] in labels]
+    if not cases:
+        raise SystemExit(f"--cases {spec!r}: none of bench.kernels.MOE ({', '.join(c[0] for c in MOE)})")
+    return cases
+
+
 def expert_calls(spec: str, rows: int, interpret: bool) -> list[tuple]:
     """--experts' calls, each compiled and warmed: (what, fn, x, experts, ids)."""
     calls = []
-    for label, qtype, e, n, k, k_sel in MOE:
-        if spec and label not in [c.strip() for c in spec.split(",")]:
-            continue
+    for label, qtype, e, n, k, k_sel in moe_cases(spec):
         w = random_planes(qtype, (e, n, k), seed=0)
         x = jax.random.normal(jax.random.key(0), (rows, k), jnp.float32)
         ids = jax.lax.top_k(jax.random.normal(jax.random.key(1), (rows, e)), k_sel)[1]
@@ -86,8 +93,6 @@ def expert_calls(spec: str, rows: int, interpret: bool) -> list[tuple]:
             fn = jax.jit(lambda x, w, i, kernel=kernel, tiles=tiles: kernel(x, w, i, interpret=interpret, **tiles))
             jax.block_until_ready(fn(x, w, ids))  # compile and warm
             calls.append((f"{label} {qtype.name} {e}x{n}x{k} tokens={rows}: {name}", fn, x, w, ids))
-    if not calls:
-        raise SystemExit(f"--cases {spec!r}: none of bench.kernels.MOE ({', '.join(c[0] for c in MOE)})")
     return calls
 
 
@@ -121,16 +126,7 @@ def layered_traces(cases: list[tuple], rows: int, trace_dir: str, interpret: boo
             for way, ws, ids in (("one array, one routing", [first] * layers, [routes[0]] * layers),
                                  (f"{layers} arrays, {layers} routings", arrays, routes)):  # fmt: skip
                 wall = timed(fn, ws, x, ids, repeat=5) / layers
-                out = os.path.join(trace_dir, re.sub(r"\W+", "-", f"{label} {name} {way}"))
-                jax.profiler.start_trace(out, create_perfetto_trace=True)
-                jax.block_until_ready(fn(ws, x, ids))
-                jax.profiler.stop_trace()
-                files = sorted(glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True),
-                               key=os.path.getmtime)  # fmt: skip
-                kernels = {}
-                if files:
-                    with gzip.open(files[-1]) as f:
-                        kernels = device_kernels(json.load(f))
+                kernels = device_kernels(traced(fn, (ws, x, ids), trace_dir, f"{label} {name} {way}"))
                 main = {kn: d for kn, d in kernels.items() if "moe_matmul" in kn or "qmatvec" in kn}
                 print(f"{label} {qtype.name} {e}x{n}x{k} tokens={rows} {name}, {way}: {wall * 1e6:.1f} us a call "
                       "(wall); " + ", ".join(f"{kn} {sum(d) / len(d):.1f} us a launch x{len(d)} (min {min(d):.1f}, "
@@ -160,8 +156,7 @@ def main() -> None:
     if args.experts:
         spec = "" if args.cases == ap.get_default("cases") else args.cases
         if args.trace:
-            cases = [c for c in MOE if not spec or c[0] in [s.strip() for s in spec.split(",")]]
-            layered_traces(cases, args.rows, args.trace, args.interpret)
+            layered_traces(moe_cases(spec), args.rows, args.trace, args.interpret)
         else:
             profiled(expert_calls(spec, args.rows, args.interpret))
         return
@@ -219,21 +214,27 @@ def traced_calls(case: tuple, rows: int, trace_dir: str, interpret: bool) -> Non
         wall = timed(fn, ws, x, None, repeat=10) / matvecs
         hlo = fn.lower(ws, x, None).compile().as_text()
         ops = Counter(re.findall(r"= \S+ (\w[\w-]*)\(", entry_computation(hlo)))
-        out = os.path.join(trace_dir, re.sub(r"\W+", "-", f"{label} {qtype.name} {name}"))
-        jax.profiler.start_trace(out, create_perfetto_trace=True)
-        jax.block_until_ready(fn(ws, x, None))
-        jax.profiler.stop_trace()
-        files = sorted(glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
-        kernels, window, busy = {}, 0.0, 0.0
-        if files:
-            with gzip.open(files[-1]) as f:
-                trace = json.load(f)
-            kernels, (window, busy) = device_kernels(trace), device_busy(trace)
+        trace = traced(fn, (ws, x, None), trace_dir, f"{label} {qtype.name} {name}")
+        kernels, (window, busy) = device_kernels(trace), device_busy(trace)
         per = {kn: sum(d) / matvecs for kn, d in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))}
         print(f"{label} {qtype.name} {n}x{k} rows={rows} {name}: {wall * 1e6:.1f} us a matvec (wall); kernels: "
               + ", ".join(f"{kn} {t:.1f} us x{len(kernels[kn]) / matvecs:g}" for kn, t in list(per.items())[:6])
               + f"; device window {window / matvecs:.1f} us a matvec, busy {busy / max(window, 1e-9):.0%}"
               + f"; program: {dict(ops.most_common(8))}", flush=True)  # fmt: skip
+
+
+def traced(fn, args: tuple, trace_dir: str, what: str) -> dict:
+    """One call of fn(*args) under the JAX profiler, its trace written under trace_dir in a folder named for `what`,
+    and read back (empty where the profiler wrote none)."""
+    out = os.path.join(trace_dir, re.sub(r"\W+", "-", what))
+    jax.profiler.start_trace(out, create_perfetto_trace=True)
+    jax.block_until_ready(fn(*args))
+    jax.profiler.stop_trace()
+    files = sorted(glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    if not files:
+        return {}
+    with gzip.open(files[-1]) as f:
+        return json.load(f)
 
 
 def entry_computation(hlo: str) -> str:
