@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench import llamacpp, report, ttft
+from worker.cores import usable_cores
 
 
 def worker_part(args, model: str, label: str, logs: Path, timeout: float) -> dict:
@@ -53,7 +53,7 @@ def bench_model(args, model: str, label: str, logs: Path, deadline: float) -> di
     # `share` of the time left, so a worker run that hangs still leaves time for the HTTP measurement.
     parts = []
     if args.llamacpp:
-        threads = args.threads or (len(os.sched_getaffinity(0)) if args.device == "cpu" else None)
+        threads = args.threads or (usable_cores() if args.device == "cpu" else None)
         log = logs / f"{label}-llama-bench.log"
         peer = lambda t: llamacpp.run(  # noqa: E731
             args.llamacpp, model, args.device, log, args.prompt_tokens, args.decode_tokens, threads, t

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
-import os
 import signal
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import llamacpp
 from bench.ttft import start_server, stop
+from worker.cores import usable_cores
 from worker.pallas_kernels.qmatvec import MAX_BATCH
 
 FIXED_PROMPT_TOKENS = 128
@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tensor-parallel", type=int, default=1, help="the worker's --tensor-parallel (devices)")
     ap.add_argument("--worker-arg", action="append", default=[], metavar="'--OPTION VALUE'",
                     help="another worker option, repeatable (e.g. '--dispatch-ms 50')")  # fmt: skip
-    ap.add_argument("--client-procs", type=int, default=min(8, max(1, len(os.sched_getaffinity(0)) // 2)))
+    ap.add_argument("--client-procs", type=int, default=min(8, max(1, usable_cores() // 2)))
     ap.add_argument("--budget", type=float, default=None, help="seconds: levels that would start later are skipped")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     every = sorted(set(levels) | set(peer_levels))  # the texts cover the largest level of any engine
     plan = Plan(every, {s: known[s] for s in args.sets.split(",")}, args.max_tokens, args.client_procs, deadline)
     texts = plan.texts(args.model)
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or usable_cores()
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     result: dict = {

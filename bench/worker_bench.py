@@ -23,6 +23,7 @@ import worker  # sets XLA_PYTHON_CLIENT_PREALLOCATE, read when JAX's backend sta
 from bench.floor import decode_bytes
 from server import cli
 from worker import device as devices
+from worker.cores import usable_cores
 
 SHORT_PROMPT = "Write a haiku about GPU computing"
 # Plain English: every tokenizer encodes it without unknown pieces; repeated to reach the prefill length.
@@ -121,7 +122,7 @@ def device_info(dev: jax.Device) -> dict:
     info = {"platform": dev.platform, "kind": dev.device_kind, "jax": jax.__version__}
     if dev.platform == "cpu":
         info["cpu"] = cpu_model()
-        info["cores"] = len(__import__("os").sched_getaffinity(0))
+        info["cores"] = usable_cores()
     return info
 
 

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import uvicorn
 
+from worker.cores import usable_cores
 from worker.errors import WorkerError
 from worker.narration import Narrator
 
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def default_cpu_devices() -> int:
     """--cpu-devices' default: a host device for each core this process may use, at most MAX_CPU_DEVICES."""
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_CPU_DEVICES))
+    return min(usable_cores(), MAX_CPU_DEVICES)
 
 
 def host_devices(n: int) -> None:

@@ -277,3 +277,22 @@ def test_python_warnings_become_narration_lines():
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [(e["event"], e["level"], e["logger"]) for e in events] == [("log", "warning", "py.warnings")]
     assert "persistent compilation cache entry: lock not acquired" in events[0]["message"]
+
+
+@pytest.mark.parametrize("affinity", [True, False])
+def test_cpu_devices_default_on_a_system_with_or_without_cpu_affinity(monkeypatch, affinity: bool):
+    """--cpu-devices' default is a host device a usable core, at most MAX_CPU_DEVICES, also where Python's os module
+    has no sched_getaffinity (macOS, a laptop's first run: it raised AttributeError there)."""
+    import os
+
+    from server import cli as cli_module
+
+    if affinity:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+        assert cli_module.default_cpu_devices() == 1
+    else:
+        monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: 8)
+        assert cli_module.default_cpu_devices() == cli_module.MAX_CPU_DEVICES
+        monkeypatch.setattr(os, "cpu_count", lambda: None)
+        assert cli_module.default_cpu_devices() == 1

@@ -75,7 +75,7 @@ def test_decode_calls_take_the_matvec_form_and_longer_calls_the_tiles_or_the_wal
     `_split_int8` shards, `threads` off) keeps XLA's tile walk for more rows."""
     w, _ = matrix(QT.Q8_0, 8, 64, seed=1)
 
-    def form(rows: int, threads: bool = True) -> str | None:
+    def form(rows: int, threads: int = cpu_kernels.ALL_THREADS) -> str | None:
         x = jnp.zeros((rows, 64))
         text = ops.int8_matmul.lower(x, w, ops._cpu_kernel_form(x, w, threads), threads).as_text()
         if cpu_kernels.TARGET not in text:
@@ -83,10 +83,11 @@ def test_decode_calls_take_the_matvec_form_and_longer_calls_the_tiles_or_the_wal
         return "tiles" if "tiles = 1" in text else "rows"
 
     assert form(1) == form(ops.CPU_KERNEL_ROWS) == "rows"
-    assert form(ops.CPU_KERNEL_ROWS + 1) == "tiles" and form(ops.CPU_KERNEL_ROWS + 1, threads=False) is None
+    assert form(ops.CPU_KERNEL_ROWS + 1) == form(ops.CPU_KERNEL_ROWS + 1, threads=1) == "tiles"
+    assert form(ops.CPU_KERNEL_ROWS + 1, threads=0) is None  # a device's own thread alone: XLA's walk
     assert "tiles = 1" in jax.jit(ops.qmatmul).lower(jnp.zeros((9, 64)), w).as_text()  # a one-device model's call
     with ops.cpu_rows_kernel():  # a deterministic decode step's rows together: the matvec form whatever their number
-        assert form(32) == form(32, threads=False) == "rows"
+        assert form(32) == form(32, threads=0) == "rows"
 
 
 def test_bad_shapes_get_the_kernels_message():
@@ -99,16 +100,28 @@ def test_bad_shapes_get_the_kernels_message():
 
 @pytest.mark.parametrize("rows", [1, 5])
 def test_rows_of_w_in_chunks_over_xlas_threads_give_the_calling_threads_bits(rows: int):
-    """2,053 rows of 768 values (1.6 MB of codes): six chunks of rows over XLA's intra-op threads, the last one
-    shorter; the same bits as the calling thread alone, and float64's values."""
+    """2,053 rows of 768 values (1.6 MB of codes): chunks of rows over XLA's intra-op threads (all of them, or one
+    beside the caller: a device's share), the last chunk shorter; the same bits as the calling thread alone, and
+    float64's values."""
     w, ref_w = matrix(QT.Q4_K, 2053, 768, seed=rows)
     x = np.random.default_rng(rows).standard_normal((rows, 768)).astype(np.float32)
     ref = x.astype(np.float64) @ ref_w.T
     for tiles in (False, True):
-        chunked = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w, threads=True, tiles=tiles))
-        alone = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w, threads=False, tiles=tiles))
-        assert np.array_equal(chunked, alone), tiles
-        assert np.abs(chunked - ref).max() <= 1e-5 * np.abs(ref).max(), tiles
+        alone = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w, threads=0, tiles=tiles))
+        for threads in (1, cpu_kernels.ALL_THREADS):
+            chunked = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w, threads=threads, tiles=tiles))
+            assert np.array_equal(chunked, alone), (tiles, threads)
+        assert np.abs(alone - ref).max() <= 1e-5 * np.abs(ref).max(), tiles
+
+
+@pytest.mark.parametrize(("cores", "devices", "tasks"), [(2, 2, 0), (2, 1, 1), (1, 2, 0), (8, 2, 3), (16, 2, 7)])
+def test_a_devices_kernel_takes_its_share_of_the_cores(monkeypatch, cores: int, devices: int, tasks: int):
+    """Several host devices share XLA's one pool: each device's call takes the pool threads of its share of the cores
+    beside its own (two devices on two cores, as measured best there: none)."""
+    monkeypatch.setattr(cpu_kernels, "usable_cores", lambda: cores)
+    assert cpu_kernels.kernel_tasks(devices) == ops._device_kernel_tasks(devices) == tasks
+    monkeypatch.setattr(ops, "_cpu_kernel_tasks", 0)  # WORKER_CPU_KERNEL_TASKS=0: each device's thread alone
+    assert ops._device_kernel_tasks(devices) == 0
 
 
 def assert_tile_walk_stays(caplog, level: int, why: str) -> None:

@@ -58,6 +58,13 @@
 #                      NCU_CASES, NCU_ROWS and the budget NCU_SECONDS as ncu's; NCU_EXPERTS=1: decode's grouped
 #                      matmul and routed matvec 24 times in a program, on one expert array, then on 24 with their own
 #                      routings (bench.kernel_profile --experts --trace: a call alone against a step's layers)
+#           cpu-cores:M  the CPU path on this machine's cores (JAX_PLATFORMS=cpu), model M, at each of CPU_CORES cores
+#                      (default "4 16"; taskset -c 0..N-1): python -m bench --device cpu (decode and prefill, the worker
+#                      alone) on one host device and on two (--cpu-devices 1, 2), and two with each device's kernel on
+#                      its own thread (WORKER_CPU_KERNEL_TASKS=0, the layout before its share of the cores), each
+#                      beside llama-bench on the same cores (a CPU build of llama-bench alone, made here first from
+#                      the carried .llamacpp/llama.cpp-src.tar.xz and SOURCE); what --cpu-devices' default should be
+#                      past two cores; results in $GPU_STATE/results/cpu-cores/; budget CPU_SECONDS (default 540)
 #           host       python -m bench.host on this machine's CPU (the engine, then HTTP, at 256 streams of a model that
 #                      costs nothing: the host's µs a token); HOST_ARGS passed on; budget HOST_SECONDS (default 150)
 #           host-real:M  python -m bench.host --real on model M on the GPU: the worker's engine alone, then behind the
@@ -401,6 +408,26 @@ do_ktrace() {
     py -m bench.kernel_profile --trace "$results/ktrace" --cases "${NCU_CASES:-phi3 gate_up:Q4_K}" --rows "${NCU_ROWS:-1}"
 }
 
+do_cpu_cores() {
+    local like=$1 model cpu_bench="$state/llamacpp-cpu/build/bin/llama-bench" n spec d tasks label rc=0
+    model=$(model_path "$like")
+    if [ ! -x "$cpu_bench" ]; then
+        LLAMACPP_TARGETS=llama-bench JOBS=$(nproc) bash tools/llamacpp-build.sh cpu "$state/llamacpp-cpu" || return 1
+    fi
+    for n in ${CPU_CORES:-4 16}; do
+        for spec in 1: 2: 2:0; do  # devices:WORKER_CPU_KERNEL_TASKS (empty: each device's share of the cores)
+            d=${spec%%:*} tasks=${spec#*:}
+            label="$like-c$n-d$d${tasks:+-t$tasks}"
+            echo "== $label"
+            JAX_PLATFORMS=cpu WORKER_CPU_KERNEL_TASKS=$tasks taskset -c "0-$((n - 1))" bash tools/gpu-env.sh python3 \
+                -m bench --device cpu --model "$model" --label "$label" --out "$results/cpu-cores" --llamacpp \
+                "$cpu_bench" --threads "$n" --cpu-devices "$d" --skip-http --prompt-tokens 128 --decode-tokens 64 \
+                --repeats 3 --budget 150 || rc=1
+        done
+    done
+    return $rc
+}
+
 do_host() {
     # bench.host on this machine's CPU: the engine alone, then through HTTP, at 256 streams of a model that costs
     # nothing (the tiny qwen2 of the oracles: the call must carry shared/)
@@ -564,6 +591,7 @@ for s in "$@"; do
         ncu) stage ncu "${NCU_SECONDS:-180}" do_ncu ;;
         ncu-step:*) stage "ncu-step-${s#ncu-step:}" "${NCU_SECONDS:-180}" do_ncu_step "${s#ncu-step:}" ;;
         ktrace) stage ktrace "${NCU_SECONDS:-180}" do_ktrace ;;
+        cpu-cores:*) stage "cpu-cores-${s#cpu-cores:}" "${CPU_SECONDS:-540}" do_cpu_cores "${s#cpu-cores:}" ;;
         attn) stage attn "${ATTN_SECONDS:-240}" do_attn ;;
         kinds:*) stage "kinds-${s#kinds:}" "${KINDS_SECONDS:-300}" do_kinds "${s#kinds:}" ;;
         wbench:*) stage "wbench-${s#wbench:}" "${WBENCH_SECONDS:-300}" do_wbench "${s#wbench:}" ;;

@@ -3,7 +3,7 @@
 # packed (.llamacpp/llama.cpp-src.tar.xz).
 #   usage: tools/llamacpp-build.sh cpu|cuda [WORK_DIR] [--configure-only]   (default WORK_DIR: .llamacpp/<kind>)
 # Prints the folder of the three binaries last. cuda builds for sm_90 (H100/H200) only, to keep the build short.
-# Env: JOBS (default: all cores).
+# Env: JOBS (default: all cores), LLAMACPP_TARGETS (default: the three).
 set -euo pipefail
 
 kind=${1:?usage: tools/llamacpp-build.sh cpu|cuda [WORK_DIR] [--configure-only]}
@@ -48,6 +48,8 @@ gen=()
 command -v ninja >/dev/null && gen=(-G Ninja)
 cmake -S "$work/llama.cpp" -B "$work/build" "${gen[@]}" "${common[@]}" "${flags[@]}"
 [ "$configure_only" = "--configure-only" ] && exit 0
-# Only the three binaries (not mtmd's CLIs and the other targets the tools' cmake files declare).
-cmake --build "$work/build" --target llama-bench llama-batched-bench llama-server -j "${JOBS:-$(nproc)}"
+# Only the three binaries (not mtmd's CLIs and the other targets the tools' cmake files declare); LLAMACPP_TARGETS
+# names fewer (the GPU machine's CPU peer needs llama-bench alone: tools/gpu-session.sh `cpu-cores`).
+# shellcheck disable=SC2086  # a list of targets
+cmake --build "$work/build" --target ${LLAMACPP_TARGETS:-llama-bench llama-batched-bench llama-server} -j "${JOBS:-$(nproc)}"
 echo "$work/build/bin"

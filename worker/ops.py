@@ -477,7 +477,8 @@ def _tile_rows(n: int, k: int, rows: int) -> int:
 # A nested jit: the many matmuls of one shape (every layer's) are traced and lowered once, not once each (a start
 # of the CPU worker spent ~10 s tracing 250 tile loops).
 @functools.partial(jax.jit, static_argnames=("kernel", "threads"))
-def int8_matmul(x: jax.Array, w: Int8Blocks, kernel: str | None = None, threads: bool = True) -> jax.Array:
+def int8_matmul(x: jax.Array, w: Int8Blocks, kernel: str | None = None, threads: int = cpu_kernels.ALL_THREADS,
+                ) -> jax.Array:  # fmt: skip
     """x [..., K] @ w.T -> [..., N] float32, walking row tiles of w: each tile is widened to float32 (exactly,
     as `dequantize`) next to its dot, inside a loop body. Why: XLA's CPU backend neither fuses a widening into a
     dot nor reuses the buffers of widenings outside loops, so a whole-matrix widening costs a fresh float32 copy
@@ -485,8 +486,8 @@ def int8_matmul(x: jax.Array, w: Int8Blocks, kernel: str | None = None, threads:
     matrix (a split one: `_split_int8`).
     `kernel` (`_cpu_kernel_form`): the CPU's own kernel instead (worker/cpu_kernels) in that form: "rows", each code
     widened in a register, each row of x on its own; "tiles", w's rows widened a tile at a time and dotted with
-    every row of x (many rows). `threads`: over XLA's intra-op threads as well (one device's whole model; a split
-    matrix's shards keep to their devices' threads)."""
+    every row of x (many rows). `threads`: how many of XLA's intra-op threads the kernel takes beside the calling
+    one (cpu_kernels.int8_matvec: all for one device's whole model, a share for each of several devices')."""
     n, k = w.shape
     x2 = x.reshape(-1, k).astype(jnp.float32)
     if kernel is not None:
@@ -495,11 +496,12 @@ def int8_matmul(x: jax.Array, w: Int8Blocks, kernel: str | None = None, threads:
     return _int8_rows(x2, w).T.reshape(*x.shape[:-1], n)
 
 
-def _cpu_kernel_form(x: jax.Array, w: Int8Blocks, threads: bool) -> str | None:
+def _cpu_kernel_form(x: jax.Array, w: Int8Blocks, threads: int) -> str | None:
     """Which form of the CPU's own kernel x @ w.T takes, where the kernel builds and takes w's blocks: "rows" up to
     CPU_KERNEL_ROWS rows of x (decode), or any number inside `cpu_rows_kernel` (a decode step whose rows must not
-    change each other's bits); "tiles" for more rows on XLA's threads (a one-device model's prefill); else None,
-    XLA's tile walk (more rows on one of several devices, where XLA's dot is faster)."""
+    change each other's bits); "tiles" for more rows where the call takes threads of XLA's pool (`threads`, as
+    int8_matmul's: a one-device model's prefill, or a device's share of more cores than devices); else None, XLA's
+    tile walk (more rows on a device's own thread, where XLA's dot is faster)."""
     if not (cpu_kernels.fits(w) and cpu_kernels.available()):
         return None
     rows = x.size // max(1, x.shape[-1])
@@ -508,7 +510,20 @@ def _cpu_kernel_form(x: jax.Array, w: Int8Blocks, threads: bool) -> str | None:
     # Measured on 2 cores (Gemma 3 270M, docs/PERFORMANCE.md "CPU", thirty-fifth session): one device's prefill
     # 447-452 tok/s on the tile walk (about one core), 555-579 on the tiles over both cores; on one of two devices
     # the tiles on the device's own thread lost to the walk (561 against 692 in one pair of runs).
-    return "tiles" if threads and _cpu_tiles else None
+    return "tiles" if threads > 0 and _cpu_tiles else None
+
+
+# WORKER_CPU_KERNEL_TASKS=N: each of several host devices' kernel calls takes N of XLA's pool threads beside its own,
+# not its share of the cores (cpu_kernels.kernel_tasks); 0 was the layout's only way before the forty-sixth session.
+# An A/B setting (tools/gpu-session.sh `cpu-cores`).
+_cpu_kernel_tasks = (
+    env_int("WORKER_CPU_KERNEL_TASKS", 0) if os.environ.get("WORKER_CPU_KERNEL_TASKS", "").strip() else None
+)
+
+
+def _device_kernel_tasks(devices: int) -> int:
+    """The pool threads a kernel call on one of `devices` host devices takes beside its own."""
+    return cpu_kernels.kernel_tasks(devices) if _cpu_kernel_tasks is None else _cpu_kernel_tasks
 
 
 def _split_int8(x: jax.Array, w: Int8Blocks) -> jax.Array:
@@ -519,10 +534,11 @@ def _split_int8(x: jax.Array, w: Int8Blocks) -> jax.Array:
     mesh, (rows, cols) = w.sharding.mesh, (*w.sharding.spec, None, None)[:2]
     lead = (None,) * (x.ndim - 1)
     local = _local(w)
-    kernel = _cpu_kernel_form(x, w, threads=False)
+    threads = _device_kernel_tasks(mesh.size)
+    kernel = _cpu_kernel_form(x, w, threads)
 
     def body(x: jax.Array, shard: Int8Blocks) -> jax.Array:
-        y = int8_matmul(x, dataclasses.replace(shard, shape=local, sharding=None), kernel, threads=False)
+        y = int8_matmul(x, dataclasses.replace(shard, shape=local, sharding=None), kernel, threads)
         return jax.lax.psum(y, cols) if cols is not None else y
 
     return _on_shards(body, mesh, (P(*lead, cols), P(rows, cols)), P(*lead, rows))(x, w)
@@ -582,9 +598,10 @@ def qmatmul(
         return _epilogue_matvec(x, w, bias, residual, norm, glu, backend)
     if isinstance(w, Int8Blocks):
         split = w.sharding is not None and any(a is not None for a in w.sharding.spec)
-        # Replicated: XLA's partitioner splits x's tokens. One device (no sharding): the kernel on XLA's threads.
-        alone = w.sharding is None
-        y = _split_int8(x, w) if split else int8_matmul(x, w, _cpu_kernel_form(x, w, alone), alone)
+        # Replicated: XLA's partitioner splits x's tokens, each device's kernel on its share of XLA's threads. One
+        # device (no sharding): the kernel on all of them.
+        threads = cpu_kernels.ALL_THREADS if w.sharding is None else _device_kernel_tasks(w.sharding.mesh.size)
+        y = _split_int8(x, w) if split else int8_matmul(x, w, _cpu_kernel_form(x, w, threads), threads)
     elif _kernel_fits(w, 2, backend, types=qmatvec.MATVEC_TYPES) and _on_kernels(x):
         # A prefill-shaped product takes the tensor cores whatever the decode kernels. `exact`: the per-row kernel,
         # float32 throughout.

@@ -30,12 +30,14 @@ import jaxlib
 import numpy as np
 import platformdirs
 
+from worker.cores import usable_cores
 from worker.quant import Int8Blocks
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_matvec.cc")
 TARGET = "worker_int8_matvec"  # XLA's name of the kernel; of its form with an offset: TARGET + "_offset"
+ALL_THREADS = 1 << 16  # int8_matvec's `threads`: every thread of XLA's intra-op pool (the kernel takes its size)
 BLOCKS = (16, 32)  # the CPU layout's blocks the kernel takes (quant.cpu_block: Q6_K's 16, the others' 32)
 _setting = os.environ.get("WORKER_CPU_KERNEL", "")  # "0": off; "1": also a form not yet timed (ARM's NEON)
 _registered: dict[str, ctypes.CDLL] = {}  # target -> its library, whose code must outlive every call
@@ -120,15 +122,23 @@ def fits(w: Int8Blocks) -> bool:
     return w.block in BLOCKS and w.codes.ndim == 2
 
 
-def int8_matvec(x2: jax.Array, w: Int8Blocks, target: str = TARGET, threads: bool = True, tiles: bool = False,
+def kernel_tasks(devices: int) -> int:
+    """The pool threads a kernel call of one of `devices` host devices may take beside its own (int8_matvec's
+    `threads`): the process's cores shared between the devices, whose calls run at once on XLA's one intra-op pool.
+    Two devices on two cores: none, each device's thread alone (taking the pool there made decode 42.2 -> 34.9 tok/s,
+    docs/kernels.md "Threads"); on eight cores three each, where the devices' threads alone would leave six idle."""
+    return max(0, usable_cores() // max(1, devices) - 1)
+
+
+def int8_matvec(x2: jax.Array, w: Int8Blocks, target: str = TARGET, threads: int = ALL_THREADS, tiles: bool = False,
                 ) -> jax.Array:  # fmt: skip
     """x2 [M, K] float32 @ w.T -> [M, N] float32, on one device's matrix. Each y value is one fixed sequence of float
     operations whatever M (batch invariance): a block's products with its codes summed in register lanes, scaled once
-    (plus the offset times x's block sum), the lanes summed in one tree order (int8_matvec.cc). `threads`: w's rows
-    in chunks over XLA's intra-op threads too (a model on one device); else on the calling thread alone (a device of
-    several: each device's thread takes its share). `tiles`: the many-rows form (a prefill's), w's rows widened a
-    tile at a time and dotted with every row of x; its bits are another order's than the matvec form's, still each
-    row's own whatever the rows beside it."""
+    (plus the offset times x's block sum), the lanes summed in one tree order (int8_matvec.cc). `threads`: how many
+    of XLA's intra-op threads may take chunks of w's rows beside the calling thread (ALL_THREADS: a model on one
+    device; a device of several: `kernel_tasks`; 0: the calling thread alone). The chunks change no bits. `tiles`:
+    the many-rows form (a prefill's), w's rows widened a tile at a time and dotted with every row of x; its bits are
+    another order's than the matvec form's, still each row's own whatever the rows beside it."""
     out = jax.ShapeDtypeStruct((x2.shape[0], w.codes.shape[0]), jnp.float32)
     attrs = dict(threads=np.int32(threads), tiles=np.int32(tiles))
     if w.offset is None:

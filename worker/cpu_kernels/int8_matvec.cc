@@ -194,17 +194,23 @@ static void Tiles(const float* x, int64_t m, const int8_t* codes, const float* s
   }
 }
 
-// A product's rows of w in chunks over XLA's intra-op threads: the calling thread and `pool`'s tasks each take the
-// next chunk until none is left, and the call returns when every chunk is done. The caller never waits for a task
+// A product's rows of w in chunks over XLA's intra-op threads: the calling thread and up to `tasks` of `pool`'s
+// threads each take the next chunk until none is left, and the call returns when every chunk is done. The caller
+// never waits for a task
 // that has not started (XLA may run a task on the calling thread, or later on a pool of one thread): a task that
 // starts after the last chunk was taken finds none, and touches only the shared counters it holds.
 struct Chunks {
   std::atomic<int64_t> next{0}, done{0};
 };
 
+// The pool's threads a call takes beside its own: at most `tasks`, at most the pool's.
+static int64_t Helpers(ffi::ThreadPool* pool, int64_t tasks) {
+  return pool != nullptr ? std::max<int64_t>(0, std::min<int64_t>(tasks, pool->num_threads())) : 0;
+}
+
 template <typename Work>
-static void OverThreads(int64_t chunks, ffi::ThreadPool* pool, const Work& work) {
-  const int64_t threads = pool != nullptr ? pool->num_threads() : 0;
+static void OverThreads(int64_t chunks, ffi::ThreadPool* pool, int64_t tasks, const Work& work) {
+  const int64_t threads = Helpers(pool, tasks);
   if (chunks <= 1 || threads < 1) {
     for (int64_t c = 0; c < chunks; ++c) work(c);
     return;
@@ -232,7 +238,7 @@ constexpr int64_t kChunksPerThread = 4;
 // a block is offset * sum(x)).
 template <int kBlock, bool kOffset>
 static void Product(const float* x, const int8_t* codes, const float* scale, const float* offset, float* y,
-                    int64_t m, int64_t n, int64_t k, ffi::ThreadPool* pool, bool tiles = false) {
+                    int64_t m, int64_t n, int64_t k, ffi::ThreadPool* pool, int64_t tasks, bool tiles = false) {
   const int64_t blocks = k / kBlock;
   std::vector<float> xsum(kOffset && !tiles ? m * blocks * kLanes : 0);
   for (int64_t i = 0; kOffset && !tiles && i < m; ++i)
@@ -245,7 +251,7 @@ static void Product(const float* x, const int8_t* codes, const float* scale, con
       }
       std::memcpy(&xsum[(i * blocks + b) * kLanes], &xs, sizeof xs);
     }
-  const int64_t threads = pool != nullptr ? std::max<int64_t>(1, pool->num_threads()) : 1;
+  const int64_t threads = 1 + Helpers(pool, tasks);
   const int64_t chunks = std::max<int64_t>(1, std::min(threads * kChunksPerThread, n * k / kChunkBytes));
   const int64_t per = (n + chunks - 1) / chunks;
   auto chunk = [&](int64_t c) {
@@ -263,14 +269,14 @@ static void Product(const float* x, const int8_t* codes, const float* scale, con
       i += group;
     }
   };
-  OverThreads((n + per - 1) / per, pool, chunk);
+  OverThreads((n + per - 1) / per, pool, tasks, chunk);
 }
 
 // Shapes: x [M, K], codes [N, K], scale (and offset) [N, K / block], y [M, N]; a block of 16 or 32 values (the
 // CPU layout's: quant.cpu_block).
 static ffi::Error Call(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::S8>& codes,
                        const ffi::Buffer<ffi::F32>& scale, const ffi::Buffer<ffi::F32>* offset,
-                       ffi::Result<ffi::Buffer<ffi::F32>>& y, ffi::ThreadPool* pool, bool tiles) {
+                       ffi::Result<ffi::Buffer<ffi::F32>>& y, ffi::ThreadPool* pool, int64_t tasks, bool tiles) {
   auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument("int8_matvec: x, codes, scale and y must be matrices");
@@ -287,7 +293,8 @@ static ffi::Error Call(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::S8
   }
   const float* o = offset != nullptr ? offset->typed_data() : nullptr;
   const auto args =
-      std::make_tuple(x.typed_data(), codes.typed_data(), scale.typed_data(), o, y->typed_data(), m, n, k, pool, tiles);
+      std::make_tuple(x.typed_data(), codes.typed_data(), scale.typed_data(), o, y->typed_data(), m, n, k, pool, tasks,
+                      tiles);
   if (block == 16)
     std::apply(offset != nullptr ? Product<16, true> : Product<16, false>, args);
   else
@@ -295,18 +302,19 @@ static ffi::Error Call(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::S8
   return ffi::Error::Success();
 }
 
-// `threads` 0: the calling thread alone (a device of several, whose threads would meet its neighbours' on one pool);
-// else XLA's intra-op threads as well. `tiles` 1: the many-rows form (`Tiles`), else the matvec form (`Rows`).
+// `threads`: how many of XLA's intra-op threads a call may take beside the calling thread (0: that thread alone; a
+// device of several takes its share of the pool its neighbours share, worker/cpu_kernels.kernel_tasks). `tiles` 1:
+// the many-rows form (`Tiles`), else the matvec form (`Rows`).
 static ffi::Error Plain(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
                         ffi::Buffer<ffi::F32> scale, ffi::Result<ffi::Buffer<ffi::F32>> y, int32_t threads,
                         int32_t tiles) {
-  return Call(x, codes, scale, nullptr, y, threads != 0 ? &pool : nullptr, tiles != 0);
+  return Call(x, codes, scale, nullptr, y, &pool, threads, tiles != 0);
 }
 
 static ffi::Error WithOffset(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
                              ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
                              ffi::Result<ffi::Buffer<ffi::F32>> y, int32_t threads, int32_t tiles) {
-  return Call(x, codes, scale, &offset, y, threads != 0 ? &pool : nullptr, tiles != 0);
+  return Call(x, codes, scale, &offset, y, &pool, threads, tiles != 0);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Int8Matvec, Plain,
