@@ -411,6 +411,7 @@ do_ktrace() {
 do_cpu_cores() {
     local like=$1 model cpu_bench="$state/llamacpp-cpu/build/bin/llama-bench" n spec d tasks label rc=0
     model=$(model_path "$like")
+    command -v taskset > /dev/null || { echo "no taskset on this machine (util-linux)"; return 1; }
     if [ ! -x "$cpu_bench" ]; then
         LLAMACPP_TARGETS=llama-bench JOBS=$(nproc) bash tools/llamacpp-build.sh cpu "$state/llamacpp-cpu" || return 1
     fi
