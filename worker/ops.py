@@ -161,7 +161,8 @@ _mxfp4_ptx = os.environ.get("WORKER_MXFP4_PTX", "1") != "0"
 # grouped gate|up call also reads the selected experts' down weights into the L2 cache, in programs of its own beside
 # its own (moe_matmul.grouped), so that the down call after it reads L2 where it read memory. Why it may pay: at one
 # stream the grouped call runs at ~0.4 TB/s of the card's ~3.3 (docs/PERFORMANCE.md, forty-third entry), bound by
-# latency, not bytes. The same bits either way (tests/test_pallas_moe_matmul.py).
+# latency, not bytes; one stream's 4 experts' stored MXFP4 down planes are 17.6 MB of an H100's 50 MB L2 (a bf16
+# copy's, `--bf16-experts`, would be 66 MB). The same bits either way (tests/test_pallas_moe_matmul.py).
 _moe_read_ahead = os.environ.get("WORKER_MOE_READ_AHEAD", "") == "1"
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).

@@ -196,9 +196,9 @@ static void Tiles(const float* x, int64_t m, const int8_t* codes, const float* s
 
 // A product's rows of w in chunks over XLA's intra-op threads: the calling thread and up to `tasks` of `pool`'s
 // threads each take the next chunk until none is left, and the call returns when every chunk is done. The caller
-// never waits for a task
-// that has not started (XLA may run a task on the calling thread, or later on a pool of one thread): a task that
-// starts after the last chunk was taken finds none, and touches only the shared counters it holds.
+// never waits for a task that has not started (XLA may run a task on the calling thread, or later on a pool of one
+// thread): a task that starts after the last chunk was taken finds none, and touches only the shared counters it
+// holds.
 struct Chunks {
   std::atomic<int64_t> next{0}, done{0};
 };
