@@ -442,6 +442,33 @@ def test_gpt_oss_prefill_through_the_kernel_matches_hf(oracles, monkeypatch):
     assert (ours.argmax(-1) == ref.argmax(-1))[clear].all()
 
 
+def test_gpt_oss_decode_reads_its_down_experts_ahead_with_the_same_bits(oracles, monkeypatch):
+    """The tiny gpt-oss's MoE block at a decode step of 3 rows (interpret mode, the tensor-core decode kernels) with
+    WORKER_MOE_READ_AHEAD on: its gate|up call reads the layer's down experts ahead, and the block's output is the
+    same bits as with it off."""
+    from worker.models import gpt_oss
+
+    m = worker.load(oracles / "models" / "gpt-oss" / "model-mxfp4_moe.gguf", device="cpu", backend="interpret")
+    lw = m.runner.weights["layers"][0]
+    seen = []
+    real = mm.moe_matmul
+
+    def spy(x, w, i, live, ahead=None, **tiles):
+        seen.append(ahead)
+        return real(x, w, i, live, ahead, **tiles)
+
+    monkeypatch.setattr(mm, "moe_matmul", spy)
+    x = jax.random.normal(jax.random.key(5), (3, 1, m.cfg.d_model), jnp.float32)
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(ops, "_moe_read_ahead", on)
+        with ops.decode_kernels("tensor-cores"):
+            outs.append(np.asarray(gpt_oss.moe_block(lw, m.cfg, x)))
+    assert [a is None for a in seen] == [True, True, False, True]
+    assert seen[2] is lw["ffn_down_exps"]  # the stored experts: no bf16 copy (--bf16-experts) here
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
 def read_ahead_case(qtype: QT, e: int, m: int, n: int, k: int, seed: int):
     """x [m, k], experts [e, n, k], the next call's experts of another format [e, 44, 256] (rows past the read-ahead
     programs' 8s and K under one loop step's blocks: masked) and a routing among four of the experts, each picked by
