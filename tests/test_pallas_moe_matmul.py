@@ -394,11 +394,8 @@ def test_decode_calls_take_decodes_tiles_on_either_experts_and_prefill_its_own(m
     assert "splits" not in seen[0][1] and seen[1][1] == {"interpret": True} | mm.PREFILL_TILES
 
 
-def test_read_ahead_setting_gives_a_decode_steps_grouped_call_the_next_experts(monkeypatch):
-    """WORKER_MOE_READ_AHEAD=1: ops hands a decode step's grouped call what the next call reads (the bf16 copy where
-    the model has one); off (the default), prefill, and what the kernel cannot take get none."""
-    experts, _ = random_weight(QT.MXFP4, (4, 32, 64), seed=1)
-    down, _ = random_weight(QT.MXFP4, (4, 64, 32), seed=2)
+def read_ahead_spy(monkeypatch) -> list:
+    """The `read_ahead` of each moe_matmul call from here on, in call order."""
     seen = []
     real = mm.moe_matmul
 
@@ -407,6 +404,15 @@ def test_read_ahead_setting_gives_a_decode_steps_grouped_call_the_next_experts(m
         return real(x, w, i, live, ahead, **tiles)
 
     monkeypatch.setattr(mm, "moe_matmul", spy)
+    return seen
+
+
+def test_read_ahead_setting_gives_a_decode_steps_grouped_call_the_next_experts(monkeypatch):
+    """WORKER_MOE_READ_AHEAD=1: ops hands a decode step's grouped call what the next call reads (the bf16 copy where
+    the model has one); off (the default), prefill, and what the kernel cannot take get none."""
+    experts, _ = random_weight(QT.MXFP4, (4, 32, 64), seed=1)
+    down, _ = random_weight(QT.MXFP4, (4, 64, 32), seed=2)
+    seen = read_ahead_spy(monkeypatch)
     x, ids = jnp.ones((2, 64)), jnp.asarray(routed(2, 2, 4, 0, "uniform"))
     copy = widened(down, jnp.bfloat16)
     for on in (False, True):
@@ -450,14 +456,7 @@ def test_gpt_oss_decode_reads_its_down_experts_ahead_with_the_same_bits(oracles,
 
     m = worker.load(oracles / "models" / "gpt-oss" / "model-mxfp4_moe.gguf", device="cpu", backend="interpret")
     lw = m.runner.weights["layers"][0]
-    seen = []
-    real = mm.moe_matmul
-
-    def spy(x, w, i, live, ahead=None, **tiles):
-        seen.append(ahead)
-        return real(x, w, i, live, ahead, **tiles)
-
-    monkeypatch.setattr(mm, "moe_matmul", spy)
+    seen = read_ahead_spy(monkeypatch)
     x = jax.random.normal(jax.random.key(5), (3, 1, m.cfg.d_model), jnp.float32)
     outs = []
     for on in (False, True):
