@@ -359,12 +359,19 @@ do_kbench() {
     py -m bench.kernels ${KBENCH_ARGS:---rows 0 --prefill 4096 --sweep} "${labels[@]}"
 }
 
+ncu_path() {
+    # Nsight Compute: on PATH, or under /opt/nvidia (the GPU machine's nsight-compute)
+    local ncu
+    ncu=$(command -v ncu || find /opt/nvidia -name ncu -type f -perm -u+x 2>/dev/null | head -n 1)
+    [ -n "$ncu" ] || { echo "no ncu on this machine" >&2; return 1; }
+    echo "$ncu"
+}
+
 do_ncu() {
     # Nsight Compute's counters on one call of each matvec variant (bench.kernel_profile); ncu is on PATH or under
     # /opt/nvidia/nsight-compute on the GPU machine (its Firecracker runtime reads the counters; gVisor does not)
     local ncu
-    ncu=$(command -v ncu || find /opt/nvidia -name ncu -type f -perm -u+x 2>/dev/null | head -n 1)
-    [ -n "$ncu" ] || { echo "no ncu on this machine"; return 1; }
+    ncu=$(ncu_path) || return 1
     local kernels=regex:qmatvec per_opcode='regex:^qmatvec_(?!.*_dot$)' what=(--cases "${NCU_CASES:-phi3 gate_up:Q4_K}")
     if [ -n "${NCU_EXPERTS:-}" ]; then  # a decode step's experts: the grouped matmul and the routed matvec
         kernels='regex:moe_matmul|qmatvec' per_opcode=$kernels what=(--experts ${NCU_CASES:+--cases "$NCU_CASES"})
@@ -386,8 +393,7 @@ do_ncu_step() {
     # XLA's command buffers off: the first try (forty-fifth session, gpt-oss-20b) ended in a segmentation fault
     # after the model's load, cause unknown; the eighteenth session's ncu in bench.dispatch ran on the per-row kernels
     local ncu
-    ncu=$(command -v ncu || find /opt/nvidia -name ncu -type f -perm -u+x 2>/dev/null | head -n 1)
-    [ -n "$ncu" ] || { echo "no ncu on this machine"; return 1; }
+    ncu=$(ncu_path) || return 1
     # shellcheck disable=SC2046  # kind_args is a list of flags
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
         bash tools/gpu-env.sh "$ncu" --clock-control none -k "regex:${NCU_KERNELS:-moe_matmul}" \

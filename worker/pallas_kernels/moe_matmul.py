@@ -211,8 +211,6 @@ def ptx_runs() -> bool:
 
 def _mxfp4_ptx(load) -> list[jax.Array]:
     """`_mxfp4_bf16`'s two parts by inline PTX (Plan.ptx; the GPU only)."""
-    from jax.experimental.pallas import triton as plgpu
-
     q = load("qs", ALL)  # [BN, C, 16] uint8
     bits = (_mxfp4_exponent(load) << 7).astype(jnp.uint16)  # [BN, C]: 2^(e - 127)
     scale = jnp.broadcast_to(jax.lax.bitcast_convert_type(bits, jnp.bfloat16)[:, :, None], q.shape)
@@ -274,7 +272,7 @@ READ_AHEAD_ROWS = 8
 READ_AHEAD_BLOCKS = 16
 
 
-def _read_ahead(ids_ref, refs, sink_ref, pid, *, names, inner, n: int, blocks: int, splits: int):
+def _read_ahead(ids_ref, refs, sink_ref, pid, *, names, fmt, n: int, blocks: int, splits: int):
     """Program (grid_j + jj, t, split) (`pid`: (jj, t, split)) of a call with `read_ahead`: rows [r0, r0 + R) of
     the next call's experts[ids[t]], R = READ_AHEAD_ROWS, r0 = (jj * splits + split) * R, every plane, all of K,
     loaded with evict_last (L2 keeps them over the lines the call streams), where t is its expert's first row tile
@@ -286,17 +284,16 @@ def _read_ahead(ids_ref, refs, sink_ref, pid, *, names, inner, n: int, blocks: i
     rows, c = READ_AHEAD_ROWS, READ_AHEAD_BLOCKS
     r0 = (jj * splits + split) * rows
     rows_ok = (r0 + jnp.arange(rows)) < n
+    planes = dict(zip(names, refs, strict=True))
 
     @pl.when(first)
     def _():
         def step(i, total):
             b0 = i * c
             blocks_ok = (b0 + jnp.arange(c)) < blocks
-            for name, ref in zip(names, refs, strict=True):
-                shape = (rows, c, *inner[name])
-                mask = jax.lax.broadcast_in_dim(rows_ok, shape, (0,)) & jax.lax.broadcast_in_dim(blocks_ok, shape, (1,))
-                tile = ref.at[expert, pl.ds(r0, rows), pl.ds(b0, c), *(ALL,) * len(inner[name])]
-                v = plgpu.load(tile, mask=mask, other=0, eviction_policy="evict_last")
+            load = tile_loader(planes, fmt, expert, r0, b0, rows, c, rows_ok, blocks_ok, "evict_last")
+            for name in names:
+                v = load(name)
                 if jnp.issubdtype(v.dtype, jnp.floating):  # a scale plane: its bits
                     v = jax.lax.bitcast_convert_type(v, jnp.dtype(f"uint{v.dtype.itemsize * 8}"))
                 total += jnp.sum(v.astype(jnp.int32))
@@ -439,8 +436,7 @@ def grouped(x, experts, expert_ids, live=None, read_ahead=None, *, interpret=Fal
         fmt2 = FORMATS[read_ahead.qtype]
         names2, planes2 = plane_views(read_ahead, e2, n2, k2)
         extra_j = pl.cdiv(n2, READ_AHEAD_ROWS * p.splits)
-        ahead = functools.partial(_read_ahead, names=names2, inner=fmt2.planes, n=n2, blocks=k2 // fmt2.sb,
-                                  splits=p.splits)  # fmt: skip
+        ahead = functools.partial(_read_ahead, names=names2, fmt=fmt2, n=n2, blocks=k2 // fmt2.sb, splits=p.splits)
         kernel = functools.partial(_with_read_ahead, kernel, ahead, grid_j, len(planes), len(planes2))
         out_shape = (out_shape, jax.ShapeDtypeStruct((extra_j, tile_count, p.splits), jnp.int32))
         operands += planes2
