@@ -41,6 +41,8 @@ def matrix(qtype: QT, n: int, k: int, seed: int):
         (QT.Q4_1, 130, 2880),  # an offset; gpt-oss's 2,880-long rows
         (QT.Q4_K, 5, 512),  # an offset from the K-quants' sub-blocks
         (QT.Q6_K, 6, 256),  # 16-value blocks
+        (QT.Q2_K, 5, 512),  # 16-value blocks with an offset
+        (QT.IQ4_XS, 3, 256),  # a non-linear grid's codes
         (QT.Q5_0, 4, 96),  # rows not a multiple of 64
         (QT.MXFP4, 9, 128),
     ],

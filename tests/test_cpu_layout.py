@@ -21,8 +21,8 @@ def test_layout_values_bit_exact(qtype: QT):
     raw = random_raw(qtype, shape, seed=int(qtype) * 7)
     w = to_int8_blocks(quant_array(raw, qtype, shape))
     assert isinstance(w, Int8Blocks) and w.codes.dtype == jnp.int8 and w.scale.dtype == jnp.float32
-    assert w.block == (16 if qtype == QT.Q6_K else 32) and w.shape == shape
-    assert (w.offset is not None) == (qtype in (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K))
+    assert w.block == (16 if qtype in (QT.Q2_K, QT.Q3_K, QT.Q6_K) else 32) and w.shape == shape
+    assert (w.offset is not None) == (qtype in (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q2_K))
     assert_bit_equal(jax.jit(dequantize)(w), reference(raw, qtype).reshape(shape))
     ids = jnp.asarray([[6, 0, 3]])
     assert_bit_equal(ops.embed(w, ids)[0], reference(raw, qtype).reshape(shape)[[6, 0, 3]])

@@ -75,7 +75,10 @@ def check(path: str, qtype: QT, k: int, interpret: bool) -> None:
 
 # On the CPU only the row length that llama.cpp's fallbacks produce and that fits under one chunk (the tile
 # edges have their own interpret tests in test_pallas_qmatvec.py and test_pallas_moe_matmul.py).
+# The expert paths of the 256-value formats that no oracle model holds (Q2_K, Q3_K, IQ4_XS: llama.cpp's Q2_K, Q3_K_*
+# and IQ4_XS files) at one super-block; their dense matvec is test_pallas_qmatvec's.
 CPU_CASES = [(p, t, 128) for p in PATHS[:3] for t in TYPES if qmv.FORMATS[t].sb == 32]
+CPU_CASES += [(p, t, 256) for p in PATHS[1:3] for t in (QT.IQ4_XS, QT.Q2_K, QT.Q3_K)]
 
 
 @pytest.mark.parametrize(("path", "qtype", "k"), CPU_CASES, ids=lambda v: getattr(v, "name", str(v)))

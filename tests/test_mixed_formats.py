@@ -74,3 +74,49 @@ def test_gpu_prefill_and_decode_match_hf_f64(variant):
     assert np.nonzero(clear & (ours.argmax(-1) != ref.argmax(-1)))[0].tolist() == []
     decoded = teacher_forced_decode(m, ids)
     assert np.nonzero(clear & (decoded != ref.argmax(-1)))[0].tolist() == []
+
+
+# The low-bit formats of llama.cpp's Q2_K, Q3_K_* and IQ4_XS files (Q2_K, Q3_K, IQ4_XS, IQ4_NL) in a tiny qwen2
+# (tests/data/mixed_low_bit): no oracle model holds them, so random blocks and HF transformers in float64 on their
+# exact dequantization. On the CPU both backends: XLA's (the CPU layout) and the Pallas kernels in interpret mode
+# (the GPU's kernels, computed on the CPU).
+LOW_BIT = Path(__file__).parent / "data" / "mixed_low_bit"
+
+
+def low_bit_oracle() -> tuple[Path, list[int], np.ndarray]:
+    manifest = json.loads((LOW_BIT / "manifest.json").read_text())
+    return LOW_BIT / "model-q3_k_m-mixed.gguf", manifest["input"]["ids"], np.load(LOW_BIT / "logits-hf-f64.npy")
+
+
+def test_low_bit_file_has_every_new_format_fused_and_alone():
+    from worker.gguf import open_gguf
+
+    types = {n: t.qtype.name for n, t in open_gguf(low_bit_oracle()[0]).tensors.items()}
+    assert {types[f"blk.0.attn_{p}.weight"] for p in "qkv"} == {"Q3_K"}  # one format: fused into q|k|v
+    assert {types[f"blk.1.attn_{p}.weight"] for p in "qkv"} == {"IQ4_XS", "Q2_K", "IQ4_NL"}
+    assert types["token_embd.weight"] == "IQ4_XS" and "output.weight" not in types  # tied: the head too
+    assert {"Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"} <= set(types.values())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "interpret"])
+def test_low_bit_formats_on_the_cpu_match_hf_f64(backend):
+    path, ids, ref = low_bit_oracle()
+    m = worker.load(path, device="cpu", backend=backend)
+    check_logits(m.logits(ids), ref, CPU_TOL, CPU_MARGIN)
+    clear = clear_positions(ref, CPU_MARGIN)
+    assert (teacher_forced_decode(m, ids) == ref.argmax(-1))[clear].all()
+
+
+@pytest.mark.gpu
+def test_low_bit_formats_on_the_gpu_match_hf_f64():
+    if jax.default_backend() != "gpu":
+        pytest.fail("gpu-marked tests need a GPU visible to JAX (run them with `just test-gpu`)")
+    path, ids, ref = low_bit_oracle()
+    m = worker.load(path, device="gpu")
+    ours = m.logits(ids)
+    clear = clear_positions(ref, GPU_MARGIN)
+    print(f"low-bit qwen2 on GPU: prefill relative error {rel_err(ours, ref):.2e}, {clear.sum()} clear")
+    assert np.isfinite(ours).all() and clear.sum() > len(ids) // 2
+    assert np.nonzero(clear & (ours.argmax(-1) != ref.argmax(-1)))[0].tolist() == []
+    decoded = teacher_forced_decode(m, ids)
+    assert np.nonzero(clear & (decoded != ref.argmax(-1)))[0].tolist() == []

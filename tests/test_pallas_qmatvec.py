@@ -14,6 +14,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as QT
 from model_oracles import manifest, teacher_forced_decode
+from test_quant import F16_FIELDS
 
 import worker
 from worker import ops
@@ -22,11 +23,6 @@ from worker.pallas_kernels.tiling import ALL, TARGET_PROGRAMS
 from worker.quant import QuantArray, dequantize, quant_array
 
 TYPES = sorted(qmv.KERNEL_TYPES, key=lambda t: t.name)
-# Byte offsets of the float16 scale fields in one block (ggml-common.h).
-F16_FIELDS = {
-    QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.Q8_0: (0,),
-    QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,),
-}  # fmt: skip
 # Float32 accumulation in another order than the reference: the error stays a few ulps of sum(|x| * |w|).
 TOL = 1e-5
 # The GPU's dense calls are float16 tensor-core dots (qmatvec.ROW_TILE): x (scaled by a power of two) and the
@@ -328,7 +324,7 @@ def test_tiles_must_be_powers_of_two_and_the_format_known():
     with pytest.raises(ValueError, match="at least one row"):
         qmv.qmatvec(jnp.zeros((0, 64)), w, interpret=True)
     with pytest.raises(NotImplementedError):
-        qmv.qmatvec(jnp.zeros((1, 64)), QuantArray({"qs": jnp.zeros((32, 21), jnp.uint8)}, QT.Q2_K, (32, 64)))
+        qmv.qmatvec(jnp.zeros((1, 64)), QuantArray({"qs": jnp.zeros((32, 21), jnp.uint8)}, QT.IQ2_XXS, (32, 64)))
 
 
 def test_ops_dispatch_routes_by_each_sequences_positions_not_by_the_rows_of_the_call():

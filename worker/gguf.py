@@ -47,6 +47,10 @@ SUPPORTED_TENSOR_TYPES = frozenset(
         QT.Q4_K,
         QT.Q5_K,
         QT.Q6_K,
+        QT.Q2_K,
+        QT.Q3_K,
+        QT.IQ4_NL,
+        QT.IQ4_XS,
         QT.MXFP4,
     }
 )

@@ -4,11 +4,14 @@ dequantization in jax.numpy, and the file's quant kind name (`/health.quant_kind
 A tensor of logical shape (..., N, K) (numpy order; K is the blocked axis, GGUF's ne0; leading dims such as
 experts are kept) is stored as a few arrays, each with the tensor's leading dims (..., N) and one last axis.
 `pack` builds them on the host from the file's raw bytes without a float copy; kernels read them with wide,
-aligned loads. Memory: each format's planes take at most 2.8% more bytes than its GGUF blocks (Q4_K).
+aligned loads. Memory: each format's planes take at most 3.7% more bytes than its GGUF blocks (Q3_K; Q4_K 2.8%).
 
 Codes keep the file's order, only without the per-block headers in between. A "nibble plane" `qs`
 (uint8 [..., N, K/2]) is cut into groups of G values, and byte i of a group holds value i in its low nibble
-and value i + G/2 in its high nibble (G = 32 for Q4_0/Q4_1/Q5_0/Q5_1/MXFP4, 64 for Q4_K/Q5_K, 128 for Q6_K).
+and value i + G/2 in its high nibble (G = 32 for Q4_0/Q4_1/Q5_0/Q5_1/MXFP4/IQ4_NL/IQ4_XS, 64 for Q4_K/Q5_K, 128 for
+Q6_K). A "crumb plane" (Q2_K/Q3_K `qs`, uint8 [..., N, K/4]) holds values l, l + 32, l + 64, l + 96 of each 128 in
+bits 0-1, 2-3, 4-5, 6-7 of byte l of each 32; a "bit plane" (Q3_K `hmask`, [..., N, K/8]) bit b of byte l of each
+32 for value 32b + l of each 256 (the file's layouts).
 
 | format | plane   | dtype    | shape          | meaning                                                     |
 |--------|---------|----------|----------------|-------------------------------------------------------------|
@@ -41,6 +44,18 @@ and value i + G/2 in its high nibble (G = 32 for Q4_0/Q4_1/Q5_0/Q5_1/MXFP4, 64 f
 |        | qh      | uint8    | [..., N, K/4]  | 32 bytes per 128 values: bits 2k, 2k+1 of byte l = bits 4, 5|
 |        |         |          |                | of value 32k + l                                            |
 |        | scales  | int8     | [..., N, K/16] | sc, one per 16 values                                       |
+|        | d       | float16  | [..., N, K/256]| super-block scale                                           |
+| Q2_K   | qs      | uint8    | [..., N, K/4]  | crumb plane of q in 0..3; w = d*(s & 15) * q - dmin*(s >> 4)|
+|        | scales  | uint8    | [..., N, K/16] | s: a 4-bit scale and a 4-bit minimum per 16 values (as filed)|
+|        | d, dmin | float16  | [..., N, K/256]| super-block scales of the scales and of the minimums        |
+| Q3_K   | qs      | uint8    | [..., N, K/4]  | crumb plane: low 2 bits of q; w = d*sc * (q - 4)            |
+|        | hmask   | uint8    | [..., N, K/8]  | bit plane: bit 2 of q                                       |
+|        | scales  | int8     | [..., N, K/16] | sc, the 6-bit scales minus 32, unpacked                     |
+|        | d       | float16  | [..., N, K/256]| super-block scale                                           |
+| IQ4_NL | qs      | uint8    | [..., N, K/2]  | nibble plane (G 32) of q; w = d * IQ4_KVALUES[q]            |
+|        | d       | float16  | [..., N, K/32] | block scale                                                 |
+| IQ4_XS | qs      | uint8    | [..., N, K/2]  | nibble plane (G 32) of q; w = d*sc * IQ4_KVALUES[q]         |
+|        | scales  | int8     | [..., N, K/32] | sc, the 6-bit scales minus 32, unpacked                     |
 |        | d       | float16  | [..., N, K/256]| super-block scale                                           |
 
 Exactness: `dequantize` equals gguf-py's `gguf.quants.dequantize` (bit-identical to ggml's to_float) bit for
@@ -96,13 +111,26 @@ _FIELDS: dict[QT, tuple[tuple[str, int, int, type], ...]] = {
         ("scales", 192, 208, np.int8),
         ("d", 208, 210, np.float16),
     ),
+    QT.Q2_K: (
+        ("scales", 0, 16, np.uint8),
+        ("qs", 16, 80, np.uint8),
+        ("d", 80, 82, np.float16),
+        ("dmin", 82, 84, np.float16),
+    ),
+    QT.Q3_K: (("hmask", 0, 32, np.uint8), ("qs", 32, 96, np.uint8), ("d", 108, 110, np.float16)),
+    QT.IQ4_NL: (("d", 0, 2, np.float16), ("qs", 2, 18, np.uint8)),
+    QT.IQ4_XS: (("d", 0, 2, np.float16), ("qs", 8, 136, np.uint8)),
 }
 _K_SCALES = (4, 16)  # Q4_K/Q5_K: the 12 bytes that pack 8 6-bit scales and 8 6-bit minimums
+_Q3_K_SCALES = (96, 108)  # Q3_K: 16 6-bit scales, low nibbles in bytes 0-7, high crumbs in bytes 8-11
+_IQ4_XS_SCALES = (2, 8)  # IQ4_XS: a uint16 of 8 high crumbs, then 4 bytes of 8 low nibbles
 
 SUPPORTED_TYPES: frozenset[QT] = frozenset(PLAIN_TYPES) | frozenset(_FIELDS)
 
 # E2M1 code -> value, doubled (ggml's kvalues_mxfp4); the E8M0 scale is halved to compensate.
 MXFP4_KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+# IQ4_NL/IQ4_XS code -> value (ggml's kvalues_iq4nl: a non-linear 4-bit grid)
+IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +189,29 @@ def pack(raw: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> dict[str, np.nda
         packed = field(*_K_SCALES, np.uint8).reshape(-1, _K_SCALES[1] - _K_SCALES[0])
         scales, mins = GGUF_Q4_K.get_scale_min(packed)
         planes["scales"], planes["mins"] = scales.reshape(*lead, -1), mins.reshape(*lead, -1)
+    elif qtype == QT.Q3_K:
+        planes["scales"] = _q3_k_scales(field(*_Q3_K_SCALES, np.uint8).reshape(-1, 12)).reshape(*lead, -1)
+    elif qtype == QT.IQ4_XS:
+        planes["scales"] = _iq4_xs_scales(field(*_IQ4_XS_SCALES, np.uint8).reshape(-1, 6)).reshape(*lead, -1)
     return planes
+
+
+def _q3_k_scales(packed: np.ndarray) -> np.ndarray:
+    """Q3_K's 12 scale bytes per block -> its 16 scales minus 32, int8 [blocks, 16] (gguf-py's and ggml's
+    unpacking): scale s is bits 4(s // 8).. of byte s % 8 (low 4) and bits 2(s // 4).. of byte 8 + s % 4 (high 2)."""
+    s = np.arange(16)
+    low = (packed[:, s % 8] >> (4 * (s // 8))) & 0x0F
+    high = (packed[:, 8 + s % 4] >> (2 * (s // 4))) & 0x03
+    return ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8)
+
+
+def _iq4_xs_scales(packed: np.ndarray) -> np.ndarray:
+    """IQ4_XS's 6 scale bytes per block -> its 8 scales minus 32, int8 [blocks, 8]: scale s is nibble s % 2 of
+    byte 2 + s // 2 (low 4) and bits 2s.. of the leading uint16 (high 2)."""
+    s = np.arange(8)
+    high = (packed[:, :2].copy().view(np.uint16) >> (2 * s)) & 0x03
+    low = (packed[:, 2 + s // 2] >> (4 * (s % 2))) & 0x0F
+    return ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8)
 
 
 def quant_array(
@@ -190,7 +240,7 @@ def _bits_of_bytes(qh: jax.Array, bits_per_value: int) -> jax.Array:
     return (qh & ((1 << bits_per_value) - 1)).reshape(*qh.shape[:-3], -1, 32)
 
 
-# Every block format's value is `scale * code + offset` per block of B values (B = 32, or 16 for Q6_K), with
+# Every block format's value is `scale * code + offset` per block of B values (B = 32, or 16 for Q2_K/Q3_K/Q6_K), with
 # small integer codes and float32 scale/offset: the parts functions return (codes int8 [..., K/B, B], scale
 # float32 [..., K/B, 1], offset float32 [..., K/B, 1] or None). `dequantize` and the CPU layout (`Int8Blocks`)
 # both build on them, so the two cannot disagree.
@@ -261,6 +311,38 @@ def _q6_k(p: dict[str, jax.Array]) -> Parts:
     return q.reshape(*sc.shape, 16), dsc, None
 
 
+def _q2_k(p: dict[str, jax.Array]) -> Parts:
+    s = p["scales"]
+    d, dmin = (_f32(p[n])[..., None] for n in ("d", "dmin"))
+    sub = s.reshape(*s.shape[:-1], -1, 16)
+    dsc = (d * _f32(sub & 0x0F)).reshape(*s.shape, 1)
+    dmn = (dmin * _f32(sub >> 4)).reshape(*s.shape, 1)
+    q = _bits_of_bytes(p["qs"], 2).reshape(*s.shape, 16)
+    return q.astype(jnp.int8), dsc, -dmn  # dsc*q + (-dmn) is gguf-py's dl*q - ml, bit for bit
+
+
+def _q3_k(p: dict[str, jax.Array]) -> Parts:
+    sc = p["scales"]
+    dsc = (_f32(p["d"])[..., None] * _f32(sc.reshape(*sc.shape[:-1], -1, 16))).reshape(*sc.shape, 1)
+    low = _bits_of_bytes(p["qs"], 2).reshape(*sc.shape, 16)
+    high = _bits_of_bytes(p["hmask"], 1).reshape(*sc.shape, 16)
+    return (low | (high << 2)).astype(jnp.int8) - 4, dsc, None  # gguf-py's q - 4 * (1 - high)
+
+
+def _iq4_codes(qs: jax.Array) -> jax.Array:
+    return jnp.asarray(IQ4_KVALUES, jnp.int8)[_nibbles(qs, 32)]
+
+
+def _iq4_nl(p: dict[str, jax.Array]) -> Parts:
+    return _iq4_codes(p["qs"]), _f32(p["d"])[..., None], None
+
+
+def _iq4_xs(p: dict[str, jax.Array]) -> Parts:
+    sc = p["scales"]
+    dsc = (_f32(p["d"])[..., None] * _f32(sc.reshape(*sc.shape[:-1], -1, 8))).reshape(*sc.shape, 1)
+    return _iq4_codes(p["qs"]), dsc, None
+
+
 def _bf16(p: dict[str, jax.Array]) -> jax.Array:
     # By bits, as gguf-py does: a convert could flush bfloat16 subnormals on CPU.
     bits = jax.lax.bitcast_convert_type(p["w"], jnp.uint16).astype(jnp.uint32) << 16
@@ -282,6 +364,10 @@ _PARTS: dict[QT, Callable[[dict[str, jax.Array]], Parts]] = {
     QT.Q4_K: _q4_k,
     QT.Q5_K: _q5_k,
     QT.Q6_K: _q6_k,
+    QT.Q2_K: _q2_k,
+    QT.Q3_K: _q3_k,
+    QT.IQ4_NL: _iq4_nl,
+    QT.IQ4_XS: _iq4_xs,
 }
 
 
@@ -367,8 +453,10 @@ def _int8_parts(planes: dict[str, jax.Array], qtype: QT) -> Parts:
 
 def cpu_block(qtype: QT) -> int:
     """Values a scale covers in the CPU layout (Int8Blocks.block): the format's block, or its sub-blocks' for the
-    K-quants (Q4_K and Q5_K 32, Q6_K 16), where a split may fall on the CPU (sharding._check_split)."""
-    return {QT.Q4_K: 32, QT.Q5_K: 32, QT.Q6_K: 16}.get(qtype, GGML_QUANT_SIZES[qtype][0])
+    K-quants and IQ4_XS (Q4_K, Q5_K and IQ4_XS 32; Q2_K, Q3_K and Q6_K 16), where a split may fall on the CPU
+    (sharding._check_split)."""
+    subs = {QT.Q4_K: 32, QT.Q5_K: 32, QT.IQ4_XS: 32, QT.Q2_K: 16, QT.Q3_K: 16, QT.Q6_K: 16}
+    return subs.get(qtype, GGML_QUANT_SIZES[qtype][0])
 
 
 def to_int8_blocks(q: QuantArray) -> Int8Blocks:

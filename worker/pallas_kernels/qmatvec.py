@@ -26,7 +26,7 @@ from worker.pallas_kernels.tiling import (
     pow2_floor,
     static_index,
 )
-from worker.quant import QuantArray, dequantize
+from worker.quant import IQ4_KVALUES, QuantArray, dequantize
 
 MAX_ROWS = 8  # the per-row kernel: rows of x per program (one accumulator and one x load per row, unrolled)
 MAX_BATCH = 1024  # the most rows of a decode dispatch (--max-batch) in the batch-invariant mode (worker/model.py)
@@ -240,6 +240,57 @@ def _q6_k(load: Load) -> Factors:
     return out
 
 
+def _q2_k(load: Load) -> Factors:
+    # Value 128h + 32j + 16s + r: qs byte (h, s, r) bits 2j, scales byte (h, j, s). Four parts of [BN, C, 2, 2, 16].
+    d, dmin = _lift(_f32(load("d")), 4), _lift(_f32(load("dmin")), 4)
+    qs = load("qs", ALL, ALL, ALL).astype(jnp.int32)
+    out = []
+    for j in range(4):
+        s = load("scales", ALL, j, ALL).astype(jnp.int32)  # [BN, C, 2, 2]
+        dsc, dmn = _lift(d * _f32(s & 0xF), 5), _lift(dmin * _f32(s >> 4), 5)
+        out.append((_f32((qs >> (2 * j)) & 3), dsc, -dmn, (ALL, j, ALL, ALL)))
+    return out
+
+
+def _q3_k(load: Load) -> Factors:
+    # Value 128h + 32j + 16s + r: qs byte (h, s, r) bits 2j, hmask byte (s, r) bit 4h + j, scale (h, j, s).
+    d = _lift(_f32(load("d")), 4)
+    qs = load("qs", ALL, ALL, ALL).astype(jnp.int32)
+    hmask = jax.lax.expand_dims(load("hmask", ALL, ALL).astype(jnp.int32), (2,))  # [BN, C, 1, 2, 16]
+    half = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1, 1), 2)
+    out = []
+    for j in range(4):
+        q = ((qs >> (2 * j)) & 3) | (((hmask >> (4 * half + j)) & 1) << 2)
+        sc = _lift(d * _f32(load("scales", ALL, j, ALL)), 5)
+        out.append((_f32(q - 4), sc, None, (ALL, j, ALL, ALL)))
+    return out
+
+
+# IQ4_KVALUES as four little-endian words of four int8 bytes: `_iq4_value` looks a code up by shifts and selects, as
+# Triton has no register-table lookup.
+_IQ4_WORDS = tuple(sum((v & 0xFF) << (8 * i) for i, v in enumerate(IQ4_KVALUES[w : w + 4])) for w in range(0, 16, 4))
+
+
+def _iq4_value(code: jax.Array) -> jax.Array:
+    """IQ4_KVALUES[code] for int32 codes 0..15, as float32: the code's word picked by its bits 3 and 2, its byte by
+    bits 1 and 0, then sign-extended."""
+    w = [jnp.uint32(v) for v in _IQ4_WORDS]
+    word = jnp.where((code & 8) != 0, jnp.where((code & 4) != 0, w[3], w[2]), jnp.where((code & 4) != 0, w[1], w[0]))
+    byte = ((word >> ((code & 3) * 8).astype(jnp.uint32)) & 0xFF).astype(jnp.int32)
+    return _f32(byte - ((byte & 0x80) << 1))
+
+
+def _iq4_nl(load: Load) -> Factors:
+    d = _lift(_f32(load("d")), 3)
+    return [(_iq4_value(q), d, None, (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
+
+
+def _iq4_xs(load: Load) -> Factors:
+    # Value 32b + 16p + r: qs byte (b, r) nibble p, scale b. Two parts of [BN, C, 8, 16].
+    sc = _lift(_lift(_f32(load("d")), 3) * _f32(load("scales", ALL)), 4)
+    return [(_iq4_value(q), sc, None, (ALL, p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL, ALL)))]
+
+
 FORMATS: dict[QT, Format] = {
     QT.Q8_0: Format(32, {"qs": (32,), "d": ()}, (32,), _q8_0),
     QT.Q4_0: Format(32, {"qs": (16,), "d": ()}, (2, 16), _q4_0),
@@ -257,6 +308,10 @@ FORMATS: dict[QT, Format] = {
     QT.Q6_K: Format(
         256, {"qs": (2, 2, 2, 16), "qh": (2, 2, 16), "scales": (2, 2, 2, 2), "d": ()}, (2, 2, 2, 2, 16), _q6_k
     ),
+    QT.Q2_K: Format(256, {"qs": (2, 2, 16), "scales": (2, 4, 2), "d": (), "dmin": ()}, (2, 4, 2, 16), _q2_k),
+    QT.Q3_K: Format(256, {"qs": (2, 2, 16), "hmask": (2, 16), "scales": (2, 4, 2), "d": ()}, (2, 4, 2, 16), _q3_k),
+    QT.IQ4_NL: Format(32, {"qs": (16,), "d": ()}, (2, 16), _iq4_nl),
+    QT.IQ4_XS: Format(256, {"qs": (8, 16), "scales": (8,), "d": ()}, (8, 2, 16), _iq4_xs),
 }
 KERNEL_TYPES = frozenset(FORMATS)  # the quantized formats (the MoE kernels take these)
 
