@@ -163,7 +163,8 @@ def test_on_the_cpu_a_column_split_falls_on_the_cpu_layouts_blocks(oracles, load
     ids = manifest(d)["input"]["ids"]
     m = worker.load(d / "model-q4_k_m.gguf", device="cpu", tensor_parallel=2)
     w = m.runner.weights["layers"][0]["attn_output"]
-    assert {s.data.shape for s in w.codes.addressable_shards} == {(m.cfg.d_model, m.cfg.d_model // 2)}
+    # Q4_K's codes are nibbles (two a byte): each device holds half of the row's d_model / 2 bytes
+    assert {s.data.shape for s in w.codes.addressable_shards} == {(m.cfg.d_model, m.cfg.d_model // 4)}
     one = worker.load(d / "model-q4_k_m.gguf", device="cpu").logits(ids)
     got = m.logits(ids)
     check_logits(got, np.load(d / "logits-hf-f64-q4_k_m-dequant.npy"), TOL, MARGIN)

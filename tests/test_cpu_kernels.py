@@ -8,6 +8,7 @@ form, and ARM's under qemu-user where a cross compiler is installed)."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import platform
 import shutil
@@ -96,8 +97,28 @@ def test_bad_shapes_get_the_kernels_message():
     w, _ = matrix(QT.Q8_0, 8, 64, seed=1)
     with pytest.raises(Exception, match="int8_matvec: shapes do not fit"):
         jax.ffi.ffi_call(cpu_kernels.TARGET, jax.ShapeDtypeStruct((1, 8), jnp.float32))(
-            jnp.zeros((1, 32)), w.codes, w.scale, threads=np.int32(1), tiles=np.int32(0)
+            jnp.zeros((1, 32)), w.codes, w.scale, threads=np.int32(1), tiles=np.int32(0), nibbles=np.int32(0)
         ).block_until_ready()
+    with pytest.raises(Exception, match="nibbles must be 0"):
+        jax.ffi.ffi_call(cpu_kernels.TARGET, jax.ShapeDtypeStruct((1, 8), jnp.float32))(
+            jnp.zeros((1, 64)), w.codes, w.scale, threads=np.int32(1), tiles=np.int32(0), nibbles=np.int32(3)
+        ).block_until_ready()
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q4_0, QT.Q2_K, QT.Q3_K, QT.Q4_1], ids=lambda t: t.name)
+def test_nibble_codes_give_the_int8_codes_bits(qtype: QT):
+    """Codes two a byte (unsigned with an offset, signed without; 32- and 16-value blocks) against the same matrix
+    with one int8 a code: both forms, the same bits, since each value is widened to the same float in the same order;
+    and float64's values."""
+    w, ref_w = matrix(qtype, 37, 512, seed=3)
+    assert w.nibbles is not None and w.codes.shape == (37, 256)
+    as_int8 = dataclasses.replace(w, codes=w.int8_codes(), nibbles=None)
+    x = np.random.default_rng(3).standard_normal((5, 512)).astype(np.float32)
+    ref = x.astype(np.float64) @ ref_w.T
+    for tiles in (False, True):
+        ours = np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), w, tiles=tiles))
+        assert np.array_equal(ours, np.asarray(cpu_kernels.int8_matvec(jnp.asarray(x), as_int8, tiles=tiles)))
+        assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("rows", [1, 5])

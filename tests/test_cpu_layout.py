@@ -20,7 +20,9 @@ def test_layout_values_bit_exact(qtype: QT):
     shape = (7, 512)
     raw = random_raw(qtype, shape, seed=int(qtype) * 7)
     w = to_int8_blocks(quant_array(raw, qtype, shape))
-    assert isinstance(w, Int8Blocks) and w.codes.dtype == jnp.int8 and w.scale.dtype == jnp.float32
+    assert isinstance(w, Int8Blocks) and w.scale.dtype == jnp.float32
+    nibbles = qtype in (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q2_K, QT.Q3_K)  # codes of 4 bits at most: two a byte
+    assert (w.codes.dtype, w.codes.shape) == (jnp.int8, (7, 256) if nibbles else shape)
     assert w.block == (16 if qtype in (QT.Q2_K, QT.Q3_K, QT.Q6_K) else 32) and w.shape == shape
     assert (w.offset is not None) == (qtype in (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q2_K))
     assert_bit_equal(jax.jit(dequantize)(w), reference(raw, qtype).reshape(shape))
@@ -95,3 +97,31 @@ def test_cpu_layout_converts_matrices_only():
     assert isinstance(out["m"], Int8Blocks) and out["tied"][0] is out["m"]  # one conversion for a shared matrix
     assert isinstance(out["experts"], QuantArray) and out["norm"] is vector  # ops.moe_matmul gathers expert planes
     assert all(p.is_deleted() for p in matrix.planes.values())  # the block planes are freed
+
+
+def test_the_estimate_of_the_cpu_layout_is_what_loading_holds(oracles):
+    """device.cpu_bytes (the CPU's KV pool is sized from it) against the loaded model's weights: Q4_K and Q6_K
+    matrices in the layout (nibbles, 16-value blocks), the rest as planes."""
+    import worker
+    from worker import device as devices
+
+    path = oracles / "models" / "qwen2" / "model-q4_k_m.gguf"
+    m = worker.load(path, device="cpu", cpu_devices=1)
+    assert devices.cpu_bytes(m.gguf) == pytest.approx(m.weight_bytes(), rel=0.01)
+
+
+@pytest.mark.parametrize("available_gb", [None, 64.0, 0.002])
+def test_the_cpu_kv_pool_takes_a_share_of_the_memory_the_host_can_give(oracles, monkeypatch, caplog, available_gb):
+    """The pool holds --max-batch whole contexts where the host has room (or psutil cannot tell), else kv_memory of
+    what the weights leave, but always one whole context; a pool of less than that is said in a warning."""
+    import worker
+    from worker import device as devices
+
+    available = None if available_gb is None else int(available_gb * 1e9)
+    monkeypatch.setattr(devices, "host_memory_available", lambda: available)
+    path = oracles / "models" / "qwen2" / "model-q4_k_m.gguf"
+    m = worker.load(path, device="cpu", cpu_devices=1, slots=256, max_batch=4)
+    positions = m.runner.pages * m.runner.page_size
+    tight = available_gb == 0.002  # 2 MB: less than the weights and one context's cache
+    assert (256 <= positions < 2 * 256) if tight else positions >= 4 * 256
+    assert ("host memory is tight" in caplog.text) == tight

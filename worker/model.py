@@ -4,6 +4,7 @@ The Python API (`worker.load`) and the engine build on this."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,8 @@ from worker.quant import QuantArray, cpu_layout, quant_kind, widened
 from worker.runner import WHEN_IDLE, Compile, Runner
 from worker.sampling import SamplingParams, SamplingPlan, TokenLogprobs
 from worker.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CPU_SLOTS = 4096
 DEFAULT_MAX_BATCH = {"cpu": 4, "gpu": 64}  # sequences decoded together (--max-batch)
@@ -557,7 +560,14 @@ def load_model(
         # `kv_memory` of what is left, up to max_batch such sequences.
         check_fits(slots)
         need = on_each(devices.estimate(gf, cfg, 0, kind))
-        pool = min(devices.kv_pool_tokens(need, per_token, max_batch * slots, d, kv_memory) for d in targets)
+        share = len(targets) if cpu else 1  # host devices share the host's memory
+        pool = min(devices.kv_pool_tokens(need, per_token, max_batch * slots, d, kv_memory, share) for d in targets)
+        if cpu and pool < slots:
+            log.warning(
+                "host memory is tight: %s holds %.1f GB of weights and %.1f GB of KV cache for one %d-token "
+                "context, and the OS has %.1f GB to give; the host may swap (a smaller context: --kv-cache-size-mb "
+                "or --max-tokens-in; or a smaller model)", gf.path.name, need.weights * share / 1e9,
+                slots * per_token * share / 1e9, slots, (devices.host_memory_available() or 0) / 1e9)  # fmt: skip
         kv_tokens = max(slots, pool)
     else:
         check_fits(kv_tokens)

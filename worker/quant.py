@@ -376,20 +376,61 @@ def _combine(codes: jax.Array, scale: jax.Array, offset: jax.Array | None) -> ja
     return w if offset is None else w + offset
 
 
+# The CPU layout's codes two to a byte where a format's fit in 4 bits: "u4" 0..15, "s4" -8..7 (two's complement).
+# Byte 16g + i of a row holds value 32g + i in its low nibble and value 32g + 16 + i in its high one, so any kLanes
+# (<= 16) consecutive values are one nibble of consecutive bytes (worker/cpu_kernels/int8_matvec.cc).
+NIBBLE_CODES: dict[QT, str] = {QT.Q4_0: "s4", QT.Q3_K: "s4", QT.Q4_1: "u4", QT.Q4_K: "u4", QT.Q2_K: "u4"}
+NIBBLE_GROUP = 32  # values a nibble group spans: a split of a row must fall on its boundaries
+
+
+def pack_nibbles(codes: jax.Array) -> jax.Array:
+    """int8 codes [..., K] of at most 4 bits -> [..., K/2] bytes of two (NIBBLE_CODES' order; either sign), typed
+    int8 as the CPU kernel takes its codes: a bitcast at every call made XLA copy the whole matrix."""
+    g = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], -1, 2, NIBBLE_GROUP // 2) & 0x0F
+    packed = (g[..., 0, :] | (g[..., 1, :] << 4)).reshape(*codes.shape[:-1], -1)
+    return jax.lax.bitcast_convert_type(packed, jnp.int8)
+
+
+def unpack_nibbles(packed: jax.Array, nibbles: str) -> jax.Array:
+    """[..., K/2] bytes of two codes (NIBBLE_CODES' order) -> int8 codes [..., K]: each nibble shifted to the top of
+    an int8 and back (arithmetically: "s4"'s sign). A reference (dequantize); the tile walk takes `nibble_halves`."""
+    g = jax.lax.bitcast_convert_type(packed, jnp.uint8).reshape(*packed.shape[:-1], -1, 1, NIBBLE_GROUP // 2)
+    top = (g << jnp.asarray([[4], [0]], jnp.uint8)).astype(jnp.int8)  # [..., K/32, 2, 16]: low, high nibble on top
+    v = top >> 4 if nibbles == "s4" else (top.astype(jnp.uint8) >> 4).astype(jnp.int8)
+    return v.reshape(*packed.shape[:-1], -1)
+
+
+def nibble_halves(w: Int8Blocks) -> list[jax.Array]:
+    """The values of a matrix of nibble codes as two float32 [N, K/2]: every nibble group's first 16 values (the
+    low nibbles), then its last 16 (the high ones), each scale * code + offset as `dequantize` forms them."""
+    n = w.codes.shape[0]
+    g = jax.lax.bitcast_convert_type(w.codes, jnp.uint8).reshape(n, -1, NIBBLE_GROUP // 2)
+    tops = ((g << 4).astype(jnp.int8), g.astype(jnp.int8))  # each half's nibble at the top of a byte
+    per = NIBBLE_GROUP // w.block  # scales a group: 1 (blocks of 32) or 2 (of 16), one for each half
+    out = []
+    for h, top in enumerate(tops):
+        codes = top >> 4 if w.nibbles == "s4" else (top.astype(jnp.uint8) >> 4).astype(jnp.int8)
+        scale, offset = (None if a is None else a.reshape(n, -1, per)[..., h % per, None] for a in (w.scale, w.offset))
+        out.append(_combine(codes, scale, offset).reshape(n, -1))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Int8Blocks:
-    """The CPU layout of a block-format matrix [N, K]: one int8 code per value and, per block of `block` values,
-    a float32 scale and (formats with a minimum) a float32 offset; w = scale * code + offset, the very products
-    `dequantize` forms, so the values are the same bit for bit.
+    """The CPU layout of a block-format matrix [N, K]: a small integer code per value and, per block of `block`
+    values, a float32 scale and (formats with a minimum) a float32 offset; w = scale * code + offset, the very
+    products `dequantize` forms, so the values are the same bit for bit. The codes are int8 [N, K], or two to a byte
+    ([N, K/2], typed int8; `nibbles` "u4" or "s4": NIBBLE_CODES) for the formats whose codes fit in 4 bits.
 
     Why not the block planes on the CPU: XLA's CPU backend does not fuse a dequantization into a dot, so a
     matmul over planes writes the whole float32 matrix to a fresh buffer each call (the tied 262,144 x 640 output
     matrix of Gemma 3: 671 MB a decode step, mostly page faults). ops.qmatmul instead walks row tiles of this
-    layout, widening each tile next to its dot; int8 codes make that a plain convert-and-scale, where the planes
-    would need nibble and high-bit unpacking per tile. Memory: about 1.13 bytes a weight (1.25 with an offset)
-    against 0.56-1.06 for the block formats: +50 MB for Gemma 3 270M Q4_K_M (a 21% larger model in memory)."""
+    layout, widening each tile next to its dot; plain codes make that a convert-and-scale (a nibble's shift and
+    mask before it), where the planes would need high-bit and sub-scale unpacking per tile. Memory: about 1.13
+    bytes a weight (1.25 with an offset) for int8 codes, 0.63 (0.75) for nibbles, against 0.33-1.06 for the block
+    formats: Q4_K 0.75 against the file's 0.56."""
 
-    codes: jax.Array  # int8 [N, K]
+    codes: jax.Array  # int8 [N, K], or int8 [N, K / 2] of two nibbles each (`nibbles`)
     scale: jax.Array  # float32 [N, K / block]
     offset: jax.Array | None  # float32 [N, K / block], or None
     qtype: QT
@@ -399,26 +440,33 @@ class Int8Blocks:
     # runs its tile walk on each device's shard inside shard_map. A tile loop over the global matrix would make XLA
     # gather the whole matrix (rows) or all-reduce every tile's partial sums (columns).
     sharding: jax.sharding.NamedSharding | None = None
+    nibbles: str | None = None  # None: int8 codes; "u4" / "s4": two a byte (NIBBLE_CODES)
 
     @property
     def nbytes(self) -> int:
         return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(self))
 
+    def int8_codes(self) -> jax.Array:
+        """The codes as int8 [..., K] (unpacked where they are nibbles)."""
+        return self.codes if self.nibbles is None else unpack_nibbles(self.codes, self.nibbles)
+
     def rows(self, start: jax.Array | int, n: int) -> Int8Blocks:
         """Rows start .. start + n (a dynamic start: XLA reads them in place inside a fused consumer)."""
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, n, axis=0)  # noqa: E731
-        offset = None if self.offset is None else take(self.offset)
-        return Int8Blocks(take(self.codes), take(self.scale), offset, self.qtype, self.block, (n, self.shape[1]))
+        return self._with_rows(take, n)
 
     def take(self, ids: jax.Array) -> Int8Blocks:
         """Rows `ids` (an embedding lookup)."""
-        pick = lambda a: jnp.take(a, ids, axis=0)  # noqa: E731
+        return self._with_rows(lambda a: jnp.take(a, ids, axis=0), ids.size)
+
+    def _with_rows(self, pick: Callable[[jax.Array], jax.Array], n: int) -> Int8Blocks:
         offset = None if self.offset is None else pick(self.offset)
-        return Int8Blocks(pick(self.codes), pick(self.scale), offset, self.qtype, self.block, (ids.size, self.shape[1]))
+        return Int8Blocks(pick(self.codes), pick(self.scale), offset, self.qtype, self.block, (n, self.shape[1]),
+                          nibbles=self.nibbles)  # fmt: skip
 
 
 jax.tree_util.register_dataclass(
-    Int8Blocks, data_fields=["codes", "scale", "offset"], meta_fields=["qtype", "block", "shape", "sharding"]
+    Int8Blocks, data_fields=["codes", "scale", "offset"], meta_fields=["qtype", "block", "shape", "sharding", "nibbles"]
 )
 
 
@@ -435,7 +483,7 @@ def dequantize(q: QuantArray | Int8Blocks, dtype: DTypeLike = jnp.float32) -> ja
     if isinstance(q, Int8Blocks):
         lead = q.codes.shape[:-1]
         offset = None if q.offset is None else q.offset[..., None]
-        w = _combine(q.codes.reshape(*lead, -1, q.block), q.scale[..., None], offset)
+        w = _combine(q.int8_codes().reshape(*lead, -1, q.block), q.scale[..., None], offset)
         return w.reshape(*lead, -1).astype(dtype)
     if q.qtype in PLAIN_TYPES and q.planes["w"].dtype == jnp.dtype(dtype):
         return q.planes["w"]
@@ -448,21 +496,45 @@ def dequantize(q: QuantArray | Int8Blocks, dtype: DTypeLike = jnp.float32) -> ja
 def _int8_parts(planes: dict[str, jax.Array], qtype: QT) -> Parts:
     codes, scale, offset = _PARTS[qtype](planes)
     n = codes.shape[0]
-    return codes.reshape(n, -1), scale.reshape(n, -1), None if offset is None else offset.reshape(n, -1)
+    codes = codes.reshape(n, -1)
+    codes = pack_nibbles(codes) if qtype in NIBBLE_CODES else codes
+    return codes, scale.reshape(n, -1), None if offset is None else offset.reshape(n, -1)
 
 
 def cpu_block(qtype: QT) -> int:
     """Values a scale covers in the CPU layout (Int8Blocks.block): the format's block, or its sub-blocks' for the
-    K-quants and IQ4_XS (Q4_K, Q5_K and IQ4_XS 32; Q2_K, Q3_K and Q6_K 16), where a split may fall on the CPU
-    (sharding._check_split)."""
+    K-quants and IQ4_XS (Q4_K, Q5_K and IQ4_XS 32; Q2_K, Q3_K and Q6_K 16)."""
     subs = {QT.Q4_K: 32, QT.Q5_K: 32, QT.IQ4_XS: 32, QT.Q2_K: 16, QT.Q3_K: 16, QT.Q6_K: 16}
     return subs.get(qtype, GGML_QUANT_SIZES[qtype][0])
+
+
+# The formats whose CPU layout keeps an offset per block (a minimum: Q4_1/Q5_1's m, the K-quants' dmin * mn).
+OFFSET_TYPES = frozenset({QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q2_K})
+
+
+def cpu_layout_nbytes(qtype: QT, shape: tuple[int, ...]) -> int | None:
+    """Bytes of a matrix [N, K] of `qtype` in the CPU layout (codes, float32 scales and offsets), or None where the
+    CPU keeps the planes (vectors, unquantized matrices, stacked experts)."""
+    if len(shape) != 2 or qtype in PLAIN_TYPES or qtype not in _PARTS:
+        return None
+    values = math.prod(shape)
+    scales = values // cpu_block(qtype) * 4 * (2 if qtype in OFFSET_TYPES else 1)
+    return (values // 2 if qtype in NIBBLE_CODES else values) + scales
+
+
+def cpu_split(qtype: QT) -> int:
+    """The values a split of a CPU-layout row must fall on (sharding._check_split): its blocks, and the nibble
+    groups of the formats whose codes are nibbles (Q2_K and Q3_K: 32, not their blocks of 16)."""
+    return max(cpu_block(qtype), NIBBLE_GROUP if qtype in NIBBLE_CODES else 1)
 
 
 def to_int8_blocks(q: QuantArray) -> Int8Blocks:
     """A block-format matrix [N, K] in the CPU layout (on the planes' device)."""
     codes, scale, offset = _int8_parts(q.planes, q.qtype)
-    return Int8Blocks(codes, scale, offset, q.qtype, q.shape[-1] // scale.shape[-1], q.shape, q.sharding)
+    if q.sharding is not None:  # the planes' split, which XLA's propagation through the nibbles' reshapes may lose
+        codes, scale, offset = (None if a is None else jax.device_put(a, q.sharding) for a in (codes, scale, offset))
+    block = q.shape[-1] // scale.shape[-1]
+    return Int8Blocks(codes, scale, offset, q.qtype, block, q.shape, q.sharding, NIBBLE_CODES.get(q.qtype))
 
 
 def cpu_layout(weights: Any, settle: Callable[[Int8Blocks], Int8Blocks] = lambda m: m) -> Any:

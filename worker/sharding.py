@@ -40,10 +40,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from worker.device import PLANE_OVERHEAD, MemoryEstimate
+from worker.device import MemoryEstimate
 from worker.errors import ErrorCode, WorkerError
 from worker.gguf import GGUFFile, TensorInfo
-from worker.quant import PLAIN_TYPES, Int8Blocks, QuantArray, cpu_block, pack, to_int8_blocks
+from worker.quant import PLAIN_TYPES, Int8Blocks, QuantArray, cpu_split, pack, to_int8_blocks
 
 MODEL, KV_REPEAT, HEAD = "model", "kv_repeat", "head"
 
@@ -218,10 +218,11 @@ def _check_split(part: _Part, logical: tuple[str | None, ...], mesh: Mesh, cpu: 
 
 
 def _cpu_block(part: _Part) -> int:
-    """The block a CPU-layout matrix may be split at (a 2-D block-format matrix: its CPU layout's; else the file's)."""
+    """The block a CPU-layout matrix may be split at (a 2-D block-format matrix: its CPU layout's blocks and nibble
+    groups, quant.cpu_split; else the file's)."""
     qtype = part.t.qtype
     converted = len(part.shape) == 2 and qtype not in PLAIN_TYPES
-    return cpu_block(qtype) if converted else GGML_QUANT_SIZES[qtype][0]
+    return cpu_split(qtype) if converted else GGML_QUANT_SIZES[qtype][0]
 
 
 def _placed_whole(part: _Part, sharding: NamedSharding) -> Int8Blocks:
@@ -347,9 +348,10 @@ def kv_split(mesh: Mesh) -> int:
 
 
 def per_device(need: MemoryEstimate, gf: GGUFFile, table: dict[str, tuple[tuple, bool]], mesh: Mesh) -> MemoryEstimate:
-    """What one device of the mesh holds: its shards of the weights and of the KV cache, and (kept whole, to stay
-    on the safe side) the working memory of one device's chunk."""
-    weights = math.ceil(weight_bytes_per_device(gf, table, mesh) * PLANE_OVERHEAD)
+    """What one device of the mesh holds: its shards of the weights (at `need`'s bytes a file byte: the planes', or
+    the CPU layout's) and of the KV cache, and (kept whole, to stay on the safe side) the working memory of one
+    device's chunk."""
+    weights = math.ceil(weight_bytes_per_device(gf, table, mesh) * need.weights / max(1, gf.tensor_bytes))
     return MemoryEstimate(weights, math.ceil(need.kv_cache / kv_split(mesh)), need.working)
 
 

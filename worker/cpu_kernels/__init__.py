@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("int8_matvec.cc")
 TARGET = "worker_int8_matvec"  # XLA's name of the kernel; of its form with an offset: TARGET + "_offset"
 ALL_THREADS = 1 << 16  # int8_matvec's `threads`: every thread of XLA's intra-op pool (the kernel takes its size)
-BLOCKS = (16, 32)  # the CPU layout's blocks the kernel takes (quant.cpu_block: Q6_K's 16, the others' 32)
+BLOCKS = (16, 32)  # the CPU layout's blocks the kernel takes (quant.cpu_block: Q2_K's, Q3_K's, Q6_K's 16, else 32)
+NIBBLE_KINDS = {None: 0, "u4": 1, "s4": 2}  # Int8Blocks.nibbles -> int8_matvec.cc's CodeKind
 _setting = os.environ.get("WORKER_CPU_KERNEL", "")  # "0": off; "1": also a form not yet timed (ARM's NEON)
 _registered: dict[str, ctypes.CDLL] = {}  # target -> its library, whose code must outlive every call
 _lock = threading.Lock()  # the warm-up traces programs side by side (Model.warm_up): one build, one registration
@@ -140,7 +141,7 @@ def int8_matvec(x2: jax.Array, w: Int8Blocks, target: str = TARGET, threads: int
     the many-rows form (a prefill's), w's rows widened a tile at a time and dotted with every row of x; its bits are
     another order's than the matvec form's, still each row's own whatever the rows beside it."""
     out = jax.ShapeDtypeStruct((x2.shape[0], w.codes.shape[0]), jnp.float32)
-    attrs = dict(threads=np.int32(threads), tiles=np.int32(tiles))
+    attrs = dict(threads=np.int32(threads), tiles=np.int32(tiles), nibbles=np.int32(NIBBLE_KINDS[w.nibbles]))
     if w.offset is None:
         return jax.ffi.ffi_call(target, out)(x2, w.codes, w.scale, **attrs)
     return jax.ffi.ffi_call(target + "_offset", out)(x2, w.codes, w.scale, w.offset, **attrs)
