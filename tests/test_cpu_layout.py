@@ -113,7 +113,8 @@ def test_the_estimate_of_the_cpu_layout_is_what_loading_holds(oracles):
 @pytest.mark.parametrize("available_gb", [None, 64.0, 0.002])
 def test_the_cpu_kv_pool_takes_a_share_of_the_memory_the_host_can_give(oracles, monkeypatch, caplog, available_gb):
     """The pool holds --max-batch whole contexts where the host has room (or psutil cannot tell), else kv_memory of
-    what the weights leave, but always one whole context; a pool of less than that is said in a warning."""
+    what the weights leave, but always one whole context; where the weights and that context do not fit, a warning
+    says so."""
     import worker
     from worker import device as devices
 

@@ -562,12 +562,14 @@ def load_model(
         need = on_each(devices.estimate(gf, cfg, 0, kind))
         share = len(targets) if cpu else 1  # host devices share the host's memory
         pool = min(devices.kv_pool_tokens(need, per_token, max_batch * slots, d, kv_memory, share) for d in targets)
-        if cpu and pool < slots:
+        available = devices.host_memory_available() if cpu else None
+        one_context = share * (need.weights + need.working + slots * per_token)
+        if available is not None and one_context > available:
             log.warning(
                 "host memory is tight: %s holds %.1f GB of weights and %.1f GB of KV cache for one %d-token "
                 "context, and the OS has %.1f GB to give; the host may swap (a smaller context: --kv-cache-size-mb "
                 "or --max-tokens-in; or a smaller model)", gf.path.name, need.weights * share / 1e9,
-                slots * per_token * share / 1e9, slots, (devices.host_memory_available() or 0) / 1e9)  # fmt: skip
+                slots * per_token * share / 1e9, slots, available / 1e9)  # fmt: skip
         kv_tokens = max(slots, pool)
     else:
         check_fits(kv_tokens)
