@@ -129,7 +129,7 @@ def main() -> None:
     import transformers
 
     sys.path.insert(0, str(HERE.parents[1]))  # tests/: the oracle helpers
-    from model_oracles import copy_metadata, write_manifest
+    from model_oracles import copy_metadata, write_manifest, write_tensors
 
     from worker.gguf import open_gguf
 
@@ -154,18 +154,14 @@ def main() -> None:
     }
     writer = gguf.GGUFWriter(str(out / "model-q4_k_m-mixed.gguf"), "gpt-oss")
     copy_metadata(writer, src, overrides)
-    values, types = {}, {}
-    for name in src.tensors:
-        shape = shape_of(name, cfg)
-        qtype = q4_k_m_type(name, shape[-1])
-        data = random_tensor(name, shape, qtype, rng)
-        writer.add_tensor(name, data, raw_dtype=qtype)  # quantized: data is [..., bytes per row]
-        values[name] = gguf.quants.dequantize(data, qtype).reshape(shape).astype(np.float64)
-        types[name] = {"type": qtype.name, "shape": list(shape)}
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+
+    def tensors():
+        for name in src.tensors:
+            shape = shape_of(name, cfg)
+            qtype = q4_k_m_type(name, shape[-1])
+            yield name, shape, qtype, random_tensor(name, shape, qtype, rng)
+
+    values, types = write_tensors(writer, tensors())
 
     config = transformers.GptOssConfig(
         **{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")}

@@ -81,7 +81,7 @@ def main() -> None:
     import transformers
 
     sys.path.insert(0, str(HERE.parents[1]))  # tests/: the oracle helpers
-    from model_oracles import copy_metadata, write_manifest
+    from model_oracles import copy_metadata, write_manifest, write_tensors
 
     from worker.gguf import open_gguf
 
@@ -95,22 +95,19 @@ def main() -> None:
 
     writer = gguf.GGUFWriter(str(HERE / "model-q3_k_m-mixed.gguf"), "qwen2")
     copy_metadata(writer, src, {"general.file_type": FILE_TYPE})
-    values, types = {}, {}
-    for name, t in src.tensors.items():
-        shape = tuple(int(d) for d in t.shape)
-        qtype = TYPES.get(name, QT.F32)
-        if qtype == QT.F32:  # norms (1 + N(0, 0.1)) and biases (N(0, 0.05)), as the oracle's init
-            base = 1.0 if "norm" in name else 0.0
-            data = (base + rng.standard_normal(shape) * init_std_or_norm(src_manifest, name)).astype(np.float32)
-        else:
-            data = random_blocks(shape, qtype, init_std(src_manifest, name), rng)
-        writer.add_tensor(name, data, raw_dtype=qtype)  # quantized: data is [..., bytes per row]
-        values[name] = gguf.quants.dequantize(data, qtype).reshape(shape).astype(np.float64)
-        types[name] = {"type": qtype.name, "shape": list(shape)}
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+
+    def tensors():
+        for name, t in src.tensors.items():
+            shape = tuple(int(d) for d in t.shape)
+            qtype = TYPES.get(name, QT.F32)
+            if qtype == QT.F32:  # norms (1 + N(0, 0.1)) and biases (N(0, 0.05)), as the oracle's init
+                base = 1.0 if "norm" in name else 0.0
+                data = (base + rng.standard_normal(shape) * init_std_or_norm(src_manifest, name)).astype(np.float32)
+            else:
+                data = random_blocks(shape, qtype, init_std(src_manifest, name), rng)
+            yield name, shape, qtype, data
+
+    values, types = write_tensors(writer, tensors())
 
     cfg = {k: v for k, v in src_manifest["hf_config"].items() if k not in ("architectures", "transformers_version")}
     config = transformers.Qwen2Config(**cfg)
