@@ -60,7 +60,7 @@ class ModelSpec:
     metadata: dict[str, Any]  # every key after general.architecture, in file order
     tensors: tuple[TensorSpec, ...]
     vocab: Callable[[Path | None], dict[str, Any]]  # values for the VOCAB placeholders
-    real_file_bytes: int  # size of the file this imitates (sources where SPECS is built)
+    real_file_bytes: int | None  # size of the file this imitates (sources where SPECS is built); None: no real file
 
     @property
     def n_params(self) -> int:
@@ -80,12 +80,13 @@ def _use_more_bits(layer: int, n_layer: int) -> bool:
 
 
 # K-quants need rows that are a multiple of 256; llama.cpp then falls back to a 32-block type of similar size.
-_FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+_FALLBACK = {QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 
 
 def llama_quant_type(name: str, ne: tuple[int, ...], n_layer: int, tied: bool, rules: str) -> QT:
     """The type llama-quantize gives an F32 tensor. `rules`: "q4_k_m" (llama.cpp 0c1e570), "q4_k_m-2024"
-    (April 2024: fused attn_qkv got Q5_K instead of the attn_v rule), or "mxfp4_moe"."""
+    (April 2024: fused attn_qkv got Q5_K instead of the attn_v rule), "mxfp4_moe", or "q3_k_m" (0c1e570's rules
+    for a dense model that is not Falcon, read from its llama-quant.cpp: no oracle file holds them)."""
     quantized = (
         len(ne) >= 2
         and name.endswith("weight")
@@ -103,6 +104,8 @@ def llama_quant_type(name: str, ne: tuple[int, ...], n_layer: int, tied: bool, r
         qtype = QT.Q6_K
     elif rules == "mxfp4_moe":
         qtype = QT.MXFP4 if len(ne) == 3 else QT.Q8_0
+    elif rules == "q3_k_m":
+        qtype = _q3_k_m_type(name, layer, n_layer)
     elif "attn_qkv.weight" in name and rules == "q4_k_m-2024":
         qtype = QT.Q5_K
     elif "attn_v.weight" in name or "attn_qkv.weight" in name or "ffn_down" in name:
@@ -114,6 +117,19 @@ def llama_quant_type(name: str, ne: tuple[int, ...], n_layer: int, tied: bool, r
         if ne[0] % GGML_QUANT_SIZES[qtype][0]:
             qtype = QT.F16
     return qtype
+
+
+def _q3_k_m_type(name: str, layer: int, n_layer: int) -> QT:
+    """Q3_K_M's type for a dense model's weight other than the output: the first two attn_v and the first 1/16 of
+    ffn_down Q5_K, the rest of them, a fused attn_qkv and attn_output Q4_K, everything else (q, k, gate, up, the
+    token embedding) Q3_K."""
+    if "attn_v.weight" in name:
+        return QT.Q5_K if layer < 2 else QT.Q4_K
+    if "ffn_down" in name:
+        return QT.Q5_K if layer < n_layer // 16 else QT.Q4_K
+    if "attn_qkv.weight" in name or "attn_output.weight" in name:
+        return QT.Q4_K
+    return QT.Q3_K
 
 
 # ---- shapes from hyperparameters
@@ -379,6 +395,10 @@ def _build_specs() -> dict[str, ModelSpec]:
             ModelSpec("phi3-mini", "phi3", phi3, _tensors(p, "q4_k_m-2024"), _phi3_vocab, 2_393_231_072),
             ModelSpec("gpt-oss-20b", "gpt-oss", gpt_oss, _tensors(g, "mxfp4_moe"), _gpt_oss_vocab, 12_109_566_560),
             ModelSpec("gemma3-270m", "gemma3", gemma, _tensors(m, "q4_k_m"), _gemma_vocab, 253_113_024),
+            # phi3-mini as llama.cpp's Q3_K_M would write it (the low-bit formats' speed on the card; no real file)
+            ModelSpec(
+                "phi3-mini-q3_k_m", "phi3", phi3 | {"general.file_type": 12}, _tensors(p, "q3_k_m"), _phi3_vocab, None
+            ),  # fmt: skip
         )
     }
 
@@ -394,6 +414,8 @@ _F16_MIN_NORMAL = 2.0**-14  # smaller scales would be subnormal, which some kern
 _SCALES = {
     QT.Q8_0: (0, 73.9, None, 0.0),  # int8 codes
     QT.Q5_0: (0, 9.23, None, 0.0),  # codes 0..31 minus 16
+    QT.Q4_0: (0, 4.61, None, 0.0),  # codes 0..15 minus 8
+    QT.Q3_K: (108, 43.3, None, 0.0),  # 6-bit sub-scales minus 32 x 3-bit codes minus 4
     QT.Q4_K: (0, 258.0, 2, 7.5),  # 6-bit sub-scales and mins x 4-bit codes
     QT.Q5_K: (0, 527.0, 2, 15.5),  # 6-bit sub-scales and mins x 5-bit codes
     QT.Q6_K: (208, 170.8, None, 0.0),  # int8 sub-scales drawn from [-16, 16) x (6-bit codes minus 32)

@@ -55,6 +55,22 @@ def test_quant_rules_fall_back_for_rows_not_a_multiple_of_256() -> None:
     assert llama_quant_type("blk.0.x.weight", (48, 64), 18, True, "q4_k_m") == QT.F16
 
 
+def test_q3_k_m_rules_as_llama_cpp_reads() -> None:
+    """Q3_K_M's choices as read from llama.cpp 0c1e570's llama-quant.cpp (no oracle file holds a Q3_K_M model): a
+    dense 32-layer model's first two attn_v and first two ffn_down Q5_K, the other attn_v, ffn_down, a fused
+    attn_qkv and attn_output Q4_K, the rest Q3_K, the output Q6_K; rows not a multiple of 256 fall back."""
+    rule = lambda n, ne=(3072, 3072): llama_quant_type(n, ne, 32, False, "q3_k_m")  # noqa: E731
+    assert [rule(f"blk.{i}.attn_v.weight") for i in (0, 1, 2)] == [QT.Q5_K, QT.Q5_K, QT.Q4_K]
+    assert [rule(f"blk.{i}.ffn_down.weight") for i in (1, 2)] == [QT.Q5_K, QT.Q4_K]
+    assert rule("blk.5.attn_qkv.weight") == rule("blk.5.attn_output.weight") == QT.Q4_K
+    assert rule("blk.5.attn_q.weight") == rule("blk.5.ffn_up.weight") == rule("token_embd.weight") == QT.Q3_K
+    assert rule("output.weight") == QT.Q6_K
+    assert rule("blk.5.ffn_gate.weight", (896, 4864)) == QT.Q4_0  # Q3_K's fallback
+    spec = SPECS["phi3-mini-q3_k_m"]
+    assert spec.metadata["general.file_type"] == 12 and spec.real_file_bytes is None
+    assert {t.qtype for t in spec.tensors} == {QT.F32, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K}
+
+
 # ---- the specs against the real files' load logs (quoted where SPECS is built)
 
 
@@ -213,7 +229,9 @@ def test_read_kv_agrees_with_gguf_reader(tmp_path: Path) -> None:
 # ---- random data
 
 
-@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.Q8_0, QT.Q5_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.MXFP4])
+@pytest.mark.parametrize(
+    "qtype", [QT.F32, QT.F16, QT.Q8_0, QT.Q5_0, QT.Q4_0, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.MXFP4]
+)
 def test_random_blocks_are_sane(qtype: QT) -> None:
     t = TensorSpec("blk.0.ffn_up.weight", (4096, 64), qtype)
     raw = random_tensor(t, seed=1, index=2)
@@ -221,8 +239,8 @@ def test_random_blocks_are_sane(qtype: QT) -> None:
     x = raw.astype(np.float32) if qtype in (QT.F32, QT.F16) else quants.dequantize(raw, qtype)
     assert np.isfinite(x).all()
     assert 0.015 < x.std() < 0.04 and abs(x.mean()) < 0.003
-    if qtype in (QT.Q8_0, QT.Q5_0, QT.Q4_K, QT.Q5_K, QT.Q6_K):  # the f16 block scale d
-        at = 208 if qtype == QT.Q6_K else 0
+    if qtype in (QT.Q8_0, QT.Q5_0, QT.Q4_0, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K):  # the f16 block scale d
+        at = {QT.Q6_K: 208, QT.Q3_K: 108}.get(qtype, 0)
         d = raw[:, at : at + 2].copy().view(np.float16).astype(np.float32)
         assert np.isfinite(d).all() and (d >= 2.0**-14).all() and (d < 1e-2).all()
     assert np.array_equal(raw, random_tensor(t, seed=1, index=2))
