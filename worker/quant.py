@@ -391,25 +391,28 @@ def pack_nibbles(codes: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(packed, jnp.int8)
 
 
+def _nibble_codes(packed: jax.Array, nibbles: str) -> tuple[jax.Array, jax.Array]:
+    """[..., K/2] bytes of two codes (NIBBLE_CODES' order) -> each nibble group's low and high codes, int8 [...,
+    K/32, 16] each; "s4"'s shifted to the top of an int8 and back, arithmetically (their sign)."""
+    g = jax.lax.bitcast_convert_type(packed, jnp.uint8).reshape(*packed.shape[:-1], -1, NIBBLE_GROUP // 2)
+    if nibbles == "s4":
+        return (g << 4).astype(jnp.int8) >> 4, g.astype(jnp.int8) >> 4
+    return (g & 0x0F).astype(jnp.int8), (g >> 4).astype(jnp.int8)
+
+
 def unpack_nibbles(packed: jax.Array, nibbles: str) -> jax.Array:
-    """[..., K/2] bytes of two codes (NIBBLE_CODES' order) -> int8 codes [..., K]: each nibble shifted to the top of
-    an int8 and back (arithmetically: "s4"'s sign). A reference (dequantize); the tile walk takes `nibble_halves`."""
-    g = jax.lax.bitcast_convert_type(packed, jnp.uint8).reshape(*packed.shape[:-1], -1, 1, NIBBLE_GROUP // 2)
-    top = (g << jnp.asarray([[4], [0]], jnp.uint8)).astype(jnp.int8)  # [..., K/32, 2, 16]: low, high nibble on top
-    v = top >> 4 if nibbles == "s4" else (top.astype(jnp.uint8) >> 4).astype(jnp.int8)
-    return v.reshape(*packed.shape[:-1], -1)
+    """[..., K/2] bytes of two codes (NIBBLE_CODES' order) -> int8 codes [..., K]. A reference (dequantize, the
+    embedding's rows); the tile walk takes `nibble_halves`."""
+    return jnp.stack(_nibble_codes(packed, nibbles), axis=-2).reshape(*packed.shape[:-1], -1)
 
 
 def nibble_halves(w: Int8Blocks) -> list[jax.Array]:
     """The values of a matrix of nibble codes as two float32 [N, K/2]: every nibble group's first 16 values (the
     low nibbles), then its last 16 (the high ones), each scale * code + offset as `dequantize` forms them."""
     n = w.codes.shape[0]
-    g = jax.lax.bitcast_convert_type(w.codes, jnp.uint8).reshape(n, -1, NIBBLE_GROUP // 2)
-    tops = ((g << 4).astype(jnp.int8), g.astype(jnp.int8))  # each half's nibble at the top of a byte
     per = NIBBLE_GROUP // w.block  # scales a group: 1 (blocks of 32) or 2 (of 16), one for each half
     out = []
-    for h, top in enumerate(tops):
-        codes = top >> 4 if w.nibbles == "s4" else (top.astype(jnp.uint8) >> 4).astype(jnp.int8)
+    for h, codes in enumerate(_nibble_codes(w.codes, w.nibbles)):
         scale, offset = (None if a is None else a.reshape(n, -1, per)[..., h % per, None] for a in (w.scale, w.offset))
         out.append(_combine(codes, scale, offset).reshape(n, -1))
     return out
@@ -515,7 +518,7 @@ OFFSET_TYPES = frozenset({QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q2_K})
 def cpu_layout_nbytes(qtype: QT, shape: tuple[int, ...]) -> int | None:
     """Bytes of a matrix [N, K] of `qtype` in the CPU layout (codes, float32 scales and offsets), or None where the
     CPU keeps the planes (vectors, unquantized matrices, stacked experts)."""
-    if len(shape) != 2 or qtype in PLAIN_TYPES or qtype not in _PARTS:
+    if len(shape) != 2 or qtype not in _PARTS:  # _PARTS: the block formats
         return None
     values = math.prod(shape)
     scales = values // cpu_block(qtype) * 4 * (2 if qtype in OFFSET_TYPES else 1)
