@@ -99,17 +99,17 @@ def cpu_bytes(gf: GGUFFile) -> int:
 
 
 def kv_pool_tokens(need: MemoryEstimate, per_token: int, want: int, device: jax.Device, fraction: float,
-                   devices: int = 1) -> int:  # fmt: skip
+                   host: int | None = None, devices: int = 1) -> int:  # fmt: skip
     """Positions of the KV pool: `fraction` of the device memory left after the weights and the working
-    transient (`need`'s KV part is ignored), at most `want`. On the CPU the memory is the host's that the OS can
-    give (`host_memory_available`) and the `devices` host devices of a mesh share it, each with `need` and a pool
-    of `per_token` a position: a pool sized for the whole context of every --max-batch sequence took 12.9 GB for
-    phi3-mini (float32, 4 x 4,096 positions), more than a 16 GB laptop has beside the weights."""
+    transient (`need`'s KV part is ignored), at most `want`. On the CPU the memory is `host` bytes (what the OS can
+    give: `host_memory_available`; None: `want`), which the `devices` host devices of a mesh share, each with
+    `need` and a pool of `per_token` a position: a pool sized for the whole context of every --max-batch sequence
+    took 12.9 GB for phi3-mini (float32, 4 x 4,096 positions), more than a 16 GB laptop has beside the weights."""
     stats = memory_stats(device)
     if "bytes_limit" in stats:
         left, share = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - need.weights - need.working, 1
-    elif device.platform == "cpu" and (available := host_memory_available()) is not None:
-        left, share = available - devices * (need.weights + need.working), devices
+    elif device.platform == "cpu" and host is not None:
+        left, share = host - devices * (need.weights + need.working), devices
     else:
         return want
     return max(0, min(want, int(fraction * left) // (per_token * share)))

@@ -561,8 +561,9 @@ def load_model(
         check_fits(slots)
         need = on_each(devices.estimate(gf, cfg, 0, kind))
         share = len(targets) if cpu else 1  # host devices share the host's memory
-        pool = min(devices.kv_pool_tokens(need, per_token, max_batch * slots, d, kv_memory, share) for d in targets)
         available = devices.host_memory_available() if cpu else None
+        pool = min(devices.kv_pool_tokens(need, per_token, max_batch * slots, d, kv_memory, available, share)
+                   for d in targets)  # fmt: skip
         one_context = share * (need.weights + need.working + slots * per_token)
         if available is not None and one_context > available:
             log.warning(
