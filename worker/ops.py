@@ -157,9 +157,10 @@ _moe_decode_splits = _decode_splits(os.environ.get("WORKER_MOE_DECODE_SPLITS", "
 # (docs/PERFORMANCE.md, forty-fifth session): gpt-oss-20b's batch-1 decode 284.4 -> 313.1 tok/s (1.101x), prefill
 # 15,323.8 -> 16,903.4; through HTTP one stream 282.4 -> 309.2, 64 streams 3,791.6 -> 4,369.0 tok/s.
 _mxfp4_ptx = os.environ.get("WORKER_MXFP4_PTX", "1") != "0"
-# WORKER_MOE_READ_AHEAD=1 (off by default, untimed; the forty-sixth session built it without a card): a decode step's
+# WORKER_MOE_READ_AHEAD=1 (off: it lost on an H100 in the forty-seventh session, gpt-oss-20b's stream 316.6 -> 293.5
+# tok/s, 0.927x; kept for one trace of the down launches, bench/README.md "Next"): a decode step's
 # grouped gate|up call also reads the selected experts' down weights into the L2 cache, in programs of its own beside
-# its own (moe_matmul.grouped), so that the down call after it reads L2 where it read memory. Why it may pay: at one
+# its own (moe_matmul.grouped), so that the down call after it reads L2 where it read memory. Why it was tried: at one
 # stream the grouped call runs at ~0.4 TB/s of the card's ~3.3 (docs/PERFORMANCE.md, forty-third entry), bound by
 # latency, not bytes; one stream's 4 experts' stored MXFP4 down planes are 17.6 MB of an H100's 50 MB L2 (a bf16
 # copy's, `--bf16-experts`, would be 66 MB). The same bits either way (tests/test_pallas_moe_matmul.py).

@@ -58,6 +58,12 @@ static inline Floats Widen(const int8_t* c) {
 // consecutive values (kLanes <= 16, from a multiple of kLanes) are one nibble of kLanes consecutive bytes.
 enum CodeKind { kInt8 = 0, kU4 = 1, kS4 = 2 };
 typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));
+
+// The bytes `values` codes of a row take (`values` a multiple of 32 for nibbles).
+template <int kKind>
+static constexpr int64_t CodeBytes(int64_t values) {
+  return kKind == kInt8 ? values : values / 2;
+}
 typedef uint32_t Uints __attribute__((vector_size(4 * kLanes)));
 
 // kLanes bytes, zero-extended into int32 lanes.
@@ -158,7 +164,7 @@ constexpr int64_t kPrefetchBytes = 4096;
 template <int kKind, int kM, int kBlock, bool kOffset>
 static void Rows(const float* x, const float* xsum, const uint8_t* codes, const float* scale, const float* offset,
                  float* y, int64_t rows, int64_t ldy, int64_t k) {
-  const int64_t blocks = k / kBlock, row_bytes = kKind == kInt8 ? k : k / 2;
+  const int64_t blocks = k / kBlock, row_bytes = CodeBytes<kKind>(k);
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* row = codes + r * row_bytes;
     Floats acc[kM] = {};
@@ -166,7 +172,7 @@ static void Rows(const float* x, const float* xsum, const uint8_t* codes, const 
       Floats part[kM] = {};
       // Ask for the codes 4 KiB ahead: the hardware's prefetcher alone left the loop waiting on memory (the head's
       // half on one core, best of six: 6.0 -> 4.7 ms 2 KiB ahead, 8.8 -> 8.0 ms from 2 to 4 KiB on a busier host).
-      __builtin_prefetch(row + (kKind == kInt8 ? b * kBlock : b * kBlock / 2) + kPrefetchBytes);
+      __builtin_prefetch(row + CodeBytes<kKind>(b * kBlock) + kPrefetchBytes);
       Floats c[kBlock / kLanes];
       CodesOf<kKind, kBlock>(row, b * kBlock, c);
       for (int t = 0; t < kBlock / kLanes; ++t)
@@ -229,7 +235,7 @@ static inline void PairsOf(int64_t tm, const float* x, const float* w, float* y,
 template <int kKind, int kBlock, bool kOffset>
 static void Tiles(const float* x, int64_t m, const uint8_t* codes, const float* scale, const float* offset, float* y,
                   int64_t rows, int64_t ldy, int64_t k) {
-  const int64_t blocks = k / kBlock, row_bytes = kKind == kInt8 ? k : k / 2;
+  const int64_t blocks = k / kBlock, row_bytes = CodeBytes<kKind>(k);
   std::vector<float> wide(kTile * k);
   for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
     const int64_t tr = std::min<int64_t>(kTile, rows - r0);
@@ -300,7 +306,7 @@ constexpr int64_t kChunksPerThread = 4;
 template <int kKind, int kBlock, bool kOffset>
 static void Product(const float* x, const uint8_t* codes, const float* scale, const float* offset, float* y,
                     int64_t m, int64_t n, int64_t k, ffi::ThreadPool* pool, int64_t tasks, bool tiles = false) {
-  const int64_t blocks = k / kBlock, row_bytes = kKind == kInt8 ? k : k / 2;
+  const int64_t blocks = k / kBlock, row_bytes = CodeBytes<kKind>(k);
   std::vector<float> xsum(kOffset && !tiles ? m * blocks * kLanes : 0);
   for (int64_t i = 0; kOffset && !tiles && i < m; ++i)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -313,7 +319,7 @@ static void Product(const float* x, const uint8_t* codes, const float* scale, co
       std::memcpy(&xsum[(i * blocks + b) * kLanes], &xs, sizeof xs);
     }
   const int64_t threads = 1 + Helpers(pool, tasks);
-  const int64_t chunks = std::max<int64_t>(1, std::min(threads * kChunksPerThread, n * k / kChunkBytes));
+  const int64_t chunks = std::max<int64_t>(1, std::min(threads * kChunksPerThread, n * row_bytes / kChunkBytes));
   const int64_t per = (n + chunks - 1) / chunks;
   auto chunk = [&](int64_t c) {
     const int64_t r0 = c * per, r1 = std::min(n, r0 + per);
