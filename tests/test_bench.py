@@ -639,16 +639,6 @@ def sass(monkeypatch):
     return module
 
 
-def test_kernel_sass_rewrites_jaxs_eviction_policy_for_pip_triton(sass):
-    line = "%121 = tt.load %118, %89, %120 evictionPolicy = evict_last : tensor<8x16x!tt.ptr<i8>> loc(#loc286)"
-    assert sass.newer_load_syntax(line) == (
-        "%121 = tt.load %118, %89, %120 {cachePolicy = #tt.cache_policy<cache_modifier = none, "
-        "eviction_policy = evict_last>} : tensor<8x16x!tt.ptr<i8>> loc(#loc286)"
-    )
-    plain = "%5 = tt.load %4 : tensor<16x!tt.ptr<i8>>"
-    assert sass.newer_load_syntax(plain) == plain
-
-
 def test_kernel_sass_finds_the_main_loop_of_a_disassembly(sass):
     # tools/kernel_sass.py reads cuobjdump's SASS: the predicate guard is not the opcode, the trailing NOPs are
     # dropped, and the main loop is the innermost backward branch's range

@@ -394,36 +394,6 @@ def test_decode_calls_take_decodes_tiles_on_either_experts_and_prefill_its_own(m
     assert "splits" not in seen[0][1] and seen[1][1] == {"interpret": True} | mm.PREFILL_TILES
 
 
-def read_ahead_spy(monkeypatch) -> list:
-    """The `read_ahead` of each moe_matmul call from here on, in call order."""
-    seen = []
-    real = mm.moe_matmul
-
-    def spy(x, w, i, live, ahead=None, **tiles):
-        seen.append(ahead)
-        return real(x, w, i, live, ahead, **tiles)
-
-    monkeypatch.setattr(mm, "moe_matmul", spy)
-    return seen
-
-
-def test_read_ahead_setting_gives_a_decode_steps_grouped_call_the_next_experts(monkeypatch):
-    """WORKER_MOE_READ_AHEAD=1: ops hands a decode step's grouped call what the next call reads (the bf16 copy where
-    the model has one); off (the default), prefill, and what the kernel cannot take get none."""
-    experts, _ = random_weight(QT.MXFP4, (4, 32, 64), seed=1)
-    down, _ = random_weight(QT.MXFP4, (4, 64, 32), seed=2)
-    seen = read_ahead_spy(monkeypatch)
-    x, ids = jnp.ones((2, 64)), jnp.asarray(routed(2, 2, 4, 0, "uniform"))
-    copy = widened(down, jnp.bfloat16)
-    for on in (False, True):
-        monkeypatch.setattr(ops, "_moe_read_ahead", on)
-        with ops.decode_kernels("tensor-cores"):
-            for per_token in (True, False):
-                ops.moe_matmul(x, experts, ids, backend="interpret", per_token=per_token, read_ahead=copy)
-    assert [a is copy for a in seen] == [False, False, True, False]
-    assert seen[:2] + seen[3:] == [None] * 3
-
-
 def test_gpt_oss_prefill_through_the_kernel_matches_hf(oracles, monkeypatch):
     """The tiny gpt-oss (MXFP4 experts, E 4, k 2, 48 tokens) with its prefill MoE on the kernel (interpret
     mode): the HF float64 logits at the GPU gate (bf16 x: ~4e-3 relative, vs ~1e-6 on the CPU path)."""
@@ -446,67 +416,6 @@ def test_gpt_oss_prefill_through_the_kernel_matches_hf(oracles, monkeypatch):
     clear = top2[:, 1] - top2[:, 0] > 0.05
     assert clear.sum() > len(ids) // 2
     assert (ours.argmax(-1) == ref.argmax(-1))[clear].all()
-
-
-def test_gpt_oss_decode_reads_its_down_experts_ahead_with_the_same_bits(oracles, monkeypatch):
-    """The tiny gpt-oss's MoE block at a decode step of 3 rows (interpret mode, the tensor-core decode kernels) with
-    WORKER_MOE_READ_AHEAD on: its gate|up call reads the layer's down experts ahead, and the block's output is the
-    same bits as with it off."""
-    from worker.models import gpt_oss
-
-    m = worker.load(oracles / "models" / "gpt-oss" / "model-mxfp4_moe.gguf", device="cpu", backend="interpret")
-    lw = m.runner.weights["layers"][0]
-    seen = read_ahead_spy(monkeypatch)
-    x = jax.random.normal(jax.random.key(5), (3, 1, m.cfg.d_model), jnp.float32)
-    outs = []
-    for on in (False, True):
-        monkeypatch.setattr(ops, "_moe_read_ahead", on)
-        with ops.decode_kernels("tensor-cores"):
-            outs.append(np.asarray(gpt_oss.moe_block(lw, m.cfg, x)))
-    assert [a is None for a in seen] == [True, True, False, True]
-    assert seen[2] is lw["ffn_down_exps"]  # the stored experts: no bf16 copy (--bf16-experts) here
-    np.testing.assert_array_equal(outs[1], outs[0])
-
-
-def read_ahead_case(qtype: QT, e: int, m: int, n: int, k: int, seed: int):
-    """x [m, k], experts [e, n, k], the next call's experts of another format [e, 44, 256] (rows past the read-ahead
-    programs' 8s and K under one loop step's blocks: masked) and a routing among four of the experts, each picked by
-    enough tokens for two row tiles of 16."""
-    experts, _ = random_weight(qtype, (e, n, k), seed=seed)
-    ahead, _ = random_weight(QT.Q4_K if qtype == QT.MXFP4 else QT.MXFP4, (e, 44, 256), seed=seed + 1)
-    ids = routed(m, 4, e, seed=seed + 2, skew="subset")
-    x = np.random.default_rng(seed + 3).standard_normal((m, k)).astype(np.float32)
-    return x, experts, ahead, ids
-
-
-@pytest.mark.parametrize("qtype", [QT.MXFP4, QT.Q8_0], ids=lambda q: q.name)
-def test_reading_the_next_calls_experts_ahead_changes_no_bit_and_reads_each_selected_expert_once(qtype):
-    """moe_matmul's `read_ahead` (WORKER_MOE_READ_AHEAD): the call's results are the same bits with it, and its
-    programs' byte sums add up to each selected expert's bytes of the next call's planes, read once (each has two
-    row tiles), and no other expert's."""
-    e, m, n, k = 8, 21, 64, 256
-    x, experts, ahead, ids = read_ahead_case(qtype, e, m, n, k, seed=41)
-    live = np.arange(m) < 18
-    tiles = dict(block_m=16, swap=True, splits=2, leaves=2)
-    run = jax.jit(lambda x, w, i, live, a: mm.grouped(x, w, i, live, a, interpret=True, **tiles))
-    with_ahead, sink = run(x, experts, ids, live, ahead)
-    alone, none = run(x, experts, ids, live, None)
-    assert none is None
-    np.testing.assert_array_equal(np.asarray(with_ahead), np.asarray(alone))
-    selected = np.unique(ids[live])
-    assert len(selected) < e, "the case must leave an expert unselected"
-
-    def bytes_sum(planes) -> int:
-        total = 0
-        for plane in planes.values():
-            a = np.asarray(plane)
-            a = a.view(f"uint{a.dtype.itemsize * 8}") if a.dtype.kind == "f" else a
-            total += int(a.astype(np.int64).sum())
-        return total
-
-    want = bytes_sum({name: np.asarray(p)[selected] for name, p in ahead.planes.items()})
-    assert int(np.asarray(sink, np.int64).sum()) == want
-    assert bytes_sum(ahead.planes) > want
 
 
 def _gpu() -> None:
@@ -576,27 +485,6 @@ def test_mxfp4_by_inline_ptx_gives_the_integer_builds_bits_on_the_gpu():
                      (512, mm.PREFILL_TILES)):  # fmt: skip
         integer, ptx = (grouped_bits(t, x[:m], stored, ids[:m]) for t in (tiles, tiles | {"ptx": True}))
         np.testing.assert_array_equal(ptx, integer, err_msg=f"{m} tokens, {tiles}")
-
-
-@pytest.mark.gpu
-def test_reading_the_down_experts_ahead_changes_no_bit_on_the_gpu():
-    """WORKER_MOE_READ_AHEAD on the card, gpt-oss-20b's gate|up at one stream's decode tiles with its down experts
-    read ahead: the same bits as without, and every selected down expert's bytes read once."""
-    _gpu()
-    e, k_sel, k, n = 32, 4, 2880, 5760
-    tiles = mm.DECODE_COPY_TILES | mm.swapped_tiles(4, e) | {"splits": 4, "leaves": 4, "ptx": mm.ptx_runs()}
-    gate_up = quant_array(random_raw(QT.MXFP4, (e, n, k), seed=51), QT.MXFP4, (e, n, k), put=jax.device_put)
-    down = quant_array(random_raw(QT.MXFP4, (e, k, n // 2), seed=52), QT.MXFP4, (e, k, n // 2), put=jax.device_put)
-    ids = jnp.asarray(routed(2, k_sel, e, seed=53, skew="uniform"))
-    x = jax.random.normal(jax.random.key(54), (2, k), jnp.float32)
-    live = jnp.asarray([True, False])  # one stream's bucket of two rows
-    run = jax.jit(lambda x, w, i, live, a: mm.grouped(x, w, i, live, a, **tiles))
-    ahead, sink = run(x, gate_up, ids, live, down)
-    alone, _ = run(x, gate_up, ids, live, None)
-    np.testing.assert_array_equal(np.asarray(ahead), np.asarray(alone))
-    picked = np.unique(np.asarray(ids)[0])
-    want = sum(int(np.asarray(p)[picked].astype(np.int64).sum()) for p in down.planes.values())
-    assert int(np.asarray(sink, np.int64).sum()) == want
 
 
 def test_mxfp4_ptx_runs_on_sm90_and_later_gpus_only(monkeypatch):

@@ -9,8 +9,7 @@ the card (bench/kernels.py, bench/kernel_profile.py). An --expr is `qmatvec FORM
 the keys other than rows and live (True: a decode step's live rows given) are qmatvec's (tensor_cores, row_tile
 and plan's tiles: block_n, factored, ...). A `moe_matvec FORMAT ExNxK [rows=R] [k=S]` counts the gathered kernel:
 R tokens of S selections each; `moe_matmul FORMAT ExNxK [rows=R] [k=S] [tiles]` the grouped kernel (BF16: decode's
-bf16 copy of the experts; e.g. `swap=True block_m=16 block_n=64 chunk=2`, moe_matmul.swapped_tiles; `ahead=ExNxK`:
-the next call's experts read ahead, moe_matmul.grouped);
+bf16 copy of the experts; e.g. `swap=True block_m=16 block_n=64 chunk=2`, moe_matmul.swapped_tiles);
 `triton_port Q4_K NxK [rows=R]` the jax-triton port of the per-row int8-x kernel
 (bench/triton_matvec.py), which `qmatvec Q4_K NxK rows=R tensor_cores=False int8_x=True` is the Pallas side of.
 
@@ -113,21 +112,10 @@ def triton_tool(name: str) -> str:
     return str(found[0])
 
 
-def newer_load_syntax(ttir: str) -> str:
-    """JAX's Triton prints a load's eviction policy as `tt.load ... evictionPolicy = P :`, which pip Triton 3.9
-    parses only as `{cachePolicy = #tt.cache_policy<cache_modifier = none, eviction_policy = P>}` (moe_matmul's
-    read-ahead loads)."""
-    return re.sub(
-        r" evictionPolicy = (\w+) :",
-        r" {cachePolicy = #tt.cache_policy<cache_modifier = none, eviction_policy = \1>} :",
-        ttir,
-    )
-
-
 def build(kernel: Kernel, workdir: Path, fp_fusion: bool) -> Build:
     workdir.mkdir(parents=True, exist_ok=True)
     ttir = workdir / "captured.ttir"  # Triton writes its own kernel.ttir, after its passes
-    ttir.write_text(newer_load_syntax(kernel.ttir))
+    ttir.write_text(kernel.ttir)
     compile_args = [ttir, workdir, kernel.num_warps, kernel.num_stages, int(fp_fusion), re.sub(r"\D", "", ARCH)]
     compile_cmd = [str(TRITON_VENV / "bin/python"), str(Path(__file__).with_name("kernel_sass_compile.py"))]
     r = subprocess.run(compile_cmd + [str(a) for a in compile_args], capture_output=True, text=True)
@@ -245,16 +233,10 @@ def qmatvec_call(expr: str) -> tuple[list[Kernel], Any, int]:
     rows = kwargs.pop("rows", 1)
     selections = kwargs.pop("k", 4)  # moe_matvec: the experts each token selects
     live = kwargs.pop("live", False)  # qmatvec: a decode step's live rows given (the dead-row skip's code)
-    ahead = kwargs.pop("ahead", None)  # moe_matmul: ExNxK, the next call's experts read ahead (moe_matmul.grouped)
-
-    def planes(shape: tuple[int, ...]):
-        """The planes' shapes and dtypes from an all-zero tensor: lowering needs no values."""
-        block, size = GGML_QUANT_SIZES[qtype]
-        raw = np.zeros((*shape[:-1], shape[-1] // block * size), np.uint8)
-        return quant_array(raw, qtype, shape, put=lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
-
-    w = planes(shape)
-    a = None if ahead is None else planes(tuple(int(d) for d in str(ahead).lower().split("x")))
+    # The planes' shapes and dtypes from an all-zero tensor: lowering needs no values.
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = np.zeros((*shape[:-1], shape[-1] // block * size), np.uint8)
+    w = quant_array(raw, qtype, shape, put=lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
     x = jax.ShapeDtypeStruct((rows, shape[-1]), jnp.float32)
     # qmatvec picks its tiles from the shape and the overrides; recording its `plan` call reads them from the one
     # place that decides them.
@@ -271,10 +253,7 @@ def qmatvec_call(expr: str) -> tuple[list[Kernel], Any, int]:
         if name != "qmatvec":  # the experts: the grouped kernel (BF16: decode's copy of the experts), the gathered one
             op = mm.moe_matmul if name == "moe_matmul" else qmv.moe_matvec
             ids = jax.ShapeDtypeStruct((rows, selections), jnp.int32)
-            if a is not None:  # an argument: a ShapeDtypeStruct cannot be a traced function's constant
-                kernels = captured_kernels(lambda x, w, ids, a: op(x, w, ids, None, a, **kwargs), x, w, ids, a)
-            else:
-                kernels = captured_kernels(lambda x, w, ids: op(x, w, ids, **kwargs), x, w, ids)
+            kernels = captured_kernels(lambda x, w, ids: op(x, w, ids, **kwargs), x, w, ids)
         else:
             alive = jax.ShapeDtypeStruct((rows,), jnp.bool_) if live else None
             kernels = captured_kernels(lambda x, w, alive: qmv.qmatvec(x, w, live=alive, **kwargs), x, w, alive)

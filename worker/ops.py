@@ -157,14 +157,6 @@ _moe_decode_splits = _decode_splits(os.environ.get("WORKER_MOE_DECODE_SPLITS", "
 # (docs/PERFORMANCE.md, forty-fifth session): gpt-oss-20b's batch-1 decode 284.4 -> 313.1 tok/s (1.101x), prefill
 # 15,323.8 -> 16,903.4; through HTTP one stream 282.4 -> 309.2, 64 streams 3,791.6 -> 4,369.0 tok/s.
 _mxfp4_ptx = os.environ.get("WORKER_MXFP4_PTX", "1") != "0"
-# WORKER_MOE_READ_AHEAD=1 (off: it lost on an H100 in the forty-seventh session, gpt-oss-20b's stream 316.6 -> 293.5
-# tok/s, 0.927x; kept for one trace of the down launches, bench/README.md "Next"): a decode step's
-# grouped gate|up call also reads the selected experts' down weights into the L2 cache, in programs of its own beside
-# its own (moe_matmul.grouped), so that the down call after it reads L2 where it read memory. Why it was tried: at one
-# stream the grouped call runs at ~0.4 TB/s of the card's ~3.3 (docs/PERFORMANCE.md, forty-third entry), bound by
-# latency, not bytes; one stream's 4 experts' stored MXFP4 down planes are 17.6 MB of an H100's 50 MB L2 (a bf16
-# copy's, `--bf16-experts`, would be 66 MB). The same bits either way (tests/test_pallas_moe_matmul.py).
-_moe_read_ahead = os.environ.get("WORKER_MOE_READ_AHEAD", "") == "1"
 # WORKER_INT8_UNROLL=1: the int8-x kernels with their K loop written out (qmatvec.Plan.unroll: the same bits); off:
 # +0.6% a decode step on the card, for ten times the first compile (docs/kernels.md).
 _int8_unroll = os.environ.get("WORKER_INT8_UNROLL", "0") == "1"
@@ -972,7 +964,6 @@ def moe_matmul(
     per_token: bool = False,
     live: jax.Array | None = None,
     decode_copy: QuantArray | None = None,
-    read_ahead: QuantArray | None = None,
 ) -> jax.Array:
     """Each token's selected experts: x [M, In] (one input shared by the k selections) or [M, k, In] (one per
     selection) times experts [E, Out, In] at expert_ids [M, k] -> [M, k, Out].
@@ -988,8 +979,6 @@ def moe_matmul(
     others' pairs (their results are zeros); the CPU path computes them as any token.
     `decode_copy`: the experts widened to bf16 at load (worker/model.py, `bf16_experts`), which a decode step's
     grouped kernel reads instead of dequantizing every expert's tiles again each step (the same bf16 values).
-    `read_ahead`: what the next call reads of experts the same routing selects (gpt-oss's down after its gate|up);
-    with WORKER_MOE_READ_AHEAD=1 a decode step's grouped call reads the selected ones into the L2 cache.
     """
     n_experts, n_out = experts.shape[:2]
     on_kernels = backend != "cpu" and grouped_matmul.fits(experts)
@@ -1014,8 +1003,7 @@ def moe_matmul(
         # one, else the stored experts.
         tiles = moe_decode_tiles(experts.qtype, expert_ids.size, n_experts, decode_copy is not None)
         read = experts if decode_copy is None else decode_copy
-        ahead = read_ahead if _moe_read_ahead and read_ahead is not None and grouped_matmul.fits(read_ahead) else None
-        return kernel(x, read, expert_ids, live, ahead, interpret=interpret, **tiles)
+        return kernel(x, read, expert_ids, live, interpret=interpret, **tiles)
     if kernel is not None:
         int8_x = _int8_x(experts)
         tiles = dict(int8_x=True, unroll=_int8_unroll, **_int8_expert_tiles) if int8_x else {}

@@ -29,7 +29,6 @@ from worker.gguf import GGUFFile
 from worker.kv_cache import KVCache
 from worker.models import base
 from worker.models.base import LayerWeights, ModelConfig, Rope, TensorSpec, meta
-from worker.quant import QuantArray
 
 # The clamped SwiGLU's constants: fixed by the model (HF swiglu_limit / swiglu_alpha), not in GGUF metadata.
 SWIGLU_LIMIT = 7.0
@@ -126,19 +125,13 @@ def clamped_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return (up + 1.0) * gate * jax.nn.sigmoid(SWIGLU_ALPHA * gate)
 
 
-def _decode_read(lw: LayerWeights, name: str) -> QuantArray:
-    """What a decode step's grouped call reads of experts `name`: their bf16 copy where there is one, else them."""
-    copy = lw.get("decode_experts", {}).get(name)
-    return lw[name] if copy is None else copy
-
-
 def _experts(lw: LayerWeights, cfg: GptOssConfig, name: str, x: jax.Array, expert_ids: jax.Array, per_token: bool,
-             live: jax.Array | None, read_ahead: str | None = None) -> jax.Array:  # fmt: skip
-    """The selected experts' projection with its bias: [M, k, Out]. `read_ahead`: the next call's experts' name."""
+             live: jax.Array | None) -> jax.Array:  # fmt: skip
+    """The selected experts' projection with its bias: [M, k, Out]."""
     bias = jnp.take(ops.as_f32(lw[f"{name}_b"]), expert_ids, axis=0)
-    ahead = None if read_ahead is None else _decode_read(lw, read_ahead)
+    copy = lw.get("decode_experts", {}).get(name)
     return ops.moe_matmul(x, lw[name], expert_ids, backend=cfg.backend, per_token=per_token, live=live,
-                          decode_copy=lw.get("decode_experts", {}).get(name), read_ahead=ahead) + bias  # fmt: skip
+                          decode_copy=copy) + bias  # fmt: skip
 
 
 def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array, live: jax.Array | None = None) -> jax.Array:
@@ -157,7 +150,7 @@ def moe_block(lw: LayerWeights, cfg: GptOssConfig, x: jax.Array, live: jax.Array
     flat_live = None if live is None else live.reshape(b * t)
     experts = partial(_experts, lw, cfg, expert_ids=expert_ids, per_token=t == 1, live=flat_live)
     if "ffn_gate_up_exps" in lw:  # the file's merged layout, or the parts fused at load (base.FUSIONS)
-        gate, up = jnp.split(experts("ffn_gate_up_exps", h, read_ahead="ffn_down_exps"), 2, axis=-1)
+        gate, up = jnp.split(experts("ffn_gate_up_exps", h), 2, axis=-1)
     else:
         gate, up = experts("ffn_gate_exps", h), experts("ffn_up_exps", h)
     out = experts("ffn_down_exps", clamped_swiglu(gate, up))  # [M, k, D]

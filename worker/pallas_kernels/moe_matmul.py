@@ -26,7 +26,7 @@ from worker.pallas_kernels.qmatvec import (
     tile_loader,
     x_parts,
 )
-from worker.pallas_kernels.tiling import ALL, TritonParams, kernel_entry, pow2_floor, static_index
+from worker.pallas_kernels.tiling import ALL, TritonParams, kernel_entry, pow2_floor
 from worker.quant import QuantArray, dequantize
 
 BLOCK_M = 64
@@ -222,15 +222,10 @@ def _mxfp4_ptx(load) -> list[jax.Array]:
     ]  # fmt: skip
 
 
-def program_ids() -> tuple[jax.Array, jax.Array, jax.Array]:
-    return pl.program_id(0), pl.program_id(1), pl.program_id(2)
-
-
-def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan, interpret: bool, pid=None):
-    """Program (j, t, split): output columns [j*BN, (j+1)*BN) of row tile t, whose rows all select expert ids[t].
-    `pid`: the program's ids where the caller read them (`_with_read_ahead`: interpret mode reads them at the top)."""
+def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan, interpret: bool):
+    """Program (j, t, split): output columns [j*BN, (j+1)*BN) of row tile t, whose rows all select expert ids[t]."""
     *plane_refs, o_ref = refs
-    j, t, split = program_ids() if pid is None else pid
+    j, t, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     fmt = FORMATS[qtype]
     t_size = math.prod(parts_layout(qtype)[1])
     planes = dict(zip(names, plane_refs, strict=True))
@@ -264,46 +259,6 @@ def _kernel(ids_ref, x_ref, *refs, qtype, names, blocks: int, p: Plan, interpret
         zeros = jnp.zeros((bn, bm) if p.swap else (bm, bn), jnp.float32)
         acc = tree_sum(jax.lax.fori_loop(0, p.steps, steps, (zeros,) * per_split))
         o_ref[split, pl.ds(r0, bm), pl.ds(n0, bn)] = acc.T if p.swap else acc
-
-
-# Reading the next call's experts ahead (`moe_matmul`'s `read_ahead`): programs of their own beside the call's, each
-# reading READ_AHEAD_ROWS rows of a selected expert, READ_AHEAD_BLOCKS blocks a loop step, into the L2 cache.
-READ_AHEAD_ROWS = 8
-READ_AHEAD_BLOCKS = 16
-
-
-def _read_ahead(ids_ref, refs, sink_ref, pid, *, names, fmt, n: int, blocks: int, splits: int):
-    """Program (grid_j + jj, t, split) (`pid`: (jj, t, split)) of a call with `read_ahead`: rows [r0, r0 + R) of
-    the next call's experts[ids[t]], R = READ_AHEAD_ROWS, r0 = (jj * splits + split) * R, every plane, all of K,
-    loaded with evict_last (L2 keeps them over the lines the call streams), where t is its expert's first row tile
-    (one read an expert); the loaded bytes' sum goes to `sink_ref` (0 elsewhere), so that nothing removes the
-    loads."""
-    jj, t, split = pid
-    expert = ids_ref[t]
-    first = (expert >= 0) & ((t == 0) | (ids_ref[jnp.maximum(t - 1, 0)] != expert))
-    rows, c = READ_AHEAD_ROWS, READ_AHEAD_BLOCKS
-    r0 = (jj * splits + split) * rows
-    rows_ok = (r0 + jnp.arange(rows)) < n
-    planes = dict(zip(names, refs, strict=True))
-
-    @pl.when(first)
-    def _():
-        def step(i, total):
-            b0 = i * c
-            blocks_ok = (b0 + jnp.arange(c)) < blocks
-            load = tile_loader(planes, fmt, expert, r0, b0, rows, c, rows_ok, blocks_ok, "evict_last")
-            for name in names:
-                v = load(name)
-                if jnp.issubdtype(v.dtype, jnp.floating):  # a scale plane: its bits
-                    v = jax.lax.bitcast_convert_type(v, jnp.dtype(f"uint{v.dtype.itemsize * 8}"))
-                total += jnp.sum(v.astype(jnp.int32))
-            return total
-
-        sink_ref[jj, t, split] = jax.lax.fori_loop(0, pl.cdiv(blocks, c), step, static_index(0))
-
-    @pl.when(~first)
-    def _():
-        sink_ref[jj, t, split] = static_index(0)
 
 
 def tree_sum(terms) -> jax.Array:
@@ -399,7 +354,6 @@ def moe_matmul(
     experts: QuantArray,
     expert_ids: jax.Array,
     live: jax.Array | None = None,
-    read_ahead: QuantArray | None = None,
     *,
     interpret: bool = False,
     **tiles: int | None,
@@ -407,19 +361,7 @@ def moe_matmul(
     """As worker.ops.moe_matmul: x [M, In] (shared by the k selections) or [M, k, In], experts [E, Out, In],
     expert_ids [M, k] -> float32 [M, k, Out]. `live` [M] (bool): tokens whose pairs are computed; the others' are
     zeros (a decode bucket's empty rows, a prefill chunk's padding: they would add experts' tiles). A live pair's
-    bits do not depend on which tokens are live. `tiles`: overrides of `plan`'s arguments. `read_ahead`: the next
-    call's experts [E, Out2, In2], which this call's routing selects too (gpt-oss's down after its gate|up): the
-    selected ones are read into the L2 cache by programs beside the call's (`grouped` has the details); the same
-    results."""
-    return grouped(x, experts, expert_ids, live, read_ahead, interpret=interpret, **tiles)[0]
-
-
-def grouped(x, experts, expert_ids, live=None, read_ahead=None, *, interpret=False, **tiles):
-    """`moe_matmul` and, with `read_ahead`, what its read-ahead programs loaded: [J, tiles, splits] int32, each
-    program's sum of the bytes it read (0 where it read none; the tests check that every selected expert is read
-    whole, once). Why read ahead: at one token the call is bound by latency, at a fraction of the card's bandwidth
-    (docs/PERFORMANCE.md, forty-third entry), which the next call's loads can use; then the next call reads L2.
-    Its programs are their own (grid columns past the call's), so the call's own programs and bits do not change."""
+    bits do not depend on which tokens are live. `tiles`: overrides of `plan`'s arguments."""
     e, n, k, shared = _check(x, experts, expert_ids)
     p = plan(experts.qtype, n, k, **tiles)
     g = group(expert_ids, e, p.block_m, shared, live)
@@ -427,45 +369,17 @@ def grouped(x, experts, expert_ids, live=None, read_ahead=None, *, interpret=Fal
     names, planes = plane_views(experts, e, n, k)
     kernel = functools.partial(_kernel, qtype=experts.qtype, names=names, blocks=k // FORMATS[experts.qtype].sb, p=p,
                                interpret=interpret)  # fmt: skip
-    grid_j, tile_count = n // p.block_n, g.tile_expert.shape[0]
-    out_shape = jax.ShapeDtypeStruct((p.splits, g.src.shape[0], n), jnp.float32)
-    operands = [g.tile_expert, xp, *planes]
-    extra_j = 0
-    if read_ahead is not None:
-        e2, n2, k2 = read_ahead.shape
-        fmt2 = FORMATS[read_ahead.qtype]
-        names2, planes2 = plane_views(read_ahead, e2, n2, k2)
-        extra_j = pl.cdiv(n2, READ_AHEAD_ROWS * p.splits)
-        ahead = functools.partial(_read_ahead, names=names2, fmt=fmt2, n=n2, blocks=k2 // fmt2.sb, splits=p.splits)
-        kernel = functools.partial(_with_read_ahead, kernel, ahead, grid_j, len(planes), len(planes2))
-        out_shape = (out_shape, jax.ShapeDtypeStruct((extra_j, tile_count, p.splits), jnp.int32))
-        operands += planes2
-    result = pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
-        out_shape=out_shape,
-        grid=(grid_j + extra_j, tile_count, p.splits),
+        out_shape=jax.ShapeDtypeStruct((p.splits, g.src.shape[0], n), jnp.float32),
+        grid=(n // p.block_n, g.tile_expert.shape[0], p.splits),
         compiler_params=TritonParams(num_warps=p.num_warps, num_stages=p.num_stages),
         interpret=interpret,
         name=f"moe_matmul_{experts.qtype.name.lower()}",
-    )(*operands)
-    out, sink = result if read_ahead is not None else (result, None)
+    )(g.tile_expert, xp, *planes)
     out = fold_tree(out[:, g.rows]).reshape(*expert_ids.shape, n)
     # A dead pair's row lies in a tile no program wrote: its values are whatever the buffer held.
-    return (out if live is None else jnp.where(live.reshape(-1, 1, 1), out, 0.0)), sink
-
-
-def _with_read_ahead(kernel, ahead, grid_j: int, n_planes: int, n_ahead: int, ids_ref, x_ref, *refs):
-    """The call's programs (grid columns below grid_j) and the read-ahead programs (the others)."""
-    planes, ahead_refs, (o_ref, sink_ref) = refs[:n_planes], refs[n_planes : n_planes + n_ahead], refs[-2:]
-    j, t, split = program_ids()
-
-    @pl.when(j < grid_j)
-    def _():
-        kernel(ids_ref, x_ref, *planes, o_ref, pid=(j, t, split))
-
-    @pl.when(j >= grid_j)
-    def _():
-        ahead(ids_ref, ahead_refs, sink_ref, (j - grid_j, t, split))
+    return out if live is None else jnp.where(live.reshape(-1, 1, 1), out, 0.0)
 
 
 def moe_matmul_twin(

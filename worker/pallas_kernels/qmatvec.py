@@ -636,18 +636,16 @@ def _mask(shape: tuple[int, ...], along0: jax.Array | None, along1: jax.Array | 
     return masks[0] & masks[1] if len(masks) == 2 else (masks[0] if masks else None)
 
 
-def tile_loader(planes, fmt: Format, expert, row0, b0, bn: int, c: int, rows_ok, blocks_ok,
-                eviction_policy: str | None = None) -> Load:  # fmt: skip
+def tile_loader(planes, fmt: Format, expert, row0, b0, bn: int, c: int, rows_ok, blocks_ok) -> Load:
     """load(name, *index): the masked tile [BN, C, *rest] of a plane at output rows row0.., super-blocks b0..,
-    with `index` applied to the plane's inner view (what Format.parts calls). The tensor-core kernels' too, and
-    moe_matmul's read-ahead (`eviction_policy`, masked_load's)."""
+    with `index` applied to the plane's inner view (what Format.parts calls). The tensor-core kernels' too."""
 
     def load(name: str, *index) -> jax.Array:
         inner = fmt.planes[name]
         index = index + (ALL,) * (len(inner) - len(index))
         shape = (bn, c, *(d for d, i in zip(inner, index, strict=True) if i == ALL))
         ref = planes[name].at[expert, pl.ds(row0, bn), pl.ds(b0, c), *map(static_index, index)]
-        return masked_load(ref, _mask(shape, rows_ok, blocks_ok), eviction_policy)
+        return masked_load(ref, _mask(shape, rows_ok, blocks_ok))
 
     return load
 

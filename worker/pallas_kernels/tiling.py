@@ -39,12 +39,10 @@ def static_index(i):
     return jnp.int32(i) if isinstance(i, int) else i
 
 
-def masked_load(ref, mask: jax.Array | None, eviction_policy: str | None = None) -> jax.Array:
+def masked_load(ref, mask: jax.Array | None) -> jax.Array:
     """`ref`'s block, zeros where `mask` is false; None: every element (Triton's load takes no `other` without a
-    mask). `eviction_policy`: Triton's (e.g. "evict_last": lines the L2 cache keeps longest)."""
-    if mask is None:
-        return plgpu.load(ref, eviction_policy=eviction_policy)
-    return plgpu.load(ref, mask=mask, other=0, eviction_policy=eviction_policy)
+    mask)."""
+    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0)
 
 
 def pow2_floor(n: int) -> int:
