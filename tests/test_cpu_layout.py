@@ -126,3 +126,36 @@ def test_the_cpu_kv_pool_takes_a_share_of_the_memory_the_host_can_give(oracles, 
     tight = available_gb == 0.002  # 2 MB: less than the weights and one context's cache
     assert (256 <= positions < 2 * 256) if tight else positions >= 4 * 256
     assert ("host memory is tight" in caplog.text) == tight
+
+
+def test_a_load_hands_the_host_memory_it_freed_back_to_the_os(oracles, monkeypatch):
+    """device.host_memory_returned around worker.load: glibc's mmap threshold held at its default while the
+    weights are converted (their freed temporaries then go back to the OS), then the heap trimmed and the threshold
+    set to glibc's own ceiling for serving; also when the load fails. Elsewhere than glibc: nothing."""
+    import platform
+
+    import worker
+    from worker import device as devices
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("malloc_trim", pad))
+            return 1
+
+    monkeypatch.setattr(devices, "_glibc", Libc)
+    worker.load(oracles / "models" / "qwen2" / "model-q4_k_m.gguf", device="cpu", cpu_devices=1)
+    want = [("mallopt", -3, 128 << 10), ("malloc_trim", 0), ("mallopt", -3, 32 << 20)]
+    assert calls == want
+    calls.clear()
+    with pytest.raises(RuntimeError), devices.host_memory_returned():
+        raise RuntimeError("a load that fails")
+    assert calls == want
+    monkeypatch.undo()
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert (devices._glibc() is not None) == on_glibc

@@ -589,7 +589,7 @@ def load_model(
         on_progress(0, total)
     # The tokenizer is built while the weights load: for Gemma 3's 262,144 tokens that takes ~3 s of Python on a
     # 2-core CPU, and the loading mostly waits on copies that release the GIL.
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(1) as pool, devices.host_memory_returned():
         building = pool.submit(load_tokenizer, gf if tokenizer_json is None else gf.path, tokenizer_json)
         place = sharding.placer(cfg, mesh) if mesh is not None else None
         fuse = backend != "cpu" and place is None
