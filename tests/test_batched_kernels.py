@@ -128,6 +128,18 @@ def test_qmatvec_gpu_arithmetic_against_float64_and_alone(qtype, n, k, kind):
     check_dense_neighbours(qtype, n, k, True, {"tensor_cores": True, "f16": True} | kind)
 
 
+# The tensor-core kernel's tiles made as its inline PTX makes them (qmatvec.Plan.ptx; interpret mode runs the asm's
+# float32 twin): Q4_K (its scales rounded to float16 first), Q4_0 and Q4_1 with a masked K tail (20 and 11 blocks).
+PTX_CASES = [(QT.Q4_K, 48, 1024), (QT.Q4_0, 48, 640), (QT.Q4_1, 40, 352)]
+
+
+@pytest.mark.parametrize(("qtype", "n", "k"), PTX_CASES, ids=lambda v: getattr(v, "name", str(v)))
+@pytest.mark.parametrize("kind", [{}, SWAPPED | {"row_tile": 16}], ids=["dot", "swapped"])
+def test_qmatvec_ptx_tiles_against_float64_and_alone(qtype, n, k, kind):
+    check_dense(qtype, n, k, True, {"tensor_cores": True, "f16": True, "ptx": True} | kind)
+    check_dense_neighbours(qtype, n, k, True, {"tensor_cores": True, "f16": True, "ptx": True} | kind)
+
+
 # Forced tiles: 3 row blocks with masked rows past N = 40, 3 K splits of 2 steps each, the last partly masked.
 SPLIT_TILES = {32: dict(block_n=16, chunk=2, splits=3), 256: dict(block_n=16, chunk=1, splits=2)}
 
@@ -495,6 +507,21 @@ GPU_DENSE = [(QT.Q8_0, 896, 896), (QT.Q6_K, 3072, 8192), (QT.Q8_0, 4096, 2880), 
 def test_gpu_qmatvec_batched_against_float64_and_alone(gpu_backend, qtype, n, k, kind):
     check_dense(qtype, n, k, False, kind)
     check_dense_neighbours(qtype, n, k, False, kind)
+
+
+# Real decode shapes of the formats Plan.ptx takes: phi3-mini's Q4_K qkv, qwen2.5-0.5b's Q4_K down, and Q4_0 / Q4_1
+# at qwen2.5's 896 (28 blocks).
+GPU_PTX = [(QT.Q4_K, 9216, 3072), (QT.Q4_K, 896, 4864), (QT.Q4_0, 4864, 896), (QT.Q4_1, 896, 896)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", [{"tensor_cores": True}, SWAPPED], ids=["tensor-cores", "swapped"])
+@pytest.mark.parametrize(("qtype", "n", "k"), GPU_PTX, ids=lambda v: getattr(v, "name", str(v)))
+def test_gpu_qmatvec_ptx_tiles_against_float64_and_alone(gpu_backend, qtype, n, k, kind):
+    """The inline PTX on the card (WORKER_DENSE_PTX): within the float16 operands' tolerance of float64 (a value
+    paired with another's scale by Triton's packing would be far off), and a row's bits alone and among others."""
+    check_dense(qtype, n, k, False, kind | {"ptx": True})
+    check_dense_neighbours(qtype, n, k, False, kind | {"ptx": True})
 
 
 @pytest.mark.gpu

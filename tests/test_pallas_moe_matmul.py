@@ -12,6 +12,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
 from model_oracles import manifest, rel_err
+from ptx import bf16_round, run_ptx
 from test_pallas_qmatvec import random_raw, random_weight
 
 import worker
@@ -132,63 +133,6 @@ def test_decode_splits_setting_takes_few_many_or_one_power_of_two(value, want):
             ops._decode_splits(bad)
 
 
-def _bf16_round(f: np.ndarray) -> np.ndarray:
-    """float32 values -> bf16 bits, round to nearest even (finite values)."""
-    u = f.astype(np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint32)
-
-
-def _bf16_values(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def run_ptx(asm: str, operands: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """The PTX of an inline asm, instruction by instruction on numpy uint32 arrays, for the few instructions
-    moe_matmul's asm takes (their semantics from the PTX ISA): mov, and, or, shl, prmt (default mode: a byte of
-    {b, a} per selector nibble, bit 3 of the nibble replicating that byte's sign) and mul.rn.bf16x2 (each half a
-    bf16 product rounded to nearest even; subnormals kept). Anything else fails: the test must cover what the card
-    runs. `operands`: $N -> its 32-bit values; returns them after the asm (the outputs among them)."""
-    regs: dict[str, np.ndarray] = {f"${n}": v.astype(np.uint32) for n, v in operands.items()}
-
-    def val(token: str) -> np.ndarray:
-        return regs[token] if token in regs else np.uint32(int(token, 0))
-
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if line in ("{", "}") or line.startswith(".reg"):
-            continue
-        op, args = line.split(None, 1)
-        d, *src = [a.strip() for a in args.split(",")]
-        a = [val(t) for t in src]
-        if op == "mov.b32":
-            out = a[0]
-        elif op == "and.b32":
-            out = a[0] & a[1]
-        elif op == "or.b32":
-            out = a[0] | a[1]
-        elif op == "shl.b32":
-            out = (a[0].astype(np.uint64) << np.uint64(a[1])).astype(np.uint32)
-        elif op == "prmt.b32":
-            pool = (np.asarray(a[1], np.uint64) << np.uint64(32)) | np.asarray(a[0], np.uint64)
-            out = np.zeros(np.shape(pool), np.uint32)
-            for i in range(4):
-                sel = (int(a[2]) >> (4 * i)) & 0xF
-                byte = ((pool >> np.uint64(8 * (sel & 7))) & np.uint64(0xFF)).astype(np.uint32)
-                if sel & 8:
-                    byte = np.where(byte & 0x80, 0xFF, 0).astype(np.uint32)
-                out = out | (byte << (8 * i))
-        elif op == "mul.rn.bf16x2":
-            halves = []
-            for shift in (0, 16):
-                x, y = ((np.broadcast_to(v, np.shape(a[0] | a[1])) >> shift) & 0xFFFF for v in a)
-                halves.append(_bf16_round(_bf16_values(x).astype(np.float64) * _bf16_values(y)) << shift)
-            out = halves[0] | halves[1]
-        else:
-            raise AssertionError(f"run_ptx: {op} is not interpreted")
-        regs[d] = np.broadcast_to(out, np.shape(out)).astype(np.uint32)
-    return {int(k[1:]): v for k, v in regs.items() if k.startswith("$")}
-
-
 def test_mxfp4_to_bf16_gives_the_files_values_for_every_code_and_exponent_in_both_builds():
     """MXFP4's bf16 values in the grouped kernel, both builds, against gguf-py for all 256 code bytes (both nibbles)
     at every exponent byte, clamped to [2, 252] as documented (|w| < 2^-125 or > 2^125: no real file's):
@@ -200,7 +144,7 @@ def test_mxfp4_to_bf16_gives_the_files_values_for_every_code_and_exponent_in_bot
     qs = np.tile(np.arange(256, dtype=np.uint8).reshape(16, 16), (256, 1))  # every byte at every exponent
     clamped = np.clip(exps, 2, 252)
     want = quants.dequantize(np.concatenate([clamped[:, None], qs], axis=1), QT.MXFP4).reshape(-1, 2, 16)
-    want_bits = [_bf16_round(want[:, part].astype(np.float32)) for part in (0, 1)]  # exact in bf16
+    want_bits = [bf16_round(want[:, part].astype(np.float32)) for part in (0, 1)]  # exact in bf16
 
     planes = {"e": jnp.asarray(exps)[:, None], "qs": jnp.asarray(qs)[:, None, :]}  # [BN, C=1, ...]
     integer = mm._mxfp4_bf16(lambda name, *index: planes[name][(ALL, ALL, *index)])

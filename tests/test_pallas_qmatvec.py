@@ -566,3 +566,55 @@ def test_live_rows_compiled_on_a_real_shape(int8_x):
     y = np.asarray(call(x, w, jnp.asarray([True, False])))
     assert np.array_equal(y[0], full[0]) and not y[1].any()
     assert np.array_equal(np.asarray(call(x, w, jnp.asarray([True, True]))), full)
+
+
+def test_nibbles_by_ptx_round_each_value_once():
+    """qmatvec's nibbles to float16 (Plan.ptx): the asm's instructions interpreted (tests/ptx.py) on all 256 code
+    bytes, both nibbles, each of a pack's four values with a scale and offset of its own, as Triton packs them:
+    scale * nibble + offset rounded once to float16, against float64; the float32 twin (interpret mode's) the
+    same but where float32's sum rounded first (then a float16 ulp apart at most)."""
+    from ptx import run_ptx
+
+    rng = np.random.default_rng(17)
+    codes = np.tile(np.arange(256, dtype=np.uint8), 64)  # [16384]
+    scale = (rng.uniform(-0.05, 0.05, codes.size) * 2.0 ** rng.integers(-12, 3, codes.size)).astype(np.float16)
+    offset = (rng.uniform(-1, 1, codes.size) * 2.0 ** rng.integers(-14, 4, codes.size)).astype(np.float16)
+    words = codes.reshape(-1, 4).astype(np.uint32)
+    packed = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
+
+    def pairs(h: np.ndarray) -> list[np.ndarray]:
+        bits = h.view(np.uint16).astype(np.uint32).reshape(-1, 4)
+        return [bits[:, 0] | bits[:, 1] << 16, bits[:, 2] | bits[:, 3] << 16]
+
+    s_pairs, o_pairs = pairs(scale), pairs(offset)
+    for part in (0, 1):
+        nibble = ((codes >> (4 * part)) & 0xF).astype(np.float64)
+        want = (nibble * scale.astype(np.float64) + offset.astype(np.float64)).astype(np.float16)
+        out = run_ptx(qmv._nibbles_f16_asm(part), {2: packed, 3: s_pairs[0], 4: s_pairs[1], 5: o_pairs[0],
+                                                   6: o_pairs[1]})  # fmt: skip
+        got = np.stack([out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16], axis=1).reshape(-1)
+        np.testing.assert_array_equal(got.astype(np.uint16).view(np.float16), want, err_msg=f"asm, part {part}")
+        twin = np.asarray(qmv.nibbles_f16(jnp.asarray(codes), part, jnp.asarray(scale, jnp.float32),
+                                          jnp.asarray(offset, jnp.float32), asm=False))  # fmt: skip
+        ulps = np.abs(twin.view(np.int16).astype(np.int32) - want.view(np.int16).astype(np.int32))
+        assert ulps.max() <= 1 and (ulps == 0).mean() > 0.99, f"twin, part {part}: {(ulps != 0).sum()} differ"
+
+
+def test_plans_take_ptx_tiles_on_the_nibble_formats_of_the_float_tensor_core_kernel_only():
+    assert {QT.Q4_0, QT.Q4_1, QT.Q4_K} == qmv.PTX_TYPES
+    assert qmv.plan(QT.Q4_K, 64, 256, ptx=True).ptx
+    with pytest.raises(ValueError, match="ptx is the float tensor-core kernel's, on Q4_0, Q4_1, Q4_K; got Q6_K"):
+        qmv.plan(QT.Q6_K, 64, 256, ptx=True)
+    with pytest.raises(ValueError, match="got Q4_K"):
+        qmv.plan(QT.Q4_K, 64, 256, ptx=True, int8_x=True)
+
+
+def test_decode_takes_ptx_tiles_where_the_setting_asks_on_a_gpu(monkeypatch):
+    """WORKER_DENSE_PTX=1: decode's tensor-core products on the GPU make their tiles by inline PTX, for the formats
+    that have it; off by default, and never in interpret mode (the twin is for tests) or on the CPU."""
+    assert not ops._dense_ptx
+    monkeypatch.setattr(ops, "_dense_ptx", True)
+    assert ops.dense_ptx(QT.Q4_K, "gpu") and ops.dense_ptx(QT.Q4_0, "gpu")
+    assert not ops.dense_ptx(QT.Q6_K, "gpu") and not ops.dense_ptx(QT.Q4_K, "interpret")
+    assert not ops.dense_ptx(QT.Q4_K, "cpu")
+    assert ops._float_tiles(True, 1, True) == {"swap": True, "ptx": True}

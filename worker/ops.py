@@ -197,6 +197,12 @@ def _stages_by_tile(value: str) -> dict[int, int]:
     return stages
 
 
+# WORKER_DENSE_PTX=1 (off by default, untimed on a card): decode's float tensor-core products make their weight tiles
+# by inline PTX in float16 pairs (qmatvec.Plan.ptx, the formats of qmatvec.PTX_TYPES), 4.70 instructions a value
+# where the float path takes 7.68 (phi3's Q4_K gate_up swapped at one row; 4.81 against 7.98 and 168 registers
+# against 255 with spills at 64 rows; sm_90a, tools/kernel_sass.py). Q4_K's values then round d * sc and dmin * m
+# to float16 first: other bits than the float path's (a model takes one or the other for every call).
+_dense_ptx = os.environ.get("WORKER_DENSE_PTX", "0") == "1"
 # WORKER_SWAP_STAGES=16:3,32:3: the swapped dot's software pipeline depth by row tile (qmatvec.swap_row_tile), where the
 # tensor-core plan takes one stage (its unswapped 64-row x tile in shared memory; the swapped dot's follows the rows).
 # Stages change when a step's loads are issued, not its arithmetic, so a bucket's depth leaves a row's bits as they are
@@ -639,7 +645,11 @@ def qmatmul(
             live = _live_rows.get()
             skip = not tensor_cores and not int8_x
             live = live if live is not None and live.size == rows and skip else None
-            tiles = _int8_x_tiles(norm, glu) if int8_x else _float_tiles(tensor_cores and tc_swapped(w.qtype), rows)
+            if int8_x:
+                tiles = _int8_x_tiles(norm, glu)
+            else:
+                tiles = _float_tiles(tensor_cores and tc_swapped(w.qtype), rows,
+                                     tensor_cores and dense_ptx(w.qtype, backend))  # fmt: skip
             y = qmatvec.qmatvec(x, w, interpret=interpret, tensor_cores=tensor_cores, live=live, **tiles)
     elif backend == "gpu" and not exact:
         # Prefill on the GPU: dequantize into a bf16 scratch and let XLA's dot use the tensor cores (f32
@@ -652,11 +662,17 @@ def qmatmul(
     return y if residual is None else residual + y
 
 
-def _float_tiles(swap: bool, rows: int) -> dict:
+def _float_tiles(swap: bool, rows: int, ptx: bool = False) -> dict:
     """qmatvec's arguments for a dense product on the float kernels: the swapped dot's, with its bucket's pipeline
-    depth where WORKER_SWAP_STAGES names its row tile."""
+    depth where WORKER_SWAP_STAGES names its row tile; `ptx`: the tensor-core kernel's tiles made by inline PTX."""
     stages = _swap_stages.get(qmatvec.swap_row_tile(rows)) if swap else None
-    return {"swap": swap} | ({"num_stages": stages} if stages else {})
+    return {"swap": swap} | ({"num_stages": stages} if stages else {}) | ({"ptx": True} if ptx else {})
+
+
+def dense_ptx(qtype: QT, backend: str) -> bool:
+    """Whether decode's tensor-core products on weights of this format make their tiles by inline PTX
+    (`_dense_ptx`; the GPU only)."""
+    return _dense_ptx and backend == "gpu" and qtype in qmatvec.PTX_TYPES
 
 
 def _int8_x_tiles(norm: tuple[jax.Array, float] | None, glu: str | None) -> dict:

@@ -20,6 +20,7 @@ from worker.pallas_kernels.qmatvec import (
     FORMATS,
     KERNEL_TYPES,
     PLAIN_TYPES,
+    PTX_SPREAD,
     load_x_part,
     parts_layout,
     plane_views,
@@ -170,12 +171,11 @@ def _mxfp4_bf16(load) -> list[jax.Array]:
 # MXFP4 in inline PTX (Plan.ptx): four bytes of codes (a 32-bit register) give their low (or high) nibbles' four
 # bf16 values, two bf16x2 registers, in 3.5 instructions a value (the kernel's loop at one stream's decode tiles:
 # 8.1 a value against the integer build's 12.7, sm_90a, static: tools/kernel_sass.py). A byte permute spreads two
-# code bytes into the halves of a word (_PTX_SPREAD); a nibble's magnitude bits (e2m1's exponent and mantissa)
+# code bytes into the halves of a word (PTX_SPREAD); a nibble's magnitude bits (e2m1's exponent and mantissa)
 # shifted to bf16's bits 6-8 and its sign to bit 15 are the bf16 of its value times 2^-126 (code 1, 0.5, a
 # subnormal: PTX's bf16x2 multiply has no flush to zero), which two packed multiplies take to value * 2^126 * the
 # block's scale, each product exact. The scale is 2^(e - 127), bf16 bits e << 7, e clamped to [2, 252] as in the
 # integer build. One asm a part: JAX's lowering of the inline asm takes one result.
-_PTX_SPREAD = (0x4140, 0x4342)  # prmt selectors: code bytes 0 and 1 (2 and 3) into bytes 0 and 2 of a word
 # (magnitude mask, its shift, sign mask, its shift) of both halves' low nibbles, then their high nibbles
 _PTX_NIBBLES = ((0x00070007, 6, 0x00080008, 12), (0x00700070, 2, 0x00800080, 8))
 _PTX_2_126 = 0x7E807E80  # bf16x2 of 2^126
@@ -186,7 +186,7 @@ def _mxfp4_ptx_asm(part: int) -> str:
     values, $2 four code bytes, $3 $4 the scale's bf16x2 pairs (element j of each is byte j's)."""
     mag, mag_shift, sign, sign_shift = _PTX_NIBBLES[part]
     lines = ["{", ".reg .b32 w, m, s, v, k;", f"mov.b32 k, {_PTX_2_126:#x};"]
-    for half, selector in enumerate(_PTX_SPREAD):
+    for half, selector in enumerate(PTX_SPREAD):
         lines += [
             f"prmt.b32 w, $2, 0, {selector:#x};",
             f"and.b32 m, w, {mag:#x};",

@@ -64,7 +64,7 @@ INT8_BLOCK_N = 128
 INT8_PROGRAMS = TARGET_PROGRAMS
 # `plan`'s overrides
 TILE_ARGS = ("block_n", "chunk", "splits", "num_warps", "num_stages", "factored", "prefetch", "fma", "int8_x", "unroll",
-             "programs")  # fmt: skip
+             "programs", "ptx")  # fmt: skip
 # The tiles of prefill-shaped calls (ops.qmatmul: a prompt chunk's positions, or several sequences' chunks in one
 # dispatch: thousands of rows), which take the weight dequantized once into float16 (`quant.widened`): a plain
 # tensor-core product, with one split of K (no partial sums to write). A row's bits depend on these tiles, so every
@@ -94,6 +94,9 @@ class Format:
     planes: dict[str, tuple[int, ...]]
     x_inner: tuple[int, ...]
     factors: Callable[[Load], Factors]
+    # The tensor-core kernel's float16 parts made as inline PTX makes them (Plan.ptx), where the format has them:
+    # `parts`' tiles in its order, as float16; ptx(load, asm): by the asm (a compiled kernel), else by its twin.
+    ptx: Callable[[Load, bool], list[jax.Array]] | None = None
 
     def parts(self, load: Load) -> Parts:
         """(dequantized tile [BN, C, *t] (float32; a plain format's in its own dtype), index into x_inner) pairs."""
@@ -145,6 +148,16 @@ def _q4_0(load: Load) -> Factors:
 def _q4_1(load: Load) -> Factors:
     d, m = _lift(_f32(load("d")), 3), _lift(_f32(load("m")), 3)
     return [(_f32(q), d, m, (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
+
+
+def _q4_0_ptx(load: Load, asm: bool) -> list[jax.Array]:
+    d = _lift(_f32(load("d")), 3)
+    return [nibbles_f16(load("qs", ALL), p, d, -8.0 * d, asm) for p in range(2)]  # d * (q - 8): -8d is exact
+
+
+def _q4_1_ptx(load: Load, asm: bool) -> list[jax.Array]:
+    d, m = _lift(_f32(load("d")), 3), _lift(_f32(load("m")), 3)
+    return [nibbles_f16(load("qs", ALL), p, d, m, asm) for p in range(2)]
 
 
 def _q5_codes(load: Load) -> list[jax.Array]:
@@ -213,6 +226,56 @@ def _q4_k(load: Load) -> Factors:
     for p, q in enumerate(_nibble_parts(load("qs", ALL, ALL))):  # [BN, C, 4, 32]
         out.append((_f32(q), *_k_scale_min(load, p), (ALL, p, ALL)))
     return out
+
+
+def _q4_k_ptx(load: Load, asm: bool) -> list[jax.Array]:
+    qs = load("qs", ALL, ALL)  # [BN, C, 4, 32]
+    return [nibbles_f16(qs, p, *_k_scale_min(load, p), asm) for p in range(2)]
+
+
+# Nibbles to float16 by inline PTX (Plan.ptx): a byte permute spreads two code bytes into the halves of a word
+# (PTX_SPREAD), a nibble masked into each half's low mantissa bits under float16's exponent of 1024 (0x6400) is
+# 1024 + code exactly, and a packed subtract and fused multiply-add give scale * code + offset, rounded once, two
+# values an instruction. The scale and offset are float16, each rounded once from the format's float32: for Q4_0
+# and Q4_1 the file's own halves (and -8d), so the values are the float path's wherever its float32 sum is exact;
+# for Q4_K, d * sc and dmin * m are rounded to float16 first (other bits than the float path's, each within
+# float16's 2^-11). Why by hand: the float path converts each code to float32, scales it in float32 and converts the
+# value to float16 (7.7 instructions a value in all, against 4.7: docs/kernels.md).
+PTX_SPREAD = (0x4140, 0x4342)  # prmt selectors: code bytes 0 and 1 (2 and 3) into bytes 0 and 2 of a word
+PTX_MAGIC = 0x64006400  # float16x2 of 1024
+
+
+def _nibbles_f16_asm(part: int) -> str:
+    """The inline PTX of `nibbles_f16`'s `part` (0: low nibbles, 1: high): operands $0 $1 the float16x2 pairs of the
+    values, $2 four code bytes, $3 $4 the scales' float16x2 pairs, $5 $6 the offsets' (element j of each is byte
+    j's, as Triton packs them)."""
+    lines = ["{", ".reg .b32 w, k, c;", f"mov.b32 k, {PTX_MAGIC:#x};"]
+    lines += ["shr.b32 c, $2, 4;"] if part else ["mov.b32 c, $2;"]
+    for half, selector in enumerate(PTX_SPREAD):
+        lines += [
+            f"prmt.b32 w, c, 0, {selector:#x};",
+            "and.b32 w, w, 0x000f000f;",
+            "or.b32 w, w, k;",
+            "sub.f16x2 w, w, k;",
+            f"fma.rn.f16x2 ${half}, w, ${3 + half}, ${5 + half};",
+        ]
+    return "\n".join([*lines, "}"])
+
+
+def nibbles_f16(codes: jax.Array, part: int, scale: jax.Array, offset: jax.Array | None, asm: bool) -> jax.Array:
+    """scale * nibble + offset of each code byte of `codes` (uint8; `part` 0 its low nibble, 1 its high) in float16,
+    rounded once; `scale` and `offset` (float32) broadcast against `codes`, each rounded to float16 first. `asm`: by
+    inline PTX (a compiled kernel), else by its twin in float32 (interpret mode), which rounds twice where float32's
+    sum is inexact (tests/test_pallas_qmatvec.py counts those)."""
+    offset = jnp.zeros_like(scale) if offset is None else offset
+    halves = [jnp.broadcast_to(v.astype(jnp.float16), codes.shape) for v in (scale, offset)]
+    if not asm:
+        nibble = _f32((codes.astype(jnp.int32) >> (4 * part)) & 0xF)
+        return (nibble * _f32(halves[0]) + _f32(halves[1])).astype(jnp.float16)
+    out = jax.ShapeDtypeStruct(codes.shape, jnp.float16)
+    asm = _nibbles_f16_asm(part)
+    return plgpu.elementwise_inline_asm(asm, args=[codes, *halves], constraints="=r,=r,r,r,r,r,r", pack=4,
+                                        result_shape_dtypes=[out])[0]  # fmt: skip
 
 
 def _q5_k(load: Load) -> Factors:
@@ -293,12 +356,14 @@ def _iq4_xs(load: Load) -> Factors:
 
 FORMATS: dict[QT, Format] = {
     QT.Q8_0: Format(32, {"qs": (32,), "d": ()}, (32,), _q8_0),
-    QT.Q4_0: Format(32, {"qs": (16,), "d": ()}, (2, 16), _q4_0),
-    QT.Q4_1: Format(32, {"qs": (16,), "d": (), "m": ()}, (2, 16), _q4_1),
+    QT.Q4_0: Format(32, {"qs": (16,), "d": ()}, (2, 16), _q4_0, _q4_0_ptx),
+    QT.Q4_1: Format(32, {"qs": (16,), "d": (), "m": ()}, (2, 16), _q4_1, _q4_1_ptx),
     QT.Q5_0: Format(32, {"qs": (16,), "qh": (), "d": ()}, (2, 16), _q5_0),
     QT.Q5_1: Format(32, {"qs": (16,), "qh": (), "d": (), "m": ()}, (2, 16), _q5_1),
     QT.MXFP4: Format(32, {"qs": (16,), "e": ()}, (2, 16), _mxfp4),
-    QT.Q4_K: Format(256, {"qs": (4, 32), "scales": (4, 2), "mins": (4, 2), "d": (), "dmin": ()}, (4, 2, 32), _q4_k),
+    QT.Q4_K: Format(
+        256, {"qs": (4, 32), "scales": (4, 2), "mins": (4, 2), "d": (), "dmin": ()}, (4, 2, 32), _q4_k, _q4_k_ptx
+    ),
     QT.Q5_K: Format(
         256,
         {"qs": (4, 32), "qh": (32,), "scales": (4, 2), "mins": (4, 2), "d": (), "dmin": ()},
@@ -332,6 +397,7 @@ def _plain(load: Load) -> Factors:
 PLAIN_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
 FORMATS |= {qt: Format(32, {"w": (32,)}, (32,), _plain) for qt in PLAIN_TYPES}
 MATVEC_TYPES = frozenset(FORMATS)  # what `qmatvec` takes
+PTX_TYPES = frozenset(qt for qt, fmt in FORMATS.items() if fmt.ptx is not None)  # what Plan.ptx takes
 
 
 @functools.cache
@@ -419,6 +485,10 @@ class Plan:
     # tile on the card (wgmma's N: its gpu test passed on an H100, 2026-12-07); decode's default. Other bits than the
     # unswapped dot (another tile of columns, so another K split), so a model takes one or the other for every call.
     swap: bool = False
+    # The float tensor-core kernel's weight tiles made by inline PTX in float16 pairs (Format.ptx, the formats that
+    # have it; interpret mode runs its float32 twin): 4.70 instructions a value where the float path takes 7.68
+    # (phi3's Q4_K gate_up, swapped, one row; sm_90a, tools/kernel_sass.py). Other bits than the float path's.
+    ptx: bool = False
 
 
 def plan(
@@ -438,6 +508,7 @@ def plan(
     unroll: bool = False,
     programs: int | None = None,
     swap: bool = False,
+    ptx: bool = False,
 ) -> Plan:
     """The tiling for an [n, k] weight: a function of the weight's shape and format only, never of the number of
     rows of x or of (token, expert) pairs, so that every row is computed with the same tiles, K split and
@@ -472,8 +543,11 @@ def plan(
     if num_warps is None:
         num_warps = max(1, block_n // 32) if int8_x else 4
     splits = pl.cdiv(n_chunks, steps)
+    if ptx and (int8_x or fmt.ptx is None):
+        names = ", ".join(sorted(t.name for t in PTX_TYPES))
+        raise ValueError(f"ptx is the float tensor-core kernel's, on {names}; got {qtype.name}")
     return Plan(block_n, chunk, splits, steps, num_warps, num_stages, factored, prefetch, fma, int8_x, unroll, programs,
-                swap)  # fmt: skip
+                swap, ptx)  # fmt: skip
 
 
 def _kernel(*refs, fmt: Format, names: Sequence[str], n: int, blocks: int, rows: int, p: Plan, gathered: bool,
@@ -594,7 +668,7 @@ def _any_live(live_ref, x_rows: Sequence) -> jax.Array:
 
 
 def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks: int, p: Plan, t_size: int,
-                x_rows: int, bm: int, precision, fused: bool):  # fmt: skip
+                x_rows: int, bm: int, precision, fused: bool, interpret: bool):  # fmt: skip
     """Dense: program (r, i, j) computes rows [r*BM, (r+1)*BM) of x (in parts, `x_parts`; `x_rows` rows) against
     output columns [i*BN, (i+1)*BN) over split j of K, one dot per dequantized part. Rows past x_rows are masked
     loads of zeros, not zeros in memory: one row reads one row of x, while its dot is the same BM-row product as in
@@ -612,8 +686,11 @@ def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks:
         b0 = (split * p.steps + s) * c
         blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
         load = tile_loader(planes, fmt, static_index(0), row0, b0, bn, c, rows_ok, blocks_ok)
-        for part, (code, scale, offset, _) in enumerate(fmt.factors(load)):
-            w = _value(code, scale, offset, fused)
+        if p.ptx:
+            tiles = fmt.ptx(load, not interpret)
+        else:
+            tiles = [_value(code, scale, offset, fused) for code, scale, offset, _ in fmt.factors(load)]
+        for part, w in enumerate(tiles):
             xv = load_x_part(x_ref, part, r0, bm, b0, c, t_size, blocks, x_ok, blocks_ok)
             w = w.reshape(bn, c * t_size).astype(xv.dtype)
             lhs, rhs = (w, xv) if p.swap else (xv, w)
@@ -723,7 +800,8 @@ def _call(
         else:  # float32 operands and sums
             xp, precision = x_parts(x, w.qtype, jnp.float32), jax.lax.Precision.HIGHEST  # [P, T, K / P]
         t_size = math.prod(parts_layout(w.qtype)[1])
-        kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, bm=row_tile, precision=precision)
+        kernel = functools.partial(_dot_kernel, **common, t_size=t_size, x_rows=t, bm=row_tile, precision=precision,
+                                   interpret=interpret)  # fmt: skip
         grid, args = (pl.cdiv(t, row_tile), n_blocks, p.splits), (xp, *planes)
     else:
         xv = jnp.pad(x.astype(jnp.float32), ((0, (out_rows - t) // x_share), (0, 0)))
