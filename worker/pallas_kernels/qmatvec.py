@@ -245,36 +245,49 @@ PTX_SPREAD = (0x4140, 0x4342)  # prmt selectors: code bytes 0 and 1 (2 and 3) in
 PTX_MAGIC = 0x64006400  # float16x2 of 1024
 
 
-def _nibbles_f16_asm(part: int) -> str:
+def _nibbles_f16_asm(part: int, high_shift: int | None = None) -> str:
     """The inline PTX of `nibbles_f16`'s `part` (0: low nibbles, 1: high): operands $0 $1 the float16x2 pairs of the
-    values, $2 four code bytes, $3 $4 the scales' float16x2 pairs, $5 $6 the offsets' (element j of each is byte
-    j's, as Triton packs them)."""
-    lines = ["{", ".reg .b32 w, k, c;", f"mov.b32 k, {PTX_MAGIC:#x};"]
+    values, $2 four code bytes, then (`high_shift` given) four bytes whose bits high_shift and high_shift + 1 are
+    the codes' bits 4 and 5, then the scales' float16x2 pairs and the offsets' (element j of each is byte j's, as
+    Triton packs them)."""
+    lines = ["{", ".reg .b32 w, k, c, h, t;", f"mov.b32 k, {PTX_MAGIC:#x};"]
     lines += ["shr.b32 c, $2, 4;"] if part else ["mov.b32 c, $2;"]
+    scales = 3
+    if high_shift is not None:  # each byte's two bits to its bits 4 and 5 (what crosses a byte is masked off)
+        lines += [f"shl.b32 h, $3, {4 - high_shift};" if high_shift < 4 else f"shr.b32 h, $3, {high_shift - 4};"]
+        scales = 4
     for half, selector in enumerate(PTX_SPREAD):
+        lines += [f"prmt.b32 w, c, 0, {selector:#x};", "and.b32 w, w, 0x000f000f;"]
+        if high_shift is not None:
+            lines += [f"prmt.b32 t, h, 0, {selector:#x};", "and.b32 t, t, 0x00300030;", "or.b32 w, w, t;"]
         lines += [
-            f"prmt.b32 w, c, 0, {selector:#x};",
-            "and.b32 w, w, 0x000f000f;",
             "or.b32 w, w, k;",
             "sub.f16x2 w, w, k;",
-            f"fma.rn.f16x2 ${half}, w, ${3 + half}, ${5 + half};",
+            f"fma.rn.f16x2 ${half}, w, ${scales + half}, ${scales + 2 + half};",
         ]
     return "\n".join([*lines, "}"])
 
 
-def nibbles_f16(codes: jax.Array, part: int, scale: jax.Array, offset: jax.Array | None, asm: bool) -> jax.Array:
-    """scale * nibble + offset of each code byte of `codes` (uint8; `part` 0 its low nibble, 1 its high) in float16,
-    rounded once; `scale` and `offset` (float32) broadcast against `codes`, each rounded to float16 first. `asm`: by
-    inline PTX (a compiled kernel), else by its twin in float32 (interpret mode), which rounds twice where float32's
-    sum is inexact (tests/test_pallas_qmatvec.py counts those)."""
+def nibbles_f16(codes: jax.Array, part: int, scale: jax.Array, offset: jax.Array | None, asm: bool,
+                high: jax.Array | None = None, high_shift: int = 0) -> jax.Array:  # fmt: skip
+    """scale * code + offset of each code byte of `codes` (uint8; `part` 0 its low nibble, 1 its high; with `high`,
+    uint8 like `codes`, its bits high_shift and high_shift + 1 are the code's bits 4 and 5) in float16, rounded once;
+    `scale` and `offset` (float32) broadcast against `codes`, each rounded to float16 first. `asm`: by inline PTX (a
+    compiled kernel), else by its twin in float32 (interpret mode), which rounds twice where float32's sum is
+    inexact (tests/test_pallas_qmatvec.py counts those)."""
     offset = jnp.zeros_like(scale) if offset is None else offset
     halves = [jnp.broadcast_to(v.astype(jnp.float16), codes.shape) for v in (scale, offset)]
     if not asm:
-        nibble = _f32((codes.astype(jnp.int32) >> (4 * part)) & 0xF)
-        return (nibble * _f32(halves[0]) + _f32(halves[1])).astype(jnp.float16)
+        code = (codes.astype(jnp.int32) >> (4 * part)) & 0xF
+        if high is not None:
+            code = code | (((high.astype(jnp.int32) >> high_shift) & 3) << 4)
+        return (_f32(code) * _f32(halves[0]) + _f32(halves[1])).astype(jnp.float16)
     out = jax.ShapeDtypeStruct(codes.shape, jnp.float16)
-    asm = _nibbles_f16_asm(part)
-    return plgpu.elementwise_inline_asm(asm, args=[codes, *halves], constraints="=r,=r,r,r,r,r,r", pack=4,
+    text = _nibbles_f16_asm(part, None if high is None else high_shift)
+    args = [codes, *([] if high is None else [high]), *halves]
+    registers = (1 if high is None else 2) + 4  # four bytes of codes (and of high bits) a register, two halves one
+    constraints = "=r,=r" + ",r" * registers
+    return plgpu.elementwise_inline_asm(text, args=args, constraints=constraints, pack=4,
                                         result_shape_dtypes=[out])[0]  # fmt: skip
 
 
@@ -300,6 +313,20 @@ def _q6_k(load: Load) -> Factors:
                 q = low | (((qh >> (2 * (2 * p + k))) & 3) << 4)
                 sc = _lift(d * _f32(load("scales", ALL, p, k, l)), 4)
                 out.append((_f32(q - 32), sc, None, (ALL, p, k, l, ALL)))
+    return out
+
+
+def _q6_k_ptx(load: Load, asm: bool) -> list[jax.Array]:
+    # `_q6_k`'s eight parts in its order: d * sc * (q - 32) as fma(q, s, -32 s), s = d * sc rounded to float16.
+    d = _lift(_f32(load("d")), 3)
+    out = []
+    for l in range(2):
+        qh = load("qh", ALL, l, ALL)
+        for k in range(2):
+            qs = load("qs", ALL, k, l, ALL)
+            for p in range(2):
+                sc = _lift(d * _f32(load("scales", ALL, p, k, l)), 4)
+                out.append(nibbles_f16(qs, p, sc, -32.0 * sc, asm, qh, 2 * (2 * p + k)))
     return out
 
 
@@ -371,7 +398,11 @@ FORMATS: dict[QT, Format] = {
         _q5_k,
     ),
     QT.Q6_K: Format(
-        256, {"qs": (2, 2, 2, 16), "qh": (2, 2, 16), "scales": (2, 2, 2, 2), "d": ()}, (2, 2, 2, 2, 16), _q6_k
+        256,
+        {"qs": (2, 2, 2, 16), "qh": (2, 2, 16), "scales": (2, 2, 2, 2), "d": ()},
+        (2, 2, 2, 2, 16),
+        _q6_k,
+        _q6_k_ptx,
     ),
     QT.Q2_K: Format(256, {"qs": (2, 2, 16), "scales": (2, 4, 2), "d": (), "dmin": ()}, (2, 4, 2, 16), _q2_k),
     QT.Q3_K: Format(256, {"qs": (2, 2, 16), "hmask": (2, 16), "scales": (2, 4, 2), "d": ()}, (2, 4, 2, 16), _q3_k),
