@@ -570,7 +570,8 @@ def test_live_rows_compiled_on_a_real_shape(int8_x):
 
 def test_nibbles_by_ptx_round_each_value_once():
     """qmatvec's nibbles to float16 (Plan.ptx): the asm's instructions interpreted (tests/ptx.py) on all 256 code
-    bytes, both nibbles, alone and with two high bits from another byte at each of Q6_K's shifts, each of a pack's
+    bytes, both nibbles, alone, with two high bits from another byte at each of Q6_K's shifts, and with one at a
+    shift given a pack (Q5_K's), each of a pack's
     four values with a scale and offset of its own, as Triton packs them:
     scale * nibble + offset rounded once to float16, against float64; the float32 twin (interpret mode's) the
     same but where float32's sum rounded first (then a float16 ulp apart at most)."""
@@ -591,31 +592,37 @@ def test_nibbles_by_ptx_round_each_value_once():
     hw = high.reshape(-1, 4).astype(np.uint32)
     high_packed = hw[:, 0] | hw[:, 1] << 8 | hw[:, 2] << 16 | hw[:, 3] << 24
     s_pairs, o_pairs = pairs(scale), pairs(offset)
-    for part, shift in [(0, None), (1, None)] + [(p, s) for p in (0, 1) for s in (0, 2, 4, 6)]:
+    one_bit = rng.integers(0, 8, codes.size // 4, dtype=np.uint8)  # Q5_K's: bit s of a high byte, s for a pack
+    cases = [(0, None), (1, None)] + [(p, s) for p in (0, 1) for s in (0, 2, 4, 6)] + [(0, "1@"), (1, "1@")]
+    for part, shift in cases:
         code = (codes >> (4 * part)) & 0xF
         regs = {2: packed}
-        if shift is not None:
+        if isinstance(shift, int):
             code = code | ((high >> shift) & 3) << 4
             regs[3] = high_packed
+        elif shift == "1@":
+            code = code | ((high >> np.repeat(one_bit, 4)) & 1) << 4
+            regs |= {3: high_packed, 4: one_bit.astype(np.uint32) * 0x01010101}
         at = len(regs) + 2
         regs |= {at: s_pairs[0], at + 1: s_pairs[1], at + 2: o_pairs[0], at + 3: o_pairs[1]}
         want = (code.astype(np.float64) * scale.astype(np.float64) + offset.astype(np.float64)).astype(np.float16)
-        out = run_ptx(qmv._nibbles_f16_asm(part, shift), regs)
+        out = run_ptx(qmv._nibbles_f16_asm(part, shift if shift in (None, "1@") else f"2@{shift}"), regs)
         got = np.stack([out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16], axis=1).reshape(-1)
         what = f"part {part}, high bits at {shift}"
         np.testing.assert_array_equal(got.astype(np.uint16).view(np.float16), want, err_msg=f"asm, {what}")
+        by = jnp.asarray(np.repeat(one_bit, 4)) if shift == "1@" else shift or 0
         twin = np.asarray(qmv.nibbles_f16(jnp.asarray(codes), part, jnp.asarray(scale, jnp.float32),
                                           jnp.asarray(offset, jnp.float32), False,
-                                          None if shift is None else jnp.asarray(high), shift or 0))  # fmt: skip
+                                          None if shift is None else jnp.asarray(high), by))  # fmt: skip
         ulps = np.abs(twin.view(np.int16).astype(np.int32) - want.view(np.int16).astype(np.int32))
         assert ulps.max() <= 1 and (ulps == 0).mean() > 0.99, f"twin, {what}: {(ulps != 0).sum()} differ"
 
 
 def test_plans_take_ptx_tiles_on_the_nibble_formats_of_the_float_tensor_core_kernel_only():
-    assert {QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q6_K} == qmv.PTX_TYPES
+    assert {QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_K, QT.Q6_K} == qmv.PTX_TYPES
     assert qmv.plan(QT.Q4_K, 64, 256, ptx=True).ptx
-    with pytest.raises(ValueError, match="ptx is the float tensor-core kernel's, on Q4_0, Q4_1, Q4_K, Q6_K; got Q5_K"):
-        qmv.plan(QT.Q5_K, 64, 256, ptx=True)
+    with pytest.raises(ValueError, match="tensor-core kernel's, on Q4_0, Q4_1, Q4_K, Q5_K, Q6_K; got Q5_0"):
+        qmv.plan(QT.Q5_0, 64, 256, ptx=True)
     with pytest.raises(ValueError, match="got Q4_K"):
         qmv.plan(QT.Q4_K, 64, 256, ptx=True, int8_x=True)
 
@@ -626,6 +633,6 @@ def test_decode_takes_ptx_tiles_where_the_setting_asks_on_a_gpu(monkeypatch):
     assert not ops._dense_ptx
     monkeypatch.setattr(ops, "_dense_ptx", True)
     assert ops.dense_ptx(QT.Q4_K, "gpu") and ops.dense_ptx(QT.Q4_0, "gpu")
-    assert not ops.dense_ptx(QT.Q5_K, "gpu") and not ops.dense_ptx(QT.Q4_K, "interpret")
+    assert not ops.dense_ptx(QT.Q5_0, "gpu") and not ops.dense_ptx(QT.Q4_K, "interpret")
     assert not ops.dense_ptx(QT.Q4_K, "cpu")
     assert ops._float_tiles(True, 1, True) == {"swap": True, "ptx": True}

@@ -245,21 +245,26 @@ PTX_SPREAD = (0x4140, 0x4342)  # prmt selectors: code bytes 0 and 1 (2 and 3) in
 PTX_MAGIC = 0x64006400  # float16x2 of 1024
 
 
-def _nibbles_f16_asm(part: int, high_shift: int | None = None) -> str:
+def _nibbles_f16_asm(part: int, high: str | None = None) -> str:
     """The inline PTX of `nibbles_f16`'s `part` (0: low nibbles, 1: high): operands $0 $1 the float16x2 pairs of the
-    values, $2 four code bytes, then (`high_shift` given) four bytes whose bits high_shift and high_shift + 1 are
-    the codes' bits 4 and 5, then the scales' float16x2 pairs and the offsets' (element j of each is byte j's, as
-    Triton packs them)."""
-    lines = ["{", ".reg .b32 w, k, c, h, t;", f"mov.b32 k, {PTX_MAGIC:#x};"]
+    values, $2 four code bytes, then the high bits' bytes and the scales' and offsets' float16x2 pairs (element j of
+    each is byte j's, as Triton packs them). `high`: None; "2@S" (Q6_K): bits S and S + 1 of a high byte ($3) are
+    the code's bits 4 and 5; "1@" (Q5_K): bit s of a high byte ($3) is the code's bit 4, s being the first byte of
+    $4 (the same for the pack's four values)."""
+    lines = ["{", ".reg .b32 w, k, c, h, t, s;", f"mov.b32 k, {PTX_MAGIC:#x};"]
     lines += ["shr.b32 c, $2, 4;"] if part else ["mov.b32 c, $2;"]
-    scales = 3
-    if high_shift is not None:  # each byte's two bits to its bits 4 and 5 (what crosses a byte is masked off)
-        lines += [f"shl.b32 h, $3, {4 - high_shift};" if high_shift < 4 else f"shr.b32 h, $3, {high_shift - 4};"]
-        scales = 4
+    mask, scales = None, 3
+    if high is not None and high.startswith("2@"):  # each byte's two bits to its bits 4 and 5 (what crosses a byte is
+        shift = int(high[2:])  # masked off)
+        lines += [f"shl.b32 h, $3, {4 - shift};" if shift < 4 else f"shr.b32 h, $3, {shift - 4};"]
+        mask, scales = 0x00300030, 4
+    elif high == "1@":
+        lines += ["and.b32 s, $4, 0xff;", "shr.b32 h, $3, s;", "shl.b32 h, h, 4;"]
+        mask, scales = 0x00100010, 5
     for half, selector in enumerate(PTX_SPREAD):
         lines += [f"prmt.b32 w, c, 0, {selector:#x};", "and.b32 w, w, 0x000f000f;"]
-        if high_shift is not None:
-            lines += [f"prmt.b32 t, h, 0, {selector:#x};", "and.b32 t, t, 0x00300030;", "or.b32 w, w, t;"]
+        if mask is not None:
+            lines += [f"prmt.b32 t, h, 0, {selector:#x};", f"and.b32 t, t, {mask:#010x};", "or.b32 w, w, t;"]
         lines += [
             "or.b32 w, w, k;",
             "sub.f16x2 w, w, k;",
@@ -269,26 +274,32 @@ def _nibbles_f16_asm(part: int, high_shift: int | None = None) -> str:
 
 
 def nibbles_f16(codes: jax.Array, part: int, scale: jax.Array, offset: jax.Array | None, asm: bool,
-                high: jax.Array | None = None, high_shift: int = 0) -> jax.Array:  # fmt: skip
-    """scale * code + offset of each code byte of `codes` (uint8; `part` 0 its low nibble, 1 its high; with `high`,
-    uint8 like `codes`, its bits high_shift and high_shift + 1 are the code's bits 4 and 5) in float16, rounded once;
-    `scale` and `offset` (float32) broadcast against `codes`, each rounded to float16 first. `asm`: by inline PTX (a
-    compiled kernel), else by its twin in float32 (interpret mode), which rounds twice where float32's sum is
-    inexact (tests/test_pallas_qmatvec.py counts those)."""
+                high: jax.Array | None = None, high_shift: int | jax.Array = 0) -> jax.Array:  # fmt: skip
+    """scale * code + offset of each code byte of `codes` (uint8; `part` 0 its low nibble, 1 its high) in float16,
+    rounded once; `scale` and `offset` (float32) broadcast against `codes`, each rounded to float16 first. With
+    `high` (uint8 like `codes`): an int `high_shift` S takes its bits S and S + 1 as the code's bits 4 and 5 (Q6_K);
+    an array (uint8, broadcast against `codes`, the same for four neighbours along the last axis) its bit there as
+    the code's bit 4 (Q5_K). `asm`: by inline PTX (a compiled kernel), else by its twin in float32 (interpret mode),
+    which rounds twice where float32's sum is inexact (tests/test_pallas_qmatvec.py counts those)."""
     offset = jnp.zeros_like(scale) if offset is None else offset
     halves = [jnp.broadcast_to(v.astype(jnp.float16), codes.shape) for v in (scale, offset)]
+    by_tile = isinstance(high_shift, jax.Array)
     if not asm:
         code = (codes.astype(jnp.int32) >> (4 * part)) & 0xF
         if high is not None:
-            code = code | (((high.astype(jnp.int32) >> high_shift) & 3) << 4)
+            bits = (high.astype(jnp.int32) >> jnp.asarray(high_shift).astype(jnp.int32)) & (1 if by_tile else 3)
+            code = code | (bits << 4)
         return (_f32(code) * _f32(halves[0]) + _f32(halves[1])).astype(jnp.float16)
     out = jax.ShapeDtypeStruct(codes.shape, jnp.float16)
-    text = _nibbles_f16_asm(part, None if high is None else high_shift)
-    args = [codes, *([] if high is None else [high]), *halves]
-    registers = (1 if high is None else 2) + 4  # four bytes of codes (and of high bits) a register, two halves one
-    constraints = "=r,=r" + ",r" * registers
-    return plgpu.elementwise_inline_asm(text, args=args, constraints=constraints, pack=4,
-                                        result_shape_dtypes=[out])[0]  # fmt: skip
+    args, kind = [codes], None
+    if high is not None:
+        args.append(jnp.broadcast_to(high, codes.shape))
+        if by_tile:
+            args.append(jnp.broadcast_to(high_shift.astype(jnp.uint8), codes.shape))
+        kind = "1@" if by_tile else f"2@{high_shift}"
+    constraints = "=r,=r" + ",r" * (len(args) + 4)  # four bytes a register, two float16 halves a register
+    return plgpu.elementwise_inline_asm(_nibbles_f16_asm(part, kind), args=[*args, *halves], constraints=constraints,
+                                        pack=4, result_shape_dtypes=[out])[0]  # fmt: skip
 
 
 def _q5_k(load: Load) -> Factors:
@@ -299,6 +310,13 @@ def _q5_k(load: Load) -> Factors:
         high = (qh >> (2 * group + p)) & 1  # bit 2j + p of byte l: bit 4 of value 64j + 32p + l
         out.append((_f32(low | (high << 4)), *_k_scale_min(load, p), (ALL, p, ALL)))
     return out
+
+
+def _q5_k_ptx(load: Load, asm: bool) -> list[jax.Array]:
+    qs = load("qs", ALL, ALL)  # [BN, C, 4, 32]
+    qh = jax.lax.expand_dims(load("qh", ALL), (2,))  # [BN, C, 1, 32]
+    group = jax.lax.broadcasted_iota(jnp.uint8, (1, 1, 4, 1), 2)
+    return [nibbles_f16(qs, p, *_k_scale_min(load, p), asm, qh, 2 * group + p) for p in range(2)]
 
 
 def _q6_k(load: Load) -> Factors:
@@ -396,6 +414,7 @@ FORMATS: dict[QT, Format] = {
         {"qs": (4, 32), "qh": (32,), "scales": (4, 2), "mins": (4, 2), "d": (), "dmin": ()},
         (4, 2, 32),
         _q5_k,
+        _q5_k_ptx,
     ),
     QT.Q6_K: Format(
         256,
