@@ -22,11 +22,12 @@ def _bf16_values(bits: np.ndarray) -> np.ndarray:
 
 def run_ptx(asm: str, operands: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     """The PTX of an inline asm, instruction by instruction on numpy uint32 arrays, for the few instructions
-    the kernels' asm takes (their semantics from the PTX ISA): mov, and, or, shl, shr, prmt (default mode: a byte of
-    {b, a} per selector nibble, bit 3 of the nibble replicating that byte's sign), mul.rn.bf16x2 (each half a
-    bf16 product rounded to nearest even; subnormals kept), sub.f16x2 and fma.rn.f16x2 (each half computed exactly,
-    then rounded to the nearest float16 once). Anything else fails: the test must cover what the card
-    runs. `operands`: $N -> its 32-bit values; returns them after the asm (the outputs among them)."""
+    the kernels' asm takes (their semantics from the PTX ISA): mov, and, or, xor, shl, shr, mul.lo.u32, prmt
+    (default mode: a byte of {b, a} per selector nibble, bit 3 of the nibble replicating that byte's sign),
+    mul.rn.bf16x2 (each half a bf16 product rounded to nearest even; subnormals kept), sub.f16x2, mul.rn.f16x2 and
+    fma.rn.f16x2 (each half computed exactly, then rounded to the nearest float16 once). Anything else fails: the
+    test must cover what the card runs. `operands`: $N -> its 32-bit values; returns them after the asm (the
+    outputs among them)."""
     regs: dict[str, np.ndarray] = {f"${n}": v.astype(np.uint32) for n, v in operands.items()}
 
     def val(token: str) -> np.ndarray:
@@ -47,13 +48,18 @@ def run_ptx(asm: str, operands: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
             out = a[0] | a[1]
         elif op == "shl.b32":
             out = (a[0].astype(np.uint64) << np.uint64(a[1])).astype(np.uint32)
+        elif op == "xor.b32":
+            out = a[0] ^ a[1]
         elif op == "shr.b32":
-            out = a[0] >> np.uint32(a[1])
-        elif op in ("sub.f16x2", "fma.rn.f16x2"):
+            out = a[0] >> np.asarray(a[1], np.uint32)
+        elif op == "mul.lo.u32":
+            out = (a[0].astype(np.uint64) * np.uint64(a[1]) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        elif op in ("sub.f16x2", "mul.rn.f16x2", "fma.rn.f16x2"):
             halves = []
             for shift in (0, 16):
                 v = [_f16_values((np.broadcast_to(t, np.shape(a[0])) >> shift) & 0xFFFF) for t in a]
-                exact = v[0] - v[1] if op == "sub.f16x2" else v[0] * v[1] + v[2]  # exact in float64 here
+                product = v[0] * v[1] + (v[2] if op == "fma.rn.f16x2" else 0.0)
+                exact = v[0] - v[1] if op == "sub.f16x2" else product  # exact in float64 here
                 halves.append(exact.astype(np.float16).view(np.uint16).astype(np.uint32) << shift)  # rounded once
             out = halves[0] | halves[1]
         elif op == "prmt.b32":

@@ -129,9 +129,10 @@ def test_qmatvec_gpu_arithmetic_against_float64_and_alone(qtype, n, k, kind):
 
 
 # The tensor-core kernel's tiles made as its inline PTX makes them (qmatvec.Plan.ptx; interpret mode runs the asm's
-# float32 twin): the K-quants (their scales rounded to float16 first), Q4_0 and Q4_1 with a masked K tail (20 and 11
-# blocks).
-PTX_CASES = [(QT.Q4_K, 48, 1024), (QT.Q5_K, 40, 768), (QT.Q6_K, 40, 768), (QT.Q4_0, 48, 640), (QT.Q4_1, 40, 352)]
+# float32 twin): the K-quants (their scales rounded to float16 first), and the 32-value formats with a masked K tail
+# (20 and 11 blocks).
+PTX_CASES = [(QT.Q4_K, 48, 1024), (QT.Q5_K, 40, 768), (QT.Q6_K, 40, 768), (QT.Q4_0, 48, 640), (QT.Q4_1, 40, 352),
+             (QT.Q5_0, 48, 640), (QT.Q5_1, 40, 352), (QT.Q8_0, 40, 352)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("qtype", "n", "k"), PTX_CASES, ids=lambda v: getattr(v, "name", str(v)))
@@ -511,9 +512,10 @@ def test_gpu_qmatvec_batched_against_float64_and_alone(gpu_backend, qtype, n, k,
 
 
 # Real decode shapes of the formats Plan.ptx takes: phi3-mini's qkv (Q4_K and Q5_K) and Q6_K down, qwen2.5-0.5b's
-# Q4_K down, and Q4_0 / Q4_1 at qwen2.5's 896 (28 blocks).
+# Q4_K down, the 32-value formats at qwen2.5's 896 (28 blocks), and gpt-oss's Q8_0 q (K = 2880: a masked K tail).
 GPU_PTX = [(QT.Q4_K, 9216, 3072), (QT.Q5_K, 9216, 3072), (QT.Q6_K, 3072, 8192), (QT.Q4_K, 896, 4864),
-           (QT.Q4_0, 4864, 896), (QT.Q4_1, 896, 896)]  # fmt: skip
+           (QT.Q4_0, 4864, 896), (QT.Q4_1, 896, 896), (QT.Q5_0, 4864, 896), (QT.Q5_1, 896, 896),
+           (QT.Q8_0, 4096, 2880)]  # fmt: skip
 
 
 @pytest.mark.gpu

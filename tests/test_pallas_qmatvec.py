@@ -570,8 +570,8 @@ def test_live_rows_compiled_on_a_real_shape(int8_x):
 
 def test_nibbles_by_ptx_round_each_value_once():
     """qmatvec's nibbles to float16 (Plan.ptx): the asm's instructions interpreted (tests/ptx.py) on all 256 code
-    bytes, both nibbles, alone, with two high bits from another byte at each of Q6_K's shifts, and with one at a
-    shift given a pack (Q5_K's), each of a pack's
+    bytes, both nibbles, alone, with two high bits from another byte at each of Q6_K's shifts, with one at a
+    shift given a pack (Q5_K's), and with one from a word at consecutive shifts (Q5_0's), each of a pack's
     four values with a scale and offset of its own, as Triton packs them:
     scale * nibble + offset rounded once to float16, against float64; the float32 twin (interpret mode's) the
     same but where float32's sum rounded first (then a float16 ulp apart at most)."""
@@ -593,36 +593,50 @@ def test_nibbles_by_ptx_round_each_value_once():
     high_packed = hw[:, 0] | hw[:, 1] << 8 | hw[:, 2] << 16 | hw[:, 3] << 24
     s_pairs, o_pairs = pairs(scale), pairs(offset)
     one_bit = rng.integers(0, 8, codes.size // 4, dtype=np.uint8)  # Q5_K's: bit s of a high byte, s for a pack
-    cases = [(0, None), (1, None)] + [(p, s) for p in (0, 1) for s in (0, 2, 4, 6)] + [(0, "1@"), (1, "1@")]
+    # Q5_0's: bit s of a word, s consecutive within a pack (first at 0, 4, ..., 28)
+    word = rng.integers(0, 2**32, codes.size // 4, dtype=np.uint64).astype(np.uint32)
+    first = (rng.integers(0, 8, codes.size // 4) * 4).astype(np.uint8)
+    at_of_value = (np.repeat(first, 4) + np.tile(np.arange(4, dtype=np.uint8), first.size)).astype(np.uint8)
+    cases = [(0, None), (1, None)] + [(p, s) for p in (0, 1) for s in (0, 2, 4, 6)]
+    cases += [(p, kind) for p in (0, 1) for kind in ("byte", "word")]
     for part, shift in cases:
         code = (codes >> (4 * part)) & 0xF
         regs = {2: packed}
         if isinstance(shift, int):
             code = code | ((high >> shift) & 3) << 4
             regs[3] = high_packed
-        elif shift == "1@":
+            high_arg = qmv.HighBits("pair", jnp.asarray(high), shift)
+        elif shift == "byte":
             code = code | ((high >> np.repeat(one_bit, 4)) & 1) << 4
             regs |= {3: high_packed, 4: one_bit.astype(np.uint32) * 0x01010101}
+            high_arg = qmv.HighBits("byte", jnp.asarray(high), jnp.asarray(np.repeat(one_bit, 4)))
+        elif shift == "word":
+            words = np.repeat(word, 4)
+            code = code | ((words >> at_of_value) & 1).astype(np.uint8) << 4
+            regs |= {3 + i: word for i in range(4)}  # each value's copy of its block's word
+            regs[7] = first.astype(np.uint32) | (first.astype(np.uint32) + 1) << 8 | (first.astype(np.uint32) + 2) << 16
+            regs[7] |= (first.astype(np.uint32) + 3) << 24
+            high_arg = qmv.HighBits("word", jnp.asarray(words), jnp.asarray(at_of_value))
+        else:
+            high_arg = None
         at = len(regs) + 2
         regs |= {at: s_pairs[0], at + 1: s_pairs[1], at + 2: o_pairs[0], at + 3: o_pairs[1]}
         want = (code.astype(np.float64) * scale.astype(np.float64) + offset.astype(np.float64)).astype(np.float16)
-        out = run_ptx(qmv._nibbles_f16_asm(part, shift if shift in (None, "1@") else f"2@{shift}"), regs)
+        out = run_ptx(qmv._nibbles_f16_asm(part, f"pair@{shift}" if isinstance(shift, int) else shift), regs)
         got = np.stack([out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16], axis=1).reshape(-1)
         what = f"part {part}, high bits at {shift}"
         np.testing.assert_array_equal(got.astype(np.uint16).view(np.float16), want, err_msg=f"asm, {what}")
-        by = jnp.asarray(np.repeat(one_bit, 4)) if shift == "1@" else shift or 0
         twin = np.asarray(qmv.nibbles_f16(jnp.asarray(codes), part, jnp.asarray(scale, jnp.float32),
-                                          jnp.asarray(offset, jnp.float32), False,
-                                          None if shift is None else jnp.asarray(high), by))  # fmt: skip
+                                          jnp.asarray(offset, jnp.float32), False, high_arg))  # fmt: skip
         ulps = np.abs(twin.view(np.int16).astype(np.int32) - want.view(np.int16).astype(np.int32))
         assert ulps.max() <= 1 and (ulps == 0).mean() > 0.99, f"twin, {what}: {(ulps != 0).sum()} differ"
 
 
 def test_plans_take_ptx_tiles_on_the_nibble_formats_of_the_float_tensor_core_kernel_only():
-    assert {QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q5_K, QT.Q6_K} == qmv.PTX_TYPES
+    assert {QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K} == qmv.PTX_TYPES
     assert qmv.plan(QT.Q4_K, 64, 256, ptx=True).ptx
-    with pytest.raises(ValueError, match="tensor-core kernel's, on Q4_0, Q4_1, Q4_K, Q5_K, Q6_K; got Q5_0"):
-        qmv.plan(QT.Q5_0, 64, 256, ptx=True)
+    with pytest.raises(ValueError, match="tensor-core kernel's, on Q4_0, .*, Q8_0; got Q3_K"):
+        qmv.plan(QT.Q3_K, 64, 256, ptx=True)
     with pytest.raises(ValueError, match="got Q4_K"):
         qmv.plan(QT.Q4_K, 64, 256, ptx=True, int8_x=True)
 
@@ -633,6 +647,26 @@ def test_decode_takes_ptx_tiles_where_the_setting_asks_on_a_gpu(monkeypatch):
     assert not ops._dense_ptx
     monkeypatch.setattr(ops, "_dense_ptx", True)
     assert ops.dense_ptx(QT.Q4_K, "gpu") and ops.dense_ptx(QT.Q4_0, "gpu")
-    assert not ops.dense_ptx(QT.Q5_0, "gpu") and not ops.dense_ptx(QT.Q4_K, "interpret")
+    assert not ops.dense_ptx(QT.Q3_K, "gpu") and not ops.dense_ptx(QT.Q4_K, "interpret")
     assert not ops.dense_ptx(QT.Q4_K, "cpu")
     assert ops._float_tiles(True, 1, True) == {"swap": True, "ptx": True}
+
+
+def test_signed_bytes_by_ptx_are_the_float_paths_values():
+    """Q8_0's codes to float16 (Plan.ptx, qmatvec.bytes_f16): the asm interpreted on all 256 signed bytes, each of a
+    pack's four with a scale of its own: scale * code rounded once, which is the float path's value (a float16
+    scale times an int8 code is exact in float32); the twin gives the same bits."""
+    from ptx import run_ptx
+
+    rng = np.random.default_rng(19)
+    codes = np.tile(np.arange(-128, 128, dtype=np.int8), 64)
+    scale = (rng.uniform(-0.05, 0.05, codes.size) * 2.0 ** rng.integers(-12, 3, codes.size)).astype(np.float16)
+    words = codes.view(np.uint8).reshape(-1, 4).astype(np.uint32)
+    packed = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
+    bits = scale.view(np.uint16).astype(np.uint32).reshape(-1, 4)
+    out = run_ptx(qmv._bytes_f16_asm(), {2: packed, 3: bits[:, 0] | bits[:, 1] << 16, 4: bits[:, 2] | bits[:, 3] << 16})
+    got = np.stack([out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16], axis=1).reshape(-1)
+    want = (codes.astype(np.float32) * scale.astype(np.float32)).astype(np.float16)
+    np.testing.assert_array_equal(got.astype(np.uint16).view(np.float16), want)
+    twin = qmv.bytes_f16(jnp.asarray(codes), jnp.asarray(scale, jnp.float32), asm=False)
+    np.testing.assert_array_equal(np.asarray(twin), want)
