@@ -142,6 +142,16 @@ def test_qmatvec_ptx_tiles_against_float64_and_alone(qtype, n, k, kind):
     check_dense_neighbours(qtype, n, k, True, {"tensor_cores": True, "f16": True, "ptx": True} | kind)
 
 
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q5_0], ids=lambda t: t.name)
+def test_ptx_tiles_give_the_float_paths_bits_where_the_files_halves_are_the_scales(qtype):
+    """Q8_0, Q4_0 and Q5_0 by the PTX build's arithmetic (interpret mode: its twin, whose values the asm's equal,
+    tests/test_pallas_qmatvec.py): d * (q - c) rounded once, the float path's value, so the same products."""
+    w, _, x = dense_case(qtype, 40, 352, seed=7)
+    tiles = {"tensor_cores": True, "f16": True}
+    ptx, plain = (np.asarray(dense_call(True, **tiles, ptx=p)(x[:9], w)) for p in (True, False))
+    np.testing.assert_array_equal(ptx, plain)
+
+
 # Forced tiles: 3 row blocks with masked rows past N = 40, 3 K splits of 2 steps each, the last partly masked.
 SPLIT_TILES = {32: dict(block_n=16, chunk=2, splits=3), 256: dict(block_n=16, chunk=1, splits=2)}
 
