@@ -677,6 +677,27 @@ def test_the_swapped_dots_lower_to_triton_for_cuda_with_the_weight_on_the_left(s
         assert dots and all(f"-> tensor<64x{row_tile}xf32>" in d for d in dots), (expr, dots)
 
 
+def test_the_ptx_tiles_lower_to_triton_for_cuda_with_their_asm(sass):
+    """Plan.ptx's kernels (WORKER_DENSE_PTX) for every format that has them, lowered for CUDA with no GPU (the asm's
+    Python side, which interpret mode does not run): each part's tile made by its inline asm, four values an
+    invocation. (Compiled to SASS with a pip triton on 2026-12-08: docs/kernels.md's table.)"""
+    from gguf import GGMLQuantizationType as QT
+
+    from worker.pallas_kernels import qmatvec as qmv
+
+    for qtype in sorted(qmv.PTX_TYPES, key=lambda t: t.name):
+        k = 2 * qmv.FORMATS[qtype].sb
+        (kernel,), plan, _ = sass.qmatvec_call(
+            f"qmatvec {qtype.name} 128x{k} rows=1 tensor_cores=True swap=True ptx=True"
+        )
+        assert plan.ptx, qtype
+        asms = re.findall(r"tt\.elementwise_inline_asm [^\n]*", kernel.ttir)
+        parts = len(qmv.parts_layout(qtype)[0])
+        assert len(asms) == parts and all("packed_element = 4" in a for a in asms), (qtype.name, asms[:1])
+        want = "mul.rn.f16x2" if qtype == QT.Q8_0 else "fma.rn.f16x2"
+        assert all(want in a for a in asms), qtype.name
+
+
 def test_int8_x_reaches_the_worker_and_its_server(tmp_path):
     """`python -m bench --int8-x`: both worker parts run with it; on the CPU each records the worker's refusal."""
     from bench.__main__ import main
