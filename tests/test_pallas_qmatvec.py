@@ -570,8 +570,8 @@ def test_live_rows_compiled_on_a_real_shape(int8_x):
 
 def test_nibbles_by_ptx_round_each_value_once():
     """qmatvec's nibbles to float16 (Plan.ptx): the asm's instructions interpreted (tests/ptx.py) on all 256 code
-    bytes, both nibbles, alone, with two high bits from another byte at each of Q6_K's shifts, with one at a
-    shift given a pack (Q5_K's), and with one from a word at consecutive shifts (Q5_0's), each of a pack's
+    bytes, both nibbles, alone and with two high bits from another byte at each of Q6_K's shifts (Q5_K's and Q5_0's
+    one high bit comes at shift 0), each of a pack's
     four values with a scale and offset of its own, as Triton packs them:
     scale * nibble + offset rounded once to float16, against float64; the float32 twin (interpret mode's) the
     same but where float32's sum rounded first (then a float16 ulp apart at most)."""
@@ -592,42 +592,22 @@ def test_nibbles_by_ptx_round_each_value_once():
     hw = high.reshape(-1, 4).astype(np.uint32)
     high_packed = hw[:, 0] | hw[:, 1] << 8 | hw[:, 2] << 16 | hw[:, 3] << 24
     s_pairs, o_pairs = pairs(scale), pairs(offset)
-    one_bit = rng.integers(0, 8, codes.size // 4, dtype=np.uint8)  # Q5_K's: bit s of a high byte, s for a pack
-    # Q5_0's: bit s of a word, s consecutive within a pack (first at 0, 4, ..., 28)
-    word = rng.integers(0, 2**32, codes.size // 4, dtype=np.uint64).astype(np.uint32)
-    first = (rng.integers(0, 8, codes.size // 4) * 4).astype(np.uint8)
-    at_of_value = (np.repeat(first, 4) + np.tile(np.arange(4, dtype=np.uint8), first.size)).astype(np.uint8)
-    cases = [(0, None), (1, None)] + [(p, s) for p in (0, 1) for s in (0, 2, 4, 6)]
-    cases += [(p, kind) for p in (0, 1) for kind in ("byte", "word")]
-    for part, shift in cases:
+    for part, shift in [(0, None), (1, None)] + [(p, s) for p in (0, 1) for s in (0, 2, 4, 6)]:
         code = (codes >> (4 * part)) & 0xF
         regs = {2: packed}
-        if isinstance(shift, int):
+        if shift is not None:
             code = code | ((high >> shift) & 3) << 4
             regs[3] = high_packed
-            high_arg = qmv.HighBits("pair", jnp.asarray(high), shift)
-        elif shift == "byte":
-            code = code | ((high >> np.repeat(one_bit, 4)) & 1) << 4
-            regs |= {3: high_packed, 4: one_bit.astype(np.uint32) * 0x01010101}
-            high_arg = qmv.HighBits("byte", jnp.asarray(high), jnp.asarray(np.repeat(one_bit, 4)))
-        elif shift == "word":
-            words = np.repeat(word, 4)
-            code = code | ((words >> at_of_value) & 1).astype(np.uint8) << 4
-            regs |= {3 + i: word for i in range(4)}  # each value's copy of its block's word
-            regs[7] = first.astype(np.uint32) | (first.astype(np.uint32) + 1) << 8 | (first.astype(np.uint32) + 2) << 16
-            regs[7] |= (first.astype(np.uint32) + 3) << 24
-            high_arg = qmv.HighBits("word", jnp.asarray(words), jnp.asarray(at_of_value))
-        else:
-            high_arg = None
         at = len(regs) + 2
         regs |= {at: s_pairs[0], at + 1: s_pairs[1], at + 2: o_pairs[0], at + 3: o_pairs[1]}
         want = (code.astype(np.float64) * scale.astype(np.float64) + offset.astype(np.float64)).astype(np.float16)
-        out = run_ptx(qmv._nibbles_f16_asm(part, f"pair@{shift}" if isinstance(shift, int) else shift), regs)
+        out = run_ptx(qmv._nibbles_f16_asm(part, shift), regs)
         got = np.stack([out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16], axis=1).reshape(-1)
         what = f"part {part}, high bits at {shift}"
         np.testing.assert_array_equal(got.astype(np.uint16).view(np.float16), want, err_msg=f"asm, {what}")
         twin = np.asarray(qmv.nibbles_f16(jnp.asarray(codes), part, jnp.asarray(scale, jnp.float32),
-                                          jnp.asarray(offset, jnp.float32), False, high_arg))  # fmt: skip
+                                          jnp.asarray(offset, jnp.float32), False,
+                                          None if shift is None else jnp.asarray(high), shift or 0))  # fmt: skip
         ulps = np.abs(twin.view(np.int16).astype(np.int32) - want.view(np.int16).astype(np.int32))
         assert ulps.max() <= 1 and (ulps == 0).mean() > 0.99, f"twin, {what}: {(ulps != 0).sum()} differ"
 

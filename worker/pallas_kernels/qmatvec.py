@@ -187,11 +187,12 @@ def _q5_1(load: Load) -> Factors:
 
 def _q5_ptx(load: Load, asm: bool, offset: bool) -> list[jax.Array]:
     """Q5_0's (d * (q - 16) as fma(q, d, -16 d): the float path's values to the bit) or Q5_1's (offset: d * q + m)
-    two parts by `nibbles_f16`, value i's fifth bit being bit i of the block's qh."""
-    d, qs, qh = _lift(_f32(load("d")), 3), load("qs", ALL), _lift(load("qh"), 3)
+    two parts by `nibbles_f16`, value i's fifth bit (bit i of the block's qh) first moved to bit 0 of a byte."""
+    d, qs, qh = _lift(_f32(load("d")), 3), load("qs", ALL), _lift(load("qh").astype(jnp.uint32), 3)
     m = _lift(_f32(load("m")), 3) if offset else -16.0 * d
-    at = jax.lax.broadcasted_iota(jnp.uint8, (1, 1, 16), 2)
-    return [nibbles_f16(qs, p, d, m, asm, HighBits("word", qh, at + 16 * p)) for p in range(2)]
+    at = jnp.arange(16, dtype=jnp.uint32)
+    fifth = [((qh >> (at + 16 * p)) & 1).astype(jnp.uint8) for p in range(2)]
+    return [nibbles_f16(qs, p, d, m, asm, fifth[p]) for p in range(2)]
 
 
 def _e2m1_tiny(code: jax.Array) -> jax.Array:
@@ -258,44 +259,21 @@ PTX_SPREAD = (0x4140, 0x4342)  # prmt selectors: code bytes 0 and 1 (2 and 3) in
 PTX_MAGIC = 0x64006400  # float16x2 of 1024
 
 
-@dataclasses.dataclass(frozen=True)
-class HighBits:
-    """Where `nibbles_f16` finds a code's bits above its nibble. `kind` "pair" (Q6_K): bits `shift` and `shift` + 1
-    (an int) of a byte of `bits` (uint8 like the codes) are the code's bits 4 and 5; "byte" (Q5_K): bit `shift` of a
-    byte of `bits` is its bit 4, `shift` (uint8) the same for the pack's four values; "word" (Q5_0, Q5_1): bit
-    `shift` of `bits` (uint32, the block's) is its bit 4, the pack's values' bits consecutive from its first's."""
-
-    kind: str
-    bits: jax.Array
-    shift: int | jax.Array
-
-
-def _nibbles_f16_asm(part: int, high: str | None = None) -> str:
+def _nibbles_f16_asm(part: int, high_shift: int | None = None) -> str:
     """The inline PTX of `nibbles_f16`'s `part` (0: low nibbles, 1: high): operands $0 $1 the float16x2 pairs of the
-    values, $2 four code bytes, then the high bits (`high`: None, "pair@S", "byte" or "word", HighBits' kinds: for
-    "byte" $3 the high bytes and $4 the shift's; for "word" $3..$6 the four values' words and $7 the shifts'), then
-    the scales' float16x2 pairs and the offsets' (element j of each is byte j's, as Triton packs them)."""
-    lines = ["{", ".reg .b32 w, k, c, h, t, s;", f"mov.b32 k, {PTX_MAGIC:#x};"]
+    values, $2 four code bytes, then (`high_shift` S given) four bytes whose bits S and S + 1 are the codes' bits 4
+    and 5, then the scales' float16x2 pairs and the offsets' (element j of each is byte j's, as Triton packs them:
+    each value's operands are its own, whatever the layout puts beside it)."""
+    lines = ["{", ".reg .b32 w, k, c, h, t;", f"mov.b32 k, {PTX_MAGIC:#x};"]
     lines += ["shr.b32 c, $2, 4;"] if part else ["mov.b32 c, $2;"]
-    mask, scales, spread = None, 3, True
-    if high is not None and high.startswith("pair@"):  # each byte's two bits to its bits 4 and 5 (what crosses a
-        shift = int(high[5:])  # byte is masked off)
-        lines += [f"shl.b32 h, $3, {4 - shift};" if shift < 4 else f"shr.b32 h, $3, {shift - 4};"]
-        mask, scales = 0x00300030, 4
-    elif high == "byte":
-        lines += ["and.b32 s, $4, 0xff;", "shr.b32 h, $3, s;", "shl.b32 h, h, 4;"]
-        mask, scales = 0x00100010, 5
-    elif high == "word":  # bits 0..3 of h: the pack's four values' fifth bits
-        lines += ["and.b32 s, $7, 0xff;", "shr.b32 h, $3, s;"]
-        mask, scales, spread = 0x00100010, 8, False
+    scales = 3
+    if high_shift is not None:  # each byte's two bits to its bits 4 and 5 (what crosses a byte is masked off)
+        lines += [f"shl.b32 h, $3, {4 - high_shift};" if high_shift < 4 else f"shr.b32 h, $3, {high_shift - 4};"]
+        scales = 4
     for half, selector in enumerate(PTX_SPREAD):
         lines += [f"prmt.b32 w, c, 0, {selector:#x};", "and.b32 w, w, 0x000f000f;"]
-        if mask is not None and spread:
-            lines += [f"prmt.b32 t, h, 0, {selector:#x};"]
-        elif mask is not None:  # two bits of h to bits 4 and 20: times 2^4 + 2^19, no carry between them
-            lines += [f"shr.b32 t, h, {2 * half};", "and.b32 t, t, 3;", "mul.lo.u32 t, t, 0x80010;"]
-        if mask is not None:
-            lines += [f"and.b32 t, t, {mask:#010x};", "or.b32 w, w, t;"]
+        if high_shift is not None:
+            lines += [f"prmt.b32 t, h, 0, {selector:#x};", "and.b32 t, t, 0x00300030;", "or.b32 w, w, t;"]
         lines += [
             "or.b32 w, w, k;",
             "sub.f16x2 w, w, k;",
@@ -305,30 +283,24 @@ def _nibbles_f16_asm(part: int, high: str | None = None) -> str:
 
 
 def nibbles_f16(codes: jax.Array, part: int, scale: jax.Array, offset: jax.Array | None, asm: bool,
-                high: HighBits | None = None) -> jax.Array:  # fmt: skip
-    """scale * code + offset of each code byte of `codes` (uint8; `part` 0 its low nibble, 1 its high; `high`: its
-    bits above the nibble) in float16, rounded once; `scale` and `offset` (float32) broadcast against `codes`, each
-    rounded to float16 first. `asm`: by inline PTX (a compiled kernel), else by its twin in float32 (interpret
-    mode), which rounds twice where float32's sum is inexact (tests/test_pallas_qmatvec.py counts those)."""
+                high: jax.Array | None = None, high_shift: int = 0) -> jax.Array:  # fmt: skip
+    """scale * code + offset of each code byte of `codes` (uint8; `part` 0 its low nibble, 1 its high; with `high`,
+    uint8 like `codes`, its bits high_shift and high_shift + 1 are the code's bits 4 and 5) in float16, rounded once;
+    `scale` and `offset` (float32) broadcast against `codes`, each rounded to float16 first. `asm`: by inline PTX (a
+    compiled kernel), else by its twin in float32 (interpret mode), which rounds twice where float32's sum is
+    inexact (tests/test_pallas_qmatvec.py counts those)."""
     offset = jnp.zeros_like(scale) if offset is None else offset
     halves = [jnp.broadcast_to(v.astype(jnp.float16), codes.shape) for v in (scale, offset)]
     if not asm:
         code = (codes.astype(jnp.int32) >> (4 * part)) & 0xF
         if high is not None:
-            shifted = high.bits.astype(jnp.uint32) >> jnp.asarray(high.shift).astype(jnp.uint32)
-            code = code | ((shifted & (3 if high.kind == "pair" else 1)).astype(jnp.int32) << 4)
+            code = code | (((high.astype(jnp.int32) >> high_shift) & 3) << 4)
         return (_f32(code) * _f32(halves[0]) + _f32(halves[1])).astype(jnp.float16)
     out = jax.ShapeDtypeStruct(codes.shape, jnp.float16)
-    args, kind = [codes], None
-    if high is not None:
-        args.append(jnp.broadcast_to(high.bits, codes.shape))
-        kind = f"pair@{high.shift}" if high.kind == "pair" else high.kind
-        if high.kind != "pair":
-            args.append(jnp.broadcast_to(jnp.asarray(high.shift).astype(jnp.uint8), codes.shape))
-    # four bytes a register, a 32-bit word one, two float16 halves one
-    registers = sum(4 if a.dtype.itemsize == 4 else 1 for a in args) + 4
-    return plgpu.elementwise_inline_asm(_nibbles_f16_asm(part, kind), args=[*args, *halves],
-                                        constraints="=r,=r" + ",r" * registers, pack=4,
+    text = _nibbles_f16_asm(part, None if high is None else high_shift)
+    args = [codes, *([] if high is None else [jnp.broadcast_to(high, codes.shape)]), *halves]
+    registers = (1 if high is None else 2) + 4  # four bytes of codes (and of high bits) a register, two halves one
+    return plgpu.elementwise_inline_asm(text, args=args, constraints="=r,=r" + ",r" * registers, pack=4,
                                         result_shape_dtypes=[out])[0]  # fmt: skip
 
 
@@ -374,7 +346,9 @@ def _q5_k_ptx(load: Load, asm: bool) -> list[jax.Array]:
     qs = load("qs", ALL, ALL)  # [BN, C, 4, 32]
     qh = jax.lax.expand_dims(load("qh", ALL), (2,))  # [BN, C, 1, 32]
     group = jax.lax.broadcasted_iota(jnp.uint8, (1, 1, 4, 1), 2)
-    return [nibbles_f16(qs, p, *_k_scale_min(load, p), asm, HighBits("byte", qh, 2 * group + p)) for p in range(2)]
+    # the fifth bit to bit 0 of a byte a value here: its shift differs along the tile, which the asm's is not
+    fifth = [((qh >> (2 * group + p)) & 1).astype(jnp.uint8) for p in range(2)]
+    return [nibbles_f16(qs, p, *_k_scale_min(load, p), asm, fifth[p]) for p in range(2)]
 
 
 def _q6_k(load: Load) -> Factors:
@@ -402,7 +376,7 @@ def _q6_k_ptx(load: Load, asm: bool) -> list[jax.Array]:
             qs = load("qs", ALL, k, l, ALL)
             for p in range(2):
                 sc = _lift(d * _f32(load("scales", ALL, p, k, l)), 4)
-                out.append(nibbles_f16(qs, p, sc, -32.0 * sc, asm, HighBits("pair", qh, 2 * (2 * p + k))))
+                out.append(nibbles_f16(qs, p, sc, -32.0 * sc, asm, qh, 2 * (2 * p + k)))
     return out
 
 
