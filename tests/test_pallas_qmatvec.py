@@ -626,10 +626,13 @@ def test_decode_takes_ptx_tiles_where_the_setting_asks_on_a_gpu(monkeypatch):
     that have it; off by default, and never in interpret mode (the twin is for tests) or on the CPU."""
     assert not ops._dense_ptx
     monkeypatch.setattr(ops, "_dense_ptx", True)
+    monkeypatch.setattr(qmv, "ptx_runs", lambda: True)  # an NVIDIA GPU
     assert ops.dense_ptx(QT.Q4_K, "gpu") and ops.dense_ptx(QT.Q4_0, "gpu")
     assert not ops.dense_ptx(QT.Q3_K, "gpu") and not ops.dense_ptx(QT.Q4_K, "interpret")
     assert not ops.dense_ptx(QT.Q4_K, "cpu")
     assert ops._float_tiles(True, 1, True) == {"swap": True, "ptx": True}
+    monkeypatch.setattr(qmv, "ptx_runs", lambda: False)  # another vendor's GPU
+    assert not ops.dense_ptx(QT.Q4_K, "gpu")
 
 
 def test_signed_bytes_by_ptx_are_the_float_paths_values():

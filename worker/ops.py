@@ -672,8 +672,8 @@ def _float_tiles(swap: bool, rows: int, ptx: bool = False) -> dict:
 
 def dense_ptx(qtype: QT, backend: str) -> bool:
     """Whether decode's tensor-core products on weights of this format make their tiles by inline PTX
-    (`_dense_ptx`; the GPU only)."""
-    return _dense_ptx and backend == "gpu" and qtype in qmatvec.PTX_TYPES
+    (`_dense_ptx`; an NVIDIA GPU only, qmatvec.ptx_runs)."""
+    return _dense_ptx and backend == "gpu" and qtype in qmatvec.PTX_TYPES and qmatvec.ptx_runs()
 
 
 def _int8_x_tiles(norm: tuple[jax.Array, float] | None, glu: str | None) -> dict:

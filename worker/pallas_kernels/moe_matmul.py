@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from worker.pallas_kernels.qmatvec import (
     tile_loader,
     x_parts,
 )
-from worker.pallas_kernels.tiling import ALL, TritonParams, kernel_entry, pow2_floor
+from worker.pallas_kernels.tiling import ALL, TritonParams, cuda_capability, kernel_entry, pow2_floor
 from worker.quant import QuantArray, dequantize
 
 BLOCK_M = 64
@@ -204,9 +203,8 @@ def _mxfp4_ptx_asm(part: int) -> str:
 def ptx_runs() -> bool:
     """Whether the default device runs `_mxfp4_ptx_asm`: an NVIDIA GPU of sm_90 or later (PTX's mul.rn.bf16x2 needs
     it); a capability that is not a number (another vendor's) does not."""
-    device = jax.devices()[0]
-    capability = str(getattr(device, "compute_capability", ""))
-    return device.platform == "gpu" and re.fullmatch(r"\d+(\.\d+)?", capability) is not None and float(capability) >= 9
+    capability = cuda_capability()
+    return capability is not None and capability >= 9
 
 
 def _mxfp4_ptx(load) -> list[jax.Array]:

@@ -21,6 +21,7 @@ from worker.pallas_kernels.tiling import (
     ALL,
     TARGET_PROGRAMS,
     TritonParams,
+    cuda_capability,
     kernel_entry,
     masked_load,
     pow2_floor,
@@ -482,6 +483,14 @@ PLAIN_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
 FORMATS |= {qt: Format(32, {"w": (32,)}, (32,), _plain) for qt in PLAIN_TYPES}
 MATVEC_TYPES = frozenset(FORMATS)  # what `qmatvec` takes
 PTX_TYPES = frozenset(qt for qt, fmt in FORMATS.items() if fmt.ptx is not None)  # what Plan.ptx takes
+
+
+@functools.cache
+def ptx_runs() -> bool:
+    """Whether the default device runs Plan.ptx's asm: an NVIDIA GPU of sm_53 or later (PTX's packed float16
+    arithmetic needs it)."""
+    capability = cuda_capability()
+    return capability is not None and capability >= 5.3
 
 
 @functools.cache

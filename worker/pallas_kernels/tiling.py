@@ -3,6 +3,7 @@ of the attention kernels), so that no kernel reaches into another's private help
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import jax
@@ -18,6 +19,16 @@ TARGET_PROGRAMS = 4 * SM_COUNT  # programs a grid aims for: a few per SM hide th
 ALL = slice(None)
 NEG = -1e30  # the attention kernels' running max before any key: finite, so exp(m - m_new) never sees inf - inf
 MAX_BLOCK_S = 64  # slots per k/v tile of the attention kernels
+
+
+def cuda_capability() -> float | None:
+    """The default device's CUDA compute capability (9.0 for an H100), or None: not a GPU, or another vendor's (its
+    capability not a number)."""
+    device = jax.devices()[0]
+    capability = str(getattr(device, "compute_capability", ""))
+    if device.platform != "gpu" or re.fullmatch(r"\d+(\.\d+)?", capability) is None:
+        return None
+    return float(capability)
 
 
 def kernel_entry(*static: str) -> Callable[[Callable], Callable]:
