@@ -9,6 +9,8 @@ on small shapes; `gpu`-marked twins compile them on real-model shapes (`just tes
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,6 +152,21 @@ def test_ptx_tiles_give_the_float_paths_bits_where_the_files_halves_are_the_scal
     tiles = {"tensor_cores": True, "f16": True}
     ptx, plain = (np.asarray(dense_call(True, **tiles, ptx=p)(x[:9], w)) for p in (True, False))
     np.testing.assert_array_equal(ptx, plain)
+
+
+@pytest.mark.parametrize("ptx", [False, True], ids=["float", "ptx"])
+def test_q4k_swapped_dot_loading_its_scales_whole_gives_the_same_bits(monkeypatch, ptx):
+    """Q4_K's swapped dot loads its scales and mins whole and picks a part by a select and a sum with zero
+    (qmatvec._k_scale_min's `whole`): the same values, so the same bits as a part at a time."""
+    w, _, x = dense_case(QT.Q4_K, 48, 1024, seed=9)
+    tiles = {"tensor_cores": True, "f16": True, "swap": True, "row_tile": 16, "ptx": ptx}
+    whole = np.asarray(dense_call(True, **tiles)(x[:5], w))
+    fmt = qmv.FORMATS[QT.Q4_K]
+    assert fmt.swapped_factors is not None and fmt.swapped_ptx is not None
+    monkeypatch.setitem(qmv.FORMATS, QT.Q4_K, dataclasses.replace(fmt, swapped_factors=None, swapped_ptx=None))
+    jax.clear_caches()  # the kernel entries are jitted: trace them again with the format as patched
+    np.testing.assert_array_equal(np.asarray(dense_call(True, **tiles)(x[:5], w)), whole)
+    jax.clear_caches()
 
 
 # Forced tiles: 3 row blocks with masked rows past N = 40, 3 K splits of 2 steps each, the last partly masked.

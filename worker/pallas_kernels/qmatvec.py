@@ -98,6 +98,10 @@ class Format:
     # The tensor-core kernel's float16 parts made as inline PTX makes them (Plan.ptx), where the format has them:
     # `parts`' tiles in its order, as float16; ptx(load, asm): by the asm (a compiled kernel), else by its twin.
     ptx: Callable[[Load, bool], list[jax.Array]] | None = None
+    # The swapped tensor-core dot's `factors` and `ptx`, where they load differently (the same values:
+    # `_k_scale_min`'s `whole`).
+    swapped_factors: Callable[[Load], Factors] | None = None
+    swapped_ptx: Callable[[Load, bool], list[jax.Array]] | None = None
 
     def parts(self, load: Load) -> Parts:
         """(dequantized tile [BN, C, *t] (float32; a plain format's in its own dtype), index into x_inner) pairs."""
@@ -227,25 +231,36 @@ def _mxfp4(load: Load) -> Factors:
     return [(_e2m1_tiny(q), d, None, (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
 
 
-def _k_scale_min(load: Load, p: int) -> tuple[jax.Array, jax.Array]:
+def _k_scale_min(load: Load, p: int, whole: bool = False) -> tuple[jax.Array, jax.Array]:
     """Q4_K/Q5_K: d*sc and -(dmin*mn) of sub-block 2j + p for the 4 groups j of a super-block, [BN, C, 4, 1]
-    (x - y and x + (-y) are the same float, so the value is the dequantizer's d*sc*q - dmin*mn to the bit)."""
+    (x - y and x + (-y) are the same float, so the value is the dequantizer's d*sc*q - dmin*mn to the bit).
+    `whole` (Q4_K's swapped tensor-core dot): the scales and mins loaded whole, [BN, C, 4, 2], and part p picked by a
+    select and a sum of two, one of them zero (exact: the same values), as Pallas' Triton lowering has no slice.
+    There a tile's two parts then convert one plane each to the dot's layout through shared memory where they
+    converted two (counted for sm_90a, tools/kernel_sass.py, phi3's Q4_K gate_up: at one row 7.68 -> 6.84
+    instructions a value, 175 -> 152 registers, by inline PTX 4.70 -> 3.91, barriers 20 -> 10; at 64 rows 7.98 ->
+    7.07, 255 registers and a spill -> 207). The per-row kernels lose by it (8.45 -> 9.52), and so do the unswapped
+    dot (7.45 -> 8.42) and Q5_K's swapped one (11.07 -> 13.57), so they load a part at a time."""
     d, dmin = _lift(_f32(load("d")), 3), _lift(_f32(load("dmin")), 3)
-    dsc = d * _f32(load("scales", ALL, p))
-    dmn = dmin * _f32(load("mins", ALL, p))
-    return _lift(dsc, 4), -_lift(dmn, 4)
+    if whole:
+        pick = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 1, 2), 3) == p
+        sc = jnp.sum(jnp.where(pick, _f32(load("scales", ALL, ALL)), 0.0), axis=-1)
+        mn = jnp.sum(jnp.where(pick, _f32(load("mins", ALL, ALL)), 0.0), axis=-1)
+    else:
+        sc, mn = _f32(load("scales", ALL, p)), _f32(load("mins", ALL, p))
+    return _lift(d * sc, 4), -_lift(dmin * mn, 4)
 
 
-def _q4_k(load: Load) -> Factors:
+def _q4_k(load: Load, whole: bool = False) -> Factors:
     out = []
     for p, q in enumerate(_nibble_parts(load("qs", ALL, ALL))):  # [BN, C, 4, 32]
-        out.append((_f32(q), *_k_scale_min(load, p), (ALL, p, ALL)))
+        out.append((_f32(q), *_k_scale_min(load, p, whole), (ALL, p, ALL)))
     return out
 
 
-def _q4_k_ptx(load: Load, asm: bool) -> list[jax.Array]:
+def _q4_k_ptx(load: Load, asm: bool, whole: bool = False) -> list[jax.Array]:
     qs = load("qs", ALL, ALL)  # [BN, C, 4, 32]
-    return [nibbles_f16(qs, p, *_k_scale_min(load, p), asm) for p in range(2)]
+    return [nibbles_f16(qs, p, *_k_scale_min(load, p, whole), asm) for p in range(2)]
 
 
 # Nibbles to float16 by inline PTX (Plan.ptx): a byte permute spreads two code bytes into the halves of a word
@@ -442,7 +457,13 @@ FORMATS: dict[QT, Format] = {
     ),
     QT.MXFP4: Format(32, {"qs": (16,), "e": ()}, (2, 16), _mxfp4),
     QT.Q4_K: Format(
-        256, {"qs": (4, 32), "scales": (4, 2), "mins": (4, 2), "d": (), "dmin": ()}, (4, 2, 32), _q4_k, _q4_k_ptx
+        256,
+        {"qs": (4, 32), "scales": (4, 2), "mins": (4, 2), "d": (), "dmin": ()},
+        (4, 2, 32),
+        _q4_k,
+        _q4_k_ptx,
+        functools.partial(_q4_k, whole=True),
+        functools.partial(_q4_k_ptx, whole=True),
     ),
     QT.Q5_K: Format(
         256,
@@ -780,9 +801,10 @@ def _dot_kernel(x_ref, *refs, fmt: Format, names: Sequence[str], n: int, blocks:
         blocks_ok = (b0 + jnp.arange(c)) < blocks if mask_k else None
         load = tile_loader(planes, fmt, static_index(0), row0, b0, bn, c, rows_ok, blocks_ok)
         if p.ptx:
-            tiles = fmt.ptx(load, not interpret)
+            tiles = ((p.swap and fmt.swapped_ptx) or fmt.ptx)(load, not interpret)
         else:
-            tiles = [_value(code, scale, offset, fused) for code, scale, offset, _ in fmt.factors(load)]
+            factors = ((p.swap and fmt.swapped_factors) or fmt.factors)(load)
+            tiles = [_value(code, scale, offset, fused) for code, scale, offset, _ in factors]
         for part, w in enumerate(tiles):
             xv = load_x_part(x_ref, part, r0, bm, b0, c, t_size, blocks, x_ok, blocks_ok)
             w = w.reshape(bn, c * t_size).astype(xv.dtype)
