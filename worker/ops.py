@@ -198,11 +198,11 @@ def _stages_by_tile(value: str) -> dict[int, int]:
 
 
 # WORKER_DENSE_PTX=1 (off by default, untimed on a card): decode's float tensor-core products make their weight tiles
-# by inline PTX in float16 pairs (qmatvec.Plan.ptx, the formats of qmatvec.PTX_TYPES), 4.70 instructions a value
-# where the float path takes 7.68 (phi3's Q4_K gate_up swapped at one row; 4.81 against 7.98 and 168 registers
-# against 255 with a spill at 64 rows; Q5_K 9.30 against 11.07, Q6_K 7.02 against 10.02; sm_90a,
-# tools/kernel_sass.py; docs/kernels.md). The K-quants' values then round d * sc and dmin * m to float16 first:
-# other bits than the float path's (a model takes one or the other for every call).
+# by inline PTX in float16 pairs (qmatvec.Plan.ptx, the formats of qmatvec.PTX_TYPES, an NVIDIA GPU's): 3.91 SASS
+# instructions a value where the float path takes 6.84 (phi3's Q4_K gate_up swapped at one row; 4.08 against 7.07
+# at 64 rows; Q5_K 9.30 against 11.07, Q6_K 7.02 against 10.02; sm_90a, tools/kernel_sass.py; docs/kernels.md). The
+# K-quants' values then round d * sc and dmin * m to float16 first: other bits than the float path's (a model takes
+# one or the other for every call).
 _dense_ptx = os.environ.get("WORKER_DENSE_PTX", "0") == "1"
 # WORKER_SWAP_STAGES=16:3,32:3: the swapped dot's software pipeline depth by row tile (qmatvec.swap_row_tile), where the
 # tensor-core plan takes one stage (its unswapped 64-row x tile in shared memory; the swapped dot's follows the rows).

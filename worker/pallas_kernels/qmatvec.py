@@ -268,9 +268,9 @@ def _q4_k_ptx(load: Load, asm: bool, whole: bool = False) -> list[jax.Array]:
 # 1024 + code exactly, and a packed subtract and fused multiply-add give scale * code + offset, rounded once, two
 # values an instruction. The scale and offset are float16, each rounded once from the format's float32: for Q4_0
 # and Q4_1 the file's own halves (and -8d), so the values are the float path's wherever its float32 sum is exact;
-# for Q4_K, d * sc and dmin * m are rounded to float16 first (other bits than the float path's, each within
+# for the K-quants, d * sc and dmin * m are rounded to float16 first (other bits than the float path's, each within
 # float16's 2^-11). Why by hand: the float path converts each code to float32, scales it in float32 and converts the
-# value to float16 (7.7 instructions a value in all, against 4.7: docs/kernels.md).
+# value to float16 (phi3's Q4_K gate_up swapped: 6.8 SASS instructions a value in all, against 3.9: docs/kernels.md).
 PTX_SPREAD = (0x4140, 0x4342)  # prmt selectors: code bytes 0 and 1 (2 and 3) into bytes 0 and 2 of a word
 PTX_MAGIC = 0x64006400  # float16x2 of 1024
 
@@ -600,8 +600,9 @@ class Plan:
     # unswapped dot (another tile of columns, so another K split), so a model takes one or the other for every call.
     swap: bool = False
     # The float tensor-core kernel's weight tiles made by inline PTX in float16 pairs (Format.ptx, the formats that
-    # have it; interpret mode runs its float32 twin): 4.70 instructions a value where the float path takes 7.68
-    # (phi3's Q4_K gate_up, swapped, one row; sm_90a, tools/kernel_sass.py). Other bits than the float path's.
+    # have it; interpret mode runs its float32 twin): 3.91 instructions a value where the float path takes 6.84
+    # (phi3's Q4_K gate_up, swapped, one row; sm_90a, tools/kernel_sass.py). The K-quants' bits differ from the
+    # float path's (docs/kernels.md).
     ptx: bool = False
 
 
