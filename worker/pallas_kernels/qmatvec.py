@@ -159,25 +159,18 @@ def _q4_1(load: Load) -> Factors:
     return [(_f32(q), d, m, (p, ALL)) for p, q in enumerate(_nibble_parts(load("qs", ALL)))]
 
 
-def _q4_0_ptx(load: Load, asm: bool) -> list[jax.Array]:
-    d = _lift(_f32(load("d")), 3)
-    return [nibbles_f16(load("qs", ALL), p, d, -8.0 * d, asm) for p in range(2)]  # d * (q - 8): -8d is exact
-
-
-def _q4_1_ptx(load: Load, asm: bool) -> list[jax.Array]:
-    d, m = _lift(_f32(load("d")), 3), _lift(_f32(load("m")), 3)
-    return [nibbles_f16(load("qs", ALL), p, d, m, asm) for p in range(2)]
+def _q5_fifth_bits(load: Load) -> list[jax.Array]:
+    """Q5_0's and Q5_1's fifth bit of each value of the low and high halves of each 32-value block, uint32 [BN, C,
+    16] (bit j of the block's qh is value j's)."""
+    qh = _lift(load("qh").astype(jnp.uint32), 3)
+    shift = jnp.arange(16, dtype=jnp.uint32)
+    return [(qh >> (shift + 16 * p)) & 1 for p in range(2)]
 
 
 def _q5_codes(load: Load) -> list[jax.Array]:
     """The 5-bit codes of the low and high halves of each 32-value block, int32 [BN, C, 16]."""
-    qh = _lift(load("qh").astype(jnp.uint32), 3)  # bit j = bit 4 of value j
-    shift = jnp.arange(16, dtype=jnp.uint32)
-    out = []
-    for p, low in enumerate(_nibble_parts(load("qs", ALL))):
-        high = ((qh >> (shift + 16 * p)) & 1).astype(jnp.int32)
-        out.append(low | (high << 4))
-    return out
+    parts = zip(_nibble_parts(load("qs", ALL)), _q5_fifth_bits(load), strict=True)
+    return [low | (high.astype(jnp.int32) << 4) for low, high in parts]
 
 
 def _q5_0(load: Load) -> Factors:
@@ -190,13 +183,13 @@ def _q5_1(load: Load) -> Factors:
     return [(_f32(q), d, m, (p, ALL)) for p, q in enumerate(_q5_codes(load))]
 
 
-def _q5_ptx(load: Load, asm: bool, offset: bool) -> list[jax.Array]:
-    """Q5_0's (d * (q - 16) as fma(q, d, -16 d): the float path's values to the bit) or Q5_1's (offset: d * q + m)
-    two parts by `nibbles_f16`, value i's fifth bit (bit i of the block's qh) first moved to bit 0 of a byte."""
-    d, qs, qh = _lift(_f32(load("d")), 3), load("qs", ALL), _lift(load("qh").astype(jnp.uint32), 3)
-    m = _lift(_f32(load("m")), 3) if offset else -16.0 * d
-    at = jnp.arange(16, dtype=jnp.uint32)
-    fifth = [((qh >> (at + 16 * p)) & 1).astype(jnp.uint8) for p in range(2)]
+def _blocks_of_32_ptx(load: Load, asm: bool, bits: int, offset: bool) -> list[jax.Array]:
+    """The two parts of Q4_0 and Q5_0 (d * (q - 2^(bits - 1)) as fma(q, d, -2^(bits - 1) d): the float path's
+    values to the bit) or Q4_1 and Q5_1 (`offset`: d * q + m) by `nibbles_f16`; five bits: each value's fifth bit
+    moved to bit 0 of a byte first (`_q5_fifth_bits`)."""
+    d, qs = _lift(_f32(load("d")), 3), load("qs", ALL)
+    m = _lift(_f32(load("m")), 3) if offset else -float(1 << (bits - 1)) * d
+    fifth = [a.astype(jnp.uint8) for a in _q5_fifth_bits(load)] if bits == 5 else [None, None]
     return [nibbles_f16(qs, p, d, m, asm, fifth[p]) for p in range(2)]
 
 
@@ -348,22 +341,25 @@ def bytes_f16(codes: jax.Array, scale: jax.Array, asm: bool) -> jax.Array:
                                         result_shape_dtypes=[out])[0]  # fmt: skip
 
 
+def _q5_k_fifth_bits(load: Load, dtype) -> list[jax.Array]:
+    """Q5_K's fifth bit of each value of part p (0, 1), `dtype` [BN, C, 4, 32]: bit 2j + p of qh byte l is value 64j
+    + 32p + l's."""
+    qh = jax.lax.expand_dims(load("qh", ALL).astype(dtype), (2,))  # [BN, C, 1, 32]
+    group = jax.lax.broadcasted_iota(dtype, (1, 1, 4, 1), 2)
+    return [(qh >> (2 * group + p)) & 1 for p in range(2)]
+
+
 def _q5_k(load: Load) -> Factors:
-    qh = jax.lax.expand_dims(load("qh", ALL).astype(jnp.int32), (2,))  # [BN, C, 1, 32]
-    group = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 4, 1), 2)
     out = []
-    for p, low in enumerate(_nibble_parts(load("qs", ALL, ALL))):
-        high = (qh >> (2 * group + p)) & 1  # bit 2j + p of byte l: bit 4 of value 64j + 32p + l
+    for p, (low, high) in enumerate(zip(_nibble_parts(load("qs", ALL, ALL)), _q5_k_fifth_bits(load, jnp.int32),
+                                        strict=True)):  # fmt: skip
         out.append((_f32(low | (high << 4)), *_k_scale_min(load, p), (ALL, p, ALL)))
     return out
 
 
 def _q5_k_ptx(load: Load, asm: bool) -> list[jax.Array]:
-    qs = load("qs", ALL, ALL)  # [BN, C, 4, 32]
-    qh = jax.lax.expand_dims(load("qh", ALL), (2,))  # [BN, C, 1, 32]
-    group = jax.lax.broadcasted_iota(jnp.uint8, (1, 1, 4, 1), 2)
-    # the fifth bit to bit 0 of a byte a value here: its shift differs along the tile, which the asm's is not
-    fifth = [((qh >> (2 * group + p)) & 1).astype(jnp.uint8) for p in range(2)]
+    # the fifth bit to bit 0 of a byte a value first: its shift differs along the tile, which the asm's is not
+    qs, fifth = load("qs", ALL, ALL), _q5_k_fifth_bits(load, jnp.uint8)
     return [nibbles_f16(qs, p, *_k_scale_min(load, p), asm, fifth[p]) for p in range(2)]
 
 
@@ -449,11 +445,21 @@ def _iq4_xs(load: Load) -> Factors:
 
 FORMATS: dict[QT, Format] = {
     QT.Q8_0: Format(32, {"qs": (32,), "d": ()}, (32,), _q8_0, _q8_0_ptx),
-    QT.Q4_0: Format(32, {"qs": (16,), "d": ()}, (2, 16), _q4_0, _q4_0_ptx),
-    QT.Q4_1: Format(32, {"qs": (16,), "d": (), "m": ()}, (2, 16), _q4_1, _q4_1_ptx),
-    QT.Q5_0: Format(32, {"qs": (16,), "qh": (), "d": ()}, (2, 16), _q5_0, functools.partial(_q5_ptx, offset=False)),
+    QT.Q4_0: Format(
+        32, {"qs": (16,), "d": ()}, (2, 16), _q4_0, functools.partial(_blocks_of_32_ptx, bits=4, offset=False)
+    ),
+    QT.Q4_1: Format(
+        32, {"qs": (16,), "d": (), "m": ()}, (2, 16), _q4_1, functools.partial(_blocks_of_32_ptx, bits=4, offset=True)
+    ),
+    QT.Q5_0: Format(
+        32, {"qs": (16,), "qh": (), "d": ()}, (2, 16), _q5_0, functools.partial(_blocks_of_32_ptx, bits=5, offset=False)
+    ),
     QT.Q5_1: Format(
-        32, {"qs": (16,), "qh": (), "d": (), "m": ()}, (2, 16), _q5_1, functools.partial(_q5_ptx, offset=True)
+        32,
+        {"qs": (16,), "qh": (), "d": (), "m": ()},
+        (2, 16),
+        _q5_1,
+        functools.partial(_blocks_of_32_ptx, bits=5, offset=True),
     ),
     QT.MXFP4: Format(32, {"qs": (16,), "e": ()}, (2, 16), _mxfp4),
     QT.Q4_K: Format(
