@@ -20,6 +20,24 @@ def _bf16_values(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def packed_bytes(values: np.ndarray) -> np.ndarray:
+    """Bytes (any 8-bit dtype) as the asm's registers take them with pack=4: four a uint32, element j in byte j."""
+    words = values.view(np.uint8).reshape(-1, 4).astype(np.uint32)
+    return words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
+
+
+def packed_halves(bits: np.ndarray) -> list[np.ndarray]:
+    """16-bit values (their bits, any unsigned dtype) as pack=4 gives them: two registers of two, element j in half
+    j % 2 of register j // 2."""
+    pairs = bits.astype(np.uint32).reshape(-1, 4)
+    return [pairs[:, 0] | pairs[:, 1] << 16, pairs[:, 2] | pairs[:, 3] << 16]
+
+
+def unpacked_halves(out: dict[int, np.ndarray]) -> np.ndarray:
+    """The asm's two output registers ($0, $1) of 16-bit halves back to one value a element, uint32, in order."""
+    return np.stack([out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16], axis=1).reshape(-1)
+
+
 def run_ptx(asm: str, operands: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     """The PTX of an inline asm, instruction by instruction on numpy uint32 arrays, for the few instructions
     the kernels' asm takes (their semantics from the PTX ISA): mov, and, or, xor, shl, shr, mul.lo.u32, prmt

@@ -12,7 +12,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
 from model_oracles import manifest, rel_err
-from ptx import bf16_round, run_ptx
+from ptx import bf16_round, packed_bytes, packed_halves, run_ptx, unpacked_halves
 from test_pallas_qmatvec import random_raw, random_weight
 
 import worker
@@ -148,10 +148,8 @@ def test_mxfp4_to_bf16_gives_the_files_values_for_every_code_and_exponent_in_bot
 
     planes = {"e": jnp.asarray(exps)[:, None], "qs": jnp.asarray(qs)[:, None, :]}  # [BN, C=1, ...]
     integer = mm._mxfp4_bf16(lambda name, *index: planes[name][(ALL, ALL, *index)])
-    words = qs.reshape(-1, 4).astype(np.uint32)  # four code bytes a register, byte j = element j
-    packed = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
-    scale = np.repeat(clamped.astype(np.uint32) << 7, 16)  # a block's 16 bytes share its scale
-    pairs = scale.reshape(-1, 4)
+    packed = packed_bytes(qs)  # four code bytes a register, byte j = element j
+    pairs = packed_halves(np.repeat(clamped.astype(np.uint32) << 7, 16))  # a block's 16 bytes share its scale
 
     def plus_zero(bits: np.ndarray) -> np.ndarray:
         """Code 8 is -0 in both builds (its sign bit kept) and +0 in gguf-py: the same in any sum."""
@@ -161,9 +159,8 @@ def test_mxfp4_to_bf16_gives_the_files_values_for_every_code_and_exponent_in_bot
     for part in (0, 1):
         got = np.asarray(integer[part]).reshape(-1, 16).view(np.uint16).astype(np.uint32)
         np.testing.assert_array_equal(plus_zero(got), want_bits[part], err_msg=f"integer build, part {part}")
-        out = run_ptx(mm._mxfp4_ptx_asm(part), {2: packed, 3: pairs[:, 0] | pairs[:, 1] << 16,
-                                                  4: pairs[:, 2] | pairs[:, 3] << 16})  # fmt: skip
-        halves = np.stack([out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16], axis=1).reshape(-1, 16)
+        out = run_ptx(mm._mxfp4_ptx_asm(part), {2: packed, 3: pairs[0], 4: pairs[1]})
+        halves = unpacked_halves(out).reshape(-1, 16)
         np.testing.assert_array_equal(plus_zero(halves), want_bits[part], err_msg=f"PTX, part {part}")
 
 

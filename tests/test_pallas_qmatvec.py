@@ -575,23 +575,16 @@ def test_nibbles_by_ptx_round_each_value_once():
     four values with a scale and offset of its own, as Triton packs them:
     scale * nibble + offset rounded once to float16, against float64; the float32 twin (interpret mode's) the
     same but where float32's sum rounded first (then a float16 ulp apart at most)."""
-    from ptx import run_ptx
+    from ptx import packed_bytes, packed_halves, run_ptx, unpacked_halves
 
     rng = np.random.default_rng(17)
     codes = np.tile(np.arange(256, dtype=np.uint8), 64)  # [16384]
     scale = (rng.uniform(-0.05, 0.05, codes.size) * 2.0 ** rng.integers(-12, 3, codes.size)).astype(np.float16)
     offset = (rng.uniform(-1, 1, codes.size) * 2.0 ** rng.integers(-14, 4, codes.size)).astype(np.float16)
-    words = codes.reshape(-1, 4).astype(np.uint32)
-    packed = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
-
-    def pairs(h: np.ndarray) -> list[np.ndarray]:
-        bits = h.view(np.uint16).astype(np.uint32).reshape(-1, 4)
-        return [bits[:, 0] | bits[:, 1] << 16, bits[:, 2] | bits[:, 3] << 16]
-
+    packed = packed_bytes(codes)
     high = rng.integers(0, 256, codes.size, dtype=np.uint8)  # Q6_K's: two more bits of each code
-    hw = high.reshape(-1, 4).astype(np.uint32)
-    high_packed = hw[:, 0] | hw[:, 1] << 8 | hw[:, 2] << 16 | hw[:, 3] << 24
-    s_pairs, o_pairs = pairs(scale), pairs(offset)
+    high_packed = packed_bytes(high)
+    s_pairs, o_pairs = packed_halves(scale.view(np.uint16)), packed_halves(offset.view(np.uint16))
     for part, shift in [(0, None), (1, None)] + [(p, s) for p in (0, 1) for s in (0, 2, 4, 6)]:
         code = (codes >> (4 * part)) & 0xF
         regs = {2: packed}
@@ -602,7 +595,7 @@ def test_nibbles_by_ptx_round_each_value_once():
         regs |= {at: s_pairs[0], at + 1: s_pairs[1], at + 2: o_pairs[0], at + 3: o_pairs[1]}
         want = (code.astype(np.float64) * scale.astype(np.float64) + offset.astype(np.float64)).astype(np.float16)
         out = run_ptx(qmv._nibbles_f16_asm(part, shift), regs)
-        got = np.stack([out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16], axis=1).reshape(-1)
+        got = unpacked_halves(out)
         what = f"part {part}, high bits at {shift}"
         np.testing.assert_array_equal(got.astype(np.uint16).view(np.float16), want, err_msg=f"asm, {what}")
         twin = np.asarray(qmv.nibbles_f16(jnp.asarray(codes), part, jnp.asarray(scale, jnp.float32),
@@ -639,16 +632,13 @@ def test_signed_bytes_by_ptx_are_the_float_paths_values():
     """Q8_0's codes to float16 (Plan.ptx, qmatvec.bytes_f16): the asm interpreted on all 256 signed bytes, each of a
     pack's four with a scale of its own: scale * code rounded once, which is the float path's value (a float16
     scale times an int8 code is exact in float32); the twin gives the same bits."""
-    from ptx import run_ptx
+    from ptx import packed_bytes, packed_halves, run_ptx, unpacked_halves
 
     rng = np.random.default_rng(19)
     codes = np.tile(np.arange(-128, 128, dtype=np.int8), 64)
     scale = (rng.uniform(-0.05, 0.05, codes.size) * 2.0 ** rng.integers(-12, 3, codes.size)).astype(np.float16)
-    words = codes.view(np.uint8).reshape(-1, 4).astype(np.uint32)
-    packed = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
-    bits = scale.view(np.uint16).astype(np.uint32).reshape(-1, 4)
-    out = run_ptx(qmv._bytes_f16_asm(), {2: packed, 3: bits[:, 0] | bits[:, 1] << 16, 4: bits[:, 2] | bits[:, 3] << 16})
-    got = np.stack([out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16], axis=1).reshape(-1)
+    pairs = packed_halves(scale.view(np.uint16))
+    got = unpacked_halves(run_ptx(qmv._bytes_f16_asm(), {2: packed_bytes(codes), 3: pairs[0], 4: pairs[1]}))
     want = (codes.astype(np.float32) * scale.astype(np.float32)).astype(np.float16)
     np.testing.assert_array_equal(got.astype(np.uint16).view(np.float16), want)
     twin = qmv.bytes_f16(jnp.asarray(codes), jnp.asarray(scale, jnp.float32), asm=False)
